@@ -1,0 +1,1 @@
+"""mailrelay: an authenticated SMTP submission relay on Twisted."""

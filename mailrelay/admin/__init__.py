@@ -1,0 +1,1 @@
+"""mailrelay-admin: the command line for users, accounts and the queue."""

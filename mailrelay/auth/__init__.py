@@ -1,0 +1,1 @@
+"""Cred: checkers for passwords and networks, the realm that makes avatars."""

@@ -1,0 +1,1 @@
+"""Delivery: routing (MX, smarthost, routes), the outbound client, the queue runner, DSNs."""

@@ -1,0 +1,1 @@
+"""Directories of SMTP users and accounts: the file backend and LDAP."""

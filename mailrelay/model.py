@@ -1,0 +1,108 @@
+"""The identity model: accounts, SMTP users and the envelope of a spooled message.
+
+Plain frozen dataclasses, shared by every layer; no I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from mailrelay.scope import Scope
+
+
+class Status(enum.StrEnum):
+    ALLOWED = "allowed"
+    BLOCKED = "blocked"  # the login's mail is refused
+    SANDBOXED = "sandboxed"  # accepted and recorded, never delivered
+
+
+class Kind(enum.StrEnum):
+    DOMAIN = "domain"  # username is a domain: may send from any address at it
+    ADDRESS = "address"  # username is an address: may send only from it
+    NAMED = "named"  # any other username: an explicit list of domains and addresses
+
+
+@dataclass(frozen=True)
+class Account:
+    """Groups SMTP users; owns authorized domains, notification address, suppressions, stats."""
+
+    name: str
+    domains: frozenset[str] = frozenset()
+    notify: str | None = None  # where domain sender notifications go
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SmtpUser:
+    """An SMTP user as the directory knows it; the password hash never leaves the directory."""
+
+    username: str
+    account: str = "default"
+    # For NAMED users the explicit scope; for DOMAIN/ADDRESS users it is derived from the
+    # username (see effective_scope) and this field is ignored.
+    scope: Scope = field(default_factory=Scope)
+    status: Status = Status.ALLOWED
+    note: str = ""
+    rate_limit: int | None = None  # messages per hour; None: the configured default
+    priority: int = 3  # 1 (highest) .. 5
+    max_connections: int | None = None  # None: the configured default
+    archive: bool = False
+    audit_bcc: tuple[str, ...] = ()
+    bounce_notify: str = "sender"  # "off", "sender", or an address
+    unsubscribe_footer: bool = False
+    open_tracking: bool = False
+    click_tracking: bool = False
+    updated: float = 0.0  # unix time of the last change
+
+    @property
+    def kind(self) -> Kind:
+        return kind_of(self.username)
+
+    def effective_scope(self, account: Account | None = None) -> Scope:
+        """The senders this login may use, limited to its account's domains when given."""
+        if self.kind is Kind.DOMAIN:
+            scope = Scope(domains=frozenset({self.username.lower()}))
+        elif self.kind is Kind.ADDRESS:
+            scope = Scope(addresses=frozenset({self.username.lower()}))
+        else:
+            scope = self.scope
+        if account is not None:
+            scope = scope.within(account.domains)
+        return scope
+
+
+def kind_of(username: str) -> Kind:
+    from mailrelay.scope import is_address, is_domain
+
+    if is_address(username):
+        return Kind.ADDRESS
+    if is_domain(username):
+        return Kind.DOMAIN
+    return Kind.NAMED
+
+
+@dataclass
+class Envelope:
+    """What the spool keeps beside a message body: line 1 of the queue file, as JSON."""
+
+    id: str
+    sender: str  # "" for the null sender
+    recipients: list[str]
+    user: str | None  # the authenticated SMTP user (None for a bounce made by the relay)
+    account: str | None
+    client_ip: str | None
+    helo: str | None
+    tls: bool
+    received_at: float  # unix time
+    priority: int = 3
+    sandboxed: bool = False
+    bounce_to: str | None = None  # where a DSN goes instead of the sender, if set
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Envelope:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)

@@ -1,0 +1,1 @@
+"""Policy: sender scope, limits and abuse defence, applied by the session."""

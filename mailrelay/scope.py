@@ -1,0 +1,117 @@
+"""Sender scopes: which envelope and header senders a login may use.
+
+A scope is a set of authorized domains and a set of authorized addresses, written the way
+the control panels of hosted relays write them: ``a.com;b.com`` and ``x@a.com;y@b.com``.
+A domain authorizes exactly that domain; subdomains are listed explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# RFC 1035 labels (letters, digits, hyphen; not starting or ending with a hyphen), at least
+# two labels, the last alphabetic or an IDNA "xn--" label.
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN_RE = re.compile(rf"^(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}})$")
+# A dot-atom local part (RFC 5322 3.2.3); quoted local parts are not accepted in scopes.
+_LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+
+
+class ScopeError(ValueError):
+    """A scope, domain or address that cannot be accepted; the text says why."""
+
+
+def is_domain(text: str) -> bool:
+    return len(text) <= 253 and bool(_DOMAIN_RE.match(text.lower()))
+
+
+def is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return bool(at) and len(local) <= 64 and bool(_LOCAL_RE.match(local.lower())) and is_domain(
+        domain
+    )
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _split(text: str, what: str) -> list[str]:
+    text = text.strip()
+    if not text:
+        return []
+    if "," in text:
+        raise ScopeError(f"{what} are separated by semicolons, not commas: {text!r}")
+    items = [item.strip() for item in text.split(";")]
+    if any(not item for item in items):
+        raise ScopeError(f"empty entry in {what}: {text!r}")
+    return items
+
+
+def parse_domains(text: str) -> frozenset[str]:
+    """``a.com;b.com`` -> {"a.com", "b.com"}; ScopeError names the bad entry."""
+    out = set()
+    for item in _split(text, "domains"):
+        if "@" in item:
+            raise ScopeError(f"{item!r} is an address, not a domain")
+        if not is_domain(item):
+            raise ScopeError(f"{item!r} is not a valid domain name")
+        out.add(item.lower())
+    return frozenset(out)
+
+
+def parse_addresses(text: str) -> frozenset[str]:
+    """``x@a.com;y@b.com`` -> {"x@a.com", "y@b.com"}; ScopeError names the bad entry."""
+    out = set()
+    for item in _split(text, "addresses"):
+        if not is_address(item):
+            raise ScopeError(f"{item!r} is not a valid email address")
+        out.add(item.lower())
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Scope:
+    domains: frozenset[str] = field(default_factory=frozenset)
+    addresses: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, domains: str = "", addresses: str = "") -> Scope:
+        return cls(parse_domains(domains), parse_addresses(addresses))
+
+    def allows(self, address: str) -> bool:
+        """True when ``address`` (an envelope or header sender) is inside this scope.
+
+        Comparison is case-insensitive; the null sender is never in scope.
+        """
+        address = address.strip().lower()
+        if not is_address(address):
+            return False
+        return address in self.addresses or domain_of(address) in self.domains
+
+    def within(self, domains: frozenset[str]) -> Scope:
+        """This scope limited to ``domains`` (an account's authorized domains)."""
+        return Scope(
+            frozenset(d for d in self.domains if d in domains),
+            frozenset(a for a in self.addresses if domain_of(a) in domains),
+        )
+
+    def outside(self, domains: frozenset[str]) -> list[str]:
+        """Entries of this scope that lie outside ``domains``, for a clear admin error."""
+        return sorted(d for d in self.domains if d not in domains) + sorted(
+            a for a in self.addresses if domain_of(a) not in domains
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not self.domains and not self.addresses
+
+    def domains_text(self) -> str:
+        return ";".join(sorted(self.domains))
+
+    def addresses_text(self) -> str:
+        return ";".join(sorted(self.addresses))
+
+    def __str__(self) -> str:
+        return ";".join(sorted(self.domains) + sorted(self.addresses))

@@ -1,0 +1,1 @@
+"""The SMTP listener and session: a hardened ESMTP server."""

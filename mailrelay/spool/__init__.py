@@ -1,0 +1,1 @@
+"""The durable spool: where accepted mail waits for delivery."""
