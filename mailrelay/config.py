@@ -1,0 +1,327 @@
+"""The configuration: an INI file checked completely before anything starts.
+
+Every setting, its type and its default is declared once in SCHEMA; etc/mailrelay.ini
+documents them. An unknown section or key, or a bad value, is a ConfigError that names the
+file, the setting and what is wrong, so ``twistd`` can stop with one clear line.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from mailrelay.scope import is_domain
+
+DEFAULT_DATA_DIR = "/var/lib/mailrelay"
+
+
+class ConfigError(Exception):
+    """One line: ``FILE: [section] key: what is wrong``."""
+
+    def __init__(self, source: str, section: str | None, key: str | None, message: str) -> None:
+        where = source
+        if section:
+            where += f": [{section}]"
+        if key:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+# ---- value parsers: each takes the raw text and returns the value or raises ValueError ----
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def size(text: str) -> int:
+    """``50M``, ``512k``, ``1048576``: bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 50M, 512k, 1048576)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1h``, ``5d``: seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text, re.I)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h, 5d)")
+    return float(m.group(1)) * _SECONDS[m.group(2).lower()]
+
+
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number")
+        if low is not None and value < low or high is not None and value > high:
+            raise ValueError(f"{value} is outside {low}..{high if high is not None else 'inf'}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def text(value: str) -> str:
+    return value.strip()
+
+
+def hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
+    """``host``, ``host:port``, ``[v6]:port``."""
+
+    def parse(value: str) -> tuple[str, int]:
+        value = value.strip()
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s]+)(?::(\d+))?", value)
+        if not m:
+            raise ValueError(f"{value!r} is not host or host:port")
+        host = m.group(1) or m.group(3)
+        port = int(m.group(2) or m.group(4) or default_port)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} is outside 1..65535")
+        return host, port
+
+    return parse
+
+
+def hostport_list(default_port: int) -> Callable[[str], list[tuple[str, int]]]:
+    one = hostport(default_port)
+    return lambda value: [one(v) for v in re.split(r"[\s,]+", value.strip()) if v]
+
+
+def word_list(value: str) -> list[str]:
+    return [v for v in re.split(r"[\s,]+", value.strip()) if v]
+
+
+# ---- the schema: section -> key -> (parser, default); None default means "derived" ----
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
+    "server": {
+        "hostname": (text, None),  # default: this machine's FQDN
+        "data_dir": (text, DEFAULT_DATA_DIR),
+        "postmaster": (text, None),  # default: postmaster@hostname
+    },
+    "tls": {
+        "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start
+        "key": (text, None),  # default: <data_dir>/tls/key.pem
+        "key_type": (choice("ecdsa", "rsa"), "ecdsa"),  # for the self-signed certificate
+    },
+    "limits": {
+        "max_message_size": (size, 50 * 2**20),
+        "max_recipients": (integer(1, 100000), 400),
+        "max_messages_per_connection": (integer(1), 2500),
+        "idle_timeout": (duration, 300.0),
+        "data_timeout": (duration, 600.0),
+    },
+    "directory": {
+        "backend": (choice("file", "ldap"), "file"),
+        "file": (text, None),  # default: <data_dir>/users.json
+        "login_cache_ttl": (duration, 60.0),
+    },
+    "ldap": {
+        "uris": (word_list, ["ldap://127.0.0.1:389"]),
+        "start_tls": (boolean, False),
+        "ca_file": (text, ""),
+        "bind_dn": (text, ""),
+        "bind_password": (text, ""),
+        "base_dn": (text, ""),
+        "user_filter": (text, "(|(uid={username})(mail={username}))"),
+        "password_mode": (choice("bind", "compare"), "bind"),
+        "cache_ttl": (duration, 60.0),
+        "pool_size": (integer(1, 64), 4),
+        "timeout": (duration, 5.0),
+    },
+    "spool": {
+        "directory": (text, None),  # default: <data_dir>/spool
+        "min_free_space": (size, 100 * 2**20),
+    },
+    "delivery": {
+        "mode": (choice("mx", "smarthost"), "mx"),
+        "smarthost": (hostport(25), None),
+        "smarthost_tls": (choice("required", "opportunistic", "none"), "required"),
+        "smarthost_verify": (boolean, True),
+        "smarthost_username": (text, ""),
+        "smarthost_password": (text, ""),
+        "mx_tls": (choice("opportunistic", "none"), "opportunistic"),
+        "dns_servers": (hostport_list(53), []),  # empty: the system resolver
+        "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
+        "max_concurrency": (integer(1, 10000), 50),
+        "max_per_host": (integer(1, 1000), 10),
+        "retry_first": (duration, 60.0),
+        "retry_max": (duration, 3600.0),
+        "lifetime": (duration, 5 * 86400.0),
+        "delay_warning": (duration, 0.0),  # 0: off
+        "connect_timeout": (duration, 30.0),
+        "enabled": (boolean, True),
+    },
+}
+
+LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "endpoint": (text, None),
+    "tls": (choice("starttls", "implicit", "none"), "starttls"),
+    "plaintext_auth": (boolean, False),
+}
+
+DEFAULT_LISTENERS = {
+    "smtp": {"endpoint": "tcp:2525:interface=127.0.0.1", "tls": "starttls"},
+    "smtps": {"endpoint": "tcp:8465:interface=127.0.0.1", "tls": "implicit"},
+}
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    endpoint: str  # a Twisted server endpoint string
+    tls: str  # "starttls", "implicit" or "none"
+    plaintext_auth: bool  # allow AUTH without TLS (off unless set)
+
+
+@dataclass
+class Config:
+    source: str
+    server: SimpleNamespace
+    tls: SimpleNamespace
+    limits: SimpleNamespace
+    directory: SimpleNamespace
+    ldap: SimpleNamespace
+    spool: SimpleNamespace
+    delivery: SimpleNamespace
+    listeners: list[Listener]
+    routes: dict[str, tuple[str, int]]  # recipient domain -> host, port
+
+
+def load_config(path: str | None) -> Config:
+    """Read and check ``path`` (None: the embedded defaults). Raises ConfigError."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    parser.optionxform = str  # keys are case-sensitive; routes keep their domain
+    source = path or "<embedded defaults>"
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                parser.read_file(f, source=path)
+        except OSError as e:
+            raise ConfigError(path, None, None, f"cannot read: {e.strerror}")
+        except configparser.Error as e:
+            raise ConfigError(path, None, None, str(e).splitlines()[0])
+        except UnicodeDecodeError:
+            raise ConfigError(path, None, None, "not UTF-8 text")
+
+    values: dict[str, SimpleNamespace] = {}
+    listeners: list[Listener] = []
+    routes: dict[str, tuple[str, int]] = {}
+    for section in parser.sections():
+        if section.startswith("listener:"):
+            listeners.append(_listener(source, section, parser[section]))
+        elif section == "routes":
+            routes = _routes(source, parser[section])
+        elif section not in SCHEMA:
+            known = ", ".join([*SCHEMA, "routes", "listener:NAME"])
+            raise ConfigError(source, section, None, f"unknown section (known: {known})")
+    for section, keys in SCHEMA.items():
+        raw = parser[section] if parser.has_section(section) else {}
+        values[section] = _section(source, section, keys, raw)
+    if not listeners:
+        listeners = [
+            Listener(name, spec["endpoint"], spec["tls"], False)
+            for name, spec in DEFAULT_LISTENERS.items()
+        ]
+    config = Config(source=source, listeners=listeners, routes=routes, **values)
+    _derive(config)
+    return config
+
+
+def _section(source: str, section: str, keys: dict, raw) -> SimpleNamespace:
+    for key in raw:
+        if key not in keys:
+            raise ConfigError(source, section, key, f"unknown setting (known: {', '.join(keys)})")
+    out = {}
+    for key, (parse, default) in keys.items():
+        if key in raw:
+            try:
+                out[key] = parse(raw[key])
+            except ValueError as e:
+                raise ConfigError(source, section, key, str(e))
+        else:
+            out[key] = default
+    return SimpleNamespace(**out)
+
+
+def _listener(source: str, section: str, raw) -> Listener:
+    name = section.partition(":")[2].strip()
+    if not name:
+        raise ConfigError(source, section, None, "a listener needs a name: [listener:NAME]")
+    ns = _section(source, section, LISTENER_KEYS, raw)
+    if not ns.endpoint:
+        raise ConfigError(source, section, "endpoint", "missing (example: tcp:587)")
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, ns.endpoint)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(source, section, "endpoint", f"{ns.endpoint!r}: {e}")
+    if ns.endpoint.startswith("ssl:") and ns.tls == "starttls":
+        raise ConfigError(
+            source, section, "tls", "an ssl: endpoint is already implicit TLS; set tls = implicit"
+        )
+    return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth)
+
+
+def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
+    routes = {}
+    parse = hostport(25)
+    for domain, target in raw.items():
+        if not is_domain(domain):
+            raise ConfigError(source, "routes", domain, "not a valid domain name")
+        try:
+            routes[domain.lower()] = parse(target)
+        except ValueError as e:
+            raise ConfigError(source, "routes", domain, str(e))
+    return routes
+
+
+def _derive(config: Config) -> None:
+    """Fill the defaults that depend on other settings, and check cross-setting rules."""
+    s = config.server
+    s.data_dir = os.path.abspath(os.path.expanduser(s.data_dir))
+    s.hostname = s.hostname or socket.getfqdn()
+    s.postmaster = s.postmaster or f"postmaster@{s.hostname}"
+    config.tls.generate = not config.tls.certificate and not config.tls.key
+    if bool(config.tls.certificate) != bool(config.tls.key):
+        raise ConfigError(
+            config.source, "tls", "key", "set both certificate and key, or neither (self-signed)"
+        )
+    config.tls.certificate = config.tls.certificate or os.path.join(s.data_dir, "tls", "cert.pem")
+    config.tls.key = config.tls.key or os.path.join(s.data_dir, "tls", "key.pem")
+    config.directory.file = config.directory.file or os.path.join(s.data_dir, "users.json")
+    config.spool.directory = config.spool.directory or os.path.join(s.data_dir, "spool")
+    d = config.delivery
+    if d.mode == "smarthost" and d.smarthost is None:
+        raise ConfigError(config.source, "delivery", "smarthost", "required when mode = smarthost")
+    if d.retry_max < d.retry_first:
+        raise ConfigError(config.source, "delivery", "retry_max", "must be >= retry_first")
+    if config.directory.backend == "ldap" and not config.ldap.base_dn:
+        raise ConfigError(config.source, "ldap", "base_dn", "required when backend = ldap")
