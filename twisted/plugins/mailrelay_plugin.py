@@ -1,0 +1,38 @@
+"""The ``mailrelay`` twistd plugin: ``twistd -n mailrelay [--config FILE]``."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = "Authenticated SMTP submission relay. Without --config: embedded defaults."
+    optParameters = [["config", "c", None, "configuration file (INI; see etc/mailrelay.ini)"]]
+
+
+@implementer(IServiceMaker, IPlugin)
+class MailRelayServiceMaker:
+    tapname = "mailrelay"
+    description = "Authenticated SMTP submission relay"
+    options = Options
+
+    def makeService(self, options: Options):
+        # Imported here so that twistd's plugin scan stays cheap.
+        from mailrelay.config import ConfigError, load_config
+        from mailrelay.service import StartupError, make_service
+
+        try:
+            return make_service(load_config(options["config"]))
+        except (ConfigError, StartupError) as e:
+            # One clear line, never a traceback: twistd prints a SystemExit's message.
+            print(f"mailrelay: {e}", file=sys.stderr)
+            raise SystemExit(1)
+
+
+serviceMaker = MailRelayServiceMaker()
