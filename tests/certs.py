@@ -48,7 +48,9 @@ class TestCA:
         self.cert_path = self.directory / "ca.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1", "::1")) -> tuple[Path, Path]:
+    def issue(
+        self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    ) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         alt = [x509.DNSName(hostname)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
