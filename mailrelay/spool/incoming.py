@@ -1,0 +1,129 @@
+"""A message being received: written to `tmp/<id>`, moved into the queue by commit()."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailrelay.interfaces import IIncomingMessage
+from mailrelay.model import Envelope
+from mailrelay.smtp.reply import Reply
+from mailrelay.spool.files import close_quietly, unlink_quietly
+from mailrelay.spool.groupsync import GroupSync
+
+log = Logger()
+
+INSUFFICIENT_STORAGE = (452, "4.3.1", "Insufficient system storage, try again later")
+LOCAL_ERROR = (451, "4.3.0", "Local error in processing, try again later")
+
+
+def storage_reply(err: BaseException | None) -> Reply:
+    """The temporary SMTP refusal for a failure to store a message."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Reply(*INSUFFICIENT_STORAGE)
+    return Reply(*LOCAL_ERROR)
+
+
+class _Phase(enum.Enum):
+    OPEN = "open"
+    COMMITTING = "committing"  # handed to the group commit: its outcome decides
+    COMMITTED = "committed"
+    DISCARDED = "discarded"  # aborted, or a write or the commit failed: nothing kept
+
+
+@implementer(IIncomingMessage)
+class IncomingMessage:
+    """Body writes go to a buffered file on the reactor thread (page cache only); the
+    fsync, rename and directory fsync happen in commit(), in the group commit's thread."""
+
+    def __init__(self, envelope: Envelope, file: BinaryIO, tmp_path: str, final_path: str,
+                 committer: GroupSync) -> None:
+        self.id = envelope.id
+        self.envelope = envelope
+        self.size = 0  # body bytes written so far
+        self._file = file
+        self._tmp_path = tmp_path
+        self._final_path = final_path
+        self._committer = committer
+        self._phase = _Phase.OPEN
+        self._error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        """Append body bytes. After a failed write or an abort, further data is dropped
+        (the session may keep reading until the end of DATA); commit() reports it."""
+        if self._phase is not _Phase.OPEN:
+            if self._phase is _Phase.DISCARDED:
+                return
+            raise RuntimeError(f"write after commit of {self.id}")
+        try:
+            self._file.write(data)
+        except OSError as err:
+            self._error = err
+            log.warn("cannot write {queue_id}: {error}", queue_id=self.id, error=err)
+            self._discard()
+            return
+        self.size += len(data)
+
+    def commit(self) -> Deferred:
+        """Fires with the queue id once the message is durable in queue/ (or hold/);
+        errbacks with a temporary smtp.reply.Reply (452 disk full, 451 other errors),
+        leaving nothing behind."""
+        if self._phase is _Phase.DISCARDED:
+            if self._error is None:
+                raise RuntimeError(f"commit after abort of {self.id}")
+            return fail(storage_reply(self._error))
+        if self._phase is not _Phase.OPEN:
+            raise RuntimeError(f"second commit of {self.id}")
+        self._phase = _Phase.COMMITTING
+        d = self._committer.submit(self._make_durable,
+                                   undo=lambda: unlink_quietly(self._final_path))
+        d.addCallbacks(self._committed, self._failed)
+        return d
+
+    def abort(self) -> None:
+        """Discard the message. Harmless when repeated, after a failure, or once commit()
+        was called (the commit's own outcome then stands)."""
+        if self._phase is _Phase.OPEN:
+            self._discard()
+            log.debug("aborted {queue_id}", queue_id=self.id)
+
+    def _discard(self) -> None:
+        self._phase = _Phase.DISCARDED
+        unlink_quietly(self._tmp_path)
+        close_quietly(self._file)
+
+    def _make_durable(self) -> tuple[str]:
+        """In the group commit thread: the file's data, then its name in the target dir."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.rename(self._tmp_path, self._final_path)
+        except BaseException:
+            close_quietly(self._file)
+            unlink_quietly(self._tmp_path)
+            raise
+        return (os.path.dirname(self._final_path),)
+
+    def _committed(self, _: None) -> str:
+        self._phase = _Phase.COMMITTED
+        log.info("spooled {queue_id}: {size} bytes, {rcpts} recipients, to {place}",
+                 queue_id=self.id, size=self.size, rcpts=len(self.envelope.recipients),
+                 place=os.path.basename(os.path.dirname(self._final_path)))
+        return self.id
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._phase = _Phase.DISCARDED
+        if failure.check(OSError):  # disk full, I/O error: the admin needs the reason only
+            log.error("cannot commit {queue_id}: {error}", queue_id=self.id,
+                      error=failure.value)
+        else:
+            log.failure("cannot commit {queue_id}", failure, LogLevel.error, queue_id=self.id)
+        return Failure(storage_reply(failure.value))

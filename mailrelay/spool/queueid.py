@@ -1,0 +1,51 @@
+"""Queue ids: `<priority digit><11 hex of unix ms><6 hex>`, so that sorting names sorts the
+queue by priority, then age, without reading any file."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+
+ID_RE = re.compile(r"[1-9][0-9a-f]{17}")
+_SEQ_MAX = 0xFFFFFF
+
+
+def is_queue_id(name: str) -> bool:
+    return ID_RE.fullmatch(name) is not None
+
+
+def priority_of(queue_id: str) -> int:
+    return int(queue_id[0])
+
+
+def time_of(queue_id: str) -> float:
+    """The unix time (seconds) the id was made."""
+    return int(queue_id[1:12], 16) / 1000
+
+
+class QueueIds:
+    """Makes ids that are unique and increasing within a process.
+
+    The last six digits start at a random value each millisecond and count up for more ids
+    in the same millisecond, so a burst never collides and keeps its order; the random
+    start keeps ids from two runs of the daemon apart. The time never goes backwards, even
+    when the clock does.
+    """
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._now = now
+        self._ms = 0
+        self._seq = 0
+
+    def next(self, priority: int) -> str:
+        if not 1 <= priority <= 9:
+            raise ValueError(f"priority must be a digit 1-9, not {priority!r}")
+        ms = int(self._now() * 1000)
+        if ms > self._ms:
+            self._ms, self._seq = ms, secrets.randbelow(_SEQ_MAX // 2)
+        elif self._seq < _SEQ_MAX:
+            self._seq += 1
+        else:  # 8 million ids in one millisecond: borrow the next one
+            self._ms, self._seq = self._ms + 1, 0
+        return f"{priority}{self._ms:011x}{self._seq:06x}"

@@ -1,0 +1,356 @@
+"""The durable spool on real directories (and a real, small tmpfs for a full disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial import unittest
+
+from mailrelay.model import Envelope
+from mailrelay.smtp.reply import Reply
+from mailrelay.spool.queueid import QueueIds, is_queue_id, priority_of, time_of
+from mailrelay.spool.spool import Spool
+from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
+
+BODY = (b"Received: from client (127.0.0.1) by relay\r\nFrom: a@x.example\r\n"
+        b"Subject: test\r\n\r\n.leading dot stays unstuffed\r\n8bit \xc3\xa9\r\n")
+
+
+def envelope(**kw) -> Envelope:
+    fields = dict(id="", sender="a@x.example", recipients=["b@y.example", "c@z.example"],
+                  user="x.example", account="default", client_ip="127.0.0.1",
+                  helo="client", tls=True, received_at=1700000000.5)
+    fields.update(kw)
+    return Envelope(**fields)
+
+
+def listing(spool: Spool, place: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(spool.directory, place)))
+
+
+class QueueIdTests(unittest.TestCase):
+    def test_burst_unique_and_ordered(self) -> None:
+        clock = Clock()
+        clock.advance(1_700_000_000.123)
+        ids = QueueIds(clock.seconds)
+        burst = [ids.next(3) for _ in range(50_000)]  # all in one millisecond
+        self.assertEqual(len(set(burst)), len(burst))
+        self.assertEqual(burst, sorted(burst))
+        self.assertTrue(all(is_queue_id(i) for i in burst))
+
+    def test_priority_then_age(self) -> None:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        ids = QueueIds(clock.seconds)
+        old_normal = ids.next(3)
+        clock.advance(60)
+        new_normal = ids.next(3)
+        new_urgent = ids.next(1)
+        self.assertEqual(sorted([new_normal, old_normal, new_urgent]),
+                         [new_urgent, old_normal, new_normal])
+        self.assertEqual(priority_of(new_urgent), 1)
+        self.assertEqual(time_of(old_normal), 1_700_000_000)
+
+    def test_clock_going_back_keeps_order(self) -> None:
+        clock = Clock()
+        clock.advance(1_700_000_100)
+        ids = QueueIds(clock.seconds)
+        first = ids.next(3)
+        clock.rightNow -= 50
+        self.assertLess(first, ids.next(3))
+
+    def test_format(self) -> None:
+        ids = QueueIds(lambda: 1_700_000_000.0)
+        queue_id = ids.next(5)
+        self.assertEqual(len(queue_id), 18)
+        self.assertEqual(queue_id[:12], "5" + format(1_700_000_000_000, "011x"))
+        self.assertRaises(ValueError, ids.next, 0)
+        for bad in ("../../etc/passwd", "3" * 19, "0" + "a" * 17, "3" + "A" * 17):
+            self.assertFalse(is_queue_id(bad), bad)
+
+
+class DeliveryStateTests(unittest.TestCase):
+    def test_round_trip_and_helpers(self) -> None:
+        state = DeliveryState.fresh(["a@x", "b@y", "c@z"])
+        self.assertEqual(state.pending(), ["a@x", "b@y", "c@z"])
+        state.attempts, state.first_attempt, state.next_attempt = 1, 10.0, 70.0
+        state.last_error = "451 try later"
+        state.recipients["a@x"] = RecipientState(RecipientStatus.SENT, 250, "ok", "mx.x")
+        state.recipients["b@y"] = RecipientState(RecipientStatus.FAILED, 550, "no", "mx.y")
+        self.assertEqual((state.pending(), state.sent(), state.failed()),
+                         (["c@z"], ["a@x"], ["b@y"]))
+        self.assertFalse(state.done)
+        data = json.loads(json.dumps(state.to_json()))
+        self.assertEqual(data["recipients"]["a@x"],
+                         {"status": "sent", "code": 250, "text": "ok", "remote": "mx.x"})
+        self.assertEqual(DeliveryState.from_json(data), state)
+        state.recipients["c@z"].status = RecipientStatus.SENT
+        self.assertTrue(state.done)
+
+
+class SpoolTestBase(unittest.TestCase):
+    def tempdir(self) -> str:
+        path = tempfile.mkdtemp(prefix="mailrelay-spool-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def open_spool(self, directory: str | None = None, **kw) -> Spool:
+        spool = Spool(os.path.join(directory or self.tempdir(), "spool"), **kw)
+        spool.open()
+        self.addCleanup(spool.close)
+        return spool
+
+    def receive(self, spool: Spool, body: bytes = BODY, **kw):
+        msg = spool.create(envelope(**kw))
+        for i in range(0, len(body), 7):  # small writes, as lines arrive
+            msg.write(body[i:i + 7])
+        return msg
+
+
+class CommitTests(SpoolTestBase):
+    @defer.inlineCallbacks
+    def test_commit_is_durable_before_it_fires(self):
+        spool = self.open_spool()
+        msg = self.receive(spool)
+        self.assertTrue(is_queue_id(msg.id))
+        self.assertEqual(msg.envelope.id, msg.id)
+        self.assertEqual(msg.size, len(BODY))
+        self.assertEqual(listing(spool, "tmp"), [msg.id])
+        self.assertEqual(listing(spool, "queue"), [])
+
+        seen = []
+        d = msg.commit()
+        # When it fires, the rename is done and the queue directory was already fsynced.
+        d.addCallback(lambda queue_id: seen.append(
+            (queue_id, listing(spool, "queue"), listing(spool, "tmp"), spool.dir_syncs)))
+        yield d
+        self.assertEqual(seen, [(msg.id, [msg.id], [], 1)])
+
+        with open(os.path.join(spool.directory, "queue", msg.id), "rb") as f:
+            first, rest = f.readline(), f.read()
+        self.assertEqual(json.loads(first), envelope(id=msg.id).to_json())
+        self.assertEqual(rest, BODY)
+        self.assertEqual(spool.envelope(msg.id), envelope(id=msg.id))
+        with spool.open_body(msg.id) as f:
+            self.assertEqual(f.read(), BODY)
+        self.assertEqual(spool.body_size(msg.id), len(BODY))
+        self.assertEqual(spool.locate(msg.id), "queue")
+        self.assertEqual(spool.path(msg.id), os.path.join(spool.directory, "queue", msg.id))
+        self.assertEqual(spool.queued(), [msg.id])
+        self.assertIsNone(spool.read_state(msg.id))
+        mode = os.stat(spool.path(msg.id)).st_mode & 0o777
+        self.assertEqual(mode, 0o600)
+
+    @defer.inlineCallbacks
+    def test_sandboxed_goes_to_hold(self):
+        spool = self.open_spool()
+        queue_id = yield self.receive(spool, sandboxed=True).commit()
+        self.assertEqual(spool.held(), [queue_id])
+        self.assertEqual(spool.queued(), [])
+        self.assertEqual(spool.locate(queue_id), "hold")
+        self.assertTrue(spool.envelope(queue_id).sandboxed)
+
+    @defer.inlineCallbacks
+    def test_queue_order_is_priority_then_age(self):
+        spool = self.open_spool()
+        normal = yield self.receive(spool, priority=3).commit()
+        urgent = yield self.receive(spool, priority=1).commit()
+        newer = yield self.receive(spool, priority=3).commit()
+        self.assertEqual(spool.queued(), [urgent, normal, newer])
+
+    def test_abort_leaves_nothing(self):
+        spool = self.open_spool()
+        msg = self.receive(spool)
+        msg.abort()
+        msg.abort()
+        msg.write(b"more lines after an over-size abort are dropped\r\n")
+        self.assertEqual(listing(spool, "tmp"), [])
+        self.assertEqual(listing(spool, "queue"), [])
+        self.assertRaises(RuntimeError, msg.commit)
+
+    @defer.inlineCallbacks
+    def test_failed_commit_fails_alone(self):
+        spool = self.open_spool()
+        leader = self.receive(spool).commit()  # in flight: the next two share a batch
+        good, bad = self.receive(spool), self.receive(spool)
+        os.unlink(os.path.join(spool.directory, "tmp", bad.id))  # its rename will fail
+        d_good, d_bad = good.commit(), bad.commit()
+        leader_id = yield leader
+        self.assertEqual((yield d_good), good.id)
+        failure = yield self.assertFailure(d_bad, Reply)
+        self.assertEqual((failure.code, failure.status), (451, "4.3.0"))
+        self.assertEqual(spool.batches, 2)
+        self.assertEqual(spool.queued(), sorted([leader_id, good.id]))
+        self.assertEqual(listing(spool, "tmp"), [])
+        bad.abort()  # harmless after a failed commit
+        self.assertRaises(RuntimeError, good.commit)
+
+    @defer.inlineCallbacks
+    def test_concurrent_commits_share_directory_fsyncs(self):
+        spool = self.open_spool()
+        n = 200
+        msgs = [self.receive(spool, body=BODY + b"%d\r\n" % i) for i in range(n)]
+        ids = yield defer.gatherResults([m.commit() for m in msgs])
+        self.assertEqual(sorted(ids), spool.queued())
+        self.assertEqual(len(set(ids)), n)
+        # The first commit goes alone; all the others arrive while it syncs and join one.
+        self.assertEqual(spool.batches, 2)
+        self.assertEqual(spool.dir_syncs, 2)
+        with spool.open_body(ids[-1]) as f:
+            self.assertEqual(f.read(), BODY + b"%d\r\n" % (n - 1))
+
+
+class OpenTests(SpoolTestBase):
+    def test_open_removes_stale_tmp_and_orphaned_state(self):
+        base = self.tempdir()
+        spool_dir = os.path.join(base, "spool")
+        for place in ("tmp", "queue", "state"):
+            os.makedirs(os.path.join(spool_dir, place))
+        kept = "3" + "0" * 17
+        orphan = "3" + "1" * 17
+        for rel in (f"tmp/{kept}", "tmp/3aaaaaaaaaaaaaaaaa.state-1234", f"queue/{kept}",
+                    f"state/{kept}.json", f"state/{orphan}.json"):
+            with open(os.path.join(spool_dir, rel), "w") as f:
+                f.write("{}\n")
+        with capturedLogs() as events:
+            spool = self.open_spool(base)
+        self.assertEqual(listing(spool, "tmp"), [])
+        self.assertEqual(listing(spool, "state"), [f"{kept}.json"])
+        self.assertEqual(listing(spool, "hold"), [])
+        self.assertEqual(spool.queued(), [kept])
+        [event] = [e for e in events if "stale" in e.get("log_format", "")]
+        self.assertEqual((event["stale"], event["orphans"], event["queued"]), (2, 1, 1))
+
+    @defer.inlineCallbacks
+    def test_as_a_service(self):
+        spool = Spool(os.path.join(self.tempdir(), "spool"))
+        spool.startService()
+        queue_id = yield self.receive(spool).commit()
+        yield spool.stopService()
+        self.assertEqual(spool.queued(), [queue_id])
+
+
+class StateTests(SpoolTestBase):
+    @defer.inlineCallbacks
+    def test_save_read_replace_remove(self):
+        spool = self.open_spool()
+        queue_id = yield self.receive(spool).commit()
+        state = DeliveryState.fresh(spool.envelope(queue_id).recipients)
+        state.attempts = 1
+        yield spool.save_state(queue_id, state)
+        self.assertEqual(spool.read_state(queue_id), state)
+        state_path = os.path.join(spool.directory, "state", f"{queue_id}.json")
+        with open(state_path, "rb") as old:  # a reader of the old version keeps all of it
+            old_inode = os.fstat(old.fileno()).st_ino
+            state.attempts = 2
+            state.recipients["b@y.example"] = RecipientState(RecipientStatus.SENT, 250, "ok",
+                                                             "mx.y.example")
+            yield spool.save_state(queue_id, state)
+            self.assertEqual(DeliveryState.from_json(json.load(old)).attempts, 1)
+        self.assertNotEqual(os.stat(state_path).st_ino, old_inode)  # renamed over, atomic
+        self.assertEqual(spool.read_state(queue_id), state)
+        self.assertEqual(spool.all_states(), {queue_id: state})
+        self.assertEqual(listing(spool, "tmp"), [])
+
+        envelope_and_state = yield spool.load(queue_id)
+        self.assertEqual(envelope_and_state, (envelope(id=queue_id), state))
+        self.assertEqual((yield spool.scan()), ([queue_id], {queue_id: state}))
+
+        yield spool.remove(queue_id)
+        self.assertEqual((spool.queued(), listing(spool, "state")), ([], []))
+        self.assertIsNone(spool.locate(queue_id))
+        yield spool.remove(queue_id)  # already gone: nothing to do
+
+    def test_write_state_blocking(self):
+        spool = self.open_spool()
+        queue_id = "3" + "0" * 17
+        spool.write_state(queue_id, DeliveryState.fresh(["a@x"]))
+        self.assertEqual(spool.read_state(queue_id).pending(), ["a@x"])
+        self.assertEqual(listing(spool, "tmp"), [])
+        self.assertRaises(ValueError, spool.write_state, "../x", DeliveryState())
+
+    def test_unreadable_state_is_ignored(self):
+        spool = self.open_spool()
+        queue_id = "3" + "0" * 17
+        with open(os.path.join(spool.directory, "state", f"{queue_id}.json"), "w") as f:
+            f.write("{not json")
+        self.assertIsNone(spool.read_state(queue_id))
+        self.assertEqual(spool.all_states(), {})
+
+
+class AdminTests(SpoolTestBase):
+    @defer.inlineCallbacks
+    def test_delete_from_queue_and_hold(self):
+        spool = self.open_spool()
+        queued = yield self.receive(spool).commit()
+        held = yield self.receive(spool, sandboxed=True).commit()
+        yield spool.save_state(queued, DeliveryState.fresh(["b@y.example"]))
+        self.assertEqual(spool.delete(queued), "queue")
+        self.assertEqual(spool.delete(held), "hold")
+        self.assertEqual((spool.queued(), spool.held(), listing(spool, "state")), ([], [], []))
+        self.assertRaises(KeyError, spool.delete, queued)
+
+    def test_unknown_and_malformed_ids(self):
+        spool = self.open_spool()
+        for queue_id in ("3" + "0" * 17, "../../etc/passwd", ""):
+            self.assertIsNone(spool.locate(queue_id))
+            for reader in (spool.delete, spool.envelope, spool.open_body, spool.path,
+                           spool.body_size):
+                self.assertRaises(KeyError, reader, queue_id)
+
+
+class DiskFullTests(SpoolTestBase):
+    def small_tmpfs(self) -> str:
+        path = self.tempdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs",
+                               path], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise unittest.SkipTest(f"cannot mount a tmpfs (needs root): {done.stderr}")
+        self.addCleanup(subprocess.run, ["umount", path], check=True)
+        return path
+
+    def test_refused_below_min_free_bytes(self):
+        spool = self.open_spool(min_free_bytes=2**62)
+        with self.assertRaises(Reply) as caught:
+            spool.create(envelope())
+        self.assertEqual((caught.exception.code, caught.exception.status,
+                          caught.exception.text),
+                         (452, "4.3.1", "Insufficient system storage, try again later"))
+        self.assertEqual(listing(spool, "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_write_hitting_enospc(self):
+        spool = self.open_spool(self.small_tmpfs(), min_free_bytes=0)
+        msg = spool.create(envelope())
+        chunk = b"x" * 998 + b"\r\n"
+        for _ in range(3000):  # 3 MB into 2 MB
+            msg.write(chunk)
+        self.assertEqual(listing(spool, "tmp"), [])  # freed at once, not at commit
+        reply = yield self.assertFailure(msg.commit(), Reply)
+        self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
+        self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], []))
+        # Space is back: the next message goes through.
+        self.assertTrue(is_queue_id((yield self.receive(spool).commit())))
+
+    @defer.inlineCallbacks
+    def test_flush_at_commit_hitting_enospc(self):
+        spool = self.open_spool(self.small_tmpfs(), min_free_bytes=0)
+        filler = os.path.join(spool.directory, "filler")
+        with open(filler, "wb", buffering=0) as f, self.assertRaises(OSError):
+            for _ in range(1000):  # bounded: 4 MB is more than the disk
+                f.write(b"f" * 4096)
+        msg = self.receive(spool, body=BODY * 100)  # a few KB: still in the write buffer
+        self.assertEqual(listing(spool, "tmp"), [msg.id])  # so the flush at commit fails
+        reply = yield self.assertFailure(msg.commit(), Reply)
+        self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
+        self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], []))
+        os.unlink(filler)
+        queue_id = yield self.receive(spool).commit()
+        self.assertIn(queue_id, spool.queued())
