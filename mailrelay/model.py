@@ -82,6 +82,21 @@ def kind_of(username: str) -> Kind:
     return Kind.NAMED
 
 
+def canonical_username(username: str) -> str:
+    """The form a directory stores and looks up: domain and address usernames are matched
+    case-insensitively (and IDNA names in A-label form); named usernames are kept as given."""
+    from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_address, to_ascii_domain
+
+    if "@" in username:
+        candidate = to_ascii_address(username)
+        return candidate if candidate is not None and is_address(candidate) else username
+    try:
+        candidate = to_ascii_domain(username)
+    except ScopeError:
+        return username
+    return candidate if is_domain(candidate) else username
+
+
 @dataclass
 class Envelope:
     """What the spool keeps beside a message body: line 1 of the queue file, as JSON."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import idna
+
 # RFC 1035 labels (letters, digits, hyphen; not starting or ending with a hyphen), at least
 # two labels, the last alphabetic or an IDNA "xn--" label.
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -23,14 +25,32 @@ class ScopeError(ValueError):
 
 
 def is_domain(text: str) -> bool:
-    return len(text) <= 253 and bool(_DOMAIN_RE.match(text.lower()))
+    """An ASCII domain name (IDNA names in their ``xn--`` form; see to_ascii_domain)."""
+    # fullmatch: "$" alone would also accept a trailing newline ("a.com\n").
+    return len(text) <= 253 and bool(_DOMAIN_RE.fullmatch(text.lower()))
 
 
 def is_address(text: str) -> bool:
     local, at, domain = text.rpartition("@")
-    return bool(at) and len(local) <= 64 and bool(_LOCAL_RE.match(local.lower())) and is_domain(
-        domain
+    return (
+        bool(at)
+        and len(text) <= 254
+        and len(local) <= 64
+        and bool(_LOCAL_RE.fullmatch(local.lower()))
+        and is_domain(domain)
     )
+
+
+def to_ascii_domain(text: str) -> str:
+    """Lower-case ``text``; an internationalized name (``bücher.de``) becomes its IDNA 2008
+    A-label form (``xn--bcher-kva.de``), the form scopes store and compare."""
+    text = text.lower()
+    if text.isascii():
+        return text
+    try:
+        return idna.encode(text, uts46=True).decode("ascii")
+    except UnicodeError as e:  # idna.IDNAError is a UnicodeError
+        raise ScopeError(f"{text!r} is not a valid internationalized domain name: {e}")
 
 
 def domain_of(address: str) -> str:
@@ -55,9 +75,10 @@ def parse_domains(text: str) -> frozenset[str]:
     for item in _split(text, "domains"):
         if "@" in item:
             raise ScopeError(f"{item!r} is an address, not a domain")
-        if not is_domain(item):
-            raise ScopeError(f"{item!r} is not a valid domain name")
-        out.add(item.lower())
+        domain = to_ascii_domain(item)
+        if not is_domain(domain):
+            raise ScopeError(f"{item!r} is not a valid domain name{_hint(item)}")
+        out.add(domain)
     return frozenset(out)
 
 
@@ -65,10 +86,29 @@ def parse_addresses(text: str) -> frozenset[str]:
     """``x@a.com;y@b.com`` -> {"x@a.com", "y@b.com"}; ScopeError names the bad entry."""
     out = set()
     for item in _split(text, "addresses"):
-        if not is_address(item):
-            raise ScopeError(f"{item!r} is not a valid email address")
-        out.add(item.lower())
+        address = to_ascii_address(item)
+        if address is None or not is_address(address):
+            raise ScopeError(f"{item!r} is not a valid email address{_hint(item)}")
+        out.add(address)
     return frozenset(out)
+
+
+def to_ascii_address(text: str) -> str | None:
+    """``Local@Bücher.de`` -> ``local@xn--bcher-kva.de``; None when the domain is not valid.
+
+    Only the domain is converted: non-ASCII local parts (SMTPUTF8) are not accepted in scopes.
+    """
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return None
+    try:
+        return f"{local.lower()}@{to_ascii_domain(domain)}"
+    except ScopeError:
+        return None
+
+
+def _hint(item: str) -> str:
+    return " (separate entries with semicolons)" if any(c.isspace() for c in item) else ""
 
 
 @dataclass(frozen=True)
@@ -85,8 +125,8 @@ class Scope:
 
         Comparison is case-insensitive; the null sender is never in scope.
         """
-        address = address.strip().lower()
-        if not is_address(address):
+        address = to_ascii_address(address.strip())
+        if address is None or not is_address(address):
             return False
         return address in self.addresses or domain_of(address) in self.domains
 
