@@ -8,6 +8,7 @@ file, the setting and what is wrong, so ``twistd`` can stop with one clear line.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 import socket
@@ -92,10 +93,16 @@ def text(value: str) -> str:
 
 
 def hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
-    """``host``, ``host:port``, ``[v6]:port``."""
+    """``host``, ``host:port``, ``[v6]:port``, ``v6``."""
 
     def parse(value: str) -> tuple[str, int]:
         value = value.strip()
+        if value.count(":") > 1 and not value.startswith("["):
+            # A bare IPv6 address ("::1") has no port; "[::1]:53" has one.
+            try:
+                return str(ipaddress.IPv6Address(value)), default_port
+            except ValueError:
+                raise ValueError(f"{value!r} is not host or host:port (write [v6]:port)")
         m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\s]+)(?::(\d+))?", value)
         if not m:
             raise ValueError(f"{value!r} is not host or host:port")
@@ -277,16 +284,17 @@ def _listener(source: str, section: str, raw) -> Listener:
     ns = _section(source, section, LISTENER_KEYS, raw)
     if not ns.endpoint:
         raise ConfigError(source, section, "endpoint", "missing (example: tcp:587)")
-    from twisted.internet import endpoints, reactor
-
-    try:
-        endpoints.serverFromString(reactor, ns.endpoint)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(source, section, "endpoint", f"{ns.endpoint!r}: {e}")
     if ns.endpoint.startswith("ssl:") and ns.tls == "starttls":
         raise ConfigError(
             source, section, "tls", "an ssl: endpoint is already implicit TLS; set tls = implicit"
         )
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, ns.endpoint)
+    except Exception as e:
+        # Parsing an ssl: endpoint reads its key and certificate: OSError, OpenSSL errors.
+        raise ConfigError(source, section, "endpoint", f"{ns.endpoint!r}: {e}")
     return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth)
 
 

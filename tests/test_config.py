@@ -1,0 +1,245 @@
+"""The configuration: defaults, and one clear ConfigError per bad setting."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from mailrelay.config import DEFAULT_DATA_DIR, ConfigError, Listener, load_config
+
+
+@pytest.fixture
+def write(tmp_path):
+    def write(text: str) -> str:
+        path = tmp_path / "mailrelay.ini"
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return str(path)
+
+    return write
+
+
+def test_embedded_defaults():
+    config = load_config(None)
+    assert config.source == "<embedded defaults>"
+    assert config.server.data_dir == DEFAULT_DATA_DIR
+    assert config.server.hostname
+    assert config.server.postmaster == f"postmaster@{config.server.hostname}"
+    assert config.limits.max_message_size == 50 * 2**20
+    assert config.limits.max_recipients == 400
+    assert config.limits.max_messages_per_connection == 2500
+    assert config.directory.backend == "file"
+    assert config.directory.file == os.path.join(DEFAULT_DATA_DIR, "users.json")
+    assert config.directory.login_cache_ttl == 60.0
+    assert config.spool.directory == os.path.join(DEFAULT_DATA_DIR, "spool")
+    assert config.tls.generate
+    assert config.tls.certificate == os.path.join(DEFAULT_DATA_DIR, "tls", "cert.pem")
+    assert config.listeners == [
+        Listener("smtp", "tcp:2525:interface=127.0.0.1", "starttls", False),
+        Listener("smtps", "tcp:8465:interface=127.0.0.1", "implicit", False),
+    ]
+    assert config.routes == {}
+
+
+def test_empty_file_is_the_defaults(write):
+    config = load_config(write(""))
+    assert config.limits.max_recipients == 400
+    assert len(config.listeners) == 2
+
+
+def test_values_are_parsed(write, tmp_path):
+    config = load_config(
+        write(
+            f"""
+            [server]
+            hostname = relay.example.org
+            data_dir = {tmp_path}/data
+            [limits]
+            max_message_size = 10M
+            idle_timeout = 5m
+            [directory]
+            login_cache_ttl = 30s
+            [delivery]
+            mode = smarthost
+            smarthost = [2001:db8::1]:587
+            smarthost_verify = no
+            dns_servers = 127.0.0.1:5353, ::1
+            retry_max = 2h
+            """
+        )
+    )
+    assert config.server.postmaster == "postmaster@relay.example.org"
+    assert config.directory.file == f"{tmp_path}/data/users.json"
+    assert config.limits.max_message_size == 10 * 2**20
+    assert config.limits.idle_timeout == 300.0
+    assert config.directory.login_cache_ttl == 30.0
+    assert config.delivery.smarthost == ("2001:db8::1", 587)
+    assert config.delivery.smarthost_verify is False
+    assert config.delivery.dns_servers == [("127.0.0.1", 5353), ("::1", 53)]
+    assert config.delivery.retry_max == 7200.0
+
+
+def test_relative_data_dir_is_made_absolute(write):
+    config = load_config(write("[server]\ndata_dir = data\n"))
+    assert config.server.data_dir == os.path.abspath("data")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("limits", "max_message_size", "big", "is not a size"),
+        ("limits", "max_recipients", "0", "outside 1..100000"),
+        ("limits", "max_recipients", "many", "not a whole number"),
+        ("limits", "idle_timeout", "soon", "is not a duration"),
+        ("directory", "backend", "sql", "is not one of file, ldap"),
+        ("directory", "login_cache_ttl", "-1", "is not a duration"),
+        ("ldap", "start_tls", "maybe", "is not yes or no"),
+        ("ldap", "pool_size", "65", "outside 1..64"),
+        ("delivery", "smarthost", "relay.example.org:0", "outside 1..65535"),
+        ("delivery", "smarthost", "a b", "is not host or host:port"),
+        ("delivery", "port", "70000", "outside 1..65535"),
+        ("delivery", "dns_servers", "127.0.0.1 ::zz", "write [v6]:port"),
+        ("delivery", "mode", "carrier-pigeon", "is not one of mx, smarthost"),
+        ("tls", "key_type", "dsa", "is not one of ecdsa, rsa"),
+    ],
+)
+def test_bad_value_names_file_section_and_key(write, section, key, value, message):
+    path = write(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert text.startswith(f"{path}: [{section}] {key}: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_section_lists_the_known_ones(write):
+    path = write("[sever]\nhostname = x\n")
+    with pytest.raises(ConfigError, match=r"\[sever\]: unknown section \(known: server, "):
+        load_config(path)
+
+
+def test_default_section_is_not_special(write):
+    with pytest.raises(ConfigError, match=r"\[DEFAULT\]: unknown section"):
+        load_config(write("[DEFAULT]\nhostname = x\n"))
+
+
+def test_unknown_key_lists_the_known_ones(write):
+    path = write("[limits]\nmax_size = 1M\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: [limits] max_size: unknown setting (known: ")
+    assert "max_message_size" in str(e.value)
+
+
+def test_keys_are_case_sensitive(write):
+    with pytest.raises(ConfigError, match=r"\[directory\] Backend: unknown setting"):
+        load_config(write("[directory]\nBackend = file\n"))
+
+
+def test_unreadable_and_malformed_files(write, tmp_path):
+    missing = str(tmp_path / "nope.ini")
+    with pytest.raises(ConfigError, match=f"^{missing}: cannot read: No such file"):
+        load_config(missing)
+    with pytest.raises(ConfigError, match="no section headers"):
+        load_config(write("hostname = x\n"))
+    with pytest.raises(ConfigError, match="already exists"):
+        load_config(write("[limits]\nmax_recipients = 1\nmax_recipients = 2\n"))
+    path = tmp_path / "latin1.ini"
+    path.write_bytes(b"[server]\nhostname = caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(str(path))
+
+
+def test_cross_setting_rules(write):
+    with pytest.raises(ConfigError, match=r"\[delivery\] smarthost: required when mode"):
+        load_config(write("[delivery]\nmode = smarthost\n"))
+    with pytest.raises(ConfigError, match=r"\[delivery\] retry_max: must be >= retry_first"):
+        load_config(write("[delivery]\nretry_first = 2h\nretry_max = 1h\n"))
+    with pytest.raises(ConfigError, match=r"\[ldap\] base_dn: required when backend = ldap"):
+        load_config(write("[directory]\nbackend = ldap\n"))
+    with pytest.raises(ConfigError, match=r"\[tls\] key: set both certificate and key"):
+        load_config(write("[tls]\ncertificate = /etc/ssl/cert.pem\n"))
+
+
+def test_own_certificate_turns_generation_off(write):
+    config = load_config(write("[tls]\ncertificate = /c.pem\nkey = /k.pem\n"))
+    assert not config.tls.generate
+    assert (config.tls.certificate, config.tls.key) == ("/c.pem", "/k.pem")
+
+
+def test_listener_sections_replace_the_defaults(write):
+    config = load_config(
+        write(
+            """
+            [listener:submission]
+            endpoint = tcp:587
+            [listener:submissions]
+            endpoint = tcp:465
+            tls = implicit
+            [listener:lan]
+            endpoint = tcp:2526:interface=10.0.0.1
+            tls = none
+            plaintext_auth = yes
+            """
+        )
+    )
+    assert config.listeners == [
+        Listener("submission", "tcp:587", "starttls", False),
+        Listener("submissions", "tcp:465", "implicit", False),
+        Listener("lan", "tcp:2526:interface=10.0.0.1", "none", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ("[listener:]\nendpoint = tcp:25\n", "[listener:]", "needs a name"),
+        ("[listener:a]\ntls = none\n", "[listener:a] endpoint", "missing"),
+        ("[listener:a]\nendpoint = tcp:abc\n", "[listener:a] endpoint", "'tcp:abc'"),
+        ("[listener:a]\nendpoint = foo:1\n", "[listener:a] endpoint", "Unknown endpoint"),
+        ("[listener:a]\nendpoint = tcp:25:bogus=1\n", "[listener:a] endpoint", "bogus"),
+        ("[listener:a]\nendpoint = tcp:25\ntls = maybe\n", "[listener:a] tls", "not one of"),
+        ("[listener:a]\nendpoint = tcp:25\nport = 25\n", "[listener:a] port", "unknown"),
+        ("[listener:a]\nendpoint = ssl:465\n", "[listener:a] tls", "set tls = implicit"),
+        (
+            "[listener:a]\nendpoint = ssl:465:privateKey=/nonexistent/key.pem\ntls = implicit\n",
+            "[listener:a] endpoint",
+            "No such file",
+        ),
+    ],
+)
+def test_bad_listeners(write, text, where, message):
+    path = write(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {where}")
+    assert message in str(e.value)
+
+
+def test_ssl_listener_with_a_broken_key_is_a_config_error(write, tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_text("not a key\n")
+    path = write(f"[listener:a]\nendpoint = ssl:465:privateKey={key}\ntls = implicit\n")
+    with pytest.raises(ConfigError, match=r"\[listener:a\] endpoint: "):
+        load_config(path)
+
+
+def test_routes(write):
+    config = load_config(write("[routes]\nExample.ORG = mx.example.org\nb.com = [::1]:2525\n"))
+    assert config.routes == {"example.org": ("mx.example.org", 25), "b.com": ("::1", 2525)}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[routes]\nnot_a_domain = mx.example.org\n", "not_a_domain: not a valid domain"),
+        ("[routes]\nb.com =\n", "b.com: '' is not host or host:port"),
+        ("[routes]\nb.com = mx:99999\n", "b.com: port 99999 is outside"),
+    ],
+)
+def test_bad_routes(write, text, message):
+    path = write(text)
+    with pytest.raises(ConfigError, match=f"^{path}: \\[routes\\] {message}"):
+        load_config(path)
