@@ -8,10 +8,11 @@ The rules:
   *before* the check, so a client cannot learn the outcome early by timing the reply.
   After ``block_after`` failures the address is blocked for ``block_time`` seconds: AUTH
   gets ``421 4.7.0``.
-- Per username: failures from all addresses are counted, and past ``user_alert_after``
-  within the window an alert is logged (0: no alert). A username is never delayed or locked (the soft
-  rule): a lock by username would let anyone lock the real user out, and the real user
-  logging in from another address is never slowed by failures from elsewhere.
+- Per username: failures from all addresses are counted, and on reaching
+  ``user_alert_after`` (0: never) within the window an alert is logged. A username is never
+  delayed or locked (the soft rule): a lock by username would let anyone lock the real user
+  out, and the real user logging in from another address is never slowed by failures from
+  elsewhere.
 - A successful login forgives that username's earlier failures from that address (a
   mistyped password), and nothing else: a valid login cannot launder failures for other
   usernames.
