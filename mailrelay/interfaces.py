@@ -77,21 +77,67 @@ class IRouter(Interface):
 
 
 class ISubmissionPolicy(Interface):
-    """Checks applied by the session at each step. Each method returns None to allow or
-    raises (or errbacks with) smtp.reply.Reply carrying code, enhanced status and text.
-    May return a Deferred."""
+    """The policy of all sessions (shared counters: connections, rate limits, failed logins).
 
-    def connect(peer_host: str):
-        """A new connection from ``peer_host``."""
+    One object serves every listener; it hands each connection its own ISessionPolicy, which
+    holds that connection's places in the counters (a connection ticket, a rate reservation).
+    """
+
+    def connect(client_ip: str):
+        """A new connection from ``client_ip``. Returns (or fires with) the connection's
+        ISessionPolicy. Raises (or errbacks with) smtp.reply.Reply, e.g. ``421 4.7.0``, to
+        refuse it: the session sends that reply instead of the greeting and closes."""
+
+
+class ISessionPolicy(Interface):
+    """The policy of one connection, called by the session at each step.
+
+    Every method may return a Deferred; the session reads no further command until it
+    fires. A method refuses its step by raising (or errbacking with) smtp.reply.Reply: the
+    session sends that reply, and a ``421`` also closes the connection. Any other exception
+    is logged and answered with a temporary ``451 4.3.0``.
+    ``avatar`` is the auth.avatar.ISubmitter of the login (by password or by IP address).
+    """
+
+    def authAttempt(username: str):
+        """AUTH credentials arrived and are about to be checked. Returns the seconds to wait
+        before checking them (0 or None: at once); a Reply (``421 4.7.0`` for a blocked
+        address) refuses the attempt without checking them."""
+
+    def authFailed(username: str):
+        """The credentials were wrong (or the user unknown, or the authzid not allowed),
+        before the ``535`` is sent. May return seconds to wait before sending it."""
+
+    def authSucceeded(avatar):
+        """A login succeeded (AUTH, or IP authentication at MAIL), before the session
+        accepts it. A Reply refuses the login (``421 4.7.0``: too many connections for the
+        user); the session then stays unauthenticated."""
 
     def mailFrom(avatar, sender: str):
-        """MAIL FROM by an authenticated (or IP-authenticated) avatar."""
+        """MAIL FROM, after the session's own checks (status, sender scope, limits) passed:
+        rate limits. Success opens a transaction that ends with accepted() or reset()."""
+
+    def senderRefused(avatar, address: str, header: bool):
+        """The session refused a sender outside the avatar's scope: the envelope MAIL FROM
+        (``header`` False) or an address of the From: header (``header`` True). For domain
+        sender notifications; the result is ignored and cannot change the reply."""
 
     def rcptTo(avatar, recipient: str, count: int):
-        """One more RCPT; ``count`` recipients already accepted."""
+        """One more RCPT after the session's checks; ``count`` recipients already accepted."""
 
-    def headerFrom(avatar, addresses: list[str]):
-        """The From: header's addresses, checked after the headers have arrived."""
+    def data(avatar, envelope):
+        """The message arrived complete and passed the session's checks, just before it
+        is committed to the spool (``envelope`` is the model.Envelope with its queue id).
+        A Reply refuses it and nothing is kept."""
 
     def accepted(avatar, envelope):
-        """A message was committed to the spool (for counters)."""
+        """The message is durable in the spool; the ``250`` is being sent."""
+
+    def reset():
+        """The open transaction (after a successful mailFrom) ended without accepted():
+        RSET, HELO/EHLO, STARTTLS, a refusal at RCPT/DATA or after the data, a failed
+        commit, a timeout, or the connection closing. Release what mailFrom reserved."""
+
+    def disconnect():
+        """The connection is gone (after reset() if a transaction was open). Free its
+        places. Called exactly once for each session policy connect() returned."""
