@@ -1,0 +1,152 @@
+"""A small SMTP sink that records when each message arrives.
+
+smtp-sink counts messages but cannot say when a given message arrived, so the end-to-end
+latency (from the client's ``250`` to arrival here) needs a sink of our own. Each message
+carries an ``X-Bench-Id`` header from the load client; the sink keeps ``(id, time.time())``
+for every message at its final ``.``. It never stores bodies (a 50 MB message passes
+through in constant memory).
+
+Control commands on the same port (the bench is its only client besides the MTAs):
+``XCOUNT`` -> ``250 <messages>``, ``XDUMP <path>`` writes the arrivals as JSON, ``XRESET``.
+
+Run: ``python3 bench/sink.py --port P`` (prints ``READY <port>`` once listening).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import sys
+import time
+
+ID_RE = re.compile(rb"\r\nX-Bench-Id: ([^\r\n]+)", re.I)
+HEAD_KEEP = 16384  # bytes of each message searched for X-Bench-Id
+
+
+class Arrivals:
+    def __init__(self) -> None:
+        self.items: list[tuple[str | None, float]] = []
+
+
+class SinkProtocol(asyncio.Protocol):
+    def __init__(self, arrivals: Arrivals) -> None:
+        self.arrivals = arrivals
+        self.buf = b""
+        self.in_data = False
+        self.head = bytearray()
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(b"220 bench-sink ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        while data:
+            data = self._data_chunk(data) if self.in_data else self._commands(data)
+
+    def _data_chunk(self, data: bytes) -> bytes:
+        """Consume message bytes; returns what follows the end of data (pipelined commands)."""
+        joined = self.tail + data
+        end = joined.find(b"\r\n.\r\n")
+        if end < 0:
+            if len(self.head) < HEAD_KEEP:
+                self.head += data[: HEAD_KEEP - len(self.head)]
+            self.tail = joined[-4:]
+            return b""
+        cut = end - len(self.tail) + 5  # index in data just past the terminator
+        if len(self.head) < HEAD_KEEP:
+            self.head += data[: max(0, min(cut, HEAD_KEEP - len(self.head)))]
+        m = ID_RE.search(b"\r\n" + bytes(self.head))
+        self.arrivals.items.append((m.group(1).decode() if m else None, time.time()))
+        self.in_data = False
+        self.transport.write(b"250 2.0.0 Ok: queued\r\n")
+        return data[cut:]
+
+    def _commands(self, data: bytes) -> bytes:
+        self.buf += data
+        while not self.in_data:
+            line, sep, rest = self.buf.partition(b"\r\n")
+            if not sep:
+                if len(self.buf) > 4096:
+                    self.transport.close()
+                return b""
+            self.buf = rest
+            self._command(line)
+        leftover, self.buf = self.buf, b""
+        return leftover
+
+    def _command(self, line: bytes) -> None:
+        verb = line[:4].upper()
+        w = self.transport.write
+        if verb == b"EHLO":
+            w(b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+              b"250-SIZE 1000000000\r\n250 ENHANCEDSTATUSCODES\r\n")
+        elif verb == b"DATA":
+            self.in_data = True
+            self.head = bytearray()
+            self.tail = b"\r\n"  # the CRLF of the DATA line: a lone "." ends at once
+            w(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        elif verb == b"QUIT":
+            w(b"221 2.0.0 Bye\r\n")
+            self.transport.close()
+        elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+            w(b"250 2.0.0 Ok\r\n")
+        elif verb == b"XCOU":
+            w(b"250 %d\r\n" % len(self.arrivals.items))
+        elif verb == b"XRES":
+            self.arrivals.items.clear()
+            w(b"250 reset\r\n")
+        elif verb == b"XDUM":
+            path = line[6:].decode().strip()
+            with open(path, "w") as f:
+                json.dump(self.arrivals.items, f)
+            w(b"250 dumped\r\n")
+        else:
+            w(b"502 5.5.2 Command not recognized\r\n")
+
+
+async def serve(host: str, port: int, lifetime: float) -> None:
+    loop = asyncio.get_running_loop()
+    arrivals = Arrivals()
+    server = await loop.create_server(lambda: SinkProtocol(arrivals), host, port, backlog=1024)
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    try:
+        await asyncio.wait_for(stop, lifetime)  # bounded: never outlives the bench
+    except TimeoutError:
+        pass
+    server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--lifetime", type=float, default=4 * 3600,
+                        help="exit after this many seconds in any case")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.host, args.port, args.lifetime))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def control(port: int, command: str, host: str = "127.0.0.1", timeout: float = 30) -> str:
+    """Send one control command to a running sink; returns the reply text after the code."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(command.encode() + b"\r\nQUIT\r\n")
+        reply = f.readline().decode().strip()
+    if not reply.startswith("250"):
+        raise RuntimeError(f"sink: {command}: {reply}")
+    return reply[4:]
