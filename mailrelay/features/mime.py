@@ -14,7 +14,7 @@ import binascii
 import codecs
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email import message_from_bytes
 from email.message import Message
 from email.policy import compat32
@@ -76,6 +76,20 @@ class TextPart:
 
 
 Edit = Callable[[TextPart], str | None]  # new text, or None to leave the part alone
+
+
+def chain(*edits: Edit) -> Edit:
+    """One edit applying ``edits`` in order, each seeing the text the previous one made."""
+
+    def edit(part: TextPart) -> str | None:
+        original = part
+        for step in edits:
+            text = step(part)
+            if text is not None:
+                part = replace(part, text=text)
+        return None if part is original else part.text
+
+    return edit
 
 
 class Prepared:
