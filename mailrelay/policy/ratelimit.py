@@ -253,7 +253,8 @@ class Reservation:
             return
         self._give_back()
         self._state = "committed"
-        self._limiter._count(self.user, self.count)
+        if self.count:
+            self._limiter._count(self.user, self.count)
 
     def release(self) -> None:
         """The transaction was aborted (RSET, refusal, disconnect): give the units back.
