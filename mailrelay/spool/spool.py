@@ -49,7 +49,7 @@ class Spool(Service):
 
     ``min_free_bytes``: below this much free space new messages get `452 4.3.1`.
     ``threads``: size of the spool's own thread pool (group commit, state writes, readers
-    run for the daemon); one batch of commits is in flight at a time whatever its size.
+    run for the daemon); it bounds how many file fsyncs run at once.
 
     As a twisted Service, startService() opens the spool and stopService() waits for the
     commits in flight, then stops the threads. mailrelay-admin uses the blocking readers
