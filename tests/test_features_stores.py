@@ -1,0 +1,210 @@
+"""Suppressions, statistics and the archive, on real files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailrelay.features.archive import DAY, Archive
+from mailrelay.features.stats import HOUR, Event, StatsRecorder, StatsStore
+from mailrelay.features.suppressions import Reason, SuppressionStore
+
+T0 = 1_795_000_000.0  # a fixed moment, on an hour boundary below
+T0 -= T0 % DAY
+
+
+@pytest.fixture
+def suppressions(tmp_path):
+    store = SuppressionStore(str(tmp_path / "suppressions.sqlite"))
+    yield store
+    store.close()
+
+
+def test_suppression_levels(suppressions):
+    s = suppressions
+    assert s.add("Alice@Example.org", "acme", "news@acme.example", Reason.UNSUBSCRIBE, when=T0)
+    assert not s.add("alice@example.org", "acme", "news@acme.example")  # already there
+    assert s.add("bob@example.org", "acme")  # account-wide
+    assert s.add("carol@example.org")  # global
+    got = s.suppressed(
+        "acme",
+        "news@acme.example",
+        ["ALICE@example.org", "bob@example.org", "carol@example.org", "dave@example.org"],
+    )
+    assert got == {"ALICE@example.org", "bob@example.org", "carol@example.org"}
+    # Another user of the account: the account's and the global list, not news@'s.
+    assert s.suppressed(
+        "acme", "billing@acme.example", ["alice@example.org", "bob@example.org"]
+    ) == {"bob@example.org"}
+    assert s.contains("alice@example.org", "acme", "news@acme.example")
+    (entry,) = s.list("acme", "news@acme.example")
+    assert (entry.address, entry.reason, entry.created) == (
+        "alice@example.org",
+        Reason.UNSUBSCRIBE,
+        T0,
+    )
+    assert [e.address for e in s.list("acme")] == ["alice@example.org", "bob@example.org"]
+    assert [(e.address, e.account, e.user) for e in s.list()] == [("carol@example.org", None, None)]
+    assert s.remove("alice@example.org", "acme", "news@acme.example")
+    assert not s.remove("alice@example.org", "acme", "news@acme.example")
+    assert not s.contains("alice@example.org", "acme", "news@acme.example")
+
+
+def test_accounts_are_separate(suppressions):
+    suppressions.add("alice@example.org", "acme", "news@acme.example")
+    suppressions.add("bob@example.org", "acme")
+    assert (
+        suppressions.suppressed(
+            "other", "news@acme.example", ["alice@example.org", "bob@example.org"]
+        )
+        == set()
+    )
+    assert suppressions.list("other") == []
+    assert not suppressions.remove("bob@example.org", "other")
+
+
+def test_suppression_key_checks(suppressions):
+    with pytest.raises(ValueError):
+        suppressions.add("a@example.org", None, "user")
+    with pytest.raises(ValueError):
+        suppressions.add("a@example.org", "", None)
+
+
+def test_many_addresses_at_once(suppressions):
+    for i in range(0, 1200, 3):
+        suppressions.add(f"r{i}@example.org", "acme")
+    got = suppressions.suppressed("acme", "u", [f"r{i}@example.org" for i in range(1200)])
+    assert len(got) == 400
+
+
+def test_shared_between_processes_views(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    daemon, admin = SuppressionStore(path), SuppressionStore(path)
+    admin.add("x@example.org", "acme", "u")
+    assert daemon.contains("x@example.org", "acme", "u")
+    daemon.close()
+    admin.close()
+
+
+def test_stats_query(tmp_path):
+    store = StatsStore(str(tmp_path / "stats.sqlite"))
+    h0 = int(T0 // HOUR)
+    store.add(
+        {
+            ("acme", "news", h0, "accepted"): 3,
+            ("acme", "news", h0 + 1, "accepted"): 2,
+            ("acme", "news", h0 + 25, "delivered"): 4,
+            ("acme", "bill", h0, "accepted"): 1,
+            ("other", "x", h0, "bounced"): 7,
+        }
+    )
+    store.add({("acme", "news", h0, "accepted"): 1})  # adds to the same counter
+    totals = store.query("acme", "news")
+    assert totals["accepted"] == 6 and totals["delivered"] == 4 and totals["clicks"] == 0
+    assert set(totals) == {e.value for e in Event}
+    assert store.query("acme")["accepted"] == 7
+    assert store.query()["bounced"] == 7 and store.query("acme")["bounced"] == 0
+    assert store.query("acme", "news", since=T0 + DAY)["accepted"] == 0
+    days = store.query("acme", "news", period="day")
+    assert [(p.start, p.counts) for p in days] == [
+        (T0, {"accepted": 6}),
+        (T0 + DAY, {"delivered": 4}),
+    ]
+    hours = store.query("acme", period="hour")
+    assert [(p.start, p.user, p.counts) for p in hours][:3] == [
+        (T0, "bill", {"accepted": 1}),
+        (T0, "news", {"accepted": 4}),
+        (T0 + HOUR, "news", {"accepted": 2}),
+    ]
+    store.close()
+
+
+class StatsRecorderTests(unittest.TestCase):
+    """The recorder batches in memory and writes in a pool thread (real reactor)."""
+
+    def setUp(self):
+        self.store = StatsStore(self.mktemp() + ".sqlite")
+        self.addCleanup(self.store.close)
+        self.clock = task.Clock()
+        self.clock.advance(T0)
+        self.recorder = StatsRecorder(self.store, reactor, clock=self.clock, max_pending=5)
+
+    @defer.inlineCallbacks
+    def test_written_on_the_timer_not_before(self):
+        self.recorder.startService()
+        self.recorder.record(Event.ACCEPTED, "acme", "news")
+        self.recorder.record(Event.ACCEPTED, "acme", "news", n=2)
+        self.assertEqual(self.store.query("acme")["accepted"], 0)  # nothing written yet
+        self.clock.advance(1)  # the timer fires a write in a thread
+        yield self.recorder.flush()  # waits for that write
+        self.assertEqual(self.store.query("acme")["accepted"], 3)
+        yield self.recorder.stopService()
+
+    @defer.inlineCallbacks
+    def test_written_when_many_pending(self):
+        for _ in range(5):
+            self.recorder.record(Event.DELIVERED, "acme", "news")
+        yield self.recorder.flush()
+        self.assertEqual(self.store.query("acme")["delivered"], 5)
+
+    @defer.inlineCallbacks
+    def test_tracked_events_and_stop_writes_pending(self):
+        self.recorder.startService()
+        self.recorder.track(Event.CLICKS, "acme", "news", "q1", "a@example.org", "https://x/")
+        self.recorder.track(Event.OPENS, "acme", "news", "q1", "a@example.org")
+        self.recorder.track(Event.OPENS, "other", "o", "q2", "b@example.org")
+        yield self.recorder.stopService()
+        totals = self.store.query("acme")
+        self.assertEqual((totals["clicks"], totals["opens"]), (1, 1))
+        rows = self.store.tracked("acme", "q1")
+        self.assertEqual(
+            [(r.event, r.recipient, r.url) for r in rows],
+            [(Event.CLICKS, "a@example.org", "https://x/"), (Event.OPENS, "a@example.org", None)],
+        )
+        self.assertEqual(self.store.tracked("acme", "q2"), [])
+
+    @defer.inlineCallbacks
+    def test_failed_write_is_kept(self):
+        self.recorder.record(Event.ACCEPTED, "acme", "news")
+        self.store.close()  # every write now fails
+        yield self.recorder.flush()
+        self.assertEqual(len(self.flushLoggedErrors()), 1)
+        self.assertEqual(sum(self.recorder._counts.values()), 1)  # kept for the next attempt
+
+
+def test_archive_store_list_prune(tmp_path):
+    archive = Archive(str(tmp_path / "archive"), retention_days=30)
+    msg = b"From: Shop <news@shop.example>\r\nSubject: =?utf-8?q?Caf=C3=A9?=\r\n\r\nbody\r\n"
+    old = archive.store(
+        "news@acme.example",
+        "q1",
+        msg,
+        "news@shop.example",
+        ["a@example.org", "hidden@example.org"],
+        when=T0,
+    )
+    new = archive.store(
+        "news@acme.example", "q2", msg, "news@shop.example", ["b@example.org"], when=T0 + 40 * DAY
+    )
+    archive.store("../evil", "q3", msg, "x@shop.example", ["c@example.org"], when=T0)
+    entries = archive.list("news@acme.example")
+    assert [e.id for e in entries] == [old, new]
+    first = entries[0]
+    assert (first.date, first.sender, first.subject) == (T0, "news@shop.example", "Café")
+    maildir = tmp_path / "archive" / "news@acme.example"
+    data = (maildir / "new" / old).read_bytes()
+    assert data.startswith(
+        b"Return-Path: <news@shop.example>\r\nX-Envelope-To: <a@example.org>"
+        b"\r\nX-Envelope-To: <hidden@example.org>\r\n" + msg
+    )
+    assert first.size == len(data)
+    assert sorted(os.listdir(tmp_path / "archive")) == ["%2E.%2Fevil", "news@acme.example"]
+    assert archive.users() == ["../evil", "news@acme.example"]
+    assert os.listdir(maildir / "tmp") == []
+    assert archive.prune(now=T0 + 41 * DAY) == 2  # q1 and q3 are older than 30 days
+    assert [e.id for e in archive.list("news@acme.example")] == [new]
+    assert archive.list("nobody@acme.example") == []
+    assert Archive(str(tmp_path / "archive"), retention_days=0).prune(now=T0 + 999 * DAY) == 0
