@@ -124,6 +124,18 @@ def word_list(value: str) -> list[str]:
     return [v for v in re.split(r"[\s,]+", value.strip()) if v]
 
 
+def _ip_auth(value: str):
+    from mailrelay.policy.ipauth import IpAuthTable
+
+    return IpAuthTable.parse(value)
+
+
+def _address_auth(value: str):
+    from mailrelay.policy.ipauth import AddressAuth
+
+    return AddressAuth.parse(value)
+
+
 # ---- the schema: section -> key -> (parser, default); None default means "derived" ----
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
@@ -143,6 +155,25 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "max_messages_per_connection": (integer(1), 2500),
         "idle_timeout": (duration, 300.0),
         "data_timeout": (duration, 600.0),
+        "session_timeout": (duration, 3600.0),
+        "max_connections": (integer(0), 500),
+        "max_connections_per_ip": (integer(0), 50),
+        "max_connections_per_user": (integer(0), 40),
+        "rate_per_hour": (integer(0), 200000),
+        "rate_per_minute": (integer(0), 0),
+        "rate_counts": (choice("messages", "recipients"), "messages"),
+    },
+    "policy": {
+        "ip_auth": (_ip_auth, None),
+        "address_auth": (_address_auth, None),
+        "ipv6_prefix": (integer(8, 128), 64),
+        "login_window": (duration, 600.0),
+        "login_delay_after": (integer(1), 3),
+        "login_block_after": (integer(1), 10),
+        "login_block_time": (duration, 900.0),
+        "login_max_delay": (duration, 16.0),
+        "login_user_alert_after": (integer(1), 20),
+        "notify_interval": (duration, 600.0),
     },
     "directory": {
         "backend": (choice("file", "ldap"), "file"),
@@ -216,6 +247,7 @@ class Config:
     directory: SimpleNamespace
     ldap: SimpleNamespace
     spool: SimpleNamespace
+    policy: SimpleNamespace
     delivery: SimpleNamespace
     listeners: list[Listener]
     routes: dict[str, tuple[str, int]]  # recipient domain -> host, port
@@ -324,6 +356,10 @@ def _derive(config: Config) -> None:
         )
     config.tls.certificate = config.tls.certificate or os.path.join(s.data_dir, "tls", "cert.pem")
     config.tls.key = config.tls.key or os.path.join(s.data_dir, "tls", "key.pem")
+    if config.policy.ip_auth is None:
+        config.policy.ip_auth = _ip_auth("")
+    if config.policy.address_auth is None:
+        config.policy.address_auth = _address_auth("")
     config.directory.file = config.directory.file or os.path.join(s.data_dir, "users.json")
     config.spool.directory = config.spool.directory or os.path.join(s.data_dir, "spool")
     d = config.delivery
