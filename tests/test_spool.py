@@ -191,6 +191,9 @@ class CommitTests(SpoolTestBase):
         self.assertEqual(listing(spool, "tmp"), [])
         bad.abort()  # harmless after a failed commit
         self.assertRaises(RuntimeError, good.commit)
+        self.assertRaises(RuntimeError, good.write, b"too late\r\n")
+        good.abort()  # harmless after a commit: the message stays queued
+        self.assertIn(good.id, spool.queued())
 
     @defer.inlineCallbacks
     def test_concurrent_commits_share_directory_fsyncs(self):
@@ -229,12 +232,15 @@ class OpenTests(SpoolTestBase):
         self.assertEqual((event["stale"], event["orphans"], event["queued"]), (2, 1, 1))
 
     @defer.inlineCallbacks
-    def test_as_a_service(self):
+    def test_as_a_service_stopping_after_commits_in_flight(self):
         spool = Spool(os.path.join(self.tempdir(), "spool"))
         spool.startService()
-        queue_id = yield self.receive(spool).commit()
+        committed = []
+        for _ in range(5):
+            self.receive(spool).commit().addCallback(committed.append)
         yield spool.stopService()
-        self.assertEqual(spool.queued(), [queue_id])
+        self.assertEqual(sorted(committed), spool.queued())
+        self.assertEqual(len(committed), 5)
 
 
 class StateTests(SpoolTestBase):
