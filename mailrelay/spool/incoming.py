@@ -100,7 +100,7 @@ class IncomingMessage:
         close_quietly(self._file)
 
     def _make_durable(self) -> tuple[str]:
-        """In the group commit thread: the file's data, then its name in the target dir."""
+        """In a group commit thread: the file's data, then its name in the target dir."""
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
