@@ -204,9 +204,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "smarthost_verify": (boolean, True),
         "smarthost_username": (text, ""),
         "smarthost_password": (text, ""),
+        "smarthost_ca_file": (text, ""),  # PEM trust roots for smarthost_verify; empty: system
         "mx_tls": (choice("opportunistic", "none"), "opportunistic"),
         "dns_servers": (hostport_list(53), []),  # empty: the system resolver
         "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
+        "allow_local_mx": (boolean, False),  # MX hosts on loopback/private addresses (tests)
         "max_concurrency": (integer(1, 10000), 50),
         "max_per_host": (integer(1, 1000), 10),
         "retry_first": (duration, 60.0),

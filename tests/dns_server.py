@@ -1,0 +1,154 @@
+"""An authoritative twisted.names DNS server on 127.0.0.1 for tests.
+
+Serves the records of a small zone given as ``{name: ["MX 10 mx1.example.test", "A
+127.0.0.1", "AAAA ::1", "TXT text", "CNAME other.test"]}``; the special records
+``SERVFAIL`` and ``TIMEOUT`` make the name fail or never answer. Names not in the zone are
+NXDOMAIN. UDP and TCP listen on the same ephemeral port.
+
+In-process (trial tests)::
+
+    dns = DNSServer({"example.test": ["MX 10 mx.example.test"], ...})
+    dns.listen()                        # dns.address == ("127.0.0.1", port)
+    dns.zone["other.test"] = ["A 127.0.0.2"]   # change at any time
+    yield dns.stop()
+
+As a subprocess::
+
+    python tests/dns_server.py --port-file F --record "example.test MX 10 mx.example.test"
+    python tests/dns_server.py --port-file F --zone zone.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from twisted.internet import defer
+from twisted.names import dns, server
+from twisted.names import error as dnserror
+from twisted.names.common import ResolverBase
+
+LISTEN_TRIES = 20  # UDP and TCP must share a port: retry when TCP's is taken
+
+
+class ServFail(Exception):
+    """Raised for SERVFAIL records; answered as SERVFAIL without a logged traceback."""
+
+
+def parse_record(text: str, ttl: int = 60):
+    kind, _, data = text.strip().partition(" ")
+    kind = kind.upper()
+    data = data.strip()
+    if kind == "MX":
+        preference, _, host = data.partition(" ")
+        host = host.strip()
+        return dns.Record_MX(int(preference), b"" if host == "." else host.encode(), ttl=ttl)
+    if kind == "A":
+        return dns.Record_A(data, ttl=ttl)
+    if kind == "AAAA":
+        return dns.Record_AAAA(data, ttl=ttl)
+    if kind == "TXT":
+        return dns.Record_TXT(data.encode(), ttl=ttl)
+    if kind == "CNAME":
+        return dns.Record_CNAME(data.encode(), ttl=ttl)
+    raise ValueError(f"unsupported record {text!r}")
+
+
+class ZoneResolver(ResolverBase):
+    """Answers from ``zone`` (read at each query, so tests may change it)."""
+
+    def __init__(self, zone: dict[str, list[str]]) -> None:
+        super().__init__()
+        self.zone = zone
+
+    def _lookup(self, name, cls, qtype, timeout=None):
+        key = name.decode().lower().rstrip(".")
+        entries = {k.lower().rstrip("."): v for k, v in self.zone.items()}.get(key)
+        if entries is None:
+            return defer.fail(dnserror.AuthoritativeDomainError(name))
+        if "TIMEOUT" in entries:
+            return defer.Deferred()  # never answers; the client times out
+        if "SERVFAIL" in entries:
+            return defer.fail(ServFail(key))
+        records = [parse_record(e) for e in entries]
+        answers = [dns.RRHeader(name, r.TYPE, dns.IN, r.ttl, r, auth=True)
+                   for r in records if qtype == r.TYPE]
+        if not answers:
+            answers = [dns.RRHeader(name, r.TYPE, dns.IN, r.ttl, r, auth=True)
+                       for r in records if r.TYPE == dns.CNAME]
+        return defer.succeed((answers, [], []))
+
+
+class _Factory(server.DNSServerFactory):
+    def gotResolverError(self, failure, protocol, message, address):
+        if failure.check(ServFail):
+            response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
+            self.sendReply(protocol, response, address)
+            return
+        return super().gotResolverError(failure, protocol, message, address)
+
+
+class DNSServer:
+    def __init__(self, zone: dict[str, list[str]] | None = None, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.zone: dict[str, list[str]] = dict(zone or {})
+        self.factory = _Factory(authorities=[ZoneResolver(self.zone)])
+        self.factory.noisy = False
+        self._ports: list = []
+        self.address: tuple[str, int] | None = None
+
+    def listen(self) -> tuple[str, int]:
+        from twisted.internet.error import CannotListenError
+
+        protocol = dns.DNSDatagramProtocol(self.factory)
+        protocol.noisy = False
+        for _ in range(LISTEN_TRIES):
+            udp = self.reactor.listenUDP(0, protocol, interface="127.0.0.1")
+            port = udp.getHost().port
+            try:
+                tcp = self.reactor.listenTCP(port, self.factory, interface="127.0.0.1")
+            except CannotListenError:
+                udp.stopListening()
+                continue
+            self._ports = [udp, tcp]
+            self.address = ("127.0.0.1", port)
+            return self.address
+        raise RuntimeError("no free port for both UDP and TCP")
+
+    def stop(self):
+        ports, self._ports = self._ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port-file", required=True, help="write the port here once listening")
+    parser.add_argument("--zone", help="JSON file: {name: [records]}")
+    parser.add_argument("--record", action="append", default=[],
+                        help='"NAME TYPE DATA", e.g. "example.test MX 10 mx.example.test"')
+    args = parser.parse_args(argv)
+    zone: dict[str, list[str]] = {}
+    if args.zone:
+        with open(args.zone, encoding="utf-8") as f:
+            zone.update(json.load(f))
+    for spec in args.record:
+        name, _, record = spec.strip().partition(" ")
+        zone.setdefault(name, []).append(record)
+    from twisted.internet import reactor
+
+    dns_server = DNSServer(zone, reactor)
+    _, port = dns_server.listen()
+    tmp = args.port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{port}\n")
+    os.rename(tmp, args.port_file)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
