@@ -54,7 +54,7 @@ class Tracker:
             target = html.unescape(m.group(2).strip("\"'")).strip()
             if urlsplit(target).scheme.lower() not in ("http", "https"):
                 return m.group()
-            if self.links.is_ours(target):
+            if self.links.is_ours(target) or not target.isprintable():
                 return m.group()
             return f'{m.group(1)}"{html.escape(self.links.click_url(r, target))}"'
 
