@@ -1,0 +1,90 @@
+"""The password checker: AUTH PLAIN/LOGIN credentials against the directory, with a short
+cache of verified logins.
+
+A webmail backend or an application may log in once per message; argon2 costs ~25 ms of
+CPU each time. A (username, password) pair that verified is remembered for ``cache_ttl``
+seconds, keyed by an HMAC of the password under a key made at start-up and never stored,
+so the cache holds nothing that reveals or replays a password. A cached login still asks
+the directory for the user: if it is gone or was changed (its ``updated`` stamp moved,
+as ``user passwd`` and ``user set`` do), the login is verified again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailrelay.auth.passwords import LOGIN_FAILED
+from mailrelay.model import canonical_username
+
+MAX_CACHED = 10000  # logins; beyond it the oldest are forgotten first
+
+
+def _text(value: str | bytes) -> str:
+    """Twisted's own UsernamePassword carries bytes; ClientUsernamePassword carries str."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnauthorizedLogin(LOGIN_FAILED)
+    return value
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """Checks IUsernamePassword credentials; the avatar id is the canonical username.
+
+    Fails with UnauthorizedLogin for an unknown user and a wrong password alike; a
+    DirectoryUnavailable from the directory passes through (the session answers 454).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, directory, cache_ttl: float = 60.0, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._directory = directory
+        self._ttl = cache_ttl
+        self._clock = clock
+        self._key = os.urandom(32)
+        # canonical username -> (password HMAC, user's updated stamp, expiry)
+        self._cache: dict[str, tuple[bytes, float, float]] = {}
+
+    def _mac(self, username: str, password: str) -> bytes:
+        message = username.encode() + b"\0" + password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials):
+        username = _text(credentials.username)
+        password = _text(credentials.password)
+        name = canonical_username(username)
+        mac = self._mac(name, password)
+        cached = self._cache.get(name)
+        if cached is not None:
+            cached_mac, stamp, expires = cached
+            if self._clock.seconds() >= expires:
+                self._cache.pop(name, None)
+            # A wrong password leaves the entry alone: guessing must not evict a good login.
+            elif hmac.compare_digest(cached_mac, mac):
+                user = yield self._directory.getUser(name)
+                if user is not None and user.updated == stamp:
+                    return user.username
+                self._cache.pop(name, None)
+        user = yield self._directory.authenticate(username, password)
+        if self._ttl > 0:
+            self._remember(name, mac, user.updated)
+        return user.username
+
+    def _remember(self, name: str, mac: bytes, stamp: float) -> None:
+        self._cache.pop(name, None)  # re-insert at the end: the dict is oldest-first
+        self._cache[name] = (mac, stamp, self._clock.seconds() + self._ttl)
+        while len(self._cache) > MAX_CACHED:
+            del self._cache[next(iter(self._cache))]

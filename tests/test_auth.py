@@ -1,0 +1,275 @@
+"""Passwords, the password checker with its login cache, and the realm, over a real user file.
+
+The argon2 verifications run in the real reactor's thread pool (trial runs the reactor);
+time for the cache and for file reloads comes from a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailrelay.auth.avatar import ISubmitter, Submitter
+from mailrelay.auth.checkers import PasswordChecker
+from mailrelay.auth.credentials import ClientUsernamePassword
+from mailrelay.auth.passwords import (
+    ALPHABET,
+    DUMMY_HASH,
+    GENERATED_LENGTH,
+    LOGIN_FAILED,
+    generate_password,
+    hash_password,
+    needs_rehash,
+    verify_password,
+)
+from mailrelay.auth.portal import make_portal
+from mailrelay.auth.realm import SubmissionRealm
+from mailrelay.directory.filedir import FileDirectory, UserStore
+from mailrelay.interfaces import DirectoryUnavailable, IDirectory
+from mailrelay.model import Account, SmtpUser
+from mailrelay.scope import Scope
+
+PASSWORD = "correct horse battery"
+
+
+class PasswordTests(SynchronousTestCase):
+    def test_hash_and_verify(self) -> None:
+        h = hash_password(PASSWORD)
+        assert h.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+        assert h != hash_password(PASSWORD)  # salted
+        assert verify_password(h, PASSWORD)
+        assert not verify_password(h, PASSWORD + " ")
+        assert not verify_password(h, "")
+        assert not verify_password("not a hash", PASSWORD)
+        assert verify_password(hash_password("pässwörd"), "pässwörd")
+
+    def test_needs_rehash(self) -> None:
+        assert not needs_rehash(hash_password("x"))
+        # The dummy hash verified for unknown users must cost what a real one costs.
+        assert not needs_rehash(DUMMY_HASH)
+        assert needs_rehash("$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA")
+        assert needs_rehash("garbage")
+
+    def test_generated_passwords(self) -> None:
+        passwords = {generate_password() for _ in range(50)}
+        assert len(passwords) == 50
+        for p in passwords:
+            assert len(p) == GENERATED_LENGTH
+            assert set(p) <= set(ALPHABET)
+        assert not set("0O1lI") & set(ALPHABET)
+
+
+def credentials(username: str, password: str) -> ClientUsernamePassword:
+    return ClientUsernamePassword(username, password, "127.0.0.1", True)
+
+
+@implementer(IDirectory)
+class DownDirectory:
+    """A directory whose server is down (what the LDAP directory reports then)."""
+
+    writable = False
+
+    def authenticate(self, username, password):
+        return defer.fail(DirectoryUnavailable("ldap://127.0.0.1:1: connection refused"))
+
+    def getUser(self, username):
+        return defer.fail(DirectoryUnavailable("ldap://127.0.0.1:1: connection refused"))
+
+
+class CheckerTests(TestCase):
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+        self.store = UserStore(self.path)
+        with self.store.change():
+            self.store.update_account("default", domains=frozenset({"doe.com", "b.org"}))
+            self.store.add_user(SmtpUser("doe.com"), hash_password(PASSWORD))
+            self.store.add_user(SmtpUser("john@doe.com"), hash_password(PASSWORD))
+            self.store.add_user(
+                SmtpUser("App", scope=Scope.parse("b.org")), hash_password(PASSWORD)
+            )
+        self.clock = Clock()
+        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.checker = PasswordChecker(self.directory, cache_ttl=60, clock=self.clock)
+
+    def change_file(self, change) -> None:
+        """Change the file the way mailrelay-admin does, and let the directory notice."""
+        with self.store.change():
+            change(self.store)
+        self.clock.advance(1)
+
+    @defer.inlineCallbacks
+    def test_good_password_gives_the_canonical_username(self):
+        assert (yield self.checker.requestAvatarId(credentials("DOE.com", PASSWORD))) == "doe.com"
+        avatar_id = yield self.checker.requestAvatarId(credentials("John@Doe.COM", PASSWORD))
+        assert avatar_id == "john@doe.com"
+        assert (yield self.checker.requestAvatarId(credentials("App", PASSWORD))) == "App"
+
+    @defer.inlineCallbacks
+    def test_twisted_bytes_credentials_work_too(self):
+        avatar_id = yield self.checker.requestAvatarId(
+            UsernamePassword(b"doe.com", PASSWORD.encode())
+        )
+        assert avatar_id == "doe.com"
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(UsernamePassword(b"doe.com", b"\xff\xfe"))
+
+    @defer.inlineCallbacks
+    def test_wrong_password_and_unknown_user_look_the_same(self):
+        failures = []
+        for username, password in [
+            ("doe.com", "wrong"),
+            ("nobody.org", PASSWORD),
+            ("app", PASSWORD),  # named usernames are case-sensitive
+            ("doe.com", ""),
+        ]:
+            try:
+                yield self.checker.requestAvatarId(credentials(username, password))
+            except UnauthorizedLogin as e:
+                failures.append(str(e))
+        assert failures == [LOGIN_FAILED] * 4
+        # Unknown users were verified too (against the dummy hash): same cost, same time.
+        assert self.directory.verifications == 4
+
+    @defer.inlineCallbacks
+    def test_verification_runs_in_a_thread(self):
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert self.directory.verify_thread is not None
+        assert self.directory.verify_thread != threading.get_ident()
+        try:
+            yield self.checker.requestAvatarId(credentials("nobody.org", PASSWORD))
+        except UnauthorizedLogin:
+            pass
+        assert self.directory.verify_thread != threading.get_ident()
+
+    @defer.inlineCallbacks
+    def test_a_cached_login_is_not_verified_again_until_the_ttl(self):
+        for _ in range(5):
+            assert (yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD)))
+        assert self.directory.verifications == 1
+        # Another spelling of the same login hits the same entry.
+        yield self.checker.requestAvatarId(credentials("DOE.COM", PASSWORD))
+        assert self.directory.verifications == 1
+        self.clock.advance(59)
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert self.directory.verifications == 1
+        self.clock.advance(1)
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert self.directory.verifications == 2
+
+    @defer.inlineCallbacks
+    def test_a_wrong_password_is_verified_and_does_not_evict_the_cached_login(self):
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(credentials("doe.com", "guess"))
+        assert self.directory.verifications == 2
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert self.directory.verifications == 2
+
+    @defer.inlineCallbacks
+    def test_a_new_password_ends_the_cached_login(self):
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        self.change_file(lambda s: s.set_password("doe.com", hash_password("new password")))
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert (yield self.checker.requestAvatarId(credentials("doe.com", "new password")))
+        assert self.directory.verifications == 3
+
+    @defer.inlineCallbacks
+    def test_a_deleted_user_cannot_use_its_cached_login(self):
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        self.change_file(lambda s: s.delete_user("doe.com"))
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+
+    @defer.inlineCallbacks
+    def test_cache_off(self):
+        checker = PasswordChecker(self.directory, cache_ttl=0, clock=self.clock)
+        yield checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        yield checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert self.directory.verifications == 2
+
+    @defer.inlineCallbacks
+    def test_the_cache_never_holds_the_password(self):
+        yield self.checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        held = repr(self.checker._cache)
+        assert "doe.com" in held
+        assert PASSWORD not in held and PASSWORD.encode().hex() not in held
+
+    @defer.inlineCallbacks
+    def test_directory_unavailable_passes_through(self):
+        checker = PasswordChecker(DownDirectory(), cache_ttl=60, clock=self.clock)
+        with self.assertRaises(DirectoryUnavailable) as e:
+            yield checker.requestAvatarId(credentials("doe.com", PASSWORD))
+        assert "connection refused" in str(e.exception)
+
+
+class RealmTests(TestCase):
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+        self.store = UserStore(self.path)
+        with self.store.change():
+            self.store.update_account("default", domains=frozenset({"doe.com", "b.org"}))
+            self.store.add_account(Account("sales", frozenset({"sales.com"}), "ops@sales.com"))
+            self.store.add_user(SmtpUser("doe.com"), hash_password(PASSWORD))
+            self.store.add_user(
+                SmtpUser("app", scope=Scope.parse("b.org", "x@doe.com")), hash_password(PASSWORD)
+            )
+            self.store.add_user(SmtpUser("x@sales.com", account="sales"), hash_password(PASSWORD))
+        self.clock = Clock()
+        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.portal = make_portal(self.directory, cache_ttl=60, clock=self.clock)
+
+    @defer.inlineCallbacks
+    def test_login_gives_a_submitter_with_the_scope_and_the_account(self):
+        interface, avatar, logout = yield self.portal.login(
+            credentials("app", PASSWORD), None, ISubmitter
+        )
+        assert interface is ISubmitter
+        assert verifyObject(ISubmitter, avatar)
+        assert isinstance(avatar, Submitter)
+        assert avatar.user.username == "app"
+        assert avatar.account.name == "default"
+        assert avatar.method == "password"
+        assert avatar.may_send_as("anyone@b.org")
+        assert avatar.may_send_as("X@doe.com")
+        assert not avatar.may_send_as("y@doe.com")
+        logout()
+
+    @defer.inlineCallbacks
+    def test_accounts_are_separate(self):
+        _, avatar, _ = yield self.portal.login(
+            credentials("x@sales.com", PASSWORD), None, ISubmitter
+        )
+        assert avatar.account == Account("sales", frozenset({"sales.com"}), "ops@sales.com")
+        assert avatar.may_send_as("x@sales.com")
+        assert not avatar.may_send_as("x@doe.com")
+
+    @defer.inlineCallbacks
+    def test_wrong_password_through_the_portal(self):
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.portal.login(credentials("app", "nope"), None, ISubmitter)
+
+    @defer.inlineCallbacks
+    def test_a_user_deleted_between_check_and_realm(self):
+        avatar_id = yield PasswordChecker(self.directory, 60, self.clock).requestAvatarId(
+            credentials("doe.com", PASSWORD)
+        )
+        with self.store.change():
+            self.store.delete_user("doe.com")
+        self.clock.advance(1)
+        with self.assertRaises(UnauthorizedLogin) as e:
+            yield SubmissionRealm(self.directory).requestAvatar(avatar_id, None, ISubmitter)
+        assert str(e.exception) == LOGIN_FAILED
+
+    @defer.inlineCallbacks
+    def test_only_the_submitter_interface(self):
+        with self.assertRaises(NotImplementedError):
+            yield SubmissionRealm(self.directory).requestAvatar("doe.com", None, IDirectory)
