@@ -158,6 +158,19 @@ class CommitTests(SpoolTestBase):
         self.assertTrue(spool.envelope(queue_id).sandboxed)
 
     @defer.inlineCallbacks
+    def test_subscribers_hear_of_queued_messages_once_durable(self):
+        spool = self.open_spool()
+        heard = []
+        spool.subscribe(lambda env: heard.append((env.id, spool.locate(env.id))))
+        spool.subscribe(lambda env: 1 / 0)  # a broken subscriber harms nobody
+        queued = yield self.receive(spool).commit()
+        yield self.receive(spool, sandboxed=True).commit()  # held: never for delivery
+        aborted = self.receive(spool)
+        aborted.abort()
+        self.assertEqual(heard, [(queued, "queue")])
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    @defer.inlineCallbacks
     def test_queue_order_is_priority_then_age(self):
         spool = self.open_spool()
         normal = yield self.receive(spool, priority=3).commit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, fail
@@ -44,7 +45,7 @@ class IncomingMessage:
     fsync, rename and directory fsync happen in commit(), in the group commit's thread."""
 
     def __init__(self, envelope: Envelope, file: BinaryIO, tmp_path: str, final_path: str,
-                 committer: GroupSync) -> None:
+                 committer: GroupSync, notify: Callable[[Envelope], None] | None = None) -> None:
         self.id = envelope.id
         self.envelope = envelope
         self.size = 0  # body bytes written so far
@@ -52,6 +53,7 @@ class IncomingMessage:
         self._tmp_path = tmp_path
         self._final_path = final_path
         self._committer = committer
+        self._notify = notify  # told about each message once it is durable (delivery)
         self._phase = _Phase.OPEN
         self._error: OSError | None = None
 
@@ -117,6 +119,8 @@ class IncomingMessage:
         log.info("spooled {queue_id}: {size} bytes, {rcpts} recipients, to {place}",
                  queue_id=self.id, size=self.size, rcpts=len(self.envelope.recipients),
                  place=os.path.basename(os.path.dirname(self._final_path)))
+        if self._notify is not None:
+            self._notify(self.envelope)
         return self.id
 
     def _failed(self, failure: Failure) -> Failure:

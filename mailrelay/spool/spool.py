@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from typing import BinaryIO
 
 from twisted.application.service import Service
@@ -68,6 +69,7 @@ class Spool(Service):
         self._ids = QueueIds(reactor.seconds)
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
+        self._subscribers: list[Callable[[Envelope], None]] = []
 
     # -- lifecycle
 
@@ -116,6 +118,18 @@ class Spool(Service):
 
     # -- writing side
 
+    def subscribe(self, callback: Callable[[Envelope], None]) -> None:
+        """Call ``callback(envelope)`` for every message committed to queue/ (not hold/),
+        once it is durable and before the client hears 250: delivery's new-mail signal."""
+        self._subscribers.append(callback)
+
+    def _committed(self, envelope: Envelope) -> None:
+        for callback in self._subscribers:
+            try:
+                callback(envelope)
+            except Exception:
+                log.failure("subscriber failed for {queue_id}", queue_id=envelope.id)
+
     def create(self, envelope: Envelope) -> IncomingMessage:
         """Start a message; fills ``envelope.id`` when empty. Raises smtp.reply.Reply
         (452 4.3.1) when free space is below min_free_bytes or the file cannot be made."""
@@ -145,7 +159,8 @@ class Spool(Service):
             log.error("cannot create {queue_id}: {error}", queue_id=envelope.id, error=err)
             raise storage_reply(err)
         final_path = os.path.join(self._dir(place), envelope.id)
-        return IncomingMessage(envelope, f, tmp_path, final_path, self._sync)
+        notify = None if envelope.sandboxed else self._committed
+        return IncomingMessage(envelope, f, tmp_path, final_path, self._sync, notify)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
