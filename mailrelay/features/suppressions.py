@@ -80,9 +80,16 @@ class SuppressionStore(SqliteStore):
             where, params = "account = ?", (account,)
         else:
             where, params = "account = ? AND user = ?", _key(account, user)
+        return self._select(where, params, "address, user")
+
+    def all(self) -> list[Suppression]:
+        """Every entry: the global list, then each account's, sorted."""
+        return self._select("1", (), "account, user, address")
+
+    def _select(self, where: str, params: tuple, order: str) -> list[Suppression]:
         rows = self.fetch(
-            f"SELECT address, account, user, reason, created FROM suppressions WHERE {where}"
-            " ORDER BY address, user",
+            "SELECT address, account, user, reason, created FROM suppressions"
+            f" WHERE {where} ORDER BY {order}",
             params,
         )
         return [Suppression(a, acc or None, u or None, Reason(r), c) for a, acc, u, r, c in rows]
