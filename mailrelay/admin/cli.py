@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m`` runs this file as __main__, a second copy of the module: topics raise
+    # mailrelay.admin.cli.CommandError, so run that module's main to catch the same class.
+    from mailrelay.admin import cli
+
+    sys.exit(cli.main())

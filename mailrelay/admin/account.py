@@ -1,0 +1,150 @@
+"""mailrelay-admin account add|set|del|list|show: accounts and their authorized domains."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mailrelay.admin import _directory as directory
+from mailrelay.admin.cli import CommandError, Context
+from mailrelay.directory.filedir import account_to_json
+from mailrelay.model import Account, SmtpUser
+from mailrelay.scope import parse_domains
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("account", help="accounts: add, set, del, list, show")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("add", help="add an account")
+    p.add_argument("name")
+    p.add_argument("--domains", default="", help='authorized sender domains, "a.com;b.com"')
+    p.add_argument("--notify", help="where domain sender notifications go")
+    p.add_argument("--note", default="", help="a description")
+    p.set_defaults(func=add)
+
+    p = sub.add_parser("set", help="change an account")
+    p.add_argument("name")
+    p.add_argument("--domains", help='replace the authorized domains: "a.com;b.com"')
+    p.add_argument(
+        "--add-domain", action="append", default=[], metavar="DOMAINS", help="authorize domains"
+    )
+    p.add_argument(
+        "--remove-domain",
+        action="append",
+        default=[],
+        metavar="DOMAINS",
+        help="withdraw domains (refused while a user's scope uses them)",
+    )
+    p.add_argument("--notify", help='where domain sender notifications go ("" for none)')
+    p.add_argument("--note", help="a description")
+    p.set_defaults(func=set_)
+
+    p = sub.add_parser("del", help="delete an account that has no users")
+    p.add_argument("name")
+    p.set_defaults(func=delete)
+
+    p = sub.add_parser("list", help="list accounts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=list_)
+
+    p = sub.add_parser("show", help="show one account and its users")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=show)
+
+
+def add(args: argparse.Namespace, context: Context) -> int:
+    with directory.changing(context) as store:
+        account = store.add_account(
+            Account(args.name, parse_domains(args.domains), args.notify or None, args.note)
+        )
+    print(f"added account {account.name}")
+    return 0
+
+
+def set_(args: argparse.Namespace, context: Context) -> int:
+    if args.domains is not None and (args.add_domain or args.remove_domain):
+        raise CommandError("--domains replaces the domains: use it without --add/--remove-domain")
+    with directory.changing(context) as store:
+        current = store.account(args.name)
+        changes: dict[str, Any] = {}
+        domains = set(current.domains)
+        if args.domains is not None:
+            domains = set(parse_domains(args.domains))
+        for text in args.add_domain:
+            domains |= parse_domains(text)
+        for text in args.remove_domain:
+            removed = parse_domains(text)
+            unknown = sorted(removed - domains)
+            if unknown:
+                raise CommandError(f"account {args.name!r} has no domain {', '.join(unknown)}")
+            domains -= removed
+        if domains != current.domains:
+            changes["domains"] = frozenset(domains)
+        if args.notify is not None:
+            changes["notify"] = args.notify.strip() or None
+        if args.note is not None:
+            changes["note"] = args.note
+        if not changes:
+            raise CommandError("nothing to change (see mailrelay-admin account set --help)")
+        account = store.update_account(args.name, **changes)
+    print(f"changed account {account.name}")
+    return 0
+
+
+def delete(args: argparse.Namespace, context: Context) -> int:
+    with directory.changing(context) as store:
+        account = store.delete_account(args.name)
+    print(f"deleted account {account.name}")
+    return 0
+
+
+def account_json(account: Account, users: list[SmtpUser]) -> dict[str, Any]:
+    return {"name": account.name, **account_to_json(account), "users": [u.username for u in users]}
+
+
+def _accounts_with_users(context: Context) -> list[tuple[Account, list[SmtpUser]]]:
+    if directory.is_ldap(context):
+
+        def query(d):
+            return d.listAccounts().addCallback(
+                lambda accounts: d.listUsers().addCallback(lambda users: (accounts, users))
+            )
+
+        accounts, users = directory.read_directory(context, query)
+    else:
+        store = directory.store(context)
+        accounts, users = store.accounts(), store.users()
+    return [(a, [u for u in users if u.account == a.name]) for a in accounts]
+
+
+def list_(args: argparse.Namespace, context: Context) -> int:
+    entries = _accounts_with_users(context)
+    if args.json:
+        directory.print_json([account_json(a, users) for a, users in entries])
+        return 0
+    rows = [
+        [a.name, str(len(users)), ";".join(sorted(a.domains)) or "-", a.notify or "-", a.note]
+        for a, users in entries
+    ]
+    directory.print_table(["NAME", "USERS", "DOMAINS", "NOTIFY", "NOTE"], rows)
+    return 0
+
+
+def show(args: argparse.Namespace, context: Context) -> int:
+    found = [(a, users) for a, users in _accounts_with_users(context) if a.name == args.name]
+    if not found:
+        raise CommandError(f"unknown account {args.name!r} (see mailrelay-admin account list)")
+    account, users = found[0]
+    if args.json:
+        directory.print_json(account_json(account, users))
+        return 0
+    print(f"{'name:':10}{account.name}")
+    print(f"{'domains:':10}{';'.join(sorted(account.domains)) or '-'}")
+    print(f"{'notify:':10}{account.notify or '-'}")
+    print(f"{'note:':10}{account.note or '-'}")
+    print(f"{'users:':10}{len(users)}")
+    for user in users:
+        print(f"  {user.username}")
+    return 0

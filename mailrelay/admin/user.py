@@ -1,0 +1,306 @@
+"""mailrelay-admin user add|passwd|set|del|list|show: SMTP users."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from mailrelay.admin import _directory as directory
+from mailrelay.admin.cli import CommandError, Context
+from mailrelay.auth.passwords import generate_password, hash_password, needs_rehash
+from mailrelay.directory.filedir import DEFAULT_ACCOUNT, user_to_json
+from mailrelay.model import Account, Kind, SmtpUser, Status
+from mailrelay.scope import Scope, parse_addresses
+
+MIN_PASSWORD_LENGTH = 8
+
+_KIND_TEXT = {
+    Kind.DOMAIN: "domain-level: may send from any address at its domain",
+    Kind.ADDRESS: "user-level: may send only from its address",
+    Kind.NAMED: "named: may send from its authorized domains and addresses",
+}
+
+
+def _limit(text: str) -> int | None:
+    """A whole number, or ``default`` for the configured default."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'")
+
+
+def _add_user_options(parser: argparse.ArgumentParser) -> None:
+    """Options of add and set; None means "not given" (set keeps the current value)."""
+    o = parser.add_argument
+    o("--account", help=f"the account the user belongs to (default: {DEFAULT_ACCOUNT})")
+    o("--domains", help='named users: authorized sender domains, "a.com;b.com"')
+    o("--addresses", help='named users: authorized sender addresses, "x@a.com;y@b.com"')
+    o("--note", help="a description")
+    o("--status", choices=[s.value for s in Status], help="allowed (default), blocked, sandboxed")
+    o("--rate-limit", type=_limit, default=..., metavar="N", help="messages per hour, or default")
+    o("--priority", type=int, help="1 (highest) to 5; default 3")
+    o("--max-connections", type=_limit, default=..., metavar="N", help="N, or default")
+    o("--archive", action=argparse.BooleanOptionalAction, help="keep an archive copy")
+    o("--audit-bcc", metavar="ADDRESSES", help='copies of every message to "x@a.com;y@b.com"')
+    o("--bounce-notify", metavar="WHERE", help="off, sender (default) or an address")
+    o("--unsubscribe-footer", action=argparse.BooleanOptionalAction, help="add a footer")
+    o("--open-tracking", action=argparse.BooleanOptionalAction, help="track opens")
+    o("--click-tracking", action=argparse.BooleanOptionalAction, help="track clicks")
+
+
+def _password_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input instead of generating one",
+    )
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("user", help="SMTP users: add, passwd, set, del, list, show")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("add", help="add a user; prints its generated password once")
+    p.add_argument("username", help="a domain, an email address, or any other name")
+    _add_user_options(p)
+    _password_option(p)
+    p.set_defaults(func=add)
+
+    p = sub.add_parser("passwd", help="give a user a new password; prints it once")
+    p.add_argument("username")
+    _password_option(p)
+    p.set_defaults(func=passwd)
+
+    p = sub.add_parser("set", help="change a user's settings")
+    p.add_argument("username")
+    _add_user_options(p)
+    p.set_defaults(func=set_)
+
+    p = sub.add_parser("del", help="delete a user")
+    p.add_argument("username")
+    p.set_defaults(func=delete)
+
+    p = sub.add_parser("list", help="list users")
+    p.add_argument("--account", help="only this account's users")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=list_)
+
+    p = sub.add_parser("show", help="show one user (never its password)")
+    p.add_argument("username")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=show)
+
+
+# ---- changes ----
+
+
+def _changes(args: argparse.Namespace, current: SmtpUser) -> dict[str, Any]:
+    """The SmtpUser fields the options set; ScopeError for a bad domain or address."""
+    changes: dict[str, Any] = {}
+    if args.account is not None:
+        changes["account"] = args.account
+    if args.domains is not None or args.addresses is not None:
+        changes["scope"] = Scope.parse(
+            args.domains if args.domains is not None else current.scope.domains_text(),
+            args.addresses if args.addresses is not None else current.scope.addresses_text(),
+        )
+    if args.status is not None:
+        changes["status"] = Status(args.status)
+    toggles = ("archive", "unsubscribe_footer", "open_tracking", "click_tracking")
+    for name in ("note", "priority", *toggles):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    for name in ("rate_limit", "max_connections"):
+        if getattr(args, name) is not ...:
+            changes[name] = getattr(args, name)
+    if args.audit_bcc is not None:
+        changes["audit_bcc"] = tuple(sorted(parse_addresses(args.audit_bcc)))
+    if args.bounce_notify is not None:
+        value = args.bounce_notify.strip()
+        changes["bounce_notify"] = value.lower() if value.lower() in ("off", "sender") else value
+    return changes
+
+
+def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
+    """The password and whether it was generated (and so must be shown)."""
+    if not args.password_stdin:
+        return generate_password(), True
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CommandError("no password on standard input")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise CommandError(f"the password is shorter than {MIN_PASSWORD_LENGTH} characters")
+    return password, False
+
+
+def _show_password(username: str, password: str) -> None:
+    print(f"password for {username}: {password}")
+    print("(shown only this once: only a hash of it is stored)", file=sys.stderr)
+
+
+def add(args: argparse.Namespace, context: Context) -> int:
+    if directory.is_ldap(context):
+        raise CommandError(directory.LDAP_MANAGED)
+    with directory.admin_errors():
+        new = SmtpUser(args.username, **_changes(args, SmtpUser(args.username)))
+    password, generated = _new_password(args)
+    password_hash = hash_password(password)  # before the lock: hashing takes a moment
+    with directory.changing(context) as store:
+        user = store.add_user(new, password_hash)
+    print(f"added user {user.username} to account {user.account} ({_KIND_TEXT[user.kind]})")
+    if generated:
+        _show_password(user.username, password)
+    return 0
+
+
+def passwd(args: argparse.Namespace, context: Context) -> int:
+    if directory.is_ldap(context):
+        raise CommandError(directory.LDAP_MANAGED)
+    with directory.admin_errors():
+        directory.store(context).user(args.username)  # say "unknown user" before anything else
+    password, generated = _new_password(args)
+    password_hash = hash_password(password)
+    with directory.changing(context) as store:
+        user = store.set_password(args.username, password_hash)
+    print(f"changed the password of user {user.username}")
+    if generated:
+        _show_password(user.username, password)
+    return 0
+
+
+def set_(args: argparse.Namespace, context: Context) -> int:
+    with directory.changing(context) as store:
+        current = store.user(args.username)
+        changes = _changes(args, current)
+        if not changes:
+            raise CommandError("nothing to change (see mailrelay-admin user set --help)")
+        user = store.update_user(current.username, **changes)
+    print(f"changed user {user.username}")
+    return 0
+
+
+def delete(args: argparse.Namespace, context: Context) -> int:
+    with directory.changing(context) as store:
+        user = store.delete_user(args.username)
+    print(f"deleted user {user.username}")
+    return 0
+
+
+# ---- reading ----
+
+
+def user_json(user: SmtpUser, account: Account | None) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "kind": str(user.kind),
+        "sender_scope": str(user.effective_scope(account)),
+        **user_to_json(user),
+    }
+
+
+def list_(args: argparse.Namespace, context: Context) -> int:
+    if directory.is_ldap(context):
+
+        def query(d):
+            return d.listUsers(args.account).addCallback(
+                lambda users: d.listAccounts().addCallback(lambda accounts: (users, accounts))
+            )
+
+        users, accounts = directory.read_directory(context, query)
+        accounts = {a.name: a for a in accounts}
+    else:
+        store = directory.store(context)
+        with directory.admin_errors():
+            users = store.users(args.account)
+        accounts = store.data.accounts
+    if args.json:
+        directory.print_json([user_json(u, accounts.get(u.account)) for u in users])
+        return 0
+    if not users:
+        print("no users", file=sys.stderr)
+        return 0
+    rows = [
+        [
+            u.username,
+            str(u.kind),
+            u.account,
+            str(u.status),
+            str(u.effective_scope(accounts.get(u.account))) or "(nothing)",
+            u.note,
+        ]
+        for u in users
+    ]
+    directory.print_table(["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "NOTE"], rows)
+    return 0
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def show(args: argparse.Namespace, context: Context) -> int:
+    password = None
+    if directory.is_ldap(context):
+
+        def query(d):
+            def with_account(user):
+                if user is None:
+                    return None, None
+                return d.getAccount(user.account).addCallback(lambda a: (user, a))
+
+            return d.getUser(args.username).addCallback(with_account)
+
+        user, account = directory.read_directory(context, query)
+        if user is None:
+            raise CommandError(f"unknown user {args.username!r} (see mailrelay-admin user list)")
+    else:
+        store = directory.store(context)
+        with directory.admin_errors():
+            user = store.user(args.username)
+        account = store.data.accounts.get(user.account)
+        stale = needs_rehash(store.password_hash(user.username))
+        password = (
+            f"set (older hash parameters: mailrelay-admin user passwd {user.username})"
+            if stale
+            else "set (argon2id)"
+        )
+    if args.json:
+        directory.print_json(user_json(user, account))
+        return 0
+    updated = (
+        datetime.fromtimestamp(user.updated, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if user.updated
+        else "-"
+    )
+    fields = [
+        ("username", user.username),
+        ("kind", _KIND_TEXT[user.kind]),
+        ("account", user.account),
+        ("status", str(user.status)),
+        ("senders", str(user.effective_scope(account)) or "(nothing)"),
+        ("authorized domains", user.scope.domains_text() or "-"),
+        ("authorized addresses", user.scope.addresses_text() or "-"),
+        ("note", user.note or "-"),
+        ("rate limit", "default" if user.rate_limit is None else f"{user.rate_limit}/hour"),
+        ("priority", str(user.priority)),
+        (
+            "max connections",
+            "default" if user.max_connections is None else str(user.max_connections),
+        ),
+        ("archive", _yes(user.archive)),
+        ("audit bcc", ";".join(user.audit_bcc) or "-"),
+        ("bounce notify", user.bounce_notify),
+        ("unsubscribe footer", _yes(user.unsubscribe_footer)),
+        ("open tracking", _yes(user.open_tracking)),
+        ("click tracking", _yes(user.click_tracking)),
+        ("updated", updated),
+    ]
+    if password is not None:
+        fields.append(("password", password))
+    for name, value in fields:
+        print(f"{name + ':':22}{value}")
+    return 0
