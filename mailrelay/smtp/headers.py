@@ -1,0 +1,52 @@
+"""The From: header of a submitted message, read as conservatively as a mail reader would.
+
+Mail readers differ in how they parse a broken header, so anything that could be read two
+ways is refused rather than guessed at: a message must have exactly one From: field, and
+its value must parse without defects into at least one address. Every line of the header
+section (up to the first empty line) that names a From field counts, also the obsolete
+``From :`` spelling and lines a lenient parser would treat as the start of the body.
+"""
+
+from __future__ import annotations
+
+import re
+from email import errors
+from email.policy import default as email_policy
+
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# Defects that do not make the address ambiguous: 8-bit bytes in a display name,
+# obsolete but well-defined syntax (a source route, a comment between words).
+_HARMLESS = (errors.UndecodableBytesDefect, errors.ObsoleteHeaderDefect)
+
+
+class HeaderError(ValueError):
+    """The From: header cannot be read unambiguously; the text says why."""
+
+
+def from_addresses(header: bytes) -> list[str]:
+    """The addresses of the From: field in ``header`` (CRLF lines, the header section of
+    a message, without the empty line that ends it). Raises HeaderError."""
+    values = []
+    current: list[bytes] | None = None
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        m = _FIELD.match(line)
+        if m and m.group(1).lower() == b"from":
+            current = [line[m.end():]]
+            values.append(current)
+        else:
+            current = None
+    if not values:
+        raise HeaderError("Message has no From: header")
+    if len(values) > 1:
+        raise HeaderError("Message has more than one From: header")
+    text = b"".join(values[0]).decode("utf-8", "surrogateescape").strip()
+    field = email_policy.header_factory("From", text)
+    defects = [d for d in field.defects if not isinstance(d, _HARMLESS)]
+    addresses = [a.addr_spec for a in field.addresses]
+    if defects or not addresses or any(not a.username or not a.domain for a in field.addresses):
+        raise HeaderError("Malformed From: header")
+    return addresses
