@@ -1,0 +1,75 @@
+"""The listener side: a factory of submission sessions, and the TLS wrapping per listener."""
+
+from __future__ import annotations
+
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailrelay.interfaces import ISpool, ISubmissionPolicy
+from mailrelay.smtp.server import SubmissionServer
+
+TLS_MODES = ("starttls", "implicit", "none")
+
+
+class SubmissionFactory(ServerFactory):
+    """Settings shared by the sessions of one listener.
+
+    ``tls_options``: an IOpenSSLServerConnectionCreator (ssl.CertificateOptions), used for
+    STARTTLS when ``tls_mode`` is "starttls"; "implicit" listeners are wrapped in TLS by
+    wrap_listener_factory (the session sees the TLS transport and offers no STARTTLS);
+    "none" offers no TLS. ``plaintext_auth`` allows AUTH outside TLS. ``policy`` is an
+    ISubmissionPolicy or None. Times are seconds; ``reactor`` gives the clock.
+    """
+
+    def __init__(
+        self,
+        portal,
+        spool,
+        hostname: str,
+        tls_options,
+        tls_mode: str,
+        plaintext_auth: bool,
+        max_message_size: int = 50 * 2**20,
+        max_recipients: int = 400,
+        max_messages_per_connection: int = 2500,
+        idle_timeout: float = 300.0,
+        data_timeout: float = 600.0,
+        reactor=None,
+        policy=None,
+    ) -> None:
+        if tls_mode not in TLS_MODES:
+            raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
+        if tls_mode != "none" and tls_options is None:
+            raise ValueError(f"tls_mode {tls_mode!r} needs tls_options")
+        if not ISpool.providedBy(spool):
+            raise TypeError(f"{spool!r} does not provide ISpool")
+        if policy is not None and not ISubmissionPolicy.providedBy(policy):
+            raise TypeError(f"{policy!r} does not provide ISubmissionPolicy")
+        if reactor is None:
+            from twisted.internet import reactor
+        self.portal = portal
+        self.spool = spool
+        self.hostname = hostname
+        self.tls_options = tls_options
+        self.tls_mode = tls_mode
+        self.plaintext_auth = plaintext_auth
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.max_messages_per_connection = max_messages_per_connection
+        self.idle_timeout = idle_timeout
+        self.data_timeout = data_timeout
+        self.reactor = reactor
+        self.policy = policy
+
+    def buildProtocol(self, addr) -> SubmissionServer:
+        return SubmissionServer(self)
+
+
+def wrap_listener_factory(
+    factory: SubmissionFactory, tls_mode: str, tls_options, endpoint: str = ""
+) -> ServerFactory:
+    """The factory to listen with: wrapped in TLS for an implicit-TLS listener, unless its
+    ``endpoint`` string is an ``ssl:`` endpoint, which does the TLS itself."""
+    if tls_mode == "implicit" and not endpoint.startswith("ssl:"):
+        return TLSMemoryBIOFactory(tls_options, False, factory)
+    return factory

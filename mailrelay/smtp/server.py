@@ -1,0 +1,752 @@
+"""One SMTP submission session: a hardened subclass of Twisted's ESMTP server.
+
+The session owns its input (see /work/shared/twisted-mail-notes.md for what the stock
+server gets wrong): it splits commands on CRLF only, reads DATA a chunk at a time
+(data.DataReader), and reads nothing further while a command waits on a Deferred (the
+portal, the policy, the spool), so pipelined commands run strictly in order and message
+data can never run as commands. The stock command methods (do_*, ext_*) are unreachable:
+commands dispatch to the smtp_* methods below.
+
+Transactions need a login: AUTH PLAIN or LOGIN (inside TLS unless the listener allows
+plaintext AUTH), or IP authentication through the portal (ClientAddress credentials) at
+MAIL. Envelope and From: header senders must lie within the login's scope.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import itertools
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from mailrelay.auth.avatar import ISubmitter
+from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword
+from mailrelay.interfaces import DirectoryUnavailable
+from mailrelay.model import Envelope
+from mailrelay.policy.text import printable
+from mailrelay.scope import is_address
+from mailrelay.smtp.address import parse_mail, parse_rcpt
+from mailrelay.smtp.data import DataReader
+from mailrelay.smtp.headers import HeaderError, from_addresses
+from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
+from mailrelay.smtp.reply import Reply
+from mailrelay.smtp.sasl import MECHANISMS, Login
+
+log = Logger()
+
+MAX_COMMAND = 2048  # octets of a command line (RFC 5321 says 512; MAIL parameters add)
+MAX_AUTH_LINE = 12288  # an AUTH command or response (RFC 4954 section 4)
+MAX_PENDING = 256 * 1024  # input held while a command waits; more is a flood
+MAX_AUTH_FAILURES = 3  # per connection; then 421 (the policy counts across connections)
+MAX_ERRORS = 20  # syntax and sequence errors (50x) per connection
+MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted messages
+
+_sessions = itertools.count(1)
+
+
+class SubmissionServer(smtp.ESMTP):
+    """A session; built by factory.SubmissionFactory, whose settings it reads."""
+
+    def __init__(self, factory) -> None:
+        ctx = factory.tls_options if factory.tls_mode == "starttls" else None
+        super().__init__(chal={}, contextFactory=ctx)
+        self.factory = factory
+        self.host = factory.hostname.encode("ascii")
+        self.timeout = factory.idle_timeout
+        self.callLater = factory.reactor.callLater  # for TimeoutMixin
+        self.session_id = next(_sessions)
+        self.client_ip = ""
+        self.tls = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.avatar = None  # ISubmitter once logged in
+        self._logout = None
+        self._ip_login_tried = False
+        self.policy = None  # the connection's ISessionPolicy
+        self._sender: str | None = None  # None: no transaction open
+        self._recipients: list[str] = []
+        self._sasl = None  # the SASL exchange waiting for a 334 response
+        self._reader: DataReader | None = None
+        self._incoming = None
+        self._envelope: Envelope | None = None
+        self._data_deadline = None
+        self._inbuf = bytearray()
+        self._waiting: Deferred | None = None  # the command being waited for
+        self._processing = False
+        self._closing = False
+        self._lost = False
+        self.messages = 0
+        self._auth_failures = 0
+        self._errors = 0
+        self._junk = 0
+
+    # -- connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = str(getattr(peer, "host", peer))
+        self.tls = ISSLTransport.providedBy(self.transport)
+        self.setTimeout(self.factory.idle_timeout)
+        log.info(
+            "session {session}: connection from {client_ip} tls={tls}",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            tls=self.tls,
+        )
+        if self.factory.policy is None:
+            self._greet(None)
+            return
+        d = maybeDeferred(self.factory.policy.connect, self.client_ip)
+        d.addCallback(self._greet)
+        d.addErrback(self._refused_connection)
+        self._wait(d)
+
+    def _greet(self, session_policy) -> None:
+        self.policy = session_policy
+        self._reply(220, None, f"{self.factory.hostname} ESMTP mailrelay")
+
+    def _refused_connection(self, failure: Failure) -> None:
+        if not failure.check(Reply):
+            log.failure("session {session}: connect policy failed", failure,
+                        session=self.session_id)
+            failure = Failure(Reply(421, "4.3.0", "Local error in processing, try later"))
+        self._send(failure.value)
+        self._close()
+
+    def connectionLost(self, reason=None) -> None:
+        self._lost = self._closing = True
+        self.setTimeout(None)
+        self._cancel_data_deadline()
+        if self._incoming is not None and self._reader is not None:
+            self._incoming.abort()  # the client vanished mid-DATA: nothing is kept
+            log.info(
+                "session {session}: {client_ip} disconnected during DATA, {queue_id} discarded",
+                session=self.session_id,
+                client_ip=self.client_ip,
+                queue_id=self._incoming.id,
+            )
+        log.info(
+            "session {session}: {client_ip} disconnected after {messages} messages",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            messages=self.messages,
+        )
+        # A commit in flight still decides the message; the policy hears of it first.
+        if self._waiting is not None:
+            self._waiting.addBoth(lambda _: self._end_session())
+        else:
+            self._end_session()
+
+    def _end_session(self) -> None:
+        self._end_transaction(accepted=False)
+        self._drop_login()
+        if self.policy is not None:
+            self._notify(self.policy.disconnect)
+            self.policy = None
+
+    def timeoutConnection(self) -> None:
+        self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+
+    def _close(self) -> None:
+        self._closing = True
+        self._inbuf.clear()
+        self.transport.loseConnection()
+
+    # -- input
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of client input held in memory (bounded by the limits above)."""
+        return len(self._inbuf) + (self._reader.buffered if self._reader else 0)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._reader is not None:
+            self.resetTimeout()  # in DATA any bytes count as activity
+            if not self._inbuf and self._waiting is None:
+                data = data[self._feed(data):]
+                if not data:
+                    return
+        self._inbuf += data
+        if self._waiting is not None and len(self._inbuf) > MAX_PENDING:
+            log.warn(
+                "session {session}: {client_ip} sent {size} bytes without waiting, dropping",
+                session=self.session_id,
+                client_ip=self.client_ip,
+                size=len(self._inbuf),
+            )
+            self._close()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # a Deferred fired synchronously inside the loop below
+        self._processing = True
+        try:
+            while self._inbuf and self._waiting is None and not self._closing:
+                if self._reader is not None:
+                    data = bytes(self._inbuf)
+                    self._inbuf.clear()
+                    self._inbuf += data[self._feed(data):]
+                    continue
+                end = self._inbuf.find(b"\r\n")
+                if end < 0:
+                    if len(self._inbuf) > MAX_AUTH_LINE:
+                        self._send(Reply(500, "5.5.2", "Line too long"))
+                        self._close()
+                    break
+                line = bytes(self._inbuf[:end])
+                del self._inbuf[: end + 2]
+                self.resetTimeout()
+                if self._sasl is not None:
+                    self._run(self._sasl_response, line)
+                else:
+                    self._command(line)
+        finally:
+            self._processing = False
+
+    def _wait(self, d: Deferred) -> None:
+        """Read no further command until ``d`` fires (at once if it already has)."""
+        self._waiting = d
+        self.transport.pauseProducing()
+        self.setTimeout(None)
+        d.addErrback(self._internal_error)
+        d.addBoth(self._resume)
+
+    def _resume(self, _) -> None:
+        self._waiting = None
+        if self._closing:
+            return
+        self.transport.resumeProducing()
+        self.setTimeout(self.factory.idle_timeout)
+        self._process()
+
+    def _run(self, handler, *args) -> None:
+        """Call a command handler: it answers by returning, by raising Reply, or by
+        returning a coroutine (awaited before the next command is read)."""
+        try:
+            result = handler(*args)
+        except Reply as reply:
+            self._send(reply)
+            return
+        if inspect.iscoroutine(result):
+            d = ensureDeferred(result)
+            d.addErrback(self._command_failed)
+            self._wait(d)
+
+    def _command_failed(self, failure: Failure) -> None:
+        if failure.check(Reply):
+            self._send(failure.value)
+        else:
+            self._internal_error(failure)
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("session {session}: internal error", failure, session=self.session_id)
+        self._send(Reply(451, "4.3.0", "Local error in processing, try again later"))
+
+    def lookupMethod(self, command: bytes):
+        """Only smtp_* methods are commands; a verb that is not ASCII letters is unknown."""
+        if not command.isalpha() or not command.isascii():
+            return None
+        return getattr(self, "smtp_" + command.decode("ascii").upper(), None)
+
+    def _command(self, line: bytes) -> None:
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            self._send(Reply(500, "5.5.2", "Bare CR, LF or NUL in command"))
+            return
+        parts = line.strip(b" \t").split(None, 1)
+        if not parts:
+            self._send(Reply(500, "5.5.2", "Empty command"))
+            return
+        verb, arg = parts[0], (parts[1] if len(parts) > 1 else b"")
+        if len(line) > (MAX_AUTH_LINE if verb.upper() == b"AUTH" else MAX_COMMAND):
+            self._send(Reply(500, "5.5.2", "Line too long"))
+            return
+        handler = self.lookupMethod(verb)
+        if handler is None:
+            self._send(Reply(500, "5.5.1", "Command unrecognized"))
+            return
+        self._run(handler, arg)
+
+    # -- replies
+
+    def _reply(self, code: int, status: str | None, text: str) -> None:
+        line = f"{code} {status} {text}" if status else f"{code} {text}"
+        self._write_lines([line])
+        if code >= 400:
+            log.info(
+                "session {session}: refused {code} {status} {text} client {client_ip}",
+                session=self.session_id,
+                code=code,
+                status=status,
+                text=text,
+                client_ip=self.client_ip,
+                user=self._username(),
+            )
+
+    def _write_lines(self, lines: list[str]) -> None:
+        out = [printable(line, 512).encode("ascii", "backslashreplace") for line in lines]
+        if not self._lost:
+            self.transport.write(b"\r\n".join(out) + b"\r\n")
+
+    def _multiline(self, code: int, lines: list[str]) -> None:
+        self._write_lines([f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"])
+
+    def _send(self, reply: Reply) -> None:
+        self._reply(reply.code, reply.status, reply.text)
+        if reply.code == 421:
+            self._close()
+        elif 500 <= reply.code < 510:
+            self._errors += 1
+            if self._errors > MAX_ERRORS:
+                self._send(Reply(421, "4.7.0", "Too many errors, closing connection"))
+
+    def _junk_command(self) -> None:
+        self._junk += 1
+        if self._junk > MAX_JUNK:
+            raise Reply(421, "4.7.0", "Too many commands without mail, closing connection")
+
+    # -- policy
+
+    async def _ask(self, method: str, *args):
+        """A session policy check; a Reply it raises refuses the step."""
+        if self.policy is None:
+            return None
+        return await maybeDeferred(getattr(self.policy, method), *args)
+
+    def _notify(self, method, *args) -> None:
+        """A policy notice whose outcome does not change the reply."""
+        maybeDeferred(method, *args).addErrback(
+            lambda f: log.failure("session {session}: policy notice failed", f,
+                                  session=self.session_id)
+        )
+
+    async def _pause(self, seconds) -> None:
+        if seconds:
+            await deferLater(self.factory.reactor, float(seconds), lambda: None)
+
+    # -- session commands
+
+    def smtp_EHLO(self, arg: bytes) -> None:
+        self._hello(arg, esmtp=True)
+        lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
+        lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
+                  "ENHANCEDSTATUSCODES"]
+        if self._can_starttls():
+            lines.append("STARTTLS")
+        if self._auth_allowed():
+            lines.append("AUTH " + " ".join(m.decode() for m in MECHANISMS))
+        self._multiline(250, lines)
+
+    def smtp_HELO(self, arg: bytes) -> None:
+        self._hello(arg, esmtp=False)
+        self._reply(250, None, f"{self.factory.hostname} Hello {self.client_ip}")
+
+    def _hello(self, arg: bytes, esmtp: bool) -> None:
+        self._junk_command()
+        name = arg.strip(b" \t")
+        if not name or len(name) > MAX_HELO or any(b < 0x21 or b > 0x7E for b in name):
+            verb = "EHLO" if esmtp else "HELO"
+            raise Reply(501, "5.5.4", f"Syntax: {verb} hostname")
+        self._end_transaction(accepted=False)
+        self.helo = name.decode("ascii")
+        self.esmtp = esmtp
+
+    def smtp_NOOP(self, arg: bytes) -> None:
+        self._junk_command()
+        self._reply(250, "2.0.0", "Ok")
+
+    def smtp_RSET(self, arg: bytes) -> None:
+        self._junk_command()
+        self._end_transaction(accepted=False)
+        self._reply(250, "2.0.0", "Ok")
+
+    def smtp_VRFY(self, arg: bytes) -> None:
+        self._junk_command()
+        if not arg:
+            raise Reply(501, "5.5.4", "Syntax: VRFY address")
+        self._reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_HELP(self, arg: bytes) -> None:
+        self._junk_command()
+        self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
+                    "NOOP VRFY HELP QUIT")
+
+    def smtp_QUIT(self, arg: bytes) -> None:
+        self._reply(221, "2.0.0", "Bye")
+        self._close()
+
+    # -- STARTTLS
+
+    def _can_starttls(self) -> bool:
+        return not self.tls and self.factory.tls_mode == "starttls"
+
+    def smtp_STARTTLS(self, arg: bytes) -> None:
+        if arg:
+            raise Reply(501, "5.5.4", "Syntax: STARTTLS")
+        if self.tls:
+            raise Reply(503, "5.5.1", "TLS already active")
+        if not self._can_starttls():
+            raise Reply(502, "5.5.1", "STARTTLS not available on this port")
+        if self._inbuf:
+            # Plaintext sent after STARTTLS would otherwise be read as if it came inside
+            # TLS (CVE-2011-0411). A real client waits for the 220.
+            log.warn(
+                "session {session}: protocol violation, {size} bytes pipelined after "
+                "STARTTLS from {client_ip}; discarded, dropping the connection",
+                session=self.session_id,
+                size=len(self._inbuf),
+                client_ip=self.client_ip,
+            )
+            self._close()
+            return
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        self.transport.startTLS(self.ctx)
+        self.tls = True
+        # RFC 3207 4.2: forget everything learnt from the client before TLS.
+        self._end_transaction(accepted=False)
+        self._drop_login()
+        self.helo = None
+        self.esmtp = False
+        self._ip_login_tried = False
+
+    # -- AUTH
+
+    def _auth_allowed(self) -> bool:
+        return self.tls or self.factory.plaintext_auth
+
+    def _password_login(self) -> bool:
+        return self.avatar is not None and self.avatar.method == "password"
+
+    def smtp_AUTH(self, arg: bytes):
+        parts = arg.split(None, 1)
+        if not parts:
+            raise Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if self._password_login():
+            raise Reply(503, "5.5.1", "Already authenticated")
+        if self._sender is not None:
+            raise Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        if self.helo is None:
+            raise Reply(503, "5.5.1", "Send EHLO first")
+        if not self._auth_allowed():
+            raise Reply(538, "5.7.11", "Encryption required for requested authentication "
+                        "mechanism")
+        mechanism = MECHANISMS.get(parts[0].upper())
+        if mechanism is None:
+            raise Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+        exchange = mechanism()
+        return self._sasl_step(exchange, lambda: exchange.start(
+            parts[1] if len(parts) > 1 else None))
+
+    def _sasl_response(self, line: bytes):
+        exchange, self._sasl = self._sasl, None
+        if len(line) > MAX_AUTH_LINE:
+            raise Reply(500, "5.5.2", "Line too long")
+        if line == b"*":
+            raise Reply(501, "5.0.0", "Authentication cancelled")
+        return self._sasl_step(exchange, lambda: exchange.next(line))
+
+    def _sasl_step(self, exchange, step):
+        result = step()  # a Reply (501 malformed) ends the exchange
+        if isinstance(result, bytes):
+            self._sasl = exchange
+            self._reply(334, None, base64.b64encode(result).decode("ascii"))
+            return None
+        return self._login(result)
+
+    async def _login(self, login: Login) -> None:
+        username = printable(login.username)
+        try:
+            if login.authzid and login.authzid != login.username:
+                raise UnauthorizedLogin("authzid differs from the login")
+            if not login.username or not login.password:
+                raise UnauthorizedLogin("empty username or password")
+            await self._pause(await self._ask("authAttempt", login.username))
+            credentials = ClientUsernamePassword(
+                login.username, login.password, self.client_ip, self.tls
+            )
+            _, avatar, logout = await self.factory.portal.login(credentials, None, ISubmitter)
+        except UnauthorizedLogin as e:
+            await self._login_failed(login.username, str(e))
+            return
+        except Reply:
+            raise
+        except DirectoryUnavailable as e:
+            log.warn("session {session}: directory unavailable for login {user} from "
+                     "{client_ip}: {error}", session=self.session_id, user=username,
+                     client_ip=self.client_ip, error=str(e))
+            raise Reply(454, "4.7.0", "Temporary authentication failure")
+        except Exception:
+            log.failure("session {session}: login of {user} failed", session=self.session_id,
+                        user=username)
+            raise Reply(454, "4.7.0", "Temporary authentication failure")
+        await self._accept_login(avatar, logout)
+        log.info("session {session}: {client_ip} authenticated as {user} tls={tls}",
+                 session=self.session_id, client_ip=self.client_ip, user=username,
+                 tls=self.tls)
+        self._reply(235, "2.7.0", "Authentication successful")
+
+    async def _login_failed(self, username: str, why: str) -> None:
+        self._auth_failures += 1
+        log.info("session {session}: authentication failed for {user} from {client_ip} "
+                 "({why})", session=self.session_id, user=printable(username),
+                 client_ip=self.client_ip, why=why)
+        await self._pause(await self._ask("authFailed", username))
+        self._send(Reply(535, "5.7.8", "Authentication credentials invalid"))
+        if self._auth_failures >= MAX_AUTH_FAILURES and not self._closing:
+            self._send(Reply(421, "4.7.0", "Too many failed logins, closing connection"))
+
+    async def _accept_login(self, avatar, logout) -> None:
+        """Make ``avatar`` the session's login once the policy agrees."""
+        try:
+            await self._ask("authSucceeded", avatar)
+        except BaseException:
+            logout()
+            raise
+        self._drop_login()
+        self.avatar, self._logout = avatar, logout
+
+    def _drop_login(self) -> None:
+        self._sasl = None
+        if self._logout is not None:
+            logout, self._logout = self._logout, None
+            logout()
+        self.avatar = None
+
+    def _username(self) -> str | None:
+        return self.avatar.user.username if self.avatar is not None else None
+
+    async def _ip_login(self) -> None:
+        """IP authentication: a portal checker for ClientAddress credentials may know the
+        client's network. Tried once per connection, at the first MAIL without AUTH."""
+        self._ip_login_tried = True
+        try:
+            _, avatar, logout = await self.factory.portal.login(
+                ClientAddress(self.client_ip), None, ISubmitter
+            )
+        except (UnauthorizedLogin, UnhandledCredentials):
+            return
+        except DirectoryUnavailable:
+            self._ip_login_tried = False
+            raise Reply(454, "4.7.0", "Temporary authentication failure")
+        await self._accept_login(avatar, logout)
+        log.info("session {session}: {client_ip} authenticated by address as {user}",
+                 session=self.session_id, client_ip=self.client_ip, user=self._username())
+
+    # -- the transaction
+
+    def _end_transaction(self, accepted: bool) -> None:
+        if self._sender is not None and not accepted and self.policy is not None:
+            self._notify(self.policy.reset)
+        self._sender = None
+        self._recipients = []
+
+    def _need_login(self) -> None:
+        if self.avatar is None:
+            raise Reply(530, "5.7.0", "Authentication required")
+
+    async def smtp_MAIL(self, arg: bytes) -> None:
+        if self.helo is None:
+            raise Reply(503, "5.5.1", "Send EHLO first")
+        if self._sender is not None:
+            raise Reply(503, "5.5.1", "Nested MAIL command")
+        if self.avatar is None and not self._ip_login_tried:
+            await self._ip_login()
+        self._need_login()
+        avatar, user = self.avatar, self.avatar.user
+        if self.messages >= self.factory.max_messages_per_connection:
+            raise Reply(451, "4.7.0", "Too many messages on this connection, reconnect and "
+                        "retry")
+        sender, params = parse_mail(arg)
+        self._mail_params(params)
+        if avatar.blocked:
+            raise Reply(550, "5.7.1", f"user {user.username} is blocked")
+        if not sender:
+            raise Reply(550, "5.7.1", f"the null sender <> is not allowed for user "
+                        f"{user.username}")
+        if not avatar.scope.allows(sender):
+            if self.policy is not None:
+                self._notify(self.policy.senderRefused, avatar, sender, False)
+            raise Reply(550, "5.7.1", f"Sender address <{sender}> not allowed for user "
+                        f"{user.username}")
+        await self._ask("mailFrom", avatar, sender)
+        self._sender, self._recipients = sender, []
+        self._reply(250, "2.1.0", "Ok")
+
+    def _mail_params(self, params: dict[str, str | None]) -> None:
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise Reply(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.factory.max_message_size:
+                    raise Reply(552, "5.3.4", "Message size exceeds fixed limit of "
+                                f"{self.factory.max_message_size} bytes")
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name != "AUTH":  # AUTH=<mailbox> (RFC 4954 section 5): accepted, unused
+                raise Reply(555, "5.5.4", f"Unsupported parameter {name}")
+
+    async def smtp_RCPT(self, arg: bytes) -> None:
+        self._need_login()
+        if self._sender is None:
+            raise Reply(503, "5.5.1", "Need MAIL command")
+        recipient, params = parse_rcpt(arg)
+        if params:
+            raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
+        if recipient in self._recipients:
+            self._reply(250, "2.1.5", "Ok")  # a duplicate: delivered once
+            return
+        if len(self._recipients) >= self.factory.max_recipients:
+            raise Reply(452, "4.5.3", "Too many recipients")
+        await self._ask("rcptTo", self.avatar, recipient, len(self._recipients))
+        self._recipients.append(recipient)
+        self._reply(250, "2.1.5", "Ok")
+
+    def smtp_DATA(self, arg: bytes) -> None:
+        try:
+            self._start_data(arg)
+        except Reply as reply:
+            self._send(reply)
+            if self._inbuf and not self._closing:
+                # RFC 2920: DATA ends a pipelined group; data sent before the 354 would
+                # run as commands once DATA is refused.
+                log.warn(
+                    "session {session}: {client_ip} sent {size} bytes after a refused "
+                    "DATA; discarded, dropping the connection",
+                    session=self.session_id,
+                    client_ip=self.client_ip,
+                    size=len(self._inbuf),
+                )
+                self._close()
+
+    def _start_data(self, arg: bytes) -> None:
+        if arg:
+            raise Reply(501, "5.5.4", "Syntax: DATA")
+        self._need_login()
+        if self._sender is None:
+            raise Reply(503, "5.5.1", "Need MAIL command")
+        if not self._recipients:
+            raise Reply(554, "5.5.1", "No valid recipients")
+        user = self.avatar.user
+        now = self.factory.reactor.seconds()
+        envelope = Envelope(
+            id="",
+            sender=self._sender,
+            recipients=list(self._recipients),
+            user=user.username,
+            account=user.account,
+            client_ip=self.client_ip,
+            helo=self.helo,
+            tls=self.tls,
+            received_at=now,
+            priority=user.priority,
+            sandboxed=self.avatar.sandboxed,
+            bounce_to=user.bounce_notify if is_address(user.bounce_notify) else None,
+        )
+        try:
+            incoming = self.factory.spool.create(envelope)
+        except Reply:
+            raise
+        except Exception:
+            log.failure("session {session}: cannot create a spool file",
+                        session=self.session_id)
+            raise Reply(451, "4.3.0", "Local error in processing, try again later")
+        protocol = protocol_name(self.esmtp, self.tls, self._password_login())
+        incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
+                                       protocol, incoming.id, envelope.recipients, now))
+        self._incoming, self._envelope = incoming, envelope
+        self._reader = DataReader(incoming.write, self.factory.max_message_size,
+                                  self._check_headers)
+        self._data_deadline = self.callLater(self.factory.data_timeout, self._data_timeout)
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _check_headers(self, header: bytes) -> Reply | None:
+        try:
+            addresses = from_addresses(header)
+        except HeaderError as e:
+            return Reply(550, "5.6.0", str(e))
+        for address in addresses:
+            if not self.avatar.scope.allows(address):
+                if self.policy is not None:
+                    self._notify(self.policy.senderRefused, self.avatar, address, True)
+                return Reply(550, "5.7.1", f"From: header address {address} not allowed for "
+                             f"user {self.avatar.user.username}")
+        return None
+
+    def _feed(self, data: bytes) -> int:
+        """Message data; returns how many bytes of ``data`` it used."""
+        reader = self._reader
+        had_error = reader.error is not None
+        end = reader.feed(data)
+        if reader.error is not None and not had_error:
+            self._incoming.abort()  # refused: stop using disk now, keep reading to the end
+        if end < 0:
+            return len(data)
+        self._cancel_data_deadline()
+        d = ensureDeferred(self._finish_message())
+        d.addErrback(self._command_failed)
+        self._wait(d)
+        return end
+
+    async def _finish_message(self) -> None:
+        reader, incoming, envelope = self._reader, self._incoming, self._envelope
+        self._reader = self._incoming = self._envelope = None
+        avatar = self.avatar
+        try:
+            if reader.error is not None:
+                raise reader.error
+            await self._ask("data", avatar, envelope)
+            try:
+                queue_id = await incoming.commit()
+            except Reply as reply:
+                raise reply if reply.code < 500 else _local_error()
+            except Exception:
+                log.failure("session {session}: commit of {queue_id} failed",
+                            session=self.session_id, queue_id=incoming.id)
+                raise _local_error()
+        except BaseException:
+            incoming.abort()
+            self._end_transaction(accepted=False)
+            raise
+        self.messages += 1
+        self._junk = 0
+        self._end_transaction(accepted=True)
+        log.info(
+            "accepted {queue_id}: user={user} client_ip={client_ip} sender={sender} "
+            "recipients={recipients} size={size} tls={tls} sandboxed={sandboxed}",
+            queue_id=queue_id,
+            user=envelope.user,
+            client_ip=self.client_ip,
+            sender=envelope.sender,
+            recipients=len(envelope.recipients),
+            size=reader.size,
+            tls=self.tls,
+            sandboxed=envelope.sandboxed,
+        )
+        if self.policy is not None:
+            self._notify(self.policy.accepted, avatar, envelope)
+        self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _data_timeout(self) -> None:
+        self._data_deadline = None
+        self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: DATA timeout "
+                         "exceeded"))
+
+    def _cancel_data_deadline(self) -> None:
+        if self._data_deadline is not None and self._data_deadline.active():
+            self._data_deadline.cancel()
+        self._data_deadline = None
+
+
+def _local_error() -> Reply:
+    return Reply(451, "4.3.0", "Local error in processing, try again later")
