@@ -83,8 +83,9 @@ def _config_ldif(directory: Path, tls: TlsFiles | None) -> str:
             f"olcTLSCertificateFile: {tls.cert}\n"
             f"olcTLSCertificateKeyFile: {tls.key}\n"
         )
-    # The service entry may read userPassword so that password_mode=compare can be tested;
-    # users' passwords are otherwise only usable to bind.
+    # The service entry may read userPassword so that password_mode=compare can be tested
+    # (users' passwords are otherwise only usable to bind), and may page through more
+    # entries than the default size limit (500) to list users.
     return f"""\
 dn: cn=config
 objectClass: olcGlobal
@@ -122,6 +123,7 @@ olcRootDN: {ROOT_DN}
 olcRootPW: {ROOT_PASSWORD}
 olcAccess: {{0}}to attrs=userPassword by dn.exact="{SERVICE_DN}" read by anonymous auth by * none
 olcAccess: {{1}}to * by users read by * none
+olcLimits: dn.exact="{SERVICE_DN}" size.prtotal=unlimited
 """
 
 
@@ -133,7 +135,7 @@ class TlsFiles:
 
 
 def write_tls_files(directory: Path) -> TlsFiles:
-    """A fresh CA and a server certificate it signed for 127.0.0.1 and localhost (PEM)."""
+    """A fresh CA and a server certificate it signed for 127.0.0.1 only (PEM)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -165,7 +167,7 @@ def write_tls_files(directory: Path) -> TlsFiles:
         (x509.BasicConstraints(ca=True, path_length=None), True),
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     cert = build(
         "127.0.0.1",
         "mailrelay test CA",
@@ -204,8 +206,8 @@ class Slapd:
 
     @property
     def ldaps_uri(self) -> str:
-        """ldaps:// for the same server (only when made with tls=True); the host name
-        ``localhost`` is in the certificate too."""
+        """ldaps:// for the same server (only when made with tls=True). The certificate
+        names 127.0.0.1 only, so ldaps://localhost:PORT must fail its host name check."""
         return f"ldaps://127.0.0.1:{self.ldaps_port}"
 
     def settings(self) -> dict:
@@ -306,16 +308,25 @@ class Slapd:
         for _step in range(_WAIT_STEPS):
             if not self.running:
                 raise SlapdError(f"slapd exited with {self._process.returncode}; see {self._log}")
-            with contextlib.suppress(ldap3.core.exceptions.LDAPException):
-                # A fresh Server each time: ldap3 shuns an address for 5 s after a failure.
-                server = ldap3.Server(self.uri, connect_timeout=1, get_info=ldap3.NONE)
-                conn = ldap3.Connection(server, auto_bind=True, receive_timeout=1)
-                found = conn.search("", "(objectClass=*)", ldap3.BASE)
-                conn.unbind()
-                if found:
-                    return
+            if self._answers():
+                return
             time.sleep(0.05)
         raise SlapdError(f"slapd on {self.uri} did not answer; see {self._log}")
+
+    def _answers(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        conn = ldap3.Connection(
+            ldap3.Server(self.uri, connect_timeout=1, get_info=ldap3.NONE), receive_timeout=1
+        )
+        try:
+            return conn.bind() and conn.search("", "(objectClass=*)", ldap3.BASE)
+        except ldap3.core.exceptions.LDAPException:
+            return False
+        finally:
+            conn.unbind()
 
     def stop(self) -> None:
         """Stop slapd (SIGTERM, then SIGKILL if it lingers); the data stays for start()."""
