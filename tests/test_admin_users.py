@@ -409,3 +409,47 @@ def test_changes_are_refused_when_users_live_in_ldap(admin, argv):
     assert result.err == (
         "mailrelay-admin: users and accounts are managed in the LDAP directory; change them there\n"
     )
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/slapd"), reason="needs OpenLDAP's slapd")
+def test_list_and_show_read_a_real_ldap_directory(admin, tmp_path):
+    from ldap_server import start_slapd
+
+    (tmp_path / "slapd").mkdir()
+    server = start_slapd(tmp_path / "slapd")
+    try:
+        s = server.settings()
+        admin.config.write_text(
+            "[directory]\nbackend = ldap\n"
+            f"[ldap]\nuris = {s['uris'][0]}\nbase_dn = {s['base_dn']}\n"
+            f"bind_dn = {s['bind_dn']}\nbind_password = {s['bind_password']}\ntimeout = 5\n"
+        )
+        result = admin.subprocess("user", "list", "--json")
+        assert result.status == 0, result
+        users = {u["username"]: u for u in json.loads(result.out)}
+        assert {"doe.test", "john@doe.test", "webmail", "newsletter"} <= set(users)
+        assert users["webmail"]["kind"] == "named"
+        assert users["webmail"]["addresses"] == "billing@doe.test;info@doe.test"
+        assert users["webmail"]["rate_limit"] == 500
+        result = admin.subprocess("user", "show", "John@Doe.test")
+        assert result.status == 0, result
+        assert "username:             john@doe.test\n" in result.out
+        assert "password" not in result.out
+        result = admin.subprocess("user", "show", "nobody")
+        assert (result.status, result.err) == (
+            1,
+            "mailrelay-admin: unknown user 'nobody' (see mailrelay-admin user list)\n",
+        )
+        result = admin.subprocess("account", "show", "default", "--json")
+        assert result.status == 0, result
+        assert json.loads(result.out)["domains"] == "doe.test;lists.doe.test"
+        result = admin.subprocess("user", "passwd", "webmail")
+        assert result.status == 1 and "managed in the LDAP directory" in result.err
+
+        server.stop()
+        result = admin.subprocess("user", "list")
+        assert result.status == 1, result
+        assert result.err.startswith("mailrelay-admin: the directory cannot answer now: ")
+        assert result.err.count("\n") == 1
+    finally:
+        server.close()

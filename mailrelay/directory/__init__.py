@@ -10,7 +10,7 @@ def open_directory(config: Config, reactor=None) -> IDirectory:
     """The directory ``[directory] backend`` names, built from the configuration.
 
     Raises ConfigError (one line naming the setting) when it cannot be opened: a user
-    file that is not valid, or an LDAP backend this installation does not have.
+    file that is not valid, LDAP settings that cannot work, or no LDAP support installed.
     """
     backend = config.directory.backend
     if backend == "ldap":
@@ -22,7 +22,10 @@ def open_directory(config: Config, reactor=None) -> IDirectory:
             raise ConfigError(
                 config.source, "directory", "backend", "ldap: the LDAP directory is not installed"
             )
-        return ldapdir.LdapDirectory.from_config(config.ldap, reactor=reactor)
+        try:
+            return ldapdir.LdapDirectory.from_config(config.ldap, reactor=reactor)
+        except ValueError as e:  # its message names the setting
+            raise ConfigError(config.source, "ldap", None, str(e))
 
     from mailrelay.directory.filedir import DirectoryFileError, FileDirectory
 
