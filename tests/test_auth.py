@@ -50,6 +50,7 @@ class PasswordTests(SynchronousTestCase):
         assert not verify_password(h, "")
         assert not verify_password("not a hash", PASSWORD)
         assert verify_password(hash_password("pässwörd"), "pässwörd")
+        assert not verify_password(h, b"\xff".decode("utf-8", "surrogateescape"))
 
     def test_needs_rehash(self) -> None:
         assert not needs_rehash(hash_password("x"))

@@ -41,10 +41,11 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password_hash: str, password: str) -> bool:
-    """True when ``password`` matches; False for a mismatch or a hash that is not argon2."""
+    """True when ``password`` matches; False for a mismatch, a hash that is not argon2, or
+    a password that is not text (lone surrogates from undecodable client bytes)."""
     try:
         return _HASHER.verify(password_hash, password)
-    except (VerificationError, InvalidHashError):
+    except (VerificationError, InvalidHashError, UnicodeEncodeError):
         return False
 
 
