@@ -7,6 +7,8 @@ time for the cache and for file reloads comes from a Clock.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 
 from twisted.cred.credentials import UsernamePassword
@@ -38,6 +40,14 @@ from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import Scope
 
 PASSWORD = "correct horse battery"
+
+
+def temp_users_file(case) -> str:
+    """A users.json path in a directory removed after the test (trial's mktemp is relative
+    to the working directory, which under pytest is the repository)."""
+    directory = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "users.json")
 
 
 class PasswordTests(SynchronousTestCase):
@@ -87,7 +97,7 @@ class DownDirectory:
 
 class CheckerTests(TestCase):
     def setUp(self) -> None:
-        self.path = os.path.abspath(self.mktemp())
+        self.path = temp_users_file(self)
         self.store = UserStore(self.path)
         with self.store.change():
             self.store.update_account("default", domains=frozenset({"doe.com", "b.org"}))
@@ -214,7 +224,7 @@ class CheckerTests(TestCase):
 
 class RealmTests(TestCase):
     def setUp(self) -> None:
-        self.path = os.path.abspath(self.mktemp())
+        self.path = temp_users_file(self)
         self.store = UserStore(self.path)
         with self.store.change():
             self.store.update_account("default", domains=frozenset({"doe.com", "b.org"}))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -28,6 +30,14 @@ from mailrelay.scope import Scope, ScopeError
 
 # Hashing is the slow part of building fixtures: one hash serves every user here.
 HASH = hash_password("correct horse")
+
+
+def temp_users_file(case) -> str:
+    """A users.json path in a directory removed after the test (trial's mktemp is relative
+    to the working directory, which under pytest is the repository)."""
+    directory = tempfile.mkdtemp(prefix="mailrelay-test-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "users.json")
 
 
 def make_store(path, domains: str = "doe.com;b.org") -> UserStore:
@@ -304,8 +314,7 @@ def test_scope_errors_in_the_file_are_directory_errors(tmp_path):
 
 class FileDirectoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.path = self.mktemp()
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.path = temp_users_file(self)
         self.store = make_store(self.path)
         self.clock = Clock()
         self.directory = FileDirectory(self.path, clock=self.clock)
