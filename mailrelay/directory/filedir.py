@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import re
 import tempfile
@@ -503,7 +502,6 @@ class FileDirectory:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._check_interval = check_interval
-        self._checked = -math.inf
         self.verifications = 0  # argon2 verifications done (a counter for stats and tests)
         self.verify_thread: int | None = None  # the thread that ran the last verification
         self._data, self._stat = read_file(path)
