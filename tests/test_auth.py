@@ -20,7 +20,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
-from mailrelay.auth.checkers import PasswordChecker
+from mailrelay.auth.checkers import PasswordChecker, make_portal
 from mailrelay.auth.credentials import ClientUsernamePassword
 from mailrelay.auth.passwords import (
     ALPHABET,
@@ -32,7 +32,6 @@ from mailrelay.auth.passwords import (
     needs_rehash,
     verify_password,
 )
-from mailrelay.auth.portal import make_portal
 from mailrelay.auth.realm import SubmissionRealm
 from mailrelay.directory.filedir import FileDirectory, UserStore
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory

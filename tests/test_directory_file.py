@@ -119,6 +119,7 @@ def test_usernames_are_canonical(tmp_path):
         (SmtpUser("b.org", bounce_notify="nobody"), "bounce notify 'nobody' is not off, sender"),
         (SmtpUser("has space", scope=Scope.parse("b.org")), "not a valid named username"),
         (SmtpUser("x@nodomain", scope=Scope.parse("b.org")), "not a valid named username"),
+        (SmtpUser("ip:app", scope=Scope.parse("b.org")), "not a valid named username"),
     ],
 )
 def test_add_user_refusals_name_the_problem_and_change_nothing(tmp_path, user, message):

@@ -18,10 +18,12 @@ import os
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
 from mailrelay.auth.passwords import LOGIN_FAILED
+from mailrelay.auth.realm import SubmissionRealm
 from mailrelay.model import canonical_username
 
 MAX_CACHED = 10000  # logins; beyond it the oldest are forgotten first
@@ -88,3 +90,10 @@ class PasswordChecker:
         self._cache[name] = (mac, stamp, self._clock.seconds() + self._ttl)
         while len(self._cache) > MAX_CACHED:
             del self._cache[next(iter(self._cache))]
+
+
+def make_portal(directory, cache_ttl: float = 60.0, clock=None) -> Portal:
+    """The portal the SMTP session logs in through: the password checker over ``directory``
+    (an IDirectory) and the submission realm. ``cache_ttl`` is ``[directory]
+    login_cache_ttl`` (0 turns the login cache off)."""
+    return Portal(SubmissionRealm(directory), [PasswordChecker(directory, cache_ttl, clock)])

@@ -57,7 +57,9 @@ log = Logger()
 FORMAT_VERSION = 1
 DEFAULT_ACCOUNT = "default"
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_NAMED_USERNAME = re.compile(r"[^\s@\x00-\x1f\x7f]{1,255}")
+# No ":" so that a username cannot pass for a prefixed avatar id ("ip:...") or break
+# "user:password" forms; no "@" so that it is never mistaken for an address.
+_NAMED_USERNAME = re.compile(r"[^\s@:\x00-\x1f\x7f]{1,255}")
 
 
 class DirectoryFileError(ValueError):
@@ -242,7 +244,7 @@ def check_user(user: SmtpUser, accounts: Mapping[str, Account]) -> None:
     if kind is Kind.NAMED and not _NAMED_USERNAME.fullmatch(name):
         raise DirectoryFileError(
             f"{where}: not a domain, not an email address, and not a valid named username "
-            "(1 to 255 characters, no spaces, no '@')"
+            "(1 to 255 characters, no spaces, '@' or ':')"
         )
     account = accounts.get(user.account)
     if account is None:
