@@ -25,10 +25,13 @@ import resource
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
+from typing import TypeVar
 
 MODES = ("plain", "starttls", "tls")
+T = TypeVar("T")
 
 
 @dataclass
@@ -252,6 +255,38 @@ async def _run(spec: LoadSpec, worker: int, start_at: float) -> LoadResult:
     result.cpu = _cpu() - cpu0
     result.errors = dict(errors)
     return result
+
+
+async def _hold(spec: LoadSpec, on_held: Callable[[int, int], T]) -> T:
+    ctx = client_tls_context() if spec.mode != "plain" else None
+    users = itertools.cycle(spec.users)
+    opening = asyncio.Semaphore(50)  # bounded burst of handshakes
+    sessions: list[Session] = []
+    failed = collections.Counter()
+
+    async def open_one() -> None:
+        session = Session(spec, next(users), ctx)
+        async with opening:
+            try:
+                await session.open()
+                sessions.append(session)
+            except (OSError, SmtpError, ssl.SSLError, ValueError) as e:
+                failed[str(e)[:120]] += 1
+
+    async with asyncio.timeout(spec.timeout):
+        await asyncio.gather(*(open_one() for _ in range(spec.conns)))
+    try:
+        return on_held(len(sessions), sum(failed.values()))
+    finally:
+        await asyncio.gather(*(asyncio.wait_for(s.close(), 5) for s in sessions),
+                             return_exceptions=True)
+
+
+def hold_sessions(spec: LoadSpec, on_held: Callable[[int, int], T]) -> T:
+    """Open ``spec.conns`` sessions (TLS and AUTH as the mode says), call
+    ``on_held(opened, failed)`` while they are all open and idle, then close them; returns
+    what ``on_held`` returned."""
+    return asyncio.run(_hold(spec, on_held))
 
 
 def _cpu() -> float:

@@ -32,6 +32,7 @@ MASTER_CF = """\
   -o syslog_name=postfix-bench/implicit
   -o smtpd_tls_wrappermode=yes
   -o smtpd_tls_security_level=encrypt
+pickup unix n - n 60 1 pickup
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
 tlsmgr unix - - n 1000? 1 tlsmgr
@@ -69,6 +70,9 @@ def _has_user(name: str) -> bool:
 
 class PostfixInstance:
     """One private Postfix under ``base``; ``start()``/``stop()`` use ``postfix -c``."""
+
+    name = "Postfix"
+    ip_auth = True
 
     def __init__(self, base: str, cert: str, key: str, sink_port: int,
                  mynetworks: str = "127.0.0.0/8", max_sessions: int = 100) -> None:
@@ -206,6 +210,31 @@ class PostfixInstance:
         while master and procs.alive(master) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def reload(self) -> None:
+        done = self._postfix("reload")
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix reload failed: {done.stdout}{done.stderr}")
+
+    def pause_delivery(self) -> None:
+        """Accept and queue only: messages wait in the deferred queue."""
+        self.postconf(defer_transports="smtp")
+        self.reload()
+
+    def resume_delivery(self, timeout: float = 60) -> float:
+        """Restart with delivery on and flush the queue; returns the startup seconds
+        (``postfix start`` until the listener's 220)."""
+        self.stop()
+        self.postconf(defer_transports="")
+        startup = self.start(timeout)
+        self.flush()
+        return startup
+
+    def deferred(self) -> int:
+        n = 0
+        for _, _, files in os.walk(os.path.join(self.queue_dir, "deferred")):
+            n += len(files)
+        return n
+
     def flush(self) -> None:
         """Ask for delivery of every deferred message now (postqueue -f)."""
         subprocess.run(["postqueue", "-c", self.config_dir, "-f"], check=True, timeout=60)
@@ -216,6 +245,10 @@ class PostfixInstance:
                 return int(f.read().strip())
         except (OSError, ValueError):
             return None
+
+    @property
+    def pid(self) -> int | None:
+        return self.master_pid() if self.running else None
 
     def memory(self) -> int:
         """Summed PSS of the master and all its children (smtpd, cleanup, qmgr, ...)."""

@@ -150,3 +150,49 @@ def control(port: int, command: str, host: str = "127.0.0.1", timeout: float = 3
     if not reply.startswith("250"):
         raise RuntimeError(f"sink: {command}: {reply}")
     return reply[4:]
+
+
+class SinkProcess:
+    """The sink run as a separate process (so it never shares a CPU-bound interpreter with
+    the load client), stopped by its PID."""
+
+    def __init__(self, lifetime: float = 4 * 3600) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--port", "0", "--lifetime", str(lifetime)],
+            stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"sink did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def count(self) -> int:
+        return int(control(self.port, "XCOUNT"))
+
+    def reset(self) -> None:
+        control(self.port, "XRESET")
+
+    def arrivals(self, path: str) -> list[tuple[str | None, float]]:
+        control(self.port, f"XDUMP {path}")
+        with open(path) as f:
+            return [tuple(item) for item in json.load(f)]
+
+    def wait_for(self, n: int, timeout: float, poll: float = 0.05) -> int:
+        """Wait until the sink holds at least ``n`` messages (bounded); returns the count."""
+        deadline = time.monotonic() + timeout
+        count = self.count()
+        while count < n and time.monotonic() < deadline:
+            time.sleep(poll)
+            count = self.count()
+        return count
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(10)

@@ -1,0 +1,321 @@
+"""The figures of issue 7 and how each is measured against one running server.
+
+A server is a PostfixInstance or a MailRelayInstance (the same duck-typed surface: ports,
+start/stop, memory(), pause_delivery()/resume_delivery(), deferred(), ip_auth). Every
+measurement is bounded in messages and in time; one that cannot be made (a feature the
+server does not have yet, a refusal) gives a Value of None with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench import procs
+from bench.load import LoadResult, LoadSpec, hold_sessions, run_load
+from bench.sink import SinkProcess
+
+DOMAIN = "bench.test"
+RECIPIENT = "rcpt@sink.test"
+IP_SENDER = f"ip@{DOMAIN}"
+USER = (f"bench@{DOMAIN}", "bench-secret-1", f"bench@{DOMAIN}")
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+MB = 2**20
+
+MODE_LABEL = {"plain": "IP auth, plain TCP", "starttls": "STARTTLS + AUTH PLAIN",
+              "tls": "implicit TLS + AUTH PLAIN"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str  # "/s", "ms", "MB" or "s"
+    higher_is_better: bool
+    target: str = ""  # as the issue states it
+    ratio_target: float | None = None  # mailrelay/Postfix at least this
+    limit: float | None = None  # mailrelay's value below this (absolute target)
+    tool: str = "load.py"
+
+
+@dataclass
+class Value:
+    value: float | None
+    note: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much each measurement sends; --smoke, --quick and the full run differ here."""
+
+    accept_c1: int = 1000
+    accept_c20: int = 5000
+    e2e: int = 5000
+    sessions: int = 1000
+    big_message: int = 50_000_000  # bytes, under the 50 MiB both servers allow
+    spool: int = 100_000
+    logins: int = 2000
+    users: int = 1000
+    run_timeout: float = 300.0
+
+
+SMOKE = Sizes(accept_c1=20, accept_c20=40, e2e=100, sessions=20, big_message=1_000_000,
+              spool=100, logins=40, users=20, run_timeout=30.0)
+QUICK = Sizes(accept_c1=300, accept_c20=2000, e2e=2000, spool=10_000, logins=1000)
+FULL = Sizes()
+
+
+def all_figures(smtp_source: bool) -> list[Figure]:
+    out = []
+    for mode in ("plain", "starttls", "tls"):
+        for conns in (1, 20):
+            for per in (1, 10):
+                out.append(Figure(f"accept.{mode}.c{conns}.m{per}",
+                                  f"accept, {MODE_LABEL[mode]}, c={conns}, {per} msg/conn",
+                                  "/s", True, ">= 1.5x", ratio_target=1.5))
+        if mode == "plain" and smtp_source:
+            out.append(Figure("accept.plain.c20.m1.smtp-source",
+                              f"accept, {MODE_LABEL[mode]}, c=20, 1 msg/conn", "/s", True,
+                              ">= 1.5x", ratio_target=1.5, tool="smtp-source"))
+    out += [
+        Figure("e2e.rate", "end to end to the sink, c=20, 1 msg/conn", "/s", True,
+               ">= 1.5x", ratio_target=1.5, tool="load.py + sink.py"),
+        Figure("e2e.p50", "latency 250 -> arrival at the sink, p50", "ms", False,
+               tool="load.py + sink.py"),
+        Figure("e2e.p99", "latency 250 -> arrival at the sink, p99", "ms", False,
+               tool="load.py + sink.py"),
+        Figure("mem.idle", "memory idle", "MB", False, tool="/proc"),
+        Figure("mem.sessions", "memory with idle authenticated sessions", "MB", False,
+               "< 150 MB", limit=150, tool="load.py + /proc"),
+        Figure("mem.big", "memory peak minus idle, one big message", "MB", False,
+               "< 10 MB", limit=10, tool="load.py + /proc"),
+        Figure("spool.startup", "spool scale: startup with the queue full", "s", False,
+               "< 5 s", limit=5, tool="/proc + 220 banner"),
+        Figure("spool.rate", "spool scale: delivery rate of the queued messages", "/s", True,
+               tool="sink.py"),
+        Figure("login.one", "logins/s, one user (implicit TLS, c=20)", "/s", True),
+        Figure("login.many", "logins/s, distinct users (implicit TLS, c=20)", "/s", True),
+    ]
+    return out
+
+
+def many_users(n: int) -> dict[str, str]:
+    """Login (an address) -> password for the distinct-users figures."""
+    return {f"u{i:04d}@{DOMAIN}": "bench-secret-2" for i in range(n)}
+
+
+def _users_list(users: dict[str, str]) -> list[tuple[str, str, str]]:
+    return [(login, pw, login) for login, pw in users.items()]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Measure:
+    """Measurements of one server in one round."""
+
+    def __init__(self, server, sink: SinkProcess, sizes: Sizes, workdir: str,
+                 say: Callable[[str], None]) -> None:
+        self.server, self.sink, self.sizes = server, sink, sizes
+        self.workdir = workdir
+        self.say = say
+        self.users_many = _users_list(many_users(sizes.users))
+
+    # ---- helpers ----
+
+    def _spec(self, mode: str, **kw) -> LoadSpec:
+        port = self.server.implicit_port if mode == "tls" else self.server.plain_port
+        users = [("", "", IP_SENDER)] if mode == "plain" else [USER]
+        kw.setdefault("users", users)
+        kw.setdefault("timeout", self.sizes.run_timeout)
+        return LoadSpec(port=port, mode=mode, recipient=RECIPIENT, **kw)
+
+    def _load(self, what: str, spec: LoadSpec) -> LoadResult:
+        before = self.sink.count()
+        result = run_load(spec)
+        self.say(f"{what}: {result.summary()}")
+        if spec.login_only:
+            return result
+        # Let the server deliver what it accepted before the next measurement starts.
+        got = self.sink.wait_for(before + result.ok, timeout=max(30.0, result.ok / 50))
+        if got < before + result.ok:
+            self.say(f"{what}: only {got - before} of {result.ok} reached the sink")
+        return result
+
+    @staticmethod
+    def _from_result(result: LoadResult, value: float | None = None) -> Value:
+        if not result.ok:
+            first = max(result.errors, key=result.errors.get) if result.errors else "no reply"
+            return Value(None, f"failed: {first}")
+        note = ""
+        if result.failed:
+            first = max(result.errors, key=result.errors.get)
+            note = f"{result.failed} failed ({first})"
+        return Value(result.rate if value is None else value, note,
+                     {"ok": result.ok, "failed": result.failed, "cpu": result.cpu})
+
+    def _needs_ip_auth(self) -> Value | None:
+        if not self.server.ip_auth:
+            return Value(None, "n/a (not yet supported: IP authentication)")
+        return None
+
+    # ---- figures ----
+
+    def accept(self, mode: str, conns: int, per_conn: int) -> Value:
+        if mode == "plain" and (na := self._needs_ip_auth()):
+            return na
+        total = self.sizes.accept_c1 if conns == 1 else self.sizes.accept_c20
+        total = max(total, conns * per_conn)
+        spec = self._spec(mode, conns=conns, per_conn=per_conn, total=total,
+                          tag=f"a{mode}{conns}x{per_conn}")
+        return self._from_result(self._load(f"accept {mode} c={conns} m={per_conn}", spec))
+
+    def accept_smtp_source(self) -> Value:
+        if na := self._needs_ip_auth():
+            return na
+        total = self.sizes.accept_c20
+        before = self.sink.count()
+        cmd = [SMTP_SOURCE, "-s", "20", "-m", str(total), "-l", "5120", "-f", IP_SENDER,
+               "-t", RECIPIENT, f"{procs.HOST}:{self.server.plain_port}"]
+        t0 = time.monotonic()
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=self.sizes.run_timeout)
+        elapsed = time.monotonic() - t0
+        self.sink.wait_for(before + total, timeout=max(30.0, total / 50))
+        if done.returncode != 0:
+            return Value(None, f"smtp-source: {(done.stdout + done.stderr).strip()[:120]}")
+        self.say(f"accept plain c=20 m=1 smtp-source: {total} in {elapsed:.2f}s")
+        return Value(total / elapsed)
+
+    def end_to_end(self) -> dict[str, Value]:
+        if na := self._needs_ip_auth():
+            return {"e2e.rate": na, "e2e.p50": na, "e2e.p99": na}
+        n = self.sizes.e2e
+        self.sink.reset()
+        spec = self._spec("plain", conns=20, per_conn=1, total=n, keep_acks=True, tag="e2e")
+        result = run_load(spec)
+        self.say(f"end to end: {result.summary()}")
+        got = self.sink.wait_for(result.ok, timeout=max(30.0, result.ok / 20))
+        arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
+        if not result.ok or not arrivals:
+            na = self._from_result(result) if not result.ok else Value(None, "nothing arrived")
+            return {"e2e.rate": na, "e2e.p50": na, "e2e.p99": na}
+        last = max(t for _, t in arrivals)
+        rate = Value(len(arrivals) / (last - result.start),
+                     "" if got >= result.ok else f"{result.ok - got} never arrived")
+        latencies = [1e3 * (t - result.acks[i]) for i, t in arrivals if i in result.acks]
+        if not latencies:
+            na = Value(None, "no X-Bench-Id arrived")
+            return {"e2e.rate": rate, "e2e.p50": na, "e2e.p99": na}
+        return {"e2e.rate": rate, "e2e.p50": Value(_percentile(latencies, 0.50)),
+                "e2e.p99": Value(_percentile(latencies, 0.99))}
+
+    def memory_idle(self) -> Value:
+        time.sleep(1.0)  # let startup work settle
+        return Value(self.server.memory() / MB)
+
+    def memory_sessions(self) -> Value:
+        n = self.sizes.sessions
+        spec = self._spec("tls", conns=n, users=self.users_many)
+
+        def measure(opened: int, failed: int) -> Value:
+            time.sleep(0.5)
+            mem = self.server.memory() / MB
+            self.say(f"{opened} idle sessions open ({failed} failed): {mem:.1f} MB")
+            if not opened:
+                return Value(None, "no session could log in")
+            note = f"only {opened} of {n} sessions" if opened < n else ""
+            return Value(mem, note, {"sessions": opened})
+
+        return hold_sessions(spec, measure)
+
+    def memory_big(self) -> Value:
+        size = self.sizes.big_message
+        baseline = self.server.memory()
+        pid = self.server.pid
+        hwm_ok = bool(pid) and procs.reset_hwm(pid)
+        peak = [baseline]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.01):
+                try:
+                    peak[0] = max(peak[0], self.server.memory())
+                except OSError:
+                    pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            spec = self._spec("tls", conns=1, per_conn=1, total=1, size=size, tag="big")
+            result = self._load(f"one {size / 1e6:.0f} MB message", spec)
+        finally:
+            stop.set()
+            sampler.join(5)
+        if not result.ok:
+            return self._from_result(result)
+        top = peak[0]
+        if hwm_ok and not procs.children(pid):
+            top = max(top, procs.hwm(pid))
+        return Value((top - baseline) / MB, "", {"bytes": size})
+
+    def logins(self, many: bool) -> Value:
+        users = self.users_many if many else [USER]
+        total = max(self.sizes.logins, len(users)) if many else self.sizes.logins
+        spec = self._spec("tls", conns=20, total=total, users=users, login_only=True,
+                          tag="login")
+        return self._from_result(self._load(f"logins ({len(users)} users)", spec))
+
+    def spool_scale(self) -> dict[str, Value]:
+        """Queue ``sizes.spool`` messages with delivery paused, restart with delivery on:
+        startup (until the 220) and delivery rate (until the sink has them all)."""
+        n = self.sizes.spool
+        self.server.pause_delivery()
+        spec = self._spec("tls", conns=20, per_conn=100, total=n, tag="spool",
+                          timeout=max(self.sizes.run_timeout, n / 20))
+        result = run_load(spec)
+        self.say(f"spool fill: {result.summary()}")
+        if not result.ok:
+            na = self._from_result(result)
+            self.server.resume_delivery()
+            return {"spool.startup": na, "spool.rate": na}
+        deadline = time.monotonic() + max(60.0, n / 100)
+        while self.server.deferred() < result.ok and time.monotonic() < deadline:
+            time.sleep(0.2)
+        queued = self.server.deferred()
+        self.sink.reset()
+        t0 = time.time()
+        startup = self.server.resume_delivery()
+        got = self.sink.wait_for(result.ok, timeout=max(60.0, n / 20), poll=0.2)
+        arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
+        self.say(f"spool: {queued} queued, startup {startup:.2f}s, {got} delivered")
+        note = f"{queued} queued" + ("" if got >= result.ok else f", {got} delivered")
+        startup_v = Value(startup, note)
+        if not arrivals:
+            return {"spool.startup": startup_v, "spool.rate": Value(None, "nothing delivered")}
+        # The rate counts from the moment the server answered, so that it does not
+        # include the startup, which has its own figure.
+        last = max(t for _, t in arrivals)
+        return {"spool.startup": startup_v,
+                "spool.rate": Value(len(arrivals) / (last - t0 - startup), note)}
+
+
+def median(values: list[Value]) -> Value:
+    nums = [v.value for v in values if v.value is not None]
+    notes = sorted({v.note for v in values if v.note})
+    if not nums:
+        return Value(None, notes[0] if notes else "n/a")
+    return Value(statistics.median(nums), "; ".join(notes), {"rounds": nums})
+
+
+def smtp_source_available() -> bool:
+    return os.access(SMTP_SOURCE, os.X_OK)
+

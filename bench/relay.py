@@ -1,0 +1,232 @@
+"""mailrelay for the bench: a config in a temporary directory, users, and the daemon run as
+``twistd -n mailrelay --config FILE`` (stopped by its PID).
+
+The bench config: a plain+STARTTLS listener and an implicit TLS listener on loopback ports
+chosen at run time, the bench certificate, IP authentication of the client network mapped to
+an SMTP user, a file directory, and delivery through a smarthost that is the bench sink.
+Settings the running mailrelay does not know yet are dropped (and reported), so the bench
+works against whatever has landed; the figures that need them print "n/a".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from bench import procs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOMAIN = "bench.test"
+
+_UNKNOWN = re.compile(r": \[([^\]]+)\](?: (\S+))?: unknown (setting|section)")
+
+
+def available() -> tuple[bool, str]:
+    """Whether mailrelay can be started here; the reason when not."""
+    if not os.path.exists(os.path.join(REPO, "twisted", "plugins", "mailrelay_plugin.py")):
+        return False, "no twistd plugin"
+    try:
+        import mailrelay.config  # noqa: F401
+        import mailrelay.service  # noqa: F401
+    except ImportError as e:
+        return False, f"cannot import mailrelay: {e}"
+    return True, ""
+
+
+def env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": REPO + (os.pathsep + path if path else "")}
+
+
+def render_ini(sections: dict[str, dict[str, str]]) -> str:
+    out = []
+    for name, keys in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {v}" for k, v in keys.items())
+        out.append("")
+    return "\n".join(out)
+
+
+class MailRelayInstance:
+    """One mailrelay daemon under ``base``."""
+
+    name = "mailrelay"
+
+    def __init__(self, base: str, cert: str, key: str, sink_port: int,
+                 ip_network: str = "127.0.0.0/8", ip_user: str = f"ip@{DOMAIN}") -> None:
+        self.base = os.path.abspath(base)
+        self.data_dir = os.path.join(self.base, "data")
+        self.config_path = os.path.join(self.base, "mailrelay.ini")
+        self.users_file = os.path.join(self.data_dir, "users.json")
+        self.spool_dir = os.path.join(self.data_dir, "spool")
+        self.log_file = os.path.join(self.base, "twistd.log")
+        self.cert, self.key = cert, key
+        self.sink_port = sink_port
+        self.ip_network, self.ip_user = ip_network, ip_user
+        self.plain_port = procs.free_port()
+        self.implicit_port = procs.free_port()
+        self.dropped: list[str] = []  # settings this mailrelay does not know yet
+        self.proc: subprocess.Popen | None = None
+
+    # ---- configuration ----
+
+    def sections(self, delivery: bool = True) -> dict[str, dict[str, str]]:
+        host = procs.HOST
+        return {
+            "server": {"hostname": "mailrelay-bench.localdomain", "data_dir": self.data_dir},
+            "tls": {"certificate": self.cert, "key": self.key},
+            "listener:plain": {"endpoint": f"tcp:{self.plain_port}:interface={host}",
+                               "tls": "starttls"},
+            "listener:implicit": {"endpoint": f"tcp:{self.implicit_port}:interface={host}",
+                                  "tls": "implicit"},
+            "directory": {"backend": "file", "file": self.users_file},
+            "spool": {"directory": self.spool_dir, "min_free_space": "1M"},
+            "delivery": {"enabled": "yes" if delivery else "no", "mode": "smarthost",
+                         "smarthost": f"{host}:{self.sink_port}", "smarthost_tls": "none",
+                         "smarthost_verify": "no", "max_concurrency": "20",
+                         "max_per_host": "20", "retry_first": "5s", "retry_max": "10s"},
+            # The bench's load comes from one address at rates no real client reaches.
+            "limits": {"max_message_size": "50M"},
+            "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}",
+                       "max_connections": "0", "max_connections_per_ip": "0",
+                       "max_connections_per_user": "0"},
+            "bruteforce": {"delay_after": "0"},
+        }
+
+    def configure(self, delivery: bool = True) -> None:
+        """Write the config, dropping every setting the installed mailrelay rejects as
+        unknown (recorded in ``self.dropped``)."""
+        from mailrelay.config import ConfigError, load_config
+
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        sections = self.sections(delivery)
+        self.dropped = []
+        for _ in range(100):  # bounded: each pass drops one setting
+            with open(self.config_path, "w") as f:
+                f.write(render_ini(sections))
+            try:
+                load_config(self.config_path)
+                return
+            except ConfigError as e:
+                m = _UNKNOWN.search(str(e))
+                if not m or m.group(1) not in sections:
+                    raise
+                section, key, what = m.groups()
+                if what == "section" or key is None:
+                    sections.pop(section)
+                    self.dropped.append(f"[{section}]")
+                else:
+                    sections[section].pop(key, None)
+                    self.dropped.append(f"[{section}] {key}")
+        raise RuntimeError("mailrelay config: too many unknown settings")
+
+    @property
+    def ip_auth(self) -> bool:
+        return not any(d.startswith("[policy]") and ("ip_auth" in d or d == "[policy]")
+                       for d in self.dropped)
+
+    def add_users(self, users: dict[str, str]) -> None:
+        """Address-level users (login = address, may send only from it), login -> password.
+
+        Users are written through the file directory's store with one password hash per
+        distinct password: every login still verifies a full hash, and setting up 1,000
+        users takes no hashing time."""
+        from mailrelay.auth.passwords import hash_password
+        from mailrelay.directory.filedir import UserStore
+        from mailrelay.model import SmtpUser
+
+        hashes: dict[str, str] = {}
+        store = UserStore(self.users_file)
+        with store.change() as s:
+            default = s.account("default")
+            if DOMAIN not in default.domains:
+                s.update_account("default", domains=default.domains | {DOMAIN})
+            for login, password in users.items():
+                if password not in hashes:
+                    hashes[password] = hash_password(password)
+                s.add_user(SmtpUser(username=login), hashes[password])
+
+    # ---- running ----
+
+    def start(self, timeout: float = 60) -> float:
+        """Start the daemon and wait for the 220 on the plain listener; returns seconds."""
+        # twistd, run by this interpreter (the one that has mailrelay's dependencies)
+        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+               "-n", "--logfile", self.log_file,
+               "--pidfile", "", "mailrelay", "--config", self.config_path]
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env(), cwd=self.base)
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mailrelay exited ({self.proc.returncode}):\n"
+                                   f"{self.log_tail()}")
+            try:
+                procs.wait_banner(self.plain_port, min(0.5, deadline - time.monotonic()))
+                return time.monotonic() - t0
+            except TimeoutError:
+                continue
+        self.stop()
+        raise RuntimeError(f"mailrelay gave no 220 within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def pause_delivery(self) -> None:
+        """Restart with delivery off: messages stay queued."""
+        self.stop()
+        self.configure(delivery=False)
+        self.start()
+
+    def resume_delivery(self, timeout: float = 60) -> float:
+        """Restart with delivery on; returns the startup seconds (spawn until the 220)."""
+        self.stop()
+        self.configure(delivery=True)
+        return self.start(timeout)
+
+    def deferred(self) -> int:
+        return self.queued()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def memory(self) -> int:
+        """RSS of the daemon (summed PSS if it runs helper processes)."""
+        return procs.tree_memory(self.pid) if self.pid else 0
+
+    def queued(self) -> int:
+        n = 0
+        for sub in ("queue", "tmp"):
+            try:
+                n += len(os.listdir(os.path.join(self.spool_dir, sub)))
+            except FileNotFoundError:
+                pass
+        return n
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_file, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""mailrelay against Postfix on this machine: the one bench command (see bench/README.md).
+
+    python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa]
+
+Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
+private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
+load against each in turn (mailrelay, Postfix, mailrelay, Postfix, ...), and prints the
+medians over the rounds with the ratio mailrelay/Postfix. Every run is bounded; only the
+processes started here are stopped, by PID (Postfix by ``postfix -c DIR stop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import figures, postfix, procs, relay  # noqa: E402
+from bench.certs import KEY_TYPES, make_certificate  # noqa: E402
+from bench.figures import FULL, QUICK, SMOKE, Figure, Measure, Value, median  # noqa: E402
+from bench.load import LoadSpec, run_load  # noqa: E402
+from bench.sink import SinkProcess  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    disk = subprocess.run(["df", "-h", "--output=source,fstype,size", tempfile.gettempdir()],
+                          capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return (f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
+            f"temp dir on {' '.join(disk)}")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---- ceilings: the client and the sink without a server in between ----
+
+def ceilings(sink: SinkProcess, sizes: figures.Sizes) -> list[str]:
+    out = []
+    n = max(200, sizes.accept_c20)
+    for per in (1, 10):
+        spec = LoadSpec(port=sink.port, conns=20, per_conn=per, total=n, tag="ceil",
+                        users=[("", "", figures.IP_SENDER)], timeout=sizes.run_timeout)
+        r = run_load(spec)
+        out.append(f"load.py -> sink.py, plain, c=20, {per} msg/conn: {r.rate:.0f}/s "
+                   f"(client CPU {1e3 * r.cpu / max(r.ok, 1):.2f} ms/msg)")
+    if figures.smtp_source_available():
+        t0 = time.monotonic()
+        subprocess.run([figures.SMTP_SOURCE, "-s", "20", "-m", str(n), "-l", "5120",
+                        f"{procs.HOST}:{sink.port}"], capture_output=True,
+                       timeout=sizes.run_timeout)
+        out.append(f"smtp-source -> sink.py, c=20, 1 msg/conn: "
+                   f"{n / (time.monotonic() - t0):.0f}/s")
+    for line in out:
+        say(f"ceiling: {line}")
+    return out
+
+
+# ---- one round of one server ----
+
+def measure_round(server, m: Measure, figs: list[Figure]) -> dict[str, Value]:
+    keys = {f.key for f in figs}
+    out: dict[str, Value] = {}
+
+    def guard(key: str, fn) -> None:
+        try:
+            got = fn()
+        except Exception as e:  # a figure that cannot be made must not stop the bench
+            say(f"{server.name} {key}: {type(e).__name__}: {e}")
+            got = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
+        if isinstance(got, dict):
+            out.update(got)
+        else:
+            out[key] = got
+
+    guard("mem.idle", m.memory_idle)
+    for key in sorted(k for k in keys if k.startswith("accept.")):
+        _, mode, conns, per, *tool = key.split(".")
+        if tool:
+            guard(key, m.accept_smtp_source)
+        else:
+            guard(key, lambda mode=mode, c=int(conns[1:]), p=int(per[1:]): m.accept(mode, c, p))
+    guard("e2e.rate", m.end_to_end)
+    guard("mem.sessions", m.memory_sessions)
+    guard("mem.big", m.memory_big)
+    guard("login.one", lambda: m.logins(False))
+    guard("login.many", lambda: m.logins(True))
+    return out
+
+
+def not_running(figs: list[Figure], why: str) -> dict[str, Value]:
+    return {f.key: Value(None, why) for f in figs}
+
+
+# ---- the table ----
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "MB":
+        return f"{value:.1f} MB"
+    return f"{value:.2f} s"
+
+
+def verdict(fig: Figure, mr: float | None, ratio: float | None) -> str:
+    if fig.ratio_target is not None:
+        if ratio is None:
+            return fig.target
+        return f"{fig.target} {'met' if ratio >= fig.ratio_target else 'NOT met'}"
+    if fig.limit is not None:
+        if mr is None:
+            return fig.target
+        return f"{fig.target} {'met' if mr < fig.limit else 'NOT met'}"
+    return ""
+
+
+def table(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
+    rows = [("figure", "mailrelay", "Postfix", "mr/Postfix", "target", "tool")]
+    notes: list[str] = []
+    for f in figs:
+        mr = results["mailrelay"].get(f.key, Value(None))
+        pf = results["Postfix"].get(f.key, Value(None))
+        ratio = (mr.value / pf.value) if mr.value is not None and pf.value else None
+        cells = []
+        for name, v in (("mailrelay", mr), ("Postfix", pf)):
+            text = fmt(v.value, f.unit)
+            if v.note:
+                note = f"{name}: {v.note}"
+                if note not in notes:
+                    notes.append(note)
+                text += f" [{notes.index(note) + 1}]"
+            cells.append(text)
+        rows.append((f.label, *cells, f"{ratio:.2f}" if ratio is not None else "-",
+                     verdict(f, mr.value, ratio), f.tool))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) if i < 4 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines += ["", *(f"[{i}] {n}" for i, n in enumerate(notes, 1))] if notes else []
+    return "\n".join(lines)
+
+
+# ---- main ----
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller runs (10k spool)")
+    size.add_argument("--smoke", action="store_true",
+                      help="a few hundred messages, 1 round, no install (the test suite's)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3; smoke 1)")
+    p.add_argument("--spool-rounds", type=int, default=1,
+                   help="rounds of the spool-scale figure (default 1: it is the longest)")
+    p.add_argument("--key-type", choices=sorted(KEY_TYPES), default="ecdsa")
+    p.add_argument("--only", choices=["mailrelay", "postfix"], help="measure one server")
+    p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
+    p.add_argument("--json", help="also write all results to this JSON file")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    rounds = args.rounds or (1 if args.smoke else 3)
+    if not args.smoke and rounds < 3:
+        say("note: fewer than 3 rounds; the issue asks for at least 3")
+    raise_fd_limit()
+
+    if not postfix.available() and not args.smoke and not args.no_install \
+            and args.only != "mailrelay":
+        say("installing Postfix (bench/setup.sh)")
+        subprocess.run(["sh", os.path.join(HERE, "setup.sh")], check=True)
+    use_pf = postfix.available() and args.only != "mailrelay" and os.geteuid() == 0
+    mr_ok, mr_why = relay.available()
+    use_mr = args.only != "postfix"
+
+    base = tempfile.mkdtemp(prefix="mailrelay-bench-")
+    os.chmod(base, 0o755)  # Postfix's unprivileged processes must reach their directories
+    sink = SinkProcess(lifetime=6 * 3600)
+    servers = []
+    started = time.time()
+    try:
+        cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
+        os.chmod(os.path.join(base, "tls"), 0o755)
+        users = {figures.USER[0]: figures.USER[1], **figures.many_users(sizes.users)}
+        if use_mr and mr_ok:
+            mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port)
+            mr.configure()
+            if mr.dropped:
+                say(f"mailrelay does not know yet: {', '.join(mr.dropped)}")
+            mr.add_users({**users, figures.IP_SENDER: "bench-secret-3"})
+            servers.append(mr)
+        if use_pf:
+            pf = postfix.PostfixInstance(os.path.join(base, "postfix"), cert, key, sink.port,
+                                         max_sessions=sizes.sessions + 100)
+            pf.configure()
+            pf.add_users({login.split("@")[0]: pw for login, pw in users.items()})
+            servers.append(pf)
+        figs = figures.all_figures(figures.smtp_source_available())
+        ceiling = ceilings(sink, sizes)
+
+        per_round: dict[str, list[dict[str, Value]]] = {"mailrelay": [], "Postfix": []}
+        for r in range(1, rounds + 1):
+            for server in servers:
+                say(f"round {r}/{rounds}: {server.name}")
+                per_round[server.name].append(run_server_round(server, sink, sizes, base, figs))
+        for r in range(1, args.spool_rounds + 1):
+            for server in servers:
+                say(f"spool scale {r}/{args.spool_rounds}: {server.name}")
+                per_round[server.name].append(run_spool(server, sink, sizes, base))
+
+        results: dict[str, dict[str, Value]] = {}
+        for name in ("mailrelay", "Postfix"):
+            merged: dict[str, list[Value]] = {}
+            for one in per_round[name]:
+                for k, v in one.items():
+                    merged.setdefault(k, []).append(v)
+            results[name] = {k: median(vs) for k, vs in merged.items()}
+        if not use_mr:
+            results["mailrelay"] = not_running(figs, "not measured (--only postfix)")
+        elif not mr_ok:
+            results["mailrelay"] = not_running(figs, f"n/a (not yet supported: {mr_why})")
+        if not use_pf:
+            why = ("not installed" if not postfix.available()
+                   else "not measured" if args.only else "needs root")
+            results["Postfix"] = not_running(figs, f"n/a (Postfix {why})")
+
+        print(report(args, argv, sizes, rounds, ceiling, figs, results, started))
+        if args.json:
+            dump = {name: {k: vars(v) for k, v in res.items()} for name, res in results.items()}
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "results": dump, "ceilings": ceiling}, f,
+                          indent=1)
+        return 0
+    finally:
+        for server in servers:
+            try:
+                server.stop()
+            except Exception as e:
+                say(f"stopping {server.name}: {e}")
+        sink.stop()
+        if args.keep:
+            say(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run_server_round(server, sink, sizes, base, figs) -> dict[str, Value]:
+    try:
+        startup = server.start()
+    except Exception as e:
+        say(f"{server.name} did not start: {e}")
+        return not_running(figs, f"n/a (did not start: {str(e).splitlines()[0][:80]})")
+    say(f"{server.name} up in {startup:.2f}s")
+    try:
+        return measure_round(server, Measure(server, sink, sizes, base, say), figs)
+    finally:
+        server.stop()
+
+
+def run_spool(server, sink, sizes, base) -> dict[str, Value]:
+    try:
+        server.start()
+    except Exception as e:
+        why = Value(None, f"n/a (did not start: {str(e).splitlines()[0][:80]})")
+        return {"spool.startup": why, "spool.rate": why}
+    try:
+        return Measure(server, sink, sizes, base, say).spool_scale()
+    except Exception as e:
+        say(f"{server.name} spool scale: {type(e).__name__}: {e}")
+        why = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
+        return {"spool.startup": why, "spool.rate": why}
+    finally:
+        server.stop()
+
+
+def report(args, argv, sizes, rounds, ceiling, figs, results, started) -> str:
+    command = "python3 bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = [
+        f"mailrelay vs Postfix, {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"machine: {machine()}",
+        f"command: {command.strip()}",
+        f"{rounds} round(s), medians; spool scale {args.spool_rounds} round(s) of "
+        f"{sizes.spool:,} messages; 5 KB messages; certificate {KEY_TYPES[args.key_type]}; "
+        f"{sizes.sessions} idle sessions; big message {sizes.big_message / 1e6:.0f} MB; "
+        f"took {(time.time() - started) / 60:.1f} min",
+        *(f"ceiling: {c}" for c in ceiling),
+        "",
+    ]
+    return "\n".join(head) + table(figs, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
