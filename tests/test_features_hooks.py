@@ -4,7 +4,9 @@ recipients filtered, per-recipient copies, results and hard bounces."""
 from __future__ import annotations
 
 import email
+import shutil
 import sqlite3
+import tempfile
 from email.policy import default
 
 import mime_samples as s
@@ -47,7 +49,8 @@ def envelope(user: SmtpUser = USER, recipients=("a@example.org", "b@example.org"
 
 class MessageFeaturesTests(unittest.TestCase):
     def setUp(self):
-        directory = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="mailrelay-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
         self.suppressions = SuppressionStore(f"{directory}/suppressions.sqlite")
         self.stats_store = StatsStore(f"{directory}/stats.sqlite")
         self.addCleanup(self.suppressions.close)

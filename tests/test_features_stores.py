@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 from twisted.internet import defer, reactor, task
@@ -126,7 +128,9 @@ class StatsRecorderTests(unittest.TestCase):
     """The recorder batches in memory and writes in a pool thread (real reactor)."""
 
     def setUp(self):
-        self.store = StatsStore(self.mktemp() + ".sqlite")
+        directory = tempfile.mkdtemp(prefix="mailrelay-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.store = StatsStore(f"{directory}/stats.sqlite")
         self.addCleanup(self.store.close)
         self.clock = task.Clock()
         self.clock.advance(T0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from io import BytesIO
 
 from twisted.internet import defer, endpoints, reactor
@@ -22,7 +24,8 @@ ONE_CLICK = b"List-Unsubscribe=One-Click"
 class TrackingWebTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        directory = self.mktemp()
+        directory = tempfile.mkdtemp(prefix="mailrelay-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
         self.signer = TokenSigner.from_key_file(f"{directory}/token.key")
         self.suppressions = SuppressionStore(f"{directory}/suppressions.sqlite")
         self.stats_store = StatsStore(f"{directory}/stats.sqlite")
