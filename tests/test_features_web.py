@@ -81,9 +81,16 @@ class TrackingWebTests(unittest.TestCase):
                 self.assertEqual(response.headers.getRawHeaders(b"location"), [target.encode()])
             else:
                 self.assertEqual(response.code, 404)
+        response, _ = yield self.request(b"GET", self.links.click_url(R, "https://shop.example/é"))
+        self.assertEqual(
+            response.headers.getRawHeaders(b"location"), [b"https://shop.example/%C3%A9"]
+        )
         totals = yield self.totals()
-        self.assertEqual(totals["clicks"], 2)
-        self.assertEqual([r.url for r in self.stats_store.tracked("acme")], [target, target])
+        self.assertEqual(totals["clicks"], 3)
+        self.assertEqual(
+            [r.url for r in self.stats_store.tracked("acme")],
+            [target, target, "https://shop.example/é"],
+        )
 
     @defer.inlineCallbacks
     def test_forged_and_wrong_kind_tokens_refused(self):

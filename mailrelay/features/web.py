@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import re
+from urllib.parse import quote
 
 from twisted.internet import threads
 from twisted.logger import Logger
@@ -27,6 +28,7 @@ GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00"
     b"\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 )
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>{title}</title></head>
@@ -106,7 +108,8 @@ class _Click(_TokenResource):
         if token is None or not _redirectable(token.url):
             return _error(request, http.NOT_FOUND)
         self.track(Event.CLICKS, token, token.url)
-        request.redirect(token.url.encode("utf-8"))
+        # Location is ASCII: an IRI's other characters are sent percent-encoded (RFC 3987).
+        request.redirect(quote(token.url, safe=_URL_SAFE).encode("ascii"))
         return b""
 
 
