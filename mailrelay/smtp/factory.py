@@ -21,6 +21,8 @@ class SubmissionFactory(ServerFactory):
     ISubmissionPolicy or None. Times are seconds; ``reactor`` gives the clock.
     """
 
+    protocol = SubmissionServer
+
     def __init__(
         self,
         portal,
@@ -62,7 +64,7 @@ class SubmissionFactory(ServerFactory):
         self.policy = policy
 
     def buildProtocol(self, addr) -> SubmissionServer:
-        return SubmissionServer(self)
+        return self.protocol(self)
 
 
 def wrap_listener_factory(

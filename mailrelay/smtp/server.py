@@ -217,8 +217,9 @@ class SubmissionServer(smtp.ESMTP):
     def _wait(self, d: Deferred) -> None:
         """Read no further command until ``d`` fires (at once if it already has)."""
         self._waiting = d
-        self.transport.pauseProducing()
-        self.setTimeout(None)
+        if not self._closing:
+            self.transport.pauseProducing()
+            self.setTimeout(None)
         d.addErrback(self._internal_error)
         d.addBoth(self._resume)
 

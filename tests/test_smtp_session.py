@@ -1,0 +1,609 @@
+"""The submission session byte by byte, over StringTransport with a Clock: commands, AUTH,
+transactions, policy hooks, pipelining behind Deferreds, limits and timeouts."""
+
+from __future__ import annotations
+
+import base64
+
+from test_smtp_support import (
+    HOST,
+    MemorySpool,
+    Session,
+    b64,
+    codes,
+    make_portal,
+    plain,
+)
+from twisted.internet.task import Clock, deferLater
+from twisted.trial import unittest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
+from mailrelay.smtp.factory import SubmissionFactory
+from mailrelay.smtp.reply import Reply
+
+TRANSACTION = (
+    b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+    b"From: a@doe.test\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
+)
+
+
+class CommandTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.s = Session(self.clock)
+
+    def test_greeting_and_ehlo(self) -> None:
+        s = Session(self.clock)
+        self.assertEqual(s.replies(), [f"220 {HOST} ESMTP mailrelay"])
+        self.assertEqual(s.send(b"EHLO client.test\r\n"), [
+            f"250-{HOST} Hello 192.0.2.7", "250-SIZE 52428800", "250-PIPELINING",
+            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250 AUTH PLAIN LOGIN",
+        ])
+
+    def test_no_auth_offered_or_accepted_in_plaintext_by_default(self) -> None:
+        s = Session(self.clock, plaintext_auth=False)
+        s.replies()
+        lines = s.send(b"EHLO client.test\r\n")
+        self.assertFalse([x for x in lines if "AUTH" in x])
+        self.assertEqual(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n"), [
+            "538 5.7.11 Encryption required for requested authentication mechanism"])
+        self.assertEqual(s.checker.seen, [])
+
+    def test_helo_and_simple_commands(self) -> None:
+        s = self.s
+        s.replies()
+        self.assertEqual(s.send(b"HELO client.test\r\n"), [f"250 {HOST} Hello 192.0.2.7"])
+        self.assertEqual(s.send(b"NOOP\r\n"), ["250 2.0.0 Ok"])
+        self.assertEqual(s.send(b"RSET\r\n"), ["250 2.0.0 Ok"])
+        self.assertEqual(codes(s.send(b"VRFY someone@example.net\r\n")), [252])
+        self.assertEqual(codes(s.send(b"VRFY\r\n")), [501])
+        self.assertEqual(codes(s.send(b"HELP\r\n")), [214])
+        self.assertEqual(codes(s.send(b"EHLO\r\n")), [501])
+        self.assertEqual(s.send(b"QUIT\r\n"), ["221 2.0.0 Bye"])
+        self.assertTrue(s.closed)
+
+    def test_garbage_verbs_never_crash(self) -> None:
+        s = self.s
+        s.replies()
+        for line in [b"\xc3\xa9HLO x", b"\xff\xfe", b"123", b"MAIL\x01FROM:<a@b.example>",
+                     b"EXPN list", b"DO_MAIL x", b"ext_AUTH PLAIN", b"BDAT 10 LAST", b"   "]:
+            lines = s.send(line + b"\r\n")
+            self.assertEqual(len(lines), 1, line)
+            self.assertTrue(lines[0].startswith("500 5.5."), (line, lines))
+        self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
+        self.assertFalse(s.closed)
+
+    def test_bare_newlines_and_nul_in_commands(self) -> None:
+        s = self.s
+        s.replies()
+        for line in [b"EHLO evil\nBcc: x@evil.example", b"EHLO evil\r", b"NOOP\rRSET",
+                     b"EHLO a\x00b"]:
+            self.assertEqual(s.send(line + b"\r\n"), ["500 5.5.2 Bare CR, LF or NUL in command"])
+        self.assertIsNone(s.proto.helo)
+
+    def test_long_command_line(self) -> None:
+        s = self.s
+        s.replies()
+        self.assertEqual(s.send(b"NOOP " + b"x" * 3000 + b"\r\n"), ["500 5.5.2 Line too long"])
+        self.assertFalse(s.closed)
+        s.send(b"NOOP " + b"x" * 20000)  # unterminated: the buffer is capped, then closed
+        self.assertTrue(s.closed)
+        self.assertLessEqual(s.proto.buffered, 20005)
+
+    def test_error_limit_closes(self) -> None:
+        s = self.s
+        s.replies()
+        lines = s.send(b"BOGUS\r\n" * 25)
+        self.assertEqual(lines[-1], "421 4.7.0 Too many errors, closing connection")
+        self.assertEqual(len(lines), 22)
+        self.assertTrue(s.closed)
+
+    def test_junk_limit_closes(self) -> None:
+        s = self.s
+        s.replies()
+        lines = s.send(b"NOOP\r\n" * 101)
+        self.assertEqual(codes(lines), [250] * 100 + [421])
+        self.assertTrue(s.closed)
+
+
+class AuthTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.s = Session(self.clock)
+        self.s.send(b"EHLO client.test\r\n")
+
+    def test_plain_initial_response(self) -> None:
+        self.assertEqual(self.s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n"),
+                         ["235 2.7.0 Authentication successful"])
+        self.assertEqual(self.s.checker.seen, [("doe.test", "192.0.2.7", False)])
+
+    def test_plain_continuation(self) -> None:
+        self.assertEqual(self.s.send(b"AUTH PLAIN\r\n"), ["334 "])
+        self.assertEqual(codes(self.s.send(plain("doe.test") + b"\r\n")), [235])
+
+    def test_plain_authzid(self) -> None:
+        line = b"AUTH PLAIN " + plain("doe.test", authzid="doe.test") + b"\r\n"
+        self.assertEqual(codes(self.s.send(line)), [235])
+        s = Session(self.clock)
+        s.send(b"EHLO c.test\r\n")
+        line = b"AUTH PLAIN " + plain("doe.test", authzid="john@shop.test") + b"\r\n"
+        self.assertEqual(s.send(line), ["535 5.7.8 Authentication credentials invalid"])
+        self.assertEqual(s.checker.seen, [])
+
+    def test_login_mechanism(self) -> None:
+        s = self.s
+        self.assertEqual(s.send(b"AUTH LOGIN\r\n"), ["334 VXNlcm5hbWU6"])
+        self.assertEqual(s.send(b64("john@shop.test") + b"\r\n"), ["334 UGFzc3dvcmQ6"])
+        self.assertEqual(codes(s.send(b64("correct horse battery") + b"\r\n")), [235])
+        s2 = Session(self.clock)
+        s2.send(b"EHLO c.test\r\n")
+        self.assertEqual(s2.send(b"AUTH login " + b64("doe.test") + b"\r\n"),
+                         ["334 UGFzc3dvcmQ6"])
+        self.assertEqual(codes(s2.send(b64("wrong") + b"\r\n")), [535])
+
+    def test_wrong_password_and_unknown_user_read_the_same(self) -> None:
+        wrong = self.s.send(b"AUTH PLAIN " + plain("doe.test", "nope") + b"\r\n")
+        unknown = self.s.send(b"AUTH PLAIN " + plain("nobody.test") + b"\r\n")
+        self.assertEqual(wrong, unknown)
+        self.assertEqual(wrong, ["535 5.7.8 Authentication credentials invalid"])
+
+    def test_three_failures_close(self) -> None:
+        lines = self.s.send(b"AUTH PLAIN " + plain("doe.test", "x") + b"\r\n" * 1)
+        lines += self.s.send(b"AUTH PLAIN " + plain("doe.test", "y") + b"\r\n")
+        lines += self.s.send(b"AUTH PLAIN " + plain("doe.test", "z") + b"\r\n")
+        self.assertEqual(codes(lines), [535, 535, 535, 421])
+        self.assertTrue(self.s.closed)
+
+    def test_malformed_input_is_501_never_a_drop(self) -> None:
+        s = self.s
+        cases = [
+            b"AUTH",
+            b"AUTH PLAIN =",
+            b"AUTH PLAIN !!!!",
+            b"AUTH PLAIN AGFsaWNl",  # 2 parts
+            b"AUTH PLAIN AGFs!*~aWNl$",  # junk inside base64
+            b"AUTH PLAIN AGFsaWNlA",  # bad padding
+            b"AUTH PLAIN " + b64("a\0b\0c\0d"),
+            b"AUTH PLAIN " + base64.b64encode(b"\0\xff\0x"),  # not UTF-8
+            b"AUTH PLAIN " + b64("\0us\ner\0pw"),
+            b"AUTH PLAIN " + b"QUFB" * 2000,
+        ]
+        for line in cases:
+            lines = s.send(line + b"\r\n")
+            self.assertEqual(len(lines), 1, line)
+            self.assertTrue(lines[0].startswith("501 5.5."), (line, lines))
+        self.assertEqual(s.send(b"AUTH PLAIN\r\n"), ["334 "])
+        self.assertEqual(s.send(b"not base64!\r\n"), ["501 5.5.2 Invalid base64 data"])
+        self.assertEqual(s.send(b"AUTH LOGIN\r\n"), ["334 VXNlcm5hbWU6"])
+        self.assertEqual(s.send(b"*\r\n"), ["501 5.0.0 Authentication cancelled"])
+        self.assertEqual(codes(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")), [235])
+        self.assertEqual(s.checker.seen, [("doe.test", "192.0.2.7", False)])
+
+    def test_overlong_auth_line(self) -> None:
+        lines = self.s.send(b"AUTH PLAIN " + b"A" * 13000 + b"\r\n")
+        self.assertEqual(lines, ["500 5.5.2 Line too long"])
+
+    def test_unknown_mechanism_and_ordering(self) -> None:
+        s = self.s
+        self.assertEqual(s.send(b"AUTH CRAM-MD5\r\n"),
+                         ["504 5.5.4 Unrecognized authentication mechanism"])
+        s.login()
+        self.assertEqual(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n"),
+                         ["503 5.5.1 Already authenticated"])
+        fresh = Session(self.clock)
+        fresh.replies()
+        self.assertEqual(fresh.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n"),
+                         ["503 5.5.1 Send EHLO first"])
+
+    def test_directory_unavailable_is_temporary(self) -> None:
+        self.assertEqual(self.s.send(b"AUTH PLAIN " + plain("ldapdown.test") + b"\r\n"),
+                         ["454 4.7.0 Temporary authentication failure"])
+        self.assertFalse(self.s.closed)
+
+
+class TransactionTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.s = Session(self.clock)
+        self.s.replies()
+
+    def test_unauthenticated_mail_rcpt_data(self) -> None:
+        s = self.s
+        s.send(b"EHLO client.test\r\n")
+        self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n"),
+                         ["530 5.7.0 Authentication required"])
+        self.assertEqual(s.send(b"RCPT TO:<victim@example.net>\r\n"),
+                         ["530 5.7.0 Authentication required"])
+        self.assertEqual(codes(s.send(b"DATA\r\n")), [530])
+        self.assertEqual(s.spool.created, [])
+
+    def test_accepted_message_and_envelope(self) -> None:
+        s = Session(self.clock, ip="192.0.2.9")
+        s.login("webapp")
+        lines = s.send(b"MAIL FROM:<news@shop.test> BODY=8BITMIME SIZE=300 AUTH=<>\r\n"
+                       b"RCPT TO:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n"
+                       b"RCPT TO:<a@example.net>\r\nDATA\r\n"
+                       b"From: News <news@shop.test>\r\n\r\nhi\r\n.\r\n")
+        message = s.spool.created[0]
+        self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {message.id}")
+        env = message.envelope
+        self.assertEqual((env.sender, env.recipients, env.user, env.account, env.client_ip,
+                          env.helo, env.tls, env.received_at, env.priority, env.sandboxed,
+                          env.bounce_to),
+                         ("news@shop.test", ["a@example.net", "b@example.org"], "webapp",
+                          "default", "192.0.2.9", "client.test", False, 1_700_000_000, 3,
+                          False, "ops@other.test"))
+        self.assertTrue(bytes(message.data).startswith(
+            b"Received: from client.test ([192.0.2.9])\r\n"
+            b"\tby relay.test (mailrelay) with ESMTPA id " + message.id.encode() + b";\r\n"
+            b"\tTue, 14 Nov 2023 22:13:20 +0000\r\nFrom: News <news@shop.test>\r\n"))
+
+    def test_mail_parameters(self) -> None:
+        s = self.s
+        s.login()
+        for line, reply in [
+            (b"MAIL FROM:<a@doe.test> SIZE=52428801", "552 5.3.4"),
+            (b"MAIL FROM:<a@doe.test> SIZE=x", "501 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> BODY=BINARYMIME", "501 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> SMTPUTF8", "555 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> RET=HDRS", "555 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> SIZE=1 SIZE=2", "501 5.5.4"),
+            (b"MAIL FROM:<postmaster>", "501 5.1.7"),
+            (b"MAIL FROM:<a@localhost>", "501 5.1.7"),
+            (b"MAIL FROM:<a@[127.0.0.1]>", "501 5.1.7"),
+            (b"MAIL FROM:<@relay.example:a@doe.test>", "501 5.1.7"),
+            (b"MAIL FROM:<" + b"a" * 65 + b"@doe.test>", "501 5.1.7"),
+            (b"MAIL FROM:<\"a\tb\"@doe.test>", "501 5.1.7"),
+            (b"MAIL FROM:<a\xc3\xa9@doe.test>", "501 5.1.7"),
+            (b"MAIL TO:<a@doe.test>", "501 5.5.4"),
+            (b"MAIL FROM:<>", "550 5.7.1"),
+        ]:
+            lines = s.send(line + b"\r\n")
+            self.assertEqual(len(lines), 1, line)
+            self.assertTrue(lines[0].startswith(reply), (line, lines))
+        self.assertEqual(s.send(b"MAIL FROM:<A@Doe.Test> SIZE=52428800\r\n"), ["250 2.1.0 Ok"])
+        self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n"), ["503 5.5.1 Nested MAIL command"])
+        for line, reply in [
+            (b"RCPT TO:<postmaster>", "501 5.1.3"),
+            (b"RCPT TO:<>", "501 5.1.3"),
+            (b"RCPT TO:<x@example.net> NOTIFY=NEVER", "555 5.5.4"),
+            (b"RCPT TO:<x@" + b"d" * 250 + b".net>", "501 5.1.3"),
+        ]:
+            self.assertTrue(s.send(line + b"\r\n")[0].startswith(reply), line)
+        self.assertEqual(codes(s.send(b"DATA\r\n")), [554])
+        self.assertEqual(codes(s.send(b"RSET\r\nRCPT TO:<x@example.net>\r\nDATA\r\n")),
+                         [250, 503, 503])
+
+    def test_blocked_null_sender_and_scope_replies(self) -> None:
+        s = self.s
+        s.login("blocked.test")
+        self.assertEqual(s.send(b"MAIL FROM:<a@blocked.test>\r\n"),
+                         ["550 5.7.1 user blocked.test is blocked"])
+        s2 = Session(self.clock)
+        s2.login("john@shop.test")
+        self.assertEqual(s2.send(b"MAIL FROM:<other@shop.test>\r\n"), [
+            "550 5.7.1 Sender address <other@shop.test> not allowed for user john@shop.test"])
+        self.assertEqual(s2.send(b"MAIL FROM:<>\r\n"), [
+            "550 5.7.1 the null sender <> is not allowed for user john@shop.test"])
+
+    def test_header_from_checked(self) -> None:
+        s = self.s
+        s.login()
+        for header, reply in [
+            (b"From: boss@victim.example", "550 5.7.1 From: header address boss@victim.example "
+             "not allowed for user doe.test"),
+            (b"From: a@doe.test, boss@victim.example", "550 5.7.1 From: header address "
+             "boss@victim.example"),
+            (b"From: a@doe.test\r\nFrom: boss@victim.example", "550 5.6.0 Message has more"),
+            (b"From: a@doe.test <boss@victim.example>", "550 5.6.0 Malformed From: header"),
+            (b"Subject: no from", "550 5.6.0 Message has no From: header"),
+            (b"From: a@sub.doe.test", "550 5.7.1 From: header address a@sub.doe.test"),
+        ]:
+            lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                           + header + b"\r\n\r\nbody\r\n.\r\n")
+            self.assertTrue(lines[-1].startswith(reply), (header, lines))
+            self.assertEqual(s.spool.created[-1].state, "aborted")
+        lines = s.send(TRANSACTION.replace(b"From: a@doe.test", b'From: "Boss" <A@DOE.test>'))
+        self.assertEqual(codes(lines)[-1], 250)
+
+    def test_sandboxed_and_priority(self) -> None:
+        s = self.s
+        s.login("sandbox.test")
+        s.send(TRANSACTION.replace(b"doe.test", b"sandbox.test"))
+        self.assertTrue(s.spool.committed[0].envelope.sandboxed)
+        s2 = Session(self.clock)
+        s2.login("john@shop.test")
+        s2.send(TRANSACTION.replace(b"a@doe.test", b"john@shop.test"))
+        env = s2.spool.committed[0].envelope
+        self.assertEqual((env.priority, env.sandboxed, env.bounce_to), (2, False, None))
+
+    def test_recipient_limit(self) -> None:
+        s = Session(self.clock, max_recipients=3)
+        s.login()
+        lines = s.send(b"MAIL FROM:<a@doe.test>\r\n" + b"".join(
+            b"RCPT TO:<r%d@example.net>\r\n" % i for i in range(5)))
+        self.assertEqual(codes(lines), [250, 250, 250, 250, 452, 452])
+        self.assertEqual(lines[-1], "452 4.5.3 Too many recipients")
+
+    def test_messages_per_connection(self) -> None:
+        s = Session(self.clock, max_messages_per_connection=2)
+        s.login()
+        self.assertEqual(codes(s.send(TRANSACTION * 2))[-1], 250)
+        self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n"), [
+            "451 4.7.0 Too many messages on this connection, reconnect and retry"])
+        self.assertEqual(len(s.spool.committed), 2)
+
+    def test_refused_data_with_pipelined_body_drops_the_connection(self) -> None:
+        s = self.s
+        s.login()
+        lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<bad>\r\nDATA\r\n"
+                       b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<x@example.net>\r\nQUIT\r\n")
+        self.assertEqual(codes(lines), [250, 501, 554])
+        self.assertTrue(s.closed)
+        self.assertEqual(s.spool.created, [])
+
+    def test_commit_failures_are_temporary(self) -> None:
+        s = self.s
+        s.login()
+        s.spool.hold = True
+        lines = s.send(TRANSACTION + b"NOOP\r\n")
+        self.assertEqual(codes(lines), [250, 250, 354])  # nothing until the commit fires
+        s.spool.created[0].commit_deferred.errback(OSError(5, "I/O error"))
+        self.assertEqual(s.replies(), [
+            "451 4.3.0 Local error in processing, try again later", "250 2.0.0 Ok"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        s.send(TRANSACTION)
+        s.spool.created[1].commit_deferred.errback(
+            Reply(452, "4.3.1", "Insufficient system storage"))
+        self.assertEqual(s.replies(), ["452 4.3.1 Insufficient system storage"])
+        s.send(TRANSACTION)
+        s.spool.created[2].commit_deferred.errback(Reply(550, "5.0.0", "odd"))
+        self.assertEqual(codes(s.replies()), [451])
+
+    def test_client_vanishing_mid_data_aborts(self) -> None:
+        s = self.s
+        s.login()
+        s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\nFrom: a@doe")
+        s.lose()
+        self.assertEqual(s.spool.created[0].state, "aborted")
+        self.assertEqual(s.realm.logouts, 1)
+
+    def test_ip_authentication(self) -> None:
+        portal, checker, realm = make_portal({"192.0.2.50": "webapp"})
+        s = Session(self.clock, portal=portal, ip="192.0.2.50")
+        s.send(b"EHLO app.test\r\n")
+        lines = s.send(TRANSACTION.replace(b"a@doe.test", b"x@other.test"))
+        self.assertEqual(codes(lines)[-1], 250)
+        message = s.spool.committed[0]
+        self.assertEqual(message.envelope.user, "webapp")
+        self.assertIn(b"with ESMTP id", bytes(message.data))
+        self.assertEqual(codes(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")), [235])
+        other = Session(self.clock, portal=portal, ip="192.0.2.51")
+        other.send(b"EHLO app.test\r\n")
+        self.assertEqual(codes(other.send(b"MAIL FROM:<x@other.test>\r\n")), [530])
+
+
+@implementer(ISubmissionPolicy)
+class RecordingPolicy:
+    """Records every hook. ``refuse[name]`` is a Reply the hook raises, or a callable whose
+    result it returns (a delay); with ``delay`` every answer comes that much later."""
+
+    def __init__(self, clock, delay: float = 0.0, refuse: dict | None = None) -> None:
+        self.clock = clock
+        self.delay = delay
+        self.refuse = refuse or {}
+        self.calls: list[tuple] = []
+
+    def connect(self, client_ip):
+        self.calls.append(("connect", client_ip))
+        return self.answer("connect", SessionPolicy(self))
+
+    def answer(self, name, value=None):
+        refusal = self.refuse.get(name)
+
+        def result():
+            if isinstance(refusal, Reply):
+                raise refusal
+            return refusal() if callable(refusal) else value
+
+        if not self.delay:
+            return result()
+        return deferLater(self.clock, self.delay, result)
+
+
+@implementer(ISessionPolicy)
+class SessionPolicy:
+    def __init__(self, parent: RecordingPolicy) -> None:
+        self.parent = parent
+
+    def _call(self, name, *shown):
+        self.parent.calls.append((name, *shown))
+        return self.parent.answer(name)
+
+    def authAttempt(self, username):
+        return self._call("authAttempt", username)
+
+    def authFailed(self, username):
+        return self._call("authFailed", username)
+
+    def authSucceeded(self, avatar):
+        return self._call("authSucceeded", avatar.user.username)
+
+    def mailFrom(self, avatar, sender):
+        return self._call("mailFrom", sender)
+
+    def senderRefused(self, avatar, address, header):
+        return self._call("senderRefused", address, header)
+
+    def rcptTo(self, avatar, recipient, count):
+        return self._call("rcptTo", recipient, count)
+
+    def data(self, avatar, envelope):
+        return self._call("data", envelope.id)
+
+    def accepted(self, avatar, envelope):
+        return self._call("accepted", envelope.id)
+
+    def reset(self):
+        return self._call("reset")
+
+    def disconnect(self):
+        return self._call("disconnect")
+
+
+class PolicyTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def session(self, **kw) -> tuple[Session, RecordingPolicy]:
+        policy = RecordingPolicy(self.clock, **kw)
+        return Session(self.clock, policy=policy), policy
+
+    def test_hooks_in_order(self) -> None:
+        s, policy = self.session()
+        s.send(b"EHLO c.test\r\nAUTH PLAIN " + plain("doe.test", "bad") + b"\r\n")
+        s.login()
+        lines = s.send(b"MAIL FROM:<x@evil.example>\r\n" + TRANSACTION +
+                       b"MAIL FROM:<a@doe.test>\r\nRSET\r\n")
+        self.assertEqual(codes(lines), [550, 250, 250, 354, 250, 250, 250])
+        s.lose()
+        queue_id = s.spool.created[0].id
+        self.assertEqual(policy.calls, [
+            ("connect", "192.0.2.7"),
+            ("authAttempt", "doe.test"), ("authFailed", "doe.test"),
+            ("authAttempt", "doe.test"), ("authSucceeded", "doe.test"),
+            ("senderRefused", "x@evil.example", False),
+            ("mailFrom", "a@doe.test"), ("rcptTo", "r@example.net", 0),
+            ("data", queue_id), ("accepted", queue_id),
+            ("mailFrom", "a@doe.test"), ("reset",),
+            ("disconnect",),
+        ])
+
+    def test_header_refusal_notifies_and_resets(self) -> None:
+        s, policy = self.session()
+        s.login()
+        s.send(TRANSACTION.replace(b"From: a@doe.test", b"From: ceo@victim.example"))
+        self.assertIn(("senderRefused", "ceo@victim.example", True), policy.calls)
+        self.assertEqual(policy.calls[-1], ("reset",))
+
+    def test_refused_connection(self) -> None:
+        s, policy = self.session(refuse={"connect": Reply(421, "4.7.0", "too many")})
+        self.assertEqual(s.replies(), ["421 4.7.0 too many"])
+        self.assertTrue(s.closed)
+
+    def test_pipelined_transaction_waits_for_each_deferred(self) -> None:
+        s, policy = self.session(delay=1.0)
+        self.clock.advance(1)  # the greeting waits for connect()
+        s.send(b"EHLO c.test\r\n")
+        s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")
+        self.clock.advance(1)  # authAttempt
+        self.clock.advance(1)  # authSucceeded
+        s.replies()
+        data = (b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r1@example.net>\r\n"
+                b"RCPT TO:<r2@example.net>\r\nDATA\r\nFrom: a@doe.test\r\n\r\n"
+                b"MAIL FROM:<ceo@victim.example>\r\nQUIT\r\n.\r\nNOOP\r\nQUIT\r\n")
+        self.assertEqual(s.send(data), [])  # mailFrom is pending: nothing else ran
+        self.assertTrue(s.transport.producerState == "paused")
+        for _ in range(5):
+            self.clock.advance(1)
+        lines = s.replies()
+        self.assertEqual(codes(lines), [250, 250, 250, 354, 250, 250, 221])
+        self.assertIn(b"\r\nMAIL FROM:<ceo@victim.example>\r\nQUIT\r\n",
+                      bytes(s.spool.committed[0].data))
+
+    def test_auth_delays_and_blocks(self) -> None:
+        s, policy = self.session(refuse={"authAttempt": lambda: 5, "authFailed": lambda: 2})
+        s.send(b"EHLO c.test\r\n")
+        self.assertEqual(s.send(b"AUTH PLAIN " + plain("doe.test", "bad") + b"\r\n"), [])
+        self.clock.advance(5)
+        self.assertEqual(s.replies(), [])
+        self.clock.advance(2)
+        self.assertEqual(codes(s.replies()), [535])
+        s2, _ = self.session(refuse={"authAttempt": Reply(421, "4.7.0", "blocked")})
+        s2.send(b"EHLO c.test\r\n")
+        self.assertEqual(s2.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")[-1],
+                         "421 4.7.0 blocked")
+        self.assertTrue(s2.closed)
+        self.assertEqual(s2.checker.seen, [])
+
+    def test_login_refused_by_policy_stays_unauthenticated(self) -> None:
+        s, policy = self.session(refuse={"authSucceeded": Reply(454, "4.7.0", "busy")})
+        s.send(b"EHLO c.test\r\n")
+        self.assertEqual(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n"),
+                         ["454 4.7.0 busy"])
+        self.assertEqual(codes(s.send(b"MAIL FROM:<a@doe.test>\r\n")), [530])
+        self.assertEqual(s.realm.logouts, 1)
+
+    def test_policy_refusals_at_each_step(self) -> None:
+        for step, count in [("mailFrom", 1), ("rcptTo", 2), ("data", 4)]:
+            s, policy = self.session(refuse={step: Reply(451, "4.7.1", "rate limit")})
+            s.login()
+            lines = s.send(TRANSACTION)
+            self.assertEqual(lines[count - 1], "451 4.7.1 rate limit", step)
+            self.assertEqual(s.spool.committed, [])
+
+    def test_factory_checks_its_collaborators(self) -> None:
+        verifyObject(ISubmissionPolicy, RecordingPolicy(self.clock))
+        verifyObject(ISessionPolicy, SessionPolicy(RecordingPolicy(self.clock)))
+        portal = make_portal()[0]
+        with self.assertRaises(TypeError):
+            SubmissionFactory(portal, object(), HOST, None, "none", True)
+        with self.assertRaises(TypeError):
+            SubmissionFactory(portal, MemorySpool(), HOST, None, "none", True, policy=object())
+        with self.assertRaises(ValueError):
+            SubmissionFactory(portal, MemorySpool(), HOST, None, "starttls", False)
+        with self.assertRaises(ValueError):
+            SubmissionFactory(portal, MemorySpool(), HOST, None, "tls", False)
+
+
+class TimeoutTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_idle_timeout(self) -> None:
+        s = Session(self.clock, idle_timeout=300)
+        s.replies()
+        self.clock.advance(299)
+        self.assertEqual(s.send(b"NOOP\r\n"), ["250 2.0.0 Ok"])
+        for _ in range(2):  # a partial line is not activity
+            self.clock.advance(100)
+            self.assertEqual(s.send(b"N"), [])
+        self.clock.advance(100)
+        self.assertEqual(s.replies(), [f"421 4.4.2 {HOST} Error: timeout exceeded"])
+        self.assertTrue(s.closed)
+
+    def test_data_idle_and_total_timeouts(self) -> None:
+        s = Session(self.clock, idle_timeout=300, data_timeout=600)
+        s.login()
+        s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        for _ in range(2):  # slow drip: a byte every 250 s keeps it idle-alive
+            self.clock.advance(250)
+            s.send(b"x")
+        self.assertFalse(s.closed)
+        self.clock.advance(100)
+        self.assertEqual(s.replies(), [f"421 4.4.2 {HOST} Error: DATA timeout exceeded"])
+        self.assertTrue(s.closed)
+        s.lose()
+        self.assertEqual(s.spool.created[0].state, "aborted")
+        s2 = Session(self.clock, idle_timeout=300, data_timeout=600)
+        s2.login()
+        s2.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\nFrom: a")
+        self.clock.advance(300)
+        self.assertEqual(codes(s2.replies()), [421])
+        s2.lose()
+        self.assertEqual(s2.spool.created[0].state, "aborted")
+
+    def test_no_timeout_while_committing(self) -> None:
+        s = Session(self.clock, idle_timeout=300)
+        s.login()
+        s.spool.hold = True
+        s.send(TRANSACTION)
+        self.clock.advance(1000)
+        self.assertFalse(s.closed)
+        s.spool.created[0].commit_deferred.callback(s.spool.created[0].id)
+        self.assertEqual(codes(s.replies()), [250])
+        self.clock.advance(300)
+        self.assertTrue(s.closed)
