@@ -35,4 +35,5 @@ class MailRelayServiceMaker:
             raise SystemExit(1)
 
 
-serviceMaker = MailRelayServiceMaker()
+# twistd finds the plugin by the interfaces it provides, not by this name.
+service_maker = MailRelayServiceMaker()
