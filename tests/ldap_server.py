@@ -90,7 +90,7 @@ def _config_ldif(directory: Path, tls: TlsFiles | None) -> str:
 dn: cn=config
 objectClass: olcGlobal
 cn: config
-olcPidFile: {directory}/slapd.pid
+olcPidFile: {directory / "slapd.pid"}
 {tls_lines}
 dn: cn=module{{0}},cn=config
 objectClass: olcModuleList
@@ -287,6 +287,10 @@ class Slapd:
         )
 
     @property
+    def _pid_file(self) -> Path:
+        return self.directory / "slapd.pid"
+
+    @property
     def _log(self) -> Path:
         return self.directory / "slapd.log"
 
@@ -314,6 +318,13 @@ class Slapd:
         raise SlapdError(f"slapd on {self.uri} did not answer; see {self._log}")
 
     def _answers(self) -> bool:
+        # Our slapd writes its PID file once it listens: until then, whatever answers on
+        # the port (another test's server that took it) is not ours.
+        try:
+            if self._pid_file.read_text().strip() != str(self._process.pid):
+                return False
+        except OSError:
+            return False
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
         except OSError:

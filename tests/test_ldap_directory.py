@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 
@@ -23,9 +24,9 @@ from tests.ldap_server import (
     BASE_DN,
     EXAMPLE_PASSWORDS,
     SERVICE_DN,
+    SERVICE_PASSWORD,
     USERS_DN,
     Slapd,
-    free_port,
 )
 
 TTL = 60.0
@@ -68,6 +69,14 @@ class SlapdTestCase(unittest.TestCase):
         directory = LdapDirectory(uris, base_dn, **settings)
         self.addCleanup(directory.close)
         return directory
+
+    def refused_uri(self) -> str:
+        """An ldap:// URI nothing answers on: its port stays bound, never listening, for
+        the whole test, so no other test's server can take it."""
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        self.addCleanup(holder.close)
+        return f"ldap://127.0.0.1:{holder.getsockname()[1]}"
 
     def add_user(self, uid: str, userPassword: str, **attributes) -> str:
         """An extra SMTP user."""
@@ -369,14 +378,14 @@ class CheckTests(SlapdTestCase):
 
     @defer.inlineCallbacks
     def test_unreachable(self):
-        uri = f"ldap://127.0.0.1:{free_port()}"
+        uri = self.refused_uri()
         e = yield self.assertFailure(self.directory(uris=[uri]).check(), DirectoryUnavailable)
         self.assertIn(f"LDAP server unreachable: {uri}: ", str(e))
         self.assertNotIsInstance(e, LdapConfigError)
 
     @defer.inlineCallbacks
     def test_second_uri_used_when_first_is_down(self):
-        down = f"ldap://127.0.0.1:{free_port()}"
+        down = self.refused_uri()
         directory = self.directory(uris=[down, self.slapd.uri])
         yield directory.check()
         user = yield directory.authenticate("doe.test", EXAMPLE_PASSWORDS["doe.test"])
@@ -403,6 +412,24 @@ class CheckTests(SlapdTestCase):
             with self.assertRaises(ValueError) as raised:
                 self.directory(**overrides)
             self.assertIn(text, str(raised.exception))
+
+    @defer.inlineCallbacks
+    def test_from_the_configuration_file(self):
+        from mailrelay.config import load_config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                "[directory]\nbackend = ldap\n[ldap]\n"
+                f"uris = {self.slapd.uri}\nbase_dn = {BASE_DN}\n"
+                f"bind_dn = {SERVICE_DN}\nbind_password = {SERVICE_PASSWORD}\n"
+                "password_mode = compare\ncache_ttl = 5s\ntimeout = 2s\n"
+            )
+        directory = LdapDirectory.from_config(load_config(path).ldap, clock=self.clock)
+        self.addCleanup(directory.close)
+        yield directory.check()
+        user = yield directory.authenticate("doe.test", EXAMPLE_PASSWORDS["doe.test"])
+        self.assertEqual(user.username, "doe.test")
 
     @defer.inlineCallbacks
     def test_configured_attribute_names(self):
