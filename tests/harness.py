@@ -7,6 +7,7 @@ starts the daemon, talks to it with real clients (smtplib, swaks) and stops it b
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -24,6 +25,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def twistd() -> str:
+    """The twistd script installed beside this Python (the venv's, in ./test.sh)."""
+    beside = Path(sys.executable).with_name("twistd")
+    found = str(beside) if beside.exists() else shutil.which("twistd")
+    assert found, "twistd is not installed"
+    return found
 
 
 def env() -> dict[str, str]:
@@ -81,7 +90,7 @@ class Relay:
 
     # ---- the daemon ----
     def start(self, wait: bool = True) -> None:
-        cmd = [sys.executable, "-m", "twisted", "-n", "--pidfile=", f"--logfile={self.log_path}",
+        cmd = [twistd(), "-n", "--pidfile=", f"--logfile={self.log_path}",
                "mailrelay", "--config", str(self.config_path)]
         self.stderr_path = self.dir / "twistd.stderr"
         with open(self.stderr_path, "ab") as err:
