@@ -8,12 +8,14 @@ to: ``etc/ldap/mailrelay-schema.ldif`` with ``ldapadd`` into cn=config and
 Usage, from pytest, trial or a script::
 
     server = start_slapd(tmp_dir)          # started and answering
-    server.settings()                       # uri, base_dn, bind_dn, bind_password, ...
+    server.settings()                       # uris, base_dn, bind_dn, bind_password, ca_file
+    server.config_text(cache_ttl="1s")      # the same as an [ldap] section for mailrelay.ini
     server.stop(); server.start()           # LDAP down, then back on the same port
     server.pause(); server.resume()         # LDAP accepting connections but not answering
     server.close()                          # stops it; the caller removes tmp_dir
 
-Or by hand: ``python tests/ldap_server.py DIR`` runs one until interrupted.
+Or by hand: ``python tests/ldap_server.py DIR`` prints its [ldap] section and runs until
+interrupted.
 
 Only the slapd this object started is ever signalled, by its PID.
 """
@@ -220,6 +222,21 @@ class Slapd:
             "ca_file": str(self.tls.ca) if self.tls else None,
         }
 
+    def config_text(self, **extra: str) -> str:
+        """An ``[ldap]`` section of mailrelay.ini for this server (plus ``extra`` keys)."""
+        settings = self.settings()
+        lines = [
+            "[ldap]",
+            f"uris = {' '.join(settings['uris'])}",
+            f"base_dn = {settings['base_dn']}",
+            f"bind_dn = {settings['bind_dn']}",
+            f"bind_password = {settings['bind_password']}",
+        ]
+        if settings["ca_file"]:
+            lines.append(f"ca_file = {settings['ca_file']}")
+        lines += [f"{key} = {value}" for key, value in extra.items()]
+        return "\n".join(lines) + "\n"
+
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -400,6 +417,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
     with Slapd(sys.argv[1]) as running:
-        print(running.settings(), flush=True)
+        print(running.config_text(), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             running._process.wait()

@@ -24,7 +24,6 @@ from tests.ldap_server import (
     BASE_DN,
     EXAMPLE_PASSWORDS,
     SERVICE_DN,
-    SERVICE_PASSWORD,
     USERS_DN,
     Slapd,
 )
@@ -419,12 +418,8 @@ class CheckTests(SlapdTestCase):
 
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write(
-                "[directory]\nbackend = ldap\n[ldap]\n"
-                f"uris = {self.slapd.uri}\nbase_dn = {BASE_DN}\n"
-                f"bind_dn = {SERVICE_DN}\nbind_password = {SERVICE_PASSWORD}\n"
-                "password_mode = compare\ncache_ttl = 5s\ntimeout = 2s\n"
-            )
+            f.write("[directory]\nbackend = ldap\n")
+            f.write(self.slapd.config_text(password_mode="compare", cache_ttl="5s", timeout="2s"))
         directory = LdapDirectory.from_config(load_config(path).ldap, clock=self.clock)
         self.addCleanup(directory.close)
         yield directory.check()
