@@ -6,10 +6,12 @@ listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> 
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from mailrelay.config import Config
@@ -19,6 +21,30 @@ log = Logger()
 
 class StartupError(Exception):
     """Something outside the config file prevents startup (unreadable key, bad LDAP bind)."""
+
+
+class ListenerService(StreamServerEndpointService):
+    """A listener whose port must be bound at startup: failing that stops twistd with one
+    line naming the listener (not a traceback)."""
+
+    def __init__(self, listener, endpoint, factory) -> None:
+        super().__init__(endpoint, factory)
+        self.setName(f"listener:{listener.name}")
+        self.listener = listener
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            # twistd has redirected sys.stderr into its log by now; the admin needs it on
+            # the terminal too.
+            message = (f"mailrelay: [listener:{self.listener.name}] endpoint "
+                       f"{self.listener.endpoint}: cannot listen: {reason}")
+            log.critical("{message}", message=message)
+            print(message, file=sys.__stderr__)
+            raise SystemExit(1)
 
 
 class DeliveryService(Service):
@@ -89,12 +115,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
             reactor=reactor,
         )
         endpoint = endpoints.serverFromString(reactor, listener.endpoint)
-        svc = StreamServerEndpointService(
-            endpoint, wrap_listener_factory(factory, listener.tls, tls_options)
-        )
-        svc.setName(f"listener:{listener.name}")
-        svc._raiseSynchronously = True  # a port that cannot be bound stops startup
-        svc.setServiceParent(top)
+        wrapped = wrap_listener_factory(factory, listener.tls, tls_options)
+        ListenerService(listener, endpoint, wrapped).setServiceParent(top)
     return top
 
 
