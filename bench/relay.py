@@ -90,12 +90,12 @@ class MailRelayInstance:
                          "smarthost": f"{host}:{self.sink_port}", "smarthost_tls": "none",
                          "smarthost_verify": "no", "max_concurrency": "20",
                          "max_per_host": "20", "retry_first": "5s", "retry_max": "10s"},
-            # The bench's load comes from one address at rates no real client reaches.
-            "limits": {"max_message_size": "50M"},
-            "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}",
-                       "max_connections": "0", "max_connections_per_ip": "0",
-                       "max_connections_per_user": "0"},
-            "bruteforce": {"delay_after": "0"},
+            # The bench's load comes from one address and a few users at rates no real
+            # client reaches: connection and rate limits off (0).
+            "limits": {"max_message_size": "50M", "max_connections": "0",
+                       "max_connections_per_ip": "0", "max_connections_per_user": "0",
+                       "rate_per_hour": "0", "rate_per_minute": "0"},
+            "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}"},
         }
 
     def configure(self, delivery: bool = True) -> None:
@@ -166,8 +166,9 @@ class MailRelayInstance:
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mailrelay exited ({self.proc.returncode}):\n"
-                                   f"{self.log_tail()}")
+                tail = self.log_tail()
+                last = tail.strip().splitlines()[-1] if tail.strip() else ""
+                raise RuntimeError(f"mailrelay exited ({self.proc.returncode}): {last}\n{tail}")
             try:
                 procs.wait_banner(self.plain_port, min(0.5, deadline - time.monotonic()))
                 return time.monotonic() - t0

@@ -45,6 +45,10 @@ def machine() -> str:
             f"temp dir on {' '.join(disk)}")
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -99,8 +103,9 @@ def measure_round(server, m: Measure, figs: list[Figure]) -> dict[str, Value]:
         else:
             guard(key, lambda mode=mode, c=int(conns[1:]), p=int(per[1:]): m.accept(mode, c, p))
     guard("e2e.rate", m.end_to_end)
-    guard("mem.sessions", m.memory_sessions)
+    # The big message first: the sessions figure leaves idle processes behind in Postfix.
     guard("mem.big", m.memory_big)
+    guard("mem.sessions", m.memory_sessions)
     guard("login.one", lambda: m.logins(False))
     guard("login.many", lambda: m.logins(True))
     return out
@@ -198,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     mr_ok, mr_why = relay.available()
     use_mr = args.only != "postfix"
 
+    say(f"load average before: {load_average()} (other work on the machine skews figures)")
+    load_before = load_average()
     base = tempfile.mkdtemp(prefix="mailrelay-bench-")
     os.chmod(base, 0o755)  # Postfix's unprivileged processes must reach their directories
     sink = SinkProcess(lifetime=6 * 3600)
@@ -249,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                    else "not measured" if args.only else "needs root")
             results["Postfix"] = not_running(figs, f"n/a (Postfix {why})")
 
-        print(report(args, argv, sizes, rounds, ceiling, figs, results, started))
+        print(report(args, argv, sizes, rounds, ceiling, figs, results, started,
+                     load_before))
         if args.json:
             dump = {name: {k: vars(v) for k, v in res.items()} for name, res in results.items()}
             with open(args.json, "w") as f:
@@ -298,11 +306,11 @@ def run_spool(server, sink, sizes, base) -> dict[str, Value]:
         server.stop()
 
 
-def report(args, argv, sizes, rounds, ceiling, figs, results, started) -> str:
+def report(args, argv, sizes, rounds, ceiling, figs, results, started, load_before) -> str:
     command = "python3 bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     head = [
         f"mailrelay vs Postfix, {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        f"machine: {machine()}",
+        f"machine: {machine()}; load average before {load_before}, after {load_average()}",
         f"command: {command.strip()}",
         f"{rounds} round(s), medians; spool scale {args.spool_rounds} round(s) of "
         f"{sizes.spool:,} messages; 5 KB messages; certificate {KEY_TYPES[args.key_type]}; "
