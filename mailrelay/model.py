@@ -54,6 +54,9 @@ class SmtpUser:
     open_tracking: bool = False
     click_tracking: bool = False
     updated: float = 0.0  # unix time of the last change
+    # Sender scope entries (domains, addresses) added through the control panel and not yet
+    # confirmed (mailrelay/verification.py); every other entry counts as verified.
+    unverified: frozenset[str] = frozenset()
 
     @property
     def kind(self) -> Kind:

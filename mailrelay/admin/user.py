@@ -10,9 +10,9 @@ from typing import Any
 from mailrelay.admin import _directory as directory
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.auth.passwords import generate_password, hash_password, needs_rehash
+from mailrelay.directory.changes import USER_SETTINGS, user_changes
 from mailrelay.directory.filedir import DEFAULT_ACCOUNT, user_to_json
 from mailrelay.model import Account, Kind, SmtpUser, Status
-from mailrelay.scope import Scope, parse_addresses
 
 MIN_PASSWORD_LENGTH = 8
 
@@ -100,29 +100,14 @@ def register(subparsers) -> None:
 
 def _changes(args: argparse.Namespace, current: SmtpUser) -> dict[str, Any]:
     """The SmtpUser fields the options set; ScopeError for a bad domain or address."""
-    changes: dict[str, Any] = {}
-    if args.account is not None:
-        changes["account"] = args.account
-    if args.domains is not None or args.addresses is not None:
-        changes["scope"] = Scope.parse(
-            args.domains if args.domains is not None else current.scope.domains_text(),
-            args.addresses if args.addresses is not None else current.scope.addresses_text(),
-        )
-    if args.status is not None:
-        changes["status"] = Status(args.status)
-    toggles = ("archive", "unsubscribe_footer", "open_tracking", "click_tracking")
-    for name in ("note", "priority", *toggles):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    for name in ("rate_limit", "max_connections"):
-        if getattr(args, name) is not ...:
-            changes[name] = getattr(args, name)
-    if args.audit_bcc is not None:
-        changes["audit_bcc"] = tuple(sorted(parse_addresses(args.audit_bcc)))
-    if args.bounce_notify is not None:
-        value = args.bounce_notify.strip()
-        changes["bounce_notify"] = value.lower() if value.lower() in ("off", "sender") else value
-    return changes
+    settings = {name: getattr(args, name) for name in USER_SETTINGS}
+    # None is "not given", except for the limits, where it is "default" and ... is "not given".
+    given = {
+        name: value
+        for name, value in settings.items()
+        if value is not ... and (value is not None or name in ("rate_limit", "max_connections"))
+    }
+    return user_changes(given, current)
 
 
 def _new_password(args: argparse.Namespace) -> tuple[str, bool]:

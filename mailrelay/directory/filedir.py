@@ -66,6 +66,14 @@ class DirectoryFileError(ValueError):
     """The user file cannot be used, or a change to it is refused; the text says why."""
 
 
+class UnknownEntry(DirectoryFileError):
+    """The user or account named does not exist."""
+
+
+class EntryConflict(DirectoryFileError):
+    """The change conflicts with what exists: a name taken, an account still in use."""
+
+
 @dataclasses.dataclass
 class UserData:
     """The content of a user file: accounts, users and their password hashes."""
@@ -139,7 +147,21 @@ def _account_from_json(name: str, entry: Any) -> Account:
     )
 
 
-_USER_FIELDS = set(user_to_json(SmtpUser("x"))) | {"password_hash"}
+_USER_FIELDS = set(user_to_json(SmtpUser("x"))) | {"password_hash", "unverified"}
+
+
+def scope_entries(user: SmtpUser) -> frozenset[str]:
+    """The domains and addresses of the user's own sender scope (not limited by account)."""
+    scope = user.effective_scope()
+    return scope.domains | scope.addresses
+
+
+def _parse_entries(text: str) -> frozenset[str]:
+    """``a.com;x@b.com``: domains and addresses mixed, as ``unverified`` holds them."""
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    return parse_domains(";".join(i for i in items if "@" not in i)) | parse_addresses(
+        ";".join(i for i in items if "@" in i)
+    )
 
 
 def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
@@ -175,6 +197,7 @@ def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
         open_tracking=_field(entry, "open_tracking", (bool,), False),
         click_tracking=_field(entry, "click_tracking", (bool,), False),
         updated=float(_field(entry, "updated", (int, float), 0.0)),
+        unverified=_parse_entries(_field(entry, "unverified", (str,), "")),
     )
     return user, password_hash
 
@@ -214,6 +237,8 @@ def data_to_json(data: UserData) -> dict[str, Any]:
     users = {}
     for username, user in data.users.items():
         users[username] = user_to_json(user) | {"password_hash": data.hashes[username]}
+        if user.unverified:
+            users[username]["unverified"] = ";".join(sorted(user.unverified))
     return {
         "accounts": {name: account_to_json(a) for name, a in data.accounts.items()},
         "users": users,
@@ -281,6 +306,9 @@ def check_user(user: SmtpUser, accounts: Mapping[str, Account]) -> None:
         raise DirectoryFileError(
             f"{where}: bounce notify {user.bounce_notify!r} is not off, sender or an address"
         )
+    stray = sorted(user.unverified - scope_entries(user))
+    if stray:
+        raise DirectoryFileError(f"{where}: unverified {', '.join(stray)} not in the sender scope")
 
 
 # ---- reading and writing the file ----
@@ -385,13 +413,13 @@ class UserStore:
     def user(self, username: str) -> SmtpUser:
         user = self.data.users.get(canonical_username(username))
         if user is None:
-            raise DirectoryFileError(f"unknown user {username!r} (see mailrelay-admin user list)")
+            raise UnknownEntry(f"unknown user {username!r} (see mailrelay-admin user list)")
         return user
 
     def account(self, name: str) -> Account:
         account = self.data.accounts.get(name)
         if account is None:
-            raise DirectoryFileError(f"unknown account {name!r} (see mailrelay-admin account list)")
+            raise UnknownEntry(f"unknown account {name!r} (see mailrelay-admin account list)")
         return account
 
     def password_hash(self, username: str) -> str:
@@ -413,7 +441,7 @@ class UserStore:
         )
         taken = {u.casefold(): u for u in self.data.users}.get(user.username.casefold())
         if taken is not None:
-            raise DirectoryFileError(f"user {taken!r} already exists")
+            raise EntryConflict(f"user {taken!r} already exists")
         check_user(user, self.data.accounts)
         self.data.users[user.username] = user
         self.data.hashes[user.username] = password_hash
@@ -421,6 +449,9 @@ class UserStore:
 
     def update_user(self, username: str, **changes: Any) -> SmtpUser:
         user = dataclasses.replace(self.user(username), **changes, updated=time.time())
+        # A sender taken out of the scope is no longer waiting for confirmation; put back
+        # by mailrelay-admin it is verified implicitly.
+        user = dataclasses.replace(user, unverified=user.unverified & scope_entries(user))
         check_user(user, self.data.accounts)
         self.data.users[user.username] = user
         return user
@@ -440,7 +471,7 @@ class UserStore:
 
     def add_account(self, account: Account) -> Account:
         if account.name in self.data.accounts:
-            raise DirectoryFileError(f"account {account.name!r} already exists")
+            raise EntryConflict(f"account {account.name!r} already exists")
         check_account(account)
         self.data.accounts[account.name] = account
         return account
@@ -454,7 +485,7 @@ class UserStore:
             if outside:
                 stranded.append(f"{user.username} ({', '.join(outside)})")
         if stranded:
-            raise DirectoryFileError(
+            raise EntryConflict(
                 f"account {name!r}: domains still used by users {'; '.join(stranded)}; "
                 "change or delete those users first"
             )
@@ -466,12 +497,12 @@ class UserStore:
         users = self.data.users_of(name)
         if users:
             shown = ", ".join(u.username for u in users[:5]) + (", ..." if len(users) > 5 else "")
-            raise DirectoryFileError(
+            raise EntryConflict(
                 f"account {name!r} still has {len(users)} user(s): {shown}; "
                 "delete them or move them to another account (user set NAME --account ...)"
             )
         if name == DEFAULT_ACCOUNT:
-            raise DirectoryFileError(f"account {DEFAULT_ACCOUNT!r} always exists")
+            raise EntryConflict(f"account {DEFAULT_ACCOUNT!r} always exists")
         del self.data.accounts[name]
         return account
 

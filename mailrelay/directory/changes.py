@@ -1,0 +1,80 @@
+"""Requested user settings -> SmtpUser field changes, checked the same way whether they come
+from ``mailrelay-admin user add|set`` options or from the management API's JSON.
+
+The caller then applies them with UserStore.add_user / update_user, which check the user
+as a whole (scope within the account, priority range, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mailrelay.directory.filedir import DirectoryFileError
+from mailrelay.model import SmtpUser, Status
+from mailrelay.scope import Scope, parse_addresses
+
+# Each setting and the JSON types it accepts; None allowed means "the configured default".
+USER_SETTINGS: dict[str, tuple[type, ...]] = {
+    "account": (str,),
+    "domains": (str,),
+    "addresses": (str,),
+    "note": (str,),
+    "status": (str,),
+    "rate_limit": (int, type(None)),
+    "priority": (int,),
+    "max_connections": (int, type(None)),
+    "archive": (bool,),
+    "audit_bcc": (str,),
+    "bounce_notify": (str,),
+    "unsubscribe_footer": (bool,),
+    "open_tracking": (bool,),
+    "click_tracking": (bool,),
+}
+
+
+def _check_type(name: str, value: Any) -> None:
+    types = USER_SETTINGS[name]
+    # bool is an int in Python: a priority of true is still a mistake.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = {str: "text", int: "a whole number", bool: "true or false", type(None): "null"}
+        expected = " or ".join(names[t] for t in types)
+        raise DirectoryFileError(f"{name} must be {expected}, not {value!r}")
+
+
+def user_changes(settings: Mapping[str, Any], current: SmtpUser) -> dict[str, Any]:
+    """The SmtpUser fields that ``settings`` (setting name -> new value, only those given)
+    change. Raises DirectoryFileError or scope.ScopeError naming the bad setting."""
+    unknown = sorted(set(settings) - set(USER_SETTINGS))
+    if unknown:
+        raise DirectoryFileError(
+            f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(USER_SETTINGS)})"
+        )
+    for name, value in settings.items():
+        _check_type(name, value)
+    changes: dict[str, Any] = {}
+    if "account" in settings:
+        changes["account"] = settings["account"]
+    if "domains" in settings or "addresses" in settings:
+        changes["scope"] = Scope.parse(
+            settings.get("domains", current.scope.domains_text()),
+            settings.get("addresses", current.scope.addresses_text()),
+        )
+    if "status" in settings:
+        try:
+            changes["status"] = Status(settings["status"])
+        except ValueError:
+            raise DirectoryFileError(
+                f"status {settings['status']!r} is not one of allowed, blocked, sandboxed"
+            )
+    plain = ("note", "priority", "rate_limit", "max_connections", "archive",
+             "unsubscribe_footer", "open_tracking", "click_tracking")  # fmt: skip
+    for name in plain:
+        if name in settings:
+            changes[name] = settings[name]
+    if "audit_bcc" in settings:
+        changes["audit_bcc"] = tuple(sorted(parse_addresses(settings["audit_bcc"])))
+    if "bounce_notify" in settings:
+        value = settings["bounce_notify"].strip()
+        changes["bounce_notify"] = value.lower() if value.lower() in ("off", "sender") else value
+    return changes
