@@ -1,0 +1,259 @@
+"""Who may use the control panel: admin API keys and admin logins, in one JSON file.
+
+``<data_dir>/admin.json`` (mode 0600), changed by ``mailrelay-admin apikey`` and
+``mailrelay-admin admin``, read by the daemon (reloaded when it changes)::
+
+    {
+      "admins": {"alice": {"created": 1762000000.0, "password_hash": "$argon2id$..."}},
+      "api_keys": {"deploy": {"access": "read-write", "created": 1762000000.0,
+                              "hash": "sha256:9f86d0..."}},
+      "version": 1
+    }
+
+An API key is 32 random bytes, so its SHA-256 is all that needs storing (there is nothing
+to guess from it) and checking a key costs microseconds per request. Admin passwords are
+chosen by people: argon2id, as for SMTP users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailrelay.auth.passwords import is_password_hash
+from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
+
+log = Logger()
+
+FORMAT_VERSION = 1
+KEY_PREFIX = "mrk_"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+
+class AccessError(ValueError):
+    """A refused change or an unusable file; the text says why."""
+
+
+class Access(enum.StrEnum):
+    READ_ONLY = "read-only"
+    READ_WRITE = "read-write"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    access: Access
+    hash: str  # "sha256:<hex>" of the key
+    created: float
+
+
+@dataclass(frozen=True)
+class Admin:
+    name: str
+    password_hash: str
+    created: float
+
+
+@dataclass
+class AccessData:
+    api_keys: dict[str, ApiKey] = field(default_factory=dict)
+    admins: dict[str, Admin] = field(default_factory=dict)
+
+    def key_for(self, secret: str) -> ApiKey | None:
+        digest = key_hash(secret)
+        for key in self.api_keys.values():
+            if secrets.compare_digest(key.hash, digest):
+                return key
+        return None
+
+
+def key_hash(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def check_name(name: str, what: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise AccessError(
+            f"{what} name {name!r} is not valid (letters, digits, '.', '_', '-', '@'; "
+            "at most 64, starting with a letter or digit)"
+        )
+
+
+def access_path(config) -> str:
+    """``[admin] access_file`` when the configuration has it, else ``<data_dir>/admin.json``."""
+    section = getattr(config, "admin", None)
+    return getattr(section, "access_file", None) or os.path.join(
+        config.server.data_dir, "admin.json"
+    )
+
+
+# ---- the file ----
+
+
+def _from_json(doc: Any) -> AccessData:
+    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+        raise AccessError(f"not a version {FORMAT_VERSION} access file")
+    data = AccessData()
+    try:
+        for name, entry in doc.get("api_keys", {}).items():
+            data.api_keys[name] = ApiKey(
+                name, Access(entry["access"]), str(entry["hash"]), float(entry["created"])
+            )
+        for name, entry in doc.get("admins", {}).items():
+            if not is_password_hash(entry["password_hash"]):
+                raise AccessError(f"admin {name!r}: password_hash is not an argon2 hash")
+            data.admins[name] = Admin(name, entry["password_hash"], float(entry["created"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, AccessError):
+            raise
+        raise AccessError(f"malformed entry: {e!r}")
+    return data
+
+
+def _to_json(data: AccessData) -> dict[str, Any]:
+    return {
+        "admins": {
+            a.name: {"created": a.created, "password_hash": a.password_hash}
+            for a in data.admins.values()
+        },
+        "api_keys": {
+            k.name: {"access": str(k.access), "created": k.created, "hash": k.hash}
+            for k in data.api_keys.values()
+        },
+        "version": FORMAT_VERSION,
+    }
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def read_access(path: str) -> tuple[AccessData, tuple[int, int, int, int] | None]:
+    """The file's data and the stat it was read at; a missing file grants nothing."""
+    try:
+        with open(path, "rb") as f:
+            stat = _stat_key(os.fstat(f.fileno()))
+            raw = f.read()
+    except FileNotFoundError:
+        return AccessData(), None
+    except OSError as e:
+        raise AccessError(f"{path}: cannot read: {e.strerror}")
+    try:
+        return _from_json(json.loads(raw)), stat
+    except (ValueError, AccessError) as e:
+        raise AccessError(f"{path}: {e}")
+
+
+def write_access(path: str, data: AccessData) -> None:
+    """Replace ``path`` atomically (mode 0600: it holds password hashes)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    text = json.dumps(_to_json(data), indent=2, sort_keys=True) + "\n"
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:
+        write_durably(tmp, path, text.encode())
+    finally:
+        unlink_quietly(tmp)
+    fsync_dir(directory)
+
+
+class AccessStore:
+    """The access file as mailrelay-admin changes it: ``with store.change():`` locks,
+    reloads, and saves only when the block ends without an error."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data = AccessData()
+
+    def load(self) -> None:
+        self.data = read_access(self.path)[0]
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[AccessStore]:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.load()
+            yield self
+            write_access(self.path, self.data)
+        finally:
+            os.close(fd)
+
+    def add_key(self, name: str, access: Access) -> str:
+        """Store a new key; returns the key itself, which is never stored."""
+        check_name(name, "API key")
+        if name in self.data.api_keys:
+            raise AccessError(f"API key {name!r} already exists")
+        secret = new_key()
+        self.data.api_keys[name] = ApiKey(name, Access(access), key_hash(secret), time.time())
+        return secret
+
+    def delete_key(self, name: str) -> ApiKey:
+        try:
+            return self.data.api_keys.pop(name)
+        except KeyError:
+            raise AccessError(f"unknown API key {name!r} (see mailrelay-admin apikey list)")
+
+    def set_admin(self, name: str, password_hash: str, new: bool) -> Admin:
+        """Add an admin (``new``) or change an existing admin's password."""
+        check_name(name, "admin")
+        current = self.data.admins.get(name)
+        if new and current is not None:
+            raise AccessError(f"admin {name!r} already exists")
+        if not new and current is None:
+            raise AccessError(f"unknown admin {name!r} (see mailrelay-admin admin list)")
+        created = current.created if current is not None else time.time()
+        admin = Admin(name, password_hash, created)
+        self.data.admins[name] = admin
+        return admin
+
+    def delete_admin(self, name: str) -> Admin:
+        try:
+            return self.data.admins.pop(name)
+        except KeyError:
+            raise AccessError(f"unknown admin {name!r} (see mailrelay-admin admin list)")
+
+
+class AccessFile:
+    """The daemon's view of the access file: re-read when its stat changes, checked at
+    most once per ``check_interval`` seconds of ``clock``. A file that breaks later is
+    logged and the last good version stays in use."""
+
+    def __init__(self, path: str, clock, check_interval: float = 1.0) -> None:
+        self.path = path
+        self._clock = clock
+        self._check_interval = check_interval
+        self._data, self._stat = read_access(path)
+        self._checked = clock.seconds()
+
+    def current(self) -> AccessData:
+        if self._clock.seconds() - self._checked >= self._check_interval:
+            self._checked = self._clock.seconds()
+            try:
+                stat = _stat_key(os.stat(self.path))
+            except OSError:
+                stat = None
+            if stat != self._stat:
+                try:
+                    self._data, self._stat = read_access(self.path)
+                except AccessError as e:
+                    self._stat = stat
+                    log.error("Keeping the previous admin access; {error}", error=e)
+        return self._data
