@@ -1,0 +1,452 @@
+"""Outbound ESMTP: one connection carries as many messages as its destination has queued.
+
+Built on twisted.mail.smtp.ESMTPClient for the greeting, EHLO, STARTTLS and AUTH; the
+transaction states are our own so that the body is dot-stuffed correctly across chunks
+(wire.DotStuffer), addresses are checked before they reach the wire, SIZE is respected
+and every recipient gets its own result. Messages are pulled one at a time from the
+caller (``next_job``), so a connection keeps going while the queue feeds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, endpoints, error, ssl
+from twisted.internet.abstract import isIPv6Address
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINAuthenticator
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+from mailrelay.delivery.router import Hop
+from mailrelay.delivery.wire import DotStuffer, address_problem
+
+
+@dataclass
+class Job:
+    """One message for one destination: the recipients of it that route there."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    open_body: Callable[[], BinaryIO]  # at the body: canonical CRLF, not dot-stuffed
+    context: object = None  # the caller's own bookkeeping
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one recipient in one attempt."""
+
+    recipient: str
+    code: int
+    text: str
+    remote: str | None = None
+    tls: bool = False
+
+    @property
+    def sent(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass
+class Outcome:
+    """What one connection did: jobs taken from the caller, or why no hop could take any."""
+
+    jobs: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str:
+        return "; ".join(self.errors) or "no mail server to try"
+
+
+Report = Callable[[Job, list[Result]], None]
+
+
+class _PlainAuthenticator:
+    """AUTH PLAIN with an empty authorization identity (the form every server accepts)."""
+
+    def __init__(self, user: bytes) -> None:
+        self.user = user
+
+    def getName(self) -> bytes:
+        return b"PLAIN"
+
+    def challengeResponse(self, secret: bytes, chal=1) -> bytes:
+        return b"\0" + self.user + b"\0" + secret
+
+
+def _text(resp: bytes | str) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    return " ".join(resp.split())[:500]
+
+
+class RelayClient(smtp.ESMTPClient):
+    """One SMTP session to one hop."""
+
+    debug = False  # the session log would hold AUTH lines; results carry the replies
+
+    def __init__(self, hop: Hop, identity: str, context, next_job: Callable[[], Job | None],
+                 report: Report, max_messages: int, timeout: float) -> None:
+        secret = hop.password.encode() if hop.username else None
+        super().__init__(secret, context, identity)
+        self.hop = hop
+        self.next_job = next_job
+        self.report = report
+        self.max_messages = max_messages
+        self.timeout = timeout
+        self.requireTransportSecurity = hop.tls == "required"
+        self.requireAuthentication = bool(hop.username)
+        self.heloFallback = not (self.requireTransportSecurity or self.requireAuthentication)
+        if hop.username:
+            user = hop.username.encode()
+            self.registerAuthenticator(_PlainAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+        self.extensions: dict[bytes, bytes | None] = {}
+        self.pulled = 0
+        self.error: str | None = None
+        self.finished: defer.Deferred[tuple[int, str | None]] = defer.Deferred()
+        self._job: Job | None = None
+        self._body: BinaryIO | None = None
+        self._size = 0
+        self._results: dict[str, tuple[int, str]] = {}
+        self._accepted: list[str] = []
+        self._pending_rcpts: list[str] = []
+        self._stopping = False
+
+    # ---- connection-level events
+
+    def stop(self) -> None:
+        """Finish the current message, then QUIT instead of taking another."""
+        self._stopping = True
+
+    def _fail(self, text: str) -> None:
+        self.error = self.error or text
+
+    def sendError(self, exc) -> None:
+        code = getattr(exc, "code", -1)
+        resp = getattr(exc, "resp", b"") or b""
+        self._fail(f"{code} {_text(resp)}" if code and code > 0 else _text(resp) or str(exc))
+        super().sendError(exc)
+
+    def timeoutConnection(self) -> None:
+        self._fail("timed out waiting for the server")
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=error.ConnectionDone) -> None:
+        super().connectionLost(reason)
+        if not reason.check(error.ConnectionDone):
+            self._fail(_describe(reason))
+        if self._job is not None:
+            text = f"4.4.2 connection lost: {self.error or _describe(reason)}"
+            self._finish({r: (451, text) for r in self._job.recipients
+                          if r not in self._results})
+        self._close_body()
+        self.finished.callback((self.pulled, self.error))
+
+    # ---- handshake: ESMTPClient does EHLO, STARTTLS and AUTH; we check and record
+
+    def esmtpState_serverConfig(self, code, resp) -> None:
+        self.extensions = {}
+        for line in resp.splitlines()[1:]:
+            keyword, _, value = line.partition(b" ")
+            self.extensions[keyword.upper()] = value or None
+        self.tryTLS(code, resp, self.extensions)
+
+    def smtpState_helo(self, code, resp) -> None:
+        super().smtpState_helo(code, resp)
+        self._failresponse = self.smtpConnectionFailed  # HELO refused too: give up
+
+    def esmtpTLSRequired(self, code=-1, resp=None) -> None:
+        self._fail("TLS is required but the server does not offer STARTTLS")
+        self._disconnectFromServer()
+
+    def esmtpState_starttls(self, code, resp) -> None:
+        # Anything the server sent after its 220 arrived in plaintext and would be read
+        # as a reply inside TLS: a man in the middle injecting responses.
+        if self.clearLineBuffer():
+            self._fail("data after the STARTTLS reply (response injection)")
+            self.transport.abortConnection()
+            return
+        super().esmtpState_starttls(code, resp)
+
+    def authenticate(self, code, resp, items) -> None:
+        if self.secret is not None and not self._tlsMode and self.hop.tls != "none":
+            self._fail("refusing to send credentials without TLS")
+            self._disconnectFromServer()
+            return
+        super().authenticate(code, resp, items)
+
+    def _esmtpState_plainAuth(self, code, resp) -> None:
+        # ESMTPClient retries PLAIN with another authzid form; ours is the standard one.
+        self.esmtpAUTHDeclined(code, resp)
+
+    # ---- transactions
+
+    def smtpState_from(self, code, resp) -> None:
+        job = self._take()
+        if job is None:
+            self._disconnectFromServer()
+            return
+        params = b""
+        if b"SIZE" in self.extensions:
+            params += b" SIZE=%d" % self._size
+        if not all(a.isascii() for a in (job.sender, *job.recipients)):
+            params += b" SMTPUTF8"
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._mail_accepted
+        self._failresponse = self._mail_refused
+        self.sendLine(b"MAIL FROM:<" + job.sender.encode() + b">" + params)
+
+    def _take(self) -> Job | None:
+        """The next job this connection can send; jobs it cannot are reported at once."""
+        while not self._stopping and self.pulled < self.max_messages:
+            job = self.next_job()
+            if job is None:
+                return None
+            self.pulled += 1
+            self._job = job
+            self._results = {r: (550, f"5.1.3 recipient address {why}")
+                             for r in job.recipients
+                             if (why := address_problem(r)) is not None}
+            self._pending_rcpts = [r for r in job.recipients if r not in self._results]
+            refused = None
+            if self._pending_rcpts:
+                try:
+                    self._body = job.open_body()
+                    self._size = _remaining(self._body)
+                except (OSError, KeyError) as e:
+                    refused = (451, f"4.3.0 cannot read the queued message: {e}")
+                else:
+                    refused = self._refusals(job)
+            if refused is None and self._pending_rcpts:
+                return job
+            self._finish({r: refused for r in self._pending_rcpts} if refused else {})
+        return None
+
+    def _refusals(self, job: Job) -> tuple[int, str] | None:
+        """A reply for every recipient when the message cannot go to this server at all."""
+        why = address_problem(job.sender)
+        if why is not None:
+            return 550, f"5.1.7 sender address {why}"
+        if (not all(a.isascii() for a in (job.sender, *job.recipients))
+                and b"SMTPUTF8" not in self.extensions):
+            return 550, "5.6.7 non-ASCII address and the server does not offer SMTPUTF8"
+        limit = (self.extensions.get(b"SIZE") or b"").strip()
+        if limit.isdigit() and int(limit) and self._size > int(limit):
+            return 552, (f"5.3.4 message size {self._size} exceeds the limit {int(limit)} "
+                         f"of {self.hop.name}")
+        return None
+
+    def _mail_accepted(self, code, resp) -> None:
+        self._accepted = []
+        self._next_rcpt()
+
+    def _mail_refused(self, code, resp) -> None:
+        self._finish({r: (code, _text(resp)) for r in self._pending_rcpts})
+        self._next(code, resp, reset=True)
+
+    def _next_rcpt(self) -> None:
+        if not self._pending_rcpts:
+            if self._accepted:
+                self._expected = [354]
+                self._okresponse = self._send_body
+                self._failresponse = self._data_refused
+                self.sendLine(b"DATA")
+            else:
+                self._finish({})
+                self._next(250, b"", reset=True)
+            return
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._rcpt_accepted
+        self._failresponse = self._rcpt_refused
+        self.sendLine(b"RCPT TO:<" + self._pending_rcpts[0].encode() + b">")
+
+    def _rcpt_accepted(self, code, resp) -> None:
+        self._accepted.append(self._pending_rcpts.pop(0))
+        self._next_rcpt()
+
+    def _rcpt_refused(self, code, resp) -> None:
+        self._results[self._pending_rcpts.pop(0)] = (code, _text(resp))
+        self._next_rcpt()
+
+    def _data_refused(self, code, resp) -> None:
+        self._finish({r: (code, _text(resp)) for r in self._accepted})
+        self._next(code, resp, reset=True)
+
+    def _send_body(self, code, resp) -> None:
+        stuffer = DotStuffer()
+
+        def transform(chunk: bytes) -> bytes:
+            self.resetTimeout()
+            return stuffer.feed(chunk)
+
+        def sent(_) -> None:
+            self._close_body()
+            self.transport.write(stuffer.end())
+
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._data_done
+        self._failresponse = self._data_done
+        d = FileSender().beginFileTransfer(self._body, self.transport, transform)
+        d.addCallbacks(sent, lambda _: None)  # a lost connection is handled in connectionLost
+
+    def _data_done(self, code, resp) -> None:
+        self._finish({r: (code, _text(resp)) for r in self._accepted})
+        self._next(code, resp, reset=False)  # the reply to DATA ended the transaction
+
+    def _next(self, code: int, resp: bytes, reset: bool) -> None:
+        """After a transaction: on to the next message (after RSET when it was cut short),
+        unless the server said it is closing."""
+        if code == 421:
+            self._fail(f"421 {_text(resp)}")
+            self.transport.loseConnection()
+        elif reset:
+            self._expected = smtp.SUCCESS
+            self._okresponse = self.smtpState_from
+            self._failresponse = lambda code, resp: self._disconnectFromServer()
+            self.sendLine(b"RSET")
+        else:
+            self.smtpState_from(code, resp)
+
+    def _finish(self, replies: dict[str, tuple[int, str]]) -> None:
+        job, self._job = self._job, None
+        self._close_body()
+        self._results.update(replies)
+        results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode)
+                   for r in job.recipients if r in self._results]
+        self._results, self._accepted, self._pending_rcpts = {}, [], []
+        self.report(job, results)
+
+    def _close_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+
+def _remaining(f: BinaryIO) -> int:
+    """Bytes from the position to the end (the body's size)."""
+    here = f.tell()
+    end = f.seek(0, 2)
+    f.seek(here)
+    return end - here
+
+
+def _describe(reason: Failure | BaseException) -> str:
+    value = reason.value if isinstance(reason, Failure) else reason
+    if isinstance(value, SSL.Error):
+        reasons = [r[2] for r in value.args[0] if isinstance(r, tuple) and len(r) == 3] \
+            if value.args and isinstance(value.args[0], list) else []
+        return "TLS handshake failed: " + (", ".join(reasons) or str(value))
+    if isinstance(value, VerificationError):
+        return "TLS certificate does not match the host name"
+    if isinstance(value, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(value, error.TimeoutError | defer.TimeoutError):
+        return "connection timed out"
+    if isinstance(value, error.DNSLookupError):
+        return "host not found"
+    if isinstance(value, error.ConnectionDone | error.ConnectionLost):
+        return "connection closed by the server"
+    text = str(value) or type(value).__name__
+    return " ".join(text.split())[:300]
+
+
+class Courier:
+    """Opens connections toward a destination and runs RelayClient sessions on them."""
+
+    def __init__(self, reactor, hostname: str, connect_timeout: float = 30.0,
+                 command_timeout: float = 300.0, max_messages: int = 100) -> None:
+        self.reactor = reactor
+        self.hostname = hostname
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.max_messages = max_messages
+        self._contexts: dict[tuple, object] = {}
+        self._live: set[RelayClient] = set()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Each connection finishes its message in progress, then QUITs; no new hop."""
+        self._stopping = True
+        for protocol in self._live:
+            protocol.stop()
+
+    def abort(self) -> None:
+        """Drop every connection now (their messages in progress are deferred)."""
+        for protocol in list(self._live):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+
+    def send(self, hops: list[Hop], next_job: Callable[[], Job | None],
+             report: Report) -> defer.Deferred[Outcome]:
+        """Try ``hops`` in order until one takes a job; then pull jobs until ``next_job``
+        returns None (or the per-connection limit). Every job taken is reported exactly
+        once. Fires with an Outcome; ``jobs == 0`` means no hop could take any job."""
+        return defer.ensureDeferred(self._send(hops, next_job, report))
+
+    async def _send(self, hops: list[Hop], next_job, report: Report) -> Outcome:
+        outcome = Outcome()
+        for hop in hops:
+            if self._stopping:
+                break
+            protocol = RelayClient(hop, self.hostname, self._context(hop), next_job, report,
+                                   self.max_messages, self.command_timeout)
+            try:
+                await endpoints.connectProtocol(self._endpoint(hop), protocol)
+            except Exception as e:
+                outcome.errors.append(f"{hop.name}: {_describe(e)}")
+                continue
+            self._live.add(protocol)
+            if self._stopping:
+                protocol.stop()
+            try:
+                pulled, problem = await protocol.finished
+            finally:
+                self._live.discard(protocol)
+            outcome.jobs += pulled
+            if pulled:
+                return outcome
+            outcome.errors.append(f"{hop.name}: {problem or 'closed before a message'}")
+        return outcome
+
+    def _endpoint(self, hop: Hop):
+        if hop.address is None:
+            return endpoints.HostnameEndpoint(self.reactor, hop.host, hop.port,
+                                              timeout=self.connect_timeout)
+        kind = endpoints.TCP6ClientEndpoint if isIPv6Address(hop.address) else (
+            endpoints.TCP4ClientEndpoint)
+        return kind(self.reactor, hop.address, hop.port, timeout=self.connect_timeout)
+
+    def _context(self, hop: Hop):
+        """The STARTTLS options: verified against the hop's name for smarthosts with
+        verify, unverified (still encrypted) for opportunistic MX delivery."""
+        if hop.tls == "none":
+            return None
+        key = (hop.host, hop.verify, hop.ca_file)
+        if key not in self._contexts:
+            if hop.verify:
+                trust = ssl.platformTrust()
+                if hop.ca_file:
+                    with open(hop.ca_file, "rb") as f:
+                        trust = ssl.trustRootFromCertificates(
+                            [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())])
+                self._contexts[key] = ssl.optionsForClientTLS(hop.host, trustRoot=trust)
+            else:
+                self._contexts[key] = ssl.CertificateOptions(verify=False)
+        return self._contexts[key]
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN" in block]
+

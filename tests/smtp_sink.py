@@ -1,0 +1,297 @@
+"""A recording SMTP server for tests: Twisted ESMTP on 127.0.0.1, an ephemeral port.
+
+Per-recipient replies (accept, 4xx, 5xx) can change at any time; STARTTLS (with a given
+certificate), AUTH PLAIN/LOGIN and SIZE are optional. Every message is kept with its
+envelope and its exact bytes (dot-unstuffed, CRLF lines), and MAIL commands and
+connections are counted, so a test sees a smuggled second transaction.
+
+In-process (trial tests)::
+
+    sink = SMTPSink(rules={"later@x.test": (451, "4.2.0 try later")})
+    port = sink.listen()
+    yield sink.wait_for(2)             # two messages received
+    sink.rules["later@x.test"] = None   # accept from now on
+    yield sink.stop()
+
+As a subprocess (end-to-end tests)::
+
+    python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
+        [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
+
+R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
+"data": [554, "5.6.0 no"]}``; "*" applies to recipients without their own rule and
+"data" is the reply at the end of DATA. Each message is written as D/<n>.eml (the bytes)
+then D/<n>.json (sender, recipients, tls, user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, protocol, ssl
+from twisted.mail import smtp
+from twisted.mail._cred import PLAINCredentials
+from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
+from zope.interface import implementer
+
+Rule = tuple[int, str] | None  # None: accept
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+    user: str | None
+    connection: int  # the number of the connection it came on (1, 2, ...)
+
+
+@dataclass
+class _Transaction:
+    sender: str
+    tls: bool
+    user: str | None
+    connection: int
+    recipients: list[str] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
+    leader: object = None  # the IMessage that records (Twisted makes one per recipient)
+
+
+@implementer(IMessageSMTP)
+class _Message:
+    def __init__(self, sink: SMTPSink, txn: _Transaction) -> None:
+        self.sink, self.txn = sink, txn
+        if txn.leader is None:
+            txn.leader = self
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.txn.leader is self:
+            self.txn.lines.append(line)
+
+    def eomReceived(self):
+        if self.txn.leader is self and self.sink.data_reply is None:
+            self.sink._record(self.txn)
+        return defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+@implementer(IMessageDelivery)
+class _Delivery:
+    def __init__(self, proto: _SinkProtocol, user: str | None = None) -> None:
+        self.proto, self.user = proto, user
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None  # record exactly what arrived
+
+    def validateFrom(self, helo, origin):
+        sink = self.proto.sink
+        if sink.require_auth and not self.proto.authenticated:
+            raise smtp.SMTPBadSender(origin, 530, "5.7.0 authentication required")
+        sink.transactions += 1
+        self.proto.txn = _Transaction(str(origin), self.proto.startedTLS, self.user,
+                                      self.proto.number)
+        return origin
+
+    def validateTo(self, user):
+        sink = self.proto.sink
+        recipient = str(user.dest)
+        rule = sink.rule_for(recipient)
+        if rule is not None and rule[0] >= 300:
+            raise smtp.SMTPBadRcpt(recipient, rule[0], rule[1])
+        txn = self.proto.txn
+        txn.recipients.append(recipient)
+        return lambda: _Message(sink, txn)
+
+
+@implementer(IRealm)
+class _Realm:
+    def __init__(self, proto: _SinkProtocol) -> None:
+        self.proto = proto
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        user = avatarId.decode() if isinstance(avatarId, bytes) else avatarId
+        return IMessageDelivery, _Delivery(self.proto, user), lambda: None
+
+
+class _SinkProtocol(smtp.ESMTP):
+    def __init__(self, sink: SMTPSink, number: int) -> None:
+        known = {"PLAIN": PLAINCredentials, "LOGIN": smtp.LOGINCredentials}
+        challengers = {m.encode(): known[m] for m in sink.mechanisms} if sink.auth else {}
+        super().__init__(challengers, sink.tls_options)
+        self.sink, self.number = sink, number
+        self.host = b"sink.test"
+        self.txn: _Transaction | None = None
+        if sink.auth:
+            checker = InMemoryUsernamePasswordDatabaseDontUse(
+                **{u: p.encode() for u, p in sink.auth.items()})
+            self.portal = Portal(_Realm(self), [checker])
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.delivery = _Delivery(self)
+
+    def extensions(self):
+        ext = super().extensions()
+        if not self.sink.auth:
+            ext.pop(b"AUTH", None)
+        if self.sink.size is not None:
+            ext[b"SIZE"] = [b"%d" % self.sink.size]
+        return ext
+
+    def do_DATA(self, rest):
+        super().do_DATA(rest)
+        # Twisted inserts a blank line before a body without headers; record it as sent.
+        self._SMTP__inheader = 1
+
+    def _messageHandled(self, resultList):
+        reply = self.sink.data_reply
+        if reply is not None:
+            self.sendCode(reply[0], reply[1].encode())
+        else:
+            super()._messageHandled(resultList)
+
+
+class _Factory(protocol.ServerFactory):
+    noisy = False
+
+    def __init__(self, sink: SMTPSink) -> None:
+        self.sink = sink
+
+    def buildProtocol(self, addr):
+        self.sink.connections += 1
+        p = _SinkProtocol(self.sink, self.sink.connections)
+        p.factory = self
+        return p
+
+
+class SMTPSink:
+    def __init__(self, rules: dict[str, Rule] | None = None, default: Rule = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 auth: dict[str, str] | None = None, require_auth: bool = False,
+                 mechanisms: list[str] | None = None,
+                 size: int | None = None, record_dir: str | None = None,
+                 rules_file: str | None = None, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.rules: dict[str, Rule] = {k.lower(): v for k, v in (rules or {}).items()}
+        self.default = default
+        self.data_reply: Rule = None  # a reply at the end of DATA instead of 250
+        self.auth = dict(auth or {})
+        self.mechanisms = [m.upper() for m in (mechanisms or ["PLAIN", "LOGIN"])]
+        self.require_auth = require_auth
+        self.size = size
+        self.record_dir = record_dir
+        self.rules_file = rules_file
+        self._rules_mtime: float | None = None
+        self.tls_options = None
+        if tls_cert:
+            with open(tls_cert, "rb") as c, open(tls_key or tls_cert, "rb") as k:
+                pem = c.read() + b"\n" + k.read()
+            self.tls_options = ssl.PrivateCertificate.loadPEM(pem).options()
+        self.messages: list[Received] = []
+        self.transactions = 0  # MAIL commands accepted
+        self.connections = 0
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+        self._port = None
+        self.port: int | None = None
+
+    def rule_for(self, recipient: str) -> Rule:
+        self._reload_rules()
+        return self.rules.get(recipient.lower(), self.default)
+
+    def listen(self) -> int:
+        self._port = self.reactor.listenTCP(0, _Factory(self), interface="127.0.0.1")
+        self.port = self._port.getHost().port
+        return self.port
+
+    def stop(self) -> defer.Deferred:
+        port, self._port = self._port, None
+        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
+
+    def wait_for(self, count: int) -> defer.Deferred:
+        """Fires with the messages once at least ``count`` have arrived."""
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append((count, d))
+        self._wake()
+        return d
+
+    def _record(self, txn: _Transaction) -> None:
+        data = b"".join(line + b"\r\n" for line in txn.lines)
+        message = Received(txn.sender, list(txn.recipients), data, txn.tls, txn.user,
+                           txn.connection)
+        self.messages.append(message)
+        if self.record_dir:
+            base = os.path.join(self.record_dir, str(len(self.messages)))
+            with open(base + ".eml", "wb") as f:
+                f.write(data)
+            meta = {"sender": message.sender, "recipients": message.recipients,
+                    "tls": message.tls, "user": message.user,
+                    "connection": message.connection}
+            with open(base + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.rename(base + ".tmp", base + ".json")
+        self._wake()
+
+    def _wake(self) -> None:
+        ready = [(n, d) for n, d in self._waiters if len(self.messages) >= n]
+        self._waiters = [w for w in self._waiters if w not in ready]
+        for _, d in ready:
+            d.callback(list(self.messages))
+
+    def _reload_rules(self) -> None:
+        if not self.rules_file:
+            return
+        try:
+            mtime = os.stat(self.rules_file).st_mtime
+        except FileNotFoundError:
+            return
+        if mtime == self._rules_mtime:
+            return
+        self._rules_mtime = mtime
+        with open(self.rules_file, encoding="utf-8") as f:
+            raw = json.load(f)
+        data = raw.pop("data", None)
+        self.data_reply = tuple(data) if data else None
+        default = raw.pop("*", None)
+        self.default = tuple(default) if default else None
+        self.rules = {k.lower(): tuple(v) if v else None for k, v in raw.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port-file", required=True)
+    parser.add_argument("--record-dir", required=True)
+    parser.add_argument("--rules", help="JSON rules file, re-read when it changes")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--auth", action="append", default=[], help="user:password")
+    parser.add_argument("--require-auth", action="store_true")
+    parser.add_argument("--size", type=int)
+    args = parser.parse_args(argv)
+    from twisted.internet import reactor
+
+    os.makedirs(args.record_dir, exist_ok=True)
+    sink = SMTPSink(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                    auth=dict(a.split(":", 1) for a in args.auth),
+                    require_auth=args.require_auth, size=args.size,
+                    record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
+    port = sink.listen()
+    with open(args.port_file + ".tmp", "w") as f:
+        f.write(f"{port}\n")
+    os.rename(args.port_file + ".tmp", args.port_file)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The outbound ESMTP client against real SMTP servers on loopback."""
+
+from __future__ import annotations
+
+import io
+import random
+
+from certs import TestCA
+from smtp_sink import SMTPSink
+from twisted.internet import defer, protocol, reactor
+from twisted.protocols.basic import LineReceiver
+from twisted.trial import unittest
+
+from mailrelay.delivery.client import Courier, Job
+from mailrelay.delivery.router import Hop
+from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
+
+CHUNK = 2**14  # twisted.protocols.basic.FileSender.CHUNK_SIZE
+
+
+def unstuff(wire: bytes) -> tuple[bytes, bytes]:
+    """What a strict receiver makes of DATA: (the message, what follows the terminator)."""
+    lines, rest = [], wire
+    while True:
+        line, sep, rest = rest.partition(b"\r\n")
+        assert sep, "no terminator"
+        if line == b".":
+            return b"".join(lines), rest
+        lines.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
+
+
+class DotStufferTests(unittest.TestCase):
+    def test_first_line_dot_and_boundaries(self):
+        body = b".\r\n..\r\nx\r\n.\r\n"
+        self.assertEqual(stuff(body), b"..\r\n...\r\nx\r\n..\r\n.\r\n")
+
+    def test_any_chunking_gives_the_same_wire(self):
+        rng = random.Random(3)
+        for _ in range(300):
+            body = bytes(rng.choice(b".\r\nab") for _ in range(rng.randrange(0, 40)))
+            whole = stuff(body)
+            stuffer, out, i = DotStuffer(), b"", 0
+            while i < len(body):
+                n = rng.randrange(1, 6)
+                out += stuffer.feed(body[i:i + n])
+                i += n
+            out += stuffer.end()
+            self.assertEqual(out, whole, body)
+            message, after = unstuff(whole)
+            self.assertEqual(after, b"")
+            # bare CR and LF became CRLF; nothing else changed
+            normalized = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n",
+                                                                                  b"\r\n")
+            if normalized and not normalized.endswith(b"\r\n"):
+                normalized += b"\r\n"
+            self.assertEqual(message, normalized)
+
+    def test_bare_cr_dot_cannot_end_data(self):
+        self.assertEqual(stuff(b"a\r.\rb\r\n"), b"a\r\n..\r\nb\r\n.\r\n")
+
+    def test_addresses_with_controls_refused(self):
+        self.assertIsNone(address_problem("a@b.test"))
+        self.assertIsNone(address_problem(""))
+        for bad in ("a\r\nRCPT TO:<x@evil>@b", "a\n@b", "a\x00@b", "a>@b", "a\x7f@b"):
+            self.assertIsNotNone(address_problem(bad), bad)
+
+
+def job(queue_id: str, recipients: list[str], body: bytes, sender: str = "s@a.test") -> Job:
+    return Job(queue_id, sender, recipients, lambda: io.BytesIO(body))
+
+
+class Run:
+    """One Courier.send over a list of jobs, collecting the reports."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = iter(jobs)
+        self.reports: dict[str, dict[str, tuple[int, str, bool]]] = {}
+
+    def next_job(self):
+        return next(self.jobs, None)
+
+    def report(self, job: Job, results) -> None:
+        assert job.queue_id not in self.reports, "reported twice"
+        self.reports[job.queue_id] = {r.recipient: (r.code, r.text, r.tls) for r in results}
+
+    def send(self, hops: list[Hop], courier: Courier | None = None):
+        courier = courier or Courier(reactor, "relay.test", connect_timeout=5,
+                                     command_timeout=10)
+        return courier.send(hops, self.next_job, self.report)
+
+
+class Scripted(LineReceiver):
+    """A misbehaving server: replies from ``script`` by command verb."""
+
+    def connectionMade(self):
+        self.transport.write(b"220 scripted ESMTP\r\n")
+
+    def lineReceived(self, line):
+        verb = line.split(b" ", 1)[0].upper()
+        reply = self.factory.script.get(verb, b"250 ok\r\n")
+        if reply is None:
+            self.transport.loseConnection()
+        else:
+            self.transport.write(reply)
+
+
+class ClientTests(unittest.TestCase):
+    def sink(self, **kw) -> tuple[SMTPSink, Hop]:
+        sink = SMTPSink(**kw)
+        port = sink.listen()
+        self.addCleanup(sink.stop)
+        return sink, Hop("127.0.0.1", port, tls=kw.pop("hop_tls", "opportunistic"),
+                         address="127.0.0.1")
+
+    def scripted(self, script: dict[bytes, bytes | None]) -> Hop:
+        factory = protocol.ServerFactory.forProtocol(Scripted)
+        factory.script = script
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return Hop("127.0.0.1", port.getHost().port, address="127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_smuggling_body_arrives_intact_as_one_transaction(self):
+        sink, hop = self.sink()
+        head = b".\r\nSubject: dots\r\n\r\n"
+        filler = b"x" * (CHUNK - len(head) - 2) + b"\r\n"  # the "\n" is the chunk's last byte
+        smuggled = (b".\r\nMAIL FROM:<ceo@victim.test>\r\nRCPT TO:<x@victim.test>\r\nDATA\r\n"
+                    b"SMUGGLED\r\n")
+        body = head + filler + smuggled + b"y" * CHUNK + b"\r\n.\r\n..\r\nend\r\n"
+        self.assertEqual(body[CHUNK - 1:CHUNK + 1], b"\n.")
+        run = Run([job("q1", ["r@b.test"], body)])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 1)
+        self.assertEqual(run.reports["q1"]["r@b.test"][0], 250)
+        self.assertEqual(sink.transactions, 1)
+        self.assertEqual(len(sink.messages), 1)
+        self.assertEqual(sink.messages[0].data, body)
+
+    @defer.inlineCallbacks
+    def test_many_messages_one_connection(self):
+        sink, hop = self.sink()
+        bodies = [b"Subject: %d\r\n\r\nbody %d\r\n" % (i, i) for i in range(12)]
+        run = Run([job(f"q{i}", [f"r{i}@b.test"], b) for i, b in enumerate(bodies)])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 12)
+        self.assertEqual(sink.connections, 1)
+        self.assertEqual([m.data for m in sink.messages], bodies)
+        self.assertEqual([m.recipients for m in sink.messages],
+                         [[f"r{i}@b.test"] for i in range(12)])
+
+    @defer.inlineCallbacks
+    def test_per_recipient_results(self):
+        sink, hop = self.sink(rules={"later@b.test": (451, "4.2.0 greylisted"),
+                                     "gone@b.test": (550, "5.1.1 no such user")})
+        run = Run([job("q", ["ok@b.test", "later@b.test", "gone@b.test"], b"x\r\n"),
+                   job("none", ["gone@b.test"], b"x\r\n"),
+                   job("after", ["ok@b.test"], b"after\r\n")])
+        yield run.send([hop])
+        self.assertEqual(run.reports["q"], {
+            "ok@b.test": (250, "Delivery in progress", False),
+            "later@b.test": (451, "4.2.0 greylisted", False),
+            "gone@b.test": (550, "5.1.1 no such user", False)})
+        self.assertEqual(run.reports["none"]["gone@b.test"][0], 550)
+        self.assertEqual([m.recipients for m in sink.messages], [["ok@b.test"], ["ok@b.test"]])
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_data_refused_applies_to_accepted_recipients(self):
+        sink, hop = self.sink()
+        sink.data_reply = (554, "5.7.1 content refused")
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"x\r\n")])
+        yield run.send([hop])
+        self.assertEqual({r: v[0] for r, v in run.reports["q"].items()},
+                         {"a@b.test": 554, "c@b.test": 554})
+
+    @defer.inlineCallbacks
+    def test_addresses_with_line_breaks_never_reach_the_wire(self):
+        sink, hop = self.sink()
+        evil = "x\r\nRCPT TO:<victim@evil.test>\r\n@b.test"
+        run = Run([job("q", [evil, "ok@b.test"], b"x\r\n"),
+                   job("s", ["ok@b.test"], b"x\r\n", sender="a\nb@a.test")])
+        yield run.send([hop])
+        self.assertEqual(run.reports["q"][evil][:1], (550,))
+        self.assertIn("5.1.3", run.reports["q"][evil][1])
+        self.assertEqual(run.reports["s"]["ok@b.test"][:1], (550,))
+        self.assertIn("5.1.7", run.reports["s"]["ok@b.test"][1])
+        self.assertEqual([m.recipients for m in sink.messages], [["ok@b.test"]])
+        self.assertEqual(sink.transactions, 1)
+
+    @defer.inlineCallbacks
+    def test_size_limit_is_permanent(self):
+        sink, hop = self.sink(size=1000)
+        run = Run([job("big", ["a@b.test", "c@b.test"], b"x" * 2000 + b"\r\n"),
+                   job("small", ["a@b.test"], b"small\r\n")])
+        yield run.send([hop])
+        for code, text, _ in run.reports["big"].values():
+            self.assertEqual(code, 552)
+            self.assertTrue(text.startswith("5.3.4"))
+        self.assertEqual(run.reports["small"]["a@b.test"][0], 250)
+        self.assertEqual(sink.transactions, 1)
+
+    @defer.inlineCallbacks
+    def test_next_hop_after_connection_refused(self):
+        sink, hop = self.sink()
+        port = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        closed = port.getHost().port
+        yield port.stopListening()
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([Hop("127.0.0.1", closed, address="127.0.0.1"), hop])
+        self.assertEqual(outcome.jobs, 1)
+        self.assertIn("connection refused", outcome.error)
+        self.assertEqual(len(sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_all_hops_failing_takes_no_job(self):
+        greeting_refused = self.scripted({b"EHLO": b"554 go away\r\n", b"HELO": b"554 no\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([greeting_refused])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertEqual(run.reports, {})
+        self.assertIn("554", outcome.error)
+
+    @defer.inlineCallbacks
+    def test_connection_lost_in_data_is_temporary(self):
+        hop = self.scripted({b"DATA": None})
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 1)
+        code, text, _ = run.reports["q"]["a@b.test"]
+        self.assertEqual(code, 451)
+        self.assertIn("connection lost", text)
+
+    @defer.inlineCallbacks
+    def test_response_injection_after_starttls_is_refused(self):
+        hop = self.scripted({
+            b"EHLO": b"250-scripted\r\n250 STARTTLS\r\n",
+            b"STARTTLS": b"220 go ahead\r\n250 injected\r\n",
+        })
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("injection", outcome.error)
+
+
+class TLSTests(unittest.TestCase):
+    def setUp(self):
+        self.ca = TestCA(self.mktemp())
+        self.cert, self.key = self.ca.issue("localhost")
+
+    def sink(self, **kw) -> SMTPSink:
+        sink = SMTPSink(**kw)
+        sink.listen()
+        self.addCleanup(sink.stop)
+        return sink
+
+    def smarthost(self, sink: SMTPSink, **kw) -> Hop:
+        fields = dict(tls="required", verify=True, username="relay", password="s3cret",
+                      ca_file=str(self.ca.cert_path))
+        fields.update(kw)
+        return Hop("localhost", sink.port, **fields)
+
+    @defer.inlineCallbacks
+    def test_smarthost_starttls_verified_and_auth(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key),
+                         auth={"relay": "s3cret"}, require_auth=True)
+        run = Run([job("q1", ["a@b.test"], b"one\r\n"), job("q2", ["a@b.test"], b"two\r\n")])
+        outcome = yield run.send([self.smarthost(sink)])
+        self.assertEqual(outcome.jobs, 2)
+        self.assertEqual(run.reports["q1"]["a@b.test"], (250, "Delivery in progress", True))
+        self.assertEqual([(m.tls, m.user) for m in sink.messages], [(True, "relay")] * 2)
+
+    @defer.inlineCallbacks
+    def test_auth_login_when_plain_is_not_offered(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key),
+                         auth={"relay": "s3cret"}, require_auth=True, mechanisms=["LOGIN"])
+        outcome = yield Run([job("q", ["a@b.test"], b"x\r\n")]).send([self.smarthost(sink)])
+        self.assertEqual(outcome.jobs, 1)
+        self.assertEqual([m.user for m in sink.messages], ["relay"])
+
+    @defer.inlineCallbacks
+    def test_wrong_password_takes_no_job(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key),
+                         auth={"relay": "s3cret"}, require_auth=True)
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([self.smarthost(sink, password="wrong")])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("535", outcome.error)
+
+    @defer.inlineCallbacks
+    def test_unknown_ca_fails_verification(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
+        other = TestCA(self.mktemp(), name="another CA")
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([self.smarthost(sink, username="", ca_file=str(
+            other.cert_path))])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("certificate verify failed", outcome.error)
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_name_mismatch_fails_verification(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
+        hop = Hop("mx.other.test", sink.port, tls="required", verify=True,
+                  ca_file=str(self.ca.cert_path), address="127.0.0.1")
+        outcome = yield Run([job("q", ["a@b.test"], b"x\r\n")]).send([hop])
+        self.assertIn("does not match", outcome.error)
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_tls_required_without_starttls_defers(self):
+        sink = self.sink()
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([self.smarthost(sink, username="")])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("STARTTLS", outcome.error)
+        self.assertEqual(sink.messages, [])
+
+    @defer.inlineCallbacks
+    def test_credentials_never_sent_in_plaintext(self):
+        sink = self.sink(auth={"relay": "s3cret"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([self.smarthost(sink, tls="opportunistic")])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("without TLS", outcome.error)
+        self.assertEqual(sink.transactions, 0)
+
+    @defer.inlineCallbacks
+    def test_opportunistic_encrypts_unverified_or_falls_back_to_plaintext(self):
+        tls_sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
+        plain_sink = self.sink()
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        yield run.send([Hop("mx.unknown.test", tls_sink.port, address="127.0.0.1")])
+        self.assertEqual(run.reports["q"]["a@b.test"][2], True)
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        yield run.send([Hop("mx.unknown.test", plain_sink.port, address="127.0.0.1")])
+        self.assertEqual(run.reports["q"]["a@b.test"][:1] + run.reports["q"]["a@b.test"][2:],
+                         (250, False))
+        self.assertEqual([m.tls for m in tls_sink.messages + plain_sink.messages],
+                         [True, False])
