@@ -73,6 +73,7 @@ class PostfixInstance:
 
     name = "Postfix"
     ip_auth = True
+    delivers = True
 
     def __init__(self, base: str, cert: str, key: str, sink_port: int,
                  mynetworks: str = "127.0.0.0/8", max_sessions: int = 100) -> None:
