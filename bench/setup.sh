@@ -1,34 +1,26 @@
 #!/bin/sh
 # Installs what the bench needs on a fresh Debian machine: Postfix (which also ships
-# smtp-source and smtp-sink) and Cyrus SASL for Postfix's AUTH figures. Idempotent: does
-# nothing when everything is already there. The system Postfix instance is left unconfigured
-# ("No configuration") and stopped; the bench runs its own private instance.
+# smtp-source and smtp-sink in /usr/sbin) and Cyrus SASL (saslpasswd2, the sasldb and
+# PLAIN/LOGIN plugins) for Postfix's AUTH figures. Idempotent: installs only what is
+# missing. Debconf answers "No configuration", so the system Postfix instance gets no
+# main.cf and does not run; the bench runs a private instance of its own (bench/postfix.py).
 set -eu
 
 need=""
-command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need="$need postfix"
-[ -x /usr/sbin/smtp-source ] || need="$need postfix"
+[ -x /usr/sbin/postfix ] && [ -x /usr/sbin/smtp-source ] || need="$need postfix"
 [ -x /usr/sbin/saslpasswd2 ] || need="$need sasl2-bin"
-dpkg -s libsasl2-modules >/dev/null 2>&1 || need="$need libsasl2-modules"
+dpkg-query -W -f='${Status}' libsasl2-modules 2>/dev/null | grep -q "install ok installed" \
+    || need="$need libsasl2-modules"
 
 if [ -z "$need" ]; then
-    echo "bench/setup.sh: postfix, sasl2-bin and libsasl2-modules already installed"
+    echo "bench/setup.sh: postfix, sasl2-bin and libsasl2-modules are installed"
     exit 0
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO=sudo
-else
-    SUDO=
-fi
-
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
 echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
 $SUDO apt-get update -q
 # shellcheck disable=SC2086
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    postfix sasl2-bin libsasl2-modules
-# Debian may start the system instance on install; the bench never uses it.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postfix 2>/dev/null; then
-    $SUDO systemctl stop postfix || true
-fi
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need
 echo "bench/setup.sh: installed$need"
