@@ -332,11 +332,17 @@ class LoopbackCase(unittest.TestCase):
         self.factories: list[SubmissionFactory] = []
 
     @defer.inlineCallbacks
-    def tearDown(self):
-        for _ in range(500):  # every server-side session has seen its connection end
+    def sessions_ended(self):
+        """Wait (5 s at most) until every server-side session has seen its connection end."""
+        for _ in range(500):
             if all(s._lost for f in self.factories for s in f.sessions):
-                break
+                return True
             yield deferLater(reactor, 0.01, lambda: None)
+        return False
+
+    @defer.inlineCallbacks
+    def tearDown(self):
+        yield self.sessions_ended()
         yield self.spool.close()
 
     def listen(self, tls_mode: str = "starttls", plaintext_auth: bool = False,

@@ -162,7 +162,8 @@ class InjectionTests(LoopbackCase):
         # AUTH, MAIL in plaintext; then RCPT: no login; MAIL: no EHLO; EHLO; MAIL: no
         # login; AUTH again inside TLS; MAIL.
         self.assertEqual(steps, [235, 250, 530, 503, 250, 530, 235, 250])
-        self.assertEqual(self.realm.logouts, 1)
+        self.assertTrue((yield self.sessions_ended()))
+        self.assertEqual(self.realm.logouts, 2)  # at STARTTLS, and at the end
         self.assertEqual(self.checker.seen, [("doe.test", "127.0.0.1", False),
                                              ("doe.test", "127.0.0.1", True)])
 
