@@ -372,8 +372,18 @@ class Slapd:
     close = stop
 
     def pause(self) -> None:
-        """Freeze slapd: the kernel still accepts connections, nothing answers them."""
+        """Freeze slapd: the kernel still accepts connections, nothing answers them.
+
+        Returns once every thread is stopped: a busy machine can let one of them run on
+        for a while after the signal.
+        """
         os.kill(self._process.pid, signal.SIGSTOP)
+        tasks = Path(f"/proc/{self._process.pid}/task")
+        for _step in range(_WAIT_STEPS):
+            if all(_thread_state(task) in ("T", "t") for task in tasks.iterdir()):
+                return
+            time.sleep(0.01)
+        raise SlapdError(f"slapd {self._process.pid} did not stop")
 
     def resume(self) -> None:
         os.kill(self._process.pid, signal.SIGCONT)
@@ -405,6 +415,14 @@ def start_slapd(directory: str | os.PathLike, *, tls: bool = False) -> Slapd:
     server = Slapd(directory, tls=tls)
     server.start()
     return server
+
+
+def _thread_state(task: Path) -> str:
+    """The state letter of /proc/PID/task/TID/stat (after the parenthesized name)."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "T"  # the thread is gone
 
 
 def _run(argv: list[str]) -> None:
