@@ -68,12 +68,19 @@ class CommandTests(unittest.TestCase):
         s = self.s
         s.replies()
         for line in [b"\xc3\xa9HLO x", b"\xff\xfe", b"123", b"MAIL\x01FROM:<a@b.example>",
-                     b"EXPN list", b"DO_MAIL x", b"ext_AUTH PLAIN", b"BDAT 10 LAST", b"   "]:
+                     b"EXPN list", b"DO_MAIL x", b"ext_AUTH PLAIN", b"   "]:
             lines = s.send(line + b"\r\n")
             self.assertEqual(len(lines), 1, line)
             self.assertTrue(lines[0].startswith("500 5.5."), (line, lines))
         self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
         self.assertFalse(s.closed)
+
+    def test_bdat_is_not_offered(self) -> None:
+        s = self.s
+        s.replies()
+        lines = s.send(b"BDAT 20 LAST\r\nMAIL FROM:<a@b.test>\r\n")
+        self.assertEqual(lines, ["502 5.5.1 CHUNKING not offered, closing connection"])
+        self.assertTrue(s.closed)
 
     def test_bare_newlines_and_nul_in_commands(self) -> None:
         s = self.s

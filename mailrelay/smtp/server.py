@@ -382,6 +382,14 @@ class SubmissionServer(smtp.ESMTP):
         self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
                     "NOOP VRFY HELP QUIT")
 
+    def smtp_BDAT(self, arg: bytes) -> None:
+        # CHUNKING is not offered: the chunk's bytes follow at once and would be read as
+        # commands, so the session cannot go on.
+        log.warn("session {session}: {client_ip} sent BDAT, which is not offered; dropping "
+                 "the connection", session=self.session_id, client_ip=self.client_ip)
+        self._reply(502, "5.5.1", "CHUNKING not offered, closing connection")
+        self._close()
+
     def smtp_QUIT(self, arg: bytes) -> None:
         self._reply(221, "2.0.0", "Bye")
         self._close()
