@@ -60,12 +60,14 @@ def raise_fd_limit() -> None:
 def ceilings(sink: SinkProcess, sizes: figures.Sizes) -> list[str]:
     out = []
     n = max(200, sizes.accept_c20)
-    for per in (1, 10):
-        spec = LoadSpec(port=sink.port, conns=20, per_conn=per, total=n, tag="ceil",
-                        users=[("", "", figures.IP_SENDER)], timeout=sizes.run_timeout)
-        r = run_load(spec)
-        out.append(f"load.py -> sink.py, plain, c=20, {per} msg/conn: {r.rate:.0f}/s "
-                   f"(client CPU {1e3 * r.cpu / max(r.ok, 1):.2f} ms/msg)")
+    for mode in ("plain", "starttls", "tls"):
+        for per in (1, 10):
+            spec = LoadSpec(port=sink.tls_port if mode == "tls" else sink.port, mode=mode,
+                            conns=20, per_conn=per, total=n, tag="ceil",
+                            users=[figures.USER], timeout=sizes.run_timeout)
+            r = run_load(spec)
+            out.append(f"load.py -> sink.py, {mode}, c=20, {per} msg/conn: {r.rate:,.0f}/s "
+                       f"(client CPU {1e3 * r.cpu / max(r.ok, 1):.2f} ms/msg)")
     if figures.smtp_source_available():
         t0 = time.monotonic()
         subprocess.run([figures.SMTP_SOURCE, "-s", "20", "-m", str(n), "-l", "5120",
@@ -207,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     base = tempfile.mkdtemp(prefix="mailrelay-bench-")
     os.chmod(base, 0o755)  # Postfix's unprivileged processes must reach their directories
-    sink = SinkProcess(lifetime=6 * 3600)
+    cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
+    os.chmod(os.path.join(base, "tls"), 0o755)
+    sink = SinkProcess(lifetime=6 * 3600, cert=cert, key=key)
     servers = []
     started = time.time()
     try:
-        cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
-        os.chmod(os.path.join(base, "tls"), 0o755)
         users = {figures.USER[0]: figures.USER[1], **figures.many_users(sizes.users)}
         if use_mr and mr_ok:
             mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port)

@@ -6,10 +6,15 @@ carries an ``X-Bench-Id`` header from the load client; the sink keeps ``(id, tim
 for every message at its final ``.``. It never stores bodies (a 50 MB message passes
 through in constant memory).
 
+With ``--cert``/``--key`` it also offers STARTTLS, listens for implicit TLS on a second
+port and accepts any AUTH PLAIN: then the load client's TLS ceiling can be measured without
+a real server in between.
+
 Control commands on the same port (the bench is its only client besides the MTAs):
 ``XCOUNT`` -> ``250 <messages>``, ``XDUMP <path>`` writes the arrivals as JSON, ``XRESET``.
 
-Run: ``python3 bench/sink.py --port P`` (prints ``READY <port>`` once listening).
+Run: ``python3 bench/sink.py --port P`` (prints ``READY <port> [<tls port>]`` once
+listening).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import json
 import re
 import signal
+import ssl
 import sys
 import time
 
@@ -32,8 +38,11 @@ class Arrivals:
 
 
 class SinkProtocol(asyncio.Protocol):
-    def __init__(self, arrivals: Arrivals) -> None:
+    def __init__(self, arrivals: Arrivals, tls: ssl.SSLContext | None = None,
+                 in_tls: bool = False) -> None:
         self.arrivals = arrivals
+        self.tls, self.in_tls = tls, in_tls
+        self.handshaking: bytearray | None = None  # data that arrived during STARTTLS
         self.buf = b""
         self.in_data = False
         self.head = bytearray()
@@ -44,6 +53,11 @@ class SinkProtocol(asyncio.Protocol):
         self.transport.write(b"220 bench-sink ESMTP\r\n")
 
     def data_received(self, data: bytes) -> None:
+        if self.handshaking is not None:
+            # Decrypted data can arrive before start_tls() has returned the TLS transport
+            # that the replies must go to: keep it until then.
+            self.handshaking += data
+            return
         while data:
             data = self._data_chunk(data) if self.in_data else self._commands(data)
 
@@ -78,12 +92,37 @@ class SinkProtocol(asyncio.Protocol):
         leftover, self.buf = self.buf, b""
         return leftover
 
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(self.transport, self, self.tls,
+                                                  server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError):
+            self.transport.close()
+            return
+        early, self.handshaking = bytes(self.handshaking), None
+        if early:
+            self.data_received(early)
+
     def _command(self, line: bytes) -> None:
         verb = line[:4].upper()
         w = self.transport.write
         if verb == b"EHLO":
-            w(b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+            extra = b""
+            if self.tls and not self.in_tls:
+                extra += b"250-STARTTLS\r\n"
+            if self.tls:
+                extra += b"250-AUTH PLAIN\r\n"
+            w(b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n" + extra +
               b"250-SIZE 1000000000\r\n250 ENHANCEDSTATUSCODES\r\n")
+        elif verb == b"STAR" and self.tls and not self.in_tls:
+            w(b"220 2.0.0 Ready to start TLS\r\n")
+            self.buf = b""  # nothing sent before the handshake counts
+            self.in_tls = True
+            self.handshaking = bytearray()
+            asyncio.ensure_future(self._start_tls())
+        elif verb == b"AUTH" and self.tls:
+            w(b"235 2.7.0 Authentication successful\r\n")
         elif verb == b"DATA":
             self.in_data = True
             self.head = bytearray()
@@ -108,11 +147,24 @@ class SinkProtocol(asyncio.Protocol):
             w(b"502 5.5.2 Command not recognized\r\n")
 
 
-async def serve(host: str, port: int, lifetime: float) -> None:
+async def serve(host: str, port: int, lifetime: float, cert: str | None = None,
+                key: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     arrivals = Arrivals()
-    server = await loop.create_server(lambda: SinkProtocol(arrivals), host, port, backlog=1024)
-    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    tls = None
+    if cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+    server = await loop.create_server(lambda: SinkProtocol(arrivals, tls), host, port,
+                                      backlog=1024)
+    ports = [server.sockets[0].getsockname()[1]]
+    servers = [server]
+    if tls:
+        implicit = await loop.create_server(lambda: SinkProtocol(arrivals, tls, True), host,
+                                            0, backlog=1024, ssl=tls)
+        servers.append(implicit)
+        ports.append(implicit.sockets[0].getsockname()[1])
+    print("READY " + " ".join(map(str, ports)), flush=True)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
@@ -120,7 +172,8 @@ async def serve(host: str, port: int, lifetime: float) -> None:
         await asyncio.wait_for(stop, lifetime)  # bounded: never outlives the bench
     except TimeoutError:
         pass
-    server.close()
+    for one in servers:
+        one.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lifetime", type=float, default=4 * 3600,
                         help="exit after this many seconds in any case")
+    parser.add_argument("--cert", help="PEM certificate: offer STARTTLS and implicit TLS")
+    parser.add_argument("--key", help="PEM private key of --cert")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.lifetime))
+    asyncio.run(serve(args.host, args.port, args.lifetime, args.cert, args.key))
     return 0
 
 
@@ -156,17 +211,21 @@ class SinkProcess:
     """The sink run as a separate process (so it never shares a CPU-bound interpreter with
     the load client), stopped by its PID."""
 
-    def __init__(self, lifetime: float = 4 * 3600) -> None:
+    def __init__(self, lifetime: float = 4 * 3600, cert: str | None = None,
+                 key: str | None = None) -> None:
         import subprocess
 
+        tls = ["--cert", cert, "--key", key] if cert and key else []
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--port", "0", "--lifetime", str(lifetime)],
+            [sys.executable, __file__, "--port", "0", "--lifetime", str(lifetime), *tls],
             stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
             raise RuntimeError(f"sink did not start: {line!r}")
-        self.port = int(line.split()[1])
+        ports = [int(p) for p in line.split()[1:]]
+        self.port = ports[0]
+        self.tls_port = ports[1] if len(ports) > 1 else None
 
     def count(self) -> int:
         return int(control(self.port, "XCOUNT"))
