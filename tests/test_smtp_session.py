@@ -42,6 +42,14 @@ class CommandTests(unittest.TestCase):
             "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250 AUTH PLAIN LOGIN",
         ])
 
+    def test_ipv4_mapped_peer_is_shown_as_ipv4(self) -> None:
+        from twisted.internet.address import IPv6Address
+
+        s = Session(self.clock)
+        s.transport.peerAddress = IPv6Address("TCP", "::ffff:192.0.2.8", 40000)
+        s.proto.connectionMade()
+        self.assertEqual(s.proto.client_ip, "192.0.2.8")
+
     def test_no_auth_offered_or_accepted_in_plaintext_by_default(self) -> None:
         s = Session(self.clock, plaintext_auth=False)
         s.replies()

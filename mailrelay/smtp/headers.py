@@ -44,9 +44,12 @@ def from_addresses(header: bytes) -> list[str]:
     if len(values) > 1:
         raise HeaderError("Message has more than one From: header")
     text = b"".join(values[0]).decode("utf-8", "surrogateescape").strip()
-    field = email_policy.header_factory("From", text)
-    defects = [d for d in field.defects if not isinstance(d, _HARMLESS)]
-    addresses = [a.addr_spec for a in field.addresses]
-    if defects or not addresses or any(not a.username or not a.domain for a in field.addresses):
+    try:
+        field = email_policy.header_factory("From", text)
+        defects = [d for d in field.defects if not isinstance(d, _HARMLESS)]
+        parsed = [(a.addr_spec, a.username, a.domain) for a in field.addresses]
+    except Exception:  # the email package raises assorted errors on garbage
         raise HeaderError("Malformed From: header")
-    return addresses
+    if defects or not parsed or any(not user or not domain for _, user, domain in parsed):
+        raise HeaderError("Malformed From: header")
+    return [spec for spec, _, _ in parsed]

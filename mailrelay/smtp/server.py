@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import ipaddress
 import itertools
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -90,8 +91,7 @@ class SubmissionServer(smtp.ESMTP):
     # -- connection
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.client_ip = str(getattr(peer, "host", peer))
+        self.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.factory.idle_timeout)
         log.info(
@@ -238,6 +238,9 @@ class SubmissionServer(smtp.ESMTP):
             result = handler(*args)
         except Reply as reply:
             self._send(reply)
+            return
+        except Exception:
+            self._internal_error(Failure())
             return
         if inspect.iscoroutine(result):
             d = ensureDeferred(result)
@@ -755,6 +758,18 @@ class SubmissionServer(smtp.ESMTP):
         if self._data_deadline is not None and self._data_deadline.active():
             self._data_deadline.cancel()
         self._data_deadline = None
+
+
+def _client_ip(peer) -> str:
+    """The peer's address; an IPv4 client of a dual-stack socket as plain IPv4."""
+    host = str(getattr(peer, "host", peer))
+    try:
+        mapped = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+        return str(mapped.ipv4_mapped)
+    return host
 
 
 def _local_error() -> Reply:

@@ -1,0 +1,88 @@
+"""Reading the From: header conservatively, and writing the Received: header safely."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mailrelay.smtp.headers import HeaderError, from_addresses
+from mailrelay.smtp.received import address_literal, protocol_name, received_header
+
+
+@pytest.mark.parametrize(
+    "header, addresses",
+    [
+        (b"From: Alice <alice@doe.test>", ["alice@doe.test"]),
+        (b"Subject: x\r\nFrom: alice@doe.test", ["alice@doe.test"]),
+        (b'From: "bob@good.example" <eve@evil.example>', ["eve@evil.example"]),
+        (b"From: a@doe.test, b@evil.example", ["a@doe.test", "b@evil.example"]),
+        (b"From: =?utf-8?q?Al=C3=A9?= <ALICE@DOE.TEST>", ["ALICE@DOE.TEST"]),
+        (b"From: Al\xc3\xa9 <alice@doe.test>", ["alice@doe.test"]),
+        (b"From:\r\n Alice\r\n <alice@doe.test>", ["alice@doe.test"]),
+        (b"from:alice@doe.test (Alice)", ["alice@doe.test"]),
+        (b"From: grp: alice@doe.test;", ["alice@doe.test"]),
+        (b'From: "alice@doe.test"@evil.example', ['"alice@doe.test"@evil.example']),
+        (b"X-From: eve@evil.example\r\nFrom: alice@doe.test", ["alice@doe.test"]),
+    ],
+)
+def test_addresses(header: bytes, addresses: list[str]) -> None:
+    assert from_addresses(header) == addresses
+
+
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        (b"Subject: x", "no From"),
+        (b"From: alice@doe.test\r\nFrom: eve@evil.example", "more than one"),
+        (b"From: alice@doe.test\r\nFROM : eve@evil.example", "more than one"),
+        (b"From: alice@doe.test\r\nnot a header\r\nFrom: eve@evil.example", "more than one"),
+        (b"From: bob@good.example <eve@evil.example>", "Malformed"),
+        (b"From: <alice@doe.test>eve@evil.example", "Malformed"),
+        (b"From: alice@doe.test <>", "Malformed"),
+        (b"From: alice@doe.test@evil.example", "Malformed"),
+        (b"From: undisclosed:;", "Malformed"),
+        (b"From: alice", "Malformed"),
+        (b"From: <alice@doe.test", "Malformed"),
+        (b'From: "', "Malformed"),
+        (b"From: \t<", "Malformed"),
+    ],
+)
+def test_refusals(header: bytes, reason: str) -> None:
+    with pytest.raises(HeaderError, match=reason):
+        from_addresses(header)
+
+
+def test_garbage_never_escapes_as_another_error() -> None:
+    rng = random.Random(5)
+    pieces = [b"From:", b" ", b"<", b">", b"@", b'"', b"(", b")", b",", b";", b":", b"\\",
+              b"\r\n ", b"\r\n", b"=?utf-8?q?", b"?=", b"\xc3\xa9", b"\xff", b"a", b"b.c",
+              b"[1.2.3.4]", b"\x00", b"\t", b"group:", b"x@y.test", b"=?utf-8?b?", b"AA=="]
+    for _ in range(20000):
+        header = b"From: " + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 15)))
+        try:
+            assert all(isinstance(a, str) for a in from_addresses(header))
+        except HeaderError:
+            pass
+
+
+def test_received_header() -> None:
+    one = received_header("mail.client.test", "192.0.2.1", "relay.test", "ESMTPSA",
+                          "30193a2b4c5d6e7f8a", ["r@example.net"], 1_700_000_000)
+    assert one == (b"Received: from mail.client.test ([192.0.2.1])\r\n"
+                   b"\tby relay.test (mailrelay) with ESMTPSA id 30193a2b4c5d6e7f8a\r\n"
+                   b"\tfor <r@example.net>; Tue, 14 Nov 2023 22:13:20 +0000\r\n")
+    many = received_header("x(y);z\\\"", "2001:db8::1", "relay.test", "ESMTPA", "3a",
+                           ["a@example.net", "b@example.net"], 1_700_000_000)
+    assert many == (b"Received: from x_y__z__ ([IPv6:2001:db8::1])\r\n"
+                    b"\tby relay.test (mailrelay) with ESMTPA id 3a;\r\n"
+                    b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
+
+
+def test_protocol_names() -> None:
+    assert [protocol_name(e, t, a) for e, t, a in [
+        (False, False, False), (True, False, False), (True, True, False),
+        (True, False, True), (True, True, True), (False, True, True),
+    ]] == ["SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "ESMTPSA"]
+    assert address_literal("::ffff:192.0.2.1") == "[IPv6:::ffff:192.0.2.1]"
+    assert address_literal("unix-socket") == "[unix-socket]"
