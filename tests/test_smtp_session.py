@@ -43,12 +43,9 @@ class CommandTests(unittest.TestCase):
         ])
 
     def test_ipv4_mapped_peer_is_shown_as_ipv4(self) -> None:
-        from twisted.internet.address import IPv6Address
-
-        s = Session(self.clock)
-        s.transport.peerAddress = IPv6Address("TCP", "::ffff:192.0.2.8", 40000)
-        s.proto.connectionMade()
-        self.assertEqual(s.proto.client_ip, "192.0.2.8")
+        self.assertEqual(Session(self.clock, ip="::ffff:192.0.2.8").proto.client_ip,
+                         "192.0.2.8")
+        self.assertEqual(Session(self.clock, ip="2001:db8::1").proto.client_ip, "2001:db8::1")
 
     def test_no_auth_offered_or_accepted_in_plaintext_by_default(self) -> None:
         s = Session(self.clock, plaintext_auth=False)

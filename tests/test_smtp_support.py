@@ -169,7 +169,7 @@ class Session:
     """A session over StringTransport with a Clock: every byte in and out is visible."""
 
     def __init__(self, clock, spool=None, portal=None, ip="192.0.2.7", **factory_args) -> None:
-        from twisted.internet.address import IPv4Address
+        from twisted.internet.address import IPv4Address, IPv6Address
 
         self.clock = clock
         self.spool = spool or MemorySpool()
@@ -178,7 +178,8 @@ class Session:
         args = dict(tls_options=None, tls_mode="none", plaintext_auth=True)
         args.update(factory_args)
         self.factory = SubmissionFactory(portal, self.spool, HOST, reactor=clock, **args)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
+        address = IPv6Address if ":" in ip else IPv4Address
+        self.transport = StringTransport(peerAddress=address("TCP", ip, 40000))
         self.proto = self.factory.buildProtocol(None)
         self.proto.makeConnection(self.transport)
 
