@@ -186,6 +186,32 @@ class DataTests(LoopbackCase):
         self.assertEqual(self.files("queue") + self.files("tmp"), [])
 
     @defer.inlineCallbacks
+    def test_large_message_streams_to_disk(self):
+        port = self.listen("implicit")
+        factory = self.factories[0]
+        line = b"m" * 998 + b"\r\n"
+
+        def talk():
+            c = authenticated(port)
+            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            assert c.replies(3) == [250, 250, 354]
+            c.send(b"From: a@doe.test\r\n\r\n")
+            for _ in range(20):  # 20 MB
+                c.send(line * 1000)
+            end = c.cmd(b".")
+            c.close()
+            return end
+
+        end = yield deferToThread(talk)
+        self.assertEqual(end[0], 250)
+        self.assertLess(factory.max_buffered, 64 * 1024)
+        (queue_id,) = self.files("queue")
+        with self.spool.open_body(queue_id) as f:
+            received = f.read(1024).index(b"From: a@doe.test")  # the relay's header
+        self.assertEqual(self.spool.body_size(queue_id) - received,
+                         len(b"From: a@doe.test\r\n\r\n") + 20 * 1000 * len(line))
+
+    @defer.inlineCallbacks
     def test_over_size(self):
         port = self.listen("implicit", max_message_size=100_000)
 

@@ -59,8 +59,6 @@ class SubmissionServer(smtp.ESMTP):
         ctx = factory.tls_options if factory.tls_mode == "starttls" else None
         super().__init__(chal={}, contextFactory=ctx)
         self.factory = factory
-        self.host = factory.hostname.encode("ascii")
-        self.timeout = factory.idle_timeout
         self.callLater = factory.reactor.callLater  # for TimeoutMixin
         self.session_id = next(_sessions)
         self.client_ip = ""
