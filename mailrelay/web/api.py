@@ -1,0 +1,190 @@
+"""The JSON management API under /api/v1 (documented by openapi.py, served at
+/api/v1/openapi.json).
+
+Every call but the OpenAPI document needs ``Authorization: Bearer <key>`` with a key made by
+``mailrelay-admin apikey add``; a read-only key may only GET (403 otherwise). Errors are
+``{"error": "..."}`` with the status that fits (ops.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailrelay.web import ops
+from mailrelay.web.access import Access
+from mailrelay.web.openapi import openapi_document
+from mailrelay.web.routing import Call, HttpError, Response, Router, json_response, reason
+
+log = Logger()
+
+PREFIX = "/api/v1"
+_READS = ("GET", "HEAD")
+
+
+def error_response(request, error: HttpError) -> Response:
+    headers = {"cache-control": "no-store"}
+    if error.status == 401:
+        headers["www-authenticate"] = 'Bearer realm="mailrelay"'
+    extra = dict(error.extra)
+    if "allow" in extra:
+        headers["allow"] = ", ".join(extra["allow"])
+    return json_response({"error": error.message, "status": error.status,
+                          "reason": reason(error.status), **extra},
+                         error.status, **headers)  # fmt: skip
+
+
+class Api:
+    def __init__(self, services: ops.Services) -> None:
+        self.s = services
+        self.router = Router()
+        self._document = json.dumps(openapi_document(), indent=1).encode()
+        r = self.router.add
+        r("GET", "/openapi.json", self.openapi)
+        r("GET", "/users", self.list_users)
+        r("POST", "/users", self.add_user)
+        r("GET", "/users/{username}", self.get_user)
+        r("PATCH", "/users/{username}", self.edit_user)
+        r("DELETE", "/users/{username}", self.delete_user)
+        r("POST", "/users/{username}/password", self.reset_password)
+        r("GET", "/users/{username}/senders", self.senders)
+        r("POST", "/users/{username}/senders/{sender}/verify", self.verify_sender)
+        r("GET", "/accounts", self.list_accounts)
+        r("POST", "/accounts", self.add_account)
+        r("GET", "/accounts/{name}", self.get_account)
+        r("PATCH", "/accounts/{name}", self.edit_account)
+        r("DELETE", "/accounts/{name}", self.delete_account)
+        r("GET", "/ip-auth", self.ip_auth)
+        r("GET", "/suppressions", self.list_suppressions)
+        r("POST", "/suppressions", self.add_suppression)
+        r("DELETE", "/suppressions/{address}", self.delete_suppression)
+        r("GET", "/queue", self.list_queue)
+        r("GET", "/queue/{queue_id}", self.show_queued)
+        r("POST", "/queue/{queue_id}/retry", self.retry_queued)
+        r("DELETE", "/queue/{queue_id}", self.delete_queued)
+        r("GET", "/stats", self.stats)
+
+    async def dispatch(self, request, path: str) -> Response:
+        method = request.method.decode("ascii", "replace").upper()
+        handler, params = self.router.match(method, path)
+        call = Call(request, params)
+        if handler != self.openapi:
+            call.principal = self._authenticate(call, method)
+        return await handler(call)
+
+    def _authenticate(self, call: Call, method: str):
+        header = call.header("authorization") or ""
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise HttpError(401, "send an API key: Authorization: Bearer <key> "
+                            "(make one with mailrelay-admin apikey add)")  # fmt: skip
+        key = self.s.access.current().key_for(secret.strip())
+        if key is None:
+            raise HttpError(401, "unknown or revoked API key")
+        if method not in _READS and key.access is not Access.READ_WRITE:
+            raise HttpError(403, f"API key {key.name!r} is read-only")
+        return key
+
+    # -- handlers
+
+    async def openapi(self, call: Call) -> Response:
+        return Response(200, self._document, headers={"cache-control": "no-cache"})
+
+    async def list_users(self, call: Call) -> Response:
+        return json_response(await ops.list_users(self.s, call.arg("account")))
+
+    async def add_user(self, call: Call) -> Response:
+        result = await ops.add_user(self.s, call.json())
+        location = f"{PREFIX}/users/{result['user']['username']}"
+        return json_response(result, 201, **{"cache-control": "no-store", "location": location})
+
+    async def get_user(self, call: Call) -> Response:
+        return json_response(await ops.get_user(self.s, call.params["username"]))
+
+    async def edit_user(self, call: Call) -> Response:
+        return json_response(await ops.edit_user(self.s, call.params["username"], call.json()))
+
+    async def delete_user(self, call: Call) -> Response:
+        await ops.delete_user(self.s, call.params["username"])
+        return Response(204)
+
+    async def reset_password(self, call: Call) -> Response:
+        result = await ops.reset_password(self.s, call.params["username"])
+        return json_response(result, **{"cache-control": "no-store"})
+
+    async def senders(self, call: Call) -> Response:
+        user, _ = await ops.find_user(self.s, call.params["username"])
+        return json_response(ops.sender_docs(self.s, user))
+
+    async def verify_sender(self, call: Call) -> Response:
+        p = call.params
+        return json_response(await ops.verify_sender(self.s, p["username"], p["sender"]))
+
+    async def list_accounts(self, call: Call) -> Response:
+        return json_response(await ops.list_accounts(self.s))
+
+    async def add_account(self, call: Call) -> Response:
+        doc = await ops.add_account(self.s, call.json())
+        return json_response(doc, 201, location=f"{PREFIX}/accounts/{doc['name']}")
+
+    async def get_account(self, call: Call) -> Response:
+        return json_response(await ops.get_account(self.s, call.params["name"]))
+
+    async def edit_account(self, call: Call) -> Response:
+        return json_response(await ops.edit_account(self.s, call.params["name"], call.json()))
+
+    async def delete_account(self, call: Call) -> Response:
+        await ops.delete_account(self.s, call.params["name"])
+        return Response(204)
+
+    async def ip_auth(self, call: Call) -> Response:
+        return json_response(ops.ip_auth(self.s))
+
+    async def list_suppressions(self, call: Call) -> Response:
+        level = _level(call)
+        return json_response(await ops.list_suppressions(self.s, *level,
+                                                         everything=not call.arg("global")))
+
+    async def add_suppression(self, call: Call) -> Response:
+        return json_response(await ops.add_suppression(self.s, call.json()), 201)
+
+    async def delete_suppression(self, call: Call) -> Response:
+        await ops.delete_suppression(self.s, call.params["address"], *_level(call))
+        return Response(204)
+
+    async def list_queue(self, call: Call) -> Response:
+        return json_response(await ops.list_queue(self.s, _int(call, "limit", 500, 1, 10000)))
+
+    async def show_queued(self, call: Call) -> Response:
+        return json_response(await ops.show_queued(self.s, call.params["queue_id"]))
+
+    async def retry_queued(self, call: Call) -> Response:
+        return json_response(await ops.retry_queued(self.s, call.params["queue_id"]), 202)
+
+    async def delete_queued(self, call: Call) -> Response:
+        await ops.delete_queued(self.s, call.params["queue_id"])
+        return Response(204)
+
+    async def stats(self, call: Call) -> Response:
+        return json_response(await ops.stats(
+            self.s, call.arg("user"), call.arg("account"), call.arg("since"), call.arg("period")
+        ))  # fmt: skip
+
+
+def _level(call: Call) -> tuple[Any, Any]:
+    return call.arg("user") or None, call.arg("account") or None
+
+
+def _int(call: Call, name: str, default: int, low: int, high: int) -> int:
+    text = call.arg(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise HttpError(400, f"{name} must be a whole number")
+    if not low <= value <= high:
+        raise HttpError(400, f"{name} must be within {low}..{high}")
+    return value

@@ -1,0 +1,329 @@
+"""The OpenAPI 3 document of the management API, served at /api/v1/openapi.json.
+
+Written next to nothing else: each schema mirrors a document ops.py returns, and the tests
+check the live API against it (openapi-spec-validator, schemathesis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.directory.changes import USER_SETTINGS
+from mailrelay.features.stats import Event
+from mailrelay.features.suppressions import Reason
+
+STR = {"type": "string"}
+BOOL = {"type": "boolean"}
+NUM = {"type": "number"}
+INT = {"type": "integer"}
+NULL_INT = {"type": "integer", "nullable": True}
+NULL_STR = {"type": "string", "nullable": True}
+NULL_NUM = {"type": "number", "nullable": True}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(props: dict[str, Any], required: list[str] | None = None, closed=False) -> dict:
+    schema: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = required
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+def array(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+_SETTING_SCHEMAS = {
+    "account": {**STR, "description": "the account the user belongs to (default: default)"},
+    "domains": {**STR, "description": 'named users: authorized sender domains, "a.com;b.com"'},
+    "addresses": {**STR, "description": 'named users: authorized sender addresses, "x@a.com"'},
+    "note": STR,
+    "status": {"type": "string", "enum": ["allowed", "blocked", "sandboxed"]},
+    "rate_limit": {**NULL_INT, "description": "messages per hour; null: the configured default"},
+    "priority": {"type": "integer", "minimum": 1, "maximum": 5},
+    "max_connections": {**NULL_INT, "description": "null: the configured default"},
+    "archive": BOOL,
+    "audit_bcc": {**STR, "description": 'copies of every message to "x@a.com;y@b.com"'},
+    "bounce_notify": {**STR, "description": "off, sender or an address"},
+    "unsubscribe_footer": BOOL,
+    "open_tracking": BOOL,
+    "click_tracking": BOOL,
+}
+assert set(_SETTING_SCHEMAS) == set(USER_SETTINGS)
+
+_USER = obj(
+    {
+        "username": STR,
+        "kind": {"type": "string", "enum": ["domain", "address", "named"]},
+        "sender_scope": {**STR, "description": "the senders this login may use"},
+        **{k: v for k, v in _SETTING_SCHEMAS.items()},
+        "updated": {**NUM, "description": "unix time of the last change"},
+        "unverified": {**array(STR), "description": "senders waiting for confirmation"},
+    },
+    ["username", "kind", "account", "status", "sender_scope", "unverified"],
+)
+
+_VERIFICATION = obj(
+    {
+        "sender": STR,
+        "method": {"type": "string", "enum": ["link", "dns"]},
+        "queue_id": {**STR, "description": "the confirmation mail (method link)"},
+        "record": ref("TxtRecord"),
+        "error": STR,
+        "verified": BOOL,
+    },
+    ["sender"],
+)
+
+_RECIPIENT = obj(
+    {"address": STR, "status": {"type": "string", "enum": ["pending", "sent", "failed"]},
+     "code": NULL_INT, "text": STR, "remote": NULL_STR},
+    ["address", "status"],
+)  # fmt: skip
+
+_QUEUE_ITEM = {
+    "id": STR, "place": {"type": "string", "enum": ["queue", "hold"]}, "sender": STR,
+    "user": NULL_STR, "account": NULL_STR, "size": INT, "received_at": NUM,
+    "priority": INT, "sandboxed": BOOL, "attempts": INT, "next_attempt": NULL_NUM,
+    "last_error": STR,
+}  # fmt: skip
+
+_COUNTS = {e.value: INT for e in Event}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": obj({"error": STR, "status": INT, "reason": STR, "allow": array(STR)},
+                 ["error", "status"]),  # fmt: skip
+    "User": _USER,
+    "UserNew": obj({"username": STR, **_SETTING_SCHEMAS}, ["username"], closed=True),
+    "UserChange": {**obj(dict(_SETTING_SCHEMAS), closed=True), "minProperties": 1},
+    "UserCreated": obj(
+        {"user": ref("User"), "password": {**STR, "description": "shown only in this response"},
+         "verification": array(ref("Verification"))},
+        ["user", "password", "verification"],
+    ),  # fmt: skip
+    "UserChanged": obj({"user": ref("User"), "verification": array(ref("Verification"))},
+                       ["user", "verification"]),  # fmt: skip
+    "Password": obj({"username": STR, "password": STR}, ["username", "password"]),
+    "TxtRecord": obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": STR},
+                     ["name", "type", "value"]),  # fmt: skip
+    "Verification": _VERIFICATION,
+    "Sender": obj(
+        {"sender": STR, "kind": {"type": "string", "enum": ["domain", "address"]},
+         "verified": BOOL, "method": {"type": "string", "enum": ["link", "dns"]},
+         "record": ref("TxtRecord")},
+        ["sender", "kind", "verified"],
+    ),  # fmt: skip
+    "Account": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
+                    "users": array(STR)}, ["name", "domains", "users"]),  # fmt: skip
+    "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR},
+                      ["name"], closed=True),  # fmt: skip
+    "AccountChange": {
+        **obj({"domains": STR, "notify": NULL_STR, "note": STR}, closed=True),
+        "minProperties": 1,
+    },
+    "IpAuth": obj(
+        {"networks": array(obj({"network": STR, "username": STR}, ["network", "username"])),
+         "addresses": array(STR), "read_only": BOOL, "configured_in": STR},
+        ["networks", "addresses", "read_only"],
+    ),  # fmt: skip
+    "Suppression": obj(
+        {"address": STR, "account": NULL_STR, "user": NULL_STR,
+         "reason": {"type": "string", "enum": [r.value for r in Reason]}, "created": NUM},
+        ["address", "account", "user", "reason", "created"],
+    ),  # fmt: skip
+    "SuppressionNew": obj(
+        {"address": STR, "user": NULL_STR, "account": NULL_STR,
+         "reason": {"type": "string", "enum": [r.value for r in Reason]}},
+        ["address"], closed=True,
+    ),  # fmt: skip
+    "QueueList": obj({"total": INT, "messages": array(ref("QueueItem"))}, ["total", "messages"]),
+    "QueueItem": obj({**_QUEUE_ITEM, "recipients": INT}, ["id", "place", "sender"]),
+    "QueueDetail": obj(
+        {**_QUEUE_ITEM, "recipients": array(_RECIPIENT), "client_ip": NULL_STR,
+         "helo": NULL_STR, "tls": BOOL, "headers": STR},
+        ["id", "place", "sender", "recipients"],
+    ),  # fmt: skip
+    "Retry": obj({"id": STR, "retry": STR}, ["id"]),
+    "Stats": obj(
+        {"user": NULL_STR, "account": NULL_STR, "since": NULL_NUM,
+         "period": {"type": "string", "enum": ["hour", "day"], "nullable": True},
+         "totals": obj(_COUNTS),
+         "periods": array(obj({"start": NUM, "account": STR, "user": STR, **_COUNTS}))},
+        ["totals"],
+    ),  # fmt: skip
+}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    out: dict[str, Any] = {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
+    out["default"] = _json(ref("Error"), "any other error")
+    return out
+
+
+def _path_param(name: str, description: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": STR,
+            "description": description}  # fmt: skip
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}  # fmt: skip
+
+
+def _body(schema: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": ref(schema)}}}
+
+
+def _op(summary: str, ok: dict[str, Any], *errors: int, **more: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": {**ok, **_errors(401, *errors)}, **more}
+
+
+USER = _path_param("username", "a domain, an address or a name")
+ACCOUNT = _path_param("name", "account name")
+QUEUE_ID = _path_param("queue_id", "18 characters: priority digit, then hex")
+NO_CONTENT = {"204": {"description": "done"}}
+LEVEL = [
+    _query("user", STR, "a user's list"),
+    _query("account", STR, "an account's list (all its users)"),
+]
+
+
+def openapi_document() -> dict[str, Any]:
+    writes = (400, 403, 404, 405, 409, 415, 503)
+    paths = {
+        "/openapi.json": {"get": {"summary": "this document", "security": [],
+                                  "responses": {"200": {"description": "OpenAPI 3 document"}}}},
+        "/users": {
+            "get": _op("list SMTP users", {"200": _json(array(ref("User")), "users")}, 404, 503,
+                       parameters=[_query("account", STR, "only this account's users")]),
+            "post": _op("add a user; its generated password is in this response only",
+                        {"201": _json(ref("UserCreated"), "added")}, *writes,
+                        requestBody=_body("UserNew")),
+        },
+        "/users/{username}": {
+            "parameters": [USER],
+            "get": _op("show a user", {"200": _json(ref("User"), "the user")}, 404, 503),
+            "patch": _op("change a user's settings (only the fields given)",
+                         {"200": _json(ref("UserChanged"), "changed")}, *writes,
+                         requestBody=_body("UserChange")),
+            "delete": _op("delete a user", NO_CONTENT, 403, 404, 405, 503),
+        },
+        "/users/{username}/password": {
+            "parameters": [USER],
+            "post": _op("reset the password: a new generated one, in this response only",
+                        {"200": _json(ref("Password"), "the new password")}, 403, 404, 405,
+                        503),
+        },
+        "/users/{username}/senders": {
+            "parameters": [USER],
+            "get": _op("the user's senders and their verification",
+                       {"200": _json(array(ref("Sender")), "senders")}, 404, 503),
+        },
+        "/users/{username}/senders/{sender}/verify": {
+            "parameters": [USER, _path_param("sender", "a domain or address of its scope")],
+            "post": _op("address: mail the confirmation link again; domain: check its TXT "
+                        "record now", {"200": _json(ref("Verification"), "result")},
+                        403, 404, 405, 409, 503),
+        },
+        "/accounts": {
+            "get": _op("list accounts", {"200": _json(array(ref("Account")), "accounts")}, 503),
+            "post": _op("add an account", {"201": _json(ref("Account"), "added")}, *writes,
+                        requestBody=_body("AccountNew")),
+        },
+        "/accounts/{name}": {
+            "parameters": [ACCOUNT],
+            "get": _op("show an account", {"200": _json(ref("Account"), "the account")}, 404,
+                       503),
+            "patch": _op("change an account (domains replaces the list)",
+                         {"200": _json(ref("Account"), "changed")}, *writes,
+                         requestBody=_body("AccountChange")),
+            "delete": _op("delete an account without users", NO_CONTENT, 403, 404, 405, 409,
+                          503),
+        },
+        "/ip-auth": {
+            "get": _op("IP and address authentication (from the configuration; read-only)",
+                       {"200": _json(ref("IpAuth"), "networks and addresses")}),
+        },
+        "/suppressions": {
+            "get": _op("suppressed addresses: one list, or all of them",
+                       {"200": _json(array(ref("Suppression")), "entries")}, 400, 404, 503,
+                       parameters=[*LEVEL, _query("global", STR, "any value: the global "
+                                                  "list only")]),
+            "post": _op("suppress an address (user, account, or neither: global)",
+                        {"201": _json(ref("Suppression"), "added")}, *writes,
+                        requestBody=_body("SuppressionNew")),
+        },
+        "/suppressions/{address}": {
+            "parameters": [_path_param("address", "the suppressed address")],
+            "delete": _op("remove an address from a list (none given: the global list)",
+                          NO_CONTENT, 400, 403, 404, 503, parameters=LEVEL),
+        },
+        "/queue": {
+            "get": _op("queued and held messages, in delivery order",
+                       {"200": _json(ref("QueueList"), "messages")}, 400,
+                       parameters=[_query("limit", {"type": "integer", "minimum": 1,
+                                                    "maximum": 10000}, "at most this many")]),
+        },
+        "/queue/{queue_id}": {
+            "parameters": [QUEUE_ID],
+            "get": _op("one message: envelope, recipients' status, headers",
+                       {"200": _json(ref("QueueDetail"), "the message")}, 404),
+            "delete": _op("delete a message (no bounce is sent)", NO_CONTENT, 403, 404),
+        },
+        "/queue/{queue_id}/retry": {
+            "parameters": [QUEUE_ID],
+            "post": _op("try to deliver now", {"202": _json(ref("Retry"), "scheduled")}, 403,
+                        404, 409),
+        },
+        "/stats": {
+            "get": _op("statistics per user or account and period",
+                       {"200": _json(ref("Stats"), "counts")}, 400, 404, 503, parameters=[
+                           _query("user", STR, "one SMTP user"),
+                           _query("account", STR, "one account"),
+                           _query("since", STR, "a date (2026-11-01, UTC) or a duration "
+                                  "back from now (7d, 12h)"),
+                           _query("period", {"type": "string", "enum": ["hour", "day"]},
+                                  "one row per hour or day"),
+                       ]),
+        },
+    }  # fmt: skip
+    responses = {
+        f"E{code}": _json(ref("Error"), text)
+        for code, text in {
+            400: "bad input; nothing was changed",
+            401: "no API key, or an unknown one",
+            403: "the API key is read-only",
+            404: "no such user, account, sender, address or message",
+            405: "users and accounts are read-only here (LDAP directory)",
+            409: "conflicts with what exists (name taken, still in use, already listed)",
+            415: "the body is not application/json",
+            503: "the directory, the spool or DNS cannot answer now; try again",
+        }.items()
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "mailrelay management API",
+            "version": "1",
+            "description": "SMTP users, accounts, suppressions, queue and statistics of a "
+            "mailrelay. Authenticate with 'Authorization: Bearer <key>' (mailrelay-admin "
+            "apikey add NAME --read-only|--read-write). Errors are {\"error\": \"...\"}.",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+            "responses": responses,
+        },
+    }

@@ -1,0 +1,474 @@
+"""The control panel's operations, shared by the JSON API and the web page.
+
+Each takes the Services and plain values, checks them, acts, and returns plain data (the
+same JSON documents ``mailrelay-admin ... --json`` prints, where there is one). A refusal
+is an HttpError with the status that fits: 400 bad input, 404 unknown, 405 read-only
+(LDAP), 409 conflict, 503 when the directory or the spool cannot answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.logger import Logger
+
+from mailrelay.admin._directory import LDAP_MANAGED
+from mailrelay.admin.account import account_json
+from mailrelay.admin.user import user_json
+from mailrelay.directory.filedir import (
+    DirectoryFileError,
+    EntryConflict,
+    UnknownEntry,
+    check_account,
+)
+from mailrelay.features.stats import Event
+from mailrelay.features.suppressions import Reason
+from mailrelay.model import Account, SmtpUser
+from mailrelay.scope import ScopeError, is_address, is_domain, parse_domains
+from mailrelay.smtp.reply import Reply
+from mailrelay.web.backend import QueueControl, QueueReader, UserWriter, in_thread
+from mailrelay.web.routing import HttpError
+
+log = Logger()
+
+
+@dataclass
+class Services:
+    """Everything the panel works with; built by site.make_admin_site."""
+
+    directory: Any  # IDirectory
+    users: UserWriter | None  # None: the directory is read-only (LDAP)
+    queue: QueueReader
+    control: QueueControl
+    suppressions: Any  # features.suppressions.SuppressionStore
+    stats: Any  # features.stats.StatsStore
+    access: Any  # web.access.AccessFile
+    verifier: Any  # verification.Verifier, or None when verification is off
+    ip_auth: Any  # policy.ipauth.IpAuthTable
+    address_auth: Any  # policy.ipauth.AddressAuth
+    reactor: Any
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """The directory's refusals as HTTP errors."""
+    try:
+        yield
+    except UnknownEntry as e:
+        raise HttpError(404, str(e))
+    except EntryConflict as e:
+        raise HttpError(409, str(e))
+    except (DirectoryFileError, ScopeError) as e:
+        raise HttpError(400, str(e))
+    except OSError as e:
+        raise HttpError(503, f"the user file cannot be changed now: {e.strerror}")
+
+
+def writer(s: Services) -> UserWriter:
+    if s.users is None:
+        raise HttpError(405, LDAP_MANAGED, allow=["GET"])
+    return s.users
+
+
+# ---- users ----
+
+
+def user_doc(user: SmtpUser, account: Account | None) -> dict[str, Any]:
+    return user_json(user, account) | {"unverified": sorted(user.unverified)}
+
+
+async def _accounts(s: Services) -> dict[str, Account]:
+    return {a.name: a for a in await s.directory.listAccounts()}
+
+
+async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+    accounts = await _accounts(s)
+    if account is not None and account not in accounts:
+        raise HttpError(404, f"unknown account {account!r}")
+    users = await s.directory.listUsers(account)
+    return [user_doc(u, accounts.get(u.account)) for u in users]
+
+
+async def find_user(s: Services, username: str) -> tuple[SmtpUser, Account | None]:
+    user = await s.directory.getUser(username)
+    if user is None:
+        raise HttpError(404, f"unknown user {username!r}")
+    return user, await s.directory.getAccount(user.account)
+
+
+async def get_user(s: Services, username: str) -> dict[str, Any]:
+    return user_doc(*await find_user(s, username))
+
+
+def _settings(doc: dict[str, Any], allowed_extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if k not in allowed_extra}
+
+
+async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    """Fires with {"user", "password", "verification"}; the password only here."""
+    username = doc.get("username")
+    if not isinstance(username, str) or not username.strip():
+        raise HttpError(400, "username is required (a domain, an address or a name)")
+    with refusals():
+        user, password = await writer(s).add_user(username.strip(), _settings(doc, ("username",)))
+    log.info("control panel: added user {user}", user=user.username)
+    account = await s.directory.getAccount(user.account)
+    return {
+        "user": user_doc(user, account),
+        "password": password,
+        "verification": await start_verification(s, user, user.unverified),
+    }
+
+
+async def edit_user(s: Services, username: str, doc: dict[str, Any]) -> dict[str, Any]:
+    if not doc:
+        raise HttpError(400, "nothing to change")
+    before, _ = await find_user(s, username)
+    with refusals():
+        user = await writer(s).update_user(before.username, doc)
+    log.info("control panel: changed user {user}", user=user.username)
+    account = await s.directory.getAccount(user.account)
+    return {
+        "user": user_doc(user, account),
+        "verification": await start_verification(s, user, user.unverified - before.unverified),
+    }
+
+
+async def delete_user(s: Services, username: str) -> None:
+    with refusals():
+        user = await writer(s).delete_user(username)
+    log.info("control panel: deleted user {user}", user=user.username)
+
+
+async def reset_password(s: Services, username: str) -> dict[str, str]:
+    with refusals():
+        user, password = await writer(s).reset_password(username)
+    log.info("control panel: new password for user {user}", user=user.username)
+    return {"username": user.username, "password": password}
+
+
+# ---- sender verification ----
+
+
+def sender_docs(s: Services, user: SmtpUser) -> list[dict[str, Any]]:
+    scope = user.effective_scope()
+    out = []
+    for entry in sorted(scope.domains) + sorted(scope.addresses):
+        kind = "address" if "@" in entry else "domain"
+        doc: dict[str, Any] = {"sender": entry, "kind": kind,
+                               "verified": entry not in user.unverified}  # fmt: skip
+        if not doc["verified"] and s.verifier is not None:
+            doc["method"] = "link" if kind == "address" else "dns"
+            if kind == "domain":
+                doc["record"] = s.verifier.txt_record(user, entry)
+        out.append(doc)
+    return out
+
+
+async def start_verification(s: Services, user: SmtpUser, entries) -> list[dict[str, Any]]:
+    """Send a link to each new waiting address; say which TXT record each domain needs."""
+    out = []
+    if s.verifier is None:
+        return out
+    for entry in sorted(entries):
+        if "@" in entry:
+            out.append(await _send_link(s, user, entry))
+        else:
+            out.append({"sender": entry, "method": "dns",
+                        "record": s.verifier.txt_record(user, entry)})  # fmt: skip
+    return out
+
+
+async def _send_link(s: Services, user: SmtpUser, address: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {"sender": address, "method": "link"}
+    try:
+        doc["queue_id"] = await s.verifier.send_link(user, address)
+    except Reply as e:  # the spool refused it (disk full): the admin can resend later
+        log.warn("confirmation to {address} not queued: {reply}", address=address, reply=e)
+        doc["error"] = f"the confirmation could not be queued: {e}"
+    return doc
+
+
+async def verify_sender(s: Services, username: str, sender: str) -> dict[str, Any]:
+    """An address: mail its link again. A domain: look its TXT record up now and mark it
+    verified when it is there."""
+    user, _ = await find_user(s, username)
+    sender = sender.strip().lower()
+    scope = user.effective_scope()
+    if sender not in scope.domains | scope.addresses:
+        raise HttpError(404, f"{sender} is not a sender of user {user.username}")
+    if sender not in user.unverified:
+        return {"sender": sender, "verified": True}
+    if s.verifier is None:
+        raise HttpError(409, "sender verification is switched off in this relay")
+    if "@" in sender:
+        return await _send_link(s, user, sender) | {"verified": False}
+    try:
+        published = await s.verifier.domain_published(user, sender)
+    except Exception as e:
+        raise HttpError(503, f"DNS cannot answer for {sender} now: {e.__class__.__name__}")
+    if published:
+        await confirm(s, user.username, sender)
+    return {"sender": sender, "verified": published, "method": "dns",
+            "record": s.verifier.txt_record(user, sender)}  # fmt: skip
+
+
+async def confirm(s: Services, username: str, sender: str) -> bool:
+    with refusals():
+        user = await writer(s).confirm(username, sender)
+    if user is not None:
+        log.info("sender {sender} of user {user} verified", sender=sender, user=username)
+    return user is not None
+
+
+# ---- accounts ----
+
+
+async def list_accounts(s: Services) -> list[dict[str, Any]]:
+    accounts = await s.directory.listAccounts()
+    users = await s.directory.listUsers()
+    return [account_json(a, [u for u in users if u.account == a.name]) for a in accounts]
+
+
+async def get_account(s: Services, name: str) -> dict[str, Any]:
+    account = await s.directory.getAccount(name)
+    if account is None:
+        raise HttpError(404, f"unknown account {name!r}")
+    return account_json(account, await s.directory.listUsers(name))
+
+
+_ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str}
+
+
+def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(doc) - set(_ACCOUNT_FIELDS))
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)} (known: "
+                        f"{', '.join(_ACCOUNT_FIELDS)})")  # fmt: skip
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        if not isinstance(value, _ACCOUNT_FIELDS[key]):
+            raise HttpError(400, f"{key} must be text, not {value!r}")
+    with refusals():
+        if "domains" in doc:
+            changes["domains"] = parse_domains(doc["domains"])
+    if "notify" in doc:
+        changes["notify"] = (doc["notify"] or "").strip() or None
+    if "note" in doc:
+        changes["note"] = doc["note"]
+    return changes
+
+
+async def add_account(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    name = doc.get("name")
+    if not isinstance(name, str):
+        raise HttpError(400, "name is required")
+    account = Account(name, **_account_changes({k: v for k, v in doc.items() if k != "name"}))
+    with refusals():
+        check_account(account)
+        await writer(s).add_account(account)
+    return account_json(account, [])
+
+
+async def edit_account(s: Services, name: str, doc: dict[str, Any]) -> dict[str, Any]:
+    changes = _account_changes(doc)
+    if not changes:
+        raise HttpError(400, "nothing to change")
+    with refusals():
+        await writer(s).update_account(name, changes)
+    return await get_account(s, name)
+
+
+async def delete_account(s: Services, name: str) -> None:
+    with refusals():
+        await writer(s).delete_account(name)
+
+
+# ---- IP authentication (from the configuration: read-only) ----
+
+
+def ip_auth(s: Services) -> dict[str, Any]:
+    return {
+        "networks": [{"network": str(n), "username": u} for n, u in s.ip_auth.networks],
+        "addresses": sorted(s.address_auth.addresses),
+        "read_only": True,
+        "configured_in": "[policy] ip_auth and address_auth of the configuration file",
+    }
+
+
+# ---- suppressions ----
+
+
+def suppression_doc(e) -> dict[str, Any]:
+    return {"address": e.address, "account": e.account, "user": e.user,
+            "reason": e.reason.value, "created": e.created}  # fmt: skip
+
+
+async def suppression_level(
+    s: Services, user: str | None, account: str | None
+) -> tuple[str | None, str | None]:
+    """(account, user) for the store; (None, None) is the global list."""
+    if user and account:
+        raise HttpError(400, "give user or account, not both")
+    if user:
+        found, _ = await find_user(s, user)
+        return found.account, found.username
+    if account:
+        if await s.directory.getAccount(account) is None:
+            raise HttpError(404, f"unknown account {account!r}")
+        return account, None
+    return None, None
+
+
+async def list_suppressions(s: Services, user=None, account=None, everything=True):
+    if everything and not user and not account:
+        entries = await in_thread(s.reactor, s.suppressions.all)
+    else:
+        level = await suppression_level(s, user, account)
+        entries = await in_thread(s.reactor, s.suppressions.list, *level)
+    return [suppression_doc(e) for e in entries]
+
+
+async def add_suppression(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(doc) - {"address", "user", "account", "reason"})
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)}")
+    address = doc.get("address")
+    if not isinstance(address, str) or not is_address(address.strip()):
+        raise HttpError(400, f"address {address!r} is not an email address")
+    for key in ("user", "account", "reason"):
+        if doc.get(key) is not None and not isinstance(doc[key], str):
+            raise HttpError(400, f"{key} must be text")
+    try:
+        reason = Reason(doc.get("reason") or Reason.MANUAL.value)
+    except ValueError:
+        raise HttpError(400, f"reason must be one of {', '.join(r.value for r in Reason)}")
+    account, user = await suppression_level(s, doc.get("user"), doc.get("account"))
+    added = await in_thread(s.reactor, s.suppressions.add, address.strip(), account, user, reason)
+    if not added:
+        raise HttpError(409, f"{address.strip().lower()} is already on that list")
+    entries = await in_thread(s.reactor, s.suppressions.list, account, user)
+    return next(suppression_doc(e) for e in entries if e.address == address.strip().lower()
+                and e.user == user)  # fmt: skip
+
+
+async def delete_suppression(s: Services, address: str, user=None, account=None) -> None:
+    level = await suppression_level(s, user, account)
+    removed = await in_thread(s.reactor, s.suppressions.remove, address, *level)
+    if not removed:
+        raise HttpError(404, f"{address} is not on that list")
+
+
+# ---- queue ----
+
+
+def queue_doc(m, full: bool = False) -> dict[str, Any]:
+    e, st = m.envelope, m.state
+    doc = {
+        "id": m.id, "place": m.place, "sender": e.sender, "recipients": len(e.recipients),
+        "user": e.user, "account": e.account, "size": m.size, "received_at": e.received_at,
+        "priority": e.priority, "sandboxed": e.sandboxed,
+        "attempts": st.attempts if st else 0,
+        "next_attempt": st.next_attempt if st else None,
+        "last_error": st.last_error if st else "",
+    }  # fmt: skip
+    if full:
+        status = st.recipients if st else {}
+        doc["recipients"] = [
+            {"address": r, **(status[r].to_json() if r in status else {"status": "pending",
+             "code": None, "text": "", "remote": None})}
+            for r in e.recipients
+        ]  # fmt: skip
+        doc |= {"client_ip": e.client_ip, "helo": e.helo, "tls": e.tls}
+    return doc
+
+
+_QUEUE_ID = re.compile(r"[1-9][0-9a-f]{17}")
+
+
+def _queue_id(queue_id: str) -> str:
+    if not _QUEUE_ID.fullmatch(queue_id):
+        raise HttpError(404, f"no message {queue_id!r} in the queue")
+    return queue_id
+
+
+async def list_queue(s: Services, limit: int = 500) -> dict[str, Any]:
+    messages, total = await s.queue.list(limit)
+    return {"total": total, "messages": [queue_doc(m) for m in messages]}
+
+
+async def show_queued(s: Services, queue_id: str) -> dict[str, Any]:
+    m = await s.queue.show(_queue_id(queue_id))
+    if m is None:
+        raise HttpError(404, f"no message {queue_id!r} in the queue")
+    doc = queue_doc(m, full=True)
+    headers = await s.queue.headers(queue_id)
+    doc["headers"] = (headers or b"").decode("utf-8", "replace")
+    return doc
+
+
+async def retry_queued(s: Services, queue_id: str) -> dict[str, Any]:
+    _queue_id(queue_id)
+    if not s.control.can_retry:
+        raise HttpError(409, "delivery is not running in this relay ([delivery] enabled = no)")
+    if not await s.control.retry(queue_id):
+        raise HttpError(404, f"no message {queue_id!r} waiting in the queue")
+    log.info("control panel: retry {queue_id} now", queue_id=queue_id)
+    return {"id": queue_id, "retry": "scheduled now"}
+
+
+async def delete_queued(s: Services, queue_id: str) -> None:
+    place = await s.control.delete(_queue_id(queue_id))
+    if place is None:
+        raise HttpError(404, f"no message {queue_id!r} in the queue")
+    log.info("control panel: deleted {queue_id} from {place}", queue_id=queue_id, place=place)
+
+
+# ---- statistics ----
+
+
+def parse_since(text: str | None) -> float | None:
+    from mailrelay.admin._features import since
+
+    if not text:
+        return None
+    from mailrelay.admin.cli import CommandError
+
+    try:
+        return since(text)
+    except CommandError:
+        raise HttpError(400, f"since {text!r}: not a date (2026-11-01) or a duration (7d)")
+
+
+async def stats(
+    s: Services, user: str | None = None, account: str | None = None,
+    since: str | None = None, period: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    if period not in (None, "hour", "day"):
+        raise HttpError(400, "period must be hour or day")
+    start = parse_since(since)
+    username = None
+    if user:
+        found, _ = await find_user(s, user)
+        username, account = found.username, account or found.account
+    elif account and await s.directory.getAccount(account) is None:
+        raise HttpError(404, f"unknown account {account!r}")
+    totals = await in_thread(s.reactor, s.stats.query, account, username, start)
+    out: dict[str, Any] = {"user": username, "account": account, "since": start,
+                           "period": period, "totals": totals}  # fmt: skip
+    if period:
+        rows = await in_thread(s.reactor, s.stats.query, account, username, start, period)
+        out["periods"] = [
+            {"start": p.start, "account": p.account, "user": p.user,
+             **{e.value: p.counts.get(e.value, 0) for e in Event}}
+            for p in rows
+        ]  # fmt: skip
+    return out
+
+
+def is_sender_text(text: str) -> bool:
+    return is_address(text) or is_domain(text)

@@ -1,0 +1,93 @@
+"""Web admin sessions: a random id in a cookie (HttpOnly, SameSite=Strict, Secure over
+TLS), kept in memory (a restart logs everyone out), each with its own CSRF token that every
+form carries back. Failed logins are counted per client address and slowed down."""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+COOKIE = "mailrelay_session"
+MAX_SESSIONS = 10000  # beyond it the oldest are forgotten (bounded memory)
+MAX_LOGIN_FAILURES = 10  # per client address within LOGIN_WINDOW, then refused
+LOGIN_WINDOW = 900.0
+
+
+@dataclass
+class Session:
+    id: str
+    csrf: str
+    expires: float
+    admin: str | None = None  # None until logged in (the login form's session)
+    flash: list[str] = field(default_factory=list)  # messages for the next page
+
+
+class Sessions:
+    def __init__(self, clock, lifetime: float = 8 * 3600.0, secure: bool = False) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.secure = secure
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def get(self, cookie: bytes | None) -> Session | None:
+        if not cookie:
+            return None
+        session = self._sessions.get(cookie.decode("ascii", "replace"))
+        if session is None:
+            return None
+        if self.clock.seconds() >= session.expires:
+            self._sessions.pop(session.id, None)
+            return None
+        return session
+
+    def start(self, admin: str | None = None) -> Session:
+        """A new session (a new id: logging in never keeps the login form's id)."""
+        now = self.clock.seconds()
+        for sid in [s.id for s in self._sessions.values() if s.expires <= now]:
+            del self._sessions[sid]
+        while len(self._sessions) >= MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32),
+                          now + self.lifetime, admin)  # fmt: skip
+        self._sessions[session.id] = session
+        return session
+
+    def end(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    def end_admin(self, admin: str) -> None:
+        """Log out every session of ``admin`` (deleted or given a new password)."""
+        for sid in [s.id for s in self._sessions.values() if s.admin == admin]:
+            del self._sessions[sid]
+
+    def cookie(self, session: Session | None) -> str:
+        value, age = (session.id, int(self.lifetime)) if session else ("", 0)
+        cookie = f"{COOKIE}={value}; Path=/; Max-Age={age}; HttpOnly; SameSite=Strict"
+        return cookie + ("; Secure" if self.secure else "")
+
+    @staticmethod
+    def csrf_ok(session: Session, token: str | None) -> bool:
+        return token is not None and secrets.compare_digest(session.csrf, token)
+
+    # -- failed logins
+
+    def login_blocked(self, client: str) -> bool:
+        count, since = self._failures.get(client, (0, 0.0))
+        if self.clock.seconds() - since > LOGIN_WINDOW:
+            self._failures.pop(client, None)
+            return False
+        return count >= MAX_LOGIN_FAILURES
+
+    def login_failed(self, client: str) -> None:
+        now = self.clock.seconds()
+        count, since = self._failures.get(client, (0, now))
+        if now - since > LOGIN_WINDOW:
+            count, since = 0, now
+        self._failures[client] = (count + 1, since)
+        if len(self._failures) > MAX_SESSIONS:
+            self._failures.pop(next(iter(self._failures)))
+
+    def login_succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)

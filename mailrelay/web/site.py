@@ -1,0 +1,177 @@
+"""The control panel's listener: the API at /api/v1, the web admin page everywhere else.
+
+``make_admin_site`` builds the twisted.web Site from plain objects (what tests use);
+``make_admin_service`` reads the ``[admin]`` settings and builds the listening service
+(what mailrelay.service calls).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import resource, server
+
+from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
+from mailrelay.web import api as api_module
+from mailrelay.web.access import AccessFile, access_path
+from mailrelay.web.backend import QueueControl, QueueReader, UserWriter
+from mailrelay.web.confirm import ConfirmPages
+from mailrelay.web.ops import Services
+from mailrelay.web.pages import Panel
+from mailrelay.web.routing import MAX_BODY, HttpError, run_handler
+from mailrelay.web.sessions import Sessions
+
+log = Logger()
+
+# [admin] settings and their defaults (the configuration's schema should hold the same).
+DEFAULTS = {
+    "enabled": True,
+    "endpoint": "tcp:8080:interface=127.0.0.1",
+    "tls": False,  # serve HTTPS with the relay's [tls] certificate
+    "public_url": "",  # how people reach the panel (for links); default from the endpoint
+    "session_lifetime": 8 * 3600.0,
+    "verify_senders": True,
+    "verify_link_lifetime": 7 * 86400.0,
+    "dns_check_interval": 600.0,  # check pending domain TXT records this often; 0: never
+    "access_file": "",  # default <data_dir>/admin.json
+    "key_file": "",  # default <data_dir>/panel.key (signs confirmation links)
+}
+
+
+class AdminRoot(resource.Resource):
+    """One leaf resource: routes /api/v1/... to the API and the rest to the web page."""
+
+    isLeaf = True
+
+    def __init__(self, api: api_module.Api, panel: Panel) -> None:
+        super().__init__()
+        self.api = api
+        self.panel = panel
+
+    def render(self, request):
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(b"referrer-policy", b"same-origin")
+        path = request.path.decode("utf-8", "replace")
+        is_api = path == api_module.PREFIX or path.startswith(api_module.PREFIX + "/")
+        on_error = api_module.error_response if is_api else self.panel.error_page
+        length = request.getHeader(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return run_handler(request, _refuse(HttpError(413, "the body is too large")),
+                               on_error)  # fmt: skip
+        if is_api:
+            sub = path[len(api_module.PREFIX):] or "/"
+            return run_handler(request, lambda: self.api.dispatch(request, sub), on_error)
+        return run_handler(request, lambda: self.panel.dispatch(request, path), on_error)
+
+
+def _refuse(error: HttpError):
+    async def respond():
+        raise error
+
+    return respond
+
+
+def make_admin_site(
+    services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0
+) -> server.Site:
+    sessions = Sessions(services.reactor, session_lifetime, secure_cookies)
+    panel = Panel(services, sessions, ConfirmPages(services))
+    site = server.Site(AdminRoot(api_module.Api(services), panel))
+    site.displayTracebacks = False
+    return site
+
+
+def admin_settings(config) -> SimpleNamespace:
+    """``config.admin`` with every key present (the defaults above for missing ones)."""
+    section = getattr(config, "admin", None)
+    return SimpleNamespace(**{k: getattr(section, k, v) for k, v in DEFAULTS.items()})
+
+
+def public_url(settings: SimpleNamespace, hostname: str) -> str:
+    """``public_url``, or http(s)://<hostname>:<port of the endpoint>."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    parts = settings.endpoint.split(":")
+    port = parts[1] if len(parts) > 1 and parts[1].isdigit() else "8080"
+    return f"{'https' if settings.tls else 'http'}://{hostname}:{port}"
+
+
+def make_services(config, directory, spool, suppressions, stats, reactor, manager=None,
+                  verifier=None) -> Services:  # fmt: skip
+    """The panel's Services from the relay's parts (the file directory is writable)."""
+    settings = admin_settings(config)
+    writable = getattr(directory, "writable", False)
+    users = (UserWriter(config.directory.file, directory, reactor, settings.verify_senders)
+             if writable else None)  # fmt: skip
+    policy = getattr(config, "policy", None)
+    return Services(
+        directory=directory,
+        users=users,
+        queue=QueueReader(spool, reactor),
+        control=QueueControl(spool, reactor, manager),
+        suppressions=suppressions,
+        stats=stats,
+        access=AccessFile(settings.access_file or access_path(config), reactor),
+        verifier=verifier,
+        ip_auth=getattr(policy, "ip_auth", None) or IpAuthTable(),
+        address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
+        reactor=reactor,
+    )
+
+
+def make_verifier(config, spool, reactor):
+    """The Verifier for ``[admin] verify_senders`` (None when it is off): links signed with
+    the key file, TXT lookups through ``[delivery] dns_servers`` (or the system's)."""
+    from mailrelay.delivery.router import make_resolver
+    from mailrelay.verification import VerificationTokens, Verifier
+
+    settings = admin_settings(config)
+    if not settings.verify_senders:
+        return None
+    key_file = settings.key_file or os.path.join(config.server.data_dir, "panel.key")
+    delivery = getattr(config, "delivery", None)
+    return Verifier(
+        VerificationTokens.from_key_file(key_file),
+        spool,
+        make_resolver(getattr(delivery, "dns_servers", []), reactor),
+        public_url(settings, config.server.hostname),
+        config.server.hostname,
+        config.server.postmaster,
+        reactor,
+        settings.verify_link_lifetime,
+    )
+
+
+def make_admin_service(config, directory, spool, suppressions, stats, tls_options=None,
+                       manager=None, reactor=None) -> MultiService:  # fmt: skip
+    """The panel's listener and its periodic DNS check, from ``[admin]``; an empty
+    MultiService when ``enabled = no``. ``tls_options``: the relay's server TLS options
+    (needed when ``tls = yes``); ``manager``: the delivery manager (queue retry), if any."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from mailrelay.web.domaincheck import DomainChecker
+
+    top = MultiService()
+    settings = admin_settings(config)
+    if not settings.enabled:
+        return top
+    verifier = make_verifier(config, spool, reactor)
+    services = make_services(config, directory, spool, suppressions, stats, reactor, manager,
+                             verifier)  # fmt: skip
+    site = make_admin_site(services, settings.tls, settings.session_lifetime)
+    factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site
+    svc = StreamServerEndpointService(endpoints.serverFromString(reactor, settings.endpoint),
+                                      factory)  # fmt: skip
+    svc.setName("admin")
+    svc._raiseSynchronously = True  # a port that cannot be bound stops startup
+    svc.setServiceParent(top)
+    if verifier is not None and services.users is not None and settings.dns_check_interval > 0:
+        DomainChecker(services, settings.dns_check_interval, reactor).setServiceParent(top)
+    return top
