@@ -423,7 +423,7 @@ class CheckTests(SlapdTestCase):
     def test_from_the_configuration_file(self):
         from mailrelay.config import load_config
 
-        path = self.mktemp()
+        path = os.path.join(self.slapd.directory, "mailrelay.ini")
         with open(path, "w") as f:
             f.write("[directory]\nbackend = ldap\n")
             f.write(self.slapd.config_text(password_mode="compare", cache_ttl="5s", timeout="2s"))
