@@ -98,6 +98,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         DeliveryService(manager).setServiceParent(top)
         spool.subscribe(manager.enqueue)
 
+    policy, notifier = make_policy(config, spool, reactor)
+    top.addService(_Stopping(notifier.stop))
     limits = config.limits
     for listener in config.listeners:
         factory = SubmissionFactory(
@@ -113,11 +115,61 @@ def make_service(config: Config, reactor=None) -> MultiService:
             idle_timeout=limits.idle_timeout,
             data_timeout=limits.data_timeout,
             reactor=reactor,
+            policy=policy,
         )
         endpoint = endpoints.serverFromString(reactor, listener.endpoint)
-        wrapped = wrap_listener_factory(factory, listener.tls, tls_options)
+        wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(listener, endpoint, wrapped).setServiceParent(top)
     return top
+
+
+def make_policy(config: Config, spool, reactor):
+    """The shared submission policy (limits, brute-force defence, sender notifications)."""
+    from mailrelay.model import Envelope
+    from mailrelay.policy.bruteforce import LoginGuard
+    from mailrelay.policy.connections import ConnectionLimits
+    from mailrelay.policy.notify import SenderNotifier
+    from mailrelay.policy.ratelimit import RateLimiter
+    from mailrelay.policy.submission import SubmissionPolicy
+
+    limits, p = config.limits, config.policy
+
+    def submit(sender: str, recipients: list[str], data: bytes):
+        envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
+                            account=None, client_ip=None, helo=None, tls=False,
+                            received_at=reactor.seconds(), priority=2)
+        return spool.submit(envelope, data)
+
+    notifier = SenderNotifier(reactor, submit, config.server.postmaster,
+                              config.server.hostname, interval=p.notify_interval)
+    policy = SubmissionPolicy(
+        ConnectionLimits(
+            max_total=limits.max_connections,
+            max_per_ip=limits.max_connections_per_ip,
+            max_per_user=limits.max_connections_per_user,
+            max_messages=0,  # the session counts messages per connection itself
+            ipv6_prefix=p.ipv6_prefix,
+        ),
+        RateLimiter(reactor, per_hour=limits.rate_per_hour,
+                    per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
+        LoginGuard(reactor, window=p.login_window, delay_after=p.login_delay_after,
+                   block_after=p.login_block_after, block_time=p.login_block_time,
+                   max_delay=p.login_max_delay, user_alert_after=p.login_user_alert_after,
+                   ipv6_prefix=p.ipv6_prefix),
+        notifier,
+    )
+    return policy, notifier
+
+
+class _Stopping(Service):
+    """Calls ``stop`` when the relay stops (timers that must not outlive it)."""
+
+    def __init__(self, stop) -> None:
+        self._stop = stop
+
+    def stopService(self):
+        super().stopService()
+        return self._stop()
 
 
 def make_delivery(config: Config, spool, reactor):

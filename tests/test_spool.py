@@ -171,6 +171,15 @@ class CommitTests(SpoolTestBase):
         self.flushLoggedErrors(ZeroDivisionError)
 
     @defer.inlineCallbacks
+    def test_submit_queues_a_whole_message(self):
+        spool = self.open_spool()
+        queue_id = yield spool.submit(envelope(sender=""), BODY)
+        self.assertEqual(spool.queued(), [queue_id])
+        with spool.open_body(queue_id) as f:
+            self.assertEqual(f.read(), BODY)
+        self.assertEqual(spool.envelope(queue_id).sender, "")
+
+    @defer.inlineCallbacks
     def test_queue_order_is_priority_then_age(self):
         spool = self.open_spool()
         normal = yield self.receive(spool, priority=3).commit()

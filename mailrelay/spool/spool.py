@@ -162,6 +162,13 @@ class Spool(Service):
         notify = None if envelope.sandboxed else self._committed
         return IncomingMessage(envelope, f, tmp_path, final_path, self._sync, notify)
 
+    def submit(self, envelope: Envelope, data: bytes) -> Deferred:
+        """Queue a whole message the relay made itself (DSN, notification): create, write,
+        commit. Fires with the queue id once durable."""
+        incoming = self.create(envelope)
+        incoming.write(data)
+        return incoming.commit()
+
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
