@@ -151,7 +151,7 @@ SCHEMAS: dict[str, Any] = {
     "Retry": obj({"id": STR, "retry": STR}, ["id"]),
     "Stats": obj(
         {"user": NULL_STR, "account": NULL_STR, "since": NULL_NUM,
-         "period": {"type": "string", "enum": ["hour", "day"], "nullable": True},
+         "period": {"type": "string", "enum": ["hour", "day", None], "nullable": True},
          "totals": obj(_COUNTS),
          "periods": array(obj({"start": NUM, "account": STR, "user": STR, **_COUNTS}))},
         ["totals"],
@@ -201,7 +201,8 @@ def openapi_document() -> dict[str, Any]:
     writes = (400, 403, 404, 405, 409, 415, 503)
     paths = {
         "/openapi.json": {"get": {"summary": "this document", "security": [],
-                                  "responses": {"200": {"description": "OpenAPI 3 document"}}}},
+                                  "responses": {"200": _json({"type": "object"},
+                                                             "OpenAPI 3 document")}}},
         "/users": {
             "get": _op("list SMTP users", {"200": _json(array(ref("User")), "users")}, 404, 503,
                        parameters=[_query("account", STR, "only this account's users")]),
