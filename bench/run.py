@@ -105,11 +105,13 @@ def measure_round(server, m: Measure, figs: list[Figure]) -> dict[str, Value]:
         else:
             guard(key, lambda mode=mode, c=int(conns[1:]), p=int(per[1:]): m.accept(mode, c, p))
     guard("e2e.rate", m.end_to_end)
-    # The big message first: the sessions figure leaves idle processes behind in Postfix.
+    # The big message before the sessions, which leave idle smtpd processes behind in
+    # Postfix; the distinct-user logins before the sessions log those users in (and fill
+    # mailrelay's login cache).
     guard("mem.big", m.memory_big)
-    guard("mem.sessions", m.memory_sessions)
     guard("login.one", lambda: m.logins(False))
     guard("login.many", lambda: m.logins(True))
+    guard("mem.sessions", m.memory_sessions)
     return out
 
 
@@ -149,7 +151,9 @@ def table(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     for f in figs:
         mr = results["mailrelay"].get(f.key, Value(None))
         pf = results["Postfix"].get(f.key, Value(None))
-        ratio = (mr.value / pf.value) if mr.value is not None and pf.value else None
+        # A ratio of two values near zero (a memory growth of 0.1 MB) says nothing.
+        meaningful = pf.value is not None and abs(pf.value) >= (1.0 if f.unit == "MB" else 1e-9)
+        ratio = mr.value / pf.value if mr.value is not None and meaningful else None
         cells = []
         for name, v in (("mailrelay", mr), ("Postfix", pf)):
             text = fmt(v.value, f.unit)
