@@ -231,15 +231,17 @@ class Measure:
     def memory_sessions(self) -> Value:
         n = self.sizes.sessions
         spec = self._spec("tls", conns=n, users=self.users_many)
+        before = self.server.memory() / MB
 
         def measure(opened: int, failed: int) -> Value:
             time.sleep(0.5)
             mem = self.server.memory() / MB
-            self.say(f"{opened} idle sessions open ({failed} failed): {mem:.1f} MB")
+            self.say(f"{opened} idle sessions open ({failed} failed): {mem:.1f} MB "
+                     f"({before:.1f} MB before they opened)")
             if not opened:
                 return Value(None, "no session could log in")
             note = f"only {opened} of {n} sessions" if opened < n else ""
-            return Value(mem, note, {"sessions": opened})
+            return Value(mem, note, {"sessions": opened, "before": before})
 
         return hold_sessions(spec, measure)
 
