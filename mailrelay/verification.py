@@ -231,7 +231,7 @@ class Verifier:
         expected = self.tokens.txt_value(user.account, domain).encode("ascii")
         try:
             answers, _, _ = await self.resolver.lookupText(domain, timeout=DNS_TIMEOUT)
-        except (dnserror.DomainError, dnserror.AuthoritativeDomainError):
+        except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):  # NXDOMAIN
             return False
         for answer in answers:
             if answer.type == dns.TXT and b"".join(answer.payload.data).strip() == expected:
