@@ -104,9 +104,9 @@ class DNSServer:
     def listen(self) -> tuple[str, int]:
         from twisted.internet.error import CannotListenError
 
-        protocol = dns.DNSDatagramProtocol(self.factory)
-        protocol.noisy = False
         for _ in range(LISTEN_TRIES):
+            protocol = dns.DNSDatagramProtocol(self.factory)
+            protocol.noisy = False
             udp = self.reactor.listenUDP(0, protocol, interface="127.0.0.1")
             port = udp.getHost().port
             try:

@@ -123,6 +123,8 @@ class _Realm:
 
 
 class _SinkProtocol(smtp.ESMTP):
+    noisy = False
+
     def __init__(self, sink: SMTPSink, number: int) -> None:
         known = {"PLAIN": PLAINCredentials, "LOGIN": smtp.LOGINCredentials}
         challengers = {m.encode(): known[m] for m in sink.mechanisms} if sink.auth else {}

@@ -113,6 +113,7 @@ class RelayClient(smtp.ESMTPClient):
             self.registerAuthenticator(LOGINAuthenticator(user))
         self.extensions: dict[bytes, bytes | None] = {}
         self.pulled = 0
+        self.completed = False  # ran out of messages (or was stopped) and said QUIT
         self.error: str | None = None
         self.finished: defer.Deferred[tuple[int, str | None]] = defer.Deferred()
         self._job: Job | None = None
@@ -144,7 +145,7 @@ class RelayClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason=error.ConnectionDone) -> None:
         super().connectionLost(reason)
-        if not reason.check(error.ConnectionDone):
+        if not self.completed:
             self._fail(_describe(reason))
         if self._job is not None:
             text = f"4.4.2 connection lost: {self.error or _describe(reason)}"
@@ -195,6 +196,7 @@ class RelayClient(smtp.ESMTPClient):
     def smtpState_from(self, code, resp) -> None:
         job = self._take()
         if job is None:
+            self.completed = True
             self._disconnectFromServer()
             return
         params = b""
@@ -391,7 +393,8 @@ class Courier:
              report: Report) -> defer.Deferred[Outcome]:
         """Try ``hops`` in order until one takes a job; then pull jobs until ``next_job``
         returns None (or the per-connection limit). Every job taken is reported exactly
-        once. Fires with an Outcome; ``jobs == 0`` means no hop could take any job."""
+        once. Fires with an Outcome: ``jobs == 0`` with ``errors`` means no hop could take
+        any job; without errors, that there was none to take."""
         return defer.ensureDeferred(self._send(hops, next_job, report))
 
     async def _send(self, hops: list[Hop], next_job, report: Report) -> Outcome:
@@ -414,9 +417,9 @@ class Courier:
             finally:
                 self._live.discard(protocol)
             outcome.jobs += pulled
-            if pulled:
+            if pulled or problem is None:  # None: nothing was waiting for this destination
                 return outcome
-            outcome.errors.append(f"{hop.name}: {problem or 'closed before a message'}")
+            outcome.errors.append(f"{hop.name}: {problem}")
         return outcome
 
     def _endpoint(self, hop: Hop):

@@ -1,0 +1,160 @@
+"""Delivery status notifications (RFC 3464): the bounce, and the optional delay warning.
+
+A DSN is an ordinary message queued in the spool with the null sender, so it is delivered,
+retried and logged like any other; a message whose own sender is null is never bounced
+(no loops).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from email.utils import formatdate
+from typing import BinaryIO
+
+from twisted.internet.defer import Deferred
+
+from mailrelay.model import Envelope
+from mailrelay.spool.state import RecipientState
+
+MAX_HEADERS = 64 * 1024  # original headers quoted in the report; the body never is
+_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+
+
+def status_of(code: int | None, text: str) -> str:
+    """The enhanced status code: the one the reply carries if its class fits, else x.0.0."""
+    m = _STATUS.match(text)
+    klass = str(code)[0] if code and 400 <= code < 600 else (m.group(1) if m else "4")
+    if m and m.group(1) == klass:
+        return m.group(0)
+    return f"{klass}.0.0"
+
+
+def notify_address(envelope: Envelope) -> str | None:
+    """Where a DSN about ``envelope`` goes, or None when none may be sent: the null sender
+    (a DSN about a DSN would loop) or notifications switched off (``bounce_to == ""``)."""
+    if not envelope.sender or envelope.bounce_to == "":
+        return None
+    return envelope.bounce_to or envelope.sender
+
+
+def read_headers(body: BinaryIO) -> bytes:
+    """The header block of a spooled message (up to the blank line), bounded."""
+    lines = []
+    size = 0
+    for line in body:
+        if line in (b"\r\n", b"\n") or size + len(line) > MAX_HEADERS:
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+def _ascii(text: str, limit: int = 500) -> str:
+    """One line of printable ASCII, as delivery-status fields must be."""
+    text = " ".join(text.split())[:limit]
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _date(t: float) -> str:
+    return formatdate(t, localtime=False)
+
+
+def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]],
+          action: str, headers: bytes, hostname: str, postmaster: str, to: str, now: float,
+          retry_until: float | None = None) -> bytes:
+    """The whole DSN message, CRLF lines. ``action`` is "failed" or "delayed"."""
+    boundary = f"{secrets.token_hex(12)}/{hostname}"
+    failed = action == "failed"
+    subject = ("Undelivered Mail Returned to Sender" if failed
+               else "Delayed Mail (still being retried)")
+    lines = [
+        f"From: Mail Delivery System <{postmaster}>",
+        f"To: <{to}>",
+        f"Subject: {subject}",
+        f"Date: {_date(now)}",
+        f"Message-ID: <{envelope.id}.{secrets.token_hex(6)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "Content-Description: Notification",
+        "",
+        f"This is the mail system at host {hostname}.",
+        "",
+    ]
+    if failed:
+        lines += ["Your message could not be delivered to one or more recipients.",
+                  "It is attached below (headers only).", ""]
+    else:
+        lines += ["Your message has not been delivered yet to one or more recipients.",
+                  f"Delivery will be retried until {_date(retry_until or now)}.",
+                  "You do not need to resend it.", ""]
+    for rcpt, state in recipients:
+        where = f" (from {state.remote})" if state.remote else ""
+        lines.append(_ascii(f"<{rcpt}>{where}: {state.code or ''} {state.text}", 900))
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "Content-Description: Delivery report",
+        "",
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Mailrelay-Queue-ID: {envelope.id}",
+        f"Arrival-Date: {_date(envelope.received_at)}",
+    ]
+    for rcpt, state in recipients:
+        lines += ["", f"Final-Recipient: rfc822; {_ascii(rcpt, 320)}", f"Action: {action}",
+                  f"Status: {status_of(state.code, state.text)}"]
+        if state.remote:
+            lines.append(f"Remote-MTA: dns; {_ascii(state.remote.split('[')[0], 255)}")
+        if state.remote and state.code:
+            lines.append(f"Diagnostic-Code: smtp; {state.code} {_ascii(state.text)}")
+        elif state.text:
+            lines.append(f"Diagnostic-Code: X-Mailrelay; {_ascii(state.text)}")
+        lines.append(f"Last-Attempt-Date: {_date(now)}")
+        if retry_until is not None and not failed:
+            lines.append(f"Will-Retry-Until: {_date(retry_until)}")
+    eight_bit = any(b > 127 for b in headers)
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "Content-Description: Undelivered message headers" if failed
+        else "Content-Description: Delayed message headers",
+    ]
+    if eight_bit:
+        lines.append("Content-Transfer-Encoding: 8bit")
+    head = "\r\n".join(lines).encode("ascii") + b"\r\n\r\n"
+    original = headers if headers.endswith(b"\r\n") or not headers else headers + b"\r\n"
+    return head + original + f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+def queue(spool, *, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]],
+          action: str, hostname: str, postmaster: str, now: float,
+          retry_until: float | None = None) -> Deferred | None:
+    """Queue a DSN about ``envelope`` through the spool; fires with the new queue id once
+    durable. None when no DSN may be sent (see notify_address)."""
+    to = notify_address(envelope)
+    if to is None:
+        return None
+    with spool.open_body(envelope.id) as body:
+        headers = read_headers(body)
+    data = build(envelope=envelope, recipients=recipients, action=action, headers=headers,
+                 hostname=hostname, postmaster=postmaster, to=to, now=now,
+                 retry_until=retry_until)
+    dsn = Envelope(id="", sender="", recipients=[to], user=None, account=envelope.account,
+                   client_ip=None, helo=None, tls=False, received_at=now,
+                   priority=envelope.priority)
+    incoming = spool.create(dsn)
+    try:
+        incoming.write(data)
+    except BaseException:
+        incoming.abort()
+        raise
+    return incoming.commit()

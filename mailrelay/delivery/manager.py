@@ -1,0 +1,596 @@
+"""The queue runner: schedules spooled messages, routes them, delivers, retries, bounces.
+
+Scheduling state lives in memory and is rebuilt at start from one listing of queue/ and
+the state files (Spool.scan): a heap of (due time, id) for deferred messages and a heap of
+ids for ready ones. Ids sort by priority then age, so priority 1 mail overtakes any backlog
+of priority 3 and, within a priority, the oldest goes first. At most ``prefetch`` messages
+are loaded at a time, so a queue of 100,000 costs two heaps of strings, not 100,000 reads.
+
+Ready messages are split per destination (the set of hops their recipients' domains route
+to); each destination has a heap of jobs that its connections pull from, one message after
+another over the same connection, with at most ``max_per_host`` connections per
+destination and ``max_concurrency`` in all.
+
+After every attempt the state is saved (Spool.save_state) before the message is scheduled
+again or removed; a DSN is committed before the state that records the failure, so a crash
+can at worst send a bounce twice, never lose one. mailrelay-admin acts on a running daemon
+through files in ``<spool>/control/`` (``flush``, ``retry-<id>``), checked every second.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+from collections.abc import Callable
+from functools import partial
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailrelay.delivery import dsn
+from mailrelay.delivery.client import Courier, Job, Outcome, Result
+from mailrelay.delivery.router import PermanentRouteError, RouteError
+from mailrelay.model import Envelope
+from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
+
+log = Logger()
+
+CONTROL_DIR = "control"  # under the spool directory
+FLUSH = "flush"  # control file: every deferred message is due now
+RETRY_PREFIX = "retry-"  # control file retry-<id>: that message is due now
+SPREAD = 20  # queued jobs per open connection before another one to the same destination
+MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
+
+
+def request(spool_directory: str, name: str) -> str:
+    """Leave a control request for the running daemon (used by mailrelay-admin)."""
+    directory = os.path.join(spool_directory, CONTROL_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "w"):
+        pass
+    return path
+
+
+class _Attempt:
+    """One message being delivered: loaded, routed, on connections, being concluded."""
+
+    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results")
+
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id = queue_id
+        self.envelope: Envelope | None = None
+        self.state: DeliveryState | None = None
+        self.due: float | None = None  # when it was scheduled for (None: first attempt)
+        self.outstanding = 0  # jobs not yet reported (+1 while they are being made)
+        self.results: list[Result] = []
+
+
+class _Destination:
+    """Jobs waiting for a connection to one set of hops."""
+
+    def __init__(self, key: frozenset, hops: list) -> None:
+        self.key = key
+        self.hops = hops
+        self.jobs: list[tuple[str, int, Job]] = []
+        self.active = 0  # open connections
+        self._seq = 0
+
+    def push(self, job: Job) -> None:
+        self._seq += 1
+        heapq.heappush(self.jobs, (job.queue_id, self._seq, job))
+
+    def pop(self) -> Job | None:
+        return heapq.heappop(self.jobs)[2] if self.jobs else None
+
+
+_UNSET = object()
+
+
+class _Route:
+    """A domain's route, shared by every message that asks while it is fresh."""
+
+    def __init__(self) -> None:
+        self.result: object = _UNSET
+        self.expires = 0.0
+        self.waiters: list[defer.Deferred] = []
+
+    def get(self) -> defer.Deferred:
+        if self.result is _UNSET:
+            d: defer.Deferred = defer.Deferred()
+            self.waiters.append(d)
+            return d
+        if isinstance(self.result, Failure):
+            return defer.fail(self.result)
+        return defer.succeed(self.result)
+
+    def set(self, result, expires: float) -> None:
+        self.result, self.expires = result, expires
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class DeliveryManager:
+    def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
+                 max_per_host: int = 10, retry_first: float = 60.0, retry_max: float = 3600.0,
+                 lifetime: float = 5 * 86400.0, delay_warning: float = 0.0,
+                 hostname: str = "localhost", postmaster: str | None = None,
+                 connect_timeout: float = 30.0, command_timeout: float = 300.0,
+                 max_messages_per_connection: int = 100, prefetch: int | None = None,
+                 route_ttl: float = 60.0, stop_timeout: float = 10.0,
+                 on_result: Callable[[str, Envelope, Result, str], None] | None = None,
+                 clock=None, control_dir: str | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.spool = spool
+        self.router = router
+        self.clock = clock or reactor
+        self.courier = Courier(reactor, hostname, connect_timeout, command_timeout,
+                               max_messages_per_connection)
+        self.max_concurrency = max_concurrency
+        self.max_per_host = max_per_host
+        self.retry_first = retry_first
+        self.retry_max = retry_max
+        self.lifetime = lifetime
+        self.delay_warning = delay_warning
+        self.hostname = hostname
+        self.postmaster = postmaster or f"postmaster@{hostname}"
+        self.prefetch = prefetch or max(100, max_concurrency * 20)
+        self.route_ttl = route_ttl
+        self.stop_timeout = stop_timeout
+        self.on_result = on_result
+        self.control_dir = control_dir or os.path.join(spool.directory, CONTROL_DIR)
+        self._rng = rng or random.Random()
+        self._waiting: list[tuple[float, str]] = []  # heap; stale entries skipped
+        self._due: dict[str, float] = {}  # the truth for _waiting
+        self._ready: list[str] = []  # heap of ids: priority, then age
+        self._ready_set: set[str] = set()
+        self._active: dict[str, _Attempt] = {}
+        self._destinations: dict[frozenset, _Destination] = {}
+        self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
+        self._connections = 0
+        self._routes: dict[str, _Route] = {}
+        self._timer = None
+        self._timer_due = 0.0
+        self._control = LoopingCall(self._check_control)
+        self._control.clock = self.clock
+        self._running = False
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # ---- lifecycle and the outside world
+
+    def start(self) -> defer.Deferred:
+        """Schedule everything queued (one listing and the state files), then run.
+        Fires once the queue is loaded."""
+        self._running = True
+        os.makedirs(self.control_dir, mode=0o700, exist_ok=True)
+        self._control.start(1.0, now=False)
+        d = self.spool.scan()
+        d.addCallback(self._scanned)
+        d.addErrback(lambda f: log.failure("cannot read the queue", f))
+        return d
+
+    def stop(self) -> defer.Deferred:
+        """Stop taking messages; connections finish the message in progress (dropped after
+        ``stop_timeout``). Fires when every attempt's state is saved."""
+        self._running = False
+        self._cancel_timer()
+        if self._control.running:
+            self._control.stop()
+        self.courier.stop()
+        for dest in list(self._destinations.values()):
+            self._drain(dest, None)  # not attempted: their recipients stay as they are
+        grace = self.clock.callLater(self.stop_timeout, self.courier.abort)
+        d = self.idle()
+
+        def done(result):
+            if grace.active():
+                grace.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    def enqueue(self, message: str | Envelope) -> None:
+        """A message (its id, or its envelope) was just committed to the queue."""
+        queue_id = getattr(message, "id", message)
+        if not self._known(queue_id):
+            self._push_ready(queue_id)
+            self._pump()
+
+    def flush(self) -> int:
+        """Every deferred message is due now; returns how many were waiting."""
+        count = len(self._due)
+        for queue_id in self._due:
+            self._push_ready(queue_id)
+        self._due.clear()
+        self._waiting.clear()
+        self._cancel_timer()
+        self._pump()
+        return count
+
+    def retry(self, queue_id: str) -> bool:
+        """One message is due now. False if it is not in the queue."""
+        if self._due.pop(queue_id, None) is not None:
+            self._push_ready(queue_id)
+            self._pump()
+            return True
+        if self._known(queue_id):
+            return True
+        if self.spool.locate(queue_id) == "queue":
+            self.enqueue(queue_id)
+            return True
+        return False
+
+    def idle(self) -> defer.Deferred:
+        """Fires when nothing is being delivered and nothing is due (for tests and stop)."""
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        self._check_idle()
+        return d
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"ready": len(self._ready), "deferred": len(self._due),
+                "active": len(self._active), "connections": self._connections}
+
+    # ---- scheduling
+
+    def _scanned(self, result: tuple[list[str], dict[str, DeliveryState]]) -> None:
+        ids, states = result
+        now = self.clock.seconds()
+        for queue_id in ids:
+            if self._known(queue_id):
+                continue
+            state = states.get(queue_id)
+            due = state.next_attempt if state is not None else None
+            if due is None or due <= now:
+                self._ready.append(queue_id)  # ids come sorted: a valid heap as they are
+                self._ready_set.add(queue_id)
+            else:
+                self._due[queue_id] = due
+                self._waiting.append((due, queue_id))
+        heapq.heapify(self._ready)
+        heapq.heapify(self._waiting)
+        log.info("delivery: {ready} messages ready, {deferred} deferred",
+                 ready=len(self._ready), deferred=len(self._due))
+        self._check_control()  # requests left while the daemon was down
+        self._arm()
+        self._pump()
+        self._check_idle()
+
+    def _known(self, queue_id: str) -> bool:
+        return queue_id in self._active or queue_id in self._ready_set or queue_id in self._due
+
+    def _push_ready(self, queue_id: str) -> None:
+        if queue_id not in self._ready_set:
+            self._ready_set.add(queue_id)
+            heapq.heappush(self._ready, queue_id)
+
+    def _schedule(self, queue_id: str, due: float | None) -> None:
+        if due is None or due <= self.clock.seconds():
+            self._push_ready(queue_id)
+            return
+        self._due[queue_id] = due
+        heapq.heappush(self._waiting, (due, queue_id))
+        self._arm()
+
+    def _arm(self) -> None:
+        while self._waiting and self._due.get(self._waiting[0][1]) != self._waiting[0][0]:
+            heapq.heappop(self._waiting)  # rescheduled or flushed since
+        if not self._waiting or not self._running:
+            self._cancel_timer()
+            return
+        due = self._waiting[0][0]
+        if self._timer is not None and self._timer.active() and self._timer_due <= due:
+            return
+        self._cancel_timer()
+        self._timer_due = due
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wake)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._waiting and self._waiting[0][0] <= now:
+            due, queue_id = heapq.heappop(self._waiting)
+            if self._due.get(queue_id) == due:
+                del self._due[queue_id]
+                self._push_ready(queue_id)
+        self._arm()
+        self._pump()
+
+    def _check_control(self) -> None:
+        try:
+            names = os.listdir(self.control_dir)
+        except OSError:
+            return
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.control_dir, name))
+            except OSError:
+                continue
+            if name == FLUSH:
+                log.info("delivery: flush requested ({count} deferred messages)",
+                         count=self.flush())
+            elif name.startswith(RETRY_PREFIX):
+                queue_id = name[len(RETRY_PREFIX):]
+                found = self.retry(queue_id)
+                log.info("delivery: retry of {queue_id} requested{missing}",
+                         queue_id=queue_id, missing="" if found else " (not queued)")
+
+    def _check_idle(self) -> None:
+        if self._active or self._connections or (self._ready and self._running):
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # ---- one attempt: load, route, deliver, conclude
+
+    def _pump(self) -> None:
+        while self._running and self._ready and len(self._active) < self.prefetch:
+            queue_id = heapq.heappop(self._ready)
+            self._ready_set.discard(queue_id)
+            attempt = _Attempt(queue_id)
+            self._active[queue_id] = attempt
+            d = self.spool.load(queue_id)
+            d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(attempt,),
+                           errbackArgs=(attempt,))
+
+    def _load_failed(self, failure: Failure, attempt: _Attempt) -> None:
+        del self._active[attempt.queue_id]
+        if failure.check(KeyError):
+            log.info("{queue_id} is no longer queued", queue_id=attempt.queue_id)
+        else:
+            log.failure("cannot read {queue_id}", failure, queue_id=attempt.queue_id)
+            if self._running:
+                self._schedule(attempt.queue_id, self.clock.seconds() + self.retry_first)
+        self._pump()
+        self._check_idle()
+
+    def _loaded(self, loaded: tuple[Envelope, DeliveryState | None], attempt: _Attempt) -> None:
+        envelope, state = loaded
+        if not self._running or envelope.sandboxed:
+            if envelope.sandboxed:
+                log.info("{queue_id} is held (sandboxed): never delivered",
+                         queue_id=attempt.queue_id)
+            del self._active[attempt.queue_id]
+            self._pump()
+            self._check_idle()
+            return
+        attempt.envelope = envelope
+        attempt.state = state or DeliveryState.fresh(envelope.recipients)
+        attempt.due = attempt.state.next_attempt
+        defer.ensureDeferred(self._route_attempt(attempt))
+
+    async def _route_attempt(self, attempt: _Attempt) -> None:
+        """Route the pending recipients by domain, then hand one job per destination (all
+        of the message's recipients that go there) to that destination's connections."""
+        by_domain: dict[str, list[str]] = {}
+        for rcpt in attempt.state.pending():
+            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+        domains = [d for d in by_domain if d]
+        routed = await defer.DeferredList([self._route(d) for d in domains],
+                                          consumeErrors=True)
+        failures: list[Result] = [Result(r, 550, "5.1.3 recipient address has no domain")
+                                  for r in by_domain.get("", [])]
+        groups: dict[frozenset, tuple[list, list[str]]] = {}
+        for domain, (ok, value) in zip(domains, routed, strict=True):
+            if not ok:
+                failures += self._unroutable(value, attempt, by_domain[domain])
+            elif value:
+                groups.setdefault(frozenset(value), (value, []))[1].extend(by_domain[domain])
+            else:
+                failures += [Result(r, 451, "4.4.3 no route") for r in by_domain[domain]]
+        if not self._running:
+            groups, failures = {}, []  # stopped meanwhile: nothing tried, nothing changes
+        attempt.outstanding = len(groups) + 1
+        for key, (hops, rcpts) in groups.items():
+            dest = self._destinations.get(key)
+            if dest is None:
+                dest = self._destinations[key] = _Destination(key, hops)
+            dest.push(Job(attempt.queue_id, attempt.envelope.sender, rcpts,
+                          partial(self.spool.open_body, attempt.queue_id), context=attempt))
+            self._dispatch(dest)
+        self._record(attempt, failures)
+
+    def _route(self, domain: str) -> defer.Deferred:
+        now = self.clock.seconds()
+        entry = self._routes.get(domain)
+        if entry is None or (entry.result is not _UNSET and entry.expires <= now):
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes = {k: v for k, v in self._routes.items()
+                                if v.result is _UNSET or v.expires > now}
+            entry = self._routes[domain] = _Route()
+            d = defer.maybeDeferred(self.router.route, domain)
+
+            def settle(result, entry=entry):
+                # A temporary failure is asked again by the next message that needs it.
+                temporary = isinstance(result, Failure) and not result.check(
+                    PermanentRouteError)
+                entry.set(result, self.clock.seconds() + (0 if temporary else self.route_ttl))
+
+            d.addBoth(settle)
+        return entry.get()
+
+    def _unroutable(self, failure: Failure, attempt: _Attempt,
+                    rcpts: list[str]) -> list[Result]:
+        error = failure.value
+        if isinstance(error, RouteError):
+            return [Result(r, error.code, error.text) for r in rcpts]
+        log.failure("routing failed for {queue_id}", failure, queue_id=attempt.queue_id)
+        return [Result(r, 451, f"4.4.3 routing failed: {error}") for r in rcpts]
+
+    def _dispatch(self, dest: _Destination) -> None:
+        while (self._running and dest.jobs and dest.active < self.max_per_host
+               and self._connections < self.max_concurrency
+               and (dest.active == 0 or len(dest.jobs) > dest.active * SPREAD)):
+            dest.active += 1
+            self._connections += 1
+            d = self.courier.send(dest.hops, dest.pop, self._report)
+            d.addBoth(self._closed, dest)
+        if dest.jobs and dest.active == 0:
+            self._backlog[dest.key] = None  # no free connection slot: wait for one
+
+    def _closed(self, outcome: Outcome | Failure, dest: _Destination) -> None:
+        dest.active -= 1
+        self._connections -= 1
+        if isinstance(outcome, Failure):
+            log.failure("delivery connection failed", outcome)
+            outcome = Outcome(errors=[str(outcome.value)])
+        if outcome.jobs == 0 and outcome.errors and dest.active == 0:
+            # No hop would take a message: everything waiting for them is deferred.
+            self._drain(dest, f"4.4.1 {outcome.error}")
+        if not dest.jobs and dest.active == 0:
+            self._destinations.pop(dest.key, None)
+            self._backlog.pop(dest.key, None)
+        else:
+            self._dispatch(dest)
+        for key in list(self._backlog):
+            if self._connections >= self.max_concurrency:
+                break
+            waiting = self._destinations.get(key)
+            del self._backlog[key]
+            if waiting is not None:
+                self._dispatch(waiting)
+        self._check_idle()
+
+    def _drain(self, dest: _Destination, text: str | None) -> None:
+        """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
+        not attempted at all."""
+        while (job := dest.pop()) is not None:
+            results = [] if text is None else [Result(r, 451, text) for r in job.recipients]
+            self._report(job, results)
+
+    def _report(self, job: Job, results: list[Result]) -> None:
+        self._record(job.context, results)
+
+    def _record(self, attempt: _Attempt, results: list[Result]) -> None:
+        attempt.results += results
+        attempt.outstanding -= 1
+        if attempt.outstanding == 0:
+            defer.ensureDeferred(self._conclude(attempt))
+
+    async def _conclude(self, attempt: _Attempt) -> None:
+        queue_id, state = attempt.queue_id, attempt.state
+        try:
+            if not attempt.results and not state.done:
+                return  # stopped before anything was tried: nothing changed
+            now = self.clock.seconds()
+            failed, delayed = self._apply(attempt, now)
+            if failed and not await self._notify(attempt, failed, "failed", now):
+                for rcpt in failed:  # keep them until a bounce can be queued
+                    state.recipients[rcpt].status = RecipientStatus.PENDING
+                state.next_attempt = now + self.retry_first
+            if delayed:
+                await self._notify(attempt, delayed, "delayed", now)
+            await self.spool.save_state(queue_id, state)
+            if state.done:
+                await self.spool.remove(queue_id)
+        except Exception:
+            log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
+            if not state.done:
+                state.next_attempt = self.clock.seconds() + self.retry_first
+        finally:
+            del self._active[queue_id]
+            if self._running and not state.done:
+                self._schedule(queue_id, state.next_attempt)
+            self._pump()
+            self._check_idle()
+
+    def _apply(self, attempt: _Attempt, now: float) -> tuple[list[str], list[str]]:
+        """Fold the attempt's results into the state; returns the recipients that failed
+        for good now and those to send a delay notification for."""
+        envelope, state = attempt.envelope, attempt.state
+        failed: list[str] = []
+        if attempt.results:
+            state.attempts += 1
+            state.first_attempt = state.first_attempt or now
+            state.last_error = ""
+        for result in attempt.results:
+            rs = state.recipients.setdefault(result.recipient, RecipientState())
+            rs.code, rs.text, rs.remote = result.code, result.text, result.remote
+            if result.sent:
+                rs.status = RecipientStatus.SENT
+            elif result.permanent:
+                rs.status = RecipientStatus.FAILED
+                failed.append(result.recipient)
+            else:
+                state.last_error = f"{result.code} {result.text}"
+            self._log(attempt, result, {"sent": "sent", "failed": "bounced"}.get(
+                str(rs.status), "deferred"))
+        expiry = envelope.received_at + self.lifetime
+        pending = state.pending()
+        if pending and now >= expiry:
+            days = self.lifetime / 86400
+            for rcpt in pending:
+                rs = state.recipients[rcpt]
+                rs.status = RecipientStatus.FAILED
+                rs.text = (f"4.4.7 delivery time expired after {days:g} days; last error: "
+                           f"{rs.code or ''} {rs.text}".strip())
+                failed.append(rcpt)
+                self._log(attempt, Result(rcpt, rs.code or 451, rs.text, rs.remote), "expired")
+            pending = []
+        delayed: list[str] = []
+        if pending:
+            state.next_attempt = min(now + self._backoff(state.attempts), expiry)
+            threshold = envelope.received_at + self.delay_warning
+            # Warn once: at the first attempt at or after the threshold (the one that was
+            # scheduled before it, or the very first attempt).
+            if self.delay_warning and now >= threshold and (
+                    attempt.due is None or attempt.due <= threshold):
+                delayed = pending
+        else:
+            state.next_attempt = None
+        return failed, delayed
+
+    def _backoff(self, attempts: int) -> float:
+        delay = min(self.retry_first * 2 ** min(max(attempts - 1, 0), 32), self.retry_max)
+        return delay * self._rng.uniform(0.9, 1.0)  # jitter: restarts do not retry in step
+
+    async def _notify(self, attempt: _Attempt, rcpts: list[str], action: str,
+                      now: float) -> bool:
+        """Queue a DSN. True when queued or when none may be sent (null sender)."""
+        envelope, state = attempt.envelope, attempt.state
+        kind = "bounce" if action == "failed" else "delay notification"
+        if dsn.notify_address(envelope) is None:
+            log.info("{queue_id}: no {kind} for {recipients} (null sender or notifications "
+                     "off)", queue_id=attempt.queue_id, kind=kind, recipients=", ".join(rcpts))
+            return True
+        try:
+            new_id = await defer.maybeDeferred(
+                dsn.queue, self.spool, envelope=envelope,
+                recipients=[(r, state.recipients[r]) for r in rcpts], action=action,
+                hostname=self.hostname, postmaster=self.postmaster, now=now,
+                retry_until=envelope.received_at + self.lifetime)
+        except Exception:
+            log.failure("cannot queue the {kind} for {queue_id}", queue_id=attempt.queue_id,
+                        kind=kind)
+            return False
+        log.info("{queue_id}: {kind} {dsn_id} queued for <{to}>", queue_id=attempt.queue_id,
+                 kind=kind, dsn_id=new_id, to=dsn.notify_address(envelope))
+        if self._running:
+            self.enqueue(new_id)
+        return True
+
+    def _log(self, attempt: _Attempt, result: Result, status: str) -> None:
+        log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} tls={tls}",
+                 queue_id=attempt.queue_id, recipient=result.recipient,
+                 remote=result.remote or "-", status=status, code=result.code,
+                 text=result.text, tls="yes" if result.tls else "no")
+        if self.on_result is not None:
+            try:
+                self.on_result(attempt.queue_id, attempt.envelope, result, status)
+            except Exception:
+                log.failure("on_result failed for {queue_id}", queue_id=attempt.queue_id)
+

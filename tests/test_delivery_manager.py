@@ -1,0 +1,370 @@
+"""The queue runner with a real spool, real SMTP sinks and a real DNS server on loopback.
+
+Network I/O runs on the reactor; the manager's scheduling (retries, expiry, the control
+directory) runs on a task.Clock the tests advance.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import time
+
+from dns_server import DNSServer
+from smtp_sink import SMTPSink
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, DeliveryManager, request
+from mailrelay.delivery.router import Hop, MXRouter, SmarthostRouter, make_resolver
+from mailrelay.model import Envelope
+from mailrelay.spool.spool import Spool
+from mailrelay.spool.state import RecipientStatus
+
+BODY = (b"Received: from client (127.0.0.1) by relay.test\r\n"
+        b"From: Sender <s@a.test>\r\nTo: r@b.test\r\nSubject: hello there\r\n"
+        b"Message-ID: <1@a.test>\r\n\r\nFirst line\r\n.dot line\r\n\r\nlast\r\n")
+
+
+class CountingSpool(Spool):
+    """The real spool, counting the messages it is asked to load."""
+
+    loads = 0
+
+    def load(self, queue_id):
+        self.loads += 1
+        return super().load(queue_id)
+
+
+class Base(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        self.directory = os.path.join(self.mktemp(), "spool")
+        self.spool = self.open_spool()
+        self.sink = SMTPSink()
+        self.sink.listen()
+        self.addCleanup(self.sink.stop)
+
+    def open_spool(self) -> CountingSpool:
+        spool = CountingSpool(self.directory, reactor=reactor)
+        spool.open()
+        self.addCleanup(spool.close)
+        return spool
+
+    def manager(self, router=None, spool=None, **kw) -> DeliveryManager:
+        router = router or SmarthostRouter(Hop("127.0.0.1", self.sink.port, tls="none"))
+        kw.setdefault("retry_first", 60.0)
+        manager = DeliveryManager(spool or self.spool, router, reactor, clock=self.clock,
+                                  hostname="relay.test", connect_timeout=5,
+                                  command_timeout=10, **kw)
+        self.addCleanup(manager.stop)
+        return manager
+
+    def submit(self, recipients=("r@b.test",), sender="s@a.test", body=BODY, priority=3,
+               received_at=None, **kw) -> defer.Deferred:
+        envelope = Envelope(id="", sender=sender, recipients=list(recipients), user="a.test",
+                            account="default", client_ip="127.0.0.1", helo="client",
+                            tls=True, received_at=received_at or self.clock.seconds(),
+                            priority=priority, **kw)
+        incoming = self.spool.create(envelope)
+        incoming.write(body)
+        return incoming.commit()
+
+    @defer.inlineCallbacks
+    def submit_many(self, count: int, prefix: str = "r"):
+        ids = []
+        for i in range(count):  # one after another: ids in submission order
+            ids.append((yield self.submit([f"{prefix}{i}@b.test"])))
+        return ids
+
+    @defer.inlineCallbacks
+    def deliver(self, manager: DeliveryManager, *queue_ids: str):
+        """Start (or feed) the manager and wait until it has nothing left to do now."""
+        if not manager._running:
+            yield manager.start()
+        for queue_id in queue_ids:
+            manager.enqueue(queue_id)
+        yield manager.idle()
+
+    def advance(self, seconds: float):
+        self.clock.advance(seconds)
+
+
+def dsn_parts(data: bytes):
+    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert message.get_content_type() == "multipart/report", message.get_content_type()
+    assert message.get_param("report-type") == "delivery-status"
+    text, status, headers = message.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    per_message, *per_recipient = status.get_payload()
+    return message, per_message, per_recipient, headers.get_payload()
+
+
+class DeliveryTests(Base):
+    @defer.inlineCallbacks
+    def test_mx_delivery_headers_and_bytes_intact(self):
+        dns = DNSServer({"b.test": ["MX 10 mx1.b.test", "MX 20 mx2.b.test"],
+                         "mx1.b.test": ["A 127.0.0.2"],  # nothing listens there
+                         "mx2.b.test": ["A 127.0.0.1"]})
+        self.addCleanup(dns.stop)
+        router = MXRouter(make_resolver([dns.listen()]), port=self.sink.port, allow_local=True)
+        logged = []
+        manager = self.manager(router, on_result=lambda *a: logged.append(a))
+        queue_id = yield self.submit(["r@b.test", "q@b.test"])
+        yield self.deliver(manager, queue_id)
+        [message] = self.sink.messages
+        self.assertEqual(message.data, BODY)
+        self.assertEqual((message.sender, message.recipients), ("s@a.test",
+                                                                ["r@b.test", "q@b.test"]))
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "state")), [])
+        self.assertEqual([(q, r.recipient, r.remote, status) for q, _, r, status in logged],
+                         [(queue_id, "r@b.test", "mx2.b.test[127.0.0.1]", "sent"),
+                          (queue_id, "q@b.test", "mx2.b.test[127.0.0.1]", "sent")])
+
+    @defer.inlineCallbacks
+    def test_many_messages_over_one_connection(self):
+        yield self.submit_many(15)
+        yield self.deliver(self.manager())
+        self.assertEqual(len(self.sink.messages), 15)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_4xx_then_recovery_on_retry(self):
+        self.sink.rules["r@b.test"] = (451, "4.2.0 greylisted")
+        manager = self.manager(retry_first=60)
+        queue_id = yield self.submit(["r@b.test", "ok@b.test"])
+        yield self.deliver(manager, queue_id)
+        state = self.spool.read_state(queue_id)
+        self.assertEqual(state.attempts, 1)
+        self.assertEqual(state.recipients["r@b.test"].status, RecipientStatus.PENDING)
+        self.assertEqual(state.recipients["ok@b.test"].status, RecipientStatus.SENT)
+        self.assertEqual(state.last_error, "451 4.2.0 greylisted")
+        delay = state.next_attempt - self.clock.seconds()
+        self.assertTrue(54 <= delay <= 60, delay)
+        self.sink.rules["r@b.test"] = None
+        self.advance(30)  # not due yet
+        yield manager.idle()
+        self.assertEqual(len(self.sink.messages), 1)
+        self.advance(30)
+        yield manager.idle()
+        self.assertEqual([m.recipients for m in self.sink.messages],
+                         [["ok@b.test"], ["r@b.test"]])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_backoff_doubles_up_to_the_cap(self):
+        self.sink.default = (451, "4.3.2 busy")
+        manager = self.manager(retry_first=60, retry_max=200)
+        queue_id = yield self.submit()
+        yield self.deliver(manager, queue_id)
+        delays = []
+        for _ in range(4):
+            state = self.spool.read_state(queue_id)
+            delays.append(state.next_attempt - self.clock.seconds())
+            self.advance(delays[-1])
+            yield manager.idle()
+        self.assertEqual(self.spool.read_state(queue_id).attempts, 5)
+        for delay, expected in zip(delays, [60, 120, 200, 200], strict=True):
+            self.assertTrue(0.9 * expected <= delay <= expected, (delay, expected))
+
+    @defer.inlineCallbacks
+    def test_5xx_produces_a_dsn_for_the_sender(self):
+        self.sink.rules["gone@b.test"] = (550, "5.1.1 no such user here")
+        queue_id = yield self.submit(["gone@b.test", "ok@b.test"])
+        yield self.deliver(self.manager(), queue_id)
+        original, bounce = self.sink.messages
+        self.assertEqual(original.recipients, ["ok@b.test"])
+        self.assertEqual((bounce.sender, bounce.recipients), ("", ["s@a.test"]))
+        message, per_message, [rcpt], headers = dsn_parts(bounce.data)
+        self.assertEqual(message["To"], "<s@a.test>")
+        self.assertEqual(message["Auto-Submitted"], "auto-replied")
+        self.assertEqual(per_message["Reporting-MTA"], "dns; relay.test")
+        self.assertIsNotNone(per_message["Arrival-Date"])
+        self.assertEqual(rcpt["Final-Recipient"], "rfc822; gone@b.test")
+        self.assertEqual(rcpt["Action"], "failed")
+        self.assertEqual(rcpt["Status"], "5.1.1")
+        self.assertEqual(rcpt["Remote-MTA"], "dns; 127.0.0.1")
+        self.assertEqual(rcpt["Diagnostic-Code"], "smtp; 550 5.1.1 no such user here")
+        self.assertIn("Subject: hello there", headers)
+        self.assertNotIn("First line", headers)
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_dsn_goes_to_bounce_to(self):
+        self.sink.rules["gone@b.test"] = (554, "no")
+        queue_id = yield self.submit(["gone@b.test"], bounce_to="notices@a.test")
+        yield self.deliver(self.manager(), queue_id)
+        [bounce] = self.sink.messages
+        self.assertEqual(bounce.recipients, ["notices@a.test"])
+        self.assertEqual(dsn_parts(bounce.data)[2][0]["Status"], "5.0.0")
+
+    @defer.inlineCallbacks
+    def test_bounce_of_a_null_sender_is_dropped(self):
+        self.sink.rules["gone@b.test"] = (550, "5.1.1 unknown")
+        queue_id = yield self.submit(["gone@b.test"], sender="")
+        yield self.deliver(self.manager(), queue_id)
+        self.assertEqual(self.sink.messages, [])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_a_failing_dsn_is_dropped_not_looped(self):
+        self.sink.default = (550, "5.1.1 nobody here")
+        queue_id = yield self.submit(["gone@b.test"])
+        yield self.deliver(self.manager(), queue_id)
+        # the original bounced, its DSN bounced too and was dropped
+        self.assertEqual(self.sink.transactions, 2)
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_lifetime_expiry_bounces(self):
+        self.sink.rules["slow@b.test"] = (451, "4.4.5 try later")
+        lifetime = 5 * 86400
+        queue_id = yield self.submit(["slow@b.test"],
+                                     received_at=self.clock.seconds() - lifetime + 10)
+        manager = self.manager(lifetime=lifetime)
+        yield self.deliver(manager, queue_id)
+        state = self.spool.read_state(queue_id)
+        self.assertAlmostEqual(state.next_attempt, self.clock.seconds() + 10, places=3)
+        self.assertEqual(self.sink.messages, [])
+        self.advance(10)
+        yield manager.idle()
+        [bounce] = self.sink.messages
+        _, _, [rcpt], _ = dsn_parts(bounce.data)
+        self.assertEqual((rcpt["Action"], rcpt["Status"]), ("failed", "4.4.7"))
+        self.assertIn("4.4.5 try later", rcpt["Diagnostic-Code"])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_delay_warning_sent_once(self):
+        self.sink.rules["slow@b.test"] = (451, "4.4.5 try later")
+        queue_id = yield self.submit(["slow@b.test"], received_at=self.clock.seconds() - 200)
+        manager = self.manager(delay_warning=100)
+        yield self.deliver(manager, queue_id)
+        [warning] = self.sink.messages
+        message, _, [rcpt], _ = dsn_parts(warning.data)
+        self.assertEqual(rcpt["Action"], "delayed")
+        self.assertIsNotNone(rcpt["Will-Retry-Until"])
+        self.assertIn("Delayed", message["Subject"])
+        self.advance(60)
+        yield manager.idle()
+        self.assertEqual(self.spool.read_state(queue_id).attempts, 2)
+        self.assertEqual(len(self.sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_unroutable_domain_bounces(self):
+        dns = DNSServer({"a.test": ["A 127.0.0.1"], "null.test": ["MX 0 ."]})
+        self.addCleanup(dns.stop)
+        router = MXRouter(make_resolver([dns.listen()]), port=self.sink.port, allow_local=True)
+        queue_id = yield self.submit(["x@nowhere.test", "y@null.test"])
+        yield self.deliver(self.manager(router), queue_id)
+        [bounce] = self.sink.messages
+        _, _, rcpts, _ = dsn_parts(bounce.data)
+        self.assertEqual({r["Final-Recipient"]: r["Status"] for r in rcpts},
+                         {"rfc822; x@nowhere.test": "5.1.2", "rfc822; y@null.test": "5.1.10"})
+
+    @defer.inlineCallbacks
+    def test_dead_destination_defers_everything_waiting(self):
+        port = reactor.listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        closed = port.getHost().port
+        yield port.stopListening()
+        ids = yield self.submit_many(5)
+        manager = self.manager(SmarthostRouter(Hop("127.0.0.1", closed, tls="none")))
+        yield self.deliver(manager)
+        for queue_id in ids:
+            state = self.spool.read_state(queue_id)
+            self.assertEqual(state.attempts, 1)
+            self.assertIn("connection refused", state.last_error)
+        self.assertEqual(sorted(self.spool.queued()), sorted(ids))
+
+
+class QueueTests(Base):
+    @defer.inlineCallbacks
+    def test_priority_one_before_a_backlog(self):
+        backlog = yield self.submit_many(40, "bulk")
+        self.advance(1)
+        urgent = yield self.submit(["urgent@b.test"], priority=1)
+        self.assertGreater(urgent[1:], backlog[-1][1:])  # the newest message
+        yield self.deliver(self.manager(max_concurrency=1, prefetch=10))
+        order = [m.recipients[0] for m in self.sink.messages]
+        self.assertEqual(order[0], "urgent@b.test")
+        self.assertEqual(order[1:], [f"bulk{i}@b.test" for i in range(40)])
+
+    @defer.inlineCallbacks
+    def test_restart_resumes_without_resending(self):
+        self.sink.rules["later@b.test"] = (451, "4.2.0 later")
+        queue_id = yield self.submit(["ok@b.test", "later@b.test"])
+        first = self.manager()
+        yield self.deliver(first, queue_id)
+        yield first.stop()
+        self.sink.rules["later@b.test"] = None
+        self.advance(3600)
+        yield self.deliver(self.manager(spool=self.open_spool()))
+        self.assertEqual([m.recipients for m in self.sink.messages],
+                         [["ok@b.test"], ["later@b.test"]])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_queued_message_delivered_once_after_restart(self):
+        yield self.submit()  # committed while no delivery ran (a crash, or enabled = no)
+        yield self.deliver(self.manager(spool=self.open_spool()))
+        yield self.deliver(self.manager(spool=self.open_spool()))
+        self.assertEqual(len(self.sink.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_sandboxed_never_delivered(self):
+        queue_id = yield self.submit(sandboxed=True)
+        manager = self.manager()
+        yield self.deliver(manager, queue_id)
+        manager.flush()
+        self.assertFalse(manager.retry(queue_id))
+        yield manager.idle()
+        self.assertEqual(self.sink.transactions, 0)
+        self.assertEqual(self.spool.held(), [queue_id])
+
+    @defer.inlineCallbacks
+    def test_control_retry_and_flush(self):
+        self.sink.default = (451, "4.2.0 later")
+        one = yield self.submit(["one@b.test"])
+        two = yield self.submit(["two@b.test"])
+        manager = self.manager(retry_first=3600)
+        yield self.deliver(manager)
+        self.sink.default = None
+        request(self.directory, RETRY_PREFIX + one)
+        self.advance(1)
+        yield manager.idle()
+        self.assertEqual([m.recipients for m in self.sink.messages], [["one@b.test"]])
+        self.assertEqual(self.spool.queued(), [two])
+        request(self.directory, FLUSH)
+        self.advance(1)
+        yield manager.idle()
+        self.assertEqual(len(self.sink.messages), 2)
+        self.assertEqual(os.listdir(os.path.join(self.directory, "control")), [])
+
+    @defer.inlineCallbacks
+    def test_twenty_thousand_queued_start_in_bounded_work(self):
+        queue = os.path.join(self.directory, "queue")
+        ids = []
+        base = int(self.clock.seconds() * 1000)
+        for i in range(20000):
+            queue_id = f"3{base + i:011x}{i:06x}"
+            envelope = Envelope(id=queue_id, sender="s@a.test", recipients=[f"r{i}@b.test"],
+                                user="a.test", account="default", client_ip=None, helo=None,
+                                tls=False, received_at=self.clock.seconds())
+            with open(os.path.join(queue, queue_id), "wb") as f:
+                f.write(json.dumps(envelope.to_json()).encode() + b"\n")
+            ids.append(queue_id)
+        manager = self.manager(prefetch=10)
+        yield manager.start()
+        self.assertEqual(self.spool.loads, 10)  # only what is about to be delivered was read
+        self.assertEqual(manager.counts["ready"], 20000 - 10)
+        yield manager.stop()
+        self.assertLessEqual(len(self.sink.messages), 10)
+        self.assertEqual(len(self.spool.queued()), 20000 - len(self.sink.messages))
