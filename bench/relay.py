@@ -58,7 +58,8 @@ class MailRelayInstance:
     name = "mailrelay"
 
     def __init__(self, base: str, cert: str, key: str, sink_port: int,
-                 ip_network: str = "127.0.0.0/8", ip_user: str = f"ip@{DOMAIN}") -> None:
+                 ip_network: str = "127.0.0.0/8", ip_user: str = f"ip@{DOMAIN}",
+                 profile_dir: str | None = None) -> None:
         self.base = os.path.abspath(base)
         self.data_dir = os.path.join(self.base, "data")
         self.config_path = os.path.join(self.base, "mailrelay.ini")
@@ -72,6 +73,8 @@ class MailRelayInstance:
         self.implicit_port = procs.free_port()
         self.dropped: list[str] = []  # settings this mailrelay does not know yet
         self.proc: subprocess.Popen | None = None
+        self.profile_dir = profile_dir  # twistd --profiler cprofile, one file per start
+        self.starts = 0
         self.delivers = True  # False when it runs with [delivery] enabled = no
 
     # ---- configuration ----
@@ -157,9 +160,14 @@ class MailRelayInstance:
     def start(self, timeout: float = 60) -> float:
         """Start the daemon and wait for the 220 on the plain listener; returns seconds."""
         # twistd, run by this interpreter (the one that has mailrelay's dependencies)
+        self.starts += 1
+        profile = []
+        if self.profile_dir:
+            path = os.path.join(self.profile_dir, f"mailrelay-{self.starts}.prof")
+            profile = ["--profile", path, "--profiler", "cprofile", "--savestats"]
         cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-               "-n", "--logfile", self.log_file,
-               "--pidfile", "", "mailrelay", "--config", self.config_path]
+               "-n", "--logfile", self.log_file, "--pidfile", "", *profile,
+               "mailrelay", "--config", self.config_path]
         t0 = time.monotonic()
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

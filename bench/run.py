@@ -145,6 +145,22 @@ def verdict(fig: Figure, mr: float | None, ratio: float | None) -> str:
     return ""
 
 
+def auth_cost(results: dict[str, dict[str, Value]]) -> str:
+    """Figure 2 against figure 1: each AUTH accept rate as a fraction of the IP-auth one."""
+    lines = ["AUTH against IP authentication (accept rate with AUTH / without):"]
+    for conns in (1, 20):
+        for per in (1, 10):
+            cells = []
+            for name in ("mailrelay", "Postfix"):
+                plain = results[name].get(f"accept.plain.c{conns}.m{per}", Value(None)).value
+                for mode, label in (("starttls", "STARTTLS"), ("tls", "implicit TLS")):
+                    auth = results[name].get(f"accept.{mode}.c{conns}.m{per}", Value(None))
+                    ratio = f"{auth.value / plain:.2f}" if auth.value and plain else "n/a"
+                    cells.append(f"{name} {label} {ratio}")
+            lines.append(f"  c={conns}, {per} msg/conn: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def table(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     rows = [("figure", "mailrelay", "Postfix", "mr/Postfix", "target", "tool")]
     notes: list[str] = []
@@ -190,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
     p.add_argument("--json", help="also write all results to this JSON file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--profile", metavar="DIR",
+                   help="run mailrelay under cProfile (twistd --profiler cprofile); one "
+                        "stats file per start in DIR (read with python3 -m pstats)")
     return p.parse_args(argv)
 
 
@@ -221,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         users = {figures.USER[0]: figures.USER[1], **figures.many_users(sizes.users)}
         if use_mr and mr_ok:
-            mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port)
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+            mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
+                                         profile_dir=args.profile and
+                                         os.path.abspath(args.profile))
             mr.configure()
             if mr.dropped:
                 say(f"mailrelay does not know yet: {', '.join(mr.dropped)}")
@@ -337,7 +360,7 @@ def report(args, argv, sizes, rounds, ceiling, figs, results, started, load_befo
         *(f"ceiling: {c}" for c in ceiling),
         "",
     ]
-    return "\n".join(head) + table(figs, results)
+    return "\n".join(head) + table(figs, results) + "\n\n" + auth_cost(results)
 
 
 if __name__ == "__main__":
