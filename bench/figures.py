@@ -63,10 +63,11 @@ class Sizes:
     logins: int = 2000
     users: int = 1000
     run_timeout: float = 300.0
+    drain_timeout: float = 60.0  # waiting for the sink, plus 1 s per 50 messages
 
 
 SMOKE = Sizes(accept_c1=20, accept_c20=40, e2e=100, sessions=20, big_message=1_000_000,
-              spool=100, logins=40, users=20, run_timeout=30.0)
+              spool=100, logins=40, users=20, run_timeout=30.0, drain_timeout=5.0)
 QUICK = Sizes(accept_c1=300, accept_c20=2000, e2e=2000, spool=10_000, logins=1000)
 FULL = Sizes()
 
@@ -138,6 +139,9 @@ class Measure:
         kw.setdefault("timeout", self.sizes.run_timeout)
         return LoadSpec(port=port, mode=mode, recipient=RECIPIENT, **kw)
 
+    def _drain(self, messages: int) -> float:
+        return self.sizes.drain_timeout + messages / 50
+
     def _load(self, what: str, spec: LoadSpec) -> LoadResult:
         before = self.sink.count()
         result = run_load(spec)
@@ -145,7 +149,7 @@ class Measure:
         if spec.login_only or not self.server.delivers:
             return result
         # Let the server deliver what it accepted before the next measurement starts.
-        got = self.sink.wait_for(before + result.ok, timeout=max(30.0, result.ok / 50))
+        got = self.sink.wait_for(before + result.ok, timeout=self._drain(result.ok))
         if got < before + result.ok:
             self.say(f"{what}: only {got - before} of {result.ok} reached the sink")
         return result
@@ -197,7 +201,7 @@ class Measure:
         if done.returncode != 0:
             return Value(None, f"smtp-source: {(done.stdout + done.stderr).strip()[:120]}")
         if self.server.delivers:
-            self.sink.wait_for(before + total, timeout=max(30.0, total / 50))
+            self.sink.wait_for(before + total, timeout=self._drain(total))
         self.say(f"accept plain c=20 m=1 smtp-source: {total} in {elapsed:.2f}s")
         return Value(total / elapsed)
 
@@ -209,7 +213,7 @@ class Measure:
         spec = self._spec("plain", conns=20, per_conn=1, total=n, keep_acks=True, tag="e2e")
         result = run_load(spec)
         self.say(f"end to end: {result.summary()}")
-        got = self.sink.wait_for(result.ok, timeout=max(30.0, result.ok / 20))
+        got = self.sink.wait_for(result.ok, timeout=self._drain(result.ok))
         arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
         if not result.ok or not arrivals:
             na = self._from_result(result) if not result.ok else Value(None, "nothing arrived")
@@ -305,7 +309,7 @@ class Measure:
         self.sink.reset()
         t0 = time.time()
         startup = self.server.resume_delivery()
-        got = self.sink.wait_for(result.ok, timeout=max(60.0, n / 20), poll=0.2)
+        got = self.sink.wait_for(result.ok, timeout=self._drain(n), poll=0.2)
         arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
         self.say(f"spool: {queued} queued, startup {startup:.2f}s, {got} delivered")
         note = f"{queued} queued" + ("" if got >= result.ok else f", {got} delivered")
