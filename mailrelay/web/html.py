@@ -105,7 +105,7 @@ SERIES = [("accepted", "sent", "#2a6fdb"), ("delivered", "delivered", "#1a9e5c")
 def chart(points: Sequence[tuple[float, dict[str, int]]], period: str = "day") -> str:
     """Sent (accepted), delivered and bounced per period as an SVG line chart.
     ``points``: (period start, counts), one per period, oldest first."""
-    width, height, left, bottom, top, right = 760, 260, 48, 28, 12, 12
+    width, height, left, bottom, top, right = 760, 260, 48, 28, 12, 24
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = max([1] + [c.get(k, 0) for _, c in points for k, _, _ in SERIES])
     n = max(len(points), 2)
