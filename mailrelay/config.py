@@ -188,6 +188,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "bind_password": (text, ""),
         "base_dn": (text, ""),
         "user_filter": (text, "(|(uid={username})(mail={username}))"),
+        "user_list_filter": (text, "(objectClass=mailrelayUser)"),
+        "account_base": (text, ""),  # default: base_dn
+        "account_list_filter": (text, "(objectClass=mailrelayAccountEntry)"),
         "password_mode": (choice("bind", "compare"), "bind"),
         "cache_ttl": (duration, 60.0),
         "pool_size": (integer(1, 64), 4),
@@ -274,13 +277,16 @@ def load_config(path: str | None) -> Config:
     values: dict[str, SimpleNamespace] = {}
     listeners: list[Listener] = []
     routes: dict[str, tuple[str, int]] = {}
+    ldap_attributes: dict[str, str] = {}
     for section in parser.sections():
         if section.startswith("listener:"):
             listeners.append(_listener(source, section, parser[section]))
         elif section == "routes":
             routes = _routes(source, parser[section])
+        elif section == "ldap.attributes":
+            ldap_attributes = _ldap_attributes(source, parser[section])
         elif section not in SCHEMA:
-            known = ", ".join([*SCHEMA, "routes", "listener:NAME"])
+            known = ", ".join([*SCHEMA, "ldap.attributes", "routes", "listener:NAME"])
             raise ConfigError(source, section, None, f"unknown section (known: {known})")
     for section, keys in SCHEMA.items():
         raw = parser[section] if parser.has_section(section) else {}
@@ -290,6 +296,7 @@ def load_config(path: str | None) -> Config:
             Listener(name, spec["endpoint"], spec["tls"], False)
             for name, spec in DEFAULT_LISTENERS.items()
         ]
+    values["ldap"].attributes = ldap_attributes
     config = Config(source=source, listeners=listeners, routes=routes, **values)
     _derive(config)
     return config
@@ -343,6 +350,18 @@ def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
         except ValueError as e:
             raise ConfigError(source, "routes", domain, str(e))
     return routes
+
+
+def _ldap_attributes(source: str, raw) -> dict[str, str]:
+    from mailrelay.directory.ldap_mapping import attribute_names
+
+    out = {key: value.strip() for key, value in raw.items()}
+    for key, value in out.items():
+        try:
+            attribute_names({key: value})
+        except ValueError as e:
+            raise ConfigError(source, "ldap.attributes", key, str(e))
+    return out
 
 
 def _derive(config: Config) -> None:

@@ -91,6 +91,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     spool.setServiceParent(top)
 
     directory = open_directory(config, reactor=reactor)
+    check_directory(directory)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor)
 
     if config.delivery.enabled:
@@ -121,6 +122,26 @@ def make_service(config: Config, reactor=None) -> MultiService:
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(listener, endpoint, wrapped).setServiceParent(top)
     return top
+
+
+def check_directory(directory) -> None:
+    """A directory that can be checked (LDAP) is checked once before serving: a wrong bind
+    DN or base stops startup; a server that is down only warns (AUTH gets 454 until it
+    answers, and it is retried on every login)."""
+    from mailrelay.interfaces import DirectoryUnavailable
+
+    check_now = getattr(directory, "check_now", None)
+    if check_now is None:
+        return
+    from mailrelay.directory.ldapdir import LdapConfigError
+
+    try:
+        check_now()
+    except LdapConfigError as e:
+        raise StartupError(str(e))
+    except DirectoryUnavailable as e:
+        log.warn("directory not reachable at startup: {reason}; logins get 454 until it is",
+                 reason=str(e))
 
 
 def make_policy(config: Config, spool, reactor):

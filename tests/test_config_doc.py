@@ -34,7 +34,7 @@ def test_uncommented_example_values_are_valid(tmp_path):
     # Every "#key = value" line, uncommented, must parse (the docs show valid values).
     lines, in_listener = [], False
     for line in EXAMPLE.read_text().splitlines():
-        if re.match(r"^\[[a-z]+\]$", line):
+        if re.match(r"^\[[a-z.]+\]$", line):
             lines.append(line)
             in_listener = False
         elif line.startswith("#[listener"):

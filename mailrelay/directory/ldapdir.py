@@ -179,6 +179,10 @@ class LdapDirectory:
 
     # -- IDirectory -------------------------------------------------------------------
 
+    def check_now(self) -> None:
+        """check(), blocking: for startup, before the reactor runs. Raises the same."""
+        self._client.check(list(dict.fromkeys([self.base_dn, self.account_base])))
+
     def check(self) -> defer.Deferred[None]:
         """Bind as the service entry and read the bases once, for a clear startup error.
 
