@@ -368,3 +368,21 @@ class QueueTests(Base):
         yield manager.stop()
         self.assertLessEqual(len(self.sink.messages), 10)
         self.assertEqual(len(self.spool.queued()), 20000 - len(self.sink.messages))
+
+
+class DeleteTests(Base):
+    @defer.inlineCallbacks
+    def test_delete_a_deferred_message(self):
+        self.sink.default = (451, "4.2.0 later")
+        queue_id = yield self.submit()
+        manager = self.manager()
+        yield self.deliver(manager, queue_id)
+        place = yield manager.delete(queue_id)
+        self.assertEqual(place, "queue")
+        self.assertEqual(self.spool.queued(), [])
+        self.assertIsNone(self.spool.read_state(queue_id))
+        self.sink.default = None
+        manager.flush()
+        yield manager.idle()
+        self.assertEqual(self.sink.messages, [])
+        yield self.assertFailure(manager.delete(queue_id), KeyError)

@@ -25,7 +25,7 @@ import random
 from collections.abc import Callable
 from functools import partial
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,7 +58,7 @@ def request(spool_directory: str, name: str) -> str:
 class _Attempt:
     """One message being delivered: loaded, routed, on connections, being concluded."""
 
-    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results")
+    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results", "deleted")
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -67,6 +67,7 @@ class _Attempt:
         self.due: float | None = None  # when it was scheduled for (None: first attempt)
         self.outstanding = 0  # jobs not yet reported (+1 while they are being made)
         self.results: list[Result] = []
+        self.deleted = False  # removed by an admin meanwhile: its results are dropped
 
 
 class _Destination:
@@ -130,6 +131,7 @@ class DeliveryManager:
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
+        self.reactor = reactor
         self.clock = clock or reactor
         self.courier = Courier(reactor, hostname, connect_timeout, command_timeout,
                                max_messages_per_connection)
@@ -226,6 +228,21 @@ class DeliveryManager:
             self.enqueue(queue_id)
             return True
         return False
+
+    def delete(self, queue_id: str) -> defer.Deferred:
+        """Remove a message (queued or held) without delivering it; fires with where it was
+        ("queue" or "hold"), errbacks with KeyError for an unknown id. Jobs of it not yet
+        sent are dropped; a transaction already under way may still complete."""
+        self._due.pop(queue_id, None)  # its heap entry goes stale
+        if queue_id in self._ready_set:
+            self._ready_set.discard(queue_id)
+            self._ready.remove(queue_id)
+            heapq.heapify(self._ready)
+        attempt = self._active.get(queue_id)
+        if attempt is not None:
+            attempt.deleted = True
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         self.spool.delete, queue_id)
 
     def idle(self) -> defer.Deferred:
         """Fires when nothing is being delivered and nothing is due (for tests and stop)."""
@@ -360,7 +377,7 @@ class DeliveryManager:
 
     def _loaded(self, loaded: tuple[Envelope, DeliveryState | None], attempt: _Attempt) -> None:
         envelope, state = loaded
-        if not self._running or envelope.sandboxed:
+        if not self._running or envelope.sandboxed or attempt.deleted:
             if envelope.sandboxed:
                 log.info("{queue_id} is held (sandboxed): never delivered",
                          queue_id=attempt.queue_id)
@@ -392,8 +409,8 @@ class DeliveryManager:
                 groups.setdefault(frozenset(value), (value, []))[1].extend(by_domain[domain])
             else:
                 failures += [Result(r, 451, "4.4.3 no route") for r in by_domain[domain]]
-        if not self._running:
-            groups, failures = {}, []  # stopped meanwhile: nothing tried, nothing changes
+        if not self._running or attempt.deleted:
+            groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
         attempt.outstanding = len(groups) + 1
         for key, (hops, rcpts) in groups.items():
             dest = self._destinations.get(key)
@@ -437,7 +454,7 @@ class DeliveryManager:
                and (dest.active == 0 or len(dest.jobs) > dest.active * SPREAD)):
             dest.active += 1
             self._connections += 1
-            d = self.courier.send(dest.hops, dest.pop, self._report)
+            d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
             d.addBoth(self._closed, dest)
         if dest.jobs and dest.active == 0:
             self._backlog[dest.key] = None  # no free connection slot: wait for one
@@ -465,6 +482,11 @@ class DeliveryManager:
                 self._dispatch(waiting)
         self._check_idle()
 
+    def _next_job(self, dest: _Destination) -> Job | None:
+        while (job := dest.pop()) is not None and job.context.deleted:
+            self._record(job.context, [])
+        return job
+
     def _drain(self, dest: _Destination, text: str | None) -> None:
         """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
         not attempted at all."""
@@ -484,8 +506,8 @@ class DeliveryManager:
     async def _conclude(self, attempt: _Attempt) -> None:
         queue_id, state = attempt.queue_id, attempt.state
         try:
-            if not attempt.results and not state.done:
-                return  # stopped before anything was tried: nothing changed
+            if attempt.deleted or not attempt.results and not state.done:
+                return  # deleted, or stopped before anything was tried: nothing to record
             now = self.clock.seconds()
             failed, delayed = self._apply(attempt, now)
             if failed and not await self._notify(attempt, failed, "failed", now):
@@ -503,7 +525,7 @@ class DeliveryManager:
                 state.next_attempt = self.clock.seconds() + self.retry_first
         finally:
             del self._active[queue_id]
-            if self._running and not state.done:
+            if self._running and not state.done and not attempt.deleted:
                 self._schedule(queue_id, state.next_attempt)
             self._pump()
             self._check_idle()
