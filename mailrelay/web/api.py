@@ -43,7 +43,7 @@ class Api:
         self._document = json.dumps(openapi_document(), indent=1).encode()
         r = self.router.add
         r("GET", "/openapi.json", self.openapi)
-        r("GET", "/users", self.list_users)
+        r("GET", "/users", self.list_users, ("account",))
         r("POST", "/users", self.add_user)
         r("GET", "/users/{username}", self.get_user)
         r("PATCH", "/users/{username}", self.edit_user)
@@ -57,22 +57,26 @@ class Api:
         r("PATCH", "/accounts/{name}", self.edit_account)
         r("DELETE", "/accounts/{name}", self.delete_account)
         r("GET", "/ip-auth", self.ip_auth)
-        r("GET", "/suppressions", self.list_suppressions)
+        r("GET", "/suppressions", self.list_suppressions, ("user", "account", "global"))
         r("POST", "/suppressions", self.add_suppression)
-        r("DELETE", "/suppressions/{address}", self.delete_suppression)
-        r("GET", "/queue", self.list_queue)
+        r("DELETE", "/suppressions/{address}", self.delete_suppression, ("user", "account"))
+        r("GET", "/queue", self.list_queue, ("limit",))
         r("GET", "/queue/{queue_id}", self.show_queued)
         r("POST", "/queue/{queue_id}/retry", self.retry_queued)
         r("DELETE", "/queue/{queue_id}", self.delete_queued)
-        r("GET", "/stats", self.stats)
+        r("GET", "/stats", self.stats, ("user", "account", "since", "period"))
 
     async def dispatch(self, request, path: str) -> Response:
         method = request.method.decode("ascii", "replace").upper()
-        handler, params = self.router.match(method, path)
+        route, params = self.router.route(method, path)
         call = Call(request, params)
-        if handler != self.openapi:
+        if route.handler != self.openapi:
             call.principal = self._authenticate(call, method)
-        return await handler(call)
+        unknown = sorted(set(call.query) - set(route.query))
+        if unknown:
+            raise HttpError(400, f"unknown query parameter(s) {', '.join(unknown)}"
+                            + (f" (known: {', '.join(route.query)})" if route.query else ""))
+        return await route.handler(call)
 
     def _authenticate(self, call: Call, method: str):
         header = call.header("authorization") or ""

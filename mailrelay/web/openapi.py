@@ -184,7 +184,9 @@ def _body(schema: str) -> dict:
 
 
 def _op(summary: str, ok: dict[str, Any], *errors: int, **more: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": {**ok, **_errors(401, *errors)}, **more}
+    # Every operation refuses unknown query parameters (400) and a missing key (401).
+    codes = sorted({400, 401, *errors})
+    return {"summary": summary, "responses": {**ok, **_errors(*codes)}, **more}
 
 
 USER = _path_param("username", "a domain, an address or a name")

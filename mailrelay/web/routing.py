@@ -110,6 +110,7 @@ class Route:
     method: str
     pattern: re.Pattern
     handler: Handler
+    query: tuple[str, ...] = ()  # the query parameters it takes
 
 
 class Router:
@@ -118,24 +119,28 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def add(self, method: str, path: str, handler: Handler, query: tuple[str, ...] = ()) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.escape(path).replace(r"\{", "{")
                        .replace(r"\}", "}"))
-        self.routes.append(Route(method, re.compile(regex + "$"), handler))
+        self.routes.append(Route(method, re.compile(regex + "$"), handler, query))
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        """The handler and its parameters; HttpError 404 or 405 (with the allowed ones)."""
+    def route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """The route and its path parameters; HttpError 404 or 405 (with the allowed ones)."""
         allowed = []
         for route in self.routes:
             m = route.pattern.match(path)
             if m is None:
                 continue
             if route.method == method or (method == "HEAD" and route.method == "GET"):
-                return route.handler, {k: unquote(v) for k, v in m.groupdict().items()}
+                return route, {k: unquote(v) for k, v in m.groupdict().items()}
             allowed.append(route.method)
         if allowed:
             raise HttpError(405, f"{method} is not allowed here", allow=sorted(set(allowed)))
         raise HttpError(404, "no such resource")
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        route, params = self.route(method, path)
+        return route.handler, params
 
 
 def run_handler(
