@@ -140,6 +140,12 @@ class _SinkProtocol(smtp.ESMTP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.delivery = _Delivery(self)
+        self.sink.open_connections += 1
+        self.sink.most_connections = max(self.sink.most_connections, self.sink.open_connections)
+
+    def connectionLost(self, reason) -> None:
+        self.sink.open_connections -= 1
+        super().connectionLost(reason)
 
     def extensions(self):
         ext = super().extensions()
@@ -203,6 +209,8 @@ class SMTPSink:
         self.messages: list[Received] = []
         self.transactions = 0  # MAIL commands accepted
         self.connections = 0
+        self.open_connections = 0
+        self.most_connections = 0  # the most open at the same time
         self._waiters: list[tuple[int, defer.Deferred]] = []
         self._port = None
         self.port: int | None = None

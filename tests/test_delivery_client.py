@@ -298,6 +298,14 @@ class TLSTests(unittest.TestCase):
         self.assertEqual(sink.messages, [])
 
     @defer.inlineCallbacks
+    def test_unreadable_ca_file_is_a_hop_failure(self):
+        sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
+        hop = self.smarthost(sink, username="", ca_file=self.mktemp())
+        outcome = yield Run([job("q", ["a@b.test"], b"x\r\n")]).send([hop])
+        self.assertEqual(outcome.jobs, 0)
+        self.assertIn("TLS setup failed", outcome.error)
+
+    @defer.inlineCallbacks
     def test_name_mismatch_fails_verification(self):
         sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
         hop = Hop("mx.other.test", sink.port, tls="required", verify=True,

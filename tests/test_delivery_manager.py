@@ -137,6 +137,14 @@ class DeliveryTests(Base):
         self.assertEqual(self.spool.queued(), [])
 
     @defer.inlineCallbacks
+    def test_connections_per_host_are_bounded(self):
+        yield self.submit_many(120)
+        yield self.deliver(self.manager(max_per_host=3, max_messages_per_connection=10))
+        self.assertEqual(len(self.sink.messages), 120)
+        self.assertLessEqual(self.sink.most_connections, 3)
+        self.assertGreaterEqual(self.sink.connections, 12)  # 10 messages per connection
+
+    @defer.inlineCallbacks
     def test_4xx_then_recovery_on_retry(self):
         self.sink.rules["r@b.test"] = (451, "4.2.0 greylisted")
         manager = self.manager(retry_first=60)

@@ -37,6 +37,7 @@ ZONE = {
     "public.test": ["MX 10 mx.public.test"],
     "mx.public.test": ["A 192.0.2.25"],  # TEST-NET-1: reserved, treated as not public
     "ghost.test": ["MX 10 missing.ghost.test"],
+    "xn--bcher-kva.test": ["A 127.0.0.31"],
 }
 
 
@@ -112,6 +113,13 @@ class MXRouterTests(unittest.TestCase):
     def test_reserved_addresses_refused_too(self):
         return self.assertFailure(MXRouter(self.resolver).route("public.test"),
                                   PermanentRouteError)
+
+    @defer.inlineCallbacks
+    def test_international_domain_asked_as_a_labels(self):
+        hops = yield self.router.route("Bücher.test")
+        self.assertEqual([(h.host, h.address) for h in hops],
+                         [("xn--bcher-kva.test", "127.0.0.31")])
+        yield self.assertFailure(self.router.route("a..b.test"), PermanentRouteError)
 
     def test_address_literal(self):
         self.assertFailure(MXRouter(self.resolver).route("[127.0.0.1]"), PermanentRouteError)

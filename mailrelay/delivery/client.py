@@ -402,7 +402,12 @@ class Courier:
         for hop in hops:
             if self._stopping:
                 break
-            protocol = RelayClient(hop, self.hostname, self._context(hop), next_job, report,
+            try:
+                context = self._context(hop)
+            except (OSError, ValueError, SSL.Error) as e:
+                outcome.errors.append(f"{hop.name}: TLS setup failed: {_describe(e)}")
+                continue
+            protocol = RelayClient(hop, self.hostname, context, next_job, report,
                                    self.max_messages, self.command_timeout)
             try:
                 await endpoints.connectProtocol(self._endpoint(hop), protocol)

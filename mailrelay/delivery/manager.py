@@ -1,15 +1,14 @@
 """The queue runner: schedules spooled messages, routes them, delivers, retries, bounces.
 
-Scheduling state lives in memory and is rebuilt at start from one listing of queue/ and
-the state files (Spool.scan): a heap of (due time, id) for deferred messages and a heap of
-ids for ready ones. Ids sort by priority then age, so priority 1 mail overtakes any backlog
-of priority 3 and, within a priority, the oldest goes first. At most ``prefetch`` messages
-are loaded at a time, so a queue of 100,000 costs two heaps of strings, not 100,000 reads.
+At start the schedule (schedule.py) is built from one listing of queue/ and the state
+files (Spool.scan); no message file is read until the message is about to be sent, and at
+most ``prefetch`` messages are loaded at a time, so 100,000 queued messages cost two heaps
+of ids, not 100,000 reads.
 
-Ready messages are split per destination (the set of hops their recipients' domains route
-to); each destination has a heap of jobs that its connections pull from, one message after
-another over the same connection, with at most ``max_per_host`` connections per
-destination and ``max_concurrency`` in all.
+Loaded messages are split per destination (the set of hops their recipients' domains route
+to); each destination has a heap of jobs (priority, then age) that its connections pull
+from, one message after another over the same connection, with at most ``max_per_host``
+connections per destination and ``max_concurrency`` in all.
 
 After every attempt the state is saved (Spool.save_state) before the message is scheduled
 again or removed; a DSN is committed before the state that records the failure, so a crash
@@ -33,6 +32,7 @@ from twisted.python.failure import Failure
 from mailrelay.delivery import dsn
 from mailrelay.delivery.client import Courier, Job, Outcome, Result
 from mailrelay.delivery.router import PermanentRouteError, RouteError
+from mailrelay.delivery.schedule import Schedule
 from mailrelay.model import Envelope
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
@@ -149,17 +149,12 @@ class DeliveryManager:
         self.on_result = on_result
         self.control_dir = control_dir or os.path.join(spool.directory, CONTROL_DIR)
         self._rng = rng or random.Random()
-        self._waiting: list[tuple[float, str]] = []  # heap; stale entries skipped
-        self._due: dict[str, float] = {}  # the truth for _waiting
-        self._ready: list[str] = []  # heap of ids: priority, then age
-        self._ready_set: set[str] = set()
+        self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
         self._destinations: dict[frozenset, _Destination] = {}
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
         self._routes: dict[str, _Route] = {}
-        self._timer = None
-        self._timer_due = 0.0
         self._control = LoopingCall(self._check_control)
         self._control.clock = self.clock
         self._running = False
@@ -171,6 +166,7 @@ class DeliveryManager:
         """Schedule everything queued (one listing and the state files), then run.
         Fires once the queue is loaded."""
         self._running = True
+        self.schedule.start()
         os.makedirs(self.control_dir, mode=0o700, exist_ok=True)
         self._control.start(1.0, now=False)
         d = self.spool.scan()
@@ -182,7 +178,7 @@ class DeliveryManager:
         """Stop taking messages; connections finish the message in progress (dropped after
         ``stop_timeout``). Fires when every attempt's state is saved."""
         self._running = False
-        self._cancel_timer()
+        self.schedule.stop()
         if self._control.running:
             self._control.stop()
         self.courier.stop()
@@ -202,24 +198,18 @@ class DeliveryManager:
         """A message (its id, or its envelope) was just committed to the queue."""
         queue_id = getattr(message, "id", message)
         if not self._known(queue_id):
-            self._push_ready(queue_id)
+            self.schedule.add(queue_id)
             self._pump()
 
     def flush(self) -> int:
         """Every deferred message is due now; returns how many were waiting."""
-        count = len(self._due)
-        for queue_id in self._due:
-            self._push_ready(queue_id)
-        self._due.clear()
-        self._waiting.clear()
-        self._cancel_timer()
+        count = self.schedule.flush()
         self._pump()
         return count
 
     def retry(self, queue_id: str) -> bool:
         """One message is due now. False if it is not in the queue."""
-        if self._due.pop(queue_id, None) is not None:
-            self._push_ready(queue_id)
+        if self.schedule.now(queue_id):
             self._pump()
             return True
         if self._known(queue_id):
@@ -233,11 +223,7 @@ class DeliveryManager:
         """Remove a message (queued or held) without delivering it; fires with where it was
         ("queue" or "hold"), errbacks with KeyError for an unknown id. Jobs of it not yet
         sent are dropped; a transaction already under way may still complete."""
-        self._due.pop(queue_id, None)  # its heap entry goes stale
-        if queue_id in self._ready_set:
-            self._ready_set.discard(queue_id)
-            self._ready.remove(queue_id)
-            heapq.heapify(self._ready)
+        self.schedule.discard(queue_id)
         attempt = self._active.get(queue_id)
         if attempt is not None:
             attempt.deleted = True
@@ -253,78 +239,23 @@ class DeliveryManager:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {"ready": len(self._ready), "deferred": len(self._due),
+        return {"ready": self.schedule.ready, "deferred": self.schedule.deferred,
                 "active": len(self._active), "connections": self._connections}
 
     # ---- scheduling
 
     def _scanned(self, result: tuple[list[str], dict[str, DeliveryState]]) -> None:
         ids, states = result
-        now = self.clock.seconds()
-        for queue_id in ids:
-            if self._known(queue_id):
-                continue
-            state = states.get(queue_id)
-            due = state.next_attempt if state is not None else None
-            if due is None or due <= now:
-                self._ready.append(queue_id)  # ids come sorted: a valid heap as they are
-                self._ready_set.add(queue_id)
-            else:
-                self._due[queue_id] = due
-                self._waiting.append((due, queue_id))
-        heapq.heapify(self._ready)
-        heapq.heapify(self._waiting)
+        self.schedule.load((queue_id, states[queue_id].next_attempt if queue_id in states
+                            else None) for queue_id in ids if queue_id not in self._active)
         log.info("delivery: {ready} messages ready, {deferred} deferred",
-                 ready=len(self._ready), deferred=len(self._due))
+                 ready=self.schedule.ready, deferred=self.schedule.deferred)
         self._check_control()  # requests left while the daemon was down
-        self._arm()
         self._pump()
         self._check_idle()
 
     def _known(self, queue_id: str) -> bool:
-        return queue_id in self._active or queue_id in self._ready_set or queue_id in self._due
-
-    def _push_ready(self, queue_id: str) -> None:
-        if queue_id not in self._ready_set:
-            self._ready_set.add(queue_id)
-            heapq.heappush(self._ready, queue_id)
-
-    def _schedule(self, queue_id: str, due: float | None) -> None:
-        if due is None or due <= self.clock.seconds():
-            self._push_ready(queue_id)
-            return
-        self._due[queue_id] = due
-        heapq.heappush(self._waiting, (due, queue_id))
-        self._arm()
-
-    def _arm(self) -> None:
-        while self._waiting and self._due.get(self._waiting[0][1]) != self._waiting[0][0]:
-            heapq.heappop(self._waiting)  # rescheduled or flushed since
-        if not self._waiting or not self._running:
-            self._cancel_timer()
-            return
-        due = self._waiting[0][0]
-        if self._timer is not None and self._timer.active() and self._timer_due <= due:
-            return
-        self._cancel_timer()
-        self._timer_due = due
-        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wake)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _wake(self) -> None:
-        self._timer = None
-        now = self.clock.seconds()
-        while self._waiting and self._waiting[0][0] <= now:
-            due, queue_id = heapq.heappop(self._waiting)
-            if self._due.get(queue_id) == due:
-                del self._due[queue_id]
-                self._push_ready(queue_id)
-        self._arm()
-        self._pump()
+        return queue_id in self._active or queue_id in self.schedule
 
     def _check_control(self) -> None:
         try:
@@ -346,7 +277,7 @@ class DeliveryManager:
                          queue_id=queue_id, missing="" if found else " (not queued)")
 
     def _check_idle(self) -> None:
-        if self._active or self._connections or (self._ready and self._running):
+        if self._active or self._connections or (self.schedule.ready and self._running):
             return
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
@@ -355,9 +286,10 @@ class DeliveryManager:
     # ---- one attempt: load, route, deliver, conclude
 
     def _pump(self) -> None:
-        while self._running and self._ready and len(self._active) < self.prefetch:
-            queue_id = heapq.heappop(self._ready)
-            self._ready_set.discard(queue_id)
+        while self._running and len(self._active) < self.prefetch:
+            queue_id = self.schedule.pop()
+            if queue_id is None:
+                break
             attempt = _Attempt(queue_id)
             self._active[queue_id] = attempt
             d = self.spool.load(queue_id)
@@ -371,7 +303,7 @@ class DeliveryManager:
         else:
             log.failure("cannot read {queue_id}", failure, queue_id=attempt.queue_id)
             if self._running:
-                self._schedule(attempt.queue_id, self.clock.seconds() + self.retry_first)
+                self.schedule.add(attempt.queue_id, self.clock.seconds() + self.retry_first)
         self._pump()
         self._check_idle()
 
@@ -526,7 +458,7 @@ class DeliveryManager:
         finally:
             del self._active[queue_id]
             if self._running and not state.done and not attempt.deleted:
-                self._schedule(queue_id, state.next_attempt)
+                self.schedule.add(queue_id, state.next_attempt)
             self._pump()
             self._check_idle()
 

@@ -158,6 +158,10 @@ class MXRouter:
     async def _route(self, domain: str) -> list[Hop]:
         if domain.startswith("[") and domain.endswith("]"):
             return self._literal(domain)
+        try:
+            domain = domain.encode("idna").decode("ascii")  # DNS asks for A-labels
+        except UnicodeError:
+            raise PermanentRouteError(f"{domain!r} is not a valid domain name", "5.1.2")
         exchanges = await self._exchanges(domain)
         hops: list[Hop] = []
         temporary: str | None = None
