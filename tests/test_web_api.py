@@ -320,14 +320,15 @@ class ApiTests(unittest.TestCase):
         held = yield self.queue_message(held=True)
         _, _, listing = yield self.api("GET", "/queue", expect=200)
         self.assertEqual(listing["total"], 2)
-        self.assertEqual([(m["id"], m["place"]) for m in listing["messages"]],
-                         [(queued, "queue"), (held, "hold")])  # fmt: skip
+        self.assertEqual([(m["id"], m["state"]) for m in listing["messages"]],
+                         [(queued, "queued"), (held, "held")])  # fmt: skip
         _, _, listing = yield self.api("GET", "/queue?limit=1", expect=200)
         self.assertEqual((listing["total"], len(listing["messages"])), (2, 1))
         yield self.api("GET", "/queue?limit=zero", expect=400)
         _, _, shown = yield self.api("GET", f"/queue/{queued}", expect=200)
-        self.assertEqual([r["address"] for r in shown["recipients"]],
+        self.assertEqual([r["address"] for r in shown["recipient_status"]],
                          ["a@example.org", "b@example.org"])  # fmt: skip
+        self.assertEqual(shown["pending"], ["a@example.org", "b@example.org"])
         self.assertIn("Subject: hello", shown["headers"])
         # No delivery manager runs in this relay: a retry cannot be done.
         yield self.api("POST", f"/queue/{queued}/retry", expect=409)

@@ -8,14 +8,15 @@ spool with its blocking readers, in a thread.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from mailrelay.admin.queue import _entry, _recipients
 from mailrelay.auth.passwords import generate_password, hash_password
+from mailrelay.delivery.dsn import read_headers
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import UserStore
 from mailrelay.model import Account, SmtpUser
@@ -116,60 +117,48 @@ class UserWriter:
         return await self._change(lambda store: store.delete_account(name))
 
 
-@dataclasses.dataclass
-class QueuedMessage:
-    id: str
-    place: str  # "queue" or "hold"
-    envelope: Any  # model.Envelope
-    state: Any  # spool.state.DeliveryState or None
-    size: int
-
-
 class QueueReader:
-    """The spool as the panel shows it: its blocking readers, run in a thread. Never opens
-    the spool (the daemon's Spool service does)."""
+    """The spool as the panel shows it, in the JSON of ``mailrelay-admin queue list|show
+    --json`` (the same functions make it), read in a thread. Never opens the spool (the
+    daemon's Spool service does)."""
 
     def __init__(self, spool, reactor) -> None:
         self.spool = spool
         self.reactor = reactor
 
-    def _read(self, queue_id: str) -> QueuedMessage | None:
+    def _list(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        now = self.reactor.seconds()
+        ids = [(i, "queue") for i in self.spool.queued()] + [(i, "hold") for i in self.spool.held()]
+        shown = [
+            _entry(self.spool, i, place, self.spool.read_state(i), now) for i, place in ids[:limit]
+        ]
+        return [e for e in shown if e is not None], len(ids)
+
+    def list(self, limit: int = 500):
+        """Fires with (entries, total): the first ``limit`` in delivery order, then held."""
+        return in_thread(self.reactor, self._list, limit)
+
+    def _show(self, queue_id: str) -> dict[str, Any] | None:
         place = self.spool.locate(queue_id)
         if place is None:
             return None
+        state = self.spool.read_state(queue_id)
+        entry = _entry(self.spool, queue_id, place, state, self.reactor.seconds())
         try:
-            return QueuedMessage(
-                queue_id, place, self.spool.envelope(queue_id), self.spool.read_state(queue_id),
-                self.spool.body_size(queue_id),
-            )  # fmt: skip
+            envelope = self.spool.envelope(queue_id)
+            with self.spool.open_body(queue_id) as body:
+                headers = read_headers(body).decode("utf-8", "replace")
         except KeyError:  # delivered or deleted while we looked
             return None
-
-    def _list(self, limit: int) -> tuple[list[QueuedMessage], int]:
-        ids = [(i, "queue") for i in self.spool.queued()] + [(i, "hold") for i in self.spool.held()]
-        shown = [m for m in (self._read(i) for i, _ in ids[:limit]) if m is not None]
-        return shown, len(ids)
-
-    def list(self, limit: int = 500):
-        """Fires with (messages, total): the first ``limit`` in delivery order, then held."""
-        return in_thread(self.reactor, self._list, limit)
+        if entry is None:
+            return None
+        return {**entry, "envelope": envelope.to_json(),
+                "delivery": state.to_json() if state else None,
+                "recipient_status": _recipients(envelope, state), "headers": headers}
 
     def show(self, queue_id: str):
-        """Fires with a QueuedMessage or None."""
-        return in_thread(self.reactor, self._read, queue_id)
-
-    def headers(self, queue_id: str, limit: int = 16384):
-        """Fires with the message's header block (at most ``limit`` bytes), or None."""
-
-        def read() -> bytes | None:
-            try:
-                with self.spool.open_body(queue_id) as f:
-                    head = f.read(limit)
-            except KeyError:
-                return None
-            return head.split(b"\r\n\r\n", 1)[0]
-
-        return in_thread(self.reactor, read)
+        """Fires with the message's document (as ``queue show --json``), or None."""
+        return in_thread(self.reactor, self._show, queue_id)
 
 
 class QueueControl:

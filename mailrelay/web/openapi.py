@@ -86,11 +86,12 @@ _RECIPIENT = obj(
     ["address", "status"],
 )  # fmt: skip
 
+# As mailrelay-admin queue list --json prints it.
 _QUEUE_ITEM = {
-    "id": STR, "place": {"type": "string", "enum": ["queue", "hold"]}, "sender": STR,
-    "user": NULL_STR, "account": NULL_STR, "size": INT, "received_at": NUM,
-    "priority": INT, "sandboxed": BOOL, "attempts": INT, "next_attempt": NULL_NUM,
-    "last_error": STR,
+    "id": STR, "state": {"type": "string", "enum": ["queued", "held"]}, "sender": STR,
+    "user": NULL_STR, "account": NULL_STR, "recipients": array(STR), "pending": array(STR),
+    "size": INT, "received_at": NUM, "age": NUM, "priority": INT, "attempts": INT,
+    "next_attempt": {**NULL_NUM, "description": "null: never (held)"}, "last_error": STR,
 }  # fmt: skip
 
 _COUNTS = {e.value: INT for e in Event}
@@ -142,11 +143,12 @@ SCHEMAS: dict[str, Any] = {
         ["address"], closed=True,
     ),  # fmt: skip
     "QueueList": obj({"total": INT, "messages": array(ref("QueueItem"))}, ["total", "messages"]),
-    "QueueItem": obj({**_QUEUE_ITEM, "recipients": INT}, ["id", "place", "sender"]),
+    "QueueItem": obj(_QUEUE_ITEM, ["id", "state", "sender", "recipients"]),
     "QueueDetail": obj(
-        {**_QUEUE_ITEM, "recipients": array(_RECIPIENT), "client_ip": NULL_STR,
-         "helo": NULL_STR, "tls": BOOL, "headers": STR},
-        ["id", "place", "sender", "recipients"],
+        {**_QUEUE_ITEM, "envelope": {"type": "object"},
+         "delivery": {"type": "object", "nullable": True},
+         "recipient_status": array(_RECIPIENT), "headers": STR},
+        ["id", "state", "sender", "recipients", "envelope", "recipient_status", "headers"],
     ),  # fmt: skip
     "Retry": obj({"id": STR, "retry": STR}, ["id"]),
     "Stats": obj(

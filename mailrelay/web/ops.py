@@ -28,7 +28,7 @@ from mailrelay.directory.filedir import (
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 from mailrelay.model import Account, SmtpUser
-from mailrelay.scope import ScopeError, is_address, is_domain, parse_domains
+from mailrelay.scope import ScopeError, is_address, parse_domains
 from mailrelay.smtp.reply import Reply
 from mailrelay.web.backend import QueueControl, QueueReader, UserWriter, in_thread
 from mailrelay.web.routing import HttpError
@@ -104,17 +104,14 @@ async def get_user(s: Services, username: str) -> dict[str, Any]:
     return user_doc(*await find_user(s, username))
 
 
-def _settings(doc: dict[str, Any], allowed_extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k not in allowed_extra}
-
-
 async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     """Fires with {"user", "password", "verification"}; the password only here."""
     username = doc.get("username")
     if not isinstance(username, str) or not username.strip():
         raise HttpError(400, "username is required (a domain, an address or a name)")
     with refusals():
-        user, password = await writer(s).add_user(username.strip(), _settings(doc, ("username",)))
+        settings = {k: v for k, v in doc.items() if k != "username"}
+        user, password = await writer(s).add_user(username.strip(), settings)
     log.info("control panel: added user {user}", user=user.username)
     account = await s.directory.getAccount(user.account)
     return {
@@ -366,27 +363,6 @@ async def delete_suppression(s: Services, address: str, user=None, account=None)
 # ---- queue ----
 
 
-def queue_doc(m, full: bool = False) -> dict[str, Any]:
-    e, st = m.envelope, m.state
-    doc = {
-        "id": m.id, "place": m.place, "sender": e.sender, "recipients": len(e.recipients),
-        "user": e.user, "account": e.account, "size": m.size, "received_at": e.received_at,
-        "priority": e.priority, "sandboxed": e.sandboxed,
-        "attempts": st.attempts if st else 0,
-        "next_attempt": st.next_attempt if st else None,
-        "last_error": st.last_error if st else "",
-    }  # fmt: skip
-    if full:
-        status = st.recipients if st else {}
-        doc["recipients"] = [
-            {"address": r, **(status[r].to_json() if r in status else {"status": "pending",
-             "code": None, "text": "", "remote": None})}
-            for r in e.recipients
-        ]  # fmt: skip
-        doc |= {"client_ip": e.client_ip, "helo": e.helo, "tls": e.tls}
-    return doc
-
-
 _QUEUE_ID = re.compile(r"[1-9][0-9a-f]{17}")
 
 
@@ -398,16 +374,13 @@ def _queue_id(queue_id: str) -> str:
 
 async def list_queue(s: Services, limit: int = 500) -> dict[str, Any]:
     messages, total = await s.queue.list(limit)
-    return {"total": total, "messages": [queue_doc(m) for m in messages]}
+    return {"total": total, "messages": messages}
 
 
 async def show_queued(s: Services, queue_id: str) -> dict[str, Any]:
-    m = await s.queue.show(_queue_id(queue_id))
-    if m is None:
+    doc = await s.queue.show(_queue_id(queue_id))
+    if doc is None:
         raise HttpError(404, f"no message {queue_id!r} in the queue")
-    doc = queue_doc(m, full=True)
-    headers = await s.queue.headers(queue_id)
-    doc["headers"] = (headers or b"").decode("utf-8", "replace")
     return doc
 
 
@@ -468,7 +441,3 @@ async def stats(
             for p in rows
         ]  # fmt: skip
     return out
-
-
-def is_sender_text(text: str) -> bool:
-    return is_address(text) or is_domain(text)

@@ -492,25 +492,30 @@ class Panel:
         for m in result["messages"]:
             path = f"/queue/{m['id']}"
             actions = post_button(path + "/delete", "Delete", csrf, "danger")
-            if m["place"] == "queue" and self.s.control.can_retry:
+            if m["state"] == "queued" and self.s.control.can_retry:
                 actions = post_button(path + "/retry", "Retry now", csrf, "secondary") + actions
-            rows.append([link(path, m["id"]), h(m["place"]), h(m["sender"] or "<>"),
-                         h(m["recipients"]), h(m["user"] or "-"), h(when(m["received_at"])),
-                         h(m["attempts"]), h(m["last_error"]), actions])  # fmt: skip
+            rows.append([link(path, m["id"]), h(m["state"]), h(m["sender"] or "<>"),
+                         h(len(m["recipients"])), h(len(m["pending"])), h(m["user"] or "-"),
+                         h(when(m["received_at"])), h(m["attempts"]),
+                         h(when(m["next_attempt"]) if m["next_attempt"] else "never"),
+                         h(m["last_error"]), actions])  # fmt: skip
         body = f'<p class="muted">{h(result["total"])} message(s).</p>'
         if rows:
-            body += table(["Queue id", "Place", "Sender", "Rcpts", "User", "Received",
-                           "Attempts", "Last error", ""], rows, "queue")  # fmt: skip
+            body += table(["Queue id", "State", "Sender", "Rcpts", "Pending", "User",
+                           "Received", "Attempts", "Next attempt", "Last error", ""], rows,
+                          "queue")  # fmt: skip
         return self.render(call, "Queue", body, "/queue")
 
     async def queued(self, call: Call) -> Response:
         m = await ops.show_queued(self.s, call.params["queue_id"])
         rows = [[h(r["address"]), h(r["status"]), h(r["code"] or ""), h(r["text"]),
-                 h(r["remote"] or "")] for r in m["recipients"]]  # fmt: skip
-        facts = [("Place", m["place"]), ("Sender", m["sender"] or "<>"), ("User", m["user"]),
-                 ("Account", m["account"]), ("Client", m["client_ip"]), ("Size", m["size"]),
+                 h(r["remote"] or "")] for r in m["recipient_status"]]  # fmt: skip
+        e = m["envelope"]
+        facts = [("State", m["state"]), ("Sender", m["sender"] or "<>"), ("User", m["user"]),
+                 ("Account", m["account"]), ("Client", e.get("client_ip")), ("Size", m["size"]),
                  ("Received", when(m["received_at"])), ("Attempts", m["attempts"]),
-                 ("Next attempt", when(m["next_attempt"])), ("Last error", m["last_error"])]
+                 ("Next attempt", when(m["next_attempt"]) if m["next_attempt"] else "never"),
+                 ("Last error", m["last_error"])]  # fmt: skip
         body = (
             table(["", ""], [[h(k), h(v)] for k, v in facts])
             + "<h2>Recipients</h2>" + table(["Recipient", "Status", "Code", "Text", "Remote"],
