@@ -6,8 +6,6 @@ test's tmp dir (and in $MAILRELAY_SCREENSHOTS when set)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,20 +15,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import HAVE_BROWSER, NO_BROWSER, Shots, click, fill, start_browser
 from harness import env, wait_for
 
 from mailrelay.auth.passwords import verify_password
 from mailrelay.directory.filedir import UserStore
 from mailrelay.features.stats import StatsStore
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 HERE = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="Debian's chromium and chromium-driver are not installed (./test.sh installs them)",
-)
+pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason=NO_BROWSER)
 
 
 @pytest.fixture
@@ -60,60 +54,11 @@ def panel(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = start_browser(tmp_path / "chromium-profile")
     try:
         yield driver
     finally:
         driver.quit()
-
-
-class Shots:
-    def __init__(self, driver, directory: Path) -> None:
-        self.driver = driver
-        self.directory = directory
-        directory.mkdir(exist_ok=True)
-        self.extra = os.environ.get("MAILRELAY_SCREENSHOTS")
-
-    def __call__(self, name: str) -> None:
-        # The whole page, not just the window: size the window to the document first.
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
-        self.driver.set_window_size(1280, max(700, min(height + 40, 4000)))
-        path = self.directory / f"{name}.png"
-        self.driver.save_screenshot(str(path))
-        if self.extra:
-            os.makedirs(self.extra, exist_ok=True)
-            shutil.copy(path, os.path.join(self.extra, f"{name}.png"))
-
-
-def fill(driver, values: dict[str, str]) -> None:
-    from selenium.webdriver.common.by import By
-
-    for name, value in values.items():
-        field = driver.find_element(By.ID, name)
-        field.clear()
-        field.send_keys(value)
-
-
-def click(driver, by, what) -> None:
-    """Click a link or a submit button and wait for the next page to load."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
-
-    old = driver.find_element(By.TAG_NAME, "html")
-    driver.find_element(by, what).click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
 
 
 def password_hash(info, username: str) -> str:

@@ -1,0 +1,136 @@
+"""End to end through the real twistd process: the control panel on its [admin] listener.
+
+A new admin logs in with headless Chromium, adds an SMTP user, sends a message with it
+through smtplib and sees the statistics change; a sender added through the API is refused
+at MAIL FROM until its confirmation link (mailed through the relay's own queue) is
+followed over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import smtplib
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from browser import HAVE_BROWSER, NO_BROWSER, click, fill, start_browser
+from harness import Relay, free_port, message, wait_for
+
+from mailrelay.config import SCHEMA
+
+pytestmark = pytest.mark.skipif(
+    "admin" not in SCHEMA, reason="the [admin] listener is not wired into the service yet"
+)
+
+PASSWORD = "correct horse battery"
+ADMIN_PASSWORD = "admin-password-1"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    port = free_port()
+    r = Relay(tmp_path_factory.mktemp("panel"), config=(
+        f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+        f"public_url = http://127.0.0.1:{port}\n\n[delivery]\nenabled = no\n"))  # fmt: skip
+    r.panel_url = f"http://127.0.0.1:{port}"
+    r.admin("account", "set", "default", "--domains", "doe.test;shop.test")
+    r.add_user("doe.test", PASSWORD)  # added with mailrelay-admin: verified implicitly
+    r.api_key = r.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
+    r.admin("admin", "add", "alice", "--password-stdin", input=ADMIN_PASSWORD + "\n")
+    r.start()
+
+    def panel_up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(panel_up, what="the control panel")
+    yield r
+    r.stop()
+
+
+def api(relay, method, path, doc=None):
+    request = urllib.request.Request(
+        relay.panel_url + "/api/v1" + path, method=method,
+        data=json.dumps(doc).encode() if doc is not None else None,
+        headers={"authorization": f"Bearer {relay.api_key}", "content-type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+            return response.status, json.loads(body) if body else None
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def send(relay, login, sender, to="someone@example.net"):
+    with relay.smtp(login=login) as client:
+        client.sendmail(sender, [to], message(sender, to))
+
+
+def test_unverified_sender_refused_until_confirmed(relay):
+    code, created = api(relay, "POST", "/users", {"username": "mailer",
+                                                  "addresses": "sales@shop.test"})
+    assert code == 201, created
+    assert created["user"]["unverified"] == ["sales@shop.test"]
+    login = ("mailer", created["password"])
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(relay, login, "sales@shop.test")
+    assert refused.value.smtp_code == 550
+    assert b"5.7.1" in refused.value.smtp_error and b"not verified" in refused.value.smtp_error
+
+    queue_id = created["verification"][0]["queue_id"]
+    text = next(p for p in relay.spool_files("queue") if p.name == queue_id).read_text()
+    url = re.search(r"http://\S+/verify/\S+", text).group(0)
+    with urllib.request.urlopen(url, timeout=30) as page:
+        assert b"Confirm" in page.read()
+    with urllib.request.urlopen(urllib.request.Request(url, data=b""), timeout=30) as page:
+        assert b"is confirmed" in page.read()
+
+    def accepted():
+        try:
+            send(relay, login, "sales@shop.test")
+            return True
+        except smtplib.SMTPSenderRefused:
+            return False
+
+    wait_for(accepted, timeout=10, interval=0.5, what="the confirmed sender accepted")
+
+
+def test_admin_adds_a_user_sends_and_sees_statistics(relay, browser):
+    from selenium.webdriver.common.by import By
+
+    url = relay.panel_url
+    browser.get(url + "/login")
+    fill(browser, {"name": "alice", "password": ADMIN_PASSWORD})
+    click(browser, By.ID, "login")
+    click(browser, By.LINK_TEXT, "Add an SMTP user")
+    fill(browser, {"username": "app", "domains": "doe.test", "note": "web shop"})
+    click(browser, By.ID, "add")
+    password = browser.find_element(By.ID, "password").text
+
+    send(relay, ("app", password), "shop@doe.test")
+    send(relay, ("app", password), "shop@doe.test")
+
+    def counted():
+        browser.get(url + "/users/app/stats")
+        return "accepted 2" in browser.find_element(By.CSS_SELECTOR, "table.totals").text
+
+    wait_for(counted, timeout=20, interval=0.5, what="the statistics of app")
+    click(browser, By.XPATH, "//button[text()='Log out']")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not HAVE_BROWSER:
+        pytest.skip(NO_BROWSER)
+    driver = start_browser(tmp_path / "chromium-profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
