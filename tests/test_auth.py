@@ -12,16 +12,17 @@ import tempfile
 import threading
 
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import PasswordChecker, make_portal
-from mailrelay.auth.credentials import ClientUsernamePassword
+from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.auth.passwords import (
     ALPHABET,
     DUMMY_HASH,
@@ -35,7 +36,8 @@ from mailrelay.auth.passwords import (
 from mailrelay.auth.realm import SubmissionRealm
 from mailrelay.directory.filedir import FileDirectory, UserStore
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory
-from mailrelay.model import Account, SmtpUser
+from mailrelay.model import Account, SmtpUser, Status
+from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
 
 PASSWORD = "correct horse battery"
@@ -283,3 +285,106 @@ class RealmTests(TestCase):
     def test_only_the_submitter_interface(self):
         with self.assertRaises(NotImplementedError):
             yield SubmissionRealm(self.directory).requestAvatar("doe.com", None, IDirectory)
+
+    def test_the_password_is_not_in_the_credentials_repr(self) -> None:
+        shown = repr(credentials("doe.com", PASSWORD))
+        assert "doe.com" in shown and "127.0.0.1" in shown
+        assert PASSWORD not in shown and "password" not in shown
+
+
+class LoginWithoutPasswordTests(TestCase):
+    """IP and address authentication through the real portal, realm and user file."""
+
+    def setUp(self) -> None:
+        self.path = temp_users_file(self)
+        self.store = UserStore(self.path)
+        with self.store.change():
+            self.store.update_account("default", domains=frozenset({"doe.com", "b.org"}),
+                                      notify="admin@doe.com")
+            self.store.add_user(
+                SmtpUser("app", scope=Scope.parse("b.org"), rate_limit=10), hash_password(PASSWORD)
+            )
+            self.store.add_user(SmtpUser("doe.com", status=Status.BLOCKED), hash_password(PASSWORD))
+            self.store.add_user(SmtpUser("ops@doe.com", status=Status.SANDBOXED),
+                                hash_password(PASSWORD))
+        self.clock = Clock()
+        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.portal = make_portal(
+            self.directory, cache_ttl=60, clock=self.clock,
+            ip_auth=IpAuthTable.parse("127.0.0.2 = app; 2001:db8::/32 = DOE.com; "
+                                      "127.0.0.0/24 = ghost"),
+            address_auth=AddressAuth.parse("alerts@doe.com;OPS@doe.com;x@elsewhere.net"),
+        )
+        self.logged: list[dict] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.logged if e.get("log_level") == LogLevel.warn]
+
+    @defer.inlineCallbacks
+    def test_a_mapped_network_logs_in_as_its_user(self):
+        _, avatar, _ = yield self.portal.login(ClientAddress("127.0.0.2"), None, ISubmitter)
+        assert (avatar.user.username, avatar.method, avatar.user.rate_limit) == ("app", "ip", 10)
+        assert avatar.may_send_as("x@b.org") and not avatar.may_send_as("x@doe.com")
+        assert avatar.account.notify == "admin@doe.com"
+        _, avatar, _ = yield self.portal.login(ClientAddress("2001:db8:5::1"), None, ISubmitter)
+        assert (avatar.user.username, avatar.method, avatar.blocked) == ("doe.com", "ip", True)
+        _, avatar, _ = yield self.portal.login(ClientAddress("::ffff:127.0.0.2"), None,
+                                               ISubmitter)
+        assert avatar.user.username == "app"
+
+    @defer.inlineCallbacks
+    def test_an_unmapped_address_is_refused(self):
+        for ip in ("127.0.1.2", "2001:db9::1", "not an address"):
+            with self.assertRaises(UnauthorizedLogin):
+                yield self.portal.login(ClientAddress(ip), None, ISubmitter)
+        assert self.warnings() == []
+
+    @defer.inlineCallbacks
+    def test_a_mapped_user_that_does_not_exist_is_refused_with_a_warning(self):
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.portal.login(ClientAddress("127.0.0.9"), None, ISubmitter)
+        assert self.warnings() == [
+            "ip_auth maps 127.0.0.9 to SMTP user ghost, which does not exist; refused"
+        ]
+
+    @defer.inlineCallbacks
+    def test_without_tables_there_is_no_checker(self):
+        portal = make_portal(self.directory, cache_ttl=60, clock=self.clock)
+        with self.assertRaises(UnhandledCredentials):
+            yield portal.login(ClientAddress("127.0.0.2"), None, ISubmitter)
+        with self.assertRaises(UnhandledCredentials):
+            yield portal.login(SenderAddress("alerts@doe.com", "127.0.0.1"), None, ISubmitter)
+
+    @defer.inlineCallbacks
+    def test_a_listed_sender_logs_in_as_itself(self):
+        _, avatar, _ = yield self.portal.login(
+            SenderAddress("Alerts@DOE.com", "192.0.2.1"), None, ISubmitter
+        )
+        assert avatar.method == "address"
+        assert avatar.user == SmtpUser("alerts@doe.com")  # account default, default limits
+        assert avatar.scope == Scope(addresses=frozenset({"alerts@doe.com"}))
+        assert avatar.account.name == "default"
+
+    @defer.inlineCallbacks
+    def test_a_listed_sender_that_is_a_user_gets_that_users_settings(self):
+        _, avatar, _ = yield self.portal.login(
+            SenderAddress("ops@doe.com", "192.0.2.1"), None, ISubmitter
+        )
+        assert (avatar.method, avatar.sandboxed) == ("address", True)
+        assert avatar.scope == Scope(addresses=frozenset({"ops@doe.com"}))
+
+    @defer.inlineCallbacks
+    def test_unlisted_senders_and_unauthorized_domains_are_refused(self):
+        for sender in ("other@doe.com", "alerts@doe.com.evil.net", ""):
+            with self.assertRaises(UnauthorizedLogin):
+                yield self.portal.login(SenderAddress(sender, "192.0.2.1"), None, ISubmitter)
+        assert self.warnings() == []
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.portal.login(SenderAddress("x@elsewhere.net", "192.0.2.1"), None,
+                                    ISubmitter)
+        assert self.warnings() == [
+            "address_auth lists x@elsewhere.net, but account default does not authorize its "
+            "domain; refused"
+        ]

@@ -1,5 +1,5 @@
-"""The password checker: AUTH PLAIN/LOGIN credentials against the directory, with a short
-cache of verified logins.
+"""The checkers: AUTH PLAIN/LOGIN credentials against the directory (with a short cache of
+verified logins), IP authentication and address authentication.
 
 A webmail backend or an application may log in once per message; argon2 costs ~25 ms of
 CPU each time. A (username, password) pair that verified is remembered for ``cache_ttl``
@@ -22,9 +22,11 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailrelay.auth.credentials import IClientAddress, ISenderAddress
 from mailrelay.auth.passwords import LOGIN_FAILED
-from mailrelay.auth.realm import SubmissionRealm
+from mailrelay.auth.realm import LoginId, SubmissionRealm
 from mailrelay.model import canonical_username
+from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 
 MAX_CACHED = 10000  # logins; beyond it the oldest are forgotten first
 
@@ -92,8 +94,55 @@ class PasswordChecker:
             del self._cache[next(iter(self._cache))]
 
 
-def make_portal(directory, cache_ttl: float = 60.0, clock=None) -> Portal:
-    """The portal the SMTP session logs in through: the password checker over ``directory``
-    (an IDirectory) and the submission realm. ``cache_ttl`` is ``[directory]
-    login_cache_ttl`` (0 turns the login cache off)."""
-    return Portal(SubmissionRealm(directory), [PasswordChecker(directory, cache_ttl, clock)])
+@implementer(ICredentialsChecker)
+class NetworkChecker:
+    """IP authentication: a client inside a network of ``table`` is the mapped SMTP user
+    (avatar id: a LoginId with method "ip"); any other client is refused."""
+
+    credentialInterfaces = (IClientAddress,)
+
+    def __init__(self, table: IpAuthTable) -> None:
+        self._table = table
+
+    def requestAvatarId(self, credentials):
+        username = self._table.lookup(credentials.client_ip)
+        if username is None:
+            return defer.fail(UnauthorizedLogin("no IP authentication for this address"))
+        return defer.succeed(LoginId(canonical_username(username), "ip", credentials.client_ip))
+
+
+@implementer(ICredentialsChecker)
+class SenderAddressChecker:
+    """Address authentication: a listed envelope sender is its own login (avatar id: a
+    LoginId with method "address", the canonical address); any other sender is refused."""
+
+    credentialInterfaces = (ISenderAddress,)
+
+    def __init__(self, addresses: AddressAuth) -> None:
+        self._addresses = addresses
+
+    def requestAvatarId(self, credentials):
+        if not self._addresses.allows_address(credentials.sender):
+            return defer.fail(UnauthorizedLogin("sender not listed for address authentication"))
+        sender = canonical_username(credentials.sender.strip())
+        return defer.succeed(LoginId(sender, "address", credentials.client_ip))
+
+
+def make_portal(
+    directory,
+    cache_ttl: float = 60.0,
+    clock=None,
+    ip_auth: IpAuthTable | None = None,
+    address_auth: AddressAuth | None = None,
+) -> Portal:
+    """The portal the SMTP session logs in through: the submission realm over
+    ``directory`` (an IDirectory) and the checkers: passwords (``cache_ttl`` is
+    ``[directory] login_cache_ttl``; 0 turns the login cache off), and, when given and not
+    empty, IP authentication (``[policy] ip_auth``) and address authentication (``[policy]
+    address_auth``)."""
+    checkers: list = [PasswordChecker(directory, cache_ttl, clock)]
+    if ip_auth:
+        checkers.append(NetworkChecker(ip_auth))
+    if address_auth:
+        checkers.append(SenderAddressChecker(address_auth))
+    return Portal(SubmissionRealm(directory), checkers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import Attribute, Interface, implementer
@@ -19,7 +19,7 @@ class ClientUsernamePassword:
     """A username and password (from AUTH PLAIN or LOGIN) plus where they came from."""
 
     username: str
-    password: str
+    password: str = field(repr=False)  # never in a log line or a traceback
     client_ip: str
     tls: bool
 
@@ -38,4 +38,19 @@ class IClientAddress(Interface):
 @implementer(IClientAddress)
 @dataclass
 class ClientAddress:
+    client_ip: str
+
+
+class ISenderAddress(Interface):
+    """Credentials for address authentication: the envelope sender a client gave at MAIL
+    FROM without logging in, and where it came from."""
+
+    sender = Attribute("The envelope sender address")
+    client_ip = Attribute("The client's IP address as text")
+
+
+@implementer(ISenderAddress)
+@dataclass
+class SenderAddress:
+    sender: str
     client_ip: str
