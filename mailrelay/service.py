@@ -92,7 +92,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     directory = open_directory(config, reactor=reactor)
     check_directory(directory)
-    portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor)
+    portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
+                         ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth)
 
     if config.delivery.enabled:
         manager = make_delivery(config, spool, reactor)
@@ -115,6 +116,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
             max_messages_per_connection=limits.max_messages_per_connection,
             idle_timeout=limits.idle_timeout,
             data_timeout=limits.data_timeout,
+            session_timeout=limits.session_timeout,
             reactor=reactor,
             policy=policy,
         )

@@ -397,6 +397,58 @@ class TransactionTests(unittest.TestCase):
         other.send(b"EHLO app.test\r\n")
         self.assertEqual(codes(other.send(b"MAIL FROM:<x@other.test>\r\n")), [530])
 
+    def test_ip_authentication_by_ipv6_network(self) -> None:
+        portal, checker, realm = make_portal({"2001:db8:1::/48": "webapp"})
+        s = Session(self.clock, portal=portal, ip="2001:db8:1:2::7")
+        s.send(b"EHLO app.test\r\n")
+        self.assertEqual(codes(s.send(b"MAIL FROM:<x@other.test>\r\n")), [250])
+        self.assertEqual(s.proto.avatar.method, "ip")
+        other = Session(self.clock, portal=portal, ip="2001:db8:2::7")
+        other.send(b"EHLO app.test\r\n")
+        self.assertEqual(codes(other.send(b"MAIL FROM:<x@other.test>\r\n")), [530])
+
+    def test_ip_login_keeps_its_scope_and_status(self) -> None:
+        portal, checker, realm = make_portal({"192.0.2.50": "webapp", "192.0.2.60": "blocked.test"})
+        s = Session(self.clock, portal=portal, ip="192.0.2.50")
+        s.send(b"EHLO app.test\r\n")
+        self.assertEqual(s.send(b"MAIL FROM:<x@doe.test>\r\n"),
+                         ["550 5.7.1 Sender address <x@doe.test> not allowed for user webapp"])
+        blocked = Session(self.clock, portal=portal, ip="192.0.2.60")
+        blocked.send(b"EHLO app.test\r\n")
+        self.assertEqual(blocked.send(b"MAIL FROM:<x@blocked.test>\r\n"),
+                         ["550 5.7.1 user blocked.test is blocked"])
+
+    def test_address_authentication(self) -> None:
+        portal, checker, realm = make_portal(addresses="alerts@doe.test;printer@shop.test")
+        s = Session(self.clock, portal=portal)
+        s.send(b"EHLO printer.test\r\n")
+        lines = s.send(TRANSACTION.replace(b"a@doe.test", b"Alerts@doe.test"))
+        self.assertEqual(codes(lines), [250, 250, 354, 250])
+        message = s.spool.committed[0]
+        self.assertEqual((message.envelope.user, message.envelope.sender),
+                         ("alerts@doe.test", "Alerts@doe.test"))
+        self.assertIn(b"with ESMTP id", bytes(message.data))  # no AUTH: not ESMTPA
+        self.assertEqual(s.proto.avatar.method, "address")
+        # The login vouches for its one address: another listed one logs in afresh ...
+        self.assertEqual(codes(s.send(b"MAIL FROM:<printer@shop.test>\r\nRSET\r\n")),
+                         [250, 250])
+        self.assertEqual(s.proto.avatar.user.username, "printer@shop.test")
+        # ... any other sender finds the session unauthenticated, with no notification.
+        self.assertEqual(s.send(b"MAIL FROM:<ceo@doe.test>\r\n"),
+                         ["530 5.7.0 Authentication required"])
+        self.assertIsNone(s.proto.avatar)
+        self.assertEqual(codes(s.send(b"MAIL FROM:<>\r\n")), [530])
+        self.assertEqual(codes(s.send(b"MAIL FROM:<alerts@doe.test\r\n")), [530])
+        # A password login is still possible and then rules.
+        self.assertEqual(codes(s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")), [235])
+        self.assertEqual(codes(s.send(b"MAIL FROM:<ceo@doe.test>\r\n")), [250])
+        self.assertEqual(realm.logins, realm.logouts + 1)
+
+    def test_address_authentication_is_off_without_a_list(self) -> None:
+        s = self.s
+        s.send(b"EHLO printer.test\r\n")
+        self.assertEqual(codes(s.send(b"MAIL FROM:<alerts@doe.test>\r\n")), [530])
+
 
 @implementer(ISubmissionPolicy)
 class RecordingPolicy:
@@ -607,6 +659,70 @@ class TimeoutTests(unittest.TestCase):
         self.assertEqual(codes(s2.replies()), [421])
         s2.lose()
         self.assertEqual(s2.spool.created[0].state, "aborted")
+
+    def test_session_timeout_counts_time_outside_transactions(self) -> None:
+        s = Session(self.clock, idle_timeout=300, session_timeout=1000)
+        s.login()
+        for _ in range(4):  # a NOOP now and then keeps it idle-alive ...
+            self.clock.advance(200)
+            self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
+        # ... the time inside a transaction does not count ...
+        self.assertEqual(codes(s.send(b"MAIL FROM:<a@doe.test>\r\n")), [250])
+        for _ in range(3):
+            self.clock.advance(250)
+            self.assertEqual(codes(s.send(b"RCPT TO:<r@example.net>\r\n")), [250])
+        self.assertEqual(codes(s.send(b"DATA\r\n")), [354])
+        self.clock.advance(250)
+        self.assertEqual(codes(s.send(b"From: a@doe.test\r\n\r\nbody\r\n.\r\n")), [250])
+        # ... and what is left of the 1000 s outside them runs out later.
+        self.clock.advance(199)
+        self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
+        self.clock.advance(1)
+        self.assertEqual(s.replies(), [f"421 4.4.2 {HOST} Error: session timeout exceeded"])
+        self.assertTrue(s.closed)
+        self.assertEqual(len(s.spool.committed), 1)
+
+    def test_session_timeout_never_cuts_off_a_message(self) -> None:
+        s = Session(self.clock, idle_timeout=300, session_timeout=600)
+        s.login()
+        self.clock.advance(299)
+        s.send(b"NOOP\r\n")
+        self.clock.advance(299)
+        s.spool.hold = True
+        lines = s.send(TRANSACTION)  # at 598 s, and its commit takes long
+        self.clock.advance(1000)
+        self.assertFalse(s.closed)
+        s.spool.created[0].commit_deferred.callback(s.spool.created[0].id)
+        self.assertEqual(codes(lines + s.replies()), [250, 250, 354, 250])
+        self.clock.advance(2)
+        self.assertEqual(codes(s.replies()), [421])
+        self.assertEqual(s.spool.created[0].state, "committed")
+
+    def test_session_timeout_waits_for_a_command_in_progress(self) -> None:
+        policy = RecordingPolicy(self.clock, refuse={"authAttempt": lambda: 10})
+        s = Session(self.clock, idle_timeout=900, session_timeout=600, policy=policy)
+        s.send(b"EHLO c.test\r\n")
+        self.clock.advance(595)
+        s.send(b"AUTH PLAIN " + plain("doe.test") + b"\r\n")  # answered after 10 s
+        self.clock.advance(6)
+        self.assertFalse(s.closed)
+        self.clock.advance(4)
+        self.assertEqual(codes(s.replies()), [235, 421])
+        self.assertTrue(s.closed)
+
+    def test_session_timeout_off(self) -> None:
+        s = Session(self.clock, idle_timeout=300, session_timeout=0)
+        s.replies()
+        for _ in range(30):
+            self.clock.advance(200)
+            self.assertEqual(s.send(b"NOOP\r\n"), ["250 2.0.0 Ok"])
+
+    def test_repeated_recipient_counts_as_junk(self) -> None:
+        s = Session(self.clock)
+        s.login()
+        lines = s.send(b"MAIL FROM:<a@doe.test>\r\n" + b"RCPT TO:<r@example.net>\r\n" * 102)
+        self.assertEqual(codes(lines), [250] * 101 + [421])
+        self.assertTrue(s.closed)
 
     def test_no_timeout_while_committing(self) -> None:
         s = Session(self.clock, idle_timeout=300)

@@ -21,9 +21,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
-from mailrelay.auth.credentials import IClientAddress
+from mailrelay.auth.checkers import NetworkChecker, SenderAddressChecker
 from mailrelay.interfaces import DirectoryUnavailable, IIncomingMessage, ISpool
 from mailrelay.model import Account, SmtpUser, Status
+from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
 from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
 from mailrelay.smtp.server import SubmissionServer
@@ -66,43 +67,37 @@ class Checker:
         return defer.fail(UnauthorizedLogin())
 
 
-@implementer(ICredentialsChecker)
-class AddressChecker:
-    """IP authentication: client addresses mapped to usernames."""
-
-    credentialInterfaces = (IClientAddress,)
-
-    def __init__(self, networks: dict[str, str]) -> None:
-        self.networks = networks
-
-    def requestAvatarId(self, credentials):
-        if credentials.client_ip in self.networks:
-            return defer.succeed("ip:" + self.networks[credentials.client_ip])
-        return defer.fail(UnauthorizedLogin())
-
-
 @implementer(IRealm)
 class Realm:
-    """Submitter avatars; an id ``ip:USER`` comes from IP authentication."""
+    """Submitter avatars from USERS; the method of a login without a password comes with
+    its id (auth.realm.LoginId); an address login of an unknown address gets a user of
+    its own, as the real realm does."""
 
     def __init__(self) -> None:
         self.logins = 0
         self.logouts = 0
+        self.account = ACCOUNT
 
     def requestAvatar(self, avatar_id, mind, *interfaces):
         assert ISubmitter in interfaces
         self.logins += 1
-        username = avatar_id.removeprefix("ip:")
-        method = "ip" if avatar_id.startswith("ip:") else "password"
-        return ISubmitter, Submitter.for_user(USERS[username], ACCOUNT, method), self._logout
+        method = getattr(avatar_id, "method", "password")
+        user = USERS.get(avatar_id) or SmtpUser(str(avatar_id))
+        return ISubmitter, Submitter.for_user(user, self.account, method), self._logout
 
     def _logout(self) -> None:
         self.logouts += 1
 
 
-def make_portal(ip_users: dict[str, str] | None = None):
+def make_portal(ip_users: dict[str, str] | None = None, addresses: str = ""):
+    """The password checker above, and the real IP and address authentication checkers
+    for ``ip_users`` (network -> username) and ``addresses`` ("a@x.test;b@x.test")."""
     checker, realm = Checker(), Realm()
-    checkers = [checker] + ([AddressChecker(ip_users)] if ip_users else [])
+    checkers = [checker]
+    if ip_users:
+        checkers.append(NetworkChecker(IpAuthTable(ip_users.items())))
+    if addresses:
+        checkers.append(SenderAddressChecker(AddressAuth.parse(addresses)))
     return Portal(realm, checkers), checker, realm
 
 

@@ -18,7 +18,9 @@ class SubmissionFactory(ServerFactory):
     STARTTLS when ``tls_mode`` is "starttls"; "implicit" listeners are wrapped in TLS by
     wrap_listener_factory (the session sees the TLS transport and offers no STARTTLS);
     "none" offers no TLS. ``plaintext_auth`` allows AUTH outside TLS. ``policy`` is an
-    ISubmissionPolicy or None. Times are seconds; ``reactor`` gives the clock.
+    ISubmissionPolicy or None. Times are seconds (``idle_timeout`` between commands,
+    ``data_timeout`` for a DATA phase, ``session_timeout`` for the time a connection spends
+    outside transactions in total; 0 turns the last off); ``reactor`` gives the clock.
     """
 
     protocol = SubmissionServer
@@ -38,6 +40,7 @@ class SubmissionFactory(ServerFactory):
         data_timeout: float = 600.0,
         reactor=None,
         policy=None,
+        session_timeout: float = 3600.0,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
@@ -60,6 +63,7 @@ class SubmissionFactory(ServerFactory):
         self.max_messages_per_connection = max_messages_per_connection
         self.idle_timeout = idle_timeout
         self.data_timeout = data_timeout
+        self.session_timeout = session_timeout
         self.reactor = reactor
         self.policy = policy
 

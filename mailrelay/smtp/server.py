@@ -8,8 +8,13 @@ data can never run as commands. The stock command methods (do_*, ext_*) are unre
 commands dispatch to the smtp_* methods below.
 
 Transactions need a login: AUTH PLAIN or LOGIN (inside TLS unless the listener allows
-plaintext AUTH), or IP authentication through the portal (ClientAddress credentials) at
-MAIL. Envelope and From: header senders must lie within the login's scope.
+plaintext AUTH), or, at MAIL without AUTH, IP authentication (ClientAddress credentials) or
+address authentication (SenderAddress credentials) through the portal. Envelope and From:
+header senders must lie within the login's scope.
+
+Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
+and ``session_timeout`` for the time a connection spends outside transactions in total
+(a message in progress is never cut off by it).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailrelay.auth.avatar import ISubmitter
-from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword
+from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
 from mailrelay.policy.text import printable
@@ -76,6 +81,11 @@ class SubmissionServer(smtp.ESMTP):
         self._incoming = None
         self._envelope: Envelope | None = None
         self._data_deadline = None
+        # The session clock: seconds spent outside transactions, and since when (None
+        # while a transaction is open); the timer fires when session_timeout is spent.
+        self._outside = 0.0
+        self._outside_since: float | None = None
+        self._session_timer = None
         self._inbuf = bytearray()
         self._waiting: Deferred | None = None  # the command being waited for
         self._processing = False
@@ -92,6 +102,7 @@ class SubmissionServer(smtp.ESMTP):
         self.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.factory.idle_timeout)
+        self._session_clock(running=True)
         log.info(
             "session {session}: connection from {client_ip} tls={tls}",
             session=self.session_id,
@@ -121,6 +132,7 @@ class SubmissionServer(smtp.ESMTP):
     def connectionLost(self, reason=None) -> None:
         self._lost = self._closing = True
         self.setTimeout(None)
+        self._session_clock(running=False)
         self._cancel_data_deadline()
         if self._incoming is not None and self._reader is not None:
             self._incoming.abort()  # the client vanished mid-DATA: nothing is kept
@@ -151,6 +163,36 @@ class SubmissionServer(smtp.ESMTP):
 
     def timeoutConnection(self) -> None:
         self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
+
+    def _session_clock(self, running: bool) -> None:
+        """Run the session clock outside transactions, stop it while one is open."""
+        if not self.factory.session_timeout:
+            return
+        now = self.factory.reactor.seconds()
+        if running and self._outside_since is None and not self._lost:
+            self._outside_since = now
+            self._session_timer = self.callLater(
+                max(0.0, self.factory.session_timeout - self._outside), self._session_expired
+            )
+        elif not running and self._outside_since is not None:
+            self._outside += now - self._outside_since
+            self._outside_since = None
+            if self._session_timer is not None and self._session_timer.active():
+                self._session_timer.cancel()
+            self._session_timer = None
+
+    def _session_spent(self) -> bool:
+        if not self.factory.session_timeout or self._outside_since is None:
+            return False
+        spent = self._outside + self.factory.reactor.seconds() - self._outside_since
+        return spent >= self.factory.session_timeout
+
+    def _session_expired(self) -> None:
+        self._session_timer = None
+        # A command in progress (a login, a MAIL) finishes first: _resume looks again.
+        if self._waiting is None and not self._closing:
+            self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: session timeout "
+                             "exceeded"))
 
     def _close(self) -> None:
         self._closing = True
@@ -224,6 +266,9 @@ class SubmissionServer(smtp.ESMTP):
     def _resume(self, _) -> None:
         self._waiting = None
         if self._closing:
+            return
+        if self._session_spent():
+            self._session_expired()
             return
         self.transport.resumeProducing()
         self.setTimeout(self.factory.idle_timeout)
@@ -552,6 +597,33 @@ class SubmissionServer(smtp.ESMTP):
         log.info("session {session}: {client_ip} authenticated by address as {user}",
                  session=self.session_id, client_ip=self.client_ip, user=self._username())
 
+    async def _address_login(self, arg: bytes) -> None:
+        """Address authentication, at MAIL without AUTH: a sender listed in [policy]
+        address_auth logs in as itself (see auth.realm). It vouches for that sender only:
+        a MAIL with another sender logs in again as that one, or leaves the session
+        unauthenticated (530), never sending as the earlier address's login."""
+        try:
+            sender = parse_mail(arg)[0]
+        except Reply:
+            return  # the syntax error is reported once the login question is settled
+        if self.avatar is not None:
+            if self.avatar.may_send_as(sender):
+                return
+            self._drop_login()
+        if not sender:
+            return
+        try:
+            _, avatar, logout = await self.factory.portal.login(
+                SenderAddress(sender, self.client_ip), None, ISubmitter
+            )
+        except (UnauthorizedLogin, UnhandledCredentials):
+            return
+        except DirectoryUnavailable:
+            raise Reply(454, "4.7.0", "Temporary authentication failure")
+        await self._accept_login(avatar, logout)
+        log.info("session {session}: {client_ip} authenticated by sender address as {user}",
+                 session=self.session_id, client_ip=self.client_ip, user=self._username())
+
     # -- the transaction
 
     def _end_transaction(self, accepted: bool) -> None:
@@ -559,6 +631,7 @@ class SubmissionServer(smtp.ESMTP):
             self._notify(self.policy.reset)
         self._sender = None
         self._recipients = []
+        self._session_clock(running=True)
 
     def _need_login(self) -> None:
         if self.avatar is None:
@@ -571,6 +644,8 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "Nested MAIL command")
         if self.avatar is None and not self._ip_login_tried:
             await self._ip_login()
+        if self.avatar is None or self.avatar.method == "address":
+            await self._address_login(arg)
         self._need_login()
         avatar, user = self.avatar, self.avatar.user
         if self.messages >= self.factory.max_messages_per_connection:
@@ -590,6 +665,7 @@ class SubmissionServer(smtp.ESMTP):
                         f"{user.username}")
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
+        self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
     def _mail_params(self, params: dict[str, str | None]) -> None:
@@ -614,6 +690,7 @@ class SubmissionServer(smtp.ESMTP):
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
         if recipient in self._recipients:
+            self._junk_command()  # else repeating one RCPT would hold a transaction open
             self._reply(250, "2.1.5", "Ok")  # a duplicate: delivered once
             return
         if len(self._recipients) >= self.factory.max_recipients:
