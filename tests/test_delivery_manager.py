@@ -14,7 +14,7 @@ import time
 
 from dns_server import DNSServer
 from smtp_sink import SMTPSink
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -394,3 +394,34 @@ class DeleteTests(Base):
         yield manager.idle()
         self.assertEqual(self.sink.messages, [])
         yield self.assertFailure(manager.delete(queue_id), KeyError)
+
+
+class Silent(protocol.Protocol):
+    """Accepts the connection and never says a word."""
+
+    def connectionMade(self):
+        self.factory.connected.callback(None)
+
+
+class StopTests(Base):
+    @defer.inlineCallbacks
+    def test_stop_drops_a_stuck_connection_after_the_grace_time(self):
+        factory = protocol.ServerFactory.forProtocol(Silent)
+        factory.connected = defer.Deferred()
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        queue_id = yield self.submit()
+        manager = self.manager(SmarthostRouter(Hop("127.0.0.1", port.getHost().port,
+                                                   tls="none")), stop_timeout=5)
+        yield manager.start()
+        yield factory.connected
+        for _ in range(200):  # until our side of the connection is up too
+            if manager.courier._live:
+                break
+            yield task.deferLater(reactor, 0.01)
+        stopped = manager.stop()
+        self.assertFalse(stopped.called)
+        self.advance(5)
+        yield stopped
+        self.assertEqual(self.spool.queued(), [queue_id])
+        self.assertIsNone(self.spool.read_state(queue_id))  # nothing was tried

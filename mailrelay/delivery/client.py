@@ -357,6 +357,8 @@ def _describe(reason: Failure | BaseException) -> str:
         return "connection timed out"
     if isinstance(value, error.DNSLookupError):
         return "host not found"
+    if isinstance(value, defer.CancelledError | error.ConnectingCancelledError):
+        return "connection given up (shutting down)"
     if isinstance(value, error.ConnectionDone | error.ConnectionLost):
         return "connection closed by the server"
     text = str(value) or type(value).__name__
@@ -375,13 +377,17 @@ class Courier:
         self.max_messages = max_messages
         self._contexts: dict[tuple, object] = {}
         self._live: set[RelayClient] = set()
+        self._connecting: set[defer.Deferred] = set()
         self._stopping = False
 
     def stop(self) -> None:
-        """Each connection finishes its message in progress, then QUITs; no new hop."""
+        """Each connection finishes its message in progress, then QUITs; connections not
+        yet made are given up."""
         self._stopping = True
         for protocol in self._live:
             protocol.stop()
+        for d in list(self._connecting):
+            d.cancel()
 
     def abort(self) -> None:
         """Drop every connection now (their messages in progress are deferred)."""
@@ -409,11 +415,15 @@ class Courier:
                 continue
             protocol = RelayClient(hop, self.hostname, context, next_job, report,
                                    self.max_messages, self.command_timeout)
+            connecting = endpoints.connectProtocol(self._endpoint(hop), protocol)
+            self._connecting.add(connecting)
             try:
-                await endpoints.connectProtocol(self._endpoint(hop), protocol)
+                await connecting
             except Exception as e:
                 outcome.errors.append(f"{hop.name}: {_describe(e)}")
                 continue
+            finally:
+                self._connecting.discard(connecting)
             self._live.add(protocol)
             if self._stopping:
                 protocol.stop()

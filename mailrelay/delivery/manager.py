@@ -181,9 +181,9 @@ class DeliveryManager:
         self.schedule.stop()
         if self._control.running:
             self._control.stop()
-        self.courier.stop()
         for dest in list(self._destinations.values()):
             self._drain(dest, None)  # not attempted: their recipients stay as they are
+        self.courier.stop()
         grace = self.clock.callLater(self.stop_timeout, self.courier.abort)
         d = self.idle()
 
@@ -397,7 +397,9 @@ class DeliveryManager:
         if isinstance(outcome, Failure):
             log.failure("delivery connection failed", outcome)
             outcome = Outcome(errors=[str(outcome.value)])
-        if outcome.jobs == 0 and outcome.errors and dest.active == 0:
+        if not self._running:
+            self._drain(dest, None)
+        elif outcome.jobs == 0 and outcome.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
             self._drain(dest, f"4.4.1 {outcome.error}")
         if not dest.jobs and dest.active == 0:
