@@ -95,12 +95,18 @@ class Scripted(LineReceiver):
     def connectionMade(self):
         self.transport.write(b"220 scripted ESMTP\r\n")
 
+    in_data = False
+
     def lineReceived(self, line):
+        if self.in_data:
+            self.in_data = line != b"."
+            return
         verb = line.split(b" ", 1)[0].upper()
         reply = self.factory.script.get(verb, b"250 ok\r\n")
         if reply is None:
             self.transport.loseConnection()
         else:
+            self.in_data = reply.startswith(b"354")
             self.transport.write(reply)
 
 
@@ -229,6 +235,15 @@ class ClientTests(unittest.TestCase):
         code, text, _ = run.reports["q"]["a@b.test"]
         self.assertEqual(code, 451)
         self.assertIn("connection lost", text)
+
+    @defer.inlineCallbacks
+    def test_reply_before_the_end_of_data(self):
+        hop = self.scripted({b"DATA": b"354 go\r\n554 5.3.4 too much\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x" * 1000 + b"\r\n" * 2**20),
+                   job("r", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(run.reports["q"]["a@b.test"][:2], (554, "5.3.4 too much"))
+        self.assertEqual(outcome.jobs, 1)  # the next message waits for a new connection
 
     @defer.inlineCallbacks
     def test_response_injection_after_starttls_is_refused(self):

@@ -118,6 +118,7 @@ class RelayClient(smtp.ESMTPClient):
         self.finished: defer.Deferred[tuple[int, str | None]] = defer.Deferred()
         self._job: Job | None = None
         self._body: BinaryIO | None = None
+        self._sender: FileSender | None = None
         self._size = 0
         self._results: dict[str, tuple[int, str]] = {}
         self._accepted: list[str] = []
@@ -293,18 +294,25 @@ class RelayClient(smtp.ESMTPClient):
             return stuffer.feed(chunk)
 
         def sent(_) -> None:
+            self._sender = None
             self._close_body()
             self.transport.write(stuffer.end())
 
         self._expected = smtp.SUCCESS
         self._okresponse = self._data_done
         self._failresponse = self._data_done
-        d = FileSender().beginFileTransfer(self._body, self.transport, transform)
+        self._sender = FileSender()
+        d = self._sender.beginFileTransfer(self._body, self.transport, transform)
         d.addCallbacks(sent, lambda _: None)  # a lost connection is handled in connectionLost
 
     def _data_done(self, code, resp) -> None:
+        early = self._sender is not None  # answered before the end of the data
         self._finish({r: (code, _text(resp)) for r in self._accepted})
-        self._next(code, resp, reset=False)  # the reply to DATA ended the transaction
+        if early:  # the server's idea of where the data ends is unknown: start afresh
+            self.completed = True
+            self.transport.loseConnection()
+        else:
+            self._next(code, resp, reset=False)  # the reply to DATA ended the transaction
 
     def _next(self, code: int, resp: bytes, reset: bool) -> None:
         """After a transaction: on to the next message (after RSET when it was cut short),
@@ -330,6 +338,12 @@ class RelayClient(smtp.ESMTPClient):
         self.report(job, results)
 
     def _close_body(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None and sender.deferred is not None:
+            # The server answered before the end of the data (or went away): stop sending.
+            sender.stopProducing()
+            if self.transport is not None:
+                self.transport.unregisterProducer()
         body, self._body = self._body, None
         if body is not None:
             body.close()
