@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . ./scripts/venv.sh
-ensure_debs slapd ldap-utils swaks
+ensure_debs slapd ldap-utils swaks chromium chromium-driver
 ensure_venv
 "$VENV/bin/pip" install -q --disable-pip-version-check '.[test]'
 # Run the checkout's code (not the installed copy); twistd finds the plugin on PYTHONPATH.
