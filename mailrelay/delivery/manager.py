@@ -439,6 +439,7 @@ class DeliveryManager:
 
     async def _conclude(self, attempt: _Attempt) -> None:
         queue_id, state = attempt.queue_id, attempt.state
+        settled = False  # the state (and a removal) is on disk
         try:
             if attempt.deleted or not attempt.results and not state.done:
                 return  # deleted, or stopped before anything was tried: nothing to record
@@ -453,13 +454,13 @@ class DeliveryManager:
             await self.spool.save_state(queue_id, state)
             if state.done:
                 await self.spool.remove(queue_id)
+            settled = True
         except Exception:
             log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
-            if not state.done:
-                state.next_attempt = self.clock.seconds() + self.retry_first
+            state.next_attempt = self.clock.seconds() + self.retry_first  # try again then
         finally:
             del self._active[queue_id]
-            if self._running and not state.done and not attempt.deleted:
+            if self._running and not attempt.deleted and not (settled and state.done):
                 self.schedule.add(queue_id, state.next_attempt)
             self._pump()
             self._check_idle()
