@@ -130,6 +130,28 @@ class ApiTests(unittest.TestCase):
         self.assertEqual(code, 405)
         self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, POST"])
 
+    @defer.inlineCallbacks
+    def test_oversized_body_is_refused(self):
+        before = self.user_file()
+        code, _, body = yield self.panel.request("POST", "/api/v1/users", b"{" + b" " * (2 << 20)
+                                                 + b"}", {
+            "authorization": f"Bearer {self.panel.rw_key}", "content-type": "application/json"})
+        self.assertEqual(code, 413, body)
+        self.assertEqual(self.user_file(), before)
+
+    @defer.inlineCallbacks
+    def test_pages_send_security_headers(self):
+        code, headers, _ = yield self.panel.request("GET", "/login")
+        self.assertEqual(code, 200)
+        [csp] = headers.getRawHeaders(b"content-security-policy")
+        self.assertTrue(csp.startswith(b"default-src 'none';"))  # no script may run
+        self.assertEqual(headers.getRawHeaders(b"x-frame-options"), [b"DENY"])
+        [cookie] = headers.getRawHeaders(b"set-cookie")
+        self.assertIn(b"HttpOnly", cookie)
+        self.assertIn(b"SameSite=Strict", cookie)
+        code, headers, _ = yield self.panel.request("GET", "/users")
+        self.assertEqual((code, headers.getRawHeaders(b"location")), (303, [b"/login"]))
+
     # ---- users
 
     @defer.inlineCallbacks
