@@ -1,1 +1,13 @@
-"""Delivery: routing (MX, smarthost, routes), the outbound client, the queue runner, DSNs."""
+"""Delivery: routing (MX, smarthost, routes), the outbound client, the queue runner, DSNs.
+
+- router.py: Hop and the IRouter implementations (MXRouter, SmarthostRouter, RoutedRouter)
+- wire.py: DATA dot-stuffing across chunks and envelope address checks
+- client.py: RelayClient (one ESMTP session, many messages) and Courier (connections)
+- schedule.py: when each queued message is due (priority, age, backoff)
+- manager.py: DeliveryManager, the queue runner; control files for mailrelay-admin
+- dsn.py: RFC 3464 bounces and delay notifications
+"""
+
+from mailrelay.delivery.router import Hop, PermanentRouteError, TemporaryRouteError
+
+__all__ = ["Hop", "PermanentRouteError", "TemporaryRouteError"]
