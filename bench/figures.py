@@ -54,7 +54,7 @@ class Value:
 class Sizes:
     """How much each measurement sends; --smoke, --quick and the full run differ here."""
 
-    accept_c1: int = 1000
+    accept_c1: int = 500
     accept_c20: int = 5000
     e2e: int = 5000
     sessions: int = 1000
