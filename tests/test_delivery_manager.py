@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+from certs import TestCA
 from dns_server import DNSServer
 from smtp_sink import SMTPSink
 from twisted.internet import defer, protocol, reactor, task
@@ -291,6 +292,42 @@ class DeliveryTests(Base):
             self.assertEqual(state.attempts, 1)
             self.assertIn("connection refused", state.last_error)
         self.assertEqual(sorted(self.spool.queued()), sorted(ids))
+
+
+class SmarthostTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.ca = TestCA(self.mktemp())
+        cert, key = self.ca.issue("localhost")
+        self.tls_sink = SMTPSink(tls_cert=str(cert), tls_key=str(key), auth={"relay": "pw"},
+                                 require_auth=True)
+        self.tls_sink.listen()
+        self.addCleanup(self.tls_sink.stop)
+
+    def smarthost(self, port: int) -> SmarthostRouter:
+        return SmarthostRouter(Hop("localhost", port, tls="required", verify=True,
+                                   username="relay", password="pw",
+                                   ca_file=str(self.ca.cert_path)))
+
+    @defer.inlineCallbacks
+    def test_starttls_auth_and_a_smuggling_body_in_one_transaction(self):
+        head = b".\r\nSubject: dots\r\n\r\n"
+        body = (head + b"x" * (2**14 - len(head) - 2) + b"\r\n.\r\nMAIL FROM:<ceo@victim.test>"
+                b"\r\nRCPT TO:<x@victim.test>\r\nDATA\r\nSMUGGLED\r\n.\r\n..\r\n")
+        queue_id = yield self.submit(body=body)
+        yield self.deliver(self.manager(self.smarthost(self.tls_sink.port)), queue_id)
+        [message] = self.tls_sink.messages
+        self.assertEqual((message.data, message.tls, message.user), (body, True, "relay"))
+        self.assertEqual(self.tls_sink.transactions, 1)
+
+    @defer.inlineCallbacks
+    def test_tls_required_without_starttls_is_deferred(self):
+        queue_id = yield self.submit()
+        yield self.deliver(self.manager(self.smarthost(self.sink.port)), queue_id)
+        state = self.spool.read_state(queue_id)
+        self.assertEqual(state.recipients["r@b.test"].status, RecipientStatus.PENDING)
+        self.assertIn("STARTTLS", state.last_error)
+        self.assertEqual(self.sink.transactions, 0)
 
 
 class QueueTests(Base):
