@@ -189,17 +189,24 @@ def _recipients(envelope: Envelope, state: DeliveryState | None) -> list[dict]:
             for rcpt in envelope.recipients]
 
 
+def _request(context: Context, name: str) -> None:
+    try:
+        request(context.config.spool.directory, name)
+    except OSError as e:
+        raise CommandError(f"cannot leave a request in {context.config.spool.directory}/"
+                           f"control: {e.strerror}")
+
+
 def retry(args, context: Context) -> int:
-    directory = context.config.spool.directory
     if args.id is None:
-        request(directory, FLUSH)
+        _request(context, FLUSH)
         print("retry of every deferred message requested (the daemon acts within a second, "
               "or at its next start)")
         return 0
     place = _find(_spool(context), args.id)
     if place == "hold":
         raise CommandError(f"{args.id} is held (its user is sandboxed): it is never delivered")
-    request(directory, RETRY_PREFIX + args.id)
+    _request(context, RETRY_PREFIX + args.id)
     print(f"{args.id}: retry requested (the daemon acts within a second, or at its next start)")
     return 0
 
@@ -216,7 +223,7 @@ def delete(args, context: Context) -> int:
 
 
 def flush(args, context: Context) -> int:
-    request(context.config.spool.directory, FLUSH)
+    _request(context, FLUSH)
     print("flush requested (the daemon acts within a second, or at its next start)")
     return 0
 
