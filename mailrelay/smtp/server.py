@@ -594,7 +594,7 @@ class SubmissionServer(smtp.ESMTP):
             self._ip_login_tried = False
             raise Reply(454, "4.7.0", "Temporary authentication failure")
         await self._accept_login(avatar, logout)
-        log.info("session {session}: {client_ip} authenticated by address as {user}",
+        log.info("session {session}: {client_ip} authenticated by IP address as {user}",
                  session=self.session_id, client_ip=self.client_ip, user=self._username())
 
     async def _address_login(self, arg: bytes) -> None:
