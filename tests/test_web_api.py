@@ -362,6 +362,36 @@ class ApiTests(unittest.TestCase):
         yield self.api("GET", "/queue/not-an-id", expect=404)
         self.assertEqual(self.panel.spool.queued(), [queued])
 
+    @defer.inlineCallbacks
+    def test_queue_retry_and_delete_through_the_delivery_manager(self):
+        from twisted.internet import reactor
+
+        from mailrelay.delivery.manager import DeliveryManager
+        from mailrelay.delivery.router import MXRouter, make_resolver
+        from mailrelay.web.backend import QueueControl
+
+        # DNS fails for the recipients' domain: the message waits for its next attempt.
+        self.panel.dns.zone["example.org"] = ["SERVFAIL"]
+        router = MXRouter(make_resolver([self.panel.dns.address], reactor), allow_local=True)
+        manager = DeliveryManager(self.panel.spool, router, reactor, retry_first=3600,
+                                  retry_max=3600, connect_timeout=5)  # fmt: skip
+        yield manager.start()
+        self.addCleanup(manager.stop)
+        self.panel.services.control = QueueControl(self.panel.spool, reactor, manager)
+        queue_id = yield self.queue_message()
+        manager.enqueue(queue_id)
+        yield manager.idle()
+        _, _, shown = yield self.api("GET", f"/queue/{queue_id}", expect=200)
+        self.assertEqual(shown["attempts"], 1)
+        _, _, result = yield self.api("POST", f"/queue/{queue_id}/retry", expect=202)
+        self.assertEqual(result["id"], queue_id)
+        yield manager.idle()
+        _, _, shown = yield self.api("GET", f"/queue/{queue_id}", expect=200)
+        self.assertEqual(shown["attempts"], 2)
+        yield self.api("POST", "/queue/1aaaaaaaaaaaaaaaaa/retry", expect=404)
+        yield self.api("DELETE", f"/queue/{queue_id}", expect=204)
+        self.assertEqual(self.panel.spool.queued(), [])
+
     # ---- statistics
 
     @defer.inlineCallbacks
