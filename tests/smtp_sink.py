@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.mail._cred import PLAINCredentials
 from twisted.mail.interfaces import IMessageDelivery, IMessageSMTP
@@ -203,9 +203,9 @@ class SMTPSink:
         self._rules_mtime: float | None = None
         self.tls_options = None
         if tls_cert:
-            with open(tls_cert, "rb") as c, open(tls_key or tls_cert, "rb") as k:
-                pem = c.read() + b"\n" + k.read()
-            self.tls_options = ssl.PrivateCertificate.loadPEM(pem).options()
+            from mailrelay.tls import server_options
+
+            self.tls_options = server_options(tls_cert, tls_key or tls_cert, False, "sink.test")
         self.messages: list[Received] = []
         self.transactions = 0  # MAIL commands accepted
         self.connections = 0
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
+    # mailrelay.tls loads the certificate: importable without PYTHONPATH too
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.makedirs(args.record_dir, exist_ok=True)
     sink = SMTPSink(tls_cert=args.tls_cert, tls_key=args.tls_key,
                     auth=dict(a.split(":", 1) for a in args.auth),

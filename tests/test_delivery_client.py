@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import random
 
-from certs import TestCA
+import certs
 from smtp_sink import SMTPSink
 from twisted.internet import defer, protocol, reactor
 from twisted.protocols.basic import LineReceiver
@@ -259,7 +259,7 @@ class ClientTests(unittest.TestCase):
 
 class TLSTests(unittest.TestCase):
     def setUp(self):
-        self.ca = TestCA(self.mktemp())
+        self.ca = certs.TestCA(self.mktemp())
         self.cert, self.key = self.ca.issue("localhost")
 
     def sink(self, **kw) -> SMTPSink:
@@ -304,7 +304,7 @@ class TLSTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_unknown_ca_fails_verification(self):
         sink = self.sink(tls_cert=str(self.cert), tls_key=str(self.key))
-        other = TestCA(self.mktemp(), name="another CA")
+        other = certs.TestCA(self.mktemp(), name="another CA")
         run = Run([job("q", ["a@b.test"], b"x\r\n")])
         outcome = yield run.send([self.smarthost(sink, username="", ca_file=str(
             other.cert_path))])

@@ -12,7 +12,7 @@ import json
 import os
 import time
 
-from certs import TestCA
+import certs
 from dns_server import DNSServer
 from smtp_sink import SMTPSink
 from twisted.internet import defer, protocol, reactor, task
@@ -297,7 +297,7 @@ class DeliveryTests(Base):
 class SmarthostTests(Base):
     def setUp(self) -> None:
         super().setUp()
-        self.ca = TestCA(self.mktemp())
+        self.ca = certs.TestCA(self.mktemp())
         cert, key = self.ca.issue("localhost")
         self.tls_sink = SMTPSink(tls_cert=str(cert), tls_key=str(key), auth={"relay": "pw"},
                                  require_auth=True)
