@@ -233,6 +233,23 @@ class DeliveryTests(Base):
         self.assertEqual(self.spool.queued(), [])
 
     @defer.inlineCallbacks
+    def test_bounce_kept_until_it_can_be_queued(self):
+        self.sink.rules["gone@b.test"] = (550, "5.1.1 unknown")
+        queue_id = yield self.submit(["gone@b.test"])
+        self.spool.min_free_bytes = 2**62  # the disk is "full": no new message, no DSN
+        manager = self.manager(retry_first=60)
+        yield self.deliver(manager, queue_id)
+        state = self.spool.read_state(queue_id)
+        self.assertEqual(state.recipients["gone@b.test"].status, RecipientStatus.PENDING)
+        self.assertAlmostEqual(state.next_attempt, self.clock.seconds() + 60, places=3)
+        self.spool.min_free_bytes = 0
+        self.advance(60)
+        yield manager.idle()
+        [bounce] = self.sink.messages
+        self.assertEqual(bounce.recipients, ["s@a.test"])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
     def test_lifetime_expiry_bounces(self):
         self.sink.rules["slow@b.test"] = (451, "4.4.5 try later")
         lifetime = 5 * 86400
