@@ -223,6 +223,20 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
     },
 }
 
+SCHEMA["admin"] = {
+    # The control panel: JSON API under /api/v1 and the web admin page.
+    "enabled": (boolean, True),
+    "endpoint": (text, "tcp:8080:interface=127.0.0.1"),
+    "tls": (boolean, False),  # HTTPS with the relay's [tls] certificate
+    "public_url": (text, ""),  # how people reach the panel (links); default from endpoint
+    "session_lifetime": (duration, 8 * 3600.0),
+    "verify_senders": (boolean, True),
+    "verify_link_lifetime": (duration, 7 * 86400.0),
+    "dns_check_interval": (duration, 600.0),  # pending domain TXT checks; 0: on demand
+    "access_file": (text, ""),  # default: <data_dir>/admin.json
+    "key_file": (text, ""),  # default: <data_dir>/panel.key
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -253,6 +267,7 @@ class Config:
     ldap: SimpleNamespace
     spool: SimpleNamespace
     policy: SimpleNamespace
+    admin: SimpleNamespace
     delivery: SimpleNamespace
     listeners: list[Listener]
     routes: dict[str, tuple[str, int]]  # recipient domain -> host, port

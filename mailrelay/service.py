@@ -6,45 +6,18 @@ listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> 
 from __future__ import annotations
 
 import os
-import sys
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from mailrelay.config import Config
+from mailrelay.listener import ListenerService
 
 log = Logger()
 
 
 class StartupError(Exception):
     """Something outside the config file prevents startup (unreadable key, bad LDAP bind)."""
-
-
-class ListenerService(StreamServerEndpointService):
-    """A listener whose port must be bound at startup: failing that stops twistd with one
-    line naming the listener (not a traceback)."""
-
-    def __init__(self, listener, endpoint, factory) -> None:
-        super().__init__(endpoint, factory)
-        self.setName(f"listener:{listener.name}")
-        self.listener = listener
-        self._raiseSynchronously = True
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            # twistd has redirected sys.stderr into its log by now; the admin needs it on
-            # the terminal too.
-            message = (f"mailrelay: [listener:{self.listener.name}] endpoint "
-                       f"{self.listener.endpoint}: cannot listen: {reason}")
-            log.critical("{message}", message=message)
-            print(message, file=sys.__stderr__)
-            raise SystemExit(1)
 
 
 class DeliveryService(Service):
@@ -72,6 +45,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
+    from mailrelay.web.site import make_admin_service
 
     try:
         os.makedirs(config.server.data_dir, mode=0o700, exist_ok=True)
@@ -95,6 +69,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
                          ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth)
 
+    manager = None
     if config.delivery.enabled:
         manager = make_delivery(config, spool, reactor)
         DeliveryService(manager).setServiceParent(top)
@@ -119,11 +94,26 @@ def make_service(config: Config, reactor=None) -> MultiService:
             session_timeout=limits.session_timeout,
             reactor=reactor,
             policy=policy,
+            verify_senders=config.admin.enabled and config.admin.verify_senders,
         )
-        endpoint = endpoints.serverFromString(reactor, listener.endpoint)
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
-        ListenerService(listener, endpoint, wrapped).setServiceParent(top)
+        ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
+                        reactor).setServiceParent(top)
+
+    suppressions, stats = open_feature_stores(config)
+    make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
+                       manager=manager, reactor=reactor).setServiceParent(top)
     return top
+
+
+def open_feature_stores(config: Config):
+    """The suppression list and statistics (SQLite), shared by delivery and the panel."""
+    from mailrelay.features.paths import feature_paths
+    from mailrelay.features.stats import StatsStore
+    from mailrelay.features.suppressions import SuppressionStore
+
+    paths = feature_paths(config)
+    return SuppressionStore(paths.suppressions_db), StatsStore(paths.stats_db)
 
 
 def check_directory(directory) -> None:

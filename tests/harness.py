@@ -71,6 +71,8 @@ class Relay:
                 f"[listener:smtps]\nendpoint = tcp:{self.smtps_port}:interface=127.0.0.1\n"
                 "tls = implicit\n"
             )
+        if "[admin]" not in config:  # the control panel only where a test asks for it
+            config += "\n[admin]\nenabled = no\n"
         self.config_path.write_text(
             f"[server]\nhostname = relay.test\ndata_dir = {self.data}\n\n{listeners}\n{config}\n"
         )

@@ -41,6 +41,7 @@ class SubmissionFactory(ServerFactory):
         reactor=None,
         policy=None,
         session_timeout: float = 3600.0,
+        verify_senders: bool = False,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
@@ -66,6 +67,7 @@ class SubmissionFactory(ServerFactory):
         self.session_timeout = session_timeout
         self.reactor = reactor
         self.policy = policy
+        self.verify_senders = verify_senders  # refuse senders still awaiting confirmation
 
     def buildProtocol(self, addr) -> SubmissionServer:
         return self.protocol(self)

@@ -44,6 +44,7 @@ from mailrelay.smtp.headers import HeaderError, from_addresses
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
 from mailrelay.smtp.reply import Reply
 from mailrelay.smtp.sasl import MECHANISMS, Login
+from mailrelay.verification import is_verified
 
 log = Logger()
 
@@ -663,6 +664,9 @@ class SubmissionServer(smtp.ESMTP):
                 self._notify(self.policy.senderRefused, avatar, sender, False)
             raise Reply(550, "5.7.1", f"Sender address <{sender}> not allowed for user "
                         f"{user.username}")
+        if self.factory.verify_senders and not is_verified(user, sender):
+            raise Reply(550, "5.7.1", f"sender <{sender}> not verified: follow the "
+                        "confirmation link mailed to it")
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
         self._session_clock(running=False)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from mailrelay.config import SCHEMA
+from mailrelay.listener import ListenerService
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
 from mailrelay.web.access import AccessFile, access_path
@@ -30,18 +30,8 @@ from mailrelay.web.sessions import Sessions
 log = Logger()
 
 # [admin] settings and their defaults (the configuration's schema should hold the same).
-DEFAULTS = {
-    "enabled": True,
-    "endpoint": "tcp:8080:interface=127.0.0.1",
-    "tls": False,  # serve HTTPS with the relay's [tls] certificate
-    "public_url": "",  # how people reach the panel (for links); default from the endpoint
-    "session_lifetime": 8 * 3600.0,
-    "verify_senders": True,
-    "verify_link_lifetime": 7 * 86400.0,
-    "dns_check_interval": 600.0,  # check pending domain TXT records this often; 0: never
-    "access_file": "",  # default <data_dir>/admin.json
-    "key_file": "",  # default <data_dir>/panel.key (signs confirmation links)
-}
+# The [admin] settings and their defaults are declared once, in the config schema.
+DEFAULTS = {key: default for key, (_parse, default) in SCHEMA["admin"].items()}
 
 
 class AdminRoot(resource.Resource):
@@ -167,11 +157,7 @@ def make_admin_service(config, directory, spool, suppressions, stats, tls_option
                              verifier)  # fmt: skip
     site = make_admin_site(services, settings.tls, settings.session_lifetime)
     factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site
-    svc = StreamServerEndpointService(endpoints.serverFromString(reactor, settings.endpoint),
-                                      factory)  # fmt: skip
-    svc.setName("admin")
-    svc._raiseSynchronously = True  # a port that cannot be bound stops startup
-    svc.setServiceParent(top)
+    ListenerService("admin", settings.endpoint, factory, reactor).setServiceParent(top)
     if verifier is not None and services.users is not None and settings.dns_check_interval > 0:
         DomainChecker(services, settings.dns_check_interval, reactor).setServiceParent(top)
     return top
