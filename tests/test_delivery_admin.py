@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from harness import env
@@ -23,7 +25,17 @@ from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 BODY = b"From: s@a.test\r\nSubject: queued one\r\n\r\nbody\r\n"
 
 
-class QueueCommandTests(unittest.TestCase):
+class TempPaths:
+    """mktemp() under the system's temporary directory (trial's default is the working
+    directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
+
+class QueueCommandTests(TempPaths, unittest.TestCase):
     def setUp(self) -> None:
         root = os.path.abspath(self.mktemp())
         self.directory = os.path.join(root, "spool")

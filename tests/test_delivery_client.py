@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import shutil
+import tempfile
 
 import certs
 from smtp_sink import SMTPSink
@@ -110,7 +113,17 @@ class Scripted(LineReceiver):
             self.transport.write(reply)
 
 
-class ClientTests(unittest.TestCase):
+class TempPaths:
+    """mktemp() under the system's temporary directory (trial's default is the working
+    directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
+
+class ClientTests(TempPaths, unittest.TestCase):
     def sink(self, **kw) -> tuple[SMTPSink, Hop]:
         sink = SMTPSink(**kw)
         port = sink.listen()
@@ -257,7 +270,7 @@ class ClientTests(unittest.TestCase):
         self.assertIn("injection", outcome.error)
 
 
-class TLSTests(unittest.TestCase):
+class TLSTests(TempPaths, unittest.TestCase):
     def setUp(self):
         self.ca = certs.TestCA(self.mktemp())
         self.cert, self.key = self.ca.issue("localhost")

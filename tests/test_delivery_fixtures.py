@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from harness import ROOT, env, wait_for
 from twisted.internet import defer, reactor
@@ -16,7 +18,17 @@ from mailrelay.delivery.client import Courier, Job
 from mailrelay.delivery.router import Hop, MXRouter, make_resolver
 
 
-class SubprocessTests(unittest.TestCase):
+class TempPaths:
+    """mktemp() under the system's temporary directory (trial's default is the working
+    directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
+
+class SubprocessTests(TempPaths, unittest.TestCase):
     def spawn(self, script: str, *args: str) -> int:
         port_file = os.path.join(self.mktemp() + ".port")
         process = subprocess.Popen([sys.executable, str(ROOT / "tests" / script),

@@ -10,6 +10,8 @@ import email
 import email.policy
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import certs
@@ -40,7 +42,17 @@ class CountingSpool(Spool):
         return super().load(queue_id)
 
 
-class Base(unittest.TestCase):
+class TempPaths:
+    """mktemp() under the system's temporary directory (trial's default is the working
+    directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
+
+class Base(TempPaths, unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(time.time())

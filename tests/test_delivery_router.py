@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 
 from dns_server import DNSServer
 from twisted.internet import defer
@@ -127,7 +130,17 @@ class MXRouterTests(unittest.TestCase):
             lambda hops: self.assertEqual(hops[0].address, "127.0.0.1"))
 
 
-class OtherRouterTests(unittest.TestCase):
+class TempPaths:
+    """mktemp() under the system's temporary directory (trial's default is the working
+    directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
+
+
+class OtherRouterTests(TempPaths, unittest.TestCase):
     @defer.inlineCallbacks
     def test_routes_override_fallback(self):
         smarthost = Hop("smart.test", 587, tls="required", verify=True, username="u",
