@@ -25,6 +25,8 @@ def _pem_key(key) -> bytes:
 class TestCA:
     """A throwaway CA; ``issue()`` writes a leaf certificate and key for the given names."""
 
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, directory: Path, name: str = "mailrelay test CA") -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ starts the daemon, talks to it with real clients (smtplib, swaks) and stops it b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -166,3 +167,66 @@ def message(sender: str, to: str, subject: str = "test", body: str = "hello\r\n"
         f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
         f"Message-ID: <{time.time_ns()}@client.test>\r\n\r\n{body}"
     ).encode()
+
+
+class Peer:
+    """A helper server of the tests (tests/smtp_sink.py, tests/dns_server.py) as its own
+    process on 127.0.0.1, stopped by its PID."""
+
+    def __init__(self, directory: Path, script: str, *args: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        port_file = self.dir / f"{script}.port"
+        port_file.unlink(missing_ok=True)
+        with open(self.dir / f"{script}.err", "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / script), "--port-file", str(port_file),
+                 *args], env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: port_file.exists() or self.process.poll() is not None,
+                 what=f"{script} to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{script} exited: {(self.dir / f'{script}.err').read_text()}")
+        self.port = int(port_file.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+
+
+class Sink(Peer):
+    """A recording SMTP server; ``rules`` sets per-recipient replies (re-read on change)."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        directory = Path(directory)
+        self.records = directory / "received"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.rules_path = directory / "rules.json"
+        self.rules({})
+        super().__init__(directory, "smtp_sink.py", "--record-dir", str(self.records),
+                         "--rules", str(self.rules_path), *args)
+
+    def rules(self, rules: dict) -> None:
+        tmp = self.rules_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rules))
+        os.replace(tmp, self.rules_path)
+
+    def messages(self) -> list[tuple[dict, bytes]]:
+        """(envelope, bytes) of every message received, in arrival order."""
+        out = []
+        metas = sorted(self.records.glob("*.json"), key=lambda p: int(p.stem))
+        for meta in metas:
+            out.append((json.loads(meta.read_text()), meta.with_suffix(".eml").read_bytes()))
+        return out
+
+    def wait(self, count: int, timeout: float = 60.0) -> list[tuple[dict, bytes]]:
+        return wait_for(lambda: (m := self.messages()) and len(m) >= count and m,
+                        timeout=timeout, what=f"{count} messages at the sink")
+
+
+class DNS(Peer):
+    """An authoritative DNS server for test domains: records like "x.test MX 10 mx.x.test"."""
+
+    def __init__(self, directory: Path, records: list[str]) -> None:
+        args = [a for r in records for a in ("--record", r)]
+        super().__init__(directory, "dns_server.py", *args)
