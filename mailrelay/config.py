@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from mailrelay.scope import is_domain
+from mailrelay.scope import is_address, is_domain
 
 DEFAULT_DATA_DIR = "/var/lib/mailrelay"
 
@@ -237,6 +237,29 @@ SCHEMA["admin"] = {
     "key_file": (text, ""),  # default: <data_dir>/panel.key
 }
 
+SCHEMA["features"] = {
+    # Per-user message features (mailrelay/features/); paths default under data_dir.
+    "suppressions_db": (text, ""),  # default: <data_dir>/suppressions.sqlite
+    "stats_db": (text, ""),  # default: <data_dir>/stats.sqlite
+    "archive_dir": (text, ""),  # default: <data_dir>/archive
+    "archive_retention": (duration, 90 * 86400.0),  # 0: keep everything
+    "stats_flush_interval": (duration, 1.0),
+    # Unsubscribe footer templates ($url, $recipient): inline text, or a file; empty: built in.
+    "footer_text": (text, ""),
+    "footer_text_file": (text, ""),
+    "footer_html": (text, ""),
+    "footer_html_file": (text, ""),
+}
+
+SCHEMA["tracking"] = {
+    # The HTTP endpoint of unsubscribe links, open pixels and click redirects.
+    "enabled": (boolean, False),
+    "endpoint": (text, "tcp:8081:interface=127.0.0.1"),
+    "base_url": (text, ""),  # how recipients reach it; default http://<hostname>:<port>
+    "key_file": (text, ""),  # default: <data_dir>/tracking.key (signs the links)
+    "unsubscribe_mailto": (text, ""),  # an address for mailto: List-Unsubscribe; empty: none
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -271,6 +294,8 @@ class Config:
     delivery: SimpleNamespace
     listeners: list[Listener]
     routes: dict[str, tuple[str, int]]  # recipient domain -> host, port
+    features: SimpleNamespace
+    tracking: SimpleNamespace
 
 
 def load_config(path: str | None) -> Config:
@@ -405,3 +430,32 @@ def _derive(config: Config) -> None:
         raise ConfigError(config.source, "delivery", "retry_max", "must be >= retry_first")
     if config.directory.backend == "ldap" and not config.ldap.base_dn:
         raise ConfigError(config.source, "ldap", "base_dn", "required when backend = ldap")
+    _derive_features(config)
+
+
+def _derive_features(config: Config) -> None:
+    f, t = config.features, config.tracking
+    for kind in ("text", "html"):
+        if getattr(f, f"footer_{kind}") and getattr(f, f"footer_{kind}_file"):
+            raise ConfigError(config.source, "features", f"footer_{kind}_file",
+                              f"set footer_{kind} or footer_{kind}_file, not both")
+    if t.unsubscribe_mailto and not is_address(t.unsubscribe_mailto):
+        raise ConfigError(config.source, "tracking", "unsubscribe_mailto",
+                          f"{t.unsubscribe_mailto!r} is not an address")
+    if t.enabled:
+        from twisted.internet import endpoints, reactor
+
+        try:
+            endpoints.serverFromString(reactor, t.endpoint)
+        except Exception as e:
+            raise ConfigError(config.source, "tracking", "endpoint", f"{t.endpoint!r}: {e}")
+    if t.base_url:
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", t.base_url):
+            raise ConfigError(config.source, "tracking", "base_url",
+                              f"{t.base_url!r} is not an http(s) URL without query")
+        t.base_url = t.base_url.rstrip("/")
+    else:
+        m = re.match(r"(?:tcp6?|ssl):(\d+)", t.endpoint)
+        port = m.group(1) if m else "8081"
+        scheme = "https" if t.endpoint.startswith("ssl:") else "http"
+        t.base_url = f"{scheme}://{config.server.hostname}:{port}"
