@@ -116,6 +116,10 @@ class Envelope:
     priority: int = 3
     sandboxed: bool = False
     bounce_to: str | None = None  # where a DSN goes instead of the sender, if set
+    # The user's per-recipient features when the message was accepted ("footer", "opens",
+    # "clicks"; features/envelope.py), and which recipients are audit BCC copies.
+    personalize: list[str] = field(default_factory=list)
+    audit: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -34,10 +34,10 @@ from twisted.python.failure import Failure
 
 from mailrelay.auth.avatar import ISubmitter
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
+from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
 from mailrelay.policy.text import printable
-from mailrelay.scope import is_address
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.headers import HeaderError, from_addresses
@@ -733,7 +733,6 @@ class SubmissionServer(smtp.ESMTP):
         envelope = Envelope(
             id="",
             sender=self._sender,
-            recipients=list(self._recipients),
             user=user.username,
             account=user.account,
             client_ip=self.client_ip,
@@ -742,7 +741,7 @@ class SubmissionServer(smtp.ESMTP):
             received_at=now,
             priority=user.priority,
             sandboxed=self.avatar.sandboxed,
-            bounce_to=user.bounce_notify if is_address(user.bounce_notify) else None,
+            **user_fields(user, self._recipients),  # audit BCC, bounce notices, footer...
         )
         try:
             incoming = self.factory.spool.create(envelope)
@@ -753,8 +752,9 @@ class SubmissionServer(smtp.ESMTP):
                         session=self.session_id)
             raise Reply(451, "4.3.0", "Local error in processing, try again later")
         protocol = protocol_name(self.esmtp, self.tls, self._password_login())
+        # The client's recipients only: audit BCC addresses appear in no header.
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
-                                       protocol, incoming.id, envelope.recipients, now))
+                                       protocol, incoming.id, self._recipients, now))
         self._incoming, self._envelope = incoming, envelope
         self._reader = DataReader(incoming.write, self.factory.max_message_size,
                                   self._check_headers)

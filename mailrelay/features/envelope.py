@@ -1,0 +1,40 @@
+"""What a user's features put in the envelope of each accepted message.
+
+The session calls ``user_fields`` when it builds the envelope at DATA, so the spooled
+message carries the settings it was accepted under: delivery needs no directory lookup,
+and a user without features gets an envelope like any other.
+"""
+
+from __future__ import annotations
+
+from mailrelay.model import SmtpUser
+from mailrelay.scope import is_address
+
+
+def user_fields(user: SmtpUser, recipients: list[str]) -> dict:
+    """Envelope keyword arguments: ``recipients`` (with the audit BCC addresses added as
+    envelope recipients only: they appear in no header), ``audit`` (those added),
+    ``bounce_to`` (None: DSNs to the sender; "": none; else that address) and
+    ``personalize`` (the per-recipient changes to make)."""
+    audit = [a for a in dict.fromkeys(user.audit_bcc) if a not in recipients]
+    return {
+        "recipients": [*recipients, *audit],
+        "audit": audit,
+        "bounce_to": bounce_to(user.bounce_notify),
+        "personalize": [
+            name
+            for name, on in (
+                ("footer", user.unsubscribe_footer),
+                ("opens", user.open_tracking),
+                ("clicks", user.click_tracking),
+            )
+            if on
+        ],
+    }
+
+
+def bounce_to(bounce_notify: str) -> str | None:
+    setting = bounce_notify.strip()
+    if setting.lower() == "off":
+        return ""
+    return setting if is_address(setting) else None  # "sender" (or unset)
