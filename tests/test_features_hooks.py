@@ -4,6 +4,7 @@ recipients filtered, per-recipient copies, results and hard bounces."""
 from __future__ import annotations
 
 import email
+import io
 import shutil
 import sqlite3
 import tempfile
@@ -14,6 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailrelay.features.archive import Archive
+from mailrelay.features.envelope import user_fields
 from mailrelay.features.hooks import MessageFeatures
 from mailrelay.features.links import Links
 from mailrelay.features.personalize import Personalizer
@@ -44,7 +46,12 @@ def envelope(user: SmtpUser = USER, recipients=("a@example.org", "b@example.org"
         "client",
         True,
         1_795_000_000.0,
+        **{k: v for k, v in user_fields(user, list(recipients)).items() if k != "recipients"},
     )
+
+
+def opener(data: bytes):
+    return lambda: io.BytesIO(data)
 
 
 class MessageFeaturesTests(unittest.TestCase):
@@ -74,13 +81,30 @@ class MessageFeaturesTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_accepted_archives_and_counts(self):
-        yield self.features.accepted(envelope(), s.plain(), USER)
-        yield self.features.accepted(envelope(PLAIN_USER), s.plain(), PLAIN_USER)
+        opened = []
+
+        def open_body():
+            opened.append(1)
+            return io.BytesIO(s.plain())
+
+        yield self.features.accepted(envelope(), USER, open_body)
+        yield self.features.accepted(envelope(PLAIN_USER), PLAIN_USER, open_body)
+        self.assertEqual(len(opened), 1)  # no archive, no file opened
         (entry,) = self.archive.list(USER.username)
         self.assertEqual(entry.subject, "Café news")
         self.assertEqual(self.archive.list("app"), [])  # archiving off for that user
+        self.features.rejected(USER)
         totals = yield self.totals()
-        self.assertEqual(totals["accepted"], 1)
+        self.assertEqual((totals["accepted"], totals["rejected"]), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_archive_failure_is_logged_not_raised(self):
+        def gone():
+            raise KeyError("30193a2b4c5d6e7f8a9b")
+
+        yield self.features.accepted(envelope(), USER, gone)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual(self.archive.list(USER.username), [])
 
     @defer.inlineCallbacks
     def test_suppressed_recipients_filtered(self):
@@ -104,21 +128,31 @@ class MessageFeaturesTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_copies_per_recipient(self):
-        self.assertTrue(self.features.needs_copies(USER))
-        self.assertFalse(self.features.needs_copies(PLAIN_USER))
+        self.assertTrue(self.features.needs_copies(envelope()))
+        self.assertFalse(self.features.needs_copies(envelope(PLAIN_USER)))
         for data in (s.alternative(), s.mixed_with_attachments()):  # inline, then in a thread
-            parsed = yield self.features.prepare(envelope(), data)
-            a = yield self.features.copy_for(parsed, envelope(), "a@example.org", USER)
-            b = yield self.features.copy_for(parsed, envelope(), "b@example.org", USER)
+            parsed = yield self.features.prepare(envelope(), opener(data))
+            a = yield self.features.copy_for(parsed, envelope(), "a@example.org")
+            b = yield self.features.copy_for(parsed, envelope(), "b@example.org")
             for copy, rcpt in ((a, "a@example.org"), (b, "b@example.org")):
-                msg = email.message_from_bytes(copy, policy=default)
+                self.assertTrue(copy.changed)
+                with copy.open() as f:
+                    sent = f.read()
+                self.assertEqual(len(sent), copy.size)
+                msg = email.message_from_bytes(sent, policy=default)
                 self.assertIn("/u/", msg["List-Unsubscribe"])
                 plain = msg.get_body(("plain",)).get_content()
                 self.assertIn(f"at {rcpt}, unsubscribe", plain)
                 self.assertIn("/o/", msg.get_body(("html",)).get_content())
-        signed = yield self.features.prepare(envelope(), s.smime_signed())
-        copy = yield self.features.copy_for(signed, envelope(), "a@example.org", USER)
-        self.assertEqual(copy, s.smime_signed())
+        signed = yield self.features.prepare(envelope(), opener(s.smime_signed()))
+        copy = yield self.features.copy_for(signed, envelope(), "a@example.org")
+        self.assertEqual((copy.to_bytes(), copy.changed), (s.smime_signed(), False))
+
+    def test_no_copies_without_the_tracking_endpoint(self):
+        off = MessageFeatures(reactor, self.suppressions, self.stats)
+        self.assertFalse(off.needs_copies(envelope()))
+        self.assertFalse(off.needs_copies(envelope()))  # warned once per user
+        self.assertEqual(off._warned, {USER.username})
 
     @defer.inlineCallbacks
     def test_results_and_hard_bounces(self):

@@ -6,7 +6,7 @@ so a reader never sees half a message. File names start with the archive time
 the message as accepted (CRLF lines), preceded by ``Return-Path`` and one
 ``X-Envelope-To`` per envelope recipient, since Bcc recipients appear nowhere else.
 The archive is a copy, not the durable original (that is the spool): no fsync.
-Methods block: the daemon calls them from a thread pool.
+Archive's methods block: the daemon calls them from a thread pool (ArchivePruner).
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from email.parser import BytesHeaderParser
 from email.policy import default
 from email.utils import parseaddr
 from urllib.parse import quote, unquote
+
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+log = Logger()
 
 MAX_HEADER = 256 * 1024  # bytes read to list an entry
 DAY = 86400
@@ -157,3 +163,37 @@ def _unlink(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+class ArchivePruner(Service):
+    """Prunes ``archive`` at start and then every ``interval`` seconds, in a pool thread."""
+
+    def __init__(self, archive: Archive, reactor, interval: float = DAY, threadpool=None) -> None:
+        self.archive = archive
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._loop = task.LoopingCall(self.prune)
+        self._loop.clock = reactor
+        self.interval = interval
+
+    def prune(self) -> defer.Deferred:
+        pool = self._threadpool or self._reactor.getThreadPool()
+        d = threads.deferToThreadPool(self._reactor, pool, self.archive.prune,
+                                      self._reactor.seconds())
+
+        def done(removed: int) -> None:
+            log.info("archive: {removed} copies older than {days:g} days removed",
+                     removed=removed, days=self.archive.retention_days)
+
+        # A failure is logged; the next day's run tries again.
+        return d.addCallbacks(done, lambda f: log.failure("archive pruning failed", f))
+
+    def startService(self) -> None:
+        super().startService()
+        if self.archive.retention_days:
+            self._loop.start(self.interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()

@@ -1,25 +1,29 @@
-"""What the spool and delivery call, per message and per recipient; reactor-safe.
+"""What the session and delivery call, per message and per recipient; reactor-safe.
 
-Blocking work (SQLite, the archive file, parsing a big message) runs in a thread pool;
-statistics are counted in memory by the StatsRecorder. A typical delivery run::
+Blocking work (SQLite, the archive file, reading and parsing a message) runs in a thread
+pool; statistics are counted in memory by the StatsRecorder. A delivery attempt::
 
     deliver, suppressed = yield features.filter_recipients(envelope, recipients)
-    if features.needs_copies(user):          # footer or tracking on: one copy per recipient
-        parsed = yield features.prepare(envelope, data)
-        for rcpt in deliver:
-            copy = yield features.copy_for(parsed, envelope, rcpt, user)
-            ...send copy to rcpt...
+    if features.needs_copies(envelope):      # footer or tracking on: one copy per recipient
+        parsed = yield features.prepare(envelope, open_body)
+        for rcpt in deliver (audit BCC recipients excepted: they get the original):
+            copy = yield features.copy_for(parsed, envelope, rcpt)
+            ...send copy.open() to rcpt...
     else:
-        ...send data once to all of deliver...
+        ...send the spooled body once to all of deliver...
     features.result(envelope, rcpt, Event.DELIVERED)   # or DEFERRED, BOUNCED with status
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import BinaryIO
+
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailrelay.features.archive import Archive
+from mailrelay.features.copy import Copy
 from mailrelay.features.links import Recipient
 from mailrelay.features.personalize import Options, Parsed, Personalizer
 from mailrelay.features.stats import Event, StatsRecorder
@@ -32,11 +36,14 @@ log = Logger()
 # suppressing. Policy refusals (5.7.x) and full mailboxes are not.
 HARD_BOUNCE = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"})
 
+OpenBody = Callable[[], BinaryIO]  # the spooled message, positioned at its body
+
 
 class MessageFeatures:
-    """``personalizer`` None: footer and tracking off relay-wide (no tracking listener);
-    ``archive`` None: no archive. Messages up to ``inline_size`` bytes are personalized
-    in the reactor thread (a fraction of a millisecond); bigger ones in the pool."""
+    """``personalizer`` None: footer and tracking off relay-wide (no tracking listener:
+    messages go out unchanged, logged once per user); ``archive`` None: no archive.
+    Copies of messages up to ``inline_size`` bytes are made in the reactor thread (a
+    fraction of a millisecond); bigger ones in the pool."""
 
     def __init__(
         self,
@@ -55,37 +62,51 @@ class MessageFeatures:
         self.archive = archive
         self.threadpool = threadpool
         self.inline_size = inline_size
+        self._warned: set[str] = set()  # users told about footer/tracking being off
 
     def _thread(self, f, *args) -> defer.Deferred:
         pool = self.threadpool or self.reactor.getThreadPool()
         return threads.deferToThreadPool(self.reactor, pool, f, *args)
 
-    # ---- at acceptance (after the spool commit) ----
+    # ---- in the session ----
 
-    def accepted(self, envelope: Envelope, data: bytes, user: SmtpUser) -> defer.Deferred:
-        """Count the message and archive a copy when the user has archiving on. Fires
-        with None; an archive failure is logged, never passed on (the message is safe in
-        the spool)."""
+    def accepted(self, envelope: Envelope, user: SmtpUser, open_body: OpenBody) -> defer.Deferred:
+        """The message is durable in the spool: count it, and archive a copy when the
+        user has archiving on. ``open_body`` is called at once, before delivery can remove
+        the message; the body is read in a thread. Fires with None; an archive failure is
+        logged, never passed on (the message is safe in the spool)."""
         account = envelope.account or user.account
         self.stats.record(Event.ACCEPTED, account, user.username)
         if envelope.sandboxed:
             self.stats.record(Event.SANDBOXED, account, user.username)
         if not (user.archive and self.archive is not None):
             return defer.succeed(None)
-        d = self._thread(
-            self.archive.store,
-            user.username,
-            envelope.id,
-            data,
-            envelope.sender,
-            list(envelope.recipients),
-            envelope.received_at,
-        )
+        try:
+            body = open_body()
+        except (OSError, KeyError):
+            log.failure("archive copy of {queue_id} failed", queue_id=envelope.id)
+            return defer.succeed(None)
+
+        def store() -> str:
+            with body:
+                data = body.read()
+            return self.archive.store(
+                user.username,
+                envelope.id,
+                data,
+                envelope.sender,
+                list(envelope.recipients),
+                envelope.received_at,
+            )
 
         def failed(failure) -> None:
             log.failure("archive copy of {queue_id} failed", failure, queue_id=envelope.id)
 
-        return d.addCallbacks(lambda _: None, failed)
+        return self._thread(store).addCallbacks(lambda _: None, failed)
+
+    def rejected(self, user: SmtpUser) -> None:
+        """The session refused a message or sender of ``user``."""
+        self.stats.record(Event.REJECTED, user.account, user.username)
 
     # ---- at delivery ----
 
@@ -115,18 +136,30 @@ class MessageFeatures:
 
         return d.addCallback(split)
 
-    def needs_copies(self, user: SmtpUser | None) -> bool:
+    def needs_copies(self, envelope: Envelope) -> bool:
         """True when each recipient must get its own copy (footer or tracking on)."""
-        return self.personalizer is not None and user is not None and _options(user).any
+        if not envelope.personalize or envelope.user is None:
+            return False
+        if self.personalizer is None:
+            if envelope.user not in self._warned:
+                self._warned.add(envelope.user)
+                log.warn(
+                    "user {user} has {features} on but [tracking] is disabled: "
+                    "their mail is sent without footer and tracking",
+                    user=envelope.user,
+                    features=", ".join(envelope.personalize),
+                )
+            return False
+        return True
 
-    def prepare(self, envelope: Envelope, data: bytes) -> defer.Deferred[Parsed]:
-        """Parse a message once for all its recipients (in a thread when big); a message
+    def prepare(self, envelope: Envelope, open_body: OpenBody) -> defer.Deferred[Parsed]:
+        """Read and parse a message once for all its recipients, in a thread; a message
         that cannot be changed is logged here, once."""
         assert self.personalizer is not None
-        if len(data) <= self.inline_size:
-            d = defer.succeed(self.personalizer.prepare(data))
-        else:
-            d = self._thread(self.personalizer.prepare, data)
+
+        def read_and_parse() -> Parsed:
+            with open_body() as body:
+                return self.personalizer.prepare(body.read())
 
         def check(parsed: Parsed) -> Parsed:
             if parsed.prepared is None:
@@ -137,30 +170,28 @@ class MessageFeatures:
                 )
             return parsed
 
-        return d.addCallback(check)
+        return self._thread(read_and_parse).addCallback(check)
 
-    def copy_for(
-        self, parsed: Parsed, envelope: Envelope, recipient: str, user: SmtpUser
-    ) -> defer.Deferred[bytes]:
-        """The bytes to send to ``recipient``: the footer and tracking of ``user`` applied,
+    def copy_for(self, parsed: Parsed, envelope: Envelope, recipient: str) -> defer.Deferred[Copy]:
+        """What to send to ``recipient``: the footer and tracking of the envelope applied,
         or the message unchanged (the reason is logged) when that cannot be done safely."""
-        assert self.personalizer is not None
-        r = Recipient(envelope.id, envelope.account or user.account, user.username, recipient)
-        options = _options(user)
+        assert self.personalizer is not None and envelope.user is not None
+        r = Recipient(envelope.id, envelope.account or "", envelope.user, recipient)
+        options = _options(envelope)
         if len(parsed.raw) <= self.inline_size:
-            d = defer.succeed(self.personalizer.for_recipient(parsed, r, options))
+            d = defer.succeed(self.personalizer.copy(parsed, r, options))
         else:
-            d = self._thread(self.personalizer.for_recipient, parsed, r, options)
+            d = self._thread(self.personalizer.copy, parsed, r, options)
 
-        def done(result) -> bytes:
-            if not result.changed and parsed.prepared is not None:
+        def done(copy: Copy) -> Copy:
+            if not copy.changed and parsed.prepared is not None:
                 log.info(
                     "{queue_id}: sent to {recipient} without footer/tracking: {reason}",
                     queue_id=envelope.id,
                     recipient=recipient,
-                    reason=result.reason,
+                    reason=copy.reason,
                 )
-            return result.data
+            return copy
 
         return d.addCallback(done)
 
@@ -188,5 +219,6 @@ class MessageFeatures:
         return d.addCallbacks(lambda _: None, failed)
 
 
-def _options(user: SmtpUser) -> Options:
-    return Options(user.unsubscribe_footer, user.open_tracking, user.click_tracking)
+def _options(envelope: Envelope) -> Options:
+    on = set(envelope.personalize)
+    return Options("footer" in on, "opens" in on, "clicks" in on)

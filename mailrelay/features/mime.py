@@ -109,6 +109,16 @@ class Prepared:
         """The message with ``edit`` applied to each body part and the top-level header
         fields named in ``drop_headers`` (lower case) replaced by ``add_headers``.
         Raises Unsafe if a new part would collide with a boundary."""
+        return b"".join(self.pieces(edit, add_headers, drop_headers))
+
+    def pieces(
+        self,
+        edit: Edit,
+        add_headers: Sequence[tuple[str, str]] = (),
+        drop_headers: Collection[str] = (),
+    ) -> list[bytes | memoryview]:
+        """What ``render`` joins: views of the original bytes and the new ones between
+        them, so that a copy costs only what it changes (``[raw]`` when nothing is)."""
         blocks: dict[int, _HeaderEdit] = {}
         splices: list[tuple[int, int, bytes]] = []
         if add_headers or drop_headers:
@@ -131,14 +141,18 @@ class Prepared:
                     )
         for block in blocks.values():
             splices.append(block.splice(self.raw))
+        if not splices:
+            return [self.raw]
         splices.sort()
-        out, pos = [], 0
+        raw = memoryview(self.raw)
+        out: list[bytes | memoryview] = []
+        pos = 0
         for start, end, data in splices:
-            out.append(self.raw[pos:start])
+            out.append(raw[pos:start])
             out.append(data)
             pos = end
-        out.append(self.raw[pos:])
-        return b"".join(out)
+        out.append(raw[pos:])
+        return out
 
 
 def prepare(raw: bytes) -> Prepared:

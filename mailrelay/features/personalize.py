@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailrelay.features.copy import Copy
 from mailrelay.features.footer import LIST_HEADERS, Footer
 from mailrelay.features.links import Links, Recipient
 from mailrelay.features.mime import Prepared, Unsafe, chain, prepare
@@ -55,10 +56,15 @@ class Personalizer:
     def for_recipient(self, parsed: Parsed, r: Recipient, options: Options) -> Result:
         """The bytes to send to ``r.recipient``; unchanged (with the reason) when the
         message cannot be changed safely or nothing applies."""
+        copy = self.copy(parsed, r, options)
+        return Result(copy.to_bytes() if copy.changed else parsed.raw, copy.changed, copy.reason)
+
+    def copy(self, parsed: Parsed, r: Recipient, options: Options) -> Copy:
+        """``for_recipient`` as pieces sharing the original's bytes (see copy.py)."""
         if parsed.prepared is None:
-            return Result(parsed.raw, False, parsed.reason)
+            return Copy([parsed.raw], False, parsed.reason)
         if not options.any:
-            return Result(parsed.raw, False, "no per-recipient feature on")
+            return Copy([parsed.raw], False, "no per-recipient feature on")
         edits = []
         headers: list[tuple[str, str]] = []
         if options.clicks:  # first, so the unsubscribe link is not tracked
@@ -71,9 +77,9 @@ class Personalizer:
             edits.append(self.tracker.pixel_edit(r))
         drop = LIST_HEADERS if options.footer else ()
         try:
-            data = parsed.prepared.render(chain(*edits), headers, drop)
+            pieces = parsed.prepared.pieces(chain(*edits), headers, drop)
         except Unsafe as e:
-            return Result(parsed.raw, False, str(e))
-        if data == parsed.raw:
-            return Result(data, False, "no HTML part to track")
-        return Result(data, True)
+            return Copy([parsed.raw], False, str(e))
+        if len(pieces) == 1:
+            return Copy([parsed.raw], False, "no HTML part to track")
+        return Copy(pieces, True)
