@@ -6,6 +6,7 @@ listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> 
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -42,6 +43,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         from twisted.internet import reactor
     from mailrelay.auth.checkers import make_portal
     from mailrelay.directory import open_directory
+    from mailrelay.features.policy import FeaturePolicy
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
@@ -69,14 +71,20 @@ def make_service(config: Config, reactor=None) -> MultiService:
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
                          ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth)
 
+    suppressions, stats = open_feature_stores(config)
+    features = make_features(config, suppressions, stats, reactor, top)
+    if not config.tracking.enabled:
+        reactor.callWhenRunning(warn_features_off, directory)
+
     manager = None
     if config.delivery.enabled:
-        manager = make_delivery(config, spool, reactor)
+        manager = make_delivery(config, spool, reactor, features)
         DeliveryService(manager).setServiceParent(top)
         spool.subscribe(manager.enqueue)
 
     policy, notifier = make_policy(config, spool, reactor)
     top.addService(_Stopping(notifier.stop))
+    policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
     for listener in config.listeners:
         factory = SubmissionFactory(
@@ -100,7 +108,6 @@ def make_service(config: Config, reactor=None) -> MultiService:
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
                         reactor).setServiceParent(top)
 
-    suppressions, stats = open_feature_stores(config)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        manager=manager, reactor=reactor).setServiceParent(top)
     return top
@@ -114,6 +121,83 @@ def open_feature_stores(config: Config):
 
     paths = feature_paths(config)
     return SuppressionStore(paths.suppressions_db), StatsStore(paths.stats_db)
+
+
+def make_features(config: Config, suppressions, stats_store, reactor, parent) -> object:
+    """The per-user features (features.hooks.MessageFeatures) from ``[features]`` and
+    ``[tracking]``; their services (the statistics writer, archive pruning, the tracking
+    listener) join ``parent``. Call it before delivery joins ``parent``, so that the
+    statistics are written after delivery has stopped."""
+    from mailrelay.features.archive import Archive, ArchivePruner
+    from mailrelay.features.hooks import MessageFeatures
+    from mailrelay.features.paths import feature_paths
+    from mailrelay.features.stats import StatsRecorder
+
+    f, paths = config.features, feature_paths(config)
+    recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
+    recorder.setServiceParent(parent)
+    archive = Archive(paths.archive_dir, f.archive_retention / 86400)
+    ArchivePruner(archive, reactor).setServiceParent(parent)
+    personalizer = None
+    if config.tracking.enabled:
+        personalizer = make_personalizer(config, paths.token_key)
+        _tracking_listener(config, personalizer, suppressions, recorder,
+                           reactor).setServiceParent(parent)
+    return MessageFeatures(reactor, suppressions, recorder, personalizer, archive)
+
+
+def make_personalizer(config: Config, key_file: str):
+    """Footer and tracking links; raises StartupError for an unreadable template or key."""
+    from mailrelay.features.footer import DEFAULT_HTML, DEFAULT_TEXT, Footer
+    from mailrelay.features.links import Links
+    from mailrelay.features.personalize import Personalizer
+    from mailrelay.features.tokens import TokenSigner
+
+    f, t = config.features, config.tracking
+    templates = {}
+    for kind, default in (("text", DEFAULT_TEXT), ("html", DEFAULT_HTML)):
+        path = getattr(f, f"footer_{kind}_file")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as template:
+                    templates[kind] = template.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise StartupError(f"[features] footer_{kind}_file {path}: "
+                                   f"{getattr(e, 'strerror', None) or e}")
+        else:
+            templates[kind] = getattr(f, f"footer_{kind}") or default
+    try:
+        footer = Footer(templates["text"], templates["html"])
+    except ValueError as e:
+        raise StartupError(f"[features] {e}")
+    try:
+        signer = TokenSigner.from_key_file(key_file)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"[tracking] key_file {key_file}: {getattr(e, 'strerror', None) or e}")
+    links = Links(signer, t.base_url, t.unsubscribe_mailto or None)
+    return Personalizer(links, footer)
+
+
+def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor):
+    from mailrelay.features.web import TrackingRoot, make_site
+
+    root = TrackingRoot(personalizer.links.signer, suppressions, recorder, reactor)
+    return ListenerService("tracking", config.tracking.endpoint, make_site(root), reactor)
+
+
+def warn_features_off(directory) -> None:
+    """Once at startup: users whose footer or tracking cannot be applied because the
+    tracking endpoint is off (their mail goes out unchanged)."""
+
+    def check(users) -> None:
+        names = [u.username for u in users
+                 if u.unsubscribe_footer or u.open_tracking or u.click_tracking]
+        if names:
+            log.warn("[tracking] is disabled: no unsubscribe footer or tracking for "
+                     "{users}, who have them on", users=", ".join(names))
+
+    d = directory.listUsers()
+    d.addCallbacks(check, lambda f: None)  # a directory that cannot list: warned per user
 
 
 def check_directory(directory) -> None:
@@ -185,7 +269,7 @@ class _Stopping(Service):
         return self._stop()
 
 
-def make_delivery(config: Config, spool, reactor):
+def make_delivery(config: Config, spool, reactor, features=None):
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
 
@@ -203,4 +287,19 @@ def make_delivery(config: Config, spool, reactor):
         hostname=config.server.hostname,
         postmaster=config.server.postmaster,
         connect_timeout=d.connect_timeout,
+        features=features,
+        on_result=None if features is None else partial(_delivery_result, features),
     )
+
+
+_EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
+           "expired": "bounced"}
+
+
+def _delivery_result(features, queue_id: str, envelope, result, status: str) -> None:
+    """The delivery manager's on_result: statistics, hard bounces suppressed."""
+    from mailrelay.delivery.dsn import status_of
+    from mailrelay.features.stats import Event
+
+    features.result(envelope, result.recipient, Event(_EVENTS[status]),
+                    status_of(result.code, result.text))

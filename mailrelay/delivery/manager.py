@@ -44,6 +44,7 @@ FLUSH = "flush"  # control file: every deferred message is due now
 RETRY_PREFIX = "retry-"  # control file retry-<id>: that message is due now
 SPREAD = 20  # queued jobs per open connection before another one to the same destination
 MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
+SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
 
 
 def request(spool_directory: str, name: str) -> str:
@@ -59,7 +60,8 @@ def request(spool_directory: str, name: str) -> str:
 class _Attempt:
     """One message being delivered: loaded, routed, on connections, being concluded."""
 
-    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results", "deleted")
+    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results", "deleted",
+                 "suppressed")
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -69,6 +71,7 @@ class _Attempt:
         self.outstanding = 0  # jobs not yet reported (+1 while they are being made)
         self.results: list[Result] = []
         self.deleted = False  # removed by an admin meanwhile: its results are dropped
+        self.suppressed: list[str] = []  # recipients on a suppression list: done, not sent
 
 
 class _Destination:
@@ -128,7 +131,7 @@ class DeliveryManager:
                  max_messages_per_connection: int = 100, prefetch: int | None = None,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 clock=None, control_dir: str | None = None,
+                 features=None, clock=None, control_dir: str | None = None,
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
@@ -148,6 +151,7 @@ class DeliveryManager:
         self.route_ttl = route_ttl
         self.stop_timeout = stop_timeout
         self.on_result = on_result
+        self.features = features  # features.hooks.MessageFeatures: suppressions, copies
         self.control_dir = control_dir or os.path.join(spool.directory, CONTROL_DIR)
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
@@ -325,15 +329,18 @@ class DeliveryManager:
 
     async def _route_attempt(self, attempt: _Attempt) -> None:
         """Route the pending recipients by domain, then hand one job per destination (all
-        of the message's recipients that go there) to that destination's connections."""
+        of the message's recipients that go there) to that destination's connections.
+        Recipients on a suppression list are left out; with the per-recipient features
+        (footer, tracking) each recipient gets a job of its own with its own copy."""
+        pending, copies, failures = await self._features(attempt, attempt.state.pending())
         by_domain: dict[str, list[str]] = {}
-        for rcpt in attempt.state.pending():
+        for rcpt in pending:
             by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
         domains = [d for d in by_domain if d]
         routed = await defer.DeferredList([self._route(d) for d in domains],
                                           consumeErrors=True)
-        failures: list[Result] = [Result(r, 550, "5.1.3 recipient address has no domain")
-                                  for r in by_domain.get("", [])]
+        failures += [Result(r, 550, "5.1.3 recipient address has no domain")
+                     for r in by_domain.get("", [])]
         groups: dict[frozenset, tuple[list, list[str]]] = {}
         for domain, (ok, value) in zip(domains, routed, strict=True):
             if not ok:
@@ -344,15 +351,55 @@ class DeliveryManager:
                 failures += [Result(r, 451, "4.4.3 no route") for r in by_domain[domain]]
         if not self._running or attempt.deleted:
             groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
-        attempt.outstanding = len(groups) + 1
+            attempt.suppressed = []
+        spooled = partial(self.spool.open_body, attempt.queue_id)
+        jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
+            shared = [r for r in rcpts if r not in copies]
+            if shared:
+                jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
+                                            spooled, context=attempt)))
+            jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
+                                     copies[r].open, context=attempt))
+                     for r in rcpts if r in copies]
+        attempt.outstanding = len(jobs) + 1
+        for key, hops, job in jobs:
             dest = self._destinations.get(key)
             if dest is None:
                 dest = self._destinations[key] = _Destination(key, hops)
-            dest.push(Job(attempt.queue_id, attempt.envelope.sender, rcpts,
-                          partial(self.spool.open_body, attempt.queue_id), context=attempt))
+            dest.push(job)
             self._dispatch(dest)
         self._record(attempt, failures)
+
+    async def _features(self, attempt: _Attempt,
+                        pending: list[str]) -> tuple[list[str], dict, list[Result]]:
+        """The recipients to send to (suppressed ones go to ``attempt.suppressed``), the
+        personal copies by recipient, and the recipients deferred because either step
+        failed. Costs nothing more than the suppression lookup for users without the
+        per-recipient features."""
+        features, envelope = self.features, attempt.envelope
+        if features is None or not pending:
+            return pending, {}, []
+        try:
+            pending, attempt.suppressed = await features.filter_recipients(envelope, pending)
+        except Exception:
+            log.failure("cannot read the suppression list for {queue_id}",
+                        queue_id=attempt.queue_id)
+            return [], {}, [Result(r, 451, "4.3.0 suppression list unavailable")
+                            for r in pending]
+        personal = [r for r in pending if r not in envelope.audit]  # auditors: the original
+        if not personal or not features.needs_copies(envelope):
+            return pending, {}, []
+        try:
+            parsed = await features.prepare(envelope, partial(self.spool.open_body,
+                                                              attempt.queue_id))
+            copies = {r: await features.copy_for(parsed, envelope, r) for r in personal}
+        except Exception:
+            log.failure("cannot make the recipients' copies of {queue_id}",
+                        queue_id=attempt.queue_id)
+            return [], {}, [Result(r, 451, "4.3.0 cannot read the queued message")
+                            for r in pending]
+        return pending, copies, []
 
     def _route(self, domain: str) -> defer.Deferred:
         now = self.clock.seconds()
@@ -442,7 +489,7 @@ class DeliveryManager:
         queue_id, state = attempt.queue_id, attempt.state
         settled = False  # the state (and a removal) is on disk
         try:
-            if attempt.deleted or not attempt.results and not state.done:
+            if attempt.deleted or not (attempt.results or attempt.suppressed or state.done):
                 return  # deleted, or stopped before anything was tried: nothing to record
             now = self.clock.seconds()
             failed, delayed = self._apply(attempt, now)
@@ -471,6 +518,9 @@ class DeliveryManager:
         for good now and those to send a delay notification for."""
         envelope, state = attempt.envelope, attempt.state
         failed: list[str] = []
+        for rcpt in attempt.suppressed:  # done for good, without a bounce
+            rs = state.recipients.setdefault(rcpt, RecipientState())
+            rs.status, rs.code, rs.text = RecipientStatus.FAILED, None, SUPPRESSED
         if attempt.results:
             state.attempts += 1
             state.first_attempt = state.first_attempt or now
