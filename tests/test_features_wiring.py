@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.config import ConfigError, load_config
 from mailrelay.features.archive import DAY, Archive, ArchivePruner
+from mailrelay.features.batch import Coalescing
 from mailrelay.features.copy import Copy, PiecesReader
 from mailrelay.features.envelope import bounce_to, user_fields
 from mailrelay.features.links import Links, Recipient
@@ -220,3 +221,40 @@ def test_archive_pruned_at_start_then_daily(tmp_path):
     assert archive.list("app") == []
     pruner.stopService()
     assert not clock.getDelayedCalls()
+
+
+# ---- coalesced lookups ----
+
+
+def test_calls_made_while_one_runs_share_the_next_thread_hop():
+    hops: list[defer.Deferred] = []
+    jobs = []
+
+    def in_thread(g):
+        d = defer.Deferred()
+        hops.append(d)
+        jobs.append(g)
+        return d
+
+    def lookup(x):
+        if x == "bad":
+            raise ValueError(x)
+        return x.upper()
+
+    call = Coalescing(lookup, in_thread)
+    results = []
+    call("a").addCallback(results.append)
+    call("b").addCallback(results.append)
+    bad = call("bad")
+    bad.addErrback(lambda f: results.append(f.type))
+    call("c").addCallback(results.append)
+    assert len(hops) == 1  # "a" went at once; the rest wait for it
+    hops[0].callback(jobs[0]())
+    assert results == ["A"] and len(hops) == 2  # then all three in one hop
+    hops[1].callback(jobs[1]())
+    assert results == ["A", "B", ValueError, "C"] and len(hops) == 2
+    failures = []
+    call("d").addErrback(failures.append)  # idle again: at once
+    assert len(hops) == 3
+    hops[2].errback(RuntimeError("pool stopped"))
+    assert [f.type for f in failures] == [RuntimeError]

@@ -23,6 +23,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailrelay.features.archive import Archive
+from mailrelay.features.batch import Coalescing
 from mailrelay.features.copy import Copy
 from mailrelay.features.links import Recipient
 from mailrelay.features.personalize import Options, Parsed, Personalizer
@@ -63,6 +64,7 @@ class MessageFeatures:
         self.threadpool = threadpool
         self.inline_size = inline_size
         self._warned: set[str] = set()  # users told about footer/tracking being off
+        self._suppressed = Coalescing(suppressions.suppressed, self._thread)
 
     def _thread(self, f, *args) -> defer.Deferred:
         pool = self.threadpool or self.reactor.getThreadPool()
@@ -118,7 +120,7 @@ class MessageFeatures:
         cannot be read: treat that as a temporary failure, never as "not suppressed"."""
         if envelope.user is None or envelope.account is None:  # the relay's own bounces
             return defer.succeed((list(recipients), []))
-        d = self._thread(self.suppressions.suppressed, envelope.account, envelope.user, recipients)
+        d = self._suppressed(envelope.account, envelope.user, recipients)
 
         def split(suppressed: set[str]) -> tuple[list[str], list[str]]:
             for rcpt in recipients:
