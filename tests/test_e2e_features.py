@@ -13,6 +13,7 @@ import html
 import json
 import re
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +23,7 @@ from email.policy import SMTP, default
 
 import mime_samples as samples
 import pytest
-from harness import Relay, Sink, free_port, wait_for
+from harness import Relay, Sink, env, free_port, twistd, wait_for
 
 from mailrelay.features.archive import DAY, Archive
 
@@ -423,7 +424,15 @@ def test_archive_list(relay, sink):
 
 def test_statistics_match_what_happened(relay, sink):
     user = "stats@doe.test"
-    r1, r2 = rcpt("r1"), rcpt("r2")
+    r1, r2, later = rcpt("r1"), rcpt("r2"), rcpt("later")
+    sink.rules({HARD: [550, "5.1.1 no such user"], later: [451, "4.2.0 greylisted"]})
+    try:
+        deferred_id = send(relay, user, [later])
+        logged(relay, f"{deferred_id} to=<{later}> via 127.0.0.1 deferred")
+    finally:
+        sink.rules({HARD: [550, "5.1.1 no such user"]})
+    arrived(sink, later)
+    deferrals = relay.log().count(f"to=<{later}> via 127.0.0.1 deferred")
     first = send(relay, user, [r1, r2, HARD])
     (_, one), = arrived(sink, r1)
     (_, two), = arrived(sink, r2)
@@ -437,8 +446,8 @@ def test_statistics_match_what_happened(relay, sink):
     with relay.smtp(login=(user, PASSWORD)) as client:  # a sender outside the scope
         assert client.mail("other@doe.test")[0] == 550
     assert len(arrived(sink, r1, 2)) == 2 and len(arrived(sink, r2)) == 1
-    expected = {"accepted": 2, "delivered": 3, "bounced": 1, "suppressed": 2, "opens": 2,
-                "clicks": 1, "unsubscribes": 1, "rejected": 1, "deferred": 0,
+    expected = {"accepted": 3, "delivered": 4, "bounced": 1, "suppressed": 2, "opens": 2,
+                "clicks": 1, "unsubscribes": 1, "rejected": 1, "deferred": deferrals,
                 "sandboxed": 0}  # fmt: skip
     wait_stats(relay, user, expected)
     listed = json.loads(relay.admin("suppression", "list", "--user", user, "--json").stdout)
@@ -481,3 +490,39 @@ def test_tracking_off_sends_unchanged_and_archive_is_pruned(tmp_path, sink):
             assert probe.connect_ex(("127.0.0.1", relay.tracking_port)) != 0
     finally:
         relay.stop()
+
+
+def run_twistd(directory, config: str) -> subprocess.CompletedProcess:
+    ini = directory / "mailrelay.ini"
+    ini.write_text(f"[server]\ndata_dir = {directory}/data\n[admin]\nenabled = no\n"
+                   f"[delivery]\nenabled = no\n[listener:smtp]\n"
+                   f"endpoint = tcp:{free_port()}:interface=127.0.0.1\n{config}")  # fmt: skip
+    return subprocess.run(
+        [twistd(), "-n", "--pidfile=", f"--logfile={directory / 'log'}", "mailrelay",
+         "--config", str(ini)],
+        capture_output=True, text=True, env=env(), cwd=directory, timeout=60,
+    )  # fmt: skip
+
+
+def test_busy_tracking_port_and_bad_footer_stop_startup_with_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_twistd(tmp_path, f"[tracking]\nenabled = yes\n"
+                            f"endpoint = tcp:{port}:interface=127.0.0.1\n")  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mailrelay: [tracking] endpoint tcp:{port}:interface=127.0.0.1: cannot listen: "
+        "Address already in use"]
+    result = run_twistd(tmp_path, "[tracking]\nenabled = yes\nendpoint = tcp:0\n"
+                        "[features]\nfooter_html = <a href=$link>stop</a>\n")  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "mailrelay: [features] unknown placeholder $link in the HTML footer template "
+        "(known: $url, $recipient)"]
+    result = run_twistd(tmp_path, f"[tracking]\nenabled = yes\nendpoint = tcp:0\n"
+                        f"[features]\nfooter_text_file = {tmp_path}/missing.txt\n")  # fmt: skip
+    assert result.stderr.strip().splitlines() == [
+        f"mailrelay: [features] footer_text_file {tmp_path}/missing.txt: "
+        "No such file or directory"]
