@@ -1,6 +1,7 @@
 """Builds the running relay from a Config: one function, no globals.
 
-listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> delivery
+listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> delivery;
+the per-user features (make_features) hook into the session's policy and into delivery.
 """
 
 from __future__ import annotations
