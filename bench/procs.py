@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
 HOST = "127.0.0.1"
 
@@ -119,3 +120,20 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+
+
+def die_with_this_process() -> Callable[[], None]:
+    """A preexec_fn for a child that must not outlive the bench even if the bench is killed
+    (Linux PR_SET_PDEATHSIG: the child gets SIGKILL when the thread that started it ends;
+    the bench's normal stop is a SIGTERM and a wait, this is only the safety net)."""
+    import ctypes
+    import signal
+
+    parent = os.getpid()
+
+    def preexec() -> None:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the bench died before prctl() took effect
+            os._exit(1)
+
+    return preexec

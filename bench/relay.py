@@ -171,7 +171,8 @@ class MailRelayInstance:
         t0 = time.monotonic()
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env(), cwd=self.base)
+                                         env=env(), cwd=self.base,
+                                         preexec_fn=procs.die_with_this_process())
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -214,6 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like an error, so that the servers started here are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     rounds = args.rounds or (1 if args.smoke else 3)
     if not args.smoke and rounds < 3:
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(base, 0o755)  # Postfix's unprivileged processes must reach their directories
     cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
     os.chmod(os.path.join(base, "tls"), 0o755)
-    sink = SinkProcess(lifetime=6 * 3600, cert=cert, key=key)
+    sink = SinkProcess(lifetime=300 if args.smoke else 6 * 3600, cert=cert, key=key)
     servers = []
     started = time.time()
     try:

@@ -216,9 +216,11 @@ class SinkProcess:
         import subprocess
 
         tls = ["--cert", cert, "--key", key] if cert and key else []
+        from bench.procs import die_with_this_process
+
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--port", "0", "--lifetime", str(lifetime), *tls],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, text=True, preexec_fn=die_with_this_process())
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
