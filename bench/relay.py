@@ -100,6 +100,7 @@ class MailRelayInstance:
                        "max_connections_per_ip": "0", "max_connections_per_user": "0",
                        "rate_per_hour": "0", "rate_per_minute": "0"},
             "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}"},
+            "admin": {"enabled": "no"},  # no control panel: nothing to measure there
         }
 
     def configure(self, delivery: bool = True) -> None:
