@@ -18,6 +18,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.logger import Logger
 
+from mailrelay.files import save_file
+
 log = Logger()
 
 
@@ -49,25 +51,13 @@ def make_self_signed(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    os.makedirs(os.path.dirname(key_path), mode=0o700, exist_ok=True)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    save_file(key_path, key_pem, 0o600)
+    save_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def server_options(

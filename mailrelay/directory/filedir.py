@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -48,6 +45,7 @@ from mailrelay.auth.passwords import (
     is_password_hash,
     verify_password,
 )
+from mailrelay.files import StatKey, locked, read_with_stat, save_file, stat_key
 from mailrelay.interfaces import IDirectory
 from mailrelay.model import Account, Kind, SmtpUser, Status, canonical_username
 from mailrelay.scope import Scope, ScopeError, is_address, parse_addresses, parse_domains
@@ -314,21 +312,15 @@ def check_user(user: SmtpUser, accounts: Mapping[str, Account]) -> None:
 # ---- reading and writing the file ----
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-
-def read_file(path: str) -> tuple[UserData, tuple[int, int, int, int] | None]:
+def read_file(path: str) -> tuple[UserData, StatKey | None]:
     """The file's data and the stat it was read at; a missing file is an empty directory."""
     try:
-        with open(path, "rb") as f:
-            # The stat of the open file, so that a rename racing with us is seen next time.
-            stat = _stat_key(os.fstat(f.fileno()))
-            raw = f.read()
-    except FileNotFoundError:
-        return UserData.empty(), None
+        found = read_with_stat(path)
     except OSError as e:
         raise DirectoryFileError(f"{path}: cannot read: {e.strerror}")
+    if found is None:
+        return UserData.empty(), None
+    raw, stat = found
     try:
         doc = json.loads(raw)
     except ValueError as e:  # also UnicodeDecodeError
@@ -340,38 +332,10 @@ def read_file(path: str) -> tuple[UserData, tuple[int, int, int, int] | None]:
 
 
 def write_file(path: str, data: UserData) -> None:
-    """Replace ``path`` atomically: a reader sees the old file or the new one, never a part.
-
-    Write a temporary file beside it (mode 0600: it holds hashes), fsync it, rename it over
-    the old one, fsync the directory so the rename survives a crash. When run as root the
-    new file keeps the owner of the old one (or of the directory), so a daemon running as
-    its own user can still read it.
-    """
+    """Replace ``path`` atomically and durably (files.save_file; mode 0600: it holds
+    hashes)."""
     text = json.dumps(data_to_json(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if os.geteuid() == 0:
-                try:
-                    owner = os.stat(path)
-                except FileNotFoundError:
-                    owner = os.stat(directory)
-                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    save_file(path, text.encode("utf-8"))
 
 
 # ---- UserStore: synchronous changes for mailrelay-admin ----
@@ -398,15 +362,10 @@ class UserStore:
 
     @contextlib.contextmanager
     def change(self) -> Iterator[UserStore]:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.path):
             self.load()
             yield self
             self.save()
-        finally:
-            os.close(fd)
 
     # -- reading --
 
@@ -546,9 +505,7 @@ class FileDirectory:
         """Reload the file now if it changed since it was last read."""
         self._checked = self._clock.seconds()
         try:
-            stat = _stat_key(os.stat(self.path))
-        except FileNotFoundError:
-            stat = None
+            stat = stat_key(self.path)
         except OSError as e:
             log.error("Cannot stat {path}: {error}", path=self.path, error=e.strerror)
             return

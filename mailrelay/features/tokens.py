@@ -16,9 +16,10 @@ import enum
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
+
+from mailrelay.files import save_file
 
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -99,20 +100,7 @@ def load_or_create_key(path: str) -> bytes:
         return _read_key(path)
     except FileNotFoundError:
         pass
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process made it first: theirs wins
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
+    save_file(path, (secrets.token_hex(KEY_BYTES) + "\n").encode(), replace=False)
     return _read_key(path)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailrelay.auth.passwords import is_password_hash
-from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
+from mailrelay.files import StatKey, locked, read_with_stat, save_file, stat_key
 
 log = Logger()
 
@@ -140,20 +139,15 @@ def _to_json(data: AccessData) -> dict[str, Any]:
     }
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
-
-
-def read_access(path: str) -> tuple[AccessData, tuple[int, int, int, int] | None]:
+def read_access(path: str) -> tuple[AccessData, StatKey | None]:
     """The file's data and the stat it was read at; a missing file grants nothing."""
     try:
-        with open(path, "rb") as f:
-            stat = _stat_key(os.fstat(f.fileno()))
-            raw = f.read()
-    except FileNotFoundError:
-        return AccessData(), None
+        found = read_with_stat(path)
     except OSError as e:
         raise AccessError(f"{path}: cannot read: {e.strerror}")
+    if found is None:
+        return AccessData(), None
+    raw, stat = found
     try:
         return _from_json(json.loads(raw)), stat
     except (ValueError, AccessError) as e:
@@ -161,16 +155,8 @@ def read_access(path: str) -> tuple[AccessData, tuple[int, int, int, int] | None
 
 
 def write_access(path: str, data: AccessData) -> None:
-    """Replace ``path`` atomically (mode 0600: it holds password hashes)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    text = json.dumps(_to_json(data), indent=2, sort_keys=True) + "\n"
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        write_durably(tmp, path, text.encode())
-    finally:
-        unlink_quietly(tmp)
-    fsync_dir(directory)
+    """Replace ``path`` atomically and durably (mode 0600: it holds password hashes)."""
+    save_file(path, (json.dumps(_to_json(data), indent=2, sort_keys=True) + "\n").encode())
 
 
 class AccessStore:
@@ -186,15 +172,10 @@ class AccessStore:
 
     @contextlib.contextmanager
     def change(self) -> Iterator[AccessStore]:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.path):
             self.load()
             yield self
             write_access(self.path, self.data)
-        finally:
-            os.close(fd)
 
     def add_key(self, name: str, access: Access) -> str:
         """Store a new key; returns the key itself, which is never stored."""
@@ -247,7 +228,7 @@ class AccessFile:
         if self._clock.seconds() - self._checked >= self._check_interval:
             self._checked = self._clock.seconds()
             try:
-                stat = _stat_key(os.stat(self.path))
+                stat = stat_key(self.path)
             except OSError:
                 stat = None
             if stat != self._stat:
