@@ -11,9 +11,6 @@ asks ``is_verified(user, sender)`` at MAIL FROM: no I/O, the user it already has
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import hmac
 import json
 import secrets
 from collections.abc import Iterable
@@ -25,16 +22,16 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dnserror
 
-from mailrelay.features.tokens import load_or_create_key
 from mailrelay.model import Envelope, SmtpUser
 from mailrelay.scope import domain_of, is_address, to_ascii_address
+from mailrelay.signing import BadSignature, MalformedToken, Signer, load_or_create_key
 
 log = Logger()
 
 TXT_PREFIX = "mailrelay-verification="
 LINK_LIFETIME = 7 * 86400.0
 DNS_TIMEOUT = (2, 4)  # seconds per try of a TXT lookup asked for by an admin
-_TAG_BYTES = 16
+MAX_LINK_TOKEN = 2048  # longer input is refused before any work
 _CONTEXT = b"mailrelay-sender-verification-v1\0"
 
 
@@ -87,33 +84,24 @@ class VerificationTokens:
     under the panel's key; without the key neither can be made)."""
 
     def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ValueError("the verification key must be at least 16 bytes")
-        self._key = key
+        self._links = Signer(key, _CONTEXT + b"link\0", "the verification key")
+        self._dns = Signer(key, _CONTEXT + b"dns\0", "the verification key")
 
     @classmethod
     def from_key_file(cls, path: str) -> VerificationTokens:
         """Use the key in ``path``, made (mode 0600) on first use. Blocking: at start-up."""
         return cls(load_or_create_key(path))
 
-    def _tag(self, kind: bytes, payload: bytes) -> bytes:
-        return hmac.new(self._key, _CONTEXT + kind + b"\0" + payload, hashlib.sha256).digest()[
-            :_TAG_BYTES
-        ]
-
     def link_token(self, username: str, address: str, expires: float) -> str:
         payload = json.dumps([username, address, int(expires)], separators=(",", ":")).encode()
-        return f"{_b64(payload)}.{_b64(self._tag(b'link', payload))}"
+        return self._links.seal(payload)
 
     def check_link(self, token: str, now: float) -> LinkClaim:
-        if len(token) > 2048 or token.count(".") != 1:
-            raise VerificationError("malformed link")
-        payload_text, tag_text = token.split(".")
         try:
-            payload, tag = _unb64(payload_text), _unb64(tag_text)
-        except (binascii.Error, ValueError):
+            payload = self._links.open(token, MAX_LINK_TOKEN)
+        except MalformedToken:
             raise VerificationError("malformed link")
-        if not hmac.compare_digest(tag, self._tag(b"link", payload)):
+        except BadSignature:
             raise VerificationError("this link was not made by this relay")
         username, address, expires = json.loads(payload)
         if now > expires:
@@ -122,21 +110,8 @@ class VerificationTokens:
 
     def txt_value(self, account: str, domain: str) -> str:
         """The TXT record ``domain`` must publish for users of ``account``."""
-        tag = self._tag(b"dns", f"{account}\0{domain.lower()}".encode())
+        tag = self._dns.tag(f"{account}\0{domain.lower()}".encode())
         return TXT_PREFIX + base64.b32encode(tag).decode("ascii").rstrip("=").lower()
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    if not text or not text.isascii():
-        raise ValueError("empty or non-ASCII")
-    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64(data) != text:
-        raise ValueError("non-canonical base64")
-    return data
 
 
 def confirmation_message(

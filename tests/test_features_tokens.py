@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from mailrelay.features.links import Links, Recipient
-from mailrelay.features.tokens import Kind, Token, TokenError, TokenSigner, load_or_create_key
+from mailrelay.features.tokens import Kind, Token, TokenError, TokenSigner
+from mailrelay.signing import load_or_create_key
 
 R = Recipient("30193a2b4c5d6e7f8a9b", "acme", "news@acme.example", "alice@example.org")
 
