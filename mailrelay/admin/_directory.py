@@ -4,7 +4,6 @@ it is LDAP, and turning their errors into one line for the admin."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -78,15 +77,3 @@ def read_directory(context: Context, query: Callable[[Any], defer.Deferred]) -> 
             raise CommandError(f"the directory cannot answer now: {result.getErrorMessage()}")
         result.raiseException()
     return result
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from mailrelay.admin import _directory as directory
+from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.directory.filedir import account_to_json
 from mailrelay.model import Account, SmtpUser
@@ -122,13 +123,13 @@ def _accounts_with_users(context: Context) -> list[tuple[Account, list[SmtpUser]
 def list_(args: argparse.Namespace, context: Context) -> int:
     entries = _accounts_with_users(context)
     if args.json:
-        directory.print_json([account_json(a, users) for a, users in entries])
+        output.print_json([account_json(a, users) for a, users in entries])
         return 0
     rows = [
         [a.name, str(len(users)), ";".join(sorted(a.domains)) or "-", a.notify or "-", a.note]
         for a, users in entries
     ]
-    directory.print_table(["NAME", "USERS", "DOMAINS", "NOTIFY", "NOTE"], rows)
+    output.print_table(["NAME", "USERS", "DOMAINS", "NOTIFY", "NOTE"], rows)
     return 0
 
 
@@ -138,7 +139,7 @@ def show(args: argparse.Namespace, context: Context) -> int:
         raise CommandError(f"unknown account {args.name!r} (see mailrelay-admin account list)")
     account, users = found[0]
     if args.json:
-        directory.print_json(account_json(account, users))
+        output.print_json(account_json(account, users))
         return 0
     print(f"{'name:':10}{account.name}")
     print(f"{'domains:':10}{';'.join(sorted(account.domains)) or '-'}")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mailrelay.admin import _directory as directory
-from mailrelay.admin.apikey import changing, store
-from mailrelay.admin.cli import CommandError, Context
-from mailrelay.admin.user import MIN_PASSWORD_LENGTH
-from mailrelay.auth.passwords import generate_password, hash_password
-from mailrelay.web.access import AccessError
+from mailrelay.admin import _access as access
+from mailrelay.admin import _output as output
+from mailrelay.admin import _password as passwords
+from mailrelay.admin.cli import Context
+from mailrelay.auth.passwords import hash_password
 
 
 def register(subparsers) -> None:
@@ -22,8 +20,7 @@ def register(subparsers) -> None:
     ):
         p = sub.add_parser(action, help=text)
         p.add_argument("name")
-        p.add_argument("--password-stdin", action="store_true",
-                       help="read the password from standard input instead of generating one")
+        passwords.add_option(p)
         p.set_defaults(func=func)
     p = sub.add_parser("del", help="delete an admin")
     p.add_argument("name")
@@ -32,24 +29,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=list_)
 
 
-def _password(args: argparse.Namespace) -> tuple[str, bool]:
-    if not args.password_stdin:
-        return generate_password(), True
-    password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise CommandError(f"the password is shorter than {MIN_PASSWORD_LENGTH} characters")
-    return password, False
-
-
 def _set(args: argparse.Namespace, context: Context, new: bool) -> int:
-    password, generated = _password(args)
+    password, generated = passwords.new_password(args)
     password_hash = hash_password(password)
-    with changing(context) as s:
+    with access.changing(context) as s:
         s.set_admin(args.name, password_hash, new)
     print(f"{'added' if new else 'changed the password of'} admin {args.name}")
     if generated:
-        print(f"password for {args.name}: {password}")
-        print("(shown only this once: only a hash of it is stored)", file=sys.stderr)
+        passwords.show(args.name, password)
     return 0
 
 
@@ -62,20 +49,13 @@ def passwd(args: argparse.Namespace, context: Context) -> int:
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with changing(context) as s:
+    with access.changing(context) as s:
         s.delete_admin(args.name)
     print(f"deleted admin {args.name}")
     return 0
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:
-    s = store(context)
-    try:
-        s.load()
-    except AccessError as e:
-        raise CommandError(str(e))
-    if not s.data.admins:
-        print("no admins", file=sys.stderr)
-        return 0
-    directory.print_table(["NAME"], [[name] for name in sorted(s.data.admins)])
+    admins = sorted(access.store(context).data.admins)
+    output.print_list(["NAME"], [[name] for name in admins], "no admins")
     return 0

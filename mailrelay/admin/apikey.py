@@ -7,14 +7,12 @@ only read; writes get 403.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime
 
-from mailrelay.admin import _directory as directory
-from mailrelay.admin.cli import CommandError, Context
-from mailrelay.web.access import Access, AccessError, AccessStore, access_path
+from mailrelay.admin import _access as access
+from mailrelay.admin import _output as output
+from mailrelay.admin.cli import Context
+from mailrelay.web.access import Access
 
 
 def register(subparsers) -> None:
@@ -39,25 +37,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=delete)
 
 
-def store(context: Context) -> AccessStore:
-    return AccessStore(access_path(context.config))
-
-
-@contextlib.contextmanager
-def changing(context: Context) -> Iterator[AccessStore]:
-    """Lock, load, change, save; errors become one line for the admin."""
-    s = store(context)
-    try:
-        with s.change():
-            yield s
-    except AccessError as e:
-        raise CommandError(str(e))
-    except OSError as e:
-        raise CommandError(f"{e.filename or s.path}: {e.strerror}")
-
-
 def add(args: argparse.Namespace, context: Context) -> int:
-    with changing(context) as s:
+    with access.changing(context) as s:
         secret = s.add_key(args.name, args.access)
     print(f"added API key {args.name} ({args.access}):")
     print(secret)
@@ -67,31 +48,19 @@ def add(args: argparse.Namespace, context: Context) -> int:
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:
-    s = store(context)
-    try:
-        s.load()
-    except AccessError as e:
-        raise CommandError(str(e))
-    keys = sorted(s.data.api_keys.values(), key=lambda k: k.name)
+    keys = sorted(access.store(context).data.api_keys.values(), key=lambda k: k.name)
     if args.json:
-        directory.print_json(
+        output.print_json(
             [{"name": k.name, "access": str(k.access), "created": k.created} for k in keys]
         )
         return 0
-    if not keys:
-        print("no API keys", file=sys.stderr)
-        return 0
-    rows = [
-        [k.name, str(k.access),
-         datetime.fromtimestamp(k.created, UTC).strftime("%Y-%m-%d %H:%M:%S")]
-        for k in keys
-    ]  # fmt: skip
-    directory.print_table(["NAME", "ACCESS", "CREATED (UTC)"], rows)
+    rows = [[k.name, str(k.access), output.when(k.created)] for k in keys]
+    output.print_list(["NAME", "ACCESS", "CREATED (UTC)"], rows, "no API keys")
     return 0
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with changing(context) as s:
+    with access.changing(context) as s:
         s.delete_key(args.name)
     print(f"deleted API key {args.name}")
     return 0

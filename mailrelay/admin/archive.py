@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
-from mailrelay.admin import _directory as directory
 from mailrelay.admin import _features as features
+from mailrelay.admin import _output as output
 from mailrelay.admin.cli import Context
 from mailrelay.features.archive import Archive
 from mailrelay.model import canonical_username
@@ -24,11 +22,9 @@ def list_(args, context: Context) -> int:
     root = features.paths(context).archive_dir
     entries = Archive(root).list(canonical_username(args.user))
     if args.json:
-        directory.print_json([e.__dict__ for e in entries])
+        output.print_json([e.__dict__ for e in entries])
         return 0
-    if not entries:
-        print(f"no archived messages for {args.user}", file=sys.stderr)
-        return 0
-    rows = [[e.id, features.when(e.date), e.sender, str(e.size), e.subject] for e in entries]
-    directory.print_table(["ID", "ARCHIVED (UTC)", "FROM", "SIZE", "SUBJECT"], rows)
+    rows = [[e.id, output.when(e.date), e.sender, str(e.size), e.subject] for e in entries]
+    output.print_list(["ID", "ARCHIVED (UTC)", "FROM", "SIZE", "SUBJECT"], rows,
+                      f"no archived messages for {args.user}")
     return 0

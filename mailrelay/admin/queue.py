@@ -7,10 +7,9 @@ second (or at its next start); delete removes the files at once.
 
 from __future__ import annotations
 
-import sys
 import time
 
-from mailrelay.admin import _directory as output
+from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.delivery.dsn import read_headers
 from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, request
@@ -112,9 +111,6 @@ def list_(args, context: Context) -> int:
     if args.json:
         output.print_json(entries)
         return 0
-    if not entries:
-        print("the queue is empty", file=sys.stderr)
-        return 0
     rows = []
     for e in entries:
         rcpts = e["recipients"][0] + (f" (+{len(e['recipients']) - 1})"
@@ -128,8 +124,8 @@ def list_(args, context: Context) -> int:
         rows.append([e["id"], e["state"], e["user"] or "-", e["sender"] or "<>", rcpts,
                      str(e["size"]), _span(e["age"]), str(e["attempts"]), when,
                      e["last_error"][:60]])
-    output.print_table(["ID", "STATE", "USER", "SENDER", "RECIPIENTS", "SIZE", "AGE",
-                        "ATTEMPTS", "NEXT", "LAST ERROR"], rows)
+    output.print_list(["ID", "STATE", "USER", "SENDER", "RECIPIENTS", "SIZE", "AGE",
+                       "ATTEMPTS", "NEXT", "LAST ERROR"], rows, "the queue is empty")
     return 0
 
 
@@ -165,8 +161,7 @@ def show(args, context: Context) -> int:
               ("sender", envelope.sender or "<>"), ("bounce to", envelope.bounce_to),
               ("client", envelope.client_ip), ("helo", envelope.helo),
               ("tls", "yes" if envelope.tls else "no"),
-              ("received", time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                         time.gmtime(envelope.received_at))),
+              ("received", output.when(envelope.received_at) + " UTC"),
               ("size", entry["size"]), ("attempts", entry["attempts"]),
               ("last error", entry["last_error"])]
     for name, value in fields:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mailrelay.admin import _directory as directory
 from mailrelay.admin import _features as features
+from mailrelay.admin import _output as output
 from mailrelay.admin.cli import Context
 from mailrelay.features.stats import Event, StatsStore
 
@@ -35,16 +35,16 @@ def run(args, context: Context) -> int:
                 {"start": p.start, "account": p.account, "user": p.user, **p.counts}
                 for p in periods
             ]
-        directory.print_json(out)
+        output.print_json(out)
         return 0
     events = [e.value for e in Event]
     if args.by:
         rows = [
-            [features.when(p.start)[: 10 if args.by == "day" else 16], p.account, p.user]
+            [output.when(p.start)[: 10 if args.by == "day" else 16], p.account, p.user]
             + [str(p.counts.get(e, 0)) for e in events]
             for p in periods
         ]
-        directory.print_table([args.by.upper(), "ACCOUNT", "USER", *map(str.upper, events)], rows)
+        output.print_table([args.by.upper(), "ACCOUNT", "USER", *map(str.upper, events)], rows)
         print()
-    directory.print_table(["EVENT", "TOTAL"], [[e, str(totals[e])] for e in events])
+    output.print_table(["EVENT", "TOTAL"], [[e, str(totals[e])] for e in events])
     return 0

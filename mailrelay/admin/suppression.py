@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mailrelay.admin import _directory as directory
 from mailrelay.admin import _features as features
+from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.features.suppressions import Reason, Suppression, SuppressionStore
 from mailrelay.scope import is_address
@@ -69,10 +69,7 @@ def list_(args, context: Context) -> int:
         entries = store.all()
     store.close()
     if args.json:
-        directory.print_json([_json(e) for e in entries])
-        return 0
-    if not entries:
-        print("no suppressed addresses", file=sys.stderr)
+        output.print_json([_json(e) for e in entries])
         return 0
     rows = [
         [
@@ -80,11 +77,12 @@ def list_(args, context: Context) -> int:
             e.account or "(global)",
             e.user or "(all users)",
             e.reason.value,
-            features.when(e.created),
+            output.when(e.created),
         ]
         for e in entries
     ]
-    directory.print_table(["ADDRESS", "ACCOUNT", "USER", "REASON", "SINCE (UTC)"], rows)
+    output.print_list(["ADDRESS", "ACCOUNT", "USER", "REASON", "SINCE (UTC)"], rows,
+                      "no suppressed addresses")
     return 0
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from datetime import UTC, datetime
 from typing import Any
 
 from mailrelay.admin import _directory as directory
+from mailrelay.admin import _output as output
+from mailrelay.admin import _password as passwords
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.auth.passwords import generate_password, hash_password, needs_rehash
+from mailrelay.auth.passwords import hash_password, needs_rehash
 from mailrelay.directory.changes import USER_SETTINGS, user_changes
 from mailrelay.directory.filedir import DEFAULT_ACCOUNT, user_to_json
 from mailrelay.model import Account, Kind, SmtpUser, Status
-
-MIN_PASSWORD_LENGTH = 8
 
 _KIND_TEXT = {
     Kind.DOMAIN: "domain-level: may send from any address at its domain",
@@ -52,14 +50,6 @@ def _add_user_options(parser: argparse.ArgumentParser) -> None:
     o("--click-tracking", action=argparse.BooleanOptionalAction, help="track clicks")
 
 
-def _password_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of standard input instead of generating one",
-    )
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("user", help="SMTP users: add, passwd, set, del, list, show")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -67,12 +57,12 @@ def register(subparsers) -> None:
     p = sub.add_parser("add", help="add a user; prints its generated password once")
     p.add_argument("username", help="a domain, an email address, or any other name")
     _add_user_options(p)
-    _password_option(p)
+    passwords.add_option(p)
     p.set_defaults(func=add)
 
     p = sub.add_parser("passwd", help="give a user a new password; prints it once")
     p.add_argument("username")
-    _password_option(p)
+    passwords.add_option(p)
     p.set_defaults(func=passwd)
 
     p = sub.add_parser("set", help="change a user's settings")
@@ -110,35 +100,18 @@ def _changes(args: argparse.Namespace, current: SmtpUser) -> dict[str, Any]:
     return user_changes(given, current)
 
 
-def _new_password(args: argparse.Namespace) -> tuple[str, bool]:
-    """The password and whether it was generated (and so must be shown)."""
-    if not args.password_stdin:
-        return generate_password(), True
-    password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise CommandError("no password on standard input")
-    if len(password) < MIN_PASSWORD_LENGTH:
-        raise CommandError(f"the password is shorter than {MIN_PASSWORD_LENGTH} characters")
-    return password, False
-
-
-def _show_password(username: str, password: str) -> None:
-    print(f"password for {username}: {password}")
-    print("(shown only this once: only a hash of it is stored)", file=sys.stderr)
-
-
 def add(args: argparse.Namespace, context: Context) -> int:
     if directory.is_ldap(context):
         raise CommandError(directory.LDAP_MANAGED)
     with directory.admin_errors():
         new = SmtpUser(args.username, **_changes(args, SmtpUser(args.username)))
-    password, generated = _new_password(args)
+    password, generated = passwords.new_password(args)
     password_hash = hash_password(password)  # before the lock: hashing takes a moment
     with directory.changing(context) as store:
         user = store.add_user(new, password_hash)
     print(f"added user {user.username} to account {user.account} ({_KIND_TEXT[user.kind]})")
     if generated:
-        _show_password(user.username, password)
+        passwords.show(user.username, password)
     return 0
 
 
@@ -147,13 +120,13 @@ def passwd(args: argparse.Namespace, context: Context) -> int:
         raise CommandError(directory.LDAP_MANAGED)
     with directory.admin_errors():
         directory.store(context).user(args.username)  # say "unknown user" before anything else
-    password, generated = _new_password(args)
+    password, generated = passwords.new_password(args)
     password_hash = hash_password(password)
     with directory.changing(context) as store:
         user = store.set_password(args.username, password_hash)
     print(f"changed the password of user {user.username}")
     if generated:
-        _show_password(user.username, password)
+        passwords.show(user.username, password)
     return 0
 
 
@@ -203,10 +176,7 @@ def list_(args: argparse.Namespace, context: Context) -> int:
             users = store.users(args.account)
         accounts = store.data.accounts
     if args.json:
-        directory.print_json([user_json(u, accounts.get(u.account)) for u in users])
-        return 0
-    if not users:
-        print("no users", file=sys.stderr)
+        output.print_json([user_json(u, accounts.get(u.account)) for u in users])
         return 0
     rows = [
         [
@@ -219,7 +189,8 @@ def list_(args: argparse.Namespace, context: Context) -> int:
         ]
         for u in users
     ]
-    directory.print_table(["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "NOTE"], rows)
+    header = ["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "NOTE"]
+    output.print_list(header, rows, "no users")
     return 0
 
 
@@ -254,13 +225,9 @@ def show(args: argparse.Namespace, context: Context) -> int:
             else "set (argon2id)"
         )
     if args.json:
-        directory.print_json(user_json(user, account))
+        output.print_json(user_json(user, account))
         return 0
-    updated = (
-        datetime.fromtimestamp(user.updated, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        if user.updated
-        else "-"
-    )
+    updated = output.when(user.updated) + " UTC" if user.updated else "-"
     fields = [
         ("username", user.username),
         ("kind", _KIND_TEXT[user.kind]),
