@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default
@@ -24,6 +25,8 @@ from urllib.parse import quote, unquote
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
+
+from mailrelay.spool.files import unlink_quietly
 
 log = Logger()
 
@@ -71,25 +74,14 @@ class Archive:
                 f.write(data)
             os.rename(tmp, os.path.join(maildir, "new", name))
         except BaseException:
-            _unlink(tmp)
+            unlink_quietly(tmp)
             raise
         return name
 
     def list(self, user: str) -> list[Entry]:
         """The user's archived messages, oldest first (empty for an unknown user)."""
-        maildir = self._maildir(user)
-        entries = []
-        for sub in ("new", "cur"):
-            directory = os.path.join(maildir, sub)
-            try:
-                names = os.listdir(directory)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                entry = _entry(os.path.join(directory, name), name)
-                if entry is not None:
-                    entries.append(entry)
-        return sorted(entries, key=lambda e: (e.date, e.id))
+        entries = [_entry(path, name) for path, name in _messages(self._maildir(user))]
+        return sorted((e for e in entries if e is not None), key=lambda e: (e.date, e.id))
 
     def users(self) -> list[str]:
         try:
@@ -104,17 +96,9 @@ class Archive:
         cutoff = (time.time() if now is None else now) - self.retention_days * DAY
         removed = 0
         for user in self.users():
-            maildir = self._maildir(user)
-            for sub in ("new", "cur"):
-                directory = os.path.join(maildir, sub)
-                try:
-                    names = os.listdir(directory)
-                except FileNotFoundError:
-                    continue
-                for name in names:
-                    path = os.path.join(directory, name)
-                    if _archived_at(path, name) < cutoff and _unlink(path):
-                        removed += 1
+            for path, name in _messages(self._maildir(user)):
+                if _archived_at(path, name) < cutoff and unlink_quietly(path):
+                    removed += 1
         return removed
 
     def _maildir(self, user: str, create: bool = False) -> str:
@@ -128,6 +112,18 @@ class Archive:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(path, sub), mode=0o750, exist_ok=True)
         return path
+
+
+def _messages(maildir: str) -> Iterator[tuple[str, str]]:
+    """``(path, name)`` of each message in a Maildir (delivered: ``new/`` and ``cur/``)."""
+    for sub in ("new", "cur"):
+        directory = os.path.join(maildir, sub)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            yield os.path.join(directory, name), name
 
 
 def _archived_at(path: str, name: str) -> float:
@@ -155,14 +151,6 @@ def _entry(path: str, name: str) -> Entry | None:
         subject=str(headers.get("Subject", "")),
         size=size,
     )
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 class ArchivePruner(Service):
