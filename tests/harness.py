@@ -54,6 +54,35 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM,
+                 timeout: float = 20.0) -> int:
+    """Send ``sig`` to a process the test started and wait for it (bounded), killing it if
+    it lingers; its exit status."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+def run_twistd(directory: Path, config: str | None = None,
+               config_path: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``twistd -n mailrelay`` in ``directory`` until it exits (for configurations that
+    stop startup): with ``config`` written to mailrelay.ini there, the file at
+    ``config_path``, or neither (the embedded defaults)."""
+    args = [twistd(), "-n", "--pidfile=", f"--logfile={Path(directory) / 'log'}", "mailrelay"]
+    if config is not None:
+        config_path = Path(directory) / "mailrelay.ini"
+        config_path.write_text(config)
+    if config_path is not None:
+        args += ["--config", str(config_path)]
+    return subprocess.run(args, capture_output=True, text=True, env=env(), cwd=directory,
+                          timeout=60)
+
+
 class Relay:
     """One mailrelay daemon under test."""
 
@@ -113,14 +142,7 @@ class Relay:
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        code, self.process = self.process.returncode, None
+        code, self.process = stop_process(self.process, sig), None
         return code
 
     def kill9(self) -> None:
@@ -189,9 +211,7 @@ class Peer:
         self.port = int(port_file.read_text())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+        stop_process(self.process)
 
 
 class Sink(Peer):

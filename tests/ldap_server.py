@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ldap3
+from harness import free_port, stop_process
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
@@ -68,13 +69,6 @@ _PORT_ATTEMPTS = 5  # another process may grab the port between picking and bind
 
 class SlapdError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    """A port the kernel just handed out on 127.0.0.1 (released again for slapd to take)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config_ldif(directory: Path, tls: TlsFiles | None) -> str:
@@ -274,34 +268,11 @@ class Slapd:
                     raise
         else:
             raise SlapdError(f"slapd did not start; see {self._log}")
-        _run(
-            [
-                LDAPADD,
-                "-x",
-                "-H",
-                self.uri,
-                "-D",
-                CONFIG_DN,
-                "-w",
-                CONFIG_PASSWORD,
-                "-f",
-                str(SCHEMA_LDIF),
-            ]
-        )
-        _run(
-            [
-                LDAPADD,
-                "-x",
-                "-H",
-                self.uri,
-                "-D",
-                ROOT_DN,
-                "-w",
-                ROOT_PASSWORD,
-                "-f",
-                str(EXAMPLE_LDIF),
-            ]
-        )
+        self._ldapadd(CONFIG_DN, CONFIG_PASSWORD, SCHEMA_LDIF)
+        self._ldapadd(ROOT_DN, ROOT_PASSWORD, EXAMPLE_LDIF)
+
+    def _ldapadd(self, bind_dn: str, password: str, ldif: Path) -> None:
+        _run([LDAPADD, "-x", "-H", self.uri, "-D", bind_dn, "-w", password, "-f", str(ldif)])
 
     @property
     def _pid_file(self) -> Path:
@@ -362,12 +333,7 @@ class Slapd:
         if process is None or process.poll() is not None:
             return
         os.kill(process.pid, signal.SIGCONT)  # a paused slapd cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, timeout=10)
 
     close = stop
 

@@ -23,7 +23,7 @@ from email.policy import SMTP, default
 
 import mime_samples as samples
 import pytest
-from harness import Relay, Sink, env, free_port, twistd, wait_for
+from harness import Relay, Sink, free_port, run_twistd, wait_for
 
 from mailrelay.features.archive import DAY, Archive
 
@@ -492,16 +492,11 @@ def test_tracking_off_sends_unchanged_and_archive_is_pruned(tmp_path, sink):
         relay.stop()
 
 
-def run_twistd(directory, config: str) -> subprocess.CompletedProcess:
-    ini = directory / "mailrelay.ini"
-    ini.write_text(f"[server]\ndata_dir = {directory}/data\n[admin]\nenabled = no\n"
-                   f"[delivery]\nenabled = no\n[listener:smtp]\n"
-                   f"endpoint = tcp:{free_port()}:interface=127.0.0.1\n{config}")  # fmt: skip
-    return subprocess.run(
-        [twistd(), "-n", "--pidfile=", f"--logfile={directory / 'log'}", "mailrelay",
-         "--config", str(ini)],
-        capture_output=True, text=True, env=env(), cwd=directory, timeout=60,
-    )  # fmt: skip
+def start_with(directory, config: str) -> subprocess.CompletedProcess:
+    """twistd with only an SMTP listener and ``config``, run until it exits."""
+    return run_twistd(directory, f"[server]\ndata_dir = {directory}/data\n[admin]\n"
+                      f"enabled = no\n[delivery]\nenabled = no\n[listener:smtp]\n"
+                      f"endpoint = tcp:{free_port()}:interface=127.0.0.1\n{config}")  # fmt: skip
 
 
 def test_busy_tracking_port_and_bad_footer_stop_startup_with_one_line(tmp_path):
@@ -509,19 +504,19 @@ def test_busy_tracking_port_and_bad_footer_stop_startup_with_one_line(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_twistd(tmp_path, f"[tracking]\nenabled = yes\n"
+        result = start_with(tmp_path, f"[tracking]\nenabled = yes\n"
                             f"endpoint = tcp:{port}:interface=127.0.0.1\n")  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"mailrelay: [tracking] endpoint tcp:{port}:interface=127.0.0.1: cannot listen: "
         "Address already in use"]
-    result = run_twistd(tmp_path, "[tracking]\nenabled = yes\nendpoint = tcp:0\n"
+    result = start_with(tmp_path, "[tracking]\nenabled = yes\nendpoint = tcp:0\n"
                         "[features]\nfooter_html = <a href=$link>stop</a>\n")  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "mailrelay: [features] unknown placeholder $link in the HTML footer template "
         "(known: $url, $recipient)"]
-    result = run_twistd(tmp_path, f"[tracking]\nenabled = yes\nendpoint = tcp:0\n"
+    result = start_with(tmp_path, f"[tracking]\nenabled = yes\nendpoint = tcp:0\n"
                         f"[features]\nfooter_text_file = {tmp_path}/missing.txt\n")  # fmt: skip
     assert result.stderr.strip().splitlines() == [
         f"mailrelay: [features] footer_text_file {tmp_path}/missing.txt: "

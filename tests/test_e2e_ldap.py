@@ -8,7 +8,7 @@ import subprocess
 
 import ldap3
 import pytest
-from harness import Relay, env, message, twistd, wait_for
+from harness import Relay, message, run_twistd, wait_for
 from ldap_server import start_slapd
 
 DOE = ("doe.test", "doe-domain-secret")
@@ -132,15 +132,16 @@ def test_admin_lists_ldap_users_read_only(relay):
     assert refused.returncode == 1 and "LDAP" in refused.stderr
 
 
+def start_with_ldap(directory, ldap_config: str) -> subprocess.CompletedProcess:
+    """twistd with the LDAP directory ``ldap_config`` sets up, run until it exits."""
+    return run_twistd(directory, f"[server]\ndata_dir = {directory}/data\n[directory]\n"
+                      f"backend = ldap\n{ldap_config}"
+                      "[listener:smtp]\nendpoint = tcp:0:interface=127.0.0.1\n")  # fmt: skip
+
+
 def test_wrong_bind_dn_stops_startup_clearly(slapd, tmp_path):
-    cfg = tmp_path / "mailrelay.ini"
-    cfg.write_text(
-        f"[server]\ndata_dir = {tmp_path}/data\n[directory]\nbackend = ldap\n"
-        + slapd.config_text().replace("cn=mailrelay,", "cn=nobody,")
-        + "[listener:smtp]\nendpoint = tcp:0:interface=127.0.0.1\n"
-    )
-    result = subprocess.run([twistd(), "-n", "--pidfile=", "mailrelay", "--config", str(cfg)],
-                            capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=60)
+    result = start_with_ldap(tmp_path, slapd.config_text().replace("cn=mailrelay,",
+                                                                   "cn=nobody,"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "mailrelay: LDAP bind as cn=nobody,ou=services,dc=example,dc=test failed: "
@@ -148,13 +149,7 @@ def test_wrong_bind_dn_stops_startup_clearly(slapd, tmp_path):
 
 
 def test_wrong_base_stops_startup_clearly(slapd, tmp_path):
-    cfg = tmp_path / "mailrelay.ini"
-    cfg.write_text(
-        f"[server]\ndata_dir = {tmp_path}/data\n[directory]\nbackend = ldap\n"
-        + slapd.config_text().replace("base_dn = dc=example", "base_dn = ou=none,dc=example")
-        + "[listener:smtp]\nendpoint = tcp:0:interface=127.0.0.1\n"
-    )
-    result = subprocess.run([twistd(), "-n", "--pidfile=", "mailrelay", "--config", str(cfg)],
-                            capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=60)
+    result = start_with_ldap(tmp_path, slapd.config_text().replace(
+        "base_dn = dc=example", "base_dn = ou=none,dc=example"))
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 
-from harness import Relay, env, twistd
-
-
-def run_twistd(tmp_path, config_text: str | None):
-    args = [twistd(), "-n", "--pidfile=", f"--logfile={tmp_path / 'log'}", "mailrelay"]
-    if config_text is not None:
-        cfg = tmp_path / "mailrelay.ini"
-        cfg.write_text(config_text)
-        args += ["--config", str(cfg)]
-    return subprocess.run(args, capture_output=True, text=True, env=env(), cwd=tmp_path,
-                          timeout=60)
+from harness import Relay, run_twistd
 
 
 def test_bad_setting_stops_startup_with_one_line(tmp_path):
@@ -36,9 +25,7 @@ def test_unknown_section_and_key_are_named(tmp_path):
 
 
 def test_missing_config_file(tmp_path):
-    result = subprocess.run(
-        [twistd(), "-n", "--pidfile=", "mailrelay", "--config", str(tmp_path / "nope.ini")],
-        capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=60)
+    result = run_twistd(tmp_path, config_path=tmp_path / "nope.ini")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         f"mailrelay: {tmp_path / 'nope.ini'}: cannot read: No such file or directory"]
