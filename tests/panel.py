@@ -6,16 +6,27 @@ In-process, for trial tests::
     panel = yield Panel.start(tmp_dir)     # listening; panel.url, panel.rw_key, panel.ro_key
     code, headers, doc = yield panel.call("GET", "/api/v1/users")
     yield panel.stop()
+
+As a process of its own (tests/panel_server.py), for clients that block::
+
+    with panel_process(tmp_path) as info:  # info["url"], info["keys"], ...
+        ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from dns_server import DNSServer
+from harness import env, stop_process, wait_for
 from twisted.internet import defer, endpoints, reactor
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -153,3 +164,26 @@ class Panel:
         code, response_headers, content = yield self.request(method, path, body, h)
         parsed = json.loads(content) if content else None
         return code, response_headers, parsed
+
+
+@contextlib.contextmanager
+def panel_process(directory: Path) -> Iterator[dict[str, Any]]:
+    """tests/panel_server.py seeded in ``directory``: yields what it wrote to its info file
+    (url, keys, admin login, paths) once it answers, and stops it by its PID."""
+    info_file = directory / "panel.json"
+    with open(directory / "panel.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("panel_server.py")),
+             str(directory / "panel"), str(info_file)], env=env(), stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError((directory / "panel.log").read_text())
+            return info_file.exists()
+
+        wait_for(ready, what="the panel server")
+        yield json.loads(info_file.read_text())
+    finally:
+        stop_process(process)

@@ -5,51 +5,25 @@ test's tmp dir (and in $MAILRELAY_SCREENSHOTS when set)."""
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from browser import HAVE_BROWSER, NO_BROWSER, Shots, click, fill, start_browser
-from harness import env, wait_for
+from panel import panel_process
 
 from mailrelay.auth.passwords import verify_password
 from mailrelay.directory.filedir import UserStore
 from mailrelay.features.stats import StatsStore
-
-HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason=NO_BROWSER)
 
 
 @pytest.fixture
 def panel(tmp_path):
-    info_file = tmp_path / "panel.json"
-    with open(tmp_path / "panel.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "panel_server.py"), str(tmp_path / "panel"),
-             str(info_file)], env=env(), stdout=log, stderr=log,
-        )  # fmt: skip
-    try:
-        def ready():
-            if process.poll() is not None:
-                raise RuntimeError((tmp_path / "panel.log").read_text())
-            return info_file.exists()
-
-        wait_for(ready, what="the panel server")
-        yield json.loads(info_file.read_text())
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with panel_process(tmp_path) as info:
+        yield info
 
 
 @pytest.fixture

@@ -3,22 +3,16 @@ server error, every status and body as documented, input the document forbids re
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from harness import env, wait_for
+from panel import panel_process
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis import checks  # noqa: E402
 from schemathesis.specs.openapi import checks as openapi_checks  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))  # per operation; more for a deep run
 CHECKS = [
     checks.not_a_server_error,
@@ -31,28 +25,8 @@ CHECKS = [
 
 @pytest.fixture(scope="module")
 def panel(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("schemathesis")
-    info_file = tmp / "panel.json"
-    with open(tmp / "panel.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(HERE / "panel_server.py"), str(tmp / "panel"), str(info_file)],
-            env=env(), stdout=log, stderr=log,
-        )  # fmt: skip
-    try:
-        def ready():
-            if process.poll() is not None:
-                raise RuntimeError((tmp / "panel.log").read_text())
-            return info_file.exists()
-
-        wait_for(ready, what="the panel server")
-        yield json.loads(info_file.read_text())
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with panel_process(tmp_path_factory.mktemp("schemathesis")) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
