@@ -46,6 +46,16 @@ def authenticated(port, login="doe.test") -> LineClient:
     return c
 
 
+def in_body(port) -> LineClient:
+    """A client that has logged in, been let into DATA for a@doe.test -> r@example.net and
+    sent the header: what it sends now is the body."""
+    c = authenticated(port)
+    c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+    assert c.replies(3) == [250, 250, 354]
+    c.send(b"From: a@doe.test\r\n\r\n")
+    return c
+
+
 class ScopeTests(LoopbackCase):
     @defer.inlineCallbacks
     def check(self, login, allowed, refused_envelope, refused_header):
@@ -169,10 +179,7 @@ class DataTests(LoopbackCase):
         factory = self.factories[0]
 
         def talk():
-            c = authenticated(port)
-            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-            assert c.replies(3) == [250, 250, 354]
-            c.send(b"From: a@doe.test\r\n\r\n")
+            c = in_body(port)
             chunk = b"y" * 2**20
             for _ in range(24):  # 24 MiB without a line end
                 c.send(chunk)
@@ -192,10 +199,7 @@ class DataTests(LoopbackCase):
         line = b"m" * 998 + b"\r\n"
 
         def talk():
-            c = authenticated(port)
-            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-            assert c.replies(3) == [250, 250, 354]
-            c.send(b"From: a@doe.test\r\n\r\n")
+            c = in_body(port)
             for _ in range(20):  # 20 MB
                 c.send(line * 1000)
             end = c.cmd(b".")
@@ -222,10 +226,8 @@ class DataTests(LoopbackCase):
                 return e.smtp_code, e.smtp_error.decode()
 
         def without_size():  # found out while reading the data, which is discarded
-            c = authenticated(port)
-            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-            assert c.replies(3) == [250, 250, 354]
-            c.send(b"From: a@doe.test\r\n\r\n" + (b"z" * 998 + b"\r\n") * 300 + b".\r\n")
+            c = in_body(port)
+            c.send((b"z" * 998 + b"\r\n") * 300 + b".\r\n")
             end = c.reply()
             after = c.cmd("NOOP")
             c.close()
@@ -261,10 +263,8 @@ class DataTests(LoopbackCase):
         factory = self.factories[0]
 
         def talk():
-            c = authenticated(port)
-            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
-            assert c.replies(3) == [250, 250, 354]
-            c.send(b"From: a@doe.test\r\n\r\n" + b"partial body line\r\n" * 5000)
+            c = in_body(port)
+            c.send(b"partial body line\r\n" * 5000)
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.sock.close()  # a reset, mid-DATA
 

@@ -21,6 +21,17 @@ def features(client: smtplib.SMTP) -> set[str]:
     return set(client.esmtp_features)
 
 
+def try_starttls_then_send(c: smtplib.SMTP, login: str, sender: str):
+    """EHLO, then STARTTLS (which these listeners refuse), then log in and send one message;
+    the extensions offered and the reply to STARTTLS."""
+    c.ehlo()
+    ext = features(c)
+    starttls = c.docmd("STARTTLS")
+    c.login(login, PASSWORD)
+    c.sendmail(sender, ["r@example.net"], message(sender))
+    return ext, starttls
+
+
 class StartTLSTests(LoopbackCase):
     @defer.inlineCallbacks
     def test_ehlo_before_and_after_starttls(self):
@@ -62,12 +73,7 @@ class StartTLSTests(LoopbackCase):
         def talk():
             with smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="client.test",
                                   context=tls_files().client, timeout=20) as c:
-                c.ehlo()
-                ext = features(c)
-                starttls = c.docmd("STARTTLS")
-                c.login("john@shop.test", PASSWORD)
-                c.sendmail("john@shop.test", ["r@example.net"], message("john@shop.test"))
-                return ext, starttls
+                return try_starttls_then_send(c, "john@shop.test", "john@shop.test")
 
         ext, starttls = yield deferToThread(talk)
         self.assertIn("auth", ext)
@@ -84,12 +90,7 @@ class StartTLSTests(LoopbackCase):
         def talk():
             with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
                               timeout=20) as c:
-                c.ehlo()
-                ext = features(c)
-                starttls = c.docmd("STARTTLS")
-                c.login("doe.test", PASSWORD)
-                c.sendmail("a@doe.test", ["r@example.net"], message("a@doe.test"))
-                return ext, starttls
+                return try_starttls_then_send(c, "doe.test", "a@doe.test")
 
         ext, starttls = yield deferToThread(talk)
         self.assertIn("auth", ext)
