@@ -265,11 +265,7 @@ class PostfixInstance:
         return n
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_file, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return procs.tail(self.log_file, lines)
 
     def cleanup(self) -> None:
         self.stop()

@@ -137,3 +137,12 @@ def die_with_this_process() -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def tail(path: str, lines: int) -> str:
+    """The last ``lines`` lines of a log file ("" when it cannot be read)."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""

@@ -242,11 +242,7 @@ class MailRelayInstance:
         return n
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_file, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
+        return procs.tail(self.log_file, lines)
 
     def cleanup(self) -> None:
         self.stop()
