@@ -578,6 +578,19 @@ class PolicyTests(unittest.TestCase):
         self.assertIn(b"\r\nMAIL FROM:<ceo@victim.example>\r\nQUIT\r\n",
                       bytes(s.spool.committed[0].data))
 
+    def test_replies_to_a_pipelined_group_leave_in_one_write(self) -> None:
+        s = Session(self.clock)
+        s.login()
+        writes: list[bytes] = []
+        s.transport.write = writes.append
+        s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r1@example.net>\r\n"
+               b"RCPT TO:<r2@example.net>\r\nDATA\r\n")
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(codes(writes[0].decode().splitlines()), [250, 250, 250, 354])
+        s.send(b"From: a@doe.test\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        self.assertEqual([codes(w.decode().splitlines()) for w in writes[1:]],
+                         [[250], [250, 221]])  # the 250 as soon as committed
+
     def test_auth_delays_and_blocks(self) -> None:
         s, policy = self.session(refuse={"authAttempt": lambda: 5, "authFailed": lambda: 2})
         s.send(b"EHLO c.test\r\n")

@@ -119,6 +119,27 @@ class StartTLSTests(LoopbackCase):
         self.assertEqual(again, (503, ["5.5.1 TLS already active"]))
 
 
+class NoDelayTests(LoopbackCase):
+    @defer.inlineCallbacks
+    def test_every_listener_kind_sets_tcp_nodelay(self):
+        # Nagle plus the client's delayed ACK would hold back replies (40 ms each).
+        for mode in ("none", "starttls", "implicit"):
+            port = self.listen(mode, plaintext_auth=True)
+
+            def talk(port=port, mode=mode):
+                c = LineClient(port, implicit_tls=mode == "implicit")
+                c.cmd("EHLO client.test")
+                if mode == "starttls":
+                    c.starttls()
+                    c.cmd("EHLO client.test")
+                return c
+
+            client = yield deferToThread(talk)
+            session = self.factories[-1].sessions[0]
+            self.assertTrue(session.transport.getTcpNoDelay(), mode)
+            client.close()
+
+
 class InjectionTests(LoopbackCase):
     @defer.inlineCallbacks
     def test_command_pipelined_after_starttls_is_never_run(self):

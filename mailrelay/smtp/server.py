@@ -88,6 +88,7 @@ class SubmissionServer(smtp.ESMTP):
         self._outside_since: float | None = None
         self._session_timer = None
         self._inbuf = bytearray()
+        self._outbuf: list[bytes] = []  # replies held until the input read so far is done
         self._waiting: Deferred | None = None  # the command being waited for
         self._processing = False
         self._closing = False
@@ -100,6 +101,12 @@ class SubmissionServer(smtp.ESMTP):
     # -- connection
 
     def connectionMade(self) -> None:
+        # Without TCP_NODELAY, Nagle holds a reply back while the previous one is unacked,
+        # and the client, waiting for that reply, delays its ACK: 40 ms lost per round
+        # trip (seen after STARTTLS). A TLS wrapper passes the call on to the TCP socket.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         self.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.factory.idle_timeout)
@@ -198,6 +205,7 @@ class SubmissionServer(smtp.ESMTP):
     def _close(self) -> None:
         self._closing = True
         self._inbuf.clear()
+        self._flush()
         self.transport.loseConnection()
 
     # -- input
@@ -254,6 +262,7 @@ class SubmissionServer(smtp.ESMTP):
                     self._command(line)
         finally:
             self._processing = False
+            self._flush()
 
     def _wait(self, d: Deferred) -> None:
         """Read no further command until ``d`` fires (at once if it already has)."""
@@ -343,8 +352,18 @@ class SubmissionServer(smtp.ESMTP):
 
     def _write_lines(self, lines: list[str]) -> None:
         out = [printable(line, 512).encode("ascii", "backslashreplace") for line in lines]
-        if not self._lost:
-            self.transport.write(b"\r\n".join(out) + b"\r\n")
+        if self._lost:
+            return
+        self._outbuf.append(b"\r\n".join(out) + b"\r\n")
+        if not self._processing:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the replies held while reading: the replies to pipelined commands leave
+        in one write (one TLS record, one segment)."""
+        if self._outbuf and not self._lost:
+            self.transport.write(b"".join(self._outbuf))
+        self._outbuf.clear()
 
     def _multiline(self, code: int, lines: list[str]) -> None:
         self._write_lines([f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"])
@@ -466,6 +485,7 @@ class SubmissionServer(smtp.ESMTP):
             self._close()
             return
         self._reply(220, "2.0.0", "Ready to start TLS")
+        self._flush()  # the 220 goes out in plaintext
         self.transport.startTLS(self.ctx)
         self.tls = True
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
