@@ -10,7 +10,7 @@ import tempfile
 
 import certs
 from smtp_sink import SMTPSink
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
@@ -100,9 +100,15 @@ class Scripted(LineReceiver):
 
     in_data = False
 
+    def connectionLost(self, reason):
+        if not self.factory.closed.called:
+            self.factory.closed.callback(None)
+
     def lineReceived(self, line):
         if self.in_data:
             self.in_data = line != b"."
+            if not self.in_data and b"." in self.factory.script:  # a reply to the data
+                self.transport.write(self.factory.script[b"."])
             return
         verb = line.split(b" ", 1)[0].upper()
         reply = self.factory.script.get(verb, b"250 ok\r\n")
@@ -132,8 +138,10 @@ class ClientTests(TempPaths, unittest.TestCase):
                          address="127.0.0.1")
 
     def scripted(self, script: dict[bytes, bytes | None]) -> Hop:
+        """A Scripted server; ``self.closed`` fires when its (first) connection ends."""
         factory = protocol.ServerFactory.forProtocol(Scripted)
         factory.script = script
+        factory.closed = self.closed = defer.Deferred()
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return Hop("127.0.0.1", port.getHost().port, address="127.0.0.1")
@@ -154,6 +162,51 @@ class ClientTests(TempPaths, unittest.TestCase):
         self.assertEqual(sink.transactions, 1)
         self.assertEqual(len(sink.messages), 1)
         self.assertEqual(sink.messages[0].data, body)
+
+    @defer.inlineCallbacks
+    def test_a_held_report_holds_the_connection(self):
+        """A Deferred from the report: the next job is taken (and its MAIL sent) only
+        once it fires, and send() fires only after the last one."""
+        sink, hop = self.sink()
+        run = Run([job(f"q{i}", [f"r{i}@b.test"], b"Subject: x\r\n\r\nbody\r\n")
+                   for i in range(3)])
+        settled: list[str] = []
+        taken: list[tuple[int, int]] = []  # (reports settled, MAILs seen) at each pull
+        next_job, report = run.next_job, run.report
+
+        def pull():
+            taken.append((len(settled), sink.transactions))
+            return next_job()
+
+        def held(job, results):
+            report(job, results)
+            return task.deferLater(reactor, 0.01, settled.append, job.queue_id)
+
+        outcome = yield Courier(reactor, "relay.test", connect_timeout=5,
+                                command_timeout=10).send([hop], pull, held)
+        self.assertEqual(outcome.jobs, 3)
+        self.assertEqual(settled, ["q0", "q1", "q2"])
+        self.assertEqual(taken, [(0, 0), (1, 1), (2, 2), (3, 3)])
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_server_leaving_while_a_report_is_held(self):
+        hop = self.scripted({b".": b"250 ok\r\n421 4.3.2 shutting down\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n"), job("r", ["a@b.test"], b"x\r\n")])
+        held: defer.Deferred = defer.Deferred()
+
+        def report(job, results):
+            run.report(job, results)
+            return held
+
+        sending = Courier(reactor, "relay.test", connect_timeout=5,
+                          command_timeout=10).send([hop], run.next_job, report)
+        yield self.closed  # our side closed the connection on the 421
+        self.assertFalse(sending.called)  # its place is kept until the report settles
+        held.callback(None)
+        outcome = yield sending
+        self.assertEqual(outcome.jobs, 1)  # r was never taken
+        self.assertEqual(run.reports, {"q": {"a@b.test": (250, "ok", False)}})
 
     @defer.inlineCallbacks
     def test_many_messages_one_connection(self):

@@ -5,6 +5,11 @@ transaction states are our own so that the body is dot-stuffed correctly across 
 (wire.DotStuffer), addresses are checked before they reach the wire, SIZE is respected
 and every recipient gets its own result. Messages are pulled one at a time from the
 caller (``next_job``), so a connection keeps going while the queue feeds it.
+
+A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
+and keeps its place until that fires, so the caller can make the outcome durable before
+the connection goes on; a crash then finds at most the message in progress on each
+connection delivered but not recorded.
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ class Outcome:
         return "; ".join(self.errors) or "no mail server to try"
 
 
-Report = Callable[[Job, list[Result]], None]
+# Called once per job taken, with its results. A Deferred returned holds the connection
+# (and its Courier.send) until it fires; it must not errback.
+Report = Callable[[Job, list[Result]], defer.Deferred | None]
 
 
 class _PlainAuthenticator:
@@ -124,6 +131,8 @@ class RelayClient(smtp.ESMTPClient):
         self._accepted: list[str] = []
         self._pending_rcpts: list[str] = []
         self._stopping = False
+        self._settling: defer.Deferred | None = None  # the last report's, until it fires
+        self._lost = False
 
     # ---- connection-level events
 
@@ -146,6 +155,7 @@ class RelayClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason=error.ConnectionDone) -> None:
         super().connectionLost(reason)
+        self._lost = True
         if not self.completed:
             self._fail(_describe(reason))
         if self._job is not None:
@@ -153,7 +163,11 @@ class RelayClient(smtp.ESMTPClient):
             self._finish({r: (451, text) for r in self._job.recipients
                           if r not in self._results})
         self._close_body()
-        self.finished.callback((self.pulled, self.error))
+        if self._settling is None:
+            self.finished.callback((self.pulled, self.error))
+        else:  # the connection's place is free once its last outcome is settled
+            self._settling.addCallback(lambda _: self.finished.callback((self.pulled,
+                                                                         self.error)))
 
     # ---- handshake: ESMTPClient does EHLO, STARTTLS and AUTH; we check and record
 
@@ -194,12 +208,33 @@ class RelayClient(smtp.ESMTPClient):
 
     # ---- transactions
 
-    def smtpState_from(self, code, resp) -> None:
-        job = self._take()
-        if job is None:
-            self.completed = True
-            self._disconnectFromServer()
-            return
+    def smtpState_from(self, code=250, resp=b"") -> None:
+        """Between transactions: once the last report is settled, the next MAIL (or QUIT
+        when there is nothing more to send)."""
+        while self._settling is None:
+            job = self._take()
+            if job is None:
+                self.completed = True
+                self._disconnectFromServer()
+                return
+            if self._prepare(job):
+                self._mail(job)
+                return
+        self._expected = []  # a reply now is the server giving up on us (421)
+        self._okresponse = self._failresponse = self._unexpected
+        self._settling.addCallback(self._settled, self._settling)
+
+    def _unexpected(self, code, resp) -> None:
+        self._fail(f"{code} {_text(resp)}")
+        self.transport.loseConnection()
+
+    def _settled(self, _, settling: defer.Deferred) -> None:
+        if self._settling is settling:
+            self._settling = None
+            if not self._lost:
+                self.smtpState_from()
+
+    def _mail(self, job: Job) -> None:
         params = b""
         if b"SIZE" in self.extensions:
             params += b" SIZE=%d" % self._size
@@ -211,30 +246,35 @@ class RelayClient(smtp.ESMTPClient):
         self.sendLine(b"MAIL FROM:<" + job.sender.encode() + b">" + params)
 
     def _take(self) -> Job | None:
-        """The next job this connection can send; jobs it cannot are reported at once."""
-        while not self._stopping and self.pulled < self.max_messages:
-            job = self.next_job()
-            if job is None:
-                return None
+        """The next job, or None when this connection is to take no more."""
+        if self._stopping or self.pulled >= self.max_messages:
+            return None
+        job = self.next_job()
+        if job is not None:
             self.pulled += 1
-            self._job = job
-            self._results = {r: (550, f"5.1.3 recipient address {why}")
-                             for r in job.recipients
-                             if (why := address_problem(r)) is not None}
-            self._pending_rcpts = [r for r in job.recipients if r not in self._results]
-            refused = None
-            if self._pending_rcpts:
-                try:
-                    self._body = job.open_body()
-                    self._size = _remaining(self._body)
-                except (OSError, KeyError) as e:
-                    refused = (451, f"4.3.0 cannot read the queued message: {e}")
-                else:
-                    refused = self._refusals(job)
-            if refused is None and self._pending_rcpts:
-                return job
-            self._finish({r: refused for r in self._pending_rcpts} if refused else {})
-        return None
+        return job
+
+    def _prepare(self, job: Job) -> bool:
+        """Open the body and check the job against the server; False when it cannot be
+        sent here (it is reported at once)."""
+        self._job = job
+        self._results = {r: (550, f"5.1.3 recipient address {why}")
+                         for r in job.recipients
+                         if (why := address_problem(r)) is not None}
+        self._pending_rcpts = [r for r in job.recipients if r not in self._results]
+        refused = None
+        if self._pending_rcpts:
+            try:
+                self._body = job.open_body()
+                self._size = _remaining(self._body)
+            except (OSError, KeyError) as e:
+                refused = (451, f"4.3.0 cannot read the queued message: {e}")
+            else:
+                refused = self._refusals(job)
+        if refused is None and self._pending_rcpts:
+            return True
+        self._finish({r: refused for r in self._pending_rcpts} if refused else {})
+        return False
 
     def _refusals(self, job: Job) -> tuple[int, str] | None:
         """A reply for every recipient when the message cannot go to this server at all."""
@@ -335,7 +375,9 @@ class RelayClient(smtp.ESMTPClient):
         results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode)
                    for r in job.recipients if r in self._results]
         self._results, self._accepted, self._pending_rcpts = {}, [], []
-        self.report(job, results)
+        settling = self.report(job, results)
+        if isinstance(settling, defer.Deferred):
+            self._settling = settling
 
     def _close_body(self) -> None:
         sender, self._sender = self._sender, None
@@ -413,8 +455,10 @@ class Courier:
              report: Report) -> defer.Deferred[Outcome]:
         """Try ``hops`` in order until one takes a job; then pull jobs until ``next_job``
         returns None (or the per-connection limit). Every job taken is reported exactly
-        once. Fires with an Outcome: ``jobs == 0`` with ``errors`` means no hop could take
-        any job; without errors, that there was none to take."""
+        once; a Deferred the report returns holds the connection (see Report). Fires
+        with an Outcome, after the last report's Deferred: ``jobs == 0`` with
+        ``errors`` means no hop could take any job; without errors, that there was none
+        to take."""
         return defer.ensureDeferred(self._send(hops, next_job, report))
 
     async def _send(self, hops: list[Hop], next_job, report: Report) -> Outcome:
