@@ -14,7 +14,7 @@ import threading
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import PasswordChecker, make_portal
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
+from mailrelay.auth.hashing import HashingPool
 from mailrelay.auth.passwords import (
     ALPHABET,
     DUMMY_HASH,
@@ -79,6 +80,55 @@ class PasswordTests(SynchronousTestCase):
         assert not set("0O1lI") & set(ALPHABET)
 
 
+class HashingPoolTests(TestCase):
+    @defer.inlineCallbacks
+    def test_at_most_threads_jobs_run_at_once(self):
+        # Each argon2id verification holds 19 MiB: the pool bounds how many run together.
+        pool = HashingPool(reactor, threads=2)
+        self.addCleanup(pool.stop)
+        lock, release = threading.Lock(), threading.Event()
+        running, most = [0], [0]
+
+        def job(i: int) -> tuple[int, str]:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            release.wait(10)
+            with lock:
+                running[0] -= 1
+            return i, threading.current_thread().name
+
+        results = [pool.run(job, i) for i in range(6)]
+        for _ in range(1000):  # bounded: until the first two have started
+            if running[0] == 2:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        release.set()
+        done = yield defer.gatherResults(results)
+        assert [i for i, _ in done] == list(range(6))
+        assert most[0] == 2
+        assert {name for _, name in done} <= {"PoolThread-password-hashing-0",
+                                              "PoolThread-password-hashing-1"}
+
+    def test_one_thread_per_cpu_by_default(self):
+        assert HashingPool(reactor).threads == len(os.sched_getaffinity(0))
+        with self.assertRaises(ValueError):
+            HashingPool(reactor, threads=0)
+
+    @defer.inlineCallbacks
+    def test_the_file_directory_verifies_in_its_hashing_pool(self):
+        path = temp_users_file(self)
+        with UserStore(path).change() as store:
+            store.update_account("default", domains=frozenset({"doe.com"}))
+            store.add_user(SmtpUser("doe.com"), hash_password(PASSWORD))
+        directory = FileDirectory(path, reactor=reactor, hashing_threads=1)
+        self.addCleanup(directory.hashing.stop)
+        user = yield directory.authenticate("doe.com", PASSWORD)
+        assert user.username == "doe.com"
+        names = {t.ident: t.name for t in threading.enumerate()}
+        assert names[directory.verify_thread] == "PoolThread-password-hashing-0"
+
+
 def credentials(username: str, password: str) -> ClientUsernamePassword:
     return ClientUsernamePassword(username, password, "127.0.0.1", True)
 
@@ -109,6 +159,7 @@ class CheckerTests(TestCase):
             )
         self.clock = Clock()
         self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.addCleanup(self.directory.hashing.stop)
         self.checker = PasswordChecker(self.directory, cache_ttl=60, clock=self.clock)
 
     def change_file(self, change) -> None:
@@ -237,6 +288,7 @@ class RealmTests(TestCase):
             self.store.add_user(SmtpUser("x@sales.com", account="sales"), hash_password(PASSWORD))
         self.clock = Clock()
         self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.addCleanup(self.directory.hashing.stop)
         self.portal = make_portal(self.directory, cache_ttl=60, clock=self.clock)
 
     @defer.inlineCallbacks
@@ -309,6 +361,7 @@ class LoginWithoutPasswordTests(TestCase):
                                 hash_password(PASSWORD))
         self.clock = Clock()
         self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.addCleanup(self.directory.hashing.stop)
         self.portal = make_portal(
             self.directory, cache_ttl=60, clock=self.clock,
             ip_auth=IpAuthTable.parse("127.0.0.2 = app; 2001:db8::/32 = DOE.com; "

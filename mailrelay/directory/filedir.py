@@ -35,10 +35,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.auth.hashing import HashingPool
 from mailrelay.auth.passwords import (
     DUMMY_HASH,
     LOGIN_FAILED,
@@ -480,18 +481,21 @@ class FileDirectory:
     At most once per ``check_interval`` seconds of ``clock`` (default: the reactor) a call
     stats the file; a new mtime, size or inode reloads it. Reading a file of a few thousand
     users takes milliseconds, so it is done on the reactor thread; the argon2 verification
-    (about 25 ms each) runs in the reactor's thread pool. A file that cannot be read at
-    start raises DirectoryFileError; one that breaks later is logged and the last good
-    data stays in use until it is fixed.
+    (about 25 ms and 19 MiB each) runs in a HashingPool of ``hashing_threads`` threads
+    (default: one per CPU), which bounds the memory a burst of logins can take. A file
+    that cannot be read at start raises DirectoryFileError; one that breaks later is
+    logged and the last good data stays in use until it is fixed.
     """
 
     writable = True
 
-    def __init__(self, path: str, reactor=None, clock=None, check_interval: float = 1.0):
+    def __init__(self, path: str, reactor=None, clock=None, check_interval: float = 1.0,
+                 hashing_threads: int | None = None):
         if reactor is None:
             from twisted.internet import reactor
         self.path = path
         self._reactor = reactor
+        self.hashing = HashingPool(reactor, hashing_threads)
         self._clock = clock if clock is not None else reactor
         self._check_interval = check_interval
         self.verifications = 0  # argon2 verifications done (a counter for stats and tests)
@@ -535,8 +539,7 @@ class FileDirectory:
         user = data.users.get(name)
         # An unknown user costs one verification too, so the time does not tell.
         password_hash = data.hashes[name] if user is not None else DUMMY_HASH
-        pool = self._reactor.getThreadPool()
-        d = threads.deferToThreadPool(self._reactor, pool, _verify, password_hash, password)
+        d = self.hashing.run(_verify, password_hash, password)
 
         def verified(result: tuple[bool, int]) -> SmtpUser:
             ok, self.verify_thread = result
