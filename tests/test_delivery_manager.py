@@ -23,6 +23,12 @@ from twisted.trial import unittest
 
 from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, DeliveryManager, request
 from mailrelay.delivery.router import Hop, MXRouter, SmarthostRouter, make_resolver
+from mailrelay.features.hooks import MessageFeatures
+from mailrelay.features.links import Links
+from mailrelay.features.personalize import Personalizer
+from mailrelay.features.stats import StatsRecorder, StatsStore
+from mailrelay.features.suppressions import SuppressionStore
+from mailrelay.features.tokens import TokenSigner
 from mailrelay.model import Envelope
 from mailrelay.spool.spool import Spool
 from mailrelay.spool.state import RecipientStatus
@@ -460,6 +466,115 @@ class DeleteTests(Base):
         yield manager.idle()
         self.assertEqual(self.sink.messages, [])
         yield self.assertFailure(manager.delete(queue_id), KeyError)
+
+
+class SlowSpool(CountingSpool):
+    """The real spool on a slow disk: each durable change is reported ``delay`` seconds
+    after it is done. ``durable`` holds the recipients a crash would find delivered."""
+
+    delay = 0.05
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.durable: set[str] = set()
+        self.saves = 0
+
+    def _late(self, d: defer.Deferred, recipients) -> defer.Deferred:
+        def done(result):
+            self.durable.update(recipients)
+            return result
+
+        return d.addCallback(lambda result: task.deferLater(reactor, self.delay, done, result))
+
+    def save_state(self, queue_id, state):
+        self.saves += 1
+        return self._late(super().save_state(queue_id, state), state.sent())
+
+    def remove(self, queue_id):
+        recipients = self.envelope(queue_id).recipients  # before the file goes
+        return self._late(super().remove(queue_id), recipients)
+
+
+class DurabilityTests(Base):
+    """A connection sends its next MAIL only once the last message's outcome is on disk,
+    so a crash finds at most the message in progress delivered but not recorded."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.violations: list[str] = []
+        rule_for = self.sink.rule_for
+
+        def check(recipient):  # at every RCPT: all the sink has so far is recorded
+            received = {r for m in self.sink.messages for r in m.recipients}
+            self.violations += sorted(received - self.spool.durable)
+            return rule_for(recipient)
+
+        self.sink.rule_for = check
+
+    def open_spool(self) -> SlowSpool:
+        spool = SlowSpool(self.directory, reactor=reactor)
+        spool.open()
+        self.addCleanup(spool.close)
+        return spool
+
+    def features(self) -> MessageFeatures:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        suppressions = SuppressionStore(os.path.join(directory, "suppressions.sqlite"))
+        stats = StatsStore(os.path.join(directory, "stats.sqlite"))
+        self.addCleanup(suppressions.close)
+        self.addCleanup(stats.close)
+        links = Links(TokenSigner(b"k" * 32), "https://track.example")
+        return MessageFeatures(reactor, suppressions, StatsRecorder(stats, reactor),
+                               Personalizer(links))
+
+    @defer.inlineCallbacks
+    def test_next_mail_waits_for_the_removal(self):
+        yield self.submit_many(5)
+        yield self.deliver(self.manager(max_per_host=1))
+        self.assertEqual(len(self.sink.messages), 5)
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.violations, [])
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(self.spool.saves, 0)  # a delivered message is only removed
+
+    @defer.inlineCallbacks
+    def test_next_mail_waits_for_the_saved_state(self):
+        self.sink.rules["later@b.test"] = (451, "4.2.0 later")
+        for i in range(3):
+            yield self.submit([f"r{i}@b.test", "later@b.test"])
+        yield self.deliver(self.manager(max_per_host=1))
+        self.assertEqual(len(self.sink.messages), 3)
+        self.assertEqual(self.violations, [])
+        self.assertEqual(len(self.spool.queued()), 3)
+
+    @defer.inlineCallbacks
+    def test_copies_of_one_message_on_one_connection(self):
+        """Per-recipient copies are jobs of the same message queued behind each other:
+        each copy's recipient is saved as sent before the next MAIL, without waiting for
+        the copies still queued (which would never come)."""
+        queue_id = yield self.submit(["a@b.test", "b@b.test", "c@b.test"],
+                                     personalize=["footer"])
+        yield self.deliver(self.manager(max_per_host=1, features=self.features()), queue_id)
+        self.assertEqual(sorted(m.recipients[0] for m in self.sink.messages),
+                         ["a@b.test", "b@b.test", "c@b.test"])
+        self.assertTrue(all(b"unsubscribe" in m.data.lower() for m in self.sink.messages))
+        self.assertEqual(self.sink.connections, 1)
+        self.assertEqual(self.violations, [])
+        self.assertEqual(self.spool.saves, 2)  # the first two copies; the last removes it
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_copies_deferred_and_sent_are_recorded(self):
+        self.sink.rules["b@b.test"] = (451, "4.2.0 later")
+        queue_id = yield self.submit(["a@b.test", "b@b.test", "c@b.test"],
+                                     personalize=["footer"])
+        yield self.deliver(self.manager(max_per_host=1, features=self.features()), queue_id)
+        self.assertEqual(self.violations, [])
+        state = self.spool.read_state(queue_id)
+        self.assertEqual({r: str(s.status) for r, s in state.recipients.items()},
+                         {"a@b.test": "sent", "b@b.test": "pending", "c@b.test": "sent"})
+        self.assertEqual(state.attempts, 1)
 
 
 class Silent(protocol.Protocol):

@@ -10,10 +10,34 @@ to); each destination has a heap of jobs (priority, then age) that its connectio
 from, one message after another over the same connection, with at most ``max_per_host``
 connections per destination and ``max_concurrency`` in all.
 
-After every attempt the state is saved (Spool.save_state) before the message is scheduled
-again or removed; a DSN is committed before the state that records the failure, so a crash
-can at worst send a bounce twice, never lose one. mailrelay-admin acts on a running daemon
-through files in ``<spool>/control/`` (``flush``, ``retry-<id>``), checked every second.
+After every attempt the message is removed (every recipient done) or its state saved
+(Spool.save_state) before it is scheduled again; a DSN is committed before the state that
+records the failure, so a crash can at worst send a bounce twice, never lose one.
+
+Crashes and duplicates: a connection sends its next MAIL (or QUIT, or gives its place to
+another connection) only once the outcome of the job it has just delivered is on disk:
+the report of a job with a recipient accepted returns a Deferred that holds the
+connection (client.Report). So after ``kill -9`` at most one message per open
+connection, ``max_per_host`` per destination, can have been delivered without being
+recorded, and is sent again after the restart. Jobs without an accepted recipient hold
+nothing: losing their outcome costs a retry, not a duplicate.
+
+- The last job of a message to report concludes it (DSNs, then the removal or the saved
+  state) and its connection waits for that.
+- One message can be several jobs (one per destination, one per recipient copy with
+  footer or tracking), often queued behind each other on the same connection, so waiting
+  for the whole message could wait forever. A job that is not the last to report saves
+  the state with its accepted recipients marked sent (a partial save: failures stay
+  pending, so they are tried again and bounced only at the conclusion) and its
+  connection waits for that save alone. One save of a message runs at a time; results
+  reported meanwhile share the next one, and the conclusion waits for the save in
+  flight. A message with n copies costs up to n saves, spread over the group commit.
+- Saves and removals are group-committed (spool.groupsync), so connections waiting at
+  the same time share the fsyncs. A save that fails is logged and releases its
+  connections (the bound then holds only while the disk works).
+
+mailrelay-admin acts on a running daemon through files in ``<spool>/control/``
+(``flush``, ``retry-<id>``), checked every second.
 """
 
 from __future__ import annotations
@@ -61,7 +85,7 @@ class _Attempt:
     """One message being delivered: loaded, routed, on connections, being concluded."""
 
     __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results", "deleted",
-                 "suppressed")
+                 "suppressed", "waiting", "writing")
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -72,6 +96,8 @@ class _Attempt:
         self.results: list[Result] = []
         self.deleted = False  # removed by an admin meanwhile: its results are dropped
         self.suppressed: list[str] = []  # recipients on a suppression list: done, not sent
+        self.waiting: list[defer.Deferred] = []  # connections held until results are durable
+        self.writing: defer.Deferred | None = None  # a partial save in flight
 
 
 class _Destination:
@@ -476,19 +502,56 @@ class DeliveryManager:
             results = [] if text is None else [Result(r, 451, text) for r in job.recipients]
             self._report(job, results)
 
-    def _report(self, job: Job, results: list[Result]) -> None:
-        self._record(job.context, results)
+    def _report(self, job: Job, results: list[Result]) -> defer.Deferred | None:
+        """A job's results; when some recipient got the message, a Deferred for its
+        connection that fires once that is on disk (see the module docstring)."""
+        return self._record(job.context, results, durable=any(r.sent for r in results))
 
-    def _record(self, attempt: _Attempt, results: list[Result]) -> None:
+    def _record(self, attempt: _Attempt, results: list[Result],
+                durable: bool = False) -> defer.Deferred | None:
         attempt.results += results
         attempt.outstanding -= 1
+        settled = None
+        if durable and not attempt.deleted:
+            settled = defer.Deferred()
+            attempt.waiting.append(settled)
         if attempt.outstanding == 0:
             defer.ensureDeferred(self._conclude(attempt))
+        elif settled is not None:
+            # Other jobs of the message are still out, maybe queued behind this one on
+            # the same connection: record the recipients sent so far now.
+            for result in results:
+                if result.sent:
+                    rs = attempt.state.recipients.setdefault(result.recipient,
+                                                             RecipientState())
+                    rs.status, rs.code, rs.text, rs.remote = (
+                        RecipientStatus.SENT, result.code, result.text, result.remote)
+            if attempt.writing is None:
+                d = defer.ensureDeferred(self._save_partial(attempt))
+                attempt.writing = None if d.called else d
+        return settled
+
+    async def _save_partial(self, attempt: _Attempt) -> None:
+        """Save the state while connections wait on it and other jobs are out; one save
+        of a message at a time, each covering every result reported before it began."""
+        while attempt.waiting and attempt.outstanding > 0:
+            waiting, attempt.waiting = attempt.waiting, []
+            try:
+                if not attempt.deleted:
+                    await self.spool.save_state(attempt.queue_id, attempt.state)
+            except Exception:
+                log.failure("cannot record the delivery of {queue_id}",
+                            queue_id=attempt.queue_id)
+            for d in waiting:
+                d.callback(None)
+        attempt.writing = None  # the rest (if any) is the conclusion's
 
     async def _conclude(self, attempt: _Attempt) -> None:
         queue_id, state = attempt.queue_id, attempt.state
-        settled = False  # the state (and a removal) is on disk
+        settled = False  # the state (or the removal) is on disk
         try:
+            if attempt.writing is not None:
+                await attempt.writing  # one save of a message at a time
             if attempt.deleted or not (attempt.results or attempt.suppressed or state.done):
                 return  # deleted, or stopped before anything was tried: nothing to record
             now = self.clock.seconds()
@@ -499,15 +562,19 @@ class DeliveryManager:
                 state.next_attempt = now + self.retry_first
             if delayed:
                 await self._notify(attempt, delayed, "delayed", now)
-            await self.spool.save_state(queue_id, state)
-            if state.done:
+            if state.done:  # the removal records it: no state to save first
                 await self.spool.remove(queue_id)
+            else:
+                await self.spool.save_state(queue_id, state)
             settled = True
         except Exception:
             log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
             state.next_attempt = self.clock.seconds() + self.retry_first  # try again then
         finally:
             del self._active[queue_id]
+            waiting, attempt.waiting = attempt.waiting, []
+            for d in waiting:
+                d.callback(None)
             if self._running and not attempt.deleted and not (settled and state.done):
                 self.schedule.add(queue_id, state.next_attempt)
             self._pump()
