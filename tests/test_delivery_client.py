@@ -6,6 +6,7 @@ import io
 import os
 import random
 import shutil
+import socket
 import tempfile
 
 import certs
@@ -188,6 +189,23 @@ class ClientTests(TempPaths, unittest.TestCase):
         self.assertEqual(settled, ["q0", "q1", "q2"])
         self.assertEqual(taken, [(0, 0), (1, 1), (2, 2), (3, 3)])
         self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_no_nagle_delay(self):
+        _, hop = self.sink()
+        courier = Courier(reactor, "relay.test", connect_timeout=5, command_timeout=10)
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        nodelay = []
+
+        def report(job, results):
+            run.report(job, results)
+            [client] = courier._live
+            nodelay.append(client.transport.getHandle().getsockopt(socket.IPPROTO_TCP,
+                                                                   socket.TCP_NODELAY))
+
+        yield courier.send([hop], run.next_job, report)
+        self.assertEqual(len(nodelay), 1)
+        self.assertTrue(nodelay[0])
 
     @defer.inlineCallbacks
     def test_server_leaving_while_a_report_is_held(self):
