@@ -137,9 +137,9 @@ class RelayClient(smtp.ESMTPClient):
     # ---- connection-level events
 
     def connectionMade(self) -> None:
-        # Every command, and the end of DATA after the body, is a small write sent
-        # while the previous one is unacknowledged: with Nagle it waits for the server's
-        # delayed ACK (up to 40 ms), which capped a connection at ~20 messages/s.
+        # The end of DATA is a small write right behind the body: with Nagle it waits
+        # for the ACK of the body's last segment, which the server delays (up to 40 ms),
+        # and that capped a connection at ~20 messages/s.
         self.transport.setTcpNoDelay(True)
         super().connectionMade()
 
