@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from mailrelay.smtp import headers
 from mailrelay.smtp.headers import HeaderError, from_addresses
 from mailrelay.smtp.received import address_literal, protocol_name, received_header
 
@@ -64,6 +65,26 @@ def test_garbage_never_escapes_as_another_error() -> None:
             assert all(isinstance(a, str) for a in from_addresses(header))
         except HeaderError:
             pass
+
+
+def test_simple_forms_read_as_the_email_parser_reads_them() -> None:
+    # The usual forms skip the email parser; they must give exactly what it gives.
+    rng = random.Random(7)
+    chars = "abcXYZ019_+-"
+
+    def word() -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(1, 6)))
+
+    def dotted(sep: str) -> str:
+        return sep.join(word() for _ in range(rng.randint(1, 3)))
+
+    for _ in range(3000):
+        addr = f"{dotted('.')}@{dotted('.').replace('_', 'x').replace('+', 'y')}"
+        name = " ".join(word() for _ in range(rng.randint(0, 3)))
+        text = rng.choice([addr, f"<{addr}>", f"{name} <{addr}>", f"{name}\t<{addr}>",
+                           f"{name}<{addr}>"]).strip()
+        assert headers._SIMPLE.fullmatch(text), text
+        assert from_addresses(b"From: " + text.encode()) == headers._parse(text) == [addr]
 
 
 def test_received_header() -> None:

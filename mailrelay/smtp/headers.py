@@ -17,6 +17,12 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # Defects that do not make the address ambiguous: 8-bit bytes in a display name,
 # obsolete but well-defined syntax (a source route, a comment between words).
 _HARMLESS = (errors.UndecodableBytesDefect, errors.ObsoleteHeaderDefect)
+# The usual forms, ``a@b.c``, ``<a@b.c>`` and ``Some Name <a@b.c>``, in characters the
+# email parser takes verbatim (and never quotes): read without it, which is most of the
+# cost of a small message's header check. Anything else goes through the parser.
+_WORD = r"[A-Za-z0-9_+-]+"
+_ADDR = rf"({_WORD}(?:\.{_WORD})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
+_SIMPLE = re.compile(rf"{_ADDR}|(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<{_ADDR}>")
 
 
 class HeaderError(ValueError):
@@ -44,6 +50,14 @@ def from_addresses(header: bytes) -> list[str]:
     if len(values) > 1:
         raise HeaderError("Message has more than one From: header")
     text = b"".join(values[0]).decode("utf-8", "surrogateescape").strip()
+    simple = _SIMPLE.fullmatch(text)
+    if simple:
+        return [simple.group(1) or simple.group(2)]
+    return _parse(text)
+
+
+def _parse(text: str) -> list[str]:
+    """The addresses of a From: value, by the email package's parser."""
     try:
         field = email_policy.header_factory("From", text)
         defects = [d for d in field.defects if not isinstance(d, _HARMLESS)]
