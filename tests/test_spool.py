@@ -15,12 +15,16 @@ from twisted.trial import unittest
 
 from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
+from mailrelay.spool.incoming import SPILL_BYTES
 from mailrelay.spool.queueid import QueueIds, is_queue_id, priority_of, time_of
 from mailrelay.spool.spool import Spool
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
 BODY = (b"Received: from client (127.0.0.1) by relay\r\nFrom: a@x.example\r\n"
         b"Subject: test\r\n\r\n.leading dot stays unstuffed\r\n8bit \xc3\xa9\r\n")
+
+
+LARGE = BODY * (SPILL_BYTES // len(BODY) + 1)  # written to tmp/ as it arrives
 
 
 def envelope(**kw) -> Envelope:
@@ -122,8 +126,8 @@ class CommitTests(SpoolTestBase):
         self.assertTrue(is_queue_id(msg.id))
         self.assertEqual(msg.envelope.id, msg.id)
         self.assertEqual(msg.size, len(BODY))
-        self.assertEqual(listing(spool, "tmp"), [msg.id])
-        self.assertEqual(listing(spool, "queue"), [])
+        # A small message is held in memory: the reactor made no file system call.
+        self.assertEqual(listing(spool, "tmp") + listing(spool, "queue"), [])
 
         seen = []
         d = msg.commit()
@@ -201,7 +205,7 @@ class CommitTests(SpoolTestBase):
     def test_failed_commit_fails_alone(self):
         spool = self.open_spool()
         leader = self.receive(spool).commit()  # in flight: the next two share a batch
-        good, bad = self.receive(spool), self.receive(spool)
+        good, bad = self.receive(spool), self.receive(spool, body=LARGE)
         os.unlink(os.path.join(spool.directory, "tmp", bad.id))  # its rename will fail
         d_good, d_bad = good.commit(), bad.commit()
         leader_id = yield leader
@@ -230,6 +234,52 @@ class CommitTests(SpoolTestBase):
         self.assertEqual(spool.dir_syncs, 2)
         with spool.open_body(ids[-1]) as f:
             self.assertEqual(f.read(), BODY + b"%d\r\n" % (n - 1))
+
+
+class HeldInMemoryTests(SpoolTestBase):
+    @defer.inlineCallbacks
+    def test_a_large_message_goes_to_tmp_as_it_arrives(self):
+        spool = self.open_spool()
+        msg = spool.create(envelope())
+        msg.write(LARGE[:SPILL_BYTES // 2])
+        self.assertEqual(listing(spool, "tmp"), [])
+        msg.write(LARGE[SPILL_BYTES // 2:])
+        self.assertEqual(listing(spool, "tmp"), [msg.id])
+        queue_id = yield msg.commit()
+        self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], [queue_id]))
+        with spool.open_body(queue_id) as f:
+            self.assertEqual(f.read(), LARGE)
+        aborted = spool.create(envelope())
+        aborted.write(LARGE)
+        aborted.abort()
+        self.assertEqual(listing(spool, "tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_a_taken_tmp_name_fails_the_commit_and_is_left_alone(self):
+        spool = self.open_spool()
+        msg = self.receive(spool)
+        other = os.path.join(spool.directory, "tmp", msg.id)
+        with open(other, "wb") as f:
+            f.write(b"not ours")
+        reply = yield self.assertFailure(msg.commit(), Reply)
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        with open(other, "rb") as f:
+            self.assertEqual(f.read(), b"not ours")
+        self.assertEqual(spool.queued(), [])
+        self.flushLoggedErrors(FileExistsError)
+
+    def test_free_space_is_read_at_most_once_a_second(self):
+        clock = Clock()
+        spool = Spool(os.path.join(self.tempdir(), "spool"), reactor=clock, min_free_bytes=1)
+        spool.open()
+        self.addCleanup(spool.close)
+        reads = []
+        real = spool.free_bytes
+        spool.free_bytes = lambda: reads.append(1) or real()
+        for step in (0, 0.5, 0.4, 0.1, 0.5):
+            clock.advance(step)
+            spool.create(envelope()).abort()
+        self.assertEqual(len(reads), 2)  # at 0 and at 1.0
 
 
 class OpenTests(SpoolTestBase):
@@ -374,8 +424,8 @@ class DiskFullTests(SpoolTestBase):
         with open(filler, "wb", buffering=0) as f, self.assertRaises(OSError):
             for _ in range(1000):  # bounded: 4 MB is more than the disk
                 f.write(b"f" * 4096)
-        msg = self.receive(spool, body=BODY * 100)  # a few KB: still in the write buffer
-        self.assertEqual(listing(spool, "tmp"), [msg.id])  # so the flush at commit fails
+        msg = self.receive(spool, body=BODY * 100)  # a few KB: still in memory
+        self.assertEqual(listing(spool, "tmp"), [])  # so the write at commit fails
         reply = yield self.assertFailure(msg.commit(), Reply)
         self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
         self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], []))

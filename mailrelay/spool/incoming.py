@@ -1,4 +1,5 @@
-"""A message being received: written to `tmp/<id>`, moved into the queue by commit()."""
+"""A message being received: held in memory, or for a large one written to `tmp/<id>`;
+commit() makes it durable in the queue."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ from zope.interface import implementer
 from mailrelay.interfaces import IIncomingMessage
 from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
-from mailrelay.spool.files import close_quietly, unlink_quietly
+from mailrelay.spool.files import close_quietly, create_exclusive, unlink_quietly
 from mailrelay.spool.groupsync import GroupSync
 
 log = Logger()
 
 INSUFFICIENT_STORAGE = (452, "4.3.1", "Insufficient system storage, try again later")
 LOCAL_ERROR = (451, "4.3.0", "Local error in processing, try again later")
+# A message up to this size stays in memory until commit() (as much as the file's write
+# buffer held anyway); a larger one goes on into tmp/ as it arrives.
+SPILL_BYTES = 64 * 1024
 
 
 def storage_reply(err: BaseException | None) -> Reply:
@@ -41,15 +45,21 @@ class _Phase(enum.Enum):
 
 @implementer(IIncomingMessage)
 class IncomingMessage:
-    """Body writes go to a buffered file on the reactor thread (page cache only); the
-    fsync, rename and directory fsync happen in commit(), in the group commit's thread."""
+    """The file is made, written, fsynced and renamed in the group commit's thread, so a
+    small message costs the reactor no file system call at all. One larger than
+    ``spill_bytes`` is created in tmp/ once it passes that size and its body goes to a
+    buffered file on the reactor thread (page cache only)."""
 
-    def __init__(self, envelope: Envelope, file: BinaryIO, tmp_path: str, final_path: str,
-                 committer: GroupSync, notify: Callable[[Envelope], None] | None = None) -> None:
+    def __init__(self, envelope: Envelope, head: bytes, tmp_path: str, final_path: str,
+                 committer: GroupSync, notify: Callable[[Envelope], None] | None = None,
+                 spill_bytes: int = SPILL_BYTES) -> None:
         self.id = envelope.id
         self.envelope = envelope
         self.size = 0  # body bytes written so far
-        self._file = file
+        self._chunks: list[bytes] = [head]  # the file's content while in memory
+        self._held = len(head)
+        self._spill_bytes = spill_bytes
+        self._file: BinaryIO | None = None
         self._tmp_path = tmp_path
         self._final_path = final_path
         self._committer = committer
@@ -65,13 +75,24 @@ class IncomingMessage:
                 return
             raise RuntimeError(f"write after commit of {self.id}")
         try:
-            self._file.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            else:
+                self._chunks.append(data)
+                self._held += len(data)
+                if self._held > self._spill_bytes:
+                    self._spill()
         except OSError as err:
             self._error = err
             log.warn("cannot write {queue_id}: {error}", queue_id=self.id, error=err)
             self._discard()
             return
         self.size += len(data)
+
+    def _spill(self) -> None:
+        self._file = create_exclusive(self._tmp_path)
+        chunks, self._chunks = self._chunks, []
+        self._file.write(b"".join(chunks))
 
     def commit(self) -> Deferred:
         """Fires with the queue id once the message is durable in queue/ (or hold/);
@@ -98,12 +119,22 @@ class IncomingMessage:
 
     def _discard(self) -> None:
         self._phase = _Phase.DISCARDED
-        unlink_quietly(self._tmp_path)
-        close_quietly(self._file)
+        self._chunks = []
+        if self._file is not None:
+            unlink_quietly(self._tmp_path)
+            close_quietly(self._file)
 
     def _make_durable(self) -> tuple[str]:
         """In a group commit thread: the file's data, then its name in the target dir."""
+        if self._file is None:
+            # Made here; a name already taken is not ours to remove.
+            self._file = create_exclusive(self._tmp_path)
+            chunks, self._chunks = self._chunks, []
+        else:
+            chunks = []
         try:
+            if chunks:
+                self._file.write(b"".join(chunks))
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()

@@ -26,15 +26,9 @@ from zope.interface import implementer
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
-from mailrelay.spool.files import (
-    close_quietly,
-    create_exclusive,
-    fsync_dir,
-    unlink_quietly,
-    write_durably,
-)
+from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.spool.groupsync import GroupSync
-from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, IncomingMessage, storage_reply
+from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, IncomingMessage
 from mailrelay.spool.queueid import QueueIds, is_queue_id
 from mailrelay.spool.state import DeliveryState
 
@@ -42,6 +36,7 @@ log = Logger()
 
 PLACES = ("queue", "hold")  # where committed messages live
 DEFAULT_MIN_FREE_BYTES = 100 * 2**20
+FREE_SPACE_AGE = 1.0  # seconds a free space reading stands for
 
 
 @implementer(ISpool)
@@ -70,6 +65,7 @@ class Spool(Service):
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
         self._subscribers: list[Callable[[Envelope], None]] = []
+        self._free: tuple[float, int] | None = None  # (when, free_bytes()) for create()
 
     # -- lifecycle
 
@@ -132,8 +128,9 @@ class Spool(Service):
 
     def create(self, envelope: Envelope) -> IncomingMessage:
         """Start a message; fills ``envelope.id`` when empty. Raises smtp.reply.Reply
-        (452 4.3.1) when free space is below min_free_bytes or the file cannot be made."""
-        free = self.free_bytes()
+        (452 4.3.1) when free space is below min_free_bytes (checked at most once a
+        second); a file that cannot be made fails the message's commit()."""
+        free = self._recent_free_bytes()
         if free < self.min_free_bytes:
             log.warn("refusing a message: {free} bytes free in {directory}, below "
                      "{minimum}", free=free, directory=self.directory,
@@ -146,21 +143,9 @@ class Spool(Service):
         tmp_path = os.path.join(self._dir("tmp"), envelope.id)
         place = "hold" if envelope.sandboxed else "queue"
         line = json.dumps(envelope.to_json(), separators=(",", ":")).encode() + b"\n"
-        try:
-            f = create_exclusive(tmp_path)
-        except OSError as err:
-            log.error("cannot create {queue_id}: {error}", queue_id=envelope.id, error=err)
-            raise storage_reply(err)
-        try:
-            f.write(line)
-        except OSError as err:
-            unlink_quietly(tmp_path)
-            close_quietly(f)
-            log.error("cannot create {queue_id}: {error}", queue_id=envelope.id, error=err)
-            raise storage_reply(err)
         final_path = os.path.join(self._dir(place), envelope.id)
         notify = None if envelope.sandboxed else self._committed
-        return IncomingMessage(envelope, f, tmp_path, final_path, self._sync, notify)
+        return IncomingMessage(envelope, line, tmp_path, final_path, self._sync, notify)
 
     def submit(self, envelope: Envelope, data: bytes) -> Deferred:
         """Queue a whole message the relay made itself (DSN, notification): create, write,
@@ -172,6 +157,14 @@ class Spool(Service):
     def free_bytes(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
+
+    def _recent_free_bytes(self) -> int:
+        """free_bytes() as of at most FREE_SPACE_AGE seconds ago: a statvfs per message
+        would cost more than the room it could find missing in a second."""
+        now = self._reactor.seconds()
+        if self._free is None or now - self._free[0] >= FREE_SPACE_AGE or now < self._free[0]:
+            self._free = (now, self.free_bytes())
+        return self._free[1]
 
     # -- reading side (blocking; use load()/scan() on the reactor)
 
