@@ -146,10 +146,9 @@ class IncomingMessage:
         return (os.path.dirname(self._final_path),)
 
     def _committed(self, _: None) -> str:
+        # Not logged here: whoever made the message logs it with more to say (the
+        # session's "accepted", delivery's DSN line), once.
         self._phase = _Phase.COMMITTED
-        log.info("spooled {queue_id}: {size} bytes, {rcpts} recipients, to {place}",
-                 queue_id=self.id, size=self.size, rcpts=len(self.envelope.recipients),
-                 place=os.path.basename(os.path.dirname(self._final_path)))
         if self._notify is not None:
             self._notify(self.envelope)
         return self.id
