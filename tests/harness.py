@@ -15,10 +15,21 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class TempPaths:
+    """For trial TestCases: mktemp() under the system's temporary directory (trial's
+    default is the working directory), removed after the test."""
+
+    def mktemp(self) -> str:
+        base = tempfile.mkdtemp(prefix="mailrelay-test-")
+        self.addCleanup(shutil.rmtree, base, True)
+        return os.path.join(base, "t")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

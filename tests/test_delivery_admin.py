@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-from harness import env
+from harness import TempPaths, env
 from smtp_sink import SMTPSink
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
@@ -23,16 +21,6 @@ from mailrelay.spool.spool import Spool
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
 BODY = b"From: s@a.test\r\nSubject: queued one\r\n\r\nbody\r\n"
-
-
-class TempPaths:
-    """mktemp() under the system's temporary directory (trial's default is the working
-    directory), removed after the test."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
-        self.addCleanup(shutil.rmtree, base, True)
-        return os.path.join(base, "t")
 
 
 class QueueCommandTests(TempPaths, unittest.TestCase):

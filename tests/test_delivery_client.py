@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 import random
-import shutil
 import socket
-import tempfile
 
 import certs
+from harness import TempPaths
 from smtp_sink import SMTPSink
 from twisted.internet import defer, protocol, reactor, task
 from twisted.protocols.basic import LineReceiver
@@ -118,16 +116,6 @@ class Scripted(LineReceiver):
         else:
             self.in_data = reply.startswith(b"354")
             self.transport.write(reply)
-
-
-class TempPaths:
-    """mktemp() under the system's temporary directory (trial's default is the working
-    directory), removed after the test."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
-        self.addCleanup(shutil.rmtree, base, True)
-        return os.path.join(base, "t")
 
 
 class ClientTests(TempPaths, unittest.TestCase):

@@ -5,27 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
-from harness import ROOT, env, wait_for
+from harness import ROOT, TempPaths, env, wait_for
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailrelay.delivery.client import Courier, Job
 from mailrelay.delivery.router import Hop, MXRouter, make_resolver
-
-
-class TempPaths:
-    """mktemp() under the system's temporary directory (trial's default is the working
-    directory), removed after the test."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
-        self.addCleanup(shutil.rmtree, base, True)
-        return os.path.join(base, "t")
 
 
 class SubprocessTests(TempPaths, unittest.TestCase):

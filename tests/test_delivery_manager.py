@@ -10,12 +10,11 @@ import email
 import email.policy
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import certs
 from dns_server import DNSServer
+from harness import TempPaths
 from smtp_sink import SMTPSink
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.task import Clock
@@ -46,16 +45,6 @@ class CountingSpool(Spool):
     def load(self, queue_id):
         self.loads += 1
         return super().load(queue_id)
-
-
-class TempPaths:
-    """mktemp() under the system's temporary directory (trial's default is the working
-    directory), removed after the test."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
-        self.addCleanup(shutil.rmtree, base, True)
-        return os.path.join(base, "t")
 
 
 class Base(TempPaths, unittest.TestCase):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 
 from dns_server import DNSServer
+from harness import TempPaths
 from twisted.internet import defer
 from twisted.names import client
 from twisted.trial import unittest
@@ -128,16 +126,6 @@ class MXRouterTests(unittest.TestCase):
         self.assertFailure(MXRouter(self.resolver).route("[127.0.0.1]"), PermanentRouteError)
         return self.router.route("[127.0.0.1]").addCallback(
             lambda hops: self.assertEqual(hops[0].address, "127.0.0.1"))
-
-
-class TempPaths:
-    """mktemp() under the system's temporary directory (trial's default is the working
-    directory), removed after the test."""
-
-    def mktemp(self) -> str:
-        base = tempfile.mkdtemp(prefix="mailrelay-delivery-")
-        self.addCleanup(shutil.rmtree, base, True)
-        return os.path.join(base, "t")
 
 
 class OtherRouterTests(TempPaths, unittest.TestCase):
