@@ -298,11 +298,14 @@ class Config:
     tracking: SimpleNamespace
 
 
+EMBEDDED = "<embedded defaults>"  # Config.source without a file
+
+
 def load_config(path: str | None) -> Config:
     """Read and check ``path`` (None: the embedded defaults). Raises ConfigError."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
     parser.optionxform = str  # keys are case-sensitive; routes keep their domain
-    source = path or "<embedded defaults>"
+    source = path or EMBEDDED
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:

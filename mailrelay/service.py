@@ -1,7 +1,9 @@
-"""Builds the running relay from a Config: one function, no globals.
+"""Builds the running relay from a Config: one function per process, no globals.
 
 listeners -> SubmissionFactory (session) -> Cred portal (directory) -> spool -> delivery;
 the per-user features (make_features) hook into the session's policy and into delivery.
+Delivery runs in a process of its own (delivery/process.py), built by
+make_delivery_worker from the same Config and meeting the relay at the spool.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from functools import partial
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from mailrelay.config import Config
+from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
 
 log = Logger()
@@ -77,11 +79,16 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if not config.tracking.enabled:
         reactor.callWhenRunning(warn_features_off, directory)
 
-    manager = None
+    delivery = None
     if config.delivery.enabled:
-        manager = make_delivery(config, spool, reactor, features)
-        DeliveryService(manager).setServiceParent(top)
-        spool.subscribe(manager.enqueue)
+        from mailrelay.delivery.process import DeliveryProcess, worker_command
+        from mailrelay.delivery.router import router_from_config
+
+        router_from_config(config, reactor)  # a setting it refuses stops the relay here
+        source = None if config.source == EMBEDDED else config.source
+        delivery = DeliveryProcess(worker_command(source), reactor)
+        delivery.setServiceParent(top)
+        spool.subscribe(delivery.enqueue)
 
     policy, notifier = make_policy(config, spool, reactor)
     top.addService(_Stopping(notifier.stop))
@@ -110,8 +117,25 @@ def make_service(config: Config, reactor=None) -> MultiService:
                         reactor).setServiceParent(top)
 
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
-                       manager=manager, reactor=reactor).setServiceParent(top)
+                       manager=delivery, reactor=reactor).setServiceParent(top)
     return top
+
+
+def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
+    """The delivery process's services (the shared spool, the feature stores, the queue
+    runner) and its DeliveryManager."""
+    from mailrelay.spool.spool import Spool
+
+    top = MultiService()
+    spool = Spool(config.spool.directory, reactor=reactor,
+                  min_free_bytes=config.spool.min_free_space, owner=False)
+    spool.setServiceParent(top)
+    suppressions, stats = open_feature_stores(config)
+    features = make_features(config, suppressions, stats, reactor, top, serve=False)
+    manager = make_delivery(config, spool, reactor, features)
+    DeliveryService(manager).setServiceParent(top)
+    spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
+    return top, manager
 
 
 def open_feature_stores(config: Config):
@@ -124,11 +148,13 @@ def open_feature_stores(config: Config):
     return SuppressionStore(paths.suppressions_db), StatsStore(paths.stats_db)
 
 
-def make_features(config: Config, suppressions, stats_store, reactor, parent) -> object:
+def make_features(config: Config, suppressions, stats_store, reactor, parent,
+                  serve: bool = True) -> object:
     """The per-user features (features.hooks.MessageFeatures) from ``[features]`` and
-    ``[tracking]``; their services (the statistics writer, archive pruning, the tracking
-    listener) join ``parent``. Call it before delivery joins ``parent``, so that the
-    statistics are written after delivery has stopped."""
+    ``[tracking]``; their services (the statistics writer and, with ``serve``, archive
+    pruning and the tracking listener: the relay's, not the delivery process's) join
+    ``parent``. Call it before delivery joins ``parent``, so that the statistics are
+    written after delivery has stopped."""
     from mailrelay.features.archive import Archive, ArchivePruner
     from mailrelay.features.hooks import MessageFeatures
     from mailrelay.features.paths import feature_paths
@@ -138,12 +164,14 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent) ->
     recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
     recorder.setServiceParent(parent)
     archive = Archive(paths.archive_dir, f.archive_retention / 86400)
-    ArchivePruner(archive, reactor).setServiceParent(parent)
+    if serve:
+        ArchivePruner(archive, reactor).setServiceParent(parent)
     personalizer = None
     if config.tracking.enabled:
         personalizer = make_personalizer(config, paths.token_key)
-        _tracking_listener(config, personalizer, suppressions, recorder,
-                           reactor).setServiceParent(parent)
+        if serve:
+            _tracking_listener(config, personalizer, suppressions, recorder,
+                               reactor).setServiceParent(parent)
     return MessageFeatures(reactor, suppressions, recorder, personalizer, archive)
 
 

@@ -49,6 +49,18 @@ class QueueIdTests(unittest.TestCase):
         self.assertEqual(burst, sorted(burst))
         self.assertTrue(all(is_queue_id(i) for i in burst))
 
+    def test_lanes_never_meet(self) -> None:
+        # The relay and its delivery process write the same spool in the same millisecond.
+        clock = Clock()
+        clock.advance(1_700_000_000.5)
+        relay, delivery = QueueIds(clock.seconds), QueueIds(clock.seconds, lane=1)
+        ours = [relay.next(3) for _ in range(20_000)]
+        theirs = [delivery.next(3) for _ in range(20_000)]
+        self.assertFalse(set(ours) & set(theirs))
+        self.assertTrue(all(is_queue_id(i) for i in ours + theirs))
+        with self.assertRaises(ValueError):
+            QueueIds(clock.seconds, lane=2)
+
     def test_priority_then_age(self) -> None:
         clock = Clock()
         clock.advance(1_700_000_000)
@@ -302,6 +314,23 @@ class OpenTests(SpoolTestBase):
         self.assertEqual(spool.queued(), [kept])
         [event] = [e for e in events if "stale" in e.get("log_format", "")]
         self.assertEqual((event["stale"], event["orphans"], event["queued"]), (2, 1, 1))
+
+    def test_a_second_process_opening_the_spool_cleans_nothing(self):
+        # The delivery process shares the relay's spool: the relay's messages being
+        # received sit in tmp/ and must survive it opening the spool.
+        base = self.tempdir()
+        owner = self.open_spool(base)
+        receiving = self.receive(owner, b"half a message")
+        receiving.write(b"x" * (SPILL_BYTES + 1))  # large enough to be in tmp/ already
+        shared = Spool(owner.directory, owner=False)
+        shared.open()
+        self.addCleanup(shared.close)
+        self.assertEqual(listing(owner, "tmp"), [receiving.id])
+        made = shared.create(envelope())
+        # Another lane of ids: the six last digits start at 800000 instead of 000000.
+        self.assertEqual((int(receiving.id[-6], 16) >= 8, int(made.id[-6], 16) >= 8),
+                         (False, True))
+        made.abort()
 
     @defer.inlineCallbacks
     def test_as_a_service_stopping_after_commits_in_flight(self):

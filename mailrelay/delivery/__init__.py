@@ -6,6 +6,8 @@
 - schedule.py: when each queued message is due (priority, age, backoff)
 - manager.py: DeliveryManager, the queue runner; control files for mailrelay-admin
 - dsn.py: RFC 3464 bounces and delay notifications
+- process.py: the relay's side of the delivery process (start, restart, stop, announce)
+- worker.py: the delivery process itself; commands.py: what the two say over their socket
 """
 
 from mailrelay.delivery.router import Hop, PermanentRouteError, TemporaryRouteError

@@ -8,7 +8,8 @@ import secrets
 from collections.abc import Callable
 
 ID_RE = re.compile(r"[1-9][0-9a-f]{17}")
-_SEQ_MAX = 0xFFFFFF
+_LANE = 0x800000  # the six digits hold two lanes of this many ids per millisecond
+LANES = 2
 
 
 def is_queue_id(name: str) -> bool:
@@ -30,11 +31,16 @@ class QueueIds:
     The last six digits start at a random value each millisecond and count up for more ids
     in the same millisecond, so a burst never collides and keeps its order; the random
     start keeps ids from two runs of the daemon apart. The time never goes backwards, even
-    when the clock does.
+    when the clock does. ``lane`` (0 or 1) gives each of two processes writing the same
+    spool (the relay and its delivery process) its own half of the digits, so their ids
+    never meet.
     """
 
-    def __init__(self, now: Callable[[], float]) -> None:
+    def __init__(self, now: Callable[[], float], lane: int = 0) -> None:
+        if not 0 <= lane < LANES:
+            raise ValueError(f"lane must be 0 or 1, not {lane!r}")
         self._now = now
+        self._base = lane * _LANE
         self._ms = 0
         self._seq = 0
 
@@ -43,9 +49,9 @@ class QueueIds:
             raise ValueError(f"priority must be a digit 1-9, not {priority!r}")
         ms = int(self._now() * 1000)
         if ms > self._ms:
-            self._ms, self._seq = ms, secrets.randbelow(_SEQ_MAX // 2)
-        elif self._seq < _SEQ_MAX:
+            self._ms, self._seq = ms, secrets.randbelow(_LANE // 2)
+        elif self._seq < _LANE - 1:
             self._seq += 1
         else:  # 8 million ids in one millisecond: borrow the next one
             self._ms, self._seq = self._ms + 1, 0
-        return f"{priority}{self._ms:011x}{self._seq:06x}"
+        return f"{priority}{self._ms:011x}{self._base + self._seq:06x}"

@@ -50,18 +50,24 @@ class Spool(Service):
     As a twisted Service, startService() opens the spool and stopService() waits for the
     commits in flight, then stops the threads. mailrelay-admin uses the blocking readers
     and delete() without opening (open() would remove the daemon's messages in tmp/).
+
+    ``owner``: the relay owns the spool and cleans up after a crash when it opens it; the
+    delivery process (``owner=False``) shares it and only starts its threads, and its
+    queue ids come from a lane of their own.
     """
 
     name = "spool"
 
     def __init__(self, directory: str, reactor=None,
-                 min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, threads: int = 4) -> None:
+                 min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, threads: int = 4,
+                 owner: bool = True) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.directory = directory
         self.min_free_bytes = min_free_bytes
+        self.owner = owner
         self._reactor = reactor
-        self._ids = QueueIds(reactor.seconds)
+        self._ids = QueueIds(reactor.seconds, lane=0 if owner else 1)
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
         self._subscribers: list[Callable[[Envelope], None]] = []
@@ -73,9 +79,13 @@ class Spool(Service):
         """Create the directories, remove what a crash left behind, start the threads.
 
         Reads no message: two listdirs and set arithmetic, fast at 100,000 messages.
+        A spool opened by another owner (``owner=False``) is only used, never cleaned.
         """
         for place in ("tmp", "queue", "hold", "state"):
             os.makedirs(self._dir(place), mode=0o700, exist_ok=True)
+        if not self.owner:
+            self._pool.start()
+            return
         stale = os.listdir(self._dir("tmp"))
         for name in stale:
             unlink_quietly(os.path.join(self._dir("tmp"), name))

@@ -1,0 +1,58 @@
+"""What the relay and its delivery process say to each other: AMP commands over a socket
+pair made when the relay starts the process (delivery/process.py, delivery/worker.py).
+
+The relay speaks first in every command; the delivery process answers. Message data
+never crosses the socket: both processes read and write the spool directly.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import protocol
+from twisted.protocols import amp
+
+# Ids per Enqueue: an AMP value holds at most 65,535 bytes (an id takes 20 with its length).
+MAX_IDS = 1000
+
+
+class Enqueue(amp.Command):
+    """Messages just committed to queue/ (durable already): schedule them now."""
+
+    arguments = [(b"ids", amp.ListOf(amp.Unicode()))]
+    requiresAnswer = False
+
+
+class Retry(amp.Command):
+    """One message is due now (the control panel's retry); False: not in the queue."""
+
+    arguments = [(b"queue_id", amp.Unicode())]
+    response = [(b"queued", amp.Boolean())]
+
+
+class Delete(amp.Command):
+    """Stop delivering a message and remove it; the place it was in (queue or hold)."""
+
+    arguments = [(b"queue_id", amp.Unicode())]
+    response = [(b"place", amp.Unicode())]
+    errors = {KeyError: b"UNKNOWN_MESSAGE"}
+
+
+class Flush(amp.Command):
+    """Every deferred message is due now; how many were waiting."""
+
+    response = [(b"count", amp.Integer())]
+
+
+def adopt(reactor, fd: int, proto: amp.AMP) -> None:
+    """Run ``proto`` on the connected UNIX socket ``fd``; the reactor uses a copy of the
+    descriptor, so the caller closes ``fd``."""
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _Given(proto))
+
+
+class _Given(protocol.Factory):
+    def __init__(self, proto: amp.AMP) -> None:
+        self._proto = proto
+
+    def buildProtocol(self, addr) -> amp.AMP:
+        return self._proto

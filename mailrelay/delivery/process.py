@@ -1,0 +1,262 @@
+"""Delivery in a process of its own, the way Postfix's smtpd and qmgr meet only at the queue.
+
+The relay (this side) receives and commits messages; the delivery process
+(delivery/worker.py) runs the queue: routing, outbound connections, retries, DSNs. One
+Python process runs on one core, so receiving and delivering in two processes lets them
+use two. They share the spool directory and talk over a socket pair with AMP
+(delivery/commands.py): the relay tells the process about each committed message, and
+passes on the control panel's retry and delete.
+
+No message can be forgotten between them: the process lists the queue when it starts, and
+a message is announced only once it is durable in queue/, so whatever was announced to a
+process that died is found by the next one's listing. The relay restarts a process that
+ends while the relay runs (after 1 s, doubling up to 30 s while it keeps failing), and
+stops it when the relay stops. The process's log events come back over its stdout as
+JSON and join the relay's log as if logged here; a process whose relay is gone stops.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from operator import itemgetter
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+import mailrelay
+from mailrelay.delivery.commands import MAX_IDS, Delete, Enqueue, Flush, Retry, adopt
+
+log = Logger()
+
+RESTART_FIRST = 1.0  # seconds before restarting a process that ended
+RESTART_MAX = 30.0
+STABLE = 60.0  # a process that ran this long restarts after RESTART_FIRST again
+STOP_TIMEOUT = 30.0  # SIGTERM, then SIGKILL after this long (it saves states first)
+MAX_LOG_RECORD = 1 << 20  # bytes of one log record from the process, at most
+
+
+def worker_command(config_source: str | None) -> list[str]:
+    """The command line of the delivery process for a relay run with ``config_source``
+    (None: the embedded defaults)."""
+    argv = [sys.executable, "-m", "mailrelay.delivery.worker", "--fd", "3"]
+    if config_source is not None:
+        argv += ["--config", os.path.abspath(config_source)]
+    return argv
+
+
+def worker_env() -> dict[str, str]:
+    """The relay's environment, with this mailrelay package first on the import path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mailrelay.__file__)))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+class _Channel(amp.AMP):
+    def __init__(self, owner: DeliveryProcess) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._owner._channel_lost(self)
+
+
+class _Child(protocol.ProcessProtocol):
+    """The process's stdout (log events as JSON records) and stderr (anything else)."""
+
+    def __init__(self, owner: DeliveryProcess) -> None:
+        self._owner = owner
+        self._out = b""
+        self._err = b""
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *records, self._out = self._out.split(b"\x1e")
+        for record in records:
+            _relog(record)
+        if len(self._out) > MAX_LOG_RECORD:
+            self._out = b""
+            log.warn("delivery process: a log record over {size} bytes, dropped",
+                     size=MAX_LOG_RECORD)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line.strip():
+                log.error("delivery process: {line}", line=line.decode("utf-8", "replace"))
+        self._err = self._err[-MAX_LOG_RECORD:]
+
+    def processEnded(self, reason: Failure) -> None:
+        self._owner._ended(self, reason)
+
+
+def _relog(record: bytes) -> None:
+    if not record.strip():
+        return
+    try:
+        event = eventFromJSON(record.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        log.warn("delivery process: unreadable log record {record!r}", record=record[:200])
+        return
+    globalLogPublisher(event)
+
+
+class DeliveryProcess(Service):
+    """Starts, watches and stops the delivery process; stands for its DeliveryManager
+    towards the relay: ``enqueue`` (the spool's subscriber), ``retry``, ``delete`` and
+    ``flush`` (the control panel)."""
+
+    name = "delivery"
+
+    def __init__(self, argv: list[str], reactor, env: dict[str, str] | None = None,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
+        self._argv = argv
+        self._env = env if env is not None else worker_env()
+        self._reactor = reactor
+        self._stop_timeout = stop_timeout
+        self._child: _Child | None = None
+        self._process = None  # IProcessTransport of the running process
+        self._channel: _Channel | None = None
+        self._pending: list[str] = []  # ids to announce at the end of this reactor turn
+        self._sending = None
+        self._restart = None
+        self._delay = RESTART_FIRST
+        self._started_at = 0.0
+        self._pid: int | None = None  # of the process running or last run
+        self._stopped: list[defer.Deferred] = []
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid."""
+        return self._pid if self._process is not None else None
+
+    # ---- lifecycle
+
+    def startService(self) -> None:
+        super().startService()
+        self._spawn()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
+        if self._process is None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._stopped.append(d)
+        self._signal("TERM")
+        kill = self._reactor.callLater(self._stop_timeout, self._signal, "KILL")
+
+        def done(result):
+            if kill.active():
+                kill.cancel()
+            return result
+
+        return d.addBoth(done)
+
+    def _signal(self, name: str) -> None:
+        if self._process is not None:
+            try:
+                self._process.signalProcess(name)
+            except error.ProcessExitedAlready:
+                pass
+
+    def _spawn(self) -> None:
+        self._restart = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            child = _Child(self)
+            self._process = self._reactor.spawnProcess(
+                child, self._argv[0], self._argv, env=self._env,
+                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
+            self._child = child
+            channel = _Channel(self)
+            adopt(self._reactor, ours.fileno(), channel)
+            self._channel = channel
+        finally:
+            ours.close()  # both were duplicated: by the process and by the reactor
+            theirs.close()
+        self._started_at = self._reactor.seconds()
+        self._pid = self._process.pid
+        log.info("delivery process {pid} started", pid=self._pid)
+
+    def _channel_lost(self, channel: _Channel) -> None:
+        if channel is self._channel:
+            self._channel = None
+
+    def _ended(self, child: _Child, reason: Failure) -> None:
+        if child is not self._child:
+            return
+        pid = self._pid
+        self._child = self._process = None
+        if self._channel is not None:
+            self._channel.transport.loseConnection()
+            self._channel = None
+        stopped, self._stopped = self._stopped, []
+        if stopped or not self.running:
+            log.info("delivery process {pid} stopped", pid=pid)
+            for d in stopped:
+                d.callback(None)
+            return
+        if self._reactor.seconds() - self._started_at >= STABLE:
+            self._delay = RESTART_FIRST
+        log.error("delivery process {pid} ended ({why}); restarting it in {delay:.0f}s",
+                  pid=pid, why=_why(reason), delay=self._delay)
+        self._restart = self._reactor.callLater(self._delay, self._spawn)
+        self._delay = min(self._delay * 2, RESTART_MAX)
+
+    # ---- what the relay asks of delivery
+
+    def enqueue(self, message) -> None:
+        """A message (its id or its envelope) is durable in queue/: announce it. Ids
+        committed in one reactor turn leave together. Without a process nothing is sent:
+        the next one lists the queue when it starts."""
+        if self._channel is None:
+            return
+        self._pending.append(getattr(message, "id", message))
+        if self._sending is None:
+            self._sending = self._reactor.callLater(0, self._announce)
+
+    def _announce(self) -> None:
+        self._sending = None
+        ids, self._pending = self._pending, []
+        if self._channel is None:
+            return
+        for start in range(0, len(ids), MAX_IDS):
+            self._channel.callRemote(Enqueue, ids=ids[start:start + MAX_IDS])
+
+    def retry(self, queue_id: str) -> defer.Deferred:
+        """Fires with True when the message is now due, False when it is not queued."""
+        return self._call(Retry, queue_id=queue_id).addCallback(itemgetter("queued"))
+
+    def delete(self, queue_id: str) -> defer.Deferred:
+        """Fires with the place the message was removed from; KeyError when unknown."""
+        return self._call(Delete, queue_id=queue_id).addCallback(itemgetter("place"))
+
+    def flush(self) -> defer.Deferred:
+        """Fires with how many deferred messages became due."""
+        return self._call(Flush).addCallback(itemgetter("count"))
+
+    def _call(self, command, **kw) -> defer.Deferred:
+        if self._channel is None:
+            return defer.fail(RuntimeError("the delivery process is not running"))
+        return self._channel.callRemote(command, **kw)
+
+
+def _why(reason: Failure) -> str:
+    value = reason.value
+    if getattr(value, "signal", None):
+        return f"signal {value.signal}"
+    if getattr(value, "exitCode", None) is not None:
+        return f"exit code {value.exitCode}"
+    return str(value)

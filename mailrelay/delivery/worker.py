@@ -1,0 +1,96 @@
+"""The delivery process: ``python -m mailrelay.delivery.worker --fd N [--config FILE]``.
+
+Started by the relay (delivery/process.py), never by hand: it runs the queue of the
+relay's spool (service.make_delivery_worker), takes the relay's commands on the socket
+``--fd`` (delivery/commands.py) and writes its log events as JSON records to stdout for
+the relay to log. It stops on SIGTERM, or by itself when the relay's end of the socket
+closes (the relay is gone), saving the state of the messages in progress first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.protocols import amp
+
+from mailrelay.delivery.commands import Delete, Enqueue, Flush, Retry, adopt
+from mailrelay.spool.queueid import is_queue_id
+
+log = Logger()
+
+
+class RelayChannel(amp.AMP):
+    """This process's end of the socket: the relay's commands, answered by ``manager``
+    (delivery.manager.DeliveryManager); ``on_lost`` is called once the relay is gone."""
+
+    def __init__(self, manager, on_lost) -> None:
+        super().__init__()
+        self._manager = manager
+        self._on_lost = on_lost
+
+    @Enqueue.responder
+    def enqueue(self, ids: list[str]) -> dict:
+        for queue_id in ids:
+            if is_queue_id(queue_id):
+                self._manager.enqueue(queue_id)
+        return {}
+
+    @Retry.responder
+    def retry(self, queue_id: str) -> dict:
+        return {"queued": bool(self._manager.retry(queue_id))}
+
+    @Delete.responder
+    def delete(self, queue_id: str):
+        return self._manager.delete(queue_id).addCallback(lambda place: {"place": place})
+
+    @Flush.responder
+    def flush(self) -> dict:
+        return {"count": self._manager.flush()}
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self._on_lost()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailrelay.delivery.worker",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--fd", type=int, required=True, help="the socket to the relay")
+    parser.add_argument("--config", help="the relay's configuration file")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    from mailrelay.config import ConfigError, load_config
+    from mailrelay.service import StartupError, make_delivery_worker
+
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)],
+                                     redirectStandardIO=False)
+    try:
+        top, manager = make_delivery_worker(load_config(args.config), reactor)
+    except (ConfigError, StartupError) as e:
+        print(f"mailrelay delivery: {e}", file=sys.stderr)
+        return 1
+
+    def relay_gone() -> None:
+        if reactor.running:
+            log.info("the relay closed its connection: delivery stops")
+            reactor.stop()
+
+    def serve() -> None:
+        # The scan of the queue starts first; messages announced meanwhile join it.
+        top.startService()
+        adopt(reactor, args.fd, RelayChannel(manager, relay_gone))
+        os.close(args.fd)
+
+    reactor.callWhenRunning(serve)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
