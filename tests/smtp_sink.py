@@ -1,7 +1,7 @@
 """A recording SMTP server for tests: Twisted ESMTP on 127.0.0.1, an ephemeral port.
 
 Per-recipient replies (accept, 4xx, 5xx) can change at any time; STARTTLS (with a given
-certificate), AUTH PLAIN/LOGIN and SIZE are optional. Every message is kept with its
+certificate), AUTH PLAIN/LOGIN, SIZE and PIPELINING are optional. Every message is kept with its
 envelope and its exact bytes (dot-unstuffed, CRLF lines), and MAIL commands and
 connections are counted, so a test sees a smuggled second transaction.
 
@@ -17,6 +17,7 @@ As a subprocess (end-to-end tests)::
 
     python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
         [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
+        [--pipelining]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
 "data": [554, "5.6.0 no"]}``; "*" applies to recipients without their own rule and
@@ -153,6 +154,8 @@ class _SinkProtocol(smtp.ESMTP):
             ext.pop(b"AUTH", None)
         if self.sink.size is not None:
             ext[b"SIZE"] = [b"%d" % self.sink.size]
+        if self.sink.pipelining:  # its checks are synchronous: replies come in order
+            ext[b"PIPELINING"] = None
         return ext
 
     def do_DATA(self, rest):
@@ -186,8 +189,9 @@ class SMTPSink:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  auth: dict[str, str] | None = None, require_auth: bool = False,
                  mechanisms: list[str] | None = None,
-                 size: int | None = None, record_dir: str | None = None,
-                 rules_file: str | None = None, reactor=None) -> None:
+                 size: int | None = None, pipelining: bool = False,
+                 record_dir: str | None = None, rules_file: str | None = None,
+                 reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -198,6 +202,7 @@ class SMTPSink:
         self.mechanisms = [m.upper() for m in (mechanisms or ["PLAIN", "LOGIN"])]
         self.require_auth = require_auth
         self.size = size
+        self.pipelining = pipelining
         self.record_dir = record_dir
         self.rules_file = rules_file
         self._rules_mtime: float | None = None
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth", action="append", default=[], help="user:password")
     parser.add_argument("--require-auth", action="store_true")
     parser.add_argument("--size", type=int)
+    parser.add_argument("--pipelining", action="store_true")
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = SMTPSink(tls_cert=args.tls_cert, tls_key=args.tls_key,
                     auth=dict(a.split(":", 1) for a in args.auth),
                     require_auth=args.require_auth, size=args.size,
+                    pipelining=args.pipelining,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
     port = sink.listen()
     with open(args.port_file + ".tmp", "w") as f:

@@ -13,7 +13,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.protocols.basic import LineReceiver
 from twisted.trial import unittest
 
-from mailrelay.delivery.client import Courier, Job
+from mailrelay.delivery.client import SMALL_BODY, Courier, Job
 from mailrelay.delivery.router import Hop
 from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
 
@@ -92,30 +92,61 @@ class Run:
 
 
 class Scripted(LineReceiver):
-    """A misbehaving server: replies from ``script`` by command verb."""
+    """A misbehaving server: replies from ``script`` by command verb (250 by default; the
+    reply to the end of data is ``script[b"."]``, none without it).
 
-    def connectionMade(self):
-        self.transport.write(b"220 scripted ESMTP\r\n")
+    It records the commands (``factory.commands``) and each DATA's lines as they came
+    (``factory.data``, still dot-stuffed). With ``factory.batch`` it holds its replies to
+    MAIL and RCPT until DATA arrives, which only a pipelining client lives through; with
+    ``factory.delay`` every reply waits that long, and a line that arrives meanwhile is
+    recorded in ``factory.early``.
+    """
 
     in_data = False
 
+    def connectionMade(self):
+        self.held: list[bytes] = []
+        self.pending: list = []  # delayed replies not yet sent
+        self.transport.write(b"220 scripted ESMTP\r\n")
+
     def connectionLost(self, reason):
+        for call in self.pending:
+            if call.active():
+                call.cancel()
         if not self.factory.closed.called:
             self.factory.closed.callback(None)
 
     def lineReceived(self, line):
+        f = self.factory
+        if any(call.active() for call in self.pending):
+            f.early.append(line)
         if self.in_data:
             self.in_data = line != b"."
-            if not self.in_data and b"." in self.factory.script:  # a reply to the data
-                self.transport.write(self.factory.script[b"."])
+            if self.in_data:
+                f.data[-1] += line + b"\r\n"
+            elif b"." in f.script:  # a reply to the data
+                self.reply(f.script[b"."])
             return
+        f.commands.append(line)
         verb = line.split(b" ", 1)[0].upper()
-        reply = self.factory.script.get(verb, b"250 ok\r\n")
+        reply = f.script.get(verb, b"250 ok\r\n")
         if reply is None:
             self.transport.loseConnection()
+        elif f.batch and verb in (b"MAIL", b"RCPT"):
+            self.held.append(reply)
         else:
             self.in_data = reply.startswith(b"354")
-            self.transport.write(reply)
+            if self.in_data:
+                f.data.append(b"")
+            reply, self.held = b"".join(self.held) + reply, []
+            self.reply(reply)
+
+    def reply(self, data: bytes) -> None:
+        if self.factory.delay:
+            self.pending.append(reactor.callLater(self.factory.delay, self.transport.write,
+                                                  data))
+        else:
+            self.transport.write(data)
 
 
 class ClientTests(TempPaths, unittest.TestCase):
@@ -126,31 +157,163 @@ class ClientTests(TempPaths, unittest.TestCase):
         return sink, Hop("127.0.0.1", port, tls=kw.pop("hop_tls", "opportunistic"),
                          address="127.0.0.1")
 
-    def scripted(self, script: dict[bytes, bytes | None]) -> Hop:
-        """A Scripted server; ``self.closed`` fires when its (first) connection ends."""
-        factory = protocol.ServerFactory.forProtocol(Scripted)
+    def scripted(self, script: dict[bytes, bytes | None], batch: bool = False,
+                 delay: float = 0.0) -> Hop:
+        """A Scripted server, as ``self.server``; ``self.closed`` fires when its (first)
+        connection ends."""
+        factory = self.server = protocol.ServerFactory.forProtocol(Scripted)
         factory.script = script
+        factory.batch, factory.delay = batch, delay
+        factory.commands, factory.data, factory.early = [], [], []
         factory.closed = self.closed = defer.Deferred()
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return Hop("127.0.0.1", port.getHost().port, address="127.0.0.1")
 
     @defer.inlineCallbacks
-    def test_smuggling_body_arrives_intact_as_one_transaction(self):
-        sink, hop = self.sink()
+    def check_smuggling_body(self, pipelining: bool, streamed: bool):
+        """Dot lines first, at a 16 KiB chunk boundary and before a smuggled transaction
+        arrive as one message, in one write (small) or streamed from the file (large)."""
+        sink, hop = self.sink(pipelining=pipelining)
         head = b".\r\nSubject: dots\r\n\r\n"
         filler = b"x" * (CHUNK - len(head) - 2) + b"\r\n"  # the "\n" is the chunk's last byte
         smuggled = (b".\r\nMAIL FROM:<ceo@victim.test>\r\nRCPT TO:<x@victim.test>\r\nDATA\r\n"
                     b"SMUGGLED\r\n")
-        body = head + filler + smuggled + b"y" * CHUNK + b"\r\n.\r\n..\r\nend\r\n"
+        tail = (b"y" * 998 + b"\r\n") * (4 * CHUNK // 1000 if streamed else 1)
+        body = head + filler + smuggled + tail + b".\r\n..\r\nend\r\n"
         self.assertEqual(body[CHUNK - 1:CHUNK + 1], b"\n.")
-        run = Run([job("q1", ["r@b.test"], body)])
+        self.assertEqual(len(body) > SMALL_BODY, streamed)
+        bare_cr = b"a\r.\rMAIL FROM:<x@victim.test>\r\n"  # goes out as CRLF line ends
+        run = Run([job("q1", ["r@b.test"], body),
+                   job("q2", ["r@b.test", "s@b.test"], b".\r\n" + bare_cr + b".")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 2)
+        self.assertEqual(run.reports["q1"]["r@b.test"][0], 250)
+        self.assertEqual([v[0] for v in run.reports["q2"].values()], [250, 250])
+        self.assertEqual(sink.transactions, 2)
+        self.assertEqual([m.data for m in sink.messages],
+                         [body, b".\r\na\r\n.\r\nMAIL FROM:<x@victim.test>\r\n.\r\n"])
+        self.assertEqual(sink.connections, 1)
+
+    def test_smuggling_body_in_one_write(self):
+        return self.check_smuggling_body(pipelining=False, streamed=False)
+
+    def test_smuggling_body_in_one_write_pipelined(self):
+        return self.check_smuggling_body(pipelining=True, streamed=False)
+
+    def test_smuggling_body_streamed(self):
+        return self.check_smuggling_body(pipelining=False, streamed=True)
+
+    def test_smuggling_body_streamed_pipelined(self):
+        return self.check_smuggling_body(pipelining=True, streamed=True)
+
+    @defer.inlineCallbacks
+    def test_pipelining_sends_the_group_at_once(self):
+        """A server that answers MAIL and RCPT only once it has DATA: the group went out
+        without waiting, and each reply is matched to its command."""
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 PIPELINING\r\n",
+                             b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n",
+                             b".": b"250 2.0.0 queued\r\n"}, batch=True)
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"one\r\n"),
+                   job("r", ["d@b.test"], b"two\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 2)
+        self.assertEqual(run.reports, {
+            "q": {"a@b.test": (250, "2.0.0 queued", False),
+                  "c@b.test": (250, "2.0.0 queued", False)},
+            "r": {"d@b.test": (250, "2.0.0 queued", False)}})
+        self.assertEqual(self.server.commands[1:], [
+            b"MAIL FROM:<s@a.test>", b"RCPT TO:<a@b.test>", b"RCPT TO:<c@b.test>", b"DATA",
+            b"MAIL FROM:<s@a.test>", b"RCPT TO:<d@b.test>", b"DATA", b"QUIT"])
+        self.assertEqual(self.server.data, [b"one\r\n", b"two\r\n"])
+
+    @defer.inlineCallbacks
+    def test_no_pipelining_unless_offered(self):
+        """Without PIPELINING each command waits for the reply to the one before."""
+        hop = self.scripted({b"DATA": b"354 go\r\n", b".": b"250 ok\r\n"}, delay=0.002)
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"one\r\n"),
+                   job("r", ["d@b.test"], b"two\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 2)
+        self.assertEqual({r: v[0] for rs in run.reports.values() for r, v in rs.items()},
+                         {"a@b.test": 250, "c@b.test": 250, "d@b.test": 250})
+        self.assertEqual(self.server.early, [])
+        self.assertEqual(self.server.data, [b"one\r\n", b"two\r\n"])
+
+    @defer.inlineCallbacks
+    def test_pipelined_recipients_refused_some_or_all(self):
+        sink, hop = self.sink(pipelining=True, rules={
+            "later@b.test": (451, "4.2.0 greylisted"), "gone@b.test": (550, "5.1.1 no user")})
+        run = Run([job("some", ["ok@b.test", "later@b.test", "gone@b.test"], b"x\r\n"),
+                   job("none", ["gone@b.test", "later@b.test"], b"y\r\n"),
+                   job("after", ["ok@b.test"], b"after\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 3)
+        self.assertEqual(run.reports["some"], {
+            "ok@b.test": (250, "Delivery in progress", False),
+            "later@b.test": (451, "4.2.0 greylisted", False),
+            "gone@b.test": (550, "5.1.1 no user", False)})
+        self.assertEqual(run.reports["none"], {
+            "gone@b.test": (550, "5.1.1 no user", False),
+            "later@b.test": (451, "4.2.0 greylisted", False)})
+        self.assertEqual(run.reports["after"]["ok@b.test"][0], 250)
+        # the DATA of "none" was refused (no recipient): no message, and the connection
+        # went on after RSET
+        self.assertEqual([(m.recipients, m.data) for m in sink.messages],
+                         [(["ok@b.test"], b"x\r\n"), (["ok@b.test"], b"after\r\n")])
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_pipelined_data_accepted_without_recipients_sends_no_message(self):
+        """RFC 2920 3.1: a 354 although every RCPT was refused gets a lone dot."""
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 PIPELINING\r\n",
+                             b"RCPT": b"550 5.1.1 no such user\r\n",
+                             b"DATA": b"354 go\r\n", b".": b"554 5.5.1 no valid recipients\r\n"})
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"secret\r\n")])
         outcome = yield run.send([hop])
         self.assertEqual(outcome.jobs, 1)
-        self.assertEqual(run.reports["q1"]["r@b.test"][0], 250)
-        self.assertEqual(sink.transactions, 1)
-        self.assertEqual(len(sink.messages), 1)
-        self.assertEqual(sink.messages[0].data, body)
+        self.assertEqual(run.reports["q"], {"a@b.test": (550, "5.1.1 no such user", False),
+                                            "c@b.test": (550, "5.1.1 no such user", False)})
+        self.assertEqual(self.server.data, [b""])
+        self.assertEqual(self.server.commands[-2:], [b"DATA", b"QUIT"])
+
+    @defer.inlineCallbacks
+    def test_pipelined_sender_refused(self):
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 PIPELINING\r\n",
+                             b"MAIL": b"451 4.3.0 try later\r\n",
+                             b"RCPT": b"503 5.5.1 sender first\r\n",
+                             b"DATA": b"503 5.5.1 no recipients\r\n"})
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"x\r\n"),
+                   job("r", ["d@b.test"], b"x\r\n")])
+        yield run.send([hop])
+        self.assertEqual(run.reports["q"], {"a@b.test": (451, "4.3.0 try later", False),
+                                            "c@b.test": (451, "4.3.0 try later", False)})
+        self.assertEqual(run.reports["r"]["d@b.test"][0], 451)
+        self.assertEqual(self.server.data, [])
+        self.assertEqual(self.server.commands[5:7], [b"RSET", b"MAIL FROM:<s@a.test>"])
+
+    @defer.inlineCallbacks
+    def test_pipelined_server_closing_mid_group(self):
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 PIPELINING\r\n",
+                             b"RCPT": b"421 4.3.2 shutting down\r\n"})
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"x\r\n"),
+                   job("r", ["d@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 1)  # r waits for another connection
+        self.assertEqual(run.reports, {"q": {"a@b.test": (421, "4.3.2 shutting down", False),
+                                             "c@b.test": (421, "4.3.2 shutting down", False)}})
+        self.assertEqual(self.server.commands[1:], [  # then it closed the connection
+            b"MAIL FROM:<s@a.test>", b"RCPT TO:<a@b.test>", b"RCPT TO:<c@b.test>", b"DATA"])
+
+    @defer.inlineCallbacks
+    def test_pipelined_data_refused(self):
+        sink, hop = self.sink(pipelining=True)
+        sink.data_reply = (554, "5.7.1 content refused")
+        run = Run([job("q", ["a@b.test", "c@b.test"], b"x\r\n")])
+        yield run.send([hop])
+        self.assertEqual({r: v[:2] for r, v in run.reports["q"].items()},
+                         {"a@b.test": (554, "5.7.1 content refused"),
+                          "c@b.test": (554, "5.7.1 content refused")})
 
     @defer.inlineCallbacks
     def test_a_held_report_holds_the_connection(self):

@@ -6,6 +6,11 @@ transaction states are our own so that the body is dot-stuffed correctly across 
 and every recipient gets its own result. Messages are pulled one at a time from the
 caller (``next_job``), so a connection keeps going while the queue feeds it.
 
+Round trips and writes per message: to a server that offers PIPELINING (RFC 2920), MAIL,
+every RCPT and DATA go in one write and their replies are read in order; a body up to
+SMALL_BODY bytes goes in one write with its terminating dot, larger ones stream from the
+file. So a message costs two round trips instead of three plus one per recipient.
+
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
 the connection goes on; a crash then finds at most the message in progress on each
@@ -28,7 +33,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from mailrelay.delivery.router import Hop
-from mailrelay.delivery.wire import DotStuffer, address_problem
+from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
 
 
 @dataclass
@@ -40,6 +45,10 @@ class Job:
     recipients: list[str]
     open_body: Callable[[], BinaryIO]  # at the body: canonical CRLF, not dot-stuffed
     context: object = None  # the caller's own bookkeeping
+    body: bytes | None = None  # the body already read (as open_body gives it), if small
+
+
+SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
 
 
 @dataclass(frozen=True)
@@ -124,12 +133,15 @@ class RelayClient(smtp.ESMTPClient):
         self.error: str | None = None
         self.finished: defer.Deferred[tuple[int, str | None]] = defer.Deferred()
         self._job: Job | None = None
-        self._body: BinaryIO | None = None
+        self._data: bytes | None = None  # a small body, in memory
+        self._body: BinaryIO | None = None  # a large one, streamed from the file
         self._sender: FileSender | None = None
         self._size = 0
         self._results: dict[str, tuple[int, str]] = {}
         self._accepted: list[str] = []
         self._pending_rcpts: list[str] = []
+        self._mail_ok: bool | None = None  # pipelined: the reply to MAIL, once read
+        self._rcpt_replies = 0  # pipelined: replies to RCPT read so far
         self._stopping = False
         self._settling: defer.Deferred | None = None  # the last report's, until it fires
         self._lost = False
@@ -247,10 +259,18 @@ class RelayClient(smtp.ESMTPClient):
             params += b" SIZE=%d" % self._size
         if not all(a.isascii() for a in (job.sender, *job.recipients)):
             params += b" SMTPUTF8"
+        mail = b"MAIL FROM:<" + job.sender.encode() + b">" + params
+        if b"PIPELINING" in self.extensions:
+            self._mail_ok, self._rcpt_replies = None, 0
+            self._okresponse = self._failresponse = self._pipelined_reply
+            self.transport.write(b"\r\n".join(
+                [mail, *(b"RCPT TO:<" + r.encode() + b">" for r in self._pending_rcpts),
+                 b"DATA", b""]))
+            return
         self._expected = smtp.SUCCESS
         self._okresponse = self._mail_accepted
         self._failresponse = self._mail_refused
-        self.sendLine(b"MAIL FROM:<" + job.sender.encode() + b">" + params)
+        self.sendLine(mail)
 
     def _take(self) -> Job | None:
         """The next job, or None when this connection is to take no more."""
@@ -272,8 +292,7 @@ class RelayClient(smtp.ESMTPClient):
         refused = None
         if self._pending_rcpts:
             try:
-                self._body = job.open_body()
-                self._size = _remaining(self._body)
+                self._read_body(job)
             except (OSError, KeyError) as e:
                 refused = (451, f"4.3.0 cannot read the queued message: {e}")
             else:
@@ -282,6 +301,17 @@ class RelayClient(smtp.ESMTPClient):
             return True
         self._finish({r: refused for r in self._pending_rcpts} if refused else {})
         return False
+
+    def _read_body(self, job: Job) -> None:
+        if job.body is not None:
+            self._data, self._size = job.body, len(job.body)
+            return
+        self._body = job.open_body()
+        self._size = _remaining(self._body)
+        if self._size <= SMALL_BODY:
+            body, self._body = self._body, None
+            with body:
+                self._data = body.read()
 
     def _refusals(self, job: Job) -> tuple[int, str] | None:
         """A reply for every recipient when the message cannot go to this server at all."""
@@ -296,6 +326,40 @@ class RelayClient(smtp.ESMTPClient):
             return 552, (f"5.3.4 message size {self._size} exceeds the limit {int(limit)} "
                          f"of {self.hop.name}")
         return None
+
+    def _pipelined_reply(self, code, resp) -> None:
+        """The replies to a pipelined MAIL, RCPT... and DATA, in that order."""
+        if code == 421:  # the server is closing: no more replies will come
+            text = _text(resp)
+            self._finish({r: (421, text) for r in self._job.recipients
+                          if r not in self._results})
+            self._next(code, resp, reset=False)
+        elif self._mail_ok is None:
+            self._mail_ok = 200 <= code < 300
+            if not self._mail_ok:
+                self._results.update((r, (code, _text(resp))) for r in self._pending_rcpts)
+        elif self._rcpt_replies < len(self._pending_rcpts):
+            rcpt = self._pending_rcpts[self._rcpt_replies]
+            self._rcpt_replies += 1
+            if not self._mail_ok:
+                pass  # the recipient has the reply to MAIL
+            elif 200 <= code < 300:
+                self._accepted.append(rcpt)
+            else:
+                self._results[rcpt] = (code, _text(resp))
+        elif code != 354:
+            self._data_refused(code, resp)
+        elif self._accepted:
+            self._send_body(code, resp)
+        else:
+            # RFC 2920 3.1: DATA was accepted with no recipient (or no sender); a lone dot
+            # ends that transaction without a message.
+            self._okresponse = self._failresponse = self._empty_done
+            self.transport.write(b".\r\n")
+
+    def _empty_done(self, code, resp) -> None:
+        self._finish({})
+        self._next(code, resp, reset=False)
 
     def _mail_accepted(self, code, resp) -> None:
         self._accepted = []
@@ -334,6 +398,13 @@ class RelayClient(smtp.ESMTPClient):
         self._next(code, resp, reset=True)
 
     def _send_body(self, code, resp) -> None:
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._data_done
+        self._failresponse = self._data_done
+        if self._data is not None:
+            data, self._data = self._data, None
+            self.transport.write(stuff(data))
+            return
         stuffer = DotStuffer()
 
         def transform(chunk: bytes) -> bytes:
@@ -345,9 +416,6 @@ class RelayClient(smtp.ESMTPClient):
             self._close_body()
             self.transport.write(stuffer.end())
 
-        self._expected = smtp.SUCCESS
-        self._okresponse = self._data_done
-        self._failresponse = self._data_done
         self._sender = FileSender()
         d = self._sender.beginFileTransfer(self._body, self.transport, transform)
         d.addCallbacks(sent, lambda _: None)  # a lost connection is handled in connectionLost
@@ -393,7 +461,7 @@ class RelayClient(smtp.ESMTPClient):
             sender.stopProducing()
             if self.transport is not None:
                 self.transport.unregisterProducer()
-        body, self._body = self._body, None
+        body, self._body, self._data = self._body, None, None
         if body is not None:
             body.close()
 
