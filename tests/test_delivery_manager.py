@@ -10,6 +10,7 @@ import email
 import email.policy
 import json
 import os
+import threading
 import time
 
 import certs
@@ -20,6 +21,8 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from mailrelay.delivery import manager as manager_module
+from mailrelay.delivery.client import SMALL_BODY
 from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, DeliveryManager, request
 from mailrelay.delivery.router import Hop, MXRouter, SmarthostRouter, make_resolver
 from mailrelay.features.hooks import MessageFeatures
@@ -38,13 +41,22 @@ BODY = (b"Received: from client (127.0.0.1) by relay.test\r\n"
 
 
 class CountingSpool(Spool):
-    """The real spool, counting the messages it is asked to load."""
+    """The real spool, recording which envelopes it reads (the messages loaded) and which
+    bodies are opened on the reactor."""
 
-    loads = 0
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.read: list[str] = []  # appended from the manager's loader threads
+        self.opened_on_reactor: list[str] = []
 
-    def load(self, queue_id):
-        self.loads += 1
-        return super().load(queue_id)
+    def envelope(self, queue_id):
+        self.read.append(queue_id)
+        return super().envelope(queue_id)
+
+    def open_body(self, queue_id):
+        if threading.current_thread() is threading.main_thread():
+            self.opened_on_reactor.append(queue_id)
+        return super().open_body(queue_id)
 
 
 class Base(TempPaths, unittest.TestCase):
@@ -135,6 +147,34 @@ class DeliveryTests(Base):
         self.assertEqual([(q, r.recipient, r.remote, status) for q, _, r, status in logged],
                          [(queue_id, "r@b.test", "mx2.b.test[127.0.0.1]", "sent"),
                           (queue_id, "q@b.test", "mx2.b.test[127.0.0.1]", "sent")])
+
+    @defer.inlineCallbacks
+    def test_small_bodies_read_ahead_large_ones_streamed(self):
+        """A body up to SMALL_BODY is read with its envelope, never opened on the reactor;
+        a larger one streams from the file; both arrive intact, pipelined or not."""
+        big = BODY + (b"z" * 998 + b"\r\n.\r\n") * 70
+        self.assertGreater(len(big), SMALL_BODY)
+        for pipelining in (False, True):
+            self.sink.pipelining = pipelining
+            small_id = yield self.submit(["r@b.test"])
+            big_id = yield self.submit(["r@b.test", "q@b.test"], body=big)
+            manager = self.manager()
+            yield self.deliver(manager, small_id, big_id)
+            yield manager.stop()
+            self.assertEqual(sorted(m.data for m in self.sink.messages), sorted([BODY, big]))
+            self.assertEqual(self.spool.opened_on_reactor, [big_id])
+            self.assertEqual(manager._preloaded, 0)
+            self.sink.messages, self.spool.opened_on_reactor = [], []
+
+    @defer.inlineCallbacks
+    def test_read_ahead_is_bounded(self):
+        self.patch(manager_module, "BODY_BUDGET", 1)  # room for one body at a time
+        ids = yield self.submit_many(2)
+        manager = self.manager()
+        yield self.deliver(manager)
+        self.assertEqual([m.data for m in self.sink.messages], [BODY, BODY])
+        self.assertEqual(self.spool.opened_on_reactor, ids[1:])
+        self.assertEqual(manager._preloaded, 0)
 
     @defer.inlineCallbacks
     def test_many_messages_over_one_connection(self):
@@ -432,9 +472,11 @@ class QueueTests(Base):
             ids.append(queue_id)
         manager = self.manager(prefetch=10)
         yield manager.start()
-        self.assertEqual(self.spool.loads, 10)  # only what is about to be delivered was read
-        self.assertEqual(manager.counts["ready"], 20000 - 10)
+        self.assertEqual(manager.counts["ready"], 20000 - 10)  # only 10 taken to be sent
         yield manager.stop()
+        # what was read is what was taken: those 10, and one more per message delivered
+        self.assertEqual(len(self.spool.read), 20000 - manager.counts["ready"])
+        self.assertLessEqual(len(self.spool.read), 10 + len(self.sink.messages))
         self.assertLessEqual(len(self.sink.messages), 10)
         self.assertEqual(len(self.spool.queued()), 20000 - len(self.sink.messages))
 

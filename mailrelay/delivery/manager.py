@@ -3,7 +3,9 @@
 At start the schedule (schedule.py) is built from one listing of queue/ and the state
 files (Spool.scan); no message file is read until the message is about to be sent, and at
 most ``prefetch`` messages are loaded at a time, so 100,000 queued messages cost two heaps
-of ids, not 100,000 reads.
+of ids, not 100,000 reads. Loading happens in a thread and reads a small body too
+(client.SMALL_BODY, up to BODY_BUDGET bytes of them held at once), so the reactor neither
+opens its file nor streams it.
 
 Loaded messages are split per destination (the set of hops their recipients' domains route
 to); each destination has a heap of jobs (priority, then age) that its connections pull
@@ -54,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailrelay.delivery import dsn
-from mailrelay.delivery.client import Courier, Job, Outcome, Result
+from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
 from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.model import Envelope
@@ -69,6 +71,7 @@ RETRY_PREFIX = "retry-"  # control file retry-<id>: that message is due now
 SPREAD = 20  # queued jobs per open connection before another one to the same destination
 MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
 SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
+BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 
 
 def request(spool_directory: str, name: str) -> str:
@@ -84,13 +87,15 @@ def request(spool_directory: str, name: str) -> str:
 class _Attempt:
     """One message being delivered: loaded, routed, on connections, being concluded."""
 
-    __slots__ = ("queue_id", "envelope", "state", "due", "outstanding", "results", "deleted",
-                 "suppressed", "waiting", "writing")
+    __slots__ = ("queue_id", "envelope", "state", "body", "held", "due", "outstanding",
+                 "results", "deleted", "suppressed", "waiting", "writing")
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
         self.envelope: Envelope | None = None
         self.state: DeliveryState | None = None
+        self.body: bytes | None = None  # read with the envelope when small
+        self.held = 0  # bytes of the read-ahead budget it holds (SMALL_BODY while loading)
         self.due: float | None = None  # when it was scheduled for (None: first attempt)
         self.outstanding = 0  # jobs not yet reported (+1 while they are being made)
         self.results: list[Result] = []
@@ -182,6 +187,7 @@ class DeliveryManager:
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
+        self._preloaded = 0  # bytes of the active attempts' bodies in memory
         self._destinations: dict[frozenset, _Destination] = {}
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
@@ -323,12 +329,31 @@ class DeliveryManager:
                 break
             attempt = _Attempt(queue_id)
             self._active[queue_id] = attempt
-            d = self.spool.load(queue_id)
+            attempt.held = SMALL_BODY if self._preloaded < BODY_BUDGET else 0
+            self._preloaded += attempt.held
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                          self._read, queue_id, attempt.held)
             d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(attempt,),
                            errbackArgs=(attempt,))
 
-    def _load_failed(self, failure: Failure, attempt: _Attempt) -> None:
+    def _read(self, queue_id: str,
+              limit: int) -> tuple[Envelope, DeliveryState | None, bytes | None]:
+        """In a thread: the envelope, the state, and the body if it has at most ``limit``
+        bytes (else None; 0: not read)."""
+        envelope, state = self.spool.envelope(queue_id), self.spool.read_state(queue_id)
+        if not limit:
+            return envelope, state, None
+        with self.spool.open_body(queue_id) as f:
+            body = f.read(limit + 1)
+        return envelope, state, body if len(body) <= limit else None
+
+    def _forget(self, attempt: _Attempt) -> None:
         del self._active[attempt.queue_id]
+        self._preloaded -= attempt.held
+        attempt.held, attempt.body = 0, None
+
+    def _load_failed(self, failure: Failure, attempt: _Attempt) -> None:
+        self._forget(attempt)
         if failure.check(KeyError):
             log.info("{queue_id} is no longer queued", queue_id=attempt.queue_id)
         else:
@@ -338,13 +363,17 @@ class DeliveryManager:
         self._pump()
         self._check_idle()
 
-    def _loaded(self, loaded: tuple[Envelope, DeliveryState | None], attempt: _Attempt) -> None:
-        envelope, state = loaded
+    def _loaded(self, loaded: tuple[Envelope, DeliveryState | None, bytes | None],
+                attempt: _Attempt) -> None:
+        envelope, state, attempt.body = loaded
+        size = len(attempt.body or b"")
+        self._preloaded += size - attempt.held
+        attempt.held = size
         if not self._running or envelope.sandboxed or attempt.deleted:
             if envelope.sandboxed:
                 log.info("{queue_id} is held (sandboxed): never delivered",
                          queue_id=attempt.queue_id)
-            del self._active[attempt.queue_id]
+            self._forget(attempt)
             self._pump()
             self._check_idle()
             return
@@ -384,7 +413,7 @@ class DeliveryManager:
             shared = [r for r in rcpts if r not in copies]
             if shared:
                 jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
-                                            spooled, context=attempt)))
+                                            spooled, context=attempt, body=attempt.body)))
             jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
                                      copies[r].open, context=attempt))
                      for r in rcpts if r in copies]
@@ -571,7 +600,7 @@ class DeliveryManager:
             log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
             state.next_attempt = self.clock.seconds() + self.retry_first  # try again then
         finally:
-            del self._active[queue_id]
+            self._forget(attempt)
             waiting, attempt.waiting = attempt.waiting, []
             for d in waiting:
                 d.callback(None)
