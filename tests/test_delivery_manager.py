@@ -428,6 +428,17 @@ class QueueTests(Base):
         self.assertEqual(len(self.sink.messages), 1)
 
     @defer.inlineCallbacks
+    def test_a_message_gone_before_its_load_spares_the_rest(self):
+        ids = yield self.submit_many(manager_module.LOAD_BATCH + 8)  # two trips to a thread
+        manager = self.manager()
+        yield manager.start()  # listed and taken; read in the next reactor turn
+        os.unlink(os.path.join(self.directory, "queue", ids[5]))  # deleted by an admin
+        yield manager.idle()
+        self.assertEqual(len(self.sink.messages), len(ids) - 1)
+        self.assertNotIn(ids[5], self.spool.read[len(ids):])  # not tried again
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
     def test_sandboxed_never_delivered(self):
         queue_id = yield self.submit(sandboxed=True)
         manager = self.manager()

@@ -5,7 +5,8 @@ files (Spool.scan); no message file is read until the message is about to be sen
 most ``prefetch`` messages are loaded at a time, so 100,000 queued messages cost two heaps
 of ids, not 100,000 reads. Loading happens in a thread and reads a small body too
 (client.SMALL_BODY, up to BODY_BUDGET bytes of them held at once), so the reactor neither
-opens its file nor streams it.
+opens its file nor streams it; the messages asked for in one reactor turn (a group commit
+concludes many at once) share the trip to the thread, up to LOAD_BATCH a trip.
 
 Loaded messages are split per destination (the set of hops their recipients' domains route
 to); each destination has a heap of jobs (priority, then age) that its connections pull
@@ -72,6 +73,7 @@ SPREAD = 20  # queued jobs per open connection before another one to the same de
 MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
 SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
+LOAD_BATCH = 32  # messages read per trip to a loader thread
 
 
 def request(spool_directory: str, name: str) -> str:
@@ -188,6 +190,8 @@ class DeliveryManager:
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
         self._preloaded = 0  # bytes of the active attempts' bodies in memory
+        self._to_load: list[_Attempt] = []
+        self._load_call = None  # the reactor turn's _load, once something is to be loaded
         self._destinations: dict[frozenset, _Destination] = {}
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
@@ -331,10 +335,37 @@ class DeliveryManager:
             self._active[queue_id] = attempt
             attempt.held = SMALL_BODY if self._preloaded < BODY_BUDGET else 0
             self._preloaded += attempt.held
+            self._to_load.append(attempt)
+        if self._to_load and self._load_call is None:
+            self._load_call = self.reactor.callLater(0, self._load)
+
+    def _load(self) -> None:
+        self._load_call = None
+        waiting, self._to_load = self._to_load, []
+        for i in range(0, len(waiting), LOAD_BATCH):
+            batch = waiting[i:i + LOAD_BATCH]
             d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                          self._read, queue_id, attempt.held)
-            d.addCallbacks(self._loaded, self._load_failed, callbackArgs=(attempt,),
-                           errbackArgs=(attempt,))
+                                          self._read_all, [(a.queue_id, a.held) for a in batch])
+            d.addBoth(self._read_done, batch)
+
+    def _read_all(self, wanted: list[tuple[str, int]]) -> list:
+        """In a thread: _read of each (queue id, limit), or the Failure it raised."""
+        results: list = []
+        for queue_id, limit in wanted:
+            try:
+                results.append(self._read(queue_id, limit))
+            except Exception:
+                results.append(Failure())
+        return results
+
+    def _read_done(self, results: list | Failure, batch: list[_Attempt]) -> None:
+        if isinstance(results, Failure):
+            results = [results] * len(batch)
+        for attempt, result in zip(batch, results, strict=True):
+            if isinstance(result, Failure):
+                self._load_failed(result, attempt)
+            else:
+                self._loaded(result, attempt)
 
     def _read(self, queue_id: str,
               limit: int) -> tuple[Envelope, DeliveryState | None, bytes | None]:
