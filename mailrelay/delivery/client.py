@@ -110,6 +110,9 @@ class RelayClient(smtp.ESMTPClient):
     """One SMTP session to one hop."""
 
     debug = False  # the session log would hold AUTH lines; results carry the replies
+    # ESMTPClient.__setattr__ only warns about the deprecated tlsMode, never set here, and
+    # as a Python-level hook it cost every attribute write (~50 a message).
+    __setattr__ = object.__setattr__
 
     def __init__(self, hop: Hop, identity: str, context, next_job: Callable[[], Job | None],
                  report: Report, max_messages: int, timeout: float) -> None:
