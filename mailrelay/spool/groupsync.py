@@ -1,26 +1,31 @@
 """Group commit: durable file operations run in batches on a thread pool, and each
 directory a batch changed is fsynced once for the whole batch.
 
-A batch has two phases:
+A batch has two phases, both in the pool:
 
-1. every job's own work (for a message: flush, fsync, close, rename), in parallel across
-   the pool, since concurrent fsyncs also let the filesystem share journal commits;
+1. every job's own work (for a message: write, fsync, close, rename), shared out among up
+   to ``parallel`` threads, since concurrent fsyncs also let the filesystem share journal
+   commits;
 2. one fsync of each directory the batch changed; then each job's Deferred fires.
 
 Jobs submitted while a batch is in phase 1 form the next batch, which starts as soon as
 phase 1 ends, so its file fsyncs overlap the previous batch's directory fsyncs. Batches
 grow with the load by themselves: one job alone when idle, everything that arrived
 meanwhile when busy.
+
+The reactor thread hands a whole batch to the pool in one call and gets all its outcomes
+back in one call: its cost per batch, not per job, is what the threads cost it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -40,11 +45,17 @@ class _Job:
 class GroupSync:
     """``submit`` returns a Deferred that fires (on the reactor thread) only after the
     job's own work and the fsync of every directory it changed are done. A job that raises
-    errbacks alone; the rest of its batch is unaffected."""
+    errbacks alone; the rest of its batch is unaffected.
 
-    def __init__(self, reactor, pool: ThreadPool) -> None:
+    ``parallel``: threads sharing one batch's jobs (default: the pool's maximum)."""
+
+    def __init__(self, reactor, pool: ThreadPool, parallel: int | None = None) -> None:
         self._reactor = reactor
         self._pool = pool
+        self._parallel = max(1, parallel if parallel is not None else pool.max)
+        # Guards the fields below: phase 1 ends in a pool thread, which starts the next
+        # batch itself rather than asking the reactor to.
+        self._lock = threading.Lock()
         self._pending: list[_Job] = []
         self._applying = False  # a batch is in phase 1: new jobs wait for the next
         self._firing = False  # jobs submitted by callbacks being fired wait, to go together
@@ -56,86 +67,127 @@ class GroupSync:
     def submit(self, apply: Callable[[], Iterable[str]],
                undo: Callable[[], None] | None = None) -> Deferred:
         d: Deferred = Deferred()
-        self._pending.append(_Job(apply, undo, d))
-        if not (self._applying or self._firing):
-            self._start()
+        with self._lock:
+            self._pending.append(_Job(apply, undo, d))
+            batch = self._take() if not (self._applying or self._firing) else None
+        if batch is not None:
+            self._pool.callInThread(self._run, batch)
         return d
 
     def drain(self) -> Deferred:
         """Fires once no batch is in flight or waiting (for shutdown)."""
-        if not self._in_flight and not self._pending:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._idle.append(d)
-        return d
+        with self._lock:
+            if not self._in_flight and not self._pending:
+                return succeed(None)
+            d: Deferred = Deferred()
+            self._idle.append(d)
+            return d
 
-    def _start(self) -> None:
+    def _take(self) -> list[_Job]:
+        """With the lock held: the pending jobs become the batch in phase 1."""
         batch, self._pending = self._pending, []
         self._applying = True
         self._in_flight += 1
-        applied = DeferredList([deferToThreadPool(self._reactor, self._pool, job.apply)
-                                for job in batch], consumeErrors=True)
-        applied.addCallback(self._applied, batch)
-        applied.addErrback(lambda failure: ([failure] * len(batch), 0))  # a bug: fail all
-        applied.addCallback(self._finished, batch)
+        return batch
 
-    def _applied(self, results: list[tuple[bool, object]], batch: list[_Job]) -> Deferred:
-        """Phase 1 is over: queue this batch's directory fsyncs, then start the next."""
-        outcomes: list[Failure | None] = []
-        changed: dict[str, list[int]] = {}
-        for i, (ok, result) in enumerate(results):
-            outcomes.append(None if ok else result)
-            if ok:
-                for path in result:
-                    changed.setdefault(path, []).append(i)
-        undos = {path: [batch[i].undo for i in jobs if batch[i].undo is not None]
-                 for path, jobs in changed.items()}
-        # Queued before the next batch's jobs: the pool is first in, first out.
-        synced = deferToThreadPool(self._reactor, self._pool, _fsync_dirs, undos)
-        self._applying = False
-        if self._pending and not self._firing:
-            self._start()
+    def _run(self, batch: list[_Job]) -> None:
+        """In a pool thread: both phases of ``batch``, then its outcomes to the reactor."""
+        try:
+            outcomes = self._apply(batch)
+        except BaseException:  # a bug: every job of the batch fails with it
+            outcomes = [Failure()] * len(batch)
+        with self._lock:
+            following = self._take() if self._pending and not self._firing else None
+            if following is None:
+                self._applying = False
+        if following is not None:
+            self._pool.callInThread(self._run, following)
+        try:
+            results, synced = _sync_dirs(batch, outcomes)
+        except BaseException:
+            results, synced = [Failure()] * len(batch), 0
+        self._reactor.callFromThread(self._finished, batch, results, synced)
 
-        def merge(failed: dict[str, Failure]) -> tuple[list[Failure | None], int]:
-            for path, failure in failed.items():
-                for i in changed[path]:
-                    outcomes[i] = outcomes[i] or failure
-            return outcomes, len(changed) - len(failed)
+    def _apply(self, batch: list[_Job]) -> list[Iterable[str] | Failure]:
+        """Phase 1: run the jobs on this thread and on up to parallel - 1 helpers, each
+        taking the next job not yet taken. A helper that starts late finds none left, so
+        this thread never waits for a job no one has begun."""
+        outcomes: list[Iterable[str] | Failure] = [()] * len(batch)
+        todo = deque(enumerate(batch))
+        done = threading.Condition()
+        running = [0]  # jobs taken and not finished
 
-        return synced.addCallback(merge)
+        def work() -> None:
+            while True:
+                with done:
+                    if not todo:
+                        return
+                    i, job = todo.popleft()
+                    running[0] += 1
+                try:
+                    outcome: Iterable[str] | Failure = tuple(job.apply())
+                except BaseException:
+                    outcome = Failure()
+                with done:
+                    outcomes[i] = outcome
+                    running[0] -= 1
+                    if not running[0]:
+                        done.notify()
 
-    def _finished(self, result: tuple[list[Failure | None], int], batch: list[_Job]) -> None:
-        outcomes, synced = result
-        self._in_flight -= 1
+        for _ in range(min(self._parallel, len(batch)) - 1):
+            self._pool.callInThread(work)
+        work()
+        with done:
+            while running[0]:
+                done.wait()
+        return outcomes
+
+    def _finished(self, batch: list[_Job], results: list[Failure | None],
+                  synced: int) -> None:
         self.batches += 1
         self.dir_syncs += synced
-        log.debug("group sync of {jobs} operations, {dirs} directory fsyncs",
-                  jobs=len(batch), dirs=synced)
         self._firing = True
-        for job, outcome in zip(batch, outcomes, strict=True):
+        for job, outcome in zip(batch, results, strict=True):
             if outcome is None:
                 job.deferred.callback(None)
             else:
                 job.deferred.errback(outcome)
-        self._firing = False
-        if self._pending and not self._applying:
-            self._start()
-        elif not self._in_flight and not self._pending:
-            idle, self._idle = self._idle, []
-            for d in idle:
+        with self._lock:
+            self._firing = False
+            self._in_flight -= 1
+            following = self._take() if self._pending and not self._applying else None
+            idle = not self._in_flight and not self._pending
+            if idle:
+                waiting, self._idle = self._idle, []
+        if following is not None:
+            self._pool.callInThread(self._run, following)
+        elif idle:
+            for d in waiting:
                 d.callback(None)
 
 
-def _fsync_dirs(undos: dict[str, list[Callable[[], None]]]) -> dict[str, Failure]:
-    """In a thread: fsync each directory once. Where that fails, the jobs that changed it
-    are undone (best effort) and fail: their change might not survive a crash."""
-    failed = {}
-    for path, jobs_undo in undos.items():
+def _sync_dirs(batch: list[_Job], outcomes: list[Iterable[str] | Failure]
+               ) -> tuple[list[Failure | None], int]:
+    """Phase 2, in a thread: fsync each directory the batch changed, once. Where that
+    fails, the jobs that changed it are undone (best effort) and fail: their change might
+    not survive a crash. Returns each job's failure (None: done) and the fsyncs done."""
+    results: list[Failure | None] = [o if isinstance(o, Failure) else None for o in outcomes]
+    changed: dict[str, list[int]] = {}
+    for i, outcome in enumerate(outcomes):
+        if not isinstance(outcome, Failure):
+            for path in outcome:
+                changed.setdefault(path, []).append(i)
+    synced = 0
+    for path, jobs in changed.items():
         try:
             fsync_dir(path)
         except OSError:
-            failed[path] = Failure()
-            for undo in jobs_undo:
-                with contextlib.suppress(OSError):
-                    undo()
-    return failed
+            failure = Failure()
+            for i in jobs:
+                results[i] = results[i] or failure
+                if batch[i].undo is not None:
+                    with contextlib.suppress(OSError):
+                        batch[i].undo()
+        else:
+            synced += 1
+    return results, synced

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from mailrelay.interfaces import IIncomingMessage
 from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
-from mailrelay.spool.files import close_quietly, create_exclusive, unlink_quietly
+from mailrelay.spool.files import FILE_MODE, close_quietly, create_exclusive, unlink_quietly
 from mailrelay.spool.groupsync import GroupSync
 
 log = Logger()
@@ -127,23 +127,39 @@ class IncomingMessage:
     def _make_durable(self) -> tuple[str]:
         """In a group commit thread: the file's data, then its name in the target dir."""
         if self._file is None:
-            # Made here; a name already taken is not ours to remove.
-            self._file = create_exclusive(self._tmp_path)
-            chunks, self._chunks = self._chunks, []
+            self._write_new(b"".join(self._chunks))
+            self._chunks = []
         else:
-            chunks = []
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except BaseException:
+                close_quietly(self._file)
+                unlink_quietly(self._tmp_path)
+                raise
         try:
-            if chunks:
-                self._file.write(b"".join(chunks))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
             os.rename(self._tmp_path, self._final_path)
         except BaseException:
-            close_quietly(self._file)
             unlink_quietly(self._tmp_path)
             raise
         return (os.path.dirname(self._final_path),)
+
+    def _write_new(self, data: bytes) -> None:
+        """Make the file with all its data, unbuffered: one write call, one fsync."""
+        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     FILE_MODE)  # a name already taken is not ours to remove
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            unlink_quietly(self._tmp_path)
+            raise
 
     def _committed(self, _: None) -> str:
         # Not logged here: whoever made the message logs it with more to say (the
