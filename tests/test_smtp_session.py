@@ -15,6 +15,7 @@ from test_smtp_support import (
     plain,
 )
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -23,6 +24,7 @@ from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
 from mailrelay.smtp.factory import SubmissionFactory
 from mailrelay.smtp.reply import Reply
 
+SERVER = "mailrelay.smtp.server"
 TRANSACTION = (
     b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
     b"From: a@doe.test\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
@@ -396,6 +398,25 @@ class TransactionTests(unittest.TestCase):
         other = Session(self.clock, portal=portal, ip="192.0.2.51")
         other.send(b"EHLO app.test\r\n")
         self.assertEqual(codes(other.send(b"MAIL FROM:<x@other.test>\r\n")), [530])
+
+    def test_ip_session_logs_three_lines(self) -> None:
+        # Like Postfix: connect, one line per message, disconnect; the IP login is named
+        # by the other two, not logged on its own.
+        portal, checker, realm = make_portal({"192.0.2.50": "webapp"})
+        with capturedLogs() as events:
+            s = Session(self.clock, portal=portal, ip="192.0.2.50")
+            s.send(b"EHLO app.test\r\n")
+            s.send(TRANSACTION.replace(b"a@doe.test", b"x@other.test") + b"QUIT\r\n")
+            s.lose()
+        queue_id, session = s.spool.committed[0].id, s.proto.session_id
+        size = len(b"From: x@other.test\r\nSubject: s\r\n\r\nbody\r\n")  # unstuffed data
+        self.assertEqual([formatEvent(e) for e in events if e["log_namespace"] == SERVER], [
+            f"session {session}: connection from 192.0.2.50 tls=False",
+            f"accepted {queue_id}: session={session} user=webapp auth=ip "
+            f"client_ip=192.0.2.50 sender=x@other.test recipients=1 size={size} tls=False "
+            "sandboxed=False",
+            f"session {session}: 192.0.2.50 disconnected after 1 messages user=webapp auth=ip",
+        ])
 
     def test_ip_authentication_by_ipv6_network(self) -> None:
         portal, checker, realm = make_portal({"2001:db8:1::/48": "webapp"})

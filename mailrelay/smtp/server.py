@@ -151,10 +151,13 @@ class SubmissionServer(smtp.ESMTP):
                 queue_id=self._incoming.id,
             )
         log.info(
-            "session {session}: {client_ip} disconnected after {messages} messages",
+            "session {session}: {client_ip} disconnected after {messages} messages "
+            "user={user} auth={auth}",
             session=self.session_id,
             client_ip=self.client_ip,
             messages=self.messages,
+            user=self._username() or "-",
+            auth=self.avatar.method if self.avatar is not None else "-",
         )
         # A commit in flight still decides the message; the policy hears of it first.
         if self._waiting is not None:
@@ -620,9 +623,8 @@ class SubmissionServer(smtp.ESMTP):
         except DirectoryUnavailable:
             self._ip_login_tried = False
             raise Reply(454, "4.7.0", "Temporary authentication failure")
+        # Not logged on its own: "accepted" and "disconnected" name the user and auth=ip.
         await self._accept_login(avatar, logout)
-        log.info("session {session}: {client_ip} authenticated by IP address as {user}",
-                 session=self.session_id, client_ip=self.client_ip, user=self._username())
 
     async def _address_login(self, arg: bytes) -> None:
         """Address authentication, at MAIL without AUTH: a sender listed in [policy]
@@ -839,10 +841,13 @@ class SubmissionServer(smtp.ESMTP):
         self._junk = 0
         self._end_transaction(accepted=True)
         log.info(
-            "accepted {queue_id}: user={user} client_ip={client_ip} sender={sender} "
-            "recipients={recipients} size={size} tls={tls} sandboxed={sandboxed}",
+            "accepted {queue_id}: session={session} user={user} auth={auth} "
+            "client_ip={client_ip} sender={sender} recipients={recipients} size={size} "
+            "tls={tls} sandboxed={sandboxed}",
             queue_id=queue_id,
+            session=self.session_id,
             user=envelope.user,
+            auth=avatar.method,
             client_ip=self.client_ip,
             sender=envelope.sender,
             recipients=len(envelope.recipients),

@@ -26,13 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mailrelay.spool.files import fsync_dir
-
-log = Logger()
 
 
 @dataclass
