@@ -765,7 +765,22 @@ class TimeoutTests(unittest.TestCase):
         s.send(TRANSACTION)
         self.clock.advance(1000)
         self.assertFalse(s.closed)
+        # A client waiting for its reply sends nothing: reading goes on, nothing paused.
+        self.assertEqual(s.transport.producerState, "producing")
         s.spool.created[0].commit_deferred.callback(s.spool.created[0].id)
         self.assertEqual(codes(s.replies()), [250])
-        self.clock.advance(300)
+        self.clock.advance(299)
+        self.assertFalse(s.closed)  # the idle time counts from the reply
+        self.clock.advance(1)
         self.assertTrue(s.closed)
+
+    def test_input_during_a_commit_waits_in_a_paused_transport(self) -> None:
+        s = Session(self.clock)
+        s.login()
+        s.spool.hold = True
+        s.send(TRANSACTION)
+        self.assertEqual(s.send(b"NOOP\r\n"), [])
+        self.assertEqual(s.transport.producerState, "paused")
+        s.spool.created[0].commit_deferred.callback(s.spool.created[0].id)
+        self.assertEqual(codes(s.replies()), [250, 250])
+        self.assertEqual(s.transport.producerState, "producing")

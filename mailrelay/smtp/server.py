@@ -90,6 +90,7 @@ class SubmissionServer(smtp.ESMTP):
         self._inbuf = bytearray()
         self._outbuf: list[bytes] = []  # replies held until the input read so far is done
         self._waiting: Deferred | None = None  # the command being waited for
+        self._paused = False  # input arrived while waiting: the transport stopped reading
         self._processing = False
         self._closing = False
         self._lost = False
@@ -173,6 +174,9 @@ class SubmissionServer(smtp.ESMTP):
             self.policy = None
 
     def timeoutConnection(self) -> None:
+        if self._waiting is not None:  # the client waits for us: its idle time starts after
+            self.setTimeout(self.factory.idle_timeout)
+            return
         self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
 
     def _session_clock(self, running: bool) -> None:
@@ -228,14 +232,18 @@ class SubmissionServer(smtp.ESMTP):
                 if not data:
                     return
         self._inbuf += data
-        if self._waiting is not None and len(self._inbuf) > MAX_PENDING:
-            log.warn(
-                "session {session}: {client_ip} sent {size} bytes without waiting, dropping",
-                session=self.session_id,
-                client_ip=self.client_ip,
-                size=len(self._inbuf),
-            )
-            self._close()
+        if self._waiting is not None:
+            if len(self._inbuf) > MAX_PENDING:
+                log.warn(
+                    "session {session}: {client_ip} sent {size} bytes without waiting, "
+                    "dropping",
+                    session=self.session_id,
+                    client_ip=self.client_ip,
+                    size=len(self._inbuf),
+                )
+                self._close()
+            else:
+                self._hold_input()
             return
         self._process()
 
@@ -265,22 +273,24 @@ class SubmissionServer(smtp.ESMTP):
                     self._command(line)
         finally:
             self._processing = False
+            if self._waiting is not None and self._inbuf:
+                self._hold_input()
             self._flush()
 
-    def _wait(self, d: Deferred) -> None:
-        """Read no further command until ``d`` fires."""
-        if d.called:
-            # Answered at once (the usual case for MAIL and RCPT): reading goes on without
-            # pausing the transport and moving the idle timer, two epoll_ctl calls and two
-            # timer changes per command.
-            d.addErrback(self._internal_error)
-            return
-        self._waiting = d
-        if not self._closing:
+    def _hold_input(self) -> None:
+        """Input waits behind a command in progress: read no more until it is done."""
+        if not self._paused and not self._closing:
+            self._paused = True
             self.transport.pauseProducing()
-            self.setTimeout(None)
+
+    def _wait(self, d: Deferred) -> None:
+        """Read no further command until ``d`` fires. Input that arrives meanwhile is held
+        (dataReceived then pauses the transport); a client that sends nothing while it
+        waits for a reply, the usual case, costs no epoll_ctl call and no timer change."""
         d.addErrback(self._internal_error)
-        d.addBoth(self._resume)
+        if not d.called:
+            self._waiting = d
+            d.addBoth(self._resume)
 
     def _resume(self, _) -> None:
         self._waiting = None
@@ -289,8 +299,10 @@ class SubmissionServer(smtp.ESMTP):
         if self._session_spent():
             self._session_expired()
             return
-        self.transport.resumeProducing()
-        self.setTimeout(self.factory.idle_timeout)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self.resetTimeout()
         self._process()
 
     def _run(self, handler, *args) -> None:
