@@ -2,6 +2,12 @@
 
 Failing to bind (port in use, no permission) stops twistd with one line naming the
 listener and the endpoint, not a traceback.
+
+A TCP connection that turns Nagle off (TCP_NODELAY, as every SMTP session does) also sends
+what it is given at once when nothing is queued before it. A stock Twisted transport only
+queues a write and asks the reactor to watch the socket for writability: two epoll_ctl
+calls and a turn of the reactor loop before every reply leaves. With Nagle on (the web
+listeners), writes keep waiting for the loop, which lets them leave together.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import _newtls, endpoints, tcp
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -20,7 +27,7 @@ class ListenerService(StreamServerEndpointService):
     def __init__(self, name: str, endpoint: str, factory, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        super().__init__(endpoints.serverFromString(reactor, endpoint), factory)
+        super().__init__(endpoints.serverFromString(PromptWrites(reactor), endpoint), factory)
         self.setName(name)
         self.endpoint_text = endpoint
         self._raiseSynchronously = True
@@ -37,3 +44,60 @@ class ListenerService(StreamServerEndpointService):
             # line on the terminal too.
             print(message, file=sys.__stderr__)
             raise SystemExit(1)
+
+
+class PromptWrites:
+    """``reactor``, except that its TCP ports make connections that send a write at once
+    when Nagle is off (see above). ListenerService parses endpoints with it."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def __getattr__(self, name: str):
+        return getattr(self._reactor, name)
+
+    def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):
+        listening = _PromptPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+
+def _send(connection: FileDescriptor, data: bytes) -> None:
+    """Write ``data`` to a connection's socket at once if nothing is queued before it (and
+    Nagle is off); whatever the socket does not take goes the usual way."""
+    if (data and connection._prompt and connection.connected and not connection.disconnecting
+            and not connection._writeDisconnected
+            and not connection.dataBuffer and not connection._tempDataLen
+            and not connection.producerPaused):
+        sent = connection.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:  # an error: the reactor meets it again
+            data = data[sent:]
+    FileDescriptor.write(connection, data)
+
+
+class _PromptBypass(FileDescriptor):
+    """What a TLS layer started on a _PromptConnection writes its records through."""
+
+    def write(self, data: bytes) -> None:
+        _send(self, data)
+
+
+class _PromptConnection(tcp.Server):
+    _prompt = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        super().setTcpNoDelay(enabled)
+        self._prompt = bool(enabled)
+
+    def write(self, data: bytes) -> None:
+        if self.TLS:
+            super().write(data)  # the TLS layer sends its records through _PromptBypass
+        else:
+            _send(self, data)
+
+    def startTLS(self, ctx, normal: bool = True) -> None:
+        _newtls.startTLS(self, ctx, normal, _PromptBypass)
+
+
+class _PromptPort(tcp.Port):
+    transport = _PromptConnection

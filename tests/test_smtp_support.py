@@ -23,6 +23,7 @@ from zope.interface import implementer
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import NetworkChecker, SenderAddressChecker
 from mailrelay.interfaces import DirectoryUnavailable, IIncomingMessage, ISpool
+from mailrelay.listener import PromptWrites
 from mailrelay.model import Account, SmtpUser, Status
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
@@ -351,7 +352,7 @@ class LoopbackCase(unittest.TestCase):
         factory.sessions = []
         factory.max_buffered = 0
         self.factories.append(factory)
-        port = reactor.listenTCP(
+        port = PromptWrites(reactor).listenTCP(  # as a ListenerService listens
             0, wrap_listener_factory(factory, tls_mode, tls_files().options),
             interface="127.0.0.1",
         )
