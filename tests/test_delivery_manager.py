@@ -510,6 +510,25 @@ class DeleteTests(Base):
         yield self.assertFailure(manager.delete(queue_id), KeyError)
 
 
+    @defer.inlineCallbacks
+    def test_a_message_deleted_by_the_admin_tool_is_not_sent(self):
+        """Even when its body was read ahead before mailrelay-admin removed its files."""
+        ids = yield self.submit_many(3)
+        admin = Spool(self.directory)  # as mailrelay-admin has it: not opened
+        deleted = []
+
+        def on_result(queue_id, envelope, result, status):
+            if not deleted:  # ids[1] is loaded and waits for the connection
+                deleted.append(admin.delete(ids[1]))
+
+        yield self.deliver(self.manager(max_per_host=1, on_result=on_result))
+        self.assertEqual(deleted, ["queue"])
+        self.assertEqual([m.recipients for m in self.sink.messages],
+                         [["r0@b.test"], ["r2@b.test"]])
+        self.assertEqual(self.spool.queued(), [])
+        self.assertEqual(os.listdir(os.path.join(self.directory, "state")), [])
+
+
 class SlowSpool(CountingSpool):
     """The real spool on a slow disk: each durable change is reported ``delay`` seconds
     after it is done. ``durable`` holds the recipients a crash would find delivered."""

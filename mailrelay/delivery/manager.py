@@ -551,9 +551,16 @@ class DeliveryManager:
         self._check_idle()
 
     def _next_job(self, dest: _Destination) -> Job | None:
-        while (job := dest.pop()) is not None and job.context.deleted:
-            self._record(job.context, [])
-        return job
+        while (job := dest.pop()) is not None:
+            attempt = job.context
+            # mailrelay-admin deletes the files without telling us; the body may have been
+            # read long before (read ahead), so look before sending it.
+            if not attempt.deleted and self.spool.locate(attempt.queue_id) is None:
+                attempt.deleted = True
+            if not attempt.deleted:
+                return job
+            self._record(attempt, [])
+        return None
 
     def _drain(self, dest: _Destination, text: str | None) -> None:
         """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
