@@ -638,6 +638,14 @@ class DurabilityTests(Base):
         self.assertEqual(state.attempts, 1)
 
 
+class PipelinedDurabilityTests(DurabilityTests):
+    """The same, to a server that offers PIPELINING."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.sink.pipelining = True
+
+
 class Silent(protocol.Protocol):
     """Accepts the connection and never says a word."""
 
