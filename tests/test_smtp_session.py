@@ -732,6 +732,21 @@ class TimeoutTests(unittest.TestCase):
         self.assertEqual(codes(s.replies()), [421])
         self.assertEqual(s.spool.created[0].state, "committed")
 
+    def test_session_timeout_looks_again_when_time_went_to_a_transaction(self) -> None:
+        s = Session(self.clock, idle_timeout=300, session_timeout=600)
+        s.login()
+        self.clock.advance(100)
+        s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+        self.clock.advance(250)
+        s.send(b"From: a@doe.test\r\n\r\nbody\r\n.\r\n")  # 250 s inside, at 350 s
+        s.replies()
+        self.clock.advance(250)  # at 600 s, only 350 s were spent outside
+        self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
+        self.clock.advance(249)
+        self.assertEqual(s.replies(), [])
+        self.clock.advance(1)
+        self.assertEqual(s.replies(), [f"421 4.4.2 {HOST} Error: session timeout exceeded"])
+
     def test_session_timeout_waits_for_a_command_in_progress(self) -> None:
         policy = RecordingPolicy(self.clock, refuse={"authAttempt": lambda: 10})
         s = Session(self.clock, idle_timeout=900, session_timeout=600, policy=policy)

@@ -142,6 +142,9 @@ class SubmissionServer(smtp.ESMTP):
         self._lost = self._closing = True
         self.setTimeout(None)
         self._session_clock(running=False)
+        if self._session_timer is not None and self._session_timer.active():
+            self._session_timer.cancel()
+        self._session_timer = None
         self._cancel_data_deadline()
         if self._incoming is not None and self._reader is not None:
             self._incoming.abort()  # the client vanished mid-DATA: nothing is kept
@@ -180,30 +183,43 @@ class SubmissionServer(smtp.ESMTP):
         self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded"))
 
     def _session_clock(self, running: bool) -> None:
-        """Run the session clock outside transactions, stop it while one is open."""
+        """Run the session clock outside transactions, stop it while one is open. Its timer
+        stays where it is as transactions come and go (no timer change per message): when
+        it fires, it reads the clock and waits again for whatever time is left."""
         if not self.factory.session_timeout:
             return
         now = self.factory.reactor.seconds()
         if running and self._outside_since is None and not self._lost:
             self._outside_since = now
-            self._session_timer = self.callLater(
-                max(0.0, self.factory.session_timeout - self._outside), self._session_expired
-            )
+            if self._session_timer is None:
+                self._session_timer = self.callLater(self._session_left(), self._session_tick)
         elif not running and self._outside_since is not None:
             self._outside += now - self._outside_since
             self._outside_since = None
-            if self._session_timer is not None and self._session_timer.active():
-                self._session_timer.cancel()
-            self._session_timer = None
+
+    def _session_left(self) -> float:
+        """Seconds the session may still spend outside transactions."""
+        spent = self._outside
+        if self._outside_since is not None:
+            spent += self.factory.reactor.seconds() - self._outside_since
+        return max(0.0, self.factory.session_timeout - spent)
+
+    def _session_tick(self) -> None:
+        self._session_timer = None
+        if self._outside_since is None:
+            return  # in a transaction, the clock stands still; its end starts the timer
+        left = self._session_left()
+        if left > 0:
+            self._session_timer = self.callLater(left, self._session_tick)
+        else:
+            self._session_expired()
 
     def _session_spent(self) -> bool:
         if not self.factory.session_timeout or self._outside_since is None:
             return False
-        spent = self._outside + self.factory.reactor.seconds() - self._outside_since
-        return spent >= self.factory.session_timeout
+        return self._session_left() <= 0
 
     def _session_expired(self) -> None:
-        self._session_timer = None
         # A command in progress (a login, a MAIL) finishes first: _resume looks again.
         if self._waiting is None and not self._closing:
             self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: session timeout "
