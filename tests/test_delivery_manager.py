@@ -407,6 +407,25 @@ class QueueTests(Base):
         self.assertEqual(order[1:], [f"bulk{i}@b.test" for i in range(40)])
 
     @defer.inlineCallbacks
+    def test_priority_holds_when_the_first_read_is_the_slowest(self):
+        """Messages are read in parallel trips; a later trip coming back first does not
+        overtake the urgent message in the first."""
+        backlog = yield self.submit_many(manager_module.LOAD_BATCH + 8, "bulk")
+        urgent = yield self.submit(["urgent@b.test"], priority=1)
+        envelope = self.spool.envelope
+
+        def slow(queue_id):
+            if queue_id == urgent:
+                time.sleep(0.2)  # in the loader thread: its trip comes back last
+            return envelope(queue_id)
+
+        self.spool.envelope = slow
+        yield self.deliver(self.manager(max_concurrency=1))
+        order = [m.recipients[0] for m in self.sink.messages]
+        self.assertEqual(order, ["urgent@b.test"] + [f"bulk{i}@b.test"
+                                                     for i in range(len(backlog))])
+
+    @defer.inlineCallbacks
     def test_restart_resumes_without_resending(self):
         self.sink.rules["later@b.test"] = (451, "4.2.0 later")
         queue_id = yield self.submit(["ok@b.test", "later@b.test"])

@@ -192,6 +192,7 @@ class DeliveryManager:
         self._preloaded = 0  # bytes of the active attempts' bodies in memory
         self._to_load: list[_Attempt] = []
         self._load_call = None  # the reactor turn's _load, once something is to be loaded
+        self._reading: defer.Deferred = defer.succeed(None)  # the trips' results, in order
         self._destinations: dict[frozenset, _Destination] = {}
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
@@ -344,9 +345,14 @@ class DeliveryManager:
         waiting, self._to_load = self._to_load, []
         for i in range(0, len(waiting), LOAD_BATCH):
             batch = waiting[i:i + LOAD_BATCH]
-            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                          self._read_all, [(a.queue_id, a.held) for a in batch])
-            d.addBoth(self._read_done, batch)
+            read = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                             self._read_all,
+                                             [(a.queue_id, a.held) for a in batch])
+            # Trips run in parallel but are taken in the order they were asked for, so the
+            # first of the schedule (priority, then age) are the first to be routed.
+            self._reading.addBoth(lambda _, read=read: read)
+            self._reading.addBoth(self._read_done, batch)
+            self._reading.addErrback(lambda f: log.failure("cannot route what was read", f))
 
     def _read_all(self, wanted: list[tuple[str, int]]) -> list:
         """In a thread: _read of each (queue id, limit), or the Failure it raised."""
