@@ -191,7 +191,8 @@ def test_priority_1_goes_before_a_backlog(tmp_path, sink):
         # carry a bulk message or two when the urgent one is routed; it still overtakes the
         # backlog of 300.
         assert subjects.index("urgent") < 5, subjects[:10]
-        assert sorted(subjects[1:]) == sorted(f"bulk {i}" for i in range(300))
+        assert sorted(s for s in subjects if s != "urgent") == sorted(
+            f"bulk {i}" for i in range(300))
         wait_for(lambda: spool_empty(relay), timeout=30, what="the spool to empty")
     finally:
         relay.stop()

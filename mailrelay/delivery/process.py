@@ -78,10 +78,12 @@ class _Child(protocol.ProcessProtocol):
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
+        # Each record is RS + JSON + LF (RFC 7464); JSON escapes any LF of its own, so a
+        # record is complete, and logged at once, when its LF arrives.
         self._out += data
-        *records, self._out = self._out.split(b"\x1e")
+        *records, self._out = self._out.split(b"\n")
         for record in records:
-            _relog(record)
+            _relog(record.lstrip(b"\x1e"))
         if len(self._out) > MAX_LOG_RECORD:
             self._out = b""
             log.warn("delivery process: a log record over {size} bytes, dropped",
