@@ -400,8 +400,8 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(codes(other.send(b"MAIL FROM:<x@other.test>\r\n")), [530])
 
     def test_ip_session_logs_three_lines(self) -> None:
-        # Like Postfix: connect, one line per message, disconnect; the IP login is named
-        # by the other two, not logged on its own.
+        # Like Postfix: connect, one line per message, disconnect; the login is named by
+        # the other two, not logged on its own.
         portal, checker, realm = make_portal({"192.0.2.50": "webapp"})
         with capturedLogs() as events:
             s = Session(self.clock, portal=portal, ip="192.0.2.50")
@@ -415,7 +415,25 @@ class TransactionTests(unittest.TestCase):
             f"accepted {queue_id}: session={session} user=webapp auth=ip "
             f"client_ip=192.0.2.50 sender=x@other.test recipients=1 size={size} tls=False "
             "sandboxed=False",
-            f"session {session}: 192.0.2.50 disconnected after 1 messages user=webapp auth=ip",
+            f"session {session}: 192.0.2.50 disconnected after 1 messages user=webapp auth=ip "
+            "tls=False",
+        ])
+
+    def test_password_session_logs_three_lines(self) -> None:
+        with capturedLogs() as events:
+            s = Session(self.clock)
+            s.login()
+            s.send(TRANSACTION + b"QUIT\r\n")
+            s.lose()
+        queue_id, session = s.spool.committed[0].id, s.proto.session_id
+        size = len(b"From: a@doe.test\r\nSubject: s\r\n\r\nbody\r\n")
+        self.assertEqual([formatEvent(e) for e in events if e["log_namespace"] == SERVER], [
+            f"session {session}: connection from 192.0.2.7 tls=False",
+            f"accepted {queue_id}: session={session} user=doe.test auth=password "
+            f"client_ip=192.0.2.7 sender=a@doe.test recipients=1 size={size} tls=False "
+            "sandboxed=False",
+            f"session {session}: 192.0.2.7 disconnected after 1 messages user=doe.test "
+            "auth=password tls=False",
         ])
 
     def test_ip_authentication_by_ipv6_network(self) -> None:

@@ -156,12 +156,13 @@ class SubmissionServer(smtp.ESMTP):
             )
         log.info(
             "session {session}: {client_ip} disconnected after {messages} messages "
-            "user={user} auth={auth}",
+            "user={user} auth={auth} tls={tls}",
             session=self.session_id,
             client_ip=self.client_ip,
             messages=self.messages,
             user=self._username() or "-",
             auth=self.avatar.method if self.avatar is not None else "-",
+            tls=self.tls,
         )
         # A commit in flight still decides the message; the policy hears of it first.
         if self._waiting is not None:
@@ -602,10 +603,9 @@ class SubmissionServer(smtp.ESMTP):
             log.failure("session {session}: login of {user} failed", session=self.session_id,
                         user=username)
             raise Reply(454, "4.7.0", "Temporary authentication failure")
+        # Not logged on its own (as Postfix does not): "accepted" and "disconnected" name
+        # the user, auth=password and TLS; failures are logged, for fail2ban too.
         await self._accept_login(avatar, logout)
-        log.info("session {session}: {client_ip} authenticated as {user} tls={tls}",
-                 session=self.session_id, client_ip=self.client_ip, user=username,
-                 tls=self.tls)
         self._reply(235, "2.7.0", "Authentication successful")
 
     async def _login_failed(self, username: str, why: str) -> None:
