@@ -12,6 +12,7 @@ import os
 from functools import partial
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 from mailrelay.config import EMBEDDED, Config
@@ -22,6 +23,24 @@ log = Logger()
 
 class StartupError(Exception):
     """Something outside the config file prevents startup (unreadable key, bad LDAP bind)."""
+
+
+class StopInOrder(MultiService):
+    """Stops its services one at a time, the last added first, each once the one added
+    after it has stopped: delivery and the listeners finish their work with the spool
+    before the spool closes. (A plain MultiService stops them all at once, and a spool
+    closed under a delivery that is saving states left the delivery waiting for ever.)"""
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_all())
+
+    async def _stop_all(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("{service} did not stop cleanly", service=service.name)
 
 
 class DeliveryService(Service):
@@ -64,7 +83,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     except (TLSSetupError, OSError) as e:
         raise StartupError(str(e))
 
-    top = MultiService()
+    top = StopInOrder()
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space)
     spool.setServiceParent(top)
@@ -126,7 +145,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     runner) and its DeliveryManager."""
     from mailrelay.spool.spool import Spool
 
-    top = MultiService()
+    top = StopInOrder()
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, owner=False)
     spool.setServiceParent(top)

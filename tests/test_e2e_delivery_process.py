@@ -113,10 +113,22 @@ def test_a_message_committed_while_delivery_is_down_is_delivered(tmp_path, sink)
 
 
 def test_the_delivery_process_stops_when_the_relay_is_killed(tmp_path, sink):
-    relay = make_relay(tmp_path, sink)
+    # Killed with a backlog being delivered: the process saves what it was doing and
+    # stops, instead of delivering on beside the next relay's process.
+    relay = make_relay(tmp_path, sink, extra="enabled = no\n")
+    relay.start()
+    with relay.smtp(login=LOGIN) as c:
+        for i in range(400):
+            c.sendmail("a@doe.test", ["bob@example.test"],
+                       message("a@doe.test", "bob@example.test", f"m {i}"))
+    relay.stop()
+    relay.config_path.write_text(relay.config_path.read_text().replace(
+        "enabled = no\n", "max_per_host = 2\n", 1))
     pid = start(relay)
+    wait_for(lambda: len(list(sink.records.glob("*.json"))) >= 100, what="some deliveries")
     relay.kill9()
-    wait_for(lambda: gone(pid), timeout=30, what="the orphaned delivery process to stop")
+    wait_for(lambda: gone(pid), timeout=15, what="the orphaned delivery process to stop")
+    assert relay.spool_files("queue"), "the backlog was not left for the next start"
 
 
 def test_panel_retry_and_delete_reach_the_delivery_process(tmp_path, sink):

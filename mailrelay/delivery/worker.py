@@ -21,6 +21,11 @@ from mailrelay.spool.queueid import is_queue_id
 
 log = Logger()
 
+# Stopping waits for the connections' messages in progress (the manager drops them after
+# its stop_timeout, 10 s) and the states they leave; past this, the process exits anyway,
+# well before the relay would kill it.
+STOP_GRACE = 20.0
+
 
 class RelayChannel(amp.AMP):
     """This process's end of the socket: the relay's commands, answered by ``manager``
@@ -86,8 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         adopt(reactor, args.fd, RelayChannel(manager, relay_gone))
         os.close(args.fd)
 
+    def stop():
+        d = top.stopService()
+        d.addTimeout(STOP_GRACE, reactor)
+        d.addErrback(lambda f: log.error("delivery did not stop within {grace:.0f}s ({why}); "
+                                         "exiting anyway", grace=STOP_GRACE,
+                                         why=f.getErrorMessage()))
+        return d
+
     reactor.callWhenRunning(serve)
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
     return 0
 
