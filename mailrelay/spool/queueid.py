@@ -3,8 +3,8 @@ queue by priority, then age, without reading any file."""
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 from collections.abc import Callable
 
 ID_RE = re.compile(r"[1-9][0-9a-f]{17}")
@@ -40,6 +40,9 @@ class QueueIds:
         if not 0 <= lane < LANES:
             raise ValueError(f"lane must be 0 or 1, not {lane!r}")
         self._now = now
+        # Seeded once from the OS: the random start only keeps two runs' ids apart, and
+        # asking the OS for it at every millisecond cost more than the rest of next().
+        self._random = random.Random()
         self._base = lane * _LANE
         self._ms = 0
         self._seq = 0
@@ -49,7 +52,7 @@ class QueueIds:
             raise ValueError(f"priority must be a digit 1-9, not {priority!r}")
         ms = int(self._now() * 1000)
         if ms > self._ms:
-            self._ms, self._seq = ms, secrets.randbelow(_LANE // 2)
+            self._ms, self._seq = ms, self._random.randrange(_LANE // 2)
         elif self._seq < _LANE - 1:
             self._seq += 1
         else:  # 8 million ids in one millisecond: borrow the next one
