@@ -219,6 +219,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "lifetime": (duration, 5 * 86400.0),
         "delay_warning": (duration, 0.0),  # 0: off
         "connect_timeout": (duration, 30.0),
+        "connection_cache_time": (duration, 2.0),  # 0: QUIT as soon as the queue is empty
         "enabled": (boolean, True),
     },
 }

@@ -335,6 +335,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         hostname=config.server.hostname,
         postmaster=config.server.postmaster,
         connect_timeout=d.connect_timeout,
+        connection_cache_time=d.connection_cache_time,
         features=features,
         on_result=None if features is None else partial(_delivery_result, features),
     )

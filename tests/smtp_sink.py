@@ -143,9 +143,11 @@ class _SinkProtocol(smtp.ESMTP):
         self.delivery = _Delivery(self)
         self.sink.open_connections += 1
         self.sink.most_connections = max(self.sink.most_connections, self.sink.open_connections)
+        self.sink.live.add(self)
 
     def connectionLost(self, reason) -> None:
         self.sink.open_connections -= 1
+        self.sink.live.discard(self)
         super().connectionLost(reason)
 
     def extensions(self):
@@ -213,6 +215,7 @@ class SMTPSink:
             self.tls_options = server_options(tls_cert, tls_key or tls_cert, False, "sink.test")
         self.messages: list[Received] = []
         self.transactions = 0  # MAIL commands accepted
+        self.live: set[_SinkProtocol] = set()
         self.connections = 0
         self.open_connections = 0
         self.most_connections = 0  # the most open at the same time
@@ -232,6 +235,11 @@ class SMTPSink:
     def stop(self) -> defer.Deferred:
         port, self._port = self._port, None
         return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
+
+    def drop_connections(self) -> None:
+        """Close every open connection, as a server timing out idle clients does."""
+        for proto in list(self.live):
+            proto.transport.loseConnection()
 
     def wait_for(self, count: int) -> defer.Deferred:
         """Fires with the messages once at least ``count`` have arrived."""

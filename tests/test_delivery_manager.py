@@ -694,3 +694,63 @@ class StopTests(Base):
         yield stopped
         self.assertEqual(self.spool.queued(), [queue_id])
         self.assertIsNone(self.spool.read_state(queue_id))  # nothing was tried
+
+
+class ConnectionCacheTests(Base):
+    """A connection with nothing left to send waits ``connection_cache_time`` for the next
+    message to its destination instead of saying QUIT at once."""
+
+    @defer.inlineCallbacks
+    def send_one(self, manager: DeliveryManager, rcpt: str, total: int):
+        manager.enqueue((yield self.submit([rcpt])))
+        yield self.sink.wait_for(total)
+
+    @defer.inlineCallbacks
+    def test_messages_one_at_a_time_share_the_cached_connection(self):
+        manager = self.manager(connection_cache_time=2.0)
+        yield manager.start()
+        yield self.send_one(manager, "a@b.test", 1)
+        yield self.send_one(manager, "b@b.test", 2)
+        self.assertEqual([m.connection for m in self.sink.messages], [1, 1])
+        self.assertEqual(self.sink.open_connections, 1)
+        self.advance(2.0)  # nothing came for that long: QUIT
+        yield manager.idle()  # fires once no connection is open
+        yield self.send_one(manager, "c@b.test", 3)
+        self.assertEqual(self.sink.messages[2].connection, 2)
+
+    @defer.inlineCallbacks
+    def test_without_a_cache_time_each_message_has_its_connection(self):
+        manager = self.manager()  # connection_cache_time = 0
+        yield manager.start()
+        yield self.send_one(manager, "a@b.test", 1)
+        yield manager.idle()
+        yield self.send_one(manager, "b@b.test", 2)
+        self.assertEqual([m.connection for m in self.sink.messages], [1, 2])
+
+    @defer.inlineCallbacks
+    def test_stop_closes_a_cached_connection(self):
+        manager = self.manager(connection_cache_time=3600.0)
+        yield manager.start()
+        yield self.send_one(manager, "a@b.test", 1)
+        self.assertEqual(self.sink.open_connections, 1)
+        yield manager.stop()  # fires without the hour passing
+        self.assertEqual(manager.counts["connections"], 0)
+
+    @defer.inlineCallbacks
+    def test_a_cached_connection_the_server_closed_loses_no_message(self):
+        manager = self.manager(connection_cache_time=3600.0)
+        yield manager.start()
+        yield self.send_one(manager, "a@b.test", 1)
+        self.sink.drop_connections()
+        yield self.until(lambda: not manager.counts["connections"])
+        yield self.send_one(manager, "b@b.test", 2)
+        self.assertEqual([m.connection for m in self.sink.messages], [1, 2])
+        yield self.until(lambda: not self.spool.queued())  # delivered and removed
+
+    @defer.inlineCallbacks
+    def until(self, predicate):
+        for _ in range(300):  # bounded: three seconds
+            if predicate():
+                return
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.fail("condition not reached")

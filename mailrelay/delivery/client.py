@@ -51,6 +51,11 @@ class Job:
 SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
 
 
+# The caller's jobs: the next one; None when there is none; or a Deferred to wait for,
+# firing True when there may be one now, False when the connection should close.
+JobSource = Callable[[], "Job | defer.Deferred[bool] | None"]
+
+
 @dataclass(frozen=True)
 class Result:
     """The outcome of one recipient in one attempt."""
@@ -114,7 +119,7 @@ class RelayClient(smtp.ESMTPClient):
     # as a Python-level hook it cost every attribute write (~50 a message).
     __setattr__ = object.__setattr__
 
-    def __init__(self, hop: Hop, identity: str, context, next_job: Callable[[], Job | None],
+    def __init__(self, hop: Hop, identity: str, context, next_job: JobSource,
                  report: Report, max_messages: int, timeout: float) -> None:
         secret = hop.password.encode() if hop.username else None
         super().__init__(secret, context, identity)
@@ -147,6 +152,8 @@ class RelayClient(smtp.ESMTPClient):
         self._rcpt_replies = 0  # pipelined: replies to RCPT read so far
         self._stopping = False
         self._settling: defer.Deferred | None = None  # the last report's, until it fires
+        self._idle: defer.Deferred | None = None  # waiting for the source to have a job
+        self._idle_over = False  # the source gave up on this connection: QUIT
         self._lost = False
 
     # ---- connection-level events
@@ -161,6 +168,8 @@ class RelayClient(smtp.ESMTPClient):
     def stop(self) -> None:
         """Finish the current message, then QUIT instead of taking another."""
         self._stopping = True
+        if self._idle is not None:
+            self._idle.cancel()
 
     def _fail(self, text: str) -> None:
         self.error = self.error or text
@@ -178,6 +187,8 @@ class RelayClient(smtp.ESMTPClient):
     def connectionLost(self, reason=error.ConnectionDone) -> None:
         super().connectionLost(reason)
         self._lost = True
+        if self._idle is not None:  # no job may be handed to this connection any more
+            self._idle.cancel()
         if not self.completed:
             self._fail(_describe(reason))
         if self._job is not None:
@@ -235,6 +246,12 @@ class RelayClient(smtp.ESMTPClient):
         when there is nothing more to send)."""
         while self._settling is None:
             job = self._take()
+            if isinstance(job, defer.Deferred):
+                # Nothing to send yet: the connection stays open until the source has a
+                # job (True: ask again) or gives up (False: QUIT).
+                self._idle = job
+                self._settling = job.addCallbacks(self._idle_ended, self._idle_cancelled)
+                break
             if job is None:
                 self.completed = True
                 self._disconnectFromServer()
@@ -275,14 +292,24 @@ class RelayClient(smtp.ESMTPClient):
         self._failresponse = self._mail_refused
         self.sendLine(mail)
 
-    def _take(self) -> Job | None:
-        """The next job, or None when this connection is to take no more."""
-        if self._stopping or self.pulled >= self.max_messages:
+    def _take(self) -> Job | defer.Deferred | None:
+        """The next job; None when this connection is to take no more; or the source's
+        Deferred to wait for (see smtpState_from)."""
+        if self._stopping or self._idle_over or self.pulled >= self.max_messages:
             return None
         job = self.next_job()
-        if job is not None:
+        if isinstance(job, Job):
             self.pulled += 1
         return job
+
+    def _idle_ended(self, more: bool) -> None:
+        self._idle = None
+        self._idle_over = not more
+
+    def _idle_cancelled(self, failure: Failure) -> None:
+        failure.trap(defer.CancelledError)
+        self._idle = None
+        self._idle_over = True
 
     def _prepare(self, job: Job) -> bool:
         """Open the body and check the job against the server; False when it cannot be
@@ -529,7 +556,7 @@ class Courier:
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
 
-    def send(self, hops: list[Hop], next_job: Callable[[], Job | None],
+    def send(self, hops: list[Hop], next_job: JobSource,
              report: Report) -> defer.Deferred[Outcome]:
         """Try ``hops`` in order until one takes a job; then pull jobs until ``next_job``
         returns None (or the per-connection limit). Every job taken is reported exactly

@@ -115,6 +115,7 @@ class _Destination:
         self.hops = hops
         self.jobs: list[tuple[str, int, Job]] = []
         self.active = 0  # open connections
+        self.idle: list[defer.Deferred] = []  # connections kept open, waiting for a job
         self._seq = 0
 
     def push(self, job: Job) -> None:
@@ -162,6 +163,7 @@ class DeliveryManager:
                  hostname: str = "localhost", postmaster: str | None = None,
                  connect_timeout: float = 30.0, command_timeout: float = 300.0,
                  max_messages_per_connection: int = 100, prefetch: int | None = None,
+                 connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
                  features=None, clock=None, control_dir: str | None = None,
@@ -181,6 +183,7 @@ class DeliveryManager:
         self.hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self.prefetch = prefetch or max(100, max_concurrency * 20)
+        self.connection_cache_time = connection_cache_time
         self.route_ttl = route_ttl
         self.stop_timeout = stop_timeout
         self.on_result = on_result
@@ -224,6 +227,7 @@ class DeliveryManager:
         if self._control.running:
             self._control.stop()
         for dest in list(self._destinations.values()):
+            self._release(dest)
             self._drain(dest, None)  # not attempted: their recipients stay as they are
         self.courier.stop()
         grace = self.clock.callLater(self.stop_timeout, self.courier.abort)
@@ -521,6 +525,8 @@ class DeliveryManager:
         return [Result(r, 451, f"4.4.3 routing failed: {error}") for r in rcpts]
 
     def _dispatch(self, dest: _Destination) -> None:
+        while dest.idle and dest.jobs:  # a connection kept open takes it at once
+            dest.idle.pop(0).callback(True)
         while (self._running and dest.jobs and dest.active < self.max_per_host
                and self._connections < self.max_concurrency
                and (dest.active == 0 or len(dest.jobs) > dest.active * SPREAD)):
@@ -566,7 +572,44 @@ class DeliveryManager:
             if not attempt.deleted:
                 return job
             self._record(attempt, [])
-        return None
+        if not self._running or self.connection_cache_time <= 0:
+            return None
+        return self._wait_for_job(dest)
+
+    def _wait_for_job(self, dest: _Destination) -> defer.Deferred:
+        """The connection stays open for ``connection_cache_time``: the Deferred fires
+        True when a job for ``dest`` arrives (the connection asks again), False when the
+        time is up or delivery stops (it says QUIT). A connection that closes meanwhile
+        cancels it."""
+
+        def cancel(d: defer.Deferred) -> None:
+            if d in dest.idle:
+                dest.idle.remove(d)
+            if timer.active():
+                timer.cancel()
+
+        waiting: defer.Deferred = defer.Deferred(cancel)
+
+        def expire() -> None:
+            if waiting in dest.idle:
+                dest.idle.remove(waiting)
+                waiting.callback(False)
+
+        def done(more: bool) -> bool:
+            if timer.active():
+                timer.cancel()
+            return more
+
+        timer = self.clock.callLater(self.connection_cache_time, expire)
+        waiting.addCallback(done)
+        dest.idle.append(waiting)
+        return waiting
+
+    def _release(self, dest: _Destination) -> None:
+        """Every connection kept open for ``dest`` says QUIT."""
+        idle, dest.idle = dest.idle, []
+        for waiting in idle:
+            waiting.callback(False)
 
     def _drain(self, dest: _Destination, text: str | None) -> None:
         """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
