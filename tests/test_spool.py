@@ -366,8 +366,7 @@ class StateTests(SpoolTestBase):
         self.assertEqual(spool.all_states(), {queue_id: state})
         self.assertEqual(listing(spool, "tmp"), [])
 
-        envelope_and_state = yield spool.load(queue_id)
-        self.assertEqual(envelope_and_state, (envelope(id=queue_id), state))
+        self.assertEqual(spool.envelope(queue_id), envelope(id=queue_id))
         self.assertEqual((yield spool.scan()), ([queue_id], {queue_id: state}))
 
         yield spool.remove(queue_id)

@@ -2,7 +2,7 @@
 
 Writing side (the SMTP session): create() -> IncomingMessage.write()* -> commit().
 Reading side (delivery, mailrelay-admin): plain blocking readers, cheap enough for the
-admin tool and for startup; load() and scan() run them in the spool's threads for the
+admin tool and for startup; scan() runs them in the spool's threads for the
 daemon. Changes that must be durable (commit, save_state, remove) go through one group
 commit on a small dedicated thread pool, so a burst of hashing or DNS work on the
 reactor's shared pool never delays a `250`.
@@ -176,7 +176,7 @@ class Spool(Service):
             self._free = (now, self.free_bytes())
         return self._free[1]
 
-    # -- reading side (blocking; use load()/scan() on the reactor)
+    # -- reading side (blocking: call them from a thread; scan() does, for startup)
 
     def queued(self) -> list[str]:
         """Ids in queue/, in delivery order: priority, then age. No file is read."""
@@ -229,10 +229,6 @@ class Spool(Service):
                 if state is not None:
                     states[name[:-5]] = state
         return states
-
-    def load(self, queue_id: str) -> Deferred:
-        """In a spool thread: fires with (Envelope, DeliveryState | None)."""
-        return self._in_thread(lambda: (self.envelope(queue_id), self.read_state(queue_id)))
 
     def scan(self) -> Deferred:
         """In a spool thread: fires with (queued(), all_states()) for startup."""
