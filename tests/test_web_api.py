@@ -392,6 +392,22 @@ class ApiTests(unittest.TestCase):
         yield self.api("DELETE", f"/queue/{queue_id}", expect=204)
         self.assertEqual(self.panel.spool.queued(), [])
 
+    @defer.inlineCallbacks
+    def test_queue_while_the_delivery_process_restarts(self):
+        from twisted.internet import reactor
+
+        from mailrelay.delivery.process import DeliveryProcess
+        from mailrelay.web.backend import QueueControl
+
+        # A delivery process that is not running (between a crash and its restart).
+        restarting = DeliveryProcess(["/bin/false"], reactor)
+        self.panel.services.control = QueueControl(self.panel.spool, reactor, restarting)
+        queue_id = yield self.queue_message()
+        _, _, doc = yield self.api("POST", f"/queue/{queue_id}/retry", expect=503)
+        self.assertIn("restarting", str(doc))
+        yield self.api("DELETE", f"/queue/{queue_id}", expect=204)  # done on the files
+        self.assertEqual(self.panel.spool.queued(), [])
+
     # ---- statistics
 
     @defer.inlineCallbacks

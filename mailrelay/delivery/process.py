@@ -56,6 +56,10 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
+class DeliveryNotRunning(RuntimeError):
+    """The delivery process is between a crash and its restart: ask again shortly."""
+
+
 class _Channel(amp.AMP):
     def __init__(self, owner: DeliveryProcess) -> None:
         super().__init__()
@@ -251,7 +255,7 @@ class DeliveryProcess(Service):
 
     def _call(self, command, **kw) -> defer.Deferred:
         if self._channel is None:
-            return defer.fail(RuntimeError("the delivery process is not running"))
+            return defer.fail(DeliveryNotRunning("the delivery process is restarting"))
         return self._channel.callRemote(command, **kw)
 
 

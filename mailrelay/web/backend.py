@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from mailrelay.admin.queue import _entry, _recipients
 from mailrelay.auth.passwords import generate_password, hash_password
 from mailrelay.delivery.dsn import read_headers
+from mailrelay.delivery.process import DeliveryNotRunning
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import UserStore
 from mailrelay.model import Account, SmtpUser
@@ -186,10 +187,15 @@ class QueueControl:
         return bool(await _maybe(self.manager.retry(queue_id)))
 
     async def delete(self, queue_id: str) -> str | None:
-        """The place the message was removed from, or None when it was not there."""
+        """The place the message was removed from, or None when it was not there. While
+        the delivery process restarts, the files are removed as mailrelay-admin does (the
+        next process lists the queue without them)."""
         try:
             if self.manager is not None:
-                return await _maybe(self.manager.delete(queue_id))
+                try:
+                    return await _maybe(self.manager.delete(queue_id))
+                except DeliveryNotRunning:
+                    pass
             return await in_thread(self.reactor, self.spool.delete, queue_id)
         except KeyError:
             return None

@@ -287,7 +287,7 @@ def openapi_document() -> dict[str, Any]:
         "/queue/{queue_id}/retry": {
             "parameters": [QUEUE_ID],
             "post": _op("try to deliver now", {"202": _json(ref("Retry"), "scheduled")}, 403,
-                        404, 409),
+                        404, 409, 503),
         },
         "/stats": {
             "get": _op("statistics per user or account and period",
@@ -311,7 +311,8 @@ def openapi_document() -> dict[str, Any]:
             405: "users and accounts are read-only here (LDAP directory)",
             409: "conflicts with what exists (name taken, still in use, already listed)",
             415: "the body is not application/json",
-            503: "the directory, the spool or DNS cannot answer now; try again",
+            503: "the directory, the spool, DNS or the delivery process cannot answer now; "
+                 "try again",
         }.items()
     }
     return {

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from mailrelay.admin._directory import LDAP_MANAGED
 from mailrelay.admin.account import account_json
 from mailrelay.admin.user import user_json
+from mailrelay.delivery.process import DeliveryNotRunning
 from mailrelay.directory.filedir import (
     DirectoryFileError,
     EntryConflict,
@@ -388,7 +389,11 @@ async def retry_queued(s: Services, queue_id: str) -> dict[str, Any]:
     _queue_id(queue_id)
     if not s.control.can_retry:
         raise HttpError(409, "delivery is not running in this relay ([delivery] enabled = no)")
-    if not await s.control.retry(queue_id):
+    try:
+        queued = await s.control.retry(queue_id)
+    except DeliveryNotRunning:
+        raise HttpError(503, "the delivery process is restarting; try again in a few seconds")
+    if not queued:
         raise HttpError(404, f"no message {queue_id!r} waiting in the queue")
     log.info("control panel: retry {queue_id} now", queue_id=queue_id)
     return {"id": queue_id, "retry": "scheduled now"}
