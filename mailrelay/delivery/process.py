@@ -38,6 +38,11 @@ RESTART_MAX = 30.0
 STABLE = 60.0  # a process that ran this long restarts after RESTART_FIRST again
 STOP_TIMEOUT = 30.0  # SIGTERM, then SIGKILL after this long (it saves states first)
 MAX_LOG_RECORD = 1 << 20  # bytes of one log record from the process, at most
+# A message committed after a quiet spell is announced at once; those that follow within
+# this many seconds go together at its end. Each announcement costs both processes a wake
+# up, a round trip and a spool read: batched, a steady flow costs about a third less CPU
+# per message, for at most this much more latency.
+ANNOUNCE_WINDOW = 0.02
 
 
 def worker_command(config_source: str | None) -> list[str]:
@@ -132,8 +137,9 @@ class DeliveryProcess(Service):
         self._child: _Child | None = None
         self._process = None  # IProcessTransport of the running process
         self._channel: _Channel | None = None
-        self._pending: list[str] = []  # ids to announce at the end of this reactor turn
+        self._pending: list[str] = []  # ids waiting for the next announcement
         self._sending = None
+        self._announced_at = float("-inf")
         self._restart = None
         self._delay = RESTART_FIRST
         self._started_at = 0.0
@@ -156,6 +162,9 @@ class DeliveryProcess(Service):
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
         self._restart = None
+        if self._sending is not None and self._sending.active():
+            self._sending.cancel()  # the next process lists the queue anyway
+        self._sending, self._pending = None, []
         if self._process is None:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
@@ -224,17 +233,20 @@ class DeliveryProcess(Service):
     # ---- what the relay asks of delivery
 
     def enqueue(self, message) -> None:
-        """A message (its id or its envelope) is durable in queue/: announce it. Ids
-        committed in one reactor turn leave together. Without a process nothing is sent:
-        the next one lists the queue when it starts."""
+        """A message (its id or its envelope) is durable in queue/: announce it, at the
+        end of this reactor turn, or with the others of ANNOUNCE_WINDOW when the last
+        announcement was more recent than that. Without a process nothing is sent: the
+        next one lists the queue when it starts."""
         if self._channel is None:
             return
         self._pending.append(getattr(message, "id", message))
         if self._sending is None:
-            self._sending = self._reactor.callLater(0, self._announce)
+            wait = self._announced_at + ANNOUNCE_WINDOW - self._reactor.seconds()
+            self._sending = self._reactor.callLater(max(0.0, wait), self._announce)
 
     def _announce(self) -> None:
         self._sending = None
+        self._announced_at = self._reactor.seconds()
         ids, self._pending = self._pending, []
         if self._channel is None:
             return
