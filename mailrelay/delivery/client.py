@@ -32,6 +32,7 @@ from twisted.mail._cred import LOGINAuthenticator
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
+from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
 from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
 
@@ -578,7 +579,7 @@ class Courier:
                 continue
             protocol = RelayClient(hop, self.hostname, context, next_job, report,
                                    self.max_messages, self.command_timeout)
-            connecting = endpoints.connectProtocol(self._endpoint(hop), protocol)
+            connecting = self._endpoint(hop).connect(Given(protocol))
             self._connecting.add(connecting)
             try:
                 await connecting

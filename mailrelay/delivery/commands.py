@@ -47,12 +47,17 @@ class Flush(amp.Command):
 def adopt(reactor, fd: int, proto: amp.AMP) -> None:
     """Run ``proto`` on the connected UNIX socket ``fd``; the reactor uses a copy of the
     descriptor, so the caller closes ``fd``."""
-    reactor.adoptStreamConnection(fd, socket.AF_UNIX, _Given(proto))
+    reactor.adoptStreamConnection(fd, socket.AF_UNIX, Given(proto))
 
 
-class _Given(protocol.Factory):
-    def __init__(self, proto: amp.AMP) -> None:
+class Given(protocol.Factory):
+    """The factory of one protocol made beforehand. Unlike endpoints.connectProtocol's it
+    is quiet: no "Starting factory" and "Stopping factory" lines for every connection."""
+
+    noisy = False
+
+    def __init__(self, proto: protocol.Protocol) -> None:
         self._proto = proto
 
-    def buildProtocol(self, addr) -> amp.AMP:
+    def buildProtocol(self, addr) -> protocol.Protocol:
         return self._proto
