@@ -40,8 +40,8 @@ STOP_TIMEOUT = 30.0  # SIGTERM, then SIGKILL after this long (it saves states fi
 MAX_LOG_RECORD = 1 << 20  # bytes of one log record from the process, at most
 # A message committed after a quiet spell is announced at once; those that follow within
 # this many seconds go together at its end. Each announcement costs both processes a wake
-# up, a round trip and a spool read: batched, a steady flow costs about a third less CPU
-# per message, for at most this much more latency.
+# up, a round trip and a spool read: batched, a steady flow at a low rate costs about a
+# quarter less CPU per message, for at most this much more latency.
 ANNOUNCE_WINDOW = 0.02
 
 
