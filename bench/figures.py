@@ -142,20 +142,28 @@ class Measure:
     def _drain(self, messages: int) -> float:
         return self.sizes.drain_timeout + messages / 50
 
-    def _load(self, what: str, spec: LoadSpec) -> LoadResult:
-        before = self.sink.count()
+    def _server_cpu(self) -> float:
+        pid = self.server.pid
+        return procs.tree_cpu(pid) if pid else 0.0
+
+    def _load(self, what: str, spec: LoadSpec) -> tuple[LoadResult, float | None]:
+        """Run ``spec`` and wait for the sink to have what was accepted. Also returns the
+        server's CPU per message in ms (all its processes, receiving and delivering)."""
+        before, cpu = self.sink.count(), self._server_cpu()
         result = run_load(spec)
-        self.say(f"{what}: {result.summary()}")
-        if spec.login_only or not self.server.delivers:
-            return result
-        # Let the server deliver what it accepted before the next measurement starts.
-        got = self.sink.wait_for(before + result.ok, timeout=self._drain(result.ok))
-        if got < before + result.ok:
-            self.say(f"{what}: only {got - before} of {result.ok} reached the sink")
-        return result
+        if not spec.login_only and self.server.delivers:
+            # Let the server deliver what it accepted before the next measurement starts.
+            got = self.sink.wait_for(before + result.ok, timeout=self._drain(result.ok))
+            if got < before + result.ok:
+                self.say(f"{what}: only {got - before} of {result.ok} reached the sink")
+        cpu_ms = 1e3 * (self._server_cpu() - cpu) / result.ok if result.ok else None
+        self.say(f"{what}: {result.summary()}"
+                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else ""))
+        return result, cpu_ms
 
     @staticmethod
-    def _from_result(result: LoadResult, value: float | None = None) -> Value:
+    def _from_result(result: LoadResult, value: float | None = None,
+                     cpu_ms: float | None = None) -> Value:
         if not result.ok:
             first = max(result.errors, key=result.errors.get) if result.errors else "no reply"
             return Value(None, f"failed: {first}")
@@ -164,7 +172,8 @@ class Measure:
             first = max(result.errors, key=result.errors.get)
             note = f"{result.failed} failed ({first})"
         return Value(result.rate if value is None else value, note,
-                     {"ok": result.ok, "failed": result.failed, "cpu": result.cpu})
+                     {"ok": result.ok, "failed": result.failed, "cpu": result.cpu,
+                      "server_cpu_ms": cpu_ms})
 
     def _needs_delivery(self) -> Value | None:
         if not self.server.delivers:
@@ -185,13 +194,14 @@ class Measure:
         total = max(total, conns * per_conn)
         spec = self._spec(mode, conns=conns, per_conn=per_conn, total=total,
                           tag=f"a{mode}{conns}x{per_conn}")
-        return self._from_result(self._load(f"accept {mode} c={conns} m={per_conn}", spec))
+        result, cpu_ms = self._load(f"accept {mode} c={conns} m={per_conn}", spec)
+        return self._from_result(result, cpu_ms=cpu_ms)
 
     def accept_smtp_source(self) -> Value:
         if na := self._needs_ip_auth():
             return na
         total = self.sizes.accept_c20
-        before = self.sink.count()
+        before, cpu = self.sink.count(), self._server_cpu()
         cmd = [SMTP_SOURCE, "-s", "20", "-m", str(total), "-l", "5120", "-f", IP_SENDER,
                "-t", RECIPIENT, f"{procs.HOST}:{self.server.plain_port}"]
         t0 = time.monotonic()
@@ -202,8 +212,10 @@ class Measure:
             return Value(None, f"smtp-source: {(done.stdout + done.stderr).strip()[:120]}")
         if self.server.delivers:
             self.sink.wait_for(before + total, timeout=self._drain(total))
-        self.say(f"accept plain c=20 m=1 smtp-source: {total} in {elapsed:.2f}s")
-        return Value(total / elapsed)
+        cpu_ms = 1e3 * (self._server_cpu() - cpu) / total
+        self.say(f"accept plain c=20 m=1 smtp-source: {total} in {elapsed:.2f}s, "
+                 f"server CPU {cpu_ms:.2f} ms per item")
+        return Value(total / elapsed, "", {"server_cpu_ms": cpu_ms})
 
     def end_to_end(self) -> dict[str, Value]:
         if na := self._needs_ip_auth() or self._needs_delivery():
@@ -211,16 +223,20 @@ class Measure:
         n = self.sizes.e2e
         self.sink.reset()
         spec = self._spec("plain", conns=20, per_conn=1, total=n, keep_acks=True, tag="e2e")
+        cpu = self._server_cpu()
         result = run_load(spec)
-        self.say(f"end to end: {result.summary()}")
         got = self.sink.wait_for(result.ok, timeout=self._drain(result.ok))
+        cpu_ms = 1e3 * (self._server_cpu() - cpu) / result.ok if result.ok else None
+        self.say(f"end to end: {result.summary()}"
+                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else ""))
         arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
         if not result.ok or not arrivals:
             na = self._from_result(result) if not result.ok else Value(None, "nothing arrived")
             return {"e2e.rate": na, "e2e.p50": na, "e2e.p99": na}
         last = max(t for _, t in arrivals)
         rate = Value(len(arrivals) / (last - result.start),
-                     "" if got >= result.ok else f"{result.ok - got} never arrived")
+                     "" if got >= result.ok else f"{result.ok - got} never arrived",
+                     {"server_cpu_ms": cpu_ms})
         latencies = [1e3 * (t - result.acks[i]) for i, t in arrivals if i in result.acks]
         if not latencies:
             na = Value(None, "no X-Bench-Id arrived")
@@ -268,7 +284,7 @@ class Measure:
         sampler.start()
         try:
             spec = self._spec("tls", conns=1, per_conn=1, total=1, size=size, tag="big")
-            result = self._load(f"one {size / 1e6:.0f} MB message", spec)
+            result, _ = self._load(f"one {size / 1e6:.0f} MB message", spec)
         finally:
             stop.set()
             sampler.join(5)
@@ -285,7 +301,8 @@ class Measure:
         total = len(users) if many else self.sizes.logins
         spec = self._spec("tls", conns=20, total=total, users=users, login_only=True,
                           tag="login")
-        return self._from_result(self._load(f"logins ({len(users)} users)", spec))
+        result, cpu_ms = self._load(f"logins ({len(users)} users)", spec)
+        return self._from_result(result, cpu_ms=cpu_ms)
 
     def spool_scale(self) -> dict[str, Value]:
         """Queue ``sizes.spool`` messages with delivery paused, restart with delivery on:
@@ -328,7 +345,12 @@ def median(values: list[Value]) -> Value:
     notes = sorted({v.note for v in values if v.note})
     if not nums:
         return Value(None, notes[0] if notes else "n/a")
-    return Value(statistics.median(nums), "; ".join(notes), {"rounds": nums})
+    details: dict = {"rounds": nums}
+    cpu = [v.details["server_cpu_ms"] for v in values
+           if v.details.get("server_cpu_ms") is not None]
+    if cpu:
+        details["server_cpu_ms"] = statistics.median(cpu)
+    return Value(statistics.median(nums), "; ".join(notes), details)
 
 
 def smtp_source_available() -> bool:

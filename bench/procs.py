@@ -1,5 +1,6 @@
-"""Process and port helpers: free loopback ports, waiting for a banner, memory of a process
-tree read from /proc (RSS for one process, PSS summed over a tree of processes)."""
+"""Process and port helpers: free loopback ports, waiting for a banner, memory and CPU time
+of a process tree read from /proc (RSS for one process, PSS summed over a tree of
+processes)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,21 @@ def children(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants, with the
+    children they have reaped: a Postfix process that served and exited still counts,
+    in its parent's share."""
+    ticks = 0
+    for p in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: its parent counts it once it has reaped it
+        ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_memory(pid: int) -> int:

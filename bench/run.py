@@ -162,6 +162,22 @@ def auth_cost(results: dict[str, dict[str, Value]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_cost(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
+    """Where the cores go: CPU per message of all of each server's processes, from the
+    start of a run until the sink has its messages (receiving and delivering)."""
+    lines = ["Server CPU per message, all of the server's processes, receiving and "
+             "delivering (ms, median of rounds):"]
+    for f in figs:
+        if not (f.key.startswith("accept.") or f.key == "e2e.rate"):
+            continue
+        cells = []
+        for name in ("mailrelay", "Postfix"):
+            cpu = results[name].get(f.key, Value(None)).details.get("server_cpu_ms")
+            cells.append(f"{name} {cpu:.2f}" if cpu is not None else f"{name} n/a")
+        lines.append(f"  {f.label} ({f.tool}): " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def table(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     rows = [("figure", "mailrelay", "Postfix", "mr/Postfix", "target", "tool")]
     notes: list[str] = []
@@ -363,7 +379,8 @@ def report(args, argv, sizes, rounds, ceiling, figs, results, started, load_befo
         *(f"ceiling: {c}" for c in ceiling),
         "",
     ]
-    return "\n".join(head) + table(figs, results) + "\n\n" + auth_cost(results)
+    return ("\n".join(head) + table(figs, results) + "\n\n" + auth_cost(results) + "\n\n"
+            + cpu_cost(figs, results))
 
 
 if __name__ == "__main__":

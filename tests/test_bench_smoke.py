@@ -41,3 +41,7 @@ def test_bench_smoke(tmp_path) -> None:
                 "e2e.rate", "e2e.p99", "mem.idle", "login.one"):
         got = mailrelay[key]
         assert got["value"] is not None, f"{key}: {got['note']}\n{done.stderr[-4000:]}"
+    # Where the cores go: the relay and its delivery process did work for every message.
+    assert "Server CPU per message" in done.stdout
+    for key in ("accept.plain.c20.m10", "e2e.rate"):
+        assert mailrelay[key]["details"]["server_cpu_ms"] > 0, mailrelay[key]
