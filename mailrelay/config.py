@@ -220,6 +220,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "delay_warning": (duration, 0.0),  # 0: off
         "connect_timeout": (duration, 30.0),
         "connection_cache_time": (duration, 2.0),  # 0: QUIT as soon as the queue is empty
+        "nice": (integer(0, 19), 5),  # the delivery process's priority below the relay's
         "enabled": (boolean, True),
     },
 }

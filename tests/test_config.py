@@ -101,6 +101,7 @@ def test_relative_data_dir_is_made_absolute(write):
         ("delivery", "port", "70000", "outside 1..65535"),
         ("delivery", "dns_servers", "127.0.0.1 ::zz", "write [v6]:port"),
         ("delivery", "mode", "carrier-pigeon", "is not one of mx, smarthost"),
+        ("delivery", "nice", "20", "outside 0..19"),
         ("tls", "key_type", "dsa", "is not one of ecdsa, rsa"),
     ],
 )

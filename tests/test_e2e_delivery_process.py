@@ -44,12 +44,21 @@ def start(relay: Relay) -> int:
     return delivery_pids(relay)[0]
 
 
-def parent_of(pid: int) -> int | None:
+def stat_field(pid: int, index: int) -> int | None:
+    """A number from /proc/<pid>/stat, counted from the field after the command name."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
+            return int(f.read().rsplit(")", 1)[1].split()[index])
     except OSError:
         return None
+
+
+def parent_of(pid: int) -> int | None:
+    return stat_field(pid, 1)
+
+
+def nice_of(pid: int) -> int | None:
+    return stat_field(pid, 16)
 
 
 def gone(pid: int) -> bool:
@@ -73,6 +82,9 @@ def test_delivery_is_a_child_process_restarted_after_a_crash(tmp_path, sink):
     first = start(relay)
     try:
         assert parent_of(first) == relay.process.pid
+        # Below the relay's priority: when the cores are busy, clients go first.
+        wait_for(lambda: nice_of(first) == nice_of(relay.process.pid) + 5,
+                 what="the delivery process's nice value")
         submit(relay, subject="before")
         sink.wait(1)
         # The delivery process's own log lines reach the relay's log.

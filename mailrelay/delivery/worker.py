@@ -75,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)],
                                      redirectStandardIO=False)
     try:
-        top, manager = make_delivery_worker(load_config(args.config), reactor)
+        config = load_config(args.config)
+        top, manager = make_delivery_worker(config, reactor)
     except (ConfigError, StartupError) as e:
         print(f"mailrelay delivery: {e}", file=sys.stderr)
         return 1
+    # Clients wait for each reply, the queue does not: when the cores are all busy, the
+    # relay goes first and delivery takes what is left (on idle cores, no difference).
+    os.nice(config.delivery.nice)
 
     def relay_gone() -> None:
         if reactor.running:
