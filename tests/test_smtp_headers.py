@@ -98,6 +98,10 @@ def test_received_header() -> None:
     assert many == (b"Received: from x_y__z__ ([IPv6:2001:db8::1])\r\n"
                     b"\tby relay.test (mailrelay) with ESMTPA id 3a;\r\n"
                     b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
+    # Dates are made once a second: the next second has its own.
+    later = received_header("h", "192.0.2.1", "relay.test", "ESMTP", "3b", ["r@example.net"],
+                            1_700_000_001.9)
+    assert later.endswith(b"; Tue, 14 Nov 2023 22:13:21 +0000\r\n")
 
 
 def test_protocol_names() -> None:

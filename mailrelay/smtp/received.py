@@ -6,6 +6,7 @@ import datetime
 import ipaddress
 import re
 from email.utils import format_datetime
+from functools import lru_cache
 
 # What may appear of the client's HELO argument: enough for any host name or address
 # literal; everything else (parentheses, semicolons, quotes) would change the header's
@@ -18,6 +19,7 @@ def sanitize_helo(helo: str) -> str:
     return _UNSAFE_HELO.sub("_", helo[:MAX_HELO]) or "unknown"
 
 
+@lru_cache(maxsize=1024)  # clients come back: parsing the address was 1% of a message
 def address_literal(ip: str) -> str:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 4.1.3)."""
     try:
@@ -48,7 +50,7 @@ def received_header(
 ) -> bytes:
     """The header as CRLF lines; ``for <rcpt>`` only for a single recipient (naming more
     would disclose Bcc recipients to each other)."""
-    date = format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+    date = _date(int(when))
     lines = [
         f"Received: from {sanitize_helo(helo)} ({address_literal(client_ip)})",
         f"\tby {hostname} (mailrelay) with {protocol} id {queue_id}",
@@ -59,3 +61,8 @@ def received_header(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
+
+
+@lru_cache(maxsize=2)  # the messages of one second share their date: made once
+def _date(second: int) -> str:
+    return format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
