@@ -2,7 +2,9 @@
 pair made when the relay starts the process (delivery/process.py, delivery/worker.py).
 
 The relay speaks first in every command; the delivery process answers. Message data
-never crosses the socket: both processes read and write the spool directly.
+never crosses the socket: both processes read and write the spool directly. ``Given``,
+the quiet factory of one protocol made beforehand, also serves delivery's outbound SMTP
+connections.
 """
 
 from __future__ import annotations
