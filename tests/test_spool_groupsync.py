@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -107,3 +107,62 @@ class GroupSyncTests(unittest.TestCase):
             sync.submit(self.touch(f"m{i}")).addCallback(fired.append)
         yield sync.drain()
         self.assertEqual(len(fired), 5)
+
+
+class _HeldPool:
+    """A pool that only records what it is asked to run, to be run by the test."""
+
+    max = 1
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callInThread(self, f, *args) -> None:
+        self.calls.append((f, args))
+
+
+class _TestReactor(task.Clock):
+    """A clock whose callFromThread waits, like the real one, for the test to run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list = []
+
+    def callFromThread(self, f, *args) -> None:
+        self.from_threads.append((f, args))
+
+
+class ThreadWakeUpTests(unittest.SynchronousTestCase):
+    """When to wake a thread: at once when idle, once per reactor turn when busy."""
+
+    def setUp(self) -> None:
+        self.clock, self.pool = _TestReactor(), _HeldPool()
+        self.sync = GroupSync(self.clock, self.pool)
+
+    def test_an_idle_commit_starts_at_once(self):
+        d = self.sync.submit(lambda: ())
+        self.assertEqual(len(self.pool.calls), 1)  # no waiting for the end of the turn
+        run, args = self.pool.calls.pop()
+        run(*args)
+        finished, args = self.clock.from_threads.pop()
+        finished(*args)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_while_a_batch_is_in_flight_a_turn_s_jobs_wake_one_thread(self):
+        first = self.sync.submit(lambda: ())
+        run, args = self.pool.calls.pop()
+        run(*args)  # phase 1 and 2 done; its outcome not yet back on the reactor
+        jobs = [self.sync.submit(lambda: ()) for _ in range(3)]
+        self.assertEqual(self.pool.calls, [])  # not one wake-up per job
+        self.clock.advance(0)  # the end of the turn
+        self.assertEqual(len(self.pool.calls), 1)
+        run, (batch,) = self.pool.calls.pop()
+        self.assertEqual([job.deferred for job in batch], jobs)
+        finished, args = self.clock.from_threads.pop()
+        finished(*args)
+        self.assertIsNone(self.successResultOf(first))
+        run(batch)
+        finished, args = self.clock.from_threads.pop()
+        finished(*args)
+        self.assertEqual([self.successResultOf(d) for d in jobs], [None] * 3)
+        self.assertEqual(self.sync.batches, 2)

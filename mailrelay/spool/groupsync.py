@@ -11,7 +11,10 @@ A batch has two phases, both in the pool:
 Jobs submitted while a batch is in phase 1 form the next batch, which starts as soon as
 phase 1 ends, so its file fsyncs overlap the previous batch's directory fsyncs. Batches
 grow with the load by themselves: one job alone when idle, everything that arrived
-meanwhile when busy.
+meanwhile when busy. When idle a job starts at once; while a batch is in flight, a batch
+starts at the end of the reactor turn that submitted its first job, so the turn's other
+jobs go with it: waking a pool thread costs more than the job's Python (a futex wake-up,
+on a virtual machine an interrupt to another CPU).
 
 The reactor thread hands a whole batch to the pool in one call and gets all its outcomes
 back in one call: its cost per batch, not per job, is what the threads cost it.
@@ -56,6 +59,7 @@ class GroupSync:
         self._pending: list[_Job] = []
         self._applying = False  # a batch is in phase 1: new jobs wait for the next
         self._firing = False  # jobs submitted by callbacks being fired wait, to go together
+        self._kicking = False  # a batch start is scheduled for the end of this turn
         self._in_flight = 0  # batches started and not finished
         self._idle: list[Deferred] = []
         self.batches = 0  # batches completed
@@ -66,10 +70,27 @@ class GroupSync:
         d: Deferred = Deferred()
         with self._lock:
             self._pending.append(_Job(apply, undo, d))
-            batch = self._take() if not (self._applying or self._firing) else None
+            batch = None
+            kick = not (self._applying or self._firing or self._kicking)
+            if kick and not self._in_flight:
+                batch, kick = self._take(), False  # idle: no one to wait for
+            elif kick:
+                self._kicking = True
         if batch is not None:
             self._pool.callInThread(self._run, batch)
+        elif kick:
+            # Busy: start at the end of this reactor turn, so that what else the turn
+            # submits goes along (one thread wake-up instead of one each).
+            self._reactor.callLater(0, self._kick)
         return d
+
+    def _kick(self) -> None:
+        with self._lock:
+            self._kicking = False
+            ready = self._pending and not (self._applying or self._firing)
+            batch = self._take() if ready else None
+        if batch is not None:
+            self._pool.callInThread(self._run, batch)
 
     def drain(self) -> Deferred:
         """Fires once no batch is in flight or waiting (for shutdown)."""
