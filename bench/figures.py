@@ -115,6 +115,10 @@ def _users_list(users: dict[str, str]) -> list[tuple[str, str, str]]:
     return [(login, pw, login) for login, pw in users.items()]
 
 
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -146,11 +150,14 @@ class Measure:
         pid = self.server.pid
         return procs.tree_cpu(pid) if pid else 0.0
 
-    def _load(self, what: str, spec: LoadSpec) -> tuple[LoadResult, float | None]:
+    def _load(self, what: str, spec: LoadSpec) -> tuple[LoadResult, dict]:
         """Run ``spec`` and wait for the sink to have what was accepted. Also returns the
-        server's CPU per message in ms (all its processes, receiving and delivering)."""
+        server's CPU per message in ms (all its processes, receiving and delivering) and
+        the share of the machine's CPU that was busy while the clients sent."""
         before, cpu = self.sink.count(), self._server_cpu()
+        machine = procs.machine_cpu()
         result = run_load(spec)
+        busy = procs.busy_share(machine, procs.machine_cpu())
         if not spec.login_only and self.server.delivers:
             # Let the server deliver what it accepted before the next measurement starts.
             got = self.sink.wait_for(before + result.ok, timeout=self._drain(result.ok))
@@ -158,12 +165,13 @@ class Measure:
                 self.say(f"{what}: only {got - before} of {result.ok} reached the sink")
         cpu_ms = 1e3 * (self._server_cpu() - cpu) / result.ok if result.ok else None
         self.say(f"{what}: {result.summary()}"
-                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else ""))
-        return result, cpu_ms
+                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else "")
+                 + f", machine {_percent(busy)} busy")
+        return result, {"server_cpu_ms": cpu_ms, "machine_busy": busy}
 
     @staticmethod
     def _from_result(result: LoadResult, value: float | None = None,
-                     cpu_ms: float | None = None) -> Value:
+                     measured: dict | None = None) -> Value:
         if not result.ok:
             first = max(result.errors, key=result.errors.get) if result.errors else "no reply"
             return Value(None, f"failed: {first}")
@@ -173,7 +181,7 @@ class Measure:
             note = f"{result.failed} failed ({first})"
         return Value(result.rate if value is None else value, note,
                      {"ok": result.ok, "failed": result.failed, "cpu": result.cpu,
-                      "server_cpu_ms": cpu_ms})
+                      **(measured or {})})
 
     def _needs_delivery(self) -> Value | None:
         if not self.server.delivers:
@@ -194,8 +202,8 @@ class Measure:
         total = max(total, conns * per_conn)
         spec = self._spec(mode, conns=conns, per_conn=per_conn, total=total,
                           tag=f"a{mode}{conns}x{per_conn}")
-        result, cpu_ms = self._load(f"accept {mode} c={conns} m={per_conn}", spec)
-        return self._from_result(result, cpu_ms=cpu_ms)
+        result, measured = self._load(f"accept {mode} c={conns} m={per_conn}", spec)
+        return self._from_result(result, measured=measured)
 
     def accept_smtp_source(self) -> Value:
         if na := self._needs_ip_auth():
@@ -204,18 +212,19 @@ class Measure:
         before, cpu = self.sink.count(), self._server_cpu()
         cmd = [SMTP_SOURCE, "-s", "20", "-m", str(total), "-l", "5120", "-f", IP_SENDER,
                "-t", RECIPIENT, f"{procs.HOST}:{self.server.plain_port}"]
-        t0 = time.monotonic()
+        t0, machine = time.monotonic(), procs.machine_cpu()
         done = subprocess.run(cmd, capture_output=True, text=True,
                               timeout=self.sizes.run_timeout)
         elapsed = time.monotonic() - t0
+        busy = procs.busy_share(machine, procs.machine_cpu())
         if done.returncode != 0:
             return Value(None, f"smtp-source: {(done.stdout + done.stderr).strip()[:120]}")
         if self.server.delivers:
             self.sink.wait_for(before + total, timeout=self._drain(total))
         cpu_ms = 1e3 * (self._server_cpu() - cpu) / total
         self.say(f"accept plain c=20 m=1 smtp-source: {total} in {elapsed:.2f}s, "
-                 f"server CPU {cpu_ms:.2f} ms per item")
-        return Value(total / elapsed, "", {"server_cpu_ms": cpu_ms})
+                 f"server CPU {cpu_ms:.2f} ms per item, machine {_percent(busy)} busy")
+        return Value(total / elapsed, "", {"server_cpu_ms": cpu_ms, "machine_busy": busy})
 
     def end_to_end(self) -> dict[str, Value]:
         if na := self._needs_ip_auth() or self._needs_delivery():
@@ -223,12 +232,14 @@ class Measure:
         n = self.sizes.e2e
         self.sink.reset()
         spec = self._spec("plain", conns=20, per_conn=1, total=n, keep_acks=True, tag="e2e")
-        cpu = self._server_cpu()
+        cpu, machine = self._server_cpu(), procs.machine_cpu()
         result = run_load(spec)
         got = self.sink.wait_for(result.ok, timeout=self._drain(result.ok))
+        busy = procs.busy_share(machine, procs.machine_cpu())
         cpu_ms = 1e3 * (self._server_cpu() - cpu) / result.ok if result.ok else None
         self.say(f"end to end: {result.summary()}"
-                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else ""))
+                 + (f", server CPU {cpu_ms:.2f} ms per item" if cpu_ms is not None else "")
+                 + f", machine {_percent(busy)} busy")
         arrivals = self.sink.arrivals(os.path.join(self.workdir, "arrivals.json"))
         if not result.ok or not arrivals:
             na = self._from_result(result) if not result.ok else Value(None, "nothing arrived")
@@ -236,7 +247,7 @@ class Measure:
         last = max(t for _, t in arrivals)
         rate = Value(len(arrivals) / (last - result.start),
                      "" if got >= result.ok else f"{result.ok - got} never arrived",
-                     {"server_cpu_ms": cpu_ms})
+                     {"server_cpu_ms": cpu_ms, "machine_busy": busy})
         latencies = [1e3 * (t - result.acks[i]) for i, t in arrivals if i in result.acks]
         if not latencies:
             na = Value(None, "no X-Bench-Id arrived")
@@ -301,8 +312,8 @@ class Measure:
         total = len(users) if many else self.sizes.logins
         spec = self._spec("tls", conns=20, total=total, users=users, login_only=True,
                           tag="login")
-        result, cpu_ms = self._load(f"logins ({len(users)} users)", spec)
-        return self._from_result(result, cpu_ms=cpu_ms)
+        result, measured = self._load(f"logins ({len(users)} users)", spec)
+        return self._from_result(result, measured=measured)
 
     def spool_scale(self) -> dict[str, Value]:
         """Queue ``sizes.spool`` messages with delivery paused, restart with delivery on:
@@ -346,10 +357,10 @@ def median(values: list[Value]) -> Value:
     if not nums:
         return Value(None, notes[0] if notes else "n/a")
     details: dict = {"rounds": nums}
-    cpu = [v.details["server_cpu_ms"] for v in values
-           if v.details.get("server_cpu_ms") is not None]
-    if cpu:
-        details["server_cpu_ms"] = statistics.median(cpu)
+    for key in ("server_cpu_ms", "machine_busy"):
+        known = [v.details[key] for v in values if v.details.get(key) is not None]
+        if known:
+            details[key] = statistics.median(known)
     return Value(statistics.median(nums), "; ".join(notes), details)
 
 

@@ -120,6 +120,21 @@ def tree_cpu(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all the machine's CPUs since boot (/proc/stat): two
+    readings give how busy the cores were between them, whoever used them."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks[:8]) - idle, sum(ticks[:8])  # without guest time, counted in user
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time that was busy between two machine_cpu()."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 def tree_memory(pid: int) -> int:
     """Memory of ``pid`` and its descendants: RSS for a lone process, else summed PSS."""
     kids = children(pid)

@@ -164,16 +164,20 @@ def auth_cost(results: dict[str, dict[str, Value]]) -> str:
 
 def cpu_cost(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     """Where the cores go: CPU per message of all of each server's processes, from the
-    start of a run until the sink has its messages (receiving and delivering)."""
+    start of a run until the sink has its messages (receiving and delivering), and how
+    busy the whole machine was while the clients sent (client, sink and server)."""
     lines = ["Server CPU per message, all of the server's processes, receiving and "
-             "delivering (ms, median of rounds):"]
+             "delivering (ms, median of rounds); in brackets, the machine's CPU busy while "
+             "the clients sent (client, sink and server together):"]
     for f in figs:
         if not (f.key.startswith("accept.") or f.key == "e2e.rate"):
             continue
         cells = []
         for name in ("mailrelay", "Postfix"):
-            cpu = results[name].get(f.key, Value(None)).details.get("server_cpu_ms")
-            cells.append(f"{name} {cpu:.2f}" if cpu is not None else f"{name} n/a")
+            details = results[name].get(f.key, Value(None)).details
+            cpu, busy = details.get("server_cpu_ms"), details.get("machine_busy")
+            cell = f"{name} {cpu:.2f}" if cpu is not None else f"{name} n/a"
+            cells.append(cell + (f" ({100 * busy:.0f}% busy)" if busy is not None else ""))
         lines.append(f"  {f.label} ({f.tool}): " + ", ".join(cells))
     return "\n".join(lines)
 

@@ -45,3 +45,5 @@ def test_bench_smoke(tmp_path) -> None:
     assert "Server CPU per message" in done.stdout
     for key in ("accept.plain.c20.m10", "e2e.rate"):
         assert mailrelay[key]["details"]["server_cpu_ms"] > 0, mailrelay[key]
+        assert 0 < mailrelay[key]["details"]["machine_busy"] <= 1, mailrelay[key]
+    assert "% busy)" in done.stdout
