@@ -13,8 +13,9 @@ phase 1 ends, so its file fsyncs overlap the previous batch's directory fsyncs. 
 grow with the load by themselves: one job alone when idle, everything that arrived
 meanwhile when busy. When idle a job starts at once; while a batch is in flight, a batch
 starts at the end of the reactor turn that submitted its first job, so the turn's other
-jobs go with it: waking a pool thread costs more than the job's Python (a futex wake-up,
-on a virtual machine an interrupt to another CPU).
+jobs go with it: each wake-up of a pool thread is a futex call, on a virtual machine an
+interrupt to another CPU (one per removal took a tenth of the delivery process's reactor
+thread in a profile).
 
 The reactor thread hands a whole batch to the pool in one call and gets all its outcomes
 back in one call: its cost per batch, not per job, is what the threads cost it.
