@@ -8,6 +8,10 @@ what it is given at once when nothing is queued before it. A stock Twisted trans
 queues a write and asks the reactor to watch the socket for writability: two epoll_ctl
 calls and a turn of the reactor loop before every reply leaves. With Nagle on (the web
 listeners), writes keep waiting for the loop, which lets them leave together.
+
+That reaches into Twisted's transports (the TLS layer's module, their write buffers). A
+Twisted that no longer has them gets stock transports, one loop turn later per reply,
+and a warning at startup, rather than sessions that fail on their first write.
 """
 
 from __future__ import annotations
@@ -15,12 +19,30 @@ from __future__ import annotations
 import sys
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import _newtls, endpoints, tcp
+from twisted.internet import endpoints, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+try:
+    from twisted.internet import _newtls
+except ImportError:  # pragma: no cover - a Twisted without it
+    _newtls = None
+
 log = Logger()
+
+# What _send reads of a connection, besides its public methods.
+_CONNECTION_STATE = ("connected", "disconnecting", "_writeDisconnected", "dataBuffer",
+                     "_tempDataLen", "producerPaused")
+
+
+def prompt_writes_possible() -> bool:
+    """Whether this Twisted still has the internals that prompt writes use."""
+    if _newtls is None or not callable(getattr(_newtls, "startTLS", None)):
+        return False
+    connection = FileDescriptor()  # a bare one: not registered with any reactor
+    return all(hasattr(connection, name) for name in _CONNECTION_STATE) and all(
+        callable(getattr(tcp.Server, name, None)) for name in ("writeSomeData", "write"))
 
 
 class ListenerService(StreamServerEndpointService):
@@ -57,6 +79,10 @@ class PromptWrites:
         return getattr(self._reactor, name)
 
     def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):
+        if not prompt_writes_possible():
+            log.warn("this Twisted's TCP transports lack what prompt replies need; "
+                     "replies on port {port} wait for the reactor loop", port=port)
+            return self._reactor.listenTCP(port, factory, backlog, interface)
         listening = _PromptPort(port, factory, backlog, interface, self._reactor)
         listening.startListening()
         return listening
