@@ -41,8 +41,7 @@ def prompt_writes_possible() -> bool:
     if _newtls is None or not callable(getattr(_newtls, "startTLS", None)):
         return False
     connection = FileDescriptor()  # a bare one: not registered with any reactor
-    return all(hasattr(connection, name) for name in _CONNECTION_STATE) and all(
-        callable(getattr(tcp.Server, name, None)) for name in ("writeSomeData", "write"))
+    return all(hasattr(connection, name) for name in _CONNECTION_STATE)
 
 
 class ListenerService(StreamServerEndpointService):
