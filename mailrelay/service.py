@@ -13,7 +13,8 @@ from functools import partial
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
@@ -30,6 +31,14 @@ class StopInOrder(MultiService):
     after it has stopped: delivery and the listeners finish their work with the spool
     before the spool closes. (A plain MultiService stops them all at once, and a spool
     closed under a delivery that is saving states left the delivery waiting for ever.)"""
+
+    log_observer = None  # from the twistd plugin: what twistd's log file is written by
+
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver) is None):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)

@@ -25,14 +25,18 @@ class MailRelayServiceMaker:
     def makeService(self, options: Options):
         # Imported here so that twistd's plugin scan stays cheap.
         from mailrelay.config import ConfigError, load_config
+        from mailrelay.logtext import twistd_observer
         from mailrelay.service import StartupError, make_service
 
         try:
-            return make_service(load_config(options["config"]))
+            service = make_service(load_config(options["config"]))
         except (ConfigError, StartupError) as e:
             # One clear line, never a traceback: twistd prints a SystemExit's message.
             print(f"mailrelay: {e}", file=sys.stderr)
             raise SystemExit(1)
+        if options.parent is not None:
+            service.log_observer = twistd_observer(options.parent)
+        return service
 
 
 # twistd finds the plugin by the interfaces it provides, not by this name.

@@ -1,0 +1,173 @@
+"""The log file's text: the same lines as Twisted's classic format, made faster, and the
+observer the plugin hands to twistd."""
+
+from __future__ import annotations
+
+import io
+import signal
+
+import pytest
+from twisted.application.service import Application
+from twisted.internet import reactor
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    eventAsJSON,
+    eventFromJSON,
+    formatEventAsClassicLogText,
+)
+from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
+from twisted.scripts.twistd import ServerOptions
+
+from mailrelay.logtext import classic_text, twistd_observer
+from tests.harness import Relay, wait_for
+
+NOW = 1795539151.083215
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+    __repr__ = __str__
+
+
+class Point:
+    x = 3
+
+
+def events() -> list[dict]:
+    base = dict(log_time=NOW, log_namespace="mailrelay.smtp.server", log_level=LogLevel.info)
+    try:
+        raise ValueError("for the traceback")
+    except ValueError:
+        failure = Failure()
+    return [
+        {**base, "log_format": "session {session}: {ip} tls={tls}", "session": 7,
+         "ip": "192.0.2.7", "tls": False},
+        {**base, "log_format": "{a!r:>12}|{b:08.3f}|{c!s}|{d!a}", "a": "x", "b": 3.14159,
+         "c": None, "d": "é"},
+        {**base, "log_format": "{p.x} {m[k]} {l[1]}", "p": Point(), "m": {"k": "v"},
+         "l": [1, 2]},
+        {**base, "log_format": "called {f()}", "f": lambda: "yes"},
+        {**base, "log_format": "missing {nothing}"},
+        {**base, "log_format": "positional {}"},
+        {**base, "log_format": "bad {value}", "value": Unprintable()},
+        {**base, "log_format": b"bytes {x}", "x": 1},
+        {**base, "log_format": None},
+        {**base},
+        {**base, "log_format": ""},
+        {**base, "log_format": "{empty}", "empty": ""},
+        {**base, "log_format": "two\nlines {x}\n", "x": "and\nmore"},
+        {**base, "log_format": "{{braces}} {x}", "x": "{y}"},
+        {**base, "log_format": "system", "log_system": "my-system"},
+        {**base, "log_format": "object system", "log_system": 42},
+        {**base, "log_format": "bad system", "log_system": Unprintable()},
+        {"log_format": "no namespace, level or time"},
+        {**base, "log_format": "no time", "log_time": None},
+        {**base, "log_format": "late in a second", "log_time": 1795539151.99999},
+        {**base, "log_format": "rounds up", "log_time": 1795539151.9999997},
+        {**base, "log_format": "next second", "log_time": 1795539152.0},
+        {**base, "log_format": "warned", "log_level": LogLevel.warn},
+        {**base, "log_format": "failed {why}", "why": "badly", "log_failure": failure},
+        {**base, "log_format": "failed quietly", "log_failure": failure,
+         "log_level": LogLevel.critical},
+    ]
+
+
+@pytest.mark.parametrize("event", events(), ids=lambda e: repr(e.get("log_format"))[:30])
+def test_the_same_line_as_twisted(event):
+    assert classic_text(dict(event)) == formatEventAsClassicLogText(dict(event))
+
+
+@pytest.mark.parametrize("event", events()[:3] + events()[12:14],
+                         ids=lambda e: repr(e.get("log_format"))[:30])
+def test_events_from_the_delivery_process_read_as_twisted_reads_them(event):
+    """The delivery process's events arrive as JSON, flattened."""
+    received = eventFromJSON(eventAsJSON(dict(event)))
+    assert "log_flattened" in received
+    assert classic_text(received) == formatEventAsClassicLogText(received)
+
+
+def test_lines_of_one_second_share_a_stamp_and_the_next_second_gets_its_own():
+    first = classic_text({"log_format": "a", "log_time": NOW})
+    same = classic_text({"log_format": "b", "log_time": NOW + 0.5})
+    later = classic_text({"log_format": "c", "log_time": NOW + 1.2})
+    assert first[:24] == same[:24] != later[:24]
+    assert later == formatEventAsClassicLogText({"log_format": "c", "log_time": NOW + 1.2})
+    # a stamp made before is not reused for an earlier time
+    assert classic_text({"log_format": "a", "log_time": NOW}) == first
+
+
+def options(*argv: str) -> ServerOptions:
+    parsed = ServerOptions()
+    parsed.parseOptions([*argv, "mailrelay"])
+    return parsed
+
+
+def test_twistd_observer_writes_the_file_twistd_would(tmp_path, monkeypatch):
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)  # keep the test's
+    path = tmp_path / "relay.log"
+    observer = twistd_observer(options("-n", f"--logfile={path}"))
+    assert isinstance(observer._outFile, LogFile)
+    observer({"log_format": "hello {who}", "who": "sysadmin", "log_time": NOW,
+              "log_namespace": "test", "log_level": LogLevel.info})
+    observer._outFile.close()
+    assert path.read_text().endswith("[test#info] hello sysadmin\n")
+
+
+def test_twistd_observer_in_the_foreground_without_logfile_writes_stdout(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    observer = twistd_observer(options("-n"))
+    observer({"log_format": "to stdout", "log_time": NOW})
+    assert out.getvalue().endswith("[-#-] to stdout\n")
+    assert twistd_observer(options("-n", "--logfile=-"))._outFile is out
+
+
+def test_twistd_keeps_its_own_choice_for_syslog_loggers_and_daemons_on_stdout():
+    assert twistd_observer(options("--syslog")) is None
+    assert twistd_observer(options("-n", "--logger=twisted.logger.textFileLogObserver")) is None
+    assert twistd_observer(options("--logfile=-")) is None  # twistd refuses, with its message
+
+
+def test_the_plugin_gives_the_application_its_observer(tmp_path, monkeypatch):
+    from twisted.plugins.mailrelay_plugin import service_maker
+
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)
+    config = tmp_path / "mailrelay.ini"
+    config.write_text(f"[server]\ndata_dir = {tmp_path / 'data'}\n[admin]\nenabled = no\n"
+                      "[listener:smtp]\nendpoint = tcp:0:interface=127.0.0.1\ntls = none\n"
+                      "[policy]\nip_auth = 127.0.0.1/32 = ip@doe.test\n")
+    parsed = options("-n", f"--logfile={tmp_path / 'relay.log'}")
+    sub = parsed.subOptions
+    sub.parseOptions(["--config", str(config)])
+    application = Application("mailrelay")
+    before = set(reactor.getDelayedCalls())
+    try:
+        service_maker.makeService(sub).setServiceParent(application)
+    finally:
+        for call in set(reactor.getDelayedCalls()) - before:
+            call.cancel()  # the DNS resolver's re-reading of resolv.conf
+    observer = application.getComponent(ILogObserver)
+    assert observer.formatEvent is classic_text
+    observer._outFile.close()
+
+
+def test_a_running_relay_logs_through_it_and_sigusr1_still_rotates_the_log(tmp_path):
+    relay = Relay(tmp_path / "relay")
+    relay.start()
+    try:
+        wait_for(lambda: "starting on" in relay.log(), what="the startup lines")
+        relay.process.send_signal(signal.SIGUSR1)
+        rotated = relay.log_path.with_name(relay.log_path.name + ".1")
+        wait_for(rotated.exists, what="the rotated log")
+        with relay.smtp(starttls=False) as client:
+            client.noop()
+        wait_for(lambda: "connection from 127.0.0.1" in relay.log(),
+                 what="the session's line in the new log")
+        assert "starting on" in rotated.read_text() and "starting on" not in relay.log()
+    finally:
+        relay.stop()
+
