@@ -1,4 +1,4 @@
-"""The log file twistd writes, with the same text made for less CPU.
+"""The log: twistd's file and the delivery process's records, the same text for less CPU.
 
 twistd's file observer formats every event with ``string.Formatter`` in Python and works
 out the time zone and ``strftime`` for every line; with three lines per session that was
@@ -9,6 +9,12 @@ second. Twisted's own formatting is left for the rest (its ``{f()}`` calls, the 
 events of the delivery process, a format that does not fit its event), and its whole line
 for events with a traceback.
 
+The delivery process sends its events to the relay as Twisted's JSON records
+(``event_json``), which the relay reads with ``eventFromJSON``. Twisted's ``eventAsJSON``
+also flattens every event (each field formatted ahead, for values JSON cannot carry): for
+events of plain values (text, numbers, booleans, None) that is left out, as the relay can
+format those from the values themselves, to the same line.
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -16,6 +22,7 @@ file twistd would have chosen from its options (``--logfile``, stdout with ``-n`
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from collections.abc import Mapping
@@ -23,6 +30,8 @@ from typing import Any
 
 from twisted.logger import (
     FileLogObserver,
+    LogLevel,
+    eventAsJSON,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
@@ -72,6 +81,36 @@ def classic_text(event: Mapping[str, Any]) -> str | None:
     if "\n" in line:
         line = line.replace("\n", "\n\t")
     return line + "\n"
+
+
+_PLAIN = (str, int, float, bool, type(None))
+# Each level as eventAsJSON writes it (its class marker), for eventFromJSON to read back.
+_LEVELS = {level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+           for level in LogLevel.iterconstants()}
+
+
+def event_json(event: Mapping[str, Any]) -> str:
+    """A JSON record of ``event`` that ``eventFromJSON`` reads and ``classic_text`` turns
+    into the line the event itself makes."""
+    fmt = event.get("log_format")
+    if type(fmt) is str and "()" not in fmt and "log_failure" not in event:
+        record: dict[str, Any] = {}
+        for key, value in event.items():
+            if type(value) in _PLAIN:
+                record[key] = value
+            elif key == "log_level" and value in _LEVELS:
+                record[key] = _LEVELS[value]
+            elif not key.startswith("log_"):
+                break  # a value only flattening can carry
+            # other log_ keys (the Logger, its source object) mean nothing in the relay
+        else:
+            return json.dumps(record)
+    return eventAsJSON(dict(event))
+
+
+def json_observer(out) -> FileLogObserver:
+    """What ``jsonFileLogObserver`` writes (RS, a record, LF), made by ``event_json``."""
+    return FileLogObserver(out, lambda event: f"\x1e{event_json(event)}\n")
 
 
 def twistd_observer(options: Mapping[str, Any]) -> FileLogObserver | None:

@@ -4,6 +4,7 @@ observer the plugin hands to twistd."""
 from __future__ import annotations
 
 import io
+import json
 import signal
 
 import pytest
@@ -11,6 +12,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 from twisted.logger import (
     ILogObserver,
+    Logger,
     LogLevel,
     eventAsJSON,
     eventFromJSON,
@@ -20,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
-from mailrelay.logtext import classic_text, twistd_observer
+from mailrelay.logtext import classic_text, event_json, json_observer, twistd_observer
 from tests.harness import Relay, wait_for
 
 NOW = 1795539151.083215
@@ -88,6 +90,51 @@ def test_events_from_the_delivery_process_read_as_twisted_reads_them(event):
     received = eventFromJSON(eventAsJSON(dict(event)))
     assert "log_flattened" in received
     assert classic_text(received) == formatEventAsClassicLogText(received)
+
+
+def twisted_carries(event: dict) -> bool:
+    """Whether Twisted's own records carry the event faithfully: its flattening cannot
+    convert with !a, and raises for a field it cannot find or print."""
+    fmt = event.get("log_format")
+    return isinstance(fmt, str) and "!a" not in fmt and fmt not in (
+        "missing {nothing}", "positional {}", "bad {value}") and "bad system" not in fmt
+
+
+@pytest.mark.parametrize("event", [e for e in events() if twisted_carries(e)],
+                         ids=lambda e: repr(e.get("log_format"))[:30])
+def test_the_delivery_process_records_read_into_the_lines_twisted_records_make(event):
+    """The relay writes the same line from the delivery process's record as from
+    Twisted's own record of the event (eventAsJSON)."""
+    event = {**event, "log_logger": Logger(), "log_source": Point()}
+    ours = eventFromJSON(event_json(event))
+    theirs = eventFromJSON(eventAsJSON(dict(event)))
+    assert classic_text(ours) == formatEventAsClassicLogText(theirs)
+
+
+def test_records_twisted_cannot_make_still_reach_the_log():
+    converted, missing = events()[1], events()[4]
+    assert classic_text(eventFromJSON(event_json(converted))).endswith(
+        "         'x'|0003.142|None|'\\xe9'\n")
+    with pytest.raises(KeyError):
+        eventAsJSON(dict(missing))
+    assert "Unable to format event" in classic_text(eventFromJSON(event_json(missing)))
+
+
+def test_records_of_plain_values_are_not_flattened_and_others_are_twisteds():
+    plain = events()[0]
+    record = eventFromJSON(event_json(plain))
+    assert "log_flattened" not in record
+    assert record["log_level"] is LogLevel.info and record["session"] == 7
+    for other in (events()[2], events()[3], events()[-1], {**plain, "data": b"bytes"}):
+        assert json.loads(event_json(other)) == json.loads(eventAsJSON(dict(other)))
+
+
+def test_json_observer_writes_records_as_jsonFileLogObserver_does():
+    out = io.StringIO()
+    json_observer(out)(events()[0])
+    text = out.getvalue()
+    assert text.startswith("\x1e") and text.endswith("\n") and text.count("\n") == 1
+    assert eventFromJSON(text[1:])["ip"] == "192.0.2.7"
 
 
 def test_lines_of_one_second_share_a_stamp_and_the_next_second_gets_its_own():

@@ -13,10 +13,11 @@ import argparse
 import os
 import sys
 
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols import amp
 
 from mailrelay.delivery.commands import Delete, Enqueue, Flush, Retry, adopt
+from mailrelay.logtext import json_observer
 from mailrelay.spool.queueid import is_queue_id
 
 log = Logger()
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from mailrelay.config import ConfigError, load_config
     from mailrelay.service import StartupError, make_delivery_worker
 
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)],
+    globalLogBeginner.beginLoggingTo([json_observer(sys.stdout)],
                                      redirectStandardIO=False)
     try:
         config = load_config(args.config)
