@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from mailrelay.scope import Scope
 
@@ -75,6 +76,7 @@ class SmtpUser:
         return scope
 
 
+@lru_cache(maxsize=4096)  # every login and every look-up asks, mostly about the same few
 def kind_of(username: str) -> Kind:
     from mailrelay.scope import is_address, is_domain
 
@@ -85,6 +87,7 @@ def kind_of(username: str) -> Kind:
     return Kind.NAMED
 
 
+@lru_cache(maxsize=4096)
 def canonical_username(username: str) -> str:
     """The form a directory stores and looks up: domain and address usernames are matched
     case-insensitively (and IDNA names in A-label form); named usernames are kept as given."""

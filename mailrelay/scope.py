@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import idna
 
@@ -24,12 +25,16 @@ class ScopeError(ValueError):
     """A scope, domain or address that cannot be accepted; the text says why."""
 
 
+# Both are asked several times per message about the same few names (login, sender,
+# scope): the answers are kept, for a bounded number of strings.
+@lru_cache(maxsize=4096)
 def is_domain(text: str) -> bool:
     """An ASCII domain name (IDNA names in their ``xn--`` form; see to_ascii_domain)."""
     # fullmatch: "$" alone would also accept a trailing newline ("a.com\n").
     return len(text) <= 253 and bool(_DOMAIN_RE.fullmatch(text.lower()))
 
 
+@lru_cache(maxsize=4096)
 def is_address(text: str) -> bool:
     local, at, domain = text.rpartition("@")
     return (

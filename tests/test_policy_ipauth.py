@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailrelay.policy.ipauth import AddressAuth, IpAuthError, IpAuthTable
+from mailrelay.policy.ipauth import KNOWN_ADDRESSES, AddressAuth, IpAuthError, IpAuthTable
 from mailrelay.scope import ScopeError
 
 
@@ -14,6 +14,16 @@ def test_parse_and_lookup_ipv4_and_ipv6():
     assert table.lookup("127.0.0.3") is None
     assert table.lookup("::1") == "john@doe.com"
     assert table.lookup("::2") is None
+
+
+def test_answers_stay_right_past_the_addresses_remembered():
+    table = IpAuthTable.parse("10.1.0.0/16 = app.example.com")
+    for round_ in range(2):
+        for i in range(KNOWN_ADDRESSES + 100):
+            inside = f"10.1.{i // 256 % 256}.{i % 256}"
+            outside = f"10.2.{i // 256 % 256}.{i % 256}"
+            assert table.lookup(inside) == "app.example.com", (round_, inside)
+            assert table.lookup(outside) is None, (round_, outside)
 
 
 def test_most_specific_network_wins_whatever_the_order():

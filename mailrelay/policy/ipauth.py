@@ -22,6 +22,7 @@ from mailrelay.policy.net import parse_ip
 from mailrelay.scope import is_address, parse_addresses
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+KNOWN_ADDRESSES = 4096  # client addresses whose answer is kept (all forgotten when full)
 
 
 class IpAuthError(ValueError):
@@ -58,6 +59,7 @@ class IpAuthTable:
             if network in seen:
                 raise IpAuthError(f"{network} is listed twice ({seen[network]}, {username})")
             seen[network] = username
+        self._known: dict[str, str | None] = {}  # answers of lookup, by address text
         # Longest prefix first, so the first match is the most specific.
         self.networks: list[tuple[Network, str]] = sorted(
             seen.items(), key=lambda item: item[0].prefixlen, reverse=True
@@ -82,6 +84,17 @@ class IpAuthTable:
     def lookup(self, ip: str) -> str | None:
         """The SMTP username for a client at ``ip`` (IPv4-mapped IPv6 counts as IPv4), or
         None when no network matches."""
+        # Parsing the address is most of the work, and a relay's clients are few addresses.
+        try:
+            return self._known[ip]
+        except KeyError:
+            pass
+        if len(self._known) >= KNOWN_ADDRESSES:
+            self._known.clear()
+        username = self._known[ip] = self._lookup(ip)
+        return username
+
+    def _lookup(self, ip: str) -> str | None:
         try:
             address = parse_ip(ip)
         except ValueError:

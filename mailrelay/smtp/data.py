@@ -37,6 +37,19 @@ LINE_TOO_LONG = Reply(500, "5.5.2", f"Message refused: line longer than {MAX_LIN
 HEADER_TOO_LONG = Reply(552, "5.3.4", f"Message header section longer than {MAX_HEADER} bytes")
 
 
+def _lines_fit(lines: bytes) -> bool:
+    """No line of ``lines`` (complete CRLF lines, from a line start) is over MAX_LINE: each
+    window of MAX_LINE bytes from a line start holds the LF that ends that line, and the
+    next window starts after the last LF found (a few steps for a whole chunk)."""
+    start, end = 0, len(lines)
+    while start < end:
+        last = lines.rfind(b"\n", start, start + MAX_LINE)
+        if last < 0:
+            return False
+        start = last + 1
+    return True
+
+
 class DataReader:
     """Finds the end of the data, checks it, and passes the message on to ``write``.
 
@@ -105,7 +118,7 @@ class DataReader:
             return self._refuse(BARE_NEWLINE)
         if b"\0" in lines:
             return self._refuse(NUL)
-        if max(map(len, lines.split(b"\r\n"))) > MAX_LINE - 2:
+        if not _lines_fit(lines):
             return self._refuse(LINE_TOO_LONG)
         if not self._midline and lines.startswith(b"."):
             lines = lines[1:]
