@@ -58,12 +58,22 @@ def fill(driver, values: dict[str, str]) -> None:
 
 def click(driver, by, what) -> None:
     """Click a link or a submit button and wait for the next page to load."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(by, what).click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+
+    def loaded(driver) -> bool:
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return driver.execute_script("return document.readyState") == "complete"
+        return False
+
+    # While the page is being replaced Chromium may answer any command with an error
+    # ("unhandled inspector error: cannot find context"), not only a stale element: ask again.
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(loaded)
 
 
