@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import inspect
-import ipaddress
 import itertools
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -37,6 +36,7 @@ from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, Se
 from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
+from mailrelay.policy.net import plain_ip
 from mailrelay.policy.text import printable
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
@@ -900,14 +900,7 @@ class SubmissionServer(smtp.ESMTP):
 
 def _client_ip(peer) -> str:
     """The peer's address; an IPv4 client of a dual-stack socket as plain IPv4."""
-    host = str(getattr(peer, "host", peer))
-    try:
-        mapped = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-        return str(mapped.ipv4_mapped)
-    return host
+    return plain_ip(str(getattr(peer, "host", peer)))
 
 
 def _local_error() -> Reply:
