@@ -152,10 +152,10 @@ class Spool(Service):
             envelope.id = self._ids.next(envelope.priority)
         elif not is_queue_id(envelope.id) or self.locate(envelope.id) is not None:
             raise ValueError(f"not a new queue id: {envelope.id!r}")
-        tmp_path = f"{self.directory}/tmp/{envelope.id}"
+        tmp_path = os.path.join(self._dir("tmp"), envelope.id)
         place = "hold" if envelope.sandboxed else "queue"
         line = _ENVELOPE_JSON.encode(envelope.to_json()).encode() + b"\n"
-        final_path = f"{self.directory}/{place}/{envelope.id}"
+        final_path = os.path.join(self._dir(place), envelope.id)
         notify = None if envelope.sandboxed else self._committed
         return IncomingMessage(envelope, line, tmp_path, final_path, self._sync, notify)
 
@@ -285,7 +285,7 @@ class Spool(Service):
     # -- helpers
 
     def _dir(self, place: str) -> str:
-        return f"{self.directory}/{place}"  # os.path.join took 1% of a message
+        return os.path.join(self.directory, place)
 
     def _list(self, place: str) -> list[str]:
         return sorted(n for n in os.listdir(self._dir(place)) if is_queue_id(n))
