@@ -17,6 +17,7 @@ from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
 from mailrelay.spool.incoming import SPILL_BYTES
 from mailrelay.spool.queueid import QueueIds, is_queue_id, priority_of, time_of
+from mailrelay.spool.spares import LIST_INTERVAL, Spares
 from mailrelay.spool.spool import Spool
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
@@ -342,6 +343,97 @@ class OpenTests(SpoolTestBase):
         yield spool.stopService()
         self.assertEqual(sorted(committed), spool.queued())
         self.assertEqual(len(committed), 5)
+
+
+class SpareTests(SpoolTestBase):
+    """Delivered messages' files are written over by the next messages (spares.py)."""
+
+    def inode(self, spool: Spool, place: str, name: str) -> int:
+        return os.stat(os.path.join(spool.directory, place, name)).st_ino
+
+    @defer.inlineCallbacks
+    def test_a_delivered_file_is_the_next_message_file(self):
+        spool = self.open_spool()
+        old = yield self.receive(spool, BODY * 3).commit()
+        old_inode = self.inode(spool, "queue", old)
+        yield spool.remove(old)
+        self.assertEqual(spool.queued(), [])
+        [slot] = listing(spool, "spare")
+        self.assertEqual(self.inode(spool, "spare", slot), old_inode)
+
+        new = yield self.receive(spool, b"short\r\n").commit()
+        self.assertEqual(self.inode(spool, "queue", new), old_inode)  # no new file made
+        with spool.open_body(new) as body:  # none of the longer old content is left
+            self.assertEqual(body.read(), b"short\r\n")
+        self.assertEqual(spool.envelope(new).id, new)
+        self.assertEqual((listing(spool, "spare"), listing(spool, "tmp")), ([], []))
+        self.assertEqual(spool.spares.taken, 1)
+
+    @defer.inlineCallbacks
+    def test_large_files_are_removed_and_spares_are_bounded(self):
+        spool = self.open_spool()
+        spool.spares.slots = 2
+        large = yield self.receive(spool, LARGE).commit()
+        yield spool.remove(large)
+        self.assertEqual(listing(spool, "spare"), [])  # over max_bytes: not kept
+        small = []
+        for _ in range(5):
+            small.append((yield self.receive(spool).commit()))
+        for queue_id in small:
+            yield spool.remove(queue_id)
+        self.assertEqual(listing(spool, "spare"), ["0", "1"])
+        self.assertEqual(spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_removal_without_a_spare_directory_still_removes(self):
+        spool = self.open_spool()
+        queue_id = yield self.receive(spool).commit()
+        os.rmdir(os.path.join(spool.directory, "spare"))
+        yield spool.remove(queue_id)
+        self.assertEqual(spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_the_relay_empties_spare_when_it_opens_the_spool(self):
+        base = self.tempdir()
+        spool = self.open_spool(base)
+        yield spool.remove((yield self.receive(spool).commit()))
+        self.assertEqual(len(listing(spool, "spare")), 1)
+        shared = Spool(spool.directory, owner=False)
+        shared.open()  # the delivery process: uses them, cleans nothing
+        self.addCleanup(shared.close)
+        self.assertEqual(len(listing(spool, "spare")), 1)
+        self.open_spool(base)  # the relay, after a restart
+        self.assertEqual(listing(spool, "spare"), [])
+
+    @defer.inlineCallbacks
+    def test_a_spare_that_is_not_a_plain_file_is_not_written_through(self):
+        spool = self.open_spool()
+        target = os.path.join(self.tempdir(), "target")
+        with open(target, "wb") as f:
+            f.write(b"not the spool's")
+        os.symlink(target, os.path.join(spool.directory, "spare", "0"))
+        queue_id = yield self.receive(spool).commit()
+        with spool.open_body(queue_id) as body:
+            self.assertEqual(body.read(), BODY)
+        with open(target, "rb") as f:
+            self.assertEqual(f.read(), b"not the spool's")
+        self.assertEqual((listing(spool, "spare"), listing(spool, "tmp")), ([], []))
+        self.assertEqual(spool.spares.taken, 0)
+
+    def test_an_empty_spare_directory_is_read_at_most_every_interval(self):
+        spool = self.open_spool()
+        clock = Clock()
+        spares = Spares(os.path.join(spool.directory, "spare"), clock=clock.seconds)
+        path = os.path.join(spool.directory, "tmp", "x")
+        self.assertIsNone(spares.take(path))  # read: none there
+        with open(os.path.join(spool.directory, "spare", "7"), "wb") as f:
+            f.write(b"old")
+        self.assertIsNone(spares.take(path))  # not read again so soon
+        clock.advance(LIST_INTERVAL)
+        fd = spares.take(path)
+        self.addCleanup(os.close, fd)
+        self.assertEqual(os.listdir(os.path.join(spool.directory, "spare")), [])
+        self.assertTrue(os.path.exists(path))
 
 
 class StateTests(SpoolTestBase):

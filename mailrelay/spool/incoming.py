@@ -19,6 +19,7 @@ from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
 from mailrelay.spool.files import FILE_MODE, close_quietly, create_exclusive, unlink_quietly
 from mailrelay.spool.groupsync import GroupSync
+from mailrelay.spool.spares import Spares
 
 log = Logger()
 
@@ -52,7 +53,7 @@ class IncomingMessage:
 
     def __init__(self, envelope: Envelope, head: bytes, tmp_path: str, final_path: str,
                  committer: GroupSync, notify: Callable[[Envelope], None] | None = None,
-                 spill_bytes: int = SPILL_BYTES) -> None:
+                 spill_bytes: int = SPILL_BYTES, spares: Spares | None = None) -> None:
         self.id = envelope.id
         self.envelope = envelope
         self.size = 0  # body bytes written so far
@@ -63,6 +64,7 @@ class IncomingMessage:
         self._tmp_path = tmp_path
         self._final_path = final_path
         self._committer = committer
+        self._spares = spares  # files of delivered messages to write a small one into
         self._notify = notify  # told about each message once it is durable (delivery)
         self._phase = _Phase.OPEN
         self._error: OSError | None = None
@@ -146,14 +148,20 @@ class IncomingMessage:
         return (os.path.dirname(self._final_path),)
 
     def _write_new(self, data: bytes) -> None:
-        """Make the file with all its data, unbuffered: one write call, one fsync."""
-        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     FILE_MODE)  # a name already taken is not ours to remove
+        """Write the file with all its data, unbuffered: one write call, one fsync. The
+        file is a spare when there is one (spares.py), else a new one."""
+        fd = self._spares.take(self._tmp_path) if self._spares is not None else None
+        spare = fd is not None
+        if fd is None:
+            fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         FILE_MODE)  # a name already taken is not ours to remove
         try:
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                if spare:
+                    os.ftruncate(fd, len(data))  # the spare's old content may be longer
                 os.fsync(fd)
             finally:
                 os.close(fd)

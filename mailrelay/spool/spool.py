@@ -30,6 +30,7 @@ from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.spool.groupsync import GroupSync
 from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, IncomingMessage
 from mailrelay.spool.queueid import QueueIds, is_queue_id
+from mailrelay.spool.spares import Spares
 from mailrelay.spool.state import DeliveryState
 
 log = Logger()
@@ -43,7 +44,7 @@ FREE_SPACE_AGE = 1.0  # seconds a free space reading stands for
 
 @implementer(ISpool)
 class Spool(Service):
-    """The spool under ``directory`` (tmp/, queue/, hold/, state/).
+    """The spool under ``directory`` (tmp/, queue/, hold/, state/, spare/).
 
     ``min_free_bytes``: below this much free space new messages get `452 4.3.1`.
     ``threads``: size of the spool's own thread pool (group commit, state writes, readers
@@ -72,6 +73,7 @@ class Spool(Service):
         self._ids = QueueIds(reactor.seconds, lane=0 if owner else 1)
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
+        self.spares = Spares(self._dir("spare"))
         self._subscribers: list[Callable[[Envelope], None]] = []
         self._free: tuple[float, int] | None = None  # (when, free_bytes()) for create()
 
@@ -83,7 +85,7 @@ class Spool(Service):
         Reads no message: two listdirs and set arithmetic, fast at 100,000 messages.
         A spool opened by another owner (``owner=False``) is only used, never cleaned.
         """
-        for place in ("tmp", "queue", "hold", "state"):
+        for place in ("tmp", "queue", "hold", "state", "spare"):
             os.makedirs(self._dir(place), mode=0o700, exist_ok=True)
         if not self.owner:
             self._pool.start()
@@ -91,6 +93,7 @@ class Spool(Service):
         stale = os.listdir(self._dir("tmp"))
         for name in stale:
             unlink_quietly(os.path.join(self._dir("tmp"), name))
+        self.spares.clear()
         queued = set(os.listdir(self._dir("queue")))
         # remove() unlinks the message first: a crash between leaves its state behind.
         orphans = [n for n in os.listdir(self._dir("state"))
@@ -157,7 +160,8 @@ class Spool(Service):
         line = _ENVELOPE_JSON.encode(envelope.to_json()).encode() + b"\n"
         final_path = os.path.join(self._dir(place), envelope.id)
         notify = None if envelope.sandboxed else self._committed
-        return IncomingMessage(envelope, line, tmp_path, final_path, self._sync, notify)
+        return IncomingMessage(envelope, line, tmp_path, final_path, self._sync, notify,
+                               spares=self.spares)
 
     def submit(self, envelope: Envelope, data: bytes) -> Deferred:
         """Queue a whole message the relay made itself (DSN, notification): create, write,
@@ -255,10 +259,12 @@ class Spool(Service):
         fsync_dir(self._dir("state"))
 
     def remove(self, queue_id: str) -> Deferred:
-        """Delivery is over: unlink queue/<id>, then its state (group-committed)."""
+        """Delivery is over: queue/<id> goes (kept as a spare when small: spares.py), then
+        its state (group-committed)."""
         def apply() -> list[str]:
             changed = []
-            if unlink_quietly(os.path.join(self._dir("queue"), queue_id)):
+            path = os.path.join(self._dir("queue"), queue_id)
+            if self.spares.keep(path) or unlink_quietly(path):
                 changed.append(self._dir("queue"))
             if unlink_quietly(os.path.join(self._dir("state"), f"{queue_id}.json")):
                 changed.append(self._dir("state"))
