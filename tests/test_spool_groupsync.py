@@ -166,3 +166,25 @@ class ThreadWakeUpTests(unittest.SynchronousTestCase):
         finished(*args)
         self.assertEqual([self.successResultOf(d) for d in jobs], [None] * 3)
         self.assertEqual(self.sync.batches, 2)
+
+    def batch_of_three(self, waits: bool) -> list:
+        """The helper threads a batch of three jobs wakes, with four threads to share."""
+        sync = GroupSync(self.clock, self.pool, parallel=4)
+        sync.submit(lambda: ())
+        run, args = self.pool.calls.pop()
+        run(*args)
+        jobs = [sync.submit(lambda: (), waits=waits) for _ in range(3)]
+        self.clock.advance(0)
+        run, (batch,) = self.pool.calls.pop()
+        run(batch)  # this thread does every job: the helpers it woke find none left
+        for finished, args in self.clock.from_threads:
+            finished(*args)
+        self.assertEqual([self.successResultOf(d) for d in jobs], [None] * 3)
+        return self.pool.calls
+
+    def test_jobs_that_wait_for_the_disk_are_shared_among_threads(self):
+        self.assertEqual(len(self.batch_of_three(waits=True)), 2)
+
+    def test_jobs_that_do_not_wait_wake_no_other_thread(self):
+        # A removal's rename or unlink: waking a helper would cost more than the job.
+        self.assertEqual(self.batch_of_three(waits=False), [])

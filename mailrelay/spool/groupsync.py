@@ -5,7 +5,7 @@ A batch has two phases, both in the pool:
 
 1. every job's own work (for a message: write, fsync, close, rename), shared out among up
    to ``parallel`` threads, since concurrent fsyncs also let the filesystem share journal
-   commits;
+   commits (jobs that do not wait for the disk, such as removals, wake no other thread);
 2. one fsync of each directory the batch changed; then each job's Deferred fires.
 
 Jobs submitted while a batch is in phase 1 form the next batch, which starts as soon as
@@ -41,6 +41,7 @@ class _Job:
     apply: Callable[[], Iterable[str]]  # in a thread: do the work, name the dirs changed
     undo: Callable[[], None] | None  # in a thread: when a changed dir could not be synced
     deferred: Deferred
+    waits: bool  # apply waits for the disk (an fsync): worth a thread of its own
 
 
 class GroupSync:
@@ -67,10 +68,12 @@ class GroupSync:
         self.dir_syncs = 0  # directory fsyncs done: under load, far fewer than jobs
 
     def submit(self, apply: Callable[[], Iterable[str]],
-               undo: Callable[[], None] | None = None) -> Deferred:
+               undo: Callable[[], None] | None = None, waits: bool = True) -> Deferred:
+        """``waits``: False for a job that does not wait for the disk itself (a rename or
+        an unlink; the directory fsync comes after): it never wakes another thread."""
         d: Deferred = Deferred()
         with self._lock:
-            self._pending.append(_Job(apply, undo, d))
+            self._pending.append(_Job(apply, undo, d, waits))
             batch = None
             kick = not (self._applying or self._firing or self._kicking)
             if kick and not self._in_flight:
@@ -128,9 +131,10 @@ class GroupSync:
         self._reactor.callFromThread(self._finished, batch, results, synced)
 
     def _apply(self, batch: list[_Job]) -> list[Iterable[str] | Failure]:
-        """Phase 1: run the jobs on this thread and on up to parallel - 1 helpers, each
-        taking the next job not yet taken. A helper that starts late finds none left, so
-        this thread never waits for a job no one has begun."""
+        """Phase 1: run the jobs on this thread and on up to parallel - 1 helpers (no more
+        than the jobs that wait for the disk), each taking the next job not yet taken. A
+        helper that starts late finds none left, so this thread never waits for a job no
+        one has begun."""
         outcomes: list[Iterable[str] | Failure] = [()] * len(batch)
         todo = deque(enumerate(batch))
         done = threading.Condition()
@@ -153,7 +157,7 @@ class GroupSync:
                     if not running[0]:
                         done.notify()
 
-        for _ in range(min(self._parallel, len(batch)) - 1):
+        for _ in range(min(self._parallel, sum(job.waits for job in batch)) - 1):
             self._pool.callInThread(work)
         work()
         with done:

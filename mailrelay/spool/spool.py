@@ -274,7 +274,7 @@ class Spool(Service):
             raise ValueError(f"not a queue id: {queue_id!r}")
         # Not logged: delivery logs each recipient's outcome; twistd writes debug lines
         # too, and this one came once per message.
-        return self._sync.submit(apply)
+        return self._sync.submit(apply, waits=False)
 
     def delete(self, queue_id: str) -> str:
         """Blocking, for mailrelay-admin: remove a message from queue/ or hold/ with its
