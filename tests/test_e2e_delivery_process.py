@@ -198,3 +198,64 @@ def test_panel_retry_and_delete_reach_the_delivery_process(tmp_path, sink):
         assert api("DELETE", f"/queue/{path.name}")[0] == 404
     finally:
         relay.stop()
+
+
+def test_new_messages_written_over_delivered_ones_arrive_exactly(tmp_path, sink):
+    # Delivered messages' files are kept in spool/spare/ and written over by the next
+    # ones: what arrives is each message as sent, never a trace of an older, longer one.
+    relay = make_relay(tmp_path, sink)
+    spare = relay.data / "spool" / "spare"
+    sent = {}
+
+    def send(subject: str, body: str) -> None:
+        sent[subject] = body.encode()
+        with relay.smtp(login=LOGIN) as c:
+            c.sendmail("a@doe.test", ["bob@example.test"],
+                       message("a@doe.test", "bob@example.test", subject, body))
+
+    first = start(relay)
+    try:
+        for i in range(4):
+            send(f"long {i}", f"long message {i}\r\n" + "x" * 998 + "\r\n" * 20)
+        sink.wait(4)
+        wait_for(lambda: not relay.spool_files("queue") and any(spare.iterdir()),
+                 what="delivered messages' files in spare/")
+        spares = {path.stat().st_ino for path in spare.iterdir()}
+
+        os.kill(first, signal.SIGSTOP)  # what comes next stays in the queue
+        short = min(3, len(spares))
+        for i in range(short):
+            send(f"short {i}", f"short {i}\r\n")
+        queued = {path.stat().st_ino for path in relay.spool_files("queue")}
+        assert len(queued) == short and queued <= spares  # written over, no new files
+        os.kill(first, signal.SIGCONT)
+
+        received = sink.wait(4 + short)
+        bodies = {data.split(b"Subject: ")[1].split(b"\r\n")[0].decode():
+                  data.split(b"\r\n\r\n", 1)[1] for _, data in received}
+        assert bodies == sent
+    finally:
+        relay.stop()
+
+
+def test_the_relay_empties_spare_at_startup(tmp_path, sink):
+    relay = make_relay(tmp_path, sink)
+    spare = relay.data / "spool" / "spare"
+    first = start(relay)
+    try:
+        submit(relay, subject="one")
+        sink.wait(1)
+        wait_for(lambda: any(spare.iterdir()), what="a spare file")
+        relay.kill9()  # no clean stop: whatever a crash leaves in spare/
+    finally:
+        relay.stop()
+        if not gone(first):
+            os.kill(first, signal.SIGKILL)  # it would stop by itself, a little later
+    assert list(spare.iterdir())
+    start(relay)
+    try:
+        assert list(spare.iterdir()) == []
+        submit(relay, subject="two")
+        assert len(sink.wait(2)) == 2
+    finally:
+        relay.stop()
