@@ -47,14 +47,11 @@ class Spares:
         self._lock = threading.Lock()
         self._names: list[str] = []  # read from spare/, not yet tried
         self._listed = float("-inf")
-        self.taken = 0  # spares written into: a new file saved each
 
-    def clear(self) -> int:
-        """Remove every spare (the relay, when it opens the spool); how many there were."""
-        names = os.listdir(self.directory)
-        for name in names:
+    def clear(self) -> None:
+        """Remove every spare (the relay, when it opens the spool)."""
+        for name in os.listdir(self.directory):
             unlink_quietly(os.path.join(self.directory, name))
-        return len(names)
 
     def keep(self, path: str) -> bool:
         """Rename the file at ``path`` into a slot if it is small enough; False when it is
@@ -81,7 +78,10 @@ class Spares:
                     if now - self._listed < LIST_INTERVAL:
                         return None
                     self._listed = now
-                    self._names = os.listdir(self.directory)
+                    try:
+                        self._names = os.listdir(self.directory)
+                    except OSError:  # spare/ removed by hand: new files until it is back
+                        return None
                     if not self._names:
                         return None
                 name = self._names.pop()
@@ -89,11 +89,12 @@ class Spares:
                 os.rename(os.path.join(self.directory, name), path)
             except FileNotFoundError:
                 continue  # claimed or replaced since it was listed
+            except OSError:
+                return None  # a new file, made the usual way, meets whatever this is
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:  # not a file this process may write: make a new one
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 return None
-            self.taken += 1
             return fd
