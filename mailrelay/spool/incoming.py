@@ -52,8 +52,9 @@ class IncomingMessage:
     buffered file on the reactor thread (page cache only)."""
 
     def __init__(self, envelope: Envelope, head: bytes, tmp_path: str, final_path: str,
-                 committer: GroupSync, notify: Callable[[Envelope], None] | None = None,
-                 spill_bytes: int = SPILL_BYTES, spares: Spares | None = None) -> None:
+                 committer: GroupSync, spares: Spares,
+                 notify: Callable[[Envelope], None] | None = None,
+                 spill_bytes: int = SPILL_BYTES) -> None:
         self.id = envelope.id
         self.envelope = envelope
         self.size = 0  # body bytes written so far
@@ -150,7 +151,7 @@ class IncomingMessage:
     def _write_new(self, data: bytes) -> None:
         """Write the file with all its data, unbuffered: one write call, one fsync. The
         file is a spare when there is one (spares.py), else a new one."""
-        fd = self._spares.take(self._tmp_path) if self._spares is not None else None
+        fd = self._spares.take(self._tmp_path)
         spare = fd is not None
         if fd is None:
             fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,

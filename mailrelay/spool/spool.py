@@ -160,8 +160,8 @@ class Spool(Service):
         line = _ENVELOPE_JSON.encode(envelope.to_json()).encode() + b"\n"
         final_path = os.path.join(self._dir(place), envelope.id)
         notify = None if envelope.sandboxed else self._committed
-        return IncomingMessage(envelope, line, tmp_path, final_path, self._sync, notify,
-                               spares=self.spares)
+        return IncomingMessage(envelope, line, tmp_path, final_path, self._sync,
+                               self.spares, notify)
 
     def submit(self, envelope: Envelope, data: bytes) -> Deferred:
         """Queue a whole message the relay made itself (DSN, notification): create, write,
