@@ -392,7 +392,7 @@ class SpareTests(SpoolTestBase):
         self.assertEqual(spool.queued(), [])
         queue_id = yield self.receive(spool).commit()
         self.assertEqual(spool.queued(), [queue_id])
-        spares = Spares(os.path.join(spool.directory, "spare"))
+        spares = Spares(os.path.join(spool.directory, "spare"), SPILL_BYTES)
         self.assertIsNone(spares.take(os.path.join(spool.directory, "tmp", "x")))
 
     @defer.inlineCallbacks
@@ -425,7 +425,8 @@ class SpareTests(SpoolTestBase):
     def test_an_empty_spare_directory_is_read_at_most_every_interval(self):
         spool = self.open_spool()
         clock = Clock()
-        spares = Spares(os.path.join(spool.directory, "spare"), clock=clock.seconds)
+        spares = Spares(os.path.join(spool.directory, "spare"), SPILL_BYTES,
+                         clock=clock.seconds)
         path = os.path.join(spool.directory, "tmp", "x")
         self.assertIsNone(spares.take(path))  # read: none there
         with open(os.path.join(spool.directory, "spare", "7"), "wb") as f:

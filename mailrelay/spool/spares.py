@@ -29,15 +29,16 @@ from collections.abc import Callable
 
 from mailrelay.spool.files import unlink_quietly
 
-SLOTS = 256  # at most this many spare files ...
-MAX_BYTES = 64 * 1024  # ... of at most this size each (a large message is just removed)
+SLOTS = 256  # at most this many spare files
 LIST_INTERVAL = 0.02  # seconds between two readings of spare/ when none is left in hand
 
 
 class Spares:
-    """The spares in ``directory``; ``keep`` and ``take`` are blocking, for threads."""
+    """The spares in ``directory``; ``keep`` and ``take`` are blocking, for threads.
+    ``max_bytes``: a larger file is removed, not kept (the spool's in-memory limit: a
+    larger message is written as it arrives, into a new file)."""
 
-    def __init__(self, directory: str, slots: int = SLOTS, max_bytes: int = MAX_BYTES,
+    def __init__(self, directory: str, max_bytes: int, slots: int = SLOTS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.slots = slots

@@ -28,7 +28,7 @@ from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
 from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.spool.groupsync import GroupSync
-from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, IncomingMessage
+from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, SPILL_BYTES, IncomingMessage
 from mailrelay.spool.queueid import QueueIds, is_queue_id
 from mailrelay.spool.spares import Spares
 from mailrelay.spool.state import DeliveryState
@@ -73,7 +73,7 @@ class Spool(Service):
         self._ids = QueueIds(reactor.seconds, lane=0 if owner else 1)
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
-        self.spares = Spares(self._dir("spare"))
+        self.spares = Spares(self._dir("spare"), max_bytes=SPILL_BYTES)
         self._subscribers: list[Callable[[Envelope], None]] = []
         self._free: tuple[float, int] | None = None  # (when, free_bytes()) for create()
 
