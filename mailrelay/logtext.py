@@ -15,6 +15,12 @@ also flattens every event (each field formatted ahead, for values JSON cannot ca
 events of plain values (text, numbers, booleans, None) that is left out, as the relay can
 format those from the values themselves, to the same line.
 
+Both write through ``GatheringObserver``: while the reactor runs, lines are gathered and
+written together at most ``FLUSH_DELAY`` later, one ``write`` for many lines instead of
+one each (a busy relay logs thousands a second, and each record of the delivery process
+also woke the relay). A warning or worse goes at once, with every line before it, so the
+lines that explain a failure are on disk when it happens; a stop writes everything.
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -22,14 +28,16 @@ file twistd would have chosen from its options (``--logfile``, stdout with ``-n`
 
 from __future__ import annotations
 
+import atexit
 import json
 import signal
 import sys
-from collections.abc import Mapping
-from typing import Any
+import threading
+from collections.abc import Callable, Mapping
+from typing import IO, Any
 
 from twisted.logger import (
-    FileLogObserver,
+    ILogObserver,
     LogLevel,
     eventAsJSON,
     formatEvent,
@@ -37,6 +45,11 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+FLUSH_DELAY = 0.05  # seconds an info line may wait to be written with others
+MAX_GATHERED = 64 * 1024  # characters: more are written at once
+_URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 
 _stamp: list = [None, "-"]  # (second, its text): every line of that second shares it
 
@@ -108,12 +121,75 @@ def event_json(event: Mapping[str, Any]) -> str:
     return eventAsJSON(dict(event))
 
 
-def json_observer(out) -> FileLogObserver:
+@implementer(ILogObserver)
+class GatheringObserver:
+    """Writes ``format_event(event)`` of each event to ``out``; while the reactor runs,
+    gathered for up to ``delay`` seconds (see the module docstring). Thread-safe, as
+    events may come from any thread."""
+
+    def __init__(self, out: IO[str], format_event: Callable[[Mapping[str, Any]], str | None],
+                 delay: float = FLUSH_DELAY) -> None:
+        self.out = out
+        self.format_event = format_event
+        self._delay = delay
+        self._lock = threading.Lock()
+        self._lines: list[str] = []
+        self._size = 0
+        self._armed = False  # a flush is scheduled
+        self._hooked = False  # the reactor's shutdown flushes
+        atexit.register(self.flush)
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        text = self.format_event(event)
+        if not text:
+            return
+        reactor = _running_reactor()
+        urgent = (reactor is None or "log_failure" in event
+                  or event.get("log_level") in _URGENT)
+        with self._lock:
+            self._lines.append(text)
+            self._size += len(text)
+            if urgent or self._size >= MAX_GATHERED:
+                self._write()
+                return
+            if self._armed:
+                return
+            self._armed = True
+            hook, self._hooked = not self._hooked, True
+        if hook:
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+        reactor.callFromThread(reactor.callLater, self._delay, self.flush)
+
+    def flush(self) -> None:
+        """Write what is gathered now."""
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        """With the lock held."""
+        self._armed = False
+        if self._lines:
+            text = "".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            self.out.write(text)
+            self.out.flush()
+
+
+def _running_reactor():
+    """The reactor if it is installed and running: gathered lines are sure to be
+    written by a timer or at shutdown only then (before it runs, and after it stopped,
+    every line goes at once)."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    return reactor if getattr(reactor, "running", False) else None
+
+
+def json_observer(out: IO[str]) -> GatheringObserver:
     """What ``jsonFileLogObserver`` writes (RS, a record, LF), made by ``event_json``."""
-    return FileLogObserver(out, lambda event: f"\x1e{event_json(event)}\n")
+    return GatheringObserver(out, lambda event: f"\x1e{event_json(event)}\n")
 
 
-def twistd_observer(options: Mapping[str, Any]) -> FileLogObserver | None:
+def twistd_observer(options: Mapping[str, Any]) -> GatheringObserver | None:
     """The file observer twistd would make from its ``options`` (``ServerOptions``),
     writing ``classic_text``; None where twistd's own choice should stand."""
     if options.get("logger") or options.get("syslog"):
@@ -123,13 +199,18 @@ def twistd_observer(options: Mapping[str, Any]) -> FileLogObserver | None:
     if name == "-" or (nodaemon and not name):
         if not nodaemon:
             return None  # twistd refuses a daemon logging to stdout, with its message
-        return FileLogObserver(sys.stdout, classic_text)
+        return GatheringObserver(sys.stdout, classic_text)
     log_file = LogFile.fromFullPath(name or "twistd.log")
+    observer = GatheringObserver(log_file, classic_text)
     if not signal.getsignal(signal.SIGUSR1):
         def rotate(signum, frame) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(log_file.rotate)
+            def flush_and_rotate() -> None:
+                observer.flush()  # the lines before the signal stay in the old file
+                log_file.rotate()
+
+            reactor.callFromThread(flush_and_rotate)
 
         signal.signal(signal.SIGUSR1, rotate)
-    return FileLogObserver(log_file, classic_text)
+    return observer

@@ -83,7 +83,8 @@ def test_mx_delivery_arrives_with_headers_intact(tmp_path, sink, dns):
         assert queue_id in msg["Received"] and "relay.test" in msg["Received"]
         assert data.endswith(b"\r\n\r\nhello\r\n")
         wait_for(lambda: spool_empty(relay), timeout=20, what="the spool to empty")
-        assert "delivered" in relay.log() or queue_id in relay.log()
+        wait_for(lambda: f"{queue_id} to=<bob@example.test>" in relay.log(),
+                 what="the delivery's line in the log")
     finally:
         relay.stop()
 

@@ -10,6 +10,7 @@ import signal
 import pytest
 from twisted.application.service import Application
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.logger import (
     ILogObserver,
     Logger,
@@ -21,8 +22,16 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
+from twisted.trial import unittest
 
-from mailrelay.logtext import classic_text, event_json, json_observer, twistd_observer
+from mailrelay.logtext import (
+    MAX_GATHERED,
+    GatheringObserver,
+    classic_text,
+    event_json,
+    json_observer,
+    twistd_observer,
+)
 from tests.harness import Relay, wait_for
 
 NOW = 1795539151.083215
@@ -157,10 +166,10 @@ def test_twistd_observer_writes_the_file_twistd_would(tmp_path, monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_IGN)  # keep the test's
     path = tmp_path / "relay.log"
     observer = twistd_observer(options("-n", f"--logfile={path}"))
-    assert isinstance(observer._outFile, LogFile)
+    assert isinstance(observer.out, LogFile)
     observer({"log_format": "hello {who}", "who": "sysadmin", "log_time": NOW,
               "log_namespace": "test", "log_level": LogLevel.info})
-    observer._outFile.close()
+    observer.out.close()
     assert path.read_text().endswith("[test#info] hello sysadmin\n")
 
 
@@ -170,7 +179,7 @@ def test_twistd_observer_in_the_foreground_without_logfile_writes_stdout(monkeyp
     observer = twistd_observer(options("-n"))
     observer({"log_format": "to stdout", "log_time": NOW})
     assert out.getvalue().endswith("[-#-] to stdout\n")
-    assert twistd_observer(options("-n", "--logfile=-"))._outFile is out
+    assert twistd_observer(options("-n", "--logfile=-")).out is out
 
 
 def test_twistd_keeps_its_own_choice_for_syslog_loggers_and_daemons_on_stdout():
@@ -198,8 +207,8 @@ def test_the_plugin_gives_the_application_its_observer(tmp_path, monkeypatch):
         for call in set(reactor.getDelayedCalls()) - before:
             call.cancel()  # the DNS resolver's re-reading of resolv.conf
     observer = application.getComponent(ILogObserver)
-    assert observer.formatEvent is classic_text
-    observer._outFile.close()
+    assert observer.format_event is classic_text
+    observer.out.close()
 
 
 def test_a_running_relay_logs_through_it_and_sigusr1_still_rotates_the_log(tmp_path):
@@ -218,3 +227,79 @@ def test_a_running_relay_logs_through_it_and_sigusr1_still_rotates_the_log(tmp_p
     finally:
         relay.stop()
 
+
+
+class Writes:
+    """A text file that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def line(text: str, level: LogLevel = LogLevel.info) -> dict:
+    return {"log_format": text, "log_level": level, "log_time": NOW}
+
+
+class GatheringTests(unittest.TestCase):
+    """While the reactor runs, lines are written together; warnings and a stop at once."""
+
+    def setUp(self) -> None:
+        self.out = Writes()
+        self.observer = GatheringObserver(self.out, lambda e: e["log_format"] + "\n",
+                                          delay=0.05)
+
+    def later(self, seconds: float, f):
+        return deferLater(reactor, seconds, f)
+
+    def test_lines_while_running_leave_in_one_write_after_the_delay(self):
+        def log() -> None:
+            for text in ("a", "b", "c"):
+                self.observer(line(text))
+            self.assertEqual(self.out.writes, [])  # none written at once
+
+        def check(_) -> None:
+            self.assertEqual(self.out.writes, ["a\nb\nc\n"])
+
+        return self.later(0, log).addCallback(lambda _: self.later(0.3, lambda: None)
+                                              ).addCallback(check)
+
+    def test_a_warning_goes_at_once_with_the_lines_before_it(self):
+        def log() -> None:
+            self.observer(line("first"))
+            self.observer(line("trouble", LogLevel.warn))
+            self.assertEqual(self.out.writes, ["first\ntrouble\n"])
+            self.observer(line("failed", LogLevel.error))
+            self.observer({**line("crash", LogLevel.info), "log_failure": object()})
+            self.assertEqual(self.out.writes[1:], ["failed\n", "crash\n"])
+
+        # and the timer the first line set finds nothing left to write
+        return self.later(0, log).addCallback(lambda _: self.later(0.2, lambda: None)
+                                              ).addCallback(
+            lambda _: self.assertEqual(len(self.out.writes), 3))
+
+    def test_a_burst_over_the_limit_is_written_without_waiting(self):
+        big = "x" * (MAX_GATHERED // 4)
+
+        def log() -> None:
+            for _ in range(4):
+                self.observer(line(big))
+            self.assertEqual(len(self.out.writes), 1)
+            self.assertEqual(len(self.out.writes[0]), 4 * (len(big) + 1))
+
+        # the timer the first line set finds nothing left to write
+        return self.later(0, log).addCallback(lambda _: self.later(0.2, lambda: None)
+                                              ).addCallback(
+            lambda _: self.assertEqual(len(self.out.writes), 1))
+
+    def test_without_a_running_reactor_every_line_goes_at_once(self):
+        # a test's own body runs before trial starts the reactor: as at startup and
+        # after a stop, nothing would be left to write the lines later
+        self.assertFalse(reactor.running)
+        self.observer(line("config error"))
+        self.assertEqual(self.out.writes, ["config error\n"])
