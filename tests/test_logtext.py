@@ -228,7 +228,6 @@ def test_a_running_relay_logs_through_it_and_sigusr1_still_rotates_the_log(tmp_p
         relay.stop()
 
 
-
 class Writes:
     """A text file that keeps each write apart."""
 
