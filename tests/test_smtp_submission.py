@@ -212,7 +212,7 @@ class DataTests(LoopbackCase):
         (queue_id,) = self.files("queue")
         with self.spool.open_body(queue_id) as f:
             received = f.read(1024).index(b"From: a@doe.test")  # the relay's header
-        self.assertEqual(self.spool.body_size(queue_id) - received,
+        self.assertEqual(self.spool.snapshot(queue_id).size - received,
                          len(b"From: a@doe.test\r\n\r\n") + 20 * 1000 * len(line))
 
     @defer.inlineCallbacks

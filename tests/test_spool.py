@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import tempfile
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
@@ -157,7 +157,10 @@ class CommitTests(SpoolTestBase):
         self.assertEqual(spool.envelope(msg.id), envelope(id=msg.id))
         with spool.open_body(msg.id) as f:
             self.assertEqual(f.read(), BODY)
-        self.assertEqual(spool.body_size(msg.id), len(BODY))
+        snap = spool.snapshot(msg.id)
+        header = BODY.split(b"\r\n\r\n")[0] + b"\r\n"
+        self.assertEqual((snap.place, snap.envelope, snap.size, snap.headers),
+                         ("queue", envelope(id=msg.id), len(BODY), header))
         self.assertEqual(spool.locate(msg.id), "queue")
         self.assertEqual(spool.path(msg.id), os.path.join(spool.directory, "queue", msg.id))
         self.assertEqual(spool.queued(), [msg.id])
@@ -369,6 +372,35 @@ class SpareTests(SpoolTestBase):
         self.assertEqual((listing(spool, "spare"), listing(spool, "tmp")), ([], []))
 
     @defer.inlineCallbacks
+    def test_a_reader_never_takes_the_next_message_for_a_delivered_one(self):
+        """queue show and the panel read a message while delivery removes it and a new
+        one is written over its file: they get KeyError, never the next message's
+        envelope or headers under the old id."""
+        spool = self.open_spool()
+        old = yield self.receive(spool, b"Subject: old\r\n\r\n" + b"x" * 4000).commit()
+        old_inode = self.inode(spool, "queue", old)
+        new = []
+
+        @defer.inlineCallbacks
+        def deliver_and_reuse():
+            yield spool.remove(old)
+            new.append((yield self.receive(spool, b"Subject: new\r\n\r\n").commit()))
+
+        opened = spool._open
+
+        def open_then_reuse(queue_id):  # the reader holds the file when it is reused
+            f = opened(queue_id)
+            threads.blockingCallFromThread(reactor, deliver_and_reuse)
+            return f
+
+        spool._open = open_then_reuse
+        yield self.assertFailure(threads.deferToThread(spool.snapshot, old), KeyError)
+        spool._open = opened
+        self.assertRaises(KeyError, spool.snapshot, old)
+        self.assertEqual(self.inode(spool, "queue", new[0]), old_inode)  # it was reused
+        self.assertEqual(spool.snapshot(new[0]).headers, b"Subject: new\r\n")
+
+    @defer.inlineCallbacks
     def test_large_files_are_removed_and_spares_are_bounded(self):
         spool = self.open_spool()
         spool.spares.slots = 2
@@ -503,7 +535,7 @@ class AdminTests(SpoolTestBase):
         for queue_id in ("3" + "0" * 17, "../../etc/passwd", ""):
             self.assertIsNone(spool.locate(queue_id))
             for reader in (spool.delete, spool.envelope, spool.open_body, spool.path,
-                           spool.body_size):
+                           spool.snapshot):
                 self.assertRaises(KeyError, reader, queue_id)
 
 

@@ -11,10 +11,9 @@ import time
 
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.delivery.dsn import read_headers
 from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, request
 from mailrelay.model import Envelope
-from mailrelay.spool.spool import Spool
+from mailrelay.spool.spool import Snapshot, Spool
 from mailrelay.spool.state import DeliveryState, RecipientState
 
 
@@ -55,13 +54,13 @@ def _ids(spool: Spool, place: str) -> list[str]:
         return []
 
 
-def _entry(spool: Spool, queue_id: str, place: str,
-           state: DeliveryState | None, now: float) -> dict | None:
+def _entry(spool: Spool, queue_id: str, state: DeliveryState | None,
+           now: float) -> tuple[dict, Snapshot] | None:
     try:
-        envelope = spool.envelope(queue_id)
-        size = spool.body_size(queue_id)
+        snap = spool.snapshot(queue_id)
     except (KeyError, FileNotFoundError):  # delivered meanwhile
         return None
+    envelope, place = snap.envelope, snap.place
     attempts = state.attempts if state else 0
     if place == "hold":
         next_attempt = None
@@ -78,13 +77,13 @@ def _entry(spool: Spool, queue_id: str, place: str,
         "sender": envelope.sender,
         "recipients": envelope.recipients,
         "pending": state.pending() if state else list(envelope.recipients),
-        "size": size,
+        "size": snap.size,
         "received_at": envelope.received_at,
         "age": max(0.0, now - envelope.received_at),
         "attempts": attempts,
         "next_attempt": next_attempt,
         "last_error": state.last_error if state else "",
-    }
+    }, snap
 
 
 def _span(seconds: float) -> str:
@@ -105,9 +104,9 @@ def list_(args, context: Context) -> int:
     entries = []
     for place in ("queue", "hold"):
         for queue_id in _ids(spool, place):
-            entry = _entry(spool, queue_id, place, states.get(queue_id), now)
-            if entry is not None:
-                entries.append(entry)
+            found = _entry(spool, queue_id, states.get(queue_id), now)
+            if found is not None:
+                entries.append(found[0])
     if args.json:
         output.print_json(entries)
         return 0
@@ -139,17 +138,13 @@ def _find(spool: Spool, queue_id: str) -> str:
 
 def show(args, context: Context) -> int:
     spool = _spool(context)
-    place = _find(spool, args.id)
+    _find(spool, args.id)
     state = spool.read_state(args.id)
-    entry = _entry(spool, args.id, place, state, time.time())
-    if entry is None:
+    found = _entry(spool, args.id, state, time.time())
+    if found is None:
         raise CommandError(f"message {args.id} left the queue meanwhile")
-    envelope = spool.envelope(args.id)
-    try:
-        with spool.open_body(args.id) as body:
-            headers = read_headers(body).decode("utf-8", "replace")
-    except KeyError:
-        headers = ""
+    entry, snap = found
+    envelope, headers = snap.envelope, snap.headers.decode("utf-8", "replace")
     recipients = _recipients(envelope, state)
     if args.json:
         output.print_json({**entry, "envelope": envelope.to_json(),

@@ -11,14 +11,13 @@ import re
 import secrets
 from collections.abc import Sequence
 from email.utils import formatdate
-from typing import BinaryIO
 
 from twisted.internet.defer import Deferred
 
 from mailrelay.model import Envelope
+from mailrelay.spool.spool import read_headers
 from mailrelay.spool.state import RecipientState
 
-MAX_HEADERS = 64 * 1024  # original headers quoted in the report; the body never is
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
@@ -37,18 +36,6 @@ def notify_address(envelope: Envelope) -> str | None:
     if not envelope.sender or envelope.bounce_to == "":
         return None
     return envelope.bounce_to or envelope.sender
-
-
-def read_headers(body: BinaryIO) -> bytes:
-    """The header block of a spooled message (up to the blank line), bounded."""
-    lines = []
-    size = 0
-    for line in body:
-        if line in (b"\r\n", b"\n") or size + len(line) > MAX_HEADERS:
-            break
-        lines.append(line)
-        size += len(line)
-    return b"".join(lines)
 
 
 def _ascii(text: str, limit: int = 500) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from twisted.application.service import Service
@@ -40,6 +41,29 @@ _ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"))
 PLACES = ("queue", "hold")  # where committed messages live
 DEFAULT_MIN_FREE_BYTES = 100 * 2**20
 FREE_SPACE_AGE = 1.0  # seconds a free space reading stands for
+MAX_HEADERS = 64 * 1024  # bytes of a message's header section that readers take
+
+
+def read_headers(body: BinaryIO) -> bytes:
+    """The header section of a spooled message (up to the blank line), bounded."""
+    lines = []
+    size = 0
+    for line in body:
+        if line in (b"\r\n", b"\n") or size + len(line) > MAX_HEADERS:
+            break
+        lines.append(line)
+        size += len(line)
+    return b"".join(lines)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A committed message as read by someone other than the delivery process."""
+
+    place: str  # "queue" or "hold"
+    envelope: Envelope
+    size: int  # bytes of the message, without the envelope line
+    headers: bytes  # its header section (read_headers)
 
 
 @implementer(ISpool)
@@ -208,19 +232,38 @@ class Spool(Service):
         return os.path.join(self._dir(place), queue_id)
 
     def envelope(self, queue_id: str) -> Envelope:
-        """The envelope (line 1 of the file); KeyError for an unknown id."""
+        """The envelope (line 1 of the file); KeyError for an unknown id. For the delivery
+        process, which alone removes queued messages; anyone else reads snapshot()."""
         with self._open(queue_id) as f:
             return Envelope.from_json(json.loads(f.readline()))
 
     def open_body(self, queue_id: str) -> BinaryIO:
-        """The message file positioned at the body (the caller closes it)."""
+        """The message file positioned at the body (the caller closes it). For the
+        delivery process, as envelope()."""
         f = self._open(queue_id)
         f.readline()
         return f
 
-    def body_size(self, queue_id: str) -> int:
+    def snapshot(self, queue_id: str) -> Snapshot:
+        """Envelope, size and header section of a committed message, read at once, for
+        readers outside the delivery process (queue list and show, the panel); KeyError
+        when it is not in queue/ or hold/, or left while it was read.
+
+        A delivered message's file may become a spare and be written over by a new
+        message while a reader holds it open (spares.py). What was read counts only if
+        the message's name still leads to the file read afterwards: a file is written
+        once before it gets a queue name and its name is never given again, so then the
+        bytes were this message's; otherwise they are dropped, never shown as its.
+        """
         with self._open(queue_id) as f:
-            return os.fstat(f.fileno()).st_size - len(f.readline())
+            line = f.readline()
+            headers = read_headers(f)
+            read = os.fstat(f.fileno())
+        place = next((p for p in PLACES if self._is_file(p, queue_id, read)), None)
+        if place is None:
+            raise KeyError(queue_id)
+        return Snapshot(place, Envelope.from_json(json.loads(line)),
+                        read.st_size - len(line), headers)
 
     def read_state(self, queue_id: str) -> DeliveryState | None:
         """The delivery state, or None before the first attempt."""
@@ -304,6 +347,13 @@ class Spool(Service):
                 except FileNotFoundError:
                     continue
         raise KeyError(queue_id)
+
+    def _is_file(self, place: str, queue_id: str, st: os.stat_result) -> bool:
+        try:
+            now = os.stat(os.path.join(self._dir(place), queue_id))
+        except OSError:
+            return False
+        return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
     def _read_state(self, path: str) -> DeliveryState | None:
         try:

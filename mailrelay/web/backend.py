@@ -16,7 +16,6 @@ from twisted.logger import Logger
 
 from mailrelay.admin.queue import _entry, _recipients
 from mailrelay.auth.passwords import generate_password, hash_password
-from mailrelay.delivery.dsn import read_headers
 from mailrelay.delivery.process import DeliveryNotRunning
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import UserStore
@@ -129,30 +128,21 @@ class QueueReader:
 
     def _list(self, limit: int) -> tuple[list[dict[str, Any]], int]:
         now = self.reactor.seconds()
-        ids = [(i, "queue") for i in self.spool.queued()] + [(i, "hold") for i in self.spool.held()]
-        shown = [
-            _entry(self.spool, i, place, self.spool.read_state(i), now) for i, place in ids[:limit]
-        ]
-        return [e for e in shown if e is not None], len(ids)
+        ids = self.spool.queued() + self.spool.held()
+        shown = [_entry(self.spool, i, self.spool.read_state(i), now) for i in ids[:limit]]
+        return [e[0] for e in shown if e is not None], len(ids)
 
     def list(self, limit: int = 500):
         """Fires with (entries, total): the first ``limit`` in delivery order, then held."""
         return in_thread(self.reactor, self._list, limit)
 
     def _show(self, queue_id: str) -> dict[str, Any] | None:
-        place = self.spool.locate(queue_id)
-        if place is None:
-            return None
         state = self.spool.read_state(queue_id)
-        entry = _entry(self.spool, queue_id, place, state, self.reactor.seconds())
-        try:
-            envelope = self.spool.envelope(queue_id)
-            with self.spool.open_body(queue_id) as body:
-                headers = read_headers(body).decode("utf-8", "replace")
-        except KeyError:  # delivered or deleted while we looked
+        found = _entry(self.spool, queue_id, state, self.reactor.seconds())
+        if found is None:  # not queued, or delivered or deleted while we looked
             return None
-        if entry is None:
-            return None
+        entry, snap = found
+        envelope, headers = snap.envelope, snap.headers.decode("utf-8", "replace")
         return {**entry, "envelope": envelope.to_json(),
                 "delivery": state.to_json() if state else None,
                 "recipient_status": _recipients(envelope, state), "headers": headers}
