@@ -176,6 +176,23 @@ class CheckerTests(TestCase):
         assert (yield self.checker.requestAvatarId(credentials("App", PASSWORD))) == "App"
 
     @defer.inlineCallbacks
+    def test_a_user_added_or_given_a_password_can_log_in_at_once(self):
+        """A client that logs in right after mailrelay-admin user add / passwd is not
+        refused until the next check of the file: a failure looks at the file again."""
+        with self.store.change():
+            self.store.add_user(SmtpUser("new@b.org"), hash_password(PASSWORD))
+        # No time passes: without a second look the directory still has the old file.
+        avatar_id = yield self.checker.requestAvatarId(credentials("new@b.org", PASSWORD))
+        assert avatar_id == "new@b.org"
+        with self.store.change():
+            self.store.set_password("new@b.org", hash_password("a new password here"))
+        avatar_id = yield self.checker.requestAvatarId(
+            credentials("new@b.org", "a new password here"))
+        assert avatar_id == "new@b.org"
+        with self.assertRaises(UnauthorizedLogin):
+            yield self.checker.requestAvatarId(credentials("new@b.org", "wrong"))
+
+    @defer.inlineCallbacks
     def test_twisted_bytes_credentials_work_too(self):
         avatar_id = yield self.checker.requestAvatarId(
             UsernamePassword(b"doe.com", PASSWORD.encode())

@@ -505,35 +505,40 @@ class FileDirectory:
         if self._stat is None:
             log.warn("No user file at {path} yet: add users with mailrelay-admin", path=path)
 
-    def refresh(self) -> None:
-        """Reload the file now if it changed since it was last read."""
+    def refresh(self) -> bool:
+        """Reload the file now if it changed since it was last read; True if it did."""
         self._checked = self._clock.seconds()
         try:
             stat = stat_key(self.path)
         except OSError as e:
             log.error("Cannot stat {path}: {error}", path=self.path, error=e.strerror)
-            return
+            return False
         if stat == self._stat:
-            return
+            return False
         try:
             self._data, self._stat = read_file(self.path)
         except DirectoryFileError as e:
             self._stat = stat  # report each broken version once, not every second
             log.error("Keeping the previous users; the new user file is broken: {error}", error=e)
-            return
+            return False
         log.info(
             "Loaded {path}: {users} users in {accounts} accounts",
             path=self.path,
             users=len(self._data.users),
             accounts=len(self._data.accounts),
         )
+        return True
 
     def _current(self) -> UserData:
         if self._clock.seconds() - self._checked >= self._check_interval:
             self.refresh()
         return self._data
 
-    def authenticate(self, username: str, password: str) -> defer.Deferred[SmtpUser]:
+    def authenticate(self, username: str, password: str,
+                     look_again: bool = True) -> defer.Deferred[SmtpUser]:
+        """A refused login looks at the file once more before it is refused: a client that
+        logs in right after ``mailrelay-admin user add`` or ``passwd`` would otherwise be
+        refused until the next check (one stat, only on a failure)."""
         data = self._current()
         name = canonical_username(username)
         user = data.users.get(name)
@@ -541,12 +546,14 @@ class FileDirectory:
         password_hash = data.hashes[name] if user is not None else DUMMY_HASH
         d = self.hashing.run(_verify, password_hash, password)
 
-        def verified(result: tuple[bool, int]) -> SmtpUser:
+        def verified(result: tuple[bool, int]) -> SmtpUser | defer.Deferred[SmtpUser]:
             ok, self.verify_thread = result
             self.verifications += 1
-            if not ok or user is None:
-                raise UnauthorizedLogin(LOGIN_FAILED)
-            return user
+            if ok and user is not None:
+                return user
+            if look_again and self.refresh():
+                return self.authenticate(username, password, look_again=False)
+            raise UnauthorizedLogin(LOGIN_FAILED)
 
         return d.addCallback(verified)
 
