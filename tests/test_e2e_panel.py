@@ -19,12 +19,6 @@ import pytest
 from browser import HAVE_BROWSER, NO_BROWSER, click, fill, start_browser
 from harness import Relay, free_port, message, wait_for
 
-from mailrelay.config import SCHEMA
-
-pytestmark = pytest.mark.skipif(
-    "admin" not in SCHEMA, reason="the [admin] listener is not wired into the service yet"
-)
-
 PASSWORD = "correct horse battery"
 ADMIN_PASSWORD = "admin-password-1"
 

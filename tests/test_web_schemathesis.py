@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
 from panel import panel_process
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis import checks  # noqa: E402
-from schemathesis.core.parameters import ParameterLocation  # noqa: E402
-from schemathesis.specs.openapi import checks as openapi_checks  # noqa: E402
+from schemathesis import checks
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.specs.openapi import checks as openapi_checks
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))  # per operation; more for a deep run
 CHECKS = [
