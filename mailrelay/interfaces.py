@@ -20,6 +20,12 @@ class IDirectory(Interface):
     """
 
     writable = Attribute("True when mailrelay-admin may change users here (file); False for LDAP")
+    stamps_every_change = Attribute(
+        "True when SmtpUser.updated changes with every change to a user (the file: a "
+        "fine-grained time written by each change), so a verified login may be trusted "
+        "while the stamp stays the same. False (LDAP: modifyTimestamp has one-second "
+        "resolution and may be unreadable): the directory's own caches are the only ones, "
+        "so a change is in force within their time to live.")
 
     def authenticate(username: str, password: str):
         """Verify a password. Fires with the SmtpUser.

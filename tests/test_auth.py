@@ -138,6 +138,7 @@ class DownDirectory:
     """A directory whose server is down (what the LDAP directory reports then)."""
 
     writable = False
+    stamps_every_change = False
 
     def authenticate(self, username, password):
         return defer.fail(DirectoryUnavailable("ldap://127.0.0.1:1: connection refused"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import smtplib
 import subprocess
@@ -153,3 +154,55 @@ def test_wrong_base_stops_startup_clearly(slapd, tmp_path):
         "base_dn = dc=example", "base_dn = ou=none,dc=example"))
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def _same_second_changes(admin, dn: str, *changes: dict) -> None:
+    """Apply ``changes`` one after another within one second of the server's clock (the
+    resolution of modifyTimestamp), so that the entry's stamp does not change between
+    them; retried until the server's stamps show they fell in the same second."""
+    for _ in range(10):
+        stamps = []
+        for change in changes:
+            assert admin.modify(dn, change), admin.result
+            admin.search(dn, "(objectClass=*)", ldap3.BASE, attributes=["modifyTimestamp"])
+            stamps.append(admin.entries[0].modifyTimestamp.value)
+        if len(set(stamps)) == 1:
+            return
+    raise AssertionError("could not make two changes within one second")
+
+
+def test_password_status_and_deletion_in_ldap_take_effect_within_the_cache_ttl(relay, slapd):
+    """A change made in the same second as the entry's previous change (one modifyTimestamp
+    for both) is in force within [ldap] cache_ttl (1 s here), not [directory]
+    login_cache_ttl (60 s): the old password, a blocked status and a deleted entry stop
+    working although the stamp the relay sees is unchanged."""
+    dn = "uid=rotate,ou=smtp-users,dc=example,dc=test"
+    admin = slapd.admin()
+    try:
+        assert admin.add(dn, ["account", "simpleSecurityObject", "mailrelayUser"],
+                         {"userPassword": "first-secret", "description": "rotation test",
+                          "mailrelaySenderDomain": "doe.test"}), admin.result
+        wait_for(lambda: _logs_in(relay, ("rotate", "first-secret")), timeout=15,
+                 interval=0.3, what="the new LDAP user")
+        _same_second_changes(
+            admin, dn, {"description": [(ldap3.MODIFY_REPLACE, ["touched"])]},
+            {"userPassword": [(ldap3.MODIFY_REPLACE, ["second-secret"])]})
+        wait_for(lambda: not _logs_in(relay, ("rotate", "first-secret")), timeout=5,
+                 interval=0.3, what="the old password refused")
+        assert _logs_in(relay, ("rotate", "second-secret"))
+
+        _same_second_changes(
+            admin, dn, {"description": [(ldap3.MODIFY_REPLACE, ["touched again"])]},
+            {"mailrelayStatus": [(ldap3.MODIFY_REPLACE, ["blocked"])]})
+        wait_for(lambda: mail_from(relay, ("rotate", "second-secret"), "a@doe.test")[0] == 550,
+                 timeout=5, interval=0.3, what="the blocked status")
+        assert admin.modify(dn, {"mailrelayStatus": [(ldap3.MODIFY_DELETE, [])]})
+        wait_for(lambda: mail_from(relay, ("rotate", "second-secret"), "a@doe.test")[0] == 250,
+                 timeout=5, interval=0.3, what="the status back to allowed")
+        assert admin.delete(dn), admin.result
+        wait_for(lambda: not _logs_in(relay, ("rotate", "second-secret")), timeout=5,
+                 interval=0.3, what="the deleted user refused")
+    finally:
+        with contextlib.suppress(ldap3.core.exceptions.LDAPNoSuchObjectResult):
+            admin.delete(dn)
+        admin.unbind()

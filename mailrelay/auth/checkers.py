@@ -6,7 +6,9 @@ CPU each time. A (username, password) pair that verified is remembered for ``cac
 seconds, keyed by an HMAC of the password under a key made at start-up and never stored,
 so the cache holds nothing that reveals or replays a password. A cached login still asks
 the directory for the user: if it is gone or was changed (its ``updated`` stamp moved,
-as ``user passwd`` and ``user set`` do), the login is verified again.
+as ``user passwd`` and ``user set`` do), the login is verified again. Only a directory
+whose stamp moves with every change is trusted so (the file); the LDAP directory caches
+verified logins itself for ``[ldap] cache_ttl``, and this cache stays off in front of it.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class PasswordChecker:
         if clock is None:
             from twisted.internet import reactor as clock
         self._directory = directory
-        self._ttl = cache_ttl
+        # Trusting a stamp that can miss a change would keep an old password working for
+        # cache_ttl: such a directory caches logins itself, for its own shorter time.
+        self._ttl = cache_ttl if directory.stamps_every_change else 0.0
         self._clock = clock
         self._key = os.urandom(32)
         # canonical username -> (password HMAC, user's updated stamp, expiry)

@@ -488,6 +488,7 @@ class FileDirectory:
     """
 
     writable = True
+    stamps_every_change = True  # every change writes a new time.time() into `updated`
 
     def __init__(self, path: str, reactor=None, clock=None, check_interval: float = 1.0,
                  hashing_threads: int | None = None):

@@ -71,6 +71,7 @@ class _Ambiguous(Exception):
 @implementer(IDirectory)
 class LdapDirectory:
     writable = False
+    stamps_every_change = False  # modifyTimestamp: one-second resolution, maybe unreadable
 
     def __init__(
         self,
