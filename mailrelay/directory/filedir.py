@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -470,10 +469,6 @@ class UserStore:
 # ---- FileDirectory: the daemon's view ----
 
 
-def _verify(password_hash: str, password: str) -> tuple[bool, int]:
-    return verify_password(password_hash, password), threading.get_ident()
-
-
 @implementer(IDirectory)
 class FileDirectory:
     """IDirectory over the user file, reloaded when it changes.
@@ -499,8 +494,6 @@ class FileDirectory:
         self.hashing = HashingPool(reactor, hashing_threads)
         self._clock = clock if clock is not None else reactor
         self._check_interval = check_interval
-        self.verifications = 0  # argon2 verifications done (a counter for stats and tests)
-        self.verify_thread: int | None = None  # the thread that ran the last verification
         self._data, self._stat = read_file(path)
         self._checked = self._clock.seconds()
         if self._stat is None:
@@ -545,11 +538,9 @@ class FileDirectory:
         user = data.users.get(name)
         # An unknown user costs one verification too, so the time does not tell.
         password_hash = data.hashes[name] if user is not None else DUMMY_HASH
-        d = self.hashing.run(_verify, password_hash, password)
+        d = self.hashing.run(verify_password, password_hash, password)
 
-        def verified(result: tuple[bool, int]) -> SmtpUser | defer.Deferred[SmtpUser]:
-            ok, self.verify_thread = result
-            self.verifications += 1
+        def verified(ok: bool) -> SmtpUser | defer.Deferred[SmtpUser]:
             if ok and user is not None:
                 return user
             if look_again and self.refresh():
