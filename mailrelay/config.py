@@ -426,6 +426,12 @@ def _derive(config: Config) -> None:
         config.policy.ip_auth = _ip_auth("")
     if config.policy.address_auth is None:
         config.policy.address_auth = _address_auth("")
+    # The relay's control socket (control.py); sun_path holds 107 bytes and its NUL.
+    s.control_socket = os.path.join(s.data_dir, "control.sock")
+    if len(os.fsencode(s.control_socket)) > 107:
+        raise ConfigError(config.source, "server", "data_dir",
+                          f"{s.data_dir!r} is too long for the control socket in it "
+                          "(at most 94 bytes)")
     config.directory.file = config.directory.file or os.path.join(s.data_dir, "users.json")
     config.spool.directory = config.spool.directory or os.path.join(s.data_dir, "spool")
     d = config.delivery

@@ -74,6 +74,21 @@ class ISpool(Interface):
         the spool when empty). Returns an IIncomingMessage."""
 
 
+class IQueueControl(Interface):
+    """Acting on queued messages (the delivery process, the relay's control socket, the
+    panel). Every method returns a Deferred."""
+
+    def retry(queue_id: str):
+        """Fires with True when the message is now due, False when it is not queued."""
+
+    def flush():
+        """Every deferred message is due now; fires with how many were waiting."""
+
+    def delete(queue_id: str):
+        """Stop delivering the message and remove it; fires with the place it was in
+        ("queue" or "hold"), errbacks with KeyError when it is unknown."""
+
+
 class IRouter(Interface):
     """Chooses where mail for a recipient domain goes (MX lookup, smarthost, per-domain route)."""
 

@@ -73,8 +73,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.auth.checkers import make_portal
+    from mailrelay.control import control_service
     from mailrelay.directory import open_directory
     from mailrelay.features.policy import FeaturePolicy
+    from mailrelay.manage.queue import QueueControl
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
@@ -144,8 +146,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
                         reactor).setServiceParent(top)
 
+    control = QueueControl(spool, reactor, delivery)
+    control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
-                       manager=delivery, reactor=reactor).setServiceParent(top)
+                       control=control, reactor=reactor).setServiceParent(top)
     return top
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
 
 from harness import TempPaths, env
 from smtp_sink import SMTPSink
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from mailrelay.control import control_service
 from mailrelay.delivery.manager import DeliveryManager
 from mailrelay.delivery.router import Hop, SmarthostRouter
 from mailrelay.model import Envelope
@@ -29,8 +31,10 @@ class QueueCommandTests(TempPaths, unittest.TestCase):
         self.directory = os.path.join(root, "spool")
         self.config = os.path.join(root, "mailrelay.ini")
         os.makedirs(root)
+        self.data_dir = os.path.join(root, "data")
+        os.makedirs(self.data_dir)
         with open(self.config, "w") as f:
-            f.write(f"[server]\nhostname = relay.test\ndata_dir = {root}/data\n"
+            f.write(f"[server]\nhostname = relay.test\ndata_dir = {self.data_dir}\n"
                     f"[spool]\ndirectory = {self.directory}\n")
         self.spool = Spool(self.directory, reactor=reactor)
         self.spool.open()
@@ -48,9 +52,6 @@ class QueueCommandTests(TempPaths, unittest.TestCase):
         incoming = self.spool.create(envelope)
         incoming.write(BODY)
         return incoming.commit()
-
-    def control(self) -> list[str]:
-        return sorted(os.listdir(os.path.join(self.directory, "control")))
 
     def test_empty_queue(self):
         result = self.admin("list")
@@ -101,16 +102,25 @@ class QueueCommandTests(TempPaths, unittest.TestCase):
         self.assertEqual(missing.returncode, 1)
         self.assertIn("no message", missing.stderr)
 
-        self.assertEqual(self.admin("retry", deferred).returncode, 0)
-        self.assertEqual(self.control(), [f"retry-{deferred}"])
+        # No relay runs: the commands act on the spool and say so.
+        retried = self.admin("retry", deferred)
+        self.assertEqual(retried.returncode, 0, retried.stderr)
+        self.assertIn("not running", retried.stdout)
+        self.assertLessEqual(self.spool.read_state(deferred).next_attempt, time.time())
         refused = self.admin("retry", held)
         self.assertEqual(refused.returncode, 1)
         self.assertIn("sandboxed", refused.stderr)
         self.assertEqual(self.admin("retry", "nonsense").returncode, 1)
-        self.assertEqual(self.admin("flush").returncode, 0)
-        self.assertEqual(self.control(), ["flush", f"retry-{deferred}"])
+        state.next_attempt = time.time() + 600
+        self.spool.write_state(deferred, state)
+        flushed = self.admin("flush")
+        self.assertEqual((flushed.returncode, flushed.stdout.split(" (")[0]),
+                         (0, "1 deferred messages due now"))
+        self.assertLessEqual(self.spool.read_state(deferred).next_attempt, time.time())
 
-        self.assertEqual(self.admin("delete", deferred).returncode, 0)
+        deleted = self.admin("delete", deferred)
+        self.assertEqual(deleted.returncode, 0)
+        self.assertIn("not running", deleted.stdout)
         self.assertEqual(self.admin("delete", held).returncode, 0)
         self.assertEqual(self.spool.queued(), [fresh])
         self.assertEqual(self.spool.held(), [])
@@ -133,9 +143,20 @@ class QueueCommandTests(TempPaths, unittest.TestCase):
         yield manager.start()
         yield manager.idle()
         self.assertEqual(self.spool.read_state(queue_id).attempts, 1)
+        # The relay's control socket, answered by the manager as the relay's
+        # delivery process answers it.
+        path = os.path.join(self.data_dir, "control.sock")
+        listener = control_service(path, manager, reactor)
+        listener.privilegedStartService()
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         sink.rules["r@b.test"] = None
-        self.assertEqual(self.admin("retry", queue_id).returncode, 0)
-        clock.advance(1)  # the manager looks at the control directory every second
-        yield manager.idle()
+        retried = yield threads.deferToThread(self.admin, "retry", queue_id)
+        self.assertEqual((retried.returncode, retried.stdout.strip()),
+                         (0, f"{queue_id}: due now"))
+        yield manager.idle()  # no clock advanced: the retry came at once
         self.assertEqual([m.recipients for m in sink.messages], [["r@b.test"]])
         self.assertEqual(self.spool.queued(), [])
+        gone = yield threads.deferToThread(self.admin, "retry", queue_id)
+        self.assertEqual(gone.returncode, 1)

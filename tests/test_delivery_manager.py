@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from mailrelay.delivery import manager as manager_module
 from mailrelay.delivery.client import SMALL_BODY
-from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, DeliveryManager, request
+from mailrelay.delivery.manager import DeliveryManager
 from mailrelay.delivery.router import Hop, MXRouter, SmarthostRouter, make_resolver
 from mailrelay.features.hooks import MessageFeatures
 from mailrelay.features.links import Links
@@ -451,7 +451,7 @@ class QueueTests(Base):
         ids = yield self.submit_many(manager_module.LOAD_BATCH + 8)  # two trips to a thread
         manager = self.manager()
         yield manager.start()  # listed and taken; read in the next reactor turn
-        os.unlink(os.path.join(self.directory, "queue", ids[5]))  # deleted by an admin
+        os.unlink(os.path.join(self.directory, "queue", ids[5]))  # removed by hand
         yield manager.idle()
         self.assertEqual(len(self.sink.messages), len(ids) - 1)
         self.assertNotIn(ids[5], self.spool.read[len(ids):])  # not tried again
@@ -463,29 +463,27 @@ class QueueTests(Base):
         manager = self.manager()
         yield self.deliver(manager, queue_id)
         manager.flush()
-        self.assertFalse(manager.retry(queue_id))
+        self.assertFalse((yield manager.retry(queue_id)))
         yield manager.idle()
         self.assertEqual(self.sink.transactions, 0)
         self.assertEqual(self.spool.held(), [queue_id])
 
     @defer.inlineCallbacks
-    def test_control_retry_and_flush(self):
+    def test_retry_and_flush(self):
         self.sink.default = (451, "4.2.0 later")
         one = yield self.submit(["one@b.test"])
         two = yield self.submit(["two@b.test"])
         manager = self.manager(retry_first=3600)
         yield self.deliver(manager)
         self.sink.default = None
-        request(self.directory, RETRY_PREFIX + one)
-        self.advance(1)
+        self.assertTrue((yield manager.retry(one)))
         yield manager.idle()
         self.assertEqual([m.recipients for m in self.sink.messages], [["one@b.test"]])
         self.assertEqual(self.spool.queued(), [two])
-        request(self.directory, FLUSH)
-        self.advance(1)
+        self.assertEqual((yield manager.flush()), 1)
         yield manager.idle()
         self.assertEqual(len(self.sink.messages), 2)
-        self.assertEqual(os.listdir(os.path.join(self.directory, "control")), [])
+        self.assertFalse((yield manager.retry(one)))  # delivered: no longer queued
 
     @defer.inlineCallbacks
     def test_twenty_thousand_queued_start_in_bounded_work(self):
@@ -530,18 +528,19 @@ class DeleteTests(Base):
 
 
     @defer.inlineCallbacks
-    def test_a_message_deleted_by_the_admin_tool_is_not_sent(self):
-        """Even when its body was read ahead before mailrelay-admin removed its files."""
+    def test_a_message_deleted_while_it_waits_is_not_sent(self):
+        """Even when its body was read ahead before the delete came (from the panel or
+        mailrelay-admin, over the control socket)."""
         ids = yield self.submit_many(3)
-        admin = Spool(self.directory)  # as mailrelay-admin has it: not opened
         deleted = []
 
         def on_result(queue_id, envelope, result, status):
             if not deleted:  # ids[1] is loaded and waits for the connection
-                deleted.append(admin.delete(ids[1]))
+                deleted.append(manager.delete(ids[1]))
 
-        yield self.deliver(self.manager(max_per_host=1, on_result=on_result))
-        self.assertEqual(deleted, ["queue"])
+        manager = self.manager(max_per_host=1, on_result=on_result)
+        yield self.deliver(manager)
+        self.assertEqual((yield deleted[0]), "queue")
         self.assertEqual([m.recipients for m in self.sink.messages],
                          [["r0@b.test"], ["r2@b.test"]])
         self.assertEqual(self.spool.queued(), [])

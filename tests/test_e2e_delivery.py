@@ -268,13 +268,23 @@ def test_queue_admin_retry_reaches_the_running_daemon(tmp_path, sink, dns):
         wait_for(state.exists, timeout=20, what="a deferred attempt")
         listing = json.loads(relay.admin("queue", "list", "--json").stdout)
         assert [m["id"] for m in listing] == [queue_id]
+        doomed = submit(relay, "a@doe.test", ["later@example.test"])
+        wait_for((relay.data / "spool" / "state" / f"{doomed}.json").exists, timeout=20,
+                 what="a second deferred attempt")
+        deleted = relay.admin("queue", "delete", doomed).stdout
+        assert deleted.startswith(f"{doomed}: deleted from queue") and "not running" not in deleted
         sink.rules({})
-        relay.admin("queue", "retry", queue_id)
+        retried = relay.admin("queue", "retry", queue_id).stdout
+        assert retried == f"{queue_id}: due now\n"  # said by the running relay
         sink.wait(1, timeout=30)
         wait_for(lambda: spool_empty(relay), timeout=20, what="the spool to empty")
+        assert [meta["recipients"] for meta, _ in sink.messages()] == [["later@example.test"]]
         shown = subprocess.run([sys.executable, "-m", "mailrelay.admin.cli", "-c",
                                 str(relay.config_path), "queue", "show", queue_id],
                                capture_output=True, text=True, env=env())
         assert shown.returncode == 1
+        assert relay.admin("queue", "flush").stdout == "0 deferred messages due now\n"
     finally:
         relay.stop()
+    # With the relay stopped, the same command acts on the spool and says so.
+    assert "mailrelay is not running" in relay.admin("queue", "flush").stdout

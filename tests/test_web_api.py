@@ -368,7 +368,7 @@ class ApiTests(unittest.TestCase):
 
         from mailrelay.delivery.manager import DeliveryManager
         from mailrelay.delivery.router import MXRouter, make_resolver
-        from mailrelay.web.backend import QueueControl
+        from mailrelay.manage.queue import QueueControl
 
         # DNS fails for the recipients' domain: the message waits for its next attempt.
         self.panel.dns.zone["example.org"] = ["SERVFAIL"]
@@ -397,7 +397,7 @@ class ApiTests(unittest.TestCase):
         from twisted.internet import reactor
 
         from mailrelay.delivery.process import DeliveryProcess
-        from mailrelay.web.backend import QueueControl
+        from mailrelay.manage.queue import QueueControl
 
         # A delivery process that is not running (between a crash and its restart).
         restarting = DeliveryProcess(["/bin/false"], reactor)

@@ -1,20 +1,21 @@
 """mailrelay-admin queue list|show|retry|delete|flush: look at and act on the delivery queue.
 
-Reads the spool directly (never opening it, so a running daemon is undisturbed). retry and
-flush leave a request in <spool>/control/ that the running daemon picks up within about a
-second (or at its next start); delete removes the files at once.
+list and show read the spool (manage.queue). retry, flush and delete ask the running relay
+over its control socket, as the panel does; with no relay running they act on the spool
+itself and say so.
 """
 
 from __future__ import annotations
 
 import time
 
+from twisted.internet import defer, task
+
+from mailrelay import control
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.delivery.manager import FLUSH, RETRY_PREFIX, request
-from mailrelay.model import Envelope
-from mailrelay.spool.spool import Snapshot, Spool
-from mailrelay.spool.state import DeliveryState, RecipientState
+from mailrelay.manage import queue
+from mailrelay.spool.spool import Spool
 
 
 def register(subparsers) -> None:
@@ -47,45 +48,6 @@ def _spool(context: Context) -> Spool:
     return Spool(context.config.spool.directory)
 
 
-def _ids(spool: Spool, place: str) -> list[str]:
-    try:
-        return spool.queued() if place == "queue" else spool.held()
-    except FileNotFoundError:  # nothing was ever queued
-        return []
-
-
-def _entry(spool: Spool, queue_id: str, state: DeliveryState | None,
-           now: float) -> tuple[dict, Snapshot] | None:
-    try:
-        snap = spool.snapshot(queue_id)
-    except (KeyError, FileNotFoundError):  # delivered meanwhile
-        return None
-    envelope, place = snap.envelope, snap.place
-    attempts = state.attempts if state else 0
-    if place == "hold":
-        next_attempt = None
-    elif state is None or state.next_attempt is None:
-        next_attempt = now
-    else:
-        next_attempt = state.next_attempt
-    return {
-        "id": queue_id,
-        "state": "held" if place == "hold" else "queued",
-        "priority": envelope.priority,
-        "user": envelope.user,
-        "account": envelope.account,
-        "sender": envelope.sender,
-        "recipients": envelope.recipients,
-        "pending": state.pending() if state else list(envelope.recipients),
-        "size": snap.size,
-        "received_at": envelope.received_at,
-        "age": max(0.0, now - envelope.received_at),
-        "attempts": attempts,
-        "next_attempt": next_attempt,
-        "last_error": state.last_error if state else "",
-    }, snap
-
-
 def _span(seconds: float) -> str:
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -95,18 +57,8 @@ def _span(seconds: float) -> str:
 
 
 def list_(args, context: Context) -> int:
-    spool = _spool(context)
     now = time.time()
-    try:
-        states = spool.all_states()
-    except FileNotFoundError:
-        states = {}
-    entries = []
-    for place in ("queue", "hold"):
-        for queue_id in _ids(spool, place):
-            found = _entry(spool, queue_id, states.get(queue_id), now)
-            if found is not None:
-                entries.append(found[0])
+    entries, _ = queue.entries(_spool(context), now)
     if args.json:
         output.print_json(entries)
         return 0
@@ -139,81 +91,103 @@ def _find(spool: Spool, queue_id: str) -> str:
 def show(args, context: Context) -> int:
     spool = _spool(context)
     _find(spool, args.id)
-    state = spool.read_state(args.id)
-    found = _entry(spool, args.id, state, time.time())
-    if found is None:
+    doc = queue.document(spool, args.id, time.time())
+    if doc is None:
         raise CommandError(f"message {args.id} left the queue meanwhile")
-    entry, snap = found
-    envelope, headers = snap.envelope, snap.headers.decode("utf-8", "replace")
-    recipients = _recipients(envelope, state)
     if args.json:
-        output.print_json({**entry, "envelope": envelope.to_json(),
-                           "delivery": state.to_json() if state else None,
-                           "recipient_status": recipients, "headers": headers})
+        output.print_json(doc)
         return 0
-    fields = [("id", args.id), ("state", entry["state"]), ("priority", envelope.priority),
-              ("user", envelope.user), ("account", envelope.account),
-              ("sender", envelope.sender or "<>"), ("bounce to", envelope.bounce_to),
-              ("client", envelope.client_ip), ("helo", envelope.helo),
-              ("tls", "yes" if envelope.tls else "no"),
-              ("received", output.when(envelope.received_at) + " UTC"),
-              ("size", entry["size"]), ("attempts", entry["attempts"]),
-              ("last error", entry["last_error"])]
+    envelope = doc["envelope"]
+    fields = [("id", args.id), ("state", doc["state"]), ("priority", doc["priority"]),
+              ("user", doc["user"]), ("account", doc["account"]),
+              ("sender", doc["sender"] or "<>"), ("bounce to", envelope.get("bounce_to")),
+              ("client", envelope.get("client_ip")), ("helo", envelope.get("helo")),
+              ("tls", "yes" if envelope.get("tls") else "no"),
+              ("received", output.when(doc["received_at"]) + " UTC"),
+              ("size", doc["size"]), ("attempts", doc["attempts"]),
+              ("last error", doc["last_error"])]
     for name, value in fields:
         if value not in (None, ""):
             print(f"{name + ':':12} {value}")
     print("recipients:")
-    for r in recipients:
+    for r in doc["recipient_status"]:
         reply = f"{r['code'] or ''} {r['text']}".strip()
         where = f" ({r['remote']})" if r["remote"] else ""
         print(f"  {r['address']}  {r['status']}{'  ' + reply if reply else ''}{where}")
     print("headers:")
-    for line in headers.splitlines():
+    for line in doc["headers"].splitlines():
         print(f"  {line}")
     return 0
 
 
-def _recipients(envelope: Envelope, state: DeliveryState | None) -> list[dict]:
-    states = state.recipients if state else {}
-    return [{"address": rcpt, **states.get(rcpt, RecipientState()).to_json()}
-            for rcpt in envelope.recipients]
+OFFLINE = "mailrelay is not running: done in the spool, in force when it starts"
 
 
-def _request(context: Context, name: str) -> None:
+def _ask(context: Context, command, **arguments) -> dict | None:
+    """The running relay's answer to ``command`` over its control socket; None when no
+    relay runs (the caller then acts on the spool itself)."""
+    path = context.config.server.control_socket
+    outcome: list = []
+
+    async def call(reactor) -> None:
+        try:
+            outcome.append(await control.ask(reactor, path, command, **arguments))
+        except control.RelayNotRunning:
+            outcome.append(None)
+        except (control.DeliveryOff, control.DeliveryNotRunning, KeyError) as e:
+            outcome.append(e)
+
     try:
-        request(context.config.spool.directory, name)
-    except OSError as e:
-        raise CommandError(f"cannot leave a request in {context.config.spool.directory}/"
-                           f"control: {e.strerror}")
+        task.react(lambda reactor: defer.ensureDeferred(call(reactor)))
+    except SystemExit as e:  # react() always exits; only a failure is an error here
+        if e.code not in (0, None) or not outcome:
+            raise CommandError(f"no answer from the relay on {path}")
+    answer = outcome[0]
+    if isinstance(answer, KeyError):
+        raise CommandError(f"message {arguments.get('queue_id')} left the queue meanwhile")
+    if isinstance(answer, control.DeliveryOff):
+        raise CommandError("delivery is off in the running relay ([delivery] enabled = no)")
+    if isinstance(answer, control.DeliveryNotRunning):
+        raise CommandError("the relay's delivery process is restarting; try again in a few "
+                           "seconds")
+    return answer
 
 
 def retry(args, context: Context) -> int:
     if args.id is None:
-        _request(context, FLUSH)
-        print("retry of every deferred message requested (the daemon acts within a second, "
-              "or at its next start)")
-        return 0
-    place = _find(_spool(context), args.id)
-    if place == "hold":
+        return flush(args, context)
+    spool = _spool(context)
+    if _find(spool, args.id) == "hold":
         raise CommandError(f"{args.id} is held (its user is sandboxed): it is never delivered")
-    _request(context, RETRY_PREFIX + args.id)
-    print(f"{args.id}: retry requested (the daemon acts within a second, or at its next start)")
+    answer = _ask(context, control.Retry, queue_id=args.id)
+    queued = queue.offline_retry(spool, args.id) if answer is None else answer["queued"]
+    if not queued:
+        raise CommandError(f"message {args.id} left the queue meanwhile")
+    print(f"{args.id}: due now" + (f" ({OFFLINE})" if answer is None else ""))
     return 0
 
 
 def delete(args, context: Context) -> int:
     spool = _spool(context)
     _find(spool, args.id)
+    answer = _ask(context, control.Delete, queue_id=args.id)
     try:
-        place = spool.delete(args.id)
+        place = spool.delete(args.id) if answer is None else answer["place"]
     except KeyError:
         raise CommandError(f"message {args.id} left the queue meanwhile")
-    print(f"{args.id}: deleted from {place} (a delivery already under way may still finish)")
+    if answer is None:
+        print(f"{args.id}: deleted from {place} ({OFFLINE})")
+    else:
+        print(f"{args.id}: deleted from {place} (a delivery already under way may still "
+              "finish)")
     return 0
 
 
 def flush(args, context: Context) -> int:
-    _request(context, FLUSH)
-    print("flush requested (the daemon acts within a second, or at its next start)")
+    answer = _ask(context, control.Flush)
+    if answer is None:
+        count = queue.offline_flush(_spool(context))
+        print(f"{count} deferred messages due now ({OFFLINE})")
+    else:
+        print(f"{answer['count']} deferred messages due now")
     return 0
-

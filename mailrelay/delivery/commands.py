@@ -1,7 +1,8 @@
 """What the relay and its delivery process say to each other: AMP commands over a socket
 pair made when the relay starts the process (delivery/process.py, delivery/worker.py).
 
-The relay speaks first in every command; the delivery process answers. Message data
+The relay speaks first in every command; the delivery process answers. Retry, Delete and
+Flush are the control socket's own commands (control.py), passed on unchanged. Message data
 never crosses the socket: both processes read and write the spool directly. ``Given``,
 the quiet factory of one protocol made beforehand, also serves delivery's outbound SMTP
 connections.
@@ -23,27 +24,6 @@ class Enqueue(amp.Command):
 
     arguments = [(b"ids", amp.ListOf(amp.Unicode()))]
     requiresAnswer = False
-
-
-class Retry(amp.Command):
-    """One message is due now (the control panel's retry); False: not in the queue."""
-
-    arguments = [(b"queue_id", amp.Unicode())]
-    response = [(b"queued", amp.Boolean())]
-
-
-class Delete(amp.Command):
-    """Stop delivering a message and remove it; the place it was in (queue or hold)."""
-
-    arguments = [(b"queue_id", amp.Unicode())]
-    response = [(b"place", amp.Unicode())]
-    errors = {KeyError: b"UNKNOWN_MESSAGE"}
-
-
-class Flush(amp.Command):
-    """Every deferred message is due now; how many were waiting."""
-
-    response = [(b"count", amp.Integer())]
 
 
 def adopt(reactor, fd: int, proto: amp.AMP) -> None:

@@ -39,51 +39,38 @@ nothing: losing their outcome costs a retry, not a duplicate.
   the same time share the fsyncs. A save that fails is logged and releases its
   connections (the bound then holds only while the disk works).
 
-mailrelay-admin acts on a running daemon through files in ``<spool>/control/``
-(``flush``, ``retry-<id>``), checked every second.
+Retry, flush and delete come from the relay (the panel and the control socket, control.py)
+over the delivery process's socket; they return Deferreds, as the relay's side does.
 """
 
 from __future__ import annotations
 
 import heapq
-import os
 import random
 from collections.abc import Callable
 from functools import partial
 
 from twisted.internet import defer, threads
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay.delivery import dsn
 from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
 from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
+from mailrelay.interfaces import IQueueControl
 from mailrelay.model import Envelope
 from mailrelay.smtp.reply import Reply
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
 log = Logger()
 
-CONTROL_DIR = "control"  # under the spool directory
-FLUSH = "flush"  # control file: every deferred message is due now
-RETRY_PREFIX = "retry-"  # control file retry-<id>: that message is due now
 SPREAD = 20  # queued jobs per open connection before another one to the same destination
 MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
 SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 LOAD_BATCH = 32  # messages read per trip to a loader thread
-
-
-def request(spool_directory: str, name: str) -> str:
-    """Leave a control request for the running daemon (used by mailrelay-admin)."""
-    directory = os.path.join(spool_directory, CONTROL_DIR)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = os.path.join(directory, name)
-    with open(path, "w"):
-        pass
-    return path
 
 
 class _Attempt:
@@ -156,6 +143,7 @@ class _Route:
                 d.callback(result)
 
 
+@implementer(IQueueControl)
 class DeliveryManager:
     def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
                  max_per_host: int = 10, retry_first: float = 60.0, retry_max: float = 3600.0,
@@ -166,7 +154,7 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, clock=None, control_dir: str | None = None,
+                 features=None, clock=None,
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
@@ -188,7 +176,6 @@ class DeliveryManager:
         self.stop_timeout = stop_timeout
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
-        self.control_dir = control_dir or os.path.join(spool.directory, CONTROL_DIR)
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -200,8 +187,6 @@ class DeliveryManager:
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
         self._routes: dict[str, _Route] = {}
-        self._control = LoopingCall(self._check_control)
-        self._control.clock = self.clock
         self._running = False
         self._idle_waiters: list[defer.Deferred] = []
 
@@ -212,8 +197,6 @@ class DeliveryManager:
         Fires once the queue is loaded."""
         self._running = True
         self.schedule.start()
-        os.makedirs(self.control_dir, mode=0o700, exist_ok=True)
-        self._control.start(1.0, now=False)
         d = self.spool.scan()
         d.addCallback(self._scanned)
         d.addErrback(lambda f: log.failure("cannot read the queue", f))
@@ -224,8 +207,6 @@ class DeliveryManager:
         ``stop_timeout``). Fires when every attempt's state is saved."""
         self._running = False
         self.schedule.stop()
-        if self._control.running:
-            self._control.stop()
         for dest in list(self._destinations.values()):
             self._release(dest)
             self._drain(dest, None)  # not attempted: their recipients stay as they are
@@ -247,23 +228,23 @@ class DeliveryManager:
             self.schedule.add(queue_id)
             self._pump()
 
-    def flush(self) -> int:
-        """Every deferred message is due now; returns how many were waiting."""
+    def flush(self) -> defer.Deferred:
+        """Every deferred message is due now; fires with how many were waiting."""
         count = self.schedule.flush()
         self._pump()
-        return count
+        log.info("delivery: flush requested ({count} deferred messages)", count=count)
+        return defer.succeed(count)
 
-    def retry(self, queue_id: str) -> bool:
-        """One message is due now. False if it is not in the queue."""
+    def retry(self, queue_id: str) -> defer.Deferred:
+        """One message is due now; fires with False if it is not in the queue."""
         if self.schedule.now(queue_id):
             self._pump()
-            return True
-        if self._known(queue_id):
-            return True
-        if self.spool.locate(queue_id) == "queue":
+        elif not self._known(queue_id):
+            if self.spool.locate(queue_id) != "queue":
+                return defer.succeed(False)
             self.enqueue(queue_id)
-            return True
-        return False
+        log.info("delivery: retry of {queue_id} requested", queue_id=queue_id)
+        return defer.succeed(True)
 
     def delete(self, queue_id: str) -> defer.Deferred:
         """Remove a message (queued or held) without delivering it; fires with where it was
@@ -296,31 +277,11 @@ class DeliveryManager:
                             else None) for queue_id in ids if queue_id not in self._active)
         log.info("delivery: {ready} messages ready, {deferred} deferred",
                  ready=self.schedule.ready, deferred=self.schedule.deferred)
-        self._check_control()  # requests left while the daemon was down
         self._pump()
         self._check_idle()
 
     def _known(self, queue_id: str) -> bool:
         return queue_id in self._active or queue_id in self.schedule
-
-    def _check_control(self) -> None:
-        try:
-            names = os.listdir(self.control_dir)
-        except OSError:
-            return
-        for name in names:
-            try:
-                os.unlink(os.path.join(self.control_dir, name))
-            except OSError:
-                continue
-            if name == FLUSH:
-                log.info("delivery: flush requested ({count} deferred messages)",
-                         count=self.flush())
-            elif name.startswith(RETRY_PREFIX):
-                queue_id = name[len(RETRY_PREFIX):]
-                found = self.retry(queue_id)
-                log.info("delivery: retry of {queue_id} requested{missing}",
-                         queue_id=queue_id, missing="" if found else " (not queued)")
 
     def _check_idle(self) -> None:
         if self._active or self._connections or (self.schedule.ready and self._running):
@@ -565,10 +526,6 @@ class DeliveryManager:
     def _next_job(self, dest: _Destination) -> Job | None:
         while (job := dest.pop()) is not None:
             attempt = job.context
-            # mailrelay-admin deletes the files without telling us; the body may have been
-            # read long before (read ahead), so look before sending it.
-            if not attempt.deleted and self.spool.locate(attempt.queue_id) is None:
-                attempt.deleted = True
             if not attempt.deleted:
                 return job
             self._record(attempt, [])

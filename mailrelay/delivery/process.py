@@ -5,7 +5,7 @@ The relay (this side) receives and commits messages; the delivery process
 Python process runs on one core, so receiving and delivering in two processes lets them
 use two. They share the spool directory and talk over a socket pair with AMP
 (delivery/commands.py): the relay tells the process about each committed message, and
-passes on the control panel's retry and delete.
+passes on retry, flush and delete from the panel and the control socket.
 
 No message can be forgotten between them: the process lists the queue when it starts, and
 a message is announced only once it is durable in queue/, so whatever was announced to a
@@ -27,9 +27,12 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 import mailrelay
-from mailrelay.delivery.commands import MAX_IDS, Delete, Enqueue, Flush, Retry, adopt
+from mailrelay.control import Delete, DeliveryNotRunning, Flush, Retry
+from mailrelay.delivery.commands import MAX_IDS, Enqueue, adopt
+from mailrelay.interfaces import IQueueControl
 
 log = Logger()
 
@@ -61,10 +64,6 @@ def worker_env() -> dict[str, str]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(mailrelay.__file__)))
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
-
-
-class DeliveryNotRunning(RuntimeError):
-    """The delivery process is between a crash and its restart: ask again shortly."""
 
 
 class _Channel(amp.AMP):
@@ -123,10 +122,12 @@ def _relog(record: bytes) -> None:
     globalLogPublisher(event)
 
 
+@implementer(IQueueControl)
 class DeliveryProcess(Service):
     """Starts, watches and stops the delivery process; stands for its DeliveryManager
     towards the relay: ``enqueue`` (the spool's subscriber), ``retry``, ``delete`` and
-    ``flush`` (the control panel)."""
+    ``flush`` (the control panel and the control socket; DeliveryNotRunning while the
+    process restarts)."""
 
     name = "delivery"
 

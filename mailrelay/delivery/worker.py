@@ -14,9 +14,9 @@ import os
 import sys
 
 from twisted.logger import Logger, globalLogBeginner
-from twisted.protocols import amp
 
-from mailrelay.delivery.commands import Delete, Enqueue, Flush, Retry, adopt
+from mailrelay.control import QueueResponder
+from mailrelay.delivery.commands import Enqueue, adopt
 from mailrelay.logtext import json_observer
 from mailrelay.spool.queueid import is_queue_id
 
@@ -28,12 +28,12 @@ log = Logger()
 STOP_GRACE = 20.0
 
 
-class RelayChannel(amp.AMP):
+class RelayChannel(QueueResponder):
     """This process's end of the socket: the relay's commands, answered by ``manager``
     (delivery.manager.DeliveryManager); ``on_lost`` is called once the relay is gone."""
 
     def __init__(self, manager, on_lost) -> None:
-        super().__init__()
+        super().__init__(manager)
         self._manager = manager
         self._on_lost = on_lost
 
@@ -43,18 +43,6 @@ class RelayChannel(amp.AMP):
             if is_queue_id(queue_id):
                 self._manager.enqueue(queue_id)
         return {}
-
-    @Retry.responder
-    def retry(self, queue_id: str) -> dict:
-        return {"queued": bool(self._manager.retry(queue_id))}
-
-    @Delete.responder
-    def delete(self, queue_id: str):
-        return self._manager.delete(queue_id).addCallback(lambda place: {"place": place})
-
-    @Flush.responder
-    def flush(self) -> dict:
-        return {"count": self._manager.flush()}
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

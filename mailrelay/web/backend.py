@@ -2,8 +2,8 @@
 
 UserWriter changes the user file through the same UserStore (lock, reload, check, atomic
 save) that mailrelay-admin uses, in a thread, then has the daemon's FileDirectory re-read
-it so the next read sees the change. QueueReader and QueueControl look at and act on the
-spool with its blocking readers, in a thread.
+it so the next read sees the change. QueueReader looks at the spool with manage.queue's
+blocking readers, in a thread.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import threads
 from twisted.logger import Logger
 
-from mailrelay.admin.queue import _entry, _recipients
 from mailrelay.auth.passwords import generate_password, hash_password
-from mailrelay.delivery.process import DeliveryNotRunning
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import UserStore
+from mailrelay.manage import queue as manage_queue
 from mailrelay.model import Account, SmtpUser
 from mailrelay.verification import entries_to_verify
 
@@ -119,78 +118,21 @@ class UserWriter:
 
 class QueueReader:
     """The spool as the panel shows it, in the JSON of ``mailrelay-admin queue list|show
-    --json`` (the same functions make it), read in a thread. Never opens the spool (the
+    --json`` (manage.queue makes both), read in a thread. Never opens the spool (the
     daemon's Spool service does)."""
 
     def __init__(self, spool, reactor) -> None:
         self.spool = spool
         self.reactor = reactor
 
-    def _list(self, limit: int) -> tuple[list[dict[str, Any]], int]:
-        now = self.reactor.seconds()
-        ids = self.spool.queued() + self.spool.held()
-        shown = [_entry(self.spool, i, self.spool.read_state(i), now) for i in ids[:limit]]
-        return [e[0] for e in shown if e is not None], len(ids)
-
     def list(self, limit: int = 500):
         """Fires with (entries, total): the first ``limit`` in delivery order, then held."""
-        return in_thread(self.reactor, self._list, limit)
-
-    def _show(self, queue_id: str) -> dict[str, Any] | None:
-        state = self.spool.read_state(queue_id)
-        found = _entry(self.spool, queue_id, state, self.reactor.seconds())
-        if found is None:  # not queued, or delivered or deleted while we looked
-            return None
-        entry, snap = found
-        envelope, headers = snap.envelope, snap.headers.decode("utf-8", "replace")
-        return {**entry, "envelope": envelope.to_json(),
-                "delivery": state.to_json() if state else None,
-                "recipient_status": _recipients(envelope, state), "headers": headers}
+        return in_thread(self.reactor, manage_queue.entries, self.spool,
+                         self.reactor.seconds(), limit)
 
     def show(self, queue_id: str):
         """Fires with the message's document (as ``queue show --json``), or None."""
-        return in_thread(self.reactor, self._show, queue_id)
+        return in_thread(self.reactor, manage_queue.document, self.spool, queue_id,
+                         self.reactor.seconds())
 
 
-class QueueControl:
-    """Retry and delete, through the delivery manager when the relay runs one.
-
-    ``manager`` (delivery's DeliveryManager, or None when delivery is off) is asked
-    ``retry(queue_id) -> bool`` (schedule an attempt now; False: not queued) and
-    ``delete(queue_id) -> Deferred[str]`` (stop any attempt and remove the message; the
-    place it was in; KeyError when unknown). Without a manager a delete removes the files
-    as ``mailrelay-admin`` does, and a retry cannot be done.
-    """
-
-    def __init__(self, spool, reactor, manager=None) -> None:
-        self.spool = spool
-        self.reactor = reactor
-        self.manager = manager
-
-    @property
-    def can_retry(self) -> bool:
-        return self.manager is not None
-
-    async def retry(self, queue_id: str) -> bool:
-        if self.manager is None:
-            raise RuntimeError("delivery is not running in this relay")
-        return bool(await _maybe(self.manager.retry(queue_id)))
-
-    async def delete(self, queue_id: str) -> str | None:
-        """The place the message was removed from, or None when it was not there. While
-        the delivery process restarts, the files are removed as mailrelay-admin does (the
-        next process lists the queue without them)."""
-        try:
-            if self.manager is not None:
-                try:
-                    return await _maybe(self.manager.delete(queue_id))
-                except DeliveryNotRunning:
-                    pass
-            return await in_thread(self.reactor, self.spool.delete, queue_id)
-        except KeyError:
-            return None
-
-
-async def _maybe(value):
-    """``value``, or what it fires with when it is a Deferred."""
-    return await defer.maybeDeferred(lambda: value)

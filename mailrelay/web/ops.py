@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from mailrelay.admin._directory import LDAP_MANAGED
 from mailrelay.admin.account import account_json
 from mailrelay.admin.user import user_json
-from mailrelay.delivery.process import DeliveryNotRunning
+from mailrelay.control import DeliveryNotRunning, DeliveryOff
 from mailrelay.directory.filedir import (
     DirectoryFileError,
     EntryConflict,
@@ -31,7 +31,7 @@ from mailrelay.features.suppressions import Reason
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
 from mailrelay.smtp.reply import Reply
-from mailrelay.web.backend import QueueControl, QueueReader, UserWriter, in_thread
+from mailrelay.web.backend import QueueReader, UserWriter, in_thread
 from mailrelay.web.routing import HttpError
 
 log = Logger()
@@ -44,7 +44,7 @@ class Services:
     directory: Any  # IDirectory
     users: UserWriter | None  # None: the directory is read-only (LDAP)
     queue: QueueReader
-    control: QueueControl
+    control: Any  # IQueueControl: the relay's retry, flush and delete
     suppressions: Any  # features.suppressions.SuppressionStore
     stats: Any  # features.stats.StatsStore
     access: Any  # web.access.AccessFile
@@ -387,10 +387,10 @@ async def show_queued(s: Services, queue_id: str) -> dict[str, Any]:
 
 async def retry_queued(s: Services, queue_id: str) -> dict[str, Any]:
     _queue_id(queue_id)
-    if not s.control.can_retry:
-        raise HttpError(409, "delivery is not running in this relay ([delivery] enabled = no)")
     try:
         queued = await s.control.retry(queue_id)
+    except DeliveryOff:
+        raise HttpError(409, "delivery is not running in this relay ([delivery] enabled = no)")
     except DeliveryNotRunning:
         raise HttpError(503, "the delivery process is restarting; try again in a few seconds")
     if not queued:
@@ -400,8 +400,9 @@ async def retry_queued(s: Services, queue_id: str) -> dict[str, Any]:
 
 
 async def delete_queued(s: Services, queue_id: str) -> None:
-    place = await s.control.delete(_queue_id(queue_id))
-    if place is None:
+    try:
+        place = await s.control.delete(_queue_id(queue_id))
+    except KeyError:
         raise HttpError(404, f"no message {queue_id!r} in the queue")
     log.info("control panel: deleted {queue_id} from {place}", queue_id=queue_id, place=place)
 

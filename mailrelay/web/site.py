@@ -17,10 +17,11 @@ from twisted.web import resource, server
 
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
+from mailrelay.manage.queue import QueueControl
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
 from mailrelay.web.access import AccessFile, access_path
-from mailrelay.web.backend import QueueControl, QueueReader, UserWriter
+from mailrelay.web.backend import QueueReader, UserWriter
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
 from mailrelay.web.pages import Panel
@@ -93,9 +94,10 @@ def public_url(settings: SimpleNamespace, hostname: str) -> str:
     return f"{'https' if settings.tls else 'http'}://{hostname}:{port}"
 
 
-def make_services(config, directory, spool, suppressions, stats, reactor, manager=None,
+def make_services(config, directory, spool, suppressions, stats, reactor, control=None,
                   verifier=None) -> Services:  # fmt: skip
-    """The panel's Services from the relay's parts (the file directory is writable)."""
+    """The panel's Services from the relay's parts (the file directory is writable);
+    ``control``: the relay's IQueueControl (without one, a QueueControl with no delivery)."""
     settings = admin_settings(config)
     writable = getattr(directory, "writable", False)
     users = (UserWriter(config.directory.file, directory, reactor, settings.verify_senders)
@@ -105,7 +107,7 @@ def make_services(config, directory, spool, suppressions, stats, reactor, manage
         directory=directory,
         users=users,
         queue=QueueReader(spool, reactor),
-        control=QueueControl(spool, reactor, manager),
+        control=control or QueueControl(spool, reactor),
         suppressions=suppressions,
         stats=stats,
         access=AccessFile(settings.access_file or access_path(config), reactor),
@@ -140,10 +142,10 @@ def make_verifier(config, spool, reactor):
 
 
 def make_admin_service(config, directory, spool, suppressions, stats, tls_options=None,
-                       manager=None, reactor=None) -> MultiService:  # fmt: skip
+                       control=None, reactor=None) -> MultiService:  # fmt: skip
     """The panel's listener and its periodic DNS check, from ``[admin]``; an empty
     MultiService when ``enabled = no``. ``tls_options``: the relay's server TLS options
-    (needed when ``tls = yes``); ``manager``: the delivery manager (queue retry), if any."""
+    (needed when ``tls = yes``); ``control``: the relay's IQueueControl (retry, flush, delete)."""
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.web.domaincheck import DomainChecker
@@ -153,7 +155,7 @@ def make_admin_service(config, directory, spool, suppressions, stats, tls_option
     if not settings.enabled:
         return top
     verifier = make_verifier(config, spool, reactor)
-    services = make_services(config, directory, spool, suppressions, stats, reactor, manager,
+    services = make_services(config, directory, spool, suppressions, stats, reactor, control,
                              verifier)  # fmt: skip
     site = make_admin_site(services, settings.tls, settings.session_lifetime)
     factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site

@@ -1,0 +1,1 @@
+"""Management: one layer for what mailrelay-admin, the JSON API and the panel do."""
