@@ -30,23 +30,25 @@ class TLSSetupError(Exception):
 def make_self_signed(
     cert_path: str, key_path: str, hostname: str, key_type: str = "ecdsa", days: int = 825
 ) -> None:
-    """Write a self-signed certificate for ``hostname`` (and localhost, 127.0.0.1, ::1)."""
+    """Write a self-signed certificate for ``hostname`` (and localhost, 127.0.0.1, ::1),
+    valid ``days`` from five minutes ago: 825 days is the most Apple's clients accept."""
     if key_type == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
-    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    alt_names: list[x509.GeneralName] = [
+        x509.DNSName(n) for n in dict.fromkeys([hostname.lower(), "localhost"])]
     alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
-    now = datetime.datetime.now(datetime.UTC)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)  # clock skew
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
