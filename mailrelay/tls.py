@@ -3,6 +3,9 @@
 On first start with no certificate configured, a self-signed certificate for the relay's
 hostname is written to <data_dir>/tls/ (key mode 0600) so that STARTTLS and implicit TLS
 work out of the box; a sysadmin replaces it by setting [tls] certificate and key.
+
+A client offering ALPN protocols the listener does not speak gets TLS without ALPN, and a
+handshake that fails logs one line naming the peer and OpenSSL's reason.
 """
 
 from __future__ import annotations
@@ -10,13 +13,20 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolNegotiationFactory,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.files import save_file
 
@@ -62,10 +72,98 @@ def make_self_signed(
     save_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
+class ServerOptions(ssl.CertificateOptions):
+    """CertificateOptions whose connections answer ALPN themselves and log a failed
+    handshake (see ServerConnections)."""
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return _ServerConnection(_own_alpn(self.getContext()), tlsProtocol)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnections:
+    """The server connections of any Twisted TLS options (an ``ssl:`` endpoint's), with
+    the relay's own ALPN answer and a log line for a failed handshake.
+
+    When no offered protocol overlaps, Twisted's ALPN callback answers with an empty
+    protocol, which OpenSSL turns into a fatal internal_error alert: every client whose TLS
+    stack offers ALPN (Android's and Go's, browsers) would be refused. Here such a
+    handshake completes without ALPN (RFC 7301 section 3.2 lets a server ignore it), and a
+    factory that negotiates protocols (the panel's Site: http/1.1) still gets its own.
+    Only public interfaces are used: the options' getContext, and the
+    IOpenSSLServerConnectionCreator method Twisted's TLS layer calls for each connection.
+    """
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return _ServerConnection(_own_alpn(self.options.getContext()), tlsProtocol)
+
+
+_OWN_ALPN: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
+def _own_alpn(context: SSL.Context) -> SSL.Context:
+    if context not in _OWN_ALPN:
+        # Replaces Twisted's callback; pyOpenSSL allows it until a connection is made, and
+        # connections are made here only.
+        context.set_alpn_select_callback(_select_protocol)
+        _OWN_ALPN.add(context)
+    return context
+
+
+class _ServerConnection(SSL.Connection):
+    """One listener connection: knows its TLS protocol (for ALPN and the log line)."""
+
+    def __init__(self, context: SSL.Context, tls_protocol) -> None:
+        super().__init__(context)
+        self.tls_protocol = tls_protocol
+
+    def protocols(self) -> list[bytes]:
+        """What the listener speaks over ALPN, in its order of preference."""
+        wrapped = getattr(self.tls_protocol.factory, "wrappedFactory", None)
+        negotiating = IProtocolNegotiationFactory(wrapped, None)
+        return list(negotiating.acceptableProtocols()) if negotiating is not None else []
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as e:
+            transport = self.tls_protocol.transport
+            peer = getattr(transport.getPeer(), "host", "?") if transport else "?"
+            log.info("TLS handshake with {peer} failed: {reason}",
+                     peer=peer, reason=_reason(e))
+            raise
+
+
+def _select_protocol(connection: SSL.Connection, offered: list[bytes]):
+    if isinstance(connection, _ServerConnection):
+        for protocol in connection.protocols():
+            if protocol in offered:
+                return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _reason(error: SSL.Error) -> str:
+    """OpenSSL's reason ("no shared cipher", "tlsv1 alert unknown ca", ...), or the
+    socket-level one ("Unexpected EOF")."""
+    if isinstance(error, SSL.SysCallError):
+        return str(error.args[-1]) if error.args else "connection lost"
+    details = error.args[0] if error.args else []
+    if isinstance(details, list):
+        reasons = [str(d[-1]) for d in details if isinstance(d, tuple) and d]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return str(error) or type(error).__name__
+
+
 def server_options(
     cert_path: str, key_path: str, generate: bool, hostname: str, key_type: str = "ecdsa"
-) -> ssl.CertificateOptions:
-    """CertificateOptions (TLS 1.2 minimum, session tickets on) for the listeners."""
+) -> ServerOptions:
+    """ServerOptions (TLS 1.2 minimum, session tickets on) for the listeners."""
     if generate and not (os.path.exists(cert_path) and os.path.exists(key_path)):
         make_self_signed(cert_path, key_path, hostname, key_type)
         log.info("made a self-signed certificate for {hostname} in {path}",
@@ -82,7 +180,7 @@ def server_options(
         raise TLSSetupError(f"{key_path}: cannot read private key: {e}")
     if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
         raise TLSSetupError(f"{key_path}: the key does not match the certificate {cert_path}")
-    return ssl.CertificateOptions(
+    return ServerOptions(
         # pyOpenSSL takes cryptography objects directly (its own wrappers are deprecated).
         privateKey=key,
         certificate=chain[0],
