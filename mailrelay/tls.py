@@ -4,6 +4,8 @@ On first start with no certificate configured, a self-signed certificate for the
 hostname is written to <data_dir>/tls/ (key mode 0600) so that STARTTLS and implicit TLS
 work out of the box; a sysadmin replaces it by setting [tls] certificate and key.
 
+The listeners (SMTP and the panel's HTTPS) offer TLS 1.2 and 1.3; in TLS 1.2 only the
+``[tls] ciphers`` suites, by default AEAD ones with forward secrecy (no CBC: LUCKY13).
 A client offering ALPN protocols the listener does not speak gets TLS without ALPN, and a
 handshake that fails logs one line naming the peer and OpenSSL's reason.
 """
@@ -28,9 +30,12 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailrelay.config import SCHEMA
 from mailrelay.files import save_file
 
 log = Logger()
+
+DEFAULT_CIPHERS: str = SCHEMA["tls"]["ciphers"][1]
 
 
 class TLSSetupError(Exception):
@@ -70,6 +75,21 @@ def make_self_signed(
     )
     save_file(key_path, key_pem, 0o600)
     save_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def tls12_ciphers(ciphers: str) -> list[str]:
+    """The TLS 1.2 suites an OpenSSL cipher string leaves the listeners (TLS 1.3 has its
+    own, all AEAD); raises ValueError when there are none."""
+    try:
+        options = ssl.CertificateOptions(
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers))
+        names = SSL.Connection(options.getContext()).get_cipher_list()
+    except (ValueError, SSL.Error):
+        names = []
+    names = [n for n in names if not n.startswith("TLS_")]
+    if not names:
+        raise ValueError(f"{ciphers!r} leaves no TLS 1.2 cipher (default: {DEFAULT_CIPHERS})")
+    return names
 
 
 class ServerOptions(ssl.CertificateOptions):
@@ -161,9 +181,11 @@ def _reason(error: SSL.Error) -> str:
 
 
 def server_options(
-    cert_path: str, key_path: str, generate: bool, hostname: str, key_type: str = "ecdsa"
+    cert_path: str, key_path: str, generate: bool, hostname: str, key_type: str = "ecdsa",
+    ciphers: str = DEFAULT_CIPHERS,
 ) -> ServerOptions:
-    """ServerOptions (TLS 1.2 minimum, session tickets on) for the listeners."""
+    """ServerOptions (TLS 1.2 minimum, ``ciphers`` in TLS 1.2, session tickets on) for the
+    listeners."""
     if generate and not (os.path.exists(cert_path) and os.path.exists(key_path)):
         make_self_signed(cert_path, key_path, hostname, key_type)
         log.info("made a self-signed certificate for {hostname} in {path}",
@@ -186,4 +208,5 @@ def server_options(
         certificate=chain[0],
         extraCertChain=chain[1:],
         enableSessionTickets=True,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
     )

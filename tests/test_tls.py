@@ -1,6 +1,6 @@
-"""The listeners' TLS as clients meet it: ALPN offers, the log line of a failed handshake,
-the self-signed certificate, and the delivery client's handshakes with next hops whose TLS
-negotiates ALPN or not."""
+"""The listeners' TLS as clients meet it: ALPN offers, the TLS 1.2 cipher list, the log line
+of a failed handshake, the self-signed certificate, and the delivery client's handshakes
+with next hops whose TLS negotiates ALPN or not."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from mailrelay.config import ConfigError, load_config
 from mailrelay.delivery.router import Hop
 from mailrelay.listener import PromptWrites
 from mailrelay.smtp.factory import SubmissionFactory
-from mailrelay.tls import make_self_signed
+from mailrelay.tls import make_self_signed, server_options, tls12_ciphers
 
 # What clients offer: Android's and Go's stacks, browsers, and "smtp" (openssl -alpn smtp).
 ALPN_OFFERS = (["smtp"], ["h2", "http/1.1"], ["imap", "pop3"])
@@ -118,6 +119,77 @@ class HandshakeTests(ListenerTLSCase):
         yield deferToThread(distrust)
         yield self.sessions_ended()
         self.assertEqual(logged, ["TLS handshake with 127.0.0.1 failed: tlsv1 alert unknown ca"])
+
+
+class CipherTests(ListenerTLSCase):
+    def tls12(self, port: int, ciphers: str):
+        """An implicit-TLS handshake limited to TLS 1.2 and ``ciphers``: the cipher, or
+        the client's error."""
+
+        def talk():
+            ctx = client_context(ciphers=ciphers, tls12=True)
+            try:
+                with smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=20) as c:
+                    return c.sock.cipher()[0]
+            except ssl.SSLError as e:
+                return e.reason
+
+        return deferToThread(talk)
+
+    @defer.inlineCallbacks
+    def test_tls12_offers_aead_suites_only(self):
+        port = self.listen("implicit")
+        # The test certificate is ECDSA: these are the CBC suites it could otherwise use.
+        for cbc in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384",
+                    "ECDHE-ECDSA-AES128-SHA256"):
+            result = yield self.tls12(port, cbc)
+            self.assertEqual(result, "SSLV3_ALERT_HANDSHAKE_FAILURE", cbc)
+        for aead in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                     "ECDHE-ECDSA-CHACHA20-POLY1305"):
+            result = yield self.tls12(port, aead)
+            self.assertEqual(result, aead)
+        # TLS 1.3 (its suites are all AEAD) is unaffected.
+        _selected, cipher = yield self.send("implicit", client_context(), port)
+        self.assertTrue(cipher.startswith("TLS_"), cipher)
+
+    @defer.inlineCallbacks
+    def test_the_setting_widens_the_list(self):
+        base = os.path.join(tls_files().directory, HOST)
+        options = server_options(base + ".pem", base + ".key", False, HOST,
+                                 ciphers="ECDHE+AESGCM:ECDHE+AES")
+        self.patch(tls_files(), "options", options)
+        port = self.listen("implicit")
+        result = yield self.tls12(port, "ECDHE-ECDSA-AES128-SHA")
+        self.assertEqual(result, "ECDHE-ECDSA-AES128-SHA")
+
+
+class CipherSettingTests(TempPaths, unittest.TestCase):
+    def load(self, value: str):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(f"[server]\ndata_dir = {path}.d\n[tls]\nciphers = {value}\n")
+        return path, load_config(path)
+
+    def test_default_is_aead_with_forward_secrecy(self):
+        names = tls12_ciphers(load_config(None).tls.ciphers)
+        self.assertTrue(names)
+        for name in names:
+            self.assertTrue(name.startswith("ECDHE-"), name)
+            self.assertTrue("GCM" in name or "CHACHA20-POLY1305" in name, name)
+
+    def test_a_string_leaving_no_tls12_cipher_is_refused_in_one_line(self):
+        for value in ("nonsense", "TLS_AES_128_GCM_SHA256", "eNULL"):
+            path = self.mktemp()
+            with open(path, "w") as f:
+                f.write(f"[tls]\nciphers = {value}\n")
+            e = self.assertRaises(ConfigError, load_config, path)
+            self.assertEqual(
+                str(e), f"{path}: [tls] ciphers: {value!r} leaves no TLS 1.2 cipher "
+                        "(default: ECDHE+AESGCM:ECDHE+CHACHA20)")
+
+    def test_a_wider_string_is_kept(self):
+        _path, config = self.load(" ECDHE+AESGCM:ECDHE+AES ")
+        self.assertEqual(config.tls.ciphers, "ECDHE+AESGCM:ECDHE+AES")
 
 
 class SelfSignedTests(TempPaths, unittest.TestCase):
