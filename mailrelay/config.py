@@ -130,6 +130,13 @@ def _ip_auth(value: str):
     return IpAuthTable.parse(value)
 
 
+def _tls_ciphers(value: str) -> str:
+    from mailrelay.tls import tls12_ciphers
+
+    tls12_ciphers(value.strip())
+    return value.strip()
+
+
 def _address_auth(value: str):
     from mailrelay.policy.ipauth import AddressAuth
 
@@ -148,6 +155,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start
         "key": (text, None),  # default: <data_dir>/tls/key.pem
         "key_type": (choice("ecdsa", "rsa"), "ecdsa"),  # for the self-signed certificate
+        # OpenSSL cipher string for TLS 1.2 on the listeners: AEAD suites only by default.
+        "ciphers": (_tls_ciphers, "ECDHE+AESGCM:ECDHE+CHACHA20"),
     },
     "limits": {
         "max_message_size": (size, 50 * 2**20),

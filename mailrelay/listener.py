@@ -23,6 +23,7 @@ from twisted.internet import endpoints, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 try:
     from twisted.internet import _newtls
@@ -85,6 +86,15 @@ class PromptWrites:
         listening = _PromptPort(port, factory, backlog, interface, self._reactor)
         listening.startListening()
         return listening
+
+    def listenSSL(self, port: int, factory, contextFactory, backlog: int = 50,
+                  interface: str = ""):
+        """An ``ssl:`` endpoint: TLS with its own certificate over listenTCP (as Twisted's
+        reactors do it), with the relay's ALPN answer and handshake log line."""
+        from mailrelay.tls import ServerConnections
+
+        tls = TLSMemoryBIOFactory(ServerConnections(contextFactory), False, factory)
+        return self.listenTCP(port, tls, backlog, interface)
 
 
 def _send(connection: FileDescriptor, data: bytes) -> None:

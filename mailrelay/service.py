@@ -89,7 +89,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     try:
         tls_options = server_options(
             config.tls.certificate, config.tls.key, config.tls.generate,
-            config.server.hostname, config.tls.key_type,
+            config.server.hostname, config.tls.key_type, config.tls.ciphers,
         )
     except (TLSSetupError, OSError) as e:
         raise StartupError(str(e))

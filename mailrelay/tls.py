@@ -3,6 +3,11 @@
 On first start with no certificate configured, a self-signed certificate for the relay's
 hostname is written to <data_dir>/tls/ (key mode 0600) so that STARTTLS and implicit TLS
 work out of the box; a sysadmin replaces it by setting [tls] certificate and key.
+
+The listeners (SMTP and the panel's HTTPS) offer TLS 1.2 and 1.3; in TLS 1.2 only the
+``[tls] ciphers`` suites, by default AEAD ones with forward secrecy (no CBC: LUCKY13).
+A client offering ALPN protocols the listener does not speak gets TLS without ALPN, and a
+handshake that fails logs one line naming the peer and OpenSSL's reason.
 """
 
 from __future__ import annotations
@@ -10,17 +15,27 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import weakref
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolNegotiationFactory,
+)
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailrelay.config import SCHEMA
 from mailrelay.files import save_file
 
 log = Logger()
+
+DEFAULT_CIPHERS: str = SCHEMA["tls"]["ciphers"][1]
 
 
 class TLSSetupError(Exception):
@@ -30,23 +45,25 @@ class TLSSetupError(Exception):
 def make_self_signed(
     cert_path: str, key_path: str, hostname: str, key_type: str = "ecdsa", days: int = 825
 ) -> None:
-    """Write a self-signed certificate for ``hostname`` (and localhost, 127.0.0.1, ::1)."""
+    """Write a self-signed certificate for ``hostname`` (and localhost, 127.0.0.1, ::1),
+    valid ``days`` from five minutes ago: 825 days is the most Apple's clients accept."""
     if key_type == "rsa":
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     else:
         key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])])
-    alt_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    alt_names: list[x509.GeneralName] = [
+        x509.DNSName(n) for n in dict.fromkeys([hostname.lower(), "localhost"])]
     alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
-    now = datetime.datetime.now(datetime.UTC)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)  # clock skew
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
@@ -60,10 +77,115 @@ def make_self_signed(
     save_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
+def tls12_ciphers(ciphers: str) -> list[str]:
+    """The TLS 1.2 suites an OpenSSL cipher string leaves the listeners (TLS 1.3 has its
+    own, all AEAD); raises ValueError when there are none."""
+    try:
+        options = ssl.CertificateOptions(
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers))
+        names = SSL.Connection(options.getContext()).get_cipher_list()
+    except (ValueError, SSL.Error):
+        names = []
+    names = [n for n in names if not n.startswith("TLS_")]
+    if not names:
+        raise ValueError(f"{ciphers!r} leaves no TLS 1.2 cipher (default: {DEFAULT_CIPHERS})")
+    return names
+
+
+class ServerOptions(ssl.CertificateOptions):
+    """CertificateOptions whose connections answer ALPN themselves and log a failed
+    handshake (see ServerConnections)."""
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return _ServerConnection(_own_alpn(self.getContext()), tlsProtocol)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerConnections:
+    """The server connections of any Twisted TLS options (an ``ssl:`` endpoint's), with
+    the relay's own ALPN answer and a log line for a failed handshake.
+
+    When no offered protocol overlaps, Twisted's ALPN callback answers with an empty
+    protocol, which OpenSSL turns into a fatal internal_error alert: every client whose TLS
+    stack offers ALPN (Android's and Go's, browsers) would be refused. Here such a
+    handshake completes without ALPN (RFC 7301 section 3.2 lets a server ignore it), and a
+    factory that negotiates protocols (the panel's Site: http/1.1) still gets its own.
+    Only public interfaces are used: the options' getContext, and the
+    IOpenSSLServerConnectionCreator method Twisted's TLS layer calls for each connection.
+    """
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        return _ServerConnection(_own_alpn(self.options.getContext()), tlsProtocol)
+
+
+_OWN_ALPN: weakref.WeakSet[SSL.Context] = weakref.WeakSet()
+
+
+def _own_alpn(context: SSL.Context) -> SSL.Context:
+    if context not in _OWN_ALPN:
+        # Replaces Twisted's callback; pyOpenSSL allows it until a connection is made, and
+        # connections are made here only.
+        context.set_alpn_select_callback(_select_protocol)
+        _OWN_ALPN.add(context)
+    return context
+
+
+class _ServerConnection(SSL.Connection):
+    """One listener connection: knows its TLS protocol (for ALPN and the log line)."""
+
+    def __init__(self, context: SSL.Context, tls_protocol) -> None:
+        super().__init__(context)
+        self.tls_protocol = tls_protocol
+
+    def protocols(self) -> list[bytes]:
+        """What the listener speaks over ALPN, in its order of preference."""
+        wrapped = getattr(self.tls_protocol.factory, "wrappedFactory", None)
+        negotiating = IProtocolNegotiationFactory(wrapped, None)
+        return list(negotiating.acceptableProtocols()) if negotiating is not None else []
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as e:
+            transport = self.tls_protocol.transport
+            peer = getattr(transport.getPeer(), "host", "?") if transport else "?"
+            log.info("TLS handshake with {peer} failed: {reason}",
+                     peer=peer, reason=_reason(e))
+            raise
+
+
+def _select_protocol(connection: SSL.Connection, offered: list[bytes]):
+    if isinstance(connection, _ServerConnection):
+        for protocol in connection.protocols():
+            if protocol in offered:
+                return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _reason(error: SSL.Error) -> str:
+    """OpenSSL's reason ("no shared cipher", "tlsv1 alert unknown ca", ...), or the
+    socket-level one ("Unexpected EOF")."""
+    if isinstance(error, SSL.SysCallError):
+        return str(error.args[-1]) if error.args else "connection lost"
+    details = error.args[0] if error.args else []
+    if isinstance(details, list):
+        reasons = [str(d[-1]) for d in details if isinstance(d, tuple) and d]
+        if reasons:
+            return "; ".join(dict.fromkeys(reasons))
+    return str(error) or type(error).__name__
+
+
 def server_options(
-    cert_path: str, key_path: str, generate: bool, hostname: str, key_type: str = "ecdsa"
-) -> ssl.CertificateOptions:
-    """CertificateOptions (TLS 1.2 minimum, session tickets on) for the listeners."""
+    cert_path: str, key_path: str, generate: bool, hostname: str, key_type: str = "ecdsa",
+    ciphers: str = DEFAULT_CIPHERS,
+) -> ServerOptions:
+    """ServerOptions (TLS 1.2 minimum, ``ciphers`` in TLS 1.2, session tickets on) for the
+    listeners."""
     if generate and not (os.path.exists(cert_path) and os.path.exists(key_path)):
         make_self_signed(cert_path, key_path, hostname, key_type)
         log.info("made a self-signed certificate for {hostname} in {path}",
@@ -80,10 +202,11 @@ def server_options(
         raise TLSSetupError(f"{key_path}: cannot read private key: {e}")
     if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
         raise TLSSetupError(f"{key_path}: the key does not match the certificate {cert_path}")
-    return ssl.CertificateOptions(
+    return ServerOptions(
         # pyOpenSSL takes cryptography objects directly (its own wrappers are deprecated).
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
         enableSessionTickets=True,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
     )
