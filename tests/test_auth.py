@@ -357,16 +357,20 @@ class RealmTests(TestCase):
             yield self.portal.login(credentials("app", "nope"), None, ISubmitter)
 
     @defer.inlineCallbacks
-    def test_a_user_deleted_between_check_and_realm(self):
-        avatar_id = yield PasswordChecker(self.directory, 60, self.clock).requestAvatarId(
-            credentials("doe.com", PASSWORD)
-        )
-        with self.store.change():
-            self.store.delete_user("doe.com")
-        self.clock.advance(1)
-        with self.assertRaises(UnauthorizedLogin) as e:
-            yield SubmissionRealm(self.directory).requestAvatar(avatar_id, None, ISubmitter)
-        assert str(e.exception) == LOGIN_FAILED
+    def test_one_user_lookup_per_login(self):
+        """The checker hands the realm the user the directory answered with: a fresh
+        login looks the user up not at all beyond the password check, a cached one once."""
+        lookups = []
+        get_user = self.directory.getUser
+        self.directory.getUser = lambda name: lookups.append(name) or get_user(name)
+        checker = PasswordChecker(self.directory, 60, self.clock)
+        realm = SubmissionRealm(self.directory)
+        for expected in ([], ["doe.com"]):  # verified, then from the login cache
+            avatar_id = yield checker.requestAvatarId(credentials("DOE.com", PASSWORD))
+            _, avatar, _ = yield realm.requestAvatar(avatar_id, None, ISubmitter)
+            assert avatar.user.username == "doe.com"
+            assert lookups == expected
+            lookups.clear()
 
     @defer.inlineCallbacks
     def test_only_the_submitter_interface(self):

@@ -45,7 +45,8 @@ def _text(value: str | bytes) -> str:
 
 @implementer(ICredentialsChecker)
 class PasswordChecker:
-    """Checks IUsernamePassword credentials; the avatar id is the canonical username.
+    """Checks IUsernamePassword credentials; the avatar id is a LoginId of the canonical
+    username that carries the user, so the realm looks nothing up again.
 
     Fails with UnauthorizedLogin for an unknown user and a wrong password alike; a
     DirectoryUnavailable from the directory passes through (the session answers 454).
@@ -84,12 +85,12 @@ class PasswordChecker:
             elif hmac.compare_digest(cached_mac, mac):
                 user = yield self._directory.getUser(name)
                 if user is not None and user.updated == stamp:
-                    return user.username
+                    return LoginId(user.username, "password", user=user)
                 self._cache.pop(name, None)
         user = yield self._directory.authenticate(username, password)
         if self._ttl > 0:
             self._remember(name, mac, user.updated)
-        return user.username
+        return LoginId(user.username, "password", user=user)
 
     def _remember(self, name: str, mac: bytes, stamp: float) -> None:
         self._cache.pop(name, None)  # re-insert at the end: the dict is oldest-first

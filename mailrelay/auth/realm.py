@@ -17,16 +17,21 @@ log = Logger()
 
 
 class LoginId(str):
-    """The avatar id of a login without a password: the username, how the client proved it
-    (``method`` "ip" or "address") and from where. A password login's id is a plain str."""
+    """The avatar id of a login: the username, how the client proved it (``method``
+    "password", "ip" or "address"), from where, and the SmtpUser when the checker already
+    has it (a password login: the directory answered with it), so that the realm does not
+    look it up a second time."""
 
     method: str
     client_ip: str
+    user: SmtpUser | None
 
-    def __new__(cls, username: str, method: str, client_ip: str) -> LoginId:
+    def __new__(cls, username: str, method: str, client_ip: str = "",
+                user: SmtpUser | None = None) -> LoginId:
         self = super().__new__(cls, username)
         self.method = method
         self.client_ip = client_ip
+        self.user = user
         return self
 
 
@@ -36,8 +41,10 @@ def _logout() -> None:
 
 @implementer(IRealm)
 class SubmissionRealm:
-    """Looks the user and its account up in ``directory`` (an IDirectory) at each login, so
-    a changed scope or status applies to the next session without a restart.
+    """Makes the avatar from the login's user and its account, as ``directory`` (an
+    IDirectory) has them at each login, so a changed scope or status applies to the next
+    session without a restart. A password login brings its user (the checker's answer
+    from the directory); other logins are looked up here, once.
 
     IP authentication (a LoginId with method "ip") logs in as the mapped user, which must
     exist. Address authentication (method "address", the id being the sender address)
@@ -54,7 +61,9 @@ class SubmissionRealm:
         if ISubmitter not in interfaces:
             raise NotImplementedError(f"{self.__class__.__name__} only provides ISubmitter")
         method = getattr(avatarId, "method", "password")
-        user = yield self._directory.getUser(avatarId)
+        user = getattr(avatarId, "user", None)
+        if user is None:
+            user = yield self._directory.getUser(avatarId)
         if user is None:
             if method == "ip":
                 # A configuration mistake, not a client's: say so where the admin looks.
