@@ -605,6 +605,25 @@ class ClientTests(TempPaths, unittest.TestCase):
             self.assertNotIn(b"MAIL FROM:<s@a.test>", self.server.commands, lie)
 
     @defer.inlineCallbacks
+    def test_auth_login_sends_the_password_once(self):
+        """A server that answers the password with another challenge does not get it
+        again (and again: each challenge resets the command timeout)."""
+        password = b"334 UGFzc3dvcmQ6\r\n"
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 AUTH LOGIN\r\n",
+                             b"AUTH": b"334 VXNlcm5hbWU6\r\n",  # then the name, the password
+                             b"cmVsYXk=".upper(): password, b"czNjcmV0".upper(): password})
+        hop = Hop(hop.host, hop.port, address=hop.address, tls="none", username="relay",
+                  password="s3cret")
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual((outcome.jobs, run.reports), (0, {}))
+        self.assertIn("4.5.0 protocol error: unexpected reply to AUTH: 334 UGFzc3dvcmQ6",
+                      outcome.error)
+        self.assertEqual(self.server.commands[1:], [b"AUTH LOGIN", b"cmVsYXk=", b"czNjcmV0"])
+
+    test_auth_login_sends_the_password_once.timeout = 10  # before the bound: endless
+
+    @defer.inlineCallbacks
     def test_helo_after_ehlo_refused_with_5xx(self):
         """RFC 5321 3.2: an old server says 5xx to EHLO; HELO then, and the mail goes."""
         hop = self.scripted({b"EHLO": b"502 5.5.2 unknown command\r\n",

@@ -193,6 +193,7 @@ class RelayClient(smtp.ESMTPClient):
         self._idle: defer.Deferred | None = None  # waiting for the source to have a job
         self._idle_over = False  # the source gave up on this connection: QUIT
         self._lost = False
+        self._password_sent = False  # AUTH LOGIN: the answer to its second challenge went
 
     # ---- connection-level events
 
@@ -344,6 +345,15 @@ class RelayClient(smtp.ESMTPClient):
     def _esmtpState_plainAuth(self, code, resp) -> None:
         # ESMTPClient retries PLAIN with another authzid form; ours is the standard one.
         self.esmtpAUTHDeclined(code, resp)
+
+    def smtpState_maybeAuthenticated(self, code, resp) -> None:
+        # AUTH LOGIN asks for the name, then the password; ESMTPClient would answer any
+        # further challenge with the password again, as often as the server asked.
+        if code == 334 and self._password_sent:
+            self._unexpected_reply("AUTH", code, resp)
+            return
+        self._password_sent = code == 334
+        super().smtpState_maybeAuthenticated(code, resp)
 
     # ---- transactions
 
