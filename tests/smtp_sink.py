@@ -20,8 +20,10 @@ As a subprocess (end-to-end tests)::
         [--pipelining]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
-"data": [554, "5.6.0 no"]}``; "*" applies to recipients without their own rule and
-"data" is the reply at the end of DATA. Each message is written as D/<n>.eml (the bytes)
+"data": [554, "5.6.0 no"], "data_command": [250, "2.0.0 ok"]}``; "*" applies to recipients
+without their own rule, "data" is the reply at the end of DATA and "data_command" the
+reply to DATA itself instead of 354 (a server that lies: it ends the transaction there,
+without a message). Each message is written as D/<n>.eml (the bytes)
 then D/<n>.json (sender, recipients, tls, user).
 """
 
@@ -161,6 +163,12 @@ class _SinkProtocol(smtp.ESMTP):
         return ext
 
     def do_DATA(self, rest):
+        self.sink._reload_rules()
+        lie = self.sink.data_command_reply
+        if lie is not None and self._from is not None and self._to:
+            self._from, self._to = None, []
+            self.sendCode(lie[0], lie[1].encode())
+            return
         super().do_DATA(rest)
         # Twisted inserts a blank line before a body without headers; record it as sent.
         self._SMTP__inheader = 1
@@ -200,6 +208,7 @@ class SMTPSink:
         self.rules: dict[str, Rule] = {k.lower(): v for k, v in (rules or {}).items()}
         self.default = default
         self.data_reply: Rule = None  # a reply at the end of DATA instead of 250
+        self.data_command_reply: Rule = None  # a reply to DATA instead of 354
         self.auth = dict(auth or {})
         self.mechanisms = [m.upper() for m in (mechanisms or ["PLAIN", "LOGIN"])]
         self.require_auth = require_auth
@@ -285,6 +294,8 @@ class SMTPSink:
             raw = json.load(f)
         data = raw.pop("data", None)
         self.data_reply = tuple(data) if data else None
+        data_command = raw.pop("data_command", None)
+        self.data_command_reply = tuple(data_command) if data_command else None
         default = raw.pop("*", None)
         self.default = tuple(default) if default else None
         self.rules = {k.lower(): tuple(v) if v else None for k, v in raw.items()}

@@ -92,8 +92,9 @@ class Run:
 
 
 class Scripted(LineReceiver):
-    """A misbehaving server: replies from ``script`` by command verb (250 by default; the
-    reply to the end of data is ``script[b"."]``, none without it).
+    """A misbehaving server: replies from ``script`` by command verb (250 by default, None
+    to close the connection instead; the reply to the end of data is ``script[b"."]``,
+    none without it; the greeting is ``script[b"GREETING"]``, 220 by default).
 
     It records the commands (``factory.commands``) and each DATA's lines as they came
     (``factory.data``, still dot-stuffed). With ``factory.batch`` it holds its replies to
@@ -107,7 +108,7 @@ class Scripted(LineReceiver):
     def connectionMade(self):
         self.held: list[bytes] = []
         self.pending: list = []  # delayed replies not yet sent
-        self.transport.write(b"220 scripted ESMTP\r\n")
+        self.transport.write(self.factory.script.get(b"GREETING", b"220 scripted ESMTP\r\n"))
 
     def connectionLost(self, reason):
         for call in self.pending:
@@ -124,6 +125,8 @@ class Scripted(LineReceiver):
             self.in_data = line != b"."
             if self.in_data:
                 f.data[-1] += line + b"\r\n"
+            elif f.script.get(b".", b"") is None:
+                self.transport.loseConnection()
             elif b"." in f.script:  # a reply to the data
                 self.reply(f.script[b"."])
             return
@@ -135,7 +138,7 @@ class Scripted(LineReceiver):
         elif f.batch and verb in (b"MAIL", b"RCPT"):
             self.held.append(reply)
         else:
-            self.in_data = reply.startswith(b"354")
+            self.in_data = verb == b"DATA" and reply.startswith(b"354")
             if self.in_data:
                 f.data.append(b"")
             reply, self.held = b"".join(self.held) + reply, []
@@ -360,7 +363,11 @@ class ClientTests(TempPaths, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_server_leaving_while_a_report_is_held(self):
-        hop = self.scripted({b".": b"250 ok\r\n421 4.3.2 shutting down\r\n"})
+        """The server says 421 right behind its 250 to the data, while the report of that
+        message holds the connection: the connection closes at once and r is never
+        taken."""
+        hop = self.scripted({b"DATA": b"354 go\r\n",
+                             b".": b"250 ok\r\n421 4.3.2 shutting down\r\n"})
         run = Run([job("q", ["a@b.test"], b"x\r\n"), job("r", ["a@b.test"], b"x\r\n")])
         held: defer.Deferred = defer.Deferred()
 
@@ -376,6 +383,7 @@ class ClientTests(TempPaths, unittest.TestCase):
         outcome = yield sending
         self.assertEqual(outcome.jobs, 1)  # r was never taken
         self.assertEqual(run.reports, {"q": {"a@b.test": (250, "ok", False)}})
+        self.assertEqual(self.server.data, [b"x\r\n"])
 
     @defer.inlineCallbacks
     def test_many_messages_one_connection(self):
@@ -463,22 +471,169 @@ class ClientTests(TempPaths, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_connection_lost_in_data_is_temporary(self):
-        hop = self.scripted({b"DATA": None})
-        run = Run([job("q", ["a@b.test"], b"x\r\n")])
-        outcome = yield run.send([hop])
-        self.assertEqual(outcome.jobs, 1)
-        code, text, _ = run.reports["q"]["a@b.test"]
-        self.assertEqual(code, 451)
-        self.assertIn("connection lost", text)
+        """Closed right after DATA (in a pipelined group too) or after the end of the data
+        without a reply: deferred."""
+        pipelining = {b"EHLO": b"250-scripted\r\n250 PIPELINING\r\n"}
+        for script in ({b"DATA": None}, {b"DATA": None, **pipelining},
+                       {b"DATA": b"354 go\r\n", b".": None}):
+            hop = self.scripted(script)
+            run = Run([job("q", ["a@b.test"], b"x\r\n"), job("r", ["a@b.test"], b"x\r\n")])
+            outcome = yield run.send([hop])
+            self.assertEqual(outcome.jobs, 1)
+            code, text, _ = run.reports["q"]["a@b.test"]
+            self.assertEqual(code, 451)
+            self.assertIn("connection lost", text)
 
     @defer.inlineCallbacks
     def test_reply_before_the_end_of_data(self):
-        hop = self.scripted({b"DATA": b"354 go\r\n554 5.3.4 too much\r\n"})
-        run = Run([job("q", ["a@b.test"], b"x" * 1000 + b"\r\n" * 2**20),
-                   job("r", ["a@b.test"], b"x\r\n")])
+        """A refusal before the end of the data stands; a 250 cannot be the message's (the
+        server has not seen it all) and defers it."""
+        for reply, result in [
+                (b"554 5.3.4 too much", (554, "5.3.4 too much")),
+                (b"250 2.0.0 ok",
+                 (451, "4.5.0 protocol error: reply before the end of the data: 250 2.0.0 ok"))]:
+            hop = self.scripted({b"DATA": b"354 go\r\n" + reply + b"\r\n"})
+            run = Run([job("q", ["a@b.test"], b"x" * 1000 + b"\r\n" * 2**20),
+                       job("r", ["a@b.test"], b"x\r\n")])
+            outcome = yield run.send([hop])
+            self.assertEqual(run.reports["q"]["a@b.test"][:2], result)
+            self.assertEqual(outcome.jobs, 1)  # the next message waits for a new connection
+
+    @defer.inlineCallbacks
+    def check_lies(self, lies: list[tuple[dict[bytes, bytes], str]], pipelining: bool):
+        """Each server answers as an honest one would except for one lie in a transaction:
+        the message is deferred for every recipient with the reason, and the connection
+        closes at once (no RSET, no QUIT, no next message)."""
+        for lie, reason in lies:
+            script = {b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n", **lie}
+            if pipelining:
+                script[b"EHLO"] = b"250-scripted\r\n250 PIPELINING\r\n"
+            hop = self.scripted(script)
+            run = Run([job("q", ["a@b.test", "c@b.test"], b"x\r\n"),
+                       job("r", ["d@b.test"], b"y\r\n")])
+            outcome = yield run.send([hop])
+            yield self.closed
+            text = f"4.5.0 protocol error: {reason}"
+            self.assertEqual(run.reports, {"q": {"a@b.test": (451, text, False),
+                                                 "c@b.test": (451, text, False)}}, lie)
+            self.assertEqual(outcome.jobs, 1, lie)  # r waits for another connection
+            commands = [c.split(b" ")[0] for c in self.server.commands]
+            self.assertEqual((commands.count(b"MAIL"), commands.count(b"RSET"),
+                              commands.count(b"QUIT")), (1, 0, 0), lie)
+            self.assertEqual(b"".join(self.server.data), b"x\r\n" if b"." in lie else b"",
+                             lie)
+
+    # Replies a command cannot have; 4xx and 5xx keep their meaning (tests above).
+    LIES = [
+        ({b"DATA": b"250 2.0.0 ok\r\n"}, "unexpected reply to DATA: 250 2.0.0 ok"),
+        ({b"DATA": b"334 go on\r\n"}, "unexpected reply to DATA: 334 go on"),
+        ({b"MAIL": b"220 ok\r\n"}, "unexpected reply to MAIL: 220 ok"),
+        ({b"RCPT": b"354 ok\r\n"}, "unexpected reply to RCPT: 354 ok"),
+        ({b".": b"354 more\r\n"}, "unexpected reply to the end of the data: 354 more"),
+        ({b".": b"220 ok\r\n"}, "unexpected reply to the end of the data: 220 ok"),
+        ({b".": b"550-5.7.1 spam\r\n250 2.0.0 ok\r\n"},
+         "the lines of a reply have different codes (550 then 250)"),
+        ({b".": b"250ok\r\n"}, 'malformed reply "250ok"'),
+        ({b"DATA": b"2x0 ok\r\n"}, 'malformed reply "2x0 ok"'),
+        ({b"DATA": b"050 hold on\r\n354 go\r\n"}, 'malformed reply "050 hold on"'),
+    ]
+
+    def test_unexpected_replies_defer_the_message(self):
+        return self.check_lies(self.LIES, pipelining=False)
+
+    def test_unexpected_replies_defer_the_message_pipelined(self):
+        return self.check_lies(self.LIES, pipelining=True)
+
+    @defer.inlineCallbacks
+    def test_data_answered_250_sends_no_message_and_reports_none_delivered(self):
+        """The case that had messages leave the queue unsent: DATA answered 250."""
+        hop = self.scripted({b"DATA": b"250 2.0.0 ok\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
         outcome = yield run.send([hop])
-        self.assertEqual(run.reports["q"]["a@b.test"][:2], (554, "5.3.4 too much"))
-        self.assertEqual(outcome.jobs, 1)  # the next message waits for a new connection
+        [(code, text, _)] = run.reports["q"].values()
+        self.assertEqual((code, text),
+                         (451, "4.5.0 protocol error: unexpected reply to DATA: 250 2.0.0 ok"))
+        self.assertEqual(self.server.data, [])
+        self.assertEqual(outcome.jobs, 1)
+
+    @defer.inlineCallbacks
+    def test_unexpected_reply_to_rset_closes_the_connection(self):
+        hop = self.scripted({b"MAIL": b"451 4.3.0 try later\r\n", b"RSET": b"354 go\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n"), job("r", ["d@b.test"], b"y\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(run.reports, {"q": {"a@b.test": (451, "4.3.0 try later", False)}})
+        self.assertEqual(outcome.jobs, 1)
+        self.assertEqual(self.server.commands[-1], b"RSET")  # no QUIT
+
+    @defer.inlineCallbacks
+    def test_unexpected_replies_before_mail_fail_the_hop(self):
+        """Greeting, EHLO, HELO, STARTTLS, AUTH: a reply other than the one that lets the
+        session go on takes no message, sends no MAIL, and says why."""
+        pipelining = b"250-scripted\r\n250 PIPELINING\r\n"
+        cases = [
+            ({b"GREETING": b"250 scripted\r\n"},
+             "4.5.0 protocol error: unexpected reply to the greeting: 250 scripted"),
+            ({b"GREETING": b"554-5.7.1 not you\r\n220 welcome\r\n"},
+             "4.5.0 protocol error: the lines of a reply have different codes (554 then 220)"),
+            ({b"GREETING": b"554 5.7.1 not you\r\n"}, "554 5.7.1 not you"),
+            ({b"EHLO": b"220 scripted\r\n"},
+             "4.5.0 protocol error: unexpected reply to EHLO: 220 scripted"),
+            ({b"EHLO": b"421 4.3.2 busy\r\n"}, "421 4.3.2 busy"),
+            ({b"EHLO": b"500 5.5.1 what\r\n", b"HELO": b"220 scripted\r\n"},
+             "4.5.0 protocol error: unexpected reply to HELO: 220 scripted"),
+            ({b"EHLO": pipelining.replace(b"PIPELINING", b"STARTTLS"),
+              b"STARTTLS": b"250 ok\r\n"},
+             "4.5.0 protocol error: unexpected reply to STARTTLS: 250 ok"),
+            ({b"EHLO": pipelining.replace(b"PIPELINING", b"STARTTLS"),
+              b"STARTTLS": b"454 4.7.0 TLS not available\r\n"},
+             "454 4.7.0 TLS not available"),
+            ({b"EHLO": pipelining.replace(b"PIPELINING", b"AUTH PLAIN"),
+              b"AUTH": b"250 ok\r\n"}, "250 ok"),
+        ]
+        ca = certs.TestCA(self.mktemp())
+        for lie, reason in cases:
+            hop = self.scripted(lie)
+            if b"AUTH" in lie:
+                hop = Hop(hop.host, hop.port, address=hop.address, tls="none",
+                          username="relay", password="s3cret")
+            elif b"STARTTLS" in lie:
+                hop = Hop(hop.host, hop.port, address=hop.address, ca_file=str(ca.cert_path))
+            run = Run([job("q", ["a@b.test"], b"x\r\n")])
+            outcome = yield run.send([hop])
+            self.assertEqual((outcome.jobs, run.reports), (0, {}), lie)
+            self.assertIn(reason, outcome.error, lie)
+            self.assertNotIn(b"MAIL FROM:<s@a.test>", self.server.commands, lie)
+
+    @defer.inlineCallbacks
+    def test_auth_login_sends_the_password_once(self):
+        """A server that answers the password with another challenge does not get it
+        again (and again: each challenge resets the command timeout)."""
+        password = b"334 UGFzc3dvcmQ6\r\n"
+        hop = self.scripted({b"EHLO": b"250-scripted\r\n250 AUTH LOGIN\r\n",
+                             b"AUTH": b"334 VXNlcm5hbWU6\r\n",  # then the name, the password
+                             b"cmVsYXk=".upper(): password, b"czNjcmV0".upper(): password})
+        hop = Hop(hop.host, hop.port, address=hop.address, tls="none", username="relay",
+                  password="s3cret")
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual((outcome.jobs, run.reports), (0, {}))
+        self.assertIn("4.5.0 protocol error: unexpected reply to AUTH: 334 UGFzc3dvcmQ6",
+                      outcome.error)
+        self.assertEqual(self.server.commands[1:], [b"AUTH LOGIN", b"cmVsYXk=", b"czNjcmV0"])
+
+    test_auth_login_sends_the_password_once.timeout = 10  # before the bound: endless
+
+    @defer.inlineCallbacks
+    def test_helo_after_ehlo_refused_with_5xx(self):
+        """RFC 5321 3.2: an old server says 5xx to EHLO; HELO then, and the mail goes."""
+        hop = self.scripted({b"EHLO": b"502 5.5.2 unknown command\r\n",
+                             b"DATA": b"354 go\r\n", b".": b"250 2.0.0 queued\r\n"})
+        run = Run([job("q", ["a@b.test"], b"x\r\n")])
+        outcome = yield run.send([hop])
+        self.assertEqual(outcome.jobs, 1)
+        self.assertEqual(run.reports["q"]["a@b.test"][:2], (250, "2.0.0 queued"))
+        self.assertEqual([c.split(b" ")[0] for c in self.server.commands],
+                         [b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"QUIT"])
 
     @defer.inlineCallbacks
     def test_response_injection_after_starttls_is_refused(self):

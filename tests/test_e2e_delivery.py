@@ -107,6 +107,37 @@ def test_4xx_is_retried_until_it_succeeds(tmp_path, sink, dns):
         relay.stop()
 
 
+def test_a_hop_answering_data_with_250_keeps_the_message_queued(tmp_path, dns):
+    """A next hop that says 250 to DATA (pipelined, as real servers offer it) got no
+    message: it stays in the queue with the reason, and goes out once the hop is honest."""
+    sink = Sink(tmp_path / "sink", "--pipelining")
+    sink.rules({"data_command": [250, "2.0.0 ok"]})
+    relay = make_relay(tmp_path, sink, dns)
+    relay.start()
+    try:
+        queue_id = submit(relay, "a@doe.test", ["bob@example.test"], subject="lied to")
+        state = relay.data / "spool" / "state" / f"{queue_id}.json"
+        wait_for(state.exists, timeout=20, what="a deferred attempt")
+        [entry] = json.loads(relay.admin("queue", "list", "--json").stdout)
+        assert entry["id"] == queue_id and entry["attempts"] >= 1
+        assert entry["last_error"] == ("451 4.5.0 protocol error: unexpected reply to DATA: "
+                                       "250 2.0.0 ok")
+        assert entry["pending"] == ["bob@example.test"]
+        assert sink.messages() == []
+        sink.rules({})
+        [(meta, data)] = sink.wait(1, timeout=30)
+        assert meta["recipients"] == ["bob@example.test"]
+        assert email.message_from_bytes(data)["Subject"] == "lied to"
+        wait_for(lambda: spool_empty(relay), timeout=20, what="the spool to empty")
+        line = f"{queue_id} to=<bob@example.test> via mx.example.test[127.0.0.1]"
+        wait_for(lambda: f"{line} sent: 250" in relay.log(), what="the delivery's log line")
+        assert (f"{line} deferred: 451 4.5.0 protocol error: unexpected reply to DATA: "
+                "250 2.0.0 ok") in relay.log()
+    finally:
+        relay.stop()
+        sink.stop()
+
+
 def test_5xx_bounces_with_a_dsn_to_the_sender(tmp_path, sink, dns):
     sink.rules({"nobody@example.test": [550, "5.1.1 no such user"]})
     relay = make_relay(tmp_path, sink, dns)

@@ -11,6 +11,23 @@ every RCPT and DATA go in one write and their replies are read in order; a body 
 SMALL_BODY bytes goes in one write with its terminating dot, larger ones stream from the
 file. So a message costs two round trips instead of three plus one per recipient.
 
+Replies (RFC 5321 4.2, 4.3.2): a reply means success only with a code its command can
+have: 220 to the greeting and STARTTLS, 250 to EHLO, HELO, MAIL, RSET and the end of the
+data, 250, 251 or 252 to RCPT, 354 to DATA, 235 (334 for the next step) to AUTH. 4xx and
+5xx keep their meaning: a recipient's or message's refusal is temporary or permanent; a
+refusal before the first MAIL (a 554 greeting too) fails the hop, and the next one is
+tried, the message deferred when none takes it (5xx to EHLO first falls back to HELO,
+unless STARTTLS or AUTH is required). Anything else is a protocol error: a 250 to DATA
+(no body was sent), a 2xx before the end of the data, a 2xx other than those above, a
+354 or 334 where neither is due, a line that is not three digits (2-5, 0-5, 0-9)
+followed by a space, a hyphen or nothing, a multiline reply whose lines have different
+codes. The two sides then no longer agree on where the session stands: every recipient
+of the message in progress is deferred with "451 4.5.0 protocol error: ..." (whatever
+the server said about them before), and the connection is closed without QUIT; before
+the first message, the hop has failed. A connection lost before the reply to the end of
+the data defers the message (4.4.2), so a recipient counts as delivered only after a 250
+to the end of the data.
+
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
 the connection goes on; a crash then finds at most the message in progress on each
@@ -19,6 +36,7 @@ connection delivered but not recorded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -112,6 +130,25 @@ def _text(resp: bytes | str) -> str:
     return " ".join(resp.split())[:500]
 
 
+# RFC 5321 4.2: Reply-code = %x32-35 %x30-35 %x30-39, then SP (the last line of the
+# reply), "-" (more lines follow) or the end of the line.
+_REPLY_LINE = re.compile(rb"[2-5][0-5][0-9](?:[ -]|\Z)")
+
+# The codes that mean success (RFC 5321 4.3.2; 252 to RCPT also says the message will
+# be taken); 4xx and 5xx are refusals; any other code is a protocol error. (ESMTPClient
+# itself expects exactly 220 to the greeting and STARTTLS, 235 or 334 to AUTH.)
+_HELLO_OK = [250]  # EHLO and HELO
+_MAIL_OK = [250]
+_RCPT_OK = [250, 251, 252]
+_DATA_OK = [354]
+_END_OK = [250]  # the end of the data
+_RSET_OK = [250]
+
+
+def _refusal(code: int) -> bool:
+    return 400 <= code < 600
+
+
 class RelayClient(smtp.ESMTPClient):
     """One SMTP session to one hop."""
 
@@ -156,15 +193,9 @@ class RelayClient(smtp.ESMTPClient):
         self._idle: defer.Deferred | None = None  # waiting for the source to have a job
         self._idle_over = False  # the source gave up on this connection: QUIT
         self._lost = False
+        self._password_sent = False  # AUTH LOGIN: the answer to its second challenge went
 
     # ---- connection-level events
-
-    def connectionMade(self) -> None:
-        # The end of DATA is a small write right behind the body: with Nagle it waits
-        # for the ACK of the body's last segment, which the server delays (up to 40 ms),
-        # and that capped a connection at ~20 messages/s.
-        self.transport.setTcpNoDelay(True)
-        super().connectionMade()
 
     def stop(self) -> None:
         """Finish the current message, then QUIT instead of taking another."""
@@ -184,6 +215,51 @@ class RelayClient(smtp.ESMTPClient):
     def timeoutConnection(self) -> None:
         self._fail("timed out waiting for the server")
         self.transport.abortConnection()
+
+    def lineReceived(self, line: bytes):
+        """One line of a reply. SMTPClient's own parser would read "250ok" as 250, skip
+        lines starting with "0" and take the last line's code for a multiline reply whose
+        lines disagree; here each of those is a protocol error."""
+        self.resetTimeout()
+        if _REPLY_LINE.match(line) is None:
+            self._protocol_error(f'malformed reply "{_text(line[:100])}"')
+            return
+        code = int(line[:3])
+        if self.resp and code != self.code:
+            self._protocol_error(f"the lines of a reply have different codes ({self.code} "
+                                 f"then {code})")
+            return
+        self.code = code
+        self.resp.append(line[4:])
+        if line[3:4] == b"-":
+            return
+        resp, self.resp, self.code = b"\n".join(self.resp), [], -1
+        if code in self._expected:
+            return self._okresponse(code, resp)
+        return self._failresponse(code, resp)
+
+    def _protocol_error(self, what: str) -> None:
+        """The server sent what no reply to our command can be: the two sides no longer
+        agree on where the session stands. Nothing it said about the message in progress
+        is trusted: every recipient sent to it is deferred, and the connection closes
+        without QUIT (whose reply could be anything too)."""
+        text = f"4.5.0 protocol error: {what}"
+        self._fail(text)
+        if self._job is not None:
+            self._finish({r: (451, text) for r in self._job.recipients
+                          if address_problem(r) is None})
+        self.transport.loseConnection()
+
+    def _unexpected_reply(self, command: str, code: int, resp: bytes) -> None:
+        self._protocol_error(f"unexpected reply to {command}: {code} {_text(resp)}")
+
+    def _refused(self, command: str, code: int, resp: bytes) -> None:
+        """A step before the first MAIL failed: the hop takes no message now."""
+        if not _refusal(code):
+            self._unexpected_reply(command, code, resp)
+            return
+        self._fail(f"{code} {_text(resp)}")
+        self._disconnectFromServer()
 
     def connectionLost(self, reason=error.ConnectionDone) -> None:
         super().connectionLost(reason)
@@ -205,6 +281,28 @@ class RelayClient(smtp.ESMTPClient):
 
     # ---- handshake: ESMTPClient does EHLO, STARTTLS and AUTH; we check and record
 
+    def connectionMade(self) -> None:
+        # The end of DATA is a small write right behind the body: with Nagle it waits
+        # for the ACK of the body's last segment, which the server delays (up to 40 ms),
+        # and that capped a connection at ~20 messages/s.
+        self.transport.setTcpNoDelay(True)
+        super().connectionMade()
+        self._failresponse = lambda code, resp: self._refused("the greeting", code, resp)
+
+    def esmtpState_ehlo(self, code, resp) -> None:
+        self._expected = _HELLO_OK
+        self._okresponse = self.esmtpState_serverConfig
+        self._failresponse = self._ehlo_refused
+        self.sendLine(b"EHLO " + self.identity)
+
+    def _ehlo_refused(self, code, resp) -> None:
+        # RFC 5321 3.2: a server that does not know EHLO says so with a 5xx; HELO then,
+        # unless STARTTLS or AUTH is needed. A 4xx (421) is no answer to that question.
+        if 500 <= code < 600 and self.heloFallback:
+            self.smtpState_helo(code, resp)
+        else:
+            self._refused("EHLO", code, resp)
+
     def esmtpState_serverConfig(self, code, resp) -> None:
         self.extensions = {}
         for line in resp.splitlines()[1:]:
@@ -213,8 +311,16 @@ class RelayClient(smtp.ESMTPClient):
         self.tryTLS(code, resp, self.extensions)
 
     def smtpState_helo(self, code, resp) -> None:
-        super().smtpState_helo(code, resp)
-        self._failresponse = self.smtpConnectionFailed  # HELO refused too: give up
+        self._expected = _HELLO_OK
+        self._okresponse = self.smtpState_from
+        self._failresponse = lambda code, resp: self._refused("HELO", code, resp)
+        self.sendLine(b"HELO " + self.identity)
+
+    def esmtpTLSFailed(self, code=-1, resp=None) -> None:
+        if resp is None:  # starting TLS on the transport failed
+            super().esmtpTLSFailed(code, resp)
+        else:  # the reply to STARTTLS was not 220
+            self._refused("STARTTLS", code, resp)
 
     def esmtpTLSRequired(self, code=-1, resp=None) -> None:
         self._fail("TLS is required but the server does not offer STARTTLS")
@@ -239,6 +345,15 @@ class RelayClient(smtp.ESMTPClient):
     def _esmtpState_plainAuth(self, code, resp) -> None:
         # ESMTPClient retries PLAIN with another authzid form; ours is the standard one.
         self.esmtpAUTHDeclined(code, resp)
+
+    def smtpState_maybeAuthenticated(self, code, resp) -> None:
+        # AUTH LOGIN asks for the name, then the password; ESMTPClient would answer any
+        # further challenge with the password again, as often as the server asked.
+        if code == 334 and self._password_sent:
+            self._unexpected_reply("AUTH", code, resp)
+            return
+        self._password_sent = code == 334
+        super().smtpState_maybeAuthenticated(code, resp)
 
     # ---- transactions
 
@@ -288,7 +403,7 @@ class RelayClient(smtp.ESMTPClient):
                 [mail, *(b"RCPT TO:<" + r.encode() + b">" for r in self._pending_rcpts),
                  b"DATA", b""]))
             return
-        self._expected = smtp.SUCCESS
+        self._expected = _MAIL_OK
         self._okresponse = self._mail_accepted
         self._failresponse = self._mail_refused
         self.sendLine(mail)
@@ -366,19 +481,25 @@ class RelayClient(smtp.ESMTPClient):
                           if r not in self._results})
             self._next(code, resp, reset=False)
         elif self._mail_ok is None:
-            self._mail_ok = 200 <= code < 300
+            if code not in _MAIL_OK and not _refusal(code):
+                self._unexpected_reply("MAIL", code, resp)
+                return
+            self._mail_ok = code in _MAIL_OK
             if not self._mail_ok:
                 self._results.update((r, (code, _text(resp))) for r in self._pending_rcpts)
         elif self._rcpt_replies < len(self._pending_rcpts):
+            if code not in _RCPT_OK and not _refusal(code):
+                self._unexpected_reply("RCPT", code, resp)
+                return
             rcpt = self._pending_rcpts[self._rcpt_replies]
             self._rcpt_replies += 1
             if not self._mail_ok:
                 pass  # the recipient has the reply to MAIL
-            elif 200 <= code < 300:
+            elif code in _RCPT_OK:
                 self._accepted.append(rcpt)
             else:
                 self._results[rcpt] = (code, _text(resp))
-        elif code != 354:
+        elif code not in _DATA_OK:
             self._data_refused(code, resp)
         elif self._accepted:
             self._send_body(code, resp)
@@ -389,6 +510,9 @@ class RelayClient(smtp.ESMTPClient):
             self.transport.write(b".\r\n")
 
     def _empty_done(self, code, resp) -> None:
+        if code not in _END_OK and not _refusal(code):
+            self._unexpected_reply("the end of the data", code, resp)
+            return
         self._finish({})
         self._next(code, resp, reset=False)
 
@@ -397,13 +521,16 @@ class RelayClient(smtp.ESMTPClient):
         self._next_rcpt()
 
     def _mail_refused(self, code, resp) -> None:
+        if not _refusal(code):
+            self._unexpected_reply("MAIL", code, resp)
+            return
         self._finish({r: (code, _text(resp)) for r in self._pending_rcpts})
         self._next(code, resp, reset=True)
 
     def _next_rcpt(self) -> None:
         if not self._pending_rcpts:
             if self._accepted:
-                self._expected = [354]
+                self._expected = _DATA_OK
                 self._okresponse = self._send_body
                 self._failresponse = self._data_refused
                 self.sendLine(b"DATA")
@@ -411,7 +538,7 @@ class RelayClient(smtp.ESMTPClient):
                 self._finish({})
                 self._next(250, b"", reset=True)
             return
-        self._expected = smtp.SUCCESS
+        self._expected = _RCPT_OK
         self._okresponse = self._rcpt_accepted
         self._failresponse = self._rcpt_refused
         self.sendLine(b"RCPT TO:<" + self._pending_rcpts[0].encode() + b">")
@@ -421,15 +548,23 @@ class RelayClient(smtp.ESMTPClient):
         self._next_rcpt()
 
     def _rcpt_refused(self, code, resp) -> None:
+        if not _refusal(code):
+            self._unexpected_reply("RCPT", code, resp)
+            return
         self._results[self._pending_rcpts.pop(0)] = (code, _text(resp))
         self._next_rcpt()
 
     def _data_refused(self, code, resp) -> None:
+        # Only 354 lets the body go; a 2xx here would have the message delivered
+        # although not a byte of it was sent.
+        if not _refusal(code):
+            self._unexpected_reply("DATA", code, resp)
+            return
         self._finish({r: (code, _text(resp)) for r in self._accepted})
         self._next(code, resp, reset=True)
 
     def _send_body(self, code, resp) -> None:
-        self._expected = smtp.SUCCESS
+        self._expected = _END_OK
         self._okresponse = self._data_done
         self._failresponse = self._data_done
         if self._data is not None:
@@ -453,6 +588,14 @@ class RelayClient(smtp.ESMTPClient):
 
     def _data_done(self, code, resp) -> None:
         early = self._sender is not None  # answered before the end of the data
+        if not _refusal(code) and (early or code not in _END_OK):
+            # A server may give up on a message early, but not take one it has not seen.
+            if early:
+                self._protocol_error(f"reply before the end of the data: {code} "
+                                     f"{_text(resp)}")
+            else:
+                self._unexpected_reply("the end of the data", code, resp)
+            return
         self._finish({r: (code, _text(resp)) for r in self._accepted})
         if early:  # the server's idea of where the data ends is unknown: start afresh
             self.completed = True
@@ -467,12 +610,18 @@ class RelayClient(smtp.ESMTPClient):
             self._fail(f"421 {_text(resp)}")
             self.transport.loseConnection()
         elif reset:
-            self._expected = smtp.SUCCESS
+            self._expected = _RSET_OK
             self._okresponse = self.smtpState_from
-            self._failresponse = lambda code, resp: self._disconnectFromServer()
+            self._failresponse = self._rset_refused
             self.sendLine(b"RSET")
         else:
             self.smtpState_from(code, resp)
+
+    def _rset_refused(self, code, resp) -> None:
+        if _refusal(code):
+            self._disconnectFromServer()
+        else:
+            self._unexpected_reply("RSET", code, resp)
 
     def _finish(self, replies: dict[str, tuple[int, str]]) -> None:
         job, self._job = self._job, None
