@@ -113,6 +113,11 @@ class QueueControl:
         self.reactor = reactor
         self.delivery = delivery
 
+    @property
+    def can_retry(self) -> bool:
+        """Whether retry and flush can be done (the panel offers them only then)."""
+        return self.delivery is not None
+
     def retry(self, queue_id: str) -> defer.Deferred:
         if self.delivery is None:
             return defer.fail(DeliveryOff("delivery is off in this relay"))
