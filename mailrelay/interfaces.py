@@ -57,6 +57,10 @@ class IIncomingMessage(Interface):
     def write(data: bytes) -> None:
         """Append body bytes: canonical CRLF lines, not dot-stuffed."""
 
+    def rewrite(change) -> None:
+        """Replace the body written so far by what ``change(old, write)`` writes from the
+        old body (a binary file). Blocking: called in a thread."""
+
     def commit():
         """Fsync the file, rename it into the queue, fsync the directory (batched with other
         commits). Fires with the queue id once durable; only then may the 250 be sent.

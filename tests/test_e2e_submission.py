@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import shutil
 import smtplib
@@ -10,7 +12,7 @@ import ssl
 import subprocess
 
 import pytest
-from harness import Relay, message, wait_for
+from harness import Relay, Sink, message, wait_for
 
 PASSWORD = "correct horse battery"
 
@@ -179,6 +181,43 @@ def test_oversize_message_refused_and_nothing_kept(tmp_path):
         assert list((r.data / "spool" / "tmp").iterdir()) == []
     finally:
         r.stop()
+
+
+def test_long_lines_are_re_encoded_and_sent_on_conforming(tmp_path):
+    # An HTML generator's lines (one of 20 kB here), a header that is one long line, and a
+    # line no client should send: what a real server receives has no line over 998
+    # octets, and the reader decodes exactly what was submitted.
+    sink = Sink(tmp_path / "sink")
+    r = Relay(tmp_path / "relay", config=(
+        f"[delivery]\nport = {sink.port}\nmx_tls = none\nretry_first = 1s\n"
+        f"[routes]\nexample.net = 127.0.0.1:{sink.port}\n"))
+    r.admin("account", "set", "default", "--domains", "doe.test")
+    r.add_user("doe.test", PASSWORD)
+    r.start()
+    try:
+        html = ("<div>" + "<span>ünïcödé text, </span>" * 700 + "</div>").encode()
+        to = ", ".join(f"r{i}@example.net" for i in range(60))
+        data = (f"From: a@doe.test\r\nTo: {to}\r\nSubject: long lines\r\n"
+                "MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n"
+                "Content-Transfer-Encoding: 8bit\r\n\r\n").encode() + html + b"\r\n.\r\n"
+        with r.smtp(login=("doe.test", PASSWORD)) as c:
+            c.mail("a@doe.test")
+            c.rcpt("r0@example.net")
+            assert c.data(data)[0] == 250
+            c.mail("a@doe.test")
+            c.rcpt("r0@example.net")
+            code, text = c.data(b"From: a@doe.test\r\n\r\n" + b"x" * 70000 + b"\r\n")
+            assert (code, text) == (500, b"5.5.2 Message refused: line longer than 65536 octets")
+        ((_, received),) = sink.wait(1)
+        assert all(len(line) <= 998 for line in received.split(b"\r\n"))
+        msg = email.message_from_bytes(received, policy=email.policy.compat32)
+        assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+        assert msg.get_payload(decode=True) == html + b"\r\n.\r\n"
+        assert msg["To"].replace("\r\n", "") == to
+        assert "re-encoded" in r.log()
+    finally:
+        r.stop()
+        sink.stop()
 
 
 def test_starttls_injection_is_not_executed(relay):

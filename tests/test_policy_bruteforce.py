@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -31,6 +34,29 @@ def test_guessing_loop_is_delayed_then_blocked_while_the_real_user_logs_in_elsew
     assert (e.value.code, e.value.status) == (421, "4.7.0")
     assert e.value.text == "too many failed logins from your address, try again later"
     assert guard.check(REAL) == 0
+
+
+def test_refusing_a_blocked_address_keeps_nothing_alive():
+    # One shared exception, raised for every attempt, kept each raise's traceback: each
+    # attempt's frames and what they held (the session, its TLS connection), for good.
+    guard = LoginGuard(Clock(), block_after=2, delay_after=1)
+    for _ in range(2):
+        guard.failed(ATTACKER, USER)
+
+    class Attempt:
+        def run(self) -> None:
+            guard.check(ATTACKER)
+
+    refs = []
+    for _ in range(50):
+        attempt = Attempt()
+        refs.append(weakref.ref(attempt))
+        with pytest.raises(Reply) as e:
+            attempt.run()
+        assert e.value.code == 421
+        del attempt, e
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
 
 
 def test_block_expires_and_then_the_address_starts_afresh():

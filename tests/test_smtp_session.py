@@ -4,6 +4,8 @@ transactions, policy hooks, pipelining behind Deferreds, limits and timeouts."""
 from __future__ import annotations
 
 import base64
+import gc
+import weakref
 
 from test_smtp_support import (
     HOST,
@@ -75,11 +77,18 @@ class CommandTests(unittest.TestCase):
         s = self.s
         s.replies()
         for line in [b"\xc3\xa9HLO x", b"\xff\xfe", b"123", b"MAIL\x01FROM:<a@b.example>",
-                     b"EXPN list", b"DO_MAIL x", b"ext_AUTH PLAIN", b"   "]:
+                     b"DO_MAIL x", b"ext_AUTH PLAIN", b"   "]:
             lines = s.send(line + b"\r\n")
             self.assertEqual(len(lines), 1, line)
             self.assertTrue(lines[0].startswith("500 5.5."), (line, lines))
         self.assertEqual(codes(s.send(b"NOOP\r\n")), [250])
+        self.assertFalse(s.closed)
+
+    def test_expn_is_a_known_command(self) -> None:
+        s = self.s
+        s.replies()
+        self.assertEqual(s.send(b"EXPN staff\r\n"), ["502 5.5.1 EXPN not available"])
+        self.assertEqual(s.send(b"expn\r\n"), ["502 5.5.1 EXPN not available"])
         self.assertFalse(s.closed)
 
     def test_bdat_is_not_offered(self) -> None:
@@ -120,6 +129,28 @@ class CommandTests(unittest.TestCase):
         lines = s.send(b"NOOP\r\n" * 101)
         self.assertEqual(codes(lines), [250] * 100 + [421])
         self.assertTrue(s.closed)
+
+
+class MemoryTests(unittest.TestCase):
+    def test_refused_sessions_leave_nothing_behind(self) -> None:
+        # Each refusal used to be one exception object shared by all sessions; raised
+        # again by each, it kept the traceback of every raise, and so every session.
+        clock = Clock()
+        refs = []
+        for head, body in [(b"a@doe.test", b"bare\nLF"), (b"a@doe.test", b"NUL\0"),
+                           (b"a@doe.test", b"x" * 70000), (b"boss@victim.example", b"x"),
+                           (b"a@doe.test", (b"y" * 900 + b"\r\n") * 200)]:
+            for _ in range(3):
+                s = Session(clock, max_message_size=100_000)
+                s.login()
+                lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\n"
+                               b"DATA\r\nFrom: " + head + b"\r\n\r\n" + body + b"\r\n.\r\n")
+                self.assertIn(codes(lines)[-1], (500, 550, 552), lines)
+                s.lose()
+                refs.append(weakref.ref(s.proto))
+                del s
+        gc.collect()
+        self.assertEqual([r for r in refs if r() is not None], [])
 
 
 class AuthTests(unittest.TestCase):
@@ -313,7 +344,6 @@ class TransactionTests(unittest.TestCase):
              "boss@victim.example"),
             (b"From: a@doe.test\r\nFrom: boss@victim.example", "550 5.6.0 Message has more"),
             (b"From: a@doe.test <boss@victim.example>", "550 5.6.0 Malformed From: header"),
-            (b"Subject: no from", "550 5.6.0 Message has no From: header"),
             (b"From: a@sub.doe.test", "550 5.7.1 From: header address a@sub.doe.test"),
         ]:
             lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
@@ -322,6 +352,51 @@ class TransactionTests(unittest.TestCase):
             self.assertEqual(s.spool.created[-1].state, "aborted")
         lines = s.send(TRANSACTION.replace(b"From: a@doe.test", b'From: "Boss" <A@DOE.test>'))
         self.assertEqual(codes(lines)[-1], 250)
+
+    def test_message_without_from_gets_one_from_the_envelope_sender(self) -> None:
+        s = self.s
+        s.login()
+        for data, stored in [
+            (b"Subject: cron\r\nTo: r@example.net\r\n\r\nbody\r\n",
+             b"Subject: cron\r\nTo: r@example.net\r\nFrom: a@doe.test\r\n\r\nbody\r\n"),
+            (b"\r\nno header at all\r\n", b"From: a@doe.test\r\n\r\nno header at all\r\n"),
+            (b"Subject: header only\r\n", b"Subject: header only\r\nFrom: a@doe.test\r\n"),
+        ]:
+            lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                           + data + b".\r\n")
+            self.assertEqual(codes(lines)[-1], 250, lines)
+            message = s.spool.created[-1]
+            self.assertEqual(message.state, "committed")
+            self.assertTrue(bytes(message.data).endswith(b"\r\n" + stored), message.data)
+        # A From: that is there but broken is still refused, not replaced.
+        lines = s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                       b"From: <>\r\n\r\nbody\r\n.\r\n")
+        self.assertTrue(lines[-1].startswith("550 5.6.0 Malformed From: header"), lines)
+
+    def test_size_refusal_wins_over_a_missing_or_bad_from(self) -> None:
+        s = Session(self.clock, max_message_size=5000)
+        s.login()
+        big = b"z" * 900 + b"\r\n"
+        for header in [b"Subject: no from", b"From: boss@victim.example", b"From: <>"]:
+            s.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
+                   + header + b"\r\n\r\n")  # the header is refused before the size is known
+            lines = s.send(big * 10 + b".\r\n")
+            self.assertEqual(lines[-1], "552 5.3.4 Message size exceeds fixed limit of 5000 "
+                             "bytes", header)
+            self.assertEqual(s.spool.created[-1].state, "aborted")
+
+    def test_quoted_local_part_in_the_login_domain_says_why(self) -> None:
+        s = self.s
+        s.login()
+        self.assertEqual(s.send(b'MAIL FROM:<"john smith"@doe.test>\r\n'), [
+            '553 5.1.7 Sender address <"john smith"@doe.test>: quoted local parts are not '
+            'accepted, send from the plain address'])
+        # Elsewhere it is out of scope like any address there.
+        self.assertTrue(s.send(b'MAIL FROM:<"x"@victim.example>\r\n')[0].startswith(
+            "550 5.7.1 Sender address <\"x\"@victim.example> not allowed for user doe.test"))
+        lines = s.send(TRANSACTION.replace(b"From: a@doe.test", b'From: "j s"@doe.test'))
+        self.assertEqual(lines[-1], '550 5.6.0 From: header address "j s"@doe.test: quoted '
+                         "local parts are not accepted, use the plain address")
 
     def test_sandboxed_and_priority(self) -> None:
         s = self.s

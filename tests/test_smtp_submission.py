@@ -4,6 +4,8 @@ and what the spool receives."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import smtplib
 import socket
@@ -164,7 +166,7 @@ class DataTests(LoopbackCase):
         def talk():
             c = authenticated(port)
             c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n"
-                   b"From: a@doe.test\r\n\r\n" + b"x" * 40000 + b"\r\n" + SMUGGLED
+                   b"From: a@doe.test\r\n\r\n" + b"x" * 70000 + b"\r\n" + SMUGGLED
                    + b"QUIT\r\n.\r\nNOOP\r\n")
             out = c.replies(5)
             c.close()
@@ -188,9 +190,91 @@ class DataTests(LoopbackCase):
             return end
 
         end = yield deferToThread(talk)
-        self.assertEqual(end[0], 500)
-        self.assertLess(factory.max_buffered, 64 * 1024)
+        self.assertEqual(end, (500, ["5.5.2 Message refused: line longer than 65536 octets"]))
+        self.assertLess(factory.max_buffered, 2 * 64 * 1024)  # LONG_LINE and a chunk
         self.assertEqual(self.files("queue") + self.files("tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_a_line_longer_than_the_size_limit_ends_the_session(self):
+        port = self.listen("implicit", max_message_size=300_000)
+        factory = self.factories[0]
+
+        def talk():
+            c = in_body(port)
+            try:  # never a line end: the reply comes without one
+                for _ in range(100):  # 6.4 MB at most; the relay stops reading at 300 kB
+                    c.send(b"y" * 65536)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            end = c.reply()
+            closed = c.eof()
+            c.close()
+            return end, closed
+
+        end, closed = yield deferToThread(talk)
+        self.assertEqual(end, (552, ["5.3.4 Message size exceeds fixed limit of 300000 bytes"]))
+        self.assertTrue(closed)
+        self.assertLess(factory.max_buffered, 2 * 64 * 1024)
+        self.assertEqual(self.files("queue") + self.files("tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_long_lines_are_accepted_and_stored_conforming(self):
+        port = self.listen("implicit")
+        html = ("<table>" + "<tr><td>Zeile mit Umlauten: äöü</td></tr>" * 400
+                + "</table>").encode()  # one line of 17 kB
+        small = (b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n"
+                 b"Subject: " + b"word " * 300 + b"\r\n\r\n" + html + b"\r\n..dot\r\n")
+        # Over 64 KiB: received into tmp/ before it is re-encoded.
+        large = small.replace(html, (html + b"\r\n") * 8)
+
+        def send(data):
+            c = authenticated(port)
+            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            assert c.replies(3) == [250, 250, 354]
+            c.send(b"From: a@doe.test\r\n" + data + b".\r\n")
+            end = c.reply()
+            c.close()
+            return end
+
+        for data in (small, large):
+            end = yield deferToThread(send, data)
+            self.assertEqual(end[0], 250, end)
+            queue_id = end[1][0].rsplit(" ", 1)[-1]
+            stored = self.body(queue_id)
+            self.assertTrue(all(len(line) <= 998 for line in stored.split(b"\r\n")))
+            msg = email.message_from_bytes(stored, policy=email.policy.compat32)
+            self.assertEqual(msg["Content-Transfer-Encoding"], "quoted-printable")
+            self.assertEqual(msg.get_payload(decode=True),
+                             data.split(b"\r\n\r\n", 1)[1].replace(b"\n..", b"\n."))
+            self.assertEqual(msg["Subject"].replace("\r\n", ""), "word " * 300)
+        self.assertEqual(self.files("tmp"), [])
+
+    @defer.inlineCallbacks
+    def test_a_long_line_that_cannot_be_re_encoded_is_refused(self):
+        port = self.listen("implicit")
+
+        def talk():
+            c = in_body(port)  # the header is sent: this is the body
+            c.send(b"x\r\n.\r\n")
+            assert c.reply()[0] == 250
+            c.send(b"MAIL FROM:<a@doe.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\n")
+            assert c.replies(3) == [250, 250, 354]
+            c.send(b"From: a@doe.test\r\nMIME-Version: 1.0\r\n"
+                   b'Content-Type: multipart/signed; boundary="s"\r\n\r\n'
+                   b"--s\r\n\r\n" + b"signed " * 200 + b"\r\n--s\r\n\r\nsig\r\n"
+                   b"--s--\r\n.\r\n")
+            end = c.reply()
+            after = c.cmd("NOOP")
+            c.close()
+            return end, after
+
+        end, after = yield deferToThread(talk)
+        self.assertEqual(end[0], 550)
+        self.assertTrue(end[1][0].startswith("5.6.3 Message refused: a line longer than 998 "
+                                             "octets in signed content"), end)
+        self.assertEqual(after[0], 250)
+        self.assertEqual(len(self.files("queue")), 1)  # the first message only
+        self.assertEqual(self.files("tmp"), [])
 
     @defer.inlineCallbacks
     def test_large_message_streams_to_disk(self):

@@ -35,7 +35,9 @@ from mailrelay.smtp.reply import Reply
 
 log = Logger()
 
-BLOCKED = Reply(421, "4.7.0", "too many failed logins from your address, try again later")
+# Reply(*BLOCKED): a new one each time, since a single exception raised again and again
+# would keep the traceback of every raise, and every session it was raised in.
+BLOCKED = (421, "4.7.0", "too many failed logins from your address, try again later")
 
 
 class _Recent:
@@ -133,7 +135,7 @@ class LoginGuard:
         if until is not None:
             if now < until:
                 log.info("refused a login from blocked ip={ip}", ip=ip)
-                raise BLOCKED
+                raise Reply(*BLOCKED)
             del self._blocked[key]
         return self._delay(self._by_ip.count(key, now))
 

@@ -27,6 +27,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
@@ -41,6 +42,7 @@ from mailrelay.policy.text import printable
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.headers import HeaderError, from_addresses
+from mailrelay.smtp.longlines import conform
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
 from mailrelay.smtp.reply import Reply
 from mailrelay.smtp.sasl import MECHANISMS, Login
@@ -481,6 +483,10 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(501, "5.5.4", "Syntax: VRFY address")
         self._reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
 
+    def smtp_EXPN(self, arg: bytes) -> None:
+        self._junk_command()
+        raise Reply(502, "5.5.1", "EXPN not available")
+
     def smtp_HELP(self, arg: bytes) -> None:
         self._junk_command()
         self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
@@ -716,6 +722,9 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(550, "5.7.1", f"the null sender <> is not allowed for user "
                         f"{user.username}")
         if not avatar.scope.allows(sender):
+            if self._quoted_in_scope(sender):
+                raise Reply(553, "5.1.7", f"Sender address <{sender}>: quoted local parts "
+                            "are not accepted, send from the plain address")
             if self.policy is not None:
                 self._notify(self.policy.senderRefused, avatar, sender, False)
             raise Reply(550, "5.7.1", f"Sender address <{sender}> not allowed for user "
@@ -727,6 +736,12 @@ class SubmissionServer(smtp.ESMTP):
         self._sender, self._recipients = sender, []
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
+
+    def _quoted_in_scope(self, address: str) -> bool:
+        """``"a b"@doe.com`` for a login that may send from doe.com: the local part, not
+        the domain, is why it is refused (scopes hold plain addresses only)."""
+        local, _, domain = address.rpartition("@")
+        return local.startswith('"') and self.avatar.scope.allows(f"postmaster@{domain}")
 
     def _mail_params(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
@@ -817,18 +832,29 @@ class SubmissionServer(smtp.ESMTP):
         self._data_deadline = self.callLater(self.factory.data_timeout, self._data_timeout)
         self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
-    def _check_headers(self, header: bytes) -> Reply | None:
+    def _check_headers(self, header: bytes) -> Reply | bytes | None:
+        """Refuse a From: header that is malformed or out of scope; add one from the
+        envelope sender to a message without any (as Postfix's cleanup does: cron jobs,
+        printers and scripts often send none), the sender being in scope already."""
+        added = None
         try:
             addresses = from_addresses(header)
         except HeaderError as e:
-            return Reply(550, "5.6.0", str(e))
+            added = _from_field(self._sender)
+            try:  # parses with the field added: there was none (else: two, or malformed)
+                addresses = from_addresses(header + b"\r\n" + added if header else added)
+            except HeaderError:
+                return Reply(550, "5.6.0", str(e))
         for address in addresses:
             if not self.avatar.scope.allows(address):
+                if self._quoted_in_scope(address):
+                    return Reply(550, "5.6.0", f"From: header address {address}: quoted "
+                                 "local parts are not accepted, use the plain address")
                 if self.policy is not None:
                     self._notify(self.policy.senderRefused, self.avatar, address, True)
                 return Reply(550, "5.7.1", f"From: header address {address} not allowed for "
                              f"user {self.avatar.user.username}")
-        return None
+        return None if added is None else added + b"\r\n"
 
     def _feed(self, data: bytes) -> int:
         """Message data; returns how many bytes of ``data`` it used."""
@@ -837,6 +863,17 @@ class SubmissionServer(smtp.ESMTP):
         end = reader.feed(data)
         if reader.error is not None and not had_error:
             self._incoming.abort()  # refused: stop using disk now, keep reading to the end
+        if reader.endless:
+            # One line longer than the size limit: its end (and the message's) may never
+            # come, and reading on to data_timeout would cost as much as any client cares
+            # to send. The size refusal is final (RFC 5321 7.8 lets a server close after
+            # 5yz replies to an attack); the connection goes with it.
+            log.warn("session {session}: {client_ip} sent a DATA line longer than "
+                     "{max_size} bytes; dropping the connection", session=self.session_id,
+                     client_ip=self.client_ip, max_size=self.factory.max_message_size)
+            self._send(reader.error)
+            self._close()
+            return len(data)
         if end < 0:
             return len(data)
         self._cancel_data_deadline()
@@ -852,6 +889,8 @@ class SubmissionServer(smtp.ESMTP):
         try:
             if reader.error is not None:
                 raise reader.error
+            if reader.long_lines:
+                await self._conform(incoming)
             await self._ask("data", avatar, envelope)
             try:
                 queue_id = await incoming.commit()
@@ -887,6 +926,21 @@ class SubmissionServer(smtp.ESMTP):
             self._notify(self.policy.accepted, avatar, envelope)
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
+    async def _conform(self, incoming) -> None:
+        """Re-encode what has lines over 998 octets (longlines.py), in a thread: the
+        message may be on disk, and as large as max_message_size."""
+        reactor = self.factory.reactor
+        try:
+            await deferToThreadPool(reactor, reactor.getThreadPool(), incoming.rewrite, conform)
+        except Reply:
+            raise
+        except Exception:
+            log.failure("session {session}: re-encoding long lines of {queue_id} failed",
+                        session=self.session_id, queue_id=incoming.id)
+            raise _local_error()
+        log.info("session {session}: {queue_id} had lines over 998 octets, re-encoded",
+                 session=self.session_id, queue_id=incoming.id)
+
     def _data_timeout(self) -> None:
         self._data_deadline = None
         self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: DATA timeout "
@@ -901,6 +955,11 @@ class SubmissionServer(smtp.ESMTP):
 def _client_ip(peer) -> str:
     """The peer's address; an IPv4 client of a dual-stack socket as plain IPv4."""
     return plain_ip(str(getattr(peer, "host", peer)))
+
+
+def _from_field(sender: str) -> bytes:
+    """The From: field for a message without one (MAIL refuses the null sender)."""
+    return f"From: {sender}".encode("ascii", "backslashreplace")
 
 
 def _local_error() -> Reply:

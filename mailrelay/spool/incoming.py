@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import io
 import os
 from collections.abc import Callable
 from typing import BinaryIO
@@ -58,6 +59,7 @@ class IncomingMessage:
         self.id = envelope.id
         self.envelope = envelope
         self.size = 0  # body bytes written so far
+        self._head = head  # the envelope line the file starts with
         self._chunks: list[bytes] = [head]  # the file's content while in memory
         self._held = len(head)
         self._spill_bytes = spill_bytes
@@ -96,6 +98,30 @@ class IncomingMessage:
         self._file = create_exclusive(self._tmp_path)
         chunks, self._chunks = self._chunks, []
         self._file.write(b"".join(chunks))
+
+    def rewrite(self, change: Callable[[BinaryIO, Callable[[bytes], None]], None]) -> None:
+        """Replace the body written so far by what ``change(old, write)`` writes, reading
+        the old body from the binary file ``old``. Blocking (a large message is read from
+        and written to tmp/): call it in a thread, with no other call meanwhile. If
+        ``change`` raises, the message is discarded, as by abort(), and the error passes."""
+        if self._phase is not _Phase.OPEN:
+            raise RuntimeError(f"rewrite of {self.id} after commit or abort")
+        if self._file is None:
+            old: BinaryIO = io.BytesIO(b"".join(self._chunks[1:]))
+        else:
+            self._file.flush()
+            old = open(self._tmp_path, "rb")  # noqa: SIM115 - closed below
+            old.seek(len(self._head))
+            unlink_quietly(self._tmp_path)  # still readable; the new body may need the name
+            close_quietly(self._file)
+            self._file = None
+        self._chunks, self._held, self.size = [self._head], len(self._head), 0
+        try:
+            with old:
+                change(old, self.write)
+        except BaseException:
+            self._discard()
+            raise
 
     def commit(self) -> Deferred:
         """Fires with the queue id once the message is durable in queue/ (or hold/);
