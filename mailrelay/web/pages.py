@@ -195,7 +195,7 @@ class Panel:
             return self._login_page(session, "Wrong admin name or password.", 401)
         self.sessions.login_succeeded(client)
         self.sessions.end(session)
-        session = self.sessions.start(admin.name)
+        session = self.sessions.start(admin.name, admin.fingerprint)
         log.info("control panel: {name} logged in from {client}", name=name, client=client)
         return redirect("/users", [self.sessions.cookie(session)])
 

@@ -71,7 +71,11 @@ def _refuse(error: HttpError):
 def make_admin_site(
     services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0
 ) -> server.Site:
-    sessions = Sessions(services.reactor, session_lifetime, secure_cookies)
+    def credentials(name: str) -> str | None:
+        admin = services.access.current().admins.get(name)
+        return None if admin is None else admin.fingerprint
+
+    sessions = Sessions(services.reactor, session_lifetime, secure_cookies, credentials)
     panel = Panel(services, sessions, ConfirmPages(services))
     site = server.Site(AdminRoot(api_module.Api(services), panel))
     site.displayTracebacks = False
