@@ -370,8 +370,9 @@ class Panel:
 
     async def delete_user(self, call: Call) -> Response:
         username = call.params["username"]
-        await ops.delete_user(self.s, username)
-        return self.done(call, "/users", f"Deleted user {username}.")
+        forgotten = await ops.delete_user(self.s, username)
+        return self.done(call, "/users", f"Deleted user {username}; its suppressions and "
+                                         f"statistics: {forgotten.said()}.")  # fmt: skip
 
     async def verify_sender(self, call: Call) -> Response:
         username, sender = call.params["username"], call.params["sender"]
