@@ -450,7 +450,25 @@ def _derive(config: Config) -> None:
         raise ConfigError(config.source, "delivery", "retry_max", "must be >= retry_first")
     if config.directory.backend == "ldap" and not config.ldap.base_dn:
         raise ConfigError(config.source, "ldap", "base_dn", "required when backend = ldap")
+    p = config.policy
+    if p.login_delay_after > p.login_block_after:
+        raise ConfigError(config.source, "policy", "login_delay_after",
+                          f"{p.login_delay_after} is more than login_block_after "
+                          f"({p.login_block_after}): logins are slowed down before they are "
+                          "blocked")  # fmt: skip
+    if config.admin.enabled:
+        _check_endpoint(config, "admin", config.admin.endpoint)
     _derive_features(config)
+
+
+def _check_endpoint(config: Config, section: str, endpoint: str) -> None:
+    """An endpoint string Twisted can listen on (it is only parsed here, not listened on)."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, endpoint)
+    except Exception as e:
+        raise ConfigError(config.source, section, "endpoint", f"{endpoint!r}: {e}")
 
 
 def _derive_features(config: Config) -> None:
@@ -463,12 +481,7 @@ def _derive_features(config: Config) -> None:
         raise ConfigError(config.source, "tracking", "unsubscribe_mailto",
                           f"{t.unsubscribe_mailto!r} is not an address")
     if t.enabled:
-        from twisted.internet import endpoints, reactor
-
-        try:
-            endpoints.serverFromString(reactor, t.endpoint)
-        except Exception as e:
-            raise ConfigError(config.source, "tracking", "endpoint", f"{t.endpoint!r}: {e}")
+        _check_endpoint(config, "tracking", t.endpoint)
     if t.base_url:
         if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", t.base_url):
             raise ConfigError(config.source, "tracking", "base_url",

@@ -9,6 +9,7 @@ make_delivery_worker from the same Config and meeting the relay at the spool.
 from __future__ import annotations
 
 import os
+import sqlite3
 from functools import partial
 
 from twisted.application.service import MultiService, Service
@@ -86,6 +87,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         os.makedirs(config.server.data_dir, mode=0o700, exist_ok=True)
     except OSError as e:
         raise StartupError(f"[server] data_dir {config.server.data_dir}: {e.strerror}")
+    check_spool_directory(config)
     try:
         tls_options = server_options(
             config.tls.certificate, config.tls.key, config.tls.generate,
@@ -170,6 +172,13 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     return top, manager
 
 
+def check_spool_directory(config: Config) -> None:
+    """A spool path that is a file stops startup here, not in the spool's first write."""
+    path = config.spool.directory
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StartupError(f"[spool] directory {path}: not a directory")
+
+
 def open_feature_stores(config: Config):
     """The suppression list and statistics (SQLite), shared by delivery and the panel."""
     from mailrelay.features.paths import feature_paths
@@ -177,7 +186,28 @@ def open_feature_stores(config: Config):
     from mailrelay.features.suppressions import SuppressionStore
 
     paths = feature_paths(config)
-    return SuppressionStore(paths.suppressions_db), StatsStore(paths.stats_db)
+    stores = []
+    for kind, key, path in ((SuppressionStore, "suppressions_db", paths.suppressions_db),
+                            (StatsStore, "stats_db", paths.stats_db)):  # fmt: skip
+        try:
+            stores.append(kind(path))
+        except (sqlite3.Error, OSError) as e:
+            raise store_error(key, path, e)
+    return tuple(stores)
+
+
+def store_error(key: str, path: str, error: Exception) -> StartupError:
+    return StartupError(f"[features] {key} {path}: {getattr(error, 'strerror', None) or error}")
+
+
+def read_key_file(section: str, path: str) -> bytes:
+    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable."""
+    from mailrelay.signing import load_or_create_key
+
+    try:
+        return load_or_create_key(path)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"[{section}] key_file {path}: {getattr(e, 'strerror', None) or e}")
 
 
 def make_features(config: Config, suppressions, stats_store, reactor, parent,
@@ -209,12 +239,22 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent,
 
 def make_personalizer(config: Config, key_file: str):
     """Footer and tracking links; raises StartupError for an unreadable template or key."""
-    from mailrelay.features.footer import DEFAULT_HTML, DEFAULT_TEXT, Footer
     from mailrelay.features.links import Links
     from mailrelay.features.personalize import Personalizer
     from mailrelay.features.tokens import TokenSigner
 
-    f, t = config.features, config.tracking
+    footer = make_footer(config)
+    links = Links(TokenSigner(read_key_file("tracking", key_file)), config.tracking.base_url,
+                  config.tracking.unsubscribe_mailto or None)  # fmt: skip
+    return Personalizer(links, footer)
+
+
+def make_footer(config: Config):
+    """The unsubscribe footer from ``[features]``; StartupError for an unreadable file or a
+    template that cannot be used."""
+    from mailrelay.features.footer import DEFAULT_HTML, DEFAULT_TEXT, Footer
+
+    f = config.features
     templates = {}
     for kind, default in (("text", DEFAULT_TEXT), ("html", DEFAULT_HTML)):
         path = getattr(f, f"footer_{kind}_file")
@@ -228,15 +268,9 @@ def make_personalizer(config: Config, key_file: str):
         else:
             templates[kind] = getattr(f, f"footer_{kind}") or default
     try:
-        footer = Footer(templates["text"], templates["html"])
+        return Footer(templates["text"], templates["html"])
     except ValueError as e:
         raise StartupError(f"[features] {e}")
-    try:
-        signer = TokenSigner.from_key_file(key_file)
-    except (OSError, ValueError) as e:
-        raise StartupError(f"[tracking] key_file {key_file}: {getattr(e, 'strerror', None) or e}")
-    links = Links(signer, t.base_url, t.unsubscribe_mailto or None)
-    return Personalizer(links, footer)
 
 
 def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor):

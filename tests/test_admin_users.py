@@ -305,7 +305,9 @@ def test_password_from_stdin_is_not_printed(populated):
 
 
 def test_del(populated):
-    assert populated.ok("user", "del", "JOHN@DOE.COM").out == "deleted user john@doe.com\n"
+    assert populated.ok("user", "del", "JOHN@DOE.COM").out == (
+        "deleted user john@doe.com\n"
+        "its suppressions and statistics: 0 suppressed address(es) removed, no statistics\n")
     assert "john@doe.com" not in populated.file()["users"]
     result = populated("user", "del", "john@doe.com")
     assert result.status == 1 and "unknown user" in result.err

@@ -244,3 +244,48 @@ def test_bad_routes(write, text, message):
     path = write(text)
     with pytest.raises(ConfigError, match=f"^{path}: \\[routes\\] {message}"):
         load_config(path)
+
+
+# ---- mailrelay-admin check refuses what twistd refuses, with the same line ----
+
+_LISTEN = "[listener:smtp]\nendpoint = tcp:0:interface=127.0.0.1\n[delivery]\nenabled = no\n"
+_PANEL = "[admin]\nendpoint = tcp:0:interface=127.0.0.1\n"
+
+
+def _broken_file(name: str, content: str):
+    def make(data):
+        data.mkdir(mode=0o700, exist_ok=True)
+        (data / name).write_text(content)
+
+    return make
+
+
+@pytest.mark.parametrize("settings, make", [
+    ("[admin]\nenabled = no\n[policy]\nlogin_delay_after = 20\nlogin_block_after = 10\n", None),
+    ("[admin]\nendpoint = bogus:8080\n", None),
+    (_PANEL, _broken_file("admin.json", '{"version": 1, "admins": {"x": {}}}')),
+    ("[admin]\nenabled = no\n", _broken_file("stats.sqlite", "not a database " * 100)),
+    (_PANEL + "key_file = {tmp}\n", None),
+], ids=["login-delay-after-block", "admin-endpoint", "access-file", "stats-db",
+        "key-file"])  # fmt: skip
+def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings, make):
+    import subprocess
+    import sys
+
+    from harness import env, run_twistd
+
+    data = tmp_path / "data"
+    text = (f"[server]\nhostname = relay.test\ndata_dir = {data}\n{_LISTEN}"
+            + settings.format(tmp=tmp_path))  # fmt: skip
+    if make is not None:
+        make(data)
+    config = tmp_path / "mailrelay.ini"
+    config.write_text(text)
+    check = subprocess.run([sys.executable, "-m", "mailrelay.admin.cli", "-c", str(config),
+                            "check"], capture_output=True, text=True, env=env(), timeout=60)
+    started = run_twistd(tmp_path, text)
+    assert started.returncode != 0 and check.returncode != 0, check.stdout
+    assert "Traceback" not in started.stderr + check.stderr
+    (refused,) = started.stderr.strip().splitlines()
+    assert refused.startswith("mailrelay: ")
+    assert check.stderr.strip().splitlines() == ["mailrelay-admin: " + refused[len("mailrelay: "):]]

@@ -3,16 +3,19 @@
 A new admin logs in with headless Chromium, adds an SMTP user, sends a message with it
 through smtplib and sees the statistics change; a sender added through the API is refused
 at MAIL FROM until its confirmation link (mailed through the relay's own queue) is
-followed over HTTP.
+followed over HTTP. An admin deleted or given a new password with mailrelay-admin is
+logged out of every open session, over plain HTTP and in the browser.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import smtplib
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -117,6 +120,97 @@ def test_admin_adds_a_user_sends_and_sees_statistics(relay, browser):
 
     wait_for(counted, timeout=20, interval=0.5, what="the statistics of app")
     click(browser, By.XPATH, "//button[text()='Log out']")
+
+
+class PanelClient:
+    """A web admin session over plain HTTP: the login form's CSRF token, the cookie."""
+
+    def __init__(self, url: str) -> None:
+        self.port = urllib.parse.urlsplit(url).port
+        self.cookie = ""
+
+    def request(self, method: str, path: str, form: dict | None = None):
+        """(status, location, body text); a new session cookie is kept."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            headers = {"cookie": self.cookie} if self.cookie else {}
+            body = None
+            if form is not None:
+                body = urllib.parse.urlencode(form)
+                headers["content-type"] = "application/x-www-form-urlencoded"
+            connection.request(method, path, body, headers)
+            response = connection.getresponse()
+            text = response.read().decode()
+            cookie = response.getheader("set-cookie")
+            if cookie:
+                self.cookie = cookie.split(";", 1)[0]
+            return response.status, response.getheader("location"), text
+        finally:
+            connection.close()
+
+    def login(self, name: str, password: str) -> None:
+        _, _, form = self.request("GET", "/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+        status, location, _ = self.request("POST", "/login", {"name": name, "password": password,
+                                                               "csrf": csrf})  # fmt: skip
+        assert (status, location) == (303, "/users")
+
+    def csrf(self) -> str:
+        status, _, page = self.request("GET", "/users")
+        assert status == 200
+        return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def test_changed_or_deleted_admin_is_logged_out_over_http(relay):
+    relay.admin("admin", "add", "bob", "--password-stdin", input="bob-password-1\n")
+    relay.admin("admin", "add", "carol", "--password-stdin", input="carol-password-1\n")
+    bobs = [PanelClient(relay.panel_url) for _ in range(2)]
+    for client in bobs:
+        client.login("bob", "bob-password-1")
+    carol = PanelClient(relay.panel_url)
+    carol.login("carol", "carol-password-1")
+    csrf = bobs[1].csrf()
+
+    relay.admin("admin", "passwd", "bob", "--password-stdin", input="bob-password-2\n")
+    wait_for(lambda: bobs[0].request("GET", "/users")[:2] == (303, "/login"), timeout=10,
+             interval=0.2, what="bob's old session to end")  # fmt: skip
+    # Every session of bob ended, a form posted with the old cookie included.
+    status, _, page = bobs[1].request("POST", "/accounts", {"csrf": csrf, "name": "x"})
+    assert status == 403 and "your session has ended" in page
+    assert bobs[1].request("GET", "/users")[:2] == (303, "/login")
+    assert carol.request("GET", "/users")[0] == 200  # another admin is not affected
+    fresh = PanelClient(relay.panel_url)
+    fresh.login("bob", "bob-password-2")
+    assert fresh.request("GET", "/users")[0] == 200
+
+    relay.admin("admin", "del", "carol")
+    wait_for(lambda: carol.request("GET", "/users")[:2] == (303, "/login"), timeout=10,
+             interval=0.2, what="carol's session to end")  # fmt: skip
+    assert fresh.request("GET", "/users")[0] == 200
+
+
+def test_browser_of_an_admin_given_a_new_password_is_logged_out(relay, browser):
+    from selenium.webdriver.common.by import By
+
+    relay.admin("admin", "add", "dave", "--password-stdin", input="dave-password-1\n")
+    browser.get(relay.panel_url + "/login")
+    fill(browser, {"name": "dave", "password": "dave-password-1"})
+    click(browser, By.ID, "login")
+    assert browser.current_url == relay.panel_url + "/users"
+
+    relay.admin("admin", "passwd", "dave", "--password-stdin", input="dave-password-2\n")
+
+    def logged_out():
+        browser.get(relay.panel_url + "/users")
+        return browser.current_url == relay.panel_url + "/login"
+
+    wait_for(logged_out, timeout=10, interval=0.2, what="the browser's session to end")
+    fill(browser, {"name": "dave", "password": "dave-password-1"})
+    click(browser, By.ID, "login")
+    assert "Wrong admin name or password" in browser.page_source
+    fill(browser, {"name": "dave", "password": "dave-password-2"})
+    click(browser, By.ID, "login")
+    assert browser.current_url == relay.panel_url + "/users"
 
 
 @pytest.fixture

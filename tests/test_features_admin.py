@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -82,7 +83,76 @@ def test_suppression_commands(admin):
     unknown = admin("suppression", "add", "x@example.org", "--user", "nobody@x.example", ok=False)
     assert unknown.returncode == 1 and "unknown user 'nobody@x.example'" in unknown.stderr
     neither = admin("suppression", "add", "x@example.org", ok=False)
-    assert neither.returncode == 2  # argparse: one of --user, --account, --global required
+    assert neither.returncode == 1 and "which list: --user USER, --account" in neither.stderr
+    both = admin("suppression", "del", "x@example.org", "--global", "--account", "acme", ok=False)
+    assert both.returncode == 1 and "--global goes alone" in both.stderr
+
+
+def listed(admin, *level: str) -> list[tuple[str, str | None, str | None]]:
+    rows = json.loads(admin("suppression", "list", *level, "--json").stdout)
+    return [(e["address"], e["account"], e["user"]) for e in rows]
+
+
+def test_deleting_a_user_removes_its_suppressions_and_keeps_its_statistics(admin):
+    user = "news@acme.example"
+    admin("suppression", "add", "a@example.org", "b@example.org", "--user", user)
+    admin("suppression", "add", "all@example.org", "--account", "acme")
+    store = StatsStore(str(admin.data / "stats.sqlite"))
+    hour = 1_795_000_000 // HOUR
+    store.add({("acme", user, hour, "accepted"): 5, ("acme", user, hour, "delivered"): 4})
+    store.close()
+
+    lines = admin("user", "del", user).stdout.splitlines()
+    assert lines[0] == f"deleted user {user}"
+    label = re.fullmatch(r"its suppressions and statistics: 2 suppressed address\(es\) removed, "
+                         r"statistics kept as user '(.+)'", lines[1]).group(1)  # fmt: skip
+    assert re.fullmatch(rf"{re.escape(user)} \(deleted \d{{4}}-\d\d-\d\d [\d:]{{8}} UTC\)",
+                        label)  # fmt: skip
+    assert listed(admin) == [("all@example.org", "acme", None)]
+    history = json.loads(admin("stats", "--account", "acme", "--by", "day", "--json").stdout)
+    assert history["totals"]["accepted"] == 5
+    assert [(p["user"], p["accepted"]) for p in history["periods"]] == [(label, 5)]
+
+    # A new user of that name starts with nothing.
+    added = admin("user", "add", user, "--account", "acme").stdout
+    assert "left by an earlier user" not in added
+    assert listed(admin, "--user", user) == []
+    assert json.loads(admin("stats", user, "--json").stdout)["totals"]["accepted"] == 0
+    gone = admin("user", "del", user).stdout.splitlines()[1]
+    assert gone == ("its suppressions and statistics: 0 suppressed address(es) removed, "
+                    "no statistics")  # fmt: skip
+
+
+def test_suppressions_of_a_user_that_no_longer_exists(admin):
+    user = "news@acme.example"
+    admin("suppression", "add", "a@example.org", "b@example.org", "c@example.org", "--user", user)
+    # The user is deleted by editing the user file, as a sysadmin may.
+    users_file = admin.data / "users.json"
+    doc = json.loads(users_file.read_text())
+    del doc["users"][user]
+    users_file.write_text(json.dumps(doc))
+
+    assert listed(admin, "--user", user) == [
+        ("a@example.org", "acme", user), ("b@example.org", "acme", user),
+        ("c@example.org", "acme", user)]  # fmt: skip
+    assert ("a@example.org", "acme", user) in listed(admin)
+    admin("suppression", "del", "a@example.org", "--user", "NEWS@acme.example")
+    admin("suppression", "del", "b@example.org", "--user", user, "--account", "acme")
+    assert listed(admin, "--user", user) == [("c@example.org", "acme", user)]
+    missing = admin("suppression", "del", "a@example.org", "--user", user, ok=False)
+    assert missing.stderr.strip() == "mailrelay-admin: not on that list: a@example.org"
+    nobody = admin("suppression", "list", "--user", "nobody@acme.example", ok=False)
+    assert nobody.returncode == 1
+    assert "unknown user 'nobody@acme.example'" in nobody.stderr
+    assert "no suppressed address is stored for that name" in nobody.stderr
+    refused = admin("suppression", "add", "d@example.org", "--user", user, ok=False)
+    assert refused.returncode == 1 and "unknown user" in refused.stderr
+
+    # Its name given to a new user: the leftover is not inherited.
+    added = admin("user", "add", user, "--account", "acme").stdout.splitlines()
+    assert f"left by an earlier user {user}: 1 suppressed address(es) removed, no statistics" \
+        in added
+    assert listed(admin) == []
 
 
 def test_stats_command(admin):

@@ -325,6 +325,28 @@ class ApiTests(unittest.TestCase):
         yield self.api("DELETE", "/suppressions/all@example.org", expect=204)
         yield self.api("GET", "/suppressions?user=nobody", expect=404)
 
+    @defer.inlineCallbacks
+    def test_deleted_user_leaves_no_suppressions_to_a_new_user_of_its_name(self):
+        yield self.api("POST", "/suppressions", {"address": "bob@example.org", "user": "webapp"},
+                       expect=201)  # fmt: skip
+        yield self.api("POST", "/suppressions", {"address": "all@example.org"}, expect=201)
+        hour = int(self.panel.spool._reactor.seconds() // 3600)
+        self.panel.stats.add({("default", "webapp", hour, "accepted"): 5})
+        yield self.api("DELETE", "/users/webapp", expect=204)
+        _, _, everything = yield self.api("GET", "/suppressions", expect=200)
+        self.assertEqual([(e["address"], e["user"]) for e in everything],
+                         [("all@example.org", None)])  # fmt: skip
+        _, _, doc = yield self.api("GET", "/stats?account=default", expect=200)
+        self.assertEqual(doc["totals"]["accepted"], 5)  # kept, under another name
+        # Mail of the deleted user still queued bounces after all: it is not inherited.
+        self.panel.suppressions.add("late@example.org", "default", "webapp")
+        yield self.api("POST", "/users", {"username": "webapp", "domains": "shop.test"},
+                       expect=201)  # fmt: skip
+        _, _, mine = yield self.api("GET", "/suppressions?user=webapp", expect=200)
+        self.assertEqual(mine, [])
+        _, _, doc = yield self.api("GET", "/stats?user=webapp", expect=200)
+        self.assertEqual(doc["totals"]["accepted"], 0)
+
     # ---- queue
 
     def queue_message(self, held=False):

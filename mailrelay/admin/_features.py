@@ -9,22 +9,26 @@ from mailrelay.admin import _directory as directory
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.config import duration
 from mailrelay.features.paths import FeaturePaths, feature_paths
+from mailrelay.model import canonical_username
 
 
 def paths(context: Context) -> FeaturePaths:
     return feature_paths(context.config)
 
 
+class UnknownUser(CommandError):
+    """The directory answered: there is no such user."""
+
+
 def user_account(context: Context, username: str) -> tuple[str, str]:
     """``(canonical username, account)`` of a user, from the configured directory."""
     if directory.is_ldap(context):
         user = directory.read_directory(context, lambda d: d.getUser(username))
-        if user is None:
-            raise CommandError(f"unknown user {username!r} (see mailrelay-admin user list)")
     else:
         store = directory.store(context)
-        with directory.admin_errors():
-            user = store.user(username)
+        user = store.data.users.get(canonical_username(username))
+    if user is None:
+        raise UnknownUser(f"unknown user {username!r} (see mailrelay-admin user list)")
     return user.username, user.account
 
 

@@ -1,10 +1,31 @@
-"""``mailrelay-admin check``: validate the configuration before anything starts."""
+"""``mailrelay-admin check``: validate the configuration before anything starts.
+
+Whatever makes ``twistd`` refuse to start, ``check`` refuses first, with the same line: the
+settings themselves (load_config, exit status 2), then each file the relay reads at startup,
+read here by the same code (exit status 1). Nothing is created or changed: files the relay
+makes on first start (the self-signed certificate, key files, the databases) are only
+checked when they exist, and their directory when they do not.
+"""
 
 from __future__ import annotations
 
 import os
+import sqlite3
+from urllib.parse import quote
+
+from twisted.internet.task import Clock
 
 from mailrelay.admin.cli import CommandError
+from mailrelay.config import ConfigError
+from mailrelay.features.paths import feature_paths
+from mailrelay.service import (
+    StartupError,
+    check_spool_directory,
+    make_footer,
+    read_key_file,
+    store_error,
+)
+from mailrelay.tls import TLSSetupError, server_options
 
 
 def register(subparsers) -> None:
@@ -15,21 +36,87 @@ def register(subparsers) -> None:
 def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
-    if not config.tls.generate:  # a generated certificate is made on first start
-        for path in (config.tls.certificate, config.tls.key):
-            if not os.access(path, os.R_OK):
-                problems.append(f"[tls] {path}: not readable")
-    users = config.directory.file
-    writable = os.access(users, os.R_OK | os.W_OK)
-    if config.directory.backend == "file" and os.path.exists(users) and not writable:
-        problems.append(f"[directory] file {users}: not readable and writable")
-    parent = config.server.data_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        problems.append(f"[server] data_dir {config.server.data_dir}: {parent} is not writable")
+    for step in (_tls, _directory, _data_dir, check_spool_directory, _feature_stores,
+                 _tracking, _admin):  # fmt: skip
+        try:
+            step(config)
+        except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
+            problems.append(str(e))
     if problems:
         raise CommandError("; ".join(problems))
     print(f"{config.source}: ok ({len(config.listeners)} listeners, "
           f"directory={config.directory.backend}, delivery={config.delivery.mode})")
     return 0
+
+
+class _Problem(Exception):
+    """Something check alone reports (the relay would find it later, or differently)."""
+
+
+def _tls(config) -> None:
+    t = config.tls
+    if not t.generate or (os.path.exists(t.certificate) and os.path.exists(t.key)):
+        try:
+            server_options(t.certificate, t.key, False, config.server.hostname, t.key_type)
+        except OSError as e:
+            raise StartupError(str(e))
+
+
+def _directory(config) -> None:
+    if config.directory.backend == "ldap":
+        return  # checked by binding, which the relay does at startup (a running server)
+    from mailrelay.directory.filedir import DirectoryFileError, read_file
+
+    users = config.directory.file
+    try:
+        read_file(users)
+    except DirectoryFileError as e:  # as mailrelay.directory.open_directory says it
+        raise ConfigError(config.source, "directory", "file", str(e))
+    if os.path.exists(users) and not os.access(users, os.R_OK | os.W_OK):
+        raise _Problem(f"[directory] file {users}: not readable and writable")
+
+
+def _data_dir(config) -> None:
+    parent = config.server.data_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise _Problem(f"[server] data_dir {config.server.data_dir}: {parent} is not writable")
+
+
+def _feature_stores(config) -> None:
+    """Opened read-only: an existing database file that SQLite cannot read."""
+    paths = feature_paths(config)
+    for key, path in (("suppressions_db", paths.suppressions_db), ("stats_db", paths.stats_db)):
+        if not os.path.exists(path):
+            continue
+        try:
+            db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+            try:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            raise store_error(key, path, e)
+
+
+def _key_file(section: str, path: str) -> None:
+    if os.path.exists(path):  # else the relay makes it on first start
+        read_key_file(section, path)
+
+
+def _tracking(config) -> None:
+    if config.tracking.enabled:
+        make_footer(config)
+        _key_file("tracking", feature_paths(config).token_key)
+
+
+def _admin(config) -> None:
+    from mailrelay.web.site import admin_settings, open_access, verification_key_file
+
+    settings = admin_settings(config)
+    if not settings.enabled:
+        return
+    open_access(config, Clock())
+    if settings.verify_senders:
+        _key_file("admin", verification_key_file(config))

@@ -2,6 +2,11 @@
 
 A user's list (``--user``), an account's list for all its users (``--account``), or the
 global list (``--global``). Unsubscribes and hard bounces land on the user's list.
+
+Every row can be listed and removed, also one whose user no longer exists (deleted by hand
+or in LDAP): ``--user U`` alone names such rows when there is no user U, and ``--user U
+--account A`` names exactly the rows stored for U in A (a user that moved to another
+account leaves them behind). ``mailrelay-admin user del`` removes the user's own list.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from mailrelay.admin import _features as features
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.features.suppressions import Reason, Suppression, SuppressionStore
+from mailrelay.model import canonical_username
 from mailrelay.scope import is_address
 
 
@@ -43,18 +49,38 @@ def register(subparsers) -> None:
 
 
 def _level(parser: argparse.ArgumentParser, required: bool) -> None:
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--user", help="the list of this SMTP user")
-    group.add_argument("--account", help="the list of this account (all its users)")
-    group.add_argument("--global", dest="global_", action="store_true", help="the global list")
+    parser.add_argument("--user", help="the list of this SMTP user (with --account: the rows "
+                        "stored for this name in that account, whether or not the user exists)")
+    parser.add_argument("--account", help="the list of this account (all its users)")
+    parser.add_argument("--global", dest="global_", action="store_true", help="the global list")
+    parser.set_defaults(level_required=required)
 
 
 def _where(args, context: Context) -> tuple[str | None, str | None]:
     """``(account, user)`` for the store; (None, None) is the global list."""
+    if args.global_ and (args.user or args.account):
+        raise CommandError("--global goes alone, without --user or --account")
+    if args.level_required and not (args.user or args.account or args.global_):
+        raise CommandError("which list: --user USER, --account ACCOUNT or --global")
+    if args.user and args.account:
+        return args.account, args.user
     if args.user:
         username, account = features.user_account(context, args.user)
         return account, username
     return args.account, None
+
+
+def _lists(args, context: Context, store: SuppressionStore) -> list[tuple[str | None, str | None]]:
+    """The lists a command reads or changes: the one named, or, for ``--user U`` when there
+    is no user U, those still stored under that name (one per account)."""
+    try:
+        return [_where(args, context)]
+    except features.UnknownUser as e:
+        name = canonical_username(args.user)
+        accounts = sorted({row.account for row in store.of_user(name)})
+        if not accounts:
+            raise CommandError(f"{e}, and no suppressed address is stored for that name")
+        return [(account, name) for account in accounts]
 
 
 def _store(context: Context) -> SuppressionStore:
@@ -63,11 +89,13 @@ def _store(context: Context) -> SuppressionStore:
 
 def list_(args, context: Context) -> int:
     store = _store(context)
-    if args.user or args.account or args.global_:
-        entries = store.list(*_where(args, context))
-    else:
-        entries = store.all()
-    store.close()
+    try:
+        if args.user or args.account or args.global_:
+            entries = [e for where in _lists(args, context, store) for e in store.list(*where)]
+        else:
+            entries = store.all()
+    finally:
+        store.close()
     if args.json:
         output.print_json([_json(e) for e in entries])
         return 0
@@ -106,6 +134,10 @@ def _addresses(args) -> list[str]:
 def add(args, context: Context) -> int:
     addresses = _addresses(args)
     account, user = _where(args, context)
+    if args.user and args.account:  # only to a user that exists, in the account it is in
+        user, account = features.user_account(context, args.user)
+        if account != args.account:
+            raise CommandError(f"user {user} is in account {account}, not {args.account}")
     store = _store(context)
     for address in addresses:
         if not store.add(address, account, user, Reason(args.reason)):
@@ -116,10 +148,13 @@ def add(args, context: Context) -> int:
 
 def delete(args, context: Context) -> int:
     addresses = _addresses(args)
-    account, user = _where(args, context)
     store = _store(context)
-    missing = [a for a in addresses if not store.remove(a, account, user)]
-    store.close()
+    try:
+        lists = _lists(args, context, store)
+        # Every list named loses the address (a list comprehension: no short cut).
+        missing = [a for a in addresses if not any([store.remove(a, *w) for w in lists])]
+    finally:
+        store.close()
     if missing:
         raise CommandError(f"not on that list: {', '.join(missing)}")
     return 0

@@ -1,8 +1,19 @@
-"""mailrelay-admin user add|passwd|set|del|list|show: SMTP users."""
+"""mailrelay-admin user add|passwd|set|del|list|show: SMTP users.
+
+Deleting a user deletes its suppression list and keeps its statistics as history, moved to
+the name ``USER (deleted DATE TIME UTC)`` (spaces: no user can be called that), so they
+still count in the account's totals. Adding a user does the same to whatever is still
+stored under its name (a user deleted by editing the file, or mail of the deleted user
+that was still queued): a new user never inherits a former one's suppressions or counts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from mailrelay.admin import _directory as directory
@@ -12,6 +23,9 @@ from mailrelay.admin.cli import CommandError, Context
 from mailrelay.auth.passwords import hash_password, needs_rehash
 from mailrelay.directory.changes import USER_SETTINGS, user_changes
 from mailrelay.directory.filedir import DEFAULT_ACCOUNT, user_to_json
+from mailrelay.features.paths import feature_paths
+from mailrelay.features.stats import StatsStore
+from mailrelay.features.suppressions import SuppressionStore
 from mailrelay.model import Account, Kind, SmtpUser, Status
 
 _KIND_TEXT = {
@@ -110,6 +124,9 @@ def add(args: argparse.Namespace, context: Context) -> int:
     with directory.changing(context) as store:
         user = store.add_user(new, password_hash)
     print(f"added user {user.username} to account {user.account} ({_KIND_TEXT[user.kind]})")
+    left = _forget(context, user.username)
+    if left.suppressions or left.stats:
+        print(f"left by an earlier user {user.username}: {left.said()}")
     if generated:
         passwords.show(user.username, password)
     return 0
@@ -145,7 +162,62 @@ def delete(args: argparse.Namespace, context: Context) -> int:
     with directory.changing(context) as store:
         user = store.delete_user(args.username)
     print(f"deleted user {user.username}")
+    print(f"its suppressions and statistics: {_forget(context, user.username).said()}")
     return 0
+
+
+# ---- what a user leaves behind ----
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What was stored under a user's name: its suppressions (removed) and its statistics
+    (``stats`` counter rows, moved to ``label``)."""
+
+    suppressions: int
+    stats: int
+    label: str
+
+    def said(self) -> str:
+        kept = f"statistics kept as user {self.label!r}" if self.stats else "no statistics"
+        return f"{self.suppressions} suppressed address(es) removed, {kept}"
+
+
+def retired_name(username: str, when: float) -> str:
+    return f"{username} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def forget_user(suppressions, stats, username: str, when: float) -> Forgotten:
+    """Remove the suppressions stored under ``username`` and move its statistics to
+    retired_name (blocking: the daemon calls it in a thread)."""
+    label = retired_name(username, when)
+    return Forgotten(suppressions.remove_user(username), stats.retire_user(username, label),
+                     label)  # fmt: skip
+
+
+class _Nothing:
+    """A store file that does not exist yet holds nothing (and is not made here)."""
+
+    def remove_user(self, user: str) -> int:
+        return 0
+
+    def retire_user(self, user: str, label: str) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _forget(context: Context, username: str) -> Forgotten:
+    files = feature_paths(context.config)
+    with directory.admin_errors():
+        stores = [kind(path) if os.path.exists(path) else _Nothing() for kind, path in
+                  ((SuppressionStore, files.suppressions_db), (StatsStore, files.stats_db))]
+        try:
+            return forget_user(*stores, username, time.time())
+        finally:
+            for store in stores:
+                store.close()
 
 
 # ---- reading ----

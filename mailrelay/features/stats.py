@@ -131,6 +131,22 @@ class StatsStore(SqliteStore):
             row.counts[event] = int(n)
         return list(out.values())
 
+    def retire_user(self, user: str, label: str) -> int:
+        """Move the counters and tracking rows of the user named ``user`` (in any account)
+        to ``label``, which no user can be named (see admin.user.retired_name): the history
+        stays in the account's totals, and a new user of that name starts from nothing.
+        Returns how many counter rows moved."""
+        with self.transaction() as db:
+            moved = db.execute(
+                "INSERT INTO counters SELECT account, ?, hour, event, n FROM counters"
+                " WHERE user = ? ON CONFLICT (account, user, hour, event)"
+                " DO UPDATE SET n = n + excluded.n",
+                (label, user),
+            ).rowcount
+            db.execute("DELETE FROM counters WHERE user = ?", (user,))
+            db.execute("UPDATE tracked SET user = ? WHERE user = ?", (label, user))
+            return moved
+
     def tracked(
         self, account: str, queue_id: str | None = None, since: float | None = None
     ) -> list[Tracked]:

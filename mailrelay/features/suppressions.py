@@ -71,6 +71,19 @@ class SuppressionStore(SqliteStore):
             )
             return cursor.rowcount == 1
 
+    def remove_user(self, user: str) -> int:
+        """Drop the list of the user named ``user`` (in whichever account it was): when it
+        is deleted, or when the name is given to a new user. How many went."""
+        if not user:
+            raise ValueError("empty user name")
+        with self.transaction() as db:
+            return db.execute("DELETE FROM suppressions WHERE user = ?", (user,)).rowcount
+
+    def of_user(self, user: str) -> list[Suppression]:
+        """The rows stored for the user named ``user`` in any account: also those of a user
+        that no longer exists."""
+        return self._select("user = ?", (user,), "account, address")
+
     def list(self, account: str | None = None, user: str | None = None) -> list[Suppression]:
         """Global entries (no account); an account's entries, account-wide and per user (no
         user); or one user's entries. Sorted by address."""

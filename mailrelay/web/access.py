@@ -64,6 +64,12 @@ class Admin:
     password_hash: str
     created: float
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the password does (a new hash has a new salt): what a panel
+        session keeps to notice it, rather than the hash itself."""
+        return hashlib.sha256(self.password_hash.encode()).hexdigest()
+
 
 @dataclass
 class AccessData:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from mailrelay.admin._directory import LDAP_MANAGED
 from mailrelay.admin.account import account_json
-from mailrelay.admin.user import user_json
+from mailrelay.admin.user import Forgotten, forget_user, user_json
 from mailrelay.control import DeliveryNotRunning, DeliveryOff
 from mailrelay.directory.filedir import (
     DirectoryFileError,
@@ -114,6 +114,10 @@ async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
         settings = {k: v for k, v in doc.items() if k != "username"}
         user, password = await writer(s).add_user(username.strip(), settings)
     log.info("control panel: added user {user}", user=user.username)
+    left = await _forget(s, user.username)
+    if left.suppressions or left.stats:
+        log.info("control panel: left by an earlier user {user}: {what}", user=user.username,
+                 what=left.said())  # fmt: skip
     account = await s.directory.getAccount(user.account)
     return {
         "user": user_doc(user, account),
@@ -136,10 +140,19 @@ async def edit_user(s: Services, username: str, doc: dict[str, Any]) -> dict[str
     }
 
 
-async def delete_user(s: Services, username: str) -> None:
+async def delete_user(s: Services, username: str) -> Forgotten:
+    """Its suppressions go, its statistics stay under another name (admin.user)."""
     with refusals():
         user = await writer(s).delete_user(username)
-    log.info("control panel: deleted user {user}", user=user.username)
+    forgotten = await _forget(s, user.username)
+    log.info("control panel: deleted user {user}; its suppressions and statistics: {what}",
+             user=user.username, what=forgotten.said())  # fmt: skip
+    return forgotten
+
+
+async def _forget(s: Services, username: str) -> Forgotten:
+    return await in_thread(s.reactor, forget_user, s.suppressions, s.stats, username,
+                           s.reactor.seconds())  # fmt: skip
 
 
 async def reset_password(s: Services, username: str) -> dict[str, str]:

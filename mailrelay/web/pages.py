@@ -195,7 +195,7 @@ class Panel:
             return self._login_page(session, "Wrong admin name or password.", 401)
         self.sessions.login_succeeded(client)
         self.sessions.end(session)
-        session = self.sessions.start(admin.name)
+        session = self.sessions.start(admin.name, admin.fingerprint)
         log.info("control panel: {name} logged in from {client}", name=name, client=client)
         return redirect("/users", [self.sessions.cookie(session)])
 
@@ -370,8 +370,9 @@ class Panel:
 
     async def delete_user(self, call: Call) -> Response:
         username = call.params["username"]
-        await ops.delete_user(self.s, username)
-        return self.done(call, "/users", f"Deleted user {username}.")
+        forgotten = await ops.delete_user(self.s, username)
+        return self.done(call, "/users", f"Deleted user {username}; its suppressions and "
+                                         f"statistics: {forgotten.said()}.")  # fmt: skip
 
     async def verify_sender(self, call: Call) -> Response:
         username, sender = call.params["username"], call.params["sender"]

@@ -1,12 +1,22 @@
 """Web admin sessions: a random id in a cookie (HttpOnly, SameSite=Strict, Secure over
 TLS), kept in memory (a restart logs everyone out), each with its own CSRF token that every
-form carries back. Failed logins are counted per client address and slowed down."""
+form carries back. Failed logins are counted per client address and slowed down.
+
+A logged-in session remembers the fingerprint of the credential its admin logged in with
+(web.access.Admin.fingerprint) and is checked against the admin's current one on every
+request: deleting an admin or giving it a new password (``mailrelay-admin admin del|passwd``,
+noticed within a second, see web.access.AccessFile) ends all of that admin's sessions."""
 
 from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+log = Logger()
 
 COOKIE = "mailrelay_session"
 MAX_SESSIONS = 10000  # beyond it the oldest are forgotten (bounded memory)
@@ -20,14 +30,20 @@ class Session:
     csrf: str
     expires: float
     admin: str | None = None  # None until logged in (the login form's session)
+    credential: str = ""  # the admin's fingerprint at login (see Admin.fingerprint)
     flash: list[str] = field(default_factory=list)  # messages for the next page
 
 
 class Sessions:
-    def __init__(self, clock, lifetime: float = 8 * 3600.0, secure: bool = False) -> None:
+    """``credentials(admin)``: that admin's current fingerprint, None when there is no such
+    admin; without it a logged-in session lasts its lifetime."""
+
+    def __init__(self, clock, lifetime: float = 8 * 3600.0, secure: bool = False,
+                 credentials: Callable[[str], str | None] | None = None) -> None:  # fmt: skip
         self.clock = clock
         self.lifetime = lifetime
         self.secure = secure
+        self.credentials = credentials
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._failures: dict[str, tuple[int, float]] = {}
 
@@ -40,9 +56,17 @@ class Sessions:
         if self.clock.seconds() >= session.expires:
             self._sessions.pop(session.id, None)
             return None
+        if session.admin is not None and self.credentials is not None:
+            current = self.credentials(session.admin)
+            if current is None or not secrets.compare_digest(current, session.credential):
+                self._sessions.pop(session.id, None)
+                log.info("control panel: a session of {admin} ended: the admin was {what}",
+                         admin=session.admin,
+                         what="deleted" if current is None else "given a new password")
+                return None
         return session
 
-    def start(self, admin: str | None = None) -> Session:
+    def start(self, admin: str | None = None, credential: str = "") -> Session:
         """A new session (a new id: logging in never keeps the login form's id)."""
         now = self.clock.seconds()
         for sid in [s.id for s in self._sessions.values() if s.expires <= now]:
@@ -50,17 +74,12 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             self._sessions.popitem(last=False)
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32),
-                          now + self.lifetime, admin)  # fmt: skip
+                          now + self.lifetime, admin, credential)  # fmt: skip
         self._sessions[session.id] = session
         return session
 
     def end(self, session: Session) -> None:
         self._sessions.pop(session.id, None)
-
-    def end_admin(self, admin: str) -> None:
-        """Log out every session of ``admin`` (deleted or given a new password)."""
-        for sid in [s.id for s in self._sessions.values() if s.admin == admin]:
-            del self._sessions[sid]
 
     def cookie(self, session: Session | None) -> str:
         value, age = (session.id, int(self.lifetime)) if session else ("", 0)

@@ -20,7 +20,7 @@ from mailrelay.listener import ListenerService
 from mailrelay.manage.queue import QueueControl
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
-from mailrelay.web.access import AccessFile, access_path
+from mailrelay.web.access import AccessError, AccessFile, access_path
 from mailrelay.web.backend import QueueReader, UserWriter
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
@@ -72,7 +72,11 @@ def _refuse(error: HttpError):
 def make_admin_site(
     services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0
 ) -> server.Site:
-    sessions = Sessions(services.reactor, session_lifetime, secure_cookies)
+    def credentials(name: str) -> str | None:
+        admin = services.access.current().admins.get(name)
+        return None if admin is None else admin.fingerprint
+
+    sessions = Sessions(services.reactor, session_lifetime, secure_cookies, credentials)
     panel = Panel(services, sessions, ConfirmPages(services))
     site = server.Site(AdminRoot(api_module.Api(services), panel))
     site.displayTracebacks = False
@@ -110,12 +114,27 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         control=control or QueueControl(spool, reactor),
         suppressions=suppressions,
         stats=stats,
-        access=AccessFile(settings.access_file or access_path(config), reactor),
+        access=open_access(config, reactor),
         verifier=verifier,
         ip_auth=getattr(policy, "ip_auth", None) or IpAuthTable(),
         address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
         reactor=reactor,
     )
+
+
+def open_access(config, clock) -> AccessFile:
+    """The access file the panel reads (re-read when it changes); StartupError when the
+    file there now cannot be used."""
+    from mailrelay.service import StartupError
+
+    try:
+        return AccessFile(admin_settings(config).access_file or access_path(config), clock)
+    except AccessError as e:
+        raise StartupError(f"[admin] access_file {e}")
+
+
+def verification_key_file(config) -> str:
+    return admin_settings(config).key_file or os.path.join(config.server.data_dir, "panel.key")
 
 
 def make_verifier(config, spool, reactor):
@@ -127,10 +146,11 @@ def make_verifier(config, spool, reactor):
     settings = admin_settings(config)
     if not settings.verify_senders:
         return None
-    key_file = settings.key_file or os.path.join(config.server.data_dir, "panel.key")
+    from mailrelay.service import read_key_file
+
     delivery = getattr(config, "delivery", None)
     return Verifier(
-        VerificationTokens.from_key_file(key_file),
+        VerificationTokens(read_key_file("admin", verification_key_file(config))),
         spool,
         make_resolver(getattr(delivery, "dns_servers", []), reactor),
         public_url(settings, config.server.hostname),
