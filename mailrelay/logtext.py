@@ -25,9 +25,10 @@ No line is lost to what it says, nor to a write that fails. A line that UTF-8 ca
 (a lone surrogate) is written with that character escaped (``\\udcff``). Lines a write
 could not take (a full disk, a file that cannot be reopened) are kept, up to
 ``MAX_HELD`` characters (beyond that the oldest go, and are counted), and written with
-the next write; the first failure is said on the process's standard error at once, and
-once the log can be written again, an error line in it says for how long it could not
-and how many lines were written late or lost.
+the next write (a stream that took part of a failed write may so repeat a few lines).
+The first failure is said on the process's standard error at once; once the log can be
+written again, an error line in it says for how long it could not and how many lines
+were written late or lost.
 
 Twisted's own lines about the connections of its internals (the UDP port of each DNS
 query, the delivery process's AMP channel) say nothing a sysadmin can use, and some
@@ -188,7 +189,7 @@ class GatheringObserver:
         self._size = 0
         self._armed = False  # a flush is scheduled
         self._hooked = False  # the reactor's shutdown flushes
-        # While writes fail: since when, the first error, how many lines were dropped.
+        # While writes fail: since when, the first error, the lines waiting, and dropped.
         self._failed_since: float | None = None
         self._error = ""
         self._late = 0

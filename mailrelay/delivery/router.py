@@ -94,7 +94,8 @@ def make_resolver(servers: Iterable[tuple[str, int]] = (), reactor=None):
 class _QueryPort(udp.Port):
     """The UDP port of one DNS query, opened and closed without the lines
     twisted.internet.udp writes for each (``... starting on 47584``, ``(UDP Port 47584
-    Closed)``): four a lookup, with a memory address, and nothing a sysadmin can use."""
+    Closed)``) nor its protocol's (``Starting protocol <... object at 0x...>``): four
+    lines a query, nothing a sysadmin can use."""
 
     def startListening(self) -> None:
         quietly(super().startListening)
