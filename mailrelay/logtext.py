@@ -21,6 +21,19 @@ one each (a busy relay logs thousands a second, and each record of the delivery 
 also woke the relay). A warning or worse goes at once, with every line before it, so the
 lines that explain a failure are on disk when it happens; a stop writes everything.
 
+No line is lost to what it says, nor to a write that fails. A line that UTF-8 cannot hold
+(a lone surrogate) is written with that character escaped (``\\udcff``). Lines a write
+could not take (a full disk, a file that cannot be reopened) are kept, up to
+``MAX_HELD`` characters (beyond that the oldest go, and are counted), and written with
+the next write (a stream that took part of a failed write may so repeat a few lines).
+The first failure is said on the process's standard error at once; once the log can be
+written again, an error line in it says for how long it could not and how many lines
+were written late or lost.
+
+Twisted's own lines about the connections of its internals (the UDP port of each DNS
+query, the delivery process's AMP channel) say nothing a sysadmin can use, and some
+carry a memory address: they are left out (``quietly``, ``_chatter``).
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -33,6 +46,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -44,12 +58,17 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python import log as legacy_log
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 FLUSH_DELAY = 0.05  # seconds an info line may wait to be written with others
 MAX_GATHERED = 64 * 1024  # characters: more are written at once
+MAX_HELD = 4 * 2**20  # characters kept while the log cannot be written
+RETRY_DELAY = 1.0  # seconds between tries to write a log that could not be written
 _URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+QUIET_SYSTEM = "mailrelay-quiet"  # the log_system of Twisted's lines ``quietly`` marks
+_CHATTY_NAMESPACES = frozenset({"twisted.protocols.amp"})  # its info lines: connections
 
 _stamp: list = [None, "-"]  # (second, its text): every line of that second shares it
 
@@ -121,6 +140,39 @@ def event_json(event: Mapping[str, Any]) -> str:
     return eventAsJSON(dict(event))
 
 
+def quietly(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``f(*args, **kwargs)``, the lines Twisted's legacy ``log.msg`` makes meanwhile left
+    out of the log (twisted.internet.udp writes a line as each port opens and closes,
+    whatever its protocol's ``noisy`` says)."""
+    return legacy_log.callWithContext({"system": QUIET_SYSTEM}, f, *args, **kwargs)
+
+
+def _chatter(event: Mapping[str, Any]) -> bool:
+    return (event.get("log_system") == QUIET_SYSTEM
+            or (event.get("log_namespace") in _CHATTY_NAMESPACES
+                and event.get("log_level") is LogLevel.info))
+
+
+def _encodable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate (bytes decoded with
+    "surrogateescape") as its escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _say(text: str) -> None:
+    """A line on the process's own standard error (twistd's ``sys.stderr`` goes to the
+    log), for when the log itself cannot be written."""
+    try:
+        sys.__stderr__.write(text + "\n")
+        sys.__stderr__.flush()
+    except Exception:
+        pass  # nowhere left to say it
+
+
 @implementer(ILogObserver)
 class GatheringObserver:
     """Writes ``format_event(event)`` of each event to ``out``; while the reactor runs,
@@ -137,19 +189,29 @@ class GatheringObserver:
         self._size = 0
         self._armed = False  # a flush is scheduled
         self._hooked = False  # the reactor's shutdown flushes
+        # While writes fail: since when, the first error, the lines waiting, and dropped.
+        self._failed_since: float | None = None
+        self._error = ""
+        self._late = 0
+        self._lost = 0
         atexit.register(self.flush)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        if _chatter(event):
+            return
         text = self.format_event(event)
         if not text:
             return
+        if not text.isascii():
+            text = _encodable(text)
         reactor = _running_reactor()
         urgent = (reactor is None or "log_failure" in event
                   or event.get("log_level") in _URGENT)
         with self._lock:
             self._lines.append(text)
             self._size += len(text)
-            if urgent or self._size >= MAX_GATHERED:
+            # While the log cannot be written, a full batch waits for the retry.
+            if urgent or (self._size >= MAX_GATHERED and self._failed_since is None):
                 self._write()
                 return
             if self._armed:
@@ -166,14 +228,63 @@ class GatheringObserver:
             self._write()
 
     def _write(self) -> None:
-        """With the lock held."""
+        """With the lock held. Lines are forgotten only once written."""
         self._armed = False
-        if self._lines:
-            text = "".join(self._lines)
-            self._lines.clear()
-            self._size = 0
-            self.out.write(text)
+        if not self._lines:
+            return
+        text = "".join(self._lines)
+        try:
+            try:
+                self.out.write(text)
+            except UnicodeEncodeError:  # a stream whose encoding is not UTF-8
+                self.out.write(text.encode("ascii", "backslashreplace").decode("ascii"))
             self.out.flush()
+        except Exception as e:
+            self._held_back(e)
+            return
+        self._lines.clear()
+        self._size = 0
+        if self._failed_since is not None:
+            self._recovered()
+
+    def _held_back(self, error: Exception) -> None:
+        """The write failed: keep the lines (the newest MAX_HELD characters of them) and
+        try again later."""
+        if self._failed_since is None:
+            self._failed_since = time.time()
+            self._error = f"{type(error).__name__}: {error}"
+            _say(f"mailrelay: cannot write the log ({self._error}); its lines are kept "
+                 "and written once it can be")
+        if self._size > MAX_HELD:
+            cut, size = 0, self._size
+            while size > MAX_HELD and cut < len(self._lines) - 1:
+                size -= len(self._lines[cut])
+                cut += 1
+            del self._lines[:cut]
+            self._size = size
+            self._lost += cut
+        self._late = len(self._lines)
+        reactor = _running_reactor()
+        if reactor is not None and not self._armed:
+            self._armed = True
+            reactor.callFromThread(reactor.callLater, RETRY_DELAY, self.flush)
+
+    def _recovered(self) -> None:
+        """Say in the log that it could not be written for a while."""
+        now = time.time()
+        text = self.format_event({
+            "log_namespace": __name__, "log_level": LogLevel.error, "log_time": now,
+            "log_format": "the log could not be written for {seconds:.0f} s ({error}); "
+                          "{written} lines were written late, {lost} lost",
+            "seconds": now - self._failed_since, "error": self._error,
+            "written": self._late, "lost": self._lost,
+        })
+        self._failed_since, self._error, self._late, self._lost = None, "", 0, 0
+        try:
+            self.out.write(_encodable(text or ""))
+            self.out.flush()
+        except Exception as e:
+            _say(f"mailrelay: cannot write the log ({type(e).__name__}: {e})")
 
 
 def _running_reactor():

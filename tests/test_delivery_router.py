@@ -6,7 +6,9 @@ import random
 
 from dns_server import DNSServer
 from harness import TempPaths
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.names import client
 from twisted.trial import unittest
 
@@ -21,6 +23,7 @@ from mailrelay.delivery.router import (
     make_resolver,
     router_from_config,
 )
+from mailrelay.logtext import GatheringObserver, classic_text
 
 ZONE = {
     "example.test": ["MX 20 mx2.example.test", "MX 10 mx1.example.test"],
@@ -154,3 +157,43 @@ class OtherRouterTests(TempPaths, unittest.TestCase):
         self.assertIsInstance(router, MXRouter)
         self.assertFalse(router.allow_local)
         self.assertEqual(router.resolver.servers, [("127.0.0.1", 5353)])
+
+
+class QuietTests(unittest.TestCase):
+    """A lookup, and the system resolver reading resolv.conf, write no line to the log."""
+
+    def setUp(self) -> None:
+        self.dns = DNSServer(ZONE)
+        self.addr = self.dns.listen()
+        self.addCleanup(self.dns.stop)
+        self.lines: list[str] = []
+        observer = GatheringObserver(self, classic_text)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.addCleanup(observer.flush)
+
+    def write(self, text: str) -> None:  # the log file
+        self.lines += text.splitlines()
+
+    def flush(self) -> None:
+        pass
+
+    def chatter(self) -> list[str]:
+        return [line for line in self.lines
+                if any(word in line for word in ("DNSDatagramProtocol", "UDP Port", " 0x",
+                                                 "resolv.conf", "Resolver added"))]
+
+    @defer.inlineCallbacks
+    def test_a_lookup(self):
+        router = MXRouter(make_resolver([self.addr]), port=2525, allow_local=True)
+        hops = yield router.route("example.test")
+        self.assertEqual(len(hops), 3)
+        yield deferLater(reactor, 0.1, lambda: None)  # the ports close, the lines gathered
+        self.assertEqual(self.chatter(), [])
+
+    def test_the_system_resolver_reading_resolv_conf(self):
+        chain = make_resolver()
+        system = chain.resolvers[-1]
+        if system._parseCall is not None and system._parseCall.active():
+            system._parseCall.cancel()
+        self.assertEqual(self.chatter(), [])

@@ -17,6 +17,7 @@ from twisted.logger import (
     LogLevel,
     eventAsJSON,
     eventFromJSON,
+    formatEvent,
     formatEventAsClassicLogText,
 )
 from twisted.python.failure import Failure
@@ -24,12 +25,14 @@ from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
+from mailrelay import logtext
 from mailrelay.logtext import (
     MAX_GATHERED,
     GatheringObserver,
     classic_text,
     event_json,
     json_observer,
+    quietly,
     twistd_observer,
 )
 from tests.harness import Relay, wait_for
@@ -296,9 +299,122 @@ class GatheringTests(unittest.TestCase):
                                               ).addCallback(
             lambda _: self.assertEqual(len(self.out.writes), 1))
 
+    def test_a_failed_write_is_tried_again_without_waiting_for_another_line(self):
+        self.patch(logtext, "RETRY_DELAY", 0.1)
+        out = FailingFile()
+        observer = GatheringObserver(out, lambda e: formatEvent(e) + "\n", delay=0.05)
+
+        def recover(_) -> None:
+            self.assertEqual(out.writes, [])  # the gathered write failed
+            out.failing = False
+
+        def check(_) -> None:
+            self.assertEqual(out.writes[0], "a\nb\n")
+            self.assertIn("2 lines were written late, 0 lost", out.writes[1])
+
+        d = self.later(0, lambda: (observer(line("a")), observer(line("b"))))
+        d.addCallback(lambda _: self.later(0.08, lambda: None)).addCallback(recover)
+        return d.addCallback(lambda _: self.later(0.3, lambda: None)).addCallback(check)
+
     def test_without_a_running_reactor_every_line_goes_at_once(self):
         # a test's own body runs before trial starts the reactor: as at startup and
         # after a stop, nothing would be left to write the lines later
         self.assertFalse(reactor.running)
         self.observer(line("config error"))
         self.assertEqual(self.out.writes, ["config error\n"])
+
+
+def info(text: str, **fields) -> dict:
+    return {"log_format": text, "log_level": LogLevel.info, "log_time": NOW,
+            "log_namespace": "mailrelay.smtp.server", **fields}
+
+
+def test_a_line_utf8_cannot_hold_is_escaped_and_no_line_around_it_is_lost(tmp_path):
+    # a From: address read with "surrogateescape" once made LogFile's encode raise,
+    # and the lines gathered with it were gone
+    log_file = LogFile.fromFullPath(str(tmp_path / "relay.log"))
+    observer = GatheringObserver(log_file, classic_text)
+    observer(info("accepted {id}: session=1", id="A1"))
+    observer(info("refused From: header address {a}", a="x@ev\udcffil.example"))
+    observer(info("login failed: ip={ip} user=doe.com", ip="203.0.113.9"))
+    log_file.close()
+    text = (tmp_path / "relay.log").read_bytes().decode("utf-8")  # strictly UTF-8
+    assert "accepted A1: session=1\n" in text
+    assert "refused From: header address x@ev\\udcffil.example\n" in text
+    assert "login failed: ip=203.0.113.9 user=doe.com\n" in text
+
+
+class FailingFile(Writes):
+    """A log file whose writes fail (a full disk) until ``failing`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    def write(self, text: str) -> None:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        super().write(text)
+
+
+def test_lines_a_write_could_not_take_are_kept_and_the_failure_reported(capfd):
+    out = FailingFile()
+    observer = GatheringObserver(out, classic_text)
+    for i in range(3):
+        observer(info("line {i}", i=i))  # each write fails: nothing raised, nothing lost
+    assert out.writes == []
+    assert "cannot write the log (OSError: [Errno 28] No space left on device)" in (
+        capfd.readouterr().err)  # the process's own stderr: twistd's goes to the log
+    out.failing = False
+    observer(info("line {i}", i=3))
+    text = "".join(out.writes)
+    assert [ln.split("] ", 1)[1] for ln in text.splitlines()[:4]] == [
+        "line 0", "line 1", "line 2", "line 3"]
+    assert text.splitlines()[4].endswith(
+        "the log could not be written for 0 s (OSError: [Errno 28] No space left on "
+        "device); 3 lines were written late, 0 lost")
+    assert "[mailrelay.logtext#error]" in text.splitlines()[4]
+    observer(info("line {i}", i=4))
+    assert out.writes[-1].endswith("] line 4\n")  # and no note again
+
+
+def test_while_the_log_cannot_be_written_the_newest_lines_are_kept(monkeypatch, capfd):
+    monkeypatch.setattr(logtext, "MAX_HELD", 100)
+    out = FailingFile()
+    observer = GatheringObserver(out, lambda e: formatEvent(e) + "\n")
+    for i in range(30):
+        observer(line(f"line {i:02}"))  # 8 characters each
+    out.failing = False
+    observer(line("back"))
+    written = "".join(out.writes).splitlines()
+    assert written[0] == "line 18" and written[12] == "back"  # the newest 100 characters
+    assert written[13].endswith("12 lines were written late, 18 lost")
+
+
+def test_a_stream_that_cannot_encode_a_line_gets_it_escaped():
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    observer = GatheringObserver(out, lambda e: e["log_format"] + "\n")
+    observer(line("caf\u00e9"))
+    observer(line("after"))
+    out.flush()
+    assert out.buffer.getvalue() == b"caf\\xe9\nafter\n"
+
+
+def test_twisteds_lines_about_its_internal_connections_are_left_out():
+    out = Writes()
+    observer = GatheringObserver(out, classic_text)
+    twisted_log = Logger(namespace="twisted.protocols.amp", observer=observer)
+    twisted_log.info("{cls} connection established (HOST:{host} PEER:{peer})",
+                     cls="RelayChannel", host="h", peer="p")
+    twisted_log.warn("a problem worth a line")
+    from twisted.python import log as legacy
+
+    legacy.addObserver(observer)  # legacy log.msg, as twisted.internet.udp writes
+    try:
+        quietly(legacy.msg, "DNSDatagramProtocol starting on 47584")
+        legacy.msg("a line of its own")
+    finally:
+        legacy.removeObserver(observer)
+    text = "".join(out.writes)
+    assert "connection established" not in text and "starting on" not in text
+    assert "a problem worth a line" in text and "a line of its own" in text

@@ -143,3 +143,32 @@ def test_interval_in_words():
     clock, outbox, notifier = make(interval=3600)
     notifier.refused(ACCOUNT, "john@doe.com", "ceo@doe.com", "192.0.2.7")
     assert "every 1 hour;" in outbox.parsed().get_content()
+
+
+def test_bytes_that_were_not_utf8_are_reported_and_later_attempts_too():
+    # A From: header read with "surrogateescape" once handed such an address on; the
+    # notification could not be encoded and the login's later reports never came.
+    clock, outbox, notifier = make()
+    notifier.refused(ACCOUNT, "john@doe.com", "x@ev\udcffil.example", "192.0.2.7", header=True)
+    assert len(outbox.sent) == 1
+    assert "from 192.0.2.7  x@ev?il.example (header From:)" in outbox.parsed().get_content()
+    notifier.refused(ACCOUNT, "john@doe.com", "ceo@doe.com", "192.0.2.7")
+    clock.advance(600)
+    assert len(outbox.sent) == 2
+    assert "ceo@doe.com (envelope MAIL FROM)" in outbox.parsed().get_content()
+
+
+def test_a_notification_that_cannot_be_made_does_not_stop_the_next_ones():
+    clock, outbox, notifier = make()
+    broken = Account("doe", domains=frozenset({"doe.com"}), notify="admin@doe.com\nBcc: x@y.z")
+    with capturedLogs() as events:
+        notifier.refused(broken, "john@doe.com", "ceo@doe.com", "192.0.2.7")
+    assert outbox.sent == []
+    assert any(e.get("log_failure") for e in events)
+    notifier.refused(ACCOUNT, "john@doe.com", "cfo@doe.com", "192.0.2.7")  # address fixed
+    clock.advance(600)
+    assert [r for _, r, _ in outbox.sent] == [["admin@doe.com"]]
+    assert "cfo@doe.com (envelope MAIL FROM)" in outbox.parsed().get_content()
+    clock.advance(600)
+    notifier.refused(ACCOUNT, "john@doe.com", "coo@doe.com", "192.0.2.7")
+    assert len(outbox.sent) == 2  # and reports are immediate again after a quiet interval

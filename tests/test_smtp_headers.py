@@ -111,3 +111,26 @@ def test_protocol_names() -> None:
     ]] == ["SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "ESMTPSA"]
     assert address_literal("::ffff:192.0.2.1") == "[IPv6:::ffff:192.0.2.1]"
     assert address_literal("unix-socket") == "[unix-socket]"
+
+
+@pytest.mark.parametrize(
+    "header, addresses",
+    [
+        (b"From: x@ev\xffil.example", ["x@ev\ufffdil.example"]),
+        (b"From: Jos\xe9 <jose@doe.test>", ["jose@doe.test"]),
+        (b"From: x@[192.0.2.\xff]", ["x@[192.0.2.\ufffd]"]),
+    ],
+)
+def test_bytes_that_are_not_utf8_read_as_replacement_characters(header, addresses) -> None:
+    # never as surrogates, which no log line or notification can hold
+    found = from_addresses(header)
+    assert found == addresses
+    assert all(a.encode("utf-8") for a in found)
+
+
+@pytest.mark.parametrize("value", ["x@doe\u00a0.test", "x@doe\u3000.test", "x@doe.test\u00a0",
+                                   "x@do\u2028e.test", "x@do\x85e.test", "x@doe\x0b.test"])
+def test_whitespace_the_parser_would_drop_is_refused(value: str) -> None:
+    # the email parser reads "x@doe\u00a0.test" as x@doe.test; a mail reader may not
+    with pytest.raises(HeaderError, match="Malformed"):
+        from_addresses(b"From: " + value.encode("utf-8"))

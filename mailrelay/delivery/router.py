@@ -7,18 +7,21 @@ to try in order, or fails with PermanentRouteError (bounce) or TemporaryRouteErr
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from twisted.internet import defer
-from twisted.names import client, dns
+from twisted.internet import defer, udp
+from twisted.internet.error import CannotListenError
+from twisted.names import cache, client, dns, hosts, resolve
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.interfaces import IRouter
+from mailrelay.logtext import quietly
 
 MAX_HOPS = 10  # addresses tried in one attempt; more only costs time on a dead domain
 MAX_CNAMES = 5
@@ -79,11 +82,49 @@ class Hop:
 
 def make_resolver(servers: Iterable[tuple[str, int]] = (), reactor=None):
     """A twisted.names resolver asking exactly ``servers``, or the system's (resolv.conf
-    and /etc/hosts) when none are given."""
+    and /etc/hosts) when none are given, as ``client.createResolver`` makes it."""
     servers = list(servers)
     if servers:
-        return client.Resolver(servers=servers, reactor=reactor)
-    return client.createResolver()
+        return QuietResolver(servers=servers, reactor=reactor)
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"),
+                                  cache.CacheResolver(reactor=reactor),
+                                  QuietResolver(resolv=b"/etc/resolv.conf", reactor=reactor)])
+
+
+class _QueryPort(udp.Port):
+    """The UDP port of one DNS query, opened and closed without the lines
+    twisted.internet.udp writes for each (``... starting on 47584``, ``(UDP Port 47584
+    Closed)``) nor its protocol's (``Starting protocol <... object at 0x...>``): four
+    lines a query, nothing a sysadmin can use."""
+
+    def startListening(self) -> None:
+        quietly(super().startListening)
+
+    def connectionLost(self, reason=None) -> None:
+        quietly(super().connectionLost, reason)
+
+
+class QuietResolver(client.Resolver):
+    """twisted.names' resolver, with each query's port quiet and without its lines about
+    re-reading resolv.conf (every change, and at startup, with each server it found)."""
+
+    def maybeParseConfig(self) -> None:
+        quietly(super().maybeParseConfig)
+
+    def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
+        # client.Resolver's own, on a _QueryPort: a new random source port per query.
+        proto = dns.DNSDatagramProtocol(self, reactor=self._reactor)
+        proto.noisy = False  # "Starting protocol <...DNSDatagramProtocol object at 0x...>"
+        for _ in range(1000):
+            port = _QueryPort(dns.randomSource(), proto, interface, reactor=self._reactor)
+            try:
+                port.startListening()
+            except CannotListenError as e:
+                if getattr(e.socketError, "errno", None) == errno.EMFILE:
+                    raise
+            else:
+                return proto
+        raise CannotListenError(interface, 0, "no free UDP port for a DNS query")
 
 
 def router_from_config(config, reactor=None):

@@ -92,9 +92,11 @@ class SenderNotifier:
             if len(pending.listed) < self.max_listed:
                 pending.listed.append(attempt)
             return
+        # The quiet interval starts before the message is made: whatever becomes of it,
+        # the timer is what brings the next report.
         pending = self._pending[key] = _Pending(account)
-        self._send(account, username, [attempt], 1)
         pending.timer = self.clock.callLater(self.interval, self._flush, username, key)
+        self._send(account, username, [attempt], 1)
 
     def stop(self) -> None:
         """The relay is stopping: cancel the timers; collected attempts are only logged."""
@@ -114,14 +116,21 @@ class SenderNotifier:
         if not pending.count:  # a quiet interval without attempts: back to immediate reports
             del self._pending[key]
             return
-        self._send(pending.account, username, pending.listed, pending.count)
         self._pending[key] = _Pending(
             pending.account, self.clock.callLater(self.interval, self._flush, username, key)
         )
+        self._send(pending.account, username, pending.listed, pending.count)
 
     def _send(self, account: Account, username: str, listed: list[Attempt], count: int) -> None:
+        """Compose and queue one notification; never raises (a failure is logged), so no
+        attempt can stop the reports of the attempts after it."""
         assert account.notify
-        message = self.compose(account, username, listed, count)
+        try:
+            message = self.compose(account, username, listed, count)
+        except Exception:
+            log.failure("cannot compose the sender notification to {to} about {user}",
+                        to=account.notify, user=printable(username))
+            return
         log.info(
             "sender notification to {to}: {user} tried {count} refused senders",
             to=account.notify,

@@ -24,6 +24,9 @@ class SubmissionFactory(ServerFactory):
     """
 
     protocol = SubmissionServer
+    # Not "Starting factory <...SubmissionFactory object at 0x...>": twistd's "starting
+    # on PORT" line names the listener.
+    noisy = False
 
     def __init__(
         self,

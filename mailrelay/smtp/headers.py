@@ -5,6 +5,11 @@ ways is refused rather than guessed at: a message must have exactly one From: fi
 its value must parse without defects into at least one address. Every line of the header
 section (up to the first empty line) that names a From field counts, also the obsolete
 ``From :`` spelling and lines a lenient parser would treat as the start of the body.
+
+Bytes that are not UTF-8 are read as U+FFFD: an address with one is never in a scope, and
+what the refusal's log line and the sender notification show can always be written. Line
+breaks, controls and whitespace other than space and tab (the email parser drops
+``x@doe\u00a0.com`` to ``x@doe.com``, which a mail reader shows otherwise) are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ _HARMLESS = (errors.UndecodableBytesDefect, errors.ObsoleteHeaderDefect)
 _WORD = r"[A-Za-z0-9_+-]+"
 _ADDR = rf"({_WORD}(?:\.{_WORD})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)"
 _SIMPLE = re.compile(rf"{_ADDR}|(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*)?<{_ADDR}>")
+# Whitespace other than space and tab, and controls: read differently by different readers.
+_ODD = re.compile(r"[^\S \t]|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class HeaderError(ValueError):
@@ -49,10 +56,12 @@ def from_addresses(header: bytes) -> list[str]:
         raise HeaderError("Message has no From: header")
     if len(values) > 1:
         raise HeaderError("Message has more than one From: header")
-    text = b"".join(values[0]).decode("utf-8", "surrogateescape").strip()
+    text = b"".join(values[0]).decode("utf-8", "replace").strip(" \t")
     simple = _SIMPLE.fullmatch(text)
     if simple:
         return [simple.group(1) or simple.group(2)]
+    if _ODD.search(text):
+        raise HeaderError("Malformed From: header")
     return _parse(text)
 
 

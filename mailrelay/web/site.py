@@ -80,6 +80,7 @@ def make_admin_site(
     panel = Panel(services, sessions, ConfirmPages(services))
     site = server.Site(AdminRoot(api_module.Api(services), panel))
     site.displayTracebacks = False
+    site.noisy = False  # no "Starting factory <...Site object at 0x...>": "Site starting on"
     return site
 
 
