@@ -235,9 +235,10 @@ def test_header_only_message_is_checked_at_the_end() -> None:
 def test_header_section_too_long() -> None:
     stream = b"From: a@x.example\r\n" + b"X-Pad: " + b"p" * 900 + b"\r\n"
     stream = stream * (MAX_HEADER // 900 + 10) + b"\r\nbody\r\n.\r\n"
-    reader, sink, used = read(stream, range(0, len(stream), 4096))
-    assert refused(reader, HEADER_TOO_LONG) and used == len(stream)
-    assert sink.headers == []
+    for cuts in (range(0, len(stream), 4096), ()):  # also when its end comes in one chunk
+        reader, sink, used = read(stream, cuts)
+        assert refused(reader, HEADER_TOO_LONG) and used == len(stream)
+        assert sink.headers == []
 
 
 def test_random_streams_and_cuts_match_the_reference() -> None:

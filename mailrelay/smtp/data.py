@@ -180,6 +180,9 @@ class DataReader:
                     self._refuse(Reply(*HEADER_TOO_LONG))
                 return 0, b""
             end += 2  # after the last field's CRLF
+        if end > MAX_HEADER:  # complete, but too long, whatever the chunks were
+            self._refuse(Reply(*HEADER_TOO_LONG))
+            return 0, b""
         return end - before, self._headers_done(bytes(head[: max(0, end - 2)]))
 
     def _headers_done(self, header: bytes) -> bytes:

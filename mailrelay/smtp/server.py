@@ -1,7 +1,7 @@
 """One SMTP submission session: a hardened subclass of Twisted's ESMTP server.
 
-The session owns its input (see /work/shared/twisted-mail-notes.md for what the stock
-server gets wrong): it splits commands on CRLF only, reads DATA a chunk at a time
+The session owns its input, because the stock server lets a bare LF or an over-long line
+bend its framing: it splits commands on CRLF only, reads DATA a chunk at a time
 (data.DataReader), and reads nothing further while a command waits on a Deferred (the
 portal, the policy, the spool), so pipelined commands run strictly in order and message
 data can never run as commands. The stock command methods (do_*, ext_*) are unreachable:
