@@ -110,7 +110,7 @@ class ISubmissionPolicy(Interface):
 
     def connect(client_ip: str):
         """A new connection from ``client_ip``. Returns (or fires with) the connection's
-        ISessionPolicy. Raises (or errbacks with) smtp.reply.Reply, e.g. ``421 4.7.0``, to
+        ISessionPolicy. Raises (or errbacks with) reply.Reply, e.g. ``421 4.7.0``, to
         refuse it: the session sends that reply instead of the greeting and closes."""
 
 
@@ -118,7 +118,7 @@ class ISessionPolicy(Interface):
     """The policy of one connection, called by the session at each step.
 
     Every method may return a Deferred; the session reads no further command until it
-    fires. A method refuses its step by raising (or errbacking with) smtp.reply.Reply: the
+    fires. A method refuses its step by raising (or errbacking with) reply.Reply: the
     session sends that reply, and a ``421`` also closes the connection. Any other exception
     is logged and answered with a temporary ``451 4.3.0``.
     ``avatar`` is the auth.avatar.ISubmitter of the login (by password or by IP address).

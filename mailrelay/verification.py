@@ -176,7 +176,7 @@ class Verifier:
 
     async def send_link(self, user: SmtpUser, address: str) -> str:
         """Queue the confirmation mail to ``address``; returns its queue id. Raises
-        smtp.reply.Reply when the spool refuses it (disk full)."""
+        errors.StorageError when the spool refuses it (disk full)."""
         if not is_address(address):
             raise ValueError(f"{address!r} is not an address")
         url, expires = self.link(user.username, address)

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
 from mailrelay.policy.bruteforce import LoginGuard
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 ATTACKER = "127.0.0.2"
 REAL = "127.0.0.3"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailrelay.policy.connections import ConnectionLimits
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 
 def test_per_user_cap_refuses_the_41st_connection_by_default():

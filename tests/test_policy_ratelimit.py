@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailrelay.policy.ratelimit import RateLimiter
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 
 def retry_seconds(reply: Reply) -> int:

@@ -15,7 +15,7 @@ from mailrelay.policy.connections import ConnectionLimits
 from mailrelay.policy.notify import SenderNotifier
 from mailrelay.policy.ratelimit import RateLimiter
 from mailrelay.policy.submission import SubmissionPolicy
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 ACCOUNT = Account("doe", domains=frozenset({"doe.com"}), notify="admin@doe.com")
 

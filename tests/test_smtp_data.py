@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from mailrelay.reply import Reply
 from mailrelay.smtp.data import (
     BARE_NEWLINE,
     HEADER_TOO_LONG,
@@ -17,7 +18,6 @@ from mailrelay.smtp.data import (
     NUL,
     DataReader,
 )
-from mailrelay.smtp.reply import Reply
 
 
 class Sink:

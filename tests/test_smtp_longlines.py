@@ -11,8 +11,8 @@ from email.policy import compat32
 
 import pytest
 
+from mailrelay.reply import Reply
 from mailrelay.smtp.longlines import conform
-from mailrelay.smtp.reply import Reply
 
 LONG_HTML = ("<p>" + "Grüße aus dem Newsletter, " * 300 + "</p>").encode()  # one 8,000 line
 

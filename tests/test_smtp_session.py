@@ -22,9 +22,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailrelay.errors import StorageError
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
+from mailrelay.reply import Reply
 from mailrelay.smtp.factory import SubmissionFactory
-from mailrelay.smtp.reply import Reply
 
 SERVER = "mailrelay.smtp.server"
 TRANSACTION = (
@@ -445,12 +446,11 @@ class TransactionTests(unittest.TestCase):
             "451 4.3.0 Local error in processing, try again later", "250 2.0.0 Ok"])
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         s.send(TRANSACTION)
-        s.spool.created[1].commit_deferred.errback(
-            Reply(452, "4.3.1", "Insufficient system storage"))
-        self.assertEqual(s.replies(), ["452 4.3.1 Insufficient system storage"])
+        s.spool.created[1].commit_deferred.errback(StorageError("no space", full=True))
+        self.assertEqual(s.replies(), ["452 4.3.1 Insufficient system storage, try again later"])
         s.send(TRANSACTION)
-        s.spool.created[2].commit_deferred.errback(Reply(550, "5.0.0", "odd"))
-        self.assertEqual(codes(s.replies()), [451])
+        s.spool.created[2].commit_deferred.errback(StorageError("rename failed", full=False))
+        self.assertEqual(s.replies(), ["451 4.3.0 Local error in processing, try again later"])
 
     def test_client_vanishing_mid_data_aborts(self) -> None:
         s = self.s

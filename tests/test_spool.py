@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
+from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
-from mailrelay.smtp.reply import Reply
 from mailrelay.spool.incoming import SPILL_BYTES
 from mailrelay.spool.queueid import QueueIds, is_queue_id, priority_of, time_of
 from mailrelay.spool.spares import LIST_INTERVAL, Spares
@@ -226,8 +226,8 @@ class CommitTests(SpoolTestBase):
         d_good, d_bad = good.commit(), bad.commit()
         leader_id = yield leader
         self.assertEqual((yield d_good), good.id)
-        failure = yield self.assertFailure(d_bad, Reply)
-        self.assertEqual((failure.code, failure.status), (451, "4.3.0"))
+        failure = yield self.assertFailure(d_bad, StorageError)
+        self.assertFalse(failure.full)
         self.assertEqual(spool.queued(), sorted([leader_id, good.id]))
         self.assertEqual(listing(spool, "tmp"), [])
         bad.abort()  # harmless after a failed commit
@@ -277,8 +277,8 @@ class HeldInMemoryTests(SpoolTestBase):
         other = os.path.join(spool.directory, "tmp", msg.id)
         with open(other, "wb") as f:
             f.write(b"not ours")
-        reply = yield self.assertFailure(msg.commit(), Reply)
-        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        error = yield self.assertFailure(msg.commit(), StorageError)
+        self.assertFalse(error.full)
         with open(other, "rb") as f:
             self.assertEqual(f.read(), b"not ours")
         self.assertEqual(spool.queued(), [])
@@ -551,11 +551,9 @@ class DiskFullTests(SpoolTestBase):
 
     def test_refused_below_min_free_bytes(self):
         spool = self.open_spool(min_free_bytes=2**62)
-        with self.assertRaises(Reply) as caught:
+        with self.assertRaises(StorageError) as caught:
             spool.create(envelope())
-        self.assertEqual((caught.exception.code, caught.exception.status,
-                          caught.exception.text),
-                         (452, "4.3.1", "Insufficient system storage, try again later"))
+        self.assertTrue(caught.exception.full)
         self.assertEqual(listing(spool, "tmp"), [])
 
     @defer.inlineCallbacks
@@ -566,8 +564,8 @@ class DiskFullTests(SpoolTestBase):
         for _ in range(3000):  # 3 MB into 2 MB
             msg.write(chunk)
         self.assertEqual(listing(spool, "tmp"), [])  # freed at once, not at commit
-        reply = yield self.assertFailure(msg.commit(), Reply)
-        self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
+        error = yield self.assertFailure(msg.commit(), StorageError)
+        self.assertTrue(error.full)
         self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], []))
         # Space is back: the next message goes through.
         self.assertTrue(is_queue_id((yield self.receive(spool).commit())))
@@ -581,8 +579,8 @@ class DiskFullTests(SpoolTestBase):
                 f.write(b"f" * 4096)
         msg = self.receive(spool, body=BODY * 100)  # a few KB: still in memory
         self.assertEqual(listing(spool, "tmp"), [])  # so the write at commit fails
-        reply = yield self.assertFailure(msg.commit(), Reply)
-        self.assertEqual((reply.code, reply.status), (452, "4.3.1"))
+        error = yield self.assertFailure(msg.commit(), StorageError)
+        self.assertTrue(error.full)
         self.assertEqual((listing(spool, "tmp"), spool.queued()), ([], []))
         os.unlink(filler)
         queue_id = yield self.receive(spool).commit()

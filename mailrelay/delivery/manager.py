@@ -59,9 +59,9 @@ from mailrelay.delivery import dsn
 from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
 from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
+from mailrelay.errors import StorageError
 from mailrelay.interfaces import IQueueControl
 from mailrelay.model import Envelope
-from mailrelay.smtp.reply import Reply
 from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
 
 log = Logger()
@@ -721,7 +721,7 @@ class DeliveryManager:
                 recipients=[(r, state.recipients[r]) for r in rcpts], action=action,
                 hostname=self.hostname, postmaster=self.postmaster, now=now,
                 retry_until=envelope.received_at + self.lifetime)
-        except (Reply, OSError) as e:  # the spool refuses new mail (disk full)
+        except (StorageError, OSError) as e:  # the spool refuses new mail (disk full)
             log.error("cannot queue the {kind} for {queue_id} yet: {error}",
                       queue_id=attempt.queue_id, kind=kind, error=e)
             return False

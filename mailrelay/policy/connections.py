@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from mailrelay.policy.net import client_key
 from mailrelay.policy.text import printable
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 log = Logger()
 

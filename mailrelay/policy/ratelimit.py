@@ -22,7 +22,7 @@ from typing import Literal
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 log = Logger()
 

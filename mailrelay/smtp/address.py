@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
+from mailrelay.reply import Reply
 from mailrelay.scope import is_domain
-from mailrelay.smtp.reply import Reply
 
 MAX_LOCAL = 64
 MAX_DOMAIN = 255

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 MAX_LINE = 1000  # octets, including the CRLF: what RFC 5321 allows and what is stored
 LONG_LINE = 64 * 1024  # octets, including the CRLF: the longest line accepted

@@ -43,7 +43,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import BinaryIO
 
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 LIMIT = 998  # octets of a line before its CRLF (RFC 5321 4.5.3.1.6)
 QP_WIDTH = 76  # octets of a quoted-printable line (RFC 2045 6.7)

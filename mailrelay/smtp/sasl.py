@@ -11,7 +11,7 @@ import base64
 import binascii
 from dataclasses import dataclass
 
-from mailrelay.smtp.reply import Reply
+from mailrelay.reply import Reply
 
 MAX_FIELD = 1024  # bytes of a username or password; longer is not a credential
 

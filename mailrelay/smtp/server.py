@@ -34,17 +34,18 @@ from twisted.python.failure import Failure
 
 from mailrelay.auth.avatar import ISubmitter
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
+from mailrelay.errors import StorageError
 from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
 from mailrelay.policy.net import plain_ip
 from mailrelay.policy.text import printable
+from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.headers import HeaderError, from_addresses
 from mailrelay.smtp.longlines import conform
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
-from mailrelay.smtp.reply import Reply
 from mailrelay.smtp.sasl import MECHANISMS, Login
 from mailrelay.verification import is_verified
 
@@ -816,8 +817,8 @@ class SubmissionServer(smtp.ESMTP):
         )
         try:
             incoming = self.factory.spool.create(envelope)
-        except Reply:
-            raise
+        except StorageError as e:
+            raise storage_reply(e)
         except Exception:
             log.failure("session {session}: cannot create a spool file",
                         session=self.session_id)
@@ -894,8 +895,8 @@ class SubmissionServer(smtp.ESMTP):
             await self._ask("data", avatar, envelope)
             try:
                 queue_id = await incoming.commit()
-            except Reply as reply:
-                raise reply if reply.code < 500 else _local_error()
+            except StorageError as e:
+                raise storage_reply(e)
             except Exception:
                 log.failure("session {session}: commit of {queue_id} failed",
                             session=self.session_id, queue_id=incoming.id)
@@ -960,6 +961,13 @@ def _client_ip(peer) -> str:
 def _from_field(sender: str) -> bytes:
     """The From: field for a message without one (MAIL refuses the null sender)."""
     return f"From: {sender}".encode("ascii", "backslashreplace")
+
+
+def storage_reply(error: StorageError) -> Reply:
+    """The answer to a message the spool could not keep (RFC 3463 4.3.1: storage full)."""
+    if error.full:
+        return Reply(452, "4.3.1", "Insufficient system storage, try again later")
+    return _local_error()
 
 
 def _local_error() -> Reply:

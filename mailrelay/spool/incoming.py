@@ -4,7 +4,6 @@ commit() makes it durable in the queue."""
 from __future__ import annotations
 
 import enum
-import errno
 import io
 import os
 from collections.abc import Callable
@@ -15,27 +14,18 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.errors import StorageError
 from mailrelay.interfaces import IIncomingMessage
 from mailrelay.model import Envelope
-from mailrelay.smtp.reply import Reply
 from mailrelay.spool.files import FILE_MODE, close_quietly, create_exclusive, unlink_quietly
 from mailrelay.spool.groupsync import GroupSync
 from mailrelay.spool.spares import Spares
 
 log = Logger()
 
-INSUFFICIENT_STORAGE = (452, "4.3.1", "Insufficient system storage, try again later")
-LOCAL_ERROR = (451, "4.3.0", "Local error in processing, try again later")
 # A message up to this size stays in memory until commit() (as much as the file's write
 # buffer held anyway); a larger one goes on into tmp/ as it arrives.
 SPILL_BYTES = 64 * 1024
-
-
-def storage_reply(err: BaseException | None) -> Reply:
-    """The temporary SMTP refusal for a failure to store a message."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return Reply(*INSUFFICIENT_STORAGE)
-    return Reply(*LOCAL_ERROR)
 
 
 class _Phase(enum.Enum):
@@ -125,12 +115,12 @@ class IncomingMessage:
 
     def commit(self) -> Deferred:
         """Fires with the queue id once the message is durable in queue/ (or hold/);
-        errbacks with a temporary smtp.reply.Reply (452 disk full, 451 other errors),
-        leaving nothing behind."""
+        errbacks with errors.StorageError (``full`` when the disk is full), leaving
+        nothing behind."""
         if self._phase is _Phase.DISCARDED:
             if self._error is None:
                 raise RuntimeError(f"commit after abort of {self.id}")
-            return fail(storage_reply(self._error))
+            return fail(StorageError.of(self._error))
         if self._phase is not _Phase.OPEN:
             raise RuntimeError(f"second commit of {self.id}")
         self._phase = _Phase.COMMITTING
@@ -211,4 +201,4 @@ class IncomingMessage:
                       error=failure.value)
         else:
             log.failure("cannot commit {queue_id}", failure, LogLevel.error, queue_id=self.id)
-        return Failure(storage_reply(failure.value))
+        return Failure(StorageError.of(failure.value))

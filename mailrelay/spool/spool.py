@@ -24,12 +24,12 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailrelay.errors import StorageError
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Envelope
-from mailrelay.smtp.reply import Reply
 from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.spool.groupsync import GroupSync
-from mailrelay.spool.incoming import INSUFFICIENT_STORAGE, SPILL_BYTES, IncomingMessage
+from mailrelay.spool.incoming import SPILL_BYTES, IncomingMessage
 from mailrelay.spool.queueid import QueueIds, is_queue_id
 from mailrelay.spool.spares import Spares
 from mailrelay.spool.state import DeliveryState
@@ -166,15 +166,15 @@ class Spool(Service):
                 log.failure("subscriber failed for {queue_id}", queue_id=envelope.id)
 
     def create(self, envelope: Envelope) -> IncomingMessage:
-        """Start a message; fills ``envelope.id`` when empty. Raises smtp.reply.Reply
-        (452 4.3.1) when free space is below min_free_bytes (checked at most once a
-        second); a file that cannot be made fails the message's commit()."""
+        """Start a message; fills ``envelope.id`` when empty. Raises StorageError (full)
+        when free space is below min_free_bytes (checked at most once a second); a file
+        that cannot be made fails the message's commit()."""
         free = self._recent_free_bytes()
         if free < self.min_free_bytes:
             log.warn("refusing a message: {free} bytes free in {directory}, below "
                      "{minimum}", free=free, directory=self.directory,
                      minimum=self.min_free_bytes)
-            raise Reply(*INSUFFICIENT_STORAGE)
+            raise StorageError(f"{free} bytes free, below min_free_bytes", full=True)
         if not envelope.id:
             envelope.id = self._ids.next(envelope.priority)
         elif not is_queue_id(envelope.id) or self.locate(envelope.id) is not None:

@@ -26,11 +26,11 @@ from mailrelay.directory.filedir import (
     UnknownEntry,
     check_account,
 )
+from mailrelay.errors import StorageError
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
-from mailrelay.smtp.reply import Reply
 from mailrelay.web.backend import QueueReader, UserWriter, in_thread
 from mailrelay.web.routing import HttpError
 
@@ -198,7 +198,7 @@ async def _send_link(s: Services, user: SmtpUser, address: str) -> dict[str, Any
     doc: dict[str, Any] = {"sender": address, "method": "link"}
     try:
         doc["queue_id"] = await s.verifier.send_link(user, address)
-    except Reply as e:  # the spool refused it (disk full): the admin can resend later
+    except StorageError as e:  # the spool refused it (disk full): the admin can resend later
         log.warn("confirmation to {address} not queued: {reply}", address=address, reply=e)
         doc["error"] = f"the confirmation could not be queued: {e}"
     return doc
