@@ -123,6 +123,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         spool.subscribe(delivery.enqueue)
 
     policy, notifier = make_policy(config, spool, reactor)
+    logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -151,7 +152,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
-                       control=control, reactor=reactor).setServiceParent(top)
+                       control=control, reactor=reactor, logins=logins).setServiceParent(top)
     return top
 
 
@@ -318,7 +319,6 @@ def check_directory(directory) -> None:
 def make_policy(config: Config, spool, reactor):
     """The shared submission policy (limits, brute-force defence, sender notifications)."""
     from mailrelay.model import Envelope
-    from mailrelay.policy.bruteforce import LoginGuard
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
     from mailrelay.policy.ratelimit import RateLimiter
@@ -344,13 +344,22 @@ def make_policy(config: Config, spool, reactor):
         ),
         RateLimiter(reactor, per_hour=limits.rate_per_hour,
                     per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
-        LoginGuard(reactor, window=p.login_window, delay_after=p.login_delay_after,
-                   block_after=p.login_block_after, block_time=p.login_block_time,
-                   max_delay=p.login_max_delay, user_alert_after=p.login_user_alert_after,
-                   ipv6_prefix=p.ipv6_prefix),
+        login_guard(config, reactor),
         notifier,
     )
     return policy, notifier
+
+
+def login_guard(config: Config, reactor):
+    """The brute-force defence from ``[policy]``: one per daemon, for SMTP AUTH and the
+    control panel's login alike."""
+    from mailrelay.policy.bruteforce import LoginGuard
+
+    p = config.policy
+    return LoginGuard(reactor, window=p.login_window, delay_after=p.login_delay_after,
+                      block_after=p.login_block_after, block_time=p.login_block_time,
+                      max_delay=p.login_max_delay, user_alert_after=p.login_user_alert_after,
+                      ipv6_prefix=p.ipv6_prefix)
 
 
 class _Stopping(Service):

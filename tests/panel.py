@@ -98,7 +98,9 @@ class Panel:
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, directory: str, extra_config: str = "", directory_override=None):
+    def start(cls, directory: str, extra_config: str = "", directory_override=None,
+              logins=None):  # fmt: skip
+        """``logins``: the LoginGuard of the web login (default: one of the panel's own)."""
         self = cls(directory)
         self.dns = listen_dns()
         self.config = load_config(write_config(directory, self.dns.address[1], extra_config))
@@ -113,7 +115,7 @@ class Panel:
                                       self.suppressions, self.stats, reactor,
                                       verifier=self.verifier)  # fmt: skip
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        self.port = yield endpoint.listen(make_admin_site(self.services))
+        self.port = yield endpoint.listen(make_admin_site(self.services, logins=logins))
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         if self.verifier is not None:
             self.verifier.base_url = self.url

@@ -31,7 +31,8 @@ def relay(tmp_path_factory):
     port = free_port()
     r = Relay(tmp_path_factory.mktemp("panel"), config=(
         f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
-        f"public_url = http://127.0.0.1:{port}\n\n[delivery]\nenabled = no\n"))  # fmt: skip
+        f"public_url = http://127.0.0.1:{port}\n\n[delivery]\nenabled = no\n\n"
+        "[policy]\nlogin_delay_after = 2\nlogin_block_after = 2\n"))  # fmt: skip
     r.panel_url = f"http://127.0.0.1:{port}"
     r.admin("account", "set", "default", "--domains", "doe.test;shop.test")
     r.add_user("doe.test", PASSWORD)  # added with mailrelay-admin: verified implicitly
@@ -125,13 +126,15 @@ def test_admin_adds_a_user_sends_and_sees_statistics(relay, browser):
 class PanelClient:
     """A web admin session over plain HTTP: the login form's CSRF token, the cookie."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, source: str = "127.0.0.1") -> None:
         self.port = urllib.parse.urlsplit(url).port
+        self.source = source  # the client's address (any of 127.0.0.0/8)
         self.cookie = ""
 
     def request(self, method: str, path: str, form: dict | None = None):
         """(status, location, body text); a new session cookie is kept."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30,
+                                                source_address=(self.source, 0))
         try:
             headers = {"cookie": self.cookie} if self.cookie else {}
             body = None
@@ -148,11 +151,15 @@ class PanelClient:
         finally:
             connection.close()
 
-    def login(self, name: str, password: str) -> None:
+    def try_login(self, name: str, password: str):
+        """(status, location, body text) of posting the login form."""
         _, _, form = self.request("GET", "/login")
         csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
-        status, location, _ = self.request("POST", "/login", {"name": name, "password": password,
-                                                               "csrf": csrf})  # fmt: skip
+        return self.request("POST", "/login", {"name": name, "password": password,
+                                               "csrf": csrf})  # fmt: skip
+
+    def login(self, name: str, password: str) -> None:
+        status, location, _ = self.try_login(name, password)
         assert (status, location) == (303, "/users")
 
     def csrf(self) -> str:
@@ -187,6 +194,25 @@ def test_changed_or_deleted_admin_is_logged_out_over_http(relay):
     wait_for(lambda: carol.request("GET", "/users")[:2] == (303, "/login"), timeout=10,
              interval=0.2, what="carol's session to end")  # fmt: skip
     assert fresh.request("GET", "/users")[0] == 200
+
+
+def test_failed_smtp_logins_block_the_web_login_from_that_address(relay):
+    """One brute-force defence for the relay: [policy] login_block_after failures at AUTH
+    from an address also refuse its web logins, however right the password."""
+    for _ in range(2):
+        client = smtplib.SMTP_SSL("127.0.0.1", relay.smtps_port, local_hostname="client.test",
+                                  context=relay.tls_context(), timeout=30,
+                                  source_address=("127.0.0.9", 0))  # fmt: skip
+        client.ehlo()
+        client.user, client.password = "doe.test", "wrong password"
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.auth("PLAIN", client.auth_plain)
+        assert refused.value.smtp_code == 535
+        client.close()
+    status, _, page = PanelClient(relay.panel_url, source="127.0.0.9").try_login(
+        "alice", ADMIN_PASSWORD)
+    assert status == 429 and "Too many failed logins: wait a few minutes." in page
+    PanelClient(relay.panel_url).login("alice", ADMIN_PASSWORD)  # other addresses may
 
 
 def test_browser_of_an_admin_given_a_new_password_is_logged_out(relay, browser):

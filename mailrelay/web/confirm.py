@@ -5,19 +5,21 @@ because mail scanners follow links. A token that does not verify or has expired 
 
 from __future__ import annotations
 
+from twisted.web.template import tags
+
 from mailrelay.verification import VerificationError
 from mailrelay.web import ops
-from mailrelay.web.html import h, page
 from mailrelay.web.routing import Call, HttpError, Response
+from mailrelay.web.templates import Node, page
 
 HTML = "text/html; charset=utf-8"
 CSP = "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'"
 
 
-def _page(title: str, body: str, status: int = 200) -> Response:
+def _page(title: str, body: Node, status: int = 200) -> Response:
     headers = {"content-security-policy": CSP, "cache-control": "no-store",
                "referrer-policy": "no-referrer"}  # fmt: skip
-    return Response(status, page(title, body).encode(), HTML, headers)
+    return Response(status, page(title, body), HTML, headers)
 
 
 class ConfirmPages:
@@ -35,19 +37,19 @@ class ConfirmPages:
 
     async def show(self, call: Call) -> Response:
         claim = self._claim(call)
-        body = (
-            f"<p>Allow the SMTP user <strong>{h(claim.username)}</strong> of this relay to "
-            f"send mail as <strong>{h(claim.address)}</strong>?</p>"
-            '<form method="post" action="" class="card"><div class="actions">'
-            '<button type="submit" id="confirm">Confirm</button></div></form>'
-            "<p>If you did not expect this, close this page: nothing changes.</p>"
-        )
+        body = [
+            tags.p("Allow the SMTP user ", tags.strong(claim.username), " of this relay to "
+                   "send mail as ", tags.strong(claim.address), "?"),
+            tags.form(tags.div(tags.button("Confirm", type="submit", id="confirm"),
+                               class_="actions"), method="post", action="", class_="card"),
+            tags.p("If you did not expect this, close this page: nothing changes."),
+        ]  # fmt: skip
         return _page("Confirm a sender address", body)
 
     async def confirm(self, call: Call) -> Response:
         claim = self._claim(call)
         if await ops.confirm(self.s, claim.username, claim.address):
-            text = f"{h(claim.address)} is confirmed: user {h(claim.username)} may send as it."
+            text = f"{claim.address} is confirmed: user {claim.username} may send as it."
         else:
-            text = f"{h(claim.address)} has nothing left to confirm for {h(claim.username)}."
-        return _page("Sender confirmed", f"<p>{text}</p>")
+            text = f"{claim.address} has nothing left to confirm for {claim.username}."
+        return _page("Sender confirmed", tags.p(text))

@@ -1,6 +1,7 @@
 """Web admin sessions: a random id in a cookie (HttpOnly, SameSite=Strict, Secure over
 TLS), kept in memory (a restart logs everyone out), each with its own CSRF token that every
-form carries back. Failed logins are counted per client address and slowed down.
+form carries back. Failed logins are not counted here: the login page uses the daemon's
+LoginGuard (policy/bruteforce.py), as SMTP AUTH does.
 
 A logged-in session remembers the fingerprint of the credential its admin logged in with
 (web.access.Admin.fingerprint) and is checked against the admin's current one on every
@@ -20,8 +21,6 @@ log = Logger()
 
 COOKIE = "mailrelay_session"
 MAX_SESSIONS = 10000  # beyond it the oldest are forgotten (bounded memory)
-MAX_LOGIN_FAILURES = 10  # per client address within LOGIN_WINDOW, then refused
-LOGIN_WINDOW = 900.0
 
 
 @dataclass
@@ -45,7 +44,6 @@ class Sessions:
         self.secure = secure
         self.credentials = credentials
         self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._failures: dict[str, tuple[int, float]] = {}
 
     def get(self, cookie: bytes | None) -> Session | None:
         if not cookie:
@@ -89,24 +87,3 @@ class Sessions:
     @staticmethod
     def csrf_ok(session: Session, token: str | None) -> bool:
         return token is not None and secrets.compare_digest(session.csrf, token)
-
-    # -- failed logins
-
-    def login_blocked(self, client: str) -> bool:
-        count, since = self._failures.get(client, (0, 0.0))
-        if self.clock.seconds() - since > LOGIN_WINDOW:
-            self._failures.pop(client, None)
-            return False
-        return count >= MAX_LOGIN_FAILURES
-
-    def login_failed(self, client: str) -> None:
-        now = self.clock.seconds()
-        count, since = self._failures.get(client, (0, now))
-        if now - since > LOGIN_WINDOW:
-            count, since = 0, now
-        self._failures[client] = (count + 1, since)
-        if len(self._failures) > MAX_SESSIONS:
-            self._failures.pop(next(iter(self._failures)))
-
-    def login_succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)

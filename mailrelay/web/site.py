@@ -18,6 +18,7 @@ from twisted.web import resource, server
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
 from mailrelay.manage.queue import QueueControl
+from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
 from mailrelay.web.access import AccessError, AccessFile, access_path
@@ -70,14 +71,18 @@ def _refuse(error: HttpError):
 
 
 def make_admin_site(
-    services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0
+    services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0,
+    logins: LoginGuard | None = None,
 ) -> server.Site:
+    """``logins``: the daemon's LoginGuard (without one, a LoginGuard of the panel's own
+    with the default settings)."""
     def credentials(name: str) -> str | None:
         admin = services.access.current().admins.get(name)
         return None if admin is None else admin.fingerprint
 
     sessions = Sessions(services.reactor, session_lifetime, secure_cookies, credentials)
-    panel = Panel(services, sessions, ConfirmPages(services))
+    panel = Panel(services, sessions, ConfirmPages(services),
+                  logins or LoginGuard(services.reactor))  # fmt: skip
     site = server.Site(AdminRoot(api_module.Api(services), panel))
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory <...Site object at 0x...>": "Site starting on"
@@ -163,10 +168,11 @@ def make_verifier(config, spool, reactor):
 
 
 def make_admin_service(config, directory, spool, suppressions, stats, tls_options=None,
-                       control=None, reactor=None) -> MultiService:  # fmt: skip
+                       control=None, reactor=None, logins=None) -> MultiService:  # fmt: skip
     """The panel's listener and its periodic DNS check, from ``[admin]``; an empty
     MultiService when ``enabled = no``. ``tls_options``: the relay's server TLS options
-    (needed when ``tls = yes``); ``control``: the relay's IQueueControl (retry, flush, delete)."""
+    (needed when ``tls = yes``); ``control``: the relay's IQueueControl (retry, flush, delete);
+    ``logins``: the relay's LoginGuard (without one, a new one from ``[policy]``)."""
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.web.domaincheck import DomainChecker
@@ -178,7 +184,11 @@ def make_admin_service(config, directory, spool, suppressions, stats, tls_option
     verifier = make_verifier(config, spool, reactor)
     services = make_services(config, directory, spool, suppressions, stats, reactor, control,
                              verifier)  # fmt: skip
-    site = make_admin_site(services, settings.tls, settings.session_lifetime)
+    if logins is None:
+        from mailrelay.service import login_guard
+
+        logins = login_guard(config, reactor)
+    site = make_admin_site(services, settings.tls, settings.session_lifetime, logins)
     factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site
     ListenerService("admin", settings.endpoint, factory, reactor).setServiceParent(top)
     if verifier is not None and services.users is not None and settings.dns_check_interval > 0:

@@ -1,0 +1,53 @@
+"""What the panel's forms send, read into the documents ops.py takes (the API's shapes).
+
+Only typing happens here (a number field that is not a whole number is refused with 400);
+the rules on the values themselves are ops.py's, shared with the API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.model import Kind
+from mailrelay.web.routing import HttpError
+
+TOGGLES = [("archive", "Archive a copy of every message"),
+           ("unsubscribe_footer", "Unsubscribe footer"),
+           ("open_tracking", "Open tracking"), ("click_tracking", "Click tracking")]  # fmt: skip
+ACCOUNT_FIELDS = ("domains", "notify", "note")
+
+
+def user_settings(form: dict[str, str], kind: Kind) -> dict[str, Any]:
+    """The user settings an add or edit form sends, typed as the API takes them."""
+    out: dict[str, Any] = {}
+    texts = ["account", "note", "status", "audit_bcc", "bounce_notify"]
+    if kind is Kind.NAMED:
+        texts += ["domains", "addresses"]
+    for name in texts:
+        if name in form:
+            out[name] = form[name]
+    for name, optional in (("priority", False), ("rate_limit", True), ("max_connections", True)):
+        text = form.get(name, "").strip()
+        if not text and optional:
+            out[name] = None
+        elif text or not optional:
+            try:
+                out[name] = int(text)
+            except ValueError:
+                raise HttpError(400, f"{name.replace('_', ' ')} must be a whole number")
+    for name, _ in TOGGLES:
+        out[name] = form.get(name) == "on"
+    return out
+
+
+def account(form: dict[str, str], new: bool) -> dict[str, str]:
+    """An account's fields (and its name when ``new``), empty when not sent."""
+    names = ("name", *ACCOUNT_FIELDS) if new else ACCOUNT_FIELDS
+    return {k: form.get(k, "") for k in names}
+
+
+def suppression(form: dict[str, str]) -> dict[str, Any]:
+    """An address for a user, an account (the user's when only it is given) or everyone
+    (both empty)."""
+    return {"address": form.get("address", ""), "user": form.get("user") or None,
+            "account": form.get("account") or None}  # fmt: skip

@@ -1,0 +1,93 @@
+"""The accounts' pages: the list with a form to add one, and one account's users,
+settings and removal."""
+
+from __future__ import annotations
+
+from twisted.web.template import tags
+
+from mailrelay.web import forms, ops
+from mailrelay.web.pages.base import Pages, account_path, user_path
+from mailrelay.web.routing import Call, HttpError, Response
+from mailrelay.web.templates import Node, csrf_field, error, link, post_button, table, text_input
+
+
+class AccountPages(Pages):
+    def register(self, add) -> None:
+        add("GET", "/accounts", self.accounts)
+        add("POST", "/accounts", self.add_account)
+        add("GET", "/accounts/{name}", self.account_form)
+        add("POST", "/accounts/{name}", self.save_account)
+        add("POST", "/accounts/{name}/delete", self.delete_account)
+
+    async def accounts(self, call: Call, message: str = "", status: int = 200) -> Response:
+        rows = [[link(account_path(a["name"]), a["name"]),
+                 tags.span(a["domains"] or "-", class_="mono"), a["notify"] or "-", a["note"],
+                 len(a["users"])] for a in await ops.list_accounts(self.s)]  # fmt: skip
+        body: list[Node] = [error(message),
+                            table(["Account", "Domains", "Notify", "Note", "Users"], rows)]
+        if self.s.users is not None:
+            body += [
+                tags.h2("Add an account"),
+                tags.form(
+                    csrf_field(call.principal.csrf),
+                    tags.div(text_input("name", "Name", required=True),
+                             text_input("domains", "Authorized domains", hint="a.com;b.com"),
+                             text_input("notify", "Notification address"),
+                             text_input("note", "Note"), class_="grid"),
+                    tags.div(tags.button("Add account", type="submit", id="add-account"),
+                             class_="actions"),
+                    method="post", action="/accounts", class_="card"),
+            ]  # fmt: skip
+        return self.render(call, "Accounts", body, "/accounts", status)
+
+    async def add_account(self, call: Call) -> Response:
+        try:
+            doc = await ops.add_account(self.s, forms.account(call.form(), new=True))
+        except HttpError as e:
+            if e.status not in (400, 409):
+                raise
+            return await self.accounts(call, e.message, e.status)
+        return self.done(call, "/accounts", f"Added account {doc['name']}.")
+
+    async def account_form(self, call: Call, message: str = "", status: int = 200) -> Response:
+        doc = await ops.get_account(self.s, call.params["name"])
+        path = account_path(doc["name"])
+        csrf = call.principal.csrf
+        users = [[", " if i else "", link(user_path(u), u)] for i, u in enumerate(doc["users"])]
+        body: list[Node] = [error(message), tags.p("Users: ", users or "none")]
+        if self.s.users is None:
+            body.append(tags.p(ops.LDAP_MANAGED, class_="flash"))
+        else:
+            body += [
+                tags.form(
+                    csrf_field(csrf),
+                    tags.div(
+                        text_input("domains", "Authorized domains", doc["domains"],
+                                   "a.com;b.com"),
+                        text_input("notify", "Notification address", doc["notify"] or ""),
+                        text_input("note", "Note", doc["note"]), class_="grid"),
+                    tags.div(tags.button("Save", type="submit"), class_="actions"),
+                    method="post", action=path, class_="card"),
+                post_button(path + "/delete", "Delete account", csrf, "danger"),
+            ]  # fmt: skip
+        return self.render(call, f"Account {doc['name']}", body, "/accounts", status)
+
+    async def save_account(self, call: Call) -> Response:
+        name = call.params["name"]
+        try:
+            await ops.edit_account(self.s, name, forms.account(call.form(), new=False))
+        except HttpError as e:
+            if e.status not in (400, 409):
+                raise
+            return await self.account_form(call, e.message, e.status)
+        return self.done(call, account_path(name), "Saved.")
+
+    async def delete_account(self, call: Call) -> Response:
+        name = call.params["name"]
+        try:
+            await ops.delete_account(self.s, name)
+        except HttpError as e:
+            if e.status != 409:
+                raise
+            return await self.account_form(call, e.message, e.status)
+        return self.done(call, "/accounts", f"Deleted account {name}.")

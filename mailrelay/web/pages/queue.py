@@ -1,0 +1,69 @@
+"""The queue's pages: every message waiting with its buttons (retry now, delete), and one
+message's envelope, recipients and headers."""
+
+from __future__ import annotations
+
+from twisted.web.template import tags
+
+from mailrelay.web import ops
+from mailrelay.web.pages.base import Pages
+from mailrelay.web.routing import Call, Response
+from mailrelay.web.templates import link, post_button, table, when
+
+
+class QueuePages(Pages):
+    def register(self, add) -> None:
+        add("GET", "/queue", self.queue)
+        add("GET", "/queue/{queue_id}", self.queued)
+        add("POST", "/queue/{queue_id}/retry", self.retry)
+        add("POST", "/queue/{queue_id}/delete", self.delete_queued)
+
+    async def queue(self, call: Call) -> Response:
+        result = await ops.list_queue(self.s)
+        csrf = call.principal.csrf
+        rows = []
+        for m in result["messages"]:
+            path = f"/queue/{m['id']}"
+            actions = [post_button(path + "/delete", "Delete", csrf, "danger")]
+            if m["state"] == "queued" and self.s.control.can_retry:
+                actions.insert(0, post_button(path + "/retry", "Retry now", csrf, "secondary"))
+            rows.append([link(path, m["id"]), m["state"], m["sender"] or "<>",
+                         len(m["recipients"]), len(m["pending"]), m["user"] or "-",
+                         when(m["received_at"]), m["attempts"], _next(m), m["last_error"],
+                         actions])  # fmt: skip
+        body = [tags.p(f'{result["total"]} message(s).', class_="muted")]
+        if rows:
+            body.append(table(["Queue id", "State", "Sender", "Rcpts", "Pending", "User",
+                               "Received", "Attempts", "Next attempt", "Last error", ""], rows,
+                              "queue"))  # fmt: skip
+        return self.render(call, "Queue", body, "/queue")
+
+    async def queued(self, call: Call) -> Response:
+        m = await ops.show_queued(self.s, call.params["queue_id"])
+        rows = [[r["address"], r["status"], r["code"] or "", r["text"], r["remote"] or ""]
+                for r in m["recipient_status"]]  # fmt: skip
+        e = m["envelope"]
+        facts = [("State", m["state"]), ("Sender", m["sender"] or "<>"), ("User", m["user"]),
+                 ("Account", m["account"]), ("Client", e.get("client_ip")), ("Size", m["size"]),
+                 ("Received", when(m["received_at"])), ("Attempts", m["attempts"]),
+                 ("Next attempt", _next(m)), ("Last error", m["last_error"])]  # fmt: skip
+        body = [
+            table(["", ""], facts),
+            tags.h2("Recipients"),
+            table(["Recipient", "Status", "Code", "Text", "Remote"], rows),
+            tags.h2("Headers"),
+            tags.pre(m["headers"], class_="mono"),
+        ]  # fmt: skip
+        return self.render(call, f"Message {m['id']}", body, "/queue")
+
+    async def retry(self, call: Call) -> Response:
+        await ops.retry_queued(self.s, call.params["queue_id"])
+        return self.done(call, "/queue", f"{call.params['queue_id']}: delivery tried now.")
+
+    async def delete_queued(self, call: Call) -> Response:
+        await ops.delete_queued(self.s, call.params["queue_id"])
+        return self.done(call, "/queue", f"Deleted {call.params['queue_id']}.")
+
+
+def _next(m: dict) -> str:
+    return when(m["next_attempt"]) if m["next_attempt"] else "never"

@@ -1,0 +1,219 @@
+"""The web admin page over real HTTP on loopback: text typed by anyone (a username, a note)
+comes back as text on every page that shows it, never as markup; and failed web logins
+are counted by the relay's LoginGuard, the one SMTP AUTH uses."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from html.parser import HTMLParser
+from urllib.parse import quote, urlencode
+
+from panel import ADMIN_PASSWORD, Panel
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailrelay.policy.bruteforce import LoginGuard
+
+# No space, '@' or ':' (a named username may hold anything else).
+HOSTILE_NAME = "x\"'<script>alert(1)</script>&amp;"
+HOSTILE_NOTE = "<script>alert('note')</script> \"quoted\" & <b>bold</b>"
+FORM = "application/x-www-form-urlencoded"
+
+
+class Seen(HTMLParser):
+    """Every text and attribute value of a page, as a browser would read them."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(convert_charrefs=True)
+        self.texts: list[str] = []
+        self.values: list[str] = []
+        self.feed(body.decode())
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.values += [v for _, v in attrs if v is not None]
+
+    def handle_data(self, data):
+        self.texts.append(data)
+
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+class WebSession:
+    """A browser's cookie and the CSRF token of the page it last saw."""
+
+    def __init__(self, panel: Panel) -> None:
+        self.panel = panel
+        self.cookie = ""
+        self.csrf = ""
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, form: dict | None = None):
+        headers = {"cookie": self.cookie} if self.cookie else {}
+        body = None
+        if form is not None:
+            body = urlencode({"csrf": self.csrf, **form}).encode()
+            headers["content-type"] = FORM
+        code, response_headers, content = yield self.panel.request(method, path, body, headers)
+        for cookie in response_headers.getRawHeaders(b"set-cookie") or []:
+            self.cookie = cookie.decode().split(";", 1)[0]
+        found = re.search(rb'name="csrf" value="([^"]+)"', content)
+        if found:
+            self.csrf = found.group(1).decode()
+        return code, content
+
+    @defer.inlineCallbacks
+    def login(self, name: str = "alice", password: str = ADMIN_PASSWORD):
+        """(status, body) of posting the login form."""
+        yield self.request("GET", "/login")
+        result = yield self.request("POST", "/login", {"name": name, "password": password})
+        return result
+
+
+class EscapingTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        tmp = tempfile.mkdtemp(prefix="mailrelay-pages-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.panel = yield Panel.start(tmp)
+        self.addCleanup(self.panel.stop)
+        self.web = WebSession(self.panel)
+        code, _ = yield self.web.login()
+        self.assertEqual(code, 303)
+
+    def shown(self, body: bytes, *texts: str, values: tuple[str, ...] = ()) -> None:
+        """``texts`` read as text and ``values`` as attribute values, and no markup of
+        them got into the page."""
+        self.assertNotIn(b"<script", body)
+        self.assertNotIn(b"<b>", body)
+        seen = Seen(body)
+        for text in texts:
+            self.assertIn(text, seen.text())
+        for value in values:
+            self.assertIn(value, seen.values)
+
+    @defer.inlineCallbacks
+    def test_a_hostile_username_and_note_are_text_on_every_page(self):
+        code, _, body = yield self.panel.call("PATCH", "/api/v1/accounts/default",
+                                              {"note": HOSTILE_NOTE})  # fmt: skip
+        self.assertEqual(code, 200, body)
+        yield self.web.request("GET", "/users/new")
+        code, body = yield self.web.request("POST", "/users/new", {
+            "username": HOSTILE_NAME, "account": "default", "note": HOSTILE_NOTE,
+            "status": "allowed", "priority": "3", "domains": "doe.test",
+            "bounce_notify": "sender"})  # fmt: skip
+        self.assertEqual(code, 200, body)
+        self.shown(body, f"Added named user {HOSTILE_NAME} to account default.")
+        path = f"/users/{quote(HOSTILE_NAME, safe='@')}"
+        self.assertIn(path, Seen(body).values)  # the link to its settings
+
+        # A refused change shows what was typed, as it was typed.
+        code, body = yield self.web.request("POST", path, {
+            "account": "default", "note": HOSTILE_NOTE + "!", "status": "allowed",
+            "priority": "9", "domains": HOSTILE_NOTE})  # fmt: skip
+        self.assertEqual(code, 400, body)
+        self.shown(body, f"SMTP user {HOSTILE_NAME}",
+                   values=(HOSTILE_NOTE + "!", HOSTILE_NOTE))  # fmt: skip
+
+        code, _, body = yield self.panel.call("POST", "/api/v1/suppressions", {
+            "address": "gone@example.org", "user": HOSTILE_NAME})  # fmt: skip
+        self.assertEqual(code, 201, body)
+        pages = {
+            "/users": (HOSTILE_NAME, HOSTILE_NOTE),
+            path: (f"SMTP user {HOSTILE_NAME}",),
+            path + "/stats": (f"Statistics of {HOSTILE_NAME}",),
+            "/stats": (HOSTILE_NAME,),
+            "/accounts": (HOSTILE_NOTE,),
+            "/accounts/default": (HOSTILE_NAME,),
+            "/suppressions": (HOSTILE_NAME,),
+        }
+        for page, texts in pages.items():
+            code, body = yield self.web.request("GET", page)
+            self.assertEqual(code, 200, page)
+            self.shown(body, *texts)
+        code, body = yield self.web.request("GET", path)
+        self.shown(body, values=(HOSTILE_NOTE, f"{path}/delete"))
+
+        code, body = yield self.web.request("POST", path + "/password", {})
+        self.shown(body, f"The password of {HOSTILE_NAME} is:")
+        code, body = yield self.web.request("POST", path + "/delete", {})
+        self.assertEqual(code, 303)
+        code, body = yield self.web.request("GET", "/users")
+        self.shown(body, f"Deleted user {HOSTILE_NAME};")
+
+    @defer.inlineCallbacks
+    def test_error_pages_show_what_was_asked_as_text(self):
+        code, body = yield self.web.request("GET", f"/users/{quote(HOSTILE_NAME, safe='')}")
+        self.assertEqual(code, 404)
+        self.shown(body, f"unknown user {HOSTILE_NAME!r}")
+
+
+class LoginThrottleTests(unittest.TestCase):
+    """The panel's LoginGuard runs on a Clock of the test's: its waits and blocks pass only
+    when the test advances it."""
+
+    @defer.inlineCallbacks
+    def start(self, **settings):
+        tmp = tempfile.mkdtemp(prefix="mailrelay-login-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.clock = task.Clock()
+        self.guard = LoginGuard(self.clock, **settings)
+        self.panel = yield Panel.start(tmp, logins=self.guard)
+        self.addCleanup(self.panel.stop)
+
+    @defer.inlineCallbacks
+    def test_failures_block_the_address_whatever_the_password(self):
+        yield self.start(delay_after=3, block_after=3, block_time=900.0)
+        web = WebSession(self.panel)
+        for _ in range(3):
+            code, body = yield web.login(password="wrong")
+            self.assertEqual(code, 401)
+            self.assertIn(b"Wrong admin name or password.", body)
+        code, body = yield web.login()
+        self.assertEqual(code, 429)
+        self.assertIn(b"Too many failed logins: wait a few minutes.", body)
+        self.clock.advance(901)
+        code, _ = yield web.login()
+        self.assertEqual(code, 303)
+
+    @defer.inlineCallbacks
+    def test_failures_at_smtp_auth_count_too(self):
+        yield self.start(delay_after=2, block_after=2)
+        # What the SMTP session records for two failed AUTHs from this address.
+        self.guard.failed("127.0.0.1", "doe.test")
+        self.guard.failed("127.0.0.1", "webapp")
+        code, body = yield WebSession(self.panel).login()
+        self.assertEqual(code, 429, body)
+
+    @defer.inlineCallbacks
+    def test_a_good_login_forgives_its_own_typos(self):
+        yield self.start(delay_after=2, block_after=2)
+        web = WebSession(self.panel)
+        for _ in range(3):
+            code, _ = yield web.login(password="wrong")
+            self.assertEqual(code, 401)
+            code, _ = yield web.login()
+            self.assertEqual(code, 303)
+            yield web.request("POST", "/logout", {})
+
+    @defer.inlineCallbacks
+    def test_after_failures_the_password_is_checked_only_after_a_wait(self):
+        yield self.start(delay_after=1, block_after=5, base_delay=2.0)
+        web = WebSession(self.panel)
+        code, _ = yield web.login(password="wrong")
+        self.assertEqual(code, 401)
+        yield web.request("GET", "/login")
+        answer = web.request("POST", "/login", {"name": "alice", "password": ADMIN_PASSWORD})
+        for _ in range(500):  # until the request waits on the guard's clock
+            if self.clock.getDelayedCalls() or answer.called:
+                break
+            yield task.deferLater(reactor, 0.01)
+        self.assertFalse(answer.called)
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 2.0)
+        self.clock.advance(2.0)
+        code, _ = yield answer
+        self.assertEqual(code, 303)
