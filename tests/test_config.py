@@ -281,14 +281,30 @@ def _broken_file(name: str, content: str):
     return make
 
 
+def _newer_database(name: str):
+    """A database file a newer mailrelay wrote: a schema version past this one's."""
+    def make(data):
+        import sqlite3
+
+        data.mkdir(mode=0o700, exist_ok=True)
+        db = sqlite3.connect(data / name)
+        db.execute("CREATE TABLE later (x)")
+        db.execute("PRAGMA user_version = 7")
+        db.commit()
+        db.close()
+
+    return make
+
+
 @pytest.mark.parametrize("settings, make", [
     ("[admin]\nenabled = no\n[policy]\nlogin_delay_after = 20\nlogin_block_after = 10\n", None),
     ("[admin]\nendpoint = bogus:8080\n", None),
     (_PANEL, _broken_file("admin.json", '{"version": 1, "admins": {"x": {}}}')),
     ("[admin]\nenabled = no\n", _broken_file("stats.sqlite", "not a database " * 100)),
     (_PANEL + "key_file = {tmp}\n", None),
+    ("[admin]\nenabled = no\n", _newer_database("suppressions.sqlite")),
 ], ids=["login-delay-after-block", "admin-endpoint", "access-file", "stats-db",
-        "key-file"])  # fmt: skip
+        "key-file", "newer-schema"])  # fmt: skip
 def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings, make):
     import subprocess
     import sys
