@@ -35,8 +35,8 @@ def register(subparsers) -> None:
 def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
-    for step in (_tls, _directory, _data_dir, check_spool_directory, _feature_stores,
-                 _tracking, _admin):  # fmt: skip
+    for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
+                 _feature_stores, _tracking, _admin):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -50,6 +50,13 @@ def run(args, context) -> int:
 
 class _Problem(Exception):
     """Something check alone reports (the relay would find it later, or differently)."""
+
+
+def _tuning(config) -> None:
+    from mailrelay import tuning
+
+    if problem := tuning.startup_problem():
+        raise StartupError(problem)
 
 
 def _tls(config) -> None:
