@@ -418,6 +418,22 @@ def _ldap_attributes(source: str, raw) -> dict[str, str]:
     return out
 
 
+# Where the relay keeps its files under [server] data_dir when a setting names no other
+# place: derived here, once, by _derive; every other module reads the setting itself.
+DATA_FILES = (
+    ("directory", "file", "users.json"),
+    ("spool", "directory", "spool"),
+    ("tls", "certificate", "tls/cert.pem"),
+    ("tls", "key", "tls/key.pem"),
+    ("features", "suppressions_db", "suppressions.sqlite"),
+    ("features", "stats_db", "stats.sqlite"),
+    ("features", "archive_dir", "archive"),
+    ("tracking", "key_file", "tracking.key"),
+    ("admin", "access_file", "admin.json"),
+    ("admin", "key_file", "panel.key"),
+)
+
+
 def _derive(config: Config) -> None:
     """Fill the defaults that depend on other settings, and check cross-setting rules."""
     s = config.server
@@ -429,8 +445,9 @@ def _derive(config: Config) -> None:
         raise ConfigError(
             config.source, "tls", "key", "set both certificate and key, or neither (self-signed)"
         )
-    config.tls.certificate = config.tls.certificate or os.path.join(s.data_dir, "tls", "cert.pem")
-    config.tls.key = config.tls.key or os.path.join(s.data_dir, "tls", "key.pem")
+    for section, key, name in DATA_FILES:
+        settings = getattr(config, section)
+        setattr(settings, key, getattr(settings, key) or os.path.join(s.data_dir, name))
     if config.policy.ip_auth is None:
         config.policy.ip_auth = _ip_auth("")
     if config.policy.address_auth is None:
@@ -441,8 +458,6 @@ def _derive(config: Config) -> None:
         raise ConfigError(config.source, "server", "data_dir",
                           f"{s.data_dir!r} is too long for the control socket in it "
                           "(at most 94 bytes)")
-    config.directory.file = config.directory.file or os.path.join(s.data_dir, "users.json")
-    config.spool.directory = config.spool.directory or os.path.join(s.data_dir, "spool")
     d = config.delivery
     if d.mode == "smarthost" and d.smarthost is None:
         raise ConfigError(config.source, "delivery", "smarthost", "required when mode = smarthost")

@@ -11,7 +11,8 @@ listeners), writes keep waiting for the loop, which lets them leave together.
 
 That reaches into Twisted's transports (the TLS layer's module, their write buffers). A
 Twisted that no longer has them gets stock transports, one loop turn later per reply,
-and a warning at startup, rather than sessions that fail on their first write.
+and a warning at startup, rather than sessions that fail on their first write;
+``MAILRELAY_STOCK`` turns it off (``prompt_writes`` in mailrelay/tuning.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailrelay import tuning
 
 try:
     from twisted.internet import _newtls
@@ -79,6 +82,8 @@ class PromptWrites:
         return getattr(self._reactor, name)
 
     def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):
+        if not tuning.on("prompt_writes"):
+            return self._reactor.listenTCP(port, factory, backlog, interface)
         if not prompt_writes_possible():
             log.warn("this Twisted's TCP transports lack what prompt replies need; "
                      "replies on port {port} wait for the reactor loop", port=port)

@@ -34,6 +34,10 @@ Twisted's own lines about the connections of its internals (the UDP port of each
 query, the delivery process's AMP channel) say nothing a sysadmin can use, and some
 carry a memory address: they are left out (``quietly``, ``_chatter``).
 
+Both shortcuts rely on Twisted's exact line and record formats: ``MAILRELAY_STOCK`` turns
+them off (``log_text`` in mailrelay/tuning.py) for Twisted's own formatting, the same
+lines at about four times the CPU.
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -61,6 +65,8 @@ from twisted.logger import (
 from twisted.python import log as legacy_log
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
+
+from mailrelay import tuning
 
 FLUSH_DELAY = 0.05  # seconds an info line may wait to be written with others
 MAX_GATHERED = 64 * 1024  # characters: more are written at once
@@ -297,7 +303,12 @@ def _running_reactor():
 
 def json_observer(out: IO[str]) -> GatheringObserver:
     """What ``jsonFileLogObserver`` writes (RS, a record, LF), made by ``event_json``."""
-    return GatheringObserver(out, lambda event: f"\x1e{event_json(event)}\n")
+    record = event_json if tuning.on("log_text") else (lambda event: eventAsJSON(dict(event)))
+    return GatheringObserver(out, lambda event: f"\x1e{record(event)}\n")
+
+
+def _line_format() -> Callable[[Mapping[str, Any]], str | None]:
+    return classic_text if tuning.on("log_text") else formatEventAsClassicLogText
 
 
 def twistd_observer(options: Mapping[str, Any]) -> GatheringObserver | None:
@@ -310,9 +321,9 @@ def twistd_observer(options: Mapping[str, Any]) -> GatheringObserver | None:
     if name == "-" or (nodaemon and not name):
         if not nodaemon:
             return None  # twistd refuses a daemon logging to stdout, with its message
-        return GatheringObserver(sys.stdout, classic_text)
+        return GatheringObserver(sys.stdout, _line_format())
     log_file = LogFile.fromFullPath(name or "twistd.log")
-    observer = GatheringObserver(log_file, classic_text)
+    observer = GatheringObserver(log_file, _line_format())
     if not signal.getsignal(signal.SIGUSR1):
         def rotate(signum, frame) -> None:
             from twisted.internet import reactor

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
 
@@ -83,6 +84,9 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.tls import TLSSetupError, server_options
     from mailrelay.web.site import make_admin_service
 
+    if problem := tuning.startup_problem():
+        raise StartupError(problem)
+    tuning.log_state()
     try:
         os.makedirs(config.server.data_dir, mode=0o700, exist_ok=True)
     except OSError as e:

@@ -45,3 +45,23 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tuned(name): tests the optimisation NAME of mailrelay/tuning.py itself; "
+        "left out of a run where MAILRELAY_STOCK turns it off")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under MAILRELAY_STOCK (test.sh's second pass) the tests of an optimisation that is
+    off are left out (deselected, not skipped): the stock path has no such behaviour."""
+    from mailrelay import tuning
+
+    keep, off = [], []
+    for item in items:
+        names = [m.args[0] for m in item.iter_markers("tuned")]
+        (off if any(not tuning.on(n) for n in names) else keep).append(item)
+    if off:
+        config.hook.pytest_deselected(items=off)
+        items[:] = keep

@@ -85,6 +85,27 @@ def test_relative_data_dir_is_made_absolute(write):
     assert config.server.data_dir == os.path.abspath("data")
 
 
+def test_every_file_under_data_dir_is_derived_in_the_configuration(write, tmp_path):
+    """Each file the relay keeps is a setting of the loaded configuration, under data_dir
+    unless the setting names another place; nothing else derives them."""
+    data = f"{tmp_path}/data"
+    config = load_config(write(f"[server]\ndata_dir = {data}\n"))
+    assert (config.directory.file, config.spool.directory, config.tls.certificate,
+            config.tls.key, config.server.control_socket) == (
+        f"{data}/users.json", f"{data}/spool", f"{data}/tls/cert.pem", f"{data}/tls/key.pem",
+        f"{data}/control.sock")
+    assert (config.features.suppressions_db, config.features.stats_db,
+            config.features.archive_dir, config.admin.access_file) == (
+        f"{data}/suppressions.sqlite", f"{data}/stats.sqlite", f"{data}/archive",
+        f"{data}/admin.json")
+    assert (config.tracking.key_file, config.admin.key_file) == (
+        f"{data}/tracking.key", f"{data}/panel.key")
+    config = load_config(write(f"[server]\ndata_dir = {data}\n[admin]\n"
+                               f"access_file = {tmp_path}/a.json\nkey_file = {tmp_path}/p.key\n"))
+    assert (config.admin.access_file, config.admin.key_file) == (
+        f"{tmp_path}/a.json", f"{tmp_path}/p.key")
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
@@ -260,14 +281,30 @@ def _broken_file(name: str, content: str):
     return make
 
 
+def _newer_database(name: str):
+    """A database file a newer mailrelay wrote: a schema version past this one's."""
+    def make(data):
+        import sqlite3
+
+        data.mkdir(mode=0o700, exist_ok=True)
+        db = sqlite3.connect(data / name)
+        db.execute("CREATE TABLE later (x)")
+        db.execute("PRAGMA user_version = 7")
+        db.commit()
+        db.close()
+
+    return make
+
+
 @pytest.mark.parametrize("settings, make", [
     ("[admin]\nenabled = no\n[policy]\nlogin_delay_after = 20\nlogin_block_after = 10\n", None),
     ("[admin]\nendpoint = bogus:8080\n", None),
     (_PANEL, _broken_file("admin.json", '{"version": 1, "admins": {"x": {}}}')),
     ("[admin]\nenabled = no\n", _broken_file("stats.sqlite", "not a database " * 100)),
     (_PANEL + "key_file = {tmp}\n", None),
+    ("[admin]\nenabled = no\n", _newer_database("suppressions.sqlite")),
 ], ids=["login-delay-after-block", "admin-endpoint", "access-file", "stats-db",
-        "key-file"])  # fmt: skip
+        "key-file", "newer-schema"])  # fmt: skip
 def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings, make):
     import subprocess
     import sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 
 import pytest
@@ -11,6 +12,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailrelay.features.archive import DAY, Archive
+from mailrelay.features.db import NewerSchema
 from mailrelay.features.stats import HOUR, Event, StatsRecorder, StatsStore
 from mailrelay.features.suppressions import Reason, SuppressionStore
 
@@ -212,3 +214,110 @@ def test_archive_store_list_prune(tmp_path):
     assert [e.id for e in archive.list("news@acme.example")] == [new]
     assert archive.list("nobody@acme.example") == []
     assert Archive(str(tmp_path / "archive"), retention_days=0).prune(now=T0 + 999 * DAY) == 0
+
+
+# ---- schema versions (features/db.py) ----
+
+# What mailrelay wrote before its files carried a schema version (user_version 0), as it
+# wrote it: these files must open as version 1 with their rows.
+UNVERSIONED = {
+    "suppressions": """
+    CREATE TABLE suppressions (account TEXT NOT NULL, user TEXT NOT NULL,
+        address TEXT NOT NULL, reason TEXT NOT NULL, created REAL NOT NULL,
+        PRIMARY KEY (account, user, address)) WITHOUT ROWID;
+    CREATE INDEX suppressions_by_address ON suppressions (address);
+    INSERT INTO suppressions VALUES ('acme', 'news@acme.example', 'alice@example.org',
+                                     'unsubscribe', 1795000000.0);
+    """,
+    "stats": """
+    CREATE TABLE counters (account TEXT NOT NULL, user TEXT NOT NULL,
+        hour INTEGER NOT NULL, event TEXT NOT NULL, n INTEGER NOT NULL,
+        PRIMARY KEY (account, user, hour, event)) WITHOUT ROWID;
+    CREATE TABLE tracked (time REAL NOT NULL, account TEXT NOT NULL, user TEXT NOT NULL,
+        queue_id TEXT NOT NULL, recipient TEXT NOT NULL, event TEXT NOT NULL, url TEXT);
+    CREATE INDEX tracked_by_message ON tracked (account, queue_id);
+    INSERT INTO counters VALUES ('acme', 'news@acme.example', 498611, 'accepted', 5);
+    """,
+}
+
+
+def _sqlite_file(path, script: str, version: int = 0) -> str:
+    db = sqlite3.connect(path)
+    db.executescript(script)
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    return str(path)
+
+
+def _version(path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_an_unversioned_file_is_version_1_and_keeps_its_rows(tmp_path):
+    path = _sqlite_file(tmp_path / "s.sqlite", UNVERSIONED["suppressions"])
+    store = SuppressionStore(path)
+    ((address, reason, created),) = [(e.address, e.reason, e.created)
+                                     for e in store.list("acme", "news@acme.example")]
+    assert (address, reason, created) == ("alice@example.org", Reason.UNSUBSCRIBE, 1795000000.0)
+    assert store.add("bob@example.org", "acme")
+    store.close()
+    assert _version(path) == SuppressionStore.version() == 1
+    path = _sqlite_file(tmp_path / "t.sqlite", UNVERSIONED["stats"])
+    store = StatsStore(path)
+    assert store.query("acme", "news@acme.example")["accepted"] == 5
+    store.close()
+    assert _version(path) == StatsStore.version() == 1
+    assert SuppressionStore.version() == 1  # a new file starts at the newest version
+    SuppressionStore(str(tmp_path / "new.sqlite")).close()
+    assert _version(tmp_path / "new.sqlite") == 1
+
+
+class _Notes(SuppressionStore):
+    """The suppression store as a later schema might have it: two more versions."""
+
+    MIGRATIONS = {**SuppressionStore.MIGRATIONS,
+                  2: "ALTER TABLE suppressions ADD COLUMN note TEXT; "
+                     "UPDATE suppressions SET note = 'from ' || reason;",
+                  3: lambda db: db.execute("CREATE TABLE notes_seen (address TEXT)")}
+
+
+def test_migrations_bring_a_file_forward_in_one_transaction(tmp_path):
+    path = _sqlite_file(tmp_path / "s.sqlite", UNVERSIONED["suppressions"])
+
+    def broken(db):
+        db.execute("CREATE TABLE half_done (x)")
+        raise sqlite3.OperationalError("the step failed")
+
+    class Broken(_Notes):
+        MIGRATIONS = {**_Notes.MIGRATIONS, 4: broken}
+
+    with pytest.raises(sqlite3.OperationalError, match="the step failed"):
+        Broken(path)
+    assert _version(path) == 0  # nothing of steps 1 to 3 stayed either
+    db = sqlite3.connect(path)
+    assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ] == ["suppressions"]
+    db.close()
+    store = _Notes(path)
+    assert store.fetch("SELECT address, note FROM suppressions") == [
+        ("alice@example.org", "from unsubscribe")]
+    store.close()
+    assert _version(path) == 3
+    with pytest.raises(NewerSchema):  # the older code, after the newer one migrated it
+        SuppressionStore(path)
+
+
+def test_a_file_from_a_newer_mailrelay_is_refused_and_left_alone(tmp_path):
+    path = _sqlite_file(tmp_path / "s.sqlite", UNVERSIONED["suppressions"], version=2)
+    before = (tmp_path / "s.sqlite").read_bytes()
+    for refuse in (SuppressionStore, SuppressionStore.check_file):
+        with pytest.raises(NewerSchema) as caught:
+            refuse(path)
+        assert str(caught.value) == ("schema version 2 is from a newer mailrelay (this one "
+                                     "knows versions up to 1)")
+    assert (tmp_path / "s.sqlite").read_bytes() == before and not os.path.exists(path + "-wal")

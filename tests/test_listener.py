@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from test_smtp_support import HOST, tls_files
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -68,6 +69,7 @@ def recv_until(sock: socket.socket, end: bytes) -> bytes:
     return data
 
 
+@pytest.mark.tuned("prompt_writes")
 class PromptWritesTests(unittest.TestCase):
     def setUp(self) -> None:
         tls_files()  # made before any client thread races the server to it
@@ -174,6 +176,7 @@ class WithoutTheInternalsTests(unittest.TestCase):
         self.patch(listener, "_CONNECTION_STATE", (*listener._CONNECTION_STATE, "_gone"))
         self.assertFalse(listener.prompt_writes_possible())
 
+    @pytest.mark.tuned("prompt_writes")  # its fallback, with its warning
     @defer.inlineCallbacks
     def test_stock_transports_serve_plain_and_starttls(self):
         self.patch(listener, "_newtls", None)

@@ -19,7 +19,7 @@ from mailrelay.features.stats import StatsStore
 from mailrelay.features.suppressions import SuppressionStore
 from mailrelay.spool.spool import Spool
 from mailrelay.tls import server_options
-from mailrelay.web.site import DEFAULTS, make_admin_service
+from mailrelay.web.site import make_admin_service
 
 
 class AdminServiceTests(unittest.TestCase):
@@ -38,7 +38,7 @@ class AdminServiceTests(unittest.TestCase):
             self.addCleanup(store.close)
 
     def service(self, **admin):
-        self.config.admin = SimpleNamespace(**(DEFAULTS | admin))
+        self.config.admin = SimpleNamespace(**(vars(self.config.admin) | admin))
         tls = self.config.tls
         options = server_options(tls.certificate, tls.key, True, "relay.test")
         return make_admin_service(self.config, open_directory(self.config, reactor), self.spool,

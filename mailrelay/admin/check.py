@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from urllib.parse import quote
 
 from twisted.internet.task import Clock
 
@@ -36,8 +35,8 @@ def register(subparsers) -> None:
 def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
-    for step in (_tls, _directory, _data_dir, check_spool_directory, _feature_stores,
-                 _tracking, _admin):  # fmt: skip
+    for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
+                 _feature_stores, _tracking, _admin):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -51,6 +50,13 @@ def run(args, context) -> int:
 
 class _Problem(Exception):
     """Something check alone reports (the relay would find it later, or differently)."""
+
+
+def _tuning(config) -> None:
+    from mailrelay import tuning
+
+    if problem := tuning.startup_problem():
+        raise StartupError(problem)
 
 
 def _tls(config) -> None:
@@ -85,17 +91,18 @@ def _data_dir(config) -> None:
 
 
 def _feature_stores(config) -> None:
-    """Opened read-only: an existing database file that SQLite cannot read."""
+    """Read-only: an existing database file that SQLite cannot read, or from a newer
+    mailrelay (features/db.py)."""
+    from mailrelay.features.stats import StatsStore
+    from mailrelay.features.suppressions import SuppressionStore
+
     paths = feature_paths(config)
-    for key, path in (("suppressions_db", paths.suppressions_db), ("stats_db", paths.stats_db)):
+    for kind, key, path in ((SuppressionStore, "suppressions_db", paths.suppressions_db),
+                            (StatsStore, "stats_db", paths.stats_db)):  # fmt: skip
         if not os.path.exists(path):
             continue
         try:
-            db = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
-            try:
-                db.execute("SELECT count(*) FROM sqlite_master").fetchall()
-            finally:
-                db.close()
+            kind.check_file(path)
         except sqlite3.Error as e:
             raise store_error(key, path, e)
 

@@ -26,6 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mailrelay import tuning
+
 T = TypeVar("T")
 
 
@@ -49,6 +51,8 @@ MMAP_THRESHOLD = 1 << 20
 
 def _fix_mmap_threshold() -> bool:
     """Blocks over 1 MiB mapped on their own (glibc only; elsewhere nothing to do)."""
+    if not tuning.on("mmap_threshold"):  # MAILRELAY_STOCK: glibc's own threshold
+        return False
     name = ctypes.util.find_library("c")
     if not name:
         return False

@@ -50,6 +50,7 @@ from twisted.mail._cred import LOGINAuthenticator
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
+from mailrelay import tuning
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
 from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
@@ -155,7 +156,8 @@ class RelayClient(smtp.ESMTPClient):
     debug = False  # the session log would hold AUTH lines; results carry the replies
     # ESMTPClient.__setattr__ only warns about the deprecated tlsMode, never set here, and
     # as a Python-level hook it cost every attribute write (~50 a message).
-    __setattr__ = object.__setattr__
+    if tuning.on("client_setattr"):
+        __setattr__ = object.__setattr__
 
     def __init__(self, hop: Hop, identity: str, context, next_job: JobSource,
                  report: Report, max_messages: int, timeout: float) -> None:

@@ -1,22 +1,11 @@
-"""Where the features keep their files, from the configuration.
-
-Each path is ``[features] <key>`` (the token key: ``[tracking] key_file``) when the
-configuration sets it, else a file under ``[server] data_dir``. Shared by the daemon's
+"""Where the features keep their files: read from the configuration, which derives each
+default under ``[server] data_dir`` (config.DATA_FILES). Shared by the daemon's
 composition and mailrelay-admin so both open the same files.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-# field -> (section, key, default file name under data_dir)
-DEFAULTS = {
-    "suppressions_db": ("features", "suppressions_db", "suppressions.sqlite"),
-    "stats_db": ("features", "stats_db", "stats.sqlite"),
-    "archive_dir": ("features", "archive_dir", "archive"),
-    "token_key": ("tracking", "key_file", "tracking.key"),
-}
 
 
 @dataclass(frozen=True)
@@ -28,11 +17,5 @@ class FeaturePaths:
 
 
 def feature_paths(config) -> FeaturePaths:
-    data_dir = config.server.data_dir
-    return FeaturePaths(
-        **{
-            name: getattr(getattr(config, section, None), key, None)
-            or os.path.join(data_dir, default)
-            for name, (section, key, default) in DEFAULTS.items()
-        }
-    )
+    f = config.features
+    return FeaturePaths(f.suppressions_db, f.stats_db, f.archive_dir, config.tracking.key_file)

@@ -67,7 +67,8 @@ Key = tuple[str, str, int, str]  # account, user, hour number, event
 
 
 class StatsStore(SqliteStore):
-    SCHEMA = """
+    # Schema versions (db.py); 1: the schema from before files carried a version.
+    MIGRATIONS = {1: """
     CREATE TABLE IF NOT EXISTS counters (
         account TEXT NOT NULL,
         user TEXT NOT NULL,
@@ -86,7 +87,7 @@ class StatsStore(SqliteStore):
         url TEXT
     );
     CREATE INDEX IF NOT EXISTS tracked_by_message ON tracked (account, queue_id);
-    """
+    """}
 
     def add(self, counts: dict[Key, int], tracked: list[Tracked] = ()) -> None:
         """Add counters and tracking rows in one transaction."""

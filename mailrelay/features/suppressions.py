@@ -34,7 +34,8 @@ class Suppression:
 
 
 class SuppressionStore(SqliteStore):
-    SCHEMA = """
+    # Schema versions (db.py); 1: the schema from before files carried a version.
+    MIGRATIONS = {1: """
     CREATE TABLE IF NOT EXISTS suppressions (
         account TEXT NOT NULL,
         user TEXT NOT NULL,
@@ -44,7 +45,7 @@ class SuppressionStore(SqliteStore):
         PRIMARY KEY (account, user, address)
     ) WITHOUT ROWID;
     CREATE INDEX IF NOT EXISTS suppressions_by_address ON suppressions (address);
-    """
+    """}
 
     def add(
         self,

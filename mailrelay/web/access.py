@@ -21,7 +21,6 @@ import contextlib
 import enum
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
@@ -101,11 +100,8 @@ def check_name(name: str, what: str) -> None:
 
 
 def access_path(config) -> str:
-    """``[admin] access_file`` when the configuration has it, else ``<data_dir>/admin.json``."""
-    section = getattr(config, "admin", None)
-    return getattr(section, "access_file", None) or os.path.join(
-        config.server.data_dir, "admin.json"
-    )
+    """``[admin] access_file`` (by default ``<data_dir>/admin.json``, see config.DATA_FILES)."""
+    return config.admin.access_file
 
 
 # ---- the file ----

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 from twisted.application.service import MultiService
@@ -134,13 +133,13 @@ def open_access(config, clock) -> AccessFile:
     from mailrelay.service import StartupError
 
     try:
-        return AccessFile(admin_settings(config).access_file or access_path(config), clock)
+        return AccessFile(access_path(config), clock)
     except AccessError as e:
         raise StartupError(f"[admin] access_file {e}")
 
 
 def verification_key_file(config) -> str:
-    return admin_settings(config).key_file or os.path.join(config.server.data_dir, "panel.key")
+    return config.admin.key_file  # by default <data_dir>/panel.key (config.DATA_FILES)
 
 
 def make_verifier(config, spool, reactor):
