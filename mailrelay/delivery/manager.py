@@ -55,20 +55,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import dsn
+from mailrelay.delivery import dsn, outcome
 from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
+from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
 from mailrelay.interfaces import IQueueControl
 from mailrelay.model import Envelope
-from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
+from mailrelay.spool.state import DeliveryState
 
 log = Logger()
 
 SPREAD = 20  # queued jobs per open connection before another one to the same destination
 MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
-SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 LOAD_BATCH = 32  # messages read per trip to a loader thread
 
@@ -164,10 +164,7 @@ class DeliveryManager:
                                max_messages_per_connection)
         self.max_concurrency = max_concurrency
         self.max_per_host = max_per_host
-        self.retry_first = retry_first
-        self.retry_max = retry_max
-        self.lifetime = lifetime
-        self.delay_warning = delay_warning
+        self.retry_policy = RetryPolicy(retry_first, retry_max, lifetime, delay_warning)
         self.hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self.prefetch = prefetch or max(100, max_concurrency * 20)
@@ -361,7 +358,8 @@ class DeliveryManager:
         else:
             log.failure("cannot read {queue_id}", failure, queue_id=attempt.queue_id)
             if self._running:
-                self.schedule.add(attempt.queue_id, self.clock.seconds() + self.retry_first)
+                self.schedule.add(attempt.queue_id, self.clock.seconds()
+                                  + self.retry_policy.retry_first)
         self._pump()
         self._check_idle()
 
@@ -593,12 +591,7 @@ class DeliveryManager:
         elif settled is not None:
             # Other jobs of the message are still out, maybe queued behind this one on
             # the same connection: record the recipients sent so far now.
-            for result in results:
-                if result.sent:
-                    rs = attempt.state.recipients.setdefault(result.recipient,
-                                                             RecipientState())
-                    rs.status, rs.code, rs.text, rs.remote = (
-                        RecipientStatus.SENT, result.code, result.text, result.remote)
+            attempt.state = outcome.mark_sent(attempt.state, results)
             if attempt.writing is None:
                 d = defer.ensureDeferred(self._save_partial(attempt))
                 attempt.writing = None if d.called else d
@@ -620,91 +613,48 @@ class DeliveryManager:
         attempt.writing = None  # the rest (if any) is the conclusion's
 
     async def _conclude(self, attempt: _Attempt) -> None:
-        queue_id, state = attempt.queue_id, attempt.state
-        settled = False  # the state (or the removal) is on disk
+        queue_id = attempt.queue_id
+        due = attempt.state.next_attempt  # when to try again if nothing is recorded
+        removed = False
         try:
             if attempt.writing is not None:
                 await attempt.writing  # one save of a message at a time
-            if attempt.deleted or not (attempt.results or attempt.suppressed or state.done):
-                return  # deleted, or stopped before anything was tried: nothing to record
+            if attempt.deleted:
+                return  # its results are dropped
             now = self.clock.seconds()
-            failed, delayed = self._apply(attempt, now)
-            if failed and not await self._notify(attempt, failed, "failed", now):
-                for rcpt in failed:  # keep them until a bounce can be queued
-                    state.recipients[rcpt].status = RecipientStatus.PENDING
-                state.next_attempt = now + self.retry_first
-            if delayed:
-                await self._notify(attempt, delayed, "delayed", now)
+            step = outcome.fold(attempt.state, attempt.results, now=now,
+                                received_at=attempt.envelope.received_at, due=attempt.due,
+                                policy=self.retry_policy, suppressed=attempt.suppressed,
+                                jitter=self._rng.uniform(*outcome.JITTER))
+            if step is None:
+                return  # stopped before anything was tried: nothing to record
+            for result, status in step.logged:
+                self._log(attempt, result, status)
+            state = attempt.state = step.state
+            if step.failed and not await self._notify(attempt, step.failed, "failed", now):
+                # keep them until a bounce can be queued
+                state = attempt.state = outcome.postpone(state, step.failed, now,
+                                                         self.retry_policy)
+            if step.delayed:
+                await self._notify(attempt, step.delayed, "delayed", now)
+            due = state.next_attempt
             if state.done:  # the removal records it: no state to save first
                 await self.spool.remove(queue_id)
+                removed = True
             else:
                 await self.spool.save_state(queue_id, state)
-            settled = True
         except Exception:
             log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
-            state.next_attempt = self.clock.seconds() + self.retry_first  # try again then
+            due = self.clock.seconds() + self.retry_policy.retry_first  # try again then
         finally:
             self._forget(attempt)
             waiting, attempt.waiting = attempt.waiting, []
             for d in waiting:
                 d.callback(None)
-            if self._running and not attempt.deleted and not (settled and state.done):
-                self.schedule.add(queue_id, state.next_attempt)
+            if self._running and not attempt.deleted and not removed:
+                self.schedule.add(queue_id, due)
             self._pump()
             self._check_idle()
-
-    def _apply(self, attempt: _Attempt, now: float) -> tuple[list[str], list[str]]:
-        """Fold the attempt's results into the state; returns the recipients that failed
-        for good now and those to send a delay notification for."""
-        envelope, state = attempt.envelope, attempt.state
-        failed: list[str] = []
-        for rcpt in attempt.suppressed:  # done for good, without a bounce
-            rs = state.recipients.setdefault(rcpt, RecipientState())
-            rs.status, rs.code, rs.text = RecipientStatus.FAILED, None, SUPPRESSED
-        if attempt.results:
-            state.attempts += 1
-            state.first_attempt = state.first_attempt or now
-            state.last_error = ""
-        for result in attempt.results:
-            rs = state.recipients.setdefault(result.recipient, RecipientState())
-            rs.code, rs.text, rs.remote = result.code, result.text, result.remote
-            if result.sent:
-                rs.status = RecipientStatus.SENT
-            elif result.permanent:
-                rs.status = RecipientStatus.FAILED
-                failed.append(result.recipient)
-            else:
-                state.last_error = f"{result.code} {result.text}"
-            self._log(attempt, result, {"sent": "sent", "failed": "bounced"}.get(
-                str(rs.status), "deferred"))
-        expiry = envelope.received_at + self.lifetime
-        pending = state.pending()
-        if pending and now >= expiry:
-            days = self.lifetime / 86400
-            for rcpt in pending:
-                rs = state.recipients[rcpt]
-                rs.status = RecipientStatus.FAILED
-                rs.text = (f"4.4.7 delivery time expired after {days:g} days; last error: "
-                           f"{rs.code or ''} {rs.text}".strip())
-                failed.append(rcpt)
-                self._log(attempt, Result(rcpt, rs.code or 451, rs.text, rs.remote), "expired")
-            pending = []
-        delayed: list[str] = []
-        if pending:
-            state.next_attempt = min(now + self._backoff(state.attempts), expiry)
-            threshold = envelope.received_at + self.delay_warning
-            # Warn once: at the first attempt at or after the threshold (the one that was
-            # scheduled before it, or the very first attempt).
-            if self.delay_warning and now >= threshold and (
-                    attempt.due is None or attempt.due <= threshold):
-                delayed = pending
-        else:
-            state.next_attempt = None
-        return failed, delayed
-
-    def _backoff(self, attempts: int) -> float:
-        delay = min(self.retry_first * 2 ** min(max(attempts - 1, 0), 32), self.retry_max)
-        return delay * self._rng.uniform(0.9, 1.0)  # jitter: restarts do not retry in step
 
     async def _notify(self, attempt: _Attempt, rcpts: list[str], action: str,
                       now: float) -> bool:
@@ -720,7 +670,7 @@ class DeliveryManager:
                 dsn.queue, self.spool, envelope=envelope,
                 recipients=[(r, state.recipients[r]) for r in rcpts], action=action,
                 hostname=self.hostname, postmaster=self.postmaster, now=now,
-                retry_until=envelope.received_at + self.lifetime)
+                retry_until=envelope.received_at + self.retry_policy.lifetime)
         except (StorageError, OSError) as e:  # the spool refuses new mail (disk full)
             log.error("cannot queue the {kind} for {queue_id} yet: {error}",
                       queue_id=attempt.queue_id, kind=kind, error=e)
