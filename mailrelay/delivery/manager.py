@@ -56,7 +56,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.delivery import dsn, outcome
-from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
+from mailrelay.delivery.client import Courier, Job, Outcome, Result
+from mailrelay.delivery.loader import Loader
 from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
@@ -176,10 +177,8 @@ class DeliveryManager:
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
-        self._preloaded = 0  # bytes of the active attempts' bodies in memory
-        self._to_load: list[_Attempt] = []
-        self._load_call = None  # the reactor turn's _load, once something is to be loaded
-        self._reading: defer.Deferred = defer.succeed(None)  # the trips' results, in order
+        self.loader = Loader(spool, reactor, loaded=self._loaded, failed=self._load_failed,
+                             budget=BODY_BUDGET, batch=LOAD_BATCH)
         self._destinations: dict[frozenset, _Destination] = {}
         self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
         self._connections = 0
@@ -294,64 +293,14 @@ class DeliveryManager:
             queue_id = self.schedule.pop()
             if queue_id is None:
                 break
-            attempt = _Attempt(queue_id)
-            self._active[queue_id] = attempt
-            attempt.held = SMALL_BODY if self._preloaded < BODY_BUDGET else 0
-            self._preloaded += attempt.held
-            self._to_load.append(attempt)
-        if self._to_load and self._load_call is None:
-            self._load_call = self.reactor.callLater(0, self._load)
-
-    def _load(self) -> None:
-        self._load_call = None
-        waiting, self._to_load = self._to_load, []
-        for i in range(0, len(waiting), LOAD_BATCH):
-            batch = waiting[i:i + LOAD_BATCH]
-            read = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                             self._read_all,
-                                             [(a.queue_id, a.held) for a in batch])
-            # Trips run in parallel but are taken in the order they were asked for, so the
-            # first of the schedule (priority, then age) are the first to be routed.
-            self._reading.addBoth(lambda _, read=read: read)
-            self._reading.addBoth(self._read_done, batch)
-            self._reading.addErrback(lambda f: log.failure("cannot route what was read", f))
-
-    def _read_all(self, wanted: list[tuple[str, int]]) -> list:
-        """In a thread: _read of each (queue id, limit), or the Failure it raised."""
-        results: list = []
-        for queue_id, limit in wanted:
-            try:
-                results.append(self._read(queue_id, limit))
-            except Exception:
-                results.append(Failure())
-        return results
-
-    def _read_done(self, results: list | Failure, batch: list[_Attempt]) -> None:
-        if isinstance(results, Failure):
-            results = [results] * len(batch)
-        for attempt, result in zip(batch, results, strict=True):
-            if isinstance(result, Failure):
-                self._load_failed(result, attempt)
-            else:
-                self._loaded(result, attempt)
-
-    def _read(self, queue_id: str,
-              limit: int) -> tuple[Envelope, DeliveryState | None, bytes | None]:
-        """In a thread: the envelope, the state, and the body if it has at most ``limit``
-        bytes (else None; 0: not read)."""
-        envelope, state = self.spool.envelope(queue_id), self.spool.read_state(queue_id)
-        if not limit:
-            return envelope, state, None
-        with self.spool.open_body(queue_id) as f:
-            body = f.read(limit + 1)
-        return envelope, state, body if len(body) <= limit else None
+            attempt = self._active[queue_id] = _Attempt(queue_id)
+            self.loader.add(attempt)
 
     def _forget(self, attempt: _Attempt) -> None:
         del self._active[attempt.queue_id]
-        self._preloaded -= attempt.held
-        attempt.held, attempt.body = 0, None
+        self.loader.release(attempt)
 
-    def _load_failed(self, failure: Failure, attempt: _Attempt) -> None:
+    def _load_failed(self, attempt: _Attempt, failure: Failure) -> None:
         self._forget(attempt)
         if failure.check(KeyError):
             log.info("{queue_id} is no longer queued", queue_id=attempt.queue_id)
@@ -363,12 +312,8 @@ class DeliveryManager:
         self._pump()
         self._check_idle()
 
-    def _loaded(self, loaded: tuple[Envelope, DeliveryState | None, bytes | None],
-                attempt: _Attempt) -> None:
-        envelope, state, attempt.body = loaded
-        size = len(attempt.body or b"")
-        self._preloaded += size - attempt.held
-        attempt.held = size
+    def _loaded(self, attempt: _Attempt, envelope: Envelope,
+                state: DeliveryState | None) -> None:
         if not self._running or envelope.sandboxed or attempt.deleted:
             if envelope.sandboxed:
                 log.info("{queue_id} is held (sandboxed): never delivered",
