@@ -25,7 +25,8 @@ from mailrelay.delivery.client import SMALL_BODY
 from mailrelay.model import Envelope
 from mailrelay.spool.state import DeliveryState
 
-log = Logger()
+# The queue runner's lines keep the one namespace the log has always shown for them.
+log = Logger(namespace="mailrelay.delivery.manager")
 
 
 class Loadable(Protocol):

@@ -45,7 +45,6 @@ over the delivery process's socket; they return Deferreds, as the relay's side d
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Callable
 from functools import partial
@@ -57,9 +56,9 @@ from zope.interface import implementer
 
 from mailrelay.delivery import dsn, outcome
 from mailrelay.delivery.client import Courier, Job, Outcome, Result
+from mailrelay.delivery.destinations import Destination, Destinations, Routes
 from mailrelay.delivery.loader import Loader
 from mailrelay.delivery.outcome import RetryPolicy
-from mailrelay.delivery.router import PermanentRouteError, RouteError
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
 from mailrelay.interfaces import IQueueControl
@@ -68,8 +67,6 @@ from mailrelay.spool.state import DeliveryState
 
 log = Logger()
 
-SPREAD = 20  # queued jobs per open connection before another one to the same destination
-MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 LOAD_BATCH = 32  # messages read per trip to a loader thread
 
@@ -95,55 +92,6 @@ class _Attempt:
         self.writing: defer.Deferred | None = None  # a partial save in flight
 
 
-class _Destination:
-    """Jobs waiting for a connection to one set of hops."""
-
-    def __init__(self, key: frozenset, hops: list) -> None:
-        self.key = key
-        self.hops = hops
-        self.jobs: list[tuple[str, int, Job]] = []
-        self.active = 0  # open connections
-        self.idle: list[defer.Deferred] = []  # connections kept open, waiting for a job
-        self._seq = 0
-
-    def push(self, job: Job) -> None:
-        self._seq += 1
-        heapq.heappush(self.jobs, (job.queue_id, self._seq, job))
-
-    def pop(self) -> Job | None:
-        return heapq.heappop(self.jobs)[2] if self.jobs else None
-
-
-_UNSET = object()
-
-
-class _Route:
-    """A domain's route, shared by every message that asks while it is fresh."""
-
-    def __init__(self) -> None:
-        self.result: object = _UNSET
-        self.expires = 0.0
-        self.waiters: list[defer.Deferred] = []
-
-    def get(self) -> defer.Deferred:
-        if self.result is _UNSET:
-            d: defer.Deferred = defer.Deferred()
-            self.waiters.append(d)
-            return d
-        if isinstance(self.result, Failure):
-            return defer.fail(self.result)
-        return defer.succeed(self.result)
-
-    def set(self, result, expires: float) -> None:
-        self.result, self.expires = result, expires
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-
 @implementer(IQueueControl)
 class DeliveryManager:
     def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
@@ -163,14 +111,11 @@ class DeliveryManager:
         self.clock = clock or reactor
         self.courier = Courier(reactor, hostname, connect_timeout, command_timeout,
                                max_messages_per_connection)
-        self.max_concurrency = max_concurrency
-        self.max_per_host = max_per_host
         self.retry_policy = RetryPolicy(retry_first, retry_max, lifetime, delay_warning)
         self.hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self.prefetch = prefetch or max(100, max_concurrency * 20)
         self.connection_cache_time = connection_cache_time
-        self.route_ttl = route_ttl
         self.stop_timeout = stop_timeout
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
@@ -179,10 +124,9 @@ class DeliveryManager:
         self._active: dict[str, _Attempt] = {}
         self.loader = Loader(spool, reactor, loaded=self._loaded, failed=self._load_failed,
                              budget=BODY_BUDGET, batch=LOAD_BATCH)
-        self._destinations: dict[frozenset, _Destination] = {}
-        self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
-        self._connections = 0
-        self._routes: dict[str, _Route] = {}
+        self.routes = Routes(router, self.clock, route_ttl)
+        self.destinations = Destinations(self._connect, max_per_host=max_per_host,
+                                         max_concurrency=max_concurrency)
         self._running = False
         self._idle_waiters: list[defer.Deferred] = []
 
@@ -191,7 +135,7 @@ class DeliveryManager:
     def start(self) -> defer.Deferred:
         """Schedule everything queued (one listing and the state files), then run.
         Fires once the queue is loaded."""
-        self._running = True
+        self._running = self.destinations.running = True
         self.schedule.start()
         d = self.spool.scan()
         d.addCallback(self._scanned)
@@ -201,10 +145,10 @@ class DeliveryManager:
     def stop(self) -> defer.Deferred:
         """Stop taking messages; connections finish the message in progress (dropped after
         ``stop_timeout``). Fires when every attempt's state is saved."""
-        self._running = False
+        self._running = self.destinations.running = False
         self.schedule.stop()
-        for dest in list(self._destinations.values()):
-            self._release(dest)
+        for dest in self.destinations:
+            dest.release()
             self._drain(dest, None)  # not attempted: their recipients stay as they are
         self.courier.stop()
         grace = self.clock.callLater(self.stop_timeout, self.courier.abort)
@@ -263,7 +207,7 @@ class DeliveryManager:
     @property
     def counts(self) -> dict[str, int]:
         return {"ready": self.schedule.ready, "deferred": self.schedule.deferred,
-                "active": len(self._active), "connections": self._connections}
+                "active": len(self._active), "connections": self.destinations.connections}
 
     # ---- scheduling
 
@@ -280,7 +224,7 @@ class DeliveryManager:
         return queue_id in self._active or queue_id in self.schedule
 
     def _check_idle(self) -> None:
-        if self._active or self._connections or (self.schedule.ready and self._running):
+        if self._active or self.destinations.connections or (self.schedule.ready and self._running):
             return
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
@@ -333,22 +277,8 @@ class DeliveryManager:
         Recipients on a suppression list are left out; with the per-recipient features
         (footer, tracking) each recipient gets a job of its own with its own copy."""
         pending, copies, failures = await self._features(attempt, attempt.state.pending())
-        by_domain: dict[str, list[str]] = {}
-        for rcpt in pending:
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
-        domains = [d for d in by_domain if d]
-        routed = await defer.DeferredList([self._route(d) for d in domains],
-                                          consumeErrors=True)
-        failures += [Result(r, 550, "5.1.3 recipient address has no domain")
-                     for r in by_domain.get("", [])]
-        groups: dict[frozenset, tuple[list, list[str]]] = {}
-        for domain, (ok, value) in zip(domains, routed, strict=True):
-            if not ok:
-                failures += self._unroutable(value, attempt, by_domain[domain])
-            elif value:
-                groups.setdefault(frozenset(value), (value, []))[1].extend(by_domain[domain])
-            else:
-                failures += [Result(r, 451, "4.4.3 no route") for r in by_domain[domain]]
+        groups, unroutable = await self.routes.group(pending, attempt.queue_id)
+        failures += unroutable
         if not self._running or attempt.deleted:
             groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
             attempt.suppressed = []
@@ -364,11 +294,7 @@ class DeliveryManager:
                      for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
-            dest = self._destinations.get(key)
-            if dest is None:
-                dest = self._destinations[key] = _Destination(key, hops)
-            dest.push(job)
-            self._dispatch(dest)
+            self.destinations.add(key, hops, job)
         self._record(attempt, failures)
 
     async def _features(self, attempt: _Attempt,
@@ -401,49 +327,12 @@ class DeliveryManager:
                             for r in pending]
         return pending, copies, []
 
-    def _route(self, domain: str) -> defer.Deferred:
-        now = self.clock.seconds()
-        entry = self._routes.get(domain)
-        if entry is None or (entry.result is not _UNSET and entry.expires <= now):
-            if len(self._routes) >= MAX_ROUTES:
-                self._routes = {k: v for k, v in self._routes.items()
-                                if v.result is _UNSET or v.expires > now}
-            entry = self._routes[domain] = _Route()
-            d = defer.maybeDeferred(self.router.route, domain)
+    def _connect(self, dest: Destination) -> None:
+        d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
+        d.addBoth(self._closed, dest)
 
-            def settle(result, entry=entry):
-                # A temporary failure is asked again by the next message that needs it.
-                temporary = isinstance(result, Failure) and not result.check(
-                    PermanentRouteError)
-                entry.set(result, self.clock.seconds() + (0 if temporary else self.route_ttl))
-
-            d.addBoth(settle)
-        return entry.get()
-
-    def _unroutable(self, failure: Failure, attempt: _Attempt,
-                    rcpts: list[str]) -> list[Result]:
-        error = failure.value
-        if isinstance(error, RouteError):
-            return [Result(r, error.code, error.text) for r in rcpts]
-        log.failure("routing failed for {queue_id}", failure, queue_id=attempt.queue_id)
-        return [Result(r, 451, f"4.4.3 routing failed: {error}") for r in rcpts]
-
-    def _dispatch(self, dest: _Destination) -> None:
-        while dest.idle and dest.jobs:  # a connection kept open takes it at once
-            dest.idle.pop(0).callback(True)
-        while (self._running and dest.jobs and dest.active < self.max_per_host
-               and self._connections < self.max_concurrency
-               and (dest.active == 0 or len(dest.jobs) > dest.active * SPREAD)):
-            dest.active += 1
-            self._connections += 1
-            d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
-            d.addBoth(self._closed, dest)
-        if dest.jobs and dest.active == 0:
-            self._backlog[dest.key] = None  # no free connection slot: wait for one
-
-    def _closed(self, outcome: Outcome | Failure, dest: _Destination) -> None:
-        dest.active -= 1
-        self._connections -= 1
+    def _closed(self, outcome: Outcome | Failure, dest: Destination) -> None:
+        self.destinations.closed(dest)
         if isinstance(outcome, Failure):
             log.failure("delivery connection failed", outcome)
             outcome = Outcome(errors=[str(outcome.value)])
@@ -452,21 +341,10 @@ class DeliveryManager:
         elif outcome.jobs == 0 and outcome.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
             self._drain(dest, f"4.4.1 {outcome.error}")
-        if not dest.jobs and dest.active == 0:
-            self._destinations.pop(dest.key, None)
-            self._backlog.pop(dest.key, None)
-        else:
-            self._dispatch(dest)
-        for key in list(self._backlog):
-            if self._connections >= self.max_concurrency:
-                break
-            waiting = self._destinations.get(key)
-            del self._backlog[key]
-            if waiting is not None:
-                self._dispatch(waiting)
+        self.destinations.settle(dest)
         self._check_idle()
 
-    def _next_job(self, dest: _Destination) -> Job | None:
+    def _next_job(self, dest: Destination) -> Job | None:
         while (job := dest.pop()) is not None:
             attempt = job.context
             if not attempt.deleted:
@@ -474,44 +352,9 @@ class DeliveryManager:
             self._record(attempt, [])
         if not self._running or self.connection_cache_time <= 0:
             return None
-        return self._wait_for_job(dest)
+        return dest.wait_for_job(self.clock, self.connection_cache_time)
 
-    def _wait_for_job(self, dest: _Destination) -> defer.Deferred:
-        """The connection stays open for ``connection_cache_time``: the Deferred fires
-        True when a job for ``dest`` arrives (the connection asks again), False when the
-        time is up or delivery stops (it says QUIT). A connection that closes meanwhile
-        cancels it."""
-
-        def cancel(d: defer.Deferred) -> None:
-            if d in dest.idle:
-                dest.idle.remove(d)
-            if timer.active():
-                timer.cancel()
-
-        waiting: defer.Deferred = defer.Deferred(cancel)
-
-        def expire() -> None:
-            if waiting in dest.idle:
-                dest.idle.remove(waiting)
-                waiting.callback(False)
-
-        def done(more: bool) -> bool:
-            if timer.active():
-                timer.cancel()
-            return more
-
-        timer = self.clock.callLater(self.connection_cache_time, expire)
-        waiting.addCallback(done)
-        dest.idle.append(waiting)
-        return waiting
-
-    def _release(self, dest: _Destination) -> None:
-        """Every connection kept open for ``dest`` says QUIT."""
-        idle, dest.idle = dest.idle, []
-        for waiting in idle:
-            waiting.callback(False)
-
-    def _drain(self, dest: _Destination, text: str | None) -> None:
+    def _drain(self, dest: Destination, text: str | None) -> None:
         """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
         not attempted at all."""
         while (job := dest.pop()) is not None:
