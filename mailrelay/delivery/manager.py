@@ -1,21 +1,25 @@
-"""The queue runner: schedules spooled messages, routes them, delivers, retries, bounces.
+"""The queue runner: takes due messages from the schedule, has them read, routed and sent,
+records what came of them, retries and bounces. Its parts, each with one job:
 
-At start the schedule (schedule.py) is built from one listing of queue/ and the state
-files (Spool.scan); no message file is read until the message is about to be sent, and at
-most ``prefetch`` messages are loaded at a time, so 100,000 queued messages cost two heaps
-of ids, not 100,000 reads. Loading happens in a thread and reads a small body too
-(client.SMALL_BODY, up to BODY_BUDGET bytes of them held at once), so the reactor neither
-opens its file nor streams it; the messages asked for in one reactor turn (a group commit
-concludes many at once) share the trip to the thread, up to LOAD_BATCH a trip.
-
-Loaded messages are split per destination (the set of hops their recipients' domains route
-to); each destination has a heap of jobs (priority, then age) that its connections pull
-from, one message after another over the same connection, with at most ``max_per_host``
-connections per destination and ``max_concurrency`` in all.
+- schedule.py: which message is due next. At start it is built from one listing of
+  queue/ and the state files (Spool.scan); at most ``prefetch`` messages are being
+  delivered at a time, so 100,000 queued messages cost two heaps of ids, not 100,000
+  reads.
+- loader.py: reads the messages taken, in batches (LOAD_BATCH a trip) in the reactor's
+  thread pool, small bodies too while BODY_BUDGET has room.
+- destinations.py: routes the recipients (a cache per domain) and queues one job per
+  destination; connections pull jobs from it, at most ``max_per_host`` per destination
+  and ``max_concurrency`` in all.
+- outcome.py: what the results of an attempt make of the message's state (sent, bounced,
+  deferred, expired; the next attempt with its backoff; the delay warning): pure.
+- dsn.py: the bounces and delay notifications this module queues.
 
 After every attempt the message is removed (every recipient done) or its state saved
+After every attempt the message is removed (every recipient done) or its state saved
 (Spool.save_state) before it is scheduled again; a DSN is committed before the state that
-records the failure, so a crash can at worst send a bounce twice, never lose one.
+records the failure, so a crash can at worst send a bounce twice, never lose one. A bounce
+that cannot be queued (the disk is full) keeps its recipients pending for
+``retry_first``.
 
 Crashes and duplicates: a connection sends its next MAIL (or QUIT, or gives its place to
 another connection) only once the outcome of the job it has just delivered is on disk:
@@ -67,6 +71,7 @@ from mailrelay.spool.state import DeliveryState
 
 log = Logger()
 
+# The loader's limits, here with the runner's other settings.
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 LOAD_BATCH = 32  # messages read per trip to a loader thread
 
