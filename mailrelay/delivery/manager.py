@@ -336,16 +336,16 @@ class DeliveryManager:
         d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
         d.addBoth(self._closed, dest)
 
-    def _closed(self, outcome: Outcome | Failure, dest: Destination) -> None:
+    def _closed(self, did: Outcome | Failure, dest: Destination) -> None:
         self.destinations.closed(dest)
-        if isinstance(outcome, Failure):
-            log.failure("delivery connection failed", outcome)
-            outcome = Outcome(errors=[str(outcome.value)])
+        if isinstance(did, Failure):
+            log.failure("delivery connection failed", did)
+            did = Outcome(errors=[str(did.value)])
         if not self._running:
             self._drain(dest, None)
-        elif outcome.jobs == 0 and outcome.errors and dest.active == 0:
+        elif did.jobs == 0 and did.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
-            self._drain(dest, f"4.4.1 {outcome.error}")
+            self._drain(dest, f"4.4.1 {did.error}")
         self.destinations.settle(dest)
         self._check_idle()
 
