@@ -163,7 +163,7 @@ class DeliveryTests(Base):
             yield manager.stop()
             self.assertEqual(sorted(m.data for m in self.sink.messages), sorted([BODY, big]))
             self.assertEqual(self.spool.opened_on_reactor, [big_id])
-            self.assertEqual(manager._preloaded, 0)
+            self.assertEqual(manager.loader.preloaded, 0)
             self.sink.messages, self.spool.opened_on_reactor = [], []
 
     @defer.inlineCallbacks
@@ -174,7 +174,7 @@ class DeliveryTests(Base):
         yield self.deliver(manager)
         self.assertEqual([m.data for m in self.sink.messages], [BODY, BODY])
         self.assertEqual(self.spool.opened_on_reactor, ids[1:])
-        self.assertEqual(manager._preloaded, 0)
+        self.assertEqual(manager.loader.preloaded, 0)
 
     @defer.inlineCallbacks
     def test_many_messages_over_one_connection(self):

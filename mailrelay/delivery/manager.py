@@ -1,21 +1,25 @@
-"""The queue runner: schedules spooled messages, routes them, delivers, retries, bounces.
+"""The queue runner: takes due messages from the schedule, has them read, routed and sent,
+records what came of them, retries and bounces. Its parts, each with one job:
 
-At start the schedule (schedule.py) is built from one listing of queue/ and the state
-files (Spool.scan); no message file is read until the message is about to be sent, and at
-most ``prefetch`` messages are loaded at a time, so 100,000 queued messages cost two heaps
-of ids, not 100,000 reads. Loading happens in a thread and reads a small body too
-(client.SMALL_BODY, up to BODY_BUDGET bytes of them held at once), so the reactor neither
-opens its file nor streams it; the messages asked for in one reactor turn (a group commit
-concludes many at once) share the trip to the thread, up to LOAD_BATCH a trip.
-
-Loaded messages are split per destination (the set of hops their recipients' domains route
-to); each destination has a heap of jobs (priority, then age) that its connections pull
-from, one message after another over the same connection, with at most ``max_per_host``
-connections per destination and ``max_concurrency`` in all.
+- schedule.py: which message is due next. At start it is built from one listing of
+  queue/ and the state files (Spool.scan); at most ``prefetch`` messages are being
+  delivered at a time, so 100,000 queued messages cost two heaps of ids, not 100,000
+  reads.
+- loader.py: reads the messages taken, in batches (LOAD_BATCH a trip) in the reactor's
+  thread pool, small bodies too while BODY_BUDGET has room.
+- destinations.py: routes the recipients (a cache per domain) and queues one job per
+  destination; connections pull jobs from it, at most ``max_per_host`` per destination
+  and ``max_concurrency`` in all.
+- outcome.py: what the results of an attempt make of the message's state (sent, bounced,
+  deferred, expired; the next attempt with its backoff; the delay warning): pure.
+- dsn.py: the bounces and delay notifications this module queues.
 
 After every attempt the message is removed (every recipient done) or its state saved
+After every attempt the message is removed (every recipient done) or its state saved
 (Spool.save_state) before it is scheduled again; a DSN is committed before the state that
-records the failure, so a crash can at worst send a bounce twice, never lose one.
+records the failure, so a crash can at worst send a bounce twice, never lose one. A bounce
+that cannot be queued (the disk is full) keeps its recipients pending for
+``retry_first``.
 
 Crashes and duplicates: a connection sends its next MAIL (or QUIT, or gives its place to
 another connection) only once the outcome of the job it has just delivered is on disk:
@@ -45,7 +49,6 @@ over the delivery process's socket; they return Deferreds, as the relay's side d
 
 from __future__ import annotations
 
-import heapq
 import random
 from collections.abc import Callable
 from functools import partial
@@ -55,20 +58,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import dsn
-from mailrelay.delivery.client import SMALL_BODY, Courier, Job, Outcome, Result
-from mailrelay.delivery.router import PermanentRouteError, RouteError
+from mailrelay.delivery import dsn, outcome
+from mailrelay.delivery.client import Courier, Job, Outcome, Result
+from mailrelay.delivery.destinations import Destination, Destinations, Routes
+from mailrelay.delivery.loader import Loader
+from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
 from mailrelay.interfaces import IQueueControl
 from mailrelay.model import Envelope
-from mailrelay.spool.state import DeliveryState, RecipientState, RecipientStatus
+from mailrelay.spool.state import DeliveryState
 
 log = Logger()
 
-SPREAD = 20  # queued jobs per open connection before another one to the same destination
-MAX_ROUTES = 4096  # cached domain routes before expired ones are dropped
-SUPPRESSED = "suppressed: on the suppression list, not delivered (no bounce)"
+# The loader's limits, here with the runner's other settings.
 BODY_BUDGET = 16 * 2**20  # bytes of small bodies read ahead and held until delivered
 LOAD_BATCH = 32  # messages read per trip to a loader thread
 
@@ -94,55 +97,6 @@ class _Attempt:
         self.writing: defer.Deferred | None = None  # a partial save in flight
 
 
-class _Destination:
-    """Jobs waiting for a connection to one set of hops."""
-
-    def __init__(self, key: frozenset, hops: list) -> None:
-        self.key = key
-        self.hops = hops
-        self.jobs: list[tuple[str, int, Job]] = []
-        self.active = 0  # open connections
-        self.idle: list[defer.Deferred] = []  # connections kept open, waiting for a job
-        self._seq = 0
-
-    def push(self, job: Job) -> None:
-        self._seq += 1
-        heapq.heappush(self.jobs, (job.queue_id, self._seq, job))
-
-    def pop(self) -> Job | None:
-        return heapq.heappop(self.jobs)[2] if self.jobs else None
-
-
-_UNSET = object()
-
-
-class _Route:
-    """A domain's route, shared by every message that asks while it is fresh."""
-
-    def __init__(self) -> None:
-        self.result: object = _UNSET
-        self.expires = 0.0
-        self.waiters: list[defer.Deferred] = []
-
-    def get(self) -> defer.Deferred:
-        if self.result is _UNSET:
-            d: defer.Deferred = defer.Deferred()
-            self.waiters.append(d)
-            return d
-        if isinstance(self.result, Failure):
-            return defer.fail(self.result)
-        return defer.succeed(self.result)
-
-    def set(self, result, expires: float) -> None:
-        self.result, self.expires = result, expires
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
-
-
 @implementer(IQueueControl)
 class DeliveryManager:
     def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
@@ -162,31 +116,22 @@ class DeliveryManager:
         self.clock = clock or reactor
         self.courier = Courier(reactor, hostname, connect_timeout, command_timeout,
                                max_messages_per_connection)
-        self.max_concurrency = max_concurrency
-        self.max_per_host = max_per_host
-        self.retry_first = retry_first
-        self.retry_max = retry_max
-        self.lifetime = lifetime
-        self.delay_warning = delay_warning
+        self.retry_policy = RetryPolicy(retry_first, retry_max, lifetime, delay_warning)
         self.hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self.prefetch = prefetch or max(100, max_concurrency * 20)
         self.connection_cache_time = connection_cache_time
-        self.route_ttl = route_ttl
         self.stop_timeout = stop_timeout
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
-        self._preloaded = 0  # bytes of the active attempts' bodies in memory
-        self._to_load: list[_Attempt] = []
-        self._load_call = None  # the reactor turn's _load, once something is to be loaded
-        self._reading: defer.Deferred = defer.succeed(None)  # the trips' results, in order
-        self._destinations: dict[frozenset, _Destination] = {}
-        self._backlog: dict[frozenset, None] = {}  # destinations waiting for a free slot
-        self._connections = 0
-        self._routes: dict[str, _Route] = {}
+        self.loader = Loader(spool, reactor, loaded=self._loaded, failed=self._load_failed,
+                             budget=BODY_BUDGET, batch=LOAD_BATCH)
+        self.routes = Routes(router, self.clock, route_ttl)
+        self.destinations = Destinations(self._connect, max_per_host=max_per_host,
+                                         max_concurrency=max_concurrency)
         self._running = False
         self._idle_waiters: list[defer.Deferred] = []
 
@@ -195,7 +140,7 @@ class DeliveryManager:
     def start(self) -> defer.Deferred:
         """Schedule everything queued (one listing and the state files), then run.
         Fires once the queue is loaded."""
-        self._running = True
+        self._running = self.destinations.running = True
         self.schedule.start()
         d = self.spool.scan()
         d.addCallback(self._scanned)
@@ -205,10 +150,10 @@ class DeliveryManager:
     def stop(self) -> defer.Deferred:
         """Stop taking messages; connections finish the message in progress (dropped after
         ``stop_timeout``). Fires when every attempt's state is saved."""
-        self._running = False
+        self._running = self.destinations.running = False
         self.schedule.stop()
-        for dest in list(self._destinations.values()):
-            self._release(dest)
+        for dest in self.destinations:
+            dest.release()
             self._drain(dest, None)  # not attempted: their recipients stay as they are
         self.courier.stop()
         grace = self.clock.callLater(self.stop_timeout, self.courier.abort)
@@ -267,7 +212,7 @@ class DeliveryManager:
     @property
     def counts(self) -> dict[str, int]:
         return {"ready": self.schedule.ready, "deferred": self.schedule.deferred,
-                "active": len(self._active), "connections": self._connections}
+                "active": len(self._active), "connections": self.destinations.connections}
 
     # ---- scheduling
 
@@ -284,7 +229,7 @@ class DeliveryManager:
         return queue_id in self._active or queue_id in self.schedule
 
     def _check_idle(self) -> None:
-        if self._active or self._connections or (self.schedule.ready and self._running):
+        if self._active or self.destinations.connections or (self.schedule.ready and self._running):
             return
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
@@ -297,80 +242,27 @@ class DeliveryManager:
             queue_id = self.schedule.pop()
             if queue_id is None:
                 break
-            attempt = _Attempt(queue_id)
-            self._active[queue_id] = attempt
-            attempt.held = SMALL_BODY if self._preloaded < BODY_BUDGET else 0
-            self._preloaded += attempt.held
-            self._to_load.append(attempt)
-        if self._to_load and self._load_call is None:
-            self._load_call = self.reactor.callLater(0, self._load)
-
-    def _load(self) -> None:
-        self._load_call = None
-        waiting, self._to_load = self._to_load, []
-        for i in range(0, len(waiting), LOAD_BATCH):
-            batch = waiting[i:i + LOAD_BATCH]
-            read = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                             self._read_all,
-                                             [(a.queue_id, a.held) for a in batch])
-            # Trips run in parallel but are taken in the order they were asked for, so the
-            # first of the schedule (priority, then age) are the first to be routed.
-            self._reading.addBoth(lambda _, read=read: read)
-            self._reading.addBoth(self._read_done, batch)
-            self._reading.addErrback(lambda f: log.failure("cannot route what was read", f))
-
-    def _read_all(self, wanted: list[tuple[str, int]]) -> list:
-        """In a thread: _read of each (queue id, limit), or the Failure it raised."""
-        results: list = []
-        for queue_id, limit in wanted:
-            try:
-                results.append(self._read(queue_id, limit))
-            except Exception:
-                results.append(Failure())
-        return results
-
-    def _read_done(self, results: list | Failure, batch: list[_Attempt]) -> None:
-        if isinstance(results, Failure):
-            results = [results] * len(batch)
-        for attempt, result in zip(batch, results, strict=True):
-            if isinstance(result, Failure):
-                self._load_failed(result, attempt)
-            else:
-                self._loaded(result, attempt)
-
-    def _read(self, queue_id: str,
-              limit: int) -> tuple[Envelope, DeliveryState | None, bytes | None]:
-        """In a thread: the envelope, the state, and the body if it has at most ``limit``
-        bytes (else None; 0: not read)."""
-        envelope, state = self.spool.envelope(queue_id), self.spool.read_state(queue_id)
-        if not limit:
-            return envelope, state, None
-        with self.spool.open_body(queue_id) as f:
-            body = f.read(limit + 1)
-        return envelope, state, body if len(body) <= limit else None
+            attempt = self._active[queue_id] = _Attempt(queue_id)
+            self.loader.add(attempt)
 
     def _forget(self, attempt: _Attempt) -> None:
         del self._active[attempt.queue_id]
-        self._preloaded -= attempt.held
-        attempt.held, attempt.body = 0, None
+        self.loader.release(attempt)
 
-    def _load_failed(self, failure: Failure, attempt: _Attempt) -> None:
+    def _load_failed(self, attempt: _Attempt, failure: Failure) -> None:
         self._forget(attempt)
         if failure.check(KeyError):
             log.info("{queue_id} is no longer queued", queue_id=attempt.queue_id)
         else:
             log.failure("cannot read {queue_id}", failure, queue_id=attempt.queue_id)
             if self._running:
-                self.schedule.add(attempt.queue_id, self.clock.seconds() + self.retry_first)
+                self.schedule.add(attempt.queue_id, self.clock.seconds()
+                                  + self.retry_policy.retry_first)
         self._pump()
         self._check_idle()
 
-    def _loaded(self, loaded: tuple[Envelope, DeliveryState | None, bytes | None],
-                attempt: _Attempt) -> None:
-        envelope, state, attempt.body = loaded
-        size = len(attempt.body or b"")
-        self._preloaded += size - attempt.held
-        attempt.held = size
+    def _loaded(self, attempt: _Attempt, envelope: Envelope,
+                state: DeliveryState | None) -> None:
         if not self._running or envelope.sandboxed or attempt.deleted:
             if envelope.sandboxed:
                 log.info("{queue_id} is held (sandboxed): never delivered",
@@ -390,22 +282,8 @@ class DeliveryManager:
         Recipients on a suppression list are left out; with the per-recipient features
         (footer, tracking) each recipient gets a job of its own with its own copy."""
         pending, copies, failures = await self._features(attempt, attempt.state.pending())
-        by_domain: dict[str, list[str]] = {}
-        for rcpt in pending:
-            by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
-        domains = [d for d in by_domain if d]
-        routed = await defer.DeferredList([self._route(d) for d in domains],
-                                          consumeErrors=True)
-        failures += [Result(r, 550, "5.1.3 recipient address has no domain")
-                     for r in by_domain.get("", [])]
-        groups: dict[frozenset, tuple[list, list[str]]] = {}
-        for domain, (ok, value) in zip(domains, routed, strict=True):
-            if not ok:
-                failures += self._unroutable(value, attempt, by_domain[domain])
-            elif value:
-                groups.setdefault(frozenset(value), (value, []))[1].extend(by_domain[domain])
-            else:
-                failures += [Result(r, 451, "4.4.3 no route") for r in by_domain[domain]]
+        groups, unroutable = await self.routes.group(pending, attempt.queue_id)
+        failures += unroutable
         if not self._running or attempt.deleted:
             groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
             attempt.suppressed = []
@@ -421,11 +299,7 @@ class DeliveryManager:
                      for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
-            dest = self._destinations.get(key)
-            if dest is None:
-                dest = self._destinations[key] = _Destination(key, hops)
-            dest.push(job)
-            self._dispatch(dest)
+            self.destinations.add(key, hops, job)
         self._record(attempt, failures)
 
     async def _features(self, attempt: _Attempt,
@@ -458,72 +332,24 @@ class DeliveryManager:
                             for r in pending]
         return pending, copies, []
 
-    def _route(self, domain: str) -> defer.Deferred:
-        now = self.clock.seconds()
-        entry = self._routes.get(domain)
-        if entry is None or (entry.result is not _UNSET and entry.expires <= now):
-            if len(self._routes) >= MAX_ROUTES:
-                self._routes = {k: v for k, v in self._routes.items()
-                                if v.result is _UNSET or v.expires > now}
-            entry = self._routes[domain] = _Route()
-            d = defer.maybeDeferred(self.router.route, domain)
+    def _connect(self, dest: Destination) -> None:
+        d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
+        d.addBoth(self._closed, dest)
 
-            def settle(result, entry=entry):
-                # A temporary failure is asked again by the next message that needs it.
-                temporary = isinstance(result, Failure) and not result.check(
-                    PermanentRouteError)
-                entry.set(result, self.clock.seconds() + (0 if temporary else self.route_ttl))
-
-            d.addBoth(settle)
-        return entry.get()
-
-    def _unroutable(self, failure: Failure, attempt: _Attempt,
-                    rcpts: list[str]) -> list[Result]:
-        error = failure.value
-        if isinstance(error, RouteError):
-            return [Result(r, error.code, error.text) for r in rcpts]
-        log.failure("routing failed for {queue_id}", failure, queue_id=attempt.queue_id)
-        return [Result(r, 451, f"4.4.3 routing failed: {error}") for r in rcpts]
-
-    def _dispatch(self, dest: _Destination) -> None:
-        while dest.idle and dest.jobs:  # a connection kept open takes it at once
-            dest.idle.pop(0).callback(True)
-        while (self._running and dest.jobs and dest.active < self.max_per_host
-               and self._connections < self.max_concurrency
-               and (dest.active == 0 or len(dest.jobs) > dest.active * SPREAD)):
-            dest.active += 1
-            self._connections += 1
-            d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)
-            d.addBoth(self._closed, dest)
-        if dest.jobs and dest.active == 0:
-            self._backlog[dest.key] = None  # no free connection slot: wait for one
-
-    def _closed(self, outcome: Outcome | Failure, dest: _Destination) -> None:
-        dest.active -= 1
-        self._connections -= 1
-        if isinstance(outcome, Failure):
-            log.failure("delivery connection failed", outcome)
-            outcome = Outcome(errors=[str(outcome.value)])
+    def _closed(self, did: Outcome | Failure, dest: Destination) -> None:
+        self.destinations.closed(dest)
+        if isinstance(did, Failure):
+            log.failure("delivery connection failed", did)
+            did = Outcome(errors=[str(did.value)])
         if not self._running:
             self._drain(dest, None)
-        elif outcome.jobs == 0 and outcome.errors and dest.active == 0:
+        elif did.jobs == 0 and did.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
-            self._drain(dest, f"4.4.1 {outcome.error}")
-        if not dest.jobs and dest.active == 0:
-            self._destinations.pop(dest.key, None)
-            self._backlog.pop(dest.key, None)
-        else:
-            self._dispatch(dest)
-        for key in list(self._backlog):
-            if self._connections >= self.max_concurrency:
-                break
-            waiting = self._destinations.get(key)
-            del self._backlog[key]
-            if waiting is not None:
-                self._dispatch(waiting)
+            self._drain(dest, f"4.4.1 {did.error}")
+        self.destinations.settle(dest)
         self._check_idle()
 
-    def _next_job(self, dest: _Destination) -> Job | None:
+    def _next_job(self, dest: Destination) -> Job | None:
         while (job := dest.pop()) is not None:
             attempt = job.context
             if not attempt.deleted:
@@ -531,44 +357,9 @@ class DeliveryManager:
             self._record(attempt, [])
         if not self._running or self.connection_cache_time <= 0:
             return None
-        return self._wait_for_job(dest)
+        return dest.wait_for_job(self.clock, self.connection_cache_time)
 
-    def _wait_for_job(self, dest: _Destination) -> defer.Deferred:
-        """The connection stays open for ``connection_cache_time``: the Deferred fires
-        True when a job for ``dest`` arrives (the connection asks again), False when the
-        time is up or delivery stops (it says QUIT). A connection that closes meanwhile
-        cancels it."""
-
-        def cancel(d: defer.Deferred) -> None:
-            if d in dest.idle:
-                dest.idle.remove(d)
-            if timer.active():
-                timer.cancel()
-
-        waiting: defer.Deferred = defer.Deferred(cancel)
-
-        def expire() -> None:
-            if waiting in dest.idle:
-                dest.idle.remove(waiting)
-                waiting.callback(False)
-
-        def done(more: bool) -> bool:
-            if timer.active():
-                timer.cancel()
-            return more
-
-        timer = self.clock.callLater(self.connection_cache_time, expire)
-        waiting.addCallback(done)
-        dest.idle.append(waiting)
-        return waiting
-
-    def _release(self, dest: _Destination) -> None:
-        """Every connection kept open for ``dest`` says QUIT."""
-        idle, dest.idle = dest.idle, []
-        for waiting in idle:
-            waiting.callback(False)
-
-    def _drain(self, dest: _Destination, text: str | None) -> None:
+    def _drain(self, dest: Destination, text: str | None) -> None:
         """Report every job still waiting for ``dest``: deferred with ``text``, or (None)
         not attempted at all."""
         while (job := dest.pop()) is not None:
@@ -593,12 +384,7 @@ class DeliveryManager:
         elif settled is not None:
             # Other jobs of the message are still out, maybe queued behind this one on
             # the same connection: record the recipients sent so far now.
-            for result in results:
-                if result.sent:
-                    rs = attempt.state.recipients.setdefault(result.recipient,
-                                                             RecipientState())
-                    rs.status, rs.code, rs.text, rs.remote = (
-                        RecipientStatus.SENT, result.code, result.text, result.remote)
+            attempt.state = outcome.mark_sent(attempt.state, results)
             if attempt.writing is None:
                 d = defer.ensureDeferred(self._save_partial(attempt))
                 attempt.writing = None if d.called else d
@@ -620,91 +406,48 @@ class DeliveryManager:
         attempt.writing = None  # the rest (if any) is the conclusion's
 
     async def _conclude(self, attempt: _Attempt) -> None:
-        queue_id, state = attempt.queue_id, attempt.state
-        settled = False  # the state (or the removal) is on disk
+        queue_id = attempt.queue_id
+        due = attempt.state.next_attempt  # when to try again if nothing is recorded
+        removed = False
         try:
             if attempt.writing is not None:
                 await attempt.writing  # one save of a message at a time
-            if attempt.deleted or not (attempt.results or attempt.suppressed or state.done):
-                return  # deleted, or stopped before anything was tried: nothing to record
+            if attempt.deleted:
+                return  # its results are dropped
             now = self.clock.seconds()
-            failed, delayed = self._apply(attempt, now)
-            if failed and not await self._notify(attempt, failed, "failed", now):
-                for rcpt in failed:  # keep them until a bounce can be queued
-                    state.recipients[rcpt].status = RecipientStatus.PENDING
-                state.next_attempt = now + self.retry_first
-            if delayed:
-                await self._notify(attempt, delayed, "delayed", now)
+            step = outcome.fold(attempt.state, attempt.results, now=now,
+                                received_at=attempt.envelope.received_at, due=attempt.due,
+                                policy=self.retry_policy, suppressed=attempt.suppressed,
+                                jitter=self._rng.uniform(*outcome.JITTER))
+            if step is None:
+                return  # stopped before anything was tried: nothing to record
+            for result, status in step.logged:
+                self._log(attempt, result, status)
+            state = attempt.state = step.state
+            if step.failed and not await self._notify(attempt, step.failed, "failed", now):
+                # keep them until a bounce can be queued
+                state = attempt.state = outcome.postpone(state, step.failed, now,
+                                                         self.retry_policy)
+            if step.delayed:
+                await self._notify(attempt, step.delayed, "delayed", now)
+            due = state.next_attempt
             if state.done:  # the removal records it: no state to save first
                 await self.spool.remove(queue_id)
+                removed = True
             else:
                 await self.spool.save_state(queue_id, state)
-            settled = True
         except Exception:
             log.failure("cannot record the delivery of {queue_id}", queue_id=queue_id)
-            state.next_attempt = self.clock.seconds() + self.retry_first  # try again then
+            due = self.clock.seconds() + self.retry_policy.retry_first  # try again then
         finally:
             self._forget(attempt)
             waiting, attempt.waiting = attempt.waiting, []
             for d in waiting:
                 d.callback(None)
-            if self._running and not attempt.deleted and not (settled and state.done):
-                self.schedule.add(queue_id, state.next_attempt)
+            if self._running and not attempt.deleted and not removed:
+                self.schedule.add(queue_id, due)
             self._pump()
             self._check_idle()
-
-    def _apply(self, attempt: _Attempt, now: float) -> tuple[list[str], list[str]]:
-        """Fold the attempt's results into the state; returns the recipients that failed
-        for good now and those to send a delay notification for."""
-        envelope, state = attempt.envelope, attempt.state
-        failed: list[str] = []
-        for rcpt in attempt.suppressed:  # done for good, without a bounce
-            rs = state.recipients.setdefault(rcpt, RecipientState())
-            rs.status, rs.code, rs.text = RecipientStatus.FAILED, None, SUPPRESSED
-        if attempt.results:
-            state.attempts += 1
-            state.first_attempt = state.first_attempt or now
-            state.last_error = ""
-        for result in attempt.results:
-            rs = state.recipients.setdefault(result.recipient, RecipientState())
-            rs.code, rs.text, rs.remote = result.code, result.text, result.remote
-            if result.sent:
-                rs.status = RecipientStatus.SENT
-            elif result.permanent:
-                rs.status = RecipientStatus.FAILED
-                failed.append(result.recipient)
-            else:
-                state.last_error = f"{result.code} {result.text}"
-            self._log(attempt, result, {"sent": "sent", "failed": "bounced"}.get(
-                str(rs.status), "deferred"))
-        expiry = envelope.received_at + self.lifetime
-        pending = state.pending()
-        if pending and now >= expiry:
-            days = self.lifetime / 86400
-            for rcpt in pending:
-                rs = state.recipients[rcpt]
-                rs.status = RecipientStatus.FAILED
-                rs.text = (f"4.4.7 delivery time expired after {days:g} days; last error: "
-                           f"{rs.code or ''} {rs.text}".strip())
-                failed.append(rcpt)
-                self._log(attempt, Result(rcpt, rs.code or 451, rs.text, rs.remote), "expired")
-            pending = []
-        delayed: list[str] = []
-        if pending:
-            state.next_attempt = min(now + self._backoff(state.attempts), expiry)
-            threshold = envelope.received_at + self.delay_warning
-            # Warn once: at the first attempt at or after the threshold (the one that was
-            # scheduled before it, or the very first attempt).
-            if self.delay_warning and now >= threshold and (
-                    attempt.due is None or attempt.due <= threshold):
-                delayed = pending
-        else:
-            state.next_attempt = None
-        return failed, delayed
-
-    def _backoff(self, attempts: int) -> float:
-        delay = min(self.retry_first * 2 ** min(max(attempts - 1, 0), 32), self.retry_max)
-        return delay * self._rng.uniform(0.9, 1.0)  # jitter: restarts do not retry in step
 
     async def _notify(self, attempt: _Attempt, rcpts: list[str], action: str,
                       now: float) -> bool:
@@ -720,7 +463,7 @@ class DeliveryManager:
                 dsn.queue, self.spool, envelope=envelope,
                 recipients=[(r, state.recipients[r]) for r in rcpts], action=action,
                 hostname=self.hostname, postmaster=self.postmaster, now=now,
-                retry_until=envelope.received_at + self.lifetime)
+                retry_until=envelope.received_at + self.retry_policy.lifetime)
         except (StorageError, OSError) as e:  # the spool refuses new mail (disk full)
             log.error("cannot queue the {kind} for {queue_id} yet: {error}",
                       queue_id=attempt.queue_id, kind=kind, error=e)
