@@ -22,10 +22,10 @@ from zope.interface import implementer
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import NetworkChecker, SenderAddressChecker
+from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.interfaces import DirectoryUnavailable, IIncomingMessage, ISpool
 from mailrelay.listener import PromptWrites
 from mailrelay.model import Account, SmtpUser, Status
-from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
 from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
 from mailrelay.smtp.server import SubmissionServer

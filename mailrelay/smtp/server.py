@@ -38,8 +38,7 @@ from mailrelay.errors import StorageError
 from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
-from mailrelay.policy.net import plain_ip
-from mailrelay.policy.text import printable
+from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
@@ -47,6 +46,7 @@ from mailrelay.smtp.headers import HeaderError, from_addresses
 from mailrelay.smtp.longlines import conform
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
 from mailrelay.smtp.sasl import MECHANISMS, Login
+from mailrelay.text import printable
 from mailrelay.verification import is_verified
 
 log = Logger()
