@@ -517,6 +517,8 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "TLS already active")
         if not self._can_starttls():
             raise Reply(502, "5.5.1", "STARTTLS not available on this port")
+        if self.helo is None:  # RFC 3207: the client says EHLO first
+            raise Reply(503, "5.5.1", "Error: send HELO/EHLO first")
         if self._inbuf:
             # Plaintext sent after STARTTLS would otherwise be read as if it came inside
             # TLS (CVE-2011-0411). A real client waits for the 220.
@@ -661,15 +663,11 @@ class SubmissionServer(smtp.ESMTP):
         # Not logged on its own: "accepted" and "disconnected" name the user and auth=ip.
         await self._accept_login(avatar, logout)
 
-    async def _address_login(self, arg: bytes) -> None:
+    async def _address_login(self, sender: str) -> None:
         """Address authentication, at MAIL without AUTH: a sender listed in [policy]
         address_auth logs in as itself (see auth.realm). It vouches for that sender only:
         a MAIL with another sender logs in again as that one, or leaves the session
         unauthenticated (530), never sending as the earlier address's login."""
-        try:
-            sender = parse_mail(arg)[0]
-        except Reply:
-            return  # the syntax error is reported once the login question is settled
         if self.avatar is not None:
             if self.avatar.may_send_as(sender):
                 return
@@ -706,16 +704,23 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "Send EHLO first")
         if self._sender is not None:
             raise Reply(503, "5.5.1", "Nested MAIL command")
+        try:
+            sender, params = parse_mail(arg)
+        except Reply as error:  # reported once the login question is settled
+            sender, params, syntax = None, {}, error
+        else:
+            syntax = None
         if self.avatar is None and not self._ip_login_tried:
             await self._ip_login()
-        if self.avatar is None or self.avatar.method == "address":
-            await self._address_login(arg)
+        if sender is not None and (self.avatar is None or self.avatar.method == "address"):
+            await self._address_login(sender)
         self._need_login()
         avatar, user = self.avatar, self.avatar.user
         if self.messages >= self.factory.max_messages_per_connection:
             raise Reply(451, "4.7.0", "Too many messages on this connection, reconnect and "
                         "retry")
-        sender, params = parse_mail(arg)
+        if syntax is not None:
+            raise syntax
         self._mail_params(params)
         if avatar.blocked:
             raise Reply(550, "5.7.1", f"user {user.username} is blocked")
