@@ -9,8 +9,8 @@ commands dispatch to the smtp_* methods below.
 
 Transactions need a login: AUTH PLAIN or LOGIN (inside TLS unless the listener allows
 plaintext AUTH), or, at MAIL without AUTH, IP authentication (ClientAddress credentials) or
-address authentication (SenderAddress credentials) through the portal. Envelope and From:
-header senders must lie within the login's scope.
+address authentication (SenderAddress credentials) through the portal. Which envelope and
+From: header senders a login may use is the policy's to say (policy/sender.py).
 
 Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
 and ``session_timeout`` for the time a connection spends outside transactions in total
@@ -35,7 +35,6 @@ from twisted.python.failure import Failure
 from mailrelay.auth.avatar import ISubmitter
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.errors import StorageError
-from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
@@ -47,7 +46,6 @@ from mailrelay.smtp.longlines import conform
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
 from mailrelay.smtp.sasl import MECHANISMS, Login
 from mailrelay.text import printable
-from mailrelay.verification import is_verified
 
 log = Logger()
 
@@ -715,39 +713,18 @@ class SubmissionServer(smtp.ESMTP):
         if sender is not None and (self.avatar is None or self.avatar.method == "address"):
             await self._address_login(sender)
         self._need_login()
-        avatar, user = self.avatar, self.avatar.user
+        avatar = self.avatar
         if self.messages >= self.factory.max_messages_per_connection:
             raise Reply(451, "4.7.0", "Too many messages on this connection, reconnect and "
                         "retry")
         if syntax is not None:
             raise syntax
         self._mail_params(params)
-        if avatar.blocked:
-            raise Reply(550, "5.7.1", f"user {user.username} is blocked")
-        if not sender:
-            raise Reply(550, "5.7.1", f"the null sender <> is not allowed for user "
-                        f"{user.username}")
-        if not avatar.scope.allows(sender):
-            if self._quoted_in_scope(sender):
-                raise Reply(553, "5.1.7", f"Sender address <{sender}>: quoted local parts "
-                            "are not accepted, send from the plain address")
-            if self.policy is not None:
-                self._notify(self.policy.senderRefused, avatar, sender, False)
-            raise Reply(550, "5.7.1", f"Sender address <{sender}> not allowed for user "
-                        f"{user.username}")
-        if self.factory.verify_senders and not is_verified(user, sender):
-            raise Reply(550, "5.7.1", f"sender <{sender}> not verified: follow the "
-                        "confirmation link mailed to it")
-        await self._ask("mailFrom", avatar, sender)
+        # The sender checks (status, null sender, scope, verification): policy/sender.py.
+        await maybeDeferred(self.policy.mailFrom, avatar, sender)
         self._sender, self._recipients = sender, []
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
-
-    def _quoted_in_scope(self, address: str) -> bool:
-        """``"a b"@doe.com`` for a login that may send from doe.com: the local part, not
-        the domain, is why it is refused (scopes hold plain addresses only)."""
-        local, _, domain = address.rpartition("@")
-        return local.startswith('"') and self.avatar.scope.allows(f"postmaster@{domain}")
 
     def _mail_params(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
@@ -818,7 +795,7 @@ class SubmissionServer(smtp.ESMTP):
             received_at=now,
             priority=user.priority,
             sandboxed=self.avatar.sandboxed,
-            **user_fields(user, self._recipients),  # audit BCC, bounce notices, footer...
+            **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
             incoming = self.factory.spool.create(envelope)
@@ -852,14 +829,10 @@ class SubmissionServer(smtp.ESMTP):
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
         for address in addresses:
-            if not self.avatar.scope.allows(address):
-                if self._quoted_in_scope(address):
-                    return Reply(550, "5.6.0", f"From: header address {address}: quoted "
-                                 "local parts are not accepted, use the plain address")
-                if self.policy is not None:
-                    self._notify(self.policy.senderRefused, self.avatar, address, True)
-                return Reply(550, "5.7.1", f"From: header address {address} not allowed for "
-                             f"user {self.avatar.user.username}")
+            try:
+                self.policy.headerFrom(self.avatar, address)  # the scope: policy/sender.py
+            except Reply as refusal:
+                return refusal
         return None if added is None else added + b"\r\n"
 
     def _feed(self, data: bytes) -> int:
