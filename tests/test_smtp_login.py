@@ -41,7 +41,7 @@ def setup(ip="192.0.2.7", **portal_args):
 def test_plain_with_an_initial_response():
     login, checker, _, _ = setup()
     credentials = login.start(b"plain", plain("doe.test"))
-    assert isinstance(credentials, Login) and not login.exchanging
+    assert isinstance(credentials, Login) and login.exchange is None
     assert run(login.password(credentials, True)) is True
     assert (login.username, login.by_password) == ("doe.test", True)
     assert checker.seen == [("doe.test", "192.0.2.7", True)]
@@ -50,10 +50,10 @@ def test_plain_with_an_initial_response():
 def test_login_exchange_step_by_step():
     login, _, _, _ = setup()
     assert login.start(b"LOGIN", None) == b"Username:"
-    assert login.exchanging
+    assert login.exchange is not None
     assert login.respond(b64("doe.test")) == b"Password:"
     credentials = login.respond(b64(PASSWORD))
-    assert not login.exchanging
+    assert login.exchange is None
     assert run(login.password(credentials, False)) is True
 
 
@@ -66,7 +66,7 @@ def test_exchange_refusals():
     with pytest.raises(Reply) as cancelled:
         login.respond(b"*")
     assert (cancelled.value.code, cancelled.value.text) == (501, "Authentication cancelled")
-    assert not login.exchanging
+    assert login.exchange is None
 
 
 def test_bad_credentials_are_counted_and_told_to_the_policy():

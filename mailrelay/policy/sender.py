@@ -65,11 +65,11 @@ class SenderChecks:
         self._verify = verify_senders
 
     def __getattr__(self, name: str):
-        if self._session is None:
-            if name.startswith("_"):
-                raise AttributeError(name)
-            return _nothing
-        return getattr(self._session, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        hook = _nothing if self._session is None else getattr(self._session, name)
+        setattr(self, name, hook)  # found once per connection: the hooks run per message
+        return hook
 
     def mailFrom(self, avatar, sender: str):
         user = avatar.user

@@ -1,8 +1,9 @@
 """One connection's login, through the portal (auth/checkers.py) and the session policy.
 
-- AUTH PLAIN and LOGIN: the SASL exchange (sasl.py; ``start``, then ``respond`` to each
-  ``334`` response), then ``password``: the policy's ``authAttempt`` (it may delay or
-  refuse), the password checker, ``authFailed`` on bad credentials.
+- AUTH PLAIN and LOGIN: the SASL exchange (sasl.py; ``start``, then ``respond`` to the
+  response to each ``334``, while ``exchange`` is set), then ``password``: the policy's
+  ``authAttempt`` (it may delay or refuse), the password checker, ``authFailed`` on bad
+  credentials.
 - At MAIL without AUTH: IP authentication (``by_ip``, ClientAddress credentials: tried
   once per connection) and address authentication (``by_sender``, SenderAddress
   credentials: it vouches for that one sender).
@@ -51,8 +52,8 @@ class SessionLogin:
         self.avatar = None
         self.failures = 0  # bad credentials on this connection
         self.ip_tried = False
+        self.exchange = None  # the SASL exchange waiting for the response to a 334
         self._logout = None
-        self._exchange = None  # the SASL exchange waiting for a 334 response
 
     @property
     def by_password(self) -> bool:
@@ -61,11 +62,6 @@ class SessionLogin:
     @property
     def username(self) -> str | None:
         return self.avatar.user.username if self.avatar is not None else None
-
-    @property
-    def exchanging(self) -> bool:
-        """A 334 was sent: the next line is the client's SASL response."""
-        return self._exchange is not None
 
     # -- AUTH
 
@@ -80,7 +76,7 @@ class SessionLogin:
 
     def respond(self, line: bytes) -> bytes | Login:
         """The client's response to a 334, as for start(); ``*`` cancels (501)."""
-        exchange, self._exchange = self._exchange, None
+        exchange, self.exchange = self.exchange, None
         if len(line) > MAX_AUTH_LINE:
             raise Reply(500, "5.5.2", "Line too long")
         if line == b"*":
@@ -89,7 +85,7 @@ class SessionLogin:
 
     def _step(self, exchange, result: bytes | Login) -> bytes | Login:
         if isinstance(result, bytes):
-            self._exchange = exchange
+            self.exchange = exchange
         return result
 
     async def password(self, login: Login, tls: bool) -> bool:
@@ -185,7 +181,7 @@ class SessionLogin:
 
     def drop(self) -> None:
         """Log out, and forget an exchange in progress."""
-        self._exchange = None
+        self.exchange = None
         if self._logout is not None:
             logout, self._logout = self._logout, None
             logout()

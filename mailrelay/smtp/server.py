@@ -145,7 +145,7 @@ class SubmissionServer(CommandStream):
             client_ip=self.client_ip,
             messages=self.messages,
             user=self.login.username or "-",
-            auth=self.avatar.method if self.avatar is not None else "-",
+            auth=self.login.avatar.method if self.login.avatar is not None else "-",
             tls=self.tls,
         )
         # A commit in flight still decides the message; the policy hears of it first.
@@ -219,7 +219,7 @@ class SubmissionServer(CommandStream):
     # -- commands
 
     def lineReceived(self, line: bytes) -> None:
-        if self.login.exchanging:
+        if self.login.exchange is not None:  # a 334 was sent: this is the response
             self._run(self._sasl_response, line)
             return
         if b"\r" in line or b"\n" in line or b"\0" in line:
@@ -291,7 +291,7 @@ class SubmissionServer(CommandStream):
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
         line = f"{code} {status} {text}" if status else f"{code} {text}"
-        self._write_lines([line])
+        self.write(printable(line, 512).encode("ascii", "backslashreplace") + b"\r\n")
         if code >= 400:
             log.info(
                 "session {session}: refused {code} {status} {text} client {client_ip}",
@@ -303,12 +303,10 @@ class SubmissionServer(CommandStream):
                 user=self.login.username,
             )
 
-    def _write_lines(self, lines: list[str]) -> None:
+    def _multiline(self, code: int, lines: list[str]) -> None:
+        lines = [f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"]
         out = [printable(line, 512).encode("ascii", "backslashreplace") for line in lines]
         self.write(b"\r\n".join(out) + b"\r\n")
-
-    def _multiline(self, code: int, lines: list[str]) -> None:
-        self._write_lines([f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"])
 
     def _send(self, reply: Reply) -> None:
         self._reply(reply.code, reply.status, reply.text)
@@ -485,7 +483,7 @@ class SubmissionServer(CommandStream):
         self._session_clock(running=True)
 
     def _need_login(self) -> None:
-        if self.avatar is None:
+        if self.login.avatar is None:
             raise Reply(530, "5.7.0", "Authentication required")
 
     async def smtp_MAIL(self, arg: bytes) -> None:
@@ -505,7 +503,7 @@ class SubmissionServer(CommandStream):
         if sender is not None and (login.avatar is None or login.avatar.method == "address"):
             await login.by_sender(sender)
         self._need_login()
-        avatar = self.avatar
+        avatar = self.login.avatar
         if self.messages >= self.factory.max_messages_per_connection:
             raise Reply(451, "4.7.0", "Too many messages on this connection, reconnect and "
                         "retry")
@@ -545,7 +543,7 @@ class SubmissionServer(CommandStream):
             return
         if len(self._recipients) >= self.factory.max_recipients:
             raise Reply(452, "4.5.3", "Too many recipients")
-        await self._ask("rcptTo", self.avatar, recipient, len(self._recipients))
+        await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
         self._reply(250, "2.1.5", "Ok")
 
@@ -574,7 +572,7 @@ class SubmissionServer(CommandStream):
             raise Reply(503, "5.5.1", "Need MAIL command")
         if not self._recipients:
             raise Reply(554, "5.5.1", "No valid recipients")
-        user = self.avatar.user
+        user = self.login.avatar.user
         now = self.factory.reactor.seconds()
         envelope = Envelope(
             id="",
@@ -586,7 +584,7 @@ class SubmissionServer(CommandStream):
             tls=self.tls,
             received_at=now,
             priority=user.priority,
-            sandboxed=self.avatar.sandboxed,
+            sandboxed=self.login.avatar.sandboxed,
             **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
@@ -620,9 +618,10 @@ class SubmissionServer(CommandStream):
                 addresses = from_addresses(header + b"\r\n" + added if header else added)
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
+        avatar = self.login.avatar
         for address in addresses:
             try:
-                self.policy.headerFrom(self.avatar, address)  # the scope: policy/sender.py
+                self.policy.headerFrom(avatar, address)  # the scope: policy/sender.py
             except Reply as refusal:
                 return refusal
         return None if added is None else added + b"\r\n"
@@ -649,7 +648,7 @@ class SubmissionServer(CommandStream):
     async def _finish_message(self, reader: DataReader) -> None:
         incoming, envelope = self._incoming, self._envelope
         self._incoming = self._envelope = None
-        avatar = self.avatar
+        avatar = self.login.avatar
         try:
             if reader.error is not None:
                 raise reader.error
