@@ -125,7 +125,7 @@ def word_list(value: str) -> list[str]:
 
 
 def _ip_auth(value: str):
-    from mailrelay.policy.ipauth import IpAuthTable
+    from mailrelay.auth.ipauth import IpAuthTable
 
     return IpAuthTable.parse(value)
 
@@ -138,7 +138,7 @@ def _tls_ciphers(value: str) -> str:
 
 
 def _address_auth(value: str):
-    from mailrelay.policy.ipauth import AddressAuth
+    from mailrelay.auth.ipauth import AddressAuth
 
     return AddressAuth.parse(value)
 

@@ -139,13 +139,15 @@ class ISessionPolicy(Interface):
         user); the session then stays unauthenticated."""
 
     def mailFrom(avatar, sender: str):
-        """MAIL FROM, after the session's own checks (status, sender scope, limits) passed:
-        rate limits. Success opens a transaction that ends with accepted() or reset()."""
+        """MAIL FROM, after the session's own checks (login, syntax, parameters, messages
+        per connection) and the sender checks (status, null sender, scope, verification:
+        policy/sender.py) passed: rate limits. Success opens a transaction that ends with
+        accepted() or reset()."""
 
     def senderRefused(avatar, address: str, header: bool):
-        """The session refused a sender outside the avatar's scope: the envelope MAIL FROM
-        (``header`` False) or an address of the From: header (``header`` True). For domain
-        sender notifications; the result is ignored and cannot change the reply."""
+        """The sender checks refused a sender outside the avatar's scope: the envelope MAIL
+        FROM (``header`` False) or an address of the From: header (``header`` True). For
+        domain sender notifications; the result is ignored and cannot change the reply."""
 
     def rcptTo(avatar, recipient: str, count: int):
         """One more RCPT after the session's checks; ``count`` recipients already accepted."""
@@ -166,3 +168,13 @@ class ISessionPolicy(Interface):
     def disconnect():
         """The connection is gone (after reset() if a transaction was open). Free its
         places. Called exactly once for each session policy connect() returned."""
+
+
+class ISenderChecks(ISessionPolicy):
+    """The session policy the SMTP session holds: the sender checks (policy/sender.py)
+    around the configured ISessionPolicy. Its mailFrom refuses senders the login may not
+    use before the wrapped policy hears of them."""
+
+    def headerFrom(avatar, address: str):
+        """An address of the From: header, while the message data arrives: synchronous (no
+        Deferred). Raises reply.Reply to refuse the message."""

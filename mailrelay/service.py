@@ -77,6 +77,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.auth.checkers import make_portal
     from mailrelay.control import control_service
     from mailrelay.directory import open_directory
+    from mailrelay.features.envelope import user_fields
     from mailrelay.features.policy import FeaturePolicy
     from mailrelay.manage.queue import QueueControl
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
@@ -148,6 +149,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
             reactor=reactor,
             policy=policy,
             verify_senders=config.admin.enabled and config.admin.verify_senders,
+            envelope_fields=user_fields,
         )
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,

@@ -4,8 +4,9 @@ TXT record -- as hosted relays require before a new sender is used.
 
 The state lives with the user: ``SmtpUser.unverified`` holds the scope entries still
 waiting. Every other entry counts as verified, so senders added with ``mailrelay-admin``
-(and LDAP users, which the panel cannot change) are verified implicitly. The SMTP session
-asks ``is_verified(user, sender)`` at MAIL FROM: no I/O, the user it already has.
+(and LDAP users, which the panel cannot change) are verified implicitly. The sender checks
+(policy/sender.py) ask ``is_verified(user, sender)`` at MAIL FROM: no I/O, the user the
+session already has.
 """
 
 from __future__ import annotations

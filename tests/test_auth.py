@@ -24,6 +24,7 @@ from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import PasswordChecker, make_portal
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.auth.hashing import HashingPool
+from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.auth.passwords import (
     ALPHABET,
     DUMMY_HASH,
@@ -38,7 +39,6 @@ from mailrelay.auth.realm import SubmissionRealm
 from mailrelay.directory.filedir import FileDirectory, UserStore
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory
 from mailrelay.model import Account, SmtpUser, Status
-from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
 
 PASSWORD = "correct horse battery"

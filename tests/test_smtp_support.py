@@ -22,10 +22,11 @@ from zope.interface import implementer
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.checkers import NetworkChecker, SenderAddressChecker
+from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
+from mailrelay.features.envelope import user_fields
 from mailrelay.interfaces import DirectoryUnavailable, IIncomingMessage, ISpool
 from mailrelay.listener import PromptWrites
 from mailrelay.model import Account, SmtpUser, Status
-from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.scope import Scope
 from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
 from mailrelay.smtp.server import SubmissionServer
@@ -171,7 +172,8 @@ class Session:
         self.spool = spool or MemorySpool()
         if portal is None:
             portal, self.checker, self.realm = make_portal()
-        args = dict(tls_options=None, tls_mode="none", plaintext_auth=True)
+        args = dict(tls_options=None, tls_mode="none", plaintext_auth=True,
+                    envelope_fields=user_fields)
         args.update(factory_args)
         self.factory = SubmissionFactory(portal, self.spool, HOST, reactor=clock, **args)
         address = IPv6Address if ":" in ip else IPv4Address
@@ -346,7 +348,7 @@ class LoopbackCase(unittest.TestCase):
                portal=None, **kw) -> int:
         factory = SubmissionFactory(
             portal or self.portal, self.spool, HOST, tls_files().options, tls_mode,
-            plaintext_auth, reactor=reactor, **kw,
+            plaintext_auth, reactor=reactor, envelope_fields=user_fields, **kw,
         )
         factory.protocol = RecordingServer
         factory.sessions = []

@@ -118,6 +118,24 @@ class StartTLSTests(LoopbackCase):
         self.assertEqual(args, (501, ["5.5.4 Syntax: STARTTLS"]))
         self.assertEqual(again, (503, ["5.5.1 TLS already active"]))
 
+    @defer.inlineCallbacks
+    def test_starttls_needs_ehlo_first(self):
+        # RFC 3207 has the client send EHLO first; Postfix answers as here.
+        port = self.listen("starttls")
+
+        def talk():
+            c = LineClient(port)
+            early = c.cmd("STARTTLS")
+            c.cmd("HELO client.test")
+            c.starttls()  # after HELO, as Postfix allows
+            ehlo = c.cmd("EHLO client.test")[0]
+            c.close()
+            return early, ehlo
+
+        early, ehlo = yield deferToThread(talk)
+        self.assertEqual(early, (503, ["5.5.1 Error: send HELO/EHLO first"]))
+        self.assertEqual(ehlo, 250)
+
 
 class NoDelayTests(LoopbackCase):
     @defer.inlineCallbacks

@@ -25,10 +25,10 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailrelay.auth.credentials import IClientAddress, ISenderAddress
+from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.auth.passwords import LOGIN_FAILED
 from mailrelay.auth.realm import LoginId, SubmissionRealm
 from mailrelay.model import canonical_username
-from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 
 MAX_CACHED = 10000  # logins; beyond it the oldest are forgotten first
 

@@ -11,7 +11,7 @@ from zope.interface import implementer
 from mailrelay.auth.avatar import ISubmitter, Submitter
 from mailrelay.auth.passwords import LOGIN_FAILED
 from mailrelay.model import SmtpUser
-from mailrelay.policy.text import printable
+from mailrelay.text import printable
 
 log = Logger()
 

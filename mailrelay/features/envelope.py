@@ -1,6 +1,7 @@
 """What a user's features put in the envelope of each accepted message.
 
-The session calls ``user_fields`` when it builds the envelope at DATA, so the spooled
+The service gives ``user_fields`` to the SMTP factory (``envelope_fields``); the session
+calls it when it builds the envelope at DATA, so the spooled
 message carries the settings it was accepted under: delivery needs no directory lookup,
 and a user without features gets an envelope like any other.
 """

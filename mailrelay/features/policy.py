@@ -1,8 +1,9 @@
 """The accept path of the per-user features, as a layer around the submission policy.
 
-The session already tells its policy when a message is durable (``accepted``) and when it
-refuses a sender (``senderRefused``); this wrapper adds the statistics and the archive
-copy there, so the session itself knows nothing of the features.
+The session tells its policy when a message is durable (``accepted``), and the sender
+checks (policy/sender.py) tell it when they refuse a sender (``senderRefused``); this
+wrapper adds the statistics and the archive copy there, so the session itself knows
+nothing of the features.
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
-"""Policy: connection and message limits, rate limits, failed-login defence and sender
-notifications, applied by the session (submission.py composes them). The sender scope is
-checked by the session itself (smtp/server.py, with mailrelay/scope.py)."""
+"""Policy: connection and message limits, rate limits, failed-login defence, sender
+notifications (submission.py composes them) and the sender checks around them (sender.py:
+status, null sender, scope, verification), applied by the session through ISessionPolicy."""

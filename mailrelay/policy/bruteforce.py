@@ -29,9 +29,9 @@ from collections import OrderedDict, deque
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mailrelay.policy.net import client_key
-from mailrelay.policy.text import printable
+from mailrelay.net import client_key
 from mailrelay.reply import Reply
+from mailrelay.text import printable
 
 log = Logger()
 

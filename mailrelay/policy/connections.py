@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from mailrelay.policy.net import client_key
-from mailrelay.policy.text import printable
+from mailrelay.net import client_key
 from mailrelay.reply import Reply
+from mailrelay.text import printable
 
 log = Logger()
 

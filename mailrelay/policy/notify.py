@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from mailrelay.model import Account
-from mailrelay.policy.text import printable
+from mailrelay.text import printable
 
 log = Logger()
 

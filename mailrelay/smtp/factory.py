@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.interfaces import ISpool, ISubmissionPolicy
+from mailrelay.model import SmtpUser
+from mailrelay.policy.sender import SenderPolicy
 from mailrelay.smtp.server import SubmissionServer
 
 TLS_MODES = ("starttls", "implicit", "none")
@@ -18,7 +22,11 @@ class SubmissionFactory(ServerFactory):
     STARTTLS when ``tls_mode`` is "starttls"; "implicit" listeners are wrapped in TLS by
     wrap_listener_factory (the session sees the TLS transport and offers no STARTTLS);
     "none" offers no TLS. ``plaintext_auth`` allows AUTH outside TLS. ``policy`` is an
-    ISubmissionPolicy or None. Times are seconds (``idle_timeout`` between commands,
+    ISubmissionPolicy or None; the sessions hold it inside the sender checks
+    (policy.sender.SenderPolicy, which ``verify_senders`` configures). ``envelope_fields``
+    (user, recipients) gives the Envelope keyword arguments that depend on the user: the
+    recipients at least (features.envelope.user_fields adds the features' settings); by
+    default the client's recipients alone. Times are seconds (``idle_timeout`` between commands,
     ``data_timeout`` for a DATA phase, ``session_timeout`` for the time a connection spends
     outside transactions in total; 0 turns the last off); ``reactor`` gives the clock.
     """
@@ -45,6 +53,7 @@ class SubmissionFactory(ServerFactory):
         policy=None,
         session_timeout: float = 3600.0,
         verify_senders: bool = False,
+        envelope_fields: Callable[[SmtpUser, list[str]], dict] | None = None,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
@@ -69,11 +78,15 @@ class SubmissionFactory(ServerFactory):
         self.data_timeout = data_timeout
         self.session_timeout = session_timeout
         self.reactor = reactor
-        self.policy = policy
-        self.verify_senders = verify_senders  # refuse senders still awaiting confirmation
+        self.policy = SenderPolicy(policy, verify_senders)
+        self.envelope_fields = envelope_fields or _recipients_only
 
     def buildProtocol(self, addr) -> SubmissionServer:
         return self.protocol(self)
+
+
+def _recipients_only(user: SmtpUser, recipients: list[str]) -> dict:
+    return {"recipients": list(recipients)}
 
 
 def wrap_listener_factory(

@@ -1,16 +1,15 @@
-"""One SMTP submission session: a hardened subclass of Twisted's ESMTP server.
+"""One SMTP submission session: the commands, the transaction, and the commit.
 
-The session owns its input, because the stock server lets a bare LF or an over-long line
-bend its framing: it splits commands on CRLF only, reads DATA a chunk at a time
-(data.DataReader), and reads nothing further while a command waits on a Deferred (the
-portal, the policy, the spool), so pipelined commands run strictly in order and message
-data can never run as commands. The stock command methods (do_*, ext_*) are unreachable:
-commands dispatch to the smtp_* methods below.
+The session is a framing.CommandStream (a Twisted Protocol with TimeoutMixin): commands
+split on CRLF only, message data read a chunk at a time by data.DataReader, and nothing
+further read while a command waits on a Deferred (the portal, the policy, the spool), so
+pipelined commands run strictly in order. Commands dispatch to the smtp_* methods below;
+a handler answers by returning, by raising Reply, or by returning a coroutine.
 
-Transactions need a login: AUTH PLAIN or LOGIN (inside TLS unless the listener allows
-plaintext AUTH), or, at MAIL without AUTH, IP authentication (ClientAddress credentials) or
-address authentication (SenderAddress credentials) through the portal. Envelope and From:
-header senders must lie within the login's scope.
+Transactions need a login (login.py): AUTH PLAIN or LOGIN (inside TLS unless the listener
+allows plaintext AUTH), or, at MAIL without AUTH, IP authentication or address
+authentication through the portal. Which envelope and From: header senders a login may
+use is the policy's to say (policy/sender.py); so are the limits (policy/submission.py).
 
 Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
 and ``session_timeout`` for the time a connection spends outside transactions in total
@@ -23,37 +22,29 @@ import base64
 import inspect
 import itertools
 
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from mailrelay.auth.avatar import ISubmitter
-from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.errors import StorageError
-from mailrelay.features.envelope import user_fields
-from mailrelay.interfaces import DirectoryUnavailable
 from mailrelay.model import Envelope
-from mailrelay.policy.net import plain_ip
-from mailrelay.policy.text import printable
+from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
+from mailrelay.smtp.framing import CommandStream
 from mailrelay.smtp.headers import HeaderError, from_addresses
+from mailrelay.smtp.login import MAX_AUTH_LINE, SessionLogin
 from mailrelay.smtp.longlines import conform
 from mailrelay.smtp.received import MAX_HELO, protocol_name, received_header
 from mailrelay.smtp.sasl import MECHANISMS, Login
-from mailrelay.verification import is_verified
+from mailrelay.text import printable
 
 log = Logger()
 
 MAX_COMMAND = 2048  # octets of a command line (RFC 5321 says 512; MAIL parameters add)
-MAX_AUTH_LINE = 12288  # an AUTH command or response (RFC 4954 section 4)
-MAX_PENDING = 256 * 1024  # input held while a command waits; more is a flood
 MAX_AUTH_FAILURES = 3  # per connection; then 421 (the policy counts across connections)
 MAX_ERRORS = 20  # syntax and sequence errors (50x) per connection
 MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted messages
@@ -61,12 +52,13 @@ MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted message
 _sessions = itertools.count(1)
 
 
-class SubmissionServer(smtp.ESMTP):
+class SubmissionServer(CommandStream):
     """A session; built by factory.SubmissionFactory, whose settings it reads."""
 
+    max_line = MAX_AUTH_LINE
+
     def __init__(self, factory) -> None:
-        ctx = factory.tls_options if factory.tls_mode == "starttls" else None
-        super().__init__(chal={}, contextFactory=ctx)
+        super().__init__()
         self.factory = factory
         self.callLater = factory.reactor.callLater  # for TimeoutMixin
         self.session_id = next(_sessions)
@@ -74,14 +66,10 @@ class SubmissionServer(smtp.ESMTP):
         self.tls = False
         self.helo: str | None = None
         self.esmtp = False
-        self.avatar = None  # ISubmitter once logged in
-        self._logout = None
-        self._ip_login_tried = False
-        self.policy = None  # the connection's ISessionPolicy
+        self.login = SessionLogin(factory.portal, factory.reactor, self.session_id)
+        self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
         self._recipients: list[str] = []
-        self._sasl = None  # the SASL exchange waiting for a 334 response
-        self._reader: DataReader | None = None
         self._incoming = None
         self._envelope: Envelope | None = None
         self._data_deadline = None
@@ -90,17 +78,14 @@ class SubmissionServer(smtp.ESMTP):
         self._outside = 0.0
         self._outside_since: float | None = None
         self._session_timer = None
-        self._inbuf = bytearray()
-        self._outbuf: list[bytes] = []  # replies held until the input read so far is done
-        self._waiting: Deferred | None = None  # the command being waited for
-        self._paused = False  # input arrived while waiting: the transport stopped reading
-        self._processing = False
-        self._closing = False
-        self._lost = False
         self.messages = 0
-        self._auth_failures = 0
         self._errors = 0
         self._junk = 0
+
+    @property
+    def avatar(self):
+        """The login's ISubmitter, or None."""
+        return self.login.avatar
 
     # -- connection
 
@@ -111,7 +96,7 @@ class SubmissionServer(smtp.ESMTP):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        self.client_ip = _client_ip(self.transport.getPeer())
+        self.client_ip = self.login.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
         self.setTimeout(self.factory.idle_timeout)
         self._session_clock(running=True)
@@ -121,16 +106,13 @@ class SubmissionServer(smtp.ESMTP):
             client_ip=self.client_ip,
             tls=self.tls,
         )
-        if self.factory.policy is None:
-            self._greet(None)
-            return
         d = maybeDeferred(self.factory.policy.connect, self.client_ip)
         d.addCallback(self._greet)
         d.addErrback(self._refused_connection)
-        self._wait(d)
+        self.wait(d)
 
     def _greet(self, session_policy) -> None:
-        self.policy = session_policy
+        self.policy = self.login.policy = session_policy
         self._reply(220, None, f"{self.factory.hostname} ESMTP mailrelay")
 
     def _refused_connection(self, failure: Failure) -> None:
@@ -139,11 +121,10 @@ class SubmissionServer(smtp.ESMTP):
                         session=self.session_id)
             failure = Failure(Reply(421, "4.3.0", "Local error in processing, try later"))
         self._send(failure.value)
-        self._close()
+        self.close()
 
     def connectionLost(self, reason=None) -> None:
-        self._lost = self._closing = True
-        self.setTimeout(None)
+        super().connectionLost(reason)
         self._session_clock(running=False)
         if self._session_timer is not None and self._session_timer.active():
             self._session_timer.cancel()
@@ -163,8 +144,8 @@ class SubmissionServer(smtp.ESMTP):
             session=self.session_id,
             client_ip=self.client_ip,
             messages=self.messages,
-            user=self._username() or "-",
-            auth=self.avatar.method if self.avatar is not None else "-",
+            user=self.login.username or "-",
+            auth=self.login.avatar.method if self.login.avatar is not None else "-",
             tls=self.tls,
         )
         # A commit in flight still decides the message; the policy hears of it first.
@@ -175,10 +156,10 @@ class SubmissionServer(smtp.ESMTP):
 
     def _end_session(self) -> None:
         self._end_transaction(accepted=False)
-        self._drop_login()
+        self.login.drop()
         if self.policy is not None:
             self._notify(self.policy.disconnect)
-            self.policy = None
+            self.policy = self.login.policy = None
 
     def timeoutConnection(self) -> None:
         if self._waiting is not None:  # the client waits for us: its idle time starts after
@@ -224,106 +205,58 @@ class SubmissionServer(smtp.ESMTP):
         return self._session_left() <= 0
 
     def _session_expired(self) -> None:
-        # A command in progress (a login, a MAIL) finishes first: _resume looks again.
+        # A command in progress (a login, a MAIL) finishes first: commandFinished looks
+        # again.
         if self._waiting is None and not self._closing:
             self._send(Reply(421, "4.4.2", f"{self.factory.hostname} Error: session timeout "
                              "exceeded"))
 
-    def _close(self) -> None:
-        self._closing = True
-        self._inbuf.clear()
-        self._flush()
-        self.transport.loseConnection()
-
-    # -- input
-
-    @property
-    def buffered(self) -> int:
-        """Bytes of client input held in memory (bounded by the limits above)."""
-        return len(self._inbuf) + (self._reader.buffered if self._reader else 0)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._reader is not None:
-            self.resetTimeout()  # in DATA any bytes count as activity
-            if not self._inbuf and self._waiting is None:
-                data = data[self._feed(data):]
-                if not data:
-                    return
-        self._inbuf += data
-        if self._waiting is not None:
-            if len(self._inbuf) > MAX_PENDING:
-                log.warn(
-                    "session {session}: {client_ip} sent {size} bytes without waiting, "
-                    "dropping",
-                    session=self.session_id,
-                    client_ip=self.client_ip,
-                    size=len(self._inbuf),
-                )
-                self._close()
-            else:
-                self._hold_input()
-            return
-        self._process()
-
-    def _process(self) -> None:
-        if self._processing:
-            return  # a Deferred fired synchronously inside the loop below
-        self._processing = True
-        try:
-            while self._inbuf and self._waiting is None and not self._closing:
-                if self._reader is not None:
-                    data = bytes(self._inbuf)
-                    self._inbuf.clear()
-                    self._inbuf += data[self._feed(data):]
-                    continue
-                end = self._inbuf.find(b"\r\n")
-                if end < 0:
-                    if len(self._inbuf) > MAX_AUTH_LINE:
-                        self._send(Reply(500, "5.5.2", "Line too long"))
-                        self._close()
-                    break
-                line = bytes(self._inbuf[:end])
-                del self._inbuf[: end + 2]
-                self.resetTimeout()
-                if self._sasl is not None:
-                    self._run(self._sasl_response, line)
-                else:
-                    self._command(line)
-        finally:
-            self._processing = False
-            if self._waiting is not None and self._inbuf:
-                self._hold_input()
-            self._flush()
-
-    def _hold_input(self) -> None:
-        """Input waits behind a command in progress: read no more until it is done."""
-        if not self._paused and not self._closing:
-            self._paused = True
-            self.transport.pauseProducing()
-
-    def _wait(self, d: Deferred) -> None:
-        """Read no further command until ``d`` fires. Input that arrives meanwhile is held
-        (dataReceived then pauses the transport); a client that sends nothing while it
-        waits for a reply, the usual case, costs no epoll_ctl call and no timer change."""
-        d.addErrback(self._internal_error)
-        if not d.called:
-            self._waiting = d
-            d.addBoth(self._resume)
-
-    def _resume(self, _) -> None:
-        self._waiting = None
-        if self._closing:
-            return
+    def commandFinished(self) -> None:
+        # A command that was waited for (a login, a MAIL) is done: the session may be spent.
         if self._session_spent():
             self._session_expired()
+
+    # -- commands
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.login.exchange is not None:  # a 334 was sent: this is the response
+            self._run(self._sasl_response, line)
             return
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
-        self.resetTimeout()
-        self._process()
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            self._send(Reply(500, "5.5.2", "Bare CR, LF or NUL in command"))
+            return
+        parts = line.strip(b" \t").split(None, 1)
+        if not parts:
+            self._send(Reply(500, "5.5.2", "Empty command"))
+            return
+        verb, arg = parts[0], (parts[1] if len(parts) > 1 else b"")
+        if len(line) > (MAX_AUTH_LINE if verb.upper() == b"AUTH" else MAX_COMMAND):
+            self._send(Reply(500, "5.5.2", "Line too long"))
+            return
+        handler = self._handler(verb)
+        if handler is None:
+            self._send(Reply(500, "5.5.1", "Command unrecognized"))
+            return
+        self._run(handler, arg)
+
+    def _handler(self, verb: bytes):
+        """Only smtp_* methods are commands; a verb that is not ASCII letters is unknown."""
+        if not verb.isalpha() or not verb.isascii():
+            return None
+        return getattr(self, "smtp_" + verb.decode("ascii").upper(), None)
+
+    def lineTooLong(self) -> None:
+        self._send(Reply(500, "5.5.2", "Line too long"))
+        self.close()
+
+    def inputFlooded(self, size: int) -> None:
+        log.warn(
+            "session {session}: {client_ip} sent {size} bytes without waiting, dropping",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            size=size,
+        )
+        self.close()
 
     def _run(self, handler, *args) -> None:
         """Call a command handler: it answers by returning, by raising Reply, or by
@@ -339,7 +272,7 @@ class SubmissionServer(smtp.ESMTP):
         if inspect.iscoroutine(result):
             d = ensureDeferred(result)
             d.addErrback(self._command_failed)
-            self._wait(d)
+            self.wait(d)
 
     def _command_failed(self, failure: Failure) -> None:
         if failure.check(Reply):
@@ -347,39 +280,18 @@ class SubmissionServer(smtp.ESMTP):
         else:
             self._internal_error(failure)
 
+    def waitFailed(self, failure: Failure) -> None:
+        self._internal_error(failure)
+
     def _internal_error(self, failure: Failure) -> None:
         log.failure("session {session}: internal error", failure, session=self.session_id)
         self._send(Reply(451, "4.3.0", "Local error in processing, try again later"))
-
-    def lookupMethod(self, command: bytes):
-        """Only smtp_* methods are commands; a verb that is not ASCII letters is unknown."""
-        if not command.isalpha() or not command.isascii():
-            return None
-        return getattr(self, "smtp_" + command.decode("ascii").upper(), None)
-
-    def _command(self, line: bytes) -> None:
-        if b"\r" in line or b"\n" in line or b"\0" in line:
-            self._send(Reply(500, "5.5.2", "Bare CR, LF or NUL in command"))
-            return
-        parts = line.strip(b" \t").split(None, 1)
-        if not parts:
-            self._send(Reply(500, "5.5.2", "Empty command"))
-            return
-        verb, arg = parts[0], (parts[1] if len(parts) > 1 else b"")
-        if len(line) > (MAX_AUTH_LINE if verb.upper() == b"AUTH" else MAX_COMMAND):
-            self._send(Reply(500, "5.5.2", "Line too long"))
-            return
-        handler = self.lookupMethod(verb)
-        if handler is None:
-            self._send(Reply(500, "5.5.1", "Command unrecognized"))
-            return
-        self._run(handler, arg)
 
     # -- replies
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
         line = f"{code} {status} {text}" if status else f"{code} {text}"
-        self._write_lines([line])
+        self.write(printable(line, 512).encode("ascii", "backslashreplace") + b"\r\n")
         if code >= 400:
             log.info(
                 "session {session}: refused {code} {status} {text} client {client_ip}",
@@ -388,31 +300,18 @@ class SubmissionServer(smtp.ESMTP):
                 status=status,
                 text=text,
                 client_ip=self.client_ip,
-                user=self._username(),
+                user=self.login.username,
             )
 
-    def _write_lines(self, lines: list[str]) -> None:
-        out = [printable(line, 512).encode("ascii", "backslashreplace") for line in lines]
-        if self._lost:
-            return
-        self._outbuf.append(b"\r\n".join(out) + b"\r\n")
-        if not self._processing:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write the replies held while reading: the replies to pipelined commands leave
-        in one write (one TLS record, one segment)."""
-        if self._outbuf and not self._lost:
-            self.transport.write(b"".join(self._outbuf))
-        self._outbuf.clear()
-
     def _multiline(self, code: int, lines: list[str]) -> None:
-        self._write_lines([f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"])
+        lines = [f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"]
+        out = [printable(line, 512).encode("ascii", "backslashreplace") for line in lines]
+        self.write(b"\r\n".join(out) + b"\r\n")
 
     def _send(self, reply: Reply) -> None:
         self._reply(reply.code, reply.status, reply.text)
         if reply.code == 421:
-            self._close()
+            self.close()
         elif 500 <= reply.code < 510:
             self._errors += 1
             if self._errors > MAX_ERRORS:
@@ -437,10 +336,6 @@ class SubmissionServer(smtp.ESMTP):
             lambda f: log.failure("session {session}: policy notice failed", f,
                                   session=self.session_id)
         )
-
-    async def _pause(self, seconds) -> None:
-        if seconds:
-            await deferLater(self.factory.reactor, float(seconds), lambda: None)
 
     # -- session commands
 
@@ -499,11 +394,11 @@ class SubmissionServer(smtp.ESMTP):
         log.warn("session {session}: {client_ip} sent BDAT, which is not offered; dropping "
                  "the connection", session=self.session_id, client_ip=self.client_ip)
         self._reply(502, "5.5.1", "CHUNKING not offered, closing connection")
-        self._close()
+        self.close()
 
     def smtp_QUIT(self, arg: bytes) -> None:
         self._reply(221, "2.0.0", "Bye")
-        self._close()
+        self.close()
 
     # -- STARTTLS
 
@@ -517,42 +412,40 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "TLS already active")
         if not self._can_starttls():
             raise Reply(502, "5.5.1", "STARTTLS not available on this port")
-        if self._inbuf:
+        if self.helo is None:  # RFC 3207: the client says EHLO first
+            raise Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+        if self.pending:
             # Plaintext sent after STARTTLS would otherwise be read as if it came inside
             # TLS (CVE-2011-0411). A real client waits for the 220.
             log.warn(
                 "session {session}: protocol violation, {size} bytes pipelined after "
                 "STARTTLS from {client_ip}; discarded, dropping the connection",
                 session=self.session_id,
-                size=len(self._inbuf),
+                size=self.pending,
                 client_ip=self.client_ip,
             )
-            self._close()
+            self.close()
             return
         self._reply(220, "2.0.0", "Ready to start TLS")
-        self._flush()  # the 220 goes out in plaintext
-        self.transport.startTLS(self.ctx)
+        self.flush()  # the 220 goes out in plaintext
+        self.transport.startTLS(self.factory.tls_options)
         self.tls = True
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
         self._end_transaction(accepted=False)
-        self._drop_login()
+        self.login.forget()
         self.helo = None
         self.esmtp = False
-        self._ip_login_tried = False
 
     # -- AUTH
 
     def _auth_allowed(self) -> bool:
         return self.tls or self.factory.plaintext_auth
 
-    def _password_login(self) -> bool:
-        return self.avatar is not None and self.avatar.method == "password"
-
     def smtp_AUTH(self, arg: bytes):
         parts = arg.split(None, 1)
         if not parts:
             raise Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        if self._password_login():
+        if self.login.by_password:
             raise Reply(503, "5.5.1", "Already authenticated")
         if self._sender is not None:
             raise Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
@@ -561,132 +454,24 @@ class SubmissionServer(smtp.ESMTP):
         if not self._auth_allowed():
             raise Reply(538, "5.7.11", "Encryption required for requested authentication "
                         "mechanism")
-        mechanism = MECHANISMS.get(parts[0].upper())
-        if mechanism is None:
-            raise Reply(504, "5.5.4", "Unrecognized authentication mechanism")
-        exchange = mechanism()
-        return self._sasl_step(exchange, lambda: exchange.start(
-            parts[1] if len(parts) > 1 else None))
+        return self._sasl_step(self.login.start(parts[0], parts[1] if len(parts) > 1 else None))
 
     def _sasl_response(self, line: bytes):
-        exchange, self._sasl = self._sasl, None
-        if len(line) > MAX_AUTH_LINE:
-            raise Reply(500, "5.5.2", "Line too long")
-        if line == b"*":
-            raise Reply(501, "5.0.0", "Authentication cancelled")
-        return self._sasl_step(exchange, lambda: exchange.next(line))
+        return self._sasl_step(self.login.respond(line))
 
-    def _sasl_step(self, exchange, step):
-        result = step()  # a Reply (501 malformed) ends the exchange
+    def _sasl_step(self, result: bytes | Login):
         if isinstance(result, bytes):
-            self._sasl = exchange
             self._reply(334, None, base64.b64encode(result).decode("ascii"))
             return None
-        return self._login(result)
+        return self._password_login(result)
 
-    async def _login(self, login: Login) -> None:
-        username = printable(login.username)
-        try:
-            if login.authzid and login.authzid != login.username:
-                raise UnauthorizedLogin("authzid differs from the login")
-            if not login.username or not login.password:
-                raise UnauthorizedLogin("empty username or password")
-            await self._pause(await self._ask("authAttempt", login.username))
-            credentials = ClientUsernamePassword(
-                login.username, login.password, self.client_ip, self.tls
-            )
-            _, avatar, logout = await self.factory.portal.login(credentials, None, ISubmitter)
-        except UnauthorizedLogin as e:
-            await self._login_failed(login.username, str(e))
+    async def _password_login(self, credentials: Login) -> None:
+        if await self.login.password(credentials, self.tls):
+            self._reply(235, "2.7.0", "Authentication successful")
             return
-        except Reply:
-            raise
-        except DirectoryUnavailable as e:
-            log.warn("session {session}: directory unavailable for login {user} from "
-                     "{client_ip}: {error}", session=self.session_id, user=username,
-                     client_ip=self.client_ip, error=str(e))
-            raise Reply(454, "4.7.0", "Temporary authentication failure")
-        except Exception:
-            log.failure("session {session}: login of {user} failed", session=self.session_id,
-                        user=username)
-            raise Reply(454, "4.7.0", "Temporary authentication failure")
-        # Not logged on its own (as Postfix does not): "accepted" and "disconnected" name
-        # the user, auth=password and TLS; failures are logged, for fail2ban too.
-        await self._accept_login(avatar, logout)
-        self._reply(235, "2.7.0", "Authentication successful")
-
-    async def _login_failed(self, username: str, why: str) -> None:
-        self._auth_failures += 1
-        log.info("session {session}: authentication failed for {user} from {client_ip} "
-                 "({why})", session=self.session_id, user=printable(username),
-                 client_ip=self.client_ip, why=why)
-        await self._pause(await self._ask("authFailed", username))
         self._send(Reply(535, "5.7.8", "Authentication credentials invalid"))
-        if self._auth_failures >= MAX_AUTH_FAILURES and not self._closing:
+        if self.login.failures >= MAX_AUTH_FAILURES and not self._closing:
             self._send(Reply(421, "4.7.0", "Too many failed logins, closing connection"))
-
-    async def _accept_login(self, avatar, logout) -> None:
-        """Make ``avatar`` the session's login once the policy agrees."""
-        try:
-            await self._ask("authSucceeded", avatar)
-        except BaseException:
-            logout()
-            raise
-        self._drop_login()
-        self.avatar, self._logout = avatar, logout
-
-    def _drop_login(self) -> None:
-        self._sasl = None
-        if self._logout is not None:
-            logout, self._logout = self._logout, None
-            logout()
-        self.avatar = None
-
-    def _username(self) -> str | None:
-        return self.avatar.user.username if self.avatar is not None else None
-
-    async def _ip_login(self) -> None:
-        """IP authentication: a portal checker for ClientAddress credentials may know the
-        client's network. Tried once per connection, at the first MAIL without AUTH."""
-        self._ip_login_tried = True
-        try:
-            _, avatar, logout = await self.factory.portal.login(
-                ClientAddress(self.client_ip), None, ISubmitter
-            )
-        except (UnauthorizedLogin, UnhandledCredentials):
-            return
-        except DirectoryUnavailable:
-            self._ip_login_tried = False
-            raise Reply(454, "4.7.0", "Temporary authentication failure")
-        # Not logged on its own: "accepted" and "disconnected" name the user and auth=ip.
-        await self._accept_login(avatar, logout)
-
-    async def _address_login(self, arg: bytes) -> None:
-        """Address authentication, at MAIL without AUTH: a sender listed in [policy]
-        address_auth logs in as itself (see auth.realm). It vouches for that sender only:
-        a MAIL with another sender logs in again as that one, or leaves the session
-        unauthenticated (530), never sending as the earlier address's login."""
-        try:
-            sender = parse_mail(arg)[0]
-        except Reply:
-            return  # the syntax error is reported once the login question is settled
-        if self.avatar is not None:
-            if self.avatar.may_send_as(sender):
-                return
-            self._drop_login()
-        if not sender:
-            return
-        try:
-            _, avatar, logout = await self.factory.portal.login(
-                SenderAddress(sender, self.client_ip), None, ISubmitter
-            )
-        except (UnauthorizedLogin, UnhandledCredentials):
-            return
-        except DirectoryUnavailable:
-            raise Reply(454, "4.7.0", "Temporary authentication failure")
-        await self._accept_login(avatar, logout)
-        log.info("session {session}: {client_ip} authenticated by sender address as {user}",
-                 session=self.session_id, client_ip=self.client_ip, user=self._username())
 
     # -- the transaction
 
@@ -698,7 +483,7 @@ class SubmissionServer(smtp.ESMTP):
         self._session_clock(running=True)
 
     def _need_login(self) -> None:
-        if self.avatar is None:
+        if self.login.avatar is None:
             raise Reply(530, "5.7.0", "Authentication required")
 
     async def smtp_MAIL(self, arg: bytes) -> None:
@@ -706,43 +491,30 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "Send EHLO first")
         if self._sender is not None:
             raise Reply(503, "5.5.1", "Nested MAIL command")
-        if self.avatar is None and not self._ip_login_tried:
-            await self._ip_login()
-        if self.avatar is None or self.avatar.method == "address":
-            await self._address_login(arg)
+        try:
+            sender, params = parse_mail(arg)
+        except Reply as error:  # reported once the login question is settled
+            sender, params, syntax = None, {}, error
+        else:
+            syntax = None
+        login = self.login
+        if login.avatar is None and not login.ip_tried:
+            await login.by_ip()
+        if sender is not None and (login.avatar is None or login.avatar.method == "address"):
+            await login.by_sender(sender)
         self._need_login()
-        avatar, user = self.avatar, self.avatar.user
+        avatar = self.login.avatar
         if self.messages >= self.factory.max_messages_per_connection:
             raise Reply(451, "4.7.0", "Too many messages on this connection, reconnect and "
                         "retry")
-        sender, params = parse_mail(arg)
+        if syntax is not None:
+            raise syntax
         self._mail_params(params)
-        if avatar.blocked:
-            raise Reply(550, "5.7.1", f"user {user.username} is blocked")
-        if not sender:
-            raise Reply(550, "5.7.1", f"the null sender <> is not allowed for user "
-                        f"{user.username}")
-        if not avatar.scope.allows(sender):
-            if self._quoted_in_scope(sender):
-                raise Reply(553, "5.1.7", f"Sender address <{sender}>: quoted local parts "
-                            "are not accepted, send from the plain address")
-            if self.policy is not None:
-                self._notify(self.policy.senderRefused, avatar, sender, False)
-            raise Reply(550, "5.7.1", f"Sender address <{sender}> not allowed for user "
-                        f"{user.username}")
-        if self.factory.verify_senders and not is_verified(user, sender):
-            raise Reply(550, "5.7.1", f"sender <{sender}> not verified: follow the "
-                        "confirmation link mailed to it")
+        # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
-
-    def _quoted_in_scope(self, address: str) -> bool:
-        """``"a b"@doe.com`` for a login that may send from doe.com: the local part, not
-        the domain, is why it is refused (scopes hold plain addresses only)."""
-        local, _, domain = address.rpartition("@")
-        return local.startswith('"') and self.avatar.scope.allows(f"postmaster@{domain}")
 
     def _mail_params(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
@@ -771,7 +543,7 @@ class SubmissionServer(smtp.ESMTP):
             return
         if len(self._recipients) >= self.factory.max_recipients:
             raise Reply(452, "4.5.3", "Too many recipients")
-        await self._ask("rcptTo", self.avatar, recipient, len(self._recipients))
+        await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
         self._reply(250, "2.1.5", "Ok")
 
@@ -780,7 +552,7 @@ class SubmissionServer(smtp.ESMTP):
             self._start_data(arg)
         except Reply as reply:
             self._send(reply)
-            if self._inbuf and not self._closing:
+            if self.pending and not self._closing:
                 # RFC 2920: DATA ends a pipelined group; data sent before the 354 would
                 # run as commands once DATA is refused.
                 log.warn(
@@ -788,9 +560,9 @@ class SubmissionServer(smtp.ESMTP):
                     "DATA; discarded, dropping the connection",
                     session=self.session_id,
                     client_ip=self.client_ip,
-                    size=len(self._inbuf),
+                    size=self.pending,
                 )
-                self._close()
+                self.close()
 
     def _start_data(self, arg: bytes) -> None:
         if arg:
@@ -800,7 +572,7 @@ class SubmissionServer(smtp.ESMTP):
             raise Reply(503, "5.5.1", "Need MAIL command")
         if not self._recipients:
             raise Reply(554, "5.5.1", "No valid recipients")
-        user = self.avatar.user
+        user = self.login.avatar.user
         now = self.factory.reactor.seconds()
         envelope = Envelope(
             id="",
@@ -812,8 +584,8 @@ class SubmissionServer(smtp.ESMTP):
             tls=self.tls,
             received_at=now,
             priority=user.priority,
-            sandboxed=self.avatar.sandboxed,
-            **user_fields(user, self._recipients),  # audit BCC, bounce notices, footer...
+            sandboxed=self.login.avatar.sandboxed,
+            **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
             incoming = self.factory.spool.create(envelope)
@@ -823,13 +595,13 @@ class SubmissionServer(smtp.ESMTP):
             log.failure("session {session}: cannot create a spool file",
                         session=self.session_id)
             raise Reply(451, "4.3.0", "Local error in processing, try again later")
-        protocol = protocol_name(self.esmtp, self.tls, self._password_login())
+        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password)
         # The client's recipients only: audit BCC addresses appear in no header.
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
                                        protocol, incoming.id, self._recipients, now))
         self._incoming, self._envelope = incoming, envelope
-        self._reader = DataReader(incoming.write, self.factory.max_message_size,
-                                  self._check_headers)
+        self.readMessage(DataReader(incoming.write, self.factory.max_message_size,
+                                    self._check_headers))
         self._data_deadline = self.callLater(self.factory.data_timeout, self._data_timeout)
         self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
@@ -846,24 +618,16 @@ class SubmissionServer(smtp.ESMTP):
                 addresses = from_addresses(header + b"\r\n" + added if header else added)
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
+        avatar = self.login.avatar
         for address in addresses:
-            if not self.avatar.scope.allows(address):
-                if self._quoted_in_scope(address):
-                    return Reply(550, "5.6.0", f"From: header address {address}: quoted "
-                                 "local parts are not accepted, use the plain address")
-                if self.policy is not None:
-                    self._notify(self.policy.senderRefused, self.avatar, address, True)
-                return Reply(550, "5.7.1", f"From: header address {address} not allowed for "
-                             f"user {self.avatar.user.username}")
+            try:
+                self.policy.headerFrom(avatar, address)  # the scope: policy/sender.py
+            except Reply as refusal:
+                return refusal
         return None if added is None else added + b"\r\n"
 
-    def _feed(self, data: bytes) -> int:
-        """Message data; returns how many bytes of ``data`` it used."""
-        reader = self._reader
-        had_error = reader.error is not None
-        end = reader.feed(data)
-        if reader.error is not None and not had_error:
-            self._incoming.abort()  # refused: stop using disk now, keep reading to the end
+    def messageRefused(self, reader: DataReader) -> None:
+        self._incoming.abort()  # refused: stop using disk now, keep reading to the end
         if reader.endless:
             # One line longer than the size limit: its end (and the message's) may never
             # come, and reading on to data_timeout would cost as much as any client cares
@@ -873,20 +637,18 @@ class SubmissionServer(smtp.ESMTP):
                      "{max_size} bytes; dropping the connection", session=self.session_id,
                      client_ip=self.client_ip, max_size=self.factory.max_message_size)
             self._send(reader.error)
-            self._close()
-            return len(data)
-        if end < 0:
-            return len(data)
-        self._cancel_data_deadline()
-        d = ensureDeferred(self._finish_message())
-        d.addErrback(self._command_failed)
-        self._wait(d)
-        return end
+            self.close()
 
-    async def _finish_message(self) -> None:
-        reader, incoming, envelope = self._reader, self._incoming, self._envelope
-        self._reader = self._incoming = self._envelope = None
-        avatar = self.avatar
+    def messageReceived(self, reader: DataReader) -> None:
+        self._cancel_data_deadline()
+        d = ensureDeferred(self._finish_message(reader))
+        d.addErrback(self._command_failed)
+        self.wait(d)
+
+    async def _finish_message(self, reader: DataReader) -> None:
+        incoming, envelope = self._incoming, self._envelope
+        self._incoming = self._envelope = None
+        avatar = self.login.avatar
         try:
             if reader.error is not None:
                 raise reader.error

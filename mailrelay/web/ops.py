@@ -49,8 +49,8 @@ class Services:
     stats: Any  # features.stats.StatsStore
     access: Any  # web.access.AccessFile
     verifier: Any  # verification.Verifier, or None when verification is off
-    ip_auth: Any  # policy.ipauth.IpAuthTable
-    address_auth: Any  # policy.ipauth.AddressAuth
+    ip_auth: Any  # auth.ipauth.IpAuthTable
+    address_auth: Any  # auth.ipauth.AddressAuth
     reactor: Any
 
 

@@ -14,11 +14,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
 from mailrelay.manage.queue import QueueControl
 from mailrelay.policy.bruteforce import LoginGuard
-from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
 from mailrelay.web.access import AccessError, AccessFile, access_path
 from mailrelay.web.backend import QueueReader, UserWriter

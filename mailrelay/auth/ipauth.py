@@ -18,7 +18,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from mailrelay.policy.net import parse_ip
+from mailrelay.net import parse_ip
 from mailrelay.scope import is_address, parse_addresses
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -1,4 +1,5 @@
-"""Client addresses as policy keys: IPv4-mapped IPv6 unwrapped, IPv6 grouped by prefix."""
+"""Client addresses, as the session shows them and as policy keys: IPv4-mapped IPv6
+unwrapped, IPv6 grouped by prefix."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""IP authentication (CIDR networks -> SMTP users) and address authentication."""
+"""IP authentication (CIDR networks -> SMTP users) and address authentication tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from mailrelay.policy.ipauth import KNOWN_ADDRESSES, AddressAuth, IpAuthError, IpAuthTable
+from mailrelay.auth.ipauth import KNOWN_ADDRESSES, AddressAuth, IpAuthError, IpAuthTable
 from mailrelay.scope import ScopeError
 
 

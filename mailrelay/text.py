@@ -1,4 +1,4 @@
-"""Client-supplied text made safe for a log line or a mail header."""
+"""Client-supplied text made safe for a log line or a mail header (used by every layer)."""
 
 from __future__ import annotations
 
