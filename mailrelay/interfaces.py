@@ -48,6 +48,70 @@ class IDirectory(Interface):
         """Fires with a list of Account, sorted by name."""
 
 
+class ReadOnly(Exception):
+    """The users and accounts are kept where this relay does not change them (LDAP)."""
+
+
+class IUserStore(Interface):
+    """Users and accounts as management reads and changes them (mailrelay-admin, the API,
+    the panel: manage/users.py). Every method returns a Deferred, so a store that is not a
+    local file (a database) fits behind it; the file store runs its blocking work in a
+    thread (or at once, in mailrelay-admin).
+
+    A change errbacks with directory.filedir.UnknownEntry (no such user or account),
+    EntryConflict (it exists, or others still use it), another DirectoryFileError or a
+    scope.ScopeError (refused: the text says why), OSError (the store cannot be written
+    now), or ReadOnly (every change, when ``writable`` is False). A ``change`` callable runs
+    inside the store's transaction on the current entry and returns the fields to change;
+    it may raise those refusals too.
+    """
+
+    writable = Attribute("False when every change errbacks with ReadOnly (LDAP)")
+
+    def getUser(username: str):
+        """Fires with the SmtpUser or None."""
+
+    def getAccount(name: str):
+        """Fires with the Account or None."""
+
+    def listUsers(account: str | None = None):
+        """Fires with a list of SmtpUser, sorted by username."""
+
+    def listAccounts():
+        """Fires with a list of Account, sorted by name."""
+
+    def passwordHash(username: str):
+        """Fires with the user's stored password hash; None when the store does not show
+        it (LDAP). Errbacks with UnknownEntry for an unknown user."""
+
+    def addUser(user, password_hash: str, verify: bool):
+        """Add a user; fires with it as stored (canonical name, time stamp). ``verify``:
+        its senders wait for confirmation (verification.entries_to_verify)."""
+
+    def updateUser(username: str, change, verify: bool):
+        """``change(current SmtpUser)`` gives the fields to change (nothing: errbacks with
+        NothingToChange). Fires with (before, after)."""
+
+    def setPassword(username: str, password_hash: str):
+        """Fires with the SmtpUser (with a new ``updated`` stamp: cached logins end)."""
+
+    def deleteUser(username: str):
+        """Fires with the SmtpUser deleted."""
+
+    def confirmSender(username: str, entry: str):
+        """Mark a waiting sender verified; fires with the SmtpUser, or None when that user
+        or entry no longer waits."""
+
+    def addAccount(account):
+        """Fires with the Account added."""
+
+    def updateAccount(name: str, change):
+        """``change(current Account)`` gives the fields to change; fires with the Account."""
+
+    def deleteAccount(name: str):
+        """Fires with the Account deleted (refused while it has users)."""
+
+
 class IIncomingMessage(Interface):
     """A message being received into the spool; nothing is queued until commit() fires."""
 

@@ -17,7 +17,8 @@ import sys
 from mailrelay.admin import _features as features
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.features.suppressions import Reason, Suppression, SuppressionStore
+from mailrelay.features.suppressions import Reason, SuppressionStore
+from mailrelay.manage.suppressions import suppression_json
 from mailrelay.model import canonical_username
 from mailrelay.scope import is_address
 
@@ -97,7 +98,7 @@ def list_(args, context: Context) -> int:
     finally:
         store.close()
     if args.json:
-        output.print_json([_json(e) for e in entries])
+        output.print_json([suppression_json(e) for e in entries])
         return 0
     rows = [
         [
@@ -112,16 +113,6 @@ def list_(args, context: Context) -> int:
     output.print_list(["ADDRESS", "ACCOUNT", "USER", "REASON", "SINCE (UTC)"], rows,
                       "no suppressed addresses")
     return 0
-
-
-def _json(e: Suppression) -> dict:
-    return {
-        "address": e.address,
-        "account": e.account,
-        "user": e.user,
-        "reason": e.reason.value,
-        "created": e.created,
-    }
 
 
 def _addresses(args) -> list[str]:

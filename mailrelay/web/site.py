@@ -18,10 +18,12 @@ from twisted.web import resource, server
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
 from mailrelay.manage.queue import QueueControl
+from mailrelay.manage.stores import threaded, user_store
+from mailrelay.manage.users import UserManager, forget_user
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
 from mailrelay.web.access import AccessError, AccessFile, access_path
-from mailrelay.web.backend import QueueReader, UserWriter
+from mailrelay.web.backend import QueueReader
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
 from mailrelay.web.pages import Panel
@@ -101,16 +103,21 @@ def public_url(settings: SimpleNamespace, hostname: str) -> str:
 
 def make_services(config, directory, spool, suppressions, stats, reactor, control=None,
                   verifier=None) -> Services:  # fmt: skip
-    """The panel's Services from the relay's parts (the file directory is writable);
-    ``control``: the relay's IQueueControl (without one, a QueueControl with no delivery)."""
+    """The panel's Services from the relay's parts (the file directory is writable, LDAP
+    is not); ``control``: the relay's IQueueControl (without one, a QueueControl with no
+    delivery)."""
     settings = admin_settings(config)
-    writable = getattr(directory, "writable", False)
-    users = (UserWriter(config.directory.file, directory, reactor, settings.verify_senders)
-             if writable else None)  # fmt: skip
+    call = threaded(reactor)
+
+    def forget(username: str, when: float):
+        return forget_user(suppressions, stats, username, when)
+
+    manager = UserManager(user_store(directory, config.directory.file, call), call, forget,
+                          reactor, settings.verify_senders)  # fmt: skip
     policy = getattr(config, "policy", None)
     return Services(
         directory=directory,
-        users=users,
+        manager=manager,
         queue=QueueReader(spool, reactor),
         control=control or QueueControl(spool, reactor),
         suppressions=suppressions,
