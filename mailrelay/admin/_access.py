@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.web.access import AccessError, AccessStore, access_path
+from mailrelay.manage.access import AccessError, AccessStore, access_path
 
 
 def store(context: Context) -> AccessStore:

@@ -12,7 +12,7 @@ import sys
 from mailrelay.admin import _access as access
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import Context
-from mailrelay.web.access import Access
+from mailrelay.manage.access import Access
 
 
 def register(subparsers) -> None:

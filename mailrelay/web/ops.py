@@ -52,7 +52,7 @@ class Services:
     control: Any  # IQueueControl: the relay's retry, flush and delete
     suppressions: Any  # features.suppressions.SuppressionStore
     stats: Any  # features.stats.StatsStore
-    access: Any  # web.access.AccessFile
+    access: Any  # manage.access.AccessFile
     verifier: Any  # verification.Verifier, or None when verification is off
     ip_auth: Any  # policy.ipauth.IpAuthTable
     address_auth: Any  # policy.ipauth.AddressAuth

@@ -3,9 +3,9 @@ TLS), kept in memory (a restart logs everyone out), each with its own CSRF token
 form carries back. Failed logins are counted per client address and slowed down.
 
 A logged-in session remembers the fingerprint of the credential its admin logged in with
-(web.access.Admin.fingerprint) and is checked against the admin's current one on every
+(manage.access.Admin.fingerprint) and is checked against the admin's current one on every
 request: deleting an admin or giving it a new password (``mailrelay-admin admin del|passwd``,
-noticed within a second, see web.access.AccessFile) ends all of that admin's sessions."""
+noticed within a second, see manage.access.AccessFile) ends all of that admin's sessions."""
 
 from __future__ import annotations
 

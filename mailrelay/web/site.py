@@ -17,12 +17,12 @@ from twisted.web import resource, server
 
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
+from mailrelay.manage.access import AccessError, AccessFile, access_path
 from mailrelay.manage.queue import QueueControl
 from mailrelay.manage.stores import threaded, user_store
 from mailrelay.manage.users import UserManager, forget_user
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
-from mailrelay.web.access import AccessError, AccessFile, access_path
 from mailrelay.web.backend import QueueReader
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
