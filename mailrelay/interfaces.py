@@ -112,6 +112,28 @@ class IUserStore(Interface):
         """Fires with the Account deleted (refused while it has users)."""
 
 
+class ISuppressionLists(Interface):
+    """The suppression lists as management reads and changes them (manage/suppressions.py):
+    a user's list (account and user), an account's (user None), the global one (both
+    None). Every method returns a Deferred."""
+
+    def list(account: str | None = None, user: str | None = None):
+        """Fires with one list's features.suppressions.Suppression rows, by address."""
+
+    def all():
+        """Fires with every row: the global list, then each account's."""
+
+    def ofUser(user: str):
+        """Fires with the rows stored for the user named ``user`` in any account (also
+        those of a user that no longer exists)."""
+
+    def add(address: str, account: str | None, user: str | None, reason):
+        """Fires with False when the address already was on that list."""
+
+    def remove(address: str, account: str | None = None, user: str | None = None):
+        """Fires with False when the address was not on that list."""
+
+
 class IIncomingMessage(Interface):
     """A message being received into the spool; nothing is queued until commit() fires."""
 

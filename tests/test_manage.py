@@ -19,7 +19,7 @@ from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import EntryConflict, FileDirectory, UnknownEntry, UserStore
 from mailrelay.features.stats import StatsStore
 from mailrelay.features.suppressions import Reason, SuppressionStore
-from mailrelay.interfaces import IUserStore, ReadOnly
+from mailrelay.interfaces import ISuppressionLists, IUserStore, ReadOnly
 from mailrelay.manage.stores import (
     DirectoryUsers,
     FileUserStore,
@@ -28,6 +28,7 @@ from mailrelay.manage.stores import (
     threaded,
     user_store,
 )
+from mailrelay.manage.suppressions import SuppressionLists, suppression_json
 from mailrelay.manage.users import (
     UserManager,
     account_json,
@@ -253,3 +254,35 @@ class AtOnceTests(unittest.SynchronousTestCase):
         self.assertEqual([a.name for a in self.successResultOf(
             self.users.store.listAccounts())], ["default"])  # fmt: skip
         self.assertFalse(os.path.exists(self.path))
+
+
+class SuppressionListsTests(unittest.TestCase):
+    """The suppression lists through ISuppressionLists, the SQLite store in a thread."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.store = SuppressionStore(os.path.join(self.dir, "supp.sqlite"))
+        self.addCleanup(self.store.close)
+        self.lists = SuppressionLists(self.store, threaded(reactor))
+
+    @defer.inlineCallbacks
+    def test_the_three_levels(self):
+        self.assertTrue(verifyObject(ISuppressionLists, self.lists))
+        self.assertTrue((yield self.lists.add("Bob@Example.net", "acme", "acme.example",
+                                              Reason.MANUAL)))  # fmt: skip
+        self.assertFalse((yield self.lists.add("bob@example.net", "acme", "acme.example",
+                                               Reason.UNSUBSCRIBE)))  # fmt: skip
+        yield self.lists.add("all@example.net", "acme", None, Reason.HARD_BOUNCE)
+        yield self.lists.add("spam@example.net", None, None, Reason.MANUAL)
+        mine = yield self.lists.list("acme", "acme.example")
+        self.assertEqual([suppression_json(e) | {"created": 0} for e in mine], [
+            {"address": "bob@example.net", "account": "acme", "user": "acme.example",
+             "reason": "manual", "created": 0}])  # fmt: skip
+        self.assertEqual([e.address for e in (yield self.lists.all())],
+                         ["spam@example.net", "all@example.net", "bob@example.net"])  # fmt: skip
+        self.assertEqual([e.address for e in (yield self.lists.ofUser("acme.example"))],
+                         ["bob@example.net"])  # fmt: skip
+        self.assertTrue((yield self.lists.remove("bob@example.net", "acme", "acme.example")))
+        self.assertFalse((yield self.lists.remove("bob@example.net", "acme", "acme.example")))
+        self.assertEqual((yield self.lists.list("acme", "acme.example")), [])

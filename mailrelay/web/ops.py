@@ -50,7 +50,7 @@ class Services:
     manager: UserManager  # users and accounts, over the IUserStore
     queue: QueueReader
     control: Any  # IQueueControl: the relay's retry, flush and delete
-    suppressions: Any  # features.suppressions.SuppressionStore
+    suppressions: Any  # ISuppressionLists (manage.suppressions)
     stats: Any  # features.stats.StatsStore
     access: Any  # manage.access.AccessFile
     verifier: Any  # verification.Verifier, or None when verification is off
@@ -96,9 +96,10 @@ def user_doc(user: SmtpUser, account: Account | None) -> dict[str, Any]:
 
 
 async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
-    if account is not None and await s.manager.store.getAccount(account) is None:
+    accounts = {a.name: a for a in await s.manager.store.listAccounts()}
+    if account is not None and account not in accounts:
         raise HttpError(404, f"unknown account {account!r}")
-    users, accounts = await s.manager.users(account)
+    users = await s.manager.store.listUsers(account)
     return [user_doc(u, accounts.get(u.account)) for u in users]
 
 
@@ -342,10 +343,10 @@ async def suppression_level(
 
 async def list_suppressions(s: Services, user=None, account=None, everything=True):
     if everything and not user and not account:
-        entries = await in_thread(s.reactor, s.suppressions.all)
+        entries = await s.suppressions.all()
     else:
         level = await suppression_level(s, user, account)
-        entries = await in_thread(s.reactor, s.suppressions.list, *level)
+        entries = await s.suppressions.list(*level)
     return [suppression_doc(e) for e in entries]
 
 
@@ -364,17 +365,17 @@ async def add_suppression(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         raise HttpError(400, f"reason must be one of {', '.join(r.value for r in Reason)}")
     account, user = await suppression_level(s, doc.get("user"), doc.get("account"))
-    added = await in_thread(s.reactor, s.suppressions.add, address.strip(), account, user, reason)
+    added = await s.suppressions.add(address.strip(), account, user, reason)
     if not added:
         raise HttpError(409, f"{address.strip().lower()} is already on that list")
-    entries = await in_thread(s.reactor, s.suppressions.list, account, user)
+    entries = await s.suppressions.list(account, user)
     return next(suppression_doc(e) for e in entries if e.address == address.strip().lower()
                 and e.user == user)  # fmt: skip
 
 
 async def delete_suppression(s: Services, address: str, user=None, account=None) -> None:
     level = await suppression_level(s, user, account)
-    removed = await in_thread(s.reactor, s.suppressions.remove, address, *level)
+    removed = await s.suppressions.remove(address, *level)
     if not removed:
         raise HttpError(404, f"{address} is not on that list")
 

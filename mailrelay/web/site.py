@@ -20,6 +20,7 @@ from mailrelay.listener import ListenerService
 from mailrelay.manage.access import AccessError, AccessFile, access_path
 from mailrelay.manage.queue import QueueControl
 from mailrelay.manage.stores import threaded, user_store
+from mailrelay.manage.suppressions import SuppressionLists
 from mailrelay.manage.users import UserManager, forget_user
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
@@ -120,7 +121,7 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         manager=manager,
         queue=QueueReader(spool, reactor),
         control=control or QueueControl(spool, reactor),
-        suppressions=suppressions,
+        suppressions=SuppressionLists(suppressions, call),
         stats=stats,
         access=open_access(config, reactor),
         verifier=verifier,
