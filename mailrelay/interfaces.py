@@ -134,6 +134,31 @@ class ISuppressionLists(Interface):
         """Fires with False when the address was not on that list."""
 
 
+class IAccessStore(Interface):
+    """Who may use the control panel: API keys and admin logins, as mailrelay-admin changes
+    them (manage/access.py; the daemon reads them through its own cached view). Every
+    method returns a Deferred; a refusal errbacks with manage.access.AccessError, a store
+    that cannot be written now with OSError."""
+
+    def listKeys():
+        """Fires with the ApiKeys, sorted by name (never the keys themselves)."""
+
+    def addKey(name: str, access):
+        """Make a key; fires with the key itself, which is not stored (only its hash)."""
+
+    def deleteKey(name: str):
+        """Fires with the ApiKey revoked."""
+
+    def listAdmins():
+        """Fires with the Admins, sorted by name."""
+
+    def setAdmin(name: str, password_hash: str, new: bool):
+        """Add an admin (``new``) or change an admin's password; fires with the Admin."""
+
+    def deleteAdmin(name: str):
+        """Fires with the Admin deleted."""
+
+
 class IIncomingMessage(Interface):
     """A message being received into the spool; nothing is queued until commit() fires."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -19,7 +20,8 @@ from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import EntryConflict, FileDirectory, UnknownEntry, UserStore
 from mailrelay.features.stats import StatsStore
 from mailrelay.features.suppressions import Reason, SuppressionStore
-from mailrelay.interfaces import ISuppressionLists, IUserStore, ReadOnly
+from mailrelay.interfaces import IAccessStore, ISuppressionLists, IUserStore, ReadOnly
+from mailrelay.manage.access import Access, AccessError, AccessFile, FileAccessStore
 from mailrelay.manage.stores import (
     DirectoryUsers,
     FileUserStore,
@@ -286,3 +288,34 @@ class SuppressionListsTests(unittest.TestCase):
         self.assertTrue((yield self.lists.remove("bob@example.net", "acme", "acme.example")))
         self.assertFalse((yield self.lists.remove("bob@example.net", "acme", "acme.example")))
         self.assertEqual((yield self.lists.list("acme", "acme.example")), [])
+
+
+class AccessStoreTests(unittest.SynchronousTestCase):
+    """API keys and admin logins through IAccessStore over the access file; the daemon's
+    AccessFile sees each change."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.path = os.path.join(self.dir, "admin.json")
+        self.store = FileAccessStore(self.path, at_once)
+
+    def test_keys_and_admins(self):
+        self.assertTrue(verifyObject(IAccessStore, self.store))
+        secret = self.successResultOf(self.store.addKey("deploy", Access.READ_WRITE))
+        self.assertNotIn(secret, _text(self.path))
+        self.assertEqual(oct(os.stat(self.path).st_mode & 0o777), "0o600")
+        clock = Clock()
+        daemon = AccessFile(self.path, clock)
+        self.assertEqual(daemon.current().key_for(secret).name, "deploy")
+        self.failureResultOf(self.store.addKey("deploy", Access.READ_ONLY), AccessError)
+        self.successResultOf(self.store.setAdmin("alice", hash_password("pass-word-1"), True))
+        self.failureResultOf(self.store.setAdmin("bob", hash_password("x"), False), AccessError)
+        self.assertEqual([k.name for k in self.successResultOf(self.store.listKeys())],
+                         ["deploy"])  # fmt: skip
+        self.assertEqual([a.name for a in self.successResultOf(self.store.listAdmins())],
+                         ["alice"])  # fmt: skip
+        self.successResultOf(self.store.deleteKey("deploy"))
+        self.failureResultOf(self.store.deleteAdmin("bob"), AccessError)
+        clock.advance(1)
+        self.assertIsNone(daemon.current().key_for(secret))
