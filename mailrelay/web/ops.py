@@ -31,12 +31,12 @@ from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 from mailrelay.interfaces import ReadOnly
 from mailrelay.manage import stats as manage_stats
-from mailrelay.manage.stores import LDAP_MANAGED
+from mailrelay.manage.queue import QueueReader
+from mailrelay.manage.stores import LDAP_MANAGED, threaded
 from mailrelay.manage.suppressions import suppression_json
 from mailrelay.manage.users import Forgotten, UserManager, account_json, user_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
-from mailrelay.web.backend import QueueReader, in_thread
 from mailrelay.web.routing import HttpError
 
 log = Logger()
@@ -451,11 +451,12 @@ async def stats(
         username, account = found.username, account or found.account
     elif account and await s.manager.store.getAccount(account) is None:
         raise HttpError(404, f"unknown account {account!r}")
-    totals = await in_thread(s.reactor, s.stats.query, account, username, start)
+    call = threaded(s.reactor)
+    totals = await call(s.stats.query, account, username, start)
     out: dict[str, Any] = {"user": username, "account": account, "since": start,
                            "period": period, "totals": totals}  # fmt: skip
     if period:
-        rows = await in_thread(s.reactor, s.stats.query, account, username, start, period)
+        rows = await call(s.stats.query, account, username, start, period)
         out["periods"] = [
             {"start": p.start, "account": p.account, "user": p.user,
              **{e.value: p.counts.get(e.value, 0) for e in Event}}

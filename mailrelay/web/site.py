@@ -18,13 +18,12 @@ from twisted.web import resource, server
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
 from mailrelay.manage.access import AccessError, AccessFile, access_path
-from mailrelay.manage.queue import QueueControl
+from mailrelay.manage.queue import QueueControl, QueueReader
 from mailrelay.manage.stores import threaded, user_store
 from mailrelay.manage.suppressions import SuppressionLists
 from mailrelay.manage.users import UserManager, forget_user
 from mailrelay.policy.ipauth import AddressAuth, IpAuthTable
 from mailrelay.web import api as api_module
-from mailrelay.web.backend import QueueReader
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
 from mailrelay.web.pages import Panel
@@ -119,7 +118,7 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
     return Services(
         directory=directory,
         manager=manager,
-        queue=QueueReader(spool, reactor),
+        queue=QueueReader(spool, reactor, call),
         control=control or QueueControl(spool, reactor),
         suppressions=SuppressionLists(suppressions, call),
         stats=stats,
