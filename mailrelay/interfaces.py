@@ -1,7 +1,10 @@
 """The seams of mailrelay: listener -> session -> policy -> spool -> delivery.
 
 Each interface has one job and can be swapped (file or LDAP directory; MX or smarthost
-routing) without touching the code on the other side.
+routing) without touching the code on the other side. The management stores (IUserStore,
+ISuppressionLists, IAccessStore, IQueueControl) are what mailrelay-admin and the control
+panel both work through (mailrelay/manage/); their methods return Deferreds, so a store
+that is not a local file fits behind them.
 """
 
 from __future__ import annotations
