@@ -1,7 +1,10 @@
 """The seams of mailrelay: listener -> session -> policy -> spool -> delivery.
 
 Each interface has one job and can be swapped (file or LDAP directory; MX or smarthost
-routing) without touching the code on the other side.
+routing) without touching the code on the other side. The management stores (IUserStore,
+ISuppressionLists, IAccessStore, IQueueControl) are what mailrelay-admin and the control
+panel both work through (mailrelay/manage/); their methods return Deferreds, so a store
+that is not a local file fits behind them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,117 @@ class IDirectory(Interface):
 
     def listAccounts():
         """Fires with a list of Account, sorted by name."""
+
+
+class ReadOnly(Exception):
+    """The users and accounts are kept where this relay does not change them (LDAP)."""
+
+
+class IUserStore(Interface):
+    """Users and accounts as management reads and changes them (mailrelay-admin, the API,
+    the panel: manage/users.py). Every method returns a Deferred, so a store that is not a
+    local file (a database) fits behind it; the file store runs its blocking work in a
+    thread (or at once, in mailrelay-admin).
+
+    A change errbacks with directory.filedir.UnknownEntry (no such user or account),
+    EntryConflict (it exists, or others still use it), another DirectoryFileError or a
+    scope.ScopeError (refused: the text says why), OSError (the store cannot be written
+    now), or ReadOnly (every change, when ``writable`` is False). A ``change`` callable runs
+    inside the store's transaction on the current entry and returns the fields to change;
+    it may raise those refusals too.
+    """
+
+    writable = Attribute("False when every change errbacks with ReadOnly (LDAP)")
+
+    def getUser(username: str):
+        """Fires with the SmtpUser or None."""
+
+    def getAccount(name: str):
+        """Fires with the Account or None."""
+
+    def listUsers(account: str | None = None):
+        """Fires with a list of SmtpUser, sorted by username."""
+
+    def listAccounts():
+        """Fires with a list of Account, sorted by name."""
+
+    def passwordHash(username: str):
+        """Fires with the user's stored password hash; None when the store does not show
+        it (LDAP). Errbacks with UnknownEntry for an unknown user."""
+
+    def addUser(user, password_hash: str, verify: bool):
+        """Add a user; fires with it as stored (canonical name, time stamp). ``verify``:
+        its senders wait for confirmation (verification.entries_to_verify)."""
+
+    def updateUser(username: str, change, verify: bool):
+        """``change(current SmtpUser)`` gives the fields to change (nothing: errbacks with
+        NothingToChange). Fires with (before, after)."""
+
+    def setPassword(username: str, password_hash: str):
+        """Fires with the SmtpUser (with a new ``updated`` stamp: cached logins end)."""
+
+    def deleteUser(username: str):
+        """Fires with the SmtpUser deleted."""
+
+    def confirmSender(username: str, entry: str):
+        """Mark a waiting sender verified; fires with the SmtpUser, or None when that user
+        or entry no longer waits."""
+
+    def addAccount(account):
+        """Fires with the Account added."""
+
+    def updateAccount(name: str, change):
+        """``change(current Account)`` gives the fields to change; fires with the Account."""
+
+    def deleteAccount(name: str):
+        """Fires with the Account deleted (refused while it has users)."""
+
+
+class ISuppressionLists(Interface):
+    """The suppression lists as management reads and changes them (manage/suppressions.py):
+    a user's list (account and user), an account's (user None), the global one (both
+    None). Every method returns a Deferred."""
+
+    def list(account: str | None = None, user: str | None = None):
+        """Fires with one list's features.suppressions.Suppression rows, by address."""
+
+    def all():
+        """Fires with every row: the global list, then each account's."""
+
+    def ofUser(user: str):
+        """Fires with the rows stored for the user named ``user`` in any account (also
+        those of a user that no longer exists)."""
+
+    def add(address: str, account: str | None, user: str | None, reason):
+        """Fires with False when the address already was on that list."""
+
+    def remove(address: str, account: str | None = None, user: str | None = None):
+        """Fires with False when the address was not on that list."""
+
+
+class IAccessStore(Interface):
+    """Who may use the control panel: API keys and admin logins, as mailrelay-admin changes
+    them (manage/access.py; the daemon reads them through its own cached view). Every
+    method returns a Deferred; a refusal errbacks with manage.access.AccessError, a store
+    that cannot be written now with OSError."""
+
+    def listKeys():
+        """Fires with the ApiKeys, sorted by name (never the keys themselves)."""
+
+    def addKey(name: str, access):
+        """Make a key; fires with the key itself, which is not stored (only its hash)."""
+
+    def deleteKey(name: str):
+        """Fires with the ApiKey revoked."""
+
+    def listAdmins():
+        """Fires with the Admins, sorted by name."""
+
+    def setAdmin(name: str, password_hash: str, new: bool):
+        """Add an admin (``new``) or change an admin's password; fires with the Admin."""
+
+    def deleteAdmin(name: str):
+        """Fires with the Admin deleted."""
 
 
 class IIncomingMessage(Interface):

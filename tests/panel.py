@@ -37,10 +37,10 @@ from mailrelay.directory import open_directory
 from mailrelay.directory.filedir import UserStore
 from mailrelay.features.stats import StatsStore
 from mailrelay.features.suppressions import SuppressionStore
+from mailrelay.manage.access import Access, AccessStore, access_path
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import Scope
 from mailrelay.spool.spool import Spool
-from mailrelay.web.access import Access, AccessStore, access_path
 from mailrelay.web.site import make_admin_site, make_services, make_verifier
 
 PASSWORD = "initial-password"

@@ -13,7 +13,7 @@ from harness import env
 from twisted.internet.task import Clock
 
 from mailrelay.auth.passwords import verify_password
-from mailrelay.web.access import Access, AccessFile, AccessStore, key_hash
+from mailrelay.manage.access import Access, AccessFile, AccessStore, key_hash
 
 
 def admin(config, *args, input=None):

@@ -114,7 +114,7 @@ class ApiTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_revoked_key_is_refused(self):
-        from mailrelay.web.access import AccessStore, access_path
+        from mailrelay.manage.access import AccessStore, access_path
 
         store = AccessStore(access_path(self.panel.config))
         with store.change():

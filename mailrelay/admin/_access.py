@@ -1,32 +1,27 @@
-"""What the apikey and admin commands share: the access file, its errors as one line."""
+"""What the apikey and admin commands share: the access file (manage.access), its errors
+as one line."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.web.access import AccessError, AccessStore, access_path
+from mailrelay.interfaces import IAccessStore
+from mailrelay.manage.access import AccessError, FileAccessStore, access_path
+from mailrelay.manage.stores import at_once
+
+T = TypeVar("T")
 
 
-def store(context: Context) -> AccessStore:
-    """The access file, loaded (for reading)."""
-    s = AccessStore(access_path(context.config))
+def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
+    """``work(store)``'s result, the access file read (or locked, changed and saved) in
+    this thread; refusals and file troubles become a CommandError."""
+    store = FileAccessStore(access_path(context.config), at_once)
     try:
-        s.load()
-    except AccessError as e:
-        raise CommandError(str(e))
-    return s
-
-
-@contextlib.contextmanager
-def changing(context: Context) -> Iterator[AccessStore]:
-    """Lock, load, change, save; errors become one line for the admin."""
-    s = AccessStore(access_path(context.config))
-    try:
-        with s.change():
-            yield s
+        return run(lambda reactor: work(store))
     except AccessError as e:
         raise CommandError(str(e))
     except OSError as e:
-        raise CommandError(f"{e.filename or s.path}: {e.strerror}")
+        raise CommandError(f"{e.filename or store.path}: {e.strerror}")

@@ -1,22 +1,29 @@
-"""What the user and account commands share: the user file, the configured directory when
-it is LDAP, and turning their errors into one line for the admin."""
+"""What the user and account commands share: the management layer over the configured
+directory (manage.users), and its refusals as one line for the admin."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import TypeVar
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
+from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.directory.filedir import DirectoryFileError, UserStore
-from mailrelay.interfaces import DirectoryUnavailable
+from mailrelay.directory.filedir import DirectoryFileError
+from mailrelay.features.paths import feature_paths
+from mailrelay.interfaces import DirectoryUnavailable, ReadOnly
+from mailrelay.manage.stores import LDAP_MANAGED, DirectoryUsers, FileUserStore, at_once
+from mailrelay.manage.users import UserManager, forget_in_files
 from mailrelay.scope import ScopeError
 
-LDAP_MANAGED = "users and accounts are managed in the LDAP directory; change them there"
+__all__ = ["LDAP_MANAGED", "admin_errors", "changing", "is_ldap", "manage", "manager"]
+
 READ_TIMEOUT = 60.0  # seconds to wait for the directory before giving up
+T = TypeVar("T")
 
 
 def is_ldap(context: Context) -> bool:
@@ -28,52 +35,45 @@ def admin_errors(path: str = "the user file") -> Iterator[None]:
     """Refusals and file troubles become a CommandError: one line, exit status 1."""
     try:
         yield
-    except (DirectoryFileError, ScopeError) as e:
+    except (DirectoryFileError, ScopeError, ReadOnly) as e:
         raise CommandError(str(e))
+    except (DirectoryUnavailable, defer.TimeoutError) as e:
+        raise CommandError(f"the directory cannot answer now: {e}")
     except OSError as e:  # e.g. a full disk while saving: the old file is still there
         raise CommandError(f"{e.filename or path}: {e.strerror}")
 
 
-def store(context: Context) -> UserStore:
-    """The user file, loaded (for reading)."""
-    user_store = UserStore(context.config.directory.file)
-    with admin_errors(user_store.path):
-        user_store.load()
-    return user_store
+def manager(context: Context) -> UserManager:
+    """Users and accounts of the configured directory: the user file (read and changed in
+    this thread), or LDAP (read-only)."""
+    config = context.config
+    if is_ldap(context):
+        from twisted.internet import reactor
+
+        from mailrelay.directory import open_directory
+
+        store = DirectoryUsers(open_directory(config, reactor))
+    else:
+        store = FileUserStore(config.directory.file, at_once)
+    files = feature_paths(config)
+    return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db),
+                       SimpleNamespace(seconds=time.time))  # fmt: skip
 
 
-@contextlib.contextmanager
-def changing(context: Context) -> Iterator[UserStore]:
-    """Lock, load, change, save: nothing is written when the block raises."""
+def changing(context: Context) -> UserManager:
+    """The manager for a change: LDAP refuses at once, before a password is asked for or
+    the directory is opened."""
     if is_ldap(context):
         raise CommandError(LDAP_MANAGED)
-    user_store = UserStore(context.config.directory.file)
-    with admin_errors(user_store.path), user_store.change():
-        yield user_store
+    return manager(context)
 
 
-def read_directory(context: Context, query: Callable[[Any], defer.Deferred]) -> Any:
-    """Run ``query(directory)`` against the configured (LDAP) directory and wait for it.
-
-    mailrelay-admin is a short-lived process, so it runs the reactor just for this.
-    """
-    from twisted.internet import reactor
-
-    from mailrelay.directory import open_directory
-
-    outcome: list[Any] = []
-
-    def start() -> None:
-        d = defer.maybeDeferred(lambda: query(open_directory(context.config, reactor)))
-        d.addTimeout(READ_TIMEOUT, reactor)
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
-    result = outcome[0]
-    if isinstance(result, Failure):
-        if result.check(DirectoryUnavailable, defer.TimeoutError):
-            raise CommandError(f"the directory cannot answer now: {result.getErrorMessage()}")
-        result.raiseException()
-    return result
+def manage(context: Context, work: Callable[[UserManager], Awaitable[T]],
+           users: UserManager | None = None) -> T:  # fmt: skip
+    """``work(users)``'s result (``users``: the manager(context) by default); its refusals
+    as a CommandError. LDAP needs the reactor, which runs once per process: a command asks
+    LDAP only once (the user file answers without it)."""
+    if users is None:
+        users = manager(context)
+    with admin_errors(context.config.directory.file):
+        return run(lambda reactor: work(users), READ_TIMEOUT)

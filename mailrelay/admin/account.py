@@ -8,7 +8,7 @@ from typing import Any
 from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.directory.filedir import account_to_json
+from mailrelay.manage.users import UserManager, account_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import parse_domains
 
@@ -56,10 +56,12 @@ def register(subparsers) -> None:
 
 
 def add(args: argparse.Namespace, context: Context) -> int:
-    with directory.changing(context) as store:
-        account = store.add_account(
+    async def add(users: UserManager) -> Account:
+        return await users.add_account(
             Account(args.name, parse_domains(args.domains), args.notify or None, args.note)
         )
+
+    account = directory.manage(context, add, directory.changing(context))
     print(f"added account {account.name}")
     return 0
 
@@ -67,8 +69,8 @@ def add(args: argparse.Namespace, context: Context) -> int:
 def set_(args: argparse.Namespace, context: Context) -> int:
     if args.domains is not None and (args.add_domain or args.remove_domain):
         raise CommandError("--domains replaces the domains: use it without --add/--remove-domain")
-    with directory.changing(context) as store:
-        current = store.account(args.name)
+
+    def change(current: Account) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         domains = set(current.domains)
         if args.domains is not None:
@@ -89,35 +91,23 @@ def set_(args: argparse.Namespace, context: Context) -> int:
             changes["note"] = args.note
         if not changes:
             raise CommandError("nothing to change (see mailrelay-admin account set --help)")
-        account = store.update_account(args.name, **changes)
+        return changes
+
+    account = directory.manage(context, lambda users: users.update_account(args.name, change),
+                               directory.changing(context))  # fmt: skip
     print(f"changed account {account.name}")
     return 0
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with directory.changing(context) as store:
-        account = store.delete_account(args.name)
+    account = directory.manage(context, lambda users: users.delete_account(args.name),
+                               directory.changing(context))  # fmt: skip
     print(f"deleted account {account.name}")
     return 0
 
 
-def account_json(account: Account, users: list[SmtpUser]) -> dict[str, Any]:
-    return {"name": account.name, **account_to_json(account), "users": [u.username for u in users]}
-
-
 def _accounts_with_users(context: Context) -> list[tuple[Account, list[SmtpUser]]]:
-    if directory.is_ldap(context):
-
-        def query(d):
-            return d.listAccounts().addCallback(
-                lambda accounts: d.listUsers().addCallback(lambda users: (accounts, users))
-            )
-
-        accounts, users = directory.read_directory(context, query)
-    else:
-        store = directory.store(context)
-        accounts, users = store.accounts(), store.users()
-    return [(a, [u for u in users if u.account == a.name]) for a in accounts]
+    return directory.manage(context, lambda users: users.accounts())
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:

@@ -32,8 +32,7 @@ def register(subparsers) -> None:
 def _set(args: argparse.Namespace, context: Context, new: bool) -> int:
     password, generated = passwords.new_password(args)
     password_hash = hash_password(password)
-    with access.changing(context) as s:
-        s.set_admin(args.name, password_hash, new)
+    access.access(context, lambda store: store.setAdmin(args.name, password_hash, new))
     print(f"{'added' if new else 'changed the password of'} admin {args.name}")
     if generated:
         passwords.show(args.name, password)
@@ -49,13 +48,12 @@ def passwd(args: argparse.Namespace, context: Context) -> int:
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with access.changing(context) as s:
-        s.delete_admin(args.name)
+    access.access(context, lambda store: store.deleteAdmin(args.name))
     print(f"deleted admin {args.name}")
     return 0
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:
-    admins = sorted(access.store(context).data.admins)
-    output.print_list(["NAME"], [[name] for name in admins], "no admins")
+    admins = access.access(context, lambda store: store.listAdmins())
+    output.print_list(["NAME"], [[a.name] for a in admins], "no admins")
     return 0

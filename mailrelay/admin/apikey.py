@@ -12,7 +12,7 @@ import sys
 from mailrelay.admin import _access as access
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import Context
-from mailrelay.web.access import Access
+from mailrelay.manage.access import Access
 
 
 def register(subparsers) -> None:
@@ -38,8 +38,7 @@ def register(subparsers) -> None:
 
 
 def add(args: argparse.Namespace, context: Context) -> int:
-    with access.changing(context) as s:
-        secret = s.add_key(args.name, args.access)
+    secret = access.access(context, lambda store: store.addKey(args.name, args.access))
     print(f"added API key {args.name} ({args.access}):")
     print(secret)
     print("(shown only this once: only a hash of it is stored; send it as "
@@ -48,7 +47,7 @@ def add(args: argparse.Namespace, context: Context) -> int:
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:
-    keys = sorted(access.store(context).data.api_keys.values(), key=lambda k: k.name)
+    keys = access.access(context, lambda store: store.listKeys())
     if args.json:
         output.print_json(
             [{"name": k.name, "access": str(k.access), "created": k.created} for k in keys]
@@ -60,7 +59,6 @@ def list_(args: argparse.Namespace, context: Context) -> int:
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with access.changing(context) as s:
-        s.delete_key(args.name)
+    access.access(context, lambda store: store.deleteKey(args.name))
     print(f"deleted API key {args.name}")
     return 0

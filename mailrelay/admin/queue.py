@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import defer, task
-
 from mailrelay import control
 from mailrelay.admin import _output as output
+from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.manage import queue
 from mailrelay.spool.spool import Spool
@@ -127,30 +126,19 @@ def _ask(context: Context, command, **arguments) -> dict | None:
     """The running relay's answer to ``command`` over its control socket; None when no
     relay runs (the caller then acts on the spool itself)."""
     path = context.config.server.control_socket
-    outcome: list = []
-
-    async def call(reactor) -> None:
-        try:
-            outcome.append(await control.ask(reactor, path, command, **arguments))
-        except control.RelayNotRunning:
-            outcome.append(None)
-        except (control.DeliveryOff, control.DeliveryNotRunning, KeyError) as e:
-            outcome.append(e)
-
     try:
-        task.react(lambda reactor: defer.ensureDeferred(call(reactor)))
-    except SystemExit as e:  # react() always exits; only a failure is an error here
-        if e.code not in (0, None) or not outcome:
-            raise CommandError(f"no answer from the relay on {path}")
-    answer = outcome[0]
-    if isinstance(answer, KeyError):
+        return run(lambda reactor: control.ask(reactor, path, command, **arguments))
+    except control.RelayNotRunning:
+        return None
+    except KeyError:
         raise CommandError(f"message {arguments.get('queue_id')} left the queue meanwhile")
-    if isinstance(answer, control.DeliveryOff):
+    except control.DeliveryOff:
         raise CommandError("delivery is off in the running relay ([delivery] enabled = no)")
-    if isinstance(answer, control.DeliveryNotRunning):
+    except control.DeliveryNotRunning:
         raise CommandError("the relay's delivery process is restarting; try again in a few "
                            "seconds")
-    return answer
+    except Exception as e:  # the connection lost, an answer not understood
+        raise CommandError(f"no answer from the relay on {path}") from e
 
 
 def retry(args, context: Context) -> int:

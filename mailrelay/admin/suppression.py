@@ -12,14 +12,24 @@ account leaves them behind). ``mailrelay-admin user del`` removes the user's own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
+from typing import TypeVar
+
+from twisted.internet import defer
 
 from mailrelay.admin import _features as features
 from mailrelay.admin import _output as output
+from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.features.suppressions import Reason, Suppression, SuppressionStore
+from mailrelay.features.suppressions import Reason, SuppressionStore
+from mailrelay.manage.stores import at_once
+from mailrelay.manage.suppressions import SuppressionLists, suppression_json
 from mailrelay.model import canonical_username
 from mailrelay.scope import is_address
+
+T = TypeVar("T")
 
 
 def register(subparsers) -> None:
@@ -70,34 +80,43 @@ def _where(args, context: Context) -> tuple[str | None, str | None]:
     return args.account, None
 
 
-def _lists(args, context: Context, store: SuppressionStore) -> list[tuple[str | None, str | None]]:
+def _lists(args, context: Context,
+           lists: SuppressionLists) -> list[tuple[str | None, str | None]]:  # fmt: skip
     """The lists a command reads or changes: the one named, or, for ``--user U`` when there
     is no user U, those still stored under that name (one per account)."""
     try:
         return [_where(args, context)]
     except features.UnknownUser as e:
         name = canonical_username(args.user)
-        accounts = sorted({row.account for row in store.of_user(name)})
+        accounts = sorted({row.account for row in _now(lists.ofUser(name))})
         if not accounts:
             raise CommandError(f"{e}, and no suppressed address is stored for that name")
         return [(account, name) for account in accounts]
 
 
-def _store(context: Context) -> SuppressionStore:
-    return SuppressionStore(features.paths(context).suppressions_db)
+@contextlib.contextmanager
+def _opened(context: Context) -> Iterator[SuppressionLists]:
+    """The lists, answering at once (no reactor: the SQLite file is read here)."""
+    store = SuppressionStore(features.paths(context).suppressions_db)
+    try:
+        yield SuppressionLists(store, at_once)
+    finally:
+        store.close()
+
+
+def _now(d: defer.Deferred[T]) -> T:
+    return run(lambda reactor: d)
 
 
 def list_(args, context: Context) -> int:
-    store = _store(context)
-    try:
+    with _opened(context) as lists:
         if args.user or args.account or args.global_:
-            entries = [e for where in _lists(args, context, store) for e in store.list(*where)]
+            entries = [e for where in _lists(args, context, lists)
+                       for e in _now(lists.list(*where))]  # fmt: skip
         else:
-            entries = store.all()
-    finally:
-        store.close()
+            entries = _now(lists.all())
     if args.json:
-        output.print_json([_json(e) for e in entries])
+        output.print_json([suppression_json(e) for e in entries])
         return 0
     rows = [
         [
@@ -114,16 +133,6 @@ def list_(args, context: Context) -> int:
     return 0
 
 
-def _json(e: Suppression) -> dict:
-    return {
-        "address": e.address,
-        "account": e.account,
-        "user": e.user,
-        "reason": e.reason.value,
-        "created": e.created,
-    }
-
-
 def _addresses(args) -> list[str]:
     bad = [a for a in args.addresses if not is_address(a)]
     if bad:
@@ -138,23 +147,20 @@ def add(args, context: Context) -> int:
         user, account = features.user_account(context, args.user)
         if account != args.account:
             raise CommandError(f"user {user} is in account {account}, not {args.account}")
-    store = _store(context)
-    for address in addresses:
-        if not store.add(address, account, user, Reason(args.reason)):
-            print(f"{address}: already suppressed", file=sys.stderr)
-    store.close()
+    with _opened(context) as lists:
+        for address in addresses:
+            if not _now(lists.add(address, account, user, Reason(args.reason))):
+                print(f"{address}: already suppressed", file=sys.stderr)
     return 0
 
 
 def delete(args, context: Context) -> int:
     addresses = _addresses(args)
-    store = _store(context)
-    try:
-        lists = _lists(args, context, store)
+    with _opened(context) as lists:
+        named = _lists(args, context, lists)
         # Every list named loses the address (a list comprehension: no short cut).
-        missing = [a for a in addresses if not any([store.remove(a, *w) for w in lists])]
-    finally:
-        store.close()
+        missing = [a for a in addresses
+                   if not any([_now(lists.remove(a, *w)) for w in named])]  # fmt: skip
     if missing:
         raise CommandError(f"not on that list: {', '.join(missing)}")
     return 0

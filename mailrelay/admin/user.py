@@ -1,32 +1,21 @@
-"""mailrelay-admin user add|passwd|set|del|list|show: SMTP users.
-
-Deleting a user deletes its suppression list and keeps its statistics as history, moved to
-the name ``USER (deleted DATE TIME UTC)`` (spaces: no user can be called that), so they
-still count in the account's totals. Adding a user does the same to whatever is still
-stored under its name (a user deleted by editing the file, or mail of the deleted user
-that was still queued): a new user never inherits a former one's suppressions or counts.
-"""
+"""mailrelay-admin user add|passwd|set|del|list|show: SMTP users, over manage.users
+(which says what a deleted user leaves behind)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin import _password as passwords
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.auth.passwords import hash_password, needs_rehash
+from mailrelay.auth.passwords import needs_rehash
 from mailrelay.directory.changes import USER_SETTINGS, user_changes
-from mailrelay.directory.filedir import DEFAULT_ACCOUNT, user_to_json
-from mailrelay.features.paths import feature_paths
-from mailrelay.features.stats import StatsStore
-from mailrelay.features.suppressions import SuppressionStore
-from mailrelay.model import Account, Kind, SmtpUser, Status
+from mailrelay.directory.filedir import DEFAULT_ACCOUNT
+from mailrelay.manage.stores import NothingToChange
+from mailrelay.manage.users import Forgotten, UserManager, user_json
+from mailrelay.model import Kind, SmtpUser, Status
 
 _KIND_TEXT = {
     Kind.DOMAIN: "domain-level: may send from any address at its domain",
@@ -115,16 +104,17 @@ def _changes(args: argparse.Namespace, current: SmtpUser) -> dict[str, Any]:
 
 
 def add(args: argparse.Namespace, context: Context) -> int:
-    if directory.is_ldap(context):
-        raise CommandError(directory.LDAP_MANAGED)
+    users = directory.changing(context)
     with directory.admin_errors():
         new = SmtpUser(args.username, **_changes(args, SmtpUser(args.username)))
     password, generated = passwords.new_password(args)
-    password_hash = hash_password(password)  # before the lock: hashing takes a moment
-    with directory.changing(context) as store:
-        user = store.add_user(new, password_hash)
-    print(f"added user {user.username} to account {user.account} ({_KIND_TEXT[user.kind]})")
-    left = _forget(context, user.username)
+
+    async def add(users: UserManager) -> tuple[SmtpUser, Forgotten]:
+        user = await users.add(new, password)
+        print(f"added user {user.username} to account {user.account} ({_KIND_TEXT[user.kind]})")
+        return user, await users.forget(user.username)
+
+    user, left = directory.manage(context, add, users)
     if left.suppressions or left.stats:
         print(f"left by an earlier user {user.username}: {left.said()}")
     if generated:
@@ -133,14 +123,19 @@ def add(args: argparse.Namespace, context: Context) -> int:
 
 
 def passwd(args: argparse.Namespace, context: Context) -> int:
-    if directory.is_ldap(context):
-        raise CommandError(directory.LDAP_MANAGED)
-    with directory.admin_errors():
-        directory.store(context).user(args.username)  # say "unknown user" before anything else
+    users = directory.changing(context)
+
+    async def find(users: UserManager) -> SmtpUser | None:
+        return await users.store.getUser(args.username)
+
+    if directory.manage(context, find, users) is None:  # "unknown user" before anything
+        raise CommandError(f"unknown user {args.username!r} (see mailrelay-admin user list)")
     password, generated = passwords.new_password(args)
-    password_hash = hash_password(password)
-    with directory.changing(context) as store:
-        user = store.set_password(args.username, password_hash)
+
+    async def change(users: UserManager) -> SmtpUser:
+        return await users.set_password(args.username, password)
+
+    user = directory.manage(context, change, users)
     print(f"changed the password of user {user.username}")
     if generated:
         passwords.show(user.username, password)
@@ -148,105 +143,34 @@ def passwd(args: argparse.Namespace, context: Context) -> int:
 
 
 def set_(args: argparse.Namespace, context: Context) -> int:
-    with directory.changing(context) as store:
-        current = store.user(args.username)
-        changes = _changes(args, current)
-        if not changes:
+    async def change(users: UserManager) -> SmtpUser:
+        try:
+            _, user = await users.update(args.username, lambda current: _changes(args, current))
+        except NothingToChange:
             raise CommandError("nothing to change (see mailrelay-admin user set --help)")
-        user = store.update_user(current.username, **changes)
+        return user
+
+    user = directory.manage(context, change, directory.changing(context))
     print(f"changed user {user.username}")
     return 0
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
-    with directory.changing(context) as store:
-        user = store.delete_user(args.username)
-    print(f"deleted user {user.username}")
-    print(f"its suppressions and statistics: {_forget(context, user.username).said()}")
+    async def delete(users: UserManager) -> Forgotten:
+        user = await users.delete(args.username)
+        print(f"deleted user {user.username}")
+        return await users.forget(user.username)
+
+    forgotten = directory.manage(context, delete, directory.changing(context))
+    print(f"its suppressions and statistics: {forgotten.said()}")
     return 0
-
-
-# ---- what a user leaves behind ----
-
-
-@dataclass(frozen=True)
-class Forgotten:
-    """What was stored under a user's name: its suppressions (removed) and its statistics
-    (``stats`` counter rows, moved to ``label``)."""
-
-    suppressions: int
-    stats: int
-    label: str
-
-    def said(self) -> str:
-        kept = f"statistics kept as user {self.label!r}" if self.stats else "no statistics"
-        return f"{self.suppressions} suppressed address(es) removed, {kept}"
-
-
-def retired_name(username: str, when: float) -> str:
-    return f"{username} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
-
-
-def forget_user(suppressions, stats, username: str, when: float) -> Forgotten:
-    """Remove the suppressions stored under ``username`` and move its statistics to
-    retired_name (blocking: the daemon calls it in a thread)."""
-    label = retired_name(username, when)
-    return Forgotten(suppressions.remove_user(username), stats.retire_user(username, label),
-                     label)  # fmt: skip
-
-
-class _Nothing:
-    """A store file that does not exist yet holds nothing (and is not made here)."""
-
-    def remove_user(self, user: str) -> int:
-        return 0
-
-    def retire_user(self, user: str, label: str) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-
-def _forget(context: Context, username: str) -> Forgotten:
-    files = feature_paths(context.config)
-    with directory.admin_errors():
-        stores = [kind(path) if os.path.exists(path) else _Nothing() for kind, path in
-                  ((SuppressionStore, files.suppressions_db), (StatsStore, files.stats_db))]
-        try:
-            return forget_user(*stores, username, time.time())
-        finally:
-            for store in stores:
-                store.close()
 
 
 # ---- reading ----
 
 
-def user_json(user: SmtpUser, account: Account | None) -> dict[str, Any]:
-    return {
-        "username": user.username,
-        "kind": str(user.kind),
-        "sender_scope": str(user.effective_scope(account)),
-        **user_to_json(user),
-    }
-
-
 def list_(args: argparse.Namespace, context: Context) -> int:
-    if directory.is_ldap(context):
-
-        def query(d):
-            return d.listUsers(args.account).addCallback(
-                lambda users: d.listAccounts().addCallback(lambda accounts: (users, accounts))
-            )
-
-        users, accounts = directory.read_directory(context, query)
-        accounts = {a.name: a for a in accounts}
-    else:
-        store = directory.store(context)
-        with directory.admin_errors():
-            users = store.users(args.account)
-        accounts = store.data.accounts
+    users, accounts = directory.manage(context, lambda m: m.users(args.account))
     if args.json:
         output.print_json([user_json(u, accounts.get(u.account)) for u in users])
         return 0
@@ -271,29 +195,20 @@ def _yes(value: bool) -> str:
 
 
 def show(args: argparse.Namespace, context: Context) -> int:
-    password = None
-    if directory.is_ldap(context):
-
-        def query(d):
-            def with_account(user):
-                if user is None:
-                    return None, None
-                return d.getAccount(user.account).addCallback(lambda a: (user, a))
-
-            return d.getUser(args.username).addCallback(with_account)
-
-        user, account = directory.read_directory(context, query)
+    async def find(users: UserManager):
+        user, account = await users.get(args.username)
         if user is None:
-            raise CommandError(f"unknown user {args.username!r} (see mailrelay-admin user list)")
-    else:
-        store = directory.store(context)
-        with directory.admin_errors():
-            user = store.user(args.username)
-        account = store.data.accounts.get(user.account)
-        stale = needs_rehash(store.password_hash(user.username))
+            return None, None, None
+        return user, account, await users.store.passwordHash(user.username)
+
+    user, account, password_hash = directory.manage(context, find)
+    if user is None:
+        raise CommandError(f"unknown user {args.username!r} (see mailrelay-admin user list)")
+    password = None
+    if password_hash is not None:  # the file; LDAP keeps its passwords to itself
         password = (
             f"set (older hash parameters: mailrelay-admin user passwd {user.username})"
-            if stale
+            if needs_rehash(password_hash)
             else "set (argon2id)"
         )
     if args.json:

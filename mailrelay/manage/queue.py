@@ -2,10 +2,10 @@
 the panel), and retry, flush and delete.
 
 Looking is blocking reading of the spool (the CLI calls it directly, the daemon in a
-thread); it never opens the spool, so a running relay is undisturbed. Acting goes to the
-running relay over the control socket (control.py), whose QueueControl asks its delivery
-process; with no relay running, the CLI acts on the spool itself (``offline_*``) and the
-change takes effect when the relay starts.
+thread: QueueReader); it never opens the spool, so a running relay is undisturbed. Acting
+goes to the running relay over the control socket (control.py), whose QueueControl asks
+its delivery process; with no relay running, the CLI acts on the spool itself
+(``offline_*``) and the change takes effect when the relay starts.
 """
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def document(spool: Spool, queue_id: str, now: float) -> dict[str, Any] | None:
             "delivery": state.to_json() if state else None,
             "recipient_status": recipients(snap.envelope, state),
             "headers": snap.headers.decode("utf-8", "replace")}
+
+
+class QueueReader:
+    """The spool as the panel shows it (entries and documents, as above), read through
+    ``call``: a thread of the daemon (manage.stores.threaded). Never opens the spool (the
+    daemon's Spool service does)."""
+
+    def __init__(self, spool: Spool, clock, call) -> None:
+        self.spool = spool
+        self.clock = clock
+        self.call = call
+
+    def list(self, limit: int = 500) -> defer.Deferred[tuple[list[dict], int]]:
+        """Fires with (entries, total): the first ``limit`` in delivery order, then held."""
+        return self.call(entries, self.spool, self.clock.seconds(), limit)
+
+    def show(self, queue_id: str) -> defer.Deferred[dict[str, Any] | None]:
+        """Fires with the message's document (as ``queue show --json``), or None."""
+        return self.call(document, self.spool, queue_id, self.clock.seconds())
 
 
 @implementer(IQueueControl)

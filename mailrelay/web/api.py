@@ -13,8 +13,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from mailrelay.manage.access import Access
 from mailrelay.web import ops
-from mailrelay.web.access import Access
 from mailrelay.web.openapi import openapi_document
 from mailrelay.web.routing import Call, HttpError, Response, Router, json_response, reason
 

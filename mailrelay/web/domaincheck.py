@@ -24,7 +24,7 @@ class DomainChecker(Service):
     async def check(self) -> int:
         """Check every waiting domain once; returns how many were verified."""
         verified = 0
-        for user in await self.services.directory.listUsers():
+        for user in await self.services.manager.store.listUsers():
             for entry in sorted(e for e in user.unverified if "@" not in e):
                 try:
                     if await self.services.verifier.domain_published(user, entry):

@@ -1,9 +1,10 @@
 """The control panel's operations, shared by the JSON API and the web page.
 
-Each takes the Services and plain values, checks them, acts, and returns plain data (the
-same JSON documents ``mailrelay-admin ... --json`` prints, where there is one). A refusal
-is an HttpError with the status that fits: 400 bad input, 404 unknown, 405 read-only
-(LDAP), 409 conflict, 503 when the directory or the spool cannot answer.
+Each takes the Services and plain values, checks them, acts through the management layer
+(mailrelay.manage, as mailrelay-admin does) and returns plain data (the same JSON
+documents ``mailrelay-admin ... --json`` prints, where there is one). A refusal is an
+HttpError with the status that fits: 400 bad input, 404 unknown, 405 read-only (LDAP),
+409 conflict, 503 when the directory or the spool cannot answer.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from mailrelay.admin._directory import LDAP_MANAGED
-from mailrelay.admin.account import account_json
-from mailrelay.admin.user import Forgotten, forget_user, user_json
+from mailrelay.auth.passwords import generate_password
 from mailrelay.control import DeliveryNotRunning, DeliveryOff
+from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import (
     DirectoryFileError,
     EntryConflict,
@@ -29,9 +29,14 @@ from mailrelay.directory.filedir import (
 from mailrelay.errors import StorageError
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
+from mailrelay.interfaces import ReadOnly
+from mailrelay.manage import stats as manage_stats
+from mailrelay.manage.queue import QueueReader
+from mailrelay.manage.stores import LDAP_MANAGED, threaded
+from mailrelay.manage.suppressions import suppression_json
+from mailrelay.manage.users import Forgotten, UserManager, account_json, user_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
-from mailrelay.web.backend import QueueReader, UserWriter, in_thread
 from mailrelay.web.routing import HttpError
 
 log = Logger()
@@ -42,16 +47,21 @@ class Services:
     """Everything the panel works with; built by site.make_admin_site."""
 
     directory: Any  # IDirectory
-    users: UserWriter | None  # None: the directory is read-only (LDAP)
+    manager: UserManager  # users and accounts, over the IUserStore
     queue: QueueReader
     control: Any  # IQueueControl: the relay's retry, flush and delete
-    suppressions: Any  # features.suppressions.SuppressionStore
+    suppressions: Any  # ISuppressionLists (manage.suppressions)
     stats: Any  # features.stats.StatsStore
-    access: Any  # web.access.AccessFile
+    access: Any  # manage.access.AccessFile
     verifier: Any  # verification.Verifier, or None when verification is off
     ip_auth: Any  # auth.ipauth.IpAuthTable
     address_auth: Any  # auth.ipauth.AddressAuth
     reactor: Any
+
+    @property
+    def users(self) -> UserManager | None:
+        """None when users and accounts cannot be changed here (LDAP)."""
+        return self.manager if self.manager.writable else None
 
 
 @contextlib.contextmanager
@@ -59,6 +69,8 @@ def refusals() -> Iterator[None]:
     """The directory's refusals as HTTP errors."""
     try:
         yield
+    except ReadOnly as e:
+        raise HttpError(405, str(e), allow=["GET"])
     except UnknownEntry as e:
         raise HttpError(404, str(e))
     except EntryConflict as e:
@@ -69,7 +81,8 @@ def refusals() -> Iterator[None]:
         raise HttpError(503, f"the user file cannot be changed now: {e.strerror}")
 
 
-def writer(s: Services) -> UserWriter:
+def writer(s: Services) -> UserManager:
+    """The manager, or 405 when users and accounts are read-only here (LDAP)."""
     if s.users is None:
         raise HttpError(405, LDAP_MANAGED, allow=["GET"])
     return s.users
@@ -82,23 +95,19 @@ def user_doc(user: SmtpUser, account: Account | None) -> dict[str, Any]:
     return user_json(user, account) | {"unverified": sorted(user.unverified)}
 
 
-async def _accounts(s: Services) -> dict[str, Account]:
-    return {a.name: a for a in await s.directory.listAccounts()}
-
-
 async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
-    accounts = await _accounts(s)
+    accounts = {a.name: a for a in await s.manager.store.listAccounts()}
     if account is not None and account not in accounts:
         raise HttpError(404, f"unknown account {account!r}")
-    users = await s.directory.listUsers(account)
+    users = await s.manager.store.listUsers(account)
     return [user_doc(u, accounts.get(u.account)) for u in users]
 
 
 async def find_user(s: Services, username: str) -> tuple[SmtpUser, Account | None]:
-    user = await s.directory.getUser(username)
+    user, account = await s.manager.get(username)
     if user is None:
         raise HttpError(404, f"unknown user {username!r}")
-    return user, await s.directory.getAccount(user.account)
+    return user, account
 
 
 async def get_user(s: Services, username: str) -> dict[str, Any]:
@@ -110,15 +119,19 @@ async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     username = doc.get("username")
     if not isinstance(username, str) or not username.strip():
         raise HttpError(400, "username is required (a domain, an address or a name)")
+    username = username.strip()
+    password = generate_password()
     with refusals():
+        s.manager.check_writable()
         settings = {k: v for k, v in doc.items() if k != "username"}
-        user, password = await writer(s).add_user(username.strip(), settings)
+        new = SmtpUser(username, **user_changes(settings, SmtpUser(username)))
+        user = await s.manager.add(new, password)
     log.info("control panel: added user {user}", user=user.username)
-    left = await _forget(s, user.username)
+    left = await s.manager.forget(user.username)
     if left.suppressions or left.stats:
         log.info("control panel: left by an earlier user {user}: {what}", user=user.username,
                  what=left.said())  # fmt: skip
-    account = await s.directory.getAccount(user.account)
+    account = await s.manager.store.getAccount(user.account)
     return {
         "user": user_doc(user, account),
         "password": password,
@@ -129,11 +142,12 @@ async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
 async def edit_user(s: Services, username: str, doc: dict[str, Any]) -> dict[str, Any]:
     if not doc:
         raise HttpError(400, "nothing to change")
-    before, _ = await find_user(s, username)
+    found, _ = await find_user(s, username)
     with refusals():
-        user = await writer(s).update_user(before.username, doc)
+        before, user = await s.manager.update(found.username,
+                                              lambda current: user_changes(doc, current))
     log.info("control panel: changed user {user}", user=user.username)
-    account = await s.directory.getAccount(user.account)
+    account = await s.manager.store.getAccount(user.account)
     return {
         "user": user_doc(user, account),
         "verification": await start_verification(s, user, user.unverified - before.unverified),
@@ -143,21 +157,17 @@ async def edit_user(s: Services, username: str, doc: dict[str, Any]) -> dict[str
 async def delete_user(s: Services, username: str) -> Forgotten:
     """Its suppressions go, its statistics stay under another name (admin.user)."""
     with refusals():
-        user = await writer(s).delete_user(username)
-    forgotten = await _forget(s, user.username)
+        user = await s.manager.delete(username)
+    forgotten = await s.manager.forget(user.username)
     log.info("control panel: deleted user {user}; its suppressions and statistics: {what}",
              user=user.username, what=forgotten.said())  # fmt: skip
     return forgotten
 
 
-async def _forget(s: Services, username: str) -> Forgotten:
-    return await in_thread(s.reactor, forget_user, s.suppressions, s.stats, username,
-                           s.reactor.seconds())  # fmt: skip
-
-
 async def reset_password(s: Services, username: str) -> dict[str, str]:
+    password = generate_password()
     with refusals():
-        user, password = await writer(s).reset_password(username)
+        user = await s.manager.set_password(username, password)
     log.info("control panel: new password for user {user}", user=user.username)
     return {"username": user.username, "password": password}
 
@@ -230,7 +240,7 @@ async def verify_sender(s: Services, username: str, sender: str) -> dict[str, An
 
 async def confirm(s: Services, username: str, sender: str) -> bool:
     with refusals():
-        user = await writer(s).confirm(username, sender)
+        user = await s.manager.confirm(username, sender)
     if user is not None:
         log.info("sender {sender} of user {user} verified", sender=sender, user=username)
     return user is not None
@@ -240,16 +250,14 @@ async def confirm(s: Services, username: str, sender: str) -> bool:
 
 
 async def list_accounts(s: Services) -> list[dict[str, Any]]:
-    accounts = await s.directory.listAccounts()
-    users = await s.directory.listUsers()
-    return [account_json(a, [u for u in users if u.account == a.name]) for a in accounts]
+    return [account_json(a, users) for a, users in await s.manager.accounts()]
 
 
 async def get_account(s: Services, name: str) -> dict[str, Any]:
-    account = await s.directory.getAccount(name)
-    if account is None:
+    found = await s.manager.account(name)
+    if found is None:
         raise HttpError(404, f"unknown account {name!r}")
-    return account_json(account, await s.directory.listUsers(name))
+    return account_json(*found)
 
 
 _ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str}
@@ -281,7 +289,7 @@ async def add_account(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     account = Account(name, **_account_changes({k: v for k, v in doc.items() if k != "name"}))
     with refusals():
         check_account(account)
-        await writer(s).add_account(account)
+        await s.manager.add_account(account)
     return account_json(account, [])
 
 
@@ -290,13 +298,13 @@ async def edit_account(s: Services, name: str, doc: dict[str, Any]) -> dict[str,
     if not changes:
         raise HttpError(400, "nothing to change")
     with refusals():
-        await writer(s).update_account(name, changes)
+        await s.manager.update_account(name, lambda current: changes)
     return await get_account(s, name)
 
 
 async def delete_account(s: Services, name: str) -> None:
     with refusals():
-        await writer(s).delete_account(name)
+        await s.manager.delete_account(name)
 
 
 # ---- IP authentication (from the configuration: read-only) ----
@@ -314,9 +322,7 @@ def ip_auth(s: Services) -> dict[str, Any]:
 # ---- suppressions ----
 
 
-def suppression_doc(e) -> dict[str, Any]:
-    return {"address": e.address, "account": e.account, "user": e.user,
-            "reason": e.reason.value, "created": e.created}  # fmt: skip
+suppression_doc = suppression_json
 
 
 async def suppression_level(
@@ -329,7 +335,7 @@ async def suppression_level(
         found, _ = await find_user(s, user)
         return found.account, found.username
     if account:
-        if await s.directory.getAccount(account) is None:
+        if await s.manager.store.getAccount(account) is None:
             raise HttpError(404, f"unknown account {account!r}")
         return account, None
     return None, None
@@ -337,10 +343,10 @@ async def suppression_level(
 
 async def list_suppressions(s: Services, user=None, account=None, everything=True):
     if everything and not user and not account:
-        entries = await in_thread(s.reactor, s.suppressions.all)
+        entries = await s.suppressions.all()
     else:
         level = await suppression_level(s, user, account)
-        entries = await in_thread(s.reactor, s.suppressions.list, *level)
+        entries = await s.suppressions.list(*level)
     return [suppression_doc(e) for e in entries]
 
 
@@ -359,17 +365,17 @@ async def add_suppression(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         raise HttpError(400, f"reason must be one of {', '.join(r.value for r in Reason)}")
     account, user = await suppression_level(s, doc.get("user"), doc.get("account"))
-    added = await in_thread(s.reactor, s.suppressions.add, address.strip(), account, user, reason)
+    added = await s.suppressions.add(address.strip(), account, user, reason)
     if not added:
         raise HttpError(409, f"{address.strip().lower()} is already on that list")
-    entries = await in_thread(s.reactor, s.suppressions.list, account, user)
+    entries = await s.suppressions.list(account, user)
     return next(suppression_doc(e) for e in entries if e.address == address.strip().lower()
                 and e.user == user)  # fmt: skip
 
 
 async def delete_suppression(s: Services, address: str, user=None, account=None) -> None:
     level = await suppression_level(s, user, account)
-    removed = await in_thread(s.reactor, s.suppressions.remove, address, *level)
+    removed = await s.suppressions.remove(address, *level)
     if not removed:
         raise HttpError(404, f"{address} is not on that list")
 
@@ -424,15 +430,11 @@ async def delete_queued(s: Services, queue_id: str) -> None:
 
 
 def parse_since(text: str | None) -> float | None:
-    from mailrelay.admin._features import since
-
     if not text:
         return None
-    from mailrelay.admin.cli import CommandError
-
     try:
-        return since(text)
-    except CommandError:
+        return manage_stats.since(text)
+    except ValueError:
         raise HttpError(400, f"since {text!r}: not a date (2026-11-01) or a duration (7d)")
 
 
@@ -447,13 +449,14 @@ async def stats(
     if user:
         found, _ = await find_user(s, user)
         username, account = found.username, account or found.account
-    elif account and await s.directory.getAccount(account) is None:
+    elif account and await s.manager.store.getAccount(account) is None:
         raise HttpError(404, f"unknown account {account!r}")
-    totals = await in_thread(s.reactor, s.stats.query, account, username, start)
+    call = threaded(s.reactor)
+    totals = await call(s.stats.query, account, username, start)
     out: dict[str, Any] = {"user": username, "account": account, "since": start,
                            "period": period, "totals": totals}  # fmt: skip
     if period:
-        rows = await in_thread(s.reactor, s.stats.query, account, username, start, period)
+        rows = await call(s.stats.query, account, username, start, period)
         out["periods"] = [
             {"start": p.start, "account": p.account, "user": p.user,
              **{e.value: p.counts.get(e.value, 0) for e in Event}}

@@ -4,9 +4,9 @@ form carries back. Failed logins are not counted here: the login page uses the d
 LoginGuard (policy/bruteforce.py), as SMTP AUTH does.
 
 A logged-in session remembers the fingerprint of the credential its admin logged in with
-(web.access.Admin.fingerprint) and is checked against the admin's current one on every
+(manage.access.Admin.fingerprint) and is checked against the admin's current one on every
 request: deleting an admin or giving it a new password (``mailrelay-admin admin del|passwd``,
-noticed within a second, see web.access.AccessFile) ends all of that admin's sessions."""
+noticed within a second, see manage.access.AccessFile) ends all of that admin's sessions."""
 
 from __future__ import annotations
 

@@ -17,11 +17,13 @@ from twisted.web import resource, server
 from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.config import SCHEMA
 from mailrelay.listener import ListenerService
-from mailrelay.manage.queue import QueueControl
+from mailrelay.manage.access import AccessError, AccessFile, access_path
+from mailrelay.manage.queue import QueueControl, QueueReader
+from mailrelay.manage.stores import threaded, user_store
+from mailrelay.manage.suppressions import SuppressionLists
+from mailrelay.manage.users import UserManager, forget_user
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.web import api as api_module
-from mailrelay.web.access import AccessError, AccessFile, access_path
-from mailrelay.web.backend import QueueReader, UserWriter
 from mailrelay.web.confirm import ConfirmPages
 from mailrelay.web.ops import Services
 from mailrelay.web.pages import Panel
@@ -105,19 +107,24 @@ def public_url(settings: SimpleNamespace, hostname: str) -> str:
 
 def make_services(config, directory, spool, suppressions, stats, reactor, control=None,
                   verifier=None) -> Services:  # fmt: skip
-    """The panel's Services from the relay's parts (the file directory is writable);
-    ``control``: the relay's IQueueControl (without one, a QueueControl with no delivery)."""
+    """The panel's Services from the relay's parts (the file directory is writable, LDAP
+    is not); ``control``: the relay's IQueueControl (without one, a QueueControl with no
+    delivery)."""
     settings = admin_settings(config)
-    writable = getattr(directory, "writable", False)
-    users = (UserWriter(config.directory.file, directory, reactor, settings.verify_senders)
-             if writable else None)  # fmt: skip
+    call = threaded(reactor)
+
+    def forget(username: str, when: float):
+        return forget_user(suppressions, stats, username, when)
+
+    manager = UserManager(user_store(directory, config.directory.file, call), call, forget,
+                          reactor, settings.verify_senders)  # fmt: skip
     policy = getattr(config, "policy", None)
     return Services(
         directory=directory,
-        users=users,
-        queue=QueueReader(spool, reactor),
+        manager=manager,
+        queue=QueueReader(spool, reactor, call),
         control=control or QueueControl(spool, reactor),
-        suppressions=suppressions,
+        suppressions=SuppressionLists(suppressions, call),
         stats=stats,
         access=open_access(config, reactor),
         verifier=verifier,

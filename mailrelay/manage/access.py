@@ -10,6 +10,9 @@
       "version": 1
     }
 
+mailrelay-admin changes it through FileAccessStore (IAccessStore); the daemon reads it
+through AccessFile, which re-reads it when it changes.
+
 An API key is 32 random bytes, so its SHA-256 is all that needs storing (there is nothing
 to guess from it) and checking a key costs microseconds per request. Admin passwords are
 chosen by people: argon2id, as for SMTP users.
@@ -24,16 +27,20 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.auth.passwords import is_password_hash
 from mailrelay.files import StatKey, locked, read_with_stat, save_file, stat_key
+from mailrelay.interfaces import IAccessStore
 
 log = Logger()
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "mrk_"
@@ -212,6 +219,44 @@ class AccessStore:
             return self.data.admins.pop(name)
         except KeyError:
             raise AccessError(f"unknown admin {name!r} (see mailrelay-admin admin list)")
+
+
+@implementer(IAccessStore)
+class FileAccessStore:
+    """IAccessStore over the access file at ``path``; ``call`` runs the blocking work
+    (manage.stores.at_once in mailrelay-admin)."""
+
+    def __init__(self, path: str, call: Callable[..., defer.Deferred]) -> None:
+        self.path = path
+        self.call = call
+
+    def _read(self, f: Callable[[AccessData], T]) -> defer.Deferred[T]:
+        return self.call(lambda: f(read_access(self.path)[0]))
+
+    def _change(self, f: Callable[[AccessStore], T]) -> defer.Deferred[T]:
+        def locked() -> T:
+            with AccessStore(self.path).change() as store:
+                return f(store)
+
+        return self.call(locked)
+
+    def listKeys(self) -> defer.Deferred[list[ApiKey]]:
+        return self._read(lambda data: sorted(data.api_keys.values(), key=lambda k: k.name))
+
+    def addKey(self, name: str, access: Access) -> defer.Deferred[str]:
+        return self._change(lambda store: store.add_key(name, access))
+
+    def deleteKey(self, name: str) -> defer.Deferred[ApiKey]:
+        return self._change(lambda store: store.delete_key(name))
+
+    def listAdmins(self) -> defer.Deferred[list[Admin]]:
+        return self._read(lambda data: [data.admins[name] for name in sorted(data.admins)])
+
+    def setAdmin(self, name: str, password_hash: str, new: bool) -> defer.Deferred[Admin]:
+        return self._change(lambda store: store.set_admin(name, password_hash, new))
+
+    def deleteAdmin(self, name: str) -> defer.Deferred[Admin]:
+        return self._change(lambda store: store.delete_admin(name))
 
 
 class AccessFile:

@@ -1,0 +1,197 @@
+"""Users and accounts as management sees them: the JSON documents (``user|account list
+--json``, the API) and UserManager, the changes mailrelay-admin and the panel make.
+
+Deleting a user deletes its suppression list and keeps its statistics as history, moved to
+the name ``USER (deleted DATE TIME UTC)`` (spaces: no user can be called that), so they
+still count in the account's totals. Adding a user does the same to whatever is still
+stored under its name (a user deleted by editing the file, or mail of the deleted user
+that was still queued): a new user never inherits a former one's suppressions or counts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mailrelay.auth.passwords import hash_password
+from mailrelay.directory.filedir import account_to_json, user_to_json
+from mailrelay.features.stats import StatsStore
+from mailrelay.features.suppressions import SuppressionStore
+from mailrelay.interfaces import IUserStore, ReadOnly
+from mailrelay.manage.stores import LDAP_MANAGED, Caller
+from mailrelay.model import Account, SmtpUser
+
+
+def user_json(user: SmtpUser, account: Account | None) -> dict[str, Any]:
+    """``user show --json``."""
+    return {
+        "username": user.username,
+        "kind": str(user.kind),
+        "sender_scope": str(user.effective_scope(account)),
+        **user_to_json(user),
+    }
+
+
+def account_json(account: Account, users: list[SmtpUser]) -> dict[str, Any]:
+    """``account show --json``."""
+    return {"name": account.name, **account_to_json(account), "users": [u.username for u in users]}
+
+
+# ---- what a user leaves behind ----
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What was stored under a user's name: its suppressions (removed) and its statistics
+    (``stats`` counter rows, moved to ``label``)."""
+
+    suppressions: int
+    stats: int
+    label: str
+
+    def said(self) -> str:
+        kept = f"statistics kept as user {self.label!r}" if self.stats else "no statistics"
+        return f"{self.suppressions} suppressed address(es) removed, {kept}"
+
+
+def retired_name(username: str, when: float) -> str:
+    return f"{username} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def forget_user(suppressions, stats, username: str, when: float) -> Forgotten:
+    """Remove the suppressions stored under ``username`` and move its statistics to
+    retired_name (blocking)."""
+    label = retired_name(username, when)
+    return Forgotten(suppressions.remove_user(username), stats.retire_user(username, label),
+                     label)  # fmt: skip
+
+
+class _Nothing:
+    """A store file that does not exist yet holds nothing (and is not made here)."""
+
+    def remove_user(self, user: str) -> int:
+        return 0
+
+    def retire_user(self, user: str, label: str) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def forget_in_files(suppressions_db: str, stats_db: str) -> Callable[[str, float], Forgotten]:
+    """forget_user over the store files, opened for the call (mailrelay-admin: the daemon
+    keeps its stores open)."""
+
+    def forget(username: str, when: float) -> Forgotten:
+        stores = [kind(path) if os.path.exists(path) else _Nothing() for kind, path in
+                  ((SuppressionStore, suppressions_db), (StatsStore, stats_db))]
+        try:
+            return forget_user(*stores, username, when)
+        finally:
+            for store in stores:
+                store.close()
+
+    return forget
+
+
+# ---- changes ----
+
+
+class UserManager:
+    """Users and accounts over an IUserStore, with what goes with them: hashing the
+    password, forgetting what a user left behind, marking new senders as waiting.
+
+    ``call`` runs blocking work (stores.threaded in the daemon, stores.at_once in
+    mailrelay-admin); ``forget(username, when)`` is blocking too (forget_user over the
+    suppression and statistics stores); ``clock`` gives the time; ``verify`` is whether
+    senders added here wait for confirmation (``[admin] verify_senders``).
+    """
+
+    def __init__(self, store: IUserStore, call: Caller,
+                 forget: Callable[[str, float], Forgotten], clock,
+                 verify: bool = False) -> None:  # fmt: skip
+        self.store = store
+        self.call = call
+        self._forget = forget
+        self.clock = clock
+        self.verify = verify
+
+    @property
+    def writable(self) -> bool:
+        return self.store.writable
+
+    def check_writable(self) -> None:
+        """ReadOnly now, before anything else is asked (a password, a setting)."""
+        if not self.store.writable:
+            raise ReadOnly(LDAP_MANAGED)
+
+    # -- reading --
+
+    async def get(self, username: str) -> tuple[SmtpUser | None, Account | None]:
+        user = await self.store.getUser(username)
+        if user is None:
+            return None, None
+        return user, await self.store.getAccount(user.account)
+
+    async def users(self, account: str | None = None
+                    ) -> tuple[list[SmtpUser], dict[str, Account]]:  # fmt: skip
+        """The users (of ``account``) and every account by name."""
+        users = await self.store.listUsers(account)
+        return users, {a.name: a for a in await self.store.listAccounts()}
+
+    async def accounts(self) -> list[tuple[Account, list[SmtpUser]]]:
+        """Every account with its users."""
+        accounts = await self.store.listAccounts()
+        users = await self.store.listUsers()
+        return [(a, [u for u in users if u.account == a.name]) for a in accounts]
+
+    async def account(self, name: str) -> tuple[Account, list[SmtpUser]] | None:
+        account = await self.store.getAccount(name)
+        if account is None:
+            return None
+        return account, await self.store.listUsers(name)
+
+    # -- users --
+
+    async def add(self, new: SmtpUser, password: str) -> SmtpUser:
+        self.check_writable()
+        password_hash = await self.call(hash_password, password)  # before the lock: slow
+        return await self.store.addUser(new, password_hash, self.verify)
+
+    async def update(self, username: str, change: Callable[[SmtpUser], dict[str, Any]]
+                     ) -> tuple[SmtpUser, SmtpUser]:  # fmt: skip
+        self.check_writable()
+        return await self.store.updateUser(username, change, self.verify)
+
+    async def set_password(self, username: str, password: str) -> SmtpUser:
+        self.check_writable()
+        password_hash = await self.call(hash_password, password)
+        return await self.store.setPassword(username, password_hash)
+
+    async def delete(self, username: str) -> SmtpUser:
+        """Deletes the user only: forget() what it left behind."""
+        self.check_writable()
+        return await self.store.deleteUser(username)
+
+    async def forget(self, username: str) -> Forgotten:
+        """Remove the suppressions stored under ``username``, retire its statistics."""
+        return await self.call(self._forget, username, self.clock.seconds())
+
+    async def confirm(self, username: str, entry: str) -> SmtpUser | None:
+        return await self.store.confirmSender(username, entry)
+
+    # -- accounts --
+
+    async def add_account(self, account: Account) -> Account:
+        return await self.store.addAccount(account)
+
+    async def update_account(self, name: str,
+                             change: Callable[[Account], dict[str, Any]]) -> Account:
+        return await self.store.updateAccount(name, change)
+
+    async def delete_account(self, name: str) -> Account:
+        return await self.store.deleteAccount(name)
