@@ -14,6 +14,8 @@ from panel import ADMIN_PASSWORD, Panel
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from mailrelay.auth.passwords import hash_password
+from mailrelay.manage.access import Access, AccessFile, AccessStore, access_path
 from mailrelay.policy.bruteforce import LoginGuard
 
 # No space, '@' or ':' (a named username may hold anything else).
@@ -217,3 +219,29 @@ class LoginThrottleTests(unittest.TestCase):
         self.clock.advance(2.0)
         code, _ = yield answer
         self.assertEqual(code, 303)
+
+
+class FreshAccessTests(unittest.TestCase):
+    """An admin login or an API key made by mailrelay-admin a moment ago works at once,
+    before the panel's periodic look at the access file (frozen here: its clock never
+    moves)."""
+
+    @defer.inlineCallbacks
+    def test_a_new_admin_and_a_new_key_work_at_once(self):
+        tmp = tempfile.mkdtemp(prefix="mailrelay-access-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.panel = yield Panel.start(tmp)
+        self.addCleanup(self.panel.stop)
+        path = access_path(self.panel.config)
+        self.panel.services.access = AccessFile(path, task.Clock())
+        store = AccessStore(path)
+        with store.change():
+            store.set_admin("bob", hash_password("bob-password-1"), new=True)
+            key = store.add_key("fresh", Access.READ_ONLY)
+        code, _ = yield WebSession(self.panel).login("bob", "bob-password-1")
+        self.assertEqual(code, 303)
+        code, _, _ = yield self.panel.request("GET", "/api/v1/users",
+                                              headers={"authorization": f"Bearer {key}"})
+        self.assertEqual(code, 200)
+        code, _ = yield WebSession(self.panel).login("bob", "wrong password")
+        self.assertEqual(code, 401)

@@ -273,15 +273,24 @@ class AccessFile:
 
     def current(self) -> AccessData:
         if self._clock.seconds() - self._checked >= self._check_interval:
-            self._checked = self._clock.seconds()
-            try:
-                stat = stat_key(self.path)
-            except OSError:
-                stat = None
-            if stat != self._stat:
-                try:
-                    self._data, self._stat = read_access(self.path)
-                except AccessError as e:
-                    self._stat = stat
-                    log.error("Keeping the previous admin access; {error}", error=e)
+            self.refresh()
         return self._data
+
+    def refresh(self) -> bool:
+        """Re-read the file now if it changed; True if it did. A refused login asks this
+        once before it is refused, so an admin added or given a new password by
+        mailrelay-admin a moment ago can log in at once."""
+        self._checked = self._clock.seconds()
+        try:
+            stat = stat_key(self.path)
+        except OSError:
+            stat = None
+        if stat == self._stat:
+            return False
+        try:
+            self._data, self._stat = read_access(self.path)
+        except AccessError as e:
+            self._stat = stat
+            log.error("Keeping the previous admin access; {error}", error=e)
+            return False
+        return True

@@ -85,6 +85,8 @@ class Api:
             raise HttpError(401, "send an API key: Authorization: Bearer <key> "
                             "(make one with mailrelay-admin apikey add)")  # fmt: skip
         key = self.s.access.current().key_for(secret.strip())
+        if key is None and self.s.access.refresh():  # a key made a moment ago
+            key = self.s.access.current().key_for(secret.strip())
         if key is None:
             raise HttpError(401, "unknown or revoked API key")
         if method not in _READS and key.access is not Access.READ_WRITE:
