@@ -469,6 +469,25 @@ class QueueTests(Base):
         self.assertEqual(self.spool.held(), [queue_id])
 
     @defer.inlineCallbacks
+    def test_a_retry_during_an_attempt_is_not_lost(self):
+        """A retry that comes while the message is being delivered (its result in, its
+        state not yet saved) brings one more attempt at once, not at the next backoff."""
+        self.sink.default = (451, "4.2.0 later")
+        queue_id = yield self.submit(["r@b.test"])
+        answers = []
+
+        def on_result(*_):
+            if not answers:  # the admin fixes the next hop, then asks for a retry
+                self.sink.default = None
+                answers.append(manager.retry(queue_id))
+
+        manager = self.manager(retry_first=3600, on_result=on_result)
+        yield self.deliver(manager)
+        self.assertTrue((yield answers[0]))
+        self.assertEqual([m.recipients for m in self.sink.messages], [["r@b.test"]])
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
     def test_retry_and_flush(self):
         self.sink.default = (451, "4.2.0 later")
         one = yield self.submit(["one@b.test"])

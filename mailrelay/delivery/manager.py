@@ -80,7 +80,7 @@ class _Attempt:
     """One message being delivered: loaded, routed, on connections, being concluded."""
 
     __slots__ = ("queue_id", "envelope", "state", "body", "held", "due", "outstanding",
-                 "results", "deleted", "suppressed", "waiting", "writing")
+                 "results", "deleted", "retry", "suppressed", "waiting", "writing")
 
     def __init__(self, queue_id: str) -> None:
         self.queue_id = queue_id
@@ -92,6 +92,7 @@ class _Attempt:
         self.outstanding = 0  # jobs not yet reported (+1 while they are being made)
         self.results: list[Result] = []
         self.deleted = False  # removed by an admin meanwhile: its results are dropped
+        self.retry = False  # a retry came meanwhile: due again at once if still pending
         self.suppressed: list[str] = []  # recipients on a suppression list: done, not sent
         self.waiting: list[defer.Deferred] = []  # connections held until results are durable
         self.writing: defer.Deferred | None = None  # a partial save in flight
@@ -184,6 +185,10 @@ class DeliveryManager:
         """One message is due now; fires with False if it is not in the queue."""
         if self.schedule.now(queue_id):
             self._pump()
+        elif queue_id in self._active:
+            # Being delivered: this attempt may have started before what the retry is
+            # for, so one more follows at once if a recipient is still pending.
+            self._active[queue_id].retry = True
         elif not self._known(queue_id):
             if self.spool.locate(queue_id) != "queue":
                 return defer.succeed(False)
@@ -445,7 +450,7 @@ class DeliveryManager:
             for d in waiting:
                 d.callback(None)
             if self._running and not attempt.deleted and not removed:
-                self.schedule.add(queue_id, due)
+                self.schedule.add(queue_id, None if attempt.retry else due)
             self._pump()
             self._check_idle()
 
