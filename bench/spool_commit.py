@@ -28,8 +28,8 @@ from twisted.internet.threads import deferToThreadPool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mailrelay.files import fsync_dir  # noqa: E402
 from mailrelay.model import Envelope  # noqa: E402
-from mailrelay.spool.files import fsync_dir  # noqa: E402
 from mailrelay.spool.spool import Spool  # noqa: E402
 
 

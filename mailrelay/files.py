@@ -1,8 +1,9 @@
 """The relay's own small files (user file, admin access file, keys, TLS certificate): read
 with the stat they were read at, replaced atomically and durably, changed under a lock.
 
-Blocking: call them at start-up, from mailrelay-admin, or from a thread. They rest on the
-spool's durable-write primitives (mailrelay.spool.files).
+Blocking: call them at start-up, from mailrelay-admin, or from a thread. Under them, the
+durable-write primitives the spool and the features use too: a file written to a
+temporary name, fsynced and renamed; a directory fsynced; a name removed quietly.
 """
 
 from __future__ import annotations
@@ -13,7 +14,76 @@ import os
 import secrets
 from collections.abc import Iterator
 
-from mailrelay.spool.files import fsync_dir, write_durably
+FILE_MODE = 0o600  # private by default: messages, keys, password hashes
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names created or removed in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(path: str, mode: int = FILE_MODE):
+    """A new binary file for writing; FileExistsError if the name is taken."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    return os.fdopen(fd, "wb", buffering=64 * 1024)
+
+
+def write_durably(
+    tmp_path: str,
+    final_path: str,
+    data: bytes,
+    mode: int = FILE_MODE,
+    owner: tuple[int, int] | None = None,
+    replace: bool = True,
+) -> bool:
+    """Write ``data`` to ``tmp_path``, fsync it and rename it over ``final_path``, so that a
+    reader sees the old content or the new one, never a part. The caller fsyncs the
+    directory of ``final_path``.
+
+    ``owner`` (uid, gid) is given to the file before it gets its name. With ``replace``
+    False an existing ``final_path`` is kept (a link, not a rename: of two writers racing,
+    the first wins) and the result says whether this call made it."""
+    f = create_exclusive(tmp_path, mode)
+    try:
+        with f:
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.rename(tmp_path, final_path)
+            return True
+        try:
+            os.link(tmp_path, final_path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp_path)
+        return True
+    except BaseException:
+        unlink_quietly(tmp_path)
+        raise
+
+
+def unlink_quietly(path: str) -> bool:
+    """Remove ``path`` if it is there; True if it was."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def close_quietly(f) -> None:
+    """Close a file whose buffered data is being thrown away (the flush may fail again)."""
+    with contextlib.suppress(OSError):
+        f.close()
+
 
 StatKey = tuple[int, int, int, int]  # what tells a changed file: mtime, size, inode, device
 

@@ -26,7 +26,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-from mailrelay.spool.files import unlink_quietly
+from mailrelay.files import unlink_quietly
 
 log = Logger()
 

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from mailrelay.spool.files import fsync_dir
+from mailrelay.files import fsync_dir
 
 
 @dataclass

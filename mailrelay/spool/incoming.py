@@ -15,9 +15,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.errors import StorageError
+from mailrelay.files import FILE_MODE, close_quietly, create_exclusive, unlink_quietly
 from mailrelay.interfaces import IIncomingMessage
 from mailrelay.model import Envelope
-from mailrelay.spool.files import FILE_MODE, close_quietly, create_exclusive, unlink_quietly
 from mailrelay.spool.groupsync import GroupSync
 from mailrelay.spool.spares import Spares
 

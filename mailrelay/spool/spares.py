@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mailrelay.spool.files import unlink_quietly
+from mailrelay.files import unlink_quietly
 
 SLOTS = 256  # at most this many spare files
 LIST_INTERVAL = 0.02  # seconds between two readings of spare/ when none is left in hand

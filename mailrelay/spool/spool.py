@@ -25,9 +25,9 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailrelay.errors import StorageError
+from mailrelay.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.interfaces import ISpool
 from mailrelay.model import Envelope
-from mailrelay.spool.files import fsync_dir, unlink_quietly, write_durably
 from mailrelay.spool.groupsync import GroupSync
 from mailrelay.spool.incoming import SPILL_BYTES, IncomingMessage
 from mailrelay.spool.queueid import QueueIds, is_queue_id
