@@ -123,6 +123,20 @@ def test_deleting_a_user_removes_its_suppressions_and_keeps_its_statistics(admin
                     "no statistics")  # fmt: skip
 
 
+def test_a_new_user_of_a_deleted_name_does_not_see_its_archive(admin):
+    user = "news@acme.example"
+    Archive(str(admin.data / "archive")).store(user, "31a2aaaaaaaaaaaaaa",
+                                                 b"Subject: old\r\n\r\nhi\r\n",
+                                                 user, ["r@example.org"])  # fmt: skip
+    assert len(json.loads(admin("archive", "list", user, "--json").stdout)) == 1
+    said = admin("user", "del", user).stdout.splitlines()[1]
+    label = re.search(r"archive kept as '(.+)'$", said).group(1)
+    admin("user", "add", user, "--account", "acme")
+    assert json.loads(admin("archive", "list", user, "--json").stdout) == []
+    # The old copies are kept under the retired name until the retention removes them.
+    assert [len(Archive(str(admin.data / "archive")).list(label))] == [1]
+
+
 def test_suppressions_of_a_user_that_no_longer_exists(admin):
     user = "news@acme.example"
     admin("suppression", "add", "a@example.org", "b@example.org", "c@example.org", "--user", user)

@@ -56,7 +56,8 @@ def manager(context: Context) -> UserManager:
     else:
         store = FileUserStore(config.directory.file, at_once)
     files = feature_paths(config)
-    return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db),
+    return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db,
+                                                       files.archive_dir),
                        SimpleNamespace(seconds=time.time))  # fmt: skip
 
 

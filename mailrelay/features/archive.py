@@ -101,6 +101,17 @@ class Archive:
                     removed += 1
         return removed
 
+    def retire(self, user: str, label: str) -> bool:
+        """Move ``user``'s Maildir to ``label`` (a name no user can have: when the user is
+        deleted or its name given to a new user): a new user of that name starts with an
+        empty archive, and the old copies stay until the retention removes them. True if
+        there was one."""
+        try:
+            os.rename(self._maildir(user), self._maildir(label))
+        except FileNotFoundError:
+            return False
+        return True
+
     def _maildir(self, user: str, create: bool = False) -> str:
         if not user:
             raise ValueError("empty user name")

@@ -18,6 +18,7 @@ from typing import Any
 
 from mailrelay.auth.passwords import hash_password
 from mailrelay.directory.filedir import account_to_json, user_to_json
+from mailrelay.features.archive import Archive
 from mailrelay.features.stats import StatsStore
 from mailrelay.features.suppressions import SuppressionStore
 from mailrelay.interfaces import IUserStore, ReadOnly
@@ -51,9 +52,12 @@ class Forgotten:
     suppressions: int
     stats: int
     label: str
+    archived: bool = False  # its archive Maildir moved to ``label`` too
 
     def said(self) -> str:
         kept = f"statistics kept as user {self.label!r}" if self.stats else "no statistics"
+        if self.archived:
+            kept += f", archive kept as {self.label!r}"
         return f"{self.suppressions} suppressed address(es) removed, {kept}"
 
 
@@ -61,12 +65,15 @@ def retired_name(username: str, when: float) -> str:
     return f"{username} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
 
 
-def forget_user(suppressions, stats, username: str, when: float) -> Forgotten:
-    """Remove the suppressions stored under ``username`` and move its statistics to
-    retired_name (blocking)."""
+def forget_user(suppressions, stats, username: str, when: float,
+                archive: Archive | None = None) -> Forgotten:
+    """Remove the suppressions stored under ``username`` and move its statistics and its
+    archive to retired_name (blocking), so that nothing of it passes to a new user of
+    the same name."""
     label = retired_name(username, when)
+    archived = archive is not None and archive.retire(username, label)
     return Forgotten(suppressions.remove_user(username), stats.retire_user(username, label),
-                     label)  # fmt: skip
+                     label, archived)  # fmt: skip
 
 
 class _Nothing:
@@ -82,15 +89,17 @@ class _Nothing:
         pass
 
 
-def forget_in_files(suppressions_db: str, stats_db: str) -> Callable[[str, float], Forgotten]:
+def forget_in_files(suppressions_db: str, stats_db: str,
+                    archive_dir: str | None = None) -> Callable[[str, float], Forgotten]:
     """forget_user over the store files, opened for the call (mailrelay-admin: the daemon
     keeps its stores open)."""
+    archive = Archive(archive_dir) if archive_dir else None
 
     def forget(username: str, when: float) -> Forgotten:
         stores = [kind(path) if os.path.exists(path) else _Nothing() for kind, path in
                   ((SuppressionStore, suppressions_db), (StatsStore, stats_db))]
         try:
-            return forget_user(*stores, username, when)
+            return forget_user(*stores, username, when, archive)
         finally:
             for store in stores:
                 store.close()

@@ -16,6 +16,7 @@ from twisted.web import resource, server
 
 from mailrelay.auth.ipauth import AddressAuth, IpAuthTable
 from mailrelay.config import SCHEMA
+from mailrelay.features.archive import Archive
 from mailrelay.listener import ListenerService
 from mailrelay.manage.access import AccessError, AccessFile, access_path
 from mailrelay.manage.queue import QueueControl, QueueReader
@@ -113,8 +114,10 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
     settings = admin_settings(config)
     call = threaded(reactor)
 
+    archive = Archive(config.features.archive_dir)
+
     def forget(username: str, when: float):
-        return forget_user(suppressions, stats, username, when)
+        return forget_user(suppressions, stats, username, when, archive)
 
     manager = UserManager(user_store(directory, config.directory.file, call), call, forget,
                           reactor, settings.verify_senders)  # fmt: skip
