@@ -137,6 +137,26 @@ def test_a_new_user_of_a_deleted_name_does_not_see_its_archive(admin):
     assert [len(Archive(str(admin.data / "archive")).list(label))] == [1]
 
 
+def test_a_new_account_of_a_deleted_name_starts_with_no_lists_or_statistics(admin):
+    admin("suppression", "add", "all@example.org", "--account", "acme")
+    store = StatsStore(str(admin.data / "stats.sqlite"))
+    hour = 1_795_000_000 // HOUR
+    store.add({("acme", "gone@acme.example", hour, "accepted"): 3})
+    store.close()
+    admin("user", "del", "news@acme.example")
+    lines = admin("account", "del", "acme").stdout.splitlines()
+    assert lines[0] == "deleted account acme"
+    label = re.fullmatch(r"its suppressions and statistics: 1 suppressed address\(es\) "
+                         r"removed, statistics kept as account '(acme \(deleted .+\))'",
+                         lines[1]).group(1)  # fmt: skip
+    admin("account", "add", "acme", "--domains", "acme.example")
+    assert listed(admin, "--account", "acme") == []
+    assert json.loads(admin("stats", "--account", "acme", "--json").stdout)["totals"][
+        "accepted"] == 0
+    assert json.loads(admin("stats", "--account", label, "--json").stdout)["totals"][
+        "accepted"] == 3
+
+
 def test_suppressions_of_a_user_that_no_longer_exists(admin):
     user = "news@acme.example"
     admin("suppression", "add", "a@example.org", "b@example.org", "c@example.org", "--user", user)

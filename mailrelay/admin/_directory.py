@@ -17,7 +17,7 @@ from mailrelay.directory.filedir import DirectoryFileError
 from mailrelay.features.paths import feature_paths
 from mailrelay.interfaces import DirectoryUnavailable, ReadOnly
 from mailrelay.manage.stores import LDAP_MANAGED, DirectoryUsers, FileUserStore, at_once
-from mailrelay.manage.users import UserManager, forget_in_files
+from mailrelay.manage.users import UserManager, forget_account, forget_in_files, in_files
 from mailrelay.scope import ScopeError
 
 __all__ = ["LDAP_MANAGED", "admin_errors", "changing", "is_ldap", "manage", "manager"]
@@ -58,7 +58,9 @@ def manager(context: Context) -> UserManager:
     files = feature_paths(config)
     return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db,
                                                        files.archive_dir),
-                       SimpleNamespace(seconds=time.time))  # fmt: skip
+                       SimpleNamespace(seconds=time.time),
+                       forget_account=in_files(forget_account, files.suppressions_db,
+                                               files.stats_db))  # fmt: skip
 
 
 def changing(context: Context) -> UserManager:

@@ -103,6 +103,9 @@ def delete(args: argparse.Namespace, context: Context) -> int:
     account = directory.manage(context, lambda users: users.delete_account(args.name),
                                directory.changing(context))  # fmt: skip
     print(f"deleted account {account.name}")
+    forgotten = directory.manage(context, lambda users: users.forget_account(account.name))
+    if forgotten is not None:
+        print(f"its suppressions and statistics: {forgotten.said()}")
     return 0
 
 

@@ -148,6 +148,21 @@ class StatsStore(SqliteStore):
             db.execute("UPDATE tracked SET user = ? WHERE user = ?", (label, user))
             return moved
 
+    def retire_account(self, account: str, label: str) -> int:
+        """Move every counter and tracking row of ``account`` to ``label``, a name no
+        account can have (the account is deleted): a new account of that name starts from
+        nothing. Returns how many counter rows moved."""
+        with self.transaction() as db:
+            moved = db.execute(
+                "INSERT INTO counters SELECT ?, user, hour, event, n FROM counters"
+                " WHERE account = ? ON CONFLICT (account, user, hour, event)"
+                " DO UPDATE SET n = n + excluded.n",
+                (label, account),
+            ).rowcount
+            db.execute("DELETE FROM counters WHERE account = ?", (account,))
+            db.execute("UPDATE tracked SET account = ? WHERE account = ?", (label, account))
+            return moved
+
     def tracked(
         self, account: str, queue_id: str | None = None, since: float | None = None
     ) -> list[Tracked]:

@@ -80,6 +80,15 @@ class SuppressionStore(SqliteStore):
         with self.transaction() as db:
             return db.execute("DELETE FROM suppressions WHERE user = ?", (user,)).rowcount
 
+    def remove_account(self, account: str) -> int:
+        """Drop every list of ``account`` (its own and its users'): when it is deleted, so
+        that a new account of the same name starts with none. How many went."""
+        if not account:
+            raise ValueError("empty account name")
+        with self.transaction() as db:
+            return db.execute("DELETE FROM suppressions WHERE account = ?",
+                              (account,)).rowcount
+
     def of_user(self, user: str) -> list[Suppression]:
         """The rows stored for the user named ``user`` in any account: also those of a user
         that no longer exists."""

@@ -46,23 +46,25 @@ def account_json(account: Account, users: list[SmtpUser]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Forgotten:
-    """What was stored under a user's name: its suppressions (removed) and its statistics
-    (``stats`` counter rows, moved to ``label``)."""
+    """What was stored under a user's (or an account's) name: its suppressions (removed)
+    and its statistics (``stats`` counter rows) and archive, moved to ``label``."""
 
     suppressions: int
     stats: int
     label: str
     archived: bool = False  # its archive Maildir moved to ``label`` too
+    kind: str = "user"
 
     def said(self) -> str:
-        kept = f"statistics kept as user {self.label!r}" if self.stats else "no statistics"
+        kept = (f"statistics kept as {self.kind} {self.label!r}" if self.stats
+                else "no statistics")  # fmt: skip
         if self.archived:
             kept += f", archive kept as {self.label!r}"
         return f"{self.suppressions} suppressed address(es) removed, {kept}"
 
 
-def retired_name(username: str, when: float) -> str:
-    return f"{username} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+def retired_name(name: str, when: float) -> str:
+    return f"{name} (deleted {datetime.fromtimestamp(when, UTC):%Y-%m-%d %H:%M:%S} UTC)"
 
 
 def forget_user(suppressions, stats, username: str, when: float,
@@ -76,35 +78,53 @@ def forget_user(suppressions, stats, username: str, when: float,
                      label, archived)  # fmt: skip
 
 
+def forget_account(suppressions, stats, name: str, when: float) -> Forgotten:
+    """The same for a deleted account (which has no users left): its lists go, its
+    statistics move to retired_name, so a new account of that name starts with none."""
+    label = retired_name(name, when)
+    return Forgotten(suppressions.remove_account(name), stats.retire_account(name, label),
+                     label, kind="account")  # fmt: skip
+
+
 class _Nothing:
     """A store file that does not exist yet holds nothing (and is not made here)."""
 
     def remove_user(self, user: str) -> int:
         return 0
 
+    remove_account = remove_user
+
     def retire_user(self, user: str, label: str) -> int:
         return 0
+
+    retire_account = retire_user
 
     def close(self) -> None:
         pass
 
 
-def forget_in_files(suppressions_db: str, stats_db: str,
-                    archive_dir: str | None = None) -> Callable[[str, float], Forgotten]:
-    """forget_user over the store files, opened for the call (mailrelay-admin: the daemon
-    keeps its stores open)."""
-    archive = Archive(archive_dir) if archive_dir else None
+def in_files(forget: Callable[..., Forgotten], suppressions_db: str, stats_db: str,
+             *extra: Any) -> Callable[[str, float], Forgotten]:
+    """``forget`` (forget_user, forget_account) over the store files, opened for the call
+    (mailrelay-admin: the daemon keeps its stores open); ``extra`` goes after ``when``."""
 
-    def forget(username: str, when: float) -> Forgotten:
+    def forget_now(name: str, when: float) -> Forgotten:
         stores = [kind(path) if os.path.exists(path) else _Nothing() for kind, path in
                   ((SuppressionStore, suppressions_db), (StatsStore, stats_db))]
         try:
-            return forget_user(*stores, username, when, archive)
+            return forget(*stores, name, when, *extra)
         finally:
             for store in stores:
                 store.close()
 
-    return forget
+    return forget_now
+
+
+def forget_in_files(suppressions_db: str, stats_db: str,
+                    archive_dir: str | None = None) -> Callable[[str, float], Forgotten]:
+    """forget_user over the store files (and the archive under ``archive_dir``)."""
+    return in_files(forget_user, suppressions_db, stats_db,
+                    Archive(archive_dir) if archive_dir else None)
 
 
 # ---- changes ----
@@ -122,10 +142,13 @@ class UserManager:
 
     def __init__(self, store: IUserStore, call: Caller,
                  forget: Callable[[str, float], Forgotten], clock,
-                 verify: bool = False) -> None:  # fmt: skip
+                 verify: bool = False,
+                 forget_account: Callable[[str, float], Forgotten] | None = None,
+                 ) -> None:  # fmt: skip
         self.store = store
         self.call = call
         self._forget = forget
+        self._forget_account = forget_account
         self.clock = clock
         self.verify = verify
 
@@ -203,4 +226,11 @@ class UserManager:
         return await self.store.updateAccount(name, change)
 
     async def delete_account(self, name: str) -> Account:
+        """Deletes the account only: forget_account() what it left behind."""
         return await self.store.deleteAccount(name)
+
+    async def forget_account(self, name: str) -> Forgotten | None:
+        """Remove the suppression lists of account ``name``, retire its statistics."""
+        if self._forget_account is None:
+            return None
+        return await self.call(self._forget_account, name, self.clock.seconds())

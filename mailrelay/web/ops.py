@@ -305,6 +305,10 @@ async def edit_account(s: Services, name: str, doc: dict[str, Any]) -> dict[str,
 async def delete_account(s: Services, name: str) -> None:
     with refusals():
         await s.manager.delete_account(name)
+    forgotten = await s.manager.forget_account(name)
+    if forgotten is not None:
+        log.info("control panel: deleted account {account}; its suppressions and "
+                 "statistics: {said}", account=name, said=forgotten.said())
 
 
 # ---- IP authentication (from the configuration: read-only) ----

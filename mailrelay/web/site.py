@@ -22,7 +22,7 @@ from mailrelay.manage.access import AccessError, AccessFile, access_path
 from mailrelay.manage.queue import QueueControl, QueueReader
 from mailrelay.manage.stores import threaded, user_store
 from mailrelay.manage.suppressions import SuppressionLists
-from mailrelay.manage.users import UserManager, forget_user
+from mailrelay.manage.users import UserManager, forget_account, forget_user
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.web import api as api_module
 from mailrelay.web.confirm import ConfirmPages
@@ -119,8 +119,12 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
     def forget(username: str, when: float):
         return forget_user(suppressions, stats, username, when, archive)
 
+    def forget_gone_account(name: str, when: float):
+        return forget_account(suppressions, stats, name, when)
+
     manager = UserManager(user_store(directory, config.directory.file, call), call, forget,
-                          reactor, settings.verify_senders)  # fmt: skip
+                          reactor, settings.verify_senders,
+                          forget_account=forget_gone_account)  # fmt: skip
     policy = getattr(config, "policy", None)
     return Services(
         directory=directory,
