@@ -355,7 +355,9 @@ def test_account_lifecycle(populated):
     result = populated("account", "del", "sales")
     assert result.status == 1 and "still has 1 user(s): sales.org" in result.err
     populated.ok("user", "del", "sales.org")
-    assert populated.ok("account", "del", "sales").out == "deleted account sales\n"
+    assert populated.ok("account", "del", "sales").out == (
+        "deleted account sales\nits suppressions and statistics: 0 suppressed address(es) "
+        "removed, no statistics\n")
     result = populated("account", "show", "sales")
     assert result.status == 1 and "unknown account 'sales'" in result.err
 

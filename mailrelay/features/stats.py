@@ -134,33 +134,29 @@ class StatsStore(SqliteStore):
 
     def retire_user(self, user: str, label: str) -> int:
         """Move the counters and tracking rows of the user named ``user`` (in any account)
-        to ``label``, which no user can be named (see admin.user.retired_name): the history
-        stays in the account's totals, and a new user of that name starts from nothing.
-        Returns how many counter rows moved."""
-        with self.transaction() as db:
-            moved = db.execute(
-                "INSERT INTO counters SELECT account, ?, hour, event, n FROM counters"
-                " WHERE user = ? ON CONFLICT (account, user, hour, event)"
-                " DO UPDATE SET n = n + excluded.n",
-                (label, user),
-            ).rowcount
-            db.execute("DELETE FROM counters WHERE user = ?", (user,))
-            db.execute("UPDATE tracked SET user = ? WHERE user = ?", (label, user))
-            return moved
+        to ``label``, which no user can be named (see manage.users.retired_name): the
+        history stays in the account's totals, and a new user of that name starts from
+        nothing. Returns how many counter rows moved."""
+        return self._retire("user", user, label)
 
     def retire_account(self, account: str, label: str) -> int:
         """Move every counter and tracking row of ``account`` to ``label``, a name no
         account can have (the account is deleted): a new account of that name starts from
         nothing. Returns how many counter rows moved."""
+        return self._retire("account", account, label)
+
+    def _retire(self, column: str, name: str, label: str) -> int:
+        assert column in ("account", "user")  # a column name, never data
+        keep = "account, ?" if column == "user" else "?, user"
         with self.transaction() as db:
             moved = db.execute(
-                "INSERT INTO counters SELECT ?, user, hour, event, n FROM counters"
-                " WHERE account = ? ON CONFLICT (account, user, hour, event)"
+                f"INSERT INTO counters SELECT {keep}, hour, event, n FROM counters"
+                f" WHERE {column} = ? ON CONFLICT (account, user, hour, event)"
                 " DO UPDATE SET n = n + excluded.n",
-                (label, account),
+                (label, name),
             ).rowcount
-            db.execute("DELETE FROM counters WHERE account = ?", (account,))
-            db.execute("UPDATE tracked SET account = ? WHERE account = ?", (label, account))
+            db.execute(f"DELETE FROM counters WHERE {column} = ?", (name,))
+            db.execute(f"UPDATE tracked SET {column} = ? WHERE {column} = ?", (label, name))
             return moved
 
     def tracked(
