@@ -166,7 +166,7 @@ class Signer:
             if key.account == account and key.type not in seen:
                 seen.add(key.type)
                 out.append(signature(message, key.domain, key.selector, key.type, private))
-        return b"".join(out[::-1])  # the RSA signature topmost
+        return b"".join(out)  # the RSA signature topmost
 
 
 def new_private_key(kind: str, bits: int = 2048):
