@@ -14,6 +14,7 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from harness import ROOT, env
+from test_dkim import value
 
 from mailrelay.dkim import signature
 from mailrelay.manage.dkim import DkimError, DkimKeys, txt_strings
@@ -43,14 +44,6 @@ def admin(tmp_path) -> Admin:
     a.ok("account", "add", "acme", "--domains", "example.com;b.org")
     a.ok("account", "add", "other", "--domains", "other.net")
     return a
-
-
-def value(d):
-    out: list = []
-    d.addBoth(out.append)
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def test_add_list_show_del_through_the_command(admin):
@@ -117,3 +110,12 @@ def test_a_selector_is_not_made_twice(tmp_path):
 def test_txt_strings_are_at_most_255_bytes():
     assert txt_strings("a" * 600) == ["a" * 255, "a" * 255, "a" * 90]
     assert txt_strings("") == [""]
+
+
+def test_a_domain_of_two_accounts_gets_no_key(admin):
+    admin.ok("account", "set", "other", "--add-domain", "b.org")
+    proc = admin("dkim", "add", "b.org")
+    assert proc.returncode == 1
+    assert proc.stderr == ("mailrelay-admin: b.org is authorized for several accounts "
+                           "(acme, other): it can be signed for one only\n")
+    assert admin("dkim", "list").stderr == "no DKIM keys\n"

@@ -95,6 +95,7 @@ class DkimKeys:
                     + ("e" if kind == "ed25519" else "")).lower()  # fmt: skip
         if not SELECTOR.fullmatch(selector):
             raise DkimError(f"selector {selector!r}: letters, digits and '-' (one DNS label)")
+        self._make_directory()
         with locked(self._index):
             keys = self._keys()
             if any(k.domain == domain and k.selector == selector for k in keys):
@@ -107,6 +108,16 @@ class DkimKeys:
             save_file(os.path.join(self.directory, key.file_name), pem, mode=0o600)
             self._save([*keys, key])
         return key
+
+    def _make_directory(self) -> None:
+        """Run as root, a new key directory gets the owner of the data directory above
+        it, so that a relay running as its own user can read the keys."""
+        if os.path.isdir(self.directory):
+            return
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            st = os.stat(os.path.dirname(os.path.abspath(self.directory)))
+            os.chown(self.directory, st.st_uid, st.st_gid)
 
     def remove(self, domain: str, selector: str):
         return self.call(self._remove, domain_name(domain), selector.lower())
