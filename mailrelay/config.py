@@ -271,6 +271,12 @@ SCHEMA["tracking"] = {
     "unsubscribe_mailto": (text, ""),  # an address for mailto: List-Unsubscribe; empty: none
 }
 
+SCHEMA["dkim"] = {
+    # DKIM signing at delivery (mailrelay/dkim.py); keys are made with mailrelay-admin dkim.
+    "sign": (boolean, True),
+    "directory": (text, ""),  # default: <data_dir>/dkim (private keys and keys.json)
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -307,6 +313,7 @@ class Config:
     routes: dict[str, tuple[str, int]]  # recipient domain -> host, port
     features: SimpleNamespace
     tracking: SimpleNamespace
+    dkim: SimpleNamespace
 
 
 EMBEDDED = "<embedded defaults>"  # Config.source without a file
@@ -431,6 +438,7 @@ DATA_FILES = (
     ("tracking", "key_file", "tracking.key"),
     ("admin", "access_file", "admin.json"),
     ("admin", "key_file", "panel.key"),
+    ("dkim", "directory", "dkim"),
 )
 
 

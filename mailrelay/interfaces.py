@@ -2,9 +2,9 @@
 
 Each interface has one job and can be swapped (file or LDAP directory; MX or smarthost
 routing) without touching the code on the other side. The management stores (IUserStore,
-ISuppressionLists, IAccessStore, IQueueControl) are what mailrelay-admin and the control
-panel both work through (mailrelay/manage/); their methods return Deferreds, so a store
-that is not a local file fits behind them.
+ISuppressionLists, IAccessStore, IQueueControl, IDkimKeys) are what mailrelay-admin and the
+control panel both work through (mailrelay/manage/); their methods return Deferreds, so a
+store that is not a local file fits behind them.
 """
 
 from __future__ import annotations
@@ -135,6 +135,28 @@ class ISuppressionLists(Interface):
 
     def remove(address: str, account: str | None = None, user: str | None = None):
         """Fires with False when the address was not on that list."""
+
+
+class IDkimKeys(Interface):
+    """The DKIM keys of the sending domains (manage/dkim.py over the key directory of
+    mailrelay/dkim.py). Every method returns a Deferred; a refusal errbacks with
+    DkimError (its text says why). The private key never leaves the store."""
+
+    def list():
+        """Fires with every dkim.DkimKey, by domain, then selector."""
+
+    def ofDomain(domain: str):
+        """Fires with the domain's keys (possibly none)."""
+
+    def add(domain: str, account: str, selector: str | None, kind: str, bits: int):
+        """Make a key (RSA of ``bits``, or Ed25519) for ``domain`` of ``account``; fires
+        with the new DkimKey, active at once. ``selector`` None: one made of the date."""
+
+    def remove(domain: str, selector: str):
+        """Delete a key and its file; fires with the DkimKey removed."""
+
+    def txtRecord(key):
+        """Fires with ``(name, value)``: the DNS TXT record to publish for ``key``."""
 
 
 class IAccessStore(Interface):

@@ -399,8 +399,19 @@ def make_delivery(config: Config, spool, reactor, features=None):
         connect_timeout=d.connect_timeout,
         connection_cache_time=d.connection_cache_time,
         features=features,
+        dkim=_dkim(config, reactor),
         on_result=None if features is None else partial(_delivery_result, features),
     )
+
+
+def _dkim(config: Config, reactor):
+    """DKIM signing at delivery; None when ``[dkim] sign = no``."""
+    if not config.dkim.sign:
+        return None
+    from mailrelay.delivery.dkimsign import DkimSigning
+    from mailrelay.dkim import Signer
+
+    return DkimSigning(Signer(config.dkim.directory), reactor)
 
 
 _EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",

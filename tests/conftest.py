@@ -24,6 +24,10 @@ def missing_tools() -> list[str]:
         ("chromium", "/usr/bin/chromium"), ("chromium-driver", "/usr/bin/chromedriver"),
     ) if not os.path.exists(path)]
     missing += [name for name in ("swaks", "openssl", "ldapadd") if not shutil.which(name)]
+    # DKIM's independent verifier, run in a namespace of its own (tests/dkim_verify.py).
+    missing += [f"{name} ({package})" for name, package in (
+        ("opendkim-testmsg", "opendkim-tools"), ("unshare", "util-linux"), ("ip", "iproute2"),
+    ) if not shutil.which(name)]
     # swaks speaks TLS through Net::SSLeay, which Debian only recommends.
     if shutil.which("perl") and subprocess.run(["perl", "-MNet::SSLeay", "-e1"],
                                                capture_output=True).returncode != 0:

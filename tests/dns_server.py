@@ -49,8 +49,10 @@ def parse_record(text: str, ttl: int = 60):
         return dns.Record_A(data, ttl=ttl)
     if kind == "AAAA":
         return dns.Record_AAAA(data, ttl=ttl)
-    if kind == "TXT":
-        return dns.Record_TXT(data.encode(), ttl=ttl)
+    if kind == "TXT":  # a long value becomes several strings of at most 255 bytes
+        raw = data.encode()
+        return dns.Record_TXT(*[raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""],
+                              ttl=ttl)
     if kind == "CNAME":
         return dns.Record_CNAME(data.encode(), ttl=ttl)
     raise ValueError(f"unsupported record {text!r}")
@@ -101,13 +103,13 @@ class DNSServer:
         self._ports: list = []
         self.address: tuple[str, int] | None = None
 
-    def listen(self) -> tuple[str, int]:
+    def listen(self, port: int = 0) -> tuple[str, int]:
         from twisted.internet.error import CannotListenError
 
         for _ in range(LISTEN_TRIES):
             protocol = dns.DNSDatagramProtocol(self.factory)
             protocol.noisy = False
-            udp = self.reactor.listenUDP(0, protocol, interface="127.0.0.1")
+            udp = self.reactor.listenUDP(port, protocol, interface="127.0.0.1")
             port = udp.getHost().port
             try:
                 tcp = self.reactor.listenTCP(port, self.factory, interface="127.0.0.1")
@@ -127,6 +129,7 @@ class DNSServer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port-file", required=True, help="write the port here once listening")
+    parser.add_argument("--port", type=int, default=0, help="the port (default: any free)")
     parser.add_argument("--zone", help="JSON file: {name: [records]}")
     parser.add_argument("--record", action="append", default=[],
                         help='"NAME TYPE DATA", e.g. "example.test MX 10 mx.example.test"')
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     dns_server = DNSServer(zone, reactor)
-    _, port = dns_server.listen()
+    _, port = dns_server.listen(args.port)
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"{port}\n")

@@ -109,7 +109,7 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, clock=None,
+                 features=None, dkim=None, clock=None,
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
@@ -125,6 +125,7 @@ class DeliveryManager:
         self.stop_timeout = stop_timeout
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
+        self.dkim = dkim  # delivery.dkimsign.DkimSigning: signs what is sent, last
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -287,18 +288,23 @@ class DeliveryManager:
         Recipients on a suppression list are left out; with the per-recipient features
         (footer, tracking) each recipient gets a job of its own with its own copy."""
         pending, copies, failures = await self._features(attempt, attempt.state.pending())
+        original, copies = await self._sign(attempt, pending, copies)
         groups, unroutable = await self.routes.group(pending, attempt.queue_id)
         failures += unroutable
         if not self._running or attempt.deleted:
             groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
             attempt.suppressed = []
         spooled = partial(self.spool.open_body, attempt.queue_id)
+        body = attempt.body
+        if original is not None:
+            spooled = original.open
+            body = original.to_bytes() if body is not None else None  # small: kept read
         jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
             shared = [r for r in rcpts if r not in copies]
             if shared:
                 jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
-                                            spooled, context=attempt, body=attempt.body)))
+                                            spooled, context=attempt, body=body)))
             jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
                                      copies[r].open, context=attempt))
                      for r in rcpts if r in copies]
@@ -336,6 +342,23 @@ class DeliveryManager:
             return [], {}, [Result(r, 451, "4.3.0 cannot read the queued message")
                             for r in pending]
         return pending, copies, []
+
+    async def _sign(self, attempt: _Attempt, pending: list[str],
+                    copies: dict) -> tuple:
+        """The original signed for the recipients that share it (None: unsigned, or
+        nobody shares it) and the copies signed (delivery/dkimsign.py)."""
+        if self.dkim is None or not pending:
+            return None, copies
+        queue_id = attempt.queue_id
+
+        def original() -> bytes:  # in a thread
+            if attempt.body is not None:
+                return attempt.body
+            with self.spool.open_body(queue_id) as f:
+                return f.read()
+
+        shared = any(r not in copies for r in pending)
+        return await self.dkim.sign(attempt.envelope, original if shared else None, copies)
 
     def _connect(self, dest: Destination) -> None:
         d = self.courier.send(dest.hops, partial(self._next_job, dest), self._report)

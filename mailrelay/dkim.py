@@ -1,0 +1,175 @@
+"""DKIM (RFC 6376): the key directory's format and the signature itself.
+
+The directory (``[dkim] directory``, default ``<data_dir>/dkim``) holds one PEM file per
+key, ``DOMAIN.SELECTOR.pem`` (mode 0600), and ``keys.json``, the index: a list of
+``{domain, selector, type (rsa|ed25519), state (active|retired), account, created}``.
+``account`` is the account whose authorized domain it was when the key was made: a
+message is signed only for that account. mailrelay-admin writes both (manage/dkim.py);
+the delivery process reads them (Signer) and sees a change within a few seconds.
+
+Signing: relaxed/relaxed, SHA-256, no ``l=``; From, To, Subject, Date, Message-ID,
+MIME-Version and Content-Type are oversigned (each listed once more than it occurs, so
+that none can be added after signing). dkimpy canonicalises and folds; the private-key
+operation is made with ``cryptography`` (OpenSSL), fourteen times faster than dkimpy's
+pure-Python RSA (bench/dkim_sign.py). An Ed25519 key adds a second signature
+(ed25519-sha256, RFC 8463). Blocking: call from a thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from dkim import rfc822_parse, select_headers
+from dkim.canonicalization import CanonicalizationPolicy
+
+from mailrelay.files import read_with_stat
+
+INDEX = "keys.json"
+TYPES = ("rsa", "ed25519")
+SIGNED = (b"from", b"to", b"subject", b"date", b"message-id", b"mime-version",
+          b"content-type")
+_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+_ALGORITHM = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    type: str  # rsa | ed25519
+    state: str  # active | retired
+    account: str
+    created: float
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.domain}.{self.selector}.pem"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_index(directory: str) -> tuple[list[DkimKey], object] | None:
+    """The keys of the index and the stat it was read at; None when there is none."""
+    got = read_with_stat(os.path.join(directory, INDEX))
+    if got is None:
+        return None
+    data, stat = got
+    return [DkimKey(**entry) for entry in json.loads(data)], stat
+
+
+def public_key_text(private) -> str:
+    """The ``p=`` value: base64 of the SubjectPublicKeyInfo (RSA) or of the raw 32-byte
+    key (Ed25519, RFC 8463)."""
+    public = private.public_key()
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    else:
+        raw = public.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def header_domain(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The domain of the (single) address of the From: header; None when there is not
+    exactly one From: with one address."""
+    from email.utils import getaddresses
+
+    values = [v for k, v in headers if k.lower() == b"from"]
+    if len(values) != 1:
+        return None
+    addresses = getaddresses([values[0].decode("utf-8", "replace")])
+    if len(addresses) != 1 or "@" not in addresses[0][1]:
+        return None
+    return addresses[0][1].rpartition("@")[2].strip().lower().rstrip(".") or None
+
+
+def signature(message: bytes, domain: str, selector: str, kind: str, private,
+              now: float | None = None) -> bytes:
+    """The ``DKIM-Signature:`` header field (CRLF-terminated) for ``message``."""
+    headers, body = rfc822_parse(message)
+    bodyhash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
+    names = [n.lower() for n, _ in headers]
+    signed = [h for h in SIGNED for _ in range(names.count(h) + 1)]
+    names = b":".join(signed)
+    value = (b"v=1; a=" + _ALGORITHM[kind] + b"; c=relaxed/relaxed; d=" + domain.encode("ascii")
+             + b"; s=" + selector.encode("ascii") + b";\r\n t="
+             + str(int(time.time() if now is None else now)).encode("ascii")
+             + b"; bh=" + bodyhash + b";\r\n h=" + names + b";\r\n b=")
+    # What is signed: the chosen fields canonicalised, then this field with b= empty and
+    # no trailing CRLF (RFC 6376 3.7).
+    chosen = select_headers(_RELAXED.canonicalize_headers(headers), signed)
+    ((_, own),) = _RELAXED.canonicalize_headers([(b"DKIM-Signature", b" " + value)])
+    data = b"".join(n + b":" + v for n, v in chosen) + b"dkim-signature:" + own.rstrip()
+    if kind == "rsa":
+        sig = private.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    else:  # RFC 8463: Ed25519 over the SHA-256 of the same data
+        sig = private.sign(hashlib.sha256(data).digest())
+    value += base64.b64encode(sig)
+    return b"DKIM-Signature: " + value + b"\r\n"
+
+
+class Signer:
+    """The delivery process's view of the key directory: active keys by domain, re-read
+    when the index changes (``refresh``, at most every ``every`` seconds)."""
+
+    def __init__(self, directory: str, clock=time, every: float = 2.0) -> None:
+        self.directory = directory
+        self.clock = clock
+        self.every = every
+        self._checked = float("-inf")
+        self._stat: object = None
+        self._accounts: frozenset[str] = frozenset()
+        self._keys: dict[str, list[tuple[DkimKey, object]]] = {}  # domain -> keys
+
+    def due(self) -> bool:
+        """True when the index should be looked at again (call refresh in a thread)."""
+        return self.clock.time() - self._checked >= self.every
+
+    def refresh(self) -> None:
+        """Re-read the index and keys if the index changed (blocking)."""
+        self._checked = self.clock.time()
+        got = read_index(self.directory)
+        stat = got and got[1]
+        if stat == self._stat:
+            return
+        keys: dict[str, list[tuple[DkimKey, object]]] = {}
+        for key in (got[0] if got else []):
+            if key.state != "active":
+                continue
+            with open(os.path.join(self.directory, key.file_name), "rb") as f:
+                private = serialization.load_pem_private_key(f.read(), None)
+            keys.setdefault(key.domain, []).append((key, private))
+        for entries in keys.values():  # RSA first: the signature every verifier knows
+            entries.sort(key=lambda e: (TYPES.index(e[0].type), -e[0].created))
+        self._keys, self._stat = keys, stat
+        self._accounts = frozenset(k.account for e in keys.values() for k, _ in e)
+
+    def signs_for(self, account: str | None) -> bool:
+        """False when no mail of ``account`` can be signed (no thread needed)."""
+        return account is not None and account in self._accounts
+
+    def sign(self, message: bytes, account: str) -> bytes:
+        """The DKIM-Signature fields to put on top of ``message`` (b"" when its From:
+        domain has no active key of ``account``): the newest key of each type."""
+        headers, _ = rfc822_parse(message)
+        domain = header_domain(headers)
+        out, seen = [], set()
+        for key, private in self._keys.get(domain or "", []):
+            if key.account == account and key.type not in seen:
+                seen.add(key.type)
+                out.append(signature(message, key.domain, key.selector, key.type, private))
+        return b"".join(out)  # the RSA signature topmost
+
+
+def new_private_key(kind: str, bits: int = 2048):
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)

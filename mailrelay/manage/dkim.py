@@ -1,0 +1,142 @@
+"""DKIM keys as management sees them: IDkimKeys over the key directory (mailrelay/dkim.py),
+its JSON document (``dkim list --json``) and the TXT record to publish.
+
+A change is made under the index's lock: the key file is written first (mode 0600), then
+the index, both atomically (files.save_file), so the delivery process never finds an
+index entry without its key. Blocking calls run through ``call`` (manage.stores.threaded
+in the daemon, at_once in mailrelay-admin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from zope.interface import implementer
+
+from mailrelay.dkim import INDEX, TYPES, DkimKey, new_private_key, public_key_text, read_index
+from mailrelay.files import locked, save_file, unlink_quietly
+from mailrelay.interfaces import IDkimKeys
+from mailrelay.manage.stores import Caller
+from mailrelay.scope import ScopeError, is_domain, to_ascii_domain
+
+SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+TXT_CHUNK = 255  # the most one character-string of a TXT record holds (RFC 1035 3.3)
+
+
+class DkimError(Exception):
+    """A refused change: the text says why."""
+
+
+def dkim_json(key: DkimKey, record: tuple[str, str] | None = None) -> dict[str, Any]:
+    out = key.to_json()
+    if record is not None:
+        out["dns_name"], out["dns_value"] = record
+        out["dns_strings"] = txt_strings(record[1])
+    return out
+
+
+def txt_strings(value: str) -> list[str]:
+    """The TXT value as the character-strings of one record, each at most 255 bytes."""
+    return [value[i:i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)] or [""]
+
+
+def domain_name(domain: str) -> str:
+    try:
+        name = to_ascii_domain(domain.strip().rstrip("."))
+    except ScopeError as e:
+        raise DkimError(str(e))
+    if not is_domain(name):
+        raise DkimError(f"{domain!r} is not a domain name")
+    return name
+
+
+@implementer(IDkimKeys)
+class DkimKeys:
+    def __init__(self, directory: str, call: Caller, clock=time) -> None:
+        self.directory = directory
+        self.call = call
+        self.clock = clock
+
+    @property
+    def _index(self) -> str:
+        return os.path.join(self.directory, INDEX)
+
+    def _keys(self) -> list[DkimKey]:
+        got = read_index(self.directory)
+        return got[0] if got else []
+
+    def _save(self, keys: list[DkimKey]) -> None:
+        keys = sorted(keys, key=lambda k: (k.domain, k.selector))
+        save_file(self._index, json.dumps([k.to_json() for k in keys], indent=1).encode())
+
+    def list(self):
+        return self.call(lambda: sorted(self._keys(), key=lambda k: (k.domain, k.selector)))
+
+    def ofDomain(self, domain: str):
+        name = domain_name(domain)
+        return self.call(lambda: [k for k in self._keys() if k.domain == name])
+
+    def add(self, domain: str, account: str, selector: str | None, kind: str, bits: int):
+        return self.call(self._add, domain_name(domain), account, selector, kind, bits)
+
+    def _add(self, domain: str, account: str, selector: str | None, kind: str,
+             bits: int) -> DkimKey:
+        if kind not in TYPES:
+            raise DkimError(f"key type {kind!r}: rsa or ed25519")
+        if kind == "rsa" and not 1024 <= bits <= 4096:
+            raise DkimError(f"--bits {bits}: from 1024 to 4096 (2048 is the usual)")
+        now = self.clock.time()
+        selector = (selector or time.strftime("%Y%m", time.gmtime(now))
+                    + ("e" if kind == "ed25519" else "")).lower()  # fmt: skip
+        if not SELECTOR.fullmatch(selector):
+            raise DkimError(f"selector {selector!r}: letters, digits and '-' (one DNS label)")
+        self._make_directory()
+        with locked(self._index):
+            keys = self._keys()
+            if any(k.domain == domain and k.selector == selector for k in keys):
+                raise DkimError(f"{domain} already has a key with selector {selector!r}")
+            key = DkimKey(domain, selector, kind, "active", account, now)
+            private = new_private_key(kind, bits)
+            pem = private.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+            save_file(os.path.join(self.directory, key.file_name), pem, mode=0o600)
+            self._save([*keys, key])
+        return key
+
+    def _make_directory(self) -> None:
+        """Run as root, a new key directory gets the owner of the data directory above
+        it, so that a relay running as its own user can read the keys."""
+        if os.path.isdir(self.directory):
+            return
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            st = os.stat(os.path.dirname(os.path.abspath(self.directory)))
+            os.chown(self.directory, st.st_uid, st.st_gid)
+
+    def remove(self, domain: str, selector: str):
+        return self.call(self._remove, domain_name(domain), selector.lower())
+
+    def _remove(self, domain: str, selector: str) -> DkimKey:
+        with locked(self._index):
+            keys = self._keys()
+            found = [k for k in keys if k.domain == domain and k.selector == selector]
+            if not found:
+                raise DkimError(f"{domain} has no key with selector {selector!r}")
+            self._save([k for k in keys if k not in found])  # unused first, then gone
+            unlink_quietly(os.path.join(self.directory, found[0].file_name))
+        return found[0]
+
+    def txtRecord(self, key: DkimKey):
+        return self.call(self._record, key)
+
+    def _record(self, key: DkimKey) -> tuple[str, str]:
+        with open(os.path.join(self.directory, key.file_name), "rb") as f:
+            private = serialization.load_pem_private_key(f.read(), None)
+        return (f"{key.selector}._domainkey.{key.domain}",
+                f"v=DKIM1; k={key.type}; p={public_key_text(private)}")
