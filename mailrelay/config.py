@@ -124,6 +124,18 @@ def word_list(value: str) -> list[str]:
     return [v for v in re.split(r"[\s,]+", value.strip()) if v]
 
 
+def ip_list(value: str) -> list[str]:
+    """IPv4/IPv6 addresses separated by spaces or commas, normalised (``2001:DB8::0:1``
+    becomes ``2001:db8::1``)."""
+    out = []
+    for v in word_list(value):
+        try:
+            out.append(str(ipaddress.ip_address(v)))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address")
+    return out
+
+
 def _ip_auth(value: str):
     from mailrelay.auth.ipauth import IpAuthTable
 
@@ -219,6 +231,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "smarthost_ca_file": (text, ""),  # PEM trust roots for smarthost_verify; empty: system
         "mx_tls": (choice("opportunistic", "none"), "opportunistic"),
         "dns_servers": (hostport_list(53), []),  # empty: the system resolver
+        "outbound_addresses": (ip_list, []),  # what SPF must authorize; empty: not checked
         "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
         "allow_local_mx": (boolean, False),  # MX hosts on loopback/private addresses (tests)
         "max_concurrency": (integer(1, 10000), 50),

@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from twisted.logger import Logger
-from twisted.names import dns
-from twisted.names import error as dnserror
 
+from mailrelay.dnscheck import txt_records
 from mailrelay.model import Envelope, SmtpUser
 from mailrelay.scope import domain_of, is_address, to_ascii_address
 from mailrelay.signing import BadSignature, MalformedToken, Signer, load_or_create_key
@@ -31,7 +30,6 @@ log = Logger()
 
 TXT_PREFIX = "mailrelay-verification="
 LINK_LIFETIME = 7 * 86400.0
-DNS_TIMEOUT = (2, 4)  # seconds per try of a TXT lookup asked for by an admin
 MAX_LINK_TOKEN = 2048  # longer input is refused before any work
 _CONTEXT = b"mailrelay-sender-verification-v1\0"
 
@@ -204,12 +202,5 @@ class Verifier:
     async def domain_published(self, user: SmtpUser, domain: str) -> bool:
         """True when ``domain`` has the TXT record; False when it has not (or does not
         exist). Raises on a DNS failure (timeout, SERVFAIL) so the caller can say so."""
-        expected = self.tokens.txt_value(user.account, domain).encode("ascii")
-        try:
-            answers, _, _ = await self.resolver.lookupText(domain, timeout=DNS_TIMEOUT)
-        except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):  # NXDOMAIN
-            return False
-        for answer in answers:
-            if answer.type == dns.TXT and b"".join(answer.payload.data).strip() == expected:
-                return True
-        return False
+        expected = self.tokens.txt_value(user.account, domain)
+        return expected in await txt_records(self.resolver, domain)
