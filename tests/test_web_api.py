@@ -473,6 +473,9 @@ class ApiTests(unittest.TestCase):
             ("GET", f"/queue/{queue_id}", None, 200),
             ("POST", f"/queue/{queue_id}/retry", None, 409),
             ("DELETE", f"/queue/{queue_id}", None, 204), ("GET", "/stats", None, 200),
+            ("POST", "/dkim", {"domain": "doe.test", "type": "ed25519", "selector": "e1"}, 201),
+            ("GET", "/dkim", None, 200), ("GET", "/dkim/doe.test", None, 200),
+            ("DELETE", "/dkim/doe.test/e1", None, 204),
             ("DELETE", "/users/t", None, 204),
         ]  # fmt: skip
         for method, path, doc, code in calls:

@@ -75,7 +75,9 @@ class WebSession:
         return result
 
 
-class EscapingTests(unittest.TestCase):
+class LoggedIn(unittest.TestCase):
+    """A panel, and a WebSession logged in to it as alice."""
+
     @defer.inlineCallbacks
     def setUp(self):
         tmp = tempfile.mkdtemp(prefix="mailrelay-pages-")
@@ -85,6 +87,9 @@ class EscapingTests(unittest.TestCase):
         self.web = WebSession(self.panel)
         code, _ = yield self.web.login()
         self.assertEqual(code, 303)
+
+
+class EscapingTests(LoggedIn):
 
     def shown(self, body: bytes, *texts: str, values: tuple[str, ...] = ()) -> None:
         """``texts`` read as text and ``values`` as attribute values, and no markup of

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from twisted.internet import defer
+
 from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.manage.dkim import DkimError, DkimKeys, dkim_json, domain_name
+from mailrelay.manage.dkim import DkimError, DkimKeys, domain_name, key_owner, listed, shown
 from mailrelay.manage.stores import at_once
-from mailrelay.manage.users import UserManager
 
 
 def register(subparsers) -> None:
@@ -49,9 +50,10 @@ def _keys(context: Context) -> DkimKeys:
 
 
 def _result(d):
-    """The value of a Deferred fired at once (at_once); a refusal as a CommandError."""
+    """The value of a Deferred (or of a coroutine over at_once calls) fired at once; a
+    refusal as a CommandError."""
     out: list = []
-    d.addBoth(out.append)
+    defer.ensureDeferred(d).addBoth(out.append)
     value = out[0]
     if hasattr(value, "raiseException"):
         try:
@@ -64,49 +66,32 @@ def _result(d):
 def add(args: argparse.Namespace, context: Context) -> int:
     try:
         domain = domain_name(args.domain)
+        account = directory.manage(context, lambda users: key_owner(users, domain))
     except DkimError as e:
         raise CommandError(str(e))
-
-    async def owner(users: UserManager) -> list[str]:
-        return [a.name for a, _ in await users.accounts() if domain in a.domains]
-
-    accounts = directory.manage(context, owner)
-    if not accounts:
-        raise CommandError(f"{domain} is not an authorized domain of any account "
-                           "(mailrelay-admin account set NAME --add-domain DOMAIN)")
-    if len(accounts) > 1:
-        raise CommandError(f"{domain} is authorized for several accounts "
-                           f"({', '.join(accounts)}): it can be signed for one only")
-    key = _result(_keys(context).add(domain, accounts[0], args.selector, args.kind, args.bits))
+    key = _result(_keys(context).add(domain, account, args.selector, args.kind, args.bits))
     print(f"{key.type} key {key.selector!r} made for {domain} (account {key.account}), active; "
           f"publish its record: mailrelay-admin dkim show {domain}")
     return 0
 
 
 def list_(args: argparse.Namespace, context: Context) -> int:
-    keys = _result(_keys(context).list())
+    keys = _result(listed(_keys(context)))
     if args.json:
-        output.print_json([dkim_json(k) for k in keys])
+        output.print_json(keys)
         return 0
     output.print_list(["DOMAIN", "SELECTOR", "TYPE", "STATE", "ACCOUNT", "CREATED"],
-                      [[k.domain, k.selector, k.type, k.state, k.account,
-                        output.when(k.created)] for k in keys], "no DKIM keys")  # fmt: skip
+                      [[k["domain"], k["selector"], k["type"], k["state"], k["account"],
+                        output.when(k["created"])] for k in keys], "no DKIM keys")  # fmt: skip
     return 0
 
 
 def show(args: argparse.Namespace, context: Context) -> int:
-    store = _keys(context)
-    try:
-        keys = _result(store.ofDomain(args.domain))
-    except DkimError as e:
-        raise CommandError(str(e))
-    if not keys:
-        raise CommandError(f"{args.domain} has no DKIM key (mailrelay-admin dkim add DOMAIN)")
-    shown = [dkim_json(k, _result(store.txtRecord(k))) for k in keys]
+    records = _result(shown(_keys(context), args.domain))
     if args.json:
-        output.print_json(shown)
+        output.print_json(records)
         return 0
-    for i, k in enumerate(shown):
+    for i, k in enumerate(records):
         if i:
             print()
         print(f"{k['domain']} selector {k['selector']}: {k['type']}, {k['state']}, "

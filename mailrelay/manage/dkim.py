@@ -32,6 +32,14 @@ class DkimError(Exception):
     """A refused change: the text says why."""
 
 
+class UnknownKey(DkimError):
+    """No such key (or none for the domain)."""
+
+
+class KeyConflict(DkimError):
+    """The change conflicts with what exists (a selector taken, a domain of two accounts)."""
+
+
 def dkim_json(key: DkimKey, record: tuple[str, str] | None = None) -> dict[str, Any]:
     out = key.to_json()
     if record is not None:
@@ -43,6 +51,32 @@ def dkim_json(key: DkimKey, record: tuple[str, str] | None = None) -> dict[str, 
 def txt_strings(value: str) -> list[str]:
     """The TXT value as the character-strings of one record, each at most 255 bytes."""
     return [value[i:i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)] or [""]
+
+
+async def listed(store) -> list[dict[str, Any]]:
+    """``dkim list --json``: every key, without its record."""
+    return [dkim_json(k) for k in await store.list()]
+
+
+async def shown(store, domain: str) -> list[dict[str, Any]]:
+    """``dkim show --json``: the domain's keys with the TXT records to publish."""
+    keys = await store.ofDomain(domain)
+    if not keys:
+        raise UnknownKey(f"{domain} has no DKIM key")
+    return [dkim_json(k, await store.txtRecord(k)) for k in keys]
+
+
+async def key_owner(users, domain: str) -> str:
+    """The one account (of the UserManager ``users``) that has ``domain`` as an authorized
+    domain: a key signs only that account's mail."""
+    accounts = [a.name for a, _ in await users.accounts() if domain in a.domains]
+    if not accounts:
+        raise DkimError(f"{domain} is not an authorized domain of any account "
+                        "(mailrelay-admin account set NAME --add-domain DOMAIN)")
+    if len(accounts) > 1:
+        raise KeyConflict(f"{domain} is authorized for several accounts "
+                          f"({', '.join(accounts)}): it can be signed for one only")
+    return accounts[0]
 
 
 def domain_name(domain: str) -> str:
@@ -99,7 +133,7 @@ class DkimKeys:
         with locked(self._index):
             keys = self._keys()
             if any(k.domain == domain and k.selector == selector for k in keys):
-                raise DkimError(f"{domain} already has a key with selector {selector!r}")
+                raise KeyConflict(f"{domain} already has a key with selector {selector!r}")
             key = DkimKey(domain, selector, kind, "active", account, now)
             private = new_private_key(kind, bits)
             pem = private.private_bytes(serialization.Encoding.PEM,
@@ -127,7 +161,7 @@ class DkimKeys:
             keys = self._keys()
             found = [k for k in keys if k.domain == domain and k.selector == selector]
             if not found:
-                raise DkimError(f"{domain} has no key with selector {selector!r}")
+                raise UnknownKey(f"{domain} has no key with selector {selector!r}")
             self._save([k for k in keys if k not in found])  # unused first, then gone
             unlink_quietly(os.path.join(self.directory, found[0].file_name))
         return found[0]

@@ -64,6 +64,10 @@ class Api:
         r("GET", "/queue/{queue_id}", self.show_queued)
         r("POST", "/queue/{queue_id}/retry", self.retry_queued)
         r("DELETE", "/queue/{queue_id}", self.delete_queued)
+        r("GET", "/dkim", self.list_dkim)
+        r("POST", "/dkim", self.add_dkim)
+        r("GET", "/dkim/{domain}", self.show_dkim)
+        r("DELETE", "/dkim/{domain}/{selector}", self.delete_dkim)
         r("GET", "/stats", self.stats, ("user", "account", "since", "period"))
 
     async def dispatch(self, request, path: str) -> Response:
@@ -171,6 +175,20 @@ class Api:
 
     async def delete_queued(self, call: Call) -> Response:
         await ops.delete_queued(self.s, call.params["queue_id"])
+        return Response(204)
+
+    async def list_dkim(self, call: Call) -> Response:
+        return json_response(await ops.list_dkim(self.s))
+
+    async def add_dkim(self, call: Call) -> Response:
+        doc = await ops.add_dkim(self.s, call.json())
+        return json_response(doc, 201, location=f"{PREFIX}/dkim/{doc['domain']}")
+
+    async def show_dkim(self, call: Call) -> Response:
+        return json_response(await ops.show_dkim(self.s, call.params["domain"]))
+
+    async def delete_dkim(self, call: Call) -> Response:
+        await ops.delete_dkim(self.s, call.params["domain"], call.params["selector"])
         return Response(204)
 
     async def stats(self, call: Call) -> Response:

@@ -51,3 +51,18 @@ def suppression(form: dict[str, str]) -> dict[str, Any]:
     (both empty)."""
     return {"address": form.get("address", ""), "user": form.get("user") or None,
             "account": form.get("account") or None}  # fmt: skip
+
+
+def dkim_key(form: dict[str, str]) -> dict[str, Any]:
+    """A new DKIM key's fields; an empty selector or bits field takes the default."""
+    doc: dict[str, Any] = {"domain": form.get("domain", ""),
+                           "type": form.get("type") or "rsa"}  # fmt: skip
+    if form.get("selector", "").strip():
+        doc["selector"] = form["selector"].strip()
+    bits = form.get("bits", "").strip()
+    if bits:
+        try:
+            doc["bits"] = int(bits)
+        except ValueError:
+            raise HttpError(400, "bits must be a whole number")
+    return doc

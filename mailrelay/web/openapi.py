@@ -151,6 +151,26 @@ SCHEMAS: dict[str, Any] = {
         ["id", "state", "sender", "recipients", "envelope", "recipient_status", "headers"],
     ),  # fmt: skip
     "Retry": obj({"id": STR, "retry": STR}, ["id"]),
+    "DkimKey": obj(
+        {"domain": STR, "selector": STR, "type": {"type": "string", "enum": ["rsa", "ed25519"]},
+         "state": {"type": "string", "enum": ["active", "retired"]},
+         "account": {**STR, "description": "the account whose mail it signs"},
+         "created": NUM,
+         "dns_name": {**STR, "description": "the TXT record's name: SELECTOR._domainkey.DOMAIN"},
+         "dns_value": {**STR, "description": "its value: v=DKIM1; k=...; p=..."},
+         "dns_strings": {**array(STR), "description": "the value as character-strings of "
+                         "at most 255 bytes, as a zone file needs them"}},
+        ["domain", "selector", "type", "state", "account", "created"],
+    ),  # fmt: skip
+    "DkimNew": obj(
+        {"domain": {**STR, "description": "an authorized domain of exactly one account"},
+         "selector": {**NULL_STR, "description": "one DNS label (default: YYYYMM, and an e "
+                      "for ed25519)"},
+         "type": {"type": "string", "enum": ["rsa", "ed25519"]},
+         "bits": {"type": "integer", "minimum": 1024, "maximum": 4096,
+                  "description": "RSA key size (default 2048)"}},
+        ["domain"], closed=True,
+    ),  # fmt: skip
     "Stats": obj(
         {"user": NULL_STR, "account": NULL_STR, "since": NULL_NUM,
          "period": {"type": "string", "enum": ["hour", "day", None], "nullable": True},
@@ -289,6 +309,25 @@ def openapi_document() -> dict[str, Any]:
             "post": _op("try to deliver now", {"202": _json(ref("Retry"), "scheduled")}, 403,
                         404, 409, 503),
         },
+        "/dkim": {
+            "get": _op("every DKIM key (without its record)",
+                       {"200": _json(array(ref("DkimKey")), "keys")}, 503),
+            "post": _op("make a DKIM key, active at once: publish its record before mail "
+                        "from the domain goes out", {"201": _json(ref("DkimKey"), "made, "
+                        "with its TXT record")}, 400, 403, 409, 415, 503,
+                        requestBody=_body("DkimNew")),
+        },
+        "/dkim/{domain}": {
+            "parameters": [_path_param("domain", "a domain with DKIM keys")],
+            "get": _op("a domain's keys with the TXT records to publish",
+                       {"200": _json(array(ref("DkimKey")), "keys and records")}, 404, 503),
+        },
+        "/dkim/{domain}/{selector}": {
+            "parameters": [_path_param("domain", "the key's domain"),
+                           _path_param("selector", "the key's selector")],
+            "delete": _op("delete a key and its private key file (mail is no longer signed "
+                          "with it)", NO_CONTENT, 403, 404, 503),
+        },
         "/stats": {
             "get": _op("statistics per user or account and period",
                        {"200": _json(ref("Stats"), "counts")}, 400, 404, 503, parameters=[
@@ -307,7 +346,7 @@ def openapi_document() -> dict[str, Any]:
             400: "bad input; nothing was changed",
             401: "no API key, or an unknown one",
             403: "the API key is read-only",
-            404: "no such user, account, sender, address or message",
+            404: "no such user, account, sender, address, message or DKIM key",
             405: "users and accounts are read-only here (LDAP directory)",
             409: "conflicts with what exists (name taken, still in use, already listed)",
             415: "the body is not application/json",
@@ -320,7 +359,8 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "mailrelay management API",
             "version": "1",
-            "description": "SMTP users, accounts, suppressions, queue and statistics of a "
+            "description": "SMTP users, accounts, suppressions, queue, DKIM keys and "
+            "statistics of a "
             "mailrelay. Authenticate with 'Authorization: Bearer <key>' (mailrelay-admin "
             "apikey add NAME --read-only|--read-write). Errors are {\"error\": \"...\"}.",
         },

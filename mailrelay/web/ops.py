@@ -30,6 +30,7 @@ from mailrelay.errors import StorageError
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 from mailrelay.interfaces import ReadOnly
+from mailrelay.manage import dkim as manage_dkim
 from mailrelay.manage import stats as manage_stats
 from mailrelay.manage.queue import QueueReader
 from mailrelay.manage.stores import LDAP_MANAGED, threaded
@@ -57,6 +58,7 @@ class Services:
     ip_auth: Any  # auth.ipauth.IpAuthTable
     address_auth: Any  # auth.ipauth.AddressAuth
     reactor: Any
+    dkim: Any = None  # IDkimKeys (manage.dkim.DkimKeys, key generation in a thread)
 
     @property
     def users(self) -> UserManager | None:
@@ -428,6 +430,70 @@ async def delete_queued(s: Services, queue_id: str) -> None:
     except KeyError:
         raise HttpError(404, f"no message {queue_id!r} in the queue")
     log.info("control panel: deleted {queue_id} from {place}", queue_id=queue_id, place=place)
+
+
+# ---- DKIM keys ----
+
+
+@contextlib.contextmanager
+def dkim_refusals() -> Iterator[None]:
+    try:
+        yield
+    except manage_dkim.UnknownKey as e:
+        raise HttpError(404, str(e))
+    except manage_dkim.KeyConflict as e:
+        raise HttpError(409, str(e))
+    except manage_dkim.DkimError as e:
+        raise HttpError(400, str(e))
+    except OSError as e:
+        raise HttpError(503, f"the DKIM key directory cannot be changed now: {e.strerror}")
+
+
+async def list_dkim(s: Services) -> list[dict[str, Any]]:
+    with dkim_refusals():
+        return await manage_dkim.listed(s.dkim)
+
+
+async def show_dkim(s: Services, domain: str) -> list[dict[str, Any]]:
+    """The domain's keys with the TXT records to publish (never a private key)."""
+    with dkim_refusals():
+        return await manage_dkim.shown(s.dkim, domain)
+
+
+_DKIM_FIELDS = {"domain": (str,), "selector": (str, type(None)), "type": (str,), "bits": (int,)}
+
+
+async def add_dkim(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    """A key for an authorized domain of one account, active at once; fires with its
+    document and its TXT record."""
+    unknown = sorted(set(doc) - set(_DKIM_FIELDS))
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)} (known: "
+                        f"{', '.join(_DKIM_FIELDS)})")  # fmt: skip
+    if "domain" not in doc:
+        raise HttpError(400, "domain is required")
+    for key, value in doc.items():
+        if not isinstance(value, _DKIM_FIELDS[key]) or isinstance(value, bool):
+            raise HttpError(400, f"{key}: {value!r} is not of the right type")
+    if not 1024 <= doc.get("bits", 2048) <= 4096:
+        raise HttpError(400, f"bits {doc['bits']}: from 1024 to 4096 (2048 is the usual)")
+    with dkim_refusals():
+        domain = manage_dkim.domain_name(doc["domain"])
+        account = await manage_dkim.key_owner(s.manager, domain)
+        key = await s.dkim.add(domain, account, doc.get("selector") or None,
+                               doc.get("type", "rsa"), doc.get("bits", 2048))
+        record = await s.dkim.txtRecord(key)
+    log.info("control panel: DKIM key {selector} made for {domain}", selector=key.selector,
+             domain=domain)  # fmt: skip
+    return manage_dkim.dkim_json(key, record)
+
+
+async def delete_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]:
+    with dkim_refusals():
+        key = await s.dkim.remove(domain, selector)
+    log.info("control panel: DKIM key {selector} of {domain} deleted", selector=key.selector,
+             domain=key.domain)  # fmt: skip
+    return manage_dkim.dkim_json(key)
 
 
 # ---- statistics ----

@@ -19,6 +19,7 @@ from mailrelay.config import SCHEMA
 from mailrelay.features.archive import Archive
 from mailrelay.listener import ListenerService
 from mailrelay.manage.access import AccessError, AccessFile, access_path
+from mailrelay.manage.dkim import DkimKeys
 from mailrelay.manage.queue import QueueControl, QueueReader
 from mailrelay.manage.stores import threaded, user_store
 from mailrelay.manage.suppressions import SuppressionLists
@@ -138,6 +139,7 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         ip_auth=getattr(policy, "ip_auth", None) or IpAuthTable(),
         address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
         reactor=reactor,
+        dkim=DkimKeys(config.dkim.directory, call),  # RSA generation in the thread pool
     )
 
 

@@ -4,7 +4,7 @@ Every page but the login form, the static stylesheet and the public confirmation
 needs an admin session; every POST carries the session's CSRF token. A refused change is
 shown above the form with what was typed, and changes nothing.
 
-One module per topic (login, users, accounts, queue, suppressions, stats), each adding its
+One module per topic (login, users, accounts, queue, suppressions, DKIM, stats), each adding its
 routes to the router here; this module only lets a request in or not.
 """
 
@@ -18,6 +18,7 @@ from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.web import ops
 from mailrelay.web.pages.accounts import AccountPages
 from mailrelay.web.pages.base import html_response, redirect
+from mailrelay.web.pages.dkim import DkimPages
 from mailrelay.web.pages.login import LoginPages
 from mailrelay.web.pages.queue import QueuePages
 from mailrelay.web.pages.stats import StatsPages
@@ -48,7 +49,8 @@ class Panel:
         r("GET", "/", self.home)
         r("GET", "/static/panel.css", self.css)
         LoginPages(services, sessions, logins).register(r)
-        for pages in (UserPages, StatsPages, AccountPages, QueuePages, SuppressionPages):
+        for pages in (UserPages, StatsPages, AccountPages, QueuePages, SuppressionPages,
+                      DkimPages):
             pages(services).register(r)
         r("GET", "/verify/{token}", self.verify_pages.show)
         r("POST", "/verify/{token}", self.verify_pages.confirm)
