@@ -109,15 +109,19 @@ class DNSServer:
         for _ in range(LISTEN_TRIES):
             protocol = dns.DNSDatagramProtocol(self.factory)
             protocol.noisy = False
+            # Each try asks for ``port`` again (0: a new ephemeral one), never for the one
+            # the last try got: its UDP socket closes only at the next reactor turn.
             udp = self.reactor.listenUDP(port, protocol, interface="127.0.0.1")
-            port = udp.getHost().port
+            got = udp.getHost().port
             try:
-                tcp = self.reactor.listenTCP(port, self.factory, interface="127.0.0.1")
+                tcp = self.reactor.listenTCP(got, self.factory, interface="127.0.0.1")
             except CannotListenError:
                 udp.stopListening()
+                if port:
+                    raise
                 continue
             self._ports = [udp, tcp]
-            self.address = ("127.0.0.1", port)
+            self.address = ("127.0.0.1", got)
             return self.address
         raise RuntimeError("no free port for both UDP and TCP")
 
