@@ -2,7 +2,10 @@
 
 The directory (``[dkim] directory``, default ``<data_dir>/dkim``) holds one PEM file per
 key, ``DOMAIN.SELECTOR.pem`` (mode 0600), and ``keys.json``, the index: a list of
-``{domain, selector, type (rsa|ed25519), state (active|retired), account, created}``.
+``{domain, selector, type (rsa|ed25519), state, account, created, changed}``. The state
+is ``pending`` (made by ``dkim rotate``, its record not yet seen in DNS: not used),
+``active`` (signs) or ``retiring`` (replaced by a newer key at ``changed``: no longer
+signs, its record stays published for a grace period until ``dkim retire``).
 ``account`` is the account whose authorized domain it was when the key was made: a
 message is signed only for that account. mailrelay-admin writes both (manage/dkim.py);
 the delivery process reads them (Signer) and sees a change within a few seconds.
@@ -44,9 +47,10 @@ class DkimKey:
     domain: str
     selector: str
     type: str  # rsa | ed25519
-    state: str  # active | retired
+    state: str  # pending | active | retiring
     account: str
     created: float
+    changed: float | None = None  # when the state last changed (None: since created)
 
     @property
     def file_name(self) -> str:

@@ -148,9 +148,18 @@ class IDkimKeys(Interface):
     def ofDomain(domain: str):
         """Fires with the domain's keys (possibly none)."""
 
-    def add(domain: str, account: str, selector: str | None, kind: str, bits: int):
+    def add(domain: str, account: str, selector: str | None, kind: str, bits: int,
+            state: str = "active"):
         """Make a key (RSA of ``bits``, or Ed25519) for ``domain`` of ``account``; fires
-        with the new DkimKey, active at once. ``selector`` None: one made of the date."""
+        with the new DkimKey, in ``state`` (active, or pending for a rotation: one pending
+        key per domain). ``selector`` None: one made of the date."""
+
+    def promote(domain: str, selector: str):
+        """The pending key signs from now on; the active keys of its type become retiring.
+        Fires with ``(key, [replaced keys])``."""
+
+    def retire(domain: str, selector: str):
+        """Delete a retiring key and its file; fires with the DkimKey removed."""
 
     def remove(domain: str, selector: str):
         """Delete a key and its file; fires with the DkimKey removed."""

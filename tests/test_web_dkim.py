@@ -59,6 +59,7 @@ class DkimApiTests(unittest.TestCase):
         self.assertEqual(made["dns_name"], "s1._domainkey.doe.test")
         self.assertTrue(made["dns_value"].startswith("v=DKIM1; k=rsa; p="))
         self.assertEqual(headers.getRawHeaders(b"location"), [b"/api/v1/dkim/doe.test"])
+        self.panel.dns.zone["s1._domainkey.doe.test"] = [f"TXT {made['dns_value']}"]
         yield self.api("POST", "/dkim", {"domain": "doe.test", "selector": "e1",
                                          "type": "ed25519"}, expect=201)  # fmt: skip
         yield self.api("POST", "/dkim", {"domain": "acme.test", "type": "ed25519"},
@@ -72,6 +73,7 @@ class DkimApiTests(unittest.TestCase):
         self.assertEqual([k["selector"] for k in shown], ["e1", "s1"])
         self.assertEqual(shown[1]["dns_value"], made["dns_value"])
         self.assertTrue(shown[0]["dns_value"].startswith("v=DKIM1; k=ed25519; p="))
+        self.assertEqual([k["published"] for k in shown], ["missing", "ok"])
         # The same documents as mailrelay-admin prints.
         cli_list = yield threads.deferToThread(self.admin_json, "dkim", "list")
         cli_show = yield threads.deferToThread(self.admin_json, "dkim", "show", "doe.test")

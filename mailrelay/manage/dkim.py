@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from dataclasses import replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -53,17 +54,60 @@ def txt_strings(value: str) -> list[str]:
     return [value[i:i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)] or [""]
 
 
-async def listed(store) -> list[dict[str, Any]]:
-    """``dkim list --json``: every key, without its record."""
-    return [dkim_json(k) for k in await store.list()]
+# domaincheck's status of a key's record, as ``published`` says it.
+PUBLISHED = {"ok": "ok", "missing": "missing", "wrong": "different", "unknown": "unknown"}
 
 
-async def shown(store, domain: str) -> list[dict[str, Any]]:
-    """``dkim show --json``: the domain's keys with the TXT records to publish."""
+async def published(resolver, key: DkimKey, record: tuple[str, str]) -> str:
+    """Whether ``record`` is in DNS: ok, missing, different (another key is published
+    there) or unknown (DNS gave no answer)."""
+    from mailrelay.manage.domaincheck import check_dkim
+
+    return PUBLISHED[(await check_dkim(resolver, key, record))["status"]]
+
+
+async def listed(store, resolver=None) -> list[dict[str, Any]]:
+    """``dkim list --json``: every key, without its record; with ``resolver``, whether
+    each record is ``published``."""
+    out = []
+    for k in await store.list():
+        doc = dkim_json(k)
+        if resolver is not None:
+            doc["published"] = await published(resolver, k, await store.txtRecord(k))
+        out.append(doc)
+    return out
+
+
+async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:
+    """``dkim show --json``: the domain's keys with the TXT records to publish; with
+    ``resolver``, whether each is ``published``."""
     keys = await store.ofDomain(domain)
     if not keys:
         raise UnknownKey(f"{domain} has no DKIM key")
-    return [dkim_json(k, await store.txtRecord(k)) for k in keys]
+    out = []
+    for k in keys:
+        record = await store.txtRecord(k)
+        doc = dkim_json(k, record)
+        if resolver is not None:
+            doc["published"] = await published(resolver, k, record)
+        out.append(doc)
+    return out
+
+
+async def activate(store, resolver, domain: str) -> tuple[DkimKey, list[DkimKey]]:
+    """Switch signing to the domain's pending key, only once its record is seen in DNS:
+    the receivers of the first mail signed with it must find it. Fires with the key and
+    the keys it replaces (now retiring)."""
+    pending = [k for k in await store.ofDomain(domain) if k.state == "pending"]
+    if not pending:
+        raise UnknownKey(f"{domain} has no pending key (mailrelay-admin dkim rotate {domain})")
+    key = pending[0]
+    record = await store.txtRecord(key)
+    status = await published(resolver, key, record)
+    if status != "ok":
+        raise DkimError(f"{record[0]} is {status} in DNS: publish the record "
+                        f"(mailrelay-admin dkim show {domain}) and activate again")
+    return await store.promote(domain, key.selector)
 
 
 async def key_owner(users, domain: str) -> str:
@@ -115,11 +159,12 @@ class DkimKeys:
         name = domain_name(domain)
         return self.call(lambda: [k for k in self._keys() if k.domain == name])
 
-    def add(self, domain: str, account: str, selector: str | None, kind: str, bits: int):
-        return self.call(self._add, domain_name(domain), account, selector, kind, bits)
+    def add(self, domain: str, account: str, selector: str | None, kind: str, bits: int,
+            state: str = "active"):
+        return self.call(self._add, domain_name(domain), account, selector, kind, bits, state)
 
     def _add(self, domain: str, account: str, selector: str | None, kind: str,
-             bits: int) -> DkimKey:
+             bits: int, state: str = "active") -> DkimKey:
         if kind not in TYPES:
             raise DkimError(f"key type {kind!r}: rsa or ed25519")
         if kind == "rsa" and not 1024 <= bits <= 4096:
@@ -134,7 +179,11 @@ class DkimKeys:
             keys = self._keys()
             if any(k.domain == domain and k.selector == selector for k in keys):
                 raise KeyConflict(f"{domain} already has a key with selector {selector!r}")
-            key = DkimKey(domain, selector, kind, "active", account, now)
+            if state == "pending" and any(k.domain == domain and k.state == "pending"
+                                          for k in keys):  # fmt: skip
+                raise KeyConflict(f"{domain} already has a pending key: activate it first "
+                                  f"(mailrelay-admin dkim activate {domain})")
+            key = DkimKey(domain, selector, kind, state, account, now)
             private = new_private_key(kind, bits)
             pem = private.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.PKCS8,
@@ -165,6 +214,36 @@ class DkimKeys:
             self._save([k for k in keys if k not in found])  # unused first, then gone
             unlink_quietly(os.path.join(self.directory, found[0].file_name))
         return found[0]
+
+    def promote(self, domain: str, selector: str):
+        return self.call(self._promote, domain_name(domain), selector.lower())
+
+    def _promote(self, domain: str, selector: str) -> tuple[DkimKey, list[DkimKey]]:
+        """The pending key becomes active; the active keys of its type, retiring."""
+        now = self.clock.time()
+        with locked(self._index):
+            keys = self._keys()
+            found = [k for k in keys if k.domain == domain and k.selector == selector
+                     and k.state == "pending"]  # fmt: skip
+            if not found:
+                raise UnknownKey(f"{domain} has no pending key with selector {selector!r}")
+            key = replace(found[0], state="active", changed=now)
+            old = [replace(k, state="retiring", changed=now) for k in keys
+                   if k.domain == domain and k.type == key.type and k.state == "active"]
+            gone = {(k.domain, k.selector) for k in [key, *old]}
+            self._save([k for k in keys if (k.domain, k.selector) not in gone] + [key, *old])
+        return key, old
+
+    def retire(self, domain: str, selector: str):
+        return self.call(self._retire, domain_name(domain), selector.lower())
+
+    def _retire(self, domain: str, selector: str) -> DkimKey:
+        """Remove a retiring key (one that no longer signs)."""
+        found = [k for k in self._keys() if k.domain == domain and k.selector == selector]
+        if found and found[0].state != "retiring":
+            raise DkimError(f"{domain} selector {selector!r} is {found[0].state}, not "
+                            "retiring: only a key replaced by dkim activate can be retired")
+        return self._remove(domain, selector)
 
     def txtRecord(self, key: DkimKey):
         return self.call(self._record, key)

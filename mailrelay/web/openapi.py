@@ -153,9 +153,12 @@ SCHEMAS: dict[str, Any] = {
     "Retry": obj({"id": STR, "retry": STR}, ["id"]),
     "DkimKey": obj(
         {"domain": STR, "selector": STR, "type": {"type": "string", "enum": ["rsa", "ed25519"]},
-         "state": {"type": "string", "enum": ["active", "retired"]},
+         "state": {"type": "string", "enum": ["pending", "active", "retiring"]},
          "account": {**STR, "description": "the account whose mail it signs"},
          "created": NUM,
+         "changed": {**NULL_NUM, "description": "when the state last changed (null: never)"},
+         "published": {"type": "string", "enum": ["ok", "missing", "different", "unknown"],
+                       "description": "its record as looked up in DNS now"},
          "dns_name": {**STR, "description": "the TXT record's name: SELECTOR._domainkey.DOMAIN"},
          "dns_value": {**STR, "description": "its value: v=DKIM1; k=...; p=..."},
          "dns_strings": {**array(STR), "description": "the value as character-strings of "

@@ -59,6 +59,7 @@ class Services:
     address_auth: Any  # auth.ipauth.AddressAuth
     reactor: Any
     dkim: Any = None  # IDkimKeys (manage.dkim.DkimKeys, key generation in a thread)
+    resolver: Any = None  # where DKIM records are looked up (None: they are not)
 
     @property
     def users(self) -> UserManager | None:
@@ -451,13 +452,14 @@ def dkim_refusals() -> Iterator[None]:
 
 async def list_dkim(s: Services) -> list[dict[str, Any]]:
     with dkim_refusals():
-        return await manage_dkim.listed(s.dkim)
+        return await manage_dkim.listed(s.dkim, s.resolver)
 
 
 async def show_dkim(s: Services, domain: str) -> list[dict[str, Any]]:
-    """The domain's keys with the TXT records to publish (never a private key)."""
+    """The domain's keys with the TXT records to publish (never a private key) and
+    whether each is published."""
     with dkim_refusals():
-        return await manage_dkim.shown(s.dkim, domain)
+        return await manage_dkim.shown(s.dkim, domain, s.resolver)
 
 
 _DKIM_FIELDS = {"domain": (str,), "selector": (str, type(None)), "type": (str,), "bits": (int,)}

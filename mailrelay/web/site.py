@@ -112,6 +112,8 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
     """The panel's Services from the relay's parts (the file directory is writable, LDAP
     is not); ``control``: the relay's IQueueControl (without one, a QueueControl with no
     delivery)."""
+    from mailrelay.delivery.router import make_resolver
+
     settings = admin_settings(config)
     call = threaded(reactor)
 
@@ -140,6 +142,8 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
         reactor=reactor,
         dkim=DkimKeys(config.dkim.directory, call),  # RSA generation in the thread pool
+        resolver=make_resolver(getattr(getattr(config, "delivery", None), "dns_servers", []),
+                               reactor),  # fmt: skip
     )
 
 
