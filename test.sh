@@ -4,9 +4,10 @@
 # optimisation that reaches into Twisted's (or glibc's) private parts switched off
 # (mailrelay/tuning.py). A test that fails only in the first pass after a Twisted upgrade
 # names the optimisation that broke; the second pass shows the stock paths still serve.
-# Both passes run everything: one takes about 3 minutes on 2 cores, two stay well inside
-# CI's 15, and a broken optimisation can show wherever a session, a delivery or a log line
-# goes, not only in the tests of its own module. Tests of an optimisation itself are
+# Both passes run everything: one takes 3.5-5 minutes on 2 cores (both with the Debian
+# packages in place: 9 min 50 s on 2026-12-06), inside CI's 15, and a broken optimisation
+# can show wherever a session, a delivery or a log line goes, not only in the tests of its
+# own module. If the suite outgrows that, the second pass is the one to narrow. Tests of an optimisation itself are
 # marked tuned(NAME) and left out of the second pass (tests/conftest.py).
 # Extra arguments go to both passes, e.g.: ./test.sh tests/test_scope.py
 set -euo pipefail
