@@ -14,6 +14,8 @@ NO_BROWSER = "Debian's chromium and chromium-driver are not installed (./test.sh
 
 
 def start_browser(profile: Path):
+    # A test that needs the browser fails without it: a skipped test is a failing feature.
+    assert HAVE_BROWSER, NO_BROWSER
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -415,7 +415,6 @@ def test_changes_are_refused_when_users_live_in_ldap(admin, argv):
     )
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/slapd"), reason="needs OpenLDAP's slapd")
 def test_list_and_show_read_a_real_ldap_directory(admin, tmp_path):
     from ldap_server import start_slapd
 

@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from browser import HAVE_BROWSER, NO_BROWSER, click, fill, start_browser
+from browser import click, fill, start_browser
 from harness import Relay, free_port, message, wait_for
 
 PASSWORD = "correct horse battery"
@@ -241,8 +241,6 @@ def test_browser_of_an_admin_given_a_new_password_is_logged_out(relay, browser):
 
 @pytest.fixture
 def browser(tmp_path):
-    if not HAVE_BROWSER:
-        pytest.skip(NO_BROWSER)
     driver = start_browser(tmp_path / "chromium-profile")
     try:
         yield driver

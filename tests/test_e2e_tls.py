@@ -3,14 +3,10 @@ SMTP listener kinds and the panel's HTTPS listener, and the TLS 1.2 cipher list.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 
-import pytest
 from harness import Relay, free_port, wait_for
-
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
 
 
 def s_client(relay: Relay, port: int, *args: str, send: str = "") -> str:

@@ -10,14 +10,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-from browser import HAVE_BROWSER, NO_BROWSER, Shots, click, fill, start_browser
+from browser import Shots, click, fill, start_browser
 from panel import panel_process
 
 from mailrelay.auth.passwords import verify_password
 from mailrelay.directory.filedir import UserStore
 from mailrelay.features.stats import StatsStore
-
-pytestmark = pytest.mark.skipif(not HAVE_BROWSER, reason=NO_BROWSER)
 
 
 @pytest.fixture
