@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer
 from zope.interface import implementer
 
 from mailrelay.dkim import INDEX, TYPES, DkimKey, new_private_key, public_key_text, read_index
@@ -66,16 +67,25 @@ async def published(resolver, key: DkimKey, record: tuple[str, str]) -> str:
     return PUBLISHED[(await check_dkim(resolver, key, record))["status"]]
 
 
+async def _documents(store, keys: list[DkimKey], resolver, with_record: bool
+                     ) -> list[dict[str, Any]]:
+    """The keys' documents; with ``resolver``, ``published`` for each, looked up all at
+    once (with DNS down, one wait for the page, not one per key)."""
+    pairs = [(k, await store.txtRecord(k)) for k in keys]
+    docs = [dkim_json(k, r if with_record else None) for k, r in pairs]
+    if resolver is not None:
+        found = await defer.gatherResults(
+            [defer.ensureDeferred(published(resolver, k, r)) for k, r in pairs],
+            consumeErrors=True)
+        for doc, status in zip(docs, found, strict=True):
+            doc["published"] = status
+    return docs
+
+
 async def listed(store, resolver=None) -> list[dict[str, Any]]:
     """``dkim list --json``: every key, without its record; with ``resolver``, whether
     each record is ``published``."""
-    out = []
-    for k in await store.list():
-        doc = dkim_json(k)
-        if resolver is not None:
-            doc["published"] = await published(resolver, k, await store.txtRecord(k))
-        out.append(doc)
-    return out
+    return await _documents(store, await store.list(), resolver, with_record=False)
 
 
 async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:
@@ -84,14 +94,7 @@ async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:
     keys = await store.ofDomain(domain)
     if not keys:
         raise UnknownKey(f"{domain} has no DKIM key")
-    out = []
-    for k in keys:
-        record = await store.txtRecord(k)
-        doc = dkim_json(k, record)
-        if resolver is not None:
-            doc["published"] = await published(resolver, k, record)
-        out.append(doc)
-    return out
+    return await _documents(store, keys, resolver, with_record=True)
 
 
 async def activate(store, resolver, domain: str) -> tuple[DkimKey, list[DkimKey]]:
