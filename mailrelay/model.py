@@ -32,6 +32,9 @@ class Account:
     domains: frozenset[str] = frozenset()
     notify: str | None = None  # where domain sender notifications go
     note: str = ""
+    # The return-path domain (bounces.example.com): delivered mail carries a VERP envelope
+    # sender there, so that later bounces come back to the relay (mailrelay/bounces/).
+    bounce_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,9 @@ class Envelope:
     # "clicks"; features/envelope.py), and which recipients are audit BCC copies.
     personalize: list[str] = field(default_factory=list)
     audit: list[str] = field(default_factory=list)
+    # The account's bounce domain when the message was accepted: delivery sends it with a
+    # VERP envelope sender there (bounces/verp.py); ``sender`` stays the client's.
+    return_path: str | None = None
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -155,11 +155,37 @@ def make_service(config: Config, reactor=None) -> MultiService:
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
                         reactor).setServiceParent(top)
 
+    verp = make_verp(config)
+    if config.bounces.endpoint:
+        bounce_listener(config, verp, features, spool, directory,
+                        reactor).setServiceParent(top)
+
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins).setServiceParent(top)
     return top
+
+
+def make_verp(config: Config):
+    """The VERP return paths (bounces/verp.py), with their key (made on first start)."""
+    from mailrelay.bounces.verp import Verp
+
+    return Verp(read_key_file("bounces", config.bounces.key_file))
+
+
+def bounce_listener(config: Config, verp, features, spool, directory, reactor):
+    """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
+    from mailrelay.bounces.feed import BounceFeed
+    from mailrelay.bounces.listener import BounceFactory
+
+    b = config.bounces
+    feed = BounceFeed(reactor, features, spool, directory, config.server.hostname,
+                      config.server.postmaster)
+    factory = BounceFactory(verp, feed, config.server.hostname, max_size=b.max_message_size,
+                            idle_timeout=config.limits.idle_timeout,
+                            max_connections=b.max_connections)
+    return ListenerService("bounces", b.endpoint, factory, reactor)
 
 
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
@@ -400,6 +426,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         connection_cache_time=d.connection_cache_time,
         features=features,
         dkim=_dkim(config, reactor),
+        verp=make_verp(config),
         on_result=None if features is None else partial(_delivery_result, features),
     )
 

@@ -109,7 +109,7 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, dkim=None, clock=None,
+                 features=None, dkim=None, verp=None, clock=None,
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
@@ -126,6 +126,7 @@ class DeliveryManager:
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
         self.dkim = dkim  # delivery.dkimsign.DkimSigning: signs what is sent, last
+        self.verp = verp  # bounces.verp.Verp: the return path of an account's bounce domain
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -300,18 +301,40 @@ class DeliveryManager:
             spooled = original.open
             body = original.to_bytes() if body is not None else None  # small: kept read
         jobs: list[tuple[frozenset, list, Job]] = []
+        senders = self._return_paths(attempt.envelope, pending)
         for key, (hops, rcpts) in groups.items():
-            shared = [r for r in rcpts if r not in copies]
+            shared = [r for r in rcpts if r not in copies and r not in senders]
             if shared:
                 jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
                                             spooled, context=attempt, body=body)))
-            jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
+            # A VERP sender is one recipient's: one transaction each, sharing the body.
+            jobs += [(key, hops, Job(attempt.queue_id, senders[r], [r], spooled,
+                                     context=attempt, body=body))
+                     for r in rcpts if r in senders and r not in copies]
+            jobs += [(key, hops, Job(attempt.queue_id,
+                                     senders.get(r, attempt.envelope.sender), [r],
                                      copies[r].open, context=attempt))
                      for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
             self.destinations.add(key, hops, job)
         self._record(attempt, failures)
+
+    def _return_paths(self, envelope: Envelope, recipients: list[str]) -> dict[str, str]:
+        """The VERP envelope sender of each recipient, for mail of an account with a
+        bounce domain (none for the null sender: the relay's bounces stay null)."""
+        if self.verp is None or not envelope.return_path or not envelope.sender:
+            return {}
+        senders = {}
+        for rcpt in recipients:
+            address = self.verp.address(envelope, rcpt)
+            if address is None:
+                log.info("{queue_id}: to=<{recipient}> sent with the envelope sender: a "
+                         "return path would be too long", queue_id=envelope.id,
+                         recipient=rcpt)
+            else:
+                senders[rcpt] = address
+        return senders
 
     async def _features(self, attempt: _Attempt,
                         pending: list[str]) -> tuple[list[str], dict, list[Result]]:

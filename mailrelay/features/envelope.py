@@ -8,17 +8,19 @@ and a user without features gets an envelope like any other.
 
 from __future__ import annotations
 
-from mailrelay.model import SmtpUser
+from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import is_address
 
 
-def user_fields(user: SmtpUser, recipients: list[str]) -> dict:
+def user_fields(user: SmtpUser, recipients: list[str], account: Account | None = None) -> dict:
     """Envelope keyword arguments: ``recipients`` (with the audit BCC addresses added as
     envelope recipients only: they appear in no header), ``audit`` (those added),
-    ``bounce_to`` (None: DSNs to the sender; "": none; else that address) and
-    ``personalize`` (the per-recipient changes to make)."""
+    ``bounce_to`` (None: DSNs to the sender; "": none; else that address),
+    ``personalize`` (the per-recipient changes to make) and ``return_path`` (the
+    account's bounce domain, for VERP at delivery)."""
     audit = [a for a in dict.fromkeys(user.audit_bcc) if a not in recipients]
     return {
+        "return_path": account.bounce_domain if account is not None else None,
         "recipients": [*recipients, *audit],
         "audit": audit,
         "bounce_to": bounce_to(user.bounce_notify),

@@ -585,7 +585,8 @@ class SubmissionServer(CommandStream):
             received_at=now,
             priority=user.priority,
             sandboxed=self.login.avatar.sandboxed,
-            **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
+            # audit BCC, footer, the account's bounce domain...
+            **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
         try:
             incoming = self.factory.spool.create(envelope)

@@ -68,6 +68,8 @@ _USER = obj(
     ["username", "kind", "account", "status", "sender_scope", "unverified"],
 )
 
+_BOUNCE_DOMAIN = {**NULL_STR, "description": "return-path domain for VERP bounces (a "
+                  "subdomain of an authorized domain); null: none"}
 _VERIFICATION = obj(
     {
         "sender": STR,
@@ -120,11 +122,13 @@ SCHEMAS: dict[str, Any] = {
         ["sender", "kind", "verified"],
     ),  # fmt: skip
     "Account": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
-                    "users": array(STR)}, ["name", "domains", "users"]),  # fmt: skip
-    "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR},
-                      ["name"], closed=True),  # fmt: skip
+                    "bounce_domain": _BOUNCE_DOMAIN, "users": array(STR)},
+                   ["name", "domains", "users"]),  # fmt: skip
+    "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
+                       "bounce_domain": _BOUNCE_DOMAIN}, ["name"], closed=True),  # fmt: skip
     "AccountChange": {
-        **obj({"domains": STR, "notify": NULL_STR, "note": STR}, closed=True),
+        **obj({"domains": STR, "notify": NULL_STR, "note": STR,
+               "bounce_domain": _BOUNCE_DOMAIN}, closed=True),
         "minProperties": 1,
     },
     "IpAuth": obj(

@@ -263,7 +263,8 @@ async def get_account(s: Services, name: str) -> dict[str, Any]:
     return account_json(*found)
 
 
-_ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str}
+_ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str,
+                   "bounce_domain": (str, type(None))}
 
 
 def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +283,8 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
         changes["notify"] = (doc["notify"] or "").strip() or None
     if "note" in doc:
         changes["note"] = doc["note"]
+    if "bounce_domain" in doc:
+        changes["bounce_domain"] = (doc["bounce_domain"] or "").strip().lower() or None
     return changes
 
 
