@@ -268,7 +268,8 @@ class ApiTests(unittest.TestCase):
             "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test"},
             expect=201)  # fmt: skip
         self.assertEqual(account, {"name": "beta", "domains": "b2.test;beta.test",
-                                   "notify": "ops@beta.test", "note": "", "users": []})
+                                   "notify": "ops@beta.test", "note": "", "users": [],
+                                   "bounce_domain": None})
         yield self.api("POST", "/accounts", {"name": "beta"}, expect=409)
         yield self.api("POST", "/accounts", {"name": "bad name"}, expect=400)
         yield self.api("POST", "/accounts", {"name": "c", "domains": "x,y"}, expect=400)
