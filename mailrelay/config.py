@@ -295,6 +295,8 @@ SCHEMA["bounces"] = {
     # endpoint is empty. It takes mail for the relay's VERP return paths only.
     "endpoint": (text, ""),  # e.g. tcp:25
     "key_file": (text, ""),  # default: <data_dir>/bounce.key (signs the VERP addresses)
+    "db": (text, ""),  # default: <data_dir>/bounces.sqlite (what each VERP address names)
+    "retention": (duration, 30 * 86400.0),  # records kept this long; later reports dropped
     "max_message_size": (size, 10 * 2**20),
     "max_connections": (integer(1), 100),
     "mx_host": (text, ""),  # what a bounce domain's MX must name; default: [server] hostname
@@ -464,6 +466,7 @@ DATA_FILES = (
     ("admin", "key_file", "panel.key"),
     ("dkim", "directory", "dkim"),
     ("bounces", "key_file", "bounce.key"),
+    ("bounces", "db", "bounces.sqlite"),
 )
 
 

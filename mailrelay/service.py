@@ -75,6 +75,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.auth.checkers import make_portal
+    from mailrelay.bounces.store import Pruner
     from mailrelay.control import control_service
     from mailrelay.directory import open_directory
     from mailrelay.features.envelope import user_fields
@@ -155,10 +156,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
                         reactor).setServiceParent(top)
 
-    verp = make_verp(config)
+    verp, paths = make_verp(config)
+    Pruner(paths, config.bounces.retention, reactor).setServiceParent(top)
     if config.bounces.endpoint:
-        bounce_listener(config, verp, features, spool, directory,
-                        reactor).setServiceParent(top)
+        bounce_listener(config, verp, paths, features, spool, reactor).setServiceParent(top)
 
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
@@ -168,19 +169,26 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
 
 def make_verp(config: Config):
-    """The VERP return paths (bounces/verp.py), with their key (made on first start)."""
+    """The VERP addresses (bounces/verp.py, their key made on first start) and the store of
+    what they name (bounces/store.py)."""
+    from mailrelay.bounces.store import ReturnPathStore
     from mailrelay.bounces.verp import Verp
 
-    return Verp(read_key_file("bounces", config.bounces.key_file))
+    verp = Verp(read_key_file("bounces", config.bounces.key_file))
+    try:
+        return verp, ReturnPathStore(config.bounces.db)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[bounces] db {config.bounces.db}: "
+                           f"{getattr(e, 'strerror', None) or e}")
 
 
-def bounce_listener(config: Config, verp, features, spool, directory, reactor):
+def bounce_listener(config: Config, verp, paths, features, spool, reactor):
     """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
     from mailrelay.bounces.feed import BounceFeed
     from mailrelay.bounces.listener import BounceFactory
 
     b = config.bounces
-    feed = BounceFeed(reactor, features, spool, directory, config.server.hostname,
+    feed = BounceFeed(reactor, features, spool, paths, config.server.hostname,
                       config.server.postmaster)
     factory = BounceFactory(verp, feed, config.server.hostname, max_size=b.max_message_size,
                             idle_timeout=config.limits.idle_timeout,
@@ -406,6 +414,7 @@ class _Stopping(Service):
 
 
 def make_delivery(config: Config, spool, reactor, features=None):
+    from mailrelay.bounces.store import ReturnPaths
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
 
@@ -426,7 +435,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         connection_cache_time=d.connection_cache_time,
         features=features,
         dkim=_dkim(config, reactor),
-        verp=make_verp(config),
+        return_paths=ReturnPaths(*make_verp(config), reactor),
         on_result=None if features is None else partial(_delivery_result, features),
     )
 

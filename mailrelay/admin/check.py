@@ -119,7 +119,15 @@ def _tracking(config) -> None:
 
 
 def _bounces(config) -> None:
+    from mailrelay.bounces.store import ReturnPathStore
+
     _key_file("bounces", config.bounces.key_file)
+    path = config.bounces.db
+    if os.path.exists(path):
+        try:
+            ReturnPathStore.check_file(path)
+        except sqlite3.Error as e:
+            raise StartupError(f"[bounces] db {path}: {e}")
 
 
 def _admin(config) -> None:

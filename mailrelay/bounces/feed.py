@@ -8,12 +8,13 @@
   on the user's suppression list (reason ``complaint``);
 - anything else (an auto-reply, a success DSN, a bounce in free text): logged, dropped.
 
-The recipient is the one the VERP token names (authenticated), not whatever the report
-says: a report can only act on the address the relay really sent to. The notification is
-the relay's own DSN (delivery/dsn.py), from the null sender to where the user's bounce
-notifications go (``bounce_notify``: the client's envelope sender by default, another
-address, or none), with the client's envelope sender written back wherever the VERP
-address was in the returned headers. Nothing is delivered onward and the report itself is
+The recipient is the one the VERP token names (authenticated, and looked up in the
+return-path store), not whatever the report says: a report can only act on the address
+the relay really sent to. The notification is the relay's own DSN (delivery/dsn.py), from
+the null sender to where the user's bounces went when the message was accepted
+(``bounce_notify``: the client's envelope sender by default, another address, or none),
+with the client's envelope sender written back wherever the VERP address was in the
+returned headers. Nothing is delivered onward and the report itself is
 not kept: each effect is made durable (the suppression row, the notification in the
 spool) before the listener answers 250, and a failure answers 451 so that the remote
 server tries again.
@@ -27,9 +28,9 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailrelay.bounces.parse import RecipientReport, Report, parse
-from mailrelay.bounces.verp import PREFIX, ReturnPath
+from mailrelay.bounces.store import ReturnPath, ReturnPathStore
+from mailrelay.bounces.verp import PREFIX, Token
 from mailrelay.delivery import dsn
-from mailrelay.features.envelope import bounce_to
 from mailrelay.features.hooks import HARD_BOUNCE
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
@@ -41,23 +42,28 @@ log = Logger()
 
 
 class BounceFeed:
-    def __init__(self, reactor, features, spool, directory, hostname: str,
+    def __init__(self, reactor, features, spool, store: ReturnPathStore, hostname: str,
                  postmaster: str) -> None:
         self.reactor = reactor
         self.features = features  # features.hooks.MessageFeatures: its stores
         self.spool = spool
-        self.directory = directory
+        self.store = store
         self.hostname = hostname
         self.postmaster = postmaster
 
     def _thread(self, f, *args) -> defer.Deferred:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
-    async def received(self, paths: list[ReturnPath], data: bytes) -> None:
-        """A message for ``paths`` (RCPTs that passed); raises when an effect could not
+    async def received(self, tokens: list[Token], data: bytes) -> None:
+        """A message for ``tokens`` (RCPTs that passed); raises when an effect could not
         be made durable (the listener then answers 451)."""
         report = await self._thread(parse, data)
-        for path in paths:
+        for token in tokens:
+            path = await self._thread(self.store.resolve, token)
+            if path is None:
+                log.info("bounces: a report about {queue_id} dropped: no record of it (older "
+                         "than [bounces] retention?)", queue_id=token.queue_id)
+                continue
             await self._apply(path, report)
 
     async def _apply(self, path: ReturnPath, report: Report) -> None:
@@ -94,23 +100,18 @@ class BounceFeed:
                            path.user, reason)
 
     async def _notify(self, path: ReturnPath, block: RecipientReport, headers: bytes) -> None:
-        try:
-            user = await self.directory.getUser(path.user)
-        except Exception:  # LDAP down: the default, the envelope sender
-            log.failure("cannot look up {user}: the bounce goes to the sender", user=path.user)
-            user = None
         now = self.reactor.seconds()
         envelope = Envelope(id=path.queue_id, sender=path.sender, recipients=[path.recipient],
                             user=path.user, account=path.account, client_ip=None, helo=None,
                             tls=False, received_at=time_of(path.queue_id),
-                            bounce_to=bounce_to(user.bounce_notify) if user else None)
+                            bounce_to=path.bounce_to)
         to = dsn.notify_address(envelope)
         if to is None:
             log.info("{queue_id}: no bounce for <{recipient}> (notifications off for {user})",
                      queue_id=path.queue_id, recipient=path.recipient, user=path.user)
             return
-        state = RecipientState(RecipientStatus.FAILED, block.code,
-                               block.diagnostic or block.status, block.remote)
+        state = RecipientState(RecipientStatus.FAILED, block.code, _reply_text(block),
+                               block.remote)
         data = dsn.build(envelope=envelope, recipients=[(path.recipient, state)],
                          action="failed", headers=restore_sender(headers, path),
                          hostname=self.hostname, postmaster=self.postmaster, to=to, now=now)
@@ -129,6 +130,13 @@ def _block(report: Report, recipient: str) -> RecipientReport:
         if (block.recipient or "").lower() == recipient.lower():
             return block
     return wanted[0]
+
+
+def _reply_text(block: RecipientReport) -> str:
+    """The remote reply as delivery keeps one: the text after the code, starting with the
+    enhanced status (``5.1.1 <bob@example.net>: Recipient address rejected``)."""
+    text = re.sub(r"^[245]\d\d[\s-]+", "", block.diagnostic)
+    return text if text.startswith(block.status + " ") else f"{block.status} {text}".strip()
 
 
 def restore_sender(headers: bytes, path: ReturnPath) -> bytes:

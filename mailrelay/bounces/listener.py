@@ -22,7 +22,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay.bounces.verp import ReturnPath, Verp
+from mailrelay.bounces.verp import Token, Verp
 from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader, too_big
@@ -43,7 +43,7 @@ class BounceSession(CommandStream):
         self.peer = "-"
         self._helo = False
         self._sender: str | None = None
-        self._paths: list[ReturnPath] = []
+        self._paths: list[Token] = []
         self._chunks: list[bytes] = []
         self._errors = 0
 
@@ -183,7 +183,7 @@ class BounceSession(CommandStream):
                        self._failed, errbackArgs=(sender, paths))
         self.wait(d)
 
-    def _failed(self, failure: Failure, sender: str, paths: list[ReturnPath]) -> None:
+    def _failed(self, failure: Failure, sender: str, paths: list[Token]) -> None:
         log.failure("bounces: cannot record the report from <{sender}> about {ids}", failure,
                     sender=sender, ids=", ".join(p.queue_id for p in paths))
         self.reply(451, "4.3.0", "Error: local error in processing, try again later")

@@ -1,18 +1,13 @@
 """VERP return paths: ``b+TOKEN@bounces.example.com``, one per message and recipient.
 
-The token carries what a bounce must be charged to (queue id, account, user, the client's
-envelope sender, the recipient) and an HMAC-SHA256 tag over it and the bounce domain,
-made with ``[bounces] key_file``. So the bounce listener needs no record of what was
-sent, a token made for one domain is refused at another, and without the key no address
-can be made that would suppress a recipient, count a bounce or reach a user: a forged or
-altered token is refused at RCPT.
-
-The token is base32 in lower case (a-z, 2-7): remote servers may change the case of a
-local part, and base32 reads the same either way. The local part is longer than RFC
-5321's 64 octets (about 70 for ``news@doe.com`` to ``bob@example.net``), as classic VERP
-addresses (Postfix's, Mailman's) are; receivers take such senders. One that would be
-longer than MAX_LOCAL octets is not made: that recipient gets the client's envelope
-sender, and the log says so.
+The token is the queue id, the recipient's place in the envelope and an HMAC-SHA256 tag
+over them and the bounce domain, made with ``[bounces] key_file``: base32 in lower case
+(remote servers may change the case of a local part; base32 reads the same either way),
+37 characters, so the local part (39 octets) is within RFC 5321's 64. Without the key no
+address can be made that the bounce listener would take: a forged or altered token, or
+one made for another bounce domain, is refused at RCPT. What the token points to (the
+user, the account, the client's envelope sender, the recipients) is recorded by delivery
+in the return-path store (store.py) when the message is first sent.
 """
 
 from __future__ import annotations
@@ -26,22 +21,21 @@ from mailrelay.model import Envelope
 from mailrelay.signing import Signer
 
 PREFIX = "b+"
-TAG_BYTES = 10  # 80 bits: checked online, one RCPT at a time
-MAX_LOCAL = 200  # octets of the local part; the whole address stays well under 320
+TAG_BYTES = 10  # 80 bits: a guess is checked online, one RCPT at a time
 _VERSION = b"\x01"
 _QUEUE_ID_BYTES = 9  # 18 hex digits (spool/queueid.py)
+_INDEX_BYTES = 3  # the recipient's place in the envelope (max_recipients is at most 100000)
+_PAYLOAD = 1 + _QUEUE_ID_BYTES + _INDEX_BYTES
+_LOCAL = len(PREFIX) + len(base64.b32encode(bytes(TAG_BYTES + _PAYLOAD)).rstrip(b"="))
 
 
 @dataclass(frozen=True)
-class ReturnPath:
-    """What a VERP address says about the mail it was the envelope sender of."""
+class Token:
+    """What a VERP address of the relay's names."""
 
     domain: str
     queue_id: str
-    account: str
-    user: str
-    sender: str  # the client's envelope sender
-    recipient: str
+    index: int  # of the recipient in the envelope's recipients
 
 
 class Verp:
@@ -53,31 +47,26 @@ class Verp:
 
     def address(self, envelope: Envelope, recipient: str) -> str | None:
         """The envelope sender for ``recipient``'s copy, or None when the message has no
-        return path (no bounce domain, the null sender, the relay's own mail) or the
-        address would be too long."""
+        return path: no bounce domain, the null sender, or the relay's own mail."""
         domain = envelope.return_path
         if not (domain and envelope.sender and envelope.user and envelope.account):
             return None
-        sender = "" if envelope.sender == envelope.user else envelope.sender
         try:
             queue_id = bytes.fromhex(envelope.id)
+            index = envelope.recipients.index(recipient)
         except ValueError:
             return None
-        if len(queue_id) != _QUEUE_ID_BYTES:
+        if len(queue_id) != _QUEUE_ID_BYTES or index >= 256 ** _INDEX_BYTES:
             return None
-        fields = "\0".join((envelope.account, envelope.user, sender, recipient))
-        payload = _VERSION + queue_id + fields.encode("utf-8")
-        token = _b32(self._tag(domain, payload) + payload)
-        if len(PREFIX) + len(token) > MAX_LOCAL:
-            return None
-        return f"{PREFIX}{token}@{domain}"
+        payload = _VERSION + queue_id + index.to_bytes(_INDEX_BYTES, "big")
+        return f"{PREFIX}{_b32(self._tag(domain, payload) + payload)}@{domain}"
 
-    def open(self, address: str) -> ReturnPath | None:
-        """What a VERP address of ours says; None for any other address (not the form,
-        another key, another domain, altered)."""
+    def open(self, address: str) -> Token | None:
+        """What a VERP address of the relay's names; None for any other address (not the
+        form, another key, another domain, altered)."""
         local, at, domain = address.rpartition("@")
         local, domain = local.lower(), domain.lower().rstrip(".")
-        if not at or not local.startswith(PREFIX) or len(local) > MAX_LOCAL:
+        if not at or len(local) != _LOCAL or not local.startswith(PREFIX):
             return None
         try:
             data = _unb32(local[len(PREFIX):])
@@ -85,20 +74,12 @@ class Verp:
         except (binascii.Error, ValueError):
             return None
         tag, payload = data[:TAG_BYTES], data[TAG_BYTES:]
-        if len(payload) < 1 + _QUEUE_ID_BYTES or not hmac.compare_digest(
-                tag, self._tag(domain, payload)):
+        if not hmac.compare_digest(tag, self._tag(domain, payload)):
             return None
         if payload[:1] != _VERSION:
             return None
-        try:
-            fields = payload[1 + _QUEUE_ID_BYTES:].decode("utf-8").split("\0")
-        except UnicodeDecodeError:
-            return None
-        if len(fields) != 4:
-            return None
-        account, user, sender, recipient = fields
-        return ReturnPath(domain, payload[1:1 + _QUEUE_ID_BYTES].hex(), account, user,
-                          sender or user, recipient)
+        return Token(domain, payload[1:1 + _QUEUE_ID_BYTES].hex(),
+                     int.from_bytes(payload[1 + _QUEUE_ID_BYTES:], "big"))
 
 
 def _b32(data: bytes) -> str:
@@ -106,7 +87,7 @@ def _b32(data: bytes) -> str:
 
 
 def _unb32(text: str) -> bytes:
-    if not text or not text.isascii() or not text.isalnum():
+    if not text.isascii() or not text.isalnum():
         raise ValueError("not base32")
     data = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
     if _b32(data) != text:  # one spelling per token
