@@ -16,11 +16,10 @@ def user_fields(user: SmtpUser, recipients: list[str], account: Account | None =
     """Envelope keyword arguments: ``recipients`` (with the audit BCC addresses added as
     envelope recipients only: they appear in no header), ``audit`` (those added),
     ``bounce_to`` (None: DSNs to the sender; "": none; else that address),
-    ``personalize`` (the per-recipient changes to make) and ``return_path`` (the
-    account's bounce domain, for VERP at delivery)."""
+    ``personalize`` (the per-recipient changes to make) and, when the account has a
+    bounce domain, ``return_path`` (VERP at delivery)."""
     audit = [a for a in dict.fromkeys(user.audit_bcc) if a not in recipients]
-    return {
-        "return_path": account.bounce_domain if account is not None else None,
+    fields = {
         "recipients": [*recipients, *audit],
         "audit": audit,
         "bounce_to": bounce_to(user.bounce_notify),
@@ -34,6 +33,9 @@ def user_fields(user: SmtpUser, recipients: list[str], account: Account | None =
             if on
         ],
     }
+    if account is not None and account.bounce_domain:
+        fields["return_path"] = account.bounce_domain
+    return fields
 
 
 def bounce_to(bounce_notify: str) -> str | None:

@@ -2,7 +2,8 @@
 the relay's ``[delivery] outbound_addresses`` authorized?), DKIM (is each key's record
 published and the same key?) and DMARC (present, its policy, and does the relay's mail
 align?). Each check is ok, missing, wrong or unknown (not configured, or DNS gave no
-answer), with the record to publish when it is not ok.
+answer), with the record to publish when it is not ok. An account's bounce domain (the
+return path of its mail) is checked too: its MX must name the relay, its SPF authorize it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.dkim import DkimKey
-from mailrelay.dnscheck import DnsFailure, SpfError, spf_check, spf_record, tags, txt_records
+from mailrelay.dnscheck import (
+    DnsFailure,
+    SpfError,
+    mx_records,
+    spf_check,
+    spf_record,
+    tags,
+    txt_records,
+)
 
 POLICIES = ("none", "quarantine", "reject")
 
@@ -125,3 +134,60 @@ async def check_domain(resolver, domain: str, outbound: list[str],
     checks = [spf, *dkim, dmarc]
     return {"domain": domain, "spf": spf, "dkim": dkim, "dmarc": dmarc,
             "ok": all(c["status"] == "ok" for c in checks)}  # fmt: skip
+
+
+# ---- the return path: an account's bounce domain (mailrelay/bounces/) ----
+
+
+async def check_return_path(resolver, bounce_domain: str, mx_host: str,
+                            outbound: list[str]) -> dict[str, Any]:
+    """The bounce domain's records: an MX naming the relay (``[bounces] mx_host``), so that
+    bounces to its VERP addresses come back, and SPF authorizing the relay's addresses,
+    since the envelope sender is there. Ok only when both are."""
+    out: dict[str, Any] = {"domain": bounce_domain, "mx_host": mx_host, "record": None,
+                           "publish": None}
+    mx_publish = {"name": bounce_domain, "type": "MX", "value": f"10 {mx_host}."}
+    try:
+        mx = await mx_records(resolver, bounce_domain)
+    except DnsFailure as e:
+        mx = None
+        mx_check = {"status": "unknown", "detail": f"DNS gave no answer ({e})"}
+    if mx is None:
+        pass
+    elif not mx:
+        mx_check = {"status": "missing", "detail": f"{bounce_domain} has no MX: bounces to "
+                    "its addresses cannot come back", "publish": mx_publish}  # fmt: skip
+    elif mx_host in {name for _, name in mx}:
+        mx_check = {"status": "ok", "detail": f"MX {mx_host}"}
+    else:
+        mx_check = {"status": "wrong", "publish": mx_publish,
+                    "detail": f"MX {', '.join(n for _, n in mx)}, not {mx_host}"}  # fmt: skip
+    if mx:
+        mx_check["record"] = " ".join(f"{p} {n}." for p, n in mx)
+    out["mx"] = {"record": None, "publish": None, **mx_check}
+    out["spf"] = spf = await check_spf(resolver, bounce_domain, outbound)
+    for status in ("wrong", "missing", "unknown", "ok"):
+        if status in (out["mx"]["status"], spf["status"]):
+            out["status"] = status
+            break
+    out["detail"] = f"MX {out['mx']['status']}, SPF {spf['status']}"
+    return out
+
+
+async def check_domain_with_return_path(resolver, domain: str, outbound: list[str],
+                                        keys: list[tuple[DkimKey, tuple[str, str]]],
+                                        bounce_domain: str | None,
+                                        mx_host: str) -> dict[str, Any]:
+    """check_domain, and with a bounce domain its ``return_path`` report: the envelope
+    sender is then at the bounce domain, so DMARC's SPF alignment (relaxed: a subdomain
+    aligns) is that of the bounce domain's SPF."""
+    report = await check_domain(resolver, domain, outbound, keys)
+    if bounce_domain is None:
+        return report
+    rp = report["return_path"] = await check_return_path(resolver, bounce_domain, mx_host,
+                                                         outbound)
+    report["dmarc"] = await check_dmarc(resolver, domain, report["dmarc"]["dkim_aligned"],
+                                        rp["spf"]["status"] == "ok")
+    checks = [report["spf"], *report["dkim"], report["dmarc"], rp]
+    report["ok"] = all(c["status"] == "ok" for c in checks)
+    return report
