@@ -32,7 +32,8 @@ def relay(tmp_path_factory, sink):
         f"[delivery]\nport = {sink.port}\nallow_local_mx = yes\nretry_first = 1s\n"
         f"retry_max = 2s\nmx_tls = none\n\n"
         f"[routes]\nexample.test = 127.0.0.1:{sink.port}\ndoe.test = 127.0.0.1:{sink.port}\n\n"
-        f"[bounces]\nendpoint = tcp:{free_port()}:interface=127.0.0.1\n"))  # fmt: skip
+        f"[bounces]\nendpoint = tcp:{free_port()}:interface=127.0.0.1\n"
+        "max_message_size = 100k\n"))  # fmt: skip
     relay.admin("account", "set", "default", "--domains", "doe.test")
     relay.admin("account", "set", "default", "--bounce-domain", "bounces.doe.test")
     relay.add_user(USER, PASSWORD)
@@ -79,6 +80,17 @@ def test_bounces_and_complaints_come_back_to_the_relay(relay, sink):
         assert client.rcpt(verp2.upper())[0] == 250  # a server that changed the case
         code, text = client.data(arf_complaint(verp2, r2))
         assert code == 250, text
+        # Reports are bounded: SIZE, and the data itself.
+        assert client.mail("", ["SIZE=200000"])[:2] == (
+            552, b"5.3.4 Message size exceeds fixed limit of 102400 bytes")
+        client.rset()
+        assert client.mail("")[0] == 250 and client.rcpt(verp1)[0] == 250
+        # An auto-reply of 60 KB: taken, and dropped (no report in it).
+        code, text = client.data(b"Subject: Out of office\r\n\r\n" + (b"z" * 98 + b"\r\n") * 600)
+        assert code == 250, text
+        assert client.mail("")[0] == 250 and client.rcpt(verp1)[0] == 250
+        code, text = client.data(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 110)
+        assert (code, text[:5]) == (552, b"5.3.4")
 
     # The hard bounce and the complaint are on the user's list, and counted.
     wait_for(lambda: len(suppressed(relay)) == 2, timeout=20, what="two suppressions")
@@ -90,6 +102,9 @@ def test_bounces_and_complaints_come_back_to_the_relay(relay, sink):
     assert f"Final-Recipient: rfc822; {r1}".encode() in notice
     assert b"Status: 5.1.1" in notice and b"User unknown" in notice
     assert f"Return-Path: <{USER}>".encode() in notice and b"b+" not in notice.lower()
+
+    wait_for(lambda: "discarded: no delivery status or feedback report" in relay.log(),
+             timeout=10, what="the auto-reply's log line")
 
     # Mail to them now is not sent.
     send(relay, USER, [r1, r2])
