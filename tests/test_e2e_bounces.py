@@ -7,7 +7,9 @@ other recipient."""
 from __future__ import annotations
 
 import json
+import os
 import smtplib
+import stat
 import uuid
 
 import pytest
@@ -63,6 +65,7 @@ def test_bounces_and_complaints_come_back_to_the_relay(relay, sink):
         assert verp.startswith("b+") and verp.endswith("@bounces.doe.test")
     assert verp1 != verp2
     assert f"sender={USER}" in relay.log()  # what the user sees keeps the client's sender
+    assert stat.S_IMODE(os.stat(relay.data / "bounce.key").st_mode) == 0o600
 
     with smtplib.SMTP("127.0.0.1", bounce_port(relay), timeout=30) as client:
         assert client.ehlo("mx.example.net")[0] == 250

@@ -37,6 +37,7 @@ from mailrelay.features.suppressions import Reason
 from mailrelay.model import Envelope
 from mailrelay.spool.queueid import time_of
 from mailrelay.spool.state import RecipientState, RecipientStatus
+from mailrelay.text import printable
 
 log = Logger()
 
@@ -72,7 +73,7 @@ class BounceFeed:
             self.features.stats.record(Event.COMPLAINTS, path.account, path.user)
             await self._suppress(path, Reason.COMPLAINT)
             log.info("{queue_id}: complaint ({type}) from <{recipient}> for {user}: "
-                     "suppressed", type=report.feedback_type, **what)
+                     "suppressed", type=printable(report.feedback_type or ""), **what)
             return
         if report.kind not in ("failed", "delayed"):
             log.info("{queue_id}: message to the return path of <{recipient}> for {user} "
@@ -83,16 +84,16 @@ class BounceFeed:
         if report.kind == "delayed":
             self.features.stats.record(Event.DEFERRED, path.account, path.user)
             log.info("{queue_id}: delayed at {remote} for <{recipient}> ({user}): {status}",
-                     remote=block.remote or "-", status=block.status, **what)
+                     remote=printable(block.remote or "-"), status=block.status, **what)
             return
         self.features.stats.record(Event.BOUNCED, path.account, path.user)
         hard = block.status in HARD_BOUNCE
         if hard:
             await self._suppress(path, Reason.HARD_BOUNCE)
         log.info("{queue_id}: bounced by {remote} for <{recipient}> ({user}): {status} "
-                 "{diagnostic}{suppressed}", remote=block.remote or "-", status=block.status,
-                 diagnostic=block.diagnostic, suppressed="; suppressed" if hard else "",
-                 **what)
+                 "{diagnostic}{suppressed}", remote=printable(block.remote or "-"),
+                 status=block.status, diagnostic=printable(block.diagnostic, 500),
+                 suppressed="; suppressed" if hard else "", **what)
         await self._notify(path, block, report.headers)
 
     async def _suppress(self, path: ReturnPath, reason: Reason) -> None:

@@ -27,6 +27,7 @@ from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader, too_big
 from mailrelay.smtp.framing import CommandStream
+from mailrelay.text import printable
 
 log = Logger()
 
@@ -128,7 +129,7 @@ class BounceSession(CommandStream):
         path = self.factory.verp.open(address)
         if path is None:
             log.info("bounces: refused RCPT <{address}> from {peer}: not a return path of "
-                     "this relay", address=address, peer=self.peer)
+                     "this relay", address=printable(address), peer=self.peer)
             raise Reply(550, "5.7.1", f"<{address}>: Recipient address rejected: "
                                       "not a bounce address of this relay")
         self._paths.append(path)
@@ -185,7 +186,8 @@ class BounceSession(CommandStream):
 
     def _failed(self, failure: Failure, sender: str, paths: list[Token]) -> None:
         log.failure("bounces: cannot record the report from <{sender}> about {ids}", failure,
-                    sender=sender, ids=", ".join(p.queue_id for p in paths))
+                    sender=printable(sender or ""),
+                    ids=", ".join(p.queue_id for p in paths))
         self.reply(451, "4.3.0", "Error: local error in processing, try again later")
 
     def waitFailed(self, failure: Failure) -> None:
@@ -193,6 +195,7 @@ class BounceSession(CommandStream):
 
 
 class BounceFactory(ServerFactory):
+    noisy = False  # no "Starting factory <...>": the listener's own line says it
     def __init__(self, verp: Verp, feed, hostname: str, *, max_size: int = 10 * 2**20,
                  idle_timeout: float = 300.0, max_connections: int = 100) -> None:
         self.verp = verp
