@@ -288,6 +288,19 @@ class ApiTests(unittest.TestCase):
         yield self.api("PATCH", "/accounts/beta", {"note": "x"}, expect=404)
 
     @defer.inlineCallbacks
+    def test_an_accounts_bounce_domain(self):
+        _, _, account = yield self.api("POST", "/accounts", {
+            "name": "beta", "domains": "beta.test", "bounce_domain": "Bounces.Beta.test"},
+            expect=201)  # fmt: skip
+        self.assertEqual(account["bounce_domain"], "bounces.beta.test")
+        _, _, body = yield self.api("PATCH", "/accounts/acme",
+                                    {"bounce_domain": "bounces.beta.test"}, expect=400)
+        self.assertIn("not a subdomain", body["error"])
+        _, _, changed = yield self.api("PATCH", "/accounts/beta", {"bounce_domain": None},
+                                       expect=200)  # fmt: skip
+        self.assertIsNone(changed["bounce_domain"])
+
+    @defer.inlineCallbacks
     def test_ip_auth_is_read_from_the_configuration(self):
         _, _, doc = yield self.api("GET", "/ip-auth", expect=200)
         self.assertEqual(doc["networks"], [{"network": "127.0.0.2/32", "username": "app"},
