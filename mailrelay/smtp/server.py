@@ -1,19 +1,20 @@
 """One SMTP submission session: the commands, the transaction, and the commit.
 
 The session is a framing.CommandStream (a Twisted Protocol with TimeoutMixin): commands
-split on CRLF only, message data read a chunk at a time by data.DataReader, and nothing
-further read while a command waits on a Deferred (the portal, the policy, the spool), so
-pipelined commands run strictly in order. Commands dispatch to the smtp_* methods below;
-a handler answers by returning, by raising Reply, or by returning a coroutine.
+split on CRLF only, message data read a chunk at a time by data.DataReader (what BDAT
+chunks carry goes through it too: chunking.py), and nothing further read while a command
+waits on a Deferred (the portal, the policy, the spool), so pipelined commands run
+strictly in order. Commands dispatch to the smtp_* methods below; a handler answers by
+returning, by raising Reply, or by returning a coroutine.
 
 Transactions need a login (login.py): AUTH PLAIN or LOGIN (inside TLS unless the listener
 allows plaintext AUTH), or, at MAIL without AUTH, IP authentication or address
 authentication through the portal. Which envelope and From: header senders a login may
 use is the policy's to say (policy/sender.py); so are the limits (policy/submission.py).
 
-Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
-and ``session_timeout`` for the time a connection spends outside transactions in total
-(a message in progress is never cut off by it).
+Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase
+(or all BDAT chunks of a message), and ``session_timeout`` for the time a connection
+spends outside transactions in total (a message in progress is never cut off by it).
 """
 
 from __future__ import annotations
