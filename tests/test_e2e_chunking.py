@@ -4,6 +4,8 @@ one sink for the whole module."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 
 import pytest
@@ -88,6 +90,21 @@ def test_bdat_messages_reach_a_data_only_next_hop_intact(relay):
     assert arrived(relay, "dots@example.net").endswith(
         b"\r\nFrom: a@doe.test\r\nSubject: bare LF\r\n\r\nfirst\r\n.\r\n..\r\n.\r\n\r\n.\r\n"
         b"last line\r\n")
+
+
+def test_long_lines_are_re_encoded_as_with_data(relay):
+    html = ("<div>" + "<span>ünïcödé text, </span>" * 700 + "</div>").encode()
+    content = (b"From: a@doe.test\nSubject: long lines\nMIME-Version: 1.0\n"
+               b"Content-Type: text/html; charset=utf-8\n\n" + html + b"\n.\n")
+    with login(relay) as c:
+        c.send(envelope("long@example.net") + bdat(content[:10000]) + bdat(content[10000:],
+                                                                            last=True))
+        assert [c.reply()[0] for _ in range(4)] == [250] * 4
+    received = arrived(relay, "long@example.net")
+    assert all(len(line) <= 998 for line in received.split(b"\r\n"))
+    msg = email.message_from_bytes(received, policy=email.policy.compat32)
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert msg.get_payload(decode=True) == html + b"\r\n.\r\n"
 
 
 def test_bdat_and_data_in_one_session(relay):

@@ -4,6 +4,8 @@ octets are read), the order of commands, memory and timeouts."""
 
 from __future__ import annotations
 
+import random
+
 from test_smtp_support import HOST, Session, codes
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -90,11 +92,21 @@ class ChunkTests(unittest.TestCase):
     def test_bare_cr_and_nul_are_refused(self) -> None:
         s = self.s
         for content in [b"From: a@doe.test\r\n\r\nx\ry\r\n", b"From: a@doe.test\r\n\r\nx\r",
-                        b"From: a@doe.test\r\n\r\nx\r\r\n", b"From: a@doe.test\r\n\r\nx\0\r\n"]:
+                        b"From: a@doe.test\r\n\r\nx\r\r\n", b"From: a@doe.test\r\n\r\nx\ry\n",
+                        b"From: a@doe.test\r\n\r\nx\0\r\n"]:
             lines = s.send(ENVELOPE + bdat(content, last=True))
             self.assertEqual(lines[-1][:9], "550 5.6.0", content)
         self.assertEqual(s.spool.committed, [])
         self.assertEqual({m.state for m in s.spool.created}, {"aborted"})
+
+    def test_a_line_over_64_kib_answers_its_chunk_and_the_rest_is_not_read_as_commands(self):
+        s = self.s
+        line = b"MAIL FROM:<ceo@victim.example>\r\n" * 3000  # one line: no LF at all
+        lines = s.send(ENVELOPE + bdat(b"From: a@doe.test\r\n\r\n" + line.replace(b"\r\n", b""))
+                       + bdat(b"\r\n" + line, last=True) + b"NOOP\r\n")
+        self.assertEqual(lines[2:], ["500 5.5.2 Message refused: line longer than 65536 octets",
+                                     "503 5.5.1 Need MAIL command", "250 2.0.0 Ok"])
+        self.assertEqual(s.spool.created[0].state, "aborted")
 
     def test_header_refusal_answers_its_chunk_and_later_chunks_are_discarded(self) -> None:
         s = self.s
@@ -281,3 +293,22 @@ def test_chunked_message_reads_as_data_would_carry_it() -> None:
             assert (got and got.status) == error, cuts
             if error is None:
                 assert bytes(out) == expected, cuts
+
+
+def test_random_contents_and_cuts_match_the_reference() -> None:
+    rng = random.Random(3030)
+    for _ in range(3000):
+        content = bytes(rng.choice(b"\r\n.x") for _ in range(rng.randrange(12)))
+        cuts = sorted(rng.randrange(len(content) + 1) for _ in range(rng.randrange(4)))
+        out = bytearray()
+        message = ChunkedMessage(DataReader(out.extend, 10**6, lambda h: None))
+        for a, b in zip((0, *cuts), (*cuts, len(content)), strict=True):
+            message.write(content[a:b])
+        message.finish()
+        if content.replace(b"\r\n", b"").count(b"\r"):  # a bare CR
+            assert message.reader.error.status == "5.6.0", content
+            continue
+        expected = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if expected and not expected.endswith(b"\r\n"):
+            expected += b"\r\n"
+        assert (bytes(out), message.reader.error) == (expected, None), (content, cuts)

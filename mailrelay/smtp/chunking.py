@@ -67,11 +67,15 @@ class ChunkedMessage:
             data, self._cr = data[:-1], True
         if not data:
             return
-        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # bare CRs stay bare
+        # A bare LF gets its CR; a bare CR stays bare (and refuses the message). Counting
+        # single octets is cheap, and as many CRs as LFs means no bare LF, or a bare CR.
+        if data.count(b"\n") != data.count(b"\r"):
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._line_start and data.startswith(b"."):
             data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
-        self._line_start = data.endswith(b"\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
+        self._line_start = data.endswith(b"\r\n")  # (a bare LF left: refused anyway)
         self._feed(data, end=False)
 
     def finish(self) -> None:
