@@ -10,6 +10,7 @@ from test_smtp_support import HOST, Session, codes
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from mailrelay.errors import StorageError
 from mailrelay.smtp.chunking import ChunkedMessage
 from mailrelay.smtp.data import DataReader
 
@@ -130,12 +131,31 @@ class ChunkTests(unittest.TestCase):
                          ["503 5.5.1 Need MAIL command", "250 2.0.0 Ok"])
         self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n" + bdat(data) + b"NOOP\r\n"),
                          ["250 2.1.0 Ok", "503 5.5.1 Need RCPT command", "250 2.0.0 Ok"])
+        # The failed BDAT ended the transaction: no later chunk starts a message.
+        lines = s.send(b"RCPT TO:<r@example.net>\r\n" + bdat(MESSAGE, last=True))
+        self.assertEqual(lines, ["503 5.5.1 Need MAIL command"] * 2)
+        self.assertEqual(s.spool.created, [])
         # After the LAST one, more chunks are out of sequence too.
-        lines = s.send(b"RCPT TO:<r@example.net>\r\n" + bdat(MESSAGE, last=True)
-                       + bdat(data, last=True) + b"NOOP\r\n")
-        self.assertEqual(codes(lines), [250, 250, 503, 250])
+        lines = s.send(ENVELOPE + bdat(MESSAGE, last=True) + bdat(data, last=True)
+                       + b"NOOP\r\n")
+        self.assertEqual(codes(lines), [250, 250, 250, 503, 250])
         self.assertEqual(len(s.spool.created), 1)
         self.assertEqual(body(s.spool.committed[0]), MESSAGE)
+
+    def test_a_spool_that_cannot_take_the_message_fails_the_first_chunk(self) -> None:
+        s = self.s
+        create = s.spool.create
+
+        def full(envelope):
+            s.spool.create = create
+            raise StorageError("no space", full=True)
+
+        s.spool.create = full
+        lines = s.send(ENVELOPE + bdat(b"From: a@doe.test\r\n\r\n") + bdat(MESSAGE, last=True)
+                       + b"NOOP\r\n")
+        self.assertEqual(lines[2:], ["452 4.3.1 Insufficient system storage, try again later",
+                                     "503 5.5.1 Need MAIL command", "250 2.0.0 Ok"])
+        self.assertEqual(s.spool.created, [])
 
     def test_a_chunk_over_the_size_limit_is_discarded_then_refused(self) -> None:
         s = Session(self.clock, max_message_size=1000)

@@ -23,10 +23,11 @@ Decisions:
   it is answered, refused or not: a chunk over ``max_message_size`` (``552 5.3.4``, the
   announced octets of the message counted; nothing of it is kept in memory), a BDAT
   without a transaction, one after a failed chunk or after the LAST one (``503 5.5.1``,
-  RFC 3030 section 2: chunks already pipelined are discarded). A refusal found in a
-  chunk's content is the reply to that chunk and ends the transaction. A BDAT whose
-  count cannot be read (``BDAT x``) gets ``501 5.5.4`` and the connection is closed: no
-  one knows where its chunk ends.
+  RFC 3030 section 2: chunks already pipelined are discarded). A refused BDAT, or a
+  refusal found in a chunk's content (the reply to that chunk), ends the transaction:
+  a later chunk never becomes the start of a message. A BDAT whose count cannot be
+  read (``BDAT x``) gets ``501 5.5.4`` and the connection is closed: no one knows where
+  its chunk ends.
 - Time. ``idle_timeout`` applies to each chunk as to DATA (any octet counts as
   activity), and ``data_timeout`` runs from the first BDAT of a message to its LAST (or
   from a discarded chunk's BDAT to its end). A client that announces more than it sends
@@ -157,13 +158,14 @@ class Chunking:
             octets = count + (message.octets if message is not None else 0)
             if octets > self.factory.max_message_size:
                 raise too_big(self.factory.max_message_size)
+            if message is None:
+                message = self._chunks = ChunkedMessage(self._open_message())
         except Reply as refusal:
-            if syntax is not None or refusal.code == 552:  # the transaction fails with it
-                self._end_transaction(accepted=False)
+            # A failed BDAT fails the transaction: chunks pipelined after it are discarded
+            # (RFC 3030 section 2), never taken for the start of a message.
+            self._end_transaction(accepted=False)
             self._read_chunk(Chunk(count, last, None, refusal))
             return
-        if message is None:
-            message = self._chunks = ChunkedMessage(self._open_message())
         message.octets = octets
         self._read_chunk(Chunk(count, last, message))
 
