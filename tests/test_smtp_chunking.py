@@ -4,7 +4,9 @@ octets are read), the order of commands, memory and timeouts."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 from test_smtp_support import HOST, Session, codes
 from twisted.internet.task import Clock
@@ -250,6 +252,27 @@ class ChunkTests(unittest.TestCase):
                          [250, 250])
         s.spool.created[0].commit_deferred.callback(s.spool.created[0].id)
         self.assertEqual(codes(s.replies()), [250, 250])
+
+
+class ChunkMemoryTests(unittest.TestCase):
+    def test_refused_bdat_sessions_leave_nothing_behind(self) -> None:
+        clock = Clock()
+        refs = []
+        for head, content, code in [
+                (b"a@doe.test", b"bare\rCR", 550), (b"a@doe.test", b"NUL\0", 550),
+                (b"a@doe.test", b"x" * 70000, 500), (b"boss@victim.example", b"x", 550),
+                (b"a@doe.test", b"y" * 100_001, 552)]:
+            for _ in range(3):
+                s = Session(clock, max_message_size=100_000)
+                s.login()
+                lines = s.send(ENVELOPE + bdat(b"From: " + head + b"\r\n\r\n")
+                               + bdat(content, last=True))
+                self.assertIn(code, codes(lines)[2:], lines)
+                s.lose()
+                refs.append(weakref.ref(s.proto))
+                del s
+        gc.collect()
+        self.assertEqual([r for r in refs if r() is not None], [])
 
 
 class ChunkTimeoutTests(unittest.TestCase):
