@@ -188,9 +188,8 @@ class Chunking:
     def _chunk_read(self, chunk: Chunk) -> None:
         """All of a chunk's octets are in: answer it."""
         message = chunk.message
-        if message is None:
-            if self._chunks is None:
-                self._cancel_data_deadline()
+        if message is None:  # refused, the transaction ended: its deadline was the chunk's
+            self._cancel_data_deadline()
             self._send(chunk.refusal)
         elif chunk.last or message.reader.error is not None:
             self._chunks = None
