@@ -1,19 +1,20 @@
 """One SMTP submission session: the commands, the transaction, and the commit.
 
 The session is a framing.CommandStream (a Twisted Protocol with TimeoutMixin): commands
-split on CRLF only, message data read a chunk at a time by data.DataReader, and nothing
-further read while a command waits on a Deferred (the portal, the policy, the spool), so
-pipelined commands run strictly in order. Commands dispatch to the smtp_* methods below;
-a handler answers by returning, by raising Reply, or by returning a coroutine.
+split on CRLF only, message data read a chunk at a time by data.DataReader (what BDAT
+chunks carry goes through it too: chunking.py), and nothing further read while a command
+waits on a Deferred (the portal, the policy, the spool), so pipelined commands run
+strictly in order. Commands dispatch to the smtp_* methods below; a handler answers by
+returning, by raising Reply, or by returning a coroutine.
 
 Transactions need a login (login.py): AUTH PLAIN or LOGIN (inside TLS unless the listener
 allows plaintext AUTH), or, at MAIL without AUTH, IP authentication or address
 authentication through the portal. Which envelope and From: header senders a login may
 use is the policy's to say (policy/sender.py); so are the limits (policy/submission.py).
 
-Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
-and ``session_timeout`` for the time a connection spends outside transactions in total
-(a message in progress is never cut off by it).
+Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase
+(or all BDAT chunks of a message), and ``session_timeout`` for the time a connection
+spends outside transactions in total (a message in progress is never cut off by it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
 from mailrelay.smtp.address import parse_mail, parse_rcpt
+from mailrelay.smtp.chunking import BETWEEN_CHUNKS, Chunk, Chunking
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.framing import CommandStream
 from mailrelay.smtp.headers import HeaderError, from_addresses
@@ -52,7 +54,7 @@ MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted message
 _sessions = itertools.count(1)
 
 
-class SubmissionServer(CommandStream):
+class SubmissionServer(Chunking, CommandStream):
     """A session; built by factory.SubmissionFactory, whose settings it reads."""
 
     max_line = MAX_AUTH_LINE
@@ -130,12 +132,14 @@ class SubmissionServer(CommandStream):
             self._session_timer.cancel()
         self._session_timer = None
         self._cancel_data_deadline()
-        if self._incoming is not None and self._reader is not None:
-            self._incoming.abort()  # the client vanished mid-DATA: nothing is kept
+        if self._incoming is not None:
+            self._incoming.abort()  # the client vanished mid-message: nothing is kept
             log.info(
-                "session {session}: {client_ip} disconnected during DATA, {queue_id} discarded",
+                "session {session}: {client_ip} disconnected during {phase}, {queue_id} "
+                "discarded",
                 session=self.session_id,
                 client_ip=self.client_ip,
+                phase="BDAT" if self._chunks is not None else "DATA",
                 queue_id=self._incoming.id,
             )
         log.info(
@@ -236,6 +240,9 @@ class SubmissionServer(CommandStream):
         handler = self._handler(verb)
         if handler is None:
             self._send(Reply(500, "5.5.1", "Command unrecognized"))
+            return
+        if self._chunks is not None and verb.upper() not in BETWEEN_CHUNKS:
+            self._send(Reply(503, "5.5.1", "Only BDAT, RSET, NOOP or QUIT may follow BDAT"))
             return
         self._run(handler, arg)
 
@@ -343,7 +350,7 @@ class SubmissionServer(CommandStream):
         self._hello(arg, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
-                  "ENHANCEDSTATUSCODES"]
+                  "ENHANCEDSTATUSCODES", "CHUNKING"]
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -385,16 +392,8 @@ class SubmissionServer(CommandStream):
 
     def smtp_HELP(self, arg: bytes) -> None:
         self._junk_command()
-        self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
-                    "NOOP VRFY HELP QUIT")
-
-    def smtp_BDAT(self, arg: bytes) -> None:
-        # CHUNKING is not offered: the chunk's bytes follow at once and would be read as
-        # commands, so the session cannot go on.
-        log.warn("session {session}: {client_ip} sent BDAT, which is not offered; dropping "
-                 "the connection", session=self.session_id, client_ip=self.client_ip)
-        self._reply(502, "5.5.1", "CHUNKING not offered, closing connection")
-        self.close()
+        self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT "
+                    "RSET NOOP VRFY HELP QUIT")
 
     def smtp_QUIT(self, arg: bytes) -> None:
         self._reply(221, "2.0.0", "Bye")
@@ -478,6 +477,10 @@ class SubmissionServer(CommandStream):
     def _end_transaction(self, accepted: bool) -> None:
         if self._sender is not None and not accepted and self.policy is not None:
             self._notify(self.policy.reset)
+        if self._incoming is not None:  # BDAT chunks before their LAST (RSET, EHLO...)
+            self._incoming.abort()
+            self._incoming = self._envelope = self._chunks = None
+            self._cancel_data_deadline()
         self._sender = None
         self._recipients = []
         self._session_clock(running=True)
@@ -567,11 +570,19 @@ class SubmissionServer(CommandStream):
     def _start_data(self, arg: bytes) -> None:
         if arg:
             raise Reply(501, "5.5.4", "Syntax: DATA")
+        if self._chunks is not None:  # RFC 3030 section 2
+            raise Reply(503, "5.5.1", "DATA not allowed after BDAT")
         self._need_login()
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
         if not self._recipients:
             raise Reply(554, "5.5.1", "No valid recipients")
+        self.readMessage(self._open_message())
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _open_message(self) -> DataReader:
+        """The spool file of a message whose data begins (DATA, or the first BDAT), with
+        its Received header; the reader its data goes through. data_timeout starts."""
         user = self.login.avatar.user
         now = self.factory.reactor.seconds()
         envelope = Envelope(
@@ -600,10 +611,8 @@ class SubmissionServer(CommandStream):
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
                                        protocol, incoming.id, self._recipients, now))
         self._incoming, self._envelope = incoming, envelope
-        self.readMessage(DataReader(incoming.write, self.factory.max_message_size,
-                                    self._check_headers))
         self._data_deadline = self.callLater(self.factory.data_timeout, self._data_timeout)
-        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        return DataReader(incoming.write, self.factory.max_message_size, self._check_headers)
 
     def _check_headers(self, header: bytes) -> Reply | bytes | None:
         """Refuse a From: header that is malformed or out of scope; add one from the
@@ -639,7 +648,10 @@ class SubmissionServer(CommandStream):
             self._send(reader.error)
             self.close()
 
-    def messageReceived(self, reader: DataReader) -> None:
+    def messageReceived(self, reader: DataReader | Chunk) -> None:
+        if isinstance(reader, Chunk):
+            self._chunk_read(reader)  # chunking.py; the LAST one comes back here
+            return
         self._cancel_data_deadline()
         d = ensureDeferred(self._finish_message(reader))
         d.addErrback(self._command_failed)
