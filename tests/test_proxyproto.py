@@ -381,6 +381,32 @@ class IPv6ListenerTests(unittest.TestCase):
         self.assertEqual((yield deferToThread(talk)), b"hello\r\n")
 
 
+class SslEndpointTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_an_ssl_endpoint_reads_the_header_before_its_tls(self):
+        from certs import TestCA
+        from twisted.internet import endpoints
+
+        ca = TestCA(self.mktemp())
+        cert, key = ca.issue(HOST)
+        prompt = PromptWrites(reactor, lambda f: ProxyProtocolFactory(
+            f, _networks("127.0.0.1"), 5.0, "edge", reactor))
+        endpoint = endpoints.serverFromString(
+            prompt, f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        listening = yield endpoint.listen(Factory.forProtocol(Replier))
+        self.addCleanup(listening.stopListening)
+        client = ssl.create_default_context(cafile=str(ca.cert_path))
+
+        def talk():
+            with connect(listening.getHost().port) as sock:
+                sock.sendall(V1_TCP6)
+                tls = client.wrap_socket(sock, server_hostname=HOST)
+                return recv_until(tls, b"hello\r\n")
+
+        self.assertEqual((yield deferToThread(talk)), b"hello\r\n")
+        self.assertEqual(prompt.wrapped, 1)
+
+
 @pytest.mark.tuned("prompt_writes")
 class PromptWritesBehindTheHeaderTests(unittest.TestCase):
     @defer.inlineCallbacks
