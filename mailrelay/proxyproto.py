@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
-from mailrelay.net import parse_ip
+from mailrelay.net import parse_ip, plain_ip
 
 log = Logger()
 
@@ -223,8 +223,8 @@ class ProxyHeaderReader(ProtocolWrapper):
         self._done = True
         self._cancel_timer()
         log.info("[listener:{listener}] connection from {peer} closed: {why}",
-                 listener=self.factory.name, peer=getattr(self.transport.getPeer(), "host", "?"),
-                 why=why)
+                 listener=self.factory.name,
+                 peer=plain_ip(str(getattr(self.transport.getPeer(), "host", "?"))), why=why)
         self.transport.loseConnection()
 
     def _cancel_timer(self) -> None:

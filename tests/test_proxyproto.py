@@ -380,6 +380,31 @@ class IPv6ListenerTests(unittest.TestCase):
 
         self.assertEqual((yield deferToThread(talk)), b"hello\r\n")
 
+    @defer.inlineCallbacks
+    def test_an_ipv4_balancer_on_a_dual_stack_listener_counts_as_ipv4(self):
+        lines = []
+        globalLogPublisher.addObserver(lines.append)
+        self.addCleanup(globalLogPublisher.removeObserver, lines.append)
+        ports = []
+        for networks in ("127.0.0.1", "::1"):
+            factory = ProxyProtocolFactory(Factory.forProtocol(Replier), _networks(networks),
+                                           5.0, "dual", reactor)
+            listening = PromptWrites(reactor).listenTCP(0, factory, interface="::")
+            self.addCleanup(listening.stopListening)
+            ports.append(listening.getHost().port)
+
+        def talk():
+            with connect(ports[0]) as sock:
+                sock.sendall(V2_TCP4)
+                hello = recv_until(sock, b"hello\r\n")
+            with connect(ports[1]) as sock:
+                sock.sendall(V2_TCP4)
+                return hello, closed_without_a_byte(sock)
+
+        self.assertEqual((yield deferToThread(talk)), (b"hello\r\n", True))
+        self.assertIn("[listener:dual] connection from 127.0.0.1 closed: not in proxy_from",
+                      [formatEvent(e) for e in lines])
+
 
 class SslEndpointTests(unittest.TestCase):
     @defer.inlineCallbacks
