@@ -323,7 +323,7 @@ class Listener:
     tls: str  # "starttls", "implicit" or "none"
     plaintext_auth: bool  # allow AUTH without TLS (off unless set)
     proxy_protocol: bool = False  # a PROXY header first (mailrelay/proxyproto.py)
-    proxy_from: tuple = ()  # the load balancers' networks, ipaddress networks
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # balancers
     proxy_timeout: float = 5.0  # seconds the header may take
 
 
@@ -443,7 +443,7 @@ def _check_proxy(source: str, section: str, ns: SimpleNamespace) -> None:
                           "yes needs proxy_from, the load balancers' networks")
     if ns.endpoint.partition(":")[0].strip().lower() not in PROXY_ENDPOINTS:
         raise ConfigError(source, section, "proxy_protocol",
-                          f"needs a {', '.join(p + ':' for p in PROXY_ENDPOINTS)} endpoint")
+                          "needs a tcp:, tcp6: or ssl: endpoint")
     if ns.proxy_timeout <= 0:
         raise ConfigError(source, section, "proxy_timeout", "must be more than 0")
 

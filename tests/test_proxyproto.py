@@ -465,7 +465,7 @@ class PromptWritesBehindTheHeaderTests(unittest.TestCase):
     ("proxy_protocol = yes\nproxy_from = 10.0.0.0/8\nproxy_timeout = 0\n",
      "[listener:edge] proxy_timeout: must be more than 0"),
     ("proxy_protocol = yes\nproxy_from = 10.0.0.0/8\nendpoint = unix:/tmp/relay.sock\n",
-     "[listener:edge] proxy_protocol: needs a tcp:, tcp6:, ssl: endpoint"),
+     "[listener:edge] proxy_protocol: needs a tcp:, tcp6: or ssl: endpoint"),
 ])
 def test_settings_that_stop_startup(tmp_path, settings, problem):
     from mailrelay.config import ConfigError, load_config
