@@ -11,8 +11,9 @@ believes a header from anyone.
 A connection on such a listener is closed, with one log line, when it comes from outside
 ``proxy_from`` (the balancers' networks), when its header is malformed or too long (a
 version 1 line over 107 octets, a version 2 header over V2_MAX), or when no complete
-header arrives within ``proxy_timeout``. A balancer that opens a connection and closes it
-without a byte (a plain TCP health check) leaves no line. A header that names no client
+header arrives within ``proxy_timeout``; one that ends inside its header is logged too. A
+balancer that opens a connection and closes it without a byte (a plain TCP health check)
+leaves no line. A header that names no client
 (``PROXY UNKNOWN``, a version 2 LOCAL command or an unspecified or UNIX address: the
 balancer's own health checks) leaves the session with the balancer's own address.
 Version 2 TLVs are skipped unread.
@@ -222,10 +223,13 @@ class ProxyHeaderReader(ProtocolWrapper):
     def _close(self, why: str) -> None:
         self._done = True
         self._cancel_timer()
-        log.info("[listener:{listener}] connection from {peer} closed: {why}",
-                 listener=self.factory.name,
-                 peer=plain_ip(str(getattr(self.transport.getPeer(), "host", "?"))), why=why)
+        self._log(f"closed: {why}")
         self.transport.loseConnection()
+
+    def _log(self, what: str) -> None:
+        log.info("[listener:{listener}] connection from {peer} {what}",
+                 listener=self.factory.name,
+                 peer=plain_ip(str(getattr(self.transport.getPeer(), "host", "?"))), what=what)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -242,6 +246,8 @@ class ProxyHeaderReader(ProtocolWrapper):
 
     def connectionLost(self, reason) -> None:
         self._cancel_timer()
+        if not self._done and self._buffer:  # a balancer's plain TCP check sends nothing
+            self._log("closed by the peer inside its PROXY header")
         if self.wrappedProtocol is not None:
             self.wrappedProtocol.connectionLost(reason)
             self.wrappedProtocol = None

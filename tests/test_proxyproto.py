@@ -364,6 +364,23 @@ class BehindTheHeaderTests(LoopbackCase):
         self.assertEqual(self.lines, [])
         self.assertEqual(self.factories[-1].sessions, [])
 
+    @defer.inlineCallbacks
+    def test_a_connection_that_ends_inside_its_header_leaves_one_line(self):
+        port = self.listen_proxy()
+
+        def talk():
+            with connect(port) as sock:
+                sock.sendall(V2_TCP4[:20])
+
+        yield deferToThread(talk)
+        expected = ("[listener:edge] connection from 127.0.0.1 closed by the peer inside its "
+                    "PROXY header")
+        for _ in range(500):  # until the server has seen the end (5 s at most)
+            if self.lines:
+                break
+            yield deferToThread(time.sleep, 0.01)
+        self.assertEqual(self.lines, [expected])
+
 
 class IPv6ListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
