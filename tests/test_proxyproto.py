@@ -10,6 +10,7 @@ import struct
 import time
 
 import pytest
+from harness import TempPaths
 from test_listener import Replier, recv_until
 from test_smtp_support import HOST, LoopbackCase, tls_files
 from twisted.internet import defer, reactor
@@ -423,7 +424,7 @@ class IPv6ListenerTests(unittest.TestCase):
                       [formatEvent(e) for e in lines])
 
 
-class SslEndpointTests(unittest.TestCase):
+class SslEndpointTests(TempPaths, unittest.TestCase):
     @defer.inlineCallbacks
     def test_an_ssl_endpoint_reads_the_header_before_its_tls(self):
         from certs import TestCA
