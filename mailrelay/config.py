@@ -136,6 +136,14 @@ def ip_list(value: str) -> list[str]:
     return out
 
 
+def _networks(value: str) -> tuple:
+    """``127.0.0.1/32, 10.0.0.0/8, fd00::/8``: IPv4 and IPv6 networks (a bare address is
+    one host)."""
+    from mailrelay.auth.ipauth import parse_network
+
+    return tuple(parse_network(v) for v in word_list(value))
+
+
 def _ip_auth(value: str):
     from mailrelay.auth.ipauth import IpAuthTable
 
@@ -294,7 +302,13 @@ LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
     "plaintext_auth": (boolean, False),
+    "proxy_protocol": (boolean, False),
+    "proxy_from": (_networks, ()),
+    "proxy_timeout": (duration, 5.0),
 }
+
+# Endpoint kinds whose connections the PROXY protocol wrapper reads (listener.py).
+PROXY_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
 DEFAULT_LISTENERS = {
     "smtp": {"endpoint": "tcp:2525:interface=127.0.0.1", "tls": "starttls"},
@@ -308,6 +322,9 @@ class Listener:
     endpoint: str  # a Twisted server endpoint string
     tls: str  # "starttls", "implicit" or "none"
     plaintext_auth: bool  # allow AUTH without TLS (off unless set)
+    proxy_protocol: bool = False  # a PROXY header first (mailrelay/proxyproto.py)
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # balancers
+    proxy_timeout: float = 5.0  # seconds the header may take
 
 
 @dataclass
@@ -410,7 +427,25 @@ def _listener(source: str, section: str, raw) -> Listener:
     except Exception as e:
         # Parsing an ssl: endpoint reads its key and certificate: OSError, OpenSSL errors.
         raise ConfigError(source, section, "endpoint", f"{ns.endpoint!r}: {e}")
-    return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth)
+    _check_proxy(source, section, ns)
+    return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth, ns.proxy_protocol,
+                    ns.proxy_from, ns.proxy_timeout)
+
+
+def _check_proxy(source: str, section: str, ns: SimpleNamespace) -> None:
+    if not ns.proxy_protocol:
+        if ns.proxy_from:
+            raise ConfigError(source, section, "proxy_from",
+                              "only means something with proxy_protocol = yes")
+        return
+    if not ns.proxy_from:
+        raise ConfigError(source, section, "proxy_protocol",
+                          "yes needs proxy_from, the load balancers' networks")
+    if ns.endpoint.partition(":")[0].strip().lower() not in PROXY_ENDPOINTS:
+        raise ConfigError(source, section, "proxy_protocol",
+                          "needs a tcp:, tcp6: or ssl: endpoint")
+    if ns.proxy_timeout <= 0:
+        raise ConfigError(source, section, "proxy_timeout", "must be more than 0")
 
 
 def _routes(source: str, raw) -> dict[str, tuple[str, int]]:

@@ -20,6 +20,7 @@ from twisted.python.components import Componentized
 from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
+from mailrelay.proxyproto import wrapper_for as proxy_wrapper
 
 log = Logger()
 
@@ -152,8 +153,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
             envelope_fields=user_fields,
         )
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
-        ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
-                        reactor).setServiceParent(top)
+        ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
+                        outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
 
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)

@@ -345,7 +345,7 @@ class LoopbackCase(unittest.TestCase):
         yield self.spool.close()
 
     def listen(self, tls_mode: str = "starttls", plaintext_auth: bool = False,
-               portal=None, **kw) -> int:
+               portal=None, outer=None, **kw) -> int:
         factory = SubmissionFactory(
             portal or self.portal, self.spool, HOST, tls_files().options, tls_mode,
             plaintext_auth, reactor=reactor, envelope_fields=user_fields, **kw,
@@ -354,7 +354,7 @@ class LoopbackCase(unittest.TestCase):
         factory.sessions = []
         factory.max_buffered = 0
         self.factories.append(factory)
-        port = PromptWrites(reactor).listenTCP(  # as a ListenerService listens
+        port = PromptWrites(reactor, outer).listenTCP(  # as a ListenerService listens
             0, wrap_listener_factory(factory, tls_mode, tls_files().options),
             interface="127.0.0.1",
         )
