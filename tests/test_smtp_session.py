@@ -44,7 +44,7 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(s.replies(), [f"220 {HOST} ESMTP mailrelay"])
         self.assertEqual(s.send(b"EHLO client.test\r\n"), [
             f"250-{HOST} Hello 192.0.2.7", "250-SIZE 52428800", "250-PIPELINING",
-            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250 AUTH PLAIN LOGIN",
+            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 AUTH PLAIN LOGIN",
         ])
 
     def test_ipv4_mapped_peer_is_shown_as_ipv4(self) -> None:
@@ -295,7 +295,7 @@ class TransactionTests(unittest.TestCase):
             (b"MAIL FROM:<a@doe.test> SIZE=x", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> BODY=BINARYMIME", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> SMTPUTF8", "555 5.5.4"),
-            (b"MAIL FROM:<a@doe.test> RET=HDRS", "555 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> RET=BODY", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> SIZE=1 SIZE=2", "501 5.5.4"),
             (b"MAIL FROM:<postmaster>", "501 5.1.7"),
             (b"MAIL FROM:<a@localhost>", "501 5.1.7"),
@@ -315,7 +315,7 @@ class TransactionTests(unittest.TestCase):
         for line, reply in [
             (b"RCPT TO:<postmaster>", "501 5.1.3"),
             (b"RCPT TO:<>", "501 5.1.3"),
-            (b"RCPT TO:<x@example.net> NOTIFY=NEVER", "555 5.5.4"),
+            (b"RCPT TO:<x@example.net> NOTIFY=NEVER,DELAY", "501 5.5.4"),
             (b"RCPT TO:<x@" + b"d" * 250 + b".net>", "501 5.1.3"),
         ]:
             self.assertTrue(s.send(line + b"\r\n")[0].startswith(reply), line)
