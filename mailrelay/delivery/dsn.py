@@ -123,7 +123,7 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
         elif state.text:
             lines.append(f"Diagnostic-Code: X-Mailrelay; {_ascii(state.text)}")
         lines.append(f"Last-Attempt-Date: {_date(now)}")
-        if retry_until is not None and not failed:
+        if retry_until is not None and action == "delayed":
             lines.append(f"Will-Retry-Until: {_date(retry_until)}")
     eight_bit = any(b > 127 for b in headers)
     what = {"failed": "Undelivered", "delayed": "Delayed", "relayed": "Relayed"}[action]

@@ -15,7 +15,8 @@ changes nothing it is given, so every retry rule can be checked without a reacto
   ``retry_max`` and at the expiry, times the jitter (0.9-1.0: restarted relays do not
   retry in step).
 - A delay notification goes out once per recipient, at the first attempt at or after
-  its threshold (the one that was scheduled before the threshold, or the first): for a
+  its threshold (the one that was scheduled before the threshold, or the first; an
+  attempt before the threshold schedules the next one no later than it): for a
   recipient whose NOTIFY (RFC 3461) lists DELAY, ``dsn_delay_warning``; for one that
   gave no NOTIFY, ``delay_warning``; never for any other (``notify_delay`` says which).
 
@@ -124,7 +125,11 @@ def fold(state: DeliveryState, results: Sequence[Result], *, now: float,
         for rcpt in pending:
             warn = policy.warn_after(None if notify_delay is None else notify_delay(rcpt))
             threshold = received_at + warn
-            if warn and now >= threshold and (due is None or due <= threshold):
+            if not warn:
+                continue
+            if now < threshold:  # an attempt at the threshold, else backoff may skip it
+                next_attempt = min(next_attempt, threshold)
+            elif due is None or due <= threshold:
                 delayed.append(rcpt)
     return Next(DeliveryState(attempts, first_attempt, next_attempt, last_error, recipients),
                 failed, delayed, logged)
