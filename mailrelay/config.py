@@ -248,6 +248,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "retry_max": (duration, 3600.0),
         "lifetime": (duration, 5 * 86400.0),
         "delay_warning": (duration, 0.0),  # 0: off
+        "dsn_delay_warning": (duration, 4 * 3600.0),  # for NOTIFY=DELAY; 0: off
         "connect_timeout": (duration, 30.0),
         "connection_cache_time": (duration, 2.0),  # 0: QUIT as soon as the queue is empty
         "nice": (integer(0, 19), 5),  # the delivery process's priority below the relay's

@@ -395,6 +395,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         retry_max=d.retry_max,
         lifetime=d.lifetime,
         delay_warning=d.delay_warning,
+        dsn_delay_warning=d.dsn_delay_warning,
         hostname=config.server.hostname,
         postmaster=config.server.postmaster,
         connect_timeout=d.connect_timeout,

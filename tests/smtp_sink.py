@@ -1,7 +1,8 @@
 """A recording SMTP server for tests: Twisted ESMTP on 127.0.0.1, an ephemeral port.
 
 Per-recipient replies (accept, 4xx, 5xx) can change at any time; STARTTLS (with a given
-certificate), AUTH PLAIN/LOGIN, SIZE and PIPELINING are optional. Every message is kept with its
+certificate), AUTH PLAIN/LOGIN, SIZE, PIPELINING and DSN (offered only: the parameters
+are recorded, no notice is sent) are optional. Every message is kept with its
 envelope and its exact bytes (dot-unstuffed, CRLF lines), and MAIL commands and
 connections are counted, so a test sees a smuggled second transaction.
 
@@ -17,14 +18,15 @@ As a subprocess (end-to-end tests)::
 
     python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
         [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
-        [--pipelining]
+        [--pipelining] [--dsn]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
 "data": [554, "5.6.0 no"], "data_command": [250, "2.0.0 ok"]}``; "*" applies to recipients
 without their own rule, "data" is the reply at the end of DATA and "data_command" the
 reply to DATA itself instead of 354 (a server that lies: it ends the transaction there,
 without a message). Each message is written as D/<n>.eml (the bytes)
-then D/<n>.json (sender, recipients, tls, user).
+then D/<n>.json (sender, recipients, tls, user, and the ESMTP parameters exactly as
+given: "mail_params" a string, "rcpt_params" one string per recipient).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Received:
     tls: bool
     user: str | None
     connection: int  # the number of the connection it came on (1, 2, ...)
+    mail_params: str = ""  # MAIL's ESMTP parameters as sent
+    rcpt_params: dict[str, str] = field(default_factory=dict)  # RCPT's, by recipient
 
 
 @dataclass
@@ -65,6 +69,8 @@ class _Transaction:
     recipients: list[str] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     leader: object = None  # the IMessage that records (Twisted makes one per recipient)
+    mail_params: str = ""
+    rcpt_params: dict[str, str] = field(default_factory=dict)
 
 
 @implementer(IMessageSMTP)
@@ -101,7 +107,7 @@ class _Delivery:
             raise smtp.SMTPBadSender(origin, 530, "5.7.0 authentication required")
         sink.transactions += 1
         self.proto.txn = _Transaction(str(origin), self.proto.startedTLS, self.user,
-                                      self.proto.number)
+                                      self.proto.number, mail_params=self.proto.params)
         return origin
 
     def validateTo(self, user):
@@ -112,6 +118,7 @@ class _Delivery:
             raise smtp.SMTPBadRcpt(recipient, rule[0], rule[1])
         txn = self.proto.txn
         txn.recipients.append(recipient)
+        txn.rcpt_params[recipient] = self.proto.params
         return lambda: _Message(sink, txn)
 
 
@@ -160,7 +167,24 @@ class _SinkProtocol(smtp.ESMTP):
             ext[b"SIZE"] = [b"%d" % self.sink.size]
         if self.sink.pipelining:  # its checks are synchronous: replies come in order
             ext[b"PIPELINING"] = None
+        if self.sink.dsn:
+            ext[b"DSN"] = None
         return ext
+
+    params = ""  # the ESMTP parameters of the MAIL or RCPT being handled
+
+    def do_MAIL(self, rest):
+        self.params = self._params(self.mail_re, rest)
+        return super().do_MAIL(rest)
+
+    def do_RCPT(self, rest):
+        self.params = self._params(self.rcpt_re, rest)
+        return super().do_RCPT(rest)
+
+    @staticmethod
+    def _params(regex, rest: bytes) -> str:
+        m = regex.match(rest)
+        return (m.group("opts") or b"").decode("ascii", "replace").strip() if m else ""
 
     def do_DATA(self, rest):
         self.sink._reload_rules()
@@ -199,7 +223,7 @@ class SMTPSink:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  auth: dict[str, str] | None = None, require_auth: bool = False,
                  mechanisms: list[str] | None = None,
-                 size: int | None = None, pipelining: bool = False,
+                 size: int | None = None, pipelining: bool = False, dsn: bool = False,
                  record_dir: str | None = None, rules_file: str | None = None,
                  reactor=None) -> None:
         if reactor is None:
@@ -214,6 +238,7 @@ class SMTPSink:
         self.require_auth = require_auth
         self.size = size
         self.pipelining = pipelining
+        self.dsn = dsn
         self.record_dir = record_dir
         self.rules_file = rules_file
         self._rules_mtime: float | None = None
@@ -260,7 +285,7 @@ class SMTPSink:
     def _record(self, txn: _Transaction) -> None:
         data = b"".join(line + b"\r\n" for line in txn.lines)
         message = Received(txn.sender, list(txn.recipients), data, txn.tls, txn.user,
-                           txn.connection)
+                           txn.connection, txn.mail_params, dict(txn.rcpt_params))
         self.messages.append(message)
         if self.record_dir:
             base = os.path.join(self.record_dir, str(len(self.messages)))
@@ -268,7 +293,8 @@ class SMTPSink:
                 f.write(data)
             meta = {"sender": message.sender, "recipients": message.recipients,
                     "tls": message.tls, "user": message.user,
-                    "connection": message.connection}
+                    "connection": message.connection, "mail_params": message.mail_params,
+                    "rcpt_params": message.rcpt_params}
             with open(base + ".tmp", "w") as f:
                 json.dump(meta, f)
             os.rename(base + ".tmp", base + ".json")
@@ -312,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-auth", action="store_true")
     parser.add_argument("--size", type=int)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461)")
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
@@ -321,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = SMTPSink(tls_cert=args.tls_cert, tls_key=args.tls_key,
                     auth=dict(a.split(":", 1) for a in args.auth),
                     require_auth=args.require_auth, size=args.size,
-                    pipelining=args.pipelining,
+                    pipelining=args.pipelining, dsn=args.dsn,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
     port = sink.listen()
     with open(args.port_file + ".tmp", "w") as f:

@@ -44,7 +44,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(s.replies(), [f"220 {HOST} ESMTP mailrelay"])
         self.assertEqual(s.send(b"EHLO client.test\r\n"), [
             f"250-{HOST} Hello 192.0.2.7", "250-SIZE 52428800", "250-PIPELINING",
-            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-CHUNKING", "250 AUTH PLAIN LOGIN",
+            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-CHUNKING", "250-DSN",
+            "250 AUTH PLAIN LOGIN",
         ])
 
     def test_ipv4_mapped_peer_is_shown_as_ipv4(self) -> None:
@@ -280,6 +281,42 @@ class TransactionTests(unittest.TestCase):
             b"\tby relay.test (mailrelay) with ESMTPA id " + message.id.encode() + b";\r\n"
             b"\tTue, 14 Nov 2023 22:13:20 +0000\r\nFrom: News <news@shop.test>\r\n"))
 
+    def test_dsn_parameters_kept_in_the_envelope(self) -> None:
+        s = Session(self.clock, ip="192.0.2.9")
+        s.login("webapp")
+        lines = s.send(b"MAIL FROM:<news@shop.test> RET=HDRS ENVID=batch+2B7\r\n"
+                       b"RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE "
+                       b"ORCPT=rfc822;list+2Btag@lists.test\r\n"
+                       b"RCPT TO:<b@example.org>\r\n"
+                       b"RCPT TO:<a@example.net> NOTIFY=NEVER\r\n"  # a duplicate: the first
+                       b"DATA\r\nFrom: <news@shop.test>\r\n\r\nhi\r\n.\r\n")
+        self.assertTrue(lines[-1].startswith("250 2.0.0 Ok: queued as"), lines)
+        env = s.spool.created[0].envelope
+        self.assertEqual((env.ret, env.envid, env.dsn), ("HDRS", "batch+7", {
+            "a@example.net": {"notify": "SUCCESS,FAILURE", "orcpt": "rfc822;list+tag@lists.test"}}))
+        # the next transaction starts with nothing asked
+        s.send(b"MAIL FROM:<news@shop.test>\r\nRCPT TO:<a@example.net>\r\n"
+               b"DATA\r\nFrom: <news@shop.test>\r\n\r\nhi\r\n.\r\n")
+        env = s.spool.created[1].envelope
+        self.assertEqual((env.ret, env.envid, env.dsn), (None, None, {}))
+
+    def test_dsn_parameter_errors(self) -> None:
+        s = self.s
+        s.login()
+        for line in (b"MAIL FROM:<a@doe.test> RET=HDRS RET=FULL",
+                     b"MAIL FROM:<a@doe.test> ENVID=" + b"x" * 101,
+                     b"MAIL FROM:<a@doe.test> ENVID=a+2x"):
+            self.assertEqual(codes(s.send(line + b"\r\n")), [501], line)
+        self.assertEqual(s.send(b"MAIL FROM:<a@doe.test> RET=FULL\r\n"), ["250 2.1.0 Ok"])
+        for line in (b"RCPT TO:<x@example.net> NOTIFY=SUCCESS NOTIFY=FAILURE",
+                     b"RCPT TO:<x@example.net> NOTIFY=NEVER,FAILURE",
+                     b"RCPT TO:<x@example.net> ORCPT=x@example.net",
+                     b"RCPT TO:<x@example.net> ORCPT=rfc822;x+2"):
+            lines = s.send(line + b"\r\n")
+            self.assertEqual(len(lines), 1, line)
+            self.assertTrue(lines[0].startswith("501 5.5.4"), (line, lines))
+        self.assertEqual(s.send(b"RCPT TO:<x@example.net> NOTIFY=NEVER\r\n"), ["250 2.1.5 Ok"])
+
     def test_mail_parameters(self) -> None:
         s = self.s
         s.login()
@@ -288,7 +325,7 @@ class TransactionTests(unittest.TestCase):
             (b"MAIL FROM:<a@doe.test> SIZE=x", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> BODY=BINARYMIME", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> SMTPUTF8", "555 5.5.4"),
-            (b"MAIL FROM:<a@doe.test> RET=HDRS", "555 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> RET=BODY", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> SIZE=1 SIZE=2", "501 5.5.4"),
             (b"MAIL FROM:<postmaster>", "501 5.1.7"),
             (b"MAIL FROM:<a@localhost>", "501 5.1.7"),
@@ -308,7 +345,7 @@ class TransactionTests(unittest.TestCase):
         for line, reply in [
             (b"RCPT TO:<postmaster>", "501 5.1.3"),
             (b"RCPT TO:<>", "501 5.1.3"),
-            (b"RCPT TO:<x@example.net> NOTIFY=NEVER", "555 5.5.4"),
+            (b"RCPT TO:<x@example.net> NOTIFY=NEVER,DELAY", "501 5.5.4"),
             (b"RCPT TO:<x@" + b"d" * 250 + b".net>", "501 5.1.3"),
         ]:
             self.assertTrue(s.send(line + b"\r\n")[0].startswith(reply), line)

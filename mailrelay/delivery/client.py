@@ -66,6 +66,10 @@ class Job:
     open_body: Callable[[], BinaryIO]  # at the body: canonical CRLF, not dot-stuffed
     context: object = None  # the caller's own bookkeeping
     body: bytes | None = None  # the body already read (as open_body gives it), if small
+    # DSN parameters (dsnparams.py) for a server that offers DSN: " RET=.. ENVID=.." for
+    # MAIL, " NOTIFY=.. ORCPT=.." by recipient for RCPT.
+    dsn_mail: str = ""
+    dsn_rcpt: dict[str, str] = field(default_factory=dict)
 
 
 SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
@@ -85,6 +89,7 @@ class Result:
     text: str
     remote: str | None = None
     tls: bool = False
+    dsn: bool = False  # the server offered DSN: notices past it are its to send
 
     @property
     def sent(self) -> bool:
@@ -397,13 +402,14 @@ class RelayClient(smtp.ESMTPClient):
             params += b" SIZE=%d" % self._size
         if not all(a.isascii() for a in (job.sender, *job.recipients)):
             params += b" SMTPUTF8"
+        if b"DSN" in self.extensions:
+            params += job.dsn_mail.encode()
         mail = b"MAIL FROM:<" + job.sender.encode() + b">" + params
         if b"PIPELINING" in self.extensions:
             self._mail_ok, self._rcpt_replies = None, 0
             self._okresponse = self._failresponse = self._pipelined_reply
             self.transport.write(b"\r\n".join(
-                [mail, *(b"RCPT TO:<" + r.encode() + b">" for r in self._pending_rcpts),
-                 b"DATA", b""]))
+                [mail, *(self._rcpt(r) for r in self._pending_rcpts), b"DATA", b""]))
             return
         self._expected = _MAIL_OK
         self._okresponse = self._mail_accepted
@@ -543,7 +549,11 @@ class RelayClient(smtp.ESMTPClient):
         self._expected = _RCPT_OK
         self._okresponse = self._rcpt_accepted
         self._failresponse = self._rcpt_refused
-        self.sendLine(b"RCPT TO:<" + self._pending_rcpts[0].encode() + b">")
+        self.sendLine(self._rcpt(self._pending_rcpts[0]))
+
+    def _rcpt(self, rcpt: str) -> bytes:
+        params = self._job.dsn_rcpt.get(rcpt, "") if b"DSN" in self.extensions else ""
+        return b"RCPT TO:<" + rcpt.encode() + b">" + params.encode()
 
     def _rcpt_accepted(self, code, resp) -> None:
         self._accepted.append(self._pending_rcpts.pop(0))
@@ -629,8 +639,9 @@ class RelayClient(smtp.ESMTPClient):
         job, self._job = self._job, None
         self._close_body()
         self._results.update(replies)
-        results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode)
-                   for r in job.recipients if r in self._results]
+        dsn = b"DSN" in self.extensions
+        results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode,
+                          dsn=dsn) for r in job.recipients if r in self._results]
         self._results, self._accepted, self._pending_rcpts = {}, [], []
         settling = self.report(job, results)
         if isinstance(settling, defer.Deferred):

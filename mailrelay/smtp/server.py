@@ -29,6 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import dsnparams
 from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
@@ -72,6 +73,8 @@ class SubmissionServer(Chunking, CommandStream):
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
         self._recipients: list[str] = []
+        self._dsn_mail: dict[str, str] = {}  # RET, ENVID of the transaction
+        self._dsn_rcpts: dict[str, dict[str, str]] = {}  # NOTIFY, ORCPT by recipient
         self._incoming = None
         self._envelope: Envelope | None = None
         self._data_deadline = None
@@ -350,7 +353,7 @@ class SubmissionServer(Chunking, CommandStream):
         self._hello(arg, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
-                  "ENHANCEDSTATUSCODES", "CHUNKING"]
+                  "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]  # DSN: dsnparams.py
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -483,6 +486,7 @@ class SubmissionServer(Chunking, CommandStream):
             self._cancel_data_deadline()
         self._sender = None
         self._recipients = []
+        self._dsn_mail, self._dsn_rcpts = {}, {}
         self._session_clock(running=True)
 
     def _need_login(self) -> None:
@@ -512,10 +516,12 @@ class SubmissionServer(Chunking, CommandStream):
                         "retry")
         if syntax is not None:
             raise syntax
+        dsn_mail, params = dsnparams.take_mail(params)
         self._mail_params(params)
         # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
+        self._dsn_mail, self._dsn_rcpts = dsn_mail, {}
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
@@ -538,6 +544,7 @@ class SubmissionServer(Chunking, CommandStream):
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
         recipient, params = parse_rcpt(arg)
+        dsn_rcpt, params = dsnparams.take_rcpt(params)
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
         if recipient in self._recipients:
@@ -548,6 +555,8 @@ class SubmissionServer(Chunking, CommandStream):
             raise Reply(452, "4.5.3", "Too many recipients")
         await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
+        if dsn_rcpt:
+            self._dsn_rcpts[recipient] = dsn_rcpt
         self._reply(250, "2.1.5", "Ok")
 
     def smtp_DATA(self, arg: bytes) -> None:
@@ -596,6 +605,8 @@ class SubmissionServer(Chunking, CommandStream):
             received_at=now,
             priority=user.priority,
             sandboxed=self.login.avatar.sandboxed,
+            dsn=self._dsn_rcpts,
+            **self._dsn_mail,  # ret, envid
             **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
