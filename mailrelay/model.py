@@ -123,6 +123,7 @@ class Envelope:
     # "clicks"; features/envelope.py), and which recipients are audit BCC copies.
     personalize: list[str] = field(default_factory=list)
     audit: list[str] = field(default_factory=list)
+    smtputf8: bool = False  # the client's MAIL had SMTPUTF8 (RFC 6531); delivery passes it on
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -109,6 +109,10 @@ def test_protocol_names() -> None:
         (False, False, False), (True, False, False), (True, True, False),
         (True, False, True), (True, True, True), (False, True, True),
     ]] == ["SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "ESMTPSA"]
+    # RFC 6531 3.7.3: a message sent with SMTPUTF8.
+    assert [protocol_name(True, t, a, smtputf8=True) for t, a in [
+        (False, False), (True, False), (False, True), (True, True),
+    ]] == ["UTF8SMTP", "UTF8SMTPS", "UTF8SMTPA", "UTF8SMTPSA"]
     assert address_literal("::ffff:192.0.2.1") == "[IPv6:::ffff:192.0.2.1]"
     assert address_literal("unix-socket") == "[unix-socket]"
 

@@ -30,8 +30,11 @@ def address_literal(ip: str) -> str:
     return f"[{ip}]"
 
 
-def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
-    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)."""
+def protocol_name(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool = False) -> str:
+    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848); UTF8SMTP, UTF8SMTPS, UTF8SMTPA or
+    UTF8SMTPSA (RFC 6531 3.7.3) for a message sent with SMTPUTF8."""
+    if smtputf8:
+        return "UTF8SMTP" + ("S" if tls else "") + ("A" if authenticated else "")
     if authenticated:
         return "ESMTPSA" if tls else "ESMTPA"
     if not esmtp:
@@ -49,7 +52,7 @@ def received_header(
     when: float,
 ) -> bytes:
     """The header as CRLF lines; ``for <rcpt>`` only for a single recipient (naming more
-    would disclose Bcc recipients to each other)."""
+    would disclose Bcc recipients to each other), in UTF-8 when it is (SMTPUTF8)."""
     date = _date(int(when))
     lines = [
         f"Received: from {sanitize_helo(helo)} ({address_literal(client_ip)})",
@@ -60,7 +63,7 @@ def received_header(
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
-    return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
+    return "\r\n".join(lines).encode("utf-8") + b"\r\n"
 
 
 @lru_cache(maxsize=2)  # the messages of one second share their date: made once

@@ -69,6 +69,7 @@ class SubmissionServer(CommandStream):
         self.login = SessionLogin(factory.portal, factory.reactor, self.session_id)
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
+        self._smtputf8 = False  # the transaction's MAIL had SMTPUTF8 (RFC 6531)
         self._recipients: list[str] = []
         self._incoming = None
         self._envelope: Envelope | None = None
@@ -343,7 +344,7 @@ class SubmissionServer(CommandStream):
         self._hello(arg, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
-                  "ENHANCEDSTATUSCODES"]
+                  "ENHANCEDSTATUSCODES", "SMTPUTF8"]
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -513,6 +514,7 @@ class SubmissionServer(CommandStream):
         # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
+        self._smtputf8 = "SMTPUTF8" in params
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
@@ -527,6 +529,8 @@ class SubmissionServer(CommandStream):
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name == "SMTPUTF8":
+                _smtputf8_param(value)
             elif name != "AUTH":  # AUTH=<mailbox> (RFC 4954 section 5): accepted, unused
                 raise Reply(555, "5.5.4", f"Unsupported parameter {name}")
 
@@ -534,7 +538,7 @@ class SubmissionServer(CommandStream):
         self._need_login()
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
-        recipient, params = parse_rcpt(arg)
+        recipient, params = parse_rcpt(arg, self._smtputf8)
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
         if recipient in self._recipients:
@@ -585,6 +589,7 @@ class SubmissionServer(CommandStream):
             received_at=now,
             priority=user.priority,
             sandboxed=self.login.avatar.sandboxed,
+            smtputf8=self._smtputf8,
             **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
@@ -595,7 +600,7 @@ class SubmissionServer(CommandStream):
             log.failure("session {session}: cannot create a spool file",
                         session=self.session_id)
             raise Reply(451, "4.3.0", "Local error in processing, try again later")
-        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password)
+        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password, self._smtputf8)
         # The client's recipients only: audit BCC addresses appear in no header.
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
                                        protocol, incoming.id, self._recipients, now))
@@ -611,11 +616,12 @@ class SubmissionServer(CommandStream):
         printers and scripts often send none), the sender being in scope already."""
         added = None
         try:
-            addresses = from_addresses(header)
+            addresses = from_addresses(header, self._smtputf8)
         except HeaderError as e:
-            added = _from_field(self._sender)
+            added = _from_field(self._sender, self._smtputf8)
             try:  # parses with the field added: there was none (else: two, or malformed)
-                addresses = from_addresses(header + b"\r\n" + added if header else added)
+                addresses = from_addresses(header + b"\r\n" + added if header else added,
+                                           self._smtputf8)
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
         avatar = self.login.avatar
@@ -720,9 +726,18 @@ def _client_ip(peer) -> str:
     return plain_ip(str(getattr(peer, "host", peer)))
 
 
-def _from_field(sender: str) -> bytes:
-    """The From: field for a message without one (MAIL refuses the null sender)."""
+def _from_field(sender: str, smtputf8: bool) -> bytes:
+    """The From: field for a message without one (MAIL refuses the null sender); in UTF-8
+    for an SMTPUTF8 message (RFC 6532), whose sender may be."""
+    if smtputf8:
+        return f"From: {sender}".encode()
     return f"From: {sender}".encode("ascii", "backslashreplace")
+
+
+def _smtputf8_param(value: str | None) -> None:
+    """SMTPUTF8 takes no value (RFC 6531 3.4); the address was parsed knowing of it."""
+    if value is not None:
+        raise Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 
 
 def storage_reply(error: StorageError) -> Reply:
