@@ -300,13 +300,15 @@ class DeliveryManager:
             spooled = original.open
             body = original.to_bytes() if body is not None else None  # small: kept read
         jobs: list[tuple[frozenset, list, Job]] = []
+        utf8 = attempt.envelope.smtputf8
         for key, (hops, rcpts) in groups.items():
             shared = [r for r in rcpts if r not in copies]
             if shared:
                 jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
-                                            spooled, context=attempt, body=body)))
+                                            spooled, context=attempt, body=body,
+                                            smtputf8=utf8)))
             jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
-                                     copies[r].open, context=attempt))
+                                     copies[r].open, context=attempt, smtputf8=utf8))
                      for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
