@@ -14,6 +14,7 @@ from email.utils import formatdate
 
 from twisted.internet.defer import Deferred
 
+from mailrelay.delivery.wire import ascii_form
 from mailrelay.model import Envelope
 from mailrelay.spool.spool import read_headers
 from mailrelay.spool.state import RecipientState
@@ -58,7 +59,7 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
                else "Delayed Mail (still being retried)")
     lines = [
         f"From: Mail Delivery System <{postmaster}>",
-        f"To: <{to}>",
+        f"To: <{ascii_form(to) or to}>",
         f"Subject: {subject}",
         f"Date: {_date(now)}",
         f"Message-ID: <{envelope.id}.{secrets.token_hex(6)}@{hostname}>",
@@ -117,7 +118,9 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
     ]
     if eight_bit:
         lines.append("Content-Transfer-Encoding: 8bit")
-    head = "\r\n".join(lines).encode("ascii") + b"\r\n\r\n"
+    # ASCII but for To: a sender whose local part is UTF-8 (RFC 6532), which queue() marks
+    # SMTPUTF8 (a UTF-8 domain is written as A-labels).
+    head = "\r\n".join(lines).encode("utf-8") + b"\r\n\r\n"
     original = headers if headers.endswith(b"\r\n") or not headers else headers + b"\r\n"
     return head + original + f"\r\n--{boundary}--\r\n".encode("ascii")
 
@@ -137,7 +140,7 @@ def queue(spool, *, envelope: Envelope, recipients: Sequence[tuple[str, Recipien
                  retry_until=retry_until)
     dsn = Envelope(id="", sender="", recipients=[to], user=None, account=envelope.account,
                    client_ip=None, helo=None, tls=False, received_at=now,
-                   priority=envelope.priority)
+                   priority=envelope.priority, smtputf8=ascii_form(to) is None)
     incoming = spool.create(dsn)
     try:
         incoming.write(data)
