@@ -117,6 +117,22 @@ def to_ascii_address(text: str) -> str | None:
         return None
 
 
+def ascii_form(address: str) -> str | None:
+    """``address`` as it is written where SMTPUTF8 is not (a next hop without it, a
+    header): its domain as A-labels (RFC 6531 3.2 lets a relay convert the domain), the
+    local part untouched; None when the local part is not ASCII (only SMTPUTF8 can carry
+    it) or the domain is not a valid IDNA name."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{to_ascii_domain(domain)}"
+    except ScopeError:
+        return None
+
+
 def _hint(item: str) -> str:
     return " (separate entries with semicolons)" if any(c.isspace() for c in item) else ""
 

@@ -98,6 +98,13 @@ def test_received_header() -> None:
     assert many == (b"Received: from x_y__z__ ([IPv6:2001:db8::1])\r\n"
                     b"\tby relay.test (mailrelay) with ESMTPA id 3a;\r\n"
                     b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
+    # SMTPUTF8: a UTF-8 domain as A-labels (the header stays ASCII: the message can go to
+    # a next hop without SMTPUTF8); a UTF-8 local part as it is.
+    for rcpt, shown in [("r@bücher.test", b"r@xn--bcher-kva.test"),
+                        ("jö@bücher.test", "jö@bücher.test".encode())]:
+        header = received_header("c.test", "192.0.2.1", "relay.test", "UTF8SMTPSA", "3a",
+                                 [rcpt], 1_700_000_000)
+        assert header.endswith(b"\tfor <" + shown + b">; Tue, 14 Nov 2023 22:13:20 +0000\r\n")
     # Dates are made once a second: the next second has its own.
     later = received_header("h", "192.0.2.1", "relay.test", "ESMTP", "3b", ["r@example.net"],
                             1_700_000_001.9)

@@ -54,14 +54,8 @@ from twisted.python.failure import Failure
 from mailrelay import tuning
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
-from mailrelay.delivery.wire import (
-    DotStuffer,
-    EightBit,
-    address_problem,
-    ascii_form,
-    eight_bit,
-    stuff,
-)
+from mailrelay.delivery.wire import DotStuffer, EightBit, address_problem, eight_bit, stuff
+from mailrelay.scope import ascii_form
 
 
 @dataclass

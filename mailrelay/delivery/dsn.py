@@ -14,8 +14,8 @@ from email.utils import formatdate
 
 from twisted.internet.defer import Deferred
 
-from mailrelay.delivery.wire import ascii_form
 from mailrelay.model import Envelope
+from mailrelay.scope import ascii_form
 from mailrelay.spool.spool import read_headers
 from mailrelay.spool.state import RecipientState
 
@@ -85,7 +85,8 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
                   "You do not need to resend it.", ""]
     for rcpt, state in recipients:
         where = f" (from {state.remote})" if state.remote else ""
-        lines.append(_ascii(f"<{rcpt}>{where}: {state.code or ''} {state.text}", 900))
+        lines.append(_ascii(f"<{ascii_form(rcpt) or rcpt}>{where}: {state.code or ''} "
+                            f"{state.text}", 900))
     lines += [
         "",
         f"--{boundary}",
@@ -97,7 +98,8 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
         f"Arrival-Date: {_date(envelope.received_at)}",
     ]
     for rcpt, state in recipients:
-        lines += ["", f"Final-Recipient: rfc822; {_ascii(rcpt, 320)}", f"Action: {action}",
+        shown = ascii_form(rcpt) or rcpt  # a UTF-8 domain as A-labels, not "?"
+        lines += ["", f"Final-Recipient: rfc822; {_ascii(shown, 320)}", f"Action: {action}",
                   f"Status: {status_of(state.code, state.text)}"]
         if state.remote:
             lines.append(f"Remote-MTA: dns; {_ascii(state.remote.split('[')[0], 255)}")

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from mailrelay.scope import ScopeError, to_ascii_domain
-
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f<>]")
 
@@ -74,21 +72,6 @@ def address_problem(address: str) -> str | None:
     if len(address.encode("utf-8")) > 320:
         return "is too long"
     return None
-
-
-def ascii_form(address: str) -> str | None:
-    """``address`` for a next hop without SMTPUTF8: its domain as A-labels (RFC 6531 3.2
-    lets a relay convert the domain); None when the local part is not ASCII (only
-    SMTPUTF8 can carry it) or the domain is not a valid IDNA name."""
-    if address.isascii():
-        return address
-    local, at, domain = address.rpartition("@")
-    if not at or not local.isascii():
-        return None
-    try:
-        return f"{local}@{to_ascii_domain(domain)}"
-    except ScopeError:
-        return None
 
 
 SCAN_CHUNK = 1 << 20  # bytes read at a time by eight_bit

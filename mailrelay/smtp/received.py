@@ -8,6 +8,8 @@ import re
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailrelay.scope import ascii_form
+
 # What may appear of the client's HELO argument: enough for any host name or address
 # literal; everything else (parentheses, semicolons, quotes) would change the header's
 # structure, and CR/LF never reach here (refused in commands).
@@ -52,14 +54,16 @@ def received_header(
     when: float,
 ) -> bytes:
     """The header as CRLF lines; ``for <rcpt>`` only for a single recipient (naming more
-    would disclose Bcc recipients to each other), in UTF-8 when it is (SMTPUTF8)."""
+    would disclose Bcc recipients to each other), its domain as A-labels: the header is
+    UTF-8 (an SMTPUTF8 message) only for a UTF-8 local part, and so the message can still
+    go to a next hop without SMTPUTF8 when nothing else is."""
     date = _date(int(when))
     lines = [
         f"Received: from {sanitize_helo(helo)} ({address_literal(client_ip)})",
         f"\tby {hostname} (mailrelay) with {protocol} id {queue_id}",
     ]
     if len(recipients) == 1:
-        lines.append(f"\tfor <{recipients[0]}>; {date}")
+        lines.append(f"\tfor <{ascii_form(recipients[0]) or recipients[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
