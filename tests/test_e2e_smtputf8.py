@@ -7,6 +7,9 @@ each sink records the exact MAIL and RCPT lines and bytes it received.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 from harness import Relay, Sink, wait_for
 
@@ -118,3 +121,16 @@ def test_utf8_address_needs_smtputf8(setup):
         client.command_encoding = "latin-1"  # é as the one byte 0xE9
         assert client.docmd("MAIL", "FROM:<j\xe9@xn--fa-hia.test> SMTPUTF8") == (
             501, b"5.1.7 Bad sender address syntax: not valid UTF-8")
+    # swaks sends a UTF-8 address without SMTPUTF8, and is told so.
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is installed by test.sh"
+    result = subprocess.run(
+        [swaks, "--server", f"127.0.0.1:{relay.smtp_port}", "--tls", "--tls-verify",
+         "--tls-ca-path", str(relay.data / "tls" / "cert.pem"), "--auth", "PLAIN",
+         "--auth-user", "xn--fa-hia.test", "--auth-password", PASSWORD,
+         "--from", "jöhn@faß.test", "--to", "x@example.test", "--helo", "client.test"],
+        capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert " ~> MAIL FROM:<jöhn@faß.test>\n".encode() in result.stdout
+    assert b"<~* 553 5.6.7 Non-ASCII sender address needs SMTPUTF8 (RFC 6531)" in result.stdout
+    assert old.messages() == [] and modern.messages() == []
