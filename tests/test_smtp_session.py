@@ -329,6 +329,14 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual(lines[0], "553 5.6.7 Non-ASCII sender address needs SMTPUTF8 "
                          "(RFC 6531)")
         self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {s.spool.created[-1].id}")
+        # A From: made for a message without one names a UTF-8 domain as A-labels.
+        for sender, added in [("x@bücher.test", b"From: x@xn--bcher-kva.test\r\n"),
+                              ("jö@bücher.test", "From: jö@bücher.test\r\n".encode())]:
+            lines = s.send(f"MAIL FROM:<{sender}> SMTPUTF8\r\nRCPT TO:<u@example.net>\r\n"
+                           "DATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n".encode())
+            message = s.spool.created[-1]
+            self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {message.id}")
+            self.assertIn(b"\r\nSubject: s\r\n" + added + b"\r\nhi\r\n", bytes(message.data))
 
     def test_mail_parameters(self) -> None:
         s = self.s

@@ -32,6 +32,7 @@ from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
+from mailrelay.scope import ascii_form
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.framing import CommandStream
@@ -727,10 +728,11 @@ def _client_ip(peer) -> str:
 
 
 def _from_field(sender: str, smtputf8: bool) -> bytes:
-    """The From: field for a message without one (MAIL refuses the null sender); in UTF-8
-    for an SMTPUTF8 message (RFC 6532), whose sender may be."""
+    """The From: field for a message without one (MAIL refuses the null sender): a UTF-8
+    domain as A-labels, so that only a UTF-8 local part (SMTPUTF8, RFC 6532) makes the
+    header UTF-8."""
     if smtputf8:
-        return f"From: {sender}".encode()
+        return f"From: {ascii_form(sender) or sender}".encode()
     return f"From: {sender}".encode("ascii", "backslashreplace")
 
 
