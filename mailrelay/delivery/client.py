@@ -28,6 +28,15 @@ the first message, the hop has failed. A connection lost before the reply to the
 the data defers the message (4.4.2), so a recipient counts as delivered only after a 250
 to the end of the data.
 
+What the message needs of the server, checked before MAIL (wire.eight_bit reads it once,
+stopping at its first 8-bit byte): a message with any byte over 0x7F goes with
+BODY=8BITMIME, and is returned (554 5.6.3, not converted: that would break its DKIM
+signatures) by a server without 8BITMIME (RFC 6152). A message sent to us with SMTPUTF8,
+or with a UTF-8 address, goes with SMTPUTF8 and its addresses in UTF-8 to a server that
+offers it (RFC 6531); to one that does not, addresses go with their domains as A-labels,
+and a UTF-8 local part (550 5.6.7: the recipient, or the whole message for the sender) or
+an SMTPUTF8 message's UTF-8 header (550 5.6.9) is returned, never downgraded.
+
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
 the connection goes on; a crash then finds at most the message in progress on each
