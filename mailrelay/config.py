@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from mailrelay.scope import is_address, is_domain
+from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_domain
 
 DEFAULT_DATA_DIR = "/var/lib/mailrelay"
 
@@ -453,10 +453,14 @@ def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
     routes = {}
     parse = hostport(25)
     for domain, target in raw.items():
-        if not is_domain(domain):
+        try:
+            name = to_ascii_domain(domain)  # bücher.de and xn--bcher-kva.de: one route
+        except ScopeError:
+            name = ""
+        if not is_domain(name):
             raise ConfigError(source, "routes", domain, "not a valid domain name")
         try:
-            routes[domain.lower()] = parse(target)
+            routes[name] = parse(target)
         except ValueError as e:
             raise ConfigError(source, "routes", domain, str(e))
     return routes

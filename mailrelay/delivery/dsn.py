@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 
 from mailrelay import dsnparams
 from mailrelay.model import Envelope
+from mailrelay.scope import ascii_form
 from mailrelay.spool.spool import read_headers
 from mailrelay.spool.state import RecipientState
 
@@ -66,7 +67,7 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
     failed = action == "failed"
     lines = [
         f"From: Mail Delivery System <{postmaster}>",
-        f"To: <{to}>",
+        f"To: <{ascii_form(to) or to}>",
         f"Subject: {_SUBJECT[action]}",
         f"Date: {_date(now)}",
         f"Message-ID: <{envelope.id}.{secrets.token_hex(6)}@{hostname}>",
@@ -97,7 +98,8 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
                   "You do not need to resend it.", ""]
     for rcpt, state in recipients:
         where = f" (from {state.remote})" if state.remote else ""
-        lines.append(_ascii(f"<{rcpt}>{where}: {state.code or ''} {state.text}", 900))
+        lines.append(_ascii(f"<{ascii_form(rcpt) or rcpt}>{where}: {state.code or ''} "
+                            f"{state.text}", 900))
     lines += [
         "",
         f"--{boundary}",
@@ -114,7 +116,8 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
         orcpt = envelope.dsn.get(rcpt, {}).get("orcpt")
         if orcpt:
             lines.append(f"Original-Recipient: {_ascii(dsnparams.orcpt_field(orcpt), 600)}")
-        lines += [f"Final-Recipient: rfc822; {_ascii(rcpt, 320)}", f"Action: {action}",
+        shown = ascii_form(rcpt) or rcpt  # a UTF-8 domain as A-labels, not "?"
+        lines += [f"Final-Recipient: rfc822; {_ascii(shown, 320)}", f"Action: {action}",
                   f"Status: {status_of(state.code, state.text)}"]
         if state.remote:
             lines.append(f"Remote-MTA: dns; {_ascii(state.remote.split('[')[0], 255)}")
@@ -136,7 +139,9 @@ def build(*, envelope: Envelope, recipients: Sequence[tuple[str, RecipientState]
     ]
     if eight_bit:
         lines.append("Content-Transfer-Encoding: 8bit")
-    head = "\r\n".join(lines).encode("ascii") + b"\r\n\r\n"
+    # ASCII but for To: a sender whose local part is UTF-8 (RFC 6532), which queue() marks
+    # SMTPUTF8 (a UTF-8 domain is written as A-labels).
+    head = "\r\n".join(lines).encode("utf-8") + b"\r\n\r\n"
     original = headers if headers.endswith(b"\r\n") or not headers else headers + b"\r\n"
     return head + original + f"\r\n--{boundary}--\r\n".encode("ascii")
 
@@ -163,7 +168,7 @@ def queue(spool, *, envelope: Envelope, recipients: Sequence[tuple[str, Recipien
                  retry_until=retry_until, whole=whole)
     dsn = Envelope(id="", sender="", recipients=[to], user=None, account=envelope.account,
                    client_ip=None, helo=None, tls=False, received_at=now,
-                   priority=envelope.priority)
+                   priority=envelope.priority, smtputf8=ascii_form(to) is None)
     incoming = spool.create(dsn)
     try:
         incoming.write(data)

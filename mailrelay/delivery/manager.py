@@ -311,7 +311,8 @@ class DeliveryManager:
         envelope = attempt.envelope
         job = partial(Job, attempt.queue_id, envelope.sender, context=attempt,
                       dsn_mail=dsnparams.mail_params(envelope.ret, envelope.envid),
-                      dsn_rcpt={r: dsnparams.rcpt_params(p) for r, p in envelope.dsn.items()})
+                      dsn_rcpt={r: dsnparams.rcpt_params(p) for r, p in envelope.dsn.items()},
+                      smtputf8=envelope.smtputf8)
         jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
             shared = [r for r in rcpts if r not in copies]
