@@ -393,6 +393,8 @@ class TransactionTests(unittest.TestCase):
             lines = s.send(line + b"\r\n")
             self.assertEqual(len(lines), 1, line)
             self.assertTrue(lines[0].startswith(reply), (line, lines))
+        s = Session(self.clock)  # a fresh one: that many errors end a session (421)
+        s.login()
         self.assertEqual(s.send(b"MAIL FROM:<A@Doe.Test> SIZE=52428800\r\n"), ["250 2.1.0 Ok"])
         self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n"), ["503 5.5.1 Nested MAIL command"])
         for line, reply in [
