@@ -56,6 +56,12 @@ def txt_strings(value: str) -> list[str]:
     return [value[i:i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)] or [""]
 
 
+def zone_line(name: str, value: str) -> str:
+    """The TXT record as a zone file line: ``NAME. IN TXT ( "..." "..." )``."""
+    quoted = " ".join(f'"{s}"' for s in txt_strings(value))
+    return f"{name}. IN TXT ( {quoted} )"
+
+
 # domaincheck's status of a key's record, as ``published`` says it.
 PUBLISHED = {"ok": "ok", "missing": "missing", "wrong": "different", "unknown": "unknown"}
 
@@ -105,13 +111,17 @@ async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:
     return await _documents(store, keys, resolver, with_record=True)
 
 
-async def activate(store, resolver, domain: str) -> tuple[DkimKey, list[DkimKey]]:
-    """Switch signing to the domain's pending key, only once its record is seen in DNS:
-    the receivers of the first mail signed with it must find it. Fires with the key and
-    the keys it replaces (now retiring)."""
-    pending = [k for k in await store.ofDomain(domain) if k.state == "pending"]
+async def activate(store, resolver, domain: str,
+                   selector: str | None = None) -> tuple[DkimKey, list[DkimKey]]:
+    """Switch signing to the domain's pending key (``selector``: it must be that one), only
+    once its record is seen in DNS: the receivers of the first mail signed with it must
+    find it. Fires with the key and the keys it replaces (now retiring)."""
+    pending = [k for k in await store.ofDomain(domain) if k.state == "pending"
+               and selector in (None, k.selector)]  # fmt: skip
     if not pending:
-        raise UnknownKey(f"{domain} has no pending key (mailrelay-admin dkim rotate {domain})")
+        which = "" if selector is None else f" with selector {selector!r}"
+        raise UnknownKey(f"{domain} has no pending key{which} "
+                         f"(mailrelay-admin dkim rotate {domain})")
     key = pending[0]
     record = await store.txtRecord(key)
     status = await published(resolver, key, record)

@@ -496,11 +496,11 @@ def _relay_domain(s: Services) -> str:
     return getattr(getattr(s.config, "dkim", None), "relay_domain", "")
 
 
-async def activate_dkim(s: Services, domain: str) -> dict[str, Any]:
+async def activate_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]:
     """``dkim activate``: the pending key signs from now on, if its record is in DNS
     (else 409); fires with ``{"active": key, "retiring": [keys]}``."""
     with dkim_refusals():
-        key, old = await manage_dkim.activate(s.dkim, s.resolver, domain)
+        key, old = await manage_dkim.activate(s.dkim, s.resolver, domain, selector.lower())
     log.info("control panel: {domain} is signed with DKIM selector {selector} from now on",
              domain=key.domain, selector=key.selector)  # fmt: skip
     return {"active": manage_dkim.dkim_json(key),
@@ -522,6 +522,33 @@ async def delete_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]
     log.info("control panel: DKIM key {selector} of {domain} deleted", selector=key.selector,
              domain=key.domain)  # fmt: skip
     return manage_dkim.dkim_json(key)
+
+
+# ---- sending domains ----
+
+
+async def sending_domains(s: Services) -> list[str]:
+    """The domains the relay sends for: every account's authorized domains, the domains
+    with DKIM keys and the relay domain."""
+    with refusals():
+        accounts = await s.manager.store.listAccounts()
+    with dkim_refusals():
+        keys = await s.dkim.list()
+    found = {d for a in accounts for d in a.domains} | {k.domain for k in keys}
+    return sorted(found | ({_relay_domain(s)} - {""}))
+
+
+async def check_domain(s: Services, domain: str) -> dict[str, Any]:
+    """``domain check --json``: SPF, DKIM and DMARC of a domain the relay sends for (404
+    for any other), as published in DNS now."""
+    from mailrelay.manage.domaincheck import check_configured
+
+    with dkim_refusals():
+        name = manage_dkim.domain_name(domain)
+    if name not in await sending_domains(s):
+        raise HttpError(404, f"{name} is not a domain of any account, nor one with DKIM keys")
+    with dkim_refusals():
+        return await check_configured(s.config, s.dkim, s.resolver, name)
 
 
 # ---- statistics ----
