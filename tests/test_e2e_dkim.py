@@ -66,7 +66,7 @@ def relay(tmp_path_factory, sink, zone):
     relay = Relay(tmp_path_factory.mktemp("relay"), config=(
         f"[delivery]\nport = {sink.port}\nallow_local_mx = yes\nretry_first = 1s\n"
         f"retry_max = 2s\nmx_tls = none\ndns_servers = 127.0.0.1:{zone.port}\n\n"
-        f"[dkim]\ncheck_interval = 1s\n\n"
+        f"[dkim]\ncheck_interval = 1s\nrelay_domain = relay.test\n\n"
         f"[routes]\nexample.test = 127.0.0.1:{sink.port}\n\n"
         f"[tracking]\nenabled = yes\nendpoint = tcp:{port}:interface=127.0.0.1\n"
         f"base_url = http://127.0.0.1:{port}\n"))  # fmt: skip
@@ -75,12 +75,13 @@ def relay(tmp_path_factory, sink, zone):
     relay.admin("dkim", "add", "doe.test", "--selector", "rsa1")
     relay.admin("dkim", "add", "doe.test", "--selector", "ed1", "--type", "ed25519")
     relay.admin("dkim", "add", "rot.test", "--selector", "old")
+    relay.admin("dkim", "add", "relay.test", "--selector", "relay1")  # of no account
     # ally may send as doe.test too, but the keys of doe.test are the default account's.
     relay.admin("account", "set", "ally", "--add-domain", "doe.test")
     for user, (account, options) in USERS.items():
         relay.add_user(user, PASSWORD, "--account", account, *options)
     relay.records = {}
-    for domain in ("doe.test", "rot.test"):
+    for domain in ("doe.test", "rot.test", "relay.test"):
         shown = json.loads(relay.admin("dkim", "show", domain, "--json", "--no-dns").stdout)
         relay.records.update({k["dns_name"]: "".join(k["dns_strings"]) for k in shown})
     zone.publish(relay.records)
@@ -163,14 +164,17 @@ def test_each_copy_with_footer_and_tracking_is_signed(relay, sink):
         assert_verifies(relay, data)
 
 
-def test_not_signed_without_a_key_of_the_account(relay, sink):
+def test_without_a_key_of_the_account_the_relay_domain_signs(relay, sink):
     to = rcpt("nokey")
     submit(relay, "nokey.test", "x@nokey.test", to, mail("x@nokey.test", to))
     to2 = rcpt("ally")  # From: doe.test, by a user of the account ally
     submit(relay, "doe.test", "x@doe.test", to2, mail("x@doe.test", to2))
     for r in (to, to2):
         ((_, data),) = arrived(sink, r)
-        assert signatures(data) == []
+        (sig,) = signatures(data)  # not doe.test's key: that is the default account's
+        assert "d=relay.test" in sig and "s=relay1;" in sig
+        assert dkimpy_verify(data, relay.records) == [True]
+    assert opendkim_verify(data, relay.records).returncode == 0
 
 
 def test_a_client_signature_is_kept_below_ours(relay, sink):
