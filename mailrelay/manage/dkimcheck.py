@@ -46,9 +46,9 @@ class DkimChecker(Service):
             return
         pairs = [(k, await self.keys.txtRecord(k)) for k in keys]
         found = await look_up(self.resolver, pairs)
-        await self.keys.recordChecks({(k.domain, k.selector): status
-                                      for k, status in zip(keys, found, strict=True)})
         now = self.clock.seconds()
+        await self.keys.recordChecks({(k.domain, k.selector): status
+                                      for k, status in zip(keys, found, strict=True)}, now)
         for (key, (name, _)), status in zip(pairs, found, strict=True):
             if status != key.dns_status and key.dns_status is not None:
                 log.info("DKIM record {name} ({state} key) is {status} in DNS, was {was}",
