@@ -23,12 +23,17 @@ from mailrelay.manage.dkimcheck import DkimChecker
 from mailrelay.web.templates import when
 
 
-class DkimApiTests(unittest.TestCase):
+class ApiCalls(unittest.TestCase):
+    """A panel (with ``extra`` configuration) and its API, each answer checked against the
+    OpenAPI document."""
+
+    extra = ""
+
     @defer.inlineCallbacks
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="mailrelay-web-dkim-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.panel = yield Panel.start(self.tmp)
+        self.panel = yield Panel.start(self.tmp, self.extra)
         self.addCleanup(self.panel.stop)
         self.bodies: list[bytes] = []
 
@@ -50,6 +55,8 @@ class DkimApiTests(unittest.TestCase):
         )  # fmt: skip
         return json.loads(out.stdout)
 
+
+class DkimApiTests(ApiCalls):
     @defer.inlineCallbacks
     def test_keys_made_listed_shown_and_deleted(self):
         _, _, empty = yield self.api("GET", "/dkim", expect=200)
@@ -172,6 +179,22 @@ class DkimApiTests(unittest.TestCase):
         self.assertEqual(report, json.loads(proc.stdout))
         yield self.api("GET", "/domains/nobody.test/check", expect=404)
         yield self.api("GET", "/domains/not_a_domain/check", expect=400)
+
+
+class RelayDomainApiTests(ApiCalls):
+    """With ``[dkim] relay_domain``, a key for it belongs to no account."""
+
+    extra = "\n[dkim]\nrelay_domain = relay.test\n"
+
+    @defer.inlineCallbacks
+    def test_a_key_of_the_relay_domain(self):
+        _, _, made = yield self.api("POST", "/dkim", {"domain": "relay.test"}, expect=201)
+        self.assertEqual((made["account"], made["state"]), (None, "active"))
+        _, _, domains = yield self.api("GET", "/domains", expect=200)
+        self.assertIn("relay.test", domains)
+        _, _, report = yield self.api("GET", "/domains/relay.test/check", expect=200)
+        self.assertEqual([c["selector"] for c in report["dkim"]], [made["selector"]])
+        yield self.api("POST", "/dkim", {"domain": "elsewhere.test"}, expect=400)
 
 
 class DkimPageTests(LoggedIn):
