@@ -128,7 +128,7 @@ async def activate(store, resolver, domain: str,
     await store.recordChecks({(key.domain, key.selector): status})
     if status != "ok":
         raise KeyConflict(f"{record[0]} is {status} in DNS: publish the record "
-                        f"(mailrelay-admin dkim show {domain}) and activate again")
+                          f"(mailrelay-admin dkim show {domain}) and activate again")
     return await store.promote(domain, key.selector)
 
 
@@ -272,7 +272,7 @@ class DkimKeys:
         found = [k for k in self._keys() if k.domain == domain and k.selector == selector]
         if found and found[0].state != "retiring":
             raise KeyConflict(f"{domain} selector {selector!r} is {found[0].state}, not "
-                            "retiring: only a key replaced by dkim activate can be retired")
+                              "retiring: only a key replaced by dkim activate can be retired")
         return self._remove(domain, selector)
 
     def recordChecks(self, results: dict[tuple[str, str], str], when: float | None = None):
