@@ -200,7 +200,7 @@ def test_rotation_switches_to_the_new_key_once_the_relay_sees_its_record(relay, 
     (new,) = [k for k in shown if k["selector"] == "new"]
     # Not in DNS yet: the relay's checks find it missing, and mail is signed by the old key.
     wait_for(lambda: keys_of(relay, "rot.test")["new"]["dns_status"] == "missing",
-             timeout=30, what="the relay's check of the new record")
+             timeout=30, interval=0.5, what="the relay's check of the new record")
     to = rcpt("rot")
     send(relay, "mail@rot.test", [to], mail("mail@rot.test", to))
     ((_, data),) = arrived(sink, to)
@@ -212,7 +212,7 @@ def test_rotation_switches_to_the_new_key_once_the_relay_sees_its_record(relay, 
     zone.publish({new["dns_name"]: new["dns_value"]})
     relay.records[new["dns_name"]] = new["dns_value"]
     keys = wait_for(lambda: (k := keys_of(relay, "rot.test"))["new"]["state"] == "active" and k,
-                    timeout=30, what="the relay to activate the new key")
+                    timeout=30, interval=0.5, what="the relay to activate the new key")
     assert keys["new"]["dns_status"] == "ok" and keys["old"]["state"] == "retiring"
     assert "rot.test is signed with selector new from now on" in relay.log()
     time.sleep(2.5)  # the delivery process reads a changed key index within 2 s
