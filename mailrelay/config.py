@@ -144,6 +144,22 @@ def _networks(value: str) -> tuple:
     return tuple(parse_network(v) for v in word_list(value))
 
 
+def _domain(value: str) -> str:
+    """A domain name, lower case, in ASCII (IDNA); empty stays empty."""
+    from mailrelay.scope import ScopeError, to_ascii_domain
+
+    name = value.strip().rstrip(".")
+    if not name:
+        return ""
+    try:
+        name = to_ascii_domain(name)
+    except ScopeError as e:
+        raise ValueError(str(e))
+    if not is_domain(name):
+        raise ValueError(f"{value.strip()!r} is not a domain name")
+    return name.lower()
+
+
 def _ip_auth(value: str):
     from mailrelay.auth.ipauth import IpAuthTable
 
@@ -297,6 +313,10 @@ SCHEMA["dkim"] = {
     # DKIM signing at delivery (mailrelay/dkim.py); keys are made with mailrelay-admin dkim.
     "sign": (boolean, True),
     "directory": (text, ""),  # default: <data_dir>/dkim (private keys and keys.json)
+    # The relay looks every key's record up this often; a pending key seen is activated.
+    "check_interval": (duration, 3600.0),  # 0: never (dkim activate by hand)
+    "retire_after": (duration, 7 * 86400.0),  # a retiring key's record may go after this
+    "relay_domain": (_domain, ""),  # signs what no key of the message's account signs
 }
 
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {

@@ -156,6 +156,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
 
+    if config.dkim.check_interval > 0:
+        dkim_checker(config, reactor).setServiceParent(top)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
@@ -413,7 +415,21 @@ def _dkim(config: Config, reactor):
     from mailrelay.delivery.dkimsign import DkimSigning
     from mailrelay.dkim import Signer
 
-    return DkimSigning(Signer(config.dkim.directory), reactor)
+    return DkimSigning(Signer(config.dkim.directory, relay_domain=config.dkim.relay_domain),
+                       reactor)
+
+
+def dkim_checker(config: Config, reactor):
+    """The relay's scheduled look-up of the DKIM records (manage/dkimcheck.py)."""
+    from mailrelay.delivery.router import make_resolver
+    from mailrelay.manage.dkim import DkimKeys
+    from mailrelay.manage.dkimcheck import DkimChecker
+    from mailrelay.manage.stores import threaded
+
+    d = config.dkim
+    return DkimChecker(DkimKeys(d.directory, threaded(reactor), retire_after=d.retire_after),
+                       make_resolver(config.delivery.dns_servers, reactor), d.check_interval,
+                       d.retire_after, reactor)
 
 
 _EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
