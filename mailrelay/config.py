@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from mailrelay.scope import is_address, is_domain
+from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_domain
 
 DEFAULT_DATA_DIR = "/var/lib/mailrelay"
 
@@ -136,6 +136,30 @@ def ip_list(value: str) -> list[str]:
     return out
 
 
+def _networks(value: str) -> tuple:
+    """``127.0.0.1/32, 10.0.0.0/8, fd00::/8``: IPv4 and IPv6 networks (a bare address is
+    one host)."""
+    from mailrelay.auth.ipauth import parse_network
+
+    return tuple(parse_network(v) for v in word_list(value))
+
+
+def _domain(value: str) -> str:
+    """A domain name, lower case, in ASCII (IDNA); empty stays empty."""
+    from mailrelay.scope import ScopeError, to_ascii_domain
+
+    name = value.strip().rstrip(".")
+    if not name:
+        return ""
+    try:
+        name = to_ascii_domain(name)
+    except ScopeError as e:
+        raise ValueError(str(e))
+    if not is_domain(name):
+        raise ValueError(f"{value.strip()!r} is not a domain name")
+    return name.lower()
+
+
 def _ip_auth(value: str):
     from mailrelay.auth.ipauth import IpAuthTable
 
@@ -240,6 +264,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "retry_max": (duration, 3600.0),
         "lifetime": (duration, 5 * 86400.0),
         "delay_warning": (duration, 0.0),  # 0: off
+        "dsn_delay_warning": (duration, 4 * 3600.0),  # for NOTIFY=DELAY; 0: off
         "connect_timeout": (duration, 30.0),
         "connection_cache_time": (duration, 2.0),  # 0: QUIT as soon as the queue is empty
         "nice": (integer(0, 19), 5),  # the delivery process's priority below the relay's
@@ -288,6 +313,10 @@ SCHEMA["dkim"] = {
     # DKIM signing at delivery (mailrelay/dkim.py); keys are made with mailrelay-admin dkim.
     "sign": (boolean, True),
     "directory": (text, ""),  # default: <data_dir>/dkim (private keys and keys.json)
+    # The relay looks every key's record up this often; a pending key seen is activated.
+    "check_interval": (duration, 3600.0),  # 0: never (dkim activate by hand)
+    "retire_after": (duration, 7 * 86400.0),  # a retiring key's record may go after this
+    "relay_domain": (_domain, ""),  # signs what no key of the message's account signs
 }
 
 SCHEMA["bounces"] = {
@@ -306,7 +335,13 @@ LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
     "plaintext_auth": (boolean, False),
+    "proxy_protocol": (boolean, False),
+    "proxy_from": (_networks, ()),
+    "proxy_timeout": (duration, 5.0),
 }
+
+# Endpoint kinds whose connections the PROXY protocol wrapper reads (listener.py).
+PROXY_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
 DEFAULT_LISTENERS = {
     "smtp": {"endpoint": "tcp:2525:interface=127.0.0.1", "tls": "starttls"},
@@ -320,6 +355,9 @@ class Listener:
     endpoint: str  # a Twisted server endpoint string
     tls: str  # "starttls", "implicit" or "none"
     plaintext_auth: bool  # allow AUTH without TLS (off unless set)
+    proxy_protocol: bool = False  # a PROXY header first (mailrelay/proxyproto.py)
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # balancers
+    proxy_timeout: float = 5.0  # seconds the header may take
 
 
 @dataclass
@@ -423,17 +461,39 @@ def _listener(source: str, section: str, raw) -> Listener:
     except Exception as e:
         # Parsing an ssl: endpoint reads its key and certificate: OSError, OpenSSL errors.
         raise ConfigError(source, section, "endpoint", f"{ns.endpoint!r}: {e}")
-    return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth)
+    _check_proxy(source, section, ns)
+    return Listener(name, ns.endpoint, ns.tls, ns.plaintext_auth, ns.proxy_protocol,
+                    ns.proxy_from, ns.proxy_timeout)
+
+
+def _check_proxy(source: str, section: str, ns: SimpleNamespace) -> None:
+    if not ns.proxy_protocol:
+        if ns.proxy_from:
+            raise ConfigError(source, section, "proxy_from",
+                              "only means something with proxy_protocol = yes")
+        return
+    if not ns.proxy_from:
+        raise ConfigError(source, section, "proxy_protocol",
+                          "yes needs proxy_from, the load balancers' networks")
+    if ns.endpoint.partition(":")[0].strip().lower() not in PROXY_ENDPOINTS:
+        raise ConfigError(source, section, "proxy_protocol",
+                          "needs a tcp:, tcp6: or ssl: endpoint")
+    if ns.proxy_timeout <= 0:
+        raise ConfigError(source, section, "proxy_timeout", "must be more than 0")
 
 
 def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
     routes = {}
     parse = hostport(25)
     for domain, target in raw.items():
-        if not is_domain(domain):
+        try:
+            name = to_ascii_domain(domain)  # bücher.de and xn--bcher-kva.de: one route
+        except ScopeError:
+            name = ""
+        if not is_domain(name):
             raise ConfigError(source, "routes", domain, "not a valid domain name")
         try:
-            routes[domain.lower()] = parse(target)
+            routes[name] = parse(target)
         except ValueError as e:
             raise ConfigError(source, "routes", domain, str(e))
     return routes

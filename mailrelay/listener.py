@@ -18,6 +18,7 @@ and a warning at startup, rather than sessions that fail on their first write;
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp
@@ -49,10 +50,15 @@ def prompt_writes_possible() -> bool:
 
 
 class ListenerService(StreamServerEndpointService):
-    def __init__(self, name: str, endpoint: str, factory, reactor=None) -> None:
+    """``outer``, if given, wraps the factory outside any TLS of the endpoint (an ``ssl:``
+    one's too) on its TCP port: the PROXY protocol (proxyproto.py)."""
+
+    def __init__(self, name: str, endpoint: str, factory, reactor=None,
+                 outer: Callable | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        super().__init__(endpoints.serverFromString(PromptWrites(reactor), endpoint), factory)
+        self._prompt = PromptWrites(reactor, outer)
+        super().__init__(endpoints.serverFromString(self._prompt, endpoint), factory)
         self.setName(name)
         self.endpoint_text = endpoint
         self._raiseSynchronously = True
@@ -62,26 +68,37 @@ class ListenerService(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            message = (f"mailrelay: [{self.name}] endpoint {self.endpoint_text}: "
-                       f"cannot listen: {reason}")
-            log.critical("{message}", message=message)
-            # twistd has redirected sys.stderr into its log by now; the admin needs the
-            # line on the terminal too.
-            print(message, file=sys.__stderr__)
-            raise SystemExit(1)
+            self._stop_startup(f"cannot listen: {reason}")
+        if self._prompt.outer is not None and not self._prompt.wrapped:
+            # Connections would reach the sessions with the balancer's address.
+            self._stop_startup("the PROXY protocol needs a tcp:, tcp6: or ssl: endpoint")
+
+    def _stop_startup(self, problem: str) -> None:
+        message = f"mailrelay: [{self.name}] endpoint {self.endpoint_text}: {problem}"
+        log.critical("{message}", message=message)
+        # twistd has redirected sys.stderr into its log by now; the admin needs the
+        # line on the terminal too.
+        print(message, file=sys.__stderr__)
+        raise SystemExit(1)
 
 
 class PromptWrites:
     """``reactor``, except that its TCP ports make connections that send a write at once
-    when Nagle is off (see above). ListenerService parses endpoints with it."""
+    when Nagle is off (see above). ListenerService parses endpoints with it. ``outer``
+    wraps the factory of each TCP port, outermost (``wrapped`` counts them)."""
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor, outer: Callable | None = None) -> None:
         self._reactor = reactor
+        self.outer = outer
+        self.wrapped = 0
 
     def __getattr__(self, name: str):
         return getattr(self._reactor, name)
 
     def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):
+        if self.outer is not None:
+            factory = self.outer(factory)
+            self.wrapped += 1
         if not tuning.on("prompt_writes"):
             return self._reactor.listenTCP(port, factory, backlog, interface)
         if not prompt_writes_possible():

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from mailrelay.config import SCHEMA
 from mailrelay.files import save_file
+from mailrelay.proxyproto import ProxyHeaderReader
 
 log = Logger()
 
@@ -152,11 +153,19 @@ class _ServerConnection(SSL.Connection):
         except SSL.WantReadError:
             raise
         except SSL.Error as e:
-            transport = self.tls_protocol.transport
-            peer = getattr(transport.getPeer(), "host", "?") if transport else "?"
+            peer = _client(self.tls_protocol)
             log.info("TLS handshake with {peer} failed: {reason}",
                      peer=peer, reason=_reason(e))
             raise
+
+
+def _client(tls_protocol) -> str:
+    """The client's address. STARTTLS slides the TLS layer in under the socket's protocol:
+    behind a PROXY header that is the header's reader, which knows the client, while the
+    socket knows only the load balancer."""
+    inner = getattr(tls_protocol, "wrappedProtocol", None)
+    source = inner if isinstance(inner, ProxyHeaderReader) else tls_protocol.transport
+    return getattr(source.getPeer(), "host", "?") if source is not None else "?"
 
 
 def _select_protocol(connection: SSL.Connection, offered: list[bytes]):

@@ -22,6 +22,8 @@ def missing_tools() -> list[str]:
     missing = [f"{name} ({path})" for name, path in (
         ("slapd", "/usr/sbin/slapd"), ("slapadd", "/usr/sbin/slapadd"),
         ("chromium", "/usr/bin/chromium"), ("chromium-driver", "/usr/bin/chromedriver"),
+        ("haproxy", "/usr/sbin/haproxy"),
+        ("postfix", "/usr/sbin/postfix"),
     ) if not os.path.exists(path)]
     missing += [name for name in ("swaks", "openssl", "ldapadd") if not shutil.which(name)]
     # DKIM's independent verifier, run in a namespace of its own (tests/dkim_verify.py).

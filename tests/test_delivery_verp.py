@@ -56,6 +56,20 @@ class VerpDeliveryTests(Base):
         self.assertEqual((m.sender, sorted(m.recipients)), ("s@a.test", ["a@b.test", "c@b.test"]))
 
     @defer.inlineCallbacks
+    def test_a_recipient_whose_client_asked_for_dsns_keeps_its_sender(self):
+        """RFC 3461: the client asked to hear from the remote servers itself."""
+        queue_id = yield self.submit(["a@b.test", "c@b.test"], return_path="bounces.a.test",
+                                     dsn={"a@b.test": {"notify": "SUCCESS,FAILURE"}})
+        yield self.deliver(self.manager(return_paths=self.return_paths()), queue_id)
+        senders = {m.recipients[0]: m.sender for m in self.sink.messages}
+        self.assertEqual(senders["a@b.test"], "s@a.test")
+        self.assertTrue(senders["c@b.test"].endswith("@bounces.a.test"))
+        self.sink.messages.clear()
+        queue_id = yield self.submit(["a@b.test"], return_path="bounces.a.test", envid="x1")
+        yield self.deliver(self.manager(return_paths=self.return_paths()), queue_id)
+        self.assertEqual([m.sender for m in self.sink.messages], ["s@a.test"])
+
+    @defer.inlineCallbacks
     def test_the_null_sender_is_never_rewritten(self):
         queue_id = yield self.submit(["a@b.test"], sender="", return_path="bounces.a.test")
         yield self.deliver(self.manager(return_paths=self.return_paths()), queue_id)

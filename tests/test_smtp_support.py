@@ -35,7 +35,8 @@ PASSWORD = "correct horse battery"
 HOST = "relay.test"
 ACCOUNT = Account(
     "default",
-    frozenset({"doe.test", "shop.test", "other.test", "blocked.test", "sandbox.test"}),
+    frozenset({"doe.test", "shop.test", "other.test", "blocked.test", "sandbox.test",
+               "xn--bcher-kva.test"}),
 )
 USERS = {
     u.username: u
@@ -47,6 +48,7 @@ USERS = {
         SmtpUser("blocked.test", status=Status.BLOCKED),
         SmtpUser("sandbox.test", status=Status.SANDBOXED),
         SmtpUser("ldapdown.test"),  # the directory fails for this one
+        SmtpUser("xn--bcher-kva.test"),  # bücher.test, domain-level
     ]
 }
 
@@ -345,7 +347,7 @@ class LoopbackCase(unittest.TestCase):
         yield self.spool.close()
 
     def listen(self, tls_mode: str = "starttls", plaintext_auth: bool = False,
-               portal=None, **kw) -> int:
+               portal=None, outer=None, **kw) -> int:
         factory = SubmissionFactory(
             portal or self.portal, self.spool, HOST, tls_files().options, tls_mode,
             plaintext_auth, reactor=reactor, envelope_fields=user_fields, **kw,
@@ -354,7 +356,7 @@ class LoopbackCase(unittest.TestCase):
         factory.sessions = []
         factory.max_buffered = 0
         self.factories.append(factory)
-        port = PromptWrites(reactor).listenTCP(  # as a ListenerService listens
+        port = PromptWrites(reactor, outer).listenTCP(  # as a ListenerService listens
             0, wrap_listener_factory(factory, tls_mode, tls_files().options),
             interface="127.0.0.1",
         )

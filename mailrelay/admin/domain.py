@@ -14,8 +14,9 @@ from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.admin.dkim import _keys, _result
-from mailrelay.manage.dkim import DkimError, domain_name, txt_strings
+from mailrelay.admin.dkim import _keys
+from mailrelay.manage.dkim import DkimError, domain_name
+from mailrelay.manage.domaincheck import record_line, return_path_rows
 
 NOT_OK = 3
 TIMEOUT = 60.0  # seconds for every lookup together
@@ -32,24 +33,24 @@ def register(subparsers) -> None:
 
 def check(args: argparse.Namespace, context: Context) -> int:
     from mailrelay.delivery.router import make_resolver
-    from mailrelay.manage.domaincheck import check_domain_with_return_path
+    from mailrelay.manage.domaincheck import bounce_domain_of, check_configured
 
     try:
         domain = domain_name(args.domain)
     except DkimError as e:
         raise CommandError(str(e))
-    store = _keys(context)
-    keys = [(k, _result(store.txtRecord(k))) for k in _result(store.ofDomain(domain))]
-    delivery = context.config.delivery
-    bounce_domain = _bounce_domain(context, domain)
+    config = context.config
+    accounts = directory.manage(context, lambda users: users.accounts())
+    bounce_domain = bounce_domain_of([a for a, _ in accounts], domain)
 
     async def start(reactor):
-        resolver = make_resolver(delivery.dns_servers, reactor)
-        return await check_domain_with_return_path(
-            resolver, domain, delivery.outbound_addresses, keys, bounce_domain,
-            context.config.bounces.mx_host)
+        resolver = make_resolver(config.delivery.dns_servers, reactor)
+        return await check_configured(config, _keys(context), resolver, domain, bounce_domain)
 
-    report = run(start, TIMEOUT)
+    try:
+        report = run(start, TIMEOUT)
+    except OSError as e:  # a key file unreadable
+        raise CommandError(str(e))
     if args.json:
         output.print_json(report)
     else:
@@ -57,22 +58,11 @@ def check(args: argparse.Namespace, context: Context) -> int:
     return 0 if report["ok"] else NOT_OK
 
 
-def _bounce_domain(context: Context, domain: str) -> str | None:
-    """The bounce domain of the account ``domain`` is authorized for, if it has one."""
-    accounts = directory.manage(context, lambda users: users.accounts())
-    found = sorted(a.bounce_domain for a, _ in accounts
-                   if domain in a.domains and a.bounce_domain)
-    return found[0] if found else None
-
-
 def _print(report: dict) -> None:
     rows = [("SPF", report["spf"])]
     rows += [(f"DKIM {k['selector']}", k) for k in report["dkim"]]
     rows.append(("DMARC", report["dmarc"]))
-    if "return_path" in report:
-        rp = report["return_path"]
-        rows += [(f"return-path {kind}", {**rp[kind.lower()], "detail": (
-            f"{rp['domain']}: {rp[kind.lower()]['detail']}")}) for kind in ("MX", "SPF")]
+    rows += return_path_rows(report)
     width = max(len(label) for label, _ in rows)
     print(report["domain"])
     for label, c in rows:
@@ -80,11 +70,6 @@ def _print(report: dict) -> None:
         if c.get("record"):
             print(f"  {''.ljust(width)}  found:   {c['record']}")
         if c.get("publish"):
-            p = c["publish"]
-            if p["type"] == "TXT":
-                quoted = " ".join(f'"{s}"' for s in txt_strings(p["value"]))
-                print(f"  {''.ljust(width)}  publish: {p['name']}. IN TXT ( {quoted} )")
-            else:
-                print(f"  {''.ljust(width)}  publish: {p['name']}. IN {p['type']} {p['value']}")
+            print(f"  {''.ljust(width)}  publish: {record_line(c['publish'])}")
     if not report["dkim"]:
         print(f"  no DKIM key: mailrelay-admin dkim add {report['domain']}")

@@ -4,7 +4,8 @@ Signing comes last, after the footer and tracking links (features/hooks.py) have
 each recipient's copy: each distinct variant is signed once, the spooled original for the
 recipients that share it, and each changed copy. The work (reading a large body, parsing,
 hashing, the private-key operation) runs in the reactor's thread pool; mail of an account
-without keys never goes there. A message the client signed already keeps its signature
+without keys never goes there (unless ``[dkim] relay_domain`` has a key, which signs what
+no key of the account does). A message the client signed already keeps its signature
 and gets ours on top (footer and tracking break the client's own signature, as any change
 of the body does). When signing fails (a key file unreadable) the message goes out
 unsigned and the failure is logged: a missing signature costs less than mail held back.
@@ -43,8 +44,8 @@ class DkimSigning:
             except Exception:
                 log.failure("cannot read the DKIM keys in {directory}",
                             directory=signer.directory)
-        account = envelope.account
-        if account is None or not signer.signs_for(account):
+        account = envelope.account  # None: the relay's own mail (relay domain only)
+        if not signer.signs_for(account):
             return None, copies
 
         def sign_all() -> tuple[Copy | None, dict[str, Copy]]:

@@ -136,7 +136,44 @@ async def check_domain(resolver, domain: str, outbound: list[str],
             "ok": all(c["status"] == "ok" for c in checks)}  # fmt: skip
 
 
+async def check_configured(config, keys, resolver, domain: str,
+                           bounce_domain: str | None = None) -> dict[str, Any]:
+    """``domain check --json`` of ``domain`` under the relay's ``config``, its DKIM keys
+    from ``keys`` (IDkimKeys), and the return path of ``bounce_domain`` (its account's,
+    bounce_domain_of): what mailrelay-admin, the API and the panel all show."""
+    pairs = [(k, await keys.txtRecord(k)) for k in await keys.ofDomain(domain)]
+    return await check_domain_with_return_path(resolver, domain,
+                                               config.delivery.outbound_addresses, pairs,
+                                               bounce_domain, config.bounces.mx_host)
+
+
 # ---- the return path: an account's bounce domain (mailrelay/bounces/) ----
+
+
+def record_line(publish: dict[str, str]) -> str:
+    """A record to publish as a zone file line (TXT split into character-strings)."""
+    from mailrelay.manage.dkim import zone_line
+
+    if publish["type"] == "TXT":
+        return zone_line(publish["name"], publish["value"])
+    return f"{publish['name']}. IN {publish['type']} {publish['value']}"
+
+
+def return_path_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The return-path item of a report as (label, check) rows, as SPF, DKIM and DMARC are
+    shown (none without a bounce domain)."""
+    rp = report.get("return_path")
+    if rp is None:
+        return []
+    return [(f"return-path {kind}", {**rp[kind.lower()],
+                                     "detail": f"{rp['domain']}: {rp[kind.lower()]['detail']}"})
+            for kind in ("MX", "SPF")]  # fmt: skip
+
+
+def bounce_domain_of(accounts, domain: str) -> str | None:
+    """The bounce domain of the account (of ``accounts``) ``domain`` is authorized for."""
+    found = sorted(a.bounce_domain for a in accounts if domain in a.domains and a.bounce_domain)
+    return found[0] if found else None
 
 
 async def check_return_path(resolver, bounce_domain: str, mx_host: str,

@@ -10,7 +10,8 @@ pipelined commands run strictly in order, and message data can never run as comm
 
 In DATA (``readMessage``) the bytes go to a data.DataReader a chunk at a time, with no
 copy when nothing is held before them; its end, or a refusal it finds on the way, is
-handed back (``messageReceived``, ``messageRefused``).
+handed back (``messageReceived``, ``messageRefused``). A BDAT chunk is read the same way
+by a chunking.Chunk, which ends after its count of octets.
 
 Replies (``write``) written while input is being read are held and leave together once
 that input is done: the replies to a pipelined group go in one write, one TLS record, one

@@ -1,19 +1,20 @@
 """One SMTP submission session: the commands, the transaction, and the commit.
 
 The session is a framing.CommandStream (a Twisted Protocol with TimeoutMixin): commands
-split on CRLF only, message data read a chunk at a time by data.DataReader, and nothing
-further read while a command waits on a Deferred (the portal, the policy, the spool), so
-pipelined commands run strictly in order. Commands dispatch to the smtp_* methods below;
-a handler answers by returning, by raising Reply, or by returning a coroutine.
+split on CRLF only, message data read a chunk at a time by data.DataReader (what BDAT
+chunks carry goes through it too: chunking.py), and nothing further read while a command
+waits on a Deferred (the portal, the policy, the spool), so pipelined commands run
+strictly in order. Commands dispatch to the smtp_* methods below; a handler answers by
+returning, by raising Reply, or by returning a coroutine.
 
 Transactions need a login (login.py): AUTH PLAIN or LOGIN (inside TLS unless the listener
 allows plaintext AUTH), or, at MAIL without AUTH, IP authentication or address
 authentication through the portal. Which envelope and From: header senders a login may
 use is the policy's to say (policy/sender.py); so are the limits (policy/submission.py).
 
-Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase,
-and ``session_timeout`` for the time a connection spends outside transactions in total
-(a message in progress is never cut off by it).
+Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase
+(or all BDAT chunks of a message), and ``session_timeout`` for the time a connection
+spends outside transactions in total (a message in progress is never cut off by it).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import dsnparams
 from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
+from mailrelay.scope import ascii_form
 from mailrelay.smtp.address import parse_mail, parse_rcpt
+from mailrelay.smtp.chunking import BETWEEN_CHUNKS, Chunk, Chunking
 from mailrelay.smtp.data import DataReader
 from mailrelay.smtp.framing import CommandStream
 from mailrelay.smtp.headers import HeaderError, from_addresses
@@ -52,7 +56,7 @@ MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted message
 _sessions = itertools.count(1)
 
 
-class SubmissionServer(CommandStream):
+class SubmissionServer(Chunking, CommandStream):
     """A session; built by factory.SubmissionFactory, whose settings it reads."""
 
     max_line = MAX_AUTH_LINE
@@ -69,7 +73,10 @@ class SubmissionServer(CommandStream):
         self.login = SessionLogin(factory.portal, factory.reactor, self.session_id)
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
+        self._smtputf8 = False  # the transaction's MAIL had SMTPUTF8 (RFC 6531)
         self._recipients: list[str] = []
+        self._dsn_mail: dict[str, str] = {}  # RET, ENVID of the transaction
+        self._dsn_rcpts: dict[str, dict[str, str]] = {}  # NOTIFY, ORCPT by recipient
         self._incoming = None
         self._envelope: Envelope | None = None
         self._data_deadline = None
@@ -130,12 +137,14 @@ class SubmissionServer(CommandStream):
             self._session_timer.cancel()
         self._session_timer = None
         self._cancel_data_deadline()
-        if self._incoming is not None and self._reader is not None:
-            self._incoming.abort()  # the client vanished mid-DATA: nothing is kept
+        if self._incoming is not None:
+            self._incoming.abort()  # the client vanished mid-message: nothing is kept
             log.info(
-                "session {session}: {client_ip} disconnected during DATA, {queue_id} discarded",
+                "session {session}: {client_ip} disconnected during {phase}, {queue_id} "
+                "discarded",
                 session=self.session_id,
                 client_ip=self.client_ip,
+                phase="BDAT" if self._chunks is not None else "DATA",
                 queue_id=self._incoming.id,
             )
         log.info(
@@ -236,6 +245,9 @@ class SubmissionServer(CommandStream):
         handler = self._handler(verb)
         if handler is None:
             self._send(Reply(500, "5.5.1", "Command unrecognized"))
+            return
+        if self._chunks is not None and verb.upper() not in BETWEEN_CHUNKS:
+            self._send(Reply(503, "5.5.1", "Only BDAT, RSET, NOOP or QUIT may follow BDAT"))
             return
         self._run(handler, arg)
 
@@ -343,7 +355,7 @@ class SubmissionServer(CommandStream):
         self._hello(arg, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
-                  "ENHANCEDSTATUSCODES"]
+                  "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "SMTPUTF8"]  # DSN: dsnparams.py
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -385,16 +397,8 @@ class SubmissionServer(CommandStream):
 
     def smtp_HELP(self, arg: bytes) -> None:
         self._junk_command()
-        self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
-                    "NOOP VRFY HELP QUIT")
-
-    def smtp_BDAT(self, arg: bytes) -> None:
-        # CHUNKING is not offered: the chunk's bytes follow at once and would be read as
-        # commands, so the session cannot go on.
-        log.warn("session {session}: {client_ip} sent BDAT, which is not offered; dropping "
-                 "the connection", session=self.session_id, client_ip=self.client_ip)
-        self._reply(502, "5.5.1", "CHUNKING not offered, closing connection")
-        self.close()
+        self._reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT "
+                    "RSET NOOP VRFY HELP QUIT")
 
     def smtp_QUIT(self, arg: bytes) -> None:
         self._reply(221, "2.0.0", "Bye")
@@ -478,8 +482,13 @@ class SubmissionServer(CommandStream):
     def _end_transaction(self, accepted: bool) -> None:
         if self._sender is not None and not accepted and self.policy is not None:
             self._notify(self.policy.reset)
+        if self._incoming is not None:  # BDAT chunks before their LAST (RSET, EHLO...)
+            self._incoming.abort()
+            self._incoming = self._envelope = self._chunks = None
+            self._cancel_data_deadline()
         self._sender = None
         self._recipients = []
+        self._dsn_mail, self._dsn_rcpts = {}, {}
         self._session_clock(running=True)
 
     def _need_login(self) -> None:
@@ -509,10 +518,13 @@ class SubmissionServer(CommandStream):
                         "retry")
         if syntax is not None:
             raise syntax
+        dsn_mail, params = dsnparams.take_mail(params)
         self._mail_params(params)
         # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
+        self._dsn_mail, self._dsn_rcpts = dsn_mail, {}
+        self._smtputf8 = "SMTPUTF8" in params
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
@@ -527,6 +539,8 @@ class SubmissionServer(CommandStream):
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name == "SMTPUTF8":
+                _smtputf8_param(value)
             elif name != "AUTH":  # AUTH=<mailbox> (RFC 4954 section 5): accepted, unused
                 raise Reply(555, "5.5.4", f"Unsupported parameter {name}")
 
@@ -534,7 +548,8 @@ class SubmissionServer(CommandStream):
         self._need_login()
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
-        recipient, params = parse_rcpt(arg)
+        recipient, params = parse_rcpt(arg, self._smtputf8)
+        dsn_rcpt, params = dsnparams.take_rcpt(params)
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
         if recipient in self._recipients:
@@ -545,6 +560,8 @@ class SubmissionServer(CommandStream):
             raise Reply(452, "4.5.3", "Too many recipients")
         await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
+        if dsn_rcpt:
+            self._dsn_rcpts[recipient] = dsn_rcpt
         self._reply(250, "2.1.5", "Ok")
 
     def smtp_DATA(self, arg: bytes) -> None:
@@ -567,11 +584,19 @@ class SubmissionServer(CommandStream):
     def _start_data(self, arg: bytes) -> None:
         if arg:
             raise Reply(501, "5.5.4", "Syntax: DATA")
+        if self._chunks is not None:  # RFC 3030 section 2
+            raise Reply(503, "5.5.1", "DATA not allowed after BDAT")
         self._need_login()
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
         if not self._recipients:
             raise Reply(554, "5.5.1", "No valid recipients")
+        self.readMessage(self._open_message())
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+
+    def _open_message(self) -> DataReader:
+        """The spool file of a message whose data begins (DATA, or the first BDAT), with
+        its Received header; the reader its data goes through. data_timeout starts."""
         user = self.login.avatar.user
         now = self.factory.reactor.seconds()
         envelope = Envelope(
@@ -585,6 +610,9 @@ class SubmissionServer(CommandStream):
             received_at=now,
             priority=user.priority,
             sandboxed=self.login.avatar.sandboxed,
+            dsn=self._dsn_rcpts,
+            **self._dsn_mail,  # ret, envid
+            smtputf8=self._smtputf8,
             # audit BCC, footer, the account's bounce domain...
             **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
@@ -596,15 +624,13 @@ class SubmissionServer(CommandStream):
             log.failure("session {session}: cannot create a spool file",
                         session=self.session_id)
             raise Reply(451, "4.3.0", "Local error in processing, try again later")
-        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password)
+        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password, self._smtputf8)
         # The client's recipients only: audit BCC addresses appear in no header.
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
                                        protocol, incoming.id, self._recipients, now))
         self._incoming, self._envelope = incoming, envelope
-        self.readMessage(DataReader(incoming.write, self.factory.max_message_size,
-                                    self._check_headers))
         self._data_deadline = self.callLater(self.factory.data_timeout, self._data_timeout)
-        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        return DataReader(incoming.write, self.factory.max_message_size, self._check_headers)
 
     def _check_headers(self, header: bytes) -> Reply | bytes | None:
         """Refuse a From: header that is malformed or out of scope; add one from the
@@ -612,11 +638,12 @@ class SubmissionServer(CommandStream):
         printers and scripts often send none), the sender being in scope already."""
         added = None
         try:
-            addresses = from_addresses(header)
+            addresses = from_addresses(header, self._smtputf8)
         except HeaderError as e:
-            added = _from_field(self._sender)
+            added = _from_field(self._sender, self._smtputf8)
             try:  # parses with the field added: there was none (else: two, or malformed)
-                addresses = from_addresses(header + b"\r\n" + added if header else added)
+                addresses = from_addresses(header + b"\r\n" + added if header else added,
+                                           self._smtputf8)
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
         avatar = self.login.avatar
@@ -640,7 +667,10 @@ class SubmissionServer(CommandStream):
             self._send(reader.error)
             self.close()
 
-    def messageReceived(self, reader: DataReader) -> None:
+    def messageReceived(self, reader: DataReader | Chunk) -> None:
+        if isinstance(reader, Chunk):
+            self._chunk_read(reader)  # chunking.py; the LAST one comes back here
+            return
         self._cancel_data_deadline()
         d = ensureDeferred(self._finish_message(reader))
         d.addErrback(self._command_failed)
@@ -721,9 +751,19 @@ def _client_ip(peer) -> str:
     return plain_ip(str(getattr(peer, "host", peer)))
 
 
-def _from_field(sender: str) -> bytes:
-    """The From: field for a message without one (MAIL refuses the null sender)."""
+def _from_field(sender: str, smtputf8: bool) -> bytes:
+    """The From: field for a message without one (MAIL refuses the null sender): a UTF-8
+    domain as A-labels, so that only a UTF-8 local part (SMTPUTF8, RFC 6532) makes the
+    header UTF-8."""
+    if smtputf8:
+        return f"From: {ascii_form(sender) or sender}".encode()
     return f"From: {sender}".encode("ascii", "backslashreplace")
+
+
+def _smtputf8_param(value: str | None) -> None:
+    """SMTPUTF8 takes no value (RFC 6531 3.4); the address was parsed knowing of it."""
+    if value is not None:
+        raise Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 
 
 def storage_reply(error: StorageError) -> Reply:
