@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mailrelay against Postfix on this machine: the one bench command (see bench/README.md).
 
-    python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa]
+    python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa] [--dkim]
 
 Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
 private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
@@ -451,10 +451,12 @@ def report(args, argv, sizes, rounds, ceiling, figs, results, started, load_befo
         f"mailrelay vs Postfix, {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"machine: {machine()}; load average before {load_before}, after {load_average()}",
         f"command: {command.strip()}",
-        f"{rounds} round(s), medians; spool scale {args.spool_rounds} round(s) of "
-        f"{sizes.spool:,} messages; 5 KB messages; certificate {KEY_TYPES[args.key_type]}; "
-        f"{sizes.sessions} idle sessions; big message {sizes.big_message / 1e6:.0f} MB; "
-        f"took {(time.time() - started) / 60:.1f} min",
+        f"{rounds} round(s), medians; 5 KB messages; " + (
+            f"end to end {sizes.e2e:,} messages a run; DKIM RSA-2048" if args.dkim else
+            f"spool scale {args.spool_rounds} round(s) of {sizes.spool:,} messages; "
+            f"certificate {KEY_TYPES[args.key_type]}; {sizes.sessions} idle sessions; "
+            f"big message {sizes.big_message / 1e6:.0f} MB")
+        + f"; took {(time.time() - started) / 60:.1f} min",
         *(f"ceiling: {c}" for c in ceiling),
         "",
     ]

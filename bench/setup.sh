@@ -2,9 +2,11 @@
 # Installs what the bench needs on a fresh Debian machine: Postfix (which also ships
 # smtp-source and smtp-sink in /usr/sbin) and Cyrus SASL (saslpasswd2, the sasldb and
 # PLAIN/LOGIN plugins) for Postfix's AUTH figures, and OpenDKIM (the milter and
-# opendkim-genkey) for the signing figure. Idempotent: installs only what is missing. Debconf answers "No configuration", so the system Postfix instance gets no
-# main.cf and does not run; the bench runs a private instance of its own (bench/postfix.py).
-# Nor does the system opendkim run: the bench starts its own (bench/opendkim.py).
+# opendkim-genkey) for the signing figure. Idempotent: installs only what is missing.
+# Debconf answers "No configuration", so the system Postfix instance gets no main.cf and
+# does not run; the bench runs a private instance of its own (bench/postfix.py). The
+# bench does not use the system opendkim either (with systemd, Debian starts it on a local
+# socket): it starts its own (bench/opendkim.py).
 set -eu
 
 need=""
