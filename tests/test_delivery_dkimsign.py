@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+from harness import TempPaths
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
@@ -25,7 +26,7 @@ def envelope(queue_id: str) -> Envelope:
                     helo="client", tls=False, received_at=0.0)
 
 
-class KeysBeingRead(unittest.TestCase):
+class KeysBeingRead(TempPaths, unittest.TestCase):
     def test_mail_sent_while_the_keys_load_waits_for_them_and_is_signed(self):
         """At startup every delivery in flight asks for the keys at once: those that come
         while the first reading is still under way (a slow disk) must wait for it, not
