@@ -212,15 +212,14 @@ class PostfixInstance:
         return time.monotonic() - t0
 
     def stop(self) -> None:
-        if not self.running:
-            return
-        self._postfix("stop")
-        self.running = False
-        master = self.master_pid()
-        deadline = time.monotonic() + 20
-        while master and procs.alive(master) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.milter is not None:
+        if self.running:
+            self._postfix("stop")
+            self.running = False
+            master = self.master_pid()
+            deadline = time.monotonic() + 20
+            while master and procs.alive(master) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if self.milter is not None:  # also when Postfix failed to start after it
             self.milter.stop()
 
     def reload(self) -> None:
