@@ -24,18 +24,35 @@ class MailRelayServiceMaker:
 
     def makeService(self, options: Options):
         # Imported here so that twistd's plugin scan stays cheap.
+        from twisted.internet import reactor
+
         from mailrelay.config import ConfigError, load_config
         from mailrelay.logtext import twistd_observer
+        from mailrelay.ownership import DataOwner, target_ids
+        from mailrelay.reload import HangupService
         from mailrelay.service import StartupError, make_service
 
         try:
-            service = make_service(load_config(options["config"]))
+            config = load_config(options["config"])
+            service = make_service(config)
         except (ConfigError, StartupError) as e:
             # One clear line, never a traceback: twistd prints a SystemExit's message.
             print(f"mailrelay: {e}", file=sys.stderr)
             raise SystemExit(1)
+        HangupService(service.live, reactor).setServiceParent(service)
+        twistd = options.parent if options.parent is not None else {}
+        observer = None
         if options.parent is not None:
-            service.log_observer = twistd_observer(options.parent)
+            observer = service.log_observer = twistd_observer(options.parent,
+                                                              config.server.log_format)
+        ids = target_ids(twistd.get("uid"), twistd.get("gid"))
+        if ids is not None:
+            # Last, so that it runs once everything is bound, before twistd drops root.
+            paths = [config.server.data_dir]
+            log_path = getattr(getattr(observer, "out", None), "path", None)
+            if log_path:
+                paths.append(log_path)
+            DataOwner(paths, *ids).setServiceParent(service)
         return service
 
 
