@@ -48,6 +48,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import math
 import signal
 import sys
 import threading
@@ -103,15 +104,21 @@ def classic_text(event: Mapping[str, Any]) -> str | None:
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-    elif type(system) is not str:
-        try:
-            system = str(system)
-        except Exception:
-            system = "UNFORMATTABLE"
+    else:
+        system = _str(system)
     line = f"{_time_text(event.get('log_time'))} [{system}] {text}"
     if "\n" in line:
         line = line.replace("\n", "\n\t")
     return line + "\n"
+
+
+def _str(value: Any) -> str:
+    if type(value) is str:
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return "UNFORMATTABLE"
 
 
 def _message(event: Mapping[str, Any]) -> str:
@@ -142,17 +149,18 @@ def json_line(event: Mapping[str, Any]) -> str | None:
     failure = event.get("log_failure")
     if not text and failure is None:
         return None
-    when = event.get("log_time")
-    level = event.get("log_level")
+    when, level, system = event.get("log_time"), event.get("log_level"), event.get("log_system")
     record: dict[str, Any] = {
         "time": None if when is None else _rfc3339(when),
         "level": None if level is None else level.name,
-        "system": str(event.get("log_system") or event.get("log_namespace") or "-"),
+        "system": _str(event.get("log_namespace", "-") if system is None else system),
         "text": text,
     }
     for key, value in event.items():
         if type(value) in _PLAIN and type(key) is str and not key.startswith("log_") \
                 and key not in _LEGACY:
+            if type(value) is float and not math.isfinite(value):
+                value = str(value)  # JSON has no NaN or infinity
             record[f"event_{key}" if key in _JSON_KEYS else key] = value
     if failure is not None:
         try:
@@ -167,6 +175,8 @@ def json_line(event: Mapping[str, Any]) -> str | None:
 def _rfc3339(when: float) -> str:
     stamp = datetime.datetime.fromtimestamp(when, datetime.UTC)
     return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 # Each level as eventAsJSON writes it (its class marker), for eventFromJSON to read back.
 _LEVELS = {level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
            for level in LogLevel.iterconstants()}
