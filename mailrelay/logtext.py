@@ -38,6 +38,12 @@ Both shortcuts rely on Twisted's exact line and record formats: ``MAILRELAY_STOC
 them off (``log_text`` in mailrelay/tuning.py) for Twisted's own formatting, the same
 lines at about four times the CPU.
 
+With ``[server] log_format = json`` the same events become one JSON object per line
+(``json_line``) for Loki or Elasticsearch: ``time`` (RFC 3339, UTC), ``level``,
+``system``, ``text`` (the message of the text line) and the event's own fields of plain
+values (``queue_id``, ``session``, ``recipient``, ...). The delivery process's records
+are formatted by the relay, so its lines are JSON too.
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -136,7 +142,7 @@ _PLAIN = (str, int, float, bool, type(None))
 # The keys of a JSON line; an event's field of the same name is written as "event_NAME".
 _JSON_KEYS = ("time", "level", "system", "text")
 # Fields of Twisted's legacy log events (log.msg), said again by the keys above.
-_LEGACY = frozenset({"message", "isError", "system", "time", "format", "why", "failure",
+_LEGACY = frozenset({"message", "isError", "system", "time", "format", "failure",
                      "printed"})
 
 
