@@ -125,16 +125,19 @@ def test_a_listener_changed_needs_a_restart_and_the_rest_is_applied(tmp_path):
     ca, relay, context = relay_with_certificate(tmp_path)
     relay.start()
     try:
+        with Raw(relay.smtps_port, context) as session:
+            assert session.cmd(b"EHLO client.test")[0] == 250
+            assert session.cmd(b"MAIL FROM:<a@doe.test>")[0] == 530
         relay.config_path.write_text(
             relay.config_path.read_text()
-            .replace("max_recipients = 3", "max_recipients = 1")
+            .replace("max_recipients = 3", "max_recipients = 1\n[policy]\n"
+                     "ip_auth = 127.0.0.1 = doe.test")
             .replace("tls = implicit", "tls = implicit\nplaintext_auth = yes")
             .replace("[admin]\nenabled = no", "[admin]\nenabled = no\nsession_lifetime = 1h"))
         hangup(relay, 3)
         with Raw(relay.smtps_port, context) as session:
             assert session.cmd(b"EHLO client.test")[0] == 250
-            assert session.cmd(plain("doe.test", PASSWORD))[0] == 235
-            assert recipients_accepted(session, 2) == [250, 452]
+            assert recipients_accepted(session, 2) == [250, 452]  # logged in by its address
     finally:
         relay.stop()
     lines = [line for line in relay.log().splitlines() if "[mailrelay.reload#" in line]
@@ -142,7 +145,7 @@ def test_a_listener_changed_needs_a_restart_and_the_rest_is_applied(tmp_path):
         "reload: [listener:smtps] changed: takes effect after a restart",
         "reload: [admin] session_lifetime changed: takes effect after a restart",
     ]
-    assert ": [limits] max_recipients; TLS certificate " in lines[2]
+    assert ": [limits] max_recipients, [policy] ip_auth; TLS certificate " in lines[2]
 
 
 def test_routes_change_for_the_delivery_process(tmp_path):
