@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 import sys
 
 from twisted.application.service import Service
@@ -41,15 +42,25 @@ def target_ids(uid: int | None, gid: int | None) -> tuple[int, int] | None:
 def give(paths: list[str], uid: int, gid: int) -> int:
     """Give each of ``paths``, and everything under a directory among them, to ``uid`` and
     ``gid`` (-1: unchanged); symbolic links themselves, never what they point to. The
-    number of entries changed."""
+    number of entries changed.
+
+    Whoever is ``uid`` can put anything in the directory before the next start as root: a
+    link it made must not make root give it a file from elsewhere. So a symbolic link is
+    changed itself, never its target, and a file with more than one name (a hard link to
+    a file elsewhere) is left as it is, with a warning."""
     changed = 0
 
     def one(path: str) -> None:
         nonlocal changed
         st = os.lstat(path)
-        if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
-            os.chown(path, uid, gid, follow_symlinks=False)
-            changed += 1
+        if (uid == -1 or st.st_uid == uid) and (gid == -1 or st.st_gid == gid):
+            return
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            log.warn("{path} has {links} names: not given to uid {uid}", path=path,
+                     links=st.st_nlink, uid=uid)
+            return
+        os.chown(path, uid, gid, follow_symlinks=False)
+        changed += 1
 
     for top in paths:
         if not os.path.lexists(top):
