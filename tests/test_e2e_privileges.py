@@ -27,11 +27,23 @@ PORTS = (25, 465, 587)
 RUN_TWISTD = "from twisted.scripts.twistd import run; run()"  # what the twistd script runs
 
 
+def unit_setting(name: str) -> str:
+    lines = [line for line in UNIT.read_text().splitlines() if line.startswith(f"{name}=")]
+    assert len(lines) == 1, lines
+    return lines[0].removeprefix(f"{name}=")
+
+
 def exec_start() -> list[str]:
     """The unit's ExecStart as an argument list."""
-    lines = [line for line in UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
-    assert len(lines) == 1, lines
-    return shlex.split(lines[0].removeprefix("ExecStart="))
+    return shlex.split(unit_setting("ExecStart"))
+
+
+def as_the_unit_confines() -> list[str]:
+    """setpriv applying the unit's NoNewPrivileges and CapabilityBoundingSet: the relay
+    must start and switch user with those alone."""
+    assert unit_setting("NoNewPrivileges") == "yes"
+    caps = [c.lower().removeprefix("cap_") for c in unit_setting("CapabilityBoundingSet").split()]
+    return ["setpriv", "--nnp", "--bounding-set", ",".join(["-all", *(f"+{c}" for c in caps)])]
 
 
 def free_loopback_address() -> str:
@@ -88,7 +100,7 @@ def ids(pid: int) -> dict[str, list[int]]:
     """The Uid, Gid and Groups lines of /proc/PID/status, and its effective capabilities."""
     status = Path(f"/proc/{pid}/status").read_text()
     out = {key: [int(v) for v in re.search(rf"^{key}:\s*(.*)$", status, re.M).group(1).split()]
-           for key in ("Uid", "Gid", "Groups", "PPid")}
+           for key in ("Uid", "Gid", "Groups", "PPid", "NoNewPrivs")}
     out["CapEff"] = [int(re.search(r"^CapEff:\s*(\w+)$", status, re.M).group(1), 16)]
     return out
 
@@ -121,13 +133,17 @@ def test_started_as_root_it_serves_privileged_ports_as_its_user(tmp_path):
     assert argv[1:] == ["--nodaemon", "--pidfile=", "--uid", "mailrelay", "--gid", "mailrelay",
                         "mailrelay", "--config", "/etc/mailrelay/mailrelay.ini"]
     python = python_for(uid, gid, base)
-    command = [twistd()] if python == sys.executable else [python, "-c", RUN_TWISTD]
+    command = as_the_unit_confines()
+    command += [twistd()] if python == sys.executable else [python, "-c", RUN_TWISTD]
     command += argv[1:3] + ["--uid", USER, "--gid", GROUP, "mailrelay", "--config", str(config)]
     log_path = Path(base) / "stdout"
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, env=user_env(), cwd=base, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    try:
+
+    def start() -> subprocess.Popen:
+        with open(log_path, "ab") as out:
+            process = subprocess.Popen(command, env=user_env(), cwd=base, stdout=out,
+                                       stderr=subprocess.STDOUT,
+                                       umask=int(unit_setting("UMask"), 8))
+
         def listening() -> bool:
             assert process.poll() is None, log_path.read_text()
             try:
@@ -137,12 +153,17 @@ def test_started_as_root_it_serves_privileged_ports_as_its_user(tmp_path):
                 return False
 
         wait_for(listening, what=f"mailrelay on {host}:587")
+        return process
+
+    process = start()
+    try:
         found = wait_for(lambda: re.search(r"delivery process (\d+) started",
                                            log_path.read_text()), what="the delivery process")
         relay_ids, delivery_ids = ids(process.pid), ids(int(found.group(1)))
         for seen in (relay_ids, delivery_ids):
             assert seen["Uid"] == [uid] * 4 and seen["Gid"] == [gid] * 4, seen
             assert set(seen["Groups"]) <= {gid} and seen["CapEff"] == [0], seen
+            assert seen["NoNewPrivs"] == [1], seen  # confined as the unit confines it
         assert delivery_ids["PPid"] == [process.pid]
 
         context = ssl.create_default_context(cafile=str(data / "tls" / "cert.pem"))
@@ -170,9 +191,16 @@ def test_started_as_root_it_serves_privileged_ports_as_its_user(tmp_path):
         assert wrong == []
         # twistd ends with the signal that stopped it; systemd counts SIGTERM as a clean stop
         assert stop_process(process) == -signal.SIGTERM
+
+        # Started again, as root it reads the files it gave away (mode 0600 some of them).
+        process = start()
+        with smtplib.SMTP(host, 587, local_hostname="client.test", timeout=30) as client:
+            client.starttls(context=context)
+            client.login("doe.test", PASSWORD)
+        assert stop_process(process) == -signal.SIGTERM
     finally:
         stop_process(process)
         text = log_path.read_text()
         shutil.rmtree(base, ignore_errors=True)
-    assert f"set uid/gid {uid}/{gid}" in text
+    assert text.count(f"set uid/gid {uid}/{gid}") == 2
     assert "Traceback" not in text and "Permission denied" not in text
