@@ -4,7 +4,8 @@ twisted/plugins/ only calls ``make_daemon``, so that what it wires lives in the 
 Besides the services of the configuration (service.make_service): the log observer twistd
 writes through (logtext.twistd_observer, text or JSON lines), SIGHUP reloading the
 configuration (reload.py) and, when twistd is to switch user (``--uid``/``--gid``), the
-data directory given to that user once everything is bound (ownership.py).
+data directory given to that user once everything is bound (ownership.py); and systemd
+told when the relay is ready (sdnotify.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def make_daemon(options, reactor=None) -> MultiService:
     from mailrelay.logtext import twistd_observer
     from mailrelay.ownership import DataOwner, target_ids
     from mailrelay.reload import HangupService
+    from mailrelay.sdnotify import Readiness
     from mailrelay.service import StartupError, make_service
 
     try:
@@ -45,4 +47,5 @@ def make_daemon(options, reactor=None) -> MultiService:
         if log_path:
             paths.append(log_path)
         DataOwner(paths, *ids).setServiceParent(service)
+    Readiness(reactor).setServiceParent(service)  # last: stops first
     return service

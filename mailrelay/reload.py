@@ -30,6 +30,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from mailrelay.config import EMBEDDED, SCHEMA, Config, ConfigError, load_config
+from mailrelay.sdnotify import notify
 
 log = Logger()
 
@@ -192,7 +193,9 @@ class HangupService(Service):
         if not self.running:
             log.info("reload: ignored, the relay is stopping")
             return
+        notify("RELOADING=1")
         try:
             reload(self.live)
         except Exception:
             log.failure("reload failed")
+        notify("READY=1")

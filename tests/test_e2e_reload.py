@@ -5,6 +5,7 @@ listener is named as needing a restart; a bad file changes nothing and says why.
 from __future__ import annotations
 
 import signal
+import socket
 import ssl
 
 from certs import TestCA
@@ -176,3 +177,26 @@ def test_routes_change_for_the_delivery_process(tmp_path):
         first.stop()
         second.stop()
     assert ": [routes]; TLS certificate " in relay.log()
+
+
+def test_systemd_is_told_ready_reloading_and_stopping(tmp_path, monkeypatch):
+    """Type=notify: the datagrams systemd reads on $NOTIFY_SOCKET (sd_notify(3))."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(path))
+        systemd.settimeout(30)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        relay = Relay(tmp_path / "relay", config="[delivery]\nenabled = no\n")
+        relay.start(wait=False)
+        try:
+            assert systemd.recv(4096) == b"READY=1"
+            with relay.smtp(starttls=False) as client:  # ready means serving
+                assert client.noop()[0] == 250
+            relay.process.send_signal(signal.SIGHUP)
+            assert [systemd.recv(4096) for _ in range(2)] == [b"RELOADING=1", b"READY=1"]
+            wait_for(lambda: "[mailrelay.reload#info] reloaded " in relay.log(),
+                     what="the reload line")
+            relay.process.send_signal(signal.SIGTERM)
+            assert systemd.recv(4096) == b"STOPPING=1"
+        finally:
+            relay.stop()
