@@ -138,7 +138,7 @@ def _message(event: Mapping[str, Any]) -> str:
     return formatEvent(event)  # Twisted's own, including what it cannot format
 
 
-_PLAIN = (str, int, float, bool, type(None))
+_PLAIN = frozenset((str, int, float, bool, type(None)))
 # The keys of a JSON line; an event's field of the same name is written as "event_NAME".
 _JSON_KEYS = ("time", "level", "system", "text")
 # Fields of Twisted's legacy log events (log.msg), said again by the keys above.
@@ -163,8 +163,7 @@ def json_line(event: Mapping[str, Any]) -> str | None:
         "text": text,
     }
     for key, value in event.items():
-        if type(value) in _PLAIN and type(key) is str and not key.startswith("log_") \
-                and key not in _LEGACY:
+        if type(value) in _PLAIN and key[:4] != "log_" and key not in _LEGACY:
             if type(value) is float and not math.isfinite(value):
                 value = str(value)  # JSON has no NaN or infinity
             record[f"event_{key}" if key in _JSON_KEYS else key] = value
@@ -173,14 +172,29 @@ def json_line(event: Mapping[str, Any]) -> str | None:
             record["traceback"] = failure.getTraceback()
         except Exception:
             record["traceback"] = "(unformattable traceback)"
-    # Not ASCII-only: the gathering observer escapes what UTF-8 cannot hold, as it does
-    # for the text lines, and JSON escapes control characters and line ends.
-    return json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    return _JSON.encode(record) + "\n"
+
+
+# Not ASCII-only: the gathering observer escapes what UTF-8 cannot hold, as it does for
+# the text lines, and JSON escapes control characters and line ends. (json.dumps with
+# options would make an encoder for every line.)
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)
+_second: list = [None, ""]  # (second, its text up to the seconds): shared within a second
 
 
 def _rfc3339(when: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(when, datetime.UTC)
-    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``when`` as datetime shows it (to the microsecond, rounded, maybe up into the next
+    second, as the text line's time stamp is), the text up to the seconds made once a
+    second."""
+    second = math.floor(when)
+    micro = round((when - second) * 1e6)
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    if _second[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _second[1] = stamp.strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = second
+    return f"{_second[1]}.{micro:06d}Z"
 
 
 # Each level as eventAsJSON writes it (its class marker), for eventFromJSON to read back.
