@@ -116,6 +116,7 @@ class Machine:
 
     def __init__(self) -> None:
         self.uid, self.gid = pwd.getpwnam(USER).pw_uid, grp.getgrnam(GROUP).gr_gid
+        self.python = python_for(self.uid, self.gid, "/")
         self.base = tempfile.mkdtemp(prefix="mailrelay-root-")
         os.chmod(self.base, 0o755)
         self.data = Path(self.base) / "data"
@@ -126,7 +127,6 @@ class Machine:
             f"[listener:smtp]\nendpoint = tcp:25:interface={self.host}\ntls = starttls\n"
             f"[listener:submissions]\nendpoint = tcp:465:interface={self.host}\ntls = implicit\n"
             f"[listener:submission]\nendpoint = tcp:587:interface={self.host}\ntls = starttls\n")
-        self.python = python_for(self.uid, self.gid, self.base)
         self.log_path = Path(self.base) / "stdout"
 
     def admin(self, *args: str, stdin: str | None = None, as_user: bool = False):
