@@ -165,7 +165,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     verp, paths = make_verp(config)
     Pruner(paths, config.bounces.retention, reactor).setServiceParent(top)
     if config.bounces.endpoint:
-        bounce_listener(config, verp, paths, features, spool, reactor).setServiceParent(top)
+        bounce_listener(config, verp, paths, features, spool, tls_options,
+                        reactor).setServiceParent(top)
 
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
@@ -190,7 +191,7 @@ def make_verp(config: Config):
                            f"{getattr(e, 'strerror', None) or e}")
 
 
-def bounce_listener(config: Config, verp, paths, features, spool, reactor):
+def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor):
     """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
     from mailrelay.bounces.feed import BounceFeed
     from mailrelay.bounces.listener import BounceFactory
@@ -198,7 +199,8 @@ def bounce_listener(config: Config, verp, paths, features, spool, reactor):
     b = config.bounces
     feed = BounceFeed(reactor, features, spool, paths, config.server.hostname,
                       config.server.postmaster)
-    factory = BounceFactory(verp, feed, config.server.hostname, max_size=b.max_message_size,
+    factory = BounceFactory(verp, feed, config.server.hostname, tls_options=tls_options,
+                            max_size=b.max_message_size,
                             idle_timeout=config.limits.idle_timeout,
                             max_connections=b.max_connections)
     return ListenerService("bounces", b.endpoint, factory, reactor)

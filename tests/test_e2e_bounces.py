@@ -69,6 +69,9 @@ def test_bounces_and_complaints_come_back_to_the_relay(relay, sink):
 
     with smtplib.SMTP("127.0.0.1", bounce_port(relay), timeout=30) as client:
         assert client.ehlo("mx.example.net")[0] == 250
+        assert client.has_extn("starttls")  # as remote servers use it: headers are private
+        assert client.starttls(context=relay.tls_context())[0] == 220
+        assert client.ehlo("mx.example.net")[0] == 250 and not client.has_extn("starttls")
         assert client.mail("")[0] == 250
         # Anything but a return path of the relay is refused: no relay, no guessing.
         for other in ("postmaster@bounces.doe.test", f"{r1}", "bob@doe.test",

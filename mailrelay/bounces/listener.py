@@ -4,11 +4,12 @@ It is the MX of the bounce domains (``[bounces] endpoint``, usually ``tcp:25``):
 servers send their later bounces and complaints here. It takes mail only for VERP
 addresses the relay made (bounces/verp.py, checked at RCPT with the key); any other
 recipient gets ``550 5.7.1``, so it can never relay or be used to reach anyone. There is
-no AUTH and no STARTTLS: what arrives is a report about mail the relay sent, and it goes
-no further. ``SIZE`` is advertised and enforced (``[bounces] max_message_size``), a
-session has at most MAX_RECIPIENTS recipients and MAX_ERRORS mistakes, and it is closed
-after ``idle_timeout`` without a command. Connections beyond ``max_connections`` get
-``421 4.7.0``.
+no AUTH: what arrives is a report about mail the relay sent, and it goes no further.
+STARTTLS is offered with the relay's certificate (``[tls]``), as remote servers use it
+when they can: the returned headers are the user's. ``SIZE`` is advertised and enforced
+(``[bounces] max_message_size``), a session has at most MAX_RECIPIENTS recipients and
+MAX_ERRORS mistakes, and it is closed after ``idle_timeout`` without a command.
+Connections beyond ``max_connections`` get ``421 4.7.0``.
 
 A message is read with the submission session's framing (smtp/framing.py: CRLF lines
 only, DATA never taken for commands; smtp/data.py: dot-unstuffing, bare CR/LF refused),
@@ -43,6 +44,7 @@ class BounceSession(CommandStream):
         self.factory = factory
         self.peer = "-"
         self._helo = False
+        self.tls = False
         self._sender: str | None = None
         self._paths: list[Token] = []
         self._chunks: list[bytes] = []
@@ -100,6 +102,8 @@ class BounceSession(CommandStream):
             return
         lines = [self.factory.hostname, "PIPELINING", f"SIZE {self.factory.max_size}",
                  "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.factory.tls_options is not None and not self.tls:
+            lines.append("STARTTLS")
         self.write(b"".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n".encode()
                             for i, text in enumerate(lines)))
 
@@ -107,6 +111,23 @@ class BounceSession(CommandStream):
         if not arg:
             raise Reply(501, "5.5.4", "Syntax: HELO hostname")
         self.do_EHLO(arg, esmtp=False)
+
+    def do_STARTTLS(self, arg: bytes) -> None:
+        if arg:
+            raise Reply(501, "5.5.4", "Syntax: STARTTLS")
+        if self.tls or self.factory.tls_options is None:
+            raise Reply(503 if self.tls else 502, "5.5.1", "STARTTLS not available")
+        if not self._helo:
+            raise Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+        if self.pending:  # plaintext pipelined after STARTTLS (CVE-2011-0411): drop it
+            self.close()
+            return
+        self.reply(220, "2.0.0", "Ready to start TLS")
+        self.flush()  # the 220 goes out in plaintext
+        self.transport.startTLS(self.factory.tls_options)
+        self.tls = True
+        self._helo = False  # RFC 3207 4.2: forget what the client said before TLS
+        self._reset()
 
     def do_MAIL(self, arg: bytes) -> None:
         if not self._helo:
@@ -196,9 +217,11 @@ class BounceSession(CommandStream):
 
 class BounceFactory(ServerFactory):
     noisy = False  # no "Starting factory <...>": the listener's own line says it
-    def __init__(self, verp: Verp, feed, hostname: str, *, max_size: int = 10 * 2**20,
-                 idle_timeout: float = 300.0, max_connections: int = 100) -> None:
+    def __init__(self, verp: Verp, feed, hostname: str, *, tls_options=None,
+                 max_size: int = 10 * 2**20, idle_timeout: float = 300.0,
+                 max_connections: int = 100) -> None:
         self.verp = verp
+        self.tls_options = tls_options  # None: no STARTTLS
         self.feed = feed
         self.hostname = hostname
         self.max_size = max_size
