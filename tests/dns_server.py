@@ -1,9 +1,14 @@
 """An authoritative twisted.names DNS server on 127.0.0.1 for tests.
 
 Serves the records of a small zone given as ``{name: ["MX 10 mx1.example.test", "A
-127.0.0.1", "AAAA ::1", "TXT text", "CNAME other.test"]}``; the special records
-``SERVFAIL`` and ``TIMEOUT`` make the name fail or never answer. Names not in the zone are
-NXDOMAIN. UDP and TCP listen on the same ephemeral port.
+127.0.0.1", "AAAA ::1", "TXT text", "CNAME other.test", "TLSA 3 1 1 <hex>"]}``; the
+special records ``SERVFAIL`` and ``TIMEOUT`` make the name fail or never answer. Names
+not in the zone are NXDOMAIN. UDP and TCP listen on the same ephemeral port.
+
+``secure`` names the zones (a name and everything under it) whose answers carry the AD
+bit, as a validating resolver sets it for data it validated; the others' answers are
+"insecure" (AD clear). A bogus zone is one whose names are ``SERVFAIL``, as a validating
+resolver answers them.
 
 In-process (trial tests)::
 
@@ -55,7 +60,15 @@ def parse_record(text: str, ttl: int = 60):
                               ttl=ttl)
     if kind == "CNAME":
         return dns.Record_CNAME(data.encode(), ttl=ttl)
+    if kind == "TLSA":  # twisted.names has no TLSA type: its RDATA as bytes (RFC 6698 2.1)
+        usage, selector, mtype, hexdata = data.split(None, 3)
+        return RecordTLSA(bytes([int(usage), int(selector), int(mtype)])
+                          + bytes.fromhex("".join(hexdata.split())), ttl=ttl)
     raise ValueError(f"unsupported record {text!r}")
+
+
+class RecordTLSA(dns.UnknownRecord):
+    TYPE = 52
 
 
 class ZoneResolver(ResolverBase):
@@ -84,6 +97,15 @@ class ZoneResolver(ResolverBase):
 
 
 class _Factory(server.DNSServerFactory):
+    secure: set[str] = set()
+
+    def sendReply(self, protocol, message, address):
+        if message.queries and message.rCode in (dns.OK, dns.ENAME):
+            name = message.queries[0].name.name.decode().lower().rstrip(".")
+            message.authenticData = int(any(name == z or name.endswith("." + z)
+                                            for z in self.secure))
+        return super().sendReply(protocol, message, address)
+
     def gotResolverError(self, failure, protocol, message, address):
         if failure.check(ServFail):
             response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
@@ -93,13 +115,15 @@ class _Factory(server.DNSServerFactory):
 
 
 class DNSServer:
-    def __init__(self, zone: dict[str, list[str]] | None = None, reactor=None) -> None:
+    def __init__(self, zone: dict[str, list[str]] | None = None, reactor=None,
+                 secure: set[str] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.zone: dict[str, list[str]] = dict(zone or {})
         self.factory = _Factory(authorities=[ZoneResolver(self.zone)])
         self.factory.noisy = False
+        self.secure = self.factory.secure = {z.lower().rstrip(".") for z in secure or ()}
         self._ports: list = []
         self.address: tuple[str, int] | None = None
 
@@ -137,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", help="JSON file: {name: [records]}")
     parser.add_argument("--record", action="append", default=[],
                         help='"NAME TYPE DATA", e.g. "example.test MX 10 mx.example.test"')
+    parser.add_argument("--secure", action="append", default=[],
+                        help="a zone whose answers carry the AD bit")
     args = parser.parse_args(argv)
     zone: dict[str, list[str]] = {}
     if args.zone:
@@ -147,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         zone.setdefault(name, []).append(record)
     from twisted.internet import reactor
 
-    dns_server = DNSServer(zone, reactor)
+    dns_server = DNSServer(zone, reactor, secure=set(args.secure))
     _, port = dns_server.listen(args.port)
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:
