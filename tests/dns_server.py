@@ -114,6 +114,14 @@ class _Factory(server.DNSServerFactory):
         return super().gotResolverError(failure, protocol, message, address)
 
 
+class _Datagrams(dns.DNSDatagramProtocol):
+    """Keeps each query as it came (twisted.names drops its EDNS part, the DO bit)."""
+
+    def datagramReceived(self, data, addr):
+        self.controller.queries.append(data)
+        return super().datagramReceived(data, addr)
+
+
 class DNSServer:
     def __init__(self, zone: dict[str, list[str]] | None = None, reactor=None,
                  secure: set[str] | None = None) -> None:
@@ -124,6 +132,7 @@ class DNSServer:
         self.factory = _Factory(authorities=[ZoneResolver(self.zone)])
         self.factory.noisy = False
         self.secure = self.factory.secure = {z.lower().rstrip(".") for z in secure or ()}
+        self.factory.queries = self.queries = []  # the UDP queries received, as bytes
         self._ports: list = []
         self.address: tuple[str, int] | None = None
 
@@ -131,7 +140,7 @@ class DNSServer:
         from twisted.internet.error import CannotListenError
 
         for _ in range(LISTEN_TRIES):
-            protocol = dns.DNSDatagramProtocol(self.factory)
+            protocol = _Datagrams(self.factory)
             protocol.noisy = False
             # Each try asks for ``port`` again (0: a new ephemeral one), never for the one
             # the last try got: its UDP socket closes only at the next reactor turn.

@@ -28,6 +28,14 @@ the first message, the hop has failed. A connection lost before the reply to the
 the data defers the message (4.4.2), so a recipient counts as delivered only after a 250
 to the end of the data.
 
+TLS policy (delivery/dane.py): the hop says what its TLS must be. STARTTLS is required
+for encrypt, verify and dane; with DANE the certificate chain is checked as the handshake
+completes (handshakeCompleted), before anything inside TLS is read or sent, and a
+mismatch closes the connection. Such a hop fails with its policy in the error, and the
+connection's Outcome carries 4.7.5 instead of 4.4.1; connections are per destination,
+and a destination is a set of hops with their policies, so a connection never carries
+mail that was routed under another policy.
+
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
 the connection goes on; a crash then finds at most the message in progress on each
@@ -45,12 +53,15 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, endpoints, error, ssl
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINAuthenticator
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay import tuning
+from mailrelay.delivery import dane
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
 from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
@@ -85,6 +96,7 @@ class Result:
     text: str
     remote: str | None = None
     tls: bool = False
+    policy: str = ""  # the TLS policy level the hop was tried under (dane.TlsPolicy)
 
     @property
     def sent(self) -> bool:
@@ -101,6 +113,7 @@ class Outcome:
 
     jobs: int = 0
     errors: list[str] = field(default_factory=list)
+    status: str = "4.4.1"  # for what is left waiting: 4.7.5 when a TLS policy failed
 
     @property
     def error(self) -> str:
@@ -150,6 +163,7 @@ def _refusal(code: int) -> bool:
     return 400 <= code < 600
 
 
+@implementer(IHandshakeListener)
 class RelayClient(smtp.ESMTPClient):
     """One SMTP session to one hop."""
 
@@ -169,6 +183,7 @@ class RelayClient(smtp.ESMTPClient):
         self.max_messages = max_messages
         self.timeout = timeout
         self.requireTransportSecurity = hop.tls == "required"
+        self.policy_failed = False  # the hop's TLS policy could not be met
         self.requireAuthentication = bool(hop.username)
         self.heloFallback = not (self.requireTransportSecurity or self.requireAuthentication)
         if hop.username:
@@ -325,8 +340,31 @@ class RelayClient(smtp.ESMTPClient):
             self._refused("STARTTLS", code, resp)
 
     def esmtpTLSRequired(self, code=-1, resp=None) -> None:
+        if self.hop.policy.level in ("encrypt", "verify", "dane"):
+            self._policy_failed("the server does not offer STARTTLS")
+            return
         self._fail("TLS is required but the server does not offer STARTTLS")
         self._disconnectFromServer()
+
+    def _policy_failed(self, problem: str) -> None:
+        self.policy_failed = True
+        self._fail(f"TLS policy {self.hop.policy}: {problem}")
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: the hop's policy checks the certificate chain now,
+        before the EHLO inside TLS is answered (DANE, RFC 7672 2.2)."""
+        if not self.hop.policy.dane:
+            return
+        try:
+            chain = [c.to_cryptography() for c in
+                     self.transport.getHandle().get_peer_cert_chain() or []]
+        except Exception as e:  # a certificate cryptography cannot read
+            problem: str | None = f"unreadable certificate: {e}"
+        else:
+            problem = self.hop.policy.check(chain)
+        if problem is not None:
+            self._policy_failed(problem)
 
     def esmtpState_starttls(self, code, resp) -> None:
         # Anything the server sent after its 220 arrived in plaintext and would be read
@@ -629,7 +667,8 @@ class RelayClient(smtp.ESMTPClient):
         job, self._job = self._job, None
         self._close_body()
         self._results.update(replies)
-        results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode)
+        results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode,
+                          policy=self.hop.policy.level)
                    for r in job.recipients if r in self._results]
         self._results, self._accepted, self._pending_rcpts = {}, [], []
         settling = self.report(job, results)
@@ -750,6 +789,8 @@ class Courier:
             if pulled or problem is None:  # None: nothing was waiting for this destination
                 return outcome
             outcome.errors.append(f"{hop.name}: {problem}")
+            if protocol.policy_failed:
+                outcome.status = dane.STATUS
         return outcome
 
     def _endpoint(self, hop: Hop):
