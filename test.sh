@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 . ./scripts/venv.sh
 # swaks needs libnet-ssleay-perl for TLS (only recommended, and recommends are left out).
 ensure_debs slapd ldap-utils swaks libnet-ssleay-perl openssl chromium chromium-driver \
-    opendkim-tools iproute2 haproxy
+    opendkim-tools iproute2 haproxy unbound
 ensure_venv
 "$VENV/bin/pip" install -q --disable-pip-version-check '.[test]'
 # Run the checkout's code (not the installed copy); twistd finds the plugin on PYTHONPATH.

@@ -17,6 +17,13 @@ In-process (trial tests)::
     dns.zone["other.test"] = ["A 127.0.0.2"]   # change at any time
     yield dns.stop()
 
+DNSSEC-signed zones (for a validating resolver in front: tests/unbound.py) are served by
+SignedServer: dnspython zones, signed by ``sign(zone_text, origin)``, answered with their
+RRSIGs and NSEC records as an authoritative server does::
+
+    zone, anchor = sign(ZONE_TEXT, "signed.test")   # anchor: the DNSKEY, for unbound
+    signed = SignedServer([zone]); signed.listen()
+
 As a subprocess::
 
     python tests/dns_server.py --port-file F --record "example.test MX 10 mx.example.test"
@@ -30,7 +37,7 @@ import json
 import os
 import sys
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.names import dns, server
 from twisted.names import error as dnserror
 from twisted.names.common import ResolverBase
@@ -161,6 +168,105 @@ class DNSServer:
     def stop(self):
         ports, self._ports = self._ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+def sign(text: str, origin: str, lifetime: int = 86400):
+    """``text`` (a zone file's records, relative to ``origin``; SOA and NS are added)
+    signed with a new ECDSA P-256 key (with NSEC); and that key's DNSKEY record as a
+    trust anchor line (``signed.test. DNSKEY 257 3 13 ...``)."""
+    import dns.dnssec
+    import dns.zone
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    head = (f"@ 300 IN SOA ns.{origin}. hostmaster.{origin}. 1 3600 600 86400 300\n"
+            f"@ 300 IN NS ns.{origin}.\nns 300 IN A 127.0.0.1\n")
+    zone = dns.zone.from_text(head + text, origin=origin + ".", relativize=False)
+    key = ec.generate_private_key(ec.SECP256R1())
+    dnskey = dns.dnssec.make_dnskey(key.public_key(), dns.dnssec.Algorithm.ECDSAP256SHA256,
+                                    flags=257)
+    dns.dnssec.sign_zone(zone, keys=[(key, dnskey)], lifetime=lifetime)
+    return zone, f"{origin}. DNSKEY {dnskey.to_text()}"
+
+
+def _signed_answer(zones, data: bytes):
+    """The response to the query ``data`` from ``zones`` (dnspython), or None."""
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+
+    try:
+        query = dns.message.from_wire(data)
+    except Exception:
+        return None
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
+    want_dnssec = bool(query.ednsflags & dns.flags.DO)
+    qname, qtype = query.question[0].name, query.question[0].rdtype
+    zone = next((z for z in zones if qname.is_subdomain(z.origin)), None)
+    if zone is None:
+        response.set_rcode(dns.rcode.REFUSED)
+        return response
+
+    def add(section, name, node, rdtype):
+        rdataset = node.get_rdataset(dns.rdataclass.IN, rdtype)
+        if rdataset is None:
+            return False
+        response.find_rrset(section, name, dns.rdataclass.IN, rdtype,
+                            create=True).update(rdataset)
+        if want_dnssec:
+            sigs = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.RRSIG, rdtype)
+            if sigs is not None:
+                rrsig = response.find_rrset(section, name, dns.rdataclass.IN,
+                                            dns.rdatatype.RRSIG, rdtype, create=True)
+                rrsig.update(sigs)
+        return True
+
+    node = zone.get_node(qname)
+    apex = zone.get_node(zone.origin)
+    if node is None:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+        add(response.authority, zone.origin, apex, dns.rdatatype.SOA)
+    elif not add(response.answer, qname, node, qtype):  # no data: SOA and the name's NSEC
+        add(response.authority, zone.origin, apex, dns.rdatatype.SOA)
+        if want_dnssec:
+            add(response.authority, qname, node, dns.rdatatype.NSEC)
+    return response
+
+
+class _SignedDatagrams(protocol.DatagramProtocol):
+    noisy = False
+
+    def __init__(self, zones) -> None:
+        self.zones = zones
+
+    def datagramReceived(self, data, addr):
+        response = _signed_answer(self.zones, data)
+        if response is not None:
+            self.transport.write(response.to_wire(max_size=65535), addr)
+
+
+class SignedServer:
+    """Authoritative for signed dnspython zones on 127.0.0.1 (UDP; answers are small)."""
+
+    def __init__(self, zones, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.zones = list(zones)
+        self._port = None
+        self.address: tuple[str, int] | None = None
+
+    def listen(self) -> tuple[str, int]:
+        self._port = self.reactor.listenUDP(0, _SignedDatagrams(self.zones),
+                                            interface="127.0.0.1")
+        self.address = ("127.0.0.1", self._port.getHost().port)
+        return self.address
+
+    def stop(self):
+        port, self._port = self._port, None
+        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
 
 
 def main(argv: list[str] | None = None) -> int:

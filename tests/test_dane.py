@@ -7,11 +7,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import shutil
+import tempfile
 from pathlib import Path
 
 import certs
 import dns.flags
 import dns.message
+import dns_server
+import unbound
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from dns_server import DNSServer
@@ -329,3 +333,57 @@ class ClientTests(CertificatesMixin, unittest.TestCase):
         later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)
         self.assertIn("expired", dane.match([record(2, 0, 1, ca)], [leaf, ca],
                                             ["mx.good.test"], now=later))
+
+
+SIGNED_ZONE = """
+@ 300 IN MX 10 mx
+mx 300 IN A 127.0.0.1
+_25._tcp.mx 300 IN TLSA 3 1 1 {digest}
+"""
+
+
+class ValidatingResolverTests(unittest.TestCase):
+    """Debian's unbound validating zones this test signs, served by tests/dns_server.py:
+    the AD bit reaches the relay's DNS client for the signed zone, and a zone whose
+    signatures do not match its trust anchor is bogus (SERVFAIL)."""
+
+    if not unbound.available():
+        skip = "unbound is not installed (./test.sh installs it)"
+
+    def setUp(self) -> None:
+        text = SIGNED_ZONE.format(digest="ab" * 32)
+        signed, anchor = dns_server.sign(text, "signed.test")
+        bogus, _ = dns_server.sign(text, "bogus.test")
+        _, wrong_anchor = dns_server.sign(text, "bogus.test")  # another key: bogus
+        plain = dns_server.sign(text, "plain.test")[0]
+        self.server = dns_server.SignedServer([signed, bogus, plain])
+        address = self.server.listen()
+        self.addCleanup(self.server.stop)
+        self.unbound = unbound.Unbound(
+            Path(tempfile.mkdtemp(prefix="mailrelay-unbound-")),
+            stubs={z: address for z in ("signed.test", "bogus.test", "plain.test")},
+            anchors=[anchor, wrong_anchor], insecure=["plain.test"])
+        self.addCleanup(shutil.rmtree, self.unbound.directory, True)
+        self.unbound.start()
+        self.addCleanup(self.unbound.stop)
+        self.client = DNSClient([self.unbound.address], reactor, timeout=3, tries=2)
+
+    @defer.inlineCallbacks
+    def test_validated_bogus_and_insecure(self):
+        answer = yield self.client.lookup("signed.test", "MX")
+        self.assertEqual(answer, Answer([(10, "mx.signed.test")], [], True))
+        answer = yield self.client.lookup("_25._tcp.mx.signed.test", "TLSA")
+        self.assertEqual(answer, Answer([TLSA(3, 1, 1, b"\xab" * 32)], [], True))
+        answer = yield self.client.lookup("plain.test", "MX")
+        self.assertEqual(answer, Answer([(10, "mx.plain.test")], [], False))
+        with self.assertRaises(DNSFailure) as e:
+            yield self.client.lookup("bogus.test", "MX")
+        self.assertEqual(str(e.exception), "SERVFAIL")
+        # the router makes a DANE hop of the validated zone only
+        router = MXRouter(self.client, allow_local=True,
+                          policies=dane.PolicyTable(default="dane"))
+        [hop] = yield router.route("signed.test")
+        self.assertEqual((hop.policy.level, hop.policy.tlsa),
+                         ("dane", (TLSA(3, 1, 1, b"\xab" * 32),)))
+        [hop] = yield router.route("plain.test")
+        self.assertEqual(hop.policy.level, "may")
