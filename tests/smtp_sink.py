@@ -17,7 +17,7 @@ As a subprocess (end-to-end tests)::
 
     python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
         [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
-        [--pipelining]
+        [--pipelining] [--interface 127.0.0.2 --port N]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
 "data": [554, "5.6.0 no"], "data_command": [250, "2.0.0 ok"]}``; "*" applies to recipients
@@ -236,8 +236,8 @@ class SMTPSink:
         self._reload_rules()
         return self.rules.get(recipient.lower(), self.default)
 
-    def listen(self) -> int:
-        self._port = self.reactor.listenTCP(0, _Factory(self), interface="127.0.0.1")
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> int:
+        self._port = self.reactor.listenTCP(port, _Factory(self), interface=interface)
         self.port = self._port.getHost().port
         return self.port
 
@@ -312,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-auth", action="store_true")
     parser.add_argument("--size", type=int)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument("--interface", default="127.0.0.1",
+                        help="a loopback address (several sinks share a port as MX hosts)")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     require_auth=args.require_auth, size=args.size,
                     pipelining=args.pipelining,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
-    port = sink.listen()
+    port = sink.listen(args.port, args.interface)
     with open(args.port_file + ".tmp", "w") as f:
         f.write(f"{port}\n")
     os.rename(args.port_file + ".tmp", args.port_file)
