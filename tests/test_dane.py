@@ -24,10 +24,11 @@ from smtp_sink import SMTPSink
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from mailrelay.config import ConfigError, load_config
 from mailrelay.delivery import dane
 from mailrelay.delivery.client import Courier, Job
 from mailrelay.delivery.dnssec import TLSA, Answer, DNSClient, DNSFailure, DNSTimeout, NoSuchName
-from mailrelay.delivery.router import Hop, MXRouter, TemporaryRouteError
+from mailrelay.delivery.router import Hop, MXRouter, TemporaryRouteError, router_from_config
 
 
 def load(path) -> list[x509.Certificate]:
@@ -387,3 +388,34 @@ class ValidatingResolverTests(unittest.TestCase):
                          ("dane", (TLSA(3, 1, 1, b"\xab" * 32),)))
         [hop] = yield router.route("plain.test")
         self.assertEqual(hop.policy.level, "may")
+
+
+class ConfigTests(TempPaths, unittest.TestCase):
+    def load(self, text: str):
+        path = Path(self.mktemp())
+        path.write_text(text)
+        return load_config(str(path))
+
+    def test_tls_policy_section(self):
+        config = self.load("[delivery]\ndns_servers = 192.0.2.53\n[tls_policy]\n"
+                           "Example.ORG = DANE-only\n.legacy.test = may\n")
+        self.assertEqual(config.tls_policy, {"example.org": "dane-only",
+                                             ".legacy.test": "may"})
+        self.assertEqual((config.delivery.dnssec, config.delivery.dns_trusted), ("auto", False))
+        router = router_from_config(config)  # not loopback, not trusted: DANE off
+        self.assertEqual(router.policies.level("x.legacy.test"),
+                         ("may", "tls_policy .legacy.test"))
+        self.assertEqual(router.policies.level("other.test"), ("may", "default, DANE off"))
+        config = self.load("[delivery]\ndns_servers = 192.0.2.53\ndns_trusted = yes\n")
+        self.assertEqual(router_from_config(config).policies.default, "dane")
+
+    def test_refused_settings(self):
+        for text, problem in [
+            ("[tls_policy]\nexample.org = strict\n", "'strict' is not one of none, may"),
+            ("[tls_policy]\nexample.org = dane-only\n[routes]\nexample.org = mx.test\n",
+             "dane-only needs MX delivery"),
+            ("[delivery]\ndnssec = maybe\n", "dnssec"),
+        ]:
+            with self.assertRaises(ConfigError) as e:
+                self.load(text)
+            self.assertIn(problem, str(e.exception))
