@@ -22,11 +22,13 @@ from dns_server import DNSServer
 from harness import TempPaths
 from smtp_sink import SMTPSink
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailrelay.config import ConfigError, load_config
 from mailrelay.delivery import dane
 from mailrelay.delivery.client import Courier, Job
+from mailrelay.delivery.destinations import Routes
 from mailrelay.delivery.dnssec import TLSA, Answer, DNSClient, DNSFailure, DNSTimeout, NoSuchName
 from mailrelay.delivery.router import Hop, MXRouter, TemporaryRouteError, router_from_config
 
@@ -238,6 +240,18 @@ class RouterTests(unittest.TestCase):
                                                                       "dane")])
 
     @defer.inlineCallbacks
+    def test_domains_under_different_policies_never_share_a_connection(self):
+        self.dns.zone["weak.test"] = ["MX 10 mx.good.test"]  # the same MX host, unsigned
+        self.dns.zone["also.good.test"] = ["MX 10 mx.good.test"]
+        routes = Routes(self.router(), reactor, 60)
+        groups, failures = yield defer.ensureDeferred(routes.group(
+            ["a@good.test", "b@weak.test", "c@also.good.test"], "q1"))
+        self.assertEqual(failures, [])
+        by_level = {hops[0].policy.level: sorted(rcpts) for hops, rcpts in groups.values()}
+        self.assertEqual(by_level, {"dane": ["a@good.test", "c@also.good.test"],
+                                    "may": ["b@weak.test"]})
+
+    @defer.inlineCallbacks
     def test_policy_table(self):
         router = self.router({"good.test": "none", ".plain.test": "verify",
                               "plain.test": "encrypt"}, default="may")
@@ -281,11 +295,15 @@ class ClientTests(CertificatesMixin, unittest.TestCase):
         leaf, ca = load(self.good[0])
         for records in ([record(3, 1, 1, leaf)], [record(2, 0, 1, ca)]):
             sink = self.sink(self.good)
+            names = []  # the server name the client asked for (SNI)
+            sink.tls_options.getContext().set_tlsext_servername_callback(
+                lambda connection, names=names: names.append(connection.get_servername()))
             outcome, reports = yield self.send(self.hop(sink, records))
             self.assertEqual(outcome.jobs, 1, outcome.errors)
             result = reports["bob@good.test"]
             self.assertEqual((result.code, result.tls, result.policy), (250, True, "dane"))
             self.assertEqual(len(sink.messages), 1)
+            self.assertEqual(names, [b"mx.good.test"])
 
     @defer.inlineCallbacks
     def test_a_self_signed_certificate_matching_3_1_1_delivers(self):
@@ -408,6 +426,23 @@ class ConfigTests(TempPaths, unittest.TestCase):
         self.assertEqual(router.policies.level("other.test"), ("may", "default, DANE off"))
         config = self.load("[delivery]\ndns_servers = 192.0.2.53\ndns_trusted = yes\n")
         self.assertEqual(router_from_config(config).policies.default, "dane")
+
+    def test_the_log_says_once_whether_dane_is_on(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        router_from_config(self.load("[delivery]\ndns_servers = 192.0.2.53\n"))  # quiet
+        router_from_config(self.load("[delivery]\ndns_servers = 192.0.2.53\n"), announce=True)
+        router_from_config(self.load("[delivery]\ndns_servers = 127.0.0.1:5353\n"),
+                           announce=True)
+        router_from_config(self.load("[delivery]\ndnssec = off\ndns_servers = 127.0.0.1\n"),
+                           announce=True)
+        lines = [formatEvent(e) for e in events if "DANE" in formatEvent(e)]
+        self.assertEqual(lines, [
+            "delivery: DANE off: no trusted validating resolver (the DNS servers 192.0.2.53 "
+            "are not loopback; dns_trusted = yes trusts them)",
+            "delivery: DANE on: DNSSEC status from 127.0.0.1:5353",
+            "delivery: DANE off: dnssec = off"])
 
     def test_refused_settings(self):
         for text, problem in [

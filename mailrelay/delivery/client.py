@@ -53,7 +53,7 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, endpoints, error, ssl
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINAuthenticator
 from twisted.protocols.basic import FileSender
@@ -803,10 +803,14 @@ class Courier:
 
     def _context(self, hop: Hop):
         """The STARTTLS options: verified against the hop's name for smarthosts with
-        verify, unverified (still encrypted) for opportunistic MX delivery."""
+        verify, unverified (still encrypted) for opportunistic MX delivery; with DANE
+        unverified by OpenSSL (the policy checks the chain) and with the host name as SNI
+        (RFC 7672 8.1)."""
         if hop.tls == "none":
             return None
-        key = (hop.host, hop.verify, hop.ca_file)
+        key = (hop.host, hop.verify, hop.ca_file, hop.policy.dane)
+        if key not in self._contexts and hop.policy.dane and not hop.verify:
+            self._contexts[key] = _ServerName(ssl.CertificateOptions(verify=False), hop.host)
         if key not in self._contexts:
             if hop.verify:
                 trust = ssl.platformTrust()
@@ -818,6 +822,22 @@ class Courier:
             else:
                 self._contexts[key] = ssl.CertificateOptions(verify=False)
         return self._contexts[key]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ServerName:
+    """Client TLS options that send ``hostname`` as SNI, certificate unverified."""
+
+    def __init__(self, options: ssl.CertificateOptions, hostname: str) -> None:
+        self.options = options
+        self.hostname = hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_tlsext_host_name(self.hostname)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:

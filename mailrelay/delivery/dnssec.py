@@ -17,7 +17,6 @@ answer names, whether it is validated) or fails with NoSuchName (NXDOMAIN), DNSF
 from __future__ import annotations
 
 import ipaddress
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -201,7 +200,6 @@ class DNSClient:
                                            payload=UDP_PAYLOAD)
         except (dns.exception.DNSException, UnicodeError, ValueError) as e:
             raise DNSFailure(f"cannot ask for {name!r}: {e}")
-        query.id = random.SystemRandom().randrange(65536)
         last: Exception = DNSTimeout(name)
         for _ in range(self.tries):
             for server in self.servers:
