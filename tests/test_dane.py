@@ -347,6 +347,17 @@ class ClientTests(CertificatesMixin, unittest.TestCase):
         yield self.check_refused(sink, self.hop(sink, [record(3, 1, 1, leaf)]),
                                  "the server does not offer STARTTLS")
 
+    @defer.inlineCallbacks
+    def test_verify_refuses_a_certificate_it_cannot_verify(self):
+        sink = self.sink(self.good)  # signed by a CA the system does not trust
+        policy = dane.TlsPolicy("verify", "test")
+        hop = Hop("mx.good.test", sink.port, tls="required", verify=True,
+                  address="127.0.0.1", policy=policy)
+        outcome, reports = yield self.send(hop)
+        self.assertEqual((outcome.jobs, reports, outcome.status), (0, {}, "4.7.5"))
+        self.assertIn("TLS policy verify (test): TLS handshake failed", outcome.errors[0])
+        self.assertEqual(sink.messages, [])
+
     def test_dates_are_checked_at_now(self):
         leaf, ca = load(self.good[0])
         later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)

@@ -283,6 +283,12 @@ class RelayClient(smtp.ESMTPClient):
         self._lost = True
         if self._idle is not None:  # no job may be handed to this connection any more
             self._idle.cancel()
+        failure = reason.value if isinstance(reason, Failure) else reason
+        if (self.hop.policy.level in dane.ENCRYPTED and not self.policy_failed
+                and isinstance(failure, SSL.Error | VerificationError)):
+            # the handshake failed (verify: the certificate): the policy was not met
+            self.policy_failed = True
+            self._fail(f"TLS policy {self.hop.policy}: {_describe(reason)}")
         if not self.completed:
             self._fail(_describe(reason))
         if self._job is not None:
@@ -340,7 +346,7 @@ class RelayClient(smtp.ESMTPClient):
             self._refused("STARTTLS", code, resp)
 
     def esmtpTLSRequired(self, code=-1, resp=None) -> None:
-        if self.hop.policy.level in ("encrypt", "verify", "dane"):
+        if self.hop.policy.level in dane.ENCRYPTED:
             self._policy_failed("the server does not offer STARTTLS")
             return
         self._fail("TLS is required but the server does not offer STARTTLS")

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mailrelay.delivery.dnssec import TLSA
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify")
+ENCRYPTED = ("encrypt", "verify", "dane")  # a hop's levels that require TLS
 DANE_TA, DANE_EE = 2, 3
 STATUS = "4.7.5"  # RFC 3463: cryptographic failure
 

@@ -265,7 +265,8 @@ class RoutedRouter:
 
 def _settings(policy: dane.TlsPolicy) -> dict:
     """A Hop's TLS fields for ``policy``."""
-    tls = {"none": "none", "may": "opportunistic"}.get(policy.level, "required")
+    tls = "required" if policy.level in dane.ENCRYPTED else (
+        "none" if policy.level == "none" else "opportunistic")
     return {"tls": tls, "verify": policy.level == "verify", "policy": policy}
 
 
