@@ -211,6 +211,17 @@ class RouterTests(unittest.TestCase):
         self.assertIn("DNSSEC-validated TLSA for mx.good.test", str(hop.policy))
 
     @defer.inlineCallbacks
+    def test_tlsa_behind_a_cname(self):
+        self.dns.zone["_25._tcp.mx.good.test"] = ["CNAME tlsa.good.test"]
+        self.dns.zone["tlsa.good.test"] = [zone_text(self.leaf)]
+        [hop] = yield self.router().route("good.test")
+        self.assertEqual((hop.policy.level, hop.policy.tlsa), ("dane", (self.leaf,)))
+        self.dns.zone["tlsa.good.test"] = ["CNAME _25._tcp.mx.good.test"]  # a loop
+        with self.assertRaises(TemporaryRouteError) as e:
+            yield self.router().route("good.test")
+        self.assertIn("failed (CNAME chain too long)", e.exception.text)
+
+    @defer.inlineCallbacks
     def test_unsigned_zone_is_opportunistic(self):
         [hop] = yield self.router().route("plain.test")
         self.assertEqual((hop.tls, hop.policy.level), ("opportunistic", "may"))

@@ -391,7 +391,7 @@ class MXRouter:
             return addresses, dane.TlsPolicy("may", f"{why}; {host}: not DNSSEC-validated")
         name = f"_{self.port}._tcp.{host}"
         try:
-            answer = await self.lookup.lookup(name, "TLSA")
+            answer = await self._tlsa(name)
         except NoSuchName:
             answer = Answer(secure=True)
         except LookupFailure as e:  # RFC 7672 2.2: a failed lookup makes the host unusable
@@ -405,6 +405,18 @@ class MXRouter:
             raise _Unusable(f"{host}: TLS policy dane-only ({why}): no DNSSEC-validated "
                             f"TLSA records at {name}")
         return addresses, dane.TlsPolicy("may", f"{why}; no TLSA records for {host}")
+
+    async def _tlsa(self, name: str) -> Answer:
+        """The TLSA records at ``name``, through CNAMEs (RFC 7672 2.2.2); secure only if
+        every step was."""
+        secure = True
+        for _ in range(MAX_CNAMES):
+            answer = await self.lookup.lookup(name, "TLSA")
+            secure = secure and answer.secure
+            if answer.records or not answer.cnames:
+                return Answer(answer.records, [], secure)
+            name = answer.cnames[0]
+        raise DNSFailure("CNAME chain too long")
 
     async def _addresses(self, host: str) -> tuple[list[str], bool]:
         """A then AAAA addresses of ``host``; NXDOMAIN/no data gives []. And whether both
