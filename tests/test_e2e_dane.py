@@ -111,5 +111,6 @@ def test_dane_delivers_only_where_the_certificate_matches(tmp_path, world):
         assert (f"{ids['good']} to=<bob@good.test> via mx.good.test[127.0.0.1] sent: 250 "
                 in log)
         assert "tls=yes tls_policy=dane" in log
+        assert "UDP Port" not in log and "_UDPQuery" not in log  # each DNS query is quiet
     finally:
         relay.stop()
