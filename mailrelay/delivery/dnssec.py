@@ -26,7 +26,7 @@ import dns.message
 import dns.name
 import dns.rcode
 import dns.rdatatype
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, udp
 from twisted.protocols.basic import Int16StringReceiver
 
 from mailrelay.logtext import quietly
@@ -95,6 +95,19 @@ def system_servers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     except OSError:
         pass
     return servers or [("127.0.0.1", 53)]
+
+
+class QuietPort(udp.Port):
+    """The UDP port of one DNS query, opened and closed without the lines
+    twisted.internet.udp writes for each (``... starting on 47584``, ``(UDP Port 47584
+    Closed)``) nor its protocol's (``Starting protocol <... object at 0x...>``): four
+    lines a query, nothing a sysadmin can use."""
+
+    def startListening(self) -> None:
+        quietly(super().startListening)
+
+    def connectionLost(self, reason=None) -> None:
+        quietly(super().connectionLost, reason)
 
 
 class _UDPQuery(protocol.DatagramProtocol):
@@ -224,11 +237,12 @@ class DNSClient:
                    server: tuple[str, int]) -> dns.message.Message:
         proto = _UDPQuery(query, server)
         interface = "::" if ":" in server[0] else ""
-        port = quietly(self.reactor.listenUDP, 0, proto, interface=interface)
+        port = QuietPort(0, proto, interface, reactor=self.reactor)
+        port.startListening()
         try:
             return await proto.answered.addTimeout(self.timeout, self.reactor)
         finally:
-            quietly(port.stopListening)
+            port.stopListening()
 
     async def _tcp(self, query: dns.message.Message,
                    server: tuple[str, int]) -> dns.message.Message:

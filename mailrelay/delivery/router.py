@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from twisted.internet import defer, udp
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.names import cache, client, dns, hosts, resolve
@@ -29,6 +29,7 @@ from mailrelay.delivery.dnssec import (
     DNSTimeout,
     LookupFailure,
     NoSuchName,
+    QuietPort,
 )
 from mailrelay.interfaces import IRouter
 from mailrelay.logtext import quietly
@@ -104,19 +105,6 @@ def make_resolver(servers: Iterable[tuple[str, int]] = (), reactor=None):
                                   QuietResolver(resolv=b"/etc/resolv.conf", reactor=reactor)])
 
 
-class _QueryPort(udp.Port):
-    """The UDP port of one DNS query, opened and closed without the lines
-    twisted.internet.udp writes for each (``... starting on 47584``, ``(UDP Port 47584
-    Closed)``) nor its protocol's (``Starting protocol <... object at 0x...>``): four
-    lines a query, nothing a sysadmin can use."""
-
-    def startListening(self) -> None:
-        quietly(super().startListening)
-
-    def connectionLost(self, reason=None) -> None:
-        quietly(super().connectionLost, reason)
-
-
 class QuietResolver(client.Resolver):
     """twisted.names' resolver, with each query's port quiet and without its lines about
     re-reading resolv.conf (every change, and at startup, with each server it found)."""
@@ -125,11 +113,11 @@ class QuietResolver(client.Resolver):
         quietly(super().maybeParseConfig)
 
     def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
-        # client.Resolver's own, on a _QueryPort: a new random source port per query.
+        # client.Resolver's own, on a QuietPort: a new random source port per query.
         proto = dns.DNSDatagramProtocol(self, reactor=self._reactor)
         proto.noisy = False  # "Starting protocol <...DNSDatagramProtocol object at 0x...>"
         for _ in range(1000):
-            port = _QueryPort(dns.randomSource(), proto, interface, reactor=self._reactor)
+            port = QuietPort(dns.randomSource(), proto, interface, reactor=self._reactor)
             try:
                 port.startListening()
             except CannotListenError as e:
