@@ -14,8 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . ./scripts/venv.sh
 # swaks needs libnet-ssleay-perl for TLS (only recommended, and recommends are left out).
+# Postfix is a client in tests/test_e2e_dsn.py, as a private instance (bench/postfix.py);
+# "No configuration" leaves the system instance without a main.cf, never started.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 ensure_debs slapd ldap-utils swaks libnet-ssleay-perl openssl chromium chromium-driver \
-    opendkim-tools iproute2 haproxy unbound
+    opendkim-tools iproute2 haproxy postfix unbound
 ensure_venv
 "$VENV/bin/pip" install -q --disable-pip-version-check '.[test]'
 # Run the checkout's code (not the installed copy); twistd finds the plugin on PYTHONPATH.

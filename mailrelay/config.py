@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from mailrelay.scope import is_address, is_domain
+from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_domain
 
 DEFAULT_DATA_DIR = "/var/lib/mailrelay"
 
@@ -144,6 +144,22 @@ def _networks(value: str) -> tuple:
     return tuple(parse_network(v) for v in word_list(value))
 
 
+def _domain(value: str) -> str:
+    """A domain name, lower case, in ASCII (IDNA); empty stays empty."""
+    from mailrelay.scope import ScopeError, to_ascii_domain
+
+    name = value.strip().rstrip(".")
+    if not name:
+        return ""
+    try:
+        name = to_ascii_domain(name)
+    except ScopeError as e:
+        raise ValueError(str(e))
+    if not is_domain(name):
+        raise ValueError(f"{value.strip()!r} is not a domain name")
+    return name.lower()
+
+
 def _ip_auth(value: str):
     from mailrelay.auth.ipauth import IpAuthTable
 
@@ -170,6 +186,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "hostname": (text, None),  # default: this machine's FQDN
         "data_dir": (text, DEFAULT_DATA_DIR),
         "postmaster": (text, None),  # default: postmaster@hostname
+        "log_format": (choice("text", "json"), "text"),  # the log's lines (mailrelay/logtext.py)
     },
     "tls": {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start
@@ -252,6 +269,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "retry_max": (duration, 3600.0),
         "lifetime": (duration, 5 * 86400.0),
         "delay_warning": (duration, 0.0),  # 0: off
+        "dsn_delay_warning": (duration, 4 * 3600.0),  # for NOTIFY=DELAY; 0: off
         "connect_timeout": (duration, 30.0),
         "connection_cache_time": (duration, 2.0),  # 0: QUIT as soon as the queue is empty
         "nice": (integer(0, 19), 5),  # the delivery process's priority below the relay's
@@ -300,6 +318,10 @@ SCHEMA["dkim"] = {
     # DKIM signing at delivery (mailrelay/dkim.py); keys are made with mailrelay-admin dkim.
     "sign": (boolean, True),
     "directory": (text, ""),  # default: <data_dir>/dkim (private keys and keys.json)
+    # The relay looks every key's record up this often; a pending key seen is activated.
+    "check_interval": (duration, 3600.0),  # 0: never (dkim activate by hand)
+    "retire_after": (duration, 7 * 86400.0),  # a retiring key's record may go after this
+    "relay_domain": (_domain, ""),  # signs what no key of the message's account signs
 }
 
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
@@ -462,10 +484,14 @@ def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
     routes = {}
     parse = hostport(25)
     for domain, target in raw.items():
-        if not is_domain(domain):
+        try:
+            name = to_ascii_domain(domain)  # bücher.de and xn--bcher-kva.de: one route
+        except ScopeError:
+            name = ""
+        if not is_domain(name):
             raise ConfigError(source, "routes", domain, "not a valid domain name")
         try:
-            routes[domain.lower()] = parse(target)
+            routes[name] = parse(target)
         except ValueError as e:
             raise ConfigError(source, "routes", domain, str(e))
     return routes

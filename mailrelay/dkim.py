@@ -2,13 +2,18 @@
 
 The directory (``[dkim] directory``, default ``<data_dir>/dkim``) holds one PEM file per
 key, ``DOMAIN.SELECTOR.pem`` (mode 0600), and ``keys.json``, the index: a list of
-``{domain, selector, type (rsa|ed25519), state, account, created, changed}``. The state
+``{domain, selector, type (rsa|ed25519), state, account, created, changed, dns_status,
+dns_checked}``. The state
 is ``pending`` (made by ``dkim rotate``, its record not yet seen in DNS: not used),
 ``active`` (signs) or ``retiring`` (replaced by a newer key at ``changed``: no longer
 signs, its record stays published for a grace period until ``dkim retire``).
 ``account`` is the account whose authorized domain it was when the key was made: a
-message is signed only for that account. mailrelay-admin writes both (manage/dkim.py);
-the delivery process reads them (Signer) and sees a change within a few seconds.
+message is signed only for that account; ``null`` for a key of ``[dkim] relay_domain``,
+which signs any account's mail that no key of its own signs. ``dns_status`` and
+``dns_checked`` are the result (ok, missing, different, unknown) and time of the relay's
+last scheduled look-up of the key's record (manage/dkimcheck.py). mailrelay-admin and the
+relay write both (manage/dkim.py); the delivery process reads them (Signer) and sees a
+change within a few seconds.
 
 Signing: relaxed/relaxed, SHA-256, no ``l=``; From, To, Subject, Date, Message-ID,
 MIME-Version and Content-Type are oversigned (each listed once more than it occurs, so
@@ -48,9 +53,11 @@ class DkimKey:
     selector: str
     type: str  # rsa | ed25519
     state: str  # pending | active | retiring
-    account: str
+    account: str | None  # None: the relay domain's key, for every account
     created: float
     changed: float | None = None  # when the state last changed (None: since created)
+    dns_status: str | None = None  # the relay's last scheduled look-up (None: not yet)
+    dns_checked: float | None = None  # ... and when it was made
 
     @property
     def file_name(self) -> str:
@@ -60,13 +67,17 @@ class DkimKey:
         return asdict(self)
 
 
+_FIELDS = frozenset(DkimKey.__dataclass_fields__)  # an index with fields added later reads
+
+
 def read_index(directory: str) -> tuple[list[DkimKey], object] | None:
     """The keys of the index and the stat it was read at; None when there is none."""
     got = read_with_stat(os.path.join(directory, INDEX))
     if got is None:
         return None
     data, stat = got
-    return [DkimKey(**entry) for entry in json.loads(data)], stat
+    return [DkimKey(**{k: v for k, v in entry.items() if k in _FIELDS})
+            for entry in json.loads(data)], stat
 
 
 def public_key_text(private) -> str:
@@ -122,15 +133,21 @@ def signature(message: bytes, domain: str, selector: str, kind: str, private,
 
 class Signer:
     """The delivery process's view of the key directory: active keys by domain, re-read
-    when the index changes (``refresh``, at most every ``every`` seconds)."""
+    when the index changes (``refresh``, at most every ``every`` seconds).
 
-    def __init__(self, directory: str, clock=time, every: float = 2.0) -> None:
+    ``relay_domain`` (``[dkim] relay_domain``): a message that no key of its account signs
+    (its From: domain has none, or another account's) is signed by that domain's keys,
+    which belong to no account; so is the relay's own mail (bounces, notices)."""
+
+    def __init__(self, directory: str, clock=time, every: float = 2.0,
+                 relay_domain: str = "") -> None:  # fmt: skip
         self.directory = directory
         self.clock = clock
         self.every = every
+        self.relay_domain = relay_domain
         self._checked = float("-inf")
         self._stat: object = None
-        self._accounts: frozenset[str] = frozenset()
+        self._accounts: frozenset[str | None] = frozenset()
         self._keys: dict[str, list[tuple[DkimKey, object]]] = {}  # domain -> keys
 
     def due(self) -> bool:
@@ -146,7 +163,8 @@ class Signer:
             return
         keys: dict[str, list[tuple[DkimKey, object]]] = {}
         for key in (got[0] if got else []):
-            if key.state != "active":
+            # A key of no account signs only as the configured relay domain's.
+            if key.state != "active" or key.account is None and key.domain != self.relay_domain:
                 continue
             with open(os.path.join(self.directory, key.file_name), "rb") as f:
                 private = serialization.load_pem_private_key(f.read(), None)
@@ -158,16 +176,23 @@ class Signer:
 
     def signs_for(self, account: str | None) -> bool:
         """False when no mail of ``account`` can be signed (no thread needed)."""
-        return account is not None and account in self._accounts
+        return None in self._accounts or account is not None and account in self._accounts
 
-    def sign(self, message: bytes, account: str) -> bytes:
-        """The DKIM-Signature fields to put on top of ``message`` (b"" when its From:
-        domain has no active key of ``account``): the newest key of each type."""
+    def sign(self, message: bytes, account: str | None) -> bytes:
+        """The DKIM-Signature fields to put on top of ``message`` (b"" when none): by the
+        newest key of each type of its From: domain made for ``account``, else by the
+        relay domain's."""
         headers, _ = rfc822_parse(message)
         domain = header_domain(headers)
+        own = self._signatures(message, domain or "", account)
+        if own or not self.relay_domain:
+            return own
+        return self._signatures(message, self.relay_domain, None)
+
+    def _signatures(self, message: bytes, domain: str, account: str | None) -> bytes:
         out, seen = [], set()
-        for key, private in self._keys.get(domain or "", []):
-            if key.account == account and key.type not in seen:
+        for key, private in self._keys.get(domain, []):
+            if key.account in (account, None) and key.type not in seen:
                 seen.add(key.type)
                 out.append(signature(message, key.domain, key.selector, key.type, private))
         return b"".join(out)  # the RSA signature topmost

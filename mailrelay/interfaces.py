@@ -148,11 +148,13 @@ class IDkimKeys(Interface):
     def ofDomain(domain: str):
         """Fires with the domain's keys (possibly none)."""
 
-    def add(domain: str, account: str, selector: str | None, kind: str, bits: int,
-            state: str = "active"):
-        """Make a key (RSA of ``bits``, or Ed25519) for ``domain`` of ``account``; fires
-        with the new DkimKey, in ``state`` (active, or pending for a rotation: one pending
-        key per domain). ``selector`` None: one made of the date."""
+    def add(domain: str, account: str | None, selector: str | None, kind: str, bits: int,
+            state: str | None = None):
+        """Make a key (RSA of ``bits``, or Ed25519) for ``domain`` of ``account`` (None:
+        the relay domain's); fires with the new DkimKey, in ``state``: active, or pending
+        for a rotation (one pending key per domain); None: active unless the domain has an
+        active key of that type already, else pending. ``selector`` None: one made of the
+        date."""
 
     def promote(domain: str, selector: str):
         """The pending key signs from now on; the active keys of its type become retiring.
@@ -166,6 +168,11 @@ class IDkimKeys(Interface):
 
     def txtRecord(key):
         """Fires with ``(name, value)``: the DNS TXT record to publish for ``key``."""
+
+    def recordChecks(results: dict, when: float | None = None):
+        """Keep the look-up results ``{(domain, selector): published}`` made at ``when``
+        (default: now) in the keys' ``dns_status`` and ``dns_checked``; fires with the keys
+        changed."""
 
 
 class IAccessStore(Interface):

@@ -123,6 +123,12 @@ class Envelope:
     # "clicks"; features/envelope.py), and which recipients are audit BCC copies.
     personalize: list[str] = field(default_factory=list)
     audit: list[str] = field(default_factory=list)
+    # DSN requests (RFC 3461; dsnparams.py): RET, ENVID (decoded), and per recipient the
+    # NOTIFY and ORCPT it gave; None and absent recipients: nothing asked.
+    ret: str | None = None
+    envid: str | None = None
+    dsn: dict[str, dict[str, str]] = field(default_factory=dict)
+    smtputf8: bool = False  # the client's MAIL had SMTPUTF8 (RFC 6531); delivery passes it on
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

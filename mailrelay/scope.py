@@ -19,6 +19,10 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN_RE = re.compile(rf"^(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}})$")
 # A dot-atom local part (RFC 5322 3.2.3); quoted local parts are not accepted in scopes.
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+# The same with RFC 6532's UTF8-non-ascii in atext: an SMTPUTF8 sender's local part, which
+# a domain of the scope authorizes (address entries stay ASCII).
+_ATEXT_UTF8 = r"[a-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]"
+_LOCAL_UTF8_RE = re.compile(rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*")
 
 
 class ScopeError(ValueError):
@@ -101,13 +105,30 @@ def parse_addresses(text: str) -> frozenset[str]:
 def to_ascii_address(text: str) -> str | None:
     """``Local@Bücher.de`` -> ``local@xn--bcher-kva.de``; None when the domain is not valid.
 
-    Only the domain is converted: non-ASCII local parts (SMTPUTF8) are not accepted in scopes.
+    Only the domain is converted (U-labels and A-labels name one domain): non-ASCII local
+    parts (SMTPUTF8) are not accepted in scopes' address entries.
     """
     local, at, domain = text.rpartition("@")
     if not at:
         return None
     try:
         return f"{local.lower()}@{to_ascii_domain(domain)}"
+    except ScopeError:
+        return None
+
+
+def ascii_form(address: str) -> str | None:
+    """``address`` as it is written where SMTPUTF8 is not (a next hop without it, a
+    header): its domain as A-labels (RFC 6531 3.2 lets a relay convert the domain), the
+    local part untouched; None when the local part is not ASCII (only SMTPUTF8 can carry
+    it) or the domain is not a valid IDNA name."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{to_ascii_domain(domain)}"
     except ScopeError:
         return None
 
@@ -131,9 +152,15 @@ class Scope:
         Comparison is case-insensitive; the null sender is never in scope.
         """
         address = to_ascii_address(address.strip())
-        if address is None or not is_address(address):
+        if address is None:
             return False
-        return address in self.addresses or domain_of(address) in self.domains
+        if is_address(address):
+            return address in self.addresses or domain_of(address) in self.domains
+        # An SMTPUTF8 local part (jöhn@doe.com): only a domain entry can authorize it.
+        local, _, domain = address.rpartition("@")
+        return (domain in self.domains and len(local.encode("utf-8")) <= 64
+                and _LOCAL_UTF8_RE.fullmatch(local) is not None
+                and not any(c.isspace() or not c.isprintable() for c in local))
 
     def within(self, domains: frozenset[str]) -> Scope:
         """This scope limited to ``domains`` (an account's authorized domains)."""

@@ -21,6 +21,7 @@ from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
 from mailrelay.proxyproto import wrapper_for as proxy_wrapper
+from mailrelay.reload import Live
 
 log = Logger()
 
@@ -133,6 +134,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
+    factories = []
     for listener in config.listeners:
         factory = SubmissionFactory(
             portal=portal,
@@ -152,14 +154,19 @@ def make_service(config: Config, reactor=None) -> MultiService:
             verify_senders=config.admin.enabled and config.admin.verify_senders,
             envelope_fields=user_fields,
         )
+        factories.append(factory)
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
 
+    if config.dkim.check_interval > 0:
+        dkim_checker(config, reactor).setServiceParent(top)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins).setServiceParent(top)
+    # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
+    top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
 
 
@@ -395,6 +402,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         retry_max=d.retry_max,
         lifetime=d.lifetime,
         delay_warning=d.delay_warning,
+        dsn_delay_warning=d.dsn_delay_warning,
         hostname=config.server.hostname,
         postmaster=config.server.postmaster,
         connect_timeout=d.connect_timeout,
@@ -412,7 +420,21 @@ def _dkim(config: Config, reactor):
     from mailrelay.delivery.dkimsign import DkimSigning
     from mailrelay.dkim import Signer
 
-    return DkimSigning(Signer(config.dkim.directory), reactor)
+    return DkimSigning(Signer(config.dkim.directory, relay_domain=config.dkim.relay_domain),
+                       reactor)
+
+
+def dkim_checker(config: Config, reactor):
+    """The relay's scheduled look-up of the DKIM records (manage/dkimcheck.py)."""
+    from mailrelay.delivery.router import make_resolver
+    from mailrelay.manage.dkim import DkimKeys
+    from mailrelay.manage.dkimcheck import DkimChecker
+    from mailrelay.manage.stores import threaded
+
+    d = config.dkim
+    return DkimChecker(DkimKeys(d.directory, threaded(reactor), retire_after=d.retire_after),
+                       make_resolver(config.delivery.dns_servers, reactor), d.check_interval,
+                       d.retire_after, reactor)
 
 
 _EVENTS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",

@@ -27,7 +27,7 @@ RRSIGs and NSEC records as an authoritative server does::
 As a subprocess::
 
     python tests/dns_server.py --port-file F --record "example.test MX 10 mx.example.test"
-    python tests/dns_server.py --port-file F --zone zone.json
+    python tests/dns_server.py --port-file F --zone zone.json   # re-read when it changes
 """
 
 from __future__ import annotations
@@ -170,6 +170,32 @@ class DNSServer:
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
 
+def _reload_on_change(path: str, records: list[str], zone: dict[str, list[str]]) -> None:
+    """Re-read the zone file (and add ``records`` again) whenever it changes, so a test
+    can publish a record while the server runs (write a new file and rename it over)."""
+    from twisted.internet import task
+
+    seen = [os.stat(path).st_mtime_ns]
+
+    def reload() -> None:
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if mtime == seen[0]:
+                return
+            with open(path, encoding="utf-8") as f:
+                new = json.load(f)
+        except (OSError, ValueError):
+            return  # being replaced: next time
+        seen[0] = mtime
+        for spec in records:
+            name, _, record = spec.strip().partition(" ")
+            new.setdefault(name, []).append(record)
+        zone.clear()
+        zone.update(new)
+
+    task.LoopingCall(reload).start(0.1, now=False)
+
+
 def sign(text: str, origin: str, lifetime: int = 86400):
     """``text`` (a zone file's records, relative to ``origin``; SOA and NS are added)
     signed with a new ECDSA P-256 key (with NSEC); and that key's DNSKEY record as a
@@ -289,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor
 
     dns_server = DNSServer(zone, reactor, secure=set(args.secure))
+    if args.zone:
+        _reload_on_change(args.zone, args.record, dns_server.zone)
     _, port = dns_server.listen(args.port)
     tmp = args.port_file + ".tmp"
     with open(tmp, "w") as f:

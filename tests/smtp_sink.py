@@ -1,8 +1,11 @@
 """A recording SMTP server for tests: Twisted ESMTP on 127.0.0.1, an ephemeral port.
 
 Per-recipient replies (accept, 4xx, 5xx) can change at any time; STARTTLS (with a given
-certificate), AUTH PLAIN/LOGIN, SIZE and PIPELINING are optional. Every message is kept with its
-envelope and its exact bytes (dot-unstuffed, CRLF lines), and MAIL commands and
+certificate), AUTH PLAIN/LOGIN, SIZE, PIPELINING and DSN (offered only: the parameters
+are recorded, no notice is sent) are optional; 8BITMIME is offered unless told not to,
+SMTPUTF8 only when told to (and then UTF-8 addresses are taken, else refused with 553
+5.6.7 as RFC 6531 has it). Every message is kept with its envelope, its exact MAIL and
+RCPT command lines and its exact bytes (dot-unstuffed, CRLF lines), and MAIL commands and
 connections are counted, so a test sees a smuggled second transaction.
 
 In-process (trial tests)::
@@ -17,14 +20,17 @@ As a subprocess (end-to-end tests)::
 
     python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
         [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
-        [--pipelining] [--interface 127.0.0.2 --port N]
+        [--pipelining] [--dsn] [--no-8bitmime] [--smtputf8]
+        [--interface 127.0.0.2 --port N]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
 "data": [554, "5.6.0 no"], "data_command": [250, "2.0.0 ok"]}``; "*" applies to recipients
 without their own rule, "data" is the reply at the end of DATA and "data_command" the
 reply to DATA itself instead of 354 (a server that lies: it ends the transaction there,
 without a message). Each message is written as D/<n>.eml (the bytes)
-then D/<n>.json (sender, recipients, tls, user).
+then D/<n>.json (sender, recipients, tls, user, the ESMTP parameters exactly as given:
+"mail_params" a string, "rcpt_params" one string per recipient; commands: the MAIL and
+RCPT lines as text, decoded from UTF-8).
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ class Received:
     tls: bool
     user: str | None
     connection: int  # the number of the connection it came on (1, 2, ...)
+    mail_params: str = ""  # MAIL's ESMTP parameters as sent
+    rcpt_params: dict[str, str] = field(default_factory=dict)  # RCPT's, by recipient
+    commands: list[bytes] = field(default_factory=list)  # MAIL and RCPT lines, as sent
 
 
 @dataclass
@@ -65,6 +74,9 @@ class _Transaction:
     recipients: list[str] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     leader: object = None  # the IMessage that records (Twisted makes one per recipient)
+    mail_params: str = ""
+    rcpt_params: dict[str, str] = field(default_factory=dict)
+    commands: list[bytes] = field(default_factory=list)
 
 
 @implementer(IMessageSMTP)
@@ -100,18 +112,22 @@ class _Delivery:
         if sink.require_auth and not self.proto.authenticated:
             raise smtp.SMTPBadSender(origin, 530, "5.7.0 authentication required")
         sink.transactions += 1
-        self.proto.txn = _Transaction(str(origin), self.proto.startedTLS, self.user,
-                                      self.proto.number)
+        self.proto.txn = _Transaction(self.proto.real(str(origin)), self.proto.startedTLS,
+                                      self.user, self.proto.number,
+                                      mail_params=self.proto.params,
+                                      commands=[self.proto.mail_line])
         return origin
 
     def validateTo(self, user):
         sink = self.proto.sink
-        recipient = str(user.dest)
+        recipient = self.proto.real(str(user.dest))
         rule = sink.rule_for(recipient)
         if rule is not None and rule[0] >= 300:
             raise smtp.SMTPBadRcpt(recipient, rule[0], rule[1])
         txn = self.proto.txn
         txn.recipients.append(recipient)
+        txn.rcpt_params[recipient] = self.proto.params
+        txn.commands.append(self.proto.rcpt_line)
         return lambda: _Message(sink, txn)
 
 
@@ -135,6 +151,9 @@ class _SinkProtocol(smtp.ESMTP):
         self.sink, self.number = sink, number
         self.host = b"sink.test"
         self.txn: _Transaction | None = None
+        self.mail_line = self.rcpt_line = b""
+        self._utf8_txn = False  # this transaction's MAIL said SMTPUTF8
+        self._stand_ins: dict[str, str] = {}  # ASCII stand-in -> the UTF-8 address
         if sink.auth:
             checker = InMemoryUsernamePasswordDatabaseDontUse(
                 **{u: p.encode() for u, p in sink.auth.items()})
@@ -160,7 +179,47 @@ class _SinkProtocol(smtp.ESMTP):
             ext[b"SIZE"] = [b"%d" % self.sink.size]
         if self.sink.pipelining:  # its checks are synchronous: replies come in order
             ext[b"PIPELINING"] = None
+        if self.sink.dsn:
+            ext[b"DSN"] = None
+        if self.sink.eightbitmime:
+            ext[b"8BITMIME"] = None
+        if self.sink.smtputf8:
+            ext[b"SMTPUTF8"] = None
         return ext
+
+    params = ""  # the ESMTP parameters of the MAIL or RCPT being handled
+
+    @staticmethod
+    def _params(regex, rest: bytes) -> str:
+        m = regex.match(rest)
+        return (m.group("opts") or b"").decode("ascii", "replace").strip() if m else ""
+
+    # Twisted's address parser takes ASCII only: a UTF-8 address is handed to it as an
+    # ASCII stand-in, and the transaction records the real one.
+    def do_MAIL(self, rest):
+        self.params = self._params(self.mail_re, rest)
+        self.mail_line = b"MAIL " + rest
+        self._utf8_txn = self.sink.smtputf8 and b"SMTPUTF8" in rest.upper().split()
+        return self._utf8_command(super().do_MAIL, rest)
+
+    def do_RCPT(self, rest):
+        self.params = self._params(self.rcpt_re, rest)
+        self.rcpt_line = b"RCPT " + rest
+        return self._utf8_command(super().do_RCPT, rest)
+
+    def _utf8_command(self, handler, rest: bytes):
+        path = rest.partition(b"<")[2].partition(b">")[0]
+        if path.isascii():
+            return handler(rest)
+        if not self._utf8_txn:
+            self.sendCode(553, b"5.6.7 Non-ASCII addresses need SMTPUTF8")
+            return None
+        stand_in = f"utf8-{len(self._stand_ins)}@stand-in.test"
+        self._stand_ins[stand_in] = path.decode("utf-8")
+        return handler(rest.replace(path, stand_in.encode()))
+
+    def real(self, address: str) -> str:
+        return self._stand_ins.get(address, address)
 
     def do_DATA(self, rest):
         self.sink._reload_rules()
@@ -199,7 +258,8 @@ class SMTPSink:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  auth: dict[str, str] | None = None, require_auth: bool = False,
                  mechanisms: list[str] | None = None,
-                 size: int | None = None, pipelining: bool = False,
+                 size: int | None = None, pipelining: bool = False, dsn: bool = False,
+                 eightbitmime: bool = True, smtputf8: bool = False,
                  record_dir: str | None = None, rules_file: str | None = None,
                  reactor=None) -> None:
         if reactor is None:
@@ -214,6 +274,9 @@ class SMTPSink:
         self.require_auth = require_auth
         self.size = size
         self.pipelining = pipelining
+        self.dsn = dsn
+        self.eightbitmime = eightbitmime
+        self.smtputf8 = smtputf8
         self.record_dir = record_dir
         self.rules_file = rules_file
         self._rules_mtime: float | None = None
@@ -260,7 +323,8 @@ class SMTPSink:
     def _record(self, txn: _Transaction) -> None:
         data = b"".join(line + b"\r\n" for line in txn.lines)
         message = Received(txn.sender, list(txn.recipients), data, txn.tls, txn.user,
-                           txn.connection)
+                           txn.connection, txn.mail_params, dict(txn.rcpt_params),
+                           list(txn.commands))
         self.messages.append(message)
         if self.record_dir:
             base = os.path.join(self.record_dir, str(len(self.messages)))
@@ -268,7 +332,9 @@ class SMTPSink:
                 f.write(data)
             meta = {"sender": message.sender, "recipients": message.recipients,
                     "tls": message.tls, "user": message.user,
-                    "connection": message.connection}
+                    "connection": message.connection, "mail_params": message.mail_params,
+                    "rcpt_params": message.rcpt_params,
+                    "commands": [c.decode("utf-8") for c in message.commands]}
             with open(base + ".tmp", "w") as f:
                 json.dump(meta, f)
             os.rename(base + ".tmp", base + ".json")
@@ -312,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-auth", action="store_true")
     parser.add_argument("--size", type=int)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461)")
+    parser.add_argument("--no-8bitmime", dest="eightbitmime", action="store_false")
+    parser.add_argument("--smtputf8", action="store_true")
     parser.add_argument("--interface", default="127.0.0.1",
                         help="a loopback address (several sinks share a port as MX hosts)")
     parser.add_argument("--port", type=int, default=0)
@@ -324,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     sink = SMTPSink(tls_cert=args.tls_cert, tls_key=args.tls_key,
                     auth=dict(a.split(":", 1) for a in args.auth),
                     require_auth=args.require_auth, size=args.size,
-                    pipelining=args.pipelining,
+                    pipelining=args.pipelining, dsn=args.dsn, eightbitmime=args.eightbitmime,
+                    smtputf8=args.smtputf8,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
     port = sink.listen(args.port, args.interface)
     with open(args.port_file + ".tmp", "w") as f:

@@ -251,12 +251,15 @@ def test_ssl_listener_with_a_broken_key_is_a_config_error(write, tmp_path):
 def test_routes(write):
     config = load_config(write("[routes]\nExample.ORG = mx.example.org\nb.com = [::1]:2525\n"))
     assert config.routes == {"example.org": ("mx.example.org", 25), "b.com": ("::1", 2525)}
+    config = load_config(write("[routes]\nBücher.de = mx.example.org\n"))
+    assert config.routes == {"xn--bcher-kva.de": ("mx.example.org", 25)}
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[routes]\nnot_a_domain = mx.example.org\n", "not_a_domain: not a valid domain"),
+        ("[routes]\nb\u00fc-.de = mx.example.org\n", "b\u00fc-.de: not a valid domain"),
         ("[routes]\nb.com =\n", "b.com: '' is not host or host:port"),
         ("[routes]\nb.com = mx:99999\n", "b.com: port 99999 is outside"),
     ],

@@ -59,6 +59,16 @@ class QueueCommandTests(TempPaths, unittest.TestCase):
         self.assertEqual(json.loads(self.admin("list", "--json").stdout), [])
 
     @defer.inlineCallbacks
+    def test_show_says_what_dsn_the_sender_asked_for(self):
+        queue_id = yield self.submit(["r@b.test", "q@b.test"], ret="HDRS", envid="e+1",
+                                     dsn={"r@b.test": {"notify": "NEVER",
+                                                       "orcpt": "rfc822;o@b.test"}})
+        text = self.admin("show", queue_id).stdout
+        self.assertIn("dsn:         RET=HDRS ENVID=e+2B1\n", text)
+        self.assertIn("  r@b.test  pending NOTIFY=NEVER ORCPT=rfc822;o@b.test\n", text)
+        self.assertIn("  q@b.test  pending\n", text)
+
+    @defer.inlineCallbacks
     def test_list_show_retry_delete_flush(self):
         deferred = yield self.submit(["r@b.test", "ok@b.test"])
         state = DeliveryState(attempts=2, first_attempt=time.time() - 3600,

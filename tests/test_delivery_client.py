@@ -437,6 +437,86 @@ class ClientTests(TempPaths, unittest.TestCase):
         self.assertEqual(sink.transactions, 1)
 
     @defer.inlineCallbacks
+    def test_smtputf8_passed_on_to_a_server_offering_it(self):
+        """RFC 6531: the addresses as the client gave them, SMTPUTF8 in MAIL, and
+        BODY=8BITMIME (RFC 6152) for the 8-bit message, pipelined or not."""
+        for pipelining in (False, True):
+            sink, hop = self.sink(smtputf8=True, pipelining=pipelining)
+            body = "Subject: hällo\r\n\r\nGrüße\r\n".encode()
+            utf8 = Job("u", "jöhn@bücher.test", ["ülla@exämple.test", "x@b.test"],
+                       lambda body=body: io.BytesIO(body), smtputf8=True)
+            # Asked for by the client, all ASCII: still SMTPUTF8; no BODY= for 7 bits.
+            ascii_ = Job("a", "s@a.test", ["x@b.test"], lambda: io.BytesIO(b"x\r\n"),
+                         smtputf8=True)
+            run = Run([utf8, ascii_, job("p", ["x@b.test"], b"x\r\n")])
+            yield run.send([hop])
+            self.assertEqual({r: v[0] for rs in run.reports.values() for r, v in rs.items()},
+                             {"ülla@exämple.test": 250, "x@b.test": 250})
+            self.assertEqual([m.commands for m in sink.messages], [
+                ["MAIL FROM:<jöhn@bücher.test> BODY=8BITMIME SMTPUTF8".encode(),
+                 "RCPT TO:<ülla@exämple.test>".encode(), b"RCPT TO:<x@b.test>"],
+                [b"MAIL FROM:<s@a.test> SMTPUTF8", b"RCPT TO:<x@b.test>"],
+                [b"MAIL FROM:<s@a.test>", b"RCPT TO:<x@b.test>"]])
+            self.assertEqual(sink.messages[0].data, body)
+            self.assertEqual(sink.messages[0].recipients, ["ülla@exämple.test", "x@b.test"])
+
+    @defer.inlineCallbacks
+    def test_server_without_smtputf8(self):
+        """A domain goes as A-labels (RFC 6531 3.2 allows it); a UTF-8 local part cannot
+        go (5.6.7, that recipient only; the whole message for the sender), nor can the
+        UTF-8 header of an SMTPUTF8 message (5.6.9)."""
+        sink, hop = self.sink()  # Twisted's own: no SMTPUTF8
+        seven = b"Subject: hi\r\n\r\nx\r\n"
+        utf8_header = "Subject: hällo\r\n\r\nx\r\n".encode()
+        run = Run([Job("domains", "x@bücher.test", ["ülla@exämple.test", "y@exämple.test"],
+                       lambda: io.BytesIO(seven), smtputf8=True),
+                   Job("sender", "jöhn@a.test", ["y@b.test"], lambda: io.BytesIO(seven)),
+                   Job("header", "x@a.test", ["y@b.test"], lambda: io.BytesIO(utf8_header),
+                       smtputf8=True)])
+        yield run.send([hop])
+        self.assertEqual(run.reports, {
+            "domains": {
+                "ülla@exämple.test": (550, "5.6.7 non-ASCII recipient address and the server "
+                                      "does not offer SMTPUTF8", False),
+                "y@exämple.test": (250, "Delivery in progress", False)},
+            "sender": {"y@b.test": (550, "5.6.7 non-ASCII sender address and the server "
+                                    "does not offer SMTPUTF8", False)},
+            "header": {"y@b.test": (550, "5.6.9 UTF-8 header (SMTPUTF8 message) and the "
+                                    "server does not offer SMTPUTF8", False)}})
+        self.assertEqual([m.commands for m in sink.messages], [
+            [b"MAIL FROM:<x@xn--bcher-kva.test>", b"RCPT TO:<y@xn--exmple-cua.test>"]])
+        self.assertEqual(sink.messages[0].data, seven)
+
+    @defer.inlineCallbacks
+    def test_8bitmime(self):
+        """BODY=8BITMIME for a message with any byte over 0x7F, also at the end of one
+        streamed from the file; to a server without 8BITMIME, 7 bits go and 8 bits bounce
+        (554 5.6.3, not converted)."""
+        small = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+        large = b"Subject: x\r\n\r\n" + (b"y" * 998 + b"\r\n") * (3 * SMALL_BODY // 1000)
+        seven, large = large, large + b"\xe9\r\n"
+        self.assertGreater(len(seven), SMALL_BODY)
+        sink, hop = self.sink()
+        run = Run([job("small", ["a@b.test"], small), job("large", ["a@b.test"], large),
+                   job("seven", ["a@b.test"], seven)])
+        yield run.send([hop])
+        self.assertEqual([m.commands[0] for m in sink.messages], [
+            b"MAIL FROM:<s@a.test> BODY=8BITMIME", b"MAIL FROM:<s@a.test> BODY=8BITMIME",
+            b"MAIL FROM:<s@a.test>"])
+        self.assertEqual([m.data for m in sink.messages], [small, large, seven])
+        sink, hop = self.sink(eightbitmime=False)
+        run = Run([job("small", ["a@b.test"], small), job("large", ["a@b.test"], large),
+                   job("seven", ["a@b.test"], b"x\r\n")])
+        yield run.send([hop])
+        refused = (554, "5.6.3 8-bit message and the server does not offer 8BITMIME; not "
+                   "converted to 7 bits", False)
+        self.assertEqual(run.reports, {"small": {"a@b.test": refused},
+                                       "large": {"a@b.test": refused},
+                                       "seven": {"a@b.test": (250, "Delivery in progress",
+                                                              False)}})
+        self.assertEqual([m.commands[0] for m in sink.messages], [b"MAIL FROM:<s@a.test>"])
+
+    @defer.inlineCallbacks
     def test_size_limit_is_permanent(self):
         sink, hop = self.sink(size=1000)
         run = Run([job("big", ["a@b.test", "c@b.test"], b"x" * 2000 + b"\r\n"),

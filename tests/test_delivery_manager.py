@@ -263,6 +263,30 @@ class DeliveryTests(Base):
         self.assertEqual(dsn_parts(bounce.data)[2][0]["Status"], "5.0.0")
 
     @defer.inlineCallbacks
+    def test_notify_success_follows_bounce_to_and_its_off_switch(self):
+        """The sink offers no DSN: NOTIFY=SUCCESS gets a "relayed" notice, sent where the
+        user's bounce notifications go, and none when they are off."""
+        asked = {"ok@b.test": {"notify": "SUCCESS"}}
+        to_notices = yield self.submit(["ok@b.test"], bounce_to="notices@a.test", dsn=asked)
+        nowhere = yield self.submit(["ok@b.test"], bounce_to="", dsn=asked)
+        yield self.deliver(self.manager(), to_notices, nowhere)
+        notices = [m for m in self.sink.messages if m.sender == ""]
+        self.assertEqual([m.recipients for m in notices], [["notices@a.test"]])
+        [rcpt] = dsn_parts(notices[0].data)[2]
+        self.assertEqual((rcpt["Action"], rcpt["Status"]), ("relayed", "2.0.0"))
+        self.assertEqual(self.spool.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_a_hop_offering_dsn_gets_the_request_and_sends_the_notice_itself(self):
+        self.sink.dsn = True
+        queue_id = yield self.submit(["ok@b.test"], ret="HDRS", envid="e+1",
+                                     dsn={"ok@b.test": {"notify": "SUCCESS"}})
+        yield self.deliver(self.manager(), queue_id)
+        [message] = self.sink.messages
+        self.assertEqual((message.mail_params, message.rcpt_params),
+                         ("RET=HDRS ENVID=e+2B1", {"ok@b.test": "NOTIFY=SUCCESS"}))
+
+    @defer.inlineCallbacks
     def test_bounce_of_a_null_sender_is_dropped(self):
         self.sink.rules["gone@b.test"] = (550, "5.1.1 unknown")
         queue_id = yield self.submit(["gone@b.test"], sender="")

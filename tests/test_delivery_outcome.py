@@ -23,11 +23,12 @@ T0 = 1_700_000_000.0  # when the message was received
 POLICY = RetryPolicy(retry_first=60, retry_max=3600, lifetime=5 * 86400, delay_warning=0)
 
 
-def run(state, results, *, now=T0 + 1, due=None, policy=POLICY, jitter=1.0, suppressed=()):
+def run(state, results, *, now=T0 + 1, due=None, policy=POLICY, jitter=1.0, suppressed=(),
+        notify_delay=None):
     """fold, checking on the way that it changed nothing it was given."""
     before, given = copy.deepcopy(state), list(results)
     step = fold(state, results, now=now, received_at=T0, due=due, policy=policy,
-                jitter=jitter, suppressed=suppressed)
+                jitter=jitter, suppressed=suppressed, notify_delay=notify_delay)
     assert state == before and list(results) == given
     return step
 
@@ -173,6 +174,32 @@ def test_delay_warning_once_at_the_first_attempt_past_the_threshold():
     # scheduled exactly at the threshold: that one warns
     assert run(first.state, busy[:1], now=T0 + 100, due=T0 + 100,
                policy=policy).delayed == ["a@x"]
+
+
+def test_an_attempt_before_the_threshold_schedules_the_next_at_it():
+    # Backoff alone would go from 3500 s to 7100 s and never make an attempt scheduled
+    # before the threshold and made after it: the warning would never go.
+    policy = RetryPolicy(retry_first=3600, retry_max=3600, delay_warning=4 * 3600)
+    state = DeliveryState.fresh(["a@x"])
+    step = run(state, [Result("a@x", 451, "x")], now=T0 + 3 * 3600 + 1800, policy=policy)
+    assert step.delayed == [] and step.state.next_attempt == T0 + 4 * 3600
+    warned = run(step.state, [Result("a@x", 451, "x")], now=T0 + 4 * 3600,
+                 due=step.state.next_attempt, policy=policy)
+    assert warned.delayed == ["a@x"] and warned.state.next_attempt == T0 + 5 * 3600
+
+
+def test_delay_warning_per_recipient_as_its_notify_asks():
+    policy = RetryPolicy(delay_warning=0, dsn_delay_warning=100)
+    asked = {"delay@x": True, "failure-only@x": False, "none@x": None}
+    state = DeliveryState.fresh(list(asked))
+    busy = [Result(r, 451, "x") for r in asked]
+    step = run(state, busy, now=T0 + 200, policy=policy, notify_delay=asked.get)
+    assert step.delayed == ["delay@x"]
+    # delay_warning applies to recipients without NOTIFY, and NOTIFY=DELAY's own setting
+    # can be off
+    policy = RetryPolicy(delay_warning=100, dsn_delay_warning=0)
+    step = run(state, busy, now=T0 + 200, policy=policy, notify_delay=asked.get)
+    assert step.delayed == ["none@x"]
 
 
 def test_delay_warning_at_a_first_attempt_already_late():

@@ -42,6 +42,8 @@ ZONE = {
     "mx.public.test": ["A 192.0.2.25"],  # TEST-NET-1: reserved, treated as not public
     "ghost.test": ["MX 10 missing.ghost.test"],
     "xn--bcher-kva.test": ["A 127.0.0.31"],
+    "xn--fa-hia.test": ["A 127.0.0.32"],  # faß.test (IDNA 2008)
+    "fass.test": ["A 127.0.0.33"],  # what IDNA 2003 makes of faß.test
 }
 
 
@@ -123,6 +125,10 @@ class MXRouterTests(unittest.TestCase):
         hops = yield self.router.route("Bücher.test")
         self.assertEqual([(h.host, h.address) for h in hops],
                          [("xn--bcher-kva.test", "127.0.0.31")])
+        # IDNA 2008, as scopes convert: ß is a letter of its own, not "ss".
+        hops = yield self.router.route("faß.test")
+        self.assertEqual([(h.host, h.address) for h in hops],
+                         [("xn--fa-hia.test", "127.0.0.32")])
         yield self.assertFailure(self.router.route("a..b.test"), PermanentRouteError)
 
     def test_address_literal(self):
@@ -140,6 +146,15 @@ class OtherRouterTests(TempPaths, unittest.TestCase):
         self.assertEqual((yield router.route("inside.test")), [Hop("10.1.2.3", 2525)])
         self.assertEqual((yield router.route("outside.test")), [smarthost])
         self.assertNotIn("secret", repr(smarthost))
+
+    @defer.inlineCallbacks
+    def test_routes_match_u_labels_and_a_labels(self):
+        fallback = SmarthostRouter(Hop("smart.test"))
+        router = RoutedRouter({"Bücher.test": ("10.1.2.3", 2525),
+                               "xn--exmple-cua.test": ("10.1.2.4", 2525)}, fallback)
+        for domain, host in [("xn--bcher-kva.test", "10.1.2.3"), ("BÜCHER.test", "10.1.2.3"),
+                             ("exämple.test", "10.1.2.4"), ("fass.test", "smart.test")]:
+            self.assertEqual((yield router.route(domain))[0].host, host, domain)
 
     def test_from_config(self):
         path = self.mktemp()

@@ -14,9 +14,9 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from harness import ROOT, env
-from test_dkim import value
+from test_dkim import MSG, value
 
-from mailrelay.dkim import signature
+from mailrelay.dkim import Signer, signature
 from mailrelay.manage.dkim import DkimError, DkimKeys, txt_strings
 from mailrelay.manage.stores import at_once
 
@@ -121,3 +121,36 @@ def test_a_domain_of_two_accounts_gets_no_key(admin):
     assert proc.stderr == ("mailrelay-admin: b.org is authorized for several accounts "
                            "(acme, other): it can be signed for one only\n")
     assert admin("dkim", "list", "--no-dns").stderr == "no DKIM keys\n"
+
+
+def test_a_relay_domain_key_signs_what_no_key_of_the_account_signs(admin):
+    admin.config.write_text(admin.config.read_text() + "[dkim]\nrelay_domain = Relay.Test.\n")
+    out = admin.ok("dkim", "add", "relay.test", "--selector", "r1")  # no account has it
+    assert "made for relay.test (the relay domain's, for every account), active" in out
+    admin.ok("dkim", "add", "example.com", "--selector", "s1")
+    listed = json.loads(admin.ok("dkim", "list", "--json", "--no-dns"))
+    assert [(k["domain"], k["account"]) for k in listed] \
+        == [("example.com", "acme"), ("relay.test", None)]  # fmt: skip
+    assert "(relay)" in admin.ok("dkim", "list", "--no-dns")
+    records = {}
+    for domain in ("example.com", "relay.test"):
+        (k,) = json.loads(admin.ok("dkim", "show", domain, "--json", "--no-dns"))
+        records[k["dns_name"]] = k["dns_value"].encode()
+
+    def verifies(signed: bytes, message: bytes) -> bool:
+        return dkim.verify(signed + message, dnsfunc=lambda name, timeout=5:
+                           records.get(name.decode().rstrip(".")))  # fmt: skip
+
+    signer = Signer(str(admin.data / "dkim"), relay_domain="relay.test")
+    signer.refresh()
+    own = signer.sign(MSG, "acme")  # From: example.com, acme's key: that one only
+    assert own.count(b"DKIM-Signature") == 1 and b"d=example.com;" in own
+    assert verifies(own, MSG)
+    for account in ("other", None):  # another account's mail; the relay's own
+        assert signer.signs_for(account)
+        signed = signer.sign(MSG, account)
+        assert signed.count(b"DKIM-Signature") == 1 and b"d=relay.test; s=r1;" in signed
+        assert verifies(signed, MSG)
+    unset = Signer(str(admin.data / "dkim"))  # the key of no account signs nothing unset
+    unset.refresh()
+    assert not unset.signs_for(None) and unset.sign(MSG, "other") == b""

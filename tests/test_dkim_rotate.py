@@ -22,8 +22,9 @@ def value(admin: Admin, domain: str, selector: str) -> str:
 def test_show_and_list_say_whether_each_record_is_published(tmp_path, dns):  # noqa: F811
     admin = Admin(tmp_path)
     admin.ok("account", "add", "acme", "--domains", "good.test")
-    for selector in ("ok", "gone", "other"):
-        admin.ok("dkim", "add", "good.test", "--selector", selector)
+    # Two RSA keys and an Ed25519 one: the second RSA key is pending.
+    for selector, kind in (("ok", "rsa"), ("gone", "ed25519"), ("other", "rsa")):
+        admin.ok("dkim", "add", "good.test", "--selector", selector, "--type", kind)
     configure(admin, dns({
         "ok._domainkey.good.test": [f"TXT {value(admin, 'good.test', 'ok')}"],
         "other._domainkey.good.test": [f"TXT {value(admin, 'good.test', 'gone')}"],
@@ -31,6 +32,9 @@ def test_show_and_list_say_whether_each_record_is_published(tmp_path, dns):  # n
     shown = json.loads(admin.ok("dkim", "show", "good.test", "--json"))
     assert {k["selector"]: k["published"] for k in shown} \
         == {"ok": "ok", "gone": "missing", "other": "different"}  # fmt: skip
+    # A second key of a type waits for its record: it would sign before it is published.
+    assert {k["selector"]: k["state"] for k in shown} \
+        == {"ok": "active", "gone": "active", "other": "pending"}  # fmt: skip
     listed = json.loads(admin.ok("dkim", "list", "--json"))
     assert {k["selector"]: k["published"] for k in listed} \
         == {"ok": "ok", "gone": "missing", "other": "different"}  # fmt: skip

@@ -115,6 +115,27 @@ def test_idna_names_are_stored_as_a_labels():
         parse_domains("bü\u200dcher.de")  # a joiner outside its permitted context
 
 
+def test_u_labels_and_a_labels_are_one_domain():
+    scope = Scope.parse("example.рф;xn--bcher-kva.de", "info@xn--80akhbyknj4f.test")
+    assert scope.domains == {"example.xn--p1ai", "xn--bcher-kva.de"}
+    for address in ["x@example.рф", "x@EXAMPLE.xn--p1ai", "x@bücher.de", "x@BÜCHER.de",
+                    "info@испытание.test", "info@xn--80akhbyknj4f.test"]:
+        assert scope.allows(address), address
+    assert not scope.allows("x@испытание.test")
+    assert not scope.allows("x@bücher.de.evil.org")
+
+
+def test_utf8_local_parts_are_allowed_by_a_domain_only():
+    scope = Scope.parse("doe.com", "info@b.org")
+    assert scope.allows("jöhn@doe.com")
+    assert scope.allows("用户@doe.com")
+    assert not scope.allows("jöhn@b.org")  # address entries are ASCII
+    assert not scope.allows('"jö hn"@doe.com')  # quoted: refused as for ASCII
+    assert not scope.allows("jö\u00a0hn@doe.com")
+    assert not scope.allows("jö\u0085hn@doe.com")
+    assert not scope.allows("ö" * 33 + "@doe.com")  # 66 octets
+
+
 def test_invalid_local_parts_in_scopes():
     for bad in ['"x y"@a.com', "jöhn@a.com", "x..y@a.com", "x@@a.com"]:
         with pytest.raises(ScopeError):

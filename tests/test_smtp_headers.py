@@ -98,6 +98,13 @@ def test_received_header() -> None:
     assert many == (b"Received: from x_y__z__ ([IPv6:2001:db8::1])\r\n"
                     b"\tby relay.test (mailrelay) with ESMTPA id 3a;\r\n"
                     b"\tTue, 14 Nov 2023 22:13:20 +0000\r\n")
+    # SMTPUTF8: a UTF-8 domain as A-labels (the header stays ASCII: the message can go to
+    # a next hop without SMTPUTF8); a UTF-8 local part as it is.
+    for rcpt, shown in [("r@bücher.test", b"r@xn--bcher-kva.test"),
+                        ("jö@bücher.test", "jö@bücher.test".encode())]:
+        header = received_header("c.test", "192.0.2.1", "relay.test", "UTF8SMTPSA", "3a",
+                                 [rcpt], 1_700_000_000)
+        assert header.endswith(b"\tfor <" + shown + b">; Tue, 14 Nov 2023 22:13:20 +0000\r\n")
     # Dates are made once a second: the next second has its own.
     later = received_header("h", "192.0.2.1", "relay.test", "ESMTP", "3b", ["r@example.net"],
                             1_700_000_001.9)
@@ -109,6 +116,10 @@ def test_protocol_names() -> None:
         (False, False, False), (True, False, False), (True, True, False),
         (True, False, True), (True, True, True), (False, True, True),
     ]] == ["SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA", "ESMTPSA"]
+    # RFC 6531 3.7.3: a message sent with SMTPUTF8.
+    assert [protocol_name(True, t, a, smtputf8=True) for t, a in [
+        (False, False), (True, False), (False, True), (True, True),
+    ]] == ["UTF8SMTP", "UTF8SMTPS", "UTF8SMTPA", "UTF8SMTPSA"]
     assert address_literal("::ffff:192.0.2.1") == "[IPv6:::ffff:192.0.2.1]"
     assert address_literal("unix-socket") == "[unix-socket]"
 

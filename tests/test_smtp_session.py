@@ -44,7 +44,8 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(s.replies(), [f"220 {HOST} ESMTP mailrelay"])
         self.assertEqual(s.send(b"EHLO client.test\r\n"), [
             f"250-{HOST} Hello 192.0.2.7", "250-SIZE 52428800", "250-PIPELINING",
-            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-CHUNKING", "250 AUTH PLAIN LOGIN",
+            "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-CHUNKING", "250-DSN",
+            "250-SMTPUTF8", "250 AUTH PLAIN LOGIN",
         ])
 
     def test_ipv4_mapped_peer_is_shown_as_ipv4(self) -> None:
@@ -280,6 +281,93 @@ class TransactionTests(unittest.TestCase):
             b"\tby relay.test (mailrelay) with ESMTPA id " + message.id.encode() + b";\r\n"
             b"\tTue, 14 Nov 2023 22:13:20 +0000\r\nFrom: News <news@shop.test>\r\n"))
 
+    def test_dsn_parameters_kept_in_the_envelope(self) -> None:
+        s = Session(self.clock, ip="192.0.2.9")
+        s.login("webapp")
+        lines = s.send(b"MAIL FROM:<news@shop.test> RET=HDRS ENVID=batch+2B7\r\n"
+                       b"RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE "
+                       b"ORCPT=rfc822;list+2Btag@lists.test\r\n"
+                       b"RCPT TO:<b@example.org>\r\n"
+                       b"RCPT TO:<a@example.net> NOTIFY=NEVER\r\n"  # a duplicate: the first
+                       b"DATA\r\nFrom: <news@shop.test>\r\n\r\nhi\r\n.\r\n")
+        self.assertTrue(lines[-1].startswith("250 2.0.0 Ok: queued as"), lines)
+        env = s.spool.created[0].envelope
+        self.assertEqual((env.ret, env.envid, env.dsn), ("HDRS", "batch+7", {
+            "a@example.net": {"notify": "SUCCESS,FAILURE", "orcpt": "rfc822;list+tag@lists.test"}}))
+        # the next transaction starts with nothing asked
+        s.send(b"MAIL FROM:<news@shop.test>\r\nRCPT TO:<a@example.net>\r\n"
+               b"DATA\r\nFrom: <news@shop.test>\r\n\r\nhi\r\n.\r\n")
+        env = s.spool.created[1].envelope
+        self.assertEqual((env.ret, env.envid, env.dsn), (None, None, {}))
+
+    def test_dsn_parameter_errors(self) -> None:
+        s = self.s
+        s.login()
+        for line in (b"MAIL FROM:<a@doe.test> RET=HDRS RET=FULL",
+                     b"MAIL FROM:<a@doe.test> ENVID=" + b"x" * 101,
+                     b"MAIL FROM:<a@doe.test> ENVID=a+2x"):
+            self.assertEqual(codes(s.send(line + b"\r\n")), [501], line)
+        self.assertEqual(s.send(b"MAIL FROM:<a@doe.test> RET=FULL\r\n"), ["250 2.1.0 Ok"])
+        for line in (b"RCPT TO:<x@example.net> NOTIFY=SUCCESS NOTIFY=FAILURE",
+                     b"RCPT TO:<x@example.net> NOTIFY=NEVER,FAILURE",
+                     b"RCPT TO:<x@example.net> ORCPT=x@example.net",
+                     b"RCPT TO:<x@example.net> ORCPT=rfc822;x+2"):
+            lines = s.send(line + b"\r\n")
+            self.assertEqual(len(lines), 1, line)
+            self.assertTrue(lines[0].startswith("501 5.5.4"), (line, lines))
+        self.assertEqual(s.send(b"RCPT TO:<x@example.net> NOTIFY=NEVER\r\n"), ["250 2.1.5 Ok"])
+
+    def test_smtputf8_transaction(self) -> None:
+        """RFC 6531: UTF-8 in MAIL and RCPT once MAIL says SMTPUTF8; the scope holds the
+        domain as A-labels and takes its U-label form, in the envelope and in From:."""
+        s = Session(self.clock, ip="192.0.2.9")
+        s.login("xn--bcher-kva.test")
+        lines = s.send("MAIL FROM:<jöhn@Bücher.test> SMTPUTF8 BODY=8BITMIME\r\n"
+                       "RCPT TO:<ülla@exämple.net>\r\nDATA\r\n"
+                       "From: Jöhn <jöhn@xn--bcher-kva.test>\r\n\r\nhällo\r\n.\r\n"
+                       .encode())
+        message = s.spool.created[0]
+        self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {message.id}")
+        env = message.envelope
+        self.assertEqual((env.sender, env.recipients, env.smtputf8),
+                         ("jöhn@bücher.test", ["ülla@exämple.net"], True))
+        self.assertTrue(bytes(message.data).startswith(
+            b"Received: from client.test ([192.0.2.9])\r\n"
+            b"\tby relay.test (mailrelay) with UTF8SMTPA id " + message.id.encode() + b"\r\n"
+            + "\tfor <ülla@exämple.net>; Tue, 14 Nov 2023 22:13:20 +0000\r\n".encode()))
+        # Without SMTPUTF8 the A-label form is the address; UTF-8 gets 553 5.6.7.
+        lines = s.send("MAIL FROM:<x@xn--bcher-kva.test>\r\nRCPT TO:<ülla@exämple.net>\r\n"
+                       "RCPT TO:<u@xn--exmple-cua.net>\r\nDATA\r\n"
+                       "From: x@bücher.test\r\n\r\nhi\r\n.\r\n".encode())
+        self.assertEqual(lines[:4], ["250 2.1.0 Ok",
+                                     "553 5.6.7 Non-ASCII recipient address needs SMTPUTF8 "
+                                     "(RFC 6531)", "250 2.1.5 Ok",
+                                     "354 End data with <CR><LF>.<CR><LF>"])
+        message = s.spool.created[1]
+        self.assertEqual(lines[4], f"250 2.0.0 Ok: queued as {message.id}")
+        self.assertFalse(message.envelope.smtputf8)
+        self.assertIn(b" with ESMTPA id ", bytes(message.data))
+        # A UTF-8 local part in From: is an address only in an SMTPUTF8 message.
+        lines = s.send("MAIL FROM:<x@bücher.test> SMTPUTF8\r\nRCPT TO:<u@example.net>\r\n"
+                       "DATA\r\nFrom: jöhn@doe.test\r\n\r\nhi\r\n.\r\n".encode())
+        # (Reply text stays ASCII: what is not, is shown escaped.)
+        self.assertEqual(lines[-1], "550 5.7.1 From: header address j\\xf6hn@doe.test not "
+                         "allowed for user xn--bcher-kva.test")
+        lines = s.send("MAIL FROM:<x@bücher.test>\r\nMAIL FROM:<x@bücher.test> SMTPUTF8\r\n"
+                       "RCPT TO:<u@example.net>\r\nDATA\r\n"
+                       "From: jöhn@bücher.test\r\n\r\nhi\r\n.\r\n".encode())
+        self.assertEqual(lines[0], "553 5.6.7 Non-ASCII sender address needs SMTPUTF8 "
+                         "(RFC 6531)")
+        self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {s.spool.created[-1].id}")
+        # A From: made for a message without one names a UTF-8 domain as A-labels.
+        for sender, added in [("x@bücher.test", b"From: x@xn--bcher-kva.test\r\n"),
+                              ("jö@bücher.test", "From: jö@bücher.test\r\n".encode())]:
+            lines = s.send(f"MAIL FROM:<{sender}> SMTPUTF8\r\nRCPT TO:<u@example.net>\r\n"
+                           "DATA\r\nSubject: s\r\n\r\nhi\r\n.\r\n".encode())
+            message = s.spool.created[-1]
+            self.assertEqual(lines[-1], f"250 2.0.0 Ok: queued as {message.id}")
+            self.assertIn(b"\r\nSubject: s\r\n" + added + b"\r\nhi\r\n", bytes(message.data))
+
     def test_mail_parameters(self) -> None:
         s = self.s
         s.login()
@@ -287,8 +375,8 @@ class TransactionTests(unittest.TestCase):
             (b"MAIL FROM:<a@doe.test> SIZE=52428801", "552 5.3.4"),
             (b"MAIL FROM:<a@doe.test> SIZE=x", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> BODY=BINARYMIME", "501 5.5.4"),
-            (b"MAIL FROM:<a@doe.test> SMTPUTF8", "555 5.5.4"),
-            (b"MAIL FROM:<a@doe.test> RET=HDRS", "555 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> SMTPUTF8=yes", "501 5.5.4"),
+            (b"MAIL FROM:<a@doe.test> RET=BODY", "501 5.5.4"),
             (b"MAIL FROM:<a@doe.test> SIZE=1 SIZE=2", "501 5.5.4"),
             (b"MAIL FROM:<postmaster>", "501 5.1.7"),
             (b"MAIL FROM:<a@localhost>", "501 5.1.7"),
@@ -296,19 +384,23 @@ class TransactionTests(unittest.TestCase):
             (b"MAIL FROM:<@relay.example:a@doe.test>", "501 5.1.7"),
             (b"MAIL FROM:<" + b"a" * 65 + b"@doe.test>", "501 5.1.7"),
             (b"MAIL FROM:<\"a\tb\"@doe.test>", "501 5.1.7"),
-            (b"MAIL FROM:<a\xc3\xa9@doe.test>", "501 5.1.7"),
+            (b"MAIL FROM:<a\xc3\xa9@doe.test>", "553 5.6.7"),  # UTF-8 without SMTPUTF8
+            (b"MAIL FROM:<a\xe9@doe.test> SMTPUTF8", "501 5.1.7"),  # not UTF-8
+            (b"MAIL FROM:<a\xc2\x85@doe.test> SMTPUTF8", "501 5.1.7"),  # a C1 control
             (b"MAIL TO:<a@doe.test>", "501 5.5.4"),
             (b"MAIL FROM:<>", "550 5.7.1"),
         ]:
             lines = s.send(line + b"\r\n")
             self.assertEqual(len(lines), 1, line)
             self.assertTrue(lines[0].startswith(reply), (line, lines))
+        s = Session(self.clock)  # a fresh one: that many errors end a session (421)
+        s.login()
         self.assertEqual(s.send(b"MAIL FROM:<A@Doe.Test> SIZE=52428800\r\n"), ["250 2.1.0 Ok"])
         self.assertEqual(s.send(b"MAIL FROM:<a@doe.test>\r\n"), ["503 5.5.1 Nested MAIL command"])
         for line, reply in [
             (b"RCPT TO:<postmaster>", "501 5.1.3"),
             (b"RCPT TO:<>", "501 5.1.3"),
-            (b"RCPT TO:<x@example.net> NOTIFY=NEVER", "555 5.5.4"),
+            (b"RCPT TO:<x@example.net> NOTIFY=NEVER,DELAY", "501 5.5.4"),
             (b"RCPT TO:<x@" + b"d" * 250 + b".net>", "501 5.1.3"),
         ]:
             self.assertTrue(s.send(line + b"\r\n")[0].startswith(reply), line)

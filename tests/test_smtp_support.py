@@ -35,7 +35,8 @@ PASSWORD = "correct horse battery"
 HOST = "relay.test"
 ACCOUNT = Account(
     "default",
-    frozenset({"doe.test", "shop.test", "other.test", "blocked.test", "sandbox.test"}),
+    frozenset({"doe.test", "shop.test", "other.test", "blocked.test", "sandbox.test",
+               "xn--bcher-kva.test"}),
 )
 USERS = {
     u.username: u
@@ -47,6 +48,7 @@ USERS = {
         SmtpUser("blocked.test", status=Status.BLOCKED),
         SmtpUser("sandbox.test", status=Status.SANDBOXED),
         SmtpUser("ldapdown.test"),  # the directory fails for this one
+        SmtpUser("xn--bcher-kva.test"),  # bücher.test, domain-level
     ]
 }
 

@@ -475,6 +475,11 @@ class ApiTests(unittest.TestCase):
             ("DELETE", f"/queue/{queue_id}", None, 204), ("GET", "/stats", None, 200),
             ("POST", "/dkim", {"domain": "doe.test", "type": "ed25519", "selector": "e1"}, 201),
             ("GET", "/dkim", None, 200), ("GET", "/dkim/doe.test", None, 200),
+            ("POST", "/dkim", {"domain": "doe.test", "type": "ed25519", "selector": "e2"}, 201),
+            ("POST", "/dkim/doe.test/e2/activate", None, 409),  # not in DNS
+            ("POST", "/dkim/doe.test/e1/retire", None, 409),  # active
+            ("GET", "/domains", None, 200), ("GET", "/domains/doe.test/check", None, 200),
+            ("DELETE", "/dkim/doe.test/e2", None, 204),
             ("DELETE", "/dkim/doe.test/e1", None, 204),
             ("DELETE", "/users/t", None, 204),
         ]  # fmt: skip

@@ -15,18 +15,25 @@ from harness import env
 from panel import Panel
 from test_web_api import check_response
 from test_web_pages import LoggedIn
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from mailrelay.dkim import read_index
+from mailrelay.manage.dkimcheck import DkimChecker
+from mailrelay.web.templates import when
 
 
-class DkimApiTests(unittest.TestCase):
+class ApiCalls(unittest.TestCase):
+    """A panel (with ``extra`` configuration) and its API, each answer checked against the
+    OpenAPI document."""
+
+    extra = ""
+
     @defer.inlineCallbacks
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="mailrelay-web-dkim-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.panel = yield Panel.start(self.tmp)
+        self.panel = yield Panel.start(self.tmp, self.extra)
         self.addCleanup(self.panel.stop)
         self.bodies: list[bytes] = []
 
@@ -48,6 +55,8 @@ class DkimApiTests(unittest.TestCase):
         )  # fmt: skip
         return json.loads(out.stdout)
 
+
+class DkimApiTests(ApiCalls):
     @defer.inlineCallbacks
     def test_keys_made_listed_shown_and_deleted(self):
         _, _, empty = yield self.api("GET", "/dkim", expect=200)
@@ -115,6 +124,79 @@ class DkimApiTests(unittest.TestCase):
         self.assertIn("already has a key", body["error"])
 
 
+    @defer.inlineCallbacks
+    def test_a_second_key_waits_for_its_record_then_activate_and_retire(self):
+        _, _, first = yield self.api("POST", "/dkim", {"domain": "doe.test", "selector": "s1"},
+                                     expect=201)  # fmt: skip
+        _, _, second = yield self.api("POST", "/dkim", {"domain": "doe.test",
+                                                        "selector": "s2"}, expect=201)
+        self.assertEqual((first["state"], second["state"]), ("active", "pending"))
+        yield self.api("POST", "/dkim/doe.test/s2/activate", key="ro", expect=403)
+        _, _, body = yield self.api("POST", "/dkim/doe.test/s2/activate", expect=409)
+        self.assertIn("s2._domainkey.doe.test is missing in DNS", body["error"])
+        yield self.api("POST", "/dkim/doe.test/s1/activate", expect=404)  # not pending
+        self.panel.dns.zone["s2._domainkey.doe.test"] = [f"TXT {second['dns_value']}"]
+        _, _, switched = yield self.api("POST", "/dkim/doe.test/s2/activate", expect=200)
+        self.assertEqual((switched["active"]["selector"], switched["active"]["state"]),
+                         ("s2", "active"))
+        self.assertEqual([(k["selector"], k["state"]) for k in switched["retiring"]],
+                         [("s1", "retiring")])
+        _, _, listed = yield self.api("GET", "/dkim", expect=200)
+        keys = {k["selector"]: k for k in listed}
+        self.assertEqual(keys["s2"]["dns_status"], "ok")  # what activate saw, kept
+        self.assertEqual(keys["s1"]["withdraw_after"],
+                         keys["s1"]["changed"] + 7 * 86400)  # [dkim] retire_after
+        self.assertNotIn("withdraw_after", keys["s2"])
+        _, _, body = yield self.api("POST", "/dkim/doe.test/s2/retire", expect=409)
+        self.assertIn("is active, not retiring", body["error"])
+        _, _, gone = yield self.api("POST", "/dkim/doe.test/s1/retire", expect=200)
+        self.assertEqual(gone["selector"], "s1")
+        _, _, listed = yield self.api("GET", "/dkim", expect=200)
+        self.assertEqual([k["selector"] for k in listed], ["s2"])
+
+    @defer.inlineCallbacks
+    def test_domain_check_is_the_document_of_the_command(self):
+        _, _, key = yield self.api("POST", "/dkim", {"domain": "doe.test", "selector": "s1"},
+                                   expect=201)  # fmt: skip
+        self.panel.dns.zone.update({
+            "doe.test": ["TXT v=spf1 ip4:192.0.2.0/24 -all"],
+            "s1._domainkey.doe.test": [f"TXT {key['dns_value']}"],
+        })  # fmt: skip
+        _, _, domains = yield self.api("GET", "/domains", key="ro", expect=200)
+        self.assertIn("doe.test", domains)
+        self.assertIn("acme.test", domains)  # an authorized domain without keys
+        _, _, report = yield self.api("GET", "/domains/Doe.Test/check", key="ro", expect=200)
+        self.assertEqual(report["domain"], "doe.test")
+        self.assertEqual(report["dkim"][0]["status"], "ok")
+        self.assertEqual(report["dmarc"]["status"], "missing")
+        self.assertEqual(report["dmarc"]["publish"]["value"], "v=DMARC1; p=none")
+        self.assertFalse(report["ok"])
+        proc = yield threads.deferToThread(
+            subprocess.run, [sys.executable, "-m", "mailrelay.admin.cli", "-c",
+                             os.path.join(self.tmp, "mailrelay.ini"), "domain", "check",
+                             "doe.test", "--json"],
+            env=env(), capture_output=True, timeout=60)  # fmt: skip
+        self.assertEqual(report, json.loads(proc.stdout))
+        yield self.api("GET", "/domains/nobody.test/check", expect=404)
+        yield self.api("GET", "/domains/not_a_domain/check", expect=400)
+
+
+class RelayDomainApiTests(ApiCalls):
+    """With ``[dkim] relay_domain``, a key for it belongs to no account."""
+
+    extra = "\n[dkim]\nrelay_domain = relay.test\n"
+
+    @defer.inlineCallbacks
+    def test_a_key_of_the_relay_domain(self):
+        _, _, made = yield self.api("POST", "/dkim", {"domain": "relay.test"}, expect=201)
+        self.assertEqual((made["account"], made["state"]), (None, "active"))
+        _, _, domains = yield self.api("GET", "/domains", expect=200)
+        self.assertIn("relay.test", domains)
+        _, _, report = yield self.api("GET", "/domains/relay.test/check", expect=200)
+        self.assertEqual([c["selector"] for c in report["dkim"]], [made["selector"]])
+        yield self.api("POST", "/dkim", {"domain": "elsewhere.test"}, expect=400)
+
+
 class DkimPageTests(LoggedIn):
     @defer.inlineCallbacks
     def test_add_show_and_delete_a_key_on_the_page(self):
@@ -149,3 +231,79 @@ class DkimPageTests(LoggedIn):
         code, body = yield self.web.request("GET", "/dkim")
         self.assertIn(b"Deleted DKIM key s1 of shop.test", body)
         self.assertIn(b"No DKIM keys", body)
+
+    @defer.inlineCallbacks
+    def test_key_states_the_relays_check_and_the_activate_and_retire_buttons(self):
+        yield self.web.request("GET", "/dkim")
+        for selector in ("s1", "s2"):
+            code, _ = yield self.web.request("POST", "/dkim", {"domain": "shop.test",
+                                                               "selector": selector,
+                                                               "type": "rsa", "bits": "2048"})
+            self.assertEqual(code, 303)
+        code, body = yield self.web.request("GET", "/dkim")
+        self.assertIn(b'class="status status-pending"', body)
+        self.assertIn(b'action="/dkim/shop.test/s2/activate"', body)
+        self.assertNotIn(b'action="/dkim/shop.test/s1/activate"', body)  # active already
+        self.assertIn(b'status-missing', body)  # looked up now: neither is published
+        code, body = yield self.web.request("POST", "/dkim/shop.test/s2/activate", {})
+        self.assertEqual(code, 409)
+        self.assertIn(b"s2._domainkey.shop.test is missing in DNS", body)
+
+        # The relay's scheduled check: s2 published, so the relay activates it itself.
+        _, _, shown = yield self.panel.call("GET", "/api/v1/dkim/shop.test")
+        s2 = next(k for k in shown if k["selector"] == "s2")
+        self.panel.dns.zone["s2._domainkey.shop.test"] = [f"TXT {s2['dns_value']}"]
+        checker = DkimChecker(self.panel.services.dkim, self.panel.services.resolver, 3600,
+                              7 * 86400, reactor)  # fmt: skip
+        yield defer.ensureDeferred(checker.check())
+        code, body = yield self.web.request("GET", "/dkim")
+        self.assertIn(b'class="status status-retiring"', body)
+        self.assertIn(b'class="status status-active"', body)
+        self.assertNotIn(b"/activate", body)
+        self.assertIn(b'action="/dkim/shop.test/s1/retire"', body)
+        self.assertIn(b"withdraw its record from", body)
+        listed = {k.selector: k for k in read_index(self.panel.config.dkim.directory)[0]}
+        self.assertEqual((listed["s1"].dns_status, listed["s2"].dns_status), ("missing", "ok"))
+        self.assertIn(b'<span class="status status-ok">ok</span> ' +
+                      when(listed["s2"].dns_checked).encode(), body)
+
+        code, _, _ = yield self.panel.request(
+            "POST", "/dkim/shop.test/s1/retire", b"csrf=wrong",
+            {"cookie": self.web.cookie, "content-type": "application/x-www-form-urlencoded"})
+        self.assertEqual(code, 403)
+        code, _ = yield self.web.request("POST", "/dkim/shop.test/s2/retire", {})
+        self.assertEqual(code, 409)  # active, not retiring
+        code, _ = yield self.web.request("POST", "/dkim/shop.test/s1/retire", {})
+        self.assertEqual(code, 303)
+        code, body = yield self.web.request("GET", "/dkim")
+        self.assertIn(b"Deleted retiring DKIM key s1 of shop.test", body)
+        self.assertNotIn(b"/dkim/shop.test/s1/", body)
+
+    @defer.inlineCallbacks
+    def test_the_domain_page_shows_each_check_and_the_record_to_publish(self):
+        yield self.web.request("GET", "/dkim")
+        code, _ = yield self.web.request("POST", "/dkim", {"domain": "shop.test",
+                                                           "selector": "s1", "type": "rsa",
+                                                           "bits": "2048"})  # fmt: skip
+        self.assertEqual(code, 303)
+        self.panel.dns.zone["_dmarc.shop.test"] = ["TXT v=DMARC1; p=reject"]
+        code, body = yield self.web.request("GET", "/domains")
+        self.assertEqual(code, 200)
+        self.assertIn(b'href="/domains/shop.test"', body)
+        code, body = yield self.web.request("GET", "/dkim/shop.test")
+        self.assertIn(b'href="/domains/shop.test"', body)
+        code, body = yield self.web.request("GET", "/domains/shop.test")
+        self.assertEqual(code, 200)
+        _, _, report = yield self.panel.call("GET", "/api/v1/domains/shop.test/check")
+        self.assertEqual([c["status"] for c in (report["spf"], *report["dkim"],
+                                                report["dmarc"])],
+                         ["missing", "missing", "ok"])  # fmt: skip
+        self.assertIn(b'<span class="status status-missing">missing</span>', body)
+        self.assertIn(b'<span class="status status-ok">ok</span>', body)
+        self.assertIn(b"v=DMARC1; p=reject", body)  # the record found
+        dkim_line = (f"s1._domainkey.shop.test. IN TXT ( "
+                     f"\"{report['dkim'][0]['publish']['value'][:200]}").encode()
+        self.assertIn(dkim_line, body)  # the record to publish, as a zone file line
+        self.assertIn(b'shop.test. IN TXT ( "v=spf1 ip4:ADDRESS ~all" )', body)
+        code, _ = yield self.web.request("GET", "/domains/nobody.test")
+        self.assertEqual(code, 404)

@@ -2,13 +2,15 @@
 sending domains.
 
 A key is made for an authorized domain of an account (the account is found in the
-configured directory). ``add`` makes it active at once: publish the record ``dkim show``
-prints before mail from the domain goes out, or receivers see a signature they cannot
-check. ``rotate`` makes a pending key instead, which ``activate`` switches signing to only
-once its record is seen in DNS; the key it replaces is retiring (published, not signing)
-until ``retire`` removes it. ``list`` and ``show`` look each record up in DNS (``[delivery]
-dns_servers``, or the system's; ``--no-dns`` skips that). The private key stays in its
-file; nothing here prints it.
+configured directory), or for ``[dkim] relay_domain`` (a key of no account). ``add`` makes
+the domain's first key of a type active at once: publish the record ``dkim show`` prints
+before mail from the domain goes out, or receivers see a signature they cannot check. A
+further key, and any made by ``rotate``, is pending: signing switches to it (``activate``,
+or the relay itself on its scheduled check) only once its record is seen in DNS; the key
+it replaces is retiring (published, not signing) until ``retire`` removes it. ``list`` and
+``show`` look each record up in DNS (``[delivery] dns_servers``, or the system's;
+``--no-dns`` skips that) and show the relay's last scheduled look-up. The private key
+stays in its file; nothing here prints it.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def register(subparsers) -> None:
 
 
 def _keys(context: Context) -> DkimKeys:
-    return DkimKeys(context.config.dkim.directory, at_once)
+    d = context.config.dkim
+    return DkimKeys(d.directory, at_once, retire_after=d.retire_after)
 
 
 def _result(d):
@@ -105,20 +108,32 @@ def _with_dns(context: Context, ask):
         raise CommandError(str(e))
 
 
-def _made(context: Context, args: argparse.Namespace, state: str):
+def _made(context: Context, args: argparse.Namespace, state: str | None):
+    relay_domain = context.config.dkim.relay_domain
     try:
         domain = domain_name(args.domain)
-        account = directory.manage(context, lambda users: key_owner(users, domain))
+        account = (None if domain == relay_domain else
+                   directory.manage(context, lambda users: key_owner(users, domain)))
     except DkimError as e:
         raise CommandError(str(e))
     return domain, _result(_keys(context).add(domain, account, args.selector, args.kind,
                                               args.bits, state))  # fmt: skip
 
 
+def owner(account: str | None) -> str:
+    return "the relay domain's, for every account" if account is None else f"account {account}"
+
+
 def add(args: argparse.Namespace, context: Context) -> int:
-    domain, key = _made(context, args, "active")
-    print(f"{key.type} key {key.selector!r} made for {domain} (account {key.account}), active; "
-          f"publish its record: mailrelay-admin dkim show {domain}")
+    domain, key = _made(context, args, None)
+    if key.state == "active":
+        print(f"{key.type} key {key.selector!r} made for {domain} ({owner(key.account)}), "
+              f"active; publish its record: mailrelay-admin dkim show {domain}")
+    else:
+        print(f"{key.type} key {key.selector!r} made for {domain} ({owner(key.account)}), "
+              f"pending: {domain} has an active {key.type} key; publish the new record "
+              f"(mailrelay-admin dkim show {domain}) and signing switches to it once the "
+              "relay sees it in DNS (or: mailrelay-admin dkim activate)")
     return 0
 
 
@@ -156,11 +171,25 @@ def list_(args: argparse.Namespace, context: Context) -> int:
     if args.json:
         output.print_json(keys)
         return 0
-    output.print_list(["DOMAIN", "SELECTOR", "TYPE", "STATE", "DNS", "ACCOUNT", "CREATED"],
-                      [[k["domain"], k["selector"], k["type"], k["state"],
-                        k.get("published", "-"), k["account"], output.when(k["created"])]
+    output.print_list(["DOMAIN", "SELECTOR", "TYPE", "STATE", "DNS", "LAST CHECK", "ACCOUNT",
+                       "CREATED"],
+                      [[k["domain"], k["selector"], k["type"], _state(k),
+                        k.get("published", "-"), last_check(k), k["account"] or "(relay)",
+                        output.when(k["created"])]
                        for k in keys], "no DKIM keys")  # fmt: skip
     return 0
+
+
+def _state(k: dict) -> str:
+    withdraw = k.get("withdraw_after")
+    return "retiring, withdrawable" if withdraw and withdraw <= time.time() else k["state"]
+
+
+def last_check(k: dict) -> str:
+    """The relay's last scheduled look-up: ``ok 2026-12-06 09:00:00``, or ``-``."""
+    if k.get("dns_checked") is None:
+        return "-"
+    return f"{k['dns_status']} {output.when(k['dns_checked'])}"
 
 
 def show(args: argparse.Namespace, context: Context) -> int:
@@ -174,11 +203,16 @@ def show(args: argparse.Namespace, context: Context) -> int:
         if i:
             print()
         print(f"{k['domain']} selector {k['selector']}: {k['type']}, {k['state']}, "
-              f"account {k['account']}, made {output.when(k['created'])} UTC")
+              f"{owner(k['account'])}, made {output.when(k['created'])} UTC")
         quoted = " ".join(f'"{s}"' for s in k["dns_strings"])
         print(f"{k['dns_name']}. IN TXT ( {quoted} )")
         if "published" in k:
             print(f"in DNS: {k['published']}")
+        if k.get("dns_checked") is not None:
+            print(f"the relay's last check: {last_check(k)} UTC")
+        if k.get("withdraw_after"):
+            print(f"its record can be withdrawn from {output.when(k['withdraw_after'])} UTC "
+                  f"(then: mailrelay-admin dkim retire {k['domain']} {k['selector']})")
     return 0
 
 

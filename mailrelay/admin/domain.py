@@ -12,7 +12,7 @@ import argparse
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.admin.dkim import _keys, _result
+from mailrelay.admin.dkim import _keys
 from mailrelay.manage.dkim import DkimError, domain_name, txt_strings
 
 NOT_OK = 3
@@ -30,21 +30,22 @@ def register(subparsers) -> None:
 
 def check(args: argparse.Namespace, context: Context) -> int:
     from mailrelay.delivery.router import make_resolver
-    from mailrelay.manage.domaincheck import check_domain
+    from mailrelay.manage.domaincheck import check_configured
 
     try:
         domain = domain_name(args.domain)
     except DkimError as e:
         raise CommandError(str(e))
-    store = _keys(context)
-    keys = [(k, _result(store.txtRecord(k))) for k in _result(store.ofDomain(domain))]
-    delivery = context.config.delivery
+    config = context.config
 
     async def start(reactor):
-        resolver = make_resolver(delivery.dns_servers, reactor)
-        return await check_domain(resolver, domain, delivery.outbound_addresses, keys)
+        resolver = make_resolver(config.delivery.dns_servers, reactor)
+        return await check_configured(config, _keys(context), resolver, domain)
 
-    report = run(start, TIMEOUT)
+    try:
+        report = run(start, TIMEOUT)
+    except OSError as e:  # a key file unreadable
+        raise CommandError(str(e))
     if args.json:
         output.print_json(report)
     else:

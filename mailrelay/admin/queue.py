@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from mailrelay import control
+from mailrelay import control, dsnparams
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
@@ -104,7 +104,8 @@ def show(args, context: Context) -> int:
               ("tls", "yes" if envelope.get("tls") else "no"),
               ("received", output.when(doc["received_at"]) + " UTC"),
               ("size", doc["size"]), ("attempts", doc["attempts"]),
-              ("last error", doc["last_error"])]
+              ("last error", doc["last_error"]),
+              ("dsn", dsnparams.mail_params(envelope.get("ret"), envelope.get("envid")).strip())]
     for name, value in fields:
         if value not in (None, ""):
             print(f"{name + ':':12} {value}")
@@ -112,7 +113,8 @@ def show(args, context: Context) -> int:
     for r in doc["recipient_status"]:
         reply = f"{r['code'] or ''} {r['text']}".strip()
         where = f" ({r['remote']})" if r["remote"] else ""
-        print(f"  {r['address']}  {r['status']}{'  ' + reply if reply else ''}{where}")
+        asked = dsnparams.rcpt_params(envelope.get("dsn", {}).get(r["address"]))
+        print(f"  {r['address']}  {r['status']}{'  ' + reply if reply else ''}{where}{asked}")
     print("headers:")
     for line in doc["headers"].splitlines():
         print(f"  {line}")

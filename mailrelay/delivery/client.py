@@ -28,6 +28,15 @@ the first message, the hop has failed. A connection lost before the reply to the
 the data defers the message (4.4.2), so a recipient counts as delivered only after a 250
 to the end of the data.
 
+What the message needs of the server, checked before MAIL (wire.eight_bit reads it once,
+stopping at its first 8-bit byte): a message with any byte over 0x7F goes with
+BODY=8BITMIME, and is returned (554 5.6.3, not converted: that would break its DKIM
+signatures) by a server without 8BITMIME (RFC 6152). A message sent to us with SMTPUTF8,
+or with a UTF-8 address, goes with SMTPUTF8 and its addresses in UTF-8 to a server that
+offers it (RFC 6531); to one that does not, addresses go with their domains as A-labels,
+and a UTF-8 local part (550 5.6.7: the recipient, or the whole message for the sender) or
+an SMTPUTF8 message's UTF-8 header (550 5.6.9) is returned, never downgraded.
+
 TLS policy (delivery/dane.py): the hop says what its TLS must be. STARTTLS is required
 for encrypt, verify and dane; with DANE the certificate chain is checked as the handshake
 completes (handshakeCompleted), before anything inside TLS is read or sent, and a
@@ -44,6 +53,7 @@ connection delivered but not recorded.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,7 +74,8 @@ from mailrelay import tuning
 from mailrelay.delivery import dane
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
-from mailrelay.delivery.wire import DotStuffer, address_problem, stuff
+from mailrelay.delivery.wire import DotStuffer, EightBit, address_problem, eight_bit, stuff
+from mailrelay.scope import ascii_form
 
 
 @dataclass
@@ -77,6 +88,11 @@ class Job:
     open_body: Callable[[], BinaryIO]  # at the body: canonical CRLF, not dot-stuffed
     context: object = None  # the caller's own bookkeeping
     body: bytes | None = None  # the body already read (as open_body gives it), if small
+    # DSN parameters (dsnparams.py) for a server that offers DSN: " RET=.. ENVID=.." for
+    # MAIL, " NOTIFY=.. ORCPT=.." by recipient for RCPT.
+    dsn_mail: str = ""
+    dsn_rcpt: dict[str, str] = field(default_factory=dict)
+    smtputf8: bool = False  # the client sent it with SMTPUTF8 (Envelope.smtputf8)
 
 
 SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
@@ -96,6 +112,7 @@ class Result:
     text: str
     remote: str | None = None
     tls: bool = False
+    dsn: bool = False  # the server offered DSN: notices past it are its to send
     policy: str = ""  # the TLS policy level the hop was tried under (dane.TlsPolicy)
 
     @property
@@ -200,6 +217,8 @@ class RelayClient(smtp.ESMTPClient):
         self._body: BinaryIO | None = None  # a large one, streamed from the file
         self._sender: FileSender | None = None
         self._size = 0
+        self._bits = EightBit(False, False)  # the message in progress's 8-bit bytes
+        self._utf8 = False  # its MAIL says SMTPUTF8 (addresses go as UTF-8)
         self._results: dict[str, tuple[int, str]] = {}
         self._accepted: list[str] = []
         self._pending_rcpts: list[str] = []
@@ -439,20 +458,36 @@ class RelayClient(smtp.ESMTPClient):
         params = b""
         if b"SIZE" in self.extensions:
             params += b" SIZE=%d" % self._size
-        if not all(a.isascii() for a in (job.sender, *job.recipients)):
-            params += b" SMTPUTF8"
-        mail = b"MAIL FROM:<" + job.sender.encode() + b">" + params
+        params += self._body_param() + self._smtputf8_param()
+        if b"DSN" in self.extensions:
+            params += job.dsn_mail.encode()
+        mail = b"MAIL FROM:<" + self._path(job.sender) + b">" + params
         if b"PIPELINING" in self.extensions:
             self._mail_ok, self._rcpt_replies = None, 0
             self._okresponse = self._failresponse = self._pipelined_reply
             self.transport.write(b"\r\n".join(
-                [mail, *(b"RCPT TO:<" + r.encode() + b">" for r in self._pending_rcpts),
-                 b"DATA", b""]))
+                [mail, *(self._rcpt(r) for r in self._pending_rcpts), b"DATA", b""]))
             return
         self._expected = _MAIL_OK
         self._okresponse = self._mail_accepted
         self._failresponse = self._mail_refused
         self.sendLine(mail)
+
+    def _body_param(self) -> bytes:
+        """BODY=8BITMIME for an 8-bit message (RFC 6152; _refusals saw the hop offers it)."""
+        return b" BODY=8BITMIME" if self._bits.anywhere else b""
+
+    def _smtputf8_param(self) -> bytes:
+        """SMTPUTF8 (RFC 6531) when the hop offers it and the message is SMTPUTF8 (the
+        client said so, or an address is UTF-8); without it, addresses go as A-labels."""
+        return b" SMTPUTF8" if self._utf8 else b""
+
+    def _path(self, address: str) -> bytes:
+        """An address as MAIL and RCPT give it: UTF-8 with SMTPUTF8, else ASCII with the
+        domain's A-labels (_prepare refused what has no such form)."""
+        if self._utf8:
+            return address.encode("utf-8")
+        return (ascii_form(address) or address).encode("ascii", "replace")
 
     def _take(self) -> Job | defer.Deferred | None:
         """The next job; None when this connection is to take no more; or the source's
@@ -480,6 +515,13 @@ class RelayClient(smtp.ESMTPClient):
         self._results = {r: (550, f"5.1.3 recipient address {why}")
                          for r in job.recipients
                          if (why := address_problem(r)) is not None}
+        self._utf8 = b"SMTPUTF8" in self.extensions and (
+            job.smtputf8 or not all(a.isascii() for a in (job.sender, *job.recipients)))
+        if not self._utf8:
+            self._results.update(
+                (r, (550, "5.6.7 non-ASCII recipient address and the server does not offer "
+                     "SMTPUTF8")) for r in job.recipients
+                if r not in self._results and ascii_form(r) is None)
         self._pending_rcpts = [r for r in job.recipients if r not in self._results]
         refused = None
         if self._pending_rcpts:
@@ -497,22 +539,32 @@ class RelayClient(smtp.ESMTPClient):
     def _read_body(self, job: Job) -> None:
         if job.body is not None:
             self._data, self._size = job.body, len(job.body)
-            return
-        self._body = job.open_body()
-        self._size = _remaining(self._body)
-        if self._size <= SMALL_BODY:
-            body, self._body = self._body, None
-            with body:
-                self._data = body.read()
+        else:
+            self._body = job.open_body()
+            self._size = _remaining(self._body)
+            if self._size <= SMALL_BODY:
+                body, self._body = self._body, None
+                with body:
+                    self._data = body.read()
+        self._bits = eight_bit(self._body if self._data is None else io.BytesIO(self._data))
 
     def _refusals(self, job: Job) -> tuple[int, str] | None:
         """A reply for every recipient when the message cannot go to this server at all."""
         why = address_problem(job.sender)
         if why is not None:
             return 550, f"5.1.7 sender address {why}"
-        if (not all(a.isascii() for a in (job.sender, *job.recipients))
-                and b"SMTPUTF8" not in self.extensions):
-            return 550, "5.6.7 non-ASCII address and the server does not offer SMTPUTF8"
+        if not self._utf8 and ascii_form(job.sender) is None:
+            return 550, "5.6.7 non-ASCII sender address and the server does not offer SMTPUTF8"
+        if not self._utf8 and job.smtputf8 and self._bits.header:
+            # RFC 6531 3.2: no UTF-8 header to a server without SMTPUTF8; not downgraded.
+            return 550, ("5.6.9 UTF-8 header (SMTPUTF8 message) and the server does not "
+                         "offer SMTPUTF8")
+        if self._bits.anywhere and b"8BITMIME" not in self.extensions:
+            # RFC 6152 3: convert to 7 bits or return the message. A conversion would break
+            # the DKIM signatures made before the next hop was known; every current MTA
+            # offers 8BITMIME.
+            return 554, ("5.6.3 8-bit message and the server does not offer 8BITMIME; not "
+                         "converted to 7 bits")
         limit = (self.extensions.get(b"SIZE") or b"").strip()
         if limit.isdigit() and int(limit) and self._size > int(limit):
             return 552, (f"5.3.4 message size {self._size} exceeds the limit {int(limit)} "
@@ -587,7 +639,11 @@ class RelayClient(smtp.ESMTPClient):
         self._expected = _RCPT_OK
         self._okresponse = self._rcpt_accepted
         self._failresponse = self._rcpt_refused
-        self.sendLine(b"RCPT TO:<" + self._pending_rcpts[0].encode() + b">")
+        self.sendLine(self._rcpt(self._pending_rcpts[0]))
+
+    def _rcpt(self, rcpt: str) -> bytes:
+        params = self._job.dsn_rcpt.get(rcpt, "") if b"DSN" in self.extensions else ""
+        return b"RCPT TO:<" + self._path(rcpt) + b">" + params.encode()
 
     def _rcpt_accepted(self, code, resp) -> None:
         self._accepted.append(self._pending_rcpts.pop(0))
@@ -673,8 +729,9 @@ class RelayClient(smtp.ESMTPClient):
         job, self._job = self._job, None
         self._close_body()
         self._results.update(replies)
+        dsn = b"DSN" in self.extensions
         results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode,
-                          policy=self.hop.policy.level)
+                          dsn=dsn, policy=self.hop.policy.level)
                    for r in job.recipients if r in self._results]
         self._results, self._accepted, self._pending_rcpts = {}, [], []
         settling = self.report(job, results)

@@ -4,7 +4,8 @@ Signing comes last, after the footer and tracking links (features/hooks.py) have
 each recipient's copy: each distinct variant is signed once, the spooled original for the
 recipients that share it, and each changed copy. The work (reading a large body, parsing,
 hashing, the private-key operation) runs in the reactor's thread pool; mail of an account
-without keys never goes there. A message the client signed already keeps its signature
+without keys never goes there (unless ``[dkim] relay_domain`` has a key, which signs what
+no key of the account does). A message the client signed already keeps its signature
 and gets ours on top (footer and tracking break the client's own signature, as any change
 of the body does). When signing fails (a key file unreadable) the message goes out
 unsigned and the failure is logged: a missing signature costs less than mail held back.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailrelay.dkim import Signer
@@ -28,6 +30,10 @@ class DkimSigning:
     def __init__(self, signer: Signer, reactor) -> None:
         self.signer = signer
         self.reactor = reactor
+        # While the keys are being read, the messages that come wait for that reading: the
+        # signer is no longer due once it has begun, and a message that went on then would
+        # find no keys yet (at startup, every delivery in flight but the first).
+        self._waiting: list[Deferred] | None = None
 
     def _thread(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -37,14 +43,23 @@ class DkimSigning:
         """The signed original (None: unsigned, or ``original`` None: nobody shares it)
         and the copies, signed where their From: domain has a key of the account."""
         signer = self.signer
-        if signer.due():
+        if self._waiting is not None:
+            d: Deferred = Deferred()
+            self._waiting.append(d)
+            await d
+        elif signer.due():
+            self._waiting = []
             try:
                 await self._thread(signer.refresh)
             except Exception:
                 log.failure("cannot read the DKIM keys in {directory}",
                             directory=signer.directory)
-        account = envelope.account
-        if account is None or not signer.signs_for(account):
+            finally:
+                waiting, self._waiting = self._waiting, None
+                for d in waiting:
+                    d.callback(None)
+        account = envelope.account  # None: the relay's own mail (relay domain only)
+        if not signer.signs_for(account):
             return None, copies
 
         def sign_all() -> tuple[Copy | None, dict[str, Copy]]:

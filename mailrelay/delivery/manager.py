@@ -12,7 +12,13 @@ records what came of them, retries and bounces. Its parts, each with one job:
   and ``max_concurrency`` in all.
 - outcome.py: what the results of an attempt make of the message's state (sent, bounced,
   deferred, expired; the next attempt with its backoff; the delay warning): pure.
-- dsn.py: the bounces and delay notifications this module queues.
+- dsn.py: the bounces, delay notifications and "relayed" notices this module queues.
+  Which recipients get one is the sender's to ask (RFC 3461 NOTIFY, dsnparams.py):
+  NEVER: none; a list: the kinds listed (FAILURE, DELAY, SUCCESS); no NOTIFY: bounces,
+  and delay notifications when ``delay_warning`` is set. A "relayed" notice (SUCCESS)
+  comes from here only for a next hop that does not offer DSN; one that does gets the
+  parameters and the notice is its to send. Where a notice goes (or that none goes)
+  is the user's bounce_notify setting (dsn.notify_address), for every kind.
 
 After every attempt the message is removed (every recipient done) or its state saved
 After every attempt the message is removed (every recipient done) or its state saved
@@ -58,6 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay import dsnparams
 from mailrelay.delivery import dsn, outcome
 from mailrelay.delivery.client import Courier, Job, Outcome, Result
 from mailrelay.delivery.destinations import Destination, Destinations, Routes
@@ -103,6 +110,7 @@ class DeliveryManager:
     def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
                  max_per_host: int = 10, retry_first: float = 60.0, retry_max: float = 3600.0,
                  lifetime: float = 5 * 86400.0, delay_warning: float = 0.0,
+                 dsn_delay_warning: float = 4 * 3600.0,
                  hostname: str = "localhost", postmaster: str | None = None,
                  connect_timeout: float = 30.0, command_timeout: float = 300.0,
                  max_messages_per_connection: int = 100, prefetch: int | None = None,
@@ -117,7 +125,8 @@ class DeliveryManager:
         self.clock = clock or reactor
         self.courier = Courier(reactor, hostname, connect_timeout, command_timeout,
                                max_messages_per_connection)
-        self.retry_policy = RetryPolicy(retry_first, retry_max, lifetime, delay_warning)
+        self.retry_policy = RetryPolicy(retry_first, retry_max, lifetime, delay_warning,
+                                        dsn_delay_warning)
         self.hostname = hostname
         self.postmaster = postmaster or f"postmaster@{hostname}"
         self.prefetch = prefetch or max(100, max_concurrency * 20)
@@ -299,15 +308,17 @@ class DeliveryManager:
         if original is not None:
             spooled = original.open
             body = original.to_bytes() if body is not None else None  # small: kept read
+        envelope = attempt.envelope
+        job = partial(Job, attempt.queue_id, envelope.sender, context=attempt,
+                      dsn_mail=dsnparams.mail_params(envelope.ret, envelope.envid),
+                      dsn_rcpt={r: dsnparams.rcpt_params(p) for r, p in envelope.dsn.items()},
+                      smtputf8=envelope.smtputf8)
         jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
             shared = [r for r in rcpts if r not in copies]
             if shared:
-                jobs.append((key, hops, Job(attempt.queue_id, attempt.envelope.sender, shared,
-                                            spooled, context=attempt, body=body)))
-            jobs += [(key, hops, Job(attempt.queue_id, attempt.envelope.sender, [r],
-                                     copies[r].open, context=attempt))
-                     for r in rcpts if r in copies]
+                jobs.append((key, hops, job(shared, spooled, body=body)))
+            jobs += [(key, hops, job([r], copies[r].open)) for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
             self.destinations.add(key, hops, job)
@@ -446,7 +457,8 @@ class DeliveryManager:
             step = outcome.fold(attempt.state, attempt.results, now=now,
                                 received_at=attempt.envelope.received_at, due=attempt.due,
                                 policy=self.retry_policy, suppressed=attempt.suppressed,
-                                jitter=self._rng.uniform(*outcome.JITTER))
+                                jitter=self._rng.uniform(*outcome.JITTER),
+                                notify_delay=partial(_asked, attempt.envelope, "DELAY"))
             if step is None:
                 return  # stopped before anything was tried: nothing to record
             for result, status in step.logged:
@@ -458,6 +470,10 @@ class DeliveryManager:
                                                          self.retry_policy)
             if step.delayed:
                 await self._notify(attempt, step.delayed, "delayed", now)
+            relayed = [r.recipient for r, word in step.logged if word == "sent" and not r.dsn
+                       and _asked(attempt.envelope, "SUCCESS", r.recipient)]
+            if relayed:  # the message went: a notice that cannot be queued is only logged
+                await self._notify(attempt, relayed, "relayed", now)
             due = state.next_attempt
             if state.done:  # the removal records it: no state to save first
                 await self.spool.remove(queue_id)
@@ -479,13 +495,22 @@ class DeliveryManager:
 
     async def _notify(self, attempt: _Attempt, rcpts: list[str], action: str,
                       now: float) -> bool:
-        """Queue a DSN. True when queued or when none may be sent (null sender)."""
+        """Queue a DSN. True when queued or when none may be sent (null sender,
+        notifications off, or no recipient's NOTIFY asks for it)."""
         envelope, state = attempt.envelope, attempt.state
-        kind = "bounce" if action == "failed" else "delay notification"
+        kind = _KIND[action]
         if dsn.notify_address(envelope) is None:
             log.info("{queue_id}: no {kind} for {recipients} (null sender or notifications "
                      "off)", queue_id=attempt.queue_id, kind=kind, recipients=", ".join(rcpts))
             return True
+        if action == "failed":  # the others are asked for already
+            unasked = [r for r in rcpts if _asked(envelope, "FAILURE", r) is False]
+            if unasked:
+                log.info("{queue_id}: no bounce for {recipients} (NOTIFY without FAILURE)",
+                         queue_id=attempt.queue_id, recipients=", ".join(unasked))
+                rcpts = [r for r in rcpts if r not in unasked]
+                if not rcpts:
+                    return True
         try:
             new_id = await defer.maybeDeferred(
                 dsn.queue, self.spool, envelope=envelope,
@@ -519,3 +544,11 @@ class DeliveryManager:
             except Exception:
                 log.failure("on_result failed for {queue_id}", queue_id=attempt.queue_id)
 
+
+
+_KIND = {"failed": "bounce", "delayed": "delay notification", "relayed": "success notice"}
+
+
+def _asked(envelope: Envelope, kind: str, rcpt: str) -> bool | None:
+    """Whether the recipient's NOTIFY lists ``kind`` (None: it gave no NOTIFY)."""
+    return dsnparams.wants(envelope.dsn.get(rcpt), kind)

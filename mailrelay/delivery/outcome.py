@@ -14,8 +14,11 @@ changes nothing it is given, so every retry rule can be checked without a reacto
 - Otherwise the next attempt is ``retry_first`` doubled per attempt made, capped at
   ``retry_max`` and at the expiry, times the jitter (0.9-1.0: restarted relays do not
   retry in step).
-- A delay notification goes out once, at the first attempt at or after
-  ``delay_warning`` (the one that was scheduled before the threshold, or the first).
+- A delay notification goes out once per recipient, at the first attempt at or after
+  its threshold (the one that was scheduled before the threshold, or the first; an
+  attempt before the threshold schedules the next one no later than it): for a
+  recipient whose NOTIFY (RFC 3461) lists DELAY, ``dsn_delay_warning``; for one that
+  gave no NOTIFY, ``delay_warning``; never for any other (``notify_delay`` says which).
 
 The state's recipient entries are shared with the result where they do not change; no
 caller changes one in place.
@@ -23,7 +26,7 @@ caller changes one in place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,6 +45,14 @@ class RetryPolicy:
     retry_max: float = 3600.0  # the longest wait between two attempts
     lifetime: float = 5 * 86400.0  # seconds after reception before the message expires
     delay_warning: float = 0.0  # seconds after reception to warn the sender (0: never)
+    dsn_delay_warning: float = 4 * 3600.0  # the same for NOTIFY=DELAY (0: never)
+
+    def warn_after(self, asked: bool | None) -> float:
+        """The delay warning's threshold for a recipient whose NOTIFY asked for DELAY
+        (True), asked for other notices only (False), or was not given (None)."""
+        if asked is None:
+            return self.delay_warning
+        return self.dsn_delay_warning if asked else 0.0
 
 
 class Next(NamedTuple):
@@ -61,10 +72,12 @@ def backoff(attempts: int, policy: RetryPolicy, jitter: float) -> float:
 
 def fold(state: DeliveryState, results: Sequence[Result], *, now: float,
          received_at: float, due: float | None, policy: RetryPolicy, jitter: float,
-         suppressed: Sequence[str] = ()) -> Next | None:
+         suppressed: Sequence[str] = (),
+         notify_delay: Callable[[str], bool | None] | None = None) -> Next | None:
     """The next state after an attempt, or None when it tried nothing and nothing is
     left to record (stopped before any recipient was tried). ``due``: when the attempt
-    was scheduled for (None: the first attempt)."""
+    was scheduled for (None: the first attempt); ``notify_delay``: whether a recipient's
+    NOTIFY lists DELAY (None: no NOTIFY, the default for every recipient)."""
     if not (results or suppressed or state.done):
         return None
     recipients = dict(state.recipients)
@@ -109,9 +122,15 @@ def fold(state: DeliveryState, results: Sequence[Result], *, now: float,
     next_attempt = None
     if pending:
         next_attempt = min(now + backoff(attempts, policy, jitter), expiry)
-        threshold = received_at + policy.delay_warning
-        if policy.delay_warning and now >= threshold and (due is None or due <= threshold):
-            delayed = pending
+        for rcpt in pending:
+            warn = policy.warn_after(None if notify_delay is None else notify_delay(rcpt))
+            threshold = received_at + warn
+            if not warn:
+                continue
+            if now < threshold:  # an attempt at the threshold, else backoff may skip it
+                next_attempt = min(next_attempt, threshold)
+            elif due is None or due <= threshold:
+                delayed.append(rcpt)
     return Next(DeliveryState(attempts, first_attempt, next_attempt, last_error, recipients),
                 failed, delayed, logged)
 

@@ -33,6 +33,7 @@ from mailrelay.delivery.dnssec import (
 )
 from mailrelay.interfaces import IRouter
 from mailrelay.logtext import quietly
+from mailrelay.scope import ScopeError, is_domain, to_ascii_domain
 
 log = Logger()
 
@@ -230,25 +231,37 @@ class SmarthostRouter:
 
 @implementer(IRouter)
 class RoutedRouter:
-    """Per-domain routes (exact domain, case-insensitive) override ``fallback``."""
+    """Per-domain routes (exact domain, case-insensitive, U-labels and A-labels alike)
+    override ``fallback``."""
 
     def __init__(self, routes: Mapping[str, tuple[str, int]], fallback,
-                 policies: dane.PolicyTable | None = None) -> None:
+                 tls: str = "opportunistic", policies: dane.PolicyTable | None = None) -> None:
         # A fixed route has no MX records to validate: dane there is may (config.py
         # refuses dane-only).
-        policies = policies or dane.PolicyTable()
+        policies = self.policies = policies or dane.PolicyTable(
+            default="none" if tls == "none" else "may")
         self.routes = {}
         for d, (host, port) in routes.items():
             level, why = policies.level(d)
             level = "may" if level == "dane" else level
-            self.routes[d.lower()] = Hop(host, port, **_settings(dane.TlsPolicy(level, why)))
+            self.routes[_route_key(d)] = Hop(host, port,
+                                             **_settings(dane.TlsPolicy(level, why)))
         self.fallback = fallback
 
     def route(self, domain: str):
-        hop = self.routes.get(domain.lower().rstrip("."))
+        hop = self.routes.get(_route_key(domain))
         if hop is not None:
             return defer.succeed([hop])
         return self.fallback.route(domain)
+
+
+def _route_key(domain: str) -> str:
+    """A domain as [routes] are looked up: lower case, A-labels (as given if not IDNA)."""
+    domain = domain.lower().rstrip(".")
+    try:
+        return to_ascii_domain(domain)
+    except ScopeError:
+        return domain
 
 
 def _settings(policy: dane.TlsPolicy) -> dict:
@@ -289,9 +302,14 @@ class MXRouter:
         if domain.startswith("[") and domain.endswith("]"):
             return self._literal(domain)
         try:
-            domain = domain.encode("idna").decode("ascii")  # DNS asks for A-labels
-        except UnicodeError:
+            # DNS asks for A-labels, made as scopes make them (IDNA 2008, UTS 46): Python's
+            # "idna" codec is IDNA 2003, which maps faß.de to fass.de, another domain.
+            ascii_domain = to_ascii_domain(domain)
+        except ScopeError:
+            ascii_domain = ""
+        if not is_domain(ascii_domain):
             raise PermanentRouteError(f"{domain!r} is not a valid domain name", "5.1.2")
+        domain = ascii_domain
         level, why = self.policies.level(domain)
         exchanges, secure = await self._exchanges(domain)
         hops: list[Hop] = []

@@ -1,4 +1,5 @@
-"""What goes on the wire toward the next hop: DATA framing and envelope addresses.
+"""What goes on the wire toward the next hop: DATA framing, envelope addresses, and what
+the message needs of the next hop (SMTPUTF8, 8BITMIME).
 
 Twisted's SMTPClient.transformChunk dot-stuffs each 16 KiB chunk on its own, so a "\\n."
 split across chunks, or a first line of ".", goes out unstuffed and a strict receiver sees
@@ -8,6 +9,8 @@ two transactions (SMTP smuggling). DotStuffer keeps state across chunks instead.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import BinaryIO
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -69,3 +72,35 @@ def address_problem(address: str) -> str | None:
     if len(address.encode("utf-8")) > 320:
         return "is too long"
     return None
+
+
+SCAN_CHUNK = 1 << 20  # bytes read at a time by eight_bit
+
+
+@dataclass(frozen=True)
+class EightBit:
+    """Where the message has bytes over 0x7F."""
+
+    header: bool  # in the header section: UTF-8 headers of an SMTPUTF8 message (RFC 6532)
+    anywhere: bool  # anywhere: an 8-bit message (RFC 6152)
+
+
+def eight_bit(f: BinaryIO) -> EightBit:
+    """Scan ``f`` from its position (the message: header section, empty line, body) and
+    seek back there. Stops at the first 8-bit byte after the header section, so an 8-bit
+    message costs little; a 7-bit one is read to its end (from the page cache: the spool
+    file was just read or written)."""
+    start = f.tell()
+    try:
+        first = f.read(SCAN_CHUNK)
+        end = first.find(b"\r\n\r\n")
+        header = not (first if end < 0 else first[:end]).isascii()
+        anywhere = header or not first.isascii()
+        while not anywhere:
+            chunk = f.read(SCAN_CHUNK)
+            if not chunk:
+                break
+            anywhere = not chunk.isascii()
+        return EightBit(header, anywhere)
+    finally:
+        f.seek(start)

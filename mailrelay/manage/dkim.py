@@ -39,7 +39,8 @@ class UnknownKey(DkimError):
 
 
 class KeyConflict(DkimError):
-    """The change conflicts with what exists (a selector taken, a domain of two accounts)."""
+    """The change conflicts with what exists (a selector taken, a domain of two accounts,
+    a key in another state, a record not yet in DNS)."""
 
 
 def dkim_json(key: DkimKey, record: tuple[str, str] | None = None) -> dict[str, Any]:
@@ -55,6 +56,12 @@ def txt_strings(value: str) -> list[str]:
     return [value[i:i + TXT_CHUNK] for i in range(0, len(value), TXT_CHUNK)] or [""]
 
 
+def zone_line(name: str, value: str) -> str:
+    """The TXT record as a zone file line: ``NAME. IN TXT ( "..." "..." )``."""
+    quoted = " ".join(f'"{s}"' for s in txt_strings(value))
+    return f"{name}. IN TXT ( {quoted} )"
+
+
 # domaincheck's status of a key's record, as ``published`` says it.
 PUBLISHED = {"ok": "ok", "missing": "missing", "wrong": "different", "unknown": "unknown"}
 
@@ -67,17 +74,24 @@ async def published(resolver, key: DkimKey, record: tuple[str, str]) -> str:
     return PUBLISHED[(await check_dkim(resolver, key, record))["status"]]
 
 
+async def look_up(resolver, pairs: list[tuple[DkimKey, tuple[str, str]]]) -> list[str]:
+    """``published`` of each (key, record), looked up all at once (with DNS down, one wait
+    for all, not one per key)."""
+    return await defer.gatherResults(
+        [defer.ensureDeferred(published(resolver, k, r)) for k, r in pairs], consumeErrors=True)
+
+
 async def _documents(store, keys: list[DkimKey], resolver, with_record: bool
                      ) -> list[dict[str, Any]]:
-    """The keys' documents; with ``resolver``, ``published`` for each, looked up all at
-    once (with DNS down, one wait for the page, not one per key)."""
+    """The keys' documents; with ``resolver``, ``published`` for each. A retiring key's
+    says from when its record can be withdrawn (``withdraw_after``)."""
     pairs = [(k, await store.txtRecord(k)) for k in keys]
     docs = [dkim_json(k, r if with_record else None) for k, r in pairs]
+    for key, doc in zip(keys, docs, strict=True):
+        if key.state == "retiring":
+            doc["withdraw_after"] = (key.changed or key.created) + store.retire_after
     if resolver is not None:
-        found = await defer.gatherResults(
-            [defer.ensureDeferred(published(resolver, k, r)) for k, r in pairs],
-            consumeErrors=True)
-        for doc, status in zip(docs, found, strict=True):
+        for doc, status in zip(docs, await look_up(resolver, pairs), strict=True):
             doc["published"] = status
     return docs
 
@@ -97,25 +111,33 @@ async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:
     return await _documents(store, keys, resolver, with_record=True)
 
 
-async def activate(store, resolver, domain: str) -> tuple[DkimKey, list[DkimKey]]:
-    """Switch signing to the domain's pending key, only once its record is seen in DNS:
-    the receivers of the first mail signed with it must find it. Fires with the key and
-    the keys it replaces (now retiring)."""
-    pending = [k for k in await store.ofDomain(domain) if k.state == "pending"]
+async def activate(store, resolver, domain: str,
+                   selector: str | None = None) -> tuple[DkimKey, list[DkimKey]]:
+    """Switch signing to the domain's pending key (``selector``: it must be that one), only
+    once its record is seen in DNS: the receivers of the first mail signed with it must
+    find it. Fires with the key and the keys it replaces (now retiring)."""
+    pending = [k for k in await store.ofDomain(domain) if k.state == "pending"
+               and selector in (None, k.selector)]  # fmt: skip
     if not pending:
-        raise UnknownKey(f"{domain} has no pending key (mailrelay-admin dkim rotate {domain})")
+        which = "" if selector is None else f" with selector {selector!r}"
+        raise UnknownKey(f"{domain} has no pending key{which} "
+                         f"(mailrelay-admin dkim rotate {domain})")
     key = pending[0]
     record = await store.txtRecord(key)
     status = await published(resolver, key, record)
+    await store.recordChecks({(key.domain, key.selector): status})
     if status != "ok":
-        raise DkimError(f"{record[0]} is {status} in DNS: publish the record "
-                        f"(mailrelay-admin dkim show {domain}) and activate again")
+        raise KeyConflict(f"{record[0]} is {status} in DNS: publish the record "
+                          f"(mailrelay-admin dkim show {domain}) and activate again")
     return await store.promote(domain, key.selector)
 
 
-async def key_owner(users, domain: str) -> str:
+async def key_owner(users, domain: str, relay_domain: str = "") -> str | None:
     """The one account (of the UserManager ``users``) that has ``domain`` as an authorized
-    domain: a key signs only that account's mail."""
+    domain: a key signs only that account's mail. None for ``[dkim] relay_domain``: its
+    keys sign for every account."""
+    if relay_domain and domain == relay_domain:
+        return None
     accounts = [a.name for a, _ in await users.accounts() if domain in a.domains]
     if not accounts:
         raise DkimError(f"{domain} is not an authorized domain of any account "
@@ -138,10 +160,12 @@ def domain_name(domain: str) -> str:
 
 @implementer(IDkimKeys)
 class DkimKeys:
-    def __init__(self, directory: str, call: Caller, clock=time) -> None:
+    def __init__(self, directory: str, call: Caller, clock=time,
+                 retire_after: float = 7 * 86400.0) -> None:  # fmt: skip
         self.directory = directory
         self.call = call
         self.clock = clock
+        self.retire_after = retire_after  # [dkim] retire_after: for withdraw_after
 
     @property
     def _index(self) -> str:
@@ -162,12 +186,12 @@ class DkimKeys:
         name = domain_name(domain)
         return self.call(lambda: [k for k in self._keys() if k.domain == name])
 
-    def add(self, domain: str, account: str, selector: str | None, kind: str, bits: int,
-            state: str = "active"):
+    def add(self, domain: str, account: str | None, selector: str | None, kind: str,
+            bits: int, state: str | None = None):
         return self.call(self._add, domain_name(domain), account, selector, kind, bits, state)
 
-    def _add(self, domain: str, account: str, selector: str | None, kind: str,
-             bits: int, state: str = "active") -> DkimKey:
+    def _add(self, domain: str, account: str | None, selector: str | None, kind: str,
+             bits: int, state: str | None = None) -> DkimKey:
         if kind not in TYPES:
             raise DkimError(f"key type {kind!r}: rsa or ed25519")
         if kind == "rsa" and not 1024 <= bits <= 4096:
@@ -182,6 +206,9 @@ class DkimKeys:
             keys = self._keys()
             if any(k.domain == domain and k.selector == selector for k in keys):
                 raise KeyConflict(f"{domain} already has a key with selector {selector!r}")
+            if state is None:  # a second key of a type would sign before it is published
+                state = "pending" if any(k.domain == domain and k.type == kind
+                                         and k.state == "active" for k in keys) else "active"
             if state == "pending" and any(k.domain == domain and k.state == "pending"
                                           for k in keys):  # fmt: skip
                 raise KeyConflict(f"{domain} already has a pending key: activate it first "
@@ -244,9 +271,22 @@ class DkimKeys:
         """Remove a retiring key (one that no longer signs)."""
         found = [k for k in self._keys() if k.domain == domain and k.selector == selector]
         if found and found[0].state != "retiring":
-            raise DkimError(f"{domain} selector {selector!r} is {found[0].state}, not "
-                            "retiring: only a key replaced by dkim activate can be retired")
+            raise KeyConflict(f"{domain} selector {selector!r} is {found[0].state}, not "
+                              "retiring: only a key replaced by dkim activate can be retired")
         return self._remove(domain, selector)
+
+    def recordChecks(self, results: dict[tuple[str, str], str], when: float | None = None):
+        return self.call(self._record_checks, results,
+                         self.clock.time() if when is None else when)
+
+    def _record_checks(self, results: dict[tuple[str, str], str], when: float) -> list[DkimKey]:
+        """Keep each key's look-up result (``(domain, selector) -> published``): the keys
+        as they are now (one deleted meanwhile is left out), with their last result."""
+        with locked(self._index):
+            keys = [replace(k, dns_status=results[(k.domain, k.selector)], dns_checked=when)
+                    if (k.domain, k.selector) in results else k for k in self._keys()]
+            self._save(keys)
+        return [k for k in keys if (k.domain, k.selector) in results]
 
     def txtRecord(self, key: DkimKey):
         return self.call(self._record, key)

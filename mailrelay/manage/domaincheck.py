@@ -125,3 +125,10 @@ async def check_domain(resolver, domain: str, outbound: list[str],
     checks = [spf, *dkim, dmarc]
     return {"domain": domain, "spf": spf, "dkim": dkim, "dmarc": dmarc,
             "ok": all(c["status"] == "ok" for c in checks)}  # fmt: skip
+
+
+async def check_configured(config, keys, resolver, domain: str) -> dict[str, Any]:
+    """``domain check --json`` of ``domain`` under the relay's ``config``, its DKIM keys
+    from ``keys`` (IDkimKeys): what mailrelay-admin, the API and the panel all show."""
+    pairs = [(k, await keys.txtRecord(k)) for k in await keys.ofDomain(domain)]
+    return await check_domain(resolver, domain, config.delivery.outbound_addresses, pairs)

@@ -10,6 +10,9 @@ Bytes that are not UTF-8 are read as U+FFFD: an address with one is never in a s
 what the refusal's log line and the sender notification show can always be written. Line
 breaks, controls and whitespace other than space and tab (the email parser drops
 ``x@doe\u00a0.com`` to ``x@doe.com``, which a mail reader shows otherwise) are refused.
+
+A local part in UTF-8 (``jöhn@doe.com``) is an address only in an SMTPUTF8 message (RFC
+6532); in any other it is malformed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # Defects that do not make the address ambiguous: 8-bit bytes in a display name,
 # obsolete but well-defined syntax (a source route, a comment between words).
 _HARMLESS = (errors.UndecodableBytesDefect, errors.ObsoleteHeaderDefect)
+_HARMLESS_UTF8 = (*_HARMLESS, errors.NonASCIILocalPartDefect)
 # The usual forms, ``a@b.c``, ``<a@b.c>`` and ``Some Name <a@b.c>``, in characters the
 # email parser takes verbatim (and never quotes): read without it, which is most of the
 # cost of a small message's header check. Anything else goes through the parser.
@@ -36,9 +40,10 @@ class HeaderError(ValueError):
     """The From: header cannot be read unambiguously; the text says why."""
 
 
-def from_addresses(header: bytes) -> list[str]:
+def from_addresses(header: bytes, utf8: bool = False) -> list[str]:
     """The addresses of the From: field in ``header`` (CRLF lines, the header section of
-    a message, without the empty line that ends it). Raises HeaderError."""
+    a message, without the empty line that ends it); ``utf8``: the message came with
+    SMTPUTF8. Raises HeaderError."""
     values = []
     current: list[bytes] | None = None
     for line in header.split(b"\r\n"):
@@ -62,14 +67,14 @@ def from_addresses(header: bytes) -> list[str]:
         return [simple.group(1) or simple.group(2)]
     if _ODD.search(text):
         raise HeaderError("Malformed From: header")
-    return _parse(text)
+    return _parse(text, _HARMLESS_UTF8 if utf8 else _HARMLESS)
 
 
-def _parse(text: str) -> list[str]:
+def _parse(text: str, harmless: tuple = _HARMLESS) -> list[str]:
     """The addresses of a From: value, by the email package's parser."""
     try:
         field = email_policy.header_factory("From", text)
-        defects = [d for d in field.defects if not isinstance(d, _HARMLESS)]
+        defects = [d for d in field.defects if not isinstance(d, harmless)]
         parsed = [(a.addr_spec, a.username, a.domain) for a in field.addresses]
     except Exception:  # the email package raises assorted errors on garbage
         raise HeaderError("Malformed From: header")

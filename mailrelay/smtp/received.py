@@ -8,6 +8,8 @@ import re
 from email.utils import format_datetime
 from functools import lru_cache
 
+from mailrelay.scope import ascii_form
+
 # What may appear of the client's HELO argument: enough for any host name or address
 # literal; everything else (parentheses, semicolons, quotes) would change the header's
 # structure, and CR/LF never reach here (refused in commands).
@@ -30,8 +32,11 @@ def address_literal(ip: str) -> str:
     return f"[{ip}]"
 
 
-def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
-    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848)."""
+def protocol_name(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool = False) -> str:
+    """SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (RFC 3848); UTF8SMTP, UTF8SMTPS, UTF8SMTPA or
+    UTF8SMTPSA (RFC 6531 3.7.3) for a message sent with SMTPUTF8."""
+    if smtputf8:
+        return "UTF8SMTP" + ("S" if tls else "") + ("A" if authenticated else "")
     if authenticated:
         return "ESMTPSA" if tls else "ESMTPA"
     if not esmtp:
@@ -49,18 +54,20 @@ def received_header(
     when: float,
 ) -> bytes:
     """The header as CRLF lines; ``for <rcpt>`` only for a single recipient (naming more
-    would disclose Bcc recipients to each other)."""
+    would disclose Bcc recipients to each other), its domain as A-labels: the header is
+    UTF-8 (an SMTPUTF8 message) only for a UTF-8 local part, and so the message can still
+    go to a next hop without SMTPUTF8 when nothing else is."""
     date = _date(int(when))
     lines = [
         f"Received: from {sanitize_helo(helo)} ({address_literal(client_ip)})",
         f"\tby {hostname} (mailrelay) with {protocol} id {queue_id}",
     ]
     if len(recipients) == 1:
-        lines.append(f"\tfor <{recipients[0]}>; {date}")
+        lines.append(f"\tfor <{ascii_form(recipients[0]) or recipients[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
-    return "\r\n".join(lines).encode("ascii", "replace") + b"\r\n"
+    return "\r\n".join(lines).encode("utf-8") + b"\r\n"
 
 
 @lru_cache(maxsize=2)  # the messages of one second share their date: made once

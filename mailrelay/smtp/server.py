@@ -29,10 +29,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailrelay import dsnparams
 from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
+from mailrelay.scope import ascii_form
 from mailrelay.smtp.address import parse_mail, parse_rcpt
 from mailrelay.smtp.chunking import BETWEEN_CHUNKS, Chunk, Chunking
 from mailrelay.smtp.data import DataReader
@@ -71,7 +73,10 @@ class SubmissionServer(Chunking, CommandStream):
         self.login = SessionLogin(factory.portal, factory.reactor, self.session_id)
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
+        self._smtputf8 = False  # the transaction's MAIL had SMTPUTF8 (RFC 6531)
         self._recipients: list[str] = []
+        self._dsn_mail: dict[str, str] = {}  # RET, ENVID of the transaction
+        self._dsn_rcpts: dict[str, dict[str, str]] = {}  # NOTIFY, ORCPT by recipient
         self._incoming = None
         self._envelope: Envelope | None = None
         self._data_deadline = None
@@ -350,7 +355,7 @@ class SubmissionServer(Chunking, CommandStream):
         self._hello(arg, esmtp=True)
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
-                  "ENHANCEDSTATUSCODES", "CHUNKING"]
+                  "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "SMTPUTF8"]  # DSN: dsnparams.py
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -483,6 +488,7 @@ class SubmissionServer(Chunking, CommandStream):
             self._cancel_data_deadline()
         self._sender = None
         self._recipients = []
+        self._dsn_mail, self._dsn_rcpts = {}, {}
         self._session_clock(running=True)
 
     def _need_login(self) -> None:
@@ -512,10 +518,13 @@ class SubmissionServer(Chunking, CommandStream):
                         "retry")
         if syntax is not None:
             raise syntax
+        dsn_mail, params = dsnparams.take_mail(params)
         self._mail_params(params)
         # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
+        self._dsn_mail, self._dsn_rcpts = dsn_mail, {}
+        self._smtputf8 = "SMTPUTF8" in params
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
@@ -530,6 +539,8 @@ class SubmissionServer(Chunking, CommandStream):
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name == "SMTPUTF8":
+                _smtputf8_param(value)
             elif name != "AUTH":  # AUTH=<mailbox> (RFC 4954 section 5): accepted, unused
                 raise Reply(555, "5.5.4", f"Unsupported parameter {name}")
 
@@ -537,7 +548,8 @@ class SubmissionServer(Chunking, CommandStream):
         self._need_login()
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
-        recipient, params = parse_rcpt(arg)
+        recipient, params = parse_rcpt(arg, self._smtputf8)
+        dsn_rcpt, params = dsnparams.take_rcpt(params)
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
         if recipient in self._recipients:
@@ -548,6 +560,8 @@ class SubmissionServer(Chunking, CommandStream):
             raise Reply(452, "4.5.3", "Too many recipients")
         await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
+        if dsn_rcpt:
+            self._dsn_rcpts[recipient] = dsn_rcpt
         self._reply(250, "2.1.5", "Ok")
 
     def smtp_DATA(self, arg: bytes) -> None:
@@ -596,6 +610,9 @@ class SubmissionServer(Chunking, CommandStream):
             received_at=now,
             priority=user.priority,
             sandboxed=self.login.avatar.sandboxed,
+            dsn=self._dsn_rcpts,
+            **self._dsn_mail,  # ret, envid
+            smtputf8=self._smtputf8,
             **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
         )
         try:
@@ -606,7 +623,7 @@ class SubmissionServer(Chunking, CommandStream):
             log.failure("session {session}: cannot create a spool file",
                         session=self.session_id)
             raise Reply(451, "4.3.0", "Local error in processing, try again later")
-        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password)
+        protocol = protocol_name(self.esmtp, self.tls, self.login.by_password, self._smtputf8)
         # The client's recipients only: audit BCC addresses appear in no header.
         incoming.write(received_header(self.helo, self.client_ip, self.factory.hostname,
                                        protocol, incoming.id, self._recipients, now))
@@ -620,11 +637,12 @@ class SubmissionServer(Chunking, CommandStream):
         printers and scripts often send none), the sender being in scope already."""
         added = None
         try:
-            addresses = from_addresses(header)
+            addresses = from_addresses(header, self._smtputf8)
         except HeaderError as e:
-            added = _from_field(self._sender)
+            added = _from_field(self._sender, self._smtputf8)
             try:  # parses with the field added: there was none (else: two, or malformed)
-                addresses = from_addresses(header + b"\r\n" + added if header else added)
+                addresses = from_addresses(header + b"\r\n" + added if header else added,
+                                           self._smtputf8)
             except HeaderError:
                 return Reply(550, "5.6.0", str(e))
         avatar = self.login.avatar
@@ -732,9 +750,19 @@ def _client_ip(peer) -> str:
     return plain_ip(str(getattr(peer, "host", peer)))
 
 
-def _from_field(sender: str) -> bytes:
-    """The From: field for a message without one (MAIL refuses the null sender)."""
+def _from_field(sender: str, smtputf8: bool) -> bytes:
+    """The From: field for a message without one (MAIL refuses the null sender): a UTF-8
+    domain as A-labels, so that only a UTF-8 local part (SMTPUTF8, RFC 6532) makes the
+    header UTF-8."""
+    if smtputf8:
+        return f"From: {ascii_form(sender) or sender}".encode()
     return f"From: {sender}".encode("ascii", "backslashreplace")
+
+
+def _smtputf8_param(value: str | None) -> None:
+    """SMTPUTF8 takes no value (RFC 6531 3.4); the address was parsed knowing of it."""
+    if value is not None:
+        raise Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 
 
 def storage_reply(error: StorageError) -> Reply:

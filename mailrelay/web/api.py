@@ -68,6 +68,10 @@ class Api:
         r("POST", "/dkim", self.add_dkim)
         r("GET", "/dkim/{domain}", self.show_dkim)
         r("DELETE", "/dkim/{domain}/{selector}", self.delete_dkim)
+        r("POST", "/dkim/{domain}/{selector}/activate", self.activate_dkim)
+        r("POST", "/dkim/{domain}/{selector}/retire", self.retire_dkim)
+        r("GET", "/domains", self.list_domains)
+        r("GET", "/domains/{domain}/check", self.check_domain)
         r("GET", "/stats", self.stats, ("user", "account", "since", "period"))
 
     async def dispatch(self, request, path: str) -> Response:
@@ -190,6 +194,20 @@ class Api:
     async def delete_dkim(self, call: Call) -> Response:
         await ops.delete_dkim(self.s, call.params["domain"], call.params["selector"])
         return Response(204)
+
+    async def activate_dkim(self, call: Call) -> Response:
+        p = call.params
+        return json_response(await ops.activate_dkim(self.s, p["domain"], p["selector"]))
+
+    async def retire_dkim(self, call: Call) -> Response:
+        p = call.params
+        return json_response(await ops.retire_dkim(self.s, p["domain"], p["selector"]))
+
+    async def list_domains(self, call: Call) -> Response:
+        return json_response(await ops.sending_domains(self.s))
+
+    async def check_domain(self, call: Call) -> Response:
+        return json_response(await ops.check_domain(self.s, call.params["domain"]))
 
     async def stats(self, call: Call) -> Response:
         return json_response(await ops.stats(

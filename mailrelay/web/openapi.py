@@ -96,6 +96,10 @@ _QUEUE_ITEM = {
 
 _COUNTS = {e.value: INT for e in Event}
 
+_TXT = obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": STR},
+           ["name", "type", "value"])
+_PUBLISHED = {"type": "string", "enum": ["ok", "missing", "different", "unknown"]}
+
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STR, "status": INT, "reason": STR, "allow": array(STR)},
                  ["error", "status"]),  # fmt: skip
@@ -110,8 +114,7 @@ SCHEMAS: dict[str, Any] = {
     "UserChanged": obj({"user": ref("User"), "verification": array(ref("Verification"))},
                        ["user", "verification"]),  # fmt: skip
     "Password": obj({"username": STR, "password": STR}, ["username", "password"]),
-    "TxtRecord": obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": STR},
-                     ["name", "type", "value"]),  # fmt: skip
+    "TxtRecord": _TXT,
     "Verification": _VERIFICATION,
     "Sender": obj(
         {"sender": STR, "kind": {"type": "string", "enum": ["domain", "address"]},
@@ -154,11 +157,17 @@ SCHEMAS: dict[str, Any] = {
     "DkimKey": obj(
         {"domain": STR, "selector": STR, "type": {"type": "string", "enum": ["rsa", "ed25519"]},
          "state": {"type": "string", "enum": ["pending", "active", "retiring"]},
-         "account": {**STR, "description": "the account whose mail it signs"},
+         "account": {**NULL_STR, "description": "the account whose mail it signs (null: "
+                     "a key of the relay domain, for every account)"},
          "created": NUM,
          "changed": {**NULL_NUM, "description": "when the state last changed (null: never)"},
-         "published": {"type": "string", "enum": ["ok", "missing", "different", "unknown"],
-                       "description": "its record as looked up in DNS now"},
+         "published": {**_PUBLISHED, "description": "its record as looked up in DNS now"},
+         "dns_status": {**_PUBLISHED, "enum": [*_PUBLISHED["enum"], None], "nullable": True,
+                        "description": "the relay's last "
+                        "scheduled look-up ([dkim] check_interval; null: none yet)"},
+         "dns_checked": {**NULL_NUM, "description": "when that look-up was made"},
+         "withdraw_after": {**NUM, "description": "a retiring key: from when its record "
+                            "can be withdrawn from DNS ([dkim] retire_after)"},
          "dns_name": {**STR, "description": "the TXT record's name: SELECTOR._domainkey.DOMAIN"},
          "dns_value": {**STR, "description": "its value: v=DKIM1; k=...; p=..."},
          "dns_strings": {**array(STR), "description": "the value as character-strings of "
@@ -173,6 +182,28 @@ SCHEMAS: dict[str, Any] = {
          "bits": {"type": "integer", "minimum": 1024, "maximum": 4096,
                   "description": "RSA key size (default 2048)"}},
         ["domain"], closed=True,
+    ),  # fmt: skip
+    "DkimSwitch": obj({"active": ref("DkimKey"), "retiring": array(ref("DkimKey"))},
+                      ["active", "retiring"]),
+    "DomainCheck": obj(
+        {"domain": STR, "ok": {**BOOL, "description": "every check is ok"},
+         "spf": ref("RecordCheck"),
+         "dkim": {**array(ref("RecordCheck")), "description": "one per DKIM key"},
+         "dmarc": ref("RecordCheck")},
+        ["domain", "ok", "spf", "dkim", "dmarc"],
+    ),  # fmt: skip
+    "RecordCheck": obj(
+        {"status": {"type": "string", "enum": ["ok", "missing", "wrong", "unknown"]},
+         "detail": STR,
+         "name": {**STR, "description": "where it is looked up (DKIM, DMARC)"},
+         "record": {**NULL_STR, "description": "the record found"},
+         "publish": {**_TXT, "nullable": True,
+                     "description": "the record to publish (null: nothing to do)"},
+         "selector": STR, "state": STR, "policy": NULL_STR,
+         "dkim_aligned": BOOL, "spf_aligned": BOOL,
+         "addresses": {"type": "object", "additionalProperties": STR,
+                       "description": "SPF: each outbound address and its result"}},
+        ["status", "detail"],
     ),  # fmt: skip
     "Stats": obj(
         {"user": NULL_STR, "account": NULL_STR, "since": NULL_NUM,
@@ -218,6 +249,8 @@ USER = _path_param("username", "a domain, an address or a name")
 ACCOUNT = _path_param("name", "account name")
 QUEUE_ID = _path_param("queue_id", "18 characters: priority digit, then hex")
 NO_CONTENT = {"204": {"description": "done"}}
+DKIM_KEY = [_path_param("domain", "the key's domain"),
+            _path_param("selector", "the key's selector")]
 LEVEL = [
     _query("user", STR, "a user's list"),
     _query("account", STR, "an account's list (all its users)"),
@@ -315,9 +348,11 @@ def openapi_document() -> dict[str, Any]:
         "/dkim": {
             "get": _op("every DKIM key (without its record)",
                        {"200": _json(array(ref("DkimKey")), "keys")}, 503),
-            "post": _op("make a DKIM key, active at once: publish its record before mail "
-                        "from the domain goes out", {"201": _json(ref("DkimKey"), "made, "
-                        "with its TXT record")}, 400, 403, 409, 415, 503,
+            "post": _op("make a DKIM key: the domain's first of its type is active at once "
+                        "(publish its record before mail from the domain goes out), a further "
+                        "one pending until the relay sees its record in DNS",
+                        {"201": _json(ref("DkimKey"), "made, with its TXT record")},
+                        400, 403, 409, 415, 503,
                         requestBody=_body("DkimNew")),
         },
         "/dkim/{domain}": {
@@ -326,10 +361,33 @@ def openapi_document() -> dict[str, Any]:
                        {"200": _json(array(ref("DkimKey")), "keys and records")}, 404, 503),
         },
         "/dkim/{domain}/{selector}": {
-            "parameters": [_path_param("domain", "the key's domain"),
-                           _path_param("selector", "the key's selector")],
+            "parameters": DKIM_KEY,
             "delete": _op("delete a key and its private key file (mail is no longer signed "
                           "with it)", NO_CONTENT, 403, 404, 503),
+        },
+        "/dkim/{domain}/{selector}/activate": {
+            "parameters": DKIM_KEY,
+            "post": _op("sign with this pending key from now on, once its record is in DNS "
+                        "(409 until then); the active key of its type becomes retiring",
+                        {"200": _json(ref("DkimSwitch"), "switched")}, 403, 404, 409, 503),
+        },
+        "/dkim/{domain}/{selector}/retire": {
+            "parameters": DKIM_KEY,
+            "post": _op("delete a retiring key (409 for a key in another state): its record "
+                        "can then be withdrawn", {"200": _json(ref("DkimKey"), "deleted")},
+                        403, 404, 409, 503),
+        },
+        "/domains": {
+            "get": _op("the domains the relay sends for: the accounts' authorized domains, "
+                       "those with DKIM keys, the relay domain",
+                       {"200": _json(array(STR), "domain names")}, 503),
+        },
+        "/domains/{domain}/check": {
+            "parameters": [_path_param("domain", "a domain the relay sends for")],
+            "get": _op("SPF, DKIM and DMARC of the domain as published in DNS now, each ok, "
+                       "missing, wrong or unknown with the record to publish (mailrelay-admin "
+                       "domain check --json)", {"200": _json(ref("DomainCheck"), "the report")},
+                       404, 503),
         },
         "/stats": {
             "get": _op("statistics per user or account and period",
@@ -349,9 +407,10 @@ def openapi_document() -> dict[str, Any]:
             400: "bad input; nothing was changed",
             401: "no API key, or an unknown one",
             403: "the API key is read-only",
-            404: "no such user, account, sender, address, message or DKIM key",
+            404: "no such user, account, sender, address, message, DKIM key or sending domain",
             405: "users and accounts are read-only here (LDAP directory)",
-            409: "conflicts with what exists (name taken, still in use, already listed)",
+            409: "conflicts with what exists (name taken, still in use, already listed, a "
+                 "DKIM key in another state or its record not yet in DNS)",
             415: "the body is not application/json",
             503: "the directory, the spool, DNS or the delivery process cannot answer now; "
                  "try again",
@@ -362,8 +421,8 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "mailrelay management API",
             "version": "1",
-            "description": "SMTP users, accounts, suppressions, queue, DKIM keys and "
-            "statistics of a "
+            "description": "SMTP users, accounts, suppressions, queue, DKIM keys, sending "
+            "domains' DNS records and statistics of a "
             "mailrelay. Authenticate with 'Authorization: Bearer <key>' (mailrelay-admin "
             "apikey add NAME --read-only|--read-write). Errors are {\"error\": \"...\"}.",
         },

@@ -60,6 +60,7 @@ class Services:
     reactor: Any
     dkim: Any = None  # IDkimKeys (manage.dkim.DkimKeys, key generation in a thread)
     resolver: Any = None  # where DKIM records are looked up (None: they are not)
+    config: Any = None  # the relay's Config: [dkim] relay_domain, what domain check reads
 
     @property
     def users(self) -> UserManager | None:
@@ -466,8 +467,9 @@ _DKIM_FIELDS = {"domain": (str,), "selector": (str, type(None)), "type": (str,),
 
 
 async def add_dkim(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
-    """A key for an authorized domain of one account, active at once; fires with its
-    document and its TXT record."""
+    """A key for an authorized domain of one account (or for the relay domain), active at
+    once when it is the domain's first of its type, else pending; fires with its document
+    and its TXT record."""
     unknown = sorted(set(doc) - set(_DKIM_FIELDS))
     if unknown:
         raise HttpError(400, f"unknown field(s) {', '.join(unknown)} (known: "
@@ -481,7 +483,7 @@ async def add_dkim(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
         raise HttpError(400, f"bits {doc['bits']}: from 1024 to 4096 (2048 is the usual)")
     with dkim_refusals():
         domain = manage_dkim.domain_name(doc["domain"])
-        account = await manage_dkim.key_owner(s.manager, domain)
+        account = await manage_dkim.key_owner(s.manager, domain, _relay_domain(s))
         key = await s.dkim.add(domain, account, doc.get("selector") or None,
                                doc.get("type", "rsa"), doc.get("bits", 2048))
         record = await s.dkim.txtRecord(key)
@@ -490,12 +492,63 @@ async def add_dkim(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     return manage_dkim.dkim_json(key, record)
 
 
+def _relay_domain(s: Services) -> str:
+    return getattr(getattr(s.config, "dkim", None), "relay_domain", "")
+
+
+async def activate_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]:
+    """``dkim activate``: the pending key signs from now on, if its record is in DNS
+    (else 409); fires with ``{"active": key, "retiring": [keys]}``."""
+    with dkim_refusals():
+        key, old = await manage_dkim.activate(s.dkim, s.resolver, domain, selector.lower())
+    log.info("control panel: {domain} is signed with DKIM selector {selector} from now on",
+             domain=key.domain, selector=key.selector)  # fmt: skip
+    return {"active": manage_dkim.dkim_json(key),
+            "retiring": [manage_dkim.dkim_json(k) for k in old]}
+
+
+async def retire_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]:
+    """``dkim retire``: delete a retiring key (409 for a key in another state)."""
+    with dkim_refusals():
+        key = await s.dkim.retire(domain, selector)
+    log.info("control panel: retiring DKIM key {selector} of {domain} deleted",
+             selector=key.selector, domain=key.domain)  # fmt: skip
+    return manage_dkim.dkim_json(key)
+
+
 async def delete_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]:
     with dkim_refusals():
         key = await s.dkim.remove(domain, selector)
     log.info("control panel: DKIM key {selector} of {domain} deleted", selector=key.selector,
              domain=key.domain)  # fmt: skip
     return manage_dkim.dkim_json(key)
+
+
+# ---- sending domains ----
+
+
+async def sending_domains(s: Services) -> list[str]:
+    """The domains the relay sends for: every account's authorized domains, the domains
+    with DKIM keys and the relay domain."""
+    with refusals():
+        accounts = await s.manager.store.listAccounts()
+    with dkim_refusals():
+        keys = await s.dkim.list()
+    found = {d for a in accounts for d in a.domains} | {k.domain for k in keys}
+    return sorted(found | ({_relay_domain(s)} - {""}))
+
+
+async def check_domain(s: Services, domain: str) -> dict[str, Any]:
+    """``domain check --json``: SPF, DKIM and DMARC of a domain the relay sends for (404
+    for any other), as published in DNS now."""
+    from mailrelay.manage.domaincheck import check_configured
+
+    with dkim_refusals():
+        name = manage_dkim.domain_name(domain)
+    if name not in await sending_domains(s):
+        raise HttpError(404, f"{name} is not a domain of any account, nor one with DKIM keys")
+    with dkim_refusals():
+        return await check_configured(s.config, s.dkim, s.resolver, name)
 
 
 # ---- statistics ----

@@ -141,9 +141,11 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         ip_auth=getattr(policy, "ip_auth", None) or IpAuthTable(),
         address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
         reactor=reactor,
-        dkim=DkimKeys(config.dkim.directory, call),  # RSA generation in the thread pool
+        dkim=DkimKeys(config.dkim.directory, call,  # RSA generation in the thread pool
+                      retire_after=config.dkim.retire_after),
         resolver=make_resolver(getattr(getattr(config, "delivery", None), "dns_servers", []),
                                reactor),  # fmt: skip
+        config=config,
     )
 
 

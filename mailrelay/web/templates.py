@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 from twisted.web.template import Tag, flatten, tags
 
 NAV = [("/users", "SMTP users"), ("/accounts", "Accounts"), ("/queue", "Queue"),
-       ("/suppressions", "Suppressions"), ("/dkim", "DKIM"), ("/stats", "Statistics")]  # fmt: skip
+       ("/suppressions", "Suppressions"), ("/dkim", "DKIM"), ("/domains", "Domains"),
+       ("/stats", "Statistics")]  # fmt: skip
 DOCTYPE = b"<!DOCTYPE html>\n"
 
 Node = Any  # what the flattener takes: a Tag, a str, or a list of them
