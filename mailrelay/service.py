@@ -431,7 +431,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
     d = config.delivery
     return DeliveryManager(
         spool,
-        router_from_config(config, reactor),
+        router_from_config(config, reactor, announce=True),
         reactor,
         max_concurrency=d.max_concurrency,
         max_per_host=d.max_per_host,

@@ -416,7 +416,7 @@ class DeliveryManager:
             self._drain(dest, None)
         elif did.jobs == 0 and did.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
-            self._drain(dest, f"4.4.1 {did.error}")
+            self._drain(dest, f"{did.status} {did.error}")
         self.destinations.settle(dest)
         self._check_idle()
 
@@ -564,10 +564,12 @@ class DeliveryManager:
         return True
 
     def _log(self, attempt: _Attempt, result: Result, status: str) -> None:
-        log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} tls={tls}",
+        log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} "
+                 "tls={tls}{policy}",
                  queue_id=attempt.queue_id, recipient=result.recipient,
                  remote=result.remote or "-", status=status, code=result.code,
-                 text=result.text, tls="yes" if result.tls else "no")
+                 text=result.text, tls="yes" if result.tls else "no",
+                 policy=f" tls_policy={result.policy}" if result.policy else "")
         if self.on_result is not None:
             try:
                 self.on_result(attempt.queue_id, attempt.envelope, result, status)
