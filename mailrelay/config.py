@@ -324,6 +324,18 @@ SCHEMA["dkim"] = {
     "relay_domain": (_domain, ""),  # signs what no key of the message's account signs
 }
 
+SCHEMA["bounces"] = {
+    # The inbound listener of the accounts' bounce domains (mailrelay/bounces/); off when
+    # endpoint is empty. It takes mail for the relay's VERP return paths only.
+    "endpoint": (text, ""),  # e.g. tcp:25
+    "key_file": (text, ""),  # default: <data_dir>/bounce.key (signs the VERP addresses)
+    "db": (text, ""),  # default: <data_dir>/bounces.sqlite (what each VERP address names)
+    "retention": (duration, 30 * 86400.0),  # records kept this long; later reports dropped
+    "max_message_size": (size, 10 * 2**20),
+    "max_connections": (integer(1), 100),
+    "mx_host": (text, ""),  # what a bounce domain's MX must name; default: [server] hostname
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -371,6 +383,7 @@ class Config:
     features: SimpleNamespace
     tracking: SimpleNamespace
     dkim: SimpleNamespace
+    bounces: SimpleNamespace
 
 
 EMBEDDED = "<embedded defaults>"  # Config.source without a file
@@ -540,6 +553,8 @@ DATA_FILES = (
     ("admin", "access_file", "admin.json"),
     ("admin", "key_file", "panel.key"),
     ("dkim", "directory", "dkim"),
+    ("bounces", "key_file", "bounce.key"),
+    ("bounces", "db", "bounces.sqlite"),
 )
 
 
@@ -587,6 +602,9 @@ def _derive(config: Config) -> None:
                           "blocked")  # fmt: skip
     if config.admin.enabled:
         _check_endpoint(config, "admin", config.admin.endpoint)
+    if config.bounces.endpoint:
+        _check_endpoint(config, "bounces", config.bounces.endpoint)
+    config.bounces.mx_host = (config.bounces.mx_host or s.hostname).lower().rstrip(".")
     _derive_features(config)
 
 
