@@ -131,6 +131,11 @@ class Relay:
     def add_user(self, username: str, password: str, *options: str) -> None:
         self.admin("user", "add", username, "--password-stdin", *options, input=password + "\n")
 
+    def domain_login(self, domain: str, password: str) -> None:
+        """``domain`` authorized for the default account, and its domain-level login."""
+        self.admin("account", "set", "default", "--domains", domain)
+        self.add_user(domain, password)
+
     # ---- the daemon ----
     def start(self, wait: bool = True) -> None:
         cmd = [twistd(), "-n", "--pidfile=", f"--logfile={self.log_path}",

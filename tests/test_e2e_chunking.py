@@ -23,8 +23,7 @@ def relay(tmp_path_factory):
         "[limits]\nidle_timeout = 3s\nmax_message_size = 200k\n"
         f"[delivery]\nport = {sink.port}\nmx_tls = none\nretry_first = 1s\n"
         f"[routes]\nexample.net = 127.0.0.1:{sink.port}\n"))
-    r.admin("account", "set", "default", "--domains", "doe.test")
-    r.add_user("doe.test", PASSWORD)
+    r.domain_login("doe.test", PASSWORD)
     r.sink = sink
     r.start()
     yield r

@@ -63,8 +63,7 @@ def test_dane_delivers_only_where_the_certificate_matches(tmp_path, world):
     relay = Relay(tmp_path / "relay", config=(
         f"[delivery]\ndns_servers = 127.0.0.1:{dns.port}\nport = {sinks['good'].port}\n"
         "allow_local_mx = yes\nretry_first = 1s\nretry_max = 2s\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     try:
         ids = {}

@@ -29,8 +29,7 @@ def make_relay(tmp_path, sink: Sink, dns: DNS | None = None, extra: str = "",
                 f"retry_first = 1s\nretry_max = 2s\nmx_tls = none\n{delivery}"
                 f"[routes]\ndoe.test = 127.0.0.1:{sink.port}\n{extra}"),
     )
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     return relay
 
 
@@ -187,8 +186,7 @@ def test_smarthost_with_starttls_and_auth(tmp_path):
         f"smarthost = localhost:{sink.port}\nsmarthost_tls = required\n"
         f"smarthost_verify = yes\nsmarthost_ca_file = {ca.cert_path}\n"
         "smarthost_username = relayuser\nsmarthost_password = relaypass\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     try:
         submit(relay, "a@doe.test", ["anyone@example.net"])

@@ -23,8 +23,7 @@ def make_relay(tmp_path, sink: Sink, extra: str = "", retry: str = "1s") -> Rela
     relay = Relay(tmp_path / "relay", config=(
         f"[delivery]\nmode = smarthost\nsmarthost = 127.0.0.1:{sink.port}\n"
         f"smarthost_tls = none\nretry_first = {retry}\nretry_max = {retry}\n{extra}"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     return relay
 
 

@@ -47,8 +47,7 @@ def world(tmp_path_factory):
         f"plain.test = 127.0.0.1:{plain_sink.port}\n"
         f"doe.test = 127.0.0.1:{plain_sink.port}\n"
         f"[policy]\nip_auth = {POSTFIX_IP} = doe.test\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     try:
         yield relay, dsn_sink, plain_sink

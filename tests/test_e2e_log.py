@@ -100,8 +100,7 @@ def test_a_delivery_by_mx_logs_the_relays_lines_only(tmp_path):
     relay = Relay(tmp_path / "relay",
                   config=(f"[delivery]\ndns_servers = 127.0.0.1:{dns.port}\n"
                           f"port = {sink.port}\nallow_local_mx = yes\nmx_tls = none\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     try:
         relay.start()
         with relay.smtp(login=("doe.test", PASSWORD)) as client:
@@ -125,8 +124,7 @@ def test_json_lines_for_machines_the_delivery_process_included(tmp_path):
         f"[delivery]\nmx_tls = none\n[routes]\nexample.test = 127.0.0.1:{sink.port}\n"))
     relay.config_path.write_text(relay.config_path.read_text().replace(
         "[server]\n", "[server]\nlog_format = json\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     try:
         relay.start()
         with relay.smtp(login=("doe.test", PASSWORD)) as client:

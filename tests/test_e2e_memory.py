@@ -51,8 +51,7 @@ def test_refused_sessions_leave_no_memory_behind(tmp_path):
         "[policy]\nlogin_delay_after = 2\nlogin_block_after = 2\n"))
     relay.config_path.write_text(relay.config_path.read_text().replace(
         "tls = starttls\n", "tls = starttls\nplaintext_auth = yes\n", 1))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     try:
         good = base64.b64encode(f"\0doe.test\0{PASSWORD}".encode()).decode()

@@ -302,8 +302,7 @@ def slow_relay(tmp_path_factory):
         config=("[delivery]\nenabled = no\n\n"
                 "[limits]\nidle_timeout = 2s\ndata_timeout = 3s\nsession_timeout = 4s\n"),
     )
-    r.admin("account", "set", "default", "--domains", "doe.test")
-    r.add_user("doe.test", PASSWORD)
+    r.domain_login("doe.test", PASSWORD)
     r.start()
     yield r
     r.stop()

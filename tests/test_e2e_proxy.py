@@ -44,8 +44,7 @@ def setup(tmp_path_factory):
         f"[listener:edge]\nendpoint = tcp:{edge}:interface=127.0.0.1\ntls = starttls\n{behind}\n"
         f"[listener:edges]\nendpoint = tcp:{edges}:interface=127.0.0.1\ntls = implicit\n"
         f"{behind}"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     fronts = {free_port(): (edge, "send-proxy-v2 check inter 200ms"),
               free_port(): (edge, "send-proxy"), free_port(): (edges, "send-proxy-v2")}

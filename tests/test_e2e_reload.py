@@ -154,8 +154,7 @@ def test_routes_change_for_the_delivery_process(tmp_path):
     relay = Relay(tmp_path / "relay", config=(
         f"[delivery]\nallow_local_mx = yes\nmx_tls = none\n"
         f"[routes]\nexample.test = 127.0.0.1:{first.port}\n"))
-    relay.admin("account", "set", "default", "--domains", "doe.test")
-    relay.add_user("doe.test", PASSWORD)
+    relay.domain_login("doe.test", PASSWORD)
     relay.start()
     try:
         with relay.smtp(login=("doe.test", PASSWORD)) as client:

@@ -28,8 +28,7 @@ def setup(tmp_path):
         f"[routes]\nfaß.test = 127.0.0.1:{modern.port}\n"
         f"xn--exmple-cua.test = 127.0.0.1:{modern.port}\n"
         f"bücher.test = 127.0.0.1:{old.port}\n"))
-    relay.admin("account", "set", "default", "--domains", "faß.test")
-    relay.add_user("faß.test", PASSWORD)
+    relay.domain_login("faß.test", PASSWORD)
     relay.start()
     try:
         yield relay, modern, old

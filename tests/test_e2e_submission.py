@@ -164,8 +164,7 @@ def test_too_many_recipients(relay):
 
 def test_oversize_message_refused_and_nothing_kept(tmp_path):
     r = Relay(tmp_path, config="[limits]\nmax_message_size = 64k\n[delivery]\nenabled = no\n")
-    r.admin("account", "set", "default", "--domains", "doe.test")
-    r.add_user("doe.test", PASSWORD)
+    r.domain_login("doe.test", PASSWORD)
     r.start()
     try:
         with r.smtp(login=("doe.test", PASSWORD)) as c:
@@ -191,8 +190,7 @@ def test_long_lines_are_re_encoded_and_sent_on_conforming(tmp_path):
     r = Relay(tmp_path / "relay", config=(
         f"[delivery]\nport = {sink.port}\nmx_tls = none\nretry_first = 1s\n"
         f"[routes]\nexample.net = 127.0.0.1:{sink.port}\n"))
-    r.admin("account", "set", "default", "--domains", "doe.test")
-    r.add_user("doe.test", PASSWORD)
+    r.domain_login("doe.test", PASSWORD)
     r.start()
     try:
         html = ("<div>" + "<span>ünïcödé text, </span>" * 700 + "</div>").encode()
@@ -308,8 +306,7 @@ def test_swaks_submission(relay):
 
 def test_kill9_after_250_keeps_the_message(tmp_path):
     r = Relay(tmp_path, config="[delivery]\nenabled = no\n")
-    r.admin("account", "set", "default", "--domains", "doe.test")
-    r.add_user("doe.test", PASSWORD)
+    r.domain_login("doe.test", PASSWORD)
     r.start()
     with r.smtp(login=("doe.test", PASSWORD)) as c:
         c.mail("a@doe.test")
