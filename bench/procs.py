@@ -143,6 +143,16 @@ def tree_memory(pid: int) -> int:
     return sum(pss(p) for p in [pid, *kids])
 
 
+def has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -168,6 +178,21 @@ def die_with_this_process() -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def terminate(proc, timeout: float) -> None:
+    """Stop a child started here (a ``subprocess.Popen``): SIGTERM, then SIGKILL after
+    ``timeout`` seconds."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def tail(path: str, lines: int) -> str:

@@ -10,10 +10,10 @@ works against whatever has landed; the figures that need them print "n/a".
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -76,6 +76,7 @@ class MailRelayInstance:
         self.profile_dir = profile_dir  # twistd --profiler cprofile, one file per start
         self.starts = 0
         self.delivers = True  # False when it runs with [delivery] enabled = no
+        self.dkim_record: str | None = None  # set while the bench domain has a key
 
     # ---- configuration ----
 
@@ -156,6 +157,35 @@ class MailRelayInstance:
                     hashes[password] = hash_password(password)
                 s.add_user(SmtpUser(username=login), hashes[password])
 
+    def admin(self, *args: str) -> str:
+        """Run ``mailrelay-admin`` on this instance's config; returns its output."""
+        done = subprocess.run([sys.executable, "-m", "mailrelay.admin.cli", "-c",
+                               self.config_path, *args], capture_output=True, text=True,
+                              env=env(), cwd=self.base, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"mailrelay-admin {' '.join(args)}: "
+                               f"{(done.stdout + done.stderr).strip()[-300:]}")
+        return done.stdout
+
+    def dkim_add(self, selector: str = "bench") -> str:
+        """Give the bench's domain an RSA-2048 key (active at once: every message from the
+        domain is signed from the next start); returns its DNS record (``v=DKIM1; ...``)."""
+        self.admin("dkim", "add", DOMAIN, "--selector", selector, "--bits", "2048")
+        shown = json.loads(self.admin("dkim", "show", DOMAIN, "--json", "--no-dns"))
+        (key,) = [k for k in shown if k["selector"] == selector and k["state"] == "active"]
+        return key["dns_value"]
+
+    def dkim_del(self, selector: str = "bench") -> None:
+        self.admin("dkim", "del", DOMAIN, selector)
+
+    def sign(self, on: bool) -> None:
+        """DKIM signing of the bench domain's mail on or off, from the next start."""
+        if on and self.dkim_record is None:
+            self.dkim_record = self.dkim_add()
+        elif not on and self.dkim_record is not None:
+            self.dkim_del()
+            self.dkim_record = None
+
     # ---- running ----
 
     def start(self, timeout: float = 60) -> float:
@@ -189,15 +219,8 @@ class MailRelayInstance:
         raise RuntimeError(f"mailrelay gave no 220 within {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            procs.terminate(self.proc, timeout)
         self.proc = None
 
     def start_degraded(self, timeout: float = 60) -> float:
@@ -227,6 +250,16 @@ class MailRelayInstance:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def delivery_pid(self) -> int | None:
+        """The delivery process (the relay's one child)."""
+        kids = procs.children(self.pid) if self.pid else []
+        return kids[0] if len(kids) == 1 else None
+
+    def signing_cpu(self) -> float:
+        """CPU seconds of the process that signs: the delivery process (0 if none)."""
+        pid = self.delivery_pid()
+        return procs.tree_cpu(pid) if pid else 0.0
 
     def memory(self) -> int:
         """RSS of the daemon (summed PSS if it runs helper processes)."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """mailrelay against Postfix on this machine: the one bench command (see bench/README.md).
 
-    python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa]
+    python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa] [--dkim]
 
 Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
 private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import figures, postfix, procs, relay  # noqa: E402
+from bench import figures, opendkim, postfix, procs, relay  # noqa: E402
 from bench.certs import KEY_TYPES, make_certificate  # noqa: E402
 from bench.figures import FULL, QUICK, SMOKE, Figure, Measure, Value, median  # noqa: E402
 from bench.load import LoadSpec, run_load  # noqa: E402
@@ -128,7 +128,7 @@ def fmt(value: float | None, unit: str) -> str:
     if unit == "/s":
         return f"{value:,.0f}/s"
     if unit == "ms":
-        return f"{value:.1f} ms"
+        return f"{value:.2f} ms" if abs(value) < 10 else f"{value:.1f} ms"
     if unit == "MB":
         return f"{value:.1f} MB"
     return f"{value:.2f} s"
@@ -182,6 +182,28 @@ def cpu_cost(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     return "\n".join(lines)
 
 
+def signing_cost(results: dict[str, dict[str, Value]]) -> str:
+    """What signing costs each server, and proof that it happened: the CPU per message of
+    the signing process with signing off and on, and the signatures the sink saw."""
+    lines = ["DKIM signing, end to end c=20: CPU per message of the signing process "
+             "(mailrelay: its delivery process; Postfix: all its processes and opendkim), "
+             "off -> on (median of rounds); every round's rate and added CPU; signatures "
+             "at the sink (last round):"]
+    for name in ("mailrelay", "Postfix"):
+        off, on, cpu = (results[name].get(k, Value(None))
+                        for k in ("dkim.e2e.off", "dkim.e2e.rate", "dkim.cpu"))
+        if on.value is None or off.value is None:
+            lines.append(f"  {name}: n/a ({on.note or off.note})")
+            continue
+        a, b = off.details.get("signing_cpu_ms"), on.details.get("signing_cpu_ms")
+        rates = ", ".join(f"{r:,.0f}" for r in on.details.get("rounds", []))
+        added = ", ".join(f"{c:.3f}" for c in cpu.details.get("rounds", []))
+        lines.append(f"  {name}: {a:.3f} -> {b:.3f} ms; signed rates {rates}/s; added "
+                     f"{added} ms; {on.details.get('signed')} of {on.details.get('arrived')} "
+                     f"signed, {'verified' if on.details.get('verified') else 'NOT verified'}")
+    return "\n".join(lines)
+
+
 def table(figs: list[Figure], results: dict[str, dict[str, Value]]) -> str:
     rows = [("figure", "mailrelay", "Postfix", "mr/Postfix", "target", "tool")]
     notes: list[str] = []
@@ -223,6 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spool-rounds", type=int, default=1,
                    help="rounds of the spool-scale figure (default 1: it is the longest)")
     p.add_argument("--key-type", choices=sorted(KEY_TYPES), default="ecdsa")
+    p.add_argument("--dkim", action="store_true",
+                   help="only the DKIM signing rows (end to end, signing off and on)")
     p.add_argument("--only", choices=["mailrelay", "postfix"], help="measure one server")
     p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
     p.add_argument("--json", help="also write all results to this JSON file")
@@ -243,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         say("note: fewer than 3 rounds; the issue asks for at least 3")
     raise_fd_limit()
 
-    if not postfix.available() and not args.smoke and not args.no_install \
-            and args.only != "mailrelay":
-        say("installing Postfix (bench/setup.sh)")
+    if not (postfix.available() and opendkim.available()) and not args.smoke \
+            and not args.no_install and args.only != "mailrelay":
+        say("installing Postfix and OpenDKIM (bench/setup.sh)")
         subprocess.run(["sh", os.path.join(HERE, "setup.sh")], check=True)
     use_pf = postfix.available() and args.only != "mailrelay" and os.geteuid() == 0
     mr_ok, mr_why = relay.available()
@@ -278,16 +302,24 @@ def main(argv: list[str] | None = None) -> int:
                                          max_sessions=sizes.sessions + 100)
             pf.configure()
             pf.add_users({login.split("@")[0]: pw for login, pw in users.items()})
+            if opendkim.available():
+                pf.milter = opendkim.OpenDKIMInstance(os.path.join(base, "opendkim"),
+                                                      figures.DOMAIN)
+                pf.milter.configure()
             servers.append(pf)
-        figs = figures.all_figures(figures.smtp_source_available())
-        ceiling = ceilings(sink, sizes)
+        figs = [] if args.dkim else figures.all_figures(figures.smtp_source_available())
+        figs += figures.dkim_figures()
+        ceiling = [] if args.dkim else ceilings(sink, sizes)
 
         per_round: dict[str, list[dict[str, Value]]] = {"mailrelay": [], "Postfix": []}
         for r in range(1, rounds + 1):
             for server in servers:
                 say(f"round {r}/{rounds}: {server.name}")
-                per_round[server.name].append(run_server_round(server, sink, sizes, base, figs))
-        for r in range(1, args.spool_rounds + 1):
+                if not args.dkim:
+                    per_round[server.name].append(
+                        run_server_round(server, sink, sizes, base, figs))
+                per_round[server.name].append(run_dkim_round(server, sink, sizes, base))
+        for r in range(1, 0 if args.dkim else args.spool_rounds + 1):
             for server in servers:
                 say(f"spool scale {r}/{args.spool_rounds}: {server.name}")
                 per_round[server.name].append(run_spool(server, sink, sizes, base))
@@ -307,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             why = ("not installed" if not postfix.available()
                    else "not measured" if args.only else "needs root")
             results["Postfix"] = not_running(figs, f"n/a (Postfix {why})")
+        elif not opendkim.available():
+            results["Postfix"].update(not_running(figures.dkim_figures(),
+                                                  "n/a (OpenDKIM not installed)"))
 
         print(report(args, argv, sizes, rounds, ceiling, figs, results, started,
                      load_before))
@@ -315,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"machine": machine(), "results": dump, "ceilings": ceiling}, f,
                           indent=1)
-        return 0
+        # A signing row that did not sign must not pass for a measurement.
+        failed = [f"{name} {k}: {v.note}" for name, res in results.items()
+                  for k, v in res.items() if k.startswith("dkim.") and "FAILED" in v.note]
+        for line in failed:
+            say(line)
+        return 1 if failed else 0
     finally:
         for server in servers:
             try:
@@ -339,6 +379,41 @@ def run_server_round(server, sink, sizes, base, figs) -> dict[str, Value]:
         return measure_round(server, Measure(server, sink, sizes, base, say), figs)
     finally:
         server.stop()
+
+
+def run_dkim_round(server, sink, sizes, base) -> dict[str, Value]:
+    """End to end with signing off, then on (the server started fresh for each); the CPU
+    signing adds per message is the difference of the signing process's CPU."""
+    if getattr(server, "milter", True) is None:
+        return {}  # Postfix without OpenDKIM: n/a in the table
+    runs: dict[bool, Value] = {}
+    for on in (False, True):
+        try:
+            server.sign(on)
+            server.start()
+        except Exception as e:
+            server.stop()
+            runs[on] = Value(None, f"n/a (did not start: {str(e).splitlines()[0][:80]})")
+            continue
+        try:
+            runs[on] = Measure(server, sink, sizes, base, say).signed_end_to_end(
+                on, server.dkim_record)
+        except Exception as e:
+            say(f"{server.name} dkim: {type(e).__name__}: {e}")
+            runs[on] = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
+        finally:
+            server.stop()
+    try:
+        server.sign(False)  # the other figures measure the server as it was
+    except Exception as e:
+        say(f"{server.name}: signing off: {e}")
+    off, signed = runs[False], runs[True]
+    before, after = (v.details.get("signing_cpu_ms") for v in (off, signed))
+    if before is None or after is None or signed.value is None:
+        cpu = Value(None, signed.note or off.note or "n/a")
+    else:
+        cpu = Value(after - before, "", {"off": before, "on": after})
+    return {"dkim.e2e.off": off, "dkim.e2e.rate": signed, "dkim.cpu": cpu}
 
 
 def start(server) -> float:
@@ -376,15 +451,19 @@ def report(args, argv, sizes, rounds, ceiling, figs, results, started, load_befo
         f"mailrelay vs Postfix, {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"machine: {machine()}; load average before {load_before}, after {load_average()}",
         f"command: {command.strip()}",
-        f"{rounds} round(s), medians; spool scale {args.spool_rounds} round(s) of "
-        f"{sizes.spool:,} messages; 5 KB messages; certificate {KEY_TYPES[args.key_type]}; "
-        f"{sizes.sessions} idle sessions; big message {sizes.big_message / 1e6:.0f} MB; "
-        f"took {(time.time() - started) / 60:.1f} min",
+        f"{rounds} round(s), medians; 5 KB messages; " + (
+            f"end to end {sizes.e2e:,} messages a run; DKIM RSA-2048" if args.dkim else
+            f"spool scale {args.spool_rounds} round(s) of {sizes.spool:,} messages; "
+            f"certificate {KEY_TYPES[args.key_type]}; {sizes.sessions} idle sessions; "
+            f"big message {sizes.big_message / 1e6:.0f} MB")
+        + f"; took {(time.time() - started) / 60:.1f} min",
         *(f"ceiling: {c}" for c in ceiling),
         "",
     ]
-    return ("\n".join(head) + table(figs, results) + "\n\n" + auth_cost(results) + "\n\n"
-            + cpu_cost(figs, results))
+    parts = [table(figs, results)]
+    if not args.dkim:
+        parts += [auth_cost(results), cpu_cost(figs, results)]
+    return "\n".join(head) + "\n\n".join([*parts, signing_cost(results)])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 #!/bin/sh
 # Installs what the bench needs on a fresh Debian machine: Postfix (which also ships
 # smtp-source and smtp-sink in /usr/sbin) and Cyrus SASL (saslpasswd2, the sasldb and
-# PLAIN/LOGIN plugins) for Postfix's AUTH figures. Idempotent: installs only what is
-# missing. Debconf answers "No configuration", so the system Postfix instance gets no
-# main.cf and does not run; the bench runs a private instance of its own (bench/postfix.py).
+# PLAIN/LOGIN plugins) for Postfix's AUTH figures, and OpenDKIM (the milter and
+# opendkim-genkey) for the signing figure. Idempotent: installs only what is missing.
+# Debconf answers "No configuration", so the system Postfix instance gets no main.cf and
+# does not run; the bench runs a private instance of its own (bench/postfix.py). The
+# bench does not use the system opendkim either (with systemd, Debian starts it on a local
+# socket): it starts its own (bench/opendkim.py).
 set -eu
 
 need=""
@@ -11,9 +14,11 @@ need=""
 [ -x /usr/sbin/saslpasswd2 ] || need="$need sasl2-bin"
 dpkg-query -W -f='${Status}' libsasl2-modules 2>/dev/null | grep -q "install ok installed" \
     || need="$need libsasl2-modules"
+[ -x /usr/sbin/opendkim ] || need="$need opendkim"
+[ -x /usr/sbin/opendkim-genkey ] || need="$need opendkim-tools"
 
 if [ -z "$need" ]; then
-    echo "bench/setup.sh: postfix, sasl2-bin and libsasl2-modules are installed"
+    echo "bench/setup.sh: postfix, sasl2-bin, libsasl2-modules and opendkim are installed"
     exit 0
 fi
 

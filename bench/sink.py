@@ -11,7 +11,9 @@ port and accepts any AUTH PLAIN: then the load client's TLS ceiling can be measu
 a real server in between.
 
 Control commands on the same port (the bench is its only client besides the MTAs):
-``XCOUNT`` -> ``250 <messages>``, ``XDUMP <path>`` writes the arrivals as JSON, ``XRESET``.
+``XCOUNT`` -> ``250 <messages>``, ``XDUMP <path>`` writes the arrivals as JSON, ``XRESET``,
+``XSIGNED`` -> ``250 <messages with a DKIM-Signature header>``, ``XLASTSIGNED <path>``
+writes the last of those (its first 16 KB: all of a bench message) for the bench to verify.
 
 Run: ``python3 bench/sink.py --port P`` (prints ``READY <port> [<tls port>]`` once
 listening).
@@ -29,12 +31,15 @@ import sys
 import time
 
 ID_RE = re.compile(rb"\r\nX-Bench-Id: ([^\r\n]+)", re.I)
+SIGNED_RE = re.compile(rb"\r\nDKIM-Signature:", re.I)
 HEAD_KEEP = 16384  # bytes of each message searched for X-Bench-Id
 
 
 class Arrivals:
     def __init__(self) -> None:
         self.items: list[tuple[str | None, float]] = []
+        self.signed = 0
+        self.last_signed = b""
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -73,8 +78,13 @@ class SinkProtocol(asyncio.Protocol):
         cut = end - len(self.tail) + 5  # index in data just past the terminator
         if len(self.head) < HEAD_KEEP:
             self.head += data[: max(0, min(cut, HEAD_KEEP - len(self.head)))]
-        m = ID_RE.search(b"\r\n" + bytes(self.head))
+        head = b"\r\n" + bytes(self.head)
+        m = ID_RE.search(head)
         self.arrivals.items.append((m.group(1).decode() if m else None, time.time()))
+        headers = head[: head.find(b"\r\n\r\n") + 2]
+        if SIGNED_RE.search(headers):
+            self.arrivals.signed += 1
+            self.arrivals.last_signed = head[2:]
         self.in_data = False
         self.transport.write(b"250 2.0.0 Ok: queued\r\n")
         return data[cut:]
@@ -137,12 +147,19 @@ class SinkProtocol(asyncio.Protocol):
             w(b"250 %d\r\n" % len(self.arrivals.items))
         elif verb == b"XRES":
             self.arrivals.items.clear()
+            self.arrivals.signed, self.arrivals.last_signed = 0, b""
             w(b"250 reset\r\n")
         elif verb == b"XDUM":
             path = line[6:].decode().strip()
             with open(path, "w") as f:
                 json.dump(self.arrivals.items, f)
             w(b"250 dumped\r\n")
+        elif verb == b"XSIG":
+            w(b"250 %d\r\n" % self.arrivals.signed)
+        elif verb == b"XLAS":
+            with open(line[12:].decode().strip(), "wb") as f:
+                f.write(self.arrivals.last_signed)
+            w(b"250 written\r\n")
         else:
             w(b"502 5.5.2 Command not recognized\r\n")
 
@@ -239,6 +256,16 @@ class SinkProcess:
         control(self.port, f"XDUMP {path}")
         with open(path) as f:
             return [tuple(item) for item in json.load(f)]
+
+    def signed(self) -> int:
+        """Messages since the last reset that arrived with a DKIM-Signature header."""
+        return int(control(self.port, "XSIGNED"))
+
+    def last_signed(self, path: str) -> bytes:
+        """The last message that arrived signed (its first 16 KB, with the dot ending it)."""
+        control(self.port, f"XLASTSIGNED {path}")
+        with open(path, "rb") as f:
+            return f.read()
 
     def wait_for(self, n: int, timeout: float, poll: float = 0.05) -> int:
         """Wait until the sink holds at least ``n`` messages (bounded); returns the count."""

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from bench.figures import all_figures
+from bench.figures import all_figures, dkim_figures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,13 +27,13 @@ def test_bench_smoke(tmp_path) -> None:
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        stdout, stderr = bench.communicate(timeout=110)
+        stdout, stderr = bench.communicate(timeout=150)
     except subprocess.TimeoutExpired:
         bench.terminate()  # the bench stops the servers it started on SIGTERM
         stdout, stderr = bench.communicate(timeout=30)
     done = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-4000:]
-    for figure in all_figures(smtp_source=False):
+    for figure in all_figures(smtp_source=False) + dkim_figures():
         assert figure.label in done.stdout, figure.label
 
     mailrelay = json.loads(results_file.read_text())["results"]["mailrelay"]
@@ -47,3 +47,9 @@ def test_bench_smoke(tmp_path) -> None:
         assert mailrelay[key]["details"]["server_cpu_ms"] > 0, mailrelay[key]
         assert 0 < mailrelay[key]["details"]["machine_busy"] <= 1, mailrelay[key]
     assert "% busy)" in done.stdout
+    signed = mailrelay["dkim.e2e.rate"]
+    assert signed["value"] is not None, f"{signed['note']}\n{done.stderr[-4000:]}"
+    assert signed["details"]["signed"] == signed["details"]["arrived"] > 0, signed
+    assert signed["details"]["verified"], signed
+    assert mailrelay["dkim.e2e.off"]["details"]["signed"] == 0
+    assert mailrelay["dkim.cpu"]["value"] is not None, mailrelay["dkim.cpu"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet import threads
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailrelay.dkim import Signer
@@ -29,6 +30,10 @@ class DkimSigning:
     def __init__(self, signer: Signer, reactor) -> None:
         self.signer = signer
         self.reactor = reactor
+        # While the keys are being read, the messages that come wait for that reading: the
+        # signer is no longer due once it has begun, and a message that went on then would
+        # find no keys yet (at startup, every delivery in flight but the first).
+        self._waiting: list[Deferred] | None = None
 
     def _thread(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -38,12 +43,21 @@ class DkimSigning:
         """The signed original (None: unsigned, or ``original`` None: nobody shares it)
         and the copies, signed where their From: domain has a key of the account."""
         signer = self.signer
-        if signer.due():
+        if self._waiting is not None:
+            d: Deferred = Deferred()
+            self._waiting.append(d)
+            await d
+        elif signer.due():
+            self._waiting = []
             try:
                 await self._thread(signer.refresh)
             except Exception:
                 log.failure("cannot read the DKIM keys in {directory}",
                             directory=signer.directory)
+            finally:
+                waiting, self._waiting = self._waiting, None
+                for d in waiting:
+                    d.callback(None)
         account = envelope.account  # None: the relay's own mail (relay domain only)
         if not signer.signs_for(account):
             return None, copies
