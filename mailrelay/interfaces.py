@@ -387,3 +387,7 @@ class ILoginGuard(Interface):
 
     def succeeded(ip: str, username: str):
         """A login succeeded; may return a Deferred (that never errbacks)."""
+
+    def configure(window: float, delay_after: int, block_after: int, block_time: float,
+                  max_delay: float, user_alert_after: int, ipv6_prefix: int):
+        """New thresholds (a reload), keeping what was counted."""

@@ -306,14 +306,20 @@ class RedisConnectionLimits:
     def open(self, ip: str):
         """Fires with a RedisTicket; errbacks with Reply(421, "4.7.0") over a limit."""
         key = client_key(ip, self.ipv6_prefix)
-        local = self._local().open(ip)  # the node's total (and the address's share)
+        local = self._local().open(ip)  # the node's total
         ticket = RedisTicket(self, ip, key, next(self._seq))
         ticket.local = local
         self.open_tickets.add(ticket)
         if not self.max_per_ip:
             return ticket
+
+        def locally():  # this node's connections from there (this one included)
+            if self.local.connections(ip=ip) > share(self.max_per_ip, self.counters.nodes):
+                return False
+            return None
+
         d = self._take(ticket, self.counters.key("conn", "ip", key), "ip", self.max_per_ip,
-                       lambda: None)
+                       locally)
         d.addCallback(lambda taken: self._opened(ticket, taken))
         d.addErrback(self._undo, ticket)
         return d
@@ -340,7 +346,7 @@ class RedisConnectionLimits:
         old = [k for k, kind in ticket.leases.items() if kind == "user"]
         key = self.counters.key("conn", "user", user)
 
-        def locally():
+        def locally():  # this node's connections of the user
             self._local().bind_user(ticket.local, user, share(limit, self.counters.nodes))
 
         d = self._take(ticket, key, "user", limit, locally) if limit else defer.succeed(True)
@@ -351,6 +357,8 @@ class RedisConnectionLimits:
                          "nodes", ip=ticket.ip, user=printable(user), limit=limit)
                 raise Reply(421, "4.7.0", "too many connections for this user")
             self._drop(ticket, [k for k in old if k != key])
+            if ticket.local.user != user:  # counted here too, for the share without Redis
+                self._local().bind_user(ticket.local, user, 0)
             ticket.user = user
 
         return d.addCallback(bound)
@@ -364,11 +372,9 @@ class RedisConnectionLimits:
         return self.local.connections(ip, user)
 
     def _local(self) -> ConnectionLimits:
-        """The node's own counters; while Redis is down in local mode, the address's share
-        too (a user's share is passed to bind_user)."""
-        down = not self.counters.up and self.counters.down == "local"
-        self.local.max_total = self.max_total
-        self.local.max_per_ip = share(self.max_per_ip, self.counters.nodes) if down else 0
+        """The node's own counters of all its connections: the total is checked there; the
+        shares of the other limits only while Redis is down in local mode."""
+        self.local.max_total, self.local.ipv6_prefix = self.max_total, self.ipv6_prefix
         return self.local
 
     def _take(self, ticket: RedisTicket, key: str, kind: str, limit: int, locally):
@@ -424,22 +430,26 @@ class RedisLoginGuard:
                  block_after: int = 10, block_time: float = 900.0, base_delay: float = 1.0,
                  max_delay: float = 16.0, user_alert_after: int = 20,
                  ipv6_prefix: int = 64) -> None:
-        if not 0 < delay_after <= block_after:
-            raise ValueError("need 0 < delay_after <= block_after")
         self.counters = counters
         self.clock = counters.clock
-        self.window = window
-        self.delay_after = delay_after
-        self.block_after = block_after
-        self.block_time = block_time
         self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.user_alert_after = user_alert_after
-        self.ipv6_prefix = ipv6_prefix
-        n = counters.nodes
-        self.local = LoginGuard(counters.clock, window, min(delay_after, share(block_after, n)),
-                                share(block_after, n), block_time, base_delay, max_delay,
-                                share(user_alert_after, n), ipv6_prefix)
+        self.local = LoginGuard(counters.clock, base_delay=base_delay)
+        self.configure(window, delay_after, block_after, block_time, max_delay,
+                       user_alert_after, ipv6_prefix)
+
+    def configure(self, window: float, delay_after: int, block_after: int, block_time: float,
+                  max_delay: float, user_alert_after: int, ipv6_prefix: int) -> None:
+        """New thresholds (a reload); the node's own guard, used while Redis is down in
+        local mode, gets its share of them."""
+        if not 0 < delay_after <= block_after:
+            raise ValueError("need 0 < delay_after <= block_after")
+        self.window, self.delay_after, self.block_after = window, delay_after, block_after
+        self.block_time, self.max_delay = block_time, max_delay
+        self.user_alert_after, self.ipv6_prefix = user_alert_after, ipv6_prefix
+        n = self.counters.nodes
+        self.local.configure(window, min(delay_after, share(block_after, n)),
+                             share(block_after, n), block_time, max_delay,
+                             share(user_alert_after, n), ipv6_prefix)
 
     def _keys(self, key: str) -> list[str]:
         return [self.counters.key("login", "ip", key), self.counters.key("login", "block", key)]
