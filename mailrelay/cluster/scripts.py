@@ -38,42 +38,51 @@ local function count(i, k, n)
 end
 """
 
-# KEYS: hour, minute; ARGV: slots, n, hour limit, minute limit (0: none).
-# {1, hour slot, minute slot}, or {0, window (1 hour, 2 minute), seconds to wait}.
+# KEYS: hour, minute; ARGV: slots, n, hour limit, minute limit. A window whose limit is 0
+# is not counted at all (a per-minute limit turned on later counts from then on).
+# {1, hour slot, minute slot ('' when not counted), Redis's time in us}, or
+# {0, window (1 hour, 2 minute), seconds to wait}.
 RATE_RESERVE = _NOW + _LIVE + """
 local n = tonumber(ARGV[2])
 local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
 local worst, wait = 0, -1
 for i = 1, 2 do
-  local width = spans[i] / tonumber(ARGV[1])
-  local total, slots = live(KEYS[i], spans[i], width)
-  if limits[i] > 0 and total + n > limits[i] then
-    table.sort(slots, function(a, b) return a[1] < b[1] end)
-    local need, freed, w = total + n - limits[i], 0, spans[i]
-    for _, s in ipairs(slots) do
-      freed = freed + s[2]
-      if freed >= need then w = (s[1] + 1) * width + spans[i] - now_us; break end
+  if limits[i] > 0 then
+    local width = spans[i] / tonumber(ARGV[1])
+    local total, slots = live(KEYS[i], spans[i], width)
+    if total + n > limits[i] then
+      table.sort(slots, function(a, b) return a[1] < b[1] end)
+      local need, freed, w = total + n - limits[i], 0, spans[i]
+      for _, s in ipairs(slots) do
+        freed = freed + s[2]
+        if freed >= need then w = (s[1] + 1) * width + spans[i] - now_us; break end
+      end
+      if w > wait then worst, wait = i, w end
     end
-    if w > wait then worst, wait = i, w end
   end
 end
 if worst > 0 then return {0, worst, math.ceil(wait / 1000000)} end
 local result = {1}
 for i = 1, 2 do
-  local k = string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
-  count(i, k, n)
+  local k = ''
+  if limits[i] > 0 then
+    k = string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
+    count(i, k, n)
+  end
   result[#result + 1] = k
 end
+result[#result + 1] = now_us
 return result
 """
 
-# KEYS: hour, minute; ARGV: slots, units to count now (a commit; 0: a release), then
-# (hour slot, minute slot, n) for each reservation to give back.
+# KEYS: hour, minute; ARGV: slots, units to count now in the hour and in the minute window
+# (a commit; 0: a release), then (hour slot, minute slot, n) for each reservation to give
+# back ('' for a window it was not counted in).
 RATE_GIVE_BACK = _NOW + _LIVE + """
-for j = 3, #ARGV, 3 do
+for j = 4, #ARGV, 3 do
   local n = tonumber(ARGV[j + 2])
   for i = 1, 2 do
-    local c = redis.call('HGET', KEYS[i], ARGV[j + i - 1])
+    local c = ARGV[j + i - 1] ~= '' and redis.call('HGET', KEYS[i], ARGV[j + i - 1])
     if c then
       local left = tonumber(c) - math.min(tonumber(c), n)
       if left > 0 then redis.call('HSET', KEYS[i], ARGV[j + i - 1], left)
@@ -81,9 +90,9 @@ for j = 3, #ARGV, 3 do
     end
   end
 end
-local n = tonumber(ARGV[2])
-if n > 0 then
-  for i = 1, 2 do
+for i = 1, 2 do
+  local n = tonumber(ARGV[i + 1])
+  if n > 0 then
     count(i, string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1])))), n)
   end
 end
