@@ -199,8 +199,15 @@ class SharedCounters(unittest.TestCase):
     def test_redis_down_refuses_with_451_and_recovers_when_it_returns(self):
         rates = RedisRateLimiter(self.node(), per_hour=5)
         guard = RedisLoginGuard(self.node())
+        limits = RedisConnectionLimits(self.node(), max_per_ip=5)
+        ticket = yield limits.open("192.0.2.1")
         yield rates.transaction("u")
         self.server.stop()
+        reply = yield self.refusal(limits.open("192.0.2.1"))  # instead of the greeting
+        self.assertEqual((reply.code, reply.status), (421, "4.3.0"))
+        reply = yield self.refusal(limits.bind_user(ticket, "doe"))  # the login refused
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        ticket.close()
         with capturedLogs() as events:
             reply = yield self.refusal(rates.transaction("u"))
             yield self.refusal(rates.transaction("u"))

@@ -372,7 +372,8 @@ class RedisConnectionLimits:
         def locally():  # this node's connections of the user
             self._local().bind_user(ticket.local, user, share(limit, self.counters.nodes))
 
-        d = self._take(ticket, key, "user", limit, locally) if limit else defer.succeed(True)
+        d = (self._take(ticket, key, "user", limit, locally, 451) if limit
+             else defer.succeed(True))
 
         def bound(taken):
             if taken is False:
@@ -400,7 +401,10 @@ class RedisConnectionLimits:
         self.local.max_total, self.local.ipv6_prefix = self.max_total, self.ipv6_prefix
         return self.local
 
-    def _take(self, ticket: RedisTicket, key: str, kind: str, limit: int, locally):
+    def _take(self, ticket: RedisTicket, key: str, kind: str, limit: int, locally,
+              refusal: int = 421):
+        """Take the ticket's lease in ``key``; fires with False over ``limit``. Without
+        Redis: ``locally()``, or Reply(``refusal``, "4.3.0")."""
         ms = int(self.lease_time * 1000)
         d = self.counters.run(scripts.LEASE_TAKE, [key], [limit, ticket.member, ms])
 
@@ -412,7 +416,7 @@ class RedisConnectionLimits:
                 self._drop(ticket, [key])
             return True
 
-        d.addCallbacks(answered, self.counters.fallback, errbackArgs=(locally, 421))
+        d.addCallbacks(answered, self.counters.fallback, errbackArgs=(locally, refusal))
         return d
 
     def _drop(self, ticket: RedisTicket, keys: list[str]) -> None:
