@@ -388,7 +388,10 @@ def run_cluster(args, sizes, rounds: int) -> int:
     cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
     sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
     redis = cluster.RedisProcess(os.path.join(base, "redis"))
-    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
+                                 profile_dir=args.profile and os.path.abspath(args.profile))
     try:
         redis.start()
         mr.configure(delivery=False)
