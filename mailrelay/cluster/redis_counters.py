@@ -463,7 +463,9 @@ class RedisConnectionLimits:
             return defer.succeed(0)
         d = self.counters.run(scripts.LEASE_RENEW, keys,
                               [int(self.lease_time * 1000), *members])
-        return d.addErrback(lambda f: f.trap(RedisDown) and None)
+        d.addErrback(lambda f: f.trap(RedisDown) and None)
+        # Anything else is logged; the heartbeat must go on.
+        return d.addErrback(lambda f: log.failure("renewing the connection leases", f))
 
 
 # ---- failed logins ----
