@@ -5,8 +5,10 @@ last unit, and the time is Redis's own (``TIME``), never a node's clock. Every k
 expiry in the same script that writes it, so nothing outlives its window.
 """
 
-# Microseconds (rates) and milliseconds (leases, logins) from Redis's clock.
+# Microseconds (rates) and milliseconds (leases, logins) from Redis's clock. Before Redis
+# 5, a script that reads TIME may only write once it replicates its effects, not itself.
 _NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now_ms = math.floor(now_us / 1000)
