@@ -45,6 +45,11 @@ from mailrelay.reply import Reply
 from mailrelay.text import printable
 
 log = Logger()
+# The limiters' events under the in-process limiters' names, so that a log reader
+# (fail2ban, "Password guessing" in the README) sees the same lines on one node or many.
+_rates_log = Logger(namespace="mailrelay.policy.ratelimit")
+_connections_log = Logger(namespace="mailrelay.policy.connections")
+_logins_log = Logger(namespace="mailrelay.policy.bruteforce")
 
 DOWN = "shared counters unavailable, try again later"
 HOUR_US, MINUTE_US = 3600 * 10**6, 60 * 10**6  # the windows, as the scripts count them
@@ -122,12 +127,16 @@ class RedisCounters:
     def _failed(self, failure):
         if failure.check(Reply):
             return failure
-        if failure.check(defer.TimeoutError, defer.CancelledError, ConnectionError) or (
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            reason = f"no answer within {self.timeout:g} s"
+        elif failure.check(ConnectionError) or (
                 type(failure.value).__module__ == "txredisapi"
                 and type(failure.value).__name__ in ("ConnectionError", "TimeoutError")):
-            self.went_down(failure.getErrorMessage() or failure.type.__name__)
-            raise RedisDown(failure.getErrorMessage())
-        return failure  # a script error: a bug, logged where it is caught
+            reason = failure.getErrorMessage() or failure.type.__name__
+        else:
+            return failure  # a script error: a bug, logged where it is caught
+        self.went_down(reason)
+        raise RedisDown(reason)
 
     def went_down(self, reason: str) -> None:
         if self.up:
@@ -187,8 +196,8 @@ class RedisRateLimiter:
         _, window, retry = answer
         limit, per = limits[window - 1], ("hour", "minute")[window - 1]
         text = f"rate limit of {limit} {self.unit} per {per} exceeded"
-        log.info("rate limit: {user} over {limit} {unit} per {per}, retry in {retry} s",
-                 user=user, limit=limit, unit=self.unit, per=per, retry=retry)
+        _rates_log.info("rate limit: {user} over {limit} {unit} per {per}, retry in {retry} s",
+                        user=user, limit=limit, unit=self.unit, per=per, retry=retry)
         if n > limit:
             return Reply(451, "4.7.1", text)
         return Reply(451, "4.7.1", f"{text}, try again in {max(1, retry)} seconds")
@@ -370,8 +379,9 @@ class RedisConnectionLimits:
 
     def _opened(self, ticket: RedisTicket, taken):
         if taken is False:
-            log.warn("refused a connection from {ip}: {limit} open from {key} on all nodes",
-                     ip=ticket.ip, limit=self.max_per_ip, key=ticket._key)
+            _connections_log.warn(
+                "refused a connection from {ip}: {limit} open from {key} on all nodes",
+                ip=ticket.ip, limit=self.max_per_ip, key=ticket._key)
             raise Reply(421, "4.7.0", "too many connections from your address, try again later")
         return ticket
 
@@ -398,8 +408,9 @@ class RedisConnectionLimits:
 
         def bound(taken):
             if taken is False:
-                log.warn("refused a connection from {ip} for {user}: {limit} open on all "
-                         "nodes", ip=ticket.ip, user=printable(user), limit=limit)
+                _connections_log.warn(
+                    "refused a connection from {ip} for {user}: {limit} open on all nodes",
+                    ip=ticket.ip, user=printable(user), limit=limit)
                 raise Reply(421, "4.7.0", "too many connections for this user")
             self._drop(ticket, [k for k in old if k != key])
             if ticket.local.user != user:  # counted here too, for the share without Redis
@@ -512,7 +523,7 @@ class RedisLoginGuard:
 
         def answered(answer):
             if answer[0]:
-                log.info("refused a login from blocked ip={ip}", ip=ip)
+                _logins_log.info("refused a login from blocked ip={ip}", ip=ip)
                 raise Reply(*BLOCKED)
             return self._delay(answer[1])
 
@@ -533,16 +544,17 @@ class RedisLoginGuard:
 
     def _counted(self, answer: list, ip: str, user: str) -> None:
         count, blocked, user_count, addresses = answer
-        log.info("login failed: ip={ip} user={user} failures={count}", ip=ip, user=user,
+        say = _logins_log
+        say.info("login failed: ip={ip} user={user} failures={count}", ip=ip, user=user,
                  count=count)
         if blocked:
-            log.warn("login failures: blocked ip={ip} user={user} failures={count} for "
+            say.warn("login failures: blocked ip={ip} user={user} failures={count} for "
                      "{seconds:.0f} s", ip=ip, user=user, count=count, seconds=self.block_time)
         elif count == self.delay_after:
-            log.warn("login failures: delaying ip={ip} user={user} failures={count}", ip=ip,
+            say.warn("login failures: delaying ip={ip} user={user} failures={count}", ip=ip,
                      user=user, count=count)
         if user_count == self.user_alert_after:
-            log.warn("login failures: user={user} failures={count} from {addresses} addresses "
+            say.warn("login failures: user={user} failures={count} from {addresses} addresses "
                      "within {window:.0f} s, last ip={ip}", user=user, count=user_count,
                      addresses=addresses, window=self.window, ip=ip)
 
