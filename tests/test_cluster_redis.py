@@ -250,3 +250,54 @@ class SharedCounters(unittest.TestCase):
             except Reply:
                 yield task.deferLater(reactor, 0.1, lambda: None)
         self.fail("Redis did not come back")
+
+
+class OverTcp(unittest.TestCase):
+    """Redis over loopback TCP with a password (AUTH): the URL's, or redis_password."""
+
+    @defer.inlineCallbacks
+    def test_auth_over_tcp(self):
+        if not installed():
+            raise unittest.SkipTest(NOT_INSTALLED)
+        from harness import free_port
+
+        tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
+        self.addCleanup(tmp.cleanup)
+        server = RedisServer(Path(tmp.name), port=free_port(), password="s3cret:/@")
+        server.start()
+        self.addCleanup(server.stop)
+        for url, password in ((f"redis://:s3cret%3A%2F%40@127.0.0.1:{server.port}/2", ""),
+                              (f"redis://127.0.0.1:{server.port}", "s3cret:/@")):
+            pool = open_pool(url, password, timeout=2)
+            self.addCleanup(pool.disconnect)
+            rates = RedisRateLimiter(RedisCounters(pool, reactor, prefix="tcp:"), per_hour=1)
+            yield rates.transaction(url)
+            reply = yield self.assertFailure(rates.transaction(url), Reply)
+            self.assertEqual(reply.status, "4.7.1")
+        # The user names here are the URLs: the first one's counts are in database 2.
+        self.assertIn(f"{server.port}/2:h", server.command("-n", "2", "KEYS", "tcp:*"))
+        self.assertNotIn("/2:h", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"127.0.0.1:{server.port}:h", server.command("KEYS", "tcp:*"))
+
+
+def test_the_config_refuses_what_the_client_cannot_reach(tmp_path):
+    from mailrelay.config import ConfigError, load_config
+
+    for value, why in (("rediss://10.0.0.5", "rediss:// is not supported"),
+                       ("unix:run/redis.sock", "needs an absolute path"),
+                       ("redis://host:port", "port")):
+        path = tmp_path / "mailrelay.ini"
+        path.write_text(f"[cluster]\nredis = {value}\n")
+        try:
+            load_config(str(path))
+        except ConfigError as e:
+            assert "[cluster] redis" in str(e) and why in str(e), str(e)
+        else:
+            raise AssertionError(f"{value} accepted")
+    path.write_text("[cluster]\nredis = /run/redis.sock\nlease_time = 1s\n")
+    try:
+        load_config(str(path))
+    except ConfigError as e:
+        assert "lease_time: at least 3s" in str(e)
+    else:
+        raise AssertionError("lease_time 1s accepted")
