@@ -139,16 +139,15 @@ class SharedCounters(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_dead_nodes_leases_lapse_and_a_live_nodes_are_renewed(self):
-        dead = RedisConnectionLimits(self.node(), max_per_user=1, lease_time=0.4)
-        alive = RedisConnectionLimits(self.node(), max_per_user=1, lease_time=0.4)
-        other = RedisConnectionLimits(self.node(), max_per_user=1, lease_time=0.4)
+        dead, alive, other = (RedisConnectionLimits(self.node(), max_per_user=1,
+                                                    lease_time=1.5) for _ in range(3))
         t = yield dead.open("192.0.2.1")
         yield dead.bind_user(t, "gone")
         u = yield alive.open("192.0.2.2")
         yield alive.bind_user(u, "here")
-        for _ in range(4):  # 0.8 s: two lease times, the live node renewing
+        for _ in range(8):  # 2 s, past the lease time, the live node renewing
             yield alive.renew()
-            yield task.deferLater(reactor, 0.2, lambda: None)
+            yield task.deferLater(reactor, 0.25, lambda: None)
         mine = yield other.open("192.0.2.3")
         yield other.bind_user(mine, "gone")  # the dead node's lease lapsed
         theirs = yield other.open("192.0.2.4")
