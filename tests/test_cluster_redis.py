@@ -300,3 +300,20 @@ def test_the_config_refuses_what_the_client_cannot_reach(tmp_path):
         assert "lease_time: at least 3s" in str(e)
     else:
         raise AssertionError("lease_time 1s accepted")
+
+
+def test_both_kinds_of_limiters_fill_the_same_seams():
+    from twisted.internet.task import Clock
+    from zope.interface.verify import verifyObject
+
+    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter
+    from mailrelay.policy.bruteforce import LoginGuard
+    from mailrelay.policy.connections import ConnectionLimits
+    from mailrelay.policy.ratelimit import RateLimiter
+
+    counters = RedisCounters(None, Clock())  # the pool is not touched until a check
+    for iface, local, shared in (
+            (IRateLimiter, RateLimiter(Clock()), RedisRateLimiter(counters)),
+            (IConnectionLimits, ConnectionLimits(), RedisConnectionLimits(counters)),
+            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters))):
+        assert verifyObject(iface, local) and verifyObject(iface, shared)
