@@ -95,6 +95,7 @@ class RedisCounters:
         self.nodes = nodes
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.up = True
+        self.closing = False  # the relay stops: what fails now is not Redis's doing
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -139,7 +140,7 @@ class RedisCounters:
         raise RedisDown(reason)
 
     def went_down(self, reason: str) -> None:
-        if self.up:
+        if self.up and not self.closing:
             self.up = False
             if self.down == "local":
                 log.error("Redis unreachable ({reason}): each limit counted on this node "
@@ -592,6 +593,7 @@ class LeaseRenewal(Service):
         super().stopService()
         if self._loop.running:
             self._loop.stop()
+        self.limits.counters.closing = True
         return self.limits.counters.pool.disconnect()
 
 
