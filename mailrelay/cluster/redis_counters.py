@@ -27,6 +27,7 @@ import itertools
 import os
 import socket
 
+import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -130,9 +131,7 @@ class RedisCounters:
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
             reason = f"no answer within {self.timeout:g} s"
-        elif failure.check(ConnectionError) or (
-                type(failure.value).__module__ == "txredisapi"
-                and type(failure.value).__name__ in ("ConnectionError", "TimeoutError")):
+        elif failure.check(txredisapi.ConnectionError, ConnectionError):  # and its timeouts
             reason = failure.getErrorMessage() or failure.type.__name__
         else:
             return failure  # a script error: a bug, logged where it is caught
@@ -599,8 +598,6 @@ class LeaseRenewal(Service):
 
 def open_pool(url: str, password: str = "", timeout: float = 1.0):
     """A lazy txredisapi connection (one, pipelined) that reconnects within a second."""
-    import txredisapi
-
     args = redis_url_parts(url)
     if password and "password" not in args:
         args["password"] = password
