@@ -286,6 +286,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "smarthost_ca_file": (text, ""),  # PEM trust roots for smarthost_verify; empty: system
         "mx_tls": (choice("opportunistic", "none"), "opportunistic"),
         "dns_servers": (hostport_list(53), []),  # empty: the system resolver
+        # DNSSEC status for DANE (delivery/dnssec.py): auto asks with DO when the
+        # resolvers are trusted (loopback, or any with dns_trusted = yes); off never.
+        "dnssec": (choice("auto", "off"), "auto"),
+        "dns_trusted": (boolean, False),
         "outbound_addresses": (ip_list, []),  # what SPF must authorize; empty: not checked
         "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
         "allow_local_mx": (boolean, False),  # MX hosts on loopback/private addresses (tests)
@@ -350,6 +354,18 @@ SCHEMA["dkim"] = {
     "relay_domain": (_domain, ""),  # signs what no key of the message's account signs
 }
 
+SCHEMA["bounces"] = {
+    # The inbound listener of the accounts' bounce domains (mailrelay/bounces/); off when
+    # endpoint is empty. It takes mail for the relay's VERP return paths only.
+    "endpoint": (text, ""),  # e.g. tcp:25
+    "key_file": (text, ""),  # default: <data_dir>/bounce.key (signs the VERP addresses)
+    "db": (text, ""),  # default: <data_dir>/bounces.sqlite (what each VERP address names)
+    "retention": (duration, 30 * 86400.0),  # records kept this long; later reports dropped
+    "max_message_size": (size, 10 * 2**20),
+    "max_connections": (integer(1), 100),
+    "mx_host": (text, ""),  # what a bounce domain's MX must name; default: [server] hostname
+}
+
 SCHEMA["cluster"] = {
     # Limits shared by several relays (mailrelay/cluster/): counted in one Redis.
     "redis": (_redis_url, ""),  # unix:/PATH or redis://[:PASSWORD@]HOST[:PORT][/DB]; empty: off
@@ -405,9 +421,11 @@ class Config:
     delivery: SimpleNamespace
     listeners: list[Listener]
     routes: dict[str, tuple[str, int]]  # recipient domain -> host, port
+    tls_policy: dict[str, str]  # recipient domain (or .parent) -> TLS level (delivery/dane.py)
     features: SimpleNamespace
     tracking: SimpleNamespace
     dkim: SimpleNamespace
+    bounces: SimpleNamespace
     cluster: SimpleNamespace | None = None
 
 
@@ -433,16 +451,20 @@ def load_config(path: str | None) -> Config:
     values: dict[str, SimpleNamespace] = {}
     listeners: list[Listener] = []
     routes: dict[str, tuple[str, int]] = {}
+    tls_policy: dict[str, str] = {}
     ldap_attributes: dict[str, str] = {}
     for section in parser.sections():
         if section.startswith("listener:"):
             listeners.append(_listener(source, section, parser[section]))
         elif section == "routes":
             routes = _routes(source, parser[section])
+        elif section == "tls_policy":
+            tls_policy = _tls_policy(source, parser[section])
         elif section == "ldap.attributes":
             ldap_attributes = _ldap_attributes(source, parser[section])
         elif section not in SCHEMA:
-            known = ", ".join([*SCHEMA, "ldap.attributes", "routes", "listener:NAME"])
+            known = ", ".join([*SCHEMA, "ldap.attributes", "routes", "tls_policy",
+                               "listener:NAME"])
             raise ConfigError(source, section, None, f"unknown section (known: {known})")
     for section, keys in SCHEMA.items():
         raw = parser[section] if parser.has_section(section) else {}
@@ -453,7 +475,8 @@ def load_config(path: str | None) -> Config:
             for name, spec in DEFAULT_LISTENERS.items()
         ]
     values["ldap"].attributes = ldap_attributes
-    config = Config(source=source, listeners=listeners, routes=routes, **values)
+    config = Config(source=source, listeners=listeners, routes=routes,
+                    tls_policy=tls_policy, **values)
     _derive(config)
     return config
 
@@ -530,6 +553,23 @@ def _routes(source: str, raw) -> dict[str, tuple[str, int]]:
     return routes
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify")  # delivery/dane.py
+
+
+def _tls_policy(source: str, raw) -> dict[str, str]:
+    policy = {}
+    for domain, level in raw.items():
+        if not is_domain(domain.removeprefix(".")):
+            raise ConfigError(source, "tls_policy", domain,
+                              "not a valid domain name (or .parent.domain)")
+        level = level.strip().lower()
+        if level not in TLS_LEVELS:
+            raise ConfigError(source, "tls_policy", domain,
+                              f"{level!r} is not one of {', '.join(TLS_LEVELS)}")
+        policy[domain.lower()] = level
+    return policy
+
+
 def _ldap_attributes(source: str, raw) -> dict[str, str]:
     from mailrelay.directory.ldap_mapping import attribute_names
 
@@ -556,6 +596,8 @@ DATA_FILES = (
     ("admin", "access_file", "admin.json"),
     ("admin", "key_file", "panel.key"),
     ("dkim", "directory", "dkim"),
+    ("bounces", "key_file", "bounce.key"),
+    ("bounces", "db", "bounces.sqlite"),
 )
 
 
@@ -586,6 +628,11 @@ def _derive(config: Config) -> None:
     d = config.delivery
     if d.mode == "smarthost" and d.smarthost is None:
         raise ConfigError(config.source, "delivery", "smarthost", "required when mode = smarthost")
+    for domain, level in config.tls_policy.items():
+        if level == "dane-only" and (d.mode != "mx" or domain in config.routes):
+            raise ConfigError(config.source, "tls_policy", domain,
+                              "dane-only needs MX delivery (a smarthost or a route has no "
+                              "DNSSEC-validated MX records to start from)")
     if d.retry_max < d.retry_first:
         raise ConfigError(config.source, "delivery", "retry_max", "must be >= retry_first")
     if config.directory.backend == "ldap" and not config.ldap.base_dn:
@@ -598,6 +645,9 @@ def _derive(config: Config) -> None:
                           "blocked")  # fmt: skip
     if config.admin.enabled:
         _check_endpoint(config, "admin", config.admin.endpoint)
+    if config.bounces.endpoint:
+        _check_endpoint(config, "bounces", config.bounces.endpoint)
+    config.bounces.mx_host = (config.bounces.mx_host or s.hostname).lower().rstrip(".")
     if config.cluster.redis and config.cluster.lease_time < 3:
         raise ConfigError(config.source, "cluster", "lease_time", "at least 3s")
     _derive_features(config)

@@ -51,6 +51,15 @@ async def txt_records(resolver, name: str) -> list[str]:
             for a in answers if a.type == dns.TXT]  # fmt: skip
 
 
+async def mx_records(resolver, name: str) -> list[tuple[int, str]]:
+    """The MX records of ``name`` as (preference, host in lower case, no final dot), in
+    preference order; [] when there is none. Raises DnsFailure when the servers do not
+    answer."""
+    answers = await _lookup(resolver, "lookupMailExchange", name)
+    return sorted((a.payload.preference, str(a.payload.name).lower().rstrip("."))
+                  for a in answers if a.type == dns.MX)
+
+
 def tags(record: str) -> dict[str, str]:
     """The tag=value list of a DKIM or DMARC record (RFC 6376 3.2), tags lower-cased;
     folding whitespace inside values removed."""

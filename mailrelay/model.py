@@ -32,6 +32,9 @@ class Account:
     domains: frozenset[str] = frozenset()
     notify: str | None = None  # where domain sender notifications go
     note: str = ""
+    # The return-path domain (bounces.example.com): delivered mail carries a VERP envelope
+    # sender there, so that later bounces come back to the relay (mailrelay/bounces/).
+    bounce_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,9 @@ class Envelope:
     envid: str | None = None
     dsn: dict[str, dict[str, str]] = field(default_factory=dict)
     smtputf8: bool = False  # the client's MAIL had SMTPUTF8 (RFC 6531); delivery passes it on
+    # The account's bounce domain when the message was accepted: delivery sends it with a
+    # VERP envelope sender there (bounces/verp.py); ``sender`` stays the client's.
+    return_path: str | None = None
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

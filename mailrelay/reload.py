@@ -166,7 +166,9 @@ def reload_routes(running: Config, manager, reactor) -> None:
     base = manager.router
     if isinstance(base, RoutedRouter):
         base = base.fallback
-    router = RoutedRouter(routes, base, tls=running.delivery.mx_tls) if routes else base
+    policies = getattr(manager.router, "policies", None)  # [tls_policy] needs a restart
+    router = (RoutedRouter(routes, base, tls=running.delivery.mx_tls, policies=policies)
+              if routes else base)
     manager.router = router
     manager.routes = Routes(router, manager.routes.clock, manager.routes.ttl)  # cache afresh
     log.info("delivery: routes reloaded ({count} domains routed)", count=len(routes))

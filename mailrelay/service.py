@@ -77,6 +77,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.auth.checkers import make_portal
+    from mailrelay.bounces.store import Pruner
     from mailrelay.control import control_service
     from mailrelay.directory import open_directory
     from mailrelay.features.envelope import user_fields
@@ -165,6 +166,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     if config.dkim.check_interval > 0:
         dkim_checker(config, reactor).setServiceParent(top)
+    verp, paths = make_verp(config)
+    Pruner(paths, config.bounces.retention, reactor).setServiceParent(top)
+    if config.bounces.endpoint:
+        bounce_listener(config, verp, paths, features, spool, tls_options,
+                        reactor).setServiceParent(top)
+
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
@@ -172,6 +179,35 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
     top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
+
+
+def make_verp(config: Config):
+    """The VERP addresses (bounces/verp.py, their key made on first start) and the store of
+    what they name (bounces/store.py)."""
+    from mailrelay.bounces.store import ReturnPathStore
+    from mailrelay.bounces.verp import Verp
+
+    verp = Verp(read_key_file("bounces", config.bounces.key_file))
+    try:
+        return verp, ReturnPathStore(config.bounces.db)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[bounces] db {config.bounces.db}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+
+
+def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor):
+    """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
+    from mailrelay.bounces.feed import BounceFeed
+    from mailrelay.bounces.listener import BounceFactory
+
+    b = config.bounces
+    feed = BounceFeed(reactor, features, spool, paths, config.server.hostname,
+                      config.server.postmaster)
+    factory = BounceFactory(verp, feed, config.server.hostname, tls_options=tls_options,
+                            max_size=b.max_message_size,
+                            idle_timeout=config.limits.idle_timeout,
+                            max_connections=b.max_connections)
+    return ListenerService("bounces", b.endpoint, factory, reactor)
 
 
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
@@ -396,13 +432,14 @@ class _Stopping(Service):
 
 
 def make_delivery(config: Config, spool, reactor, features=None):
+    from mailrelay.bounces.store import ReturnPaths
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
 
     d = config.delivery
     return DeliveryManager(
         spool,
-        router_from_config(config, reactor),
+        router_from_config(config, reactor, announce=True),
         reactor,
         max_concurrency=d.max_concurrency,
         max_per_host=d.max_per_host,
@@ -417,6 +454,7 @@ def make_delivery(config: Config, spool, reactor, features=None):
         connection_cache_time=d.connection_cache_time,
         features=features,
         dkim=_dkim(config, reactor),
+        return_paths=ReturnPaths(*make_verp(config), reactor),
         on_result=None if features is None else partial(_delivery_result, features),
     )
 

@@ -51,26 +51,37 @@ class TestCA:
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1", "::1")
+        self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1", "::1"),
+        expired: bool = False, self_signed: bool = False, chain: bool = False,
     ) -> tuple[Path, Path]:
+        """A leaf certificate for ``hostname`` signed by the CA (by its own key with
+        ``self_signed``; already expired with ``expired``), written as ``hostname.pem``
+        (followed by the CA's certificate with ``chain``, as servers send their chain)
+        and ``hostname.key``."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         alt = [x509.DNSName(hostname)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        start, end = (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) \
+            if expired else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30))
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(hostname))
-            .issuer_name(self.cert.subject)
+            .issuer_name(_name(hostname) if self_signed else self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=30))
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
+            .sign(key if self_signed else self.key, hashes.SHA256())
         )
-        cert_path = self.directory / f"{hostname}.pem"
-        key_path = self.directory / f"{hostname}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        name = hostname + ("-expired" if expired else "") + ("-self" if self_signed else "")
+        cert_path = self.directory / f"{name}.pem"
+        key_path = self.directory / f"{name}.key"
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        if chain:
+            pem += self.cert.public_bytes(serialization.Encoding.PEM)
+        cert_path.write_bytes(pem)
         key_path.write_bytes(_pem_key(key))
         key_path.chmod(0o600)
         return cert_path, key_path

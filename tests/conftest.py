@@ -24,6 +24,7 @@ def missing_tools() -> list[str]:
         ("chromium", "/usr/bin/chromium"), ("chromium-driver", "/usr/bin/chromedriver"),
         ("haproxy", "/usr/sbin/haproxy"),
         ("postfix", "/usr/sbin/postfix"),
+        ("unbound", "/usr/sbin/unbound"),  # the validating resolver of tests/test_dane.py
         ("redis-server", "/usr/bin/redis-server"),
     ) if not os.path.exists(path)]
     missing += [name for name in ("swaks", "openssl", "ldapadd") if not shutil.which(name)]

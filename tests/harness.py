@@ -258,6 +258,7 @@ class Sink(Peer):
 class DNS(Peer):
     """An authoritative DNS server for test domains: records like "x.test MX 10 mx.x.test"."""
 
-    def __init__(self, directory: Path, records: list[str]) -> None:
+    def __init__(self, directory: Path, records: list[str], secure: list[str] = ()) -> None:
         args = [a for r in records for a in ("--record", r)]
+        args += [a for zone in secure for a in ("--secure", zone)]
         super().__init__(directory, "dns_server.py", *args)

@@ -21,6 +21,7 @@ As a subprocess (end-to-end tests)::
     python tests/smtp_sink.py --port-file F --record-dir D [--rules R.json]
         [--tls-cert C --tls-key K] [--auth user:password] [--require-auth] [--size N]
         [--pipelining] [--dsn] [--no-8bitmime] [--smtputf8]
+        [--interface 127.0.0.2 --port N]
 
 R.json (re-read when it changes): ``{"rcpt@x": [451, "4.2.0 later"], "*": [550, "..."],
 "data": [554, "5.6.0 no"], "data_command": [250, "2.0.0 ok"]}``; "*" applies to recipients
@@ -298,8 +299,8 @@ class SMTPSink:
         self._reload_rules()
         return self.rules.get(recipient.lower(), self.default)
 
-    def listen(self) -> int:
-        self._port = self.reactor.listenTCP(0, _Factory(self), interface="127.0.0.1")
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> int:
+        self._port = self.reactor.listenTCP(port, _Factory(self), interface=interface)
         self.port = self._port.getHost().port
         return self.port
 
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461)")
     parser.add_argument("--no-8bitmime", dest="eightbitmime", action="store_false")
     parser.add_argument("--smtputf8", action="store_true")
+    parser.add_argument("--interface", default="127.0.0.1",
+                        help="a loopback address (several sinks share a port as MX hosts)")
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
     from twisted.internet import reactor
 
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                     pipelining=args.pipelining, dsn=args.dsn, eightbitmime=args.eightbitmime,
                     smtputf8=args.smtputf8,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
-    port = sink.listen()
+    port = sink.listen(args.port, args.interface)
     with open(args.port_file + ".tmp", "w") as f:
         f.write(f"{port}\n")
     os.rename(args.port_file + ".tmp", args.port_file)

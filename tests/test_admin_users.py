@@ -316,6 +316,28 @@ def test_del(populated):
 # ---- accounts ----
 
 
+def test_account_bounce_domain_is_set_checked_and_removed(populated):
+    populated.ok("account", "set", "default", "--bounce-domain", "Bounces.DOE.com")
+    shown = json.loads(populated.ok("account", "show", "default", "--json").out)
+    assert shown["bounce_domain"] == "bounces.doe.com"
+    assert "bounces:  bounces.doe.com\n" in populated.ok("account", "show", "default").out
+    # Not under one of the account's domains (no DMARC alignment, not the account's own).
+    result = populated("account", "set", "default", "--bounce-domain", "bounces.other.net")
+    assert result.status == 1 and "not a subdomain of an authorized domain" in result.err
+    result = populated("account", "set", "default", "--bounce-domain", "doe.com")
+    assert result.status == 1 and "not a subdomain" in result.err
+    # One account per bounce domain.
+    populated.ok("account", "add", "sales", "--domains", "doe.com")
+    result = populated("account", "set", "sales", "--bounce-domain", "bounces.doe.com")
+    assert result.status == 1 and "already the bounce domain of account 'default'" in result.err
+    # The domain it lives under cannot be withdrawn while it is there.
+    result = populated("account", "set", "default", "--domains", "b.org")
+    assert result.status == 1 and "bounce domain" in result.err
+    populated.ok("account", "set", "default", "--no-bounce-domain")
+    shown = json.loads(populated.ok("account", "show", "default", "--json").out)
+    assert shown["bounce_domain"] is None
+
+
 def test_account_lifecycle(populated):
     populated.ok("account", "add", "sales", "--domains", "sales.com", "--notify", "ops@sales.com")
     result = populated("account", "add", "sales")
@@ -329,6 +351,7 @@ def test_account_lifecycle(populated):
             "domains": "b.org;doe.com",
             "notify": None,
             "note": "",
+            "bounce_domain": None,
             "users": ["app", "doe.com", "john@doe.com"],
         },
         {
@@ -336,6 +359,7 @@ def test_account_lifecycle(populated):
             "domains": "sales.com;sales.org",
             "notify": "ops@sales.com",
             "note": "team",
+            "bounce_domain": None,
             "users": ["sales.org"],
         },
     ]

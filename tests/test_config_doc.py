@@ -34,7 +34,7 @@ def test_uncommented_example_values_are_valid(tmp_path):
     # Every "#key = value" line, uncommented, must parse (the docs show valid values).
     lines, in_listener = [], False
     for line in EXAMPLE.read_text().splitlines():
-        if re.match(r"^\[[a-z.]+\]$", line):
+        if re.match(r"^\[[a-z._]+\]$", line):
             lines.append(line)
             in_listener = False
         elif line.startswith("#[listener"):
@@ -48,6 +48,8 @@ def test_uncommented_example_values_are_valid(tmp_path):
     config = load_config(str(cfg))
     assert config.delivery.smarthost == ("smtp.provider.example", 587)
     assert config.routes == {"example.org": ("mx.example.net", 25)}
+    assert config.tls_policy == {"example.com": "dane-only", "partner.example": "verify",
+                                 ".legacy.example": "may"}
 
 
 def test_admin_check(tmp_path):

@@ -171,7 +171,8 @@ class OtherRouterTests(TempPaths, unittest.TestCase):
         router = router_from_config(load_config(path))
         self.assertIsInstance(router, MXRouter)
         self.assertFalse(router.allow_local)
-        self.assertEqual(router.resolver.servers, [("127.0.0.1", 5353)])
+        self.assertEqual(router.lookup.servers, [("127.0.0.1", 5353)])  # loopback: DNSSEC
+        self.assertEqual(router.policies.level("example.org"), ("dane", "default"))
 
 
 class QuietTests(unittest.TestCase):

@@ -62,7 +62,8 @@ def test_save_writes_readable_sorted_json_with_mode_0600(tmp_path):
     doc = json.loads(text)
     assert text == json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     assert doc["version"] == 1
-    assert doc["accounts"] == {"default": {"domains": "b.org;doe.com", "notify": None, "note": ""}}
+    assert doc["accounts"] == {"default": {"domains": "b.org;doe.com", "notify": None, "note": "",
+                                           "bounce_domain": None}}
     assert sorted(doc["users"]) == ["app", "doe.com", "john@doe.com"]
     app = doc["users"]["app"]
     assert app["domains"] == "b.org" and app["addresses"] == "x@doe.com"

@@ -16,7 +16,11 @@ from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
 from mailrelay.directory.ldap_client import Entry
-from mailrelay.directory.ldap_mapping import attribute_names, user_from_entry
+from mailrelay.directory.ldap_mapping import (
+    account_from_entry,
+    attribute_names,
+    user_from_entry,
+)
 from mailrelay.directory.ldap_passwords import UnsupportedScheme, verify, verify_any
 from mailrelay.directory.ldapdir import LdapConfigError, LdapDirectory
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory
@@ -567,6 +571,19 @@ class MappingTests(unittest.TestCase):
         self.assertFalse(user.archive)
         self.assertEqual((user.bounce_notify, user.updated), ("sender", 0.0))
         self.assertEqual(len(events), 8)
+
+    def test_an_accounts_bounce_domain_must_lie_under_its_domains(self) -> None:
+        names = attribute_names()
+        account = account_from_entry(self.entry(cn=["acme"], mailrelayAccountDomain=["acme.test"],
+                                                mailrelayBounceDomain=["Bounces.Acme.TEST"]),
+                                     names)  # fmt: skip
+        self.assertEqual(account.bounce_domain, "bounces.acme.test")
+        with capturedLogs() as events:
+            account = account_from_entry(self.entry(
+                cn=["acme"], mailrelayAccountDomain=["acme.test"],
+                mailrelayBounceDomain=["bounces.other.test"]), names)  # fmt: skip
+        self.assertIsNone(account.bounce_domain)
+        self.assertEqual(len(events), 1)
 
     def test_entry_without_username_cannot_log_in(self) -> None:
         with capturedLogs():

@@ -268,7 +268,8 @@ class ApiTests(unittest.TestCase):
             "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test"},
             expect=201)  # fmt: skip
         self.assertEqual(account, {"name": "beta", "domains": "b2.test;beta.test",
-                                   "notify": "ops@beta.test", "note": "", "users": []})
+                                   "notify": "ops@beta.test", "note": "", "users": [],
+                                   "bounce_domain": None})
         yield self.api("POST", "/accounts", {"name": "beta"}, expect=409)
         yield self.api("POST", "/accounts", {"name": "bad name"}, expect=400)
         yield self.api("POST", "/accounts", {"name": "c", "domains": "x,y"}, expect=400)
@@ -285,6 +286,19 @@ class ApiTests(unittest.TestCase):
         yield self.api("DELETE", "/accounts/beta", expect=204)
         yield self.api("GET", "/accounts/beta", expect=404)
         yield self.api("PATCH", "/accounts/beta", {"note": "x"}, expect=404)
+
+    @defer.inlineCallbacks
+    def test_an_accounts_bounce_domain(self):
+        _, _, account = yield self.api("POST", "/accounts", {
+            "name": "beta", "domains": "beta.test", "bounce_domain": "Bounces.Beta.test"},
+            expect=201)  # fmt: skip
+        self.assertEqual(account["bounce_domain"], "bounces.beta.test")
+        _, _, body = yield self.api("PATCH", "/accounts/acme",
+                                    {"bounce_domain": "bounces.beta.test"}, expect=400)
+        self.assertIn("not a subdomain", body["error"])
+        _, _, changed = yield self.api("PATCH", "/accounts/beta", {"bounce_domain": None},
+                                       expect=200)  # fmt: skip
+        self.assertIsNone(changed["bounce_domain"])
 
     @defer.inlineCallbacks
     def test_ip_auth_is_read_from_the_configuration(self):

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--domains", default="", help='authorized sender domains, "a.com;b.com"')
     p.add_argument("--notify", help="where domain sender notifications go")
     p.add_argument("--note", default="", help="a description")
+    p.add_argument("--bounce-domain", help="return-path domain for VERP (bounces.DOMAIN)")
     p.set_defaults(func=add)
 
     p = sub.add_parser("set", help="change an account")
@@ -39,6 +40,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--notify", help='where domain sender notifications go ("" for none)')
     p.add_argument("--note", help="a description")
+    bounce = p.add_mutually_exclusive_group()
+    bounce.add_argument("--bounce-domain", help="return-path domain for VERP (bounces.DOMAIN)")
+    bounce.add_argument("--no-bounce-domain", action="store_true",
+                        help="deliver with the client's envelope sender again")
     p.set_defaults(func=set_)
 
     p = sub.add_parser("del", help="delete an account that has no users")
@@ -58,7 +63,8 @@ def register(subparsers) -> None:
 def add(args: argparse.Namespace, context: Context) -> int:
     async def add(users: UserManager) -> Account:
         return await users.add_account(
-            Account(args.name, parse_domains(args.domains), args.notify or None, args.note)
+            Account(args.name, parse_domains(args.domains), args.notify or None, args.note,
+                    _bounce_domain(args.bounce_domain))
         )
 
     account = directory.manage(context, add, directory.changing(context))
@@ -89,6 +95,10 @@ def set_(args: argparse.Namespace, context: Context) -> int:
             changes["notify"] = args.notify.strip() or None
         if args.note is not None:
             changes["note"] = args.note
+        if args.bounce_domain is not None:
+            changes["bounce_domain"] = _bounce_domain(args.bounce_domain)
+        if args.no_bounce_domain:
+            changes["bounce_domain"] = None
         if not changes:
             raise CommandError("nothing to change (see mailrelay-admin account set --help)")
         return changes
@@ -97,6 +107,10 @@ def set_(args: argparse.Namespace, context: Context) -> int:
                                directory.changing(context))  # fmt: skip
     print(f"changed account {account.name}")
     return 0
+
+
+def _bounce_domain(text: str | None) -> str | None:
+    return (text or "").strip().lower().rstrip(".") or None
 
 
 def delete(args: argparse.Namespace, context: Context) -> int:
@@ -138,6 +152,7 @@ def show(args: argparse.Namespace, context: Context) -> int:
     print(f"{'domains:':10}{';'.join(sorted(account.domains)) or '-'}")
     print(f"{'notify:':10}{account.notify or '-'}")
     print(f"{'note:':10}{account.note or '-'}")
+    print(f"{'bounces:':10}{account.bounce_domain or '-'}")
     print(f"{'users:':10}{len(users)}")
     for user in users:
         print(f"  {user.username}")

@@ -36,7 +36,7 @@ def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
-                 _feature_stores, _tracking, _admin):  # fmt: skip
+                 _feature_stores, _tracking, _admin, _bounces):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -116,6 +116,18 @@ def _tracking(config) -> None:
     if config.tracking.enabled:
         make_footer(config)
         _key_file("tracking", feature_paths(config).token_key)
+
+
+def _bounces(config) -> None:
+    from mailrelay.bounces.store import ReturnPathStore
+
+    _key_file("bounces", config.bounces.key_file)
+    path = config.bounces.db
+    if os.path.exists(path):
+        try:
+            ReturnPathStore.check_file(path)
+        except sqlite3.Error as e:
+            raise StartupError(f"[bounces] db {path}: {e}")
 
 
 def _admin(config) -> None:

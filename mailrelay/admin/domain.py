@@ -1,5 +1,6 @@
 """mailrelay-admin domain check DOMAIN: what a sending domain publishes in DNS for the mail
-this relay sends -- SPF, DKIM (each key made with ``dkim add``) and DMARC -- each ok,
+this relay sends -- SPF, DKIM (each key made with ``dkim add``), DMARC and, when the
+domain's account has a bounce domain, the return path (its MX and SPF) -- each ok,
 missing, wrong or unknown, with the record to publish. Asks the DNS servers of
 ``[delivery] dns_servers`` (or the system's). Exit status 0 when every check is ok, 3 when
 one is not.
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.admin.dkim import _keys
-from mailrelay.manage.dkim import DkimError, domain_name, txt_strings
+from mailrelay.manage.dkim import DkimError, domain_name
+from mailrelay.manage.domaincheck import record_line, return_path_rows
 
 NOT_OK = 3
 TIMEOUT = 60.0  # seconds for every lookup together
@@ -30,17 +33,19 @@ def register(subparsers) -> None:
 
 def check(args: argparse.Namespace, context: Context) -> int:
     from mailrelay.delivery.router import make_resolver
-    from mailrelay.manage.domaincheck import check_configured
+    from mailrelay.manage.domaincheck import bounce_domain_of, check_configured
 
     try:
         domain = domain_name(args.domain)
     except DkimError as e:
         raise CommandError(str(e))
     config = context.config
+    accounts = directory.manage(context, lambda users: users.accounts())
+    bounce_domain = bounce_domain_of([a for a, _ in accounts], domain)
 
     async def start(reactor):
         resolver = make_resolver(config.delivery.dns_servers, reactor)
-        return await check_configured(config, _keys(context), resolver, domain)
+        return await check_configured(config, _keys(context), resolver, domain, bounce_domain)
 
     try:
         report = run(start, TIMEOUT)
@@ -57,6 +62,7 @@ def _print(report: dict) -> None:
     rows = [("SPF", report["spf"])]
     rows += [(f"DKIM {k['selector']}", k) for k in report["dkim"]]
     rows.append(("DMARC", report["dmarc"]))
+    rows += return_path_rows(report)
     width = max(len(label) for label, _ in rows)
     print(report["domain"])
     for label, c in rows:
@@ -64,8 +70,6 @@ def _print(report: dict) -> None:
         if c.get("record"):
             print(f"  {''.ljust(width)}  found:   {c['record']}")
         if c.get("publish"):
-            p = c["publish"]
-            quoted = " ".join(f'"{s}"' for s in txt_strings(p["value"]))
-            print(f"  {''.ljust(width)}  publish: {p['name']}. IN TXT ( {quoted} )")
+            print(f"  {''.ljust(width)}  publish: {record_line(c['publish'])}")
     if not report["dkim"]:
         print(f"  no DKIM key: mailrelay-admin dkim add {report['domain']}")

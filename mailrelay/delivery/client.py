@@ -37,6 +37,14 @@ offers it (RFC 6531); to one that does not, addresses go with their domains as A
 and a UTF-8 local part (550 5.6.7: the recipient, or the whole message for the sender) or
 an SMTPUTF8 message's UTF-8 header (550 5.6.9) is returned, never downgraded.
 
+TLS policy (delivery/dane.py): the hop says what its TLS must be. STARTTLS is required
+for encrypt, verify and dane; with DANE the certificate chain is checked as the handshake
+completes (handshakeCompleted), before anything inside TLS is read or sent, and a
+mismatch closes the connection. Such a hop fails with its policy in the error, and the
+connection's Outcome carries 4.7.5 instead of 4.4.1; connections are per destination,
+and a destination is a set of hops with their policies, so a connection never carries
+mail that was routed under another policy.
+
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
 the connection goes on; a crash then finds at most the message in progress on each
@@ -55,12 +63,15 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, endpoints, error, ssl
 from twisted.internet.abstract import isIPv6Address
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINAuthenticator
 from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailrelay import tuning
+from mailrelay.delivery import dane
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
 from mailrelay.delivery.wire import DotStuffer, EightBit, address_problem, eight_bit, stuff
@@ -102,6 +113,7 @@ class Result:
     remote: str | None = None
     tls: bool = False
     dsn: bool = False  # the server offered DSN: notices past it are its to send
+    policy: str = ""  # the TLS policy level the hop was tried under (dane.TlsPolicy)
 
     @property
     def sent(self) -> bool:
@@ -118,6 +130,7 @@ class Outcome:
 
     jobs: int = 0
     errors: list[str] = field(default_factory=list)
+    status: str = "4.4.1"  # for what is left waiting: 4.7.5 when a TLS policy failed
 
     @property
     def error(self) -> str:
@@ -167,6 +180,7 @@ def _refusal(code: int) -> bool:
     return 400 <= code < 600
 
 
+@implementer(IHandshakeListener)
 class RelayClient(smtp.ESMTPClient):
     """One SMTP session to one hop."""
 
@@ -186,6 +200,7 @@ class RelayClient(smtp.ESMTPClient):
         self.max_messages = max_messages
         self.timeout = timeout
         self.requireTransportSecurity = hop.tls == "required"
+        self.policy_failed = False  # the hop's TLS policy could not be met
         self.requireAuthentication = bool(hop.username)
         self.heloFallback = not (self.requireTransportSecurity or self.requireAuthentication)
         if hop.username:
@@ -287,6 +302,12 @@ class RelayClient(smtp.ESMTPClient):
         self._lost = True
         if self._idle is not None:  # no job may be handed to this connection any more
             self._idle.cancel()
+        failure = reason.value if isinstance(reason, Failure) else reason
+        if (self.hop.policy.level in dane.ENCRYPTED and not self.policy_failed
+                and isinstance(failure, SSL.Error | VerificationError)):
+            # the handshake failed (verify: the certificate): the policy was not met
+            self.policy_failed = True
+            self._fail(f"TLS policy {self.hop.policy}: {_describe(reason)}")
         if not self.completed:
             self._fail(_describe(reason))
         if self._job is not None:
@@ -344,8 +365,31 @@ class RelayClient(smtp.ESMTPClient):
             self._refused("STARTTLS", code, resp)
 
     def esmtpTLSRequired(self, code=-1, resp=None) -> None:
+        if self.hop.policy.level in dane.ENCRYPTED:
+            self._policy_failed("the server does not offer STARTTLS")
+            return
         self._fail("TLS is required but the server does not offer STARTTLS")
         self._disconnectFromServer()
+
+    def _policy_failed(self, problem: str) -> None:
+        self.policy_failed = True
+        self._fail(f"TLS policy {self.hop.policy}: {problem}")
+        self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done: the hop's policy checks the certificate chain now,
+        before the EHLO inside TLS is answered (DANE, RFC 7672 2.2)."""
+        if not self.hop.policy.dane:
+            return
+        try:
+            chain = [c.to_cryptography() for c in
+                     self.transport.getHandle().get_peer_cert_chain() or []]
+        except Exception as e:  # a certificate cryptography cannot read
+            problem: str | None = f"unreadable certificate: {e}"
+        else:
+            problem = self.hop.policy.check(chain)
+        if problem is not None:
+            self._policy_failed(problem)
 
     def esmtpState_starttls(self, code, resp) -> None:
         # Anything the server sent after its 220 arrived in plaintext and would be read
@@ -687,7 +731,8 @@ class RelayClient(smtp.ESMTPClient):
         self._results.update(replies)
         dsn = b"DSN" in self.extensions
         results = [Result(r, *self._results[r], remote=self.hop.name, tls=self._tlsMode,
-                          dsn=dsn) for r in job.recipients if r in self._results]
+                          dsn=dsn, policy=self.hop.policy.level)
+                   for r in job.recipients if r in self._results]
         self._results, self._accepted, self._pending_rcpts = {}, [], []
         settling = self.report(job, results)
         if isinstance(settling, defer.Deferred):
@@ -807,6 +852,8 @@ class Courier:
             if pulled or problem is None:  # None: nothing was waiting for this destination
                 return outcome
             outcome.errors.append(f"{hop.name}: {problem}")
+            if protocol.policy_failed:
+                outcome.status = dane.STATUS
         return outcome
 
     def _endpoint(self, hop: Hop):
@@ -819,10 +866,14 @@ class Courier:
 
     def _context(self, hop: Hop):
         """The STARTTLS options: verified against the hop's name for smarthosts with
-        verify, unverified (still encrypted) for opportunistic MX delivery."""
+        verify, unverified (still encrypted) for opportunistic MX delivery; with DANE
+        unverified by OpenSSL (the policy checks the chain) and with the host name as SNI
+        (RFC 7672 8.1)."""
         if hop.tls == "none":
             return None
-        key = (hop.host, hop.verify, hop.ca_file)
+        key = (hop.host, hop.verify, hop.ca_file, hop.policy.dane)
+        if key not in self._contexts and hop.policy.dane and not hop.verify:
+            self._contexts[key] = _ServerName(ssl.CertificateOptions(verify=False), hop.host)
         if key not in self._contexts:
             if hop.verify:
                 trust = ssl.platformTrust()
@@ -834,6 +885,22 @@ class Courier:
             else:
                 self._contexts[key] = ssl.CertificateOptions(verify=False)
         return self._contexts[key]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _ServerName:
+    """Client TLS options that send ``hostname`` as SNI, certificate unverified."""
+
+    def __init__(self, options: ssl.CertificateOptions, hostname: str) -> None:
+        self.options = options
+        self.hostname = hostname.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_tlsext_host_name(self.hostname)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        return connection
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:

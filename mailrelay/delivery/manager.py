@@ -117,7 +117,7 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, dkim=None, clock=None,
+                 features=None, dkim=None, return_paths=None, clock=None,
                  rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
@@ -135,6 +135,8 @@ class DeliveryManager:
         self.on_result = on_result
         self.features = features  # features.hooks.MessageFeatures: suppressions, copies
         self.dkim = dkim  # delivery.dkimsign.DkimSigning: signs what is sent, last
+        # bounces.store.ReturnPaths: VERP senders at an account's bounce domain
+        self.return_paths = return_paths
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -295,11 +297,14 @@ class DeliveryManager:
         """Route the pending recipients by domain, then hand one job per destination (all
         of the message's recipients that go there) to that destination's connections.
         Recipients on a suppression list are left out; with the per-recipient features
-        (footer, tracking) each recipient gets a job of its own with its own copy."""
+        (footer, tracking) or a VERP sender (the account's bounce domain) each recipient
+        gets a job of its own, with its own copy or its own envelope sender."""
         pending, copies, failures = await self._features(attempt, attempt.state.pending())
         original, copies = await self._sign(attempt, pending, copies)
         groups, unroutable = await self.routes.group(pending, attempt.queue_id)
         failures += unroutable
+        senders = await self._return_paths(
+            attempt.envelope, [r for _, rcpts in groups.values() for r in rcpts])
         if not self._running or attempt.deleted:
             groups, failures = {}, []  # stopped or deleted meanwhile: nothing tried
             attempt.suppressed = []
@@ -309,20 +314,47 @@ class DeliveryManager:
             spooled = original.open
             body = original.to_bytes() if body is not None else None  # small: kept read
         envelope = attempt.envelope
-        job = partial(Job, attempt.queue_id, envelope.sender, context=attempt,
+        job = partial(Job, attempt.queue_id, context=attempt,
                       dsn_mail=dsnparams.mail_params(envelope.ret, envelope.envid),
                       dsn_rcpt={r: dsnparams.rcpt_params(p) for r, p in envelope.dsn.items()},
                       smtputf8=envelope.smtputf8)
         jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
-            shared = [r for r in rcpts if r not in copies]
+            shared = [r for r in rcpts if r not in copies and r not in senders]
             if shared:
-                jobs.append((key, hops, job(shared, spooled, body=body)))
-            jobs += [(key, hops, job([r], copies[r].open)) for r in rcpts if r in copies]
+                jobs.append((key, hops, job(envelope.sender, shared, spooled, body=body)))
+            # A VERP sender is one recipient's: one transaction each, sharing the body.
+            jobs += [(key, hops, job(senders[r], [r], spooled, body=body))
+                     for r in rcpts if r in senders and r not in copies]
+            jobs += [(key, hops, job(senders.get(r, envelope.sender), [r], copies[r].open))
+                     for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
             self.destinations.add(key, hops, job)
         self._record(attempt, failures)
+
+    async def _return_paths(self, envelope: Envelope, recipients: list[str]) -> dict[str, str]:
+        """The VERP envelope sender of each recipient, for mail of an account with a
+        bounce domain (none for the null sender: the relay's bounces stay null). The
+        message is recorded first, so that its bounces find their sender; if that fails,
+        it goes out with the client's sender (unsigned by VERP, not held back)."""
+        paths = self.return_paths
+        if paths is None or not envelope.return_path or not envelope.sender or not recipients:
+            return {}
+        # A client that asked for DSNs (RFC 3461) hears from the remote servers itself, as
+        # it asked: those recipients keep its envelope sender.
+        asked = envelope.ret is not None or envelope.envid is not None
+        senders = {r: a for r in recipients
+                   if not (asked or envelope.dsn.get(r))
+                   and (a := paths.address(envelope, r)) is not None}
+        if senders:
+            try:
+                await paths.record(envelope)
+            except Exception:
+                log.failure("{queue_id}: cannot record its return paths: sent with the "
+                            "client's envelope sender", queue_id=envelope.id)
+                return {}
+        return senders
 
     async def _features(self, attempt: _Attempt,
                         pending: list[str]) -> tuple[list[str], dict, list[Result]]:
@@ -384,7 +416,7 @@ class DeliveryManager:
             self._drain(dest, None)
         elif did.jobs == 0 and did.errors and dest.active == 0:
             # No hop would take a message: everything waiting for them is deferred.
-            self._drain(dest, f"4.4.1 {did.error}")
+            self._drain(dest, f"{did.status} {did.error}")
         self.destinations.settle(dest)
         self._check_idle()
 
@@ -532,10 +564,12 @@ class DeliveryManager:
         return True
 
     def _log(self, attempt: _Attempt, result: Result, status: str) -> None:
-        log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} tls={tls}",
+        log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} "
+                 "tls={tls}{policy}",
                  queue_id=attempt.queue_id, recipient=result.recipient,
                  remote=result.remote or "-", status=status, code=result.code,
-                 text=result.text, tls="yes" if result.tls else "no")
+                 text=result.text, tls="yes" if result.tls else "no",
+                 policy=f" tls_policy={result.policy}" if result.policy else "")
         if self.on_result is not None:
             try:
                 self.on_result(attempt.queue_id, attempt.envelope, result, status)

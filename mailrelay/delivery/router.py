@@ -13,16 +13,29 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from twisted.internet import defer, udp
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.names import cache, client, dns, hosts, resolve
 from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.delivery import dane
+from mailrelay.delivery.dnssec import (
+    Answer,
+    DNSClient,
+    DNSFailure,
+    DNSTimeout,
+    LookupFailure,
+    NoSuchName,
+    QuietPort,
+)
 from mailrelay.interfaces import IRouter
 from mailrelay.logtext import quietly
 from mailrelay.scope import ScopeError, is_domain, to_ascii_domain
+
+log = Logger()
 
 MAX_HOPS = 10  # addresses tried in one attempt; more only costs time on a dead domain
 MAX_CNAMES = 5
@@ -69,6 +82,7 @@ class Hop:
     password: str = ""
     address: str | None = None
     ca_file: str | None = None  # PEM trust roots for verify; None: the platform's
+    policy: dane.TlsPolicy = dane.TlsPolicy()  # what the certificate must satisfy (DANE)
 
     def __repr__(self) -> str:  # never show the password in logs
         return f"Hop({self.name}:{self.port}, tls={self.tls})"
@@ -92,19 +106,6 @@ def make_resolver(servers: Iterable[tuple[str, int]] = (), reactor=None):
                                   QuietResolver(resolv=b"/etc/resolv.conf", reactor=reactor)])
 
 
-class _QueryPort(udp.Port):
-    """The UDP port of one DNS query, opened and closed without the lines
-    twisted.internet.udp writes for each (``... starting on 47584``, ``(UDP Port 47584
-    Closed)``) nor its protocol's (``Starting protocol <... object at 0x...>``): four
-    lines a query, nothing a sysadmin can use."""
-
-    def startListening(self) -> None:
-        quietly(super().startListening)
-
-    def connectionLost(self, reason=None) -> None:
-        quietly(super().connectionLost, reason)
-
-
 class QuietResolver(client.Resolver):
     """twisted.names' resolver, with each query's port quiet and without its lines about
     re-reading resolv.conf (every change, and at startup, with each server it found)."""
@@ -113,11 +114,11 @@ class QuietResolver(client.Resolver):
         quietly(super().maybeParseConfig)
 
     def _connectedProtocol(self, interface: str = "") -> dns.DNSDatagramProtocol:
-        # client.Resolver's own, on a _QueryPort: a new random source port per query.
+        # client.Resolver's own, on a QuietPort: a new random source port per query.
         proto = dns.DNSDatagramProtocol(self, reactor=self._reactor)
         proto.noisy = False  # "Starting protocol <...DNSDatagramProtocol object at 0x...>"
         for _ in range(1000):
-            port = _QueryPort(dns.randomSource(), proto, interface, reactor=self._reactor)
+            port = QuietPort(dns.randomSource(), proto, interface, reactor=self._reactor)
             try:
                 port.startListening()
             except CannotListenError as e:
@@ -128,9 +129,24 @@ class QuietResolver(client.Resolver):
         raise CannotListenError(interface, 0, "no free UDP port for a DNS query")
 
 
-def router_from_config(config, reactor=None):
-    """The router for a loaded config.Config: MX or smarthost, under the [routes]."""
+def router_from_config(config, reactor=None, announce: bool = False):
+    """The router for a loaded config.Config: MX or smarthost, under the [routes].
+    ``announce``: log once whether DANE is on (the delivery process does, at startup)."""
     d = config.delivery
+    lookup, why = dns_lookup(d, reactor) if d.mode == "mx" else (None, "smarthost")
+    if announce and d.mode == "mx" and d.mx_tls != "none":
+        if isinstance(lookup, DNSClient):
+            log.info("delivery: DANE on: DNSSEC status from {servers}",
+                     servers=", ".join(f"{h}:{p}" for h, p in lookup.servers))
+        else:
+            log.info("delivery: DANE off: {why}", why=why)
+    if d.mx_tls == "none":
+        default, default_why = "none", "mx_tls = none"
+    elif isinstance(lookup, DNSClient):
+        default, default_why = "dane", "default"
+    else:
+        default, default_why = "may", "default, DANE off"
+    policies = dane.PolicyTable(config.tls_policy, default, default_why)
     if d.mode == "smarthost":
         host, port = d.smarthost
         base = SmarthostRouter(Hop(host, port, tls=d.smarthost_tls, verify=d.smarthost_verify,
@@ -138,11 +154,59 @@ def router_from_config(config, reactor=None):
                                    password=d.smarthost_password,
                                    ca_file=d.smarthost_ca_file or None))
     else:
-        base = MXRouter(make_resolver(d.dns_servers, reactor), port=d.port, tls=d.mx_tls,
-                        allow_local=d.allow_local_mx)
+        base = MXRouter(lookup, port=d.port, allow_local=d.allow_local_mx, policies=policies)
     if config.routes:
-        return RoutedRouter(config.routes, base, tls=d.mx_tls)
+        return RoutedRouter(config.routes, base, policies=policies)
     return base
+
+
+def dns_lookup(d, reactor=None):
+    """The lookups MX delivery uses, and why DANE is off when it is: dnspython queries
+    with their DNSSEC status when ``dnssec = auto`` and the resolvers are trusted, else
+    twisted.names (which also reads /etc/hosts and caches)."""
+    if d.dnssec == "off":
+        return NamesLookup(make_resolver(d.dns_servers, reactor)), "dnssec = off"
+    client = DNSClient(d.dns_servers, reactor, trust_all=d.dns_trusted)
+    if client.trusted:
+        return client, ""
+    servers = ", ".join(h for h, _ in client.servers)
+    return (NamesLookup(make_resolver(d.dns_servers, reactor)),
+            f"no trusted validating resolver (the DNS servers {servers} are not loopback; "
+            "dns_trusted = yes trusts them)")
+
+
+class NamesLookup:
+    """twisted.names lookups answering as DNSClient.lookup does, never ``secure``."""
+
+    def __init__(self, resolver) -> None:
+        self.resolver = resolver
+
+    def lookup(self, name: str, rdtype: str):
+        return defer.ensureDeferred(self._lookup(name, rdtype))
+
+    async def _lookup(self, name: str, rdtype: str) -> Answer:
+        method, kind = {"MX": (self.resolver.lookupMailExchange, dns.MX),
+                        "A": (self.resolver.lookupAddress, dns.A),
+                        "AAAA": (self.resolver.lookupIPV6Address, dns.AAAA)}[rdtype]
+        try:
+            answers = (await method(name))[0]
+        except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):
+            raise NoSuchName(name)
+        except dnserror.DomainError as e:  # SERVFAIL, REFUSED, format errors
+            raise DNSFailure(_describe(Failure(e)))
+        except defer.TimeoutError:
+            raise DNSTimeout(name)
+        records = [_names_value(a.payload) for a in answers if a.type == kind]
+        cnames = [a.payload.name.name.decode().lower() for a in answers if a.type == dns.CNAME]
+        return Answer(records, [] if records else cnames, False)
+
+
+def _names_value(payload):
+    if isinstance(payload, dns.Record_MX):
+        return payload.preference, payload.name.name.decode().rstrip(".").lower()
+    if isinstance(payload, dns.Record_A):
+        return payload.dottedQuad()
+    return _ipv6(payload)
 
 
 def is_local(address: str) -> bool:
@@ -171,9 +235,17 @@ class RoutedRouter:
     override ``fallback``."""
 
     def __init__(self, routes: Mapping[str, tuple[str, int]], fallback,
-                 tls: str = "opportunistic") -> None:
-        self.routes = {_route_key(d): Hop(host, port, tls=tls)
-                       for d, (host, port) in routes.items()}
+                 tls: str = "opportunistic", policies: dane.PolicyTable | None = None) -> None:
+        # A fixed route has no MX records to validate: dane there is may (config.py
+        # refuses dane-only).
+        policies = self.policies = policies or dane.PolicyTable(
+            default="none" if tls == "none" else "may")
+        self.routes = {}
+        for d, (host, port) in routes.items():
+            level, why = policies.level(d)
+            level = "may" if level == "dane" else level
+            self.routes[_route_key(d)] = Hop(host, port,
+                                             **_settings(dane.TlsPolicy(level, why)))
         self.fallback = fallback
 
     def route(self, domain: str):
@@ -192,16 +264,34 @@ def _route_key(domain: str) -> str:
         return domain
 
 
+def _settings(policy: dane.TlsPolicy) -> dict:
+    """A Hop's TLS fields for ``policy``."""
+    tls = "required" if policy.level in dane.ENCRYPTED else (
+        "none" if policy.level == "none" else "opportunistic")
+    return {"tls": tls, "verify": policy.level == "verify", "policy": policy}
+
+
+class _Unusable(Exception):
+    """An MX host that the TLS policy forbids using now (DANE cannot be satisfied)."""
+
+
 @implementer(IRouter)
 class MXRouter:
     """Direct delivery: MX records by preference (equal ones shuffled), each resolved to its
-    A then AAAA addresses; no MX means the domain's own addresses (RFC 5321 §5.1)."""
+    A then AAAA addresses; no MX means the domain's own addresses (RFC 5321 §5.1).
+
+    ``resolver``: a DNSClient (lookups with DNSSEC status, DANE possible) or a
+    twisted.names resolver. Each hop carries the TLS policy of its domain (``policies``);
+    for dane and dane-only, an MX host whose MX and address records are validated is
+    asked for its ``_25._tcp`` TLSA records (RFC 7672 2.2)."""
 
     def __init__(self, resolver, port: int = 25, tls: str = "opportunistic",
-                 allow_local: bool = False, rng: random.Random | None = None) -> None:
-        self.resolver = resolver
+                 allow_local: bool = False, rng: random.Random | None = None,
+                 policies: dane.PolicyTable | None = None) -> None:
+        self.lookup = resolver if hasattr(resolver, "lookup") else NamesLookup(resolver)
         self.port = port
-        self.tls = tls
+        self.policies = policies or dane.PolicyTable(
+            default="none" if tls == "none" else "may")
         self.allow_local = allow_local
         self._rng = rng or random.Random()
 
@@ -220,24 +310,32 @@ class MXRouter:
         if not is_domain(ascii_domain):
             raise PermanentRouteError(f"{domain!r} is not a valid domain name", "5.1.2")
         domain = ascii_domain
-        exchanges = await self._exchanges(domain)
+        level, why = self.policies.level(domain)
+        exchanges, secure = await self._exchanges(domain)
         hops: list[Hop] = []
         temporary: str | None = None
+        unusable: str | None = None
         refused = 0
         results = await defer.DeferredList(
-            [defer.ensureDeferred(self._addresses(host)) for host in exchanges],
+            [defer.ensureDeferred(self._host(host, level, why, secure)) for host in exchanges],
             consumeErrors=True)
         for host, (ok, value) in zip(exchanges, results, strict=True):
             if not ok:
-                temporary = temporary or f"{host}: {_describe(value)}"
+                if value.check(_Unusable):
+                    unusable = unusable or str(value.value)
+                else:
+                    temporary = temporary or f"{host}: {_describe(value)}"
                 continue
-            for address in value:
+            addresses, policy = value
+            for address in addresses:
                 if not self.allow_local and is_local(address):
                     refused += 1
                     continue
-                hops.append(Hop(host, self.port, tls=self.tls, address=address))
+                hops.append(Hop(host, self.port, address=address, **_settings(policy)))
         if hops:
             return hops[:MAX_HOPS]
+        if unusable:  # never a fallback to a weaker policy: the message waits
+            raise TemporaryRouteError(unusable, dane.STATUS)
         if temporary:
             raise TemporaryRouteError(f"cannot resolve the mail servers of {domain}: {temporary}")
         if refused:
@@ -254,24 +352,28 @@ class MXRouter:
             raise PermanentRouteError(f"bad address literal {domain}", "5.1.2")
         if local and not self.allow_local:
             raise PermanentRouteError(f"{domain} is a local or private address", "5.4.4")
-        return [Hop(text, self.port, tls=self.tls, address=text)]
+        level, why = self.policies.level(domain)
+        if level in ("dane", "dane-only", "verify"):  # no names to match for a literal
+            level, why = "encrypt" if level != "dane" else "may", why
+        return [Hop(text, self.port, address=text, **_settings(dane.TlsPolicy(level, why)))]
 
-    async def _exchanges(self, domain: str) -> list[str]:
-        """MX hosts in the order to try, or [domain] when it has no MX."""
+    async def _exchanges(self, domain: str) -> tuple[list[str], bool]:
+        """MX hosts in the order to try, or [domain] when it has no MX; and whether every
+        answer on the way was DNSSEC-validated."""
         name = domain
+        secure = True
         for _ in range(MAX_CNAMES):
-            answers = await self._query(self.resolver.lookupMailExchange, name, domain)
-            mx = [a.payload for a in answers if a.type == dns.MX]
-            if mx:
-                return self._order(domain, mx)
-            cnames = [a.payload.name.name.decode() for a in answers if a.type == dns.CNAME]
-            if not cnames:
-                return [domain]  # no MX: the domain itself is the mail server
-            name = cnames[0]
+            answer = await self._query(name, "MX", domain)
+            secure = secure and answer.secure
+            if answer.records:
+                return self._order(domain, answer.records), secure
+            if not answer.cnames:
+                return [domain], secure  # no MX: the domain itself is the mail server
+            name = answer.cnames[0]
         raise PermanentRouteError(f"CNAME chain too long for {domain}", "5.4.4")
 
     def _order(self, domain: str, records) -> list[str]:
-        hosts = [(r.preference, r.name.name.decode().rstrip(".").lower()) for r in records]
+        hosts = list(records)
         if any(host == "" for _, host in hosts):
             # RFC 7505: "MX 0 ." says the domain accepts no mail at all.
             raise PermanentRouteError(f"{domain} does not accept mail (null MX)", "5.1.10")
@@ -282,34 +384,80 @@ class MXRouter:
             seen.setdefault(host)
         return list(seen)
 
-    async def _addresses(self, host: str) -> list[str]:
-        """A then AAAA addresses of ``host``; NXDOMAIN/no data gives []."""
+    async def _host(self, host: str, level: str, why: str,
+                    secure: bool) -> tuple[list[str], dane.TlsPolicy]:
+        """The addresses of ``host`` and the TLS policy its hops get."""
+        addresses, secure_addresses = await self._addresses(host)
+        if level not in ("dane", "dane-only"):
+            return addresses, dane.TlsPolicy(level, why)
+        if not (secure and secure_addresses):
+            if level == "dane-only":
+                raise _Unusable(f"{host}: TLS policy dane-only ({why}): its MX or address "
+                                "records are not DNSSEC-validated")
+            return addresses, dane.TlsPolicy("may", f"{why}; {host}: not DNSSEC-validated")
+        name = f"_{self.port}._tcp.{host}"
+        try:
+            answer = await self._tlsa(name)
+        except NoSuchName:
+            answer = Answer(secure=True)
+        except LookupFailure as e:  # RFC 7672 2.2: a failed lookup makes the host unusable
+            raise _Unusable(f"{host}: TLSA lookup for {name} failed ({_error(e)}), TLS "
+                            f"policy {level} ({why}): not sent")
+        if answer.secure and answer.records:
+            return addresses, dane.TlsPolicy(
+                "dane", f"{why}; DNSSEC-validated TLSA for {host}",
+                dane.usable(answer.records), (host,))
+        if level == "dane-only":
+            raise _Unusable(f"{host}: TLS policy dane-only ({why}): no DNSSEC-validated "
+                            f"TLSA records at {name}")
+        return addresses, dane.TlsPolicy("may", f"{why}; no TLSA records for {host}")
+
+    async def _tlsa(self, name: str) -> Answer:
+        """The TLSA records at ``name``, through CNAMEs (RFC 7672 2.2.2); secure only if
+        every step was."""
+        secure = True
+        for _ in range(MAX_CNAMES):
+            answer = await self.lookup.lookup(name, "TLSA")
+            secure = secure and answer.secure
+            if answer.records or not answer.cnames:
+                return Answer(answer.records, [], secure)
+            name = answer.cnames[0]
+        raise DNSFailure("CNAME chain too long")
+
+    async def _addresses(self, host: str) -> tuple[list[str], bool]:
+        """A then AAAA addresses of ``host``; NXDOMAIN/no data gives []. And whether both
+        answers were DNSSEC-validated."""
         found: list[str] = []
+        secure = True
         failure: Failure | None = None
-        for lookup, rtype in ((self.resolver.lookupAddress, dns.A),
-                              (self.resolver.lookupIPV6Address, dns.AAAA)):
+        for rtype in ("A", "AAAA"):
             try:
-                answers = (await lookup(host))[0]
-            except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):
-                return found  # the name does not exist: no AAAA either
+                answer = await self.lookup.lookup(host, rtype)
+            except NoSuchName:
+                return found, False  # the name does not exist: no AAAA either
             except Exception:
                 failure = Failure()
+                secure = False
                 continue
-            found += [a.payload.dottedQuad() if rtype == dns.A else _ipv6(a.payload)
-                      for a in answers if a.type == rtype]
+            secure = secure and answer.secure
+            found += answer.records
         if not found and failure is not None:
             failure.raiseException()
-        return found
+        return found, secure
 
-    async def _query(self, lookup, name: str, domain: str):
+    async def _query(self, name: str, rdtype: str, domain: str) -> Answer:
         try:
-            return (await lookup(name))[0]
-        except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):
+            return await self.lookup.lookup(name, rdtype)
+        except NoSuchName:
             raise PermanentRouteError(f"domain {domain} does not exist", "5.1.2")
-        except dnserror.DomainError as e:  # SERVFAIL, REFUSED, format errors
-            raise TemporaryRouteError(f"DNS error for {domain}: {_describe(Failure(e))}")
-        except defer.TimeoutError:
+        except DNSTimeout:
             raise TemporaryRouteError(f"DNS timeout for {domain}")
+        except DNSFailure as e:  # SERVFAIL, REFUSED, format errors
+            raise TemporaryRouteError(f"DNS error for {domain}: {_error(e)}")
+
+
+def _error(e: Exception) -> str:
+    return "timeout" if isinstance(e, DNSTimeout) else str(e) or type(e).__name__
 
 
 def _ipv6(record: dns.Record_AAAA) -> str:
@@ -317,4 +465,6 @@ def _ipv6(record: dns.Record_AAAA) -> str:
 
 
 def _describe(failure: Failure) -> str:
+    if failure.check(LookupFailure):
+        return _error(failure.value)
     return failure.type.__name__

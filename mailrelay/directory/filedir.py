@@ -48,7 +48,14 @@ from mailrelay.auth.passwords import (
 from mailrelay.files import StatKey, locked, read_with_stat, save_file, stat_key
 from mailrelay.interfaces import IDirectory
 from mailrelay.model import Account, Kind, SmtpUser, Status, canonical_username
-from mailrelay.scope import Scope, ScopeError, is_address, parse_addresses, parse_domains
+from mailrelay.scope import (
+    Scope,
+    ScopeError,
+    is_address,
+    is_domain,
+    parse_addresses,
+    parse_domains,
+)
 
 log = Logger()
 
@@ -96,6 +103,7 @@ def account_to_json(account: Account) -> dict[str, Any]:
         "domains": ";".join(sorted(account.domains)),
         "notify": account.notify,
         "note": account.note,
+        "bounce_domain": account.bounce_domain,
     }
 
 
@@ -134,7 +142,7 @@ def _field(entry: Mapping, key: str, types: tuple[type, ...], default: Any) -> A
 def _account_from_json(name: str, entry: Any) -> Account:
     if not isinstance(entry, dict):
         raise DirectoryFileError("must be an object")
-    unknown = set(entry) - {"domains", "notify", "note"}
+    unknown = set(entry) - {"domains", "notify", "note", "bounce_domain"}
     if unknown:
         raise DirectoryFileError(f"unknown field(s) {', '.join(sorted(unknown))}")
     return Account(
@@ -142,6 +150,7 @@ def _account_from_json(name: str, entry: Any) -> Account:
         domains=parse_domains(_field(entry, "domains", (str,), "")),
         notify=_field(entry, "notify", (str, type(None)), None) or None,
         note=_field(entry, "note", (str,), ""),
+        bounce_domain=_field(entry, "bounce_domain", (str, type(None)), None) or None,
     )
 
 
@@ -220,6 +229,7 @@ def data_from_json(doc: Any) -> UserData:
         except (DirectoryFileError, ScopeError) as e:
             raise DirectoryFileError(f"account {name!r}: {e}")
         data.accounts[name] = account
+    check_bounce_domains(data.accounts)
     for username, entry in doc.get("users", {}).items():
         try:
             user, password_hash = _user_from_json(username, entry)
@@ -255,6 +265,34 @@ def check_account(account: Account) -> None:
         )
     if account.notify is not None and not is_address(account.notify):
         raise DirectoryFileError(f"notify {account.notify!r} is not a valid email address")
+    if account.bounce_domain is not None:
+        check_bounce_domain(account)
+
+
+def check_bounce_domain(account: Account) -> None:
+    """A bounce domain is a subdomain of one of the account's domains: SPF on it then
+    aligns with the From: domain under DMARC's relaxed rule, and an account can only
+    claim a name under a domain it owns."""
+    domain = account.bounce_domain or ""
+    if not is_domain(domain) or domain != domain.lower():
+        raise DirectoryFileError(f"bounce domain {domain!r} is not a domain name in lower case")
+    if not any(domain.endswith("." + d) for d in account.domains):
+        raise DirectoryFileError(
+            f"bounce domain {domain!r} is not a subdomain of an authorized domain of account "
+            f"{account.name!r} (bounces.DOMAIN, for DMARC alignment)"
+        )
+
+
+def check_bounce_domains(accounts: Mapping[str, Account]) -> None:
+    """Each bounce domain belongs to one account: its bounces are that account's."""
+    owner: dict[str, str] = {}
+    for name, account in sorted(accounts.items()):
+        if account.bounce_domain is None:
+            continue
+        if account.bounce_domain in owner:
+            raise EntryConflict(f"bounce domain {account.bounce_domain!r} is already the "
+                                f"bounce domain of account {owner[account.bounce_domain]!r}")
+        owner[account.bounce_domain] = name
 
 
 def check_user(user: SmtpUser, accounts: Mapping[str, Account]) -> None:
@@ -432,12 +470,14 @@ class UserStore:
         if account.name in self.data.accounts:
             raise EntryConflict(f"account {account.name!r} already exists")
         check_account(account)
+        check_bounce_domains({**self.data.accounts, account.name: account})
         self.data.accounts[account.name] = account
         return account
 
     def update_account(self, name: str, **changes: Any) -> Account:
         account = dataclasses.replace(self.account(name), **changes)
         check_account(account)
+        check_bounce_domains({**self.data.accounts, name: account})
         stranded = []
         for user in self.data.users_of(name):
             outside = user.effective_scope().outside(account.domains)

@@ -42,9 +42,11 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
     "accountDomains": "mailrelayAccountDomain",
     "accountNotify": "mailrelayNotifyAddress",
     "accountNote": "description",
+    "accountBounceDomain": "mailrelayBounceDomain",
 }
 _USER_KEYS = [k for k in DEFAULT_ATTRIBUTES if not k.startswith("account") or k == "account"]
-_ACCOUNT_KEYS = ["accountName", "accountDomains", "accountNotify", "accountNote", "updated"]
+_ACCOUNT_KEYS = ["accountName", "accountDomains", "accountNotify", "accountNote",
+                 "accountBounceDomain", "updated"]
 # An attribute description: a name (with options) or a numeric OID.
 _ATTRIBUTE_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)(?:;[A-Za-z0-9-]+)*$")
 _TIMESTAMP_RE = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
@@ -135,11 +137,19 @@ def account_from_entry(entry: Entry, names: dict[str, str]) -> Account | None:
         return None
     fields = _Fields(entry, names)
     notify = fields.addresses(names["accountNotify"])
+    domains = fields.domains(names["accountDomains"])
+    bounce = fields.domains(names["accountBounceDomain"])
+    bounce_domain = min(bounce) if bounce else None
+    if bounce_domain is not None and not any(bounce_domain.endswith("." + d) for d in domains):
+        fields._bad(names["accountBounceDomain"], bounce_domain,
+                    "not a subdomain of the account's domains")
+        bounce_domain = None
     return Account(
         name=name,
-        domains=fields.domains(names["accountDomains"]),
+        domains=domains,
         notify=min(notify) if notify else None,
         note=entry.first(names["accountNote"]) or "",
+        bounce_domain=bounce_domain,
     )
 
 

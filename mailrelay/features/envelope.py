@@ -8,17 +8,18 @@ and a user without features gets an envelope like any other.
 
 from __future__ import annotations
 
-from mailrelay.model import SmtpUser
+from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import is_address
 
 
-def user_fields(user: SmtpUser, recipients: list[str]) -> dict:
+def user_fields(user: SmtpUser, recipients: list[str], account: Account | None = None) -> dict:
     """Envelope keyword arguments: ``recipients`` (with the audit BCC addresses added as
     envelope recipients only: they appear in no header), ``audit`` (those added),
-    ``bounce_to`` (None: DSNs to the sender; "": none; else that address) and
-    ``personalize`` (the per-recipient changes to make)."""
+    ``bounce_to`` (None: DSNs to the sender; "": none; else that address),
+    ``personalize`` (the per-recipient changes to make) and, when the account has a
+    bounce domain, ``return_path`` (VERP at delivery)."""
     audit = [a for a in dict.fromkeys(user.audit_bcc) if a not in recipients]
-    return {
+    fields = {
         "recipients": [*recipients, *audit],
         "audit": audit,
         "bounce_to": bounce_to(user.bounce_notify),
@@ -32,6 +33,9 @@ def user_fields(user: SmtpUser, recipients: list[str]) -> dict:
             if on
         ],
     }
+    if account is not None and account.bounce_domain:
+        fields["return_path"] = account.bounce_domain
+    return fields
 
 
 def bounce_to(bounce_notify: str) -> str | None:

@@ -37,6 +37,7 @@ class Event(enum.StrEnum):
     OPENS = "opens"
     CLICKS = "clicks"
     UNSUBSCRIBES = "unsubscribes"
+    COMPLAINTS = "complaints"  # spam reports (RFC 5965) that came back to a bounce domain
 
 
 TRACKED = (Event.OPENS, Event.CLICKS, Event.UNSUBSCRIBES)

@@ -22,6 +22,7 @@ class Reason(enum.StrEnum):
     UNSUBSCRIBE = "unsubscribe"
     HARD_BOUNCE = "hard-bounce"
     MANUAL = "manual"
+    COMPLAINT = "complaint"  # the recipient reported the mail as spam (bounces/feed.py)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 the relay's ``[delivery] outbound_addresses`` authorized?), DKIM (is each key's record
 published and the same key?) and DMARC (present, its policy, and does the relay's mail
 align?). Each check is ok, missing, wrong or unknown (not configured, or DNS gave no
-answer), with the record to publish when it is not ok.
+answer), with the record to publish when it is not ok. An account's bounce domain (the
+return path of its mail) is checked too: its MX must name the relay, its SPF authorize it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.dkim import DkimKey
-from mailrelay.dnscheck import DnsFailure, SpfError, spf_check, spf_record, tags, txt_records
+from mailrelay.dnscheck import (
+    DnsFailure,
+    SpfError,
+    mx_records,
+    spf_check,
+    spf_record,
+    tags,
+    txt_records,
+)
 
 POLICIES = ("none", "quarantine", "reject")
 
@@ -127,8 +136,95 @@ async def check_domain(resolver, domain: str, outbound: list[str],
             "ok": all(c["status"] == "ok" for c in checks)}  # fmt: skip
 
 
-async def check_configured(config, keys, resolver, domain: str) -> dict[str, Any]:
+async def check_configured(config, keys, resolver, domain: str,
+                           bounce_domain: str | None = None) -> dict[str, Any]:
     """``domain check --json`` of ``domain`` under the relay's ``config``, its DKIM keys
-    from ``keys`` (IDkimKeys): what mailrelay-admin, the API and the panel all show."""
+    from ``keys`` (IDkimKeys), and the return path of ``bounce_domain`` (its account's,
+    bounce_domain_of): what mailrelay-admin, the API and the panel all show."""
     pairs = [(k, await keys.txtRecord(k)) for k in await keys.ofDomain(domain)]
-    return await check_domain(resolver, domain, config.delivery.outbound_addresses, pairs)
+    return await check_domain_with_return_path(resolver, domain,
+                                               config.delivery.outbound_addresses, pairs,
+                                               bounce_domain, config.bounces.mx_host)
+
+
+# ---- the return path: an account's bounce domain (mailrelay/bounces/) ----
+
+
+def record_line(publish: dict[str, str]) -> str:
+    """A record to publish as a zone file line (TXT split into character-strings)."""
+    from mailrelay.manage.dkim import zone_line
+
+    if publish["type"] == "TXT":
+        return zone_line(publish["name"], publish["value"])
+    return f"{publish['name']}. IN {publish['type']} {publish['value']}"
+
+
+def return_path_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The return-path item of a report as (label, check) rows, as SPF, DKIM and DMARC are
+    shown (none without a bounce domain)."""
+    rp = report.get("return_path")
+    if rp is None:
+        return []
+    return [(f"return-path {kind}", {**rp[kind.lower()],
+                                     "detail": f"{rp['domain']}: {rp[kind.lower()]['detail']}"})
+            for kind in ("MX", "SPF")]  # fmt: skip
+
+
+def bounce_domain_of(accounts, domain: str) -> str | None:
+    """The bounce domain of the account (of ``accounts``) ``domain`` is authorized for."""
+    found = sorted(a.bounce_domain for a in accounts if domain in a.domains and a.bounce_domain)
+    return found[0] if found else None
+
+
+async def check_return_path(resolver, bounce_domain: str, mx_host: str,
+                            outbound: list[str]) -> dict[str, Any]:
+    """The bounce domain's records: an MX naming the relay (``[bounces] mx_host``), so that
+    bounces to its VERP addresses come back, and SPF authorizing the relay's addresses,
+    since the envelope sender is there. Ok only when both are."""
+    out: dict[str, Any] = {"domain": bounce_domain, "mx_host": mx_host, "record": None,
+                           "publish": None}
+    mx_publish = {"name": bounce_domain, "type": "MX", "value": f"10 {mx_host}."}
+    try:
+        mx = await mx_records(resolver, bounce_domain)
+    except DnsFailure as e:
+        mx = None
+        mx_check = {"status": "unknown", "detail": f"DNS gave no answer ({e})"}
+    if mx is None:
+        pass
+    elif not mx:
+        mx_check = {"status": "missing", "detail": f"{bounce_domain} has no MX: bounces to "
+                    "its addresses cannot come back", "publish": mx_publish}  # fmt: skip
+    elif mx_host in {name for _, name in mx}:
+        mx_check = {"status": "ok", "detail": f"MX {mx_host}"}
+    else:
+        mx_check = {"status": "wrong", "publish": mx_publish,
+                    "detail": f"MX {', '.join(n for _, n in mx)}, not {mx_host}"}  # fmt: skip
+    if mx:
+        mx_check["record"] = " ".join(f"{p} {n}." for p, n in mx)
+    out["mx"] = {"record": None, "publish": None, **mx_check}
+    out["spf"] = spf = await check_spf(resolver, bounce_domain, outbound)
+    for status in ("wrong", "missing", "unknown", "ok"):
+        if status in (out["mx"]["status"], spf["status"]):
+            out["status"] = status
+            break
+    out["detail"] = f"MX {out['mx']['status']}, SPF {spf['status']}"
+    return out
+
+
+async def check_domain_with_return_path(resolver, domain: str, outbound: list[str],
+                                        keys: list[tuple[DkimKey, tuple[str, str]]],
+                                        bounce_domain: str | None,
+                                        mx_host: str) -> dict[str, Any]:
+    """check_domain, and with a bounce domain its ``return_path`` report: the envelope
+    sender is then at the bounce domain, so DMARC's SPF alignment (relaxed: a subdomain
+    aligns) is that of the bounce domain's SPF."""
+    report = await check_domain(resolver, domain, outbound, keys)
+    if bounce_domain is None:
+        return report
+    rp = report["return_path"] = await check_return_path(resolver, bounce_domain, mx_host,
+                                                         outbound)
+    report["dmarc"] = await check_dmarc(resolver, domain, report["dmarc"]["dkim_aligned"],
+                                        rp["spf"]["status"] == "ok")
+    checks = [report["spf"], *report["dkim"], report["dmarc"], rp]
+    report["ok"] = all(c["status"] == "ok" for c in checks)
+    return report

@@ -8,7 +8,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.interfaces import ISpool, ISubmissionPolicy
-from mailrelay.model import SmtpUser
+from mailrelay.model import Account, SmtpUser
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.smtp.server import SubmissionServer
 
@@ -53,7 +53,7 @@ class SubmissionFactory(ServerFactory):
         policy=None,
         session_timeout: float = 3600.0,
         verify_senders: bool = False,
-        envelope_fields: Callable[[SmtpUser, list[str]], dict] | None = None,
+        envelope_fields: Callable[[SmtpUser, list[str], Account | None], dict] | None = None,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
@@ -85,7 +85,7 @@ class SubmissionFactory(ServerFactory):
         return self.protocol(self)
 
 
-def _recipients_only(user: SmtpUser, recipients: list[str]) -> dict:
+def _recipients_only(user: SmtpUser, recipients: list[str], account: Account | None) -> dict:
     return {"recipients": list(recipients)}
 
 

@@ -613,7 +613,8 @@ class SubmissionServer(Chunking, CommandStream):
             dsn=self._dsn_rcpts,
             **self._dsn_mail,  # ret, envid
             smtputf8=self._smtputf8,
-            **self.factory.envelope_fields(user, self._recipients),  # audit BCC, footer...
+            # audit BCC, footer, the account's bounce domain...
+            **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
         try:
             incoming = self.factory.spool.create(envelope)

@@ -68,6 +68,8 @@ _USER = obj(
     ["username", "kind", "account", "status", "sender_scope", "unverified"],
 )
 
+_BOUNCE_DOMAIN = {**NULL_STR, "description": "return-path domain for VERP bounces (a "
+                  "subdomain of an authorized domain); null: none"}
 _VERIFICATION = obj(
     {
         "sender": STR,
@@ -98,6 +100,7 @@ _COUNTS = {e.value: INT for e in Event}
 
 _TXT = obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": STR},
            ["name", "type", "value"])
+_STATUS = {"type": "string", "enum": ["ok", "missing", "wrong", "unknown"]}
 _PUBLISHED = {"type": "string", "enum": ["ok", "missing", "different", "unknown"]}
 
 SCHEMAS: dict[str, Any] = {
@@ -123,11 +126,13 @@ SCHEMAS: dict[str, Any] = {
         ["sender", "kind", "verified"],
     ),  # fmt: skip
     "Account": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
-                    "users": array(STR)}, ["name", "domains", "users"]),  # fmt: skip
-    "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR},
-                      ["name"], closed=True),  # fmt: skip
+                    "bounce_domain": _BOUNCE_DOMAIN, "users": array(STR)},
+                   ["name", "domains", "users"]),  # fmt: skip
+    "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
+                       "bounce_domain": _BOUNCE_DOMAIN}, ["name"], closed=True),  # fmt: skip
     "AccountChange": {
-        **obj({"domains": STR, "notify": NULL_STR, "note": STR}, closed=True),
+        **obj({"domains": STR, "notify": NULL_STR, "note": STR,
+               "bounce_domain": _BOUNCE_DOMAIN}, closed=True),
         "minProperties": 1,
     },
     "IpAuth": obj(
@@ -189,11 +194,24 @@ SCHEMAS: dict[str, Any] = {
         {"domain": STR, "ok": {**BOOL, "description": "every check is ok"},
          "spf": ref("RecordCheck"),
          "dkim": {**array(ref("RecordCheck")), "description": "one per DKIM key"},
-         "dmarc": ref("RecordCheck")},
+         "dmarc": ref("RecordCheck"),
+         "return_path": ref("ReturnPathCheck")},
         ["domain", "ok", "spf", "dkim", "dmarc"],
     ),  # fmt: skip
+    "ReturnPathCheck": obj(
+        {"domain": {**STR, "description": "the bounce domain of the domain's account (the "
+                    "item is there only when it has one)"},
+         "mx_host": {**STR, "description": "what its MX must name ([bounces] mx_host)"},
+         "status": _STATUS, "detail": STR, "record": NULL_STR, "publish": NULL_STR,
+         "mx": obj({"status": _STATUS, "detail": STR, "record": NULL_STR,
+                    "publish": {**obj({"name": STR, "type": {"type": "string", "enum": ["MX"]},
+                                       "value": STR}, ["name", "type", "value"]),
+                                "nullable": True}}, ["status", "detail"]),
+         "spf": ref("RecordCheck")},
+        ["domain", "status", "detail", "mx", "spf"],
+    ),  # fmt: skip
     "RecordCheck": obj(
-        {"status": {"type": "string", "enum": ["ok", "missing", "wrong", "unknown"]},
+        {"status": _STATUS,
          "detail": STR,
          "name": {**STR, "description": "where it is looked up (DKIM, DMARC)"},
          "record": {**NULL_STR, "description": "the record found"},

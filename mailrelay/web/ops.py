@@ -264,7 +264,8 @@ async def get_account(s: Services, name: str) -> dict[str, Any]:
     return account_json(*found)
 
 
-_ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str}
+_ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str,
+                   "bounce_domain": (str, type(None))}
 
 
 def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +284,8 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
         changes["notify"] = (doc["notify"] or "").strip() or None
     if "note" in doc:
         changes["note"] = doc["note"]
+    if "bounce_domain" in doc:
+        changes["bounce_domain"] = (doc["bounce_domain"] or "").strip().lower() or None
     return changes
 
 
@@ -541,14 +544,16 @@ async def sending_domains(s: Services) -> list[str]:
 async def check_domain(s: Services, domain: str) -> dict[str, Any]:
     """``domain check --json``: SPF, DKIM and DMARC of a domain the relay sends for (404
     for any other), as published in DNS now."""
-    from mailrelay.manage.domaincheck import check_configured
+    from mailrelay.manage.domaincheck import bounce_domain_of, check_configured
 
     with dkim_refusals():
         name = manage_dkim.domain_name(domain)
     if name not in await sending_domains(s):
         raise HttpError(404, f"{name} is not a domain of any account, nor one with DKIM keys")
+    with refusals():
+        bounce_domain = bounce_domain_of(await s.manager.store.listAccounts(), name)
     with dkim_refusals():
-        return await check_configured(s.config, s.dkim, s.resolver, name)
+        return await check_configured(s.config, s.dkim, s.resolver, name, bounce_domain)
 
 
 # ---- statistics ----

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from twisted.web.template import tags
 
-from mailrelay.manage.dkim import zone_line
+from mailrelay.manage.domaincheck import record_line, return_path_rows
 from mailrelay.web import ops
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.pages.dkim import dkim_path, pill
@@ -41,10 +41,11 @@ class DomainPages(Pages):
         checks = [("SPF", report["spf"])]
         checks += [(f"DKIM {c['selector']} ({c['state']})", c) for c in report["dkim"]]
         checks.append(("DMARC", report["dmarc"]))
+        checks += return_path_rows(report)  # the account's bounce domain, if it has one
         rows = [[label, pill(c["status"]), c["detail"],
                  tags.code(c["record"]) if c.get("record") else "",
-                 tags.pre(zone_line(c["publish"]["name"], c["publish"]["value"]),
-                          class_="mono") if c.get("publish") else ""]
+                 tags.pre(record_line(c["publish"]), class_="mono") if c.get("publish")
+                 else ""]
                 for label, c in checks]  # fmt: skip
         body: list[Node] = [
             tags.p("Every record is as published in DNS now: "
