@@ -117,6 +117,23 @@ class SharedCounters(unittest.TestCase):
         yield two.recipient()
         yield two.commit()
 
+    @defer.inlineCallbacks
+    def test_limits_changed_in_place_apply_to_the_next_check(self):
+        """What a reload (mailrelay/reload.py) does: new values on the same objects."""
+        rates = RedisRateLimiter(self.node(), per_hour=1)
+        guard = RedisLoginGuard(self.node(), delay_after=5, block_after=5)
+        yield rates.transaction("u")
+        yield self.refusal(rates.transaction("u"))
+        rates.per_hour = 2
+        yield rates.transaction("u")
+        yield guard.failed("192.0.2.9", "doe")
+        self.assertEqual((yield guard.check("192.0.2.9")), 0.0)
+        guard.configure(window=600, delay_after=1, block_after=2, block_time=60, max_delay=16,
+                        user_alert_after=20, ipv6_prefix=64)
+        self.assertEqual((yield guard.check("192.0.2.9")), 1.0)
+        yield guard.failed("192.0.2.9", "doe")
+        yield self.refusal(guard.check("192.0.2.9"))
+
     # ---- connections ----
 
     @defer.inlineCallbacks
