@@ -20,7 +20,7 @@ cd "$(dirname "$0")"
 # "No configuration" leaves the system instance without a main.cf, never started.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 ensure_debs slapd ldap-utils swaks libnet-ssleay-perl openssl chromium chromium-driver \
-    opendkim-tools iproute2 haproxy postfix unbound
+    opendkim-tools iproute2 haproxy postfix unbound redis-server
 ensure_venv
 "$VENV/bin/pip" install -q --disable-pip-version-check '.[test]'
 # Run the checkout's code (not the installed copy); twistd finds the plugin on PYTHONPATH.

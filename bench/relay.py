@@ -77,12 +77,13 @@ class MailRelayInstance:
         self.starts = 0
         self.delivers = True  # False when it runs with [delivery] enabled = no
         self.dkim_record: str | None = None  # set while the bench domain has a key
+        self.extra_sections: dict[str, dict[str, str]] = {}  # over sections() (cluster.py)
 
     # ---- configuration ----
 
     def sections(self, delivery: bool = True) -> dict[str, dict[str, str]]:
         host = procs.HOST
-        return {
+        sections = {
             "server": {"hostname": "mailrelay-bench.localdomain", "data_dir": self.data_dir},
             "tls": {"certificate": self.cert, "key": self.key},
             "listener:plain": {"endpoint": f"tcp:{self.plain_port}:interface={host}",
@@ -103,6 +104,9 @@ class MailRelayInstance:
             "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}"},
             "admin": {"enabled": "no"},  # no control panel: nothing to measure there
         }
+        for name, keys in self.extra_sections.items():
+            sections.setdefault(name, {}).update(keys)
+        return sections
 
     def configure(self, delivery: bool = True) -> None:
         """Write the config, dropping every setting the installed mailrelay rejects as

@@ -2,12 +2,15 @@
 """mailrelay against Postfix on this machine: the one bench command (see bench/README.md).
 
     python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa] [--dkim]
+    python3 bench/run.py --cluster [--quick | --smoke] [--rounds 3]
 
 Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
 private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
 load against each in turn (mailrelay, Postfix, mailrelay, Postfix, ...), and prints the
 medians over the rounds with the ratio mailrelay/Postfix. Every run is bounded; only the
 processes started here are stopped, by PID (Postfix by ``postfix -c DIR stop``).
+``--cluster`` measures only mailrelay, on local counters against shared ones in a private
+redis-server (bench/cluster.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import figures, opendkim, postfix, procs, relay  # noqa: E402
+from bench import cluster, figures, opendkim, postfix, procs, relay  # noqa: E402
 from bench.certs import KEY_TYPES, make_certificate  # noqa: E402
 from bench.figures import FULL, QUICK, SMOKE, Figure, Measure, Value, median  # noqa: E402
 from bench.load import LoadSpec, run_load  # noqa: E402
@@ -247,6 +250,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--key-type", choices=sorted(KEY_TYPES), default="ecdsa")
     p.add_argument("--dkim", action="store_true",
                    help="only the DKIM signing rows (end to end, signing off and on)")
+    p.add_argument("--cluster", action="store_true",
+                   help="only the shared counters row: mailrelay on local counters against "
+                        "mailrelay counting in Redis")
     p.add_argument("--only", choices=["mailrelay", "postfix"], help="measure one server")
     p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
     p.add_argument("--json", help="also write all results to this JSON file")
@@ -266,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and rounds < 3:
         say("note: fewer than 3 rounds; the issue asks for at least 3")
     raise_fd_limit()
+    if args.cluster:
+        return run_cluster(args, sizes, rounds)
 
     if not (postfix.available() and opendkim.available()) and not args.smoke \
             and not args.no_install and args.only != "mailrelay":
@@ -362,6 +370,44 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             except Exception as e:
                 say(f"stopping {server.name}: {e}")
+        sink.stop()
+        if args.keep:
+            say(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run_cluster(args, sizes, rounds: int) -> int:
+    """mailrelay on local counters against mailrelay on a private redis-server."""
+    if not cluster.available():
+        say("redis-server is not installed (apt install redis-server)")
+        return 1
+    say(f"load average before: {load_average()}")
+    load_before, started = load_average(), time.time()
+    base = tempfile.mkdtemp(prefix="mailrelay-bench-")
+    cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
+    sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
+    redis = cluster.RedisProcess(os.path.join(base, "redis"))
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
+                                 profile_dir=args.profile and os.path.abspath(args.profile))
+    try:
+        redis.start()
+        mr.configure(delivery=False)
+        mr.add_users({figures.USER[0]: figures.USER[1], figures.IP_SENDER: "bench-secret-3"})
+        per_round = []
+        for r in range(1, rounds + 1):
+            say(f"round {r}/{rounds}: shared counters")
+            per_round.append(cluster.run_round(mr, redis, sink, sizes, base, say))
+        print(f"mailrelay, local counters vs Redis, {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+              f"machine: {machine()}; load average before {load_before}, after "
+              f"{load_average()}; took {(time.time() - started) / 60:.1f} min\n"
+              + cluster.report(per_round))
+        return 0
+    finally:
+        mr.stop()
+        redis.stop()
         sink.stop()
         if args.keep:
             say(f"kept {base}")

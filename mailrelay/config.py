@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_domain
 
@@ -179,6 +180,35 @@ def _address_auth(value: str):
     return AddressAuth.parse(value)
 
 
+def redis_url_parts(url: str) -> dict:
+    """``unix:/run/redis/redis.sock`` (or a bare path), ``redis://[:password@]host[:port][/db]``
+    as keyword arguments of txredisapi's pools. Raises ValueError."""
+    if url.startswith("/") or url.startswith("unix:"):
+        path = url.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"{url!r}: a unix socket needs an absolute path")
+        return {"path": path}
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"{url!r} is not unix:/PATH or redis://HOST:PORT (rediss:// is not "
+                         "supported: reach a remote Redis over a TLS tunnel)")
+    args = {"host": parts.hostname, "port": parts.port or 6379}
+    if parts.password:
+        args["password"] = unquote(parts.password)
+    if parts.username:
+        args["username"] = unquote(parts.username)
+    if parts.path.strip("/"):
+        args["dbid"] = int(parts.path.strip("/"))
+    return args
+
+
+def _redis_url(value: str) -> str:
+    value = value.strip()
+    if value:
+        redis_url_parts(value)
+    return value
+
+
 # ---- the schema: section -> key -> (parser, default); None default means "derived" ----
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
@@ -336,6 +366,18 @@ SCHEMA["bounces"] = {
     "mx_host": (text, ""),  # what a bounce domain's MX must name; default: [server] hostname
 }
 
+SCHEMA["cluster"] = {
+    # Limits shared by several relays (mailrelay/cluster/): counted in one Redis.
+    "redis": (_redis_url, ""),  # unix:/PATH or redis://[:PASSWORD@]HOST[:PORT][/DB]; empty: off
+    "redis_password": (text, ""),  # AUTH, unless the URL has one
+    "redis_timeout": (duration, 1.0),  # a check not answered within this: Redis is down
+    "redis_down": (choice("refuse", "local"), "refuse"),
+    "nodes": (integer(1, 1000), 1),  # redis_down = local: each node keeps limit / nodes
+    "node_id": (text, ""),  # names this node's connection leases; default hostname-pid
+    "lease_time": (duration, 30.0),  # a dead node's connections stop counting after this
+    "prefix": (text, "mailrelay:"),  # of every key, so several relay groups share a Redis
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -384,6 +426,7 @@ class Config:
     tracking: SimpleNamespace
     dkim: SimpleNamespace
     bounces: SimpleNamespace
+    cluster: SimpleNamespace | None = None
 
 
 EMBEDDED = "<embedded defaults>"  # Config.source without a file
@@ -605,6 +648,8 @@ def _derive(config: Config) -> None:
     if config.bounces.endpoint:
         _check_endpoint(config, "bounces", config.bounces.endpoint)
     config.bounces.mx_host = (config.bounces.mx_host or s.hostname).lower().rstrip(".")
+    if config.cluster.redis and config.cluster.lease_time < 3:
+        raise ConfigError(config.source, "cluster", "lease_time", "at least 3s")
     _derive_features(config)
 
 

@@ -330,3 +330,64 @@ class ISenderChecks(ISessionPolicy):
     def headerFrom(avatar, address: str):
         """An address of the From: header, while the message data arrives: synchronous (no
         Deferred). Raises reply.Reply to refuse the message."""
+
+
+class IRateLimiter(Interface):
+    """The per-user rate limits (policy/ratelimit.py in process; cluster/redis_counters.py
+    shared by several nodes). Limit values are read from its attributes at each check."""
+
+    unit = Attribute('"messages" (one unit per transaction) or "recipients" (per RCPT)')
+    per_hour = Attribute("The default limit per hour (0 or None: none)")
+    per_minute = Attribute("The default limit per minute (0 or None: none)")
+
+    def transaction(user: str, per_hour=None, per_minute=None):
+        """At MAIL FROM: returns (or fires with) an IReservation, holding one unit when
+        counting messages. Raises (or errbacks with) reply.Reply ``451 4.7.1`` over a
+        limit, ``451 4.3.0`` when the shared counters cannot answer."""
+
+
+class IReservation(Interface):
+    """The units one transaction holds; each method may return a Deferred."""
+
+    def recipient():
+        """At each RCPT: one more unit when counting recipients (a Reply over a limit)."""
+
+    def commit():
+        """The message is spooled: its units count from now."""
+
+    def release():
+        """The transaction was aborted: give the units back (safe to call again)."""
+
+
+class IConnectionLimits(Interface):
+    """Connections in total, per client address and per user, messages per connection."""
+
+    def open(ip: str):
+        """Returns (or fires with) the connection's ticket, which has ``close()``.
+        Raises (or errbacks with) reply.Reply ``421`` to refuse the connection."""
+
+    def bind_user(ticket, username: str, limit=None):
+        """The connection logged in as ``username``; a Reply ``421`` refuses it."""
+
+    def count_message(ticket):
+        """One more transaction on the connection (synchronous)."""
+
+
+class ILoginGuard(Interface):
+    """Failed logins per address and per username, and address blocks."""
+
+    clock = Attribute("The IReactorTime the waits are timed with")
+
+    def check(ip: str):
+        """Returns (or fires with) the seconds to wait before checking a login; a Reply
+        (``421 4.7.0``) for a blocked address."""
+
+    def failed(ip: str, username: str):
+        """A login failed; may return a Deferred (that never errbacks)."""
+
+    def succeeded(ip: str, username: str):
+        """A login succeeded; may return a Deferred (that never errbacks)."""
+
+    def configure(window: float, delay_after: int, block_after: int, block_time: float,
+                  max_delay: float, user_alert_after: int, ipv6_prefix: int):
+        """New thresholds (a reload), keeping what was counted."""

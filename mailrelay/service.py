@@ -131,6 +131,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
         spool.subscribe(delivery.enqueue)
 
     policy, notifier = make_policy(config, spool, reactor)
+    if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
+        from mailrelay.cluster.redis_counters import LeaseRenewal
+
+        LeaseRenewal(policy.connections, reactor).setServiceParent(top)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
@@ -384,6 +388,10 @@ def make_policy(config: Config, spool, reactor):
 
     notifier = SenderNotifier(reactor, submit, config.server.postmaster,
                               config.server.hostname, interval=p.notify_interval)
+    if config.cluster.redis:  # shared by several nodes
+        from mailrelay.cluster.redis_counters import shared_limiters
+
+        return SubmissionPolicy(*shared_limiters(config, reactor), notifier), notifier
     policy = SubmissionPolicy(
         ConnectionLimits(
             max_total=limits.max_connections,

@@ -25,6 +25,7 @@ def missing_tools() -> list[str]:
         ("haproxy", "/usr/sbin/haproxy"),
         ("postfix", "/usr/sbin/postfix"),
         ("unbound", "/usr/sbin/unbound"),  # the validating resolver of tests/test_dane.py
+        ("redis-server", "/usr/bin/redis-server"),
     ) if not os.path.exists(path)]
     missing += [name for name in ("swaks", "openssl", "ldapadd") if not shutil.which(name)]
     # DKIM's independent verifier, run in a namespace of its own (tests/dkim_verify.py).

@@ -28,7 +28,9 @@ from collections import OrderedDict, deque
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailrelay.interfaces import ILoginGuard
 from mailrelay.net import client_key
 from mailrelay.reply import Reply
 from mailrelay.text import printable
@@ -91,6 +93,7 @@ class _Recent:
             del self.entries[key]
 
 
+@implementer(ILoginGuard)
 class LoginGuard:
     """Failed-login counters and address blocks for all listeners of one daemon."""
 

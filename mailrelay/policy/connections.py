@@ -8,7 +8,9 @@ everything counted against the ticket is given back then, so the counters cannot
 from __future__ import annotations
 
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailrelay.interfaces import IConnectionLimits
 from mailrelay.net import client_key
 from mailrelay.reply import Reply
 from mailrelay.text import printable
@@ -34,6 +36,7 @@ class Ticket:
             self._limits._close(self)
 
 
+@implementer(IConnectionLimits)
 class ConnectionLimits:
     """Counters for all listeners of one daemon. 0 switches a limit off.
 

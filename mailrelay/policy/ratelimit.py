@@ -21,7 +21,9 @@ from typing import Literal
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailrelay.interfaces import IRateLimiter, IReservation
 from mailrelay.reply import Reply
 
 log = Logger()
@@ -97,6 +99,7 @@ class _UserWindows:
         return not self.hour.total and not self.minute.total
 
 
+@implementer(IRateLimiter)
 class RateLimiter:
     """Rate limits of all users, in memory (a restart starts every user afresh).
 
@@ -214,6 +217,7 @@ class RateLimiter:
             del self._users[user]
 
 
+@implementer(IReservation)
 class Reservation:
     """Units held for one user's transaction; they count from the moment they are taken."""
 

@@ -1,30 +1,38 @@
 """The submission policy the session calls: connection limits, failed-login defence, rate
 limits and sender notifications composed behind ISubmissionPolicy / ISessionPolicy.
 
-Everything here is synchronous and runs in the reactor thread, so the shared counters are
-exact however many sessions interleave.
+With the in-process limiters everything here is synchronous and runs in the reactor
+thread, so the counters are exact however many sessions interleave. The limiters shared by
+several nodes (mailrelay/cluster/) answer with Deferreds; each step then waits for its
+answer, and what arrives after the connection is gone is given back.
 """
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
-from mailrelay.policy.bruteforce import LoginGuard
-from mailrelay.policy.connections import ConnectionLimits, Ticket
 from mailrelay.policy.notify import SenderNotifier
-from mailrelay.policy.ratelimit import RateLimiter, Reservation
+
+
+def _then(result, step):
+    """``step(result)`` now, or once ``result`` fires when it is a Deferred."""
+    if isinstance(result, Deferred):
+        return result.addCallback(step)
+    return step(result)
 
 
 @implementer(ISubmissionPolicy)
 class SubmissionPolicy:
-    """One per daemon, shared by every listener. ``notifier`` None: no notifications."""
+    """One per daemon, shared by every listener: ``connections`` (IConnectionLimits),
+    ``rates`` (IRateLimiter), ``logins`` (ILoginGuard). ``notifier`` None: none."""
 
     def __init__(
         self,
-        connections: ConnectionLimits,
-        rates: RateLimiter,
-        logins: LoginGuard,
+        connections,
+        rates,
+        logins,
         notifier: SenderNotifier | None = None,
     ) -> None:
         self.connections = connections
@@ -32,44 +40,57 @@ class SubmissionPolicy:
         self.logins = logins
         self.notifier = notifier
 
-    def connect(self, client_ip: str) -> SessionPolicy:
+    def connect(self, client_ip: str):
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
-        return SessionPolicy(self, client_ip, self.connections.open(client_ip))
+        return _then(self.connections.open(client_ip),
+                     lambda ticket: SessionPolicy(self, client_ip, ticket))
 
 
 @implementer(ISessionPolicy)
 class SessionPolicy:
     """One connection's places in the shared counters."""
 
-    def __init__(self, policy: SubmissionPolicy, client_ip: str, ticket: Ticket) -> None:
+    def __init__(self, policy: SubmissionPolicy, client_ip: str, ticket) -> None:
         self.policy = policy
         self.client_ip = client_ip
         self.ticket = ticket
-        self.reservation: Reservation | None = None
+        self.reservation = None  # the open transaction's IReservation
 
     def authAttempt(self, username: str) -> float:
         """Raises Reply(421, "4.7.0") for a blocked address; else the seconds to wait."""
         return self.policy.logins.check(self.client_ip)
 
-    def authFailed(self, username: str) -> None:
+    def authFailed(self, username: str):
         # No wait before the 535: authAttempt already slowed a suspicious address, before
         # the check, where the wait tells the client nothing about the outcome.
-        self.policy.logins.failed(self.client_ip, username)
+        return self.policy.logins.failed(self.client_ip, username)
 
-    def authSucceeded(self, avatar) -> None:
+    def authSucceeded(self, avatar):
         """Raises Reply(421, "4.7.0") when the user has too many connections."""
         user = avatar.user
-        self.policy.connections.bind_user(self.ticket, user.username, user.max_connections)
-        if avatar.method == "password":
-            self.policy.logins.succeeded(self.client_ip, user.username)
 
-    def mailFrom(self, avatar, sender: str) -> None:
+        def bound(_):
+            if avatar.method == "password":
+                return self.policy.logins.succeeded(self.client_ip, user.username)
+            return None
+
+        return _then(self.policy.connections.bind_user(
+            self.ticket, user.username, user.max_connections), bound)
+
+    def mailFrom(self, avatar, sender: str):
         """Raises Reply(451, "4.7.0") past the messages per connection, Reply(451,
         "4.7.1") over the user's rate limit."""
         self.reset()  # a session that forgot reset() must not leak a reservation
         self.policy.connections.count_message(self.ticket)
         user = avatar.user
-        self.reservation = self.policy.rates.transaction(user.username, per_hour=user.rate_limit)
+        return _then(self.policy.rates.transaction(user.username, per_hour=user.rate_limit),
+                     self._reserved)
+
+    def _reserved(self, reservation) -> None:
+        if self.ticket.closed:  # the connection went while the counters answered
+            reservation.release()
+        else:
+            self.reservation = reservation
 
     def senderRefused(self, avatar, address: str, header: bool) -> None:
         if self.policy.notifier is not None:
@@ -77,24 +98,26 @@ class SessionPolicy:
                 avatar.account, avatar.user.username, address, self.client_ip, header
             )
 
-    def rcptTo(self, avatar, recipient: str, count: int) -> None:
+    def rcptTo(self, avatar, recipient: str, count: int):
         """Raises Reply(451, "4.7.1") over the rate limit when counting recipients."""
         if self.reservation is None:
             raise RuntimeError("RCPT without a successful mailFrom()")
-        self.reservation.recipient()
+        return self.reservation.recipient()
 
     def data(self, avatar, envelope) -> None:
         """Nothing left to check: the units were reserved at MAIL and RCPT."""
 
-    def accepted(self, avatar, envelope) -> None:
-        if self.reservation is not None:
-            self.reservation.commit()
-            self.reservation = None
+    def accepted(self, avatar, envelope):
+        reservation, self.reservation = self.reservation, None
+        if reservation is not None:
+            return reservation.commit()
+        return None
 
-    def reset(self) -> None:
-        if self.reservation is not None:
-            self.reservation.release()
-            self.reservation = None
+    def reset(self):
+        reservation, self.reservation = self.reservation, None
+        if reservation is not None:
+            return reservation.release()
+        return None
 
     def disconnect(self) -> None:
         self.reset()

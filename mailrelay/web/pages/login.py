@@ -10,6 +10,7 @@ login_block_after`` failures the address gets 429 until ``login_block_time`` has
 from __future__ import annotations
 
 from twisted.internet import task, threads
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.web.template import tags
 
@@ -71,7 +72,7 @@ class LoginPages(Pages):
         client = call.request.getClientAddress()
         client = getattr(client, "host", str(client))
         try:
-            wait = self.logins.check(client)
+            wait = await maybeDeferred(self.logins.check, client)  # Redis: a Deferred
         except Reply:
             return self._login_page(session, BLOCKED, 429)
         if wait:

@@ -1,0 +1,126 @@
+"""The cost of shared counters: one mailrelay node counting its limits in a private
+redis-server (``[cluster] redis``) against the same node counting them in process, in the
+same run, alternating (local, Redis, local, Redis, ...).
+
+Both count: rate limits per user (a limit far above the load, so nothing is refused) and
+connections per address and per user, so every message makes its script calls (MAIL
+reserves, the commit moves the unit; each connection takes and drops its leases). The
+load is the accept row that exposes per-message costs most: plain SMTP with IP
+authentication, c=20, 10 messages a connection, delivery off (nothing but accepting).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+from bench import procs
+from bench.figures import Measure, Value, median
+
+REDIS_SERVER = "/usr/bin/redis-server"
+ROWS = ("cluster.local", "cluster.redis", "cluster.cpu", "cluster.redis_cpu")
+
+
+def available() -> bool:
+    return bool(shutil.which("redis-server") or os.path.exists(REDIS_SERVER))
+
+
+class RedisProcess:
+    """A private redis-server on a unix socket in ``directory``, nothing saved, stopped by
+    its PID."""
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.dir = directory
+        self.socket = os.path.join(directory, "redis.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        conf = os.path.join(self.dir, "redis.conf")
+        with open(conf, "w") as f:
+            f.write(f"port 0\nunixsocket {self.socket}\nunixsocketperm 700\nsave \"\"\n"
+                    f"appendonly no\ndir {self.dir}\nlogfile {self.dir}/redis.log\n")
+        self.proc = subprocess.Popen([shutil.which("redis-server") or REDIS_SERVER, conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=procs.die_with_this_process())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
+            ping = subprocess.run(["redis-cli", "-s", self.socket, "PING"],
+                                  capture_output=True, text=True, timeout=10)
+            if ping.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer")
+
+    def cpu(self) -> float:
+        return procs.tree_cpu(self.proc.pid) if self.proc else 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            procs.terminate(self.proc, 10)
+        self.proc = None
+
+
+def limits_on(shared: str | None) -> dict[str, dict[str, str]]:
+    """The sections that turn counting on (limits the load never reaches), and Redis."""
+    sections = {"limits": {"max_connections": "0", "max_connections_per_ip": "100000",
+                           "max_connections_per_user": "100000",
+                           "rate_per_hour": "1000000000", "rate_per_minute": "1000000000"}}
+    if shared:
+        sections["cluster"] = {"redis": f"unix:{shared}", "node_id": "bench"}
+    return sections
+
+
+def run_round(server, redis: RedisProcess, sink, sizes, base, say) -> dict[str, Value]:
+    """One round: the node on local counters, then on Redis; their accept rates, the
+    node's CPU per message with each, and redis-server's CPU per message."""
+    out: dict[str, Value] = {}
+    for name, shared in (("cluster.local", None), ("cluster.redis", redis.socket)):
+        server.extra_sections = limits_on(shared)
+        server.configure(delivery=False)
+        try:
+            server.start()
+            server.delivers = False
+            before = redis.cpu()
+            out[name] = Measure(server, sink, sizes, base, say).accept("plain", 20, 10)
+            ok = out[name].details.get("ok") or 0
+            if shared and ok:
+                out["cluster.redis_cpu"] = Value(1e3 * (redis.cpu() - before) / ok)
+        except Exception as e:
+            say(f"{name}: {type(e).__name__}: {e}")
+            out[name] = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
+        finally:
+            server.stop()
+    server.extra_sections = {}
+    cpu = [out[k].details.get("server_cpu_ms") for k in ("cluster.local", "cluster.redis")]
+    if None not in cpu:
+        out["cluster.cpu"] = Value(cpu[1] - cpu[0], "", {"local": cpu[0], "redis": cpu[1]})
+    return out
+
+
+def report(rounds: list[dict[str, Value]]) -> str:
+    merged = {k: median([r[k] for r in rounds if k in r]) for k in ROWS
+              if any(k in r for r in rounds)}
+    local, shared = merged.get("cluster.local"), merged.get("cluster.redis")
+    if not local or not shared or local.value is None or shared.value is None:
+        return "shared counters: n/a " + str([(k, v.note) for k, v in merged.items()])
+    ratio = shared.value / local.value
+    lines = [
+        "shared counters (accept, plain, c=20, 10 msg/conn, delivery off; medians of "
+        f"{len(rounds)} round(s)):",
+        f"  local counters {local.value:,.0f}/s, Redis {shared.value:,.0f}/s: "
+        f"{ratio:.2f}x ({'within' if ratio >= 0.9 else 'NOT within'} 10%)",
+        "  every round, local -> Redis: " + ", ".join(
+            f"{r['cluster.local'].value or 0:,.0f} -> {r['cluster.redis'].value or 0:,.0f}"
+            for r in rounds if "cluster.local" in r and "cluster.redis" in r),
+    ]
+    if (cpu := merged.get("cluster.cpu")) and cpu.value is not None:
+        lines.append(f"  node CPU per message: +{1e3 * cpu.value:.0f} us with Redis "
+                     f"({cpu.details['local']:.3f} -> {cpu.details['redis']:.3f} ms)")
+    if (rc := merged.get("cluster.redis_cpu")) and rc.value is not None:
+        lines.append(f"  redis-server CPU per message: {1e3 * rc.value:.0f} us")
+    return "\n".join(lines)

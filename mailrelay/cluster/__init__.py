@@ -1,0 +1,1 @@
+"""Several relays sharing their limits: counters kept in Redis (redis_counters.py)."""

@@ -1,0 +1,196 @@
+"""The Lua scripts behind the shared counters (redis_counters.py).
+
+Each check is one script: Redis runs it atomically, so two nodes can never both take the
+last unit, and the time is Redis's own (``TIME``), never a node's clock. Every key gets its
+expiry in the same script that writes it, so nothing outlives its window.
+"""
+
+# Microseconds (rates) and milliseconds (leases, logins) from Redis's clock. Before Redis
+# 5, a script that reads TIME may only write once it replicates its effects, not itself.
+_NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now_ms = math.floor(now_us / 1000)
+"""
+
+# A rate window is a hash of fixed slots: field k counts the units reserved between k*width
+# and (k+1)*width; they leave the window ``span`` after the slot ends (never too early).
+_LIVE = """
+local function live(key, span, width)
+  local h = redis.call('HGETALL', key)
+  local total, slots, dead = 0, {}, {}
+  for i = 1, #h, 2 do
+    local k, c = tonumber(h[i]), tonumber(h[i + 1])
+    if (k + 1) * width + span <= now_us or c <= 0 then
+      dead[#dead + 1] = h[i]
+    else
+      total = total + c
+      slots[#slots + 1] = {k, c}
+    end
+  end
+  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+  return total, slots
+end
+local spans = {3600000000, 60000000}
+local function count(i, k, n)
+  local width = spans[i] / tonumber(ARGV[1])
+  redis.call('HINCRBY', KEYS[i], k, n)
+  redis.call('PEXPIRE', KEYS[i], math.ceil((spans[i] + width) / 1000) + 1000)
+end
+"""
+
+# KEYS: hour, minute; ARGV: slots, n, hour limit, minute limit. A window whose limit is 0
+# is not counted at all (a per-minute limit turned on later counts from then on).
+# {1, hour slot, minute slot ('' when not counted), Redis's time in us}, or
+# {0, window (1 hour, 2 minute), seconds to wait}.
+RATE_RESERVE = _NOW + _LIVE + """
+local n = tonumber(ARGV[2])
+local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
+local worst, wait = 0, -1
+for i = 1, 2 do
+  if limits[i] > 0 then
+    local width = spans[i] / tonumber(ARGV[1])
+    local total, slots = live(KEYS[i], spans[i], width)
+    if total + n > limits[i] then
+      table.sort(slots, function(a, b) return a[1] < b[1] end)
+      local need, freed, w = total + n - limits[i], 0, spans[i]
+      for _, s in ipairs(slots) do
+        freed = freed + s[2]
+        if freed >= need then w = (s[1] + 1) * width + spans[i] - now_us; break end
+      end
+      if w > wait then worst, wait = i, w end
+    end
+  end
+end
+if worst > 0 then return {0, worst, math.ceil(wait / 1000000)} end
+local result = {1}
+for i = 1, 2 do
+  local k = ''
+  if limits[i] > 0 then
+    k = string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
+    count(i, k, n)
+  end
+  result[#result + 1] = k
+end
+result[#result + 1] = now_us
+return result
+"""
+
+# KEYS: hour, minute; ARGV: slots, units to count now in the hour and in the minute window
+# (a commit; 0: a release), then (hour slot, minute slot, n) for each reservation to give
+# back ('' for a window it was not counted in).
+RATE_GIVE_BACK = _NOW + _LIVE + """
+for j = 4, #ARGV, 3 do
+  local n = tonumber(ARGV[j + 2])
+  for i = 1, 2 do
+    local c = ARGV[j + i - 1] ~= '' and redis.call('HGET', KEYS[i], ARGV[j + i - 1])
+    if c then
+      local left = tonumber(c) - math.min(tonumber(c), n)
+      if left > 0 then redis.call('HSET', KEYS[i], ARGV[j + i - 1], left)
+      else redis.call('HDEL', KEYS[i], ARGV[j + i - 1]) end
+    end
+  end
+end
+for i = 1, 2 do
+  local n = tonumber(ARGV[i + 1])
+  if n > 0 then
+    count(i, string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1])))), n)
+  end
+end
+return 1
+"""
+
+# Connection leases: a sorted set per address or user, member = node:ticket, score = the
+# time the lease expires unless its node renews it (every node renews its own).
+# KEYS: the set; ARGV: limit (0: none), member, lease ms. {1, count} or {0, count}.
+LEASE_TAKE = _NOW + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+local held = redis.call('ZCARD', KEYS[1])
+local limit = tonumber(ARGV[1])
+if limit > 0 and held >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return {0, held}
+end
+local ms = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now_ms + ms, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ms)
+return {1, redis.call('ZCARD', KEYS[1])}
+"""
+
+# KEYS: sets, one per member; ARGV: lease ms, members. Renews (or puts back, after Redis
+# lost them while down) the leases of one node's open connections.
+LEASE_RENEW = _NOW + """
+local ms = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now_ms + ms, ARGV[i + 1])
+  if redis.call('PTTL', KEYS[i]) < ms then redis.call('PEXPIRE', KEYS[i], ms) end
+end
+return #KEYS
+"""
+
+# KEYS: sets; ARGV: members.
+LEASE_DROP = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i]) end
+return 1
+"""
+
+# Failed logins: a sorted set per address key and per username, member = other\nsequence,
+# score = the time in ms; the address's block is a key that expires with it.
+_RECENT = """
+local function recent(key, window, cap, member)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms - window)
+  if member then
+    redis.call('ZADD', key, now_ms, member)
+    redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+    redis.call('PEXPIRE', key, window)
+  end
+  return redis.call('ZCARD', key)
+end
+local function others(key)
+  local seen, n = {}, 0
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    local o = string.match(m, '^(.*)\\n')
+    if o and not seen[o] then seen[o] = true; n = n + 1 end
+  end
+  return n
+end
+"""
+
+# KEYS: address set, address block; ARGV: window ms. {1, 0} when blocked, else {0, failures}.
+LOGIN_CHECK = _NOW + _RECENT + """
+if redis.call('PTTL', KEYS[2]) > 0 then return {1, 0} end
+return {0, recent(KEYS[1], tonumber(ARGV[1]), 0, nil)}
+"""
+
+# KEYS: address set, address block, user set, sequence; ARGV: window ms, block_after,
+# block ms, user cap, user, address key, alert threshold.
+# {address failures, 1 if now blocked, user failures, addresses (at the alert, else 0)}.
+LOGIN_FAILED = _NOW + _RECENT + """
+local seq = redis.call('INCR', KEYS[4])
+local window, block_after = tonumber(ARGV[1]), tonumber(ARGV[2])
+local count = recent(KEYS[1], window, block_after, ARGV[5] .. '\\n' .. seq)
+local blocked = 0
+if count >= block_after then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '1', 'PX', math.max(1, tonumber(ARGV[3])))
+  blocked = 1
+end
+local users = recent(KEYS[3], window, tonumber(ARGV[4]), ARGV[6] .. '\\n' .. seq)
+local addresses = 0
+if users == tonumber(ARGV[7]) then addresses = others(KEYS[3]) end
+return {count, blocked, users, addresses}
+"""
+
+# KEYS: address set, user set; ARGV: user, address key. Forgives the user's own failures
+# from that address.
+LOGIN_FORGIVE = """
+local function forgive(key, other)
+  local prefix = other .. '\\n'
+  for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(m, 1, #prefix) == prefix then redis.call('ZREM', key, m) end
+  end
+end
+forgive(KEYS[1], ARGV[1])
+forgive(KEYS[2], ARGV[2])
+return 1
+"""

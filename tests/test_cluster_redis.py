@@ -1,0 +1,336 @@
+"""The shared counters' scripts against a real redis-server (tests/redis_server.py), each
+"node" a limiter of its own with its own connection to it: rate limits, connection leases
+and failed logins hold across nodes exactly; keys expire; a dead node's leases lapse;
+without Redis, the configured refusal or the node's share of each limit, and back."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import capturedLogs
+from twisted.trial import unittest
+
+from mailrelay.cluster.redis_counters import (
+    RedisConnectionLimits,
+    RedisCounters,
+    RedisLoginGuard,
+    RedisRateLimiter,
+    open_pool,
+)
+from mailrelay.reply import Reply
+from tests.redis_server import NOT_INSTALLED, RedisServer, installed
+
+_prefixes = itertools.count(1)
+
+
+class SharedCounters(unittest.TestCase):
+    server: RedisServer
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        if not installed():
+            raise unittest.SkipTest(NOT_INSTALLED)
+        cls.tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
+        cls.server = RedisServer(Path(cls.tmp.name))
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.server.stop()
+        cls.tmp.cleanup()
+
+    def setUp(self) -> None:
+        if not self.server.ping():  # a test stopped it
+            self.server.start()
+        self.prefix = f"t{next(_prefixes)}:"
+
+    def node(self, down: str = "refuse", nodes: int = 2, name: str = "") -> RedisCounters:
+        """One node's connection to the shared Redis (closed after the test)."""
+        pool = open_pool(self.server.url, timeout=0.5)
+        self.addCleanup(pool.disconnect)
+        return RedisCounters(pool, reactor, prefix=self.prefix, timeout=0.5, down=down,
+                             nodes=nodes, node_id=name or f"n{id(pool)}")
+
+    def refusal(self, d: defer.Deferred) -> defer.Deferred:
+        """Fires with the Reply ``d`` errbacked with (fails the test if it succeeded)."""
+        return self.assertFailure(d, Reply)
+
+    # ---- rate limits ----
+
+    @defer.inlineCallbacks
+    def test_a_limit_holds_exactly_across_nodes_however_the_calls_interleave(self):
+        nodes = [RedisRateLimiter(self.node(), per_hour=100) for _ in range(3)]
+        attempts = [nodes[i % 3].transaction("Doe@Example.Test") for i in range(300)]
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        taken = [r for ok, r in results if ok]
+        refused = [r.value for ok, r in results if not ok]
+        self.assertEqual(len(taken), 100)
+        self.assertEqual({(r.code, r.status) for r in refused}, {(451, "4.7.1")})
+        self.assertIn("rate limit of 100 messages per hour exceeded, try again in",
+                      str(refused[0]))
+        yield defer.gatherResults([defer.maybeDeferred(r.commit) for r in taken])
+        # Committed units stay counted; the key expires by itself (set in the same script).
+        yield self.refusal(nodes[0].transaction("doe@example.test"))
+        ttl = int(self.server.command("PTTL", f"{self.prefix}rate:doe@example.test:h"))
+        self.assertGreater(ttl, 3600_000)
+        self.assertLessEqual(ttl, 3661_000)
+
+    @defer.inlineCallbacks
+    def test_an_aborted_transaction_gives_its_unit_back_to_every_node(self):
+        a, b = RedisRateLimiter(self.node(), per_hour=2), RedisRateLimiter(self.node(),
+                                                                          per_hour=2)
+        first = yield a.transaction("u")
+        yield b.transaction("u")
+        yield self.refusal(a.transaction("u"))
+        yield first.release()
+        yield first.release()  # twice: nothing more
+        third = yield b.transaction("u")
+        yield third.commit()
+        yield self.refusal(a.transaction("u"))
+
+    @defer.inlineCallbacks
+    def test_per_minute_and_the_users_own_limit(self):
+        a = RedisRateLimiter(self.node(), per_hour=100, per_minute=1)
+        yield a.transaction("u")
+        reply = yield self.refusal(a.transaction("u"))
+        self.assertIn("1 messages per minute", str(reply))
+        retry = int(str(reply).rsplit("in ", 1)[1].split()[0])
+        self.assertTrue(1 <= retry <= 61, retry)
+        yield a.transaction("other", per_hour=1, per_minute=0)
+        reply = yield self.refusal(a.transaction("other", per_hour=1, per_minute=0))
+        self.assertIn("1 messages per hour", str(reply))
+
+    @defer.inlineCallbacks
+    def test_counting_recipients_refuses_the_rcpt_that_goes_over(self):
+        a = RedisRateLimiter(self.node(), per_hour=3, unit="recipients")
+        b = RedisRateLimiter(self.node(), per_hour=3, unit="recipients")
+        one = yield a.transaction("u")
+        yield one.recipient()
+        yield one.recipient()
+        two = yield b.transaction("u")
+        yield two.recipient()
+        yield self.refusal(two.recipient())
+        yield one.release()
+        yield two.recipient()
+        yield two.commit()
+
+    @defer.inlineCallbacks
+    def test_limits_changed_in_place_apply_to_the_next_check(self):
+        """What a reload (mailrelay/reload.py) does: new values on the same objects."""
+        rates = RedisRateLimiter(self.node(), per_hour=1)
+        guard = RedisLoginGuard(self.node(), delay_after=5, block_after=5)
+        yield rates.transaction("u")
+        yield self.refusal(rates.transaction("u"))
+        rates.per_hour = 2
+        yield rates.transaction("u")
+        yield guard.failed("192.0.2.9", "doe")
+        self.assertEqual((yield guard.check("192.0.2.9")), 0.0)
+        guard.configure(window=600, delay_after=1, block_after=2, block_time=60, max_delay=16,
+                        user_alert_after=20, ipv6_prefix=64)
+        self.assertEqual((yield guard.check("192.0.2.9")), 1.0)
+        yield guard.failed("192.0.2.9", "doe")
+        yield self.refusal(guard.check("192.0.2.9"))
+
+    # ---- connections ----
+
+    @defer.inlineCallbacks
+    def test_connections_per_user_and_per_address_hold_across_nodes(self):
+        a = RedisConnectionLimits(self.node(), max_per_ip=3, max_per_user=2)
+        b = RedisConnectionLimits(self.node(), max_per_ip=3, max_per_user=2)
+        t1 = yield a.open("192.0.2.1")
+        t2 = yield b.open("192.0.2.1")
+        t3 = yield a.open("192.0.2.1")
+        reply = yield self.refusal(b.open("192.0.2.1"))
+        self.assertEqual((reply.code, reply.status), (421, "4.7.0"))
+        yield a.bind_user(t1, "Doe")
+        yield b.bind_user(t2, "doe")
+        reply = yield self.refusal(a.bind_user(t3, "DOE"))
+        self.assertIn("too many connections for this user", str(reply))
+        t2.close()
+        yield task.deferLater(reactor, 0.05, lambda: None)  # the drop is not waited for
+        yield a.bind_user(t3, "doe")
+        yield b.open("192.0.2.1")
+
+    @defer.inlineCallbacks
+    def test_a_dead_nodes_leases_lapse_and_a_live_nodes_are_renewed(self):
+        dead, alive, other = (RedisConnectionLimits(self.node(), max_per_user=1,
+                                                    lease_time=1.5) for _ in range(3))
+        t = yield dead.open("192.0.2.1")
+        yield dead.bind_user(t, "gone")
+        u = yield alive.open("192.0.2.2")
+        yield alive.bind_user(u, "here")
+        for _ in range(8):  # 2 s, past the lease time, the live node renewing
+            yield alive.renew()
+            yield task.deferLater(reactor, 0.25, lambda: None)
+        mine = yield other.open("192.0.2.3")
+        yield other.bind_user(mine, "gone")  # the dead node's lease lapsed
+        theirs = yield other.open("192.0.2.4")
+        reply = yield self.refusal(other.bind_user(theirs, "here"))
+        self.assertEqual(reply.code, 421)
+
+    # ---- failed logins ----
+
+    @defer.inlineCallbacks
+    def test_guessing_spread_over_nodes_is_blocked_at_the_global_threshold(self):
+        guards = [RedisLoginGuard(self.node(), delay_after=3, block_after=6,
+                                  user_alert_after=8) for _ in range(3)]
+        for i in range(5):
+            wait = yield guards[i % 3].check("203.0.113.9")
+            self.assertEqual(wait, 0.0 if i < 3 else 2.0 ** (i - 3))
+            yield guards[i % 3].failed("203.0.113.9", "doe")
+        with capturedLogs() as events:
+            yield guards[2].failed("203.0.113.9", "doe")
+        self.assertTrue(any("blocked ip=203.0.113.9" in e["log_format"].format(**e)
+                            for e in events))
+        for guard in guards:
+            reply = yield self.refusal(guard.check("203.0.113.9"))
+            self.assertEqual((reply.code, reply.status), (421, "4.7.0"))
+        # A username is never blocked, but spread over addresses it is alerted on.
+        yield guards[0].failed("198.51.100.1", "doe")
+        with capturedLogs() as events:
+            yield guards[1].failed("198.51.100.2", "doe")
+        alert = [e["log_format"].format(**e) for e in events if "from {addresses}" in
+                 e["log_format"]]
+        self.assertEqual(alert, ["login failures: user=doe failures=8 from 3 addresses "
+                                 "within 600 s, last ip=198.51.100.2"])
+        self.assertEqual((yield guards[0].check("198.51.100.1")), 0.0)
+
+    @defer.inlineCallbacks
+    def test_a_success_forgives_the_users_own_failures_from_that_address_only(self):
+        a, b = (RedisLoginGuard(self.node(), delay_after=2, block_after=10) for _ in range(2))
+        yield a.failed("192.0.2.7", "doe")
+        yield b.failed("192.0.2.7", "doe")
+        yield b.failed("192.0.2.7", "roe")
+        self.assertEqual((yield a.check("192.0.2.7")), 2.0)
+        yield b.succeeded("192.0.2.7", "Doe")
+        self.assertEqual((yield a.check("192.0.2.7")), 0.0)
+        self.assertEqual(self.server.command("ZCARD", f"{self.prefix}login:ip:192.0.2.7"), "1")
+
+    # ---- without Redis ----
+
+    @defer.inlineCallbacks
+    def test_redis_down_refuses_with_451_and_recovers_when_it_returns(self):
+        rates = RedisRateLimiter(self.node(), per_hour=5)
+        guard = RedisLoginGuard(self.node())
+        limits = RedisConnectionLimits(self.node(), max_per_ip=5)
+        ticket = yield limits.open("192.0.2.1")
+        yield rates.transaction("u")
+        self.server.stop()
+        reply = yield self.refusal(limits.open("192.0.2.1"))  # instead of the greeting
+        self.assertEqual((reply.code, reply.status), (421, "4.3.0"))
+        reply = yield self.refusal(limits.bind_user(ticket, "doe"))  # the login refused
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        ticket.close()
+        with capturedLogs() as events:
+            reply = yield self.refusal(rates.transaction("u"))
+            yield self.refusal(rates.transaction("u"))
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        lines = [e["log_format"] for e in events if "unreachable" in e["log_format"]]
+        self.assertEqual(len(lines), 1)  # once per change
+        reply = yield self.refusal(guard.check("192.0.2.1"))
+        self.assertEqual(reply.status, "4.3.0")
+        yield guard.failed("192.0.2.1", "doe")  # counted nowhere shared, and no error
+        self.server.start()
+        yield self._until(lambda: rates.transaction("u"))
+        self.assertTrue(rates.counters.up)
+
+    @defer.inlineCallbacks
+    def test_redis_down_in_local_mode_counts_each_nodes_share(self):
+        rates = RedisRateLimiter(self.node(down="local", nodes=2), per_hour=6)
+        limits = RedisConnectionLimits(self.node(down="local", nodes=2), max_per_ip=4,
+                                       max_per_user=4)
+        self.server.stop()
+        yield defer.gatherResults([rates.transaction("u") for _ in range(3)])
+        reply = yield self.refusal(rates.transaction("u"))
+        self.assertEqual((reply.code, reply.status), (451, "4.7.1"))
+        self.assertIn("rate limit of 3 messages per hour", str(reply))
+        tickets = yield defer.gatherResults([limits.open("192.0.2.1") for _ in range(2)])
+        yield self.refusal(limits.open("192.0.2.1"))
+        yield limits.bind_user(tickets[0], "doe")
+        yield limits.bind_user(tickets[1], "doe")
+        self.server.start()
+        t = yield self._until(lambda: limits.open("192.0.2.1"))
+        self.assertTrue(limits.counters.up)
+        for ticket in (*tickets, t):
+            ticket.close()
+
+    @defer.inlineCallbacks
+    def _until(self, attempt):
+        """``attempt()`` again until Redis answers it (bounded: 10 s)."""
+        for _ in range(100):
+            try:
+                return (yield attempt())
+            except Reply:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+        self.fail("Redis did not come back")
+
+
+class OverTcp(unittest.TestCase):
+    """Redis over loopback TCP with a password (AUTH): the URL's, or redis_password."""
+
+    @defer.inlineCallbacks
+    def test_auth_over_tcp(self):
+        if not installed():
+            raise unittest.SkipTest(NOT_INSTALLED)
+        from harness import free_port
+
+        tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
+        self.addCleanup(tmp.cleanup)
+        server = RedisServer(Path(tmp.name), port=free_port(), password="s3cret:/@")
+        server.start()
+        self.addCleanup(server.stop)
+        for url, password in ((f"redis://:s3cret%3A%2F%40@127.0.0.1:{server.port}/2", ""),
+                              (f"redis://127.0.0.1:{server.port}", "s3cret:/@")):
+            pool = open_pool(url, password, timeout=2)
+            self.addCleanup(pool.disconnect)
+            rates = RedisRateLimiter(RedisCounters(pool, reactor, prefix="tcp:"), per_hour=1)
+            yield rates.transaction(url)
+            reply = yield self.assertFailure(rates.transaction(url), Reply)
+            self.assertEqual(reply.status, "4.7.1")
+        # The user names here are the URLs: the first one's counts are in database 2.
+        self.assertIn(f"{server.port}/2:h", server.command("-n", "2", "KEYS", "tcp:*"))
+        self.assertNotIn("/2:h", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"127.0.0.1:{server.port}:h", server.command("KEYS", "tcp:*"))
+
+
+def test_the_config_refuses_what_the_client_cannot_reach(tmp_path):
+    from mailrelay.config import ConfigError, load_config
+
+    for value, why in (("rediss://10.0.0.5", "rediss:// is not supported"),
+                       ("unix:run/redis.sock", "needs an absolute path"),
+                       ("redis://host:port", "port")):
+        path = tmp_path / "mailrelay.ini"
+        path.write_text(f"[cluster]\nredis = {value}\n")
+        try:
+            load_config(str(path))
+        except ConfigError as e:
+            assert "[cluster] redis" in str(e) and why in str(e), str(e)
+        else:
+            raise AssertionError(f"{value} accepted")
+    path.write_text("[cluster]\nredis = /run/redis.sock\nlease_time = 1s\n")
+    try:
+        load_config(str(path))
+    except ConfigError as e:
+        assert "lease_time: at least 3s" in str(e)
+    else:
+        raise AssertionError("lease_time 1s accepted")
+
+
+def test_both_kinds_of_limiters_fill_the_same_seams():
+    from twisted.internet.task import Clock
+    from zope.interface.verify import verifyObject
+
+    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter
+    from mailrelay.policy.bruteforce import LoginGuard
+    from mailrelay.policy.connections import ConnectionLimits
+    from mailrelay.policy.ratelimit import RateLimiter
+
+    counters = RedisCounters(None, Clock())  # the pool is not touched until a check
+    for iface, local, shared in (
+            (IRateLimiter, RateLimiter(Clock()), RedisRateLimiter(counters)),
+            (IConnectionLimits, ConnectionLimits(), RedisConnectionLimits(counters)),
+            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters))):
+        assert verifyObject(iface, local) and verifyObject(iface, shared)

@@ -1,0 +1,158 @@
+"""Three twistd nodes sharing one redis-server (tests/redis_server.py) and one user file,
+each with its own data_dir, as behind a load balancer: a rate limit holds exactly for mail
+sent round-robin through them; password guessing spread over them is blocked at the
+global threshold; a user's connections are counted over all of them and a killed node's
+stop counting once their leases lapse; with Redis killed, the nodes set to refuse answer
+451 4.3.0 (421 4.3.0 instead of a greeting) and the node set to local counts its share,
+and all are back to shared counting when Redis returns."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+
+import pytest
+from harness import Relay, message, wait_for
+
+from tests.redis_server import NOT_INSTALLED, RedisServer, installed
+
+PASSWORD = "correct horse battery"
+LEASE = 3  # [cluster] lease_time, seconds
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    assert installed(), NOT_INSTALLED
+    tmp = tmp_path_factory.mktemp("cluster")
+    redis = RedisServer(tmp / "redis")
+    redis.start()
+    users = tmp / "users.json"
+    nodes = []
+    try:
+        for i, down in enumerate(("refuse", "refuse", "local"), 1):
+            nodes.append(Relay(tmp / f"node{i}", config=(
+                "[delivery]\nenabled = no\n\n"
+                f"[directory]\nfile = {users}\n\n"
+                "[policy]\nlogin_delay_after = 6\nlogin_block_after = 6\n\n"
+                f"[cluster]\nredis = {redis.url}\nnode_id = node{i}\nnodes = 3\n"
+                f"lease_time = {LEASE}s\nredis_down = {down}\nredis_timeout = 0.5s\n")))
+        first = nodes[0]
+        first.admin("account", "set", "default", "--domains", "doe.test")
+        first.add_user("rate@doe.test", PASSWORD, "--rate-limit", "100")
+        first.add_user("conn@doe.test", PASSWORD, "--max-connections", "2")
+        first.add_user("local@doe.test", PASSWORD, "--rate-limit", "6")
+        for node in nodes:
+            node.start()
+        yield redis, nodes
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
+
+
+def login(node: Relay, user: str, source: str = "127.0.0.1") -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", node.smtp_port, local_hostname="client.test",
+                          timeout=30, source_address=(source, 0))
+    client.ehlo()
+    client.starttls(context=node.tls_context())
+    client.ehlo()
+    client.login(user, PASSWORD)
+    return client
+
+
+def auth_plain(node: Relay, user: str, password: str, source: str) -> int:
+    """One AUTH PLAIN on a new connection; its reply code."""
+    client = smtplib.SMTP("127.0.0.1", node.smtp_port, local_hostname="client.test",
+                          timeout=30, source_address=(source, 0))
+    client.starttls(context=node.tls_context())
+    client.ehlo()
+    code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(
+        f"\0{user}\0{password}".encode()).decode())
+    client.close()
+    return code
+
+
+def send(client: smtplib.SMTP, sender: str) -> int:
+    """One message; the reply code of its MAIL (250 when the message was accepted)."""
+    try:
+        client.sendmail(sender, ["someone@example.test"], message(sender, "someone@example.test"))
+        return 250
+    except smtplib.SMTPSenderRefused as e:
+        return e.smtp_code
+
+
+def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
+    _, nodes = cluster
+    clients = [login(node, "rate@doe.test") for node in nodes]
+    codes = [send(clients[i % 3], "rate@doe.test") for i in range(300)]
+    for client in clients:
+        client.quit()
+    assert codes.count(250) == 100
+    assert set(codes) == {250, 451}
+    assert sum(len(node.spool_files()) for node in nodes) == 100
+    assert all(node.spool_files() for node in nodes)  # every node took part
+
+
+def test_guessing_spread_over_the_nodes_is_blocked_at_the_global_threshold(cluster):
+    _, nodes = cluster
+    for i in range(6):  # one attempt per connection (three failures close one)
+        assert auth_plain(nodes[i % 3], "rate@doe.test", "wrong", "127.0.0.7") == 535
+    for node in nodes:  # blocked everywhere, whatever the password
+        with pytest.raises((smtplib.SMTPAuthenticationError,
+                            smtplib.SMTPServerDisconnected)) as refused:
+            login(node, "rate@doe.test", source="127.0.0.7")
+        assert getattr(refused.value, "smtp_code", 421) == 421
+    assert "blocked ip=127.0.0.7" in "".join(node.log() for node in nodes)
+    login(nodes[0], "rate@doe.test", source="127.0.0.8").quit()  # another address is not
+
+
+def test_connections_per_user_hold_across_nodes_and_a_killed_nodes_lapse(cluster):
+    _, nodes = cluster
+    held = [login(nodes[0], "conn@doe.test"), login(nodes[1], "conn@doe.test")]
+    with pytest.raises((smtplib.SMTPAuthenticationError,
+                        smtplib.SMTPServerDisconnected)) as refused:
+        login(nodes[2], "conn@doe.test")
+    assert getattr(refused.value, "smtp_code", 421) == 421
+    nodes[0].kill9()  # its lease is never dropped, nor renewed
+    try:
+        third = wait_for(lambda: _try_login(nodes[2], "conn@doe.test"), timeout=LEASE * 4,
+                         interval=0.5, what="the killed node's lease to lapse")
+        third.quit()
+    finally:
+        held[1].quit()
+        nodes[0].start()
+
+
+def _try_login(node: Relay, user: str):
+    try:
+        return login(node, user)
+    except (smtplib.SMTPAuthenticationError, smtplib.SMTPServerDisconnected):
+        return None
+
+
+def test_redis_killed_refuses_or_counts_the_share_and_recovers(cluster):
+    redis, nodes = cluster
+    open_client = login(nodes[0], "local@doe.test")
+    local_client = login(nodes[2], "local@doe.test")
+    redis.process.kill()
+    redis.process.wait(timeout=10)
+    try:
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            open_client.sendmail("local@doe.test", ["someone@example.test"], b"Subject: x\r\n")
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (451, b"4.3.0")
+        with pytest.raises(smtplib.SMTPConnectError) as greeting:
+            smtplib.SMTP("127.0.0.1", nodes[1].smtp_port, timeout=30)
+        assert greeting.value.smtp_code == 421 and b"4.3.0" in greeting.value.smtp_error
+        # The local node counts on its own: 6 an hour over 3 nodes is 2 here.
+        assert [send(local_client, "local@doe.test") for _ in range(3)] == [250, 250, 451]
+    finally:
+        redis.start()
+    recovered = wait_for(lambda: send(open_client, "local@doe.test") == 250, timeout=15,
+                         interval=0.2, what="shared counting again")
+    assert recovered
+    assert "Redis unreachable" in nodes[1].log()  # refused a greeting
+    assert "refusing with 451 4.3.0 until it answers" in nodes[0].log()
+    assert "Redis answers again" in nodes[0].log()
+    assert "each limit counted on this node alone, at 1/3 of it" in nodes[2].log()
+    open_client.quit()
+    local_client.quit()
