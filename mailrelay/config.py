@@ -186,6 +186,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "hostname": (text, None),  # default: this machine's FQDN
         "data_dir": (text, DEFAULT_DATA_DIR),
         "postmaster": (text, None),  # default: postmaster@hostname
+        "log_format": (choice("text", "json"), "text"),  # the log's lines (mailrelay/logtext.py)
     },
     "tls": {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start

@@ -38,6 +38,12 @@ Both shortcuts rely on Twisted's exact line and record formats: ``MAILRELAY_STOC
 them off (``log_text`` in mailrelay/tuning.py) for Twisted's own formatting, the same
 lines at about four times the CPU.
 
+With ``[server] log_format = json`` the same events become one JSON object per line
+(``json_line``) for Loki or Elasticsearch: ``time`` (RFC 3339, UTC), ``level``,
+``system``, ``text`` (the message of the text line) and the event's own fields of plain
+values (``queue_id``, ``session``, ``recipient``, ...). The delivery process's records
+are formatted by the relay, so its lines are JSON too.
+
 The plugin hands twistd the observer as the application's ``ILogObserver``, on the same
 file twistd would have chosen from its options (``--logfile``, stdout with ``-n``, a
 ``SIGUSR1`` that rotates the file); ``--syslog`` and ``--logger`` stay twistd's.
@@ -46,7 +52,9 @@ file twistd would have chosen from its options (``--logfile``, stdout with ``-n`
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
+import math
 import signal
 import sys
 import threading
@@ -95,33 +103,100 @@ def classic_text(event: Mapping[str, Any]) -> str | None:
     """The line ``formatEventAsClassicLogText`` makes of ``event``, or None for no line."""
     if "log_failure" in event:
         return formatEventAsClassicLogText(event)  # with its traceback
-    fmt = event.get("log_format")
-    text = None
-    if type(fmt) is str and "()" not in fmt and "log_flattened" not in event:
-        try:
-            text = fmt.format_map(event)
-        except Exception:
-            pass
-    if text is None:
-        text = formatEvent(event)  # Twisted's own, including what it cannot format
+    text = _message(event)
     if not text:
         return None
     system = event.get("log_system")
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-    elif type(system) is not str:
-        try:
-            system = str(system)
-        except Exception:
-            system = "UNFORMATTABLE"
+    else:
+        system = _str(system)
     line = f"{_time_text(event.get('log_time'))} [{system}] {text}"
     if "\n" in line:
         line = line.replace("\n", "\n\t")
     return line + "\n"
 
 
-_PLAIN = (str, int, float, bool, type(None))
+def _str(value: Any) -> str:
+    if type(value) is str:
+        return value
+    try:
+        return str(value)
+    except Exception:
+        return "UNFORMATTABLE"
+
+
+def _message(event: Mapping[str, Any]) -> str:
+    """The text of ``event``, as ``formatEvent`` makes it."""
+    fmt = event.get("log_format")
+    if type(fmt) is str and "()" not in fmt and "log_flattened" not in event:
+        try:
+            return fmt.format_map(event)
+        except Exception:
+            pass
+    return formatEvent(event)  # Twisted's own, including what it cannot format
+
+
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+# The keys of a JSON line; an event's field of the same name is written as "event_NAME".
+_JSON_KEYS = ("time", "level", "system", "text")
+# Fields of Twisted's legacy log events (log.msg), said again by the keys above.
+_LEGACY = frozenset({"message", "isError", "system", "time", "format", "failure",
+                     "printed"})
+
+
+def json_line(event: Mapping[str, Any]) -> str | None:
+    """One JSON object for ``event`` (``[server] log_format = json``): time (RFC 3339,
+    UTC), level, system (the namespace, or a legacy event's system), text (the message of
+    the text line) and the event's own fields of plain values (``queue_id``, ``session``,
+    ``client_ip``, ...); a failure's traceback as ``traceback``. None for no line."""
+    text = _message(event) if tuning.on("log_text") else formatEvent(event)
+    failure = event.get("log_failure")
+    if not text and failure is None:
+        return None
+    when, level, system = event.get("log_time"), event.get("log_level"), event.get("log_system")
+    record: dict[str, Any] = {
+        "time": None if when is None else _rfc3339(when),
+        "level": None if level is None else level.name,
+        "system": _str(event.get("log_namespace", "-") if system is None else system),
+        "text": text,
+    }
+    for key, value in event.items():
+        if type(value) in _PLAIN and key[:4] != "log_" and key not in _LEGACY:
+            if type(value) is float and not math.isfinite(value):
+                value = str(value)  # JSON has no NaN or infinity
+            record[f"event_{key}" if key in _JSON_KEYS else key] = value
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = "(unformattable traceback)"
+    return _JSON.encode(record) + "\n"
+
+
+# Not ASCII-only: the gathering observer escapes what UTF-8 cannot hold, as it does for
+# the text lines, and JSON escapes control characters and line ends. (json.dumps with
+# options would make an encoder for every line.)
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str)
+_second: list = [None, ""]  # (second, its text up to the seconds): shared within a second
+
+
+def _rfc3339(when: float) -> str:
+    """``when`` as datetime shows it (to the microsecond, rounded, maybe up into the next
+    second, as the text line's time stamp is), the text up to the seconds made once a
+    second."""
+    second = math.floor(when)
+    micro = round((when - second) * 1e6)
+    if micro == 1_000_000:
+        second, micro = second + 1, 0
+    if _second[0] != second:
+        stamp = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _second[1] = stamp.strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = second
+    return f"{_second[1]}.{micro:06d}Z"
+
+
 # Each level as eventAsJSON writes it (its class marker), for eventFromJSON to read back.
 _LEVELS = {level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
            for level in LogLevel.iterconstants()}
@@ -307,13 +382,17 @@ def json_observer(out: IO[str]) -> GatheringObserver:
     return GatheringObserver(out, lambda event: f"\x1e{record(event)}\n")
 
 
-def _line_format() -> Callable[[Mapping[str, Any]], str | None]:
+def _line_format(log_format: str = "text") -> Callable[[Mapping[str, Any]], str | None]:
+    if log_format == "json":
+        return json_line
     return classic_text if tuning.on("log_text") else formatEventAsClassicLogText
 
 
-def twistd_observer(options: Mapping[str, Any]) -> GatheringObserver | None:
+def twistd_observer(options: Mapping[str, Any],
+                    log_format: str = "text") -> GatheringObserver | None:
     """The file observer twistd would make from its ``options`` (``ServerOptions``),
-    writing ``classic_text``; None where twistd's own choice should stand."""
+    writing ``classic_text`` (``json_line`` for ``log_format = json``); None where
+    twistd's own choice should stand."""
     if options.get("logger") or options.get("syslog"):
         return None
     name = options.get("logfile") or ""
@@ -321,9 +400,9 @@ def twistd_observer(options: Mapping[str, Any]) -> GatheringObserver | None:
     if name == "-" or (nodaemon and not name):
         if not nodaemon:
             return None  # twistd refuses a daemon logging to stdout, with its message
-        return GatheringObserver(sys.stdout, _line_format())
+        return GatheringObserver(sys.stdout, _line_format(log_format))
     log_file = LogFile.fromFullPath(name or "twistd.log")
-    observer = GatheringObserver(log_file, _line_format())
+    observer = GatheringObserver(log_file, _line_format(log_format))
     if not signal.getsignal(signal.SIGUSR1):
         def rotate(signum, frame) -> None:
             from twisted.internet import reactor

@@ -21,6 +21,7 @@ from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.listener import ListenerService
 from mailrelay.proxyproto import wrapper_for as proxy_wrapper
+from mailrelay.reload import Live
 
 log = Logger()
 
@@ -133,6 +134,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
+    factories = []
     for listener in config.listeners:
         factory = SubmissionFactory(
             portal=portal,
@@ -152,6 +154,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
             verify_senders=config.admin.enabled and config.admin.verify_senders,
             envelope_fields=user_fields,
         )
+        factories.append(factory)
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
@@ -162,6 +165,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins).setServiceParent(top)
+    # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
+    top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
 
 

@@ -95,7 +95,20 @@ def tls12_ciphers(ciphers: str) -> list[str]:
 
 class ServerOptions(ssl.CertificateOptions):
     """CertificateOptions whose connections answer ALPN themselves and log a failed
-    handshake (see ServerConnections)."""
+    handshake (see ServerConnections). ``use`` swaps in the certificate, key and ciphers
+    of other options for the handshakes that follow (a reload, mailrelay/reload.py)."""
+
+    _current: ServerOptions | None = None
+
+    def use(self, other: ServerOptions) -> None:
+        """New handshakes get ``other``'s context; a connection keeps the one it began
+        with, so no session is dropped."""
+        self._current = other
+
+    def getContext(self) -> SSL.Context:
+        if self._current is not None:
+            return self._current.getContext()
+        return super().getContext()
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return _ServerConnection(_own_alpn(self.getContext()), tlsProtocol)

@@ -117,3 +117,39 @@ def test_a_delivery_by_mx_logs_the_relays_lines_only(tmp_path):
     assert "to=<bob@example.test> via mx.example.test[127.0.0.1] sent: 250" in text
     assert "SubmissionFactory starting on" in text  # twistd's line naming each listener
     assert [line for line in text.splitlines() if TWISTED_CHATTER.search(line)] == []
+
+
+def test_json_lines_for_machines_the_delivery_process_included(tmp_path):
+    sink = Sink(tmp_path / "sink")
+    relay = Relay(tmp_path / "relay", config=(
+        f"[delivery]\nmx_tls = none\n[routes]\nexample.test = 127.0.0.1:{sink.port}\n"))
+    relay.config_path.write_text(relay.config_path.read_text().replace(
+        "[server]\n", "[server]\nlog_format = json\n"))
+    relay.admin("account", "set", "default", "--domains", "doe.test")
+    relay.add_user("doe.test", PASSWORD)
+    try:
+        relay.start()
+        with relay.smtp(login=("doe.test", PASSWORD)) as client:
+            client.sendmail("a@doe.test", ["bob@example.test"],
+                            message("a@doe.test", "bob@example.test"))
+        sink.wait(1)
+        wait_for(lambda: " sent: 250" in relay.log(), what="the delivery line")
+    finally:
+        relay.stop()
+        sink.stop()
+    records = [json.loads(line) for line in relay.log().splitlines()]  # every line is JSON
+    assert all({"time", "level", "system", "text"} <= set(r) for r in records)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", r["time"])
+               for r in records)
+    accepted = [r for r in records if r["text"].startswith("accepted ")]
+    assert len(accepted) == 1
+    queue_id = accepted[0]["queue_id"]
+    assert accepted[0]["text"].startswith(f"accepted {queue_id}: session=")
+    assert (accepted[0]["system"], accepted[0]["level"], accepted[0]["user"]) == (
+        "mailrelay.smtp.server", "info", "doe.test")
+    sent = [r for r in records if " sent: 250" in r["text"]]  # the delivery process's line
+    assert len(sent) == 1 and sent[0]["queue_id"] == queue_id
+    assert sent[0]["text"].startswith(f"{queue_id} to=<bob@example.test> via ")
+    assert (sent[0]["system"], sent[0]["recipient"]) == ("mailrelay.delivery.manager",
+                                                         "bob@example.test")
+    assert any(r["text"].startswith("SubmissionFactory starting on") for r in records)

@@ -3,6 +3,7 @@ observer the plugin hands to twistd."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import signal
@@ -19,6 +20,7 @@ from twisted.logger import (
     eventFromJSON,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
 )
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -31,6 +33,7 @@ from mailrelay.logtext import (
     GatheringObserver,
     classic_text,
     event_json,
+    json_line,
     json_observer,
     quietly,
     twistd_observer,
@@ -147,6 +150,66 @@ def test_json_observer_writes_records_as_jsonFileLogObserver_does():
     text = out.getvalue()
     assert text.startswith("\x1e") and text.endswith("\n") and text.count("\n") == 1
     assert eventFromJSON(text[1:])["ip"] == "192.0.2.7"
+
+
+@pytest.mark.parametrize("event", events(), ids=lambda e: repr(e.get("log_format"))[:30])
+def test_a_json_line_says_what_the_text_line_says(event):
+    """``[server] log_format = json``: one object per line, its text the text line's
+    message, its time that line's, its fields the event's own."""
+    line, text_line = json_line(dict(event)), formatEventAsClassicLogText(dict(event))
+    if text_line is None:
+        assert line is None
+        return
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    record = json.loads(line)
+    stamp, rest = text_line.split(" [", 1)
+    message = rest.split("] ", 1)[1]
+    assert message.startswith(record["text"].replace("\n", "\n\t"))
+    assert record["text"] == formatEvent(dict(event))
+    if event.get("log_time") is None:
+        assert record["time"] is None and stamp == "-"
+    else:
+        when = datetime.datetime.fromisoformat(record["time"])
+        assert when.tzinfo == datetime.UTC and when.timestamp() == pytest.approx(
+            event["log_time"], abs=1e-6)
+        assert formatTime(when.timestamp()) == stamp
+    level = event.get("log_level")
+    assert record["level"] == (level.name if level else None)
+    if "log_failure" in event:
+        assert record["traceback"].startswith("Traceback") and "for the traceback" in (
+            record["traceback"])
+    for key, value in event.items():
+        if not key.startswith("log_") and type(value) in (str, int, float, bool, type(None)):
+            assert record[key] == value
+
+
+def test_a_json_line_keeps_its_own_keys_and_the_events_fields_beside_them():
+    event = {"log_namespace": "mailrelay.delivery.manager", "log_level": LogLevel.info,
+             "log_time": NOW, "queue_id": "31a20d4103c920859b", "recipient": "bob@example.net",
+             "log_format": "{queue_id} to=<{recipient}> sent: {code} {text} tls={tls}",
+             "code": 250, "text": "2.0.0 Ok", "tls": "yes", "level": "x", "ratio": float("nan")}
+    record = json.loads(json_line(event))
+    assert record == {
+        "time": "2026-11-24T16:52:31.083215Z", "level": "info",
+        "system": "mailrelay.delivery.manager",
+        "text": "31a20d4103c920859b to=<bob@example.net> sent: 250 2.0.0 Ok tls=yes",
+        "queue_id": "31a20d4103c920859b", "recipient": "bob@example.net", "code": 250,
+        "event_text": "2.0.0 Ok", "tls": "yes", "event_level": "x", "ratio": "nan"}
+    legacy = {"log_time": NOW, "log_level": LogLevel.info, "log_system": "-",
+              "log_format": "{log_text}", "log_text": "SubmissionFactory starting on 587",
+              "message": ("SubmissionFactory starting on 587",), "isError": 0, "system": "-",
+              "time": NOW, "format": None}
+    assert json.loads(json_line(legacy)) == {
+        "time": "2026-11-24T16:52:31.083215Z", "level": "info", "system": "-",
+        "text": "SubmissionFactory starting on 587"}
+
+
+def test_the_plugin_writes_json_lines_for_log_format_json(tmp_path, monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    observer = twistd_observer(options("-n"), "json")
+    observer(events()[0])
+    assert json.loads(out.getvalue())["session"] == 7
 
 
 def test_lines_of_one_second_share_a_stamp_and_the_next_second_gets_its_own():

@@ -182,6 +182,10 @@ class DeliveryProcess(Service):
 
         return d.addBoth(done)
 
+    def hangup(self) -> None:
+        """Have the running process read the configuration again (its [routes])."""
+        self._signal("HUP")
+
     def _signal(self, name: str) -> None:
         if self._process is not None:
             try:

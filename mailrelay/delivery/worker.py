@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from twisted.logger import Logger, globalLogBeginner
@@ -18,6 +19,7 @@ from twisted.logger import Logger, globalLogBeginner
 from mailrelay.control import QueueResponder
 from mailrelay.delivery.commands import Enqueue, adopt
 from mailrelay.logtext import json_observer
+from mailrelay.reload import reload_routes
 from mailrelay.spool.queueid import is_queue_id
 
 log = Logger()
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the socket to the relay")
     parser.add_argument("--config", help="the relay's configuration file")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until it can reload (below)
 
     from twisted.internet import reactor
 
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StartupError) as e:
         print(f"mailrelay delivery: {e}", file=sys.stderr)
         return 1
+    # The relay passes its SIGHUP on (mailrelay/reload.py) once it has checked the file.
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(
+        reload_routes, config, manager, reactor))
     # Clients wait for each reply, the queue does not: when the cores are all busy, the
     # relay goes first and delivery takes what is left (on idle cores, no difference).
     os.nice(config.delivery.nice)

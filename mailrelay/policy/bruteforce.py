@@ -124,6 +124,17 @@ class LoginGuard:
         self._blocked: OrderedDict[str, float] = OrderedDict()  # address key -> until
         self._next_sweep = 0.0
 
+    def configure(self, window: float, delay_after: int, block_after: int, block_time: float,
+                  max_delay: float, user_alert_after: int, ipv6_prefix: int) -> None:
+        """New thresholds (a reload), keeping the failures counted and the blocks in force."""
+        if not 0 < delay_after <= block_after:
+            raise ValueError("need 0 < delay_after <= block_after")
+        self.delay_after, self.block_after, self.block_time = delay_after, block_after, block_time
+        self.max_delay, self.user_alert_after = max_delay, user_alert_after
+        self.ipv6_prefix = ipv6_prefix
+        self._by_ip.window = self._by_user.window = window
+        self._by_ip.cap, self._by_user.cap = block_after, user_alert_after + 1
+
     def check(self, ip: str) -> float:
         """Before checking a client's credentials (at AUTH). Raises Reply(421, "4.7.0")
         when the address is blocked (the session sends it and closes); otherwise returns

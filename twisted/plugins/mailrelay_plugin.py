@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from twisted.python import usage
@@ -23,20 +21,11 @@ class MailRelayServiceMaker:
     options = Options
 
     def makeService(self, options: Options):
-        # Imported here so that twistd's plugin scan stays cheap.
-        from mailrelay.config import ConfigError, load_config
-        from mailrelay.logtext import twistd_observer
-        from mailrelay.service import StartupError, make_service
+        # Imported here so that twistd's plugin scan stays cheap; the wiring is in the
+        # package (an installed copy of this file then keeps up with it).
+        from mailrelay.daemon import make_daemon
 
-        try:
-            service = make_service(load_config(options["config"]))
-        except (ConfigError, StartupError) as e:
-            # One clear line, never a traceback: twistd prints a SystemExit's message.
-            print(f"mailrelay: {e}", file=sys.stderr)
-            raise SystemExit(1)
-        if options.parent is not None:
-            service.log_observer = twistd_observer(options.parent)
-        return service
+        return make_daemon(options)
 
 
 # twistd finds the plugin by the interfaces it provides, not by this name.
