@@ -133,8 +133,11 @@ def _compress(data: bytes) -> bytes:
     """Every run of spaces and tabs made one space (RFC 6376 3.4.2 and 3.4.4)."""
     if b"\t" in data:
         data = data.replace(b"\t", b" ")
-    while b"  " in data:  # halves each run: a few passes even for long runs
-        data = data.replace(b"  ", b" ")
+    # Each pass copies the whole body: long runs shrink by 64 and 8 at a time first, so
+    # that a run of 100,000 spaces takes 7 passes, not 17; the usual body takes one.
+    for run in (b" " * 64, b" " * 8, b"  "):
+        while run in data:
+            data = data.replace(run, b" ")
     return data
 
 
