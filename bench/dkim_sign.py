@@ -1,6 +1,6 @@
 """CPU time of one DKIM signature on a 5 KB message: dkimpy alone (its pure-Python RSA)
-against mailrelay's signer (dkimpy's canonicalisation, the private-key operation in
-OpenSSL through ``cryptography``), RSA-2048 and 4096, and Ed25519.
+against mailrelay's signer (its own parsing and canonicalisation, the private-key
+operation in OpenSSL through ``cryptography``), RSA-2048 and 4096, and Ed25519.
 
     python bench/dkim_sign.py [-n 300] [--size 5120]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import dkim
 from harness import TempPaths
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -66,6 +67,47 @@ class KeysBeingRead(TempPaths, unittest.TestCase):
             for head in heads:
                 self.assertIsNotNone(head)
                 self.assertTrue(head.pieces[0].startswith(b"DKIM-Signature: v=1; a=rsa"))
+
+        d = defer.ensureDeferred(scenario())
+        d.addCallback(check)
+        return d
+
+
+class Batches(TempPaths, unittest.TestCase):
+    def test_messages_of_one_turn_are_signed_in_one_batch_each_on_its_own(self):
+        """What comes to signing in one reactor turn goes to the pool in one hand-off, and
+        what comes while that batch is signed in the next one; a message that cannot be
+        signed (dkimpy's parser refuses its header) goes out unsigned without taking the
+        rest of its batch with it."""
+        directory = self.mktemp()
+        keys = DkimKeys(directory, at_once)
+        keys.add("example.com", "acme", "s1", "rsa", 1024)
+        (key,) = keys.ofDomain("example.com").result
+        txt = keys.txtRecord(key).result[1].encode()
+        signing = DkimSigning(Signer(directory), reactor)
+        bad = MSG.replace(b"Subject: hi", b"not a header field")
+
+        async def send(queue_id: str, message: bytes):
+            head, _ = await signing.sign(envelope(queue_id), lambda: message, {})
+            return head
+
+        async def scenario():
+            await send("keys", MSG)  # the keys read, and one batch of one
+            first = [defer.ensureDeferred(send(f"a{i}", bad if i == 3 else MSG + b"%d" % i))
+                     for i in range(10)]
+            await task.deferLater(reactor, 0, lambda: None)  # the first batch has left
+            second = [defer.ensureDeferred(send(f"b{i}", MSG)) for i in range(10)]
+            return await defer.gatherResults(first + second)
+
+        def check(heads):
+            self.assertEqual(signing.batches, 3)
+            self.assertIsNone(heads[3])  # logged, and sent unsigned
+            self.assertEqual(len(self.flushLoggedErrors(dkim.MessageFormatError)), 1)
+            for i, head in enumerate(heads):
+                if i != 3:
+                    message = MSG + b"%d" % i if i < 10 else MSG
+                    signed = head.pieces[0] + message
+                    self.assertTrue(dkim.verify(signed, dnsfunc=lambda _n, timeout=5: txt))
 
         d = defer.ensureDeferred(scenario())
         d.addCallback(check)

@@ -3,8 +3,13 @@
 Signing comes last, after the footer and tracking links (features/hooks.py) have made
 each recipient's copy: each distinct variant is signed once, the spooled original for the
 recipients that share it, and each changed copy. The work (reading a large body, parsing,
-hashing, the private-key operation) runs in the reactor's thread pool; mail of an account
-without keys never goes there (unless ``[dkim] relay_domain`` has a key, which signs what
+hashing, the private-key operation) runs in the reactor's thread pool, in batches: the
+messages that come to signing in one reactor turn, or while a batch is being signed, go
+to the pool together in one call and come back in one, and one batch is signed at a time.
+Handing each message over on its own cost the reactor thread more than the signature's
+own hashing (a pool thread woken, the interpreter lock passed back and forth, per
+message); under load a batch holds many messages. Mail of an account without keys never
+goes there (unless ``[dkim] relay_domain`` has a key, which signs what
 no key of the account does). A message the client signed already keeps its signature
 and gets ours on top (footer and tracking break the client's own signature, as any change
 of the body does). When signing fails (a key file unreadable) the message goes out
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailrelay.dkim import Signer
 from mailrelay.features.copy import Copy
@@ -34,9 +40,40 @@ class DkimSigning:
         # signer is no longer due once it has begun, and a message that went on then would
         # find no keys yet (at startup, every delivery in flight but the first).
         self._waiting: list[Deferred] | None = None
+        self._pending: list[tuple[Callable, Deferred]] = []  # the next batch
+        self._busy = False  # a batch is being signed, or starts at the end of this turn
+        self.batches = 0  # batches handed to the pool
 
     def _thread(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def _batched(self, work: Callable) -> Deferred:
+        """``work()`` run in the pool with the other messages of its batch."""
+        d: Deferred = Deferred()
+        self._pending.append((work, d))
+        if not self._busy:
+            self._busy = True
+            self.reactor.callLater(0, self._start)  # after the rest of this turn's messages
+        return d
+
+    def _start(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            self._busy = False
+            return
+        self.batches += 1
+        d = self._thread(_run_all, [work for work, _ in batch])
+        d.addBoth(self._done, batch)
+
+    def _done(self, outcomes, batch: list[tuple[Callable, Deferred]]) -> None:
+        if isinstance(outcomes, Failure):  # a bug in _run_all: the whole batch fails
+            outcomes = [outcomes] * len(batch)
+        for outcome, (_, d) in zip(outcomes, batch, strict=True):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        self._start()  # what came meanwhile (or while firing these): the next batch at once
 
     async def sign(self, envelope: Envelope, original: Callable[[], bytes] | None,
                    copies: dict[str, Copy]) -> tuple[Copy | None, dict[str, Copy]]:
@@ -77,7 +114,18 @@ class DkimSigning:
             return head, {rcpt: signed(copy) for rcpt, copy in copies.items()}
 
         try:
-            return await self._thread(sign_all)
+            return await self._batched(sign_all)
         except Exception:
             log.failure("{queue_id}: DKIM signing failed, sent unsigned", queue_id=envelope.id)
             return None, copies
+
+
+def _run_all(works: list[Callable]) -> list:
+    """In a pool thread: each work's result, or its Failure (the others still run)."""
+    outcomes: list = []
+    for work in works:
+        try:
+            outcomes.append(work())
+        except Exception:
+            outcomes.append(Failure())
+    return outcomes
