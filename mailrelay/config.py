@@ -290,6 +290,14 @@ SCHEMA["dkim"] = {
     "directory": (text, ""),  # default: <data_dir>/dkim (private keys and keys.json)
 }
 
+SCHEMA["metrics"] = {
+    # Prometheus metrics at /metrics (mailrelay/metrics/): on the control panel's listener
+    # ("admin"), or on a Twisted endpoint of their own.
+    "enabled": (boolean, True),
+    "endpoint": (text, "admin"),
+    "token": (text, ""),  # a bearer token scrapes must send; empty: none asked
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -327,6 +335,7 @@ class Config:
     features: SimpleNamespace
     tracking: SimpleNamespace
     dkim: SimpleNamespace
+    metrics: SimpleNamespace
 
 
 EMBEDDED = "<embedded defaults>"  # Config.source without a file
@@ -495,6 +504,8 @@ def _derive(config: Config) -> None:
     if config.admin.enabled:
         _check_endpoint(config, "admin", config.admin.endpoint)
     _derive_features(config)
+    if config.metrics.enabled and config.metrics.endpoint != "admin":
+        _check_endpoint(config, "metrics", config.metrics.endpoint)
 
 
 def _check_endpoint(config: Config, section: str, endpoint: str) -> None:

@@ -126,8 +126,9 @@ def make_service(config: Config, reactor=None) -> MultiService:
         delivery = DeliveryProcess(worker_command(source), reactor)
         delivery.setServiceParent(top)
         spool.subscribe(delivery.enqueue)
+    metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
-    policy, notifier = make_policy(config, spool, reactor)
+    policy, notifier = make_policy(config, spool, reactor, metrics)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
@@ -151,6 +152,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
             verify_senders=config.admin.enabled and config.admin.verify_senders,
             envelope_fields=user_fields,
         )
+        factory.metrics = metrics.listener(listener.name)
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped,
                         reactor).setServiceParent(top)
@@ -158,22 +160,54 @@ def make_service(config: Config, reactor=None) -> MultiService:
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
-                       control=control, reactor=reactor, logins=logins).setServiceParent(top)
+                       control=control, reactor=reactor, logins=logins,
+                       metrics=metrics_page).setServiceParent(top)
     return top
+
+
+def make_metrics(config: Config, spool, delivery, directory, reactor, parent):
+    """The relay's IMetrics from ``[metrics]`` and the /metrics page for the panel's
+    listener (None when served by a listener of its own, which joins ``parent``, or not
+    at all); NO_METRICS when it is off."""
+    from mailrelay.metrics import NO_METRICS
+
+    m = config.metrics
+    if not m.enabled:
+        return NO_METRICS, None
+    from mailrelay.metrics.prom import PrometheusMetrics
+    from mailrelay.metrics.web import MetricsPage, metrics_site
+
+    metrics = PrometheusMetrics(spool, delivery)
+    if delivery is not None:
+        delivery.metrics = metrics
+    if hasattr(directory, "metrics"):  # LDAP: its calls are counted and timed
+        directory.metrics = metrics
+    page = MetricsPage(metrics.registry, m.token)
+    if m.endpoint != "admin":
+        ListenerService("metrics", m.endpoint, metrics_site(page), reactor).setServiceParent(
+            parent)
+        return metrics, None
+    if not config.admin.enabled:
+        log.warn("[metrics] endpoint = admin, but [admin] is disabled: no /metrics")
+    return metrics, page
 
 
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
     """The delivery process's services (the shared spool, the feature stores, the queue
     runner) and its DeliveryManager."""
+    from mailrelay.metrics.forward import DeltaMetrics
     from mailrelay.spool.spool import Spool
 
     top = StopInOrder()
+    metrics = DeltaMetrics(reactor)  # added first: stops last, with everything counted
+    if config.metrics.enabled:
+        metrics.setServiceParent(top)
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, owner=False)
     spool.setServiceParent(top)
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
-    manager = make_delivery(config, spool, reactor, features)
+    manager = make_delivery(config, spool, reactor, features, metrics)
     DeliveryService(manager).setServiceParent(top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
     return top, manager
@@ -322,8 +356,9 @@ def check_directory(directory) -> None:
                  reason=str(e))
 
 
-def make_policy(config: Config, spool, reactor):
-    """The shared submission policy (limits, brute-force defence, sender notifications)."""
+def make_policy(config: Config, spool, reactor, metrics=None):
+    """The shared submission policy (limits, brute-force defence, sender notifications);
+    ``metrics``: the IMetrics counting its refusals and the notifications queued."""
     from mailrelay.model import Envelope
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
@@ -336,7 +371,10 @@ def make_policy(config: Config, spool, reactor):
         envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
                             account=None, client_ip=None, helo=None, tls=False,
                             received_at=reactor.seconds(), priority=2)
-        return spool.submit(envelope, data)
+        d = spool.submit(envelope, data)
+        if metrics is not None:
+            d.addCallback(lambda queue_id: metrics.notification("sender") or queue_id)
+        return d
 
     notifier = SenderNotifier(reactor, submit, config.server.postmaster,
                               config.server.hostname, interval=p.notify_interval)
@@ -353,6 +391,8 @@ def make_policy(config: Config, spool, reactor):
         login_guard(config, reactor),
         notifier,
     )
+    if metrics is not None:
+        policy.metrics = metrics
     return policy, notifier
 
 
@@ -379,12 +419,17 @@ class _Stopping(Service):
         return self._stop()
 
 
-def make_delivery(config: Config, spool, reactor, features=None):
+def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
+    """The DeliveryManager from ``[delivery]``; ``metrics``: the IMetrics of its attempts
+    and DSNs."""
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
 
     d = config.delivery
-    return DeliveryManager(
+    on_result = None if features is None else partial(_delivery_result, features)
+    if metrics is not None:
+        on_result = partial(_count_result, config, metrics, reactor, on_result)
+    manager = DeliveryManager(
         spool,
         router_from_config(config, reactor),
         reactor,
@@ -400,8 +445,24 @@ def make_delivery(config: Config, spool, reactor, features=None):
         connection_cache_time=d.connection_cache_time,
         features=features,
         dkim=_dkim(config, reactor),
-        on_result=None if features is None else partial(_delivery_result, features),
+        on_result=on_result,
     )
+    if metrics is not None:
+        manager.metrics = metrics
+    return manager
+
+
+def _count_result(config: Config, metrics, clock, then, queue_id: str, envelope, result,
+                  status: str) -> None:
+    """Counts one recipient's attempt by outcome and destination class (a [routes] domain,
+    else the delivery mode); a delivery's latency from the message's reception. Then
+    ``then`` (the statistics), if any."""
+    domain = result.recipient.rpartition("@")[2].lower()
+    destination = "route" if domain in config.routes else config.delivery.mode
+    latency = clock.seconds() - envelope.received_at if status == "sent" else None
+    metrics.delivery(status, destination, latency)
+    if then is not None:
+        then(queue_id, envelope, result, status)
 
 
 def _dkim(config: Config, reactor):

@@ -2,7 +2,8 @@
 limits and sender notifications composed behind ISubmissionPolicy / ISessionPolicy.
 
 Everything here is synchronous and runs in the reactor thread, so the shared counters are
-exact however many sessions interleave.
+exact however many sessions interleave. Each refusal (and each login slowed down) is
+counted in ``metrics`` by its reason.
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
+from mailrelay.metrics import NO_METRICS
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.policy.connections import ConnectionLimits, Ticket
 from mailrelay.policy.notify import SenderNotifier
 from mailrelay.policy.ratelimit import RateLimiter, Reservation
+from mailrelay.reply import Reply
 
 
 @implementer(ISubmissionPolicy)
 class SubmissionPolicy:
-    """One per daemon, shared by every listener. ``notifier`` None: no notifications."""
+    """One per daemon, shared by every listener. ``notifier`` None: no notifications.
+    ``metrics``: the IMetrics that counts the refusals."""
+
+    metrics = NO_METRICS
 
     def __init__(
         self,
@@ -34,7 +40,32 @@ class SubmissionPolicy:
 
     def connect(self, client_ip: str) -> SessionPolicy:
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
-        return SessionPolicy(self, client_ip, self.connections.open(client_ip))
+        with self.counting("connections"):
+            ticket = self.connections.open(client_ip)
+        return SessionPolicy(self, client_ip, ticket)
+
+    def counting(self, reason: str) -> _Counting:
+        return _Counting(self.metrics, reason)
+
+
+class _Counting:
+    """Counts a Reply raised inside it as a refusal for ``reason``; a 451 4.7.1 (a rate
+    limit) is counted as rate_limit whatever the step."""
+
+    __slots__ = ("_metrics", "_reason")
+
+    def __init__(self, metrics, reason: str) -> None:
+        self._metrics = metrics
+        self._reason = reason
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if isinstance(value, Reply):
+            self._metrics.policyRefusal("rate_limit" if value.status == "4.7.1"
+                                        else self._reason)
+        return False
 
 
 @implementer(ISessionPolicy)
@@ -49,7 +80,11 @@ class SessionPolicy:
 
     def authAttempt(self, username: str) -> float:
         """Raises Reply(421, "4.7.0") for a blocked address; else the seconds to wait."""
-        return self.policy.logins.check(self.client_ip)
+        with self.policy.counting("login_blocked"):
+            wait = self.policy.logins.check(self.client_ip)
+        if wait:
+            self.policy.metrics.policyRefusal("login_delayed")
+        return wait
 
     def authFailed(self, username: str) -> None:
         # No wait before the 535: authAttempt already slowed a suspicious address, before
@@ -59,7 +94,8 @@ class SessionPolicy:
     def authSucceeded(self, avatar) -> None:
         """Raises Reply(421, "4.7.0") when the user has too many connections."""
         user = avatar.user
-        self.policy.connections.bind_user(self.ticket, user.username, user.max_connections)
+        with self.policy.counting("user_connections"):
+            self.policy.connections.bind_user(self.ticket, user.username, user.max_connections)
         if avatar.method == "password":
             self.policy.logins.succeeded(self.client_ip, user.username)
 
@@ -67,9 +103,11 @@ class SessionPolicy:
         """Raises Reply(451, "4.7.0") past the messages per connection, Reply(451,
         "4.7.1") over the user's rate limit."""
         self.reset()  # a session that forgot reset() must not leak a reservation
-        self.policy.connections.count_message(self.ticket)
-        user = avatar.user
-        self.reservation = self.policy.rates.transaction(user.username, per_hour=user.rate_limit)
+        with self.policy.counting("messages_per_connection"):
+            self.policy.connections.count_message(self.ticket)
+            user = avatar.user
+            self.reservation = self.policy.rates.transaction(user.username,
+                                                             per_hour=user.rate_limit)
 
     def senderRefused(self, avatar, address: str, header: bool) -> None:
         if self.policy.notifier is not None:
@@ -81,7 +119,8 @@ class SessionPolicy:
         """Raises Reply(451, "4.7.1") over the rate limit when counting recipients."""
         if self.reservation is None:
             raise RuntimeError("RCPT without a successful mailFrom()")
-        self.reservation.recipient()
+        with self.policy.counting("rate_limit"):
+            self.reservation.recipient()
 
     def data(self, avatar, envelope) -> None:
         """Nothing left to check: the units were reserved at MAIL and RCPT."""
