@@ -6,7 +6,9 @@ notification, a held message), with the exact counts that day must give."""
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import urllib.error
 import urllib.request
 
@@ -155,3 +157,37 @@ def _answers(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_own_listener_and_the_delivery_process_health(tmp_path):
+    """``[metrics] endpoint`` of its own (the panel off): only /metrics answers there, with
+    no token asked; a delivery process killed is counted as restarted, and up again."""
+    port = free_port()
+    relay = Relay(tmp_path / "relay", config=(
+        f"[metrics]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
+    url = f"http://127.0.0.1:{port}"
+    relay.start()
+    try:
+        wait_for(lambda: _answers(url + "/metrics"), what="the metrics listener")
+        for path in ("/", "/api/v1/users", "/metrics/more"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(url + path, timeout=10)
+            assert missing.value.code == 404
+        first = wait_for(lambda: (s := scrape(url + "/metrics", token=None))
+                         and value(s, "mailrelay_delivery_process_up") == 1
+                         and (s, delivery_pids(relay)), what="the delivery process")
+        samples, pids = first
+        assert value(samples, "mailrelay_delivery_process_restarts_total") == 0
+        os.kill(pids[0], signal.SIGKILL)
+        samples = wait_for(lambda: (s := scrape(url + "/metrics", token=None))
+                           and value(s, "mailrelay_delivery_process_restarts_total") == 1
+                           and value(s, "mailrelay_delivery_process_up") == 1
+                           and s, timeout=20, what="the restart counted")
+        assert len(delivery_pids(relay)) == 2
+        assert value(samples, "mailrelay_queue_messages", state="ready") == 0
+    finally:
+        relay.stop()
+
+
+def delivery_pids(relay: Relay) -> list[int]:
+    return [int(p) for p in re.findall(r"delivery process (\d+) started", relay.log())]

@@ -14,9 +14,8 @@ from twisted.web import resource, server
 
 
 class MetricsPage(resource.Resource):
-    """GET /metrics; with a ``token``, only for ``Authorization: Bearer <token>``."""
-
-    isLeaf = True
+    """GET /metrics; with a ``token``, only for ``Authorization: Bearer <token>``. Not a
+    leaf: a path below it is not found."""
 
     def __init__(self, registry, token: str = "") -> None:
         super().__init__()

@@ -1,0 +1,113 @@
+"""The counters behind /metrics: the delivery process's records added up in the relay,
+labels kept to their fixed sets, the queue read by state. Read back through
+prometheus-client's exposition and parser, as Prometheus reads them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+
+from mailrelay.metrics import DELIVERY_BUCKETS
+from mailrelay.metrics.forward import DeltaMetrics
+from mailrelay.metrics.prom import PrometheusMetrics
+from mailrelay.spool.queueid import QueueIds
+from mailrelay.spool.spool import Spool
+
+
+def samples(metrics: PrometheusMetrics) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_delivery_process_records_add_up_in_the_relay():
+    clock = Clock()
+    process, relay = DeltaMetrics(clock), PrometheusMetrics(clock=clock.seconds)
+    process.delivery("sent", "mx", 0.3)
+    process.delivery("sent", "mx", 7200.0)
+    process.delivery("deferred", "route", None)
+    process.notification("bounce")
+    relay.absorb(json.dumps(process.record()))
+    process.delivery("sent", "smarthost", 1e9)  # past the last bucket: +Inf
+    process.delivery("<weird>", "x@y", None)  # never an unbounded label
+    process.notification("delay")
+    relay.absorb(json.dumps(process.record()))
+    relay.absorb(json.dumps(process.record()))  # an empty one: a heartbeat, adds nothing
+    relay.absorb("{not json")  # ignored (and logged), nothing half added
+    relay.notification("sender")
+    s = samples(relay)
+    attempts = {k[1]: v for k, v in s.items() if k[0] == "mailrelay_delivery_attempts_total"}
+    assert attempts == {
+        (("destination", "mx"), ("outcome", "sent")): 2,
+        (("destination", "route"), ("outcome", "deferred")): 1,
+        (("destination", "smarthost"), ("outcome", "sent")): 1,
+        (("destination", "other"), ("outcome", "other")): 1,
+    }
+    notices = {k[1]: v for k, v in s.items() if k[0] == "mailrelay_notifications_queued_total"}
+    assert notices == {(("kind", "bounce"),): 1, (("kind", "delay"),): 1,
+                       (("kind", "sender"),): 1}
+    buckets = {dict(k[1])["le"]: v for k, v in s.items()
+               if k[0] == "mailrelay_delivery_seconds_bucket"}
+    assert buckets["0.1"] == 0 and buckets["0.5"] == 1 and buckets["3600.0"] == 1
+    assert buckets["14400.0"] == 2 and buckets["86400.0"] == 2 and buckets["+Inf"] == 3
+    assert len(buckets) == len(DELIVERY_BUCKETS) + 1
+    assert s[("mailrelay_delivery_seconds_count", ())] == 3
+    assert s[("mailrelay_delivery_seconds_sum", ())] == 0.3 + 7200.0 + 1e9
+
+
+def test_listener_counts_and_bounded_labels():
+    relay = PrometheusMetrics()
+    smtp = relay.listener("smtp")
+    smtp.opened(False)
+    smtp.startedTLS()
+    smtp.opened(True)
+    smtp.closed(True)
+    smtp.accepted(1000, 0.004)
+    smtp.refused(550, "5.7.1")
+    smtp.refused(421, None)
+    smtp.login("password", "success")
+    smtp.login("kerberos", "maybe")
+    relay.policyRefusal("rate_limit")
+    relay.policyRefusal("nonsense")
+    s = samples(relay)
+    assert s[("mailrelay_smtp_sessions_open", (("listener", "smtp"), ("tls", "yes")))] == 1
+    assert s[("mailrelay_smtp_sessions_open", (("listener", "smtp"), ("tls", "no")))] == 0
+    assert s[("mailrelay_smtp_sessions_total", (("listener", "smtp"), ("tls", "no")))] == 1
+    assert s[("mailrelay_smtp_sessions_total", (("listener", "smtp"), ("tls", "yes")))] == 1
+    assert s[("mailrelay_smtp_starttls_total", (("listener", "smtp"),))] == 1
+    assert s[("mailrelay_smtp_received_bytes_total", (("listener", "smtp"),))] == 1000
+    assert s[("mailrelay_spool_commit_seconds_bucket", (("le", "0.005"),))] == 1
+    assert s[("mailrelay_smtp_refusals_total", (("code", "421"), ("status", "")))] == 1
+    assert s[("mailrelay_smtp_logins_total", (("method", "other"), ("result", "other")))] == 1
+    assert s[("mailrelay_policy_refusals_total", (("reason", "other"),))] == 1
+
+
+def test_queue_by_state_read_from_the_spool(tmp_path):
+    """Three listdirs, no file read: ready (never tried), deferred (a state file), held; the
+    oldest message's age from its queue id. Read again only after ``queue_cache``."""
+    now = time.time()
+    ids = QueueIds(lambda: now)
+    for place in ("queue", "hold", "state"):
+        (tmp_path / place).mkdir()
+    ready, tried, held = ids.next(2), ids.next(2), ids.next(2)
+    for place, queue_id in (("queue", ready), ("queue", tried), ("hold", held)):
+        (tmp_path / place / queue_id).write_bytes(b"{}\n")
+    (tmp_path / "state" / f"{tried}.json").write_text("{}")
+    clock = [now + 30]
+    relay = PrometheusMetrics(Spool(str(tmp_path)), clock=lambda: clock[0], queue_cache=5)
+    s = samples(relay)
+    for state in ("ready", "deferred", "held"):
+        assert s[("mailrelay_queue_messages", (("state", state),))] == 1
+        assert 29.9 <= s[("mailrelay_queue_oldest_seconds", (("state", state),))] <= 30.1
+    (tmp_path / "state" / f"{tried}.json").unlink()
+    clock[0] += 1  # within queue_cache: the last reading is shown again
+    assert samples(relay)[("mailrelay_queue_messages", (("state", "ready"),))] == 1
+    clock[0] += 5
+    s = samples(relay)
+    assert s[("mailrelay_queue_messages", (("state", "ready"),))] == 2
+    assert s[("mailrelay_queue_messages", (("state", "deferred"),))] == 0
+    assert s[("mailrelay_queue_oldest_seconds", (("state", "deferred"),))] == 0
