@@ -5,8 +5,12 @@ prometheus-client's exposition and parser, as Prometheus reads them."""
 from __future__ import annotations
 
 import json
+import re
 import time
+from types import SimpleNamespace
 
+import yaml
+from harness import ROOT
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
@@ -40,14 +44,16 @@ def test_delivery_process_records_add_up_in_the_relay():
     relay.absorb("{not json")  # ignored (and logged), nothing half added
     relay.notification("sender")
     s = samples(relay)
-    attempts = {k[1]: v for k, v in s.items() if k[0] == "mailrelay_delivery_attempts_total"}
+    attempts = {k[1]: v for k, v in s.items()
+                if k[0] == "mailrelay_delivery_attempts_total" and v}
     assert attempts == {
         (("destination", "mx"), ("outcome", "sent")): 2,
         (("destination", "route"), ("outcome", "deferred")): 1,
         (("destination", "smarthost"), ("outcome", "sent")): 1,
         (("destination", "other"), ("outcome", "other")): 1,
     }
-    notices = {k[1]: v for k, v in s.items() if k[0] == "mailrelay_notifications_queued_total"}
+    notices = {k[1]: v for k, v in s.items()
+               if k[0] == "mailrelay_notifications_queued_total" and v}
     assert notices == {(("kind", "bounce"),): 1, (("kind", "delay"),): 1,
                        (("kind", "sender"),): 1}
     buckets = {dict(k[1])["le"]: v for k, v in s.items()
@@ -111,3 +117,47 @@ def test_queue_by_state_read_from_the_spool(tmp_path):
     assert s[("mailrelay_queue_messages", (("state", "ready"),))] == 2
     assert s[("mailrelay_queue_messages", (("state", "deferred"),))] == 0
     assert s[("mailrelay_queue_oldest_seconds", (("state", "deferred"),))] == 0
+
+
+def exposed_names(tmp_path) -> set[str]:
+    """Every sample name a relay with a spool and a delivery process exposes."""
+    for place in ("queue", "hold", "state"):
+        (tmp_path / place).mkdir(exist_ok=True)
+    process = SimpleNamespace(pid=1234, restarts=0)  # what the collector reads of it
+    relay = PrometheusMetrics(Spool(str(tmp_path)), process)
+    relay.absorb(json.dumps(DeltaMetrics(Clock()).record()))
+    relay.directory(0.01, True)
+    relay.listener("smtp").refused(550, "5.7.1")
+    return {name for name, _ in samples(relay)}
+
+
+def test_readme_lists_every_metric(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(mailrelay_\w+)` \|", section, re.M))
+    families = {re.sub(r"_(bucket|count|sum|created)$", "", n) for n in exposed_names(tmp_path)
+                if n.startswith("mailrelay_") and not n.endswith("_created")}
+    assert listed == families
+
+
+def test_alert_rules_and_dashboard_use_real_metrics(tmp_path):
+    names = exposed_names(tmp_path)
+    rules = yaml.safe_load((ROOT / "etc" / "prometheus" / "alerts.yml").read_text())
+    exprs = []
+    for group in rules["groups"]:
+        assert set(group) == {"name", "rules"}
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert rule["alert"].startswith("Mailrelay") and rule["expr"].strip()
+            assert rule["labels"]["severity"] in ("critical", "warning", "info")
+            assert rule["annotations"]["summary"]
+            if "for" in rule:
+                assert re.fullmatch(r"\d+[smh]", rule["for"])
+            exprs.append(rule["expr"])
+    dashboard = json.loads((ROOT / "etc" / "grafana" / "mailrelay-dashboard.json").read_text())
+    assert dashboard["panels"] and len({p["id"] for p in dashboard["panels"]}) == len(
+        dashboard["panels"])
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\bmailrelay_\w+", e)}
+    assert used - names == set()
+    assert len(used) >= 15  # nearly every metric is shown or alerted on

@@ -125,8 +125,9 @@ class PrometheusMetrics:
                            False: self.directory_calls.labels("error")}
         # What the delivery process counts: replaced, never changed in place, so that a
         # scrape (in a thread) reads whole values.
-        self._attempts: dict[tuple[str, str], int] = {}
-        self._notifications: dict[str, int] = {}
+        # Every known series from the start, at 0: rate() then sees the first increase.
+        self._attempts = {(o, d): 0 for o in OUTCOMES for d in DESTINATIONS}
+        self._notifications = dict.fromkeys(NOTIFICATIONS, 0)
         self._latency: tuple[list[int], float] = ([0] * (len(DELIVERY_BUCKETS) + 1), 0.0)
         self._reported_at: float | None = None
         self._spool = spool
