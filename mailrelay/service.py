@@ -167,12 +167,14 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
 def make_metrics(config: Config, spool, delivery, directory, reactor, parent):
     """The relay's IMetrics from ``[metrics]`` and the /metrics page for the panel's
-    listener (None when served by a listener of its own, which joins ``parent``, or not
-    at all); NO_METRICS when it is off."""
+    listener (None when served by a listener of its own, which joins ``parent``);
+    NO_METRICS when they are off or nowhere to be served."""
     from mailrelay.metrics import NO_METRICS
 
     m = config.metrics
-    if not m.enabled:
+    if not metrics_served(config):
+        if m.enabled:
+            log.info("no /metrics: [metrics] endpoint = admin, and [admin] is disabled")
         return NO_METRICS, None
     from mailrelay.metrics.prom import PrometheusMetrics
     from mailrelay.metrics.web import MetricsPage, metrics_site
@@ -187,21 +189,27 @@ def make_metrics(config: Config, spool, delivery, directory, reactor, parent):
         ListenerService("metrics", m.endpoint, metrics_site(page), reactor).setServiceParent(
             parent)
         return metrics, None
-    if not config.admin.enabled:
-        log.warn("[metrics] endpoint = admin, but [admin] is disabled: no /metrics")
     return metrics, page
+
+
+def metrics_served(config: Config) -> bool:
+    """Whether anything is counted: ``[metrics]`` on, with somewhere to serve them."""
+    m = config.metrics
+    return m.enabled and (m.endpoint != "admin" or config.admin.enabled)
 
 
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
     """The delivery process's services (the shared spool, the feature stores, the queue
     runner) and its DeliveryManager."""
+    from mailrelay.metrics import NO_METRICS
     from mailrelay.metrics.forward import DeltaMetrics
     from mailrelay.spool.spool import Spool
 
     top = StopInOrder()
-    metrics = DeltaMetrics(reactor)  # added first: stops last, with everything counted
-    if config.metrics.enabled:
-        metrics.setServiceParent(top)
+    metrics = NO_METRICS
+    if metrics_served(config):
+        metrics = DeltaMetrics(reactor)
+        metrics.setServiceParent(top)  # added first: stops last, with everything counted
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, owner=False)
     spool.setServiceParent(top)

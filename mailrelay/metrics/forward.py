@@ -9,7 +9,6 @@ own counters. An empty record is sent too: its arrival is the process's heartbea
 from __future__ import annotations
 
 import json
-from bisect import bisect_left
 
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -22,6 +21,7 @@ from mailrelay.metrics import (
     OUTCOMES,
     RECORD_KEY,
     REPORT_INTERVAL,
+    Buckets,
     NoMetrics,
     bounded,
 )
@@ -43,16 +43,13 @@ class DeltaMetrics(NoMetrics, Service):
     def _reset(self) -> None:
         self._attempts: dict[tuple[str, str], int] = {}
         self._notifications: dict[str, int] = {}
-        self._buckets = [0] * (len(DELIVERY_BUCKETS) + 1)  # per bucket, not cumulative
-        self._latency_sum = 0.0
+        self._latency = Buckets(DELIVERY_BUCKETS)
 
     def delivery(self, outcome: str, destination: str, latency: float | None) -> None:
         key = (bounded(outcome, OUTCOMES), bounded(destination, DESTINATIONS))
         self._attempts[key] = self._attempts.get(key, 0) + 1
         if latency is not None:
-            latency = max(0.0, latency)
-            self._buckets[bisect_left(DELIVERY_BUCKETS, latency)] += 1
-            self._latency_sum += latency
+            self._latency.observe(max(0.0, latency))
 
     def notification(self, kind: str) -> None:
         kind = bounded(kind, NOTIFICATIONS)
@@ -63,7 +60,7 @@ class DeltaMetrics(NoMetrics, Service):
         record = {
             "attempts": [[o, d, n] for (o, d), n in self._attempts.items()],
             "notifications": [[k, n] for k, n in self._notifications.items()],
-            "latency": {"buckets": self._buckets, "sum": self._latency_sum},
+            "latency": {"buckets": self._latency.counts, "sum": self._latency.sum},
         }
         self._reset()
         return record
