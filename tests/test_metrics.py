@@ -9,12 +9,14 @@ import re
 import time
 from types import SimpleNamespace
 
+import pytest
 import yaml
 from harness import ROOT
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 
+from mailrelay.config import ConfigError, load_config
 from mailrelay.metrics import DELIVERY_BUCKETS
 from mailrelay.metrics.forward import DeltaMetrics
 from mailrelay.metrics.prom import PrometheusMetrics
@@ -161,3 +163,17 @@ def test_alert_rules_and_dashboard_use_real_metrics(tmp_path):
     used = {n for e in exprs for n in re.findall(r"\bmailrelay_\w+", e)}
     assert used - names == set()
     assert len(used) >= 15  # nearly every metric is shown or alerted on
+
+
+def test_config_metrics_section(tmp_path):
+    ini = tmp_path / "mailrelay.ini"
+    ini.write_text(f"[server]\ndata_dir = {tmp_path}\n")
+    m = load_config(str(ini)).metrics
+    assert (m.enabled, m.endpoint, m.token) == (True, "admin", "")
+    ini.write_text(f"[server]\ndata_dir = {tmp_path}\n[metrics]\nendpoint = nonsense:9\n")
+    with pytest.raises(ConfigError, match=r"\[metrics\] endpoint: 'nonsense:9'"):
+        load_config(str(ini))
+    ini.write_text(f"[server]\ndata_dir = {tmp_path}\n[metrics]\nendpoint = tcp:9125\n"
+                   "token = t0ken\n")
+    m = load_config(str(ini)).metrics
+    assert (m.endpoint, m.token) == ("tcp:9125", "t0ken")
