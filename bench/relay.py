@@ -71,6 +71,7 @@ class MailRelayInstance:
         self.ip_network, self.ip_user = ip_network, ip_user
         self.plain_port = procs.free_port()
         self.implicit_port = procs.free_port()
+        self.metrics_port = procs.free_port()
         self.dropped: list[str] = []  # settings this mailrelay does not know yet
         self.proc: subprocess.Popen | None = None
         self.profile_dir = profile_dir  # twistd --profiler cprofile, one file per start
@@ -103,6 +104,8 @@ class MailRelayInstance:
                        "rate_per_hour": "0", "rate_per_minute": "0"},
             "policy": {"ip_auth": f"{self.ip_network} = {self.ip_user}"},
             "admin": {"enabled": "no"},  # no control panel: nothing to measure there
+            # Counting on, as in production: metrics served on a listener of their own.
+            "metrics": {"endpoint": f"tcp:{self.metrics_port}:interface={host}"},
         }
         for name, keys in self.extra_sections.items():
             sections.setdefault(name, {}).update(keys)

@@ -378,6 +378,14 @@ SCHEMA["cluster"] = {
     "prefix": (text, "mailrelay:"),  # of every key, so several relay groups share a Redis
 }
 
+SCHEMA["metrics"] = {
+    # Prometheus metrics at /metrics (mailrelay/metrics/): on the control panel's listener
+    # ("admin"), or on a Twisted endpoint of their own.
+    "enabled": (boolean, True),
+    "endpoint": (text, "admin"),
+    "token": (text, ""),  # a bearer token scrapes must send; empty: none asked
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -426,6 +434,7 @@ class Config:
     tracking: SimpleNamespace
     dkim: SimpleNamespace
     bounces: SimpleNamespace
+    metrics: SimpleNamespace
     cluster: SimpleNamespace | None = None
 
 
@@ -651,6 +660,8 @@ def _derive(config: Config) -> None:
     if config.cluster.redis and config.cluster.lease_time < 3:
         raise ConfigError(config.source, "cluster", "lease_time", "at least 3s")
     _derive_features(config)
+    if config.metrics.enabled and config.metrics.endpoint != "admin":
+        _check_endpoint(config, "metrics", config.metrics.endpoint)
 
 
 def _check_endpoint(config: Config, section: str, endpoint: str) -> None:

@@ -391,3 +391,53 @@ class ILoginGuard(Interface):
     def configure(window: float, delay_after: int, block_after: int, block_time: float,
                   max_delay: float, user_alert_after: int, ipv6_prefix: int):
         """New thresholds (a reload), keeping what was counted."""
+
+
+class IMetrics(Interface):
+    """What the relay counts for monitoring (mailrelay/metrics/). Every method is cheap and
+    synchronous, called on the reactor thread at the event it counts; labels are a small
+    fixed set (listener names, methods, status codes), never addresses or usernames."""
+
+    def listener(name: str):
+        """The IListenerMetrics of the SMTP listener ``name`` (one per listener)."""
+
+    def login(method: str, result: str) -> None:
+        """A login: ``method`` password, ip or address; ``result`` success, failure (bad
+        credentials), refused (the policy said no) or error (the directory failed)."""
+
+    def policyRefusal(reason: str) -> None:
+        """A limit refused a step: connections, user_connections, login_blocked,
+        login_delayed, rate_limit, messages_per_connection."""
+
+    def notification(kind: str) -> None:
+        """A notice was queued: bounce, delay (DSNs) or sender (sender notifications)."""
+
+    def delivery(outcome: str, destination: str, latency: float | None) -> None:
+        """One recipient's delivery attempt: ``outcome`` sent, deferred, bounced or
+        expired; ``destination`` mx, smarthost or route; ``latency`` (sent only) seconds
+        from the message's reception to the remote 250."""
+
+    def directory(seconds: float, ok: bool) -> None:
+        """One call to the LDAP directory, how long it took and whether it answered."""
+
+
+class IListenerMetrics(Interface):
+    """The counters of one SMTP listener, as its sessions call them."""
+
+    def opened(tls: bool) -> None:
+        """A session started (``tls``: implicit TLS)."""
+
+    def startedTLS() -> None:
+        """A session turned to TLS with STARTTLS."""
+
+    def closed(tls: bool) -> None:
+        """A session ended (``tls``: whether it was in TLS then)."""
+
+    def accepted(size: int, commit_seconds: float) -> None:
+        """A message of ``size`` bytes is durable; its commit took ``commit_seconds``."""
+
+    def refused(code: int, status: str | None) -> None:
+        """A 4xx or 5xx reply (a refused command or message) with its enhanced status."""
+
+    def login(method: str, result: str) -> None:
+        """A login by one of its sessions (IMetrics.login)."""

@@ -129,8 +129,9 @@ def make_service(config: Config, reactor=None) -> MultiService:
         delivery = DeliveryProcess(worker_command(source), reactor)
         delivery.setServiceParent(top)
         spool.subscribe(delivery.enqueue)
+    metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
-    policy, notifier = make_policy(config, spool, reactor)
+    policy, notifier = make_policy(config, spool, reactor, metrics)
     if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
         from mailrelay.cluster.redis_counters import LeaseRenewal
 
@@ -160,6 +161,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
             envelope_fields=user_fields,
         )
         factories.append(factory)
+        factory.metrics = metrics.listener(listener.name)
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
@@ -175,7 +177,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
-                       control=control, reactor=reactor, logins=logins).setServiceParent(top)
+                       control=control, reactor=reactor, logins=logins,
+                       metrics=metrics_page).setServiceParent(top)
     # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
     top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
@@ -210,18 +213,59 @@ def bounce_listener(config: Config, verp, paths, features, spool, tls_options, r
     return ListenerService("bounces", b.endpoint, factory, reactor)
 
 
+
+
+def make_metrics(config: Config, spool, delivery, directory, reactor, parent):
+    """The relay's IMetrics from ``[metrics]`` and the /metrics page for the panel's
+    listener (None when served by a listener of its own, which joins ``parent``);
+    NO_METRICS when they are off or nowhere to be served."""
+    from mailrelay.metrics import NO_METRICS
+
+    m = config.metrics
+    if not metrics_served(config):
+        if m.enabled:
+            log.info("no /metrics: [metrics] endpoint = admin, and [admin] is disabled")
+        return NO_METRICS, None
+    from mailrelay.metrics.prom import PrometheusMetrics
+    from mailrelay.metrics.web import MetricsPage, metrics_site
+
+    metrics = PrometheusMetrics(spool, delivery)
+    if delivery is not None:
+        delivery.metrics = metrics
+    if hasattr(directory, "metrics"):  # LDAP: its calls are counted and timed
+        directory.metrics = metrics
+    page = MetricsPage(metrics.registry, m.token)
+    if m.endpoint != "admin":
+        ListenerService("metrics", m.endpoint, metrics_site(page), reactor).setServiceParent(
+            parent)
+        return metrics, None
+    return metrics, page
+
+
+def metrics_served(config: Config) -> bool:
+    """Whether anything is counted: ``[metrics]`` on, with somewhere to serve them."""
+    m = config.metrics
+    return m.enabled and (m.endpoint != "admin" or config.admin.enabled)
+
+
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
     """The delivery process's services (the shared spool, the feature stores, the queue
     runner) and its DeliveryManager."""
+    from mailrelay.metrics import NO_METRICS
+    from mailrelay.metrics.forward import DeltaMetrics
     from mailrelay.spool.spool import Spool
 
     top = StopInOrder()
+    metrics = NO_METRICS
+    if metrics_served(config):
+        metrics = DeltaMetrics(reactor)
+        metrics.setServiceParent(top)  # added first: stops last, with everything counted
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, owner=False)
     spool.setServiceParent(top)
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
-    manager = make_delivery(config, spool, reactor, features)
+    manager = make_delivery(config, spool, reactor, features, metrics)
     DeliveryService(manager).setServiceParent(top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
     return top, manager
@@ -370,8 +414,9 @@ def check_directory(directory) -> None:
                  reason=str(e))
 
 
-def make_policy(config: Config, spool, reactor):
-    """The shared submission policy (limits, brute-force defence, sender notifications)."""
+def make_policy(config: Config, spool, reactor, metrics=None):
+    """The shared submission policy (limits, brute-force defence, sender notifications);
+    ``metrics``: the IMetrics counting its refusals and the notifications queued."""
     from mailrelay.model import Envelope
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
@@ -384,27 +429,33 @@ def make_policy(config: Config, spool, reactor):
         envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
                             account=None, client_ip=None, helo=None, tls=False,
                             received_at=reactor.seconds(), priority=2)
-        return spool.submit(envelope, data)
+        d = spool.submit(envelope, data)
+        if metrics is not None:
+            d.addCallback(lambda queue_id: metrics.notification("sender") or queue_id)
+        return d
 
     notifier = SenderNotifier(reactor, submit, config.server.postmaster,
                               config.server.hostname, interval=p.notify_interval)
     if config.cluster.redis:  # shared by several nodes
         from mailrelay.cluster.redis_counters import shared_limiters
 
-        return SubmissionPolicy(*shared_limiters(config, reactor), notifier), notifier
-    policy = SubmissionPolicy(
-        ConnectionLimits(
-            max_total=limits.max_connections,
-            max_per_ip=limits.max_connections_per_ip,
-            max_per_user=limits.max_connections_per_user,
-            max_messages=0,  # the session counts messages per connection itself
-            ipv6_prefix=p.ipv6_prefix,
-        ),
-        RateLimiter(reactor, per_hour=limits.rate_per_hour,
-                    per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
-        login_guard(config, reactor),
-        notifier,
-    )
+        policy = SubmissionPolicy(*shared_limiters(config, reactor), notifier)
+    else:
+        policy = SubmissionPolicy(
+            ConnectionLimits(
+                max_total=limits.max_connections,
+                max_per_ip=limits.max_connections_per_ip,
+                max_per_user=limits.max_connections_per_user,
+                max_messages=0,  # the session counts messages per connection itself
+                ipv6_prefix=p.ipv6_prefix,
+            ),
+            RateLimiter(reactor, per_hour=limits.rate_per_hour,
+                        per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
+            login_guard(config, reactor),
+            notifier,
+        )
+    if metrics is not None:
+        policy.metrics = metrics
     return policy, notifier
 
 
@@ -431,13 +482,18 @@ class _Stopping(Service):
         return self._stop()
 
 
-def make_delivery(config: Config, spool, reactor, features=None):
+def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
+    """The DeliveryManager from ``[delivery]``; ``metrics``: the IMetrics of its attempts
+    and DSNs."""
     from mailrelay.bounces.store import ReturnPaths
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
 
     d = config.delivery
-    return DeliveryManager(
+    on_result = None if features is None else partial(_delivery_result, features)
+    if metrics is not None:
+        on_result = partial(_count_result, config, metrics, reactor, on_result)
+    manager = DeliveryManager(
         spool,
         router_from_config(config, reactor, announce=True),
         reactor,
@@ -455,8 +511,24 @@ def make_delivery(config: Config, spool, reactor, features=None):
         features=features,
         dkim=_dkim(config, reactor),
         return_paths=ReturnPaths(*make_verp(config), reactor),
-        on_result=None if features is None else partial(_delivery_result, features),
+        on_result=on_result,
     )
+    if metrics is not None:
+        manager.metrics = metrics
+    return manager
+
+
+def _count_result(config: Config, metrics, clock, then, queue_id: str, envelope, result,
+                  status: str) -> None:
+    """Counts one recipient's attempt by outcome and destination class (a [routes] domain,
+    else the delivery mode); a delivery's latency from the message's reception. Then
+    ``then`` (the statistics), if any."""
+    domain = result.recipient.rpartition("@")[2].lower()
+    destination = "route" if domain in config.routes else config.delivery.mode
+    latency = clock.seconds() - envelope.received_at if status == "sent" else None
+    metrics.delivery(status, destination, latency)
+    if then is not None:
+        then(queue_id, envelope, result, status)
 
 
 def _dkim(config: Config, reactor):

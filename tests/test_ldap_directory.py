@@ -402,6 +402,25 @@ class CheckTests(SlapdTestCase):
         self.assertEqual(user.username, "doe.test")
 
     @defer.inlineCallbacks
+    def test_calls_are_counted_and_timed_for_metrics(self):
+        """Each call: its time, and whether the directory answered (a wrong password is an
+        answer; an unreachable server is an error)."""
+        from prometheus_client import generate_latest
+
+        from mailrelay.metrics.prom import PrometheusMetrics
+
+        metrics = PrometheusMetrics()
+        up, down = self.directory(), self.directory(uris=[self.refused_uri()])
+        up.metrics = down.metrics = metrics
+        yield up.authenticate("doe.test", EXAMPLE_PASSWORDS["doe.test"])
+        yield self.assertFailure(up.authenticate("doe.test", "wrong"), UnauthorizedLogin)
+        yield self.assertFailure(down.authenticate("doe.test", "x"), DirectoryUnavailable)
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn('mailrelay_directory_requests_total{result="ok"} 2.0', text)
+        self.assertIn('mailrelay_directory_requests_total{result="error"} 1.0', text)
+        self.assertIn("mailrelay_directory_request_seconds_count 3.0", text)
+
+    @defer.inlineCallbacks
     def test_start_tls_refused_by_a_server_without_tls(self):
         e = yield self.assertFailure(self.directory(start_tls=True).check(), DirectoryUnavailable)
         self.assertIn("LDAP server unreachable", str(e))

@@ -73,6 +73,7 @@ from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
 from mailrelay.interfaces import IQueueControl
+from mailrelay.metrics import NO_METRICS
 from mailrelay.model import Envelope
 from mailrelay.spool.state import DeliveryState
 
@@ -107,6 +108,8 @@ class _Attempt:
 
 @implementer(IQueueControl)
 class DeliveryManager:
+    metrics = NO_METRICS  # the IMetrics counting the DSNs queued (service.py sets it)
+
     def __init__(self, spool, router, reactor, *, max_concurrency: int = 50,
                  max_per_host: int = 10, retry_first: float = 60.0, retry_max: float = 3600.0,
                  lifetime: float = 5 * 86400.0, delay_warning: float = 0.0,
@@ -557,6 +560,7 @@ class DeliveryManager:
             log.failure("cannot queue the {kind} for {queue_id}", queue_id=attempt.queue_id,
                         kind=kind)
             return False
+        self.metrics.notification("bounce" if action == "failed" else "delay")
         log.info("{queue_id}: {kind} {dsn_id} queued for <{to}>", queue_id=attempt.queue_id,
                  kind=kind, dsn_id=new_id, to=dsn.notify_address(envelope))
         if self._running:

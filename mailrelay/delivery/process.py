@@ -12,7 +12,9 @@ a message is announced only once it is durable in queue/, so whatever was announ
 process that died is found by the next one's listing. The relay restarts a process that
 ends while the relay runs (after 1 s, doubling up to 30 s while it keeps failing), and
 stops it when the relay stops. The process's log events come back over its stdout as
-JSON and join the relay's log as if logged here; a process whose relay is gone stops.
+JSON and join the relay's log as if logged here, except its metrics records (once a
+second: metrics/forward.py), which go to the relay's IMetrics; a process whose relay is
+gone stops.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import mailrelay
 from mailrelay.control import Delete, DeliveryNotRunning, Flush, Retry
 from mailrelay.delivery.commands import MAX_IDS, Enqueue, adopt
 from mailrelay.interfaces import IQueueControl
+from mailrelay.metrics import NO_METRICS, RECORD_KEY
 
 log = Logger()
 
@@ -93,7 +96,7 @@ class _Child(protocol.ProcessProtocol):
         self._out += data
         *records, self._out = self._out.split(b"\n")
         for record in records:
-            _relog(record.lstrip(b"\x1e"))
+            _relog(record.lstrip(b"\x1e"), self._owner.metrics)
         if len(self._out) > MAX_LOG_RECORD:
             self._out = b""
             log.warn("delivery process: a log record over {size} bytes, dropped",
@@ -111,13 +114,16 @@ class _Child(protocol.ProcessProtocol):
         self._owner._ended(self, reason)
 
 
-def _relog(record: bytes) -> None:
+def _relog(record: bytes, metrics) -> None:
     if not record.strip():
         return
     try:
         event = eventFromJSON(record.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         log.warn("delivery process: unreadable log record {record!r}", record=record[:200])
+        return
+    if RECORD_KEY in event:
+        metrics.absorb(event[RECORD_KEY])
         return
     globalLogPublisher(event)
 
@@ -130,6 +136,7 @@ class DeliveryProcess(Service):
     process restarts)."""
 
     name = "delivery"
+    metrics = NO_METRICS  # the relay's IMetrics: the process's records go there
 
     def __init__(self, argv: list[str], reactor, env: dict[str, str] | None = None,
                  stop_timeout: float = STOP_TIMEOUT) -> None:
@@ -147,6 +154,7 @@ class DeliveryProcess(Service):
         self._delay = RESTART_FIRST
         self._started_at = 0.0
         self._pid: int | None = None  # of the process running or last run
+        self.restarts = 0  # processes that ended while the relay ran
         self._stopped: list[defer.Deferred] = []
 
     @property
@@ -232,6 +240,7 @@ class DeliveryProcess(Service):
             return
         if self._reactor.seconds() - self._started_at >= STABLE:
             self._delay = RESTART_FIRST
+        self.restarts += 1
         log.error("delivery process {pid} ended ({why}); restarting it in {delay:.0f}s",
                   pid=pid, why=_why(reason), delay=self._delay)
         self._restart = self._reactor.callLater(self._delay, self._spawn)

@@ -46,6 +46,7 @@ from mailrelay.directory.ldap_mapping import (
 )
 from mailrelay.directory.ldap_passwords import UnsupportedScheme, verify_any
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory
+from mailrelay.metrics import NO_METRICS
 from mailrelay.model import Account, SmtpUser, canonical_username
 
 __all__ = ["LdapDirectory", "LdapConfigError", "DEFAULT_USER_FILTER"]
@@ -70,6 +71,8 @@ class _Ambiguous(Exception):
 
 @implementer(IDirectory)
 class LdapDirectory:
+    metrics = NO_METRICS  # the relay's IMetrics: each call's time and whether it answered
+
     writable = False
     stamps_every_change = False  # modifyTimestamp: one-second resolution, maybe unreadable
 
@@ -328,8 +331,15 @@ class LdapDirectory:
     def _call(self, f: Callable, *args, **kwargs) -> defer.Deferred:
         """Run ``f`` in the pool; DirectoryUnavailable (logged once per outage) on trouble."""
         d = threads.deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+        d.addBoth(self._timed, self._reactor.seconds())
         d.addCallbacks(self._answered, self._unanswered)
         return d
+
+    def _timed(self, result: object, started: float) -> object:
+        answered = not isinstance(result, Failure) or bool(result.check(_Ambiguous,
+                                                                       UnsupportedScheme))
+        self.metrics.directory(self._reactor.seconds() - started, answered)
+        return result
 
     def _answered(self, result: object) -> object:
         if not self._available:

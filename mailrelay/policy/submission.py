@@ -4,16 +4,20 @@ limits and sender notifications composed behind ISubmissionPolicy / ISessionPoli
 With the in-process limiters everything here is synchronous and runs in the reactor
 thread, so the counters are exact however many sessions interleave. The limiters shared by
 several nodes (mailrelay/cluster/) answer with Deferreds; each step then waits for its
-answer, and what arrives after the connection is gone is given back.
+answer, and what arrives after the connection is gone is given back. Each refusal (and
+each login slowed down) is counted in ``metrics`` by its reason.
 """
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
+from mailrelay.metrics import NO_METRICS
 from mailrelay.policy.notify import SenderNotifier
+from mailrelay.reply import Reply
 
 
 def _then(result, step):
@@ -26,7 +30,10 @@ def _then(result, step):
 @implementer(ISubmissionPolicy)
 class SubmissionPolicy:
     """One per daemon, shared by every listener: ``connections`` (IConnectionLimits),
-    ``rates`` (IRateLimiter), ``logins`` (ILoginGuard). ``notifier`` None: none."""
+    ``rates`` (IRateLimiter), ``logins`` (ILoginGuard). ``notifier`` None: none.
+    ``metrics``: the IMetrics that counts the refusals."""
+
+    metrics = NO_METRICS
 
     def __init__(
         self,
@@ -42,8 +49,29 @@ class SubmissionPolicy:
 
     def connect(self, client_ip: str):
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
-        return _then(self.connections.open(client_ip),
+        return _then(self.counted("connections", self.connections.open, client_ip),
                      lambda ticket: SessionPolicy(self, client_ip, ticket))
+
+    def counted(self, reason: str, call, *args):
+        """``call(*args)``; a Reply it raises (or its Deferred fails with) is counted as a
+        refusal for ``reason`` (a 451 4.7.1, a rate limit, as rate_limit whatever the
+        step)."""
+        try:
+            result = call(*args)
+        except Reply as refusal:
+            self._refused(reason, refusal)
+            raise
+        if isinstance(result, Deferred):
+            result.addErrback(self._failed, reason)
+        return result
+
+    def _failed(self, failure: Failure, reason: str) -> Failure:
+        if failure.check(Reply):
+            self._refused(reason, failure.value)
+        return failure
+
+    def _refused(self, reason: str, refusal: Reply) -> None:
+        self.metrics.policyRefusal("rate_limit" if refusal.status == "4.7.1" else reason)
 
 
 @implementer(ISessionPolicy)
@@ -56,9 +84,16 @@ class SessionPolicy:
         self.ticket = ticket
         self.reservation = None  # the open transaction's IReservation
 
-    def authAttempt(self, username: str) -> float:
+    def authAttempt(self, username: str):
         """Raises Reply(421, "4.7.0") for a blocked address; else the seconds to wait."""
-        return self.policy.logins.check(self.client_ip)
+
+        def waited(wait):
+            if wait:
+                self.policy.metrics.policyRefusal("login_delayed")
+            return wait
+
+        return _then(self.policy.counted("login_blocked", self.policy.logins.check,
+                                         self.client_ip), waited)
 
     def authFailed(self, username: str):
         # No wait before the 535: authAttempt already slowed a suspicious address, before
@@ -74,16 +109,19 @@ class SessionPolicy:
                 return self.policy.logins.succeeded(self.client_ip, user.username)
             return None
 
-        return _then(self.policy.connections.bind_user(
-            self.ticket, user.username, user.max_connections), bound)
+        return _then(self.policy.counted("user_connections", self.policy.connections.bind_user,
+                                         self.ticket, user.username, user.max_connections),
+                     bound)
 
     def mailFrom(self, avatar, sender: str):
         """Raises Reply(451, "4.7.0") past the messages per connection, Reply(451,
         "4.7.1") over the user's rate limit."""
         self.reset()  # a session that forgot reset() must not leak a reservation
-        self.policy.connections.count_message(self.ticket)
+        self.policy.counted("messages_per_connection", self.policy.connections.count_message,
+                            self.ticket)
         user = avatar.user
-        return _then(self.policy.rates.transaction(user.username, per_hour=user.rate_limit),
+        return _then(self.policy.counted("rate_limit", self.policy.rates.transaction,
+                                         user.username, user.rate_limit),
                      self._reserved)
 
     def _reserved(self, reservation) -> None:
@@ -102,7 +140,7 @@ class SessionPolicy:
         """Raises Reply(451, "4.7.1") over the rate limit when counting recipients."""
         if self.reservation is None:
             raise RuntimeError("RCPT without a successful mailFrom()")
-        return self.reservation.recipient()
+        return self.policy.counted("rate_limit", self.reservation.recipient)
 
     def data(self, avatar, envelope) -> None:
         """Nothing left to check: the units were reserved at MAIL and RCPT."""

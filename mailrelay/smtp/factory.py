@@ -8,6 +8,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.interfaces import ISpool, ISubmissionPolicy
+from mailrelay.metrics import NO_LISTENER_METRICS
 from mailrelay.model import Account, SmtpUser
 from mailrelay.policy.sender import SenderPolicy
 from mailrelay.smtp.server import SubmissionServer
@@ -35,6 +36,7 @@ class SubmissionFactory(ServerFactory):
     # Not "Starting factory <...SubmissionFactory object at 0x...>": twistd's "starting
     # on PORT" line names the listener.
     noisy = False
+    metrics = NO_LISTENER_METRICS  # the listener's IListenerMetrics (service.py sets it)
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from mailrelay.auth.avatar import ISubmitter
 from mailrelay.auth.credentials import ClientAddress, ClientUsernamePassword, SenderAddress
 from mailrelay.interfaces import DirectoryUnavailable
+from mailrelay.metrics import NO_LISTENER_METRICS
 from mailrelay.reply import Reply
 from mailrelay.smtp.sasl import MECHANISMS, Login
 from mailrelay.text import printable
@@ -40,8 +41,11 @@ class SessionLogin:
     """The login of one connection: ``avatar`` (an ISubmitter) once logged in, else None.
 
     ``policy`` is the connection's ISessionPolicy, set once the connection is accepted;
-    ``clock`` is the reactor that delays attempts the policy asks to delay.
+    ``clock`` is the reactor that delays attempts the policy asks to delay; ``metrics``
+    (an IListenerMetrics) counts the logins.
     """
+
+    metrics = NO_LISTENER_METRICS
 
     def __init__(self, portal, clock, session_id: int, client_ip: str = "") -> None:
         self.portal = portal
@@ -105,19 +109,23 @@ class SessionLogin:
             _, avatar, logout = await self.portal.login(credentials, None, ISubmitter)
         except UnauthorizedLogin as e:
             self.failures += 1
+            self.metrics.login("password", "failure")
             log.info("session {session}: authentication failed for {user} from {client_ip} "
                      "({why})", session=self.session_id, user=username,
                      client_ip=self.client_ip, why=str(e))
             await self._pause(await self._ask("authFailed", login.username))
             return False
         except Reply:
+            self.metrics.login("password", "refused")
             raise
         except DirectoryUnavailable as e:
+            self.metrics.login("password", "error")
             log.warn("session {session}: directory unavailable for login {user} from "
                      "{client_ip}: {error}", session=self.session_id, user=username,
                      client_ip=self.client_ip, error=str(e))
             raise _temporary_failure()
         except Exception:
+            self.metrics.login("password", "error")
             log.failure("session {session}: login of {user} failed", session=self.session_id,
                         user=username)
             raise _temporary_failure()
@@ -140,6 +148,7 @@ class SessionLogin:
             return
         except DirectoryUnavailable:
             self.ip_tried = False
+            self.metrics.login("ip", "error")
             raise _temporary_failure()
         # Not logged on its own: "accepted" and "disconnected" name the user and auth=ip.
         await self._accept(avatar, logout)
@@ -162,6 +171,7 @@ class SessionLogin:
         except (UnauthorizedLogin, UnhandledCredentials):
             return
         except DirectoryUnavailable:
+            self.metrics.login("address", "error")
             raise _temporary_failure()
         await self._accept(avatar, logout)
         log.info("session {session}: {client_ip} authenticated by sender address as {user}",
@@ -175,7 +185,9 @@ class SessionLogin:
             await self._ask("authSucceeded", avatar)
         except BaseException:
             logout()
+            self.metrics.login(avatar.method, "refused")
             raise
+        self.metrics.login(avatar.method, "success")
         self.drop()
         self.avatar, self._logout = avatar, logout
 

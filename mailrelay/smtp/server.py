@@ -71,6 +71,7 @@ class SubmissionServer(Chunking, CommandStream):
         self.helo: str | None = None
         self.esmtp = False
         self.login = SessionLogin(factory.portal, factory.reactor, self.session_id)
+        self.login.metrics = factory.metrics
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
         self._smtputf8 = False  # the transaction's MAIL had SMTPUTF8 (RFC 6531)
@@ -105,6 +106,7 @@ class SubmissionServer(Chunking, CommandStream):
             set_nodelay(True)
         self.client_ip = self.login.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
+        self.factory.metrics.opened(self.tls)
         self.setTimeout(self.factory.idle_timeout)
         self._session_clock(running=True)
         log.info(
@@ -132,6 +134,7 @@ class SubmissionServer(Chunking, CommandStream):
 
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)
+        self.factory.metrics.closed(self.tls)
         self._session_clock(running=False)
         if self._session_timer is not None and self._session_timer.active():
             self._session_timer.cancel()
@@ -305,6 +308,7 @@ class SubmissionServer(Chunking, CommandStream):
         line = f"{code} {status} {text}" if status else f"{code} {text}"
         self.write(printable(line, 512).encode("ascii", "backslashreplace") + b"\r\n")
         if code >= 400:
+            self.factory.metrics.refused(code, status)
             log.info(
                 "session {session}: refused {code} {status} {text} client {client_ip}",
                 session=self.session_id,
@@ -434,6 +438,7 @@ class SubmissionServer(Chunking, CommandStream):
         self.flush()  # the 220 goes out in plaintext
         self.transport.startTLS(self.factory.tls_options)
         self.tls = True
+        self.factory.metrics.startedTLS()
         # RFC 3207 4.2: forget everything learnt from the client before TLS.
         self._end_transaction(accepted=False)
         self.login.forget()
@@ -686,6 +691,7 @@ class SubmissionServer(Chunking, CommandStream):
             if reader.long_lines:
                 await self._conform(incoming)
             await self._ask("data", avatar, envelope)
+            committing = self.factory.reactor.seconds()
             try:
                 queue_id = await incoming.commit()
             except StorageError as e:
@@ -698,6 +704,7 @@ class SubmissionServer(Chunking, CommandStream):
             incoming.abort()
             self._end_transaction(accepted=False)
             raise
+        self.factory.metrics.accepted(reader.size, self.factory.reactor.seconds() - committing)
         self.messages += 1
         self._junk = 0
         self._end_transaction(accepted=True)

@@ -216,6 +216,11 @@ class Spool(Service):
         """Ids in hold/ (sandboxed users' mail, never delivered), oldest first."""
         return self._list("hold")
 
+    def tried(self) -> set[str]:
+        """Ids with a delivery state (tried at least once, or partly sent). No file is
+        read."""
+        return {n[:-5] for n in os.listdir(self._dir("state")) if n.endswith(".json")}
+
     def locate(self, queue_id: str) -> str | None:
         """"queue", "hold", or None for an unknown (or malformed) id."""
         if is_queue_id(queue_id):

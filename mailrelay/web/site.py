@@ -1,4 +1,5 @@
-"""The control panel's listener: the API at /api/v1, the web admin page everywhere else.
+"""The control panel's listener: the API at /api/v1, the web admin page everywhere else,
+and /metrics when ``[metrics]`` is served here (mailrelay/metrics/web.py).
 
 ``make_admin_site`` builds the twisted.web Site from plain objects (what tests use);
 ``make_admin_service`` reads the ``[admin]`` settings and builds the listening service
@@ -44,12 +45,15 @@ class AdminRoot(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, api: api_module.Api, panel: Panel) -> None:
+    def __init__(self, api: api_module.Api, panel: Panel, metrics=None) -> None:
         super().__init__()
         self.api = api
         self.panel = panel
+        self.metrics = metrics  # the /metrics resource, or None
 
     def render(self, request):
+        if self.metrics is not None and request.path == b"/metrics":
+            return self.metrics.render(request)
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"x-frame-options", b"DENY")
         request.setHeader(b"referrer-policy", b"same-origin")
@@ -75,10 +79,10 @@ def _refuse(error: HttpError):
 
 def make_admin_site(
     services: Services, secure_cookies: bool = False, session_lifetime: float = 8 * 3600.0,
-    logins: LoginGuard | None = None,
+    logins: LoginGuard | None = None, metrics=None,
 ) -> server.Site:
     """``logins``: the daemon's LoginGuard (without one, a LoginGuard of the panel's own
-    with the default settings)."""
+    with the default settings); ``metrics``: the resource served at /metrics, if any."""
     def credentials(name: str) -> str | None:
         admin = services.access.current().admins.get(name)
         return None if admin is None else admin.fingerprint
@@ -86,7 +90,7 @@ def make_admin_site(
     sessions = Sessions(services.reactor, session_lifetime, secure_cookies, credentials)
     panel = Panel(services, sessions, ConfirmPages(services),
                   logins or LoginGuard(services.reactor))  # fmt: skip
-    site = server.Site(AdminRoot(api_module.Api(services), panel))
+    site = server.Site(AdminRoot(api_module.Api(services), panel, metrics))
     site.displayTracebacks = False
     site.noisy = False  # no "Starting factory <...Site object at 0x...>": "Site starting on"
     return site
@@ -189,11 +193,13 @@ def make_verifier(config, spool, reactor):
 
 
 def make_admin_service(config, directory, spool, suppressions, stats, tls_options=None,
-                       control=None, reactor=None, logins=None) -> MultiService:  # fmt: skip
+                       control=None, reactor=None, logins=None,
+                       metrics=None) -> MultiService:  # fmt: skip
     """The panel's listener and its periodic DNS check, from ``[admin]``; an empty
     MultiService when ``enabled = no``. ``tls_options``: the relay's server TLS options
     (needed when ``tls = yes``); ``control``: the relay's IQueueControl (retry, flush, delete);
-    ``logins``: the relay's LoginGuard (without one, a new one from ``[policy]``)."""
+    ``logins``: the relay's LoginGuard (without one, a new one from ``[policy]``);
+    ``metrics``: the resource served at /metrics (None: none)."""
     if reactor is None:
         from twisted.internet import reactor
     from mailrelay.web.domaincheck import DomainChecker
@@ -209,7 +215,7 @@ def make_admin_service(config, directory, spool, suppressions, stats, tls_option
         from mailrelay.service import login_guard
 
         logins = login_guard(config, reactor)
-    site = make_admin_site(services, settings.tls, settings.session_lifetime, logins)
+    site = make_admin_site(services, settings.tls, settings.session_lifetime, logins, metrics)
     factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site
     ListenerService("admin", settings.endpoint, factory, reactor).setServiceParent(top)
     if verifier is not None and services.users is not None and settings.dns_check_interval > 0:
