@@ -250,3 +250,32 @@ class FreshAccessTests(unittest.TestCase):
         self.assertEqual(code, 200)
         code, _ = yield WebSession(self.panel).login("bob", "wrong password")
         self.assertEqual(code, 401)
+
+
+class AccountPageTests(LoggedIn):
+
+    @defer.inlineCallbacks
+    def test_an_accounts_bounce_domain_is_set_on_its_page(self):
+        yield self.web.request("GET", "/accounts")
+        code, body = yield self.web.request("POST", "/accounts", {
+            "name": "shop", "domains": "shop.test", "notify": "", "note": "",
+            "bounce_domain": "bounces.shop.test"})  # fmt: skip
+        self.assertEqual(code, 303, body)  # done: back to the list
+        _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/shop")
+        self.assertEqual(doc["bounce_domain"], "bounces.shop.test")
+        code, body = yield self.web.request("GET", "/accounts")
+        self.assertIn("bounces.shop.test", Seen(body).text())  # the list shows it
+        code, body = yield self.web.request("GET", "/accounts/shop")
+        self.assertIn("bounces.shop.test", Seen(body).values)  # the form holds it
+        # Not under the account's domains: refused on the page, nothing changed.
+        code, body = yield self.web.request("POST", "/accounts/shop", {
+            "domains": "shop.test", "notify": "", "note": "",
+            "bounce_domain": "bounces.other.test"})  # fmt: skip
+        self.assertEqual(code, 400, body)
+        _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/shop")
+        self.assertEqual(doc["bounce_domain"], "bounces.shop.test")
+        code, body = yield self.web.request("POST", "/accounts/shop", {
+            "domains": "shop.test", "notify": "", "note": "", "bounce_domain": ""})
+        self.assertEqual(code, 303, body)
+        _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/shop")
+        self.assertIsNone(doc["bounce_domain"])

@@ -14,7 +14,7 @@ from mailrelay.web.routing import HttpError
 TOGGLES = [("archive", "Archive a copy of every message"),
            ("unsubscribe_footer", "Unsubscribe footer"),
            ("open_tracking", "Open tracking"), ("click_tracking", "Click tracking")]  # fmt: skip
-ACCOUNT_FIELDS = ("domains", "notify", "note")
+ACCOUNT_FIELDS = ("domains", "notify", "bounce_domain", "note")
 
 
 def user_settings(form: dict[str, str], kind: Kind) -> dict[str, Any]:

@@ -21,10 +21,12 @@ class AccountPages(Pages):
 
     async def accounts(self, call: Call, message: str = "", status: int = 200) -> Response:
         rows = [[link(account_path(a["name"]), a["name"]),
-                 tags.span(a["domains"] or "-", class_="mono"), a["notify"] or "-", a["note"],
+                 tags.span(a["domains"] or "-", class_="mono"), a["notify"] or "-",
+                 tags.span(a["bounce_domain"] or "-", class_="mono"), a["note"],
                  len(a["users"])] for a in await ops.list_accounts(self.s)]  # fmt: skip
         body: list[Node] = [error(message),
-                            table(["Account", "Domains", "Notify", "Note", "Users"], rows)]
+                            table(["Account", "Domains", "Notify", "Bounce domain", "Note",
+                                   "Users"], rows)]
         if self.s.users is not None:
             body += [
                 tags.h2("Add an account"),
@@ -33,6 +35,8 @@ class AccountPages(Pages):
                     tags.div(text_input("name", "Name", required=True),
                              text_input("domains", "Authorized domains", hint="a.com;b.com"),
                              text_input("notify", "Notification address"),
+                             text_input("bounce_domain", "Bounce domain",
+                                        hint="bounces.a.com"),
                              text_input("note", "Note"), class_="grid"),
                     tags.div(tags.button("Add account", type="submit", id="add-account"),
                              class_="actions"),
@@ -65,6 +69,8 @@ class AccountPages(Pages):
                         text_input("domains", "Authorized domains", doc["domains"],
                                    "a.com;b.com"),
                         text_input("notify", "Notification address", doc["notify"] or ""),
+                        text_input("bounce_domain", "Bounce domain", doc["bounce_domain"] or "",
+                                   "bounces.a.com"),
                         text_input("note", "Note", doc["note"]), class_="grid"),
                     tags.div(tags.button("Save", type="submit"), class_="actions"),
                     method="post", action=path, class_="card"),
