@@ -260,6 +260,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         # resolvers are trusted (loopback, or any with dns_trusted = yes); off never.
         "dnssec": (choice("auto", "off"), "auto"),
         "dns_trusted": (boolean, False),
+        # PEM trust roots for verify and MTA-STS (certificates of MX hosts and policy
+        # servers); empty: the system's.
+        "tls_ca_file": (text, ""),
+        "mta_sts": (boolean, True),  # MTA-STS policies of recipient domains (RFC 8461)
+        "mta_sts_port": (integer(1, 65535), 443),  # where policies are fetched (tests)
+        "mta_sts_cache": (text, None),  # default: <data_dir>/mta-sts
         "outbound_addresses": (ip_list, []),  # what SPF must authorize; empty: not checked
         "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
         "allow_local_mx": (boolean, False),  # MX hosts on loopback/private addresses (tests)
@@ -540,6 +546,7 @@ DATA_FILES = (
     ("admin", "access_file", "admin.json"),
     ("admin", "key_file", "panel.key"),
     ("dkim", "directory", "dkim"),
+    ("delivery", "mta_sts_cache", "mta-sts"),
 )
 
 

@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mailrelay.delivery.dnssec import TLSA
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify")
-ENCRYPTED = ("encrypt", "verify", "dane")  # a hop's levels that require TLS
+ENCRYPTED = ("encrypt", "verify", "dane", "mta-sts")  # a hop's levels that require TLS
+VERIFIED = ("verify", "mta-sts")  # a hop's levels that verify the certificate (PKIX)
 DANE_TA, DANE_EE = 2, 3
 STATUS = "4.7.5"  # RFC 3463: cryptographic failure
 
@@ -46,12 +47,14 @@ class TlsPolicy:
     """What a hop's TLS must satisfy. ``level`` is the one applied (``dane`` only when
     validated TLSA records were found), ``why`` says where it came from, for the log and
     the queue. ``tlsa``: the usable records; ``names``: the reference identifiers a
-    DANE-TA chain's leaf must carry."""
+    DANE-TA chain's leaf must carry. Level ``mta-sts`` is a domain's MTA-STS policy in
+    mode enforce (delivery/mtasts.py); ``sts`` that policy, in mode testing too."""
 
     level: str = "may"
     why: str = "default"
     tlsa: tuple[TLSA, ...] = ()
     names: tuple[str, ...] = ()
+    sts: object = None  # mtasts.StsPolicy
 
     def __str__(self) -> str:
         return f"{self.level} ({self.why})"

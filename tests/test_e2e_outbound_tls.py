@@ -1,0 +1,131 @@
+"""End to end through twistd: outbound TLS that cannot be downgraded, beyond DANE.
+
+MTA-STS (RFC 8461) policies served over HTTPS by a twisted.web server whose certificate
+a test CA signed (the relay trusts it through ``[delivery] tls_ca_file``), TXT records
+from a DNS server on loopback, and SMTP sinks on 127.0.0.1-4: one with a valid
+certificate, one with a certificate for another name, one that does not offer STARTTLS,
+one valid but not in its domain's policy. Every downgrade attempt keeps its message
+queued with the reason, and nothing reaches a server that failed its check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from certs import TestCA
+from harness import DNS, Peer, Relay, Sink, message, wait_for
+
+PASSWORD = "correct horse battery"
+LOGIN = ("doe.test", PASSWORD)
+WELL_KNOWN = ".well-known/mta-sts.txt"
+
+
+def policy(mode: str, *mx: str) -> str:
+    lines = "".join(f"mx: {m}\r\n" for m in mx)
+    return f"version: STSv1\r\nmode: {mode}\r\n{lines}max_age: 604800\r\n"
+
+
+POLICIES = {
+    "good": policy("enforce", "mx.good.test"),
+    "wrong": policy("enforce", "mx.wrong.test"),
+    "strip": policy("enforce", "mx.strip.test"),
+    "evil": policy("enforce", "mx.real.test"),  # its MX host is not listed
+    "testing": policy("testing", "mx.testing.test"),
+}
+
+
+@pytest.fixture
+def world(tmp_path):
+    ca = TestCA(tmp_path / "ca")
+    certs = {name: ca.issue(f"mx.{name}.test", chain=True) for name in ("good", "evil")}
+    certs["wrong"] = ca.issue("mx.other.test", chain=True)  # valid, for another name
+    sinks = {}
+    for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
+        tls = ["--tls-cert", str(certs[name][0]), "--tls-key", str(certs[name][1])] \
+            if name in certs else []
+        port = ["--port", str(sinks["good"].port)] if sinks else []
+        sinks[name] = Sink(tmp_path / name, "--interface", f"127.0.0.{n}", *port, *tls)
+    root = tmp_path / "https"
+    for name, text in POLICIES.items():
+        path = root / f"mta-sts.{name}.test" / WELL_KNOWN
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    names = tuple(f"mta-sts.{name}.test" for name in POLICIES)
+    cert, key = ca.issue(names[0], names=names[1:], chain=True)
+    https = Peer(tmp_path / "https-server", "https_server.py", "--root", str(root),
+                 "--tls-cert", str(cert), "--tls-key", str(key))
+    records = []
+    for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
+        records += [f"{name}.test MX 10 mx.{name}.test", f"mx.{name}.test A 127.0.0.{n}"]
+    records += ["testing.test MX 10 mx.testing.test", "mx.testing.test A 127.0.0.2"]
+    for name in POLICIES:
+        records += [f"_mta-sts.{name}.test TXT v=STSv1; id=2026{name}",
+                    f"mta-sts.{name}.test A 127.0.0.1"]
+    dns = DNS(tmp_path / "dns", records)
+    yield ca, sinks, https, dns
+    dns.stop()
+    https.stop()
+    for sink in sinks.values():
+        sink.stop()
+
+
+def send(relay: Relay, rcpt: str, subject: str) -> str:
+    with relay.smtp(login=LOGIN) as c:
+        c.mail("a@doe.test")
+        c.rcpt(rcpt)
+        code, text = c.data(message("a@doe.test", rcpt, subject=subject))
+        assert code == 250
+        return text.decode().rsplit(" ", 1)[-1]
+
+
+def test_outbound_tls_policies(tmp_path, world):
+    ca, sinks, https, dns = world
+    relay = Relay(tmp_path / "relay", config=(
+        f"[delivery]\ndns_servers = 127.0.0.1:{dns.port}\nport = {sinks['good'].port}\n"
+        f"allow_local_mx = yes\nretry_first = 1s\nretry_max = 2s\n"
+        f"tls_ca_file = {ca.cert_path}\nmta_sts_port = {https.port}\n"))
+    relay.admin("account", "set", "default", "--domains", "doe.test")
+    relay.add_user("doe.test", PASSWORD)
+    relay.start()
+    try:
+        ids = {name: send(relay, f"bob@{name}.test", name) for name in POLICIES}
+
+        # enforce: delivered over TLS, the certificate verified for the MX host name
+        [(meta, _)] = sinks["good"].wait(1)
+        assert meta["recipients"] == ["bob@good.test"] and meta["tls"]
+        # testing: delivered although the certificate names another host
+        [(meta, _)] = sinks["wrong"].wait(1)
+        assert meta["recipients"] == ["bob@testing.test"] and meta["tls"]
+
+        sts = "MTA-STS enforce (policy 2026{0} of {0}.test)"
+        expected = {
+            "wrong": ("mx.wrong.test[127.0.0.2]: TLS policy mta-sts (", sts.format("wrong"),
+                      "): TLS certificate does not match the host name"),
+            "strip": ("mx.strip.test[127.0.0.3]: TLS policy mta-sts (", sts.format("strip"),
+                      "): the server does not offer STARTTLS"),
+            "evil": ("mx.evil.test: not an MX host of " + sts.format("evil"),
+                     " (mx: mx.real.test), not used"),
+        }
+        for name, parts in expected.items():
+            state = relay.data / "spool" / "state" / f"{ids[name]}.json"
+            wait_for(state.exists, timeout=30, what=f"a deferred attempt for {name}")
+            shown = relay.admin("queue", "show", ids[name]).stdout
+            assert "last error:  451 4.7.5 " in shown, shown
+            for part in parts:
+                assert part in shown, (part, shown)
+            doc = json.loads(relay.admin("queue", "show", ids[name], "--json").stdout)
+            assert doc["pending"] == [f"bob@{name}.test"]
+        # nothing reached a server that failed its check
+        assert sinks["strip"].messages() == [] and sinks["evil"].messages() == []
+        assert [m["recipients"] for m, _ in sinks["wrong"].messages()] == [
+            ["bob@testing.test"]]
+        assert len(sinks["good"].messages()) == 1
+        log = relay.log()
+        assert (f"{ids['good']} to=<bob@good.test> via mx.good.test[127.0.0.1] sent: 250 "
+                in log)
+        assert "tls=yes tls_policy=mta-sts" in log
+        assert "delivery: MTA-STS policy 2026good of good.test: mode enforce" in log
+        cached = json.loads((relay.data / "mta-sts" / "good.test.json").read_text())
+        assert cached["id"] == "2026good" and cached["max_age"] == 604800
+    finally:
+        relay.stop()
