@@ -129,6 +129,7 @@ class Envelope:
     envid: str | None = None
     dsn: dict[str, dict[str, str]] = field(default_factory=dict)
     smtputf8: bool = False  # the client's MAIL had SMTPUTF8 (RFC 6531); delivery passes it on
+    requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

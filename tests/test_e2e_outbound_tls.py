@@ -5,7 +5,11 @@ a test CA signed (the relay trusts it through ``[delivery] tls_ca_file``), TXT r
 from a DNS server on loopback, and SMTP sinks on 127.0.0.1-4: one with a valid
 certificate, one with a certificate for another name, one that does not offer STARTTLS,
 one valid but not in its domain's policy. Every downgrade attempt keeps its message
-queued with the reason, and nothing reaches a server that failed its check."""
+queued with the reason, and nothing reaches a server that failed its check.
+
+REQUIRETLS (RFC 8689): offered inside TLS only; such a message goes over MTA-STS-checked
+TLS to a sink that offers it, and is returned with 5.7.30 where TLS is not checked or
+the next hop does not offer REQUIRETLS."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ POLICIES = {
     "strip": policy("enforce", "mx.strip.test"),
     "evil": policy("enforce", "mx.real.test"),  # its MX host is not listed
     "testing": policy("testing", "mx.testing.test"),
+    "norequire": policy("enforce", "mx.evil.test"),  # verified, without REQUIRETLS
 }
 
 
@@ -43,7 +48,7 @@ def world(tmp_path):
     for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
         tls = ["--tls-cert", str(certs[name][0]), "--tls-key", str(certs[name][1])] \
             if name in certs else []
-        port = ["--port", str(sinks["good"].port)] if sinks else []
+        port = ["--port", str(sinks["good"].port)] if sinks else ["--requiretls"]
         sinks[name] = Sink(tmp_path / name, "--interface", f"127.0.0.{n}", *port, *tls)
     root = tmp_path / "https"
     for name, text in POLICIES.items():
@@ -57,7 +62,8 @@ def world(tmp_path):
     records = []
     for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
         records += [f"{name}.test MX 10 mx.{name}.test", f"mx.{name}.test A 127.0.0.{n}"]
-    records += ["testing.test MX 10 mx.testing.test", "mx.testing.test A 127.0.0.2"]
+    records += ["testing.test MX 10 mx.testing.test", "mx.testing.test A 127.0.0.2",
+                "norequire.test MX 10 mx.evil.test"]
     for name in POLICIES:
         records += [f"_mta-sts.{name}.test TXT v=STSv1; id=2026{name}",
                     f"mta-sts.{name}.test A 127.0.0.1"]
@@ -69,9 +75,9 @@ def world(tmp_path):
         sink.stop()
 
 
-def send(relay: Relay, rcpt: str, subject: str) -> str:
+def send(relay: Relay, rcpt: str, subject: str, *options: str) -> str:
     with relay.smtp(login=LOGIN) as c:
-        c.mail("a@doe.test")
+        c.mail("a@doe.test", list(options))
         c.rcpt(rcpt)
         code, text = c.data(message("a@doe.test", rcpt, subject=subject))
         assert code == 250
@@ -88,11 +94,19 @@ def test_outbound_tls_policies(tmp_path, world):
     relay.add_user("doe.test", PASSWORD)
     relay.start()
     try:
-        ids = {name: send(relay, f"bob@{name}.test", name) for name in POLICIES}
+        ids = {name: send(relay, f"bob@{name}.test", name) for name in POLICIES
+               if name != "norequire"}
+        required = {name: send(relay, f"carol@{name}.test", name, "REQUIRETLS")
+                    for name in ("good", "testing", "norequire")}
 
-        # enforce: delivered over TLS, the certificate verified for the MX host name
-        [(meta, _)] = sinks["good"].wait(1)
-        assert meta["recipients"] == ["bob@good.test"] and meta["tls"]
+        # enforce: delivered over TLS, the certificate verified for the MX host name; the
+        # REQUIRETLS message too, on its own connection, with REQUIRETLS passed on
+        received = {m["recipients"][0]: m for m, _ in sinks["good"].wait(2)}
+        assert received["bob@good.test"]["tls"] and received["carol@good.test"]["tls"]
+        assert "REQUIRETLS" in received["carol@good.test"]["mail_params"].split()
+        assert "REQUIRETLS" not in received["bob@good.test"]["mail_params"].split()
+        assert received["carol@good.test"]["connection"] != received["bob@good.test"][
+            "connection"]
         # testing: delivered although the certificate names another host
         [(meta, _)] = sinks["wrong"].wait(1)
         assert meta["recipients"] == ["bob@testing.test"] and meta["tls"]
@@ -119,7 +133,27 @@ def test_outbound_tls_policies(tmp_path, world):
         assert sinks["strip"].messages() == [] and sinks["evil"].messages() == []
         assert [m["recipients"] for m, _ in sinks["wrong"].messages()] == [
             ["bob@testing.test"]]
-        assert len(sinks["good"].messages()) == 1
+        assert len(sinks["good"].messages()) == 2
+
+        # REQUIRETLS without checked TLS (MTA-STS testing), or to a next hop that does not
+        # offer it: returned to the sender, never sent
+        reasons = {"testing": "TLS policy may does not verify the next hop (REQUIRETLS "
+                              "needs DANE or MTA-STS)",
+                   "norequire": "the next hop does not offer REQUIRETLS"}
+        for name, reason in reasons.items():
+            line = f"{required[name]} to=<carol@{name}.test> via "
+            wait_for(lambda line=line: line in relay.log(), what=f"the attempt of {name}")
+            [found] = [x for x in relay.log().splitlines() if line in x]
+            assert f": 550 5.7.30 REQUIRETLS: {reason}" in found, found
+            wait_for(lambda name=name: all(required[name] not in p.name
+                                           for p in relay.spool_files()),
+                     what=f"the REQUIRETLS message for {name} out of the queue")
+        with relay.smtp(starttls=False) as c:
+            c.ehlo()
+            assert not c.has_extn("requiretls")  # offered inside TLS only
+        with relay.smtp() as c:
+            c.ehlo()
+            assert c.has_extn("requiretls")
         log = relay.log()
         assert (f"{ids['good']} to=<bob@good.test> via mx.good.test[127.0.0.1] sent: 250 "
                 in log)

@@ -70,7 +70,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import tuning
+from mailrelay import requiretls, tuning
 from mailrelay.delivery import dane
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
@@ -93,6 +93,7 @@ class Job:
     dsn_mail: str = ""
     dsn_rcpt: dict[str, str] = field(default_factory=dict)
     smtputf8: bool = False  # the client sent it with SMTPUTF8 (Envelope.smtputf8)
+    requiretls: bool = False  # only over checked TLS to a hop offering it (RFC 8689)
 
 
 SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
@@ -459,6 +460,8 @@ class RelayClient(smtp.ESMTPClient):
         if b"SIZE" in self.extensions:
             params += b" SIZE=%d" % self._size
         params += self._body_param() + self._smtputf8_param()
+        if job.requiretls:  # _refusals saw the hop offers it
+            params += b" REQUIRETLS"
         if b"DSN" in self.extensions:
             params += job.dsn_mail.encode()
         mail = b"MAIL FROM:<" + self._path(job.sender) + b">" + params
@@ -565,6 +568,10 @@ class RelayClient(smtp.ESMTPClient):
             # offers 8BITMIME.
             return 554, ("5.6.3 8-bit message and the server does not offer 8BITMIME; not "
                          "converted to 7 bits")
+        if job.requiretls and (why := requiretls.problem(
+                self._tlsMode, self.hop.policy.level, self.hop.policy.checked,
+                b"REQUIRETLS" in self.extensions)) is not None:
+            return 550, f"{requiretls.STATUS} REQUIRETLS: {why}"
         limit = (self.extensions.get(b"SIZE") or b"").strip()
         if limit.isdigit() and int(limit) and self._size > int(limit):
             return 552, (f"5.3.4 message size {self._size} exceeds the limit {int(limit)} "

@@ -63,6 +63,12 @@ class TlsPolicy:
     def dane(self) -> bool:
         return self.level == "dane"
 
+    @property
+    def checked(self) -> bool:
+        """The certificate is checked against a policy the recipient domain published
+        (DANE with usable TLSA records, MTA-STS enforce): what REQUIRETLS needs."""
+        return (self.dane and bool(self.tlsa)) or self.level == "mta-sts"
+
     def check(self, chain: Sequence[x509.Certificate],
               now: datetime.datetime | None = None) -> str | None:
         """None when ``chain`` (the leaf first, as the server sent it) satisfies the
