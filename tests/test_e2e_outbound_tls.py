@@ -9,11 +9,21 @@ queued with the reason, and nothing reaches a server that failed its check.
 
 REQUIRETLS (RFC 8689): offered inside TLS only; such a message goes over MTA-STS-checked
 TLS to a sink that offers it, and is returned with 5.7.30 where TLS is not checked or
-the next hop does not offer REQUIRETLS."""
+the next hop does not offer REQUIRETLS.
+
+TLS reporting (RFC 8460): the day's sessions (successes, failures of each kind) are
+reported the next day to each domain's ``_smtp._tls`` rua by mail through the relay's
+own queue; the reports validate against the JSON schema of RFC 8460 4.4."""
 
 from __future__ import annotations
 
+import base64
+import datetime
+import email
+import gzip
 import json
+import os
+import time
 
 import pytest
 from certs import TestCA
@@ -67,6 +77,8 @@ def world(tmp_path):
     for name in POLICIES:
         records += [f"_mta-sts.{name}.test TXT v=STSv1; id=2026{name}",
                     f"mta-sts.{name}.test A 127.0.0.1"]
+    for name in ("good", "wrong", "testing"):
+        records.append(f"_smtp._tls.{name}.test TXT v=TLSRPTv1; rua=mailto:tlsrpt@good.test")
     dns = DNS(tmp_path / "dns", records)
     yield ca, sinks, https, dns
     dns.stop()
@@ -148,6 +160,8 @@ def test_outbound_tls_policies(tmp_path, world):
             wait_for(lambda name=name: all(required[name] not in p.name
                                            for p in relay.spool_files()),
                      what=f"the REQUIRETLS message for {name} out of the queue")
+        check_tls_reports(relay, sinks["good"])
+
         with relay.smtp(starttls=False) as c:
             c.ehlo()
             assert not c.has_extn("requiretls")  # offered inside TLS only
@@ -163,3 +177,100 @@ def test_outbound_tls_policies(tmp_path, world):
         assert cached["id"] == "2026good" and cached["max_age"] == 604800
     finally:
         relay.stop()
+
+
+RESULT_TYPES = ["starttls-not-supported", "certificate-host-mismatch", "certificate-expired",
+                "certificate-not-trusted", "validation-failure", "tlsa-invalid",
+                "dnssec-invalid", "dane-required", "sts-policy-fetch-error",
+                "sts-policy-invalid", "sts-webpki-invalid"]
+STRING = {"type": "string"}
+COUNT = {"type": "integer", "minimum": 0}
+# RFC 8460 4.4 (the report's fields), as a JSON schema.
+SCHEMA = {
+    "type": "object",
+    "required": ["organization-name", "date-range", "contact-info", "report-id", "policies"],
+    "properties": {
+        "organization-name": STRING,
+        "date-range": {
+            "type": "object", "required": ["start-datetime", "end-datetime"],
+            "properties": {"start-datetime": {"type": "string", "format": "date-time"},
+                           "end-datetime": {"type": "string", "format": "date-time"}}},
+        "contact-info": STRING,
+        "report-id": STRING,
+        "policies": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["policy", "summary"],
+            "properties": {
+                "policy": {
+                    "type": "object", "required": ["policy-type", "policy-domain"],
+                    "properties": {
+                        "policy-type": {"enum": ["tlsa", "sts", "no-policy-found"]},
+                        "policy-string": {"type": "array", "items": STRING},
+                        "policy-domain": STRING,
+                        "mx-host": {"type": "array", "items": STRING}}},
+                "summary": {
+                    "type": "object",
+                    "required": ["total-successful-session-count",
+                                 "total-failure-session-count"],
+                    "properties": {"total-successful-session-count": COUNT,
+                                   "total-failure-session-count": COUNT}},
+                "failure-details": {"type": "array", "items": {
+                    "type": "object", "required": ["result-type", "failed-session-count"],
+                    "properties": {
+                        "result-type": {"enum": RESULT_TYPES},
+                        "sending-mta-ip": STRING, "receiving-mx-hostname": STRING,
+                        "receiving-mx-helo": STRING, "receiving-ip": STRING,
+                        "failed-session-count": COUNT, "additional-information": STRING,
+                        "failure-reason-code": STRING}}}}}},
+    },
+}
+
+
+def check_tls_reports(relay: Relay, sink: Sink) -> None:
+    """Today's sessions counted; as if the day were over (its file dated yesterday), a
+    restarted relay reports them to each domain's rua."""
+    jsonschema = pytest.importorskip("jsonschema")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    counts = relay.data / "tls-rpt" / f"{today}.jsonl"
+    wait_for(lambda: counts.exists() and "certificate-host-mismatch" in counts.read_text()
+             and "starttls-not-supported" in counts.read_text(), what="sessions counted")
+    relay.stop()
+    yesterday = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)).strftime(
+        "%Y-%m-%d")
+    os.rename(counts, counts.with_name(f"{yesterday}.jsonl"))
+    before = len(sink.messages())
+    relay.start()
+    reports = {}
+    for meta, data in wait_for(
+            lambda: len(m := sink.messages()) >= before + 3 and m, timeout=60,
+            what="three TLS reports")[before:]:
+        if meta["recipients"] != ["tlsrpt@good.test"]:
+            continue
+        msg = email.message_from_bytes(data)
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "tlsrpt"
+        [part] = [p for p in msg.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+        doc = json.loads(gzip.decompress(base64.b64decode(part.get_payload())))
+        jsonschema.validate(doc, SCHEMA)
+        assert msg["TLS-Report-Domain"] in msg["Subject"]
+        assert part.get_filename().startswith(f"relay.test!{msg['TLS-Report-Domain']}!")
+        assert meta["sender"] == ""  # a report never bounces
+        reports[msg["TLS-Report-Domain"]] = doc
+    assert sorted(reports) == ["good.test", "testing.test", "wrong.test"]
+    assert relay.data.joinpath("tls-rpt", f"{yesterday}.jsonl.sent").exists()
+
+    def summary(domain):
+        [policy] = reports[domain]["policies"]
+        assert policy["policy"]["policy-type"] == "sts"
+        assert policy["policy"]["policy-string"] == POLICIES[domain.split(".")[0]].splitlines()
+        s = policy["summary"]
+        kinds = {d["result-type"] for d in policy.get("failure-details", [])}
+        return s["total-successful-session-count"], s["total-failure-session-count"], kinds
+
+    for doc in reports.values():
+        assert doc["date-range"]["start-datetime"] == f"{yesterday}T00:00:00Z"
+    ok, failed, kinds = summary("good.test")
+    assert ok >= 2 and failed == 0 and kinds == set()
+    ok, failed, kinds = summary("wrong.test")
+    assert ok == 0 and failed >= 1 and kinds == {"certificate-host-mismatch"}
+    ok, failed, kinds = summary("testing.test")  # delivered, and reported
+    assert ok == 0 and failed >= 1 and kinds == {"certificate-host-mismatch"}

@@ -202,6 +202,7 @@ class RelayClient(smtp.ESMTPClient):
         self.timeout = timeout
         self.requireTransportSecurity = hop.tls == "required"
         self.policy_failed = False  # the hop's TLS policy could not be met
+        self.tls_problem: str | None = None  # what MTA-STS testing would have refused
         self.requireAuthentication = bool(hop.username)
         self.heloFallback = not (self.requireTransportSecurity or self.requireAuthentication)
         if hop.username:
@@ -380,7 +381,8 @@ class RelayClient(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: the hop's policy checks the certificate chain now,
         before the EHLO inside TLS is answered (DANE, RFC 7672 2.2)."""
-        if not self.hop.policy.dane:
+        policy = self.hop.policy
+        if not (policy.dane or policy.testing):
             return
         try:
             chain = [c.to_cryptography() for c in
@@ -388,8 +390,10 @@ class RelayClient(smtp.ESMTPClient):
         except Exception as e:  # a certificate cryptography cannot read
             problem: str | None = f"unreadable certificate: {e}"
         else:
-            problem = self.hop.policy.check(chain)
-        if problem is not None:
+            problem = policy.check(chain)
+        if problem is not None and policy.testing:
+            self.tls_problem = problem  # delivered all the same, and reported
+        elif problem is not None:
             self._policy_failed(problem)
 
     def esmtpState_starttls(self, code, resp) -> None:
@@ -798,6 +802,9 @@ class Courier:
         self.command_timeout = command_timeout
         self.max_messages = max_messages
         self._contexts: dict[tuple, object] = {}
+        # (hop, None for a TLS session that met its policy, or what failed), for each
+        # connection under a policy a domain published (TLS reporting, delivery/tlsrpt.py)
+        self.on_session: Callable[[Hop, str | None], None] | None = None
         self._live: set[RelayClient] = set()
         self._connecting: set[defer.Deferred] = set()
         self._stopping = False
@@ -855,6 +862,7 @@ class Courier:
                 pulled, problem = await protocol.finished
             finally:
                 self._live.discard(protocol)
+            self._session(hop, protocol, problem)
             outcome.jobs += pulled
             if pulled or problem is None:  # None: nothing was waiting for this destination
                 return outcome
@@ -862,6 +870,14 @@ class Courier:
             if protocol.policy_failed:
                 outcome.status = dane.STATUS
         return outcome
+
+    def _session(self, hop: Hop, protocol: RelayClient, problem: str | None) -> None:
+        if self.on_session is None or not hop.policy.domain:
+            return
+        if protocol.policy_failed:
+            self.on_session(hop, problem or "validation failed")
+        elif protocol._tlsMode:
+            self.on_session(hop, protocol.tls_problem)
 
     def _endpoint(self, hop: Hop):
         if hop.address is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -48,13 +48,18 @@ class TlsPolicy:
     validated TLSA records were found), ``why`` says where it came from, for the log and
     the queue. ``tlsa``: the usable records; ``names``: the reference identifiers a
     DANE-TA chain's leaf must carry. Level ``mta-sts`` is a domain's MTA-STS policy in
-    mode enforce (delivery/mtasts.py); ``sts`` that policy, in mode testing too."""
+    mode enforce (delivery/mtasts.py); ``sts`` that policy, in mode testing too, where
+    ``pkix`` checks the certificate only to report what would have failed. ``domain``:
+    the recipient domain whose policy (DANE or MTA-STS) this is, for TLS reporting
+    (delivery/tlsrpt.py); its connections carry that domain's mail only."""
 
     level: str = "may"
     why: str = "default"
     tlsa: tuple[TLSA, ...] = ()
     names: tuple[str, ...] = ()
     sts: object = None  # mtasts.StsPolicy
+    domain: str = ""
+    pkix: object = field(default=None, compare=False)  # mtasts.Pkix, for testing
 
     def __str__(self) -> str:
         return f"{self.level} ({self.why})"
@@ -62,6 +67,11 @@ class TlsPolicy:
     @property
     def dane(self) -> bool:
         return self.level == "dane"
+
+    @property
+    def testing(self) -> bool:
+        """An MTA-STS policy in mode testing: checked, reported, never enforced."""
+        return self.sts is not None and self.level != "mta-sts" and self.pkix is not None
 
     @property
     def checked(self) -> bool:
@@ -73,6 +83,8 @@ class TlsPolicy:
               now: datetime.datetime | None = None) -> str | None:
         """None when ``chain`` (the leaf first, as the server sent it) satisfies the
         policy, else why not."""
+        if self.testing:
+            return self.pkix.problem(chain, self.names)
         if not self.dane or not self.tlsa:
             return None  # no DANE, or only unusable records: encrypted is enough
         return match(self.tlsa, chain, self.names, now)

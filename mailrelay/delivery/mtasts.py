@@ -29,6 +29,9 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from OpenSSL import crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname
 from twisted.internet import defer, endpoints, protocol, ssl, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -197,6 +200,40 @@ def trust_root(ca_file: str = ""):
     end = b"-----END CERTIFICATE-----"
     return ssl.trustRootFromCertificates(
         [ssl.Certificate.loadPEM(b + end) for b in data.split(end) if b"-----BEGIN" in b])
+
+
+class Pkix:
+    """The certificate check of MTA-STS in mode testing, where the connection itself does
+    not verify: OpenSSL's chain check against the trust roots (``ca_file``, else the
+    system's bundle, read once here at startup) and service-identity's name check, as
+    enforce's verified TLS makes them."""
+
+    def __init__(self, ca_file: str = "") -> None:
+        import ssl as stdlib_ssl
+
+        self.store = crypto.X509Store()
+        paths = stdlib_ssl.get_default_verify_paths()
+        bundle = ca_file or paths.cafile or paths.openssl_cafile
+        if bundle and os.path.exists(bundle):
+            self.store.load_locations(bundle)
+
+    def problem(self, chain, names: Iterable[str]) -> str | None:
+        """None when ``chain`` (cryptography certificates, the leaf first) verifies for
+        one of ``names``, else why not."""
+        if not chain:
+            return "the server sent no certificate"
+        leaf, *rest = [crypto.X509.from_cryptography(c) for c in chain]
+        try:
+            crypto.X509StoreContext(self.store, leaf, rest).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return f"TLS handshake failed: certificate verify failed ({e})"
+        for name in names:
+            try:
+                verify_certificate_hostname(chain[0], name)
+                return None
+            except (VerificationError, CertificateError):
+                continue
+        return "TLS certificate does not match the host name"
 
 
 class Fetcher:

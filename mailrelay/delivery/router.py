@@ -7,6 +7,7 @@ to try in order, or fails with PermanentRouteError (bounce) or TemporaryRouteErr
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import random
@@ -162,7 +163,8 @@ def router_from_config(config, reactor=None, announce: bool = False):
             fetcher = mtasts.Fetcher(reactor, lookup, d.tls_ca_file, d.mta_sts_port)
             sts = mtasts.PolicyCache(lookup, fetcher.fetch, d.mta_sts_cache, reactor)
         base = MXRouter(lookup, port=d.port, allow_local=d.allow_local_mx, policies=policies,
-                        sts=sts, ca_file=ca_file)
+                        sts=sts, ca_file=ca_file,
+                        pkix=mtasts.Pkix(d.tls_ca_file) if sts is not None else None)
     if config.routes:
         return RoutedRouter(config.routes, base, policies=policies, ca_file=ca_file)
     return base
@@ -309,7 +311,8 @@ class MXRouter:
     def __init__(self, resolver, port: int = 25, tls: str = "opportunistic",
                  allow_local: bool = False, rng: random.Random | None = None,
                  policies: dane.PolicyTable | None = None,
-                 sts: mtasts.PolicyCache | None = None, ca_file: str | None = None) -> None:
+                 sts: mtasts.PolicyCache | None = None, ca_file: str | None = None,
+                 pkix: mtasts.Pkix | None = None) -> None:
         self.lookup = resolver if hasattr(resolver, "lookup") else NamesLookup(resolver)
         self.port = port
         self.policies = policies or dane.PolicyTable(
@@ -317,6 +320,7 @@ class MXRouter:
         self.allow_local = allow_local
         self.sts = sts
         self.ca_file = ca_file
+        self.pkix = pkix
         self._rng = rng or random.Random()
 
     def route(self, domain: str):
@@ -349,7 +353,7 @@ class MXRouter:
         unusable: str | None = None
         refused = 0
         results = await defer.DeferredList(
-            [defer.ensureDeferred(self._host(host, level, why, secure, sts))
+            [defer.ensureDeferred(self._host(domain, host, level, why, secure, sts))
              for host in exchanges],
             consumeErrors=True)
         for host, (ok, value) in zip(exchanges, results, strict=True):
@@ -419,19 +423,24 @@ class MXRouter:
             seen.setdefault(host)
         return list(seen)
 
-    async def _host(self, host: str, level: str, why: str, secure: bool,
+    async def _host(self, domain: str, host: str, level: str, why: str, secure: bool,
                     sts: mtasts.StsPolicy | None) -> tuple[list[str], dane.TlsPolicy]:
-        """The addresses of ``host`` and the TLS policy its hops get."""
+        """The addresses of ``host`` and the TLS policy its hops get (``domain``'s, for
+        TLS reporting, when the domain published it)."""
         addresses, secure_addresses = await self._addresses(host)
         policy = await self._dane(host, level, why, secure and secure_addresses)
-        if sts is None or policy.dane:
+        if policy.dane:
+            return addresses, dataclasses.replace(policy, domain=domain)
+        if sts is None:
             return addresses, policy
         if sts.mode == "testing":
-            return addresses, dane.TlsPolicy(policy.level, f"{why}; {sts}", sts=sts)
+            return addresses, dane.TlsPolicy(policy.level, f"{why}; {sts}", names=(host,),
+                                             sts=sts, domain=domain, pkix=self.pkix)
         if not sts.matches(host):
             raise _Unusable(f"{host}: not an MX host of {sts} (mx: {' '.join(sts.mx)}), "
                             "not used")
-        return addresses, dane.TlsPolicy("mta-sts", f"{why}; {sts}", names=(host,), sts=sts)
+        return addresses, dane.TlsPolicy("mta-sts", f"{why}; {sts}", names=(host,), sts=sts,
+                                         domain=domain)
 
     async def _dane(self, host: str, level: str, why: str, secure: bool) -> dane.TlsPolicy:
         """The policy DANE gives ``host`` under ``level``; ``secure``: its MX and
