@@ -112,6 +112,7 @@ class FetchTests(PolicyWorld, unittest.TestCase):
         with self.assertRaises(mtasts.PolicyError) as raised:
             yield defer.ensureDeferred(fetcher.fetch("good.test"))
         self.assertIn("certificate verify failed", str(raised.exception))
+        self.assertEqual(raised.exception.kind, "sts-webpki-invalid")  # for TLS reports
 
 
 class CacheTests(PolicyWorld, unittest.TestCase):

@@ -65,6 +65,12 @@ class PolicyInvalid(PolicyError):
     kind = "sts-policy-invalid"
 
 
+class PolicyUnverified(PolicyError):
+    """The policy server's certificate did not verify (RFC 8460 ``sts-webpki-invalid``)."""
+
+    kind = "sts-webpki-invalid"
+
+
 @dataclass(frozen=True)
 class StsPolicy:
     """A domain's policy as fetched: ``text`` is the body as served (TLS reporting quotes
@@ -260,7 +266,9 @@ class Fetcher:
             except defer.CancelledError:
                 raise PolicyError(f"{host}: no answer in {FETCH_TIMEOUT:g} s")
             except Exception as e:
-                raise PolicyError(f"{host}: {_reason(e)}")
+                reason = _reason(e)
+                kind = PolicyUnverified if reason.startswith("TLS") else PolicyError
+                raise kind(f"{host}: {reason}")
             if response.code != 200:  # 3.3: redirects are not followed
                 response.deliverBody(protocol.Protocol())
                 raise PolicyError(f"{host}: HTTP {response.code}")

@@ -220,7 +220,8 @@ class Reporter:
 
     def __init__(self, directory: str, lookup, submit: Callable[[Envelope, bytes], object],
                  clock, organization: str, contact: str, sender: str,
-                 trust=None, in_thread: Callable = threads.deferToThread) -> None:
+                 trust=None, in_thread: Callable = threads.deferToThread,
+                 reactor=None) -> None:
         self.directory = directory
         self.lookup = lookup
         self.submit = submit
@@ -230,6 +231,7 @@ class Reporter:
         self.sender = sender
         self.trust = trust
         self.in_thread = in_thread
+        self.reactor = reactor or clock  # for HTTPS; ``clock`` says which day it is
         self._running: defer.Deferred | None = None
 
     def run(self) -> defer.Deferred:
@@ -308,7 +310,7 @@ class Reporter:
     async def _post(self, uri: str, rep: dict) -> None:
         from io import BytesIO
 
-        agent = Agent(self.clock, BrowserLikePolicyForHTTPS(self.trust))
+        agent = Agent(self.reactor, BrowserLikePolicyForHTTPS(self.trust))
         body = FileBodyProducer(BytesIO(gzip.compress(json.dumps(rep).encode())))
         response = await agent.request(
             b"POST", uri.encode("ascii"),
