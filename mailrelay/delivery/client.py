@@ -43,7 +43,14 @@ completes (handshakeCompleted), before anything inside TLS is read or sent, and 
 mismatch closes the connection. Such a hop fails with its policy in the error, and the
 connection's Outcome carries 4.7.5 instead of 4.4.1; connections are per destination,
 and a destination is a set of hops with their policies, so a connection never carries
-mail that was routed under another policy.
+mail that was routed under another policy. MTA-STS enforce is verified TLS (the hop's
+``verify``); under MTA-STS testing the chain is checked at the handshake too, and what
+would have failed is only reported. ``Courier.on_session`` hears of each connection under
+a policy a domain published (TLS reporting, delivery/tlsrpt.py).
+
+REQUIRETLS (requiretls.py): such a message goes only over TLS checked against the
+domain's own policy (DANE or MTA-STS enforce) to a server that offers REQUIRETLS, and is
+returned with 5.7.30 otherwise (checked before MAIL, with the other refusals).
 
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before

@@ -11,7 +11,8 @@ Policies are cached by domain, in memory and on disk (``<data_dir>/mta-sts/<doma
 written in a thread), for their ``max_age``. A cached policy is used while the TXT record
 names its id, or names nothing (an attacker who removes the record cannot remove the
 policy, 5.1); a new id fetches the policy again, and a cached policy older than REFRESH
-is fetched again in the background, so that it never runs out while the domain keeps it.
+(or half its max_age) is fetched again in the background, so that it does not run out
+while the domain keeps it.
 A fetch that fails leaves the cached policy in force; without one, the domain has no
 policy (as RFC 8461 says: MTA-STS cannot be bootstrapped against an active attacker).
 
@@ -351,7 +352,7 @@ class PolicyCache:
         except LookupFailure:  # the cached policy, if any, stands
             id = cached.id if cached else None
         if cached is not None and id in (None, cached.id):
-            if now - cached.fetched > REFRESH:  # in the background; failures are logged
+            if now - cached.fetched > min(REFRESH, cached.max_age / 2):  # in the background
                 self._refresh(domain, cached.id).addErrback(lambda f: f.trap(PolicyError))
             return cached
         if id is None:
