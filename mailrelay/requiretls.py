@@ -45,8 +45,7 @@ def problem(tls: bool, level: str, checked: bool, offered: bool) -> str | None:
     if not tls:
         return "no TLS to the next hop"
     if not checked:
-        return (f"TLS policy {level} does not verify the next hop (REQUIRETLS needs DANE "
-                "or MTA-STS)")
+        return f"the next hop is not authenticated by DANE or MTA-STS (TLS policy {level})"
     if not offered:
         return "the next hop does not offer REQUIRETLS"
     return None

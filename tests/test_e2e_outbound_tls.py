@@ -161,8 +161,8 @@ def test_outbound_tls_policies(tmp_path, world):
 
         # REQUIRETLS without checked TLS (MTA-STS testing), or to a next hop that does not
         # offer it: returned to the sender, never sent
-        reasons = {"testing": "TLS policy may does not verify the next hop (REQUIRETLS "
-                              "needs DANE or MTA-STS)",
+        reasons = {"testing": "the next hop is not authenticated by DANE or MTA-STS (TLS "
+                              "policy may)",
                    "norequire": "the next hop does not offer REQUIRETLS"}
         for name, reason in reasons.items():
             line = f"{required[name]} to=<carol@{name}.test> via "

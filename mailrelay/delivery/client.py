@@ -579,8 +579,11 @@ class RelayClient(smtp.ESMTPClient):
             # offers 8BITMIME.
             return 554, ("5.6.3 8-bit message and the server does not offer 8BITMIME; not "
                          "converted to 7 bits")
+        # Checked TLS: the recipient domain's own policy, or a smarthost or route the
+        # sysadmin named (no MX lookup to protect), its certificate verified for that name.
+        checked = self.hop.policy.checked or (self.hop.verify and self.hop.address is None)
         if job.requiretls and (why := requiretls.problem(
-                self._tlsMode, self.hop.policy.level, self.hop.policy.checked,
+                self._tlsMode, self.hop.policy.level, checked,
                 b"REQUIRETLS" in self.extensions)) is not None:
             return 550, f"{requiretls.STATUS} REQUIRETLS: {why}"
         limit = (self.extensions.get(b"SIZE") or b"").strip()
