@@ -14,7 +14,7 @@ from https_server import HTTPSServer
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mailrelay.delivery import mtasts
+from mailrelay.delivery import dane, mtasts
 from mailrelay.delivery.dnssec import DNSClient
 from mailrelay.delivery.router import MXRouter, TemporaryRouteError
 
@@ -191,3 +191,17 @@ class RouterTests(PolicyWorld, unittest.TestCase):
         self.assertEqual(raised.exception.text,
                          "4.7.5 mx.evil.test: not an MX host of MTA-STS enforce (policy one "
                          "of good.test) (mx: mx.good.test *.alt.test), not used")
+
+    @defer.inlineCallbacks
+    def test_dane_wins_over_mta_sts(self):
+        # mx.evil.test is not in the policy, but has DNSSEC-validated TLSA records
+        self.dns.zone["good.test"] = ["MX 10 mx.evil.test"]
+        self.dns.zone["_25._tcp.mx.evil.test"] = ["TLSA 3 1 1 " + "ab" * 32]
+        self.dns.secure.add("good.test")
+        self.dns.secure.add("mx.evil.test")
+        cache = mtasts.PolicyCache(self.lookup, self.fetcher.fetch, self.cache_dir, reactor)
+        router = MXRouter(self.lookup, allow_local=True, sts=cache,
+                          policies=dane.PolicyTable(default="dane"))
+        [hop] = yield router.route("good.test")
+        self.assertEqual((hop.policy.level, hop.policy.domain), ("dane", "good.test"))
+        self.assertEqual(len(self.https.gets), 1)  # the policy was fetched, not applied

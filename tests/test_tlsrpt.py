@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 from pathlib import Path
 
 import certs
 from harness import TempPaths
 from https_server import HTTPSServer
+from smtp_sink import SMTPSink
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailrelay.delivery import mtasts, tlsrpt
+from mailrelay.delivery.client import Courier, Job
 from mailrelay.delivery.dane import TlsPolicy
 from mailrelay.delivery.dnssec import TLSA, Answer
 from mailrelay.delivery.router import Hop
@@ -139,3 +142,43 @@ class PostTests(TempPaths, unittest.TestCase):
                          ["2024-10-03.jsonl.sent", "2024-10-04.jsonl"])
         yield reporter.run()
         self.assertEqual(len(https.posts), 1)
+
+
+class SessionTests(TempPaths, unittest.TestCase):
+    """What the courier reports of each session, against real sinks."""
+
+    @defer.inlineCallbacks
+    def sessions(self, hop: Hop, sink: SMTPSink) -> list:
+        sessions = []
+        courier = Courier(reactor, "relay.test", 5, 10)
+        courier.on_session = lambda hop, problem: sessions.append((hop.host, problem))
+        jobs = iter([Job("q1", "s@a.test", ["bob@x.test"],
+                         lambda: io.BytesIO(b"Subject: x\r\n\r\nhi\r\n"))])
+        yield courier.send([hop], lambda: next(jobs, None), lambda j, results: None)
+        return sessions
+
+    @defer.inlineCallbacks
+    def test_mta_sts_testing_delivers_and_reports(self):
+        ca = certs.TestCA(Path(self.mktemp()))
+        cert, key = ca.issue("mx.other.test", chain=True)
+        pkix = mtasts.Pkix(str(ca.cert_path))
+        policy = TlsPolicy("may", "test", names=("mx.x.test",), sts=STS, domain="x.test",
+                           pkix=pkix)
+        plain, wrong = SMTPSink(), SMTPSink(tls_cert=str(cert), tls_key=str(key))
+        for sink in (plain, wrong):
+            sink.listen()
+            self.addCleanup(sink.stop)
+        for sink, problem in ((plain, "the server does not offer STARTTLS"),
+                              (wrong, "TLS certificate does not match the host name")):
+            hop = Hop("mx.x.test", sink.port, address="127.0.0.1", policy=policy)
+            sessions = yield self.sessions(hop, sink)
+            self.assertEqual(sessions, [("mx.x.test", problem)])
+            self.assertEqual(len(sink.messages), 1)  # delivered all the same
+            self.assertEqual(tlsrpt.classify(problem), {
+                plain: "starttls-not-supported", wrong: "certificate-host-mismatch"}[sink])
+        right, key = ca.issue("mx.x.test", chain=True)
+        good = SMTPSink(tls_cert=str(right), tls_key=str(key))
+        good.listen()
+        self.addCleanup(good.stop)
+        hop = Hop("mx.x.test", good.port, address="127.0.0.1", policy=policy)
+        self.assertEqual((yield self.sessions(hop, good)), [("mx.x.test", None)])

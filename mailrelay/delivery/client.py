@@ -888,6 +888,8 @@ class Courier:
             self.on_session(hop, problem or "validation failed")
         elif protocol._tlsMode:
             self.on_session(hop, protocol.tls_problem)
+        elif hop.policy.testing and protocol.extensions:  # sent in the clear: reported
+            self.on_session(hop, "the server does not offer STARTTLS")
 
     def _endpoint(self, hop: Hop):
         if hop.address is None:
