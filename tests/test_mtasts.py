@@ -14,9 +14,10 @@ from https_server import HTTPSServer
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from mailrelay.config import ConfigError, load_config
 from mailrelay.delivery import dane, mtasts
 from mailrelay.delivery.dnssec import DNSClient
-from mailrelay.delivery.router import MXRouter, TemporaryRouteError
+from mailrelay.delivery.router import MXRouter, TemporaryRouteError, router_from_config
 
 POLICY = ("version: STSv1\r\nmode: enforce\r\nmx: mx.good.test\r\nmx: *.alt.test\r\n"
           "max_age: 86400\r\n")
@@ -205,3 +206,24 @@ class RouterTests(PolicyWorld, unittest.TestCase):
         [hop] = yield router.route("good.test")
         self.assertEqual((hop.policy.level, hop.policy.domain), ("dane", "good.test"))
         self.assertEqual(len(self.https.gets), 1)  # the policy was fetched, not applied
+
+
+class ConfigTests(TempPaths, unittest.TestCase):
+    def test_settings_and_an_unreadable_ca_file(self):
+        base = Path(self.mktemp())
+        base.mkdir()
+        ini = base / "mailrelay.ini"
+        ini.write_text(f"[server]\ndata_dir = {base}\n[delivery]\n"
+                       "dns_servers = 192.0.2.53\n")
+        config = load_config(str(ini))
+        d = config.delivery
+        self.assertEqual((d.mta_sts, d.mta_sts_port, d.tls_ca_file, d.mta_sts_cache),
+                         (True, 443, "", str(base / "mta-sts")))
+        self.assertIsNotNone(router_from_config(config).sts)
+        ini.write_text(ini.read_text() + f"tls_ca_file = {base}/missing.pem\n")
+        with self.assertRaises(ConfigError) as raised:
+            router_from_config(load_config(str(ini)))
+        self.assertIn(f"[delivery] tls_ca_file: {base}/missing.pem: cannot read its "
+                      "certificates", str(raised.exception))
+        ini.write_text(ini.read_text().replace("tls_ca_file", "mta_sts = no\n#"))
+        self.assertIsNone(router_from_config(load_config(str(ini))).sts)

@@ -22,6 +22,7 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailrelay.config import ConfigError
 from mailrelay.delivery import dane, mtasts
 from mailrelay.delivery.dnssec import (
     Answer,
@@ -156,15 +157,19 @@ def router_from_config(config, reactor=None, announce: bool = False):
                                    password=d.smarthost_password,
                                    ca_file=d.smarthost_ca_file or None))
     else:
-        sts = None
+        sts = pkix = None
         if d.mta_sts and d.mx_tls != "none":
             if reactor is None:
                 from twisted.internet import reactor
-            fetcher = mtasts.Fetcher(reactor, lookup, d.tls_ca_file, d.mta_sts_port)
+            try:
+                fetcher = mtasts.Fetcher(reactor, lookup, d.tls_ca_file, d.mta_sts_port)
+                pkix = mtasts.Pkix(d.tls_ca_file)
+            except Exception as e:  # a missing or unreadable file, no certificate in it
+                raise ConfigError(config.source, "delivery", "tls_ca_file",
+                                  f"{d.tls_ca_file}: cannot read its certificates ({e})")
             sts = mtasts.PolicyCache(lookup, fetcher.fetch, d.mta_sts_cache, reactor)
         base = MXRouter(lookup, port=d.port, allow_local=d.allow_local_mx, policies=policies,
-                        sts=sts, ca_file=ca_file,
-                        pkix=mtasts.Pkix(d.tls_ca_file) if sts is not None else None)
+                        sts=sts, ca_file=ca_file, pkix=pkix)
     if config.routes:
         return RoutedRouter(config.routes, base, policies=policies, ca_file=ca_file)
     return base
