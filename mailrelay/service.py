@@ -199,9 +199,10 @@ def tls_reports(config: Config, spool, reactor, manager, parent) -> None:
 
     counter = tlsrpt.Counter(d.tls_report_dir, reactor)
     manager.courier.on_session = counter.session
-    sts = getattr(getattr(manager.router, "fallback", manager.router), "sts", None)
-    if sts is not None:
-        sts.on_failure = counter.fetch_failed
+    mx = getattr(manager.router, "fallback", manager.router)  # under [routes]
+    if getattr(mx, "sts", None) is not None:
+        mx.sts.on_failure = counter.fetch_failed
+        mx.on_session = counter.session
     reporter = tlsrpt.Reporter(
         d.tls_report_dir, dns_lookup(d, reactor)[0], spool.submit, reactor,
         d.tls_report_org or config.server.hostname,

@@ -78,7 +78,7 @@ def world(tmp_path):
     for name in POLICIES:
         records += [f"_mta-sts.{name}.test TXT v=STSv1; id=2026{name}",
                     f"mta-sts.{name}.test A 127.0.0.1"]
-    for name in ("good", "wrong", "testing"):
+    for name in ("good", "wrong", "testing", "evil"):
         records.append(f"_smtp._tls.{name}.test TXT v=TLSRPTv1; rua=mailto:tlsrpt@good.test")
     dns = DNS(tmp_path / "dns", records)
     yield ca, sinks, https, dns
@@ -257,7 +257,7 @@ def check_tls_reports(relay: Relay, sink: Sink) -> None:
     os.rename(counts, counts.with_name(f"{yesterday}.jsonl"))
     relay.start()
     reports = {}
-    for meta, data in to(sink, "tlsrpt@good.test", 3):
+    for meta, data in to(sink, "tlsrpt@good.test", 4):
         msg = email.message_from_bytes(data)
         assert msg.get_content_type() == "multipart/report"
         assert msg.get_param("report-type") == "tlsrpt"
@@ -268,7 +268,7 @@ def check_tls_reports(relay: Relay, sink: Sink) -> None:
         assert part.get_filename().startswith(f"relay.test!{msg['TLS-Report-Domain']}!")
         assert meta["sender"] == ""  # a report never bounces
         reports[msg["TLS-Report-Domain"]] = doc
-    assert sorted(reports) == ["good.test", "testing.test", "wrong.test"]
+    assert sorted(reports) == ["evil.test", "good.test", "testing.test", "wrong.test"]
     assert relay.data.joinpath("tls-rpt", f"{yesterday}.jsonl.sent").exists()
 
     def summary(domain):
@@ -287,3 +287,5 @@ def check_tls_reports(relay: Relay, sink: Sink) -> None:
     assert ok == 0 and failed >= 1 and kinds == {"certificate-host-mismatch"}
     ok, failed, kinds = summary("testing.test")  # delivered, and reported
     assert ok == 0 and failed >= 1 and kinds == {"certificate-host-mismatch"}
+    ok, failed, kinds = summary("evil.test")  # its MX host is not in the policy
+    assert ok == 0 and failed >= 1 and kinds == {"validation-failure"}

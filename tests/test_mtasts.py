@@ -187,8 +187,13 @@ class RouterTests(PolicyWorld, unittest.TestCase):
         self.assertIn("MTA-STS enforce (policy one of good.test)", str(hop.policy))
 
         self.dns.zone["good.test"] = ["MX 10 mx.evil.test"]
+        reported = []
+        router.on_session = lambda hop, problem: reported.append(
+            (hop.host, hop.policy.domain, problem))
         with self.assertRaises(TemporaryRouteError) as raised:
             yield router.route("good.test")
+        self.assertEqual(reported, [("mx.evil.test", "good.test",
+                                     raised.exception.args[0])])  # for TLS reports
         self.assertEqual(raised.exception.text,
                          "4.7.5 mx.evil.test: not an MX host of MTA-STS enforce (policy one "
                          "of good.test) (mx: mx.good.test *.alt.test), not used")

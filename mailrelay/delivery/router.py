@@ -11,7 +11,7 @@ import dataclasses
 import errno
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -326,6 +326,8 @@ class MXRouter:
         self.sts = sts
         self.ca_file = ca_file
         self.pkix = pkix
+        # (hop, problem) for an MX host MTA-STS enforce does not list: TLS reporting
+        self.on_session: Callable[[Hop, str], None] | None = None
         self._rng = rng or random.Random()
 
     def route(self, domain: str):
@@ -442,8 +444,11 @@ class MXRouter:
             return addresses, dane.TlsPolicy(policy.level, f"{why}; {sts}", names=(host,),
                                              sts=sts, domain=domain, pkix=self.pkix)
         if not sts.matches(host):
-            raise _Unusable(f"{host}: not an MX host of {sts} (mx: {' '.join(sts.mx)}), "
-                            "not used")
+            problem = f"{host}: not an MX host of {sts} (mx: {' '.join(sts.mx)}), not used"
+            if self.on_session is not None:
+                self.on_session(Hop(host, self.port, policy=dane.TlsPolicy(
+                    "mta-sts", why, sts=sts, domain=domain)), problem)
+            raise _Unusable(problem)
         return addresses, dane.TlsPolicy("mta-sts", f"{why}; {sts}", names=(host,), sts=sts,
                                          domain=domain)
 

@@ -2,9 +2,11 @@
 recipient domain published, told to that domain once a day.
 
 Counting: the courier reports each connection under a DANE or MTA-STS policy (its
-success, or what failed: ``classify`` turns the reason into RFC 8460's result types), and
-the MTA-STS cache each policy it could not fetch. ``Counter`` appends one JSON line per
-session to ``<dir>/<YYYY-MM-DD>.jsonl`` (UTC days), a batch per second, in a thread.
+success, or what failed: ``classify`` turns the reason into RFC 8460's result types), the
+router each MX host MTA-STS enforce does not list (``validation-failure``, once per route
+looked up), and the MTA-STS cache each policy it could not fetch. ``Counter`` appends
+one JSON line per session to ``<dir>/<YYYY-MM-DD>.jsonl`` (UTC days), a batch per second,
+in a thread.
 
 Reporting: ``Reporter`` looks, at startup and every hour, for days before today whose
 file has not been reported; for each policy domain of that day it builds the aggregate
@@ -55,7 +57,7 @@ def classify(problem: str) -> str:
         return "certificate-not-trusted"
     if "tlsa" in text:
         return "tlsa-invalid"
-    return "validation-failure"
+    return "validation-failure"  # an MX host MTA-STS does not list, among others
 
 
 def describe(policy) -> dict:
