@@ -3,7 +3,8 @@ report endpoints.
 
 GET answers with ``files[(host, path)]`` as ``text/plain`` (the Host header names the
 host, without its port), 404 otherwise; ``redirects[(host, path)]`` answers 301 to that
-URL instead. POST bodies are recorded (``posts``: host, path, content type, body). One
+URL instead; ``stalls`` holds the (host, path) whose answer starts and never ends.
+POST bodies are recorded (``posts``: host, path, content type, body). One
 certificate serves every host: issue it with all their names.
 
 In-process::
@@ -42,6 +43,10 @@ class _Site(resource.Resource):
     def render_GET(self, request):
         key = self._key(request)
         self.owner.gets.append(key)
+        if key in self.owner.stalls:
+            request.setHeader("content-type", "text/plain")
+            request.write(b"version: STSv1\r\n")
+            return server.NOT_DONE_YET
         if key in self.owner.redirects:
             request.setResponseCode(301)
             request.setHeader("location", self.owner.redirects[key])
@@ -72,6 +77,7 @@ class HTTPSServer:
         self.root = root
         self.files: dict[tuple[str, str], bytes | str] = {}
         self.redirects: dict[tuple[str, str], str] = {}
+        self.stalls: set[tuple[str, str]] = set()
         self.gets: list[tuple[str, str]] = []
         self.posts: list[dict] = []
         self._port = None

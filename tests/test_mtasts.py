@@ -108,6 +108,14 @@ class FetchTests(PolicyWorld, unittest.TestCase):
         self.assertEqual(len(failures), 5)
 
     @defer.inlineCallbacks
+    def test_a_body_that_never_ends_is_given_up(self):
+        self.patch(mtasts, "FETCH_TIMEOUT", 0.5)
+        self.https.stalls.add(("mta-sts.good.test", WELL_KNOWN))
+        with self.assertRaises(mtasts.PolicyError) as raised:
+            yield defer.ensureDeferred(self.fetcher.fetch("good.test"))
+        self.assertEqual(str(raised.exception), "mta-sts.good.test: no answer in 0.5 s")
+
+    @defer.inlineCallbacks
     def test_the_system_trust_roots_do_not_know_the_test_ca(self):
         fetcher = mtasts.Fetcher(reactor, self.lookup, "", self.https_port)
         with self.assertRaises(mtasts.PolicyError) as raised:

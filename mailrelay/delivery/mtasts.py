@@ -179,11 +179,15 @@ class _Capped(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            if not self.done.called:
-                self.done.errback(PolicyError(f"the policy is larger than {self.limit} bytes"))
-            self.transport.stopProducing()
+            self.give_up(f"the policy is larger than {self.limit} bytes")
             return
         self.parts.append(data)
+
+    def give_up(self, why: str) -> None:
+        if not self.done.called:
+            self.done.errback(PolicyError(why))
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def connectionLost(self, reason) -> None:
         if self.done.called:
@@ -260,7 +264,14 @@ class Fetcher:
         port = "" if self.port == 443 else f":{self.port}"
         url = f"https://{host}{port}/.well-known/mta-sts.txt".encode("ascii")
         request = agent.request(b"GET", url, Headers({b"User-Agent": [b"mailrelay"]}))
-        timer = self.reactor.callLater(FETCH_TIMEOUT, request.cancel)
+        reader: list[_Capped] = []  # the body's reader, once the headers are in
+
+        def expire() -> None:  # the whole fetch, headers and body, has FETCH_TIMEOUT
+            request.cancel()
+            if reader:
+                reader[0].give_up(f"{host}: no answer in {FETCH_TIMEOUT:g} s")
+
+        timer = self.reactor.callLater(FETCH_TIMEOUT, expire)
         try:
             try:
                 response = await request
@@ -279,11 +290,9 @@ class Fetcher:
                 raise PolicyError(f"{host}: served as {kind.decode('latin-1')!r}, "
                                   "not text/plain")
             done: defer.Deferred[bytes] = defer.Deferred()
-            response.deliverBody(_Capped(MAX_POLICY, done))
-            try:
-                body = await done
-            except defer.CancelledError:
-                raise PolicyError(f"{host}: no answer in {FETCH_TIMEOUT:g} s")
+            reader.append(_Capped(MAX_POLICY, done))
+            response.deliverBody(reader[0])
+            body = await done
         finally:
             if timer.active():
                 timer.cancel()
