@@ -290,6 +290,17 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         # resolvers are trusted (loopback, or any with dns_trusted = yes); off never.
         "dnssec": (choice("auto", "off"), "auto"),
         "dns_trusted": (boolean, False),
+        # PEM trust roots for verify and MTA-STS (certificates of MX hosts and policy
+        # servers); empty: the system's.
+        "tls_ca_file": (text, ""),
+        "mta_sts": (boolean, True),  # MTA-STS policies of recipient domains (RFC 8461)
+        "mta_sts_port": (integer(1, 65535), 443),  # where policies are fetched (tests)
+        "mta_sts_cache": (text, None),  # default: <data_dir>/mta-sts
+        # TLS reports (RFC 8460): sessions counted, a daily report to each domain's rua
+        "tls_reports": (boolean, True),
+        "tls_report_dir": (text, None),  # default: <data_dir>/tls-rpt
+        "tls_report_org": (text, ""),  # the organization-name; default: [server] hostname
+        "tls_report_contact": (text, ""),  # contact-info; default: [server] postmaster
         "outbound_addresses": (ip_list, []),  # what SPF must authorize; empty: not checked
         "port": (integer(1, 65535), 25),  # the port MX hosts are contacted on
         "allow_local_mx": (boolean, False),  # MX hosts on loopback/private addresses (tests)
@@ -607,6 +618,8 @@ DATA_FILES = (
     ("dkim", "directory", "dkim"),
     ("bounces", "key_file", "bounce.key"),
     ("bounces", "db", "bounces.sqlite"),
+    ("delivery", "mta_sts_cache", "mta-sts"),
+    ("delivery", "tls_report_dir", "tls-rpt"),
 )
 
 

@@ -135,6 +135,7 @@ class Envelope:
     # The account's bounce domain when the message was accepted: delivery sends it with a
     # VERP envelope sender there (bounces/verp.py); ``sender`` stays the client's.
     return_path: str | None = None
+    requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -167,7 +167,8 @@ def reload_routes(running: Config, manager, reactor) -> None:
     if isinstance(base, RoutedRouter):
         base = base.fallback
     policies = getattr(manager.router, "policies", None)  # [tls_policy] needs a restart
-    router = (RoutedRouter(routes, base, tls=running.delivery.mx_tls, policies=policies)
+    router = (RoutedRouter(routes, base, tls=running.delivery.mx_tls, policies=policies,
+                           ca_file=running.delivery.tls_ca_file or None)
               if routes else base)
     manager.router = router
     manager.routes = Routes(router, manager.routes.clock, manager.routes.ttl)  # cache afresh

@@ -267,8 +267,32 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics)
     DeliveryService(manager).setServiceParent(top)
+    tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
     return top, manager
+
+
+def tls_reports(config: Config, spool, reactor, manager, parent) -> None:
+    """TLS reporting (RFC 8460, delivery/tlsrpt.py): the courier's sessions and the
+    MTA-STS fetch failures counted, the daily reports sent through ``spool``."""
+    d = config.delivery
+    if not d.tls_reports or d.mode != "mx":
+        return
+    from mailrelay.delivery import mtasts, tlsrpt
+    from mailrelay.delivery.router import dns_lookup
+
+    counter = tlsrpt.Counter(d.tls_report_dir, reactor)
+    manager.courier.on_session = counter.session
+    mx = getattr(manager.router, "fallback", manager.router)  # under [routes]
+    if getattr(mx, "sts", None) is not None:
+        mx.sts.on_failure = counter.fetch_failed
+        mx.on_session = counter.session
+    reporter = tlsrpt.Reporter(
+        d.tls_report_dir, dns_lookup(d, reactor)[0], spool.submit, reactor,
+        d.tls_report_org or config.server.hostname,
+        d.tls_report_contact or config.server.postmaster, config.server.postmaster,
+        trust=mtasts.trust_root(d.tls_ca_file))
+    tlsrpt.TlsReportService(counter, reporter).setServiceParent(parent)
 
 
 def check_spool_directory(config: Config) -> None:

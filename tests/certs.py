@@ -53,14 +53,16 @@ class TestCA:
     def issue(
         self, hostname: str, ips: tuple[str, ...] = ("127.0.0.1", "::1"),
         expired: bool = False, self_signed: bool = False, chain: bool = False,
+        names: tuple[str, ...] = (),
     ) -> tuple[Path, Path]:
         """A leaf certificate for ``hostname`` signed by the CA (by its own key with
         ``self_signed``; already expired with ``expired``), written as ``hostname.pem``
         (followed by the CA's certificate with ``chain``, as servers send their chain)
-        and ``hostname.key``."""
+        and ``hostname.key``; ``names``: more DNS names it is valid for."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        alt = [x509.DNSName(hostname)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        alt = [x509.DNSName(n) for n in (hostname, *names)]
+        alt += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         start, end = (now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)) \
             if expired else (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30))
         cert = (

@@ -185,6 +185,8 @@ class _SinkProtocol(smtp.ESMTP):
             ext[b"8BITMIME"] = None
         if self.sink.smtputf8:
             ext[b"SMTPUTF8"] = None
+        if self.sink.requiretls and self.startedTLS:
+            ext[b"REQUIRETLS"] = None
         return ext
 
     params = ""  # the ESMTP parameters of the MAIL or RCPT being handled
@@ -259,7 +261,7 @@ class SMTPSink:
                  auth: dict[str, str] | None = None, require_auth: bool = False,
                  mechanisms: list[str] | None = None,
                  size: int | None = None, pipelining: bool = False, dsn: bool = False,
-                 eightbitmime: bool = True, smtputf8: bool = False,
+                 eightbitmime: bool = True, smtputf8: bool = False, requiretls: bool = False,
                  record_dir: str | None = None, rules_file: str | None = None,
                  reactor=None) -> None:
         if reactor is None:
@@ -277,6 +279,7 @@ class SMTPSink:
         self.dsn = dsn
         self.eightbitmime = eightbitmime
         self.smtputf8 = smtputf8
+        self.requiretls = requiretls  # offered inside TLS only (RFC 8689)
         self.record_dir = record_dir
         self.rules_file = rules_file
         self._rules_mtime: float | None = None
@@ -381,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461)")
     parser.add_argument("--no-8bitmime", dest="eightbitmime", action="store_false")
     parser.add_argument("--smtputf8", action="store_true")
+    parser.add_argument("--requiretls", action="store_true", help="offer REQUIRETLS in TLS")
     parser.add_argument("--interface", default="127.0.0.1",
                         help="a loopback address (several sinks share a port as MX hosts)")
     parser.add_argument("--port", type=int, default=0)
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     auth=dict(a.split(":", 1) for a in args.auth),
                     require_auth=args.require_auth, size=args.size,
                     pipelining=args.pipelining, dsn=args.dsn, eightbitmime=args.eightbitmime,
-                    smtputf8=args.smtputf8,
+                    smtputf8=args.smtputf8, requiretls=args.requiretls,
                     record_dir=args.record_dir, rules_file=args.rules, reactor=reactor)
     port = sink.listen(args.port, args.interface)
     with open(args.port_file + ".tmp", "w") as f:

@@ -43,7 +43,14 @@ completes (handshakeCompleted), before anything inside TLS is read or sent, and 
 mismatch closes the connection. Such a hop fails with its policy in the error, and the
 connection's Outcome carries 4.7.5 instead of 4.4.1; connections are per destination,
 and a destination is a set of hops with their policies, so a connection never carries
-mail that was routed under another policy.
+mail that was routed under another policy. MTA-STS enforce is verified TLS (the hop's
+``verify``); under MTA-STS testing the chain is checked at the handshake too, and what
+would have failed is only reported. ``Courier.on_session`` hears of each connection under
+a policy a domain published (TLS reporting, delivery/tlsrpt.py).
+
+REQUIRETLS (requiretls.py): such a message goes only over TLS checked against the
+domain's own policy (DANE or MTA-STS enforce) to a server that offers REQUIRETLS, and is
+returned with 5.7.30 otherwise (checked before MAIL, with the other refusals).
 
 A report may return a Deferred: the connection sends nothing more (no next MAIL, no QUIT)
 and keeps its place until that fires, so the caller can make the outcome durable before
@@ -70,7 +77,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import tuning
+from mailrelay import requiretls, tuning
 from mailrelay.delivery import dane
 from mailrelay.delivery.commands import Given
 from mailrelay.delivery.router import Hop
@@ -93,6 +100,7 @@ class Job:
     dsn_mail: str = ""
     dsn_rcpt: dict[str, str] = field(default_factory=dict)
     smtputf8: bool = False  # the client sent it with SMTPUTF8 (Envelope.smtputf8)
+    requiretls: bool = False  # only over checked TLS to a hop offering it (RFC 8689)
 
 
 SMALL_BODY = 64 * 1024  # bytes: a body up to this size is read whole and sent in one write
@@ -201,6 +209,7 @@ class RelayClient(smtp.ESMTPClient):
         self.timeout = timeout
         self.requireTransportSecurity = hop.tls == "required"
         self.policy_failed = False  # the hop's TLS policy could not be met
+        self.tls_problem: str | None = None  # what MTA-STS testing would have refused
         self.requireAuthentication = bool(hop.username)
         self.heloFallback = not (self.requireTransportSecurity or self.requireAuthentication)
         if hop.username:
@@ -379,7 +388,8 @@ class RelayClient(smtp.ESMTPClient):
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done: the hop's policy checks the certificate chain now,
         before the EHLO inside TLS is answered (DANE, RFC 7672 2.2)."""
-        if not self.hop.policy.dane:
+        policy = self.hop.policy
+        if not (policy.dane or policy.testing):
             return
         try:
             chain = [c.to_cryptography() for c in
@@ -387,8 +397,10 @@ class RelayClient(smtp.ESMTPClient):
         except Exception as e:  # a certificate cryptography cannot read
             problem: str | None = f"unreadable certificate: {e}"
         else:
-            problem = self.hop.policy.check(chain)
-        if problem is not None:
+            problem = policy.check(chain)
+        if problem is not None and policy.testing:
+            self.tls_problem = problem  # delivered all the same, and reported
+        elif problem is not None:
             self._policy_failed(problem)
 
     def esmtpState_starttls(self, code, resp) -> None:
@@ -459,6 +471,8 @@ class RelayClient(smtp.ESMTPClient):
         if b"SIZE" in self.extensions:
             params += b" SIZE=%d" % self._size
         params += self._body_param() + self._smtputf8_param()
+        if job.requiretls:  # _refusals saw the hop offers it
+            params += b" REQUIRETLS"
         if b"DSN" in self.extensions:
             params += job.dsn_mail.encode()
         mail = b"MAIL FROM:<" + self._path(job.sender) + b">" + params
@@ -565,6 +579,13 @@ class RelayClient(smtp.ESMTPClient):
             # offers 8BITMIME.
             return 554, ("5.6.3 8-bit message and the server does not offer 8BITMIME; not "
                          "converted to 7 bits")
+        # Checked TLS: the recipient domain's own policy, or a smarthost or route the
+        # sysadmin named (no MX lookup to protect), its certificate verified for that name.
+        checked = self.hop.policy.checked or (self.hop.verify and self.hop.address is None)
+        if job.requiretls and (why := requiretls.problem(
+                self._tlsMode, self.hop.policy.level, checked,
+                b"REQUIRETLS" in self.extensions)) is not None:
+            return 550, f"{requiretls.STATUS} REQUIRETLS: {why}"
         limit = (self.extensions.get(b"SIZE") or b"").strip()
         if limit.isdigit() and int(limit) and self._size > int(limit):
             return 552, (f"5.3.4 message size {self._size} exceeds the limit {int(limit)} "
@@ -791,6 +812,9 @@ class Courier:
         self.command_timeout = command_timeout
         self.max_messages = max_messages
         self._contexts: dict[tuple, object] = {}
+        # (hop, None for a TLS session that met its policy, or what failed), for each
+        # connection under a policy a domain published (TLS reporting, delivery/tlsrpt.py)
+        self.on_session: Callable[[Hop, str | None], None] | None = None
         self._live: set[RelayClient] = set()
         self._connecting: set[defer.Deferred] = set()
         self._stopping = False
@@ -848,6 +872,7 @@ class Courier:
                 pulled, problem = await protocol.finished
             finally:
                 self._live.discard(protocol)
+            self._session(hop, protocol, problem)
             outcome.jobs += pulled
             if pulled or problem is None:  # None: nothing was waiting for this destination
                 return outcome
@@ -855,6 +880,16 @@ class Courier:
             if protocol.policy_failed:
                 outcome.status = dane.STATUS
         return outcome
+
+    def _session(self, hop: Hop, protocol: RelayClient, problem: str | None) -> None:
+        if self.on_session is None or not hop.policy.domain:
+            return
+        if protocol.policy_failed:
+            self.on_session(hop, problem or "validation failed")
+        elif protocol._tlsMode:
+            self.on_session(hop, protocol.tls_problem)
+        elif hop.policy.testing and protocol.extensions:  # sent in the clear: reported
+            self.on_session(hop, "the server does not offer STARTTLS")
 
     def _endpoint(self, hop: Hop):
         if hop.address is None:

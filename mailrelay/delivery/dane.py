@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mailrelay.delivery.dnssec import TLSA
 
 LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify")
-ENCRYPTED = ("encrypt", "verify", "dane")  # a hop's levels that require TLS
+ENCRYPTED = ("encrypt", "verify", "dane", "mta-sts")  # a hop's levels that require TLS
+VERIFIED = ("verify", "mta-sts")  # a hop's levels that verify the certificate (PKIX)
 DANE_TA, DANE_EE = 2, 3
 STATUS = "4.7.5"  # RFC 3463: cryptographic failure
 
@@ -46,12 +47,19 @@ class TlsPolicy:
     """What a hop's TLS must satisfy. ``level`` is the one applied (``dane`` only when
     validated TLSA records were found), ``why`` says where it came from, for the log and
     the queue. ``tlsa``: the usable records; ``names``: the reference identifiers a
-    DANE-TA chain's leaf must carry."""
+    DANE-TA chain's leaf must carry. Level ``mta-sts`` is a domain's MTA-STS policy in
+    mode enforce (delivery/mtasts.py); ``sts`` that policy, in mode testing too, where
+    ``pkix`` checks the certificate only to report what would have failed. ``domain``:
+    the recipient domain whose policy (DANE or MTA-STS) this is, for TLS reporting
+    (delivery/tlsrpt.py); its connections carry that domain's mail only."""
 
     level: str = "may"
     why: str = "default"
     tlsa: tuple[TLSA, ...] = ()
     names: tuple[str, ...] = ()
+    sts: object = None  # mtasts.StsPolicy
+    domain: str = ""
+    pkix: object = field(default=None, compare=False)  # mtasts.Pkix, for testing
 
     def __str__(self) -> str:
         return f"{self.level} ({self.why})"
@@ -60,10 +68,23 @@ class TlsPolicy:
     def dane(self) -> bool:
         return self.level == "dane"
 
+    @property
+    def testing(self) -> bool:
+        """An MTA-STS policy in mode testing: checked, reported, never enforced."""
+        return self.sts is not None and self.level != "mta-sts" and self.pkix is not None
+
+    @property
+    def checked(self) -> bool:
+        """The certificate is checked against a policy the recipient domain published
+        (DANE with usable TLSA records, MTA-STS enforce): what REQUIRETLS needs."""
+        return (self.dane and bool(self.tlsa)) or self.level == "mta-sts"
+
     def check(self, chain: Sequence[x509.Certificate],
               now: datetime.datetime | None = None) -> str | None:
         """None when ``chain`` (the leaf first, as the server sent it) satisfies the
         policy, else why not."""
+        if self.testing:
+            return self.pkix.problem(chain, self.names)
         if not self.dane or not self.tlsa:
             return None  # no DANE, or only unusable records: encrypted is enough
         return match(self.tlsa, chain, self.names, now)

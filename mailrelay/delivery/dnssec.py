@@ -269,4 +269,6 @@ def _value(rd):
         return rd.address
     if kind == dns.rdatatype.TLSA:
         return TLSA(rd.usage, rd.selector, rd.mtype, bytes(rd.cert))
+    if kind == dns.rdatatype.TXT:  # one record's strings are one text (RFC 7208 3.3)
+        return b"".join(rd.strings).decode("utf-8", "replace")
     return rd.to_text()

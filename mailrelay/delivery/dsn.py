@@ -156,7 +156,9 @@ def queue(spool, *, envelope: Envelope, recipients: Sequence[tuple[str, Recipien
         return None
     whole = False
     with spool.open_body(envelope.id) as body:
-        if action == "failed" and envelope.ret == "FULL":
+        # RFC 8689 5: a REQUIRETLS message is never returned whole (the notice itself
+        # does not travel under REQUIRETLS), only its headers.
+        if action == "failed" and envelope.ret == "FULL" and not envelope.requiretls:
             headers = body.read(RETURN_LIMIT + 1)
             whole = len(headers) <= RETURN_LIMIT
             if not whole:

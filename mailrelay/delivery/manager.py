@@ -320,7 +320,7 @@ class DeliveryManager:
         job = partial(Job, attempt.queue_id, context=attempt,
                       dsn_mail=dsnparams.mail_params(envelope.ret, envelope.envid),
                       dsn_rcpt={r: dsnparams.rcpt_params(p) for r, p in envelope.dsn.items()},
-                      smtputf8=envelope.smtputf8)
+                      smtputf8=envelope.smtputf8, requiretls=envelope.requiretls)
         jobs: list[tuple[frozenset, list, Job]] = []
         for key, (hops, rcpts) in groups.items():
             shared = [r for r in rcpts if r not in copies and r not in senders]
@@ -333,6 +333,8 @@ class DeliveryManager:
                      for r in rcpts if r in copies]
         attempt.outstanding = len(jobs) + 1
         for key, hops, job in jobs:
+            if job.requiretls:  # RFC 8689: a connection of its own, made for it
+                key = key | {attempt.queue_id}
             self.destinations.add(key, hops, job)
         self._record(attempt, failures)
 

@@ -7,10 +7,11 @@ to try in order, or fails with PermanentRouteError (bounce) or TemporaryRouteErr
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -21,7 +22,8 @@ from twisted.names import error as dnserror
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay.delivery import dane
+from mailrelay.config import ConfigError
+from mailrelay.delivery import dane, mtasts
 from mailrelay.delivery.dnssec import (
     Answer,
     DNSClient,
@@ -82,7 +84,7 @@ class Hop:
     password: str = ""
     address: str | None = None
     ca_file: str | None = None  # PEM trust roots for verify; None: the platform's
-    policy: dane.TlsPolicy = dane.TlsPolicy()  # what the certificate must satisfy (DANE)
+    policy: dane.TlsPolicy = dane.TlsPolicy()  # what the certificate must satisfy
 
     def __repr__(self) -> str:  # never show the password in logs
         return f"Hop({self.name}:{self.port}, tls={self.tls})"
@@ -147,6 +149,7 @@ def router_from_config(config, reactor=None, announce: bool = False):
     else:
         default, default_why = "may", "default, DANE off"
     policies = dane.PolicyTable(config.tls_policy, default, default_why)
+    ca_file = d.tls_ca_file or None
     if d.mode == "smarthost":
         host, port = d.smarthost
         base = SmarthostRouter(Hop(host, port, tls=d.smarthost_tls, verify=d.smarthost_verify,
@@ -154,9 +157,21 @@ def router_from_config(config, reactor=None, announce: bool = False):
                                    password=d.smarthost_password,
                                    ca_file=d.smarthost_ca_file or None))
     else:
-        base = MXRouter(lookup, port=d.port, allow_local=d.allow_local_mx, policies=policies)
+        sts = pkix = None
+        if d.mta_sts and d.mx_tls != "none":
+            if reactor is None:
+                from twisted.internet import reactor
+            try:
+                fetcher = mtasts.Fetcher(reactor, lookup, d.tls_ca_file, d.mta_sts_port)
+                pkix = mtasts.Pkix(d.tls_ca_file)
+            except Exception as e:  # a missing or unreadable file, no certificate in it
+                raise ConfigError(config.source, "delivery", "tls_ca_file",
+                                  f"{d.tls_ca_file}: cannot read its certificates ({e})")
+            sts = mtasts.PolicyCache(lookup, fetcher.fetch, d.mta_sts_cache, reactor)
+        base = MXRouter(lookup, port=d.port, allow_local=d.allow_local_mx, policies=policies,
+                        sts=sts, ca_file=ca_file, pkix=pkix)
     if config.routes:
-        return RoutedRouter(config.routes, base, policies=policies)
+        return RoutedRouter(config.routes, base, policies=policies, ca_file=ca_file)
     return base
 
 
@@ -187,7 +202,8 @@ class NamesLookup:
     async def _lookup(self, name: str, rdtype: str) -> Answer:
         method, kind = {"MX": (self.resolver.lookupMailExchange, dns.MX),
                         "A": (self.resolver.lookupAddress, dns.A),
-                        "AAAA": (self.resolver.lookupIPV6Address, dns.AAAA)}[rdtype]
+                        "AAAA": (self.resolver.lookupIPV6Address, dns.AAAA),
+                        "TXT": (self.resolver.lookupText, dns.TXT)}[rdtype]
         try:
             answers = (await method(name))[0]
         except (dnserror.DNSNameError, dnserror.AuthoritativeDomainError):
@@ -206,6 +222,8 @@ def _names_value(payload):
         return payload.preference, payload.name.name.decode().rstrip(".").lower()
     if isinstance(payload, dns.Record_A):
         return payload.dottedQuad()
+    if isinstance(payload, dns.Record_TXT):
+        return b"".join(payload.data).decode("utf-8", "replace")
     return _ipv6(payload)
 
 
@@ -235,7 +253,8 @@ class RoutedRouter:
     override ``fallback``."""
 
     def __init__(self, routes: Mapping[str, tuple[str, int]], fallback,
-                 tls: str = "opportunistic", policies: dane.PolicyTable | None = None) -> None:
+                 tls: str = "opportunistic", policies: dane.PolicyTable | None = None,
+                 ca_file: str | None = None) -> None:
         # A fixed route has no MX records to validate: dane there is may (config.py
         # refuses dane-only).
         policies = self.policies = policies or dane.PolicyTable(
@@ -244,8 +263,8 @@ class RoutedRouter:
         for d, (host, port) in routes.items():
             level, why = policies.level(d)
             level = "may" if level == "dane" else level
-            self.routes[_route_key(d)] = Hop(host, port,
-                                             **_settings(dane.TlsPolicy(level, why)))
+            self.routes[_route_key(d)] = Hop(
+                host, port, **_settings(dane.TlsPolicy(level, why), ca_file))
         self.fallback = fallback
 
     def route(self, domain: str):
@@ -264,15 +283,19 @@ def _route_key(domain: str) -> str:
         return domain
 
 
-def _settings(policy: dane.TlsPolicy) -> dict:
-    """A Hop's TLS fields for ``policy``."""
+def _settings(policy: dane.TlsPolicy, ca_file: str | None = None) -> dict:
+    """A Hop's TLS fields for ``policy``; ``ca_file``: the trust roots of verify and
+    MTA-STS (None: the system's)."""
     tls = "required" if policy.level in dane.ENCRYPTED else (
         "none" if policy.level == "none" else "opportunistic")
-    return {"tls": tls, "verify": policy.level == "verify", "policy": policy}
+    verify = policy.level in dane.VERIFIED
+    return {"tls": tls, "verify": verify, "policy": policy,
+            "ca_file": ca_file if verify else None}
 
 
 class _Unusable(Exception):
-    """An MX host that the TLS policy forbids using now (DANE cannot be satisfied)."""
+    """An MX host that the TLS policy forbids using now (DANE cannot be satisfied, or
+    MTA-STS enforce does not list it)."""
 
 
 @implementer(IRouter)
@@ -283,16 +306,28 @@ class MXRouter:
     ``resolver``: a DNSClient (lookups with DNSSEC status, DANE possible) or a
     twisted.names resolver. Each hop carries the TLS policy of its domain (``policies``);
     for dane and dane-only, an MX host whose MX and address records are validated is
-    asked for its ``_25._tcp`` TLSA records (RFC 7672 2.2)."""
+    asked for its ``_25._tcp`` TLSA records (RFC 7672 2.2).
+
+    ``sts`` (an mtasts.PolicyCache) gives a domain's MTA-STS policy where its level is
+    ``may`` or ``dane``; an MX host with DANE keeps DANE (RFC 8461 2). Under ``enforce``
+    an MX host the policy does not list is not used, and the others need a certificate
+    verified for their name (trust roots: ``ca_file``, None for the system's)."""
 
     def __init__(self, resolver, port: int = 25, tls: str = "opportunistic",
                  allow_local: bool = False, rng: random.Random | None = None,
-                 policies: dane.PolicyTable | None = None) -> None:
+                 policies: dane.PolicyTable | None = None,
+                 sts: mtasts.PolicyCache | None = None, ca_file: str | None = None,
+                 pkix: mtasts.Pkix | None = None) -> None:
         self.lookup = resolver if hasattr(resolver, "lookup") else NamesLookup(resolver)
         self.port = port
         self.policies = policies or dane.PolicyTable(
             default="none" if tls == "none" else "may")
         self.allow_local = allow_local
+        self.sts = sts
+        self.ca_file = ca_file
+        self.pkix = pkix
+        # (hop, problem) for an MX host MTA-STS enforce does not list: TLS reporting
+        self.on_session: Callable[[Hop, str], None] | None = None
         self._rng = rng or random.Random()
 
     def route(self, domain: str):
@@ -311,13 +346,22 @@ class MXRouter:
             raise PermanentRouteError(f"{domain!r} is not a valid domain name", "5.1.2")
         domain = ascii_domain
         level, why = self.policies.level(domain)
-        exchanges, secure = await self._exchanges(domain)
+        fetching = None
+        if self.sts is not None and level in ("may", "dane"):
+            fetching = defer.ensureDeferred(self.sts.policy(domain))  # beside the MX lookup
+        try:
+            exchanges, secure = await self._exchanges(domain)
+        finally:
+            sts = await fetching if fetching is not None else None
+        if sts is not None and sts.mode == "none":
+            sts = None
         hops: list[Hop] = []
         temporary: str | None = None
         unusable: str | None = None
         refused = 0
         results = await defer.DeferredList(
-            [defer.ensureDeferred(self._host(host, level, why, secure)) for host in exchanges],
+            [defer.ensureDeferred(self._host(domain, host, level, why, secure, sts))
+             for host in exchanges],
             consumeErrors=True)
         for host, (ok, value) in zip(exchanges, results, strict=True):
             if not ok:
@@ -331,7 +375,8 @@ class MXRouter:
                 if not self.allow_local and is_local(address):
                     refused += 1
                     continue
-                hops.append(Hop(host, self.port, address=address, **_settings(policy)))
+                hops.append(Hop(host, self.port, address=address,
+                                **_settings(policy, self.ca_file)))
         if hops:
             return hops[:MAX_HOPS]
         if unusable:  # never a fallback to a weaker policy: the message waits
@@ -355,7 +400,8 @@ class MXRouter:
         level, why = self.policies.level(domain)
         if level in ("dane", "dane-only", "verify"):  # no names to match for a literal
             level, why = "encrypt" if level != "dane" else "may", why
-        return [Hop(text, self.port, address=text, **_settings(dane.TlsPolicy(level, why)))]
+        return [Hop(text, self.port, address=text,
+                    **_settings(dane.TlsPolicy(level, why), self.ca_file))]
 
     async def _exchanges(self, domain: str) -> tuple[list[str], bool]:
         """MX hosts in the order to try, or [domain] when it has no MX; and whether every
@@ -384,17 +430,38 @@ class MXRouter:
             seen.setdefault(host)
         return list(seen)
 
-    async def _host(self, host: str, level: str, why: str,
-                    secure: bool) -> tuple[list[str], dane.TlsPolicy]:
-        """The addresses of ``host`` and the TLS policy its hops get."""
+    async def _host(self, domain: str, host: str, level: str, why: str, secure: bool,
+                    sts: mtasts.StsPolicy | None) -> tuple[list[str], dane.TlsPolicy]:
+        """The addresses of ``host`` and the TLS policy its hops get (``domain``'s, for
+        TLS reporting, when the domain published it)."""
         addresses, secure_addresses = await self._addresses(host)
+        policy = await self._dane(host, level, why, secure and secure_addresses)
+        if policy.dane:
+            return addresses, dataclasses.replace(policy, domain=domain)
+        if sts is None:
+            return addresses, policy
+        if sts.mode == "testing":
+            return addresses, dane.TlsPolicy(policy.level, f"{why}; {sts}", names=(host,),
+                                             sts=sts, domain=domain, pkix=self.pkix)
+        if not sts.matches(host):
+            problem = f"{host}: not an MX host of {sts} (mx: {' '.join(sts.mx)}), not used"
+            if self.on_session is not None:
+                self.on_session(Hop(host, self.port, policy=dane.TlsPolicy(
+                    "mta-sts", why, sts=sts, domain=domain)), problem)
+            raise _Unusable(problem)
+        return addresses, dane.TlsPolicy("mta-sts", f"{why}; {sts}", names=(host,), sts=sts,
+                                         domain=domain)
+
+    async def _dane(self, host: str, level: str, why: str, secure: bool) -> dane.TlsPolicy:
+        """The policy DANE gives ``host`` under ``level``; ``secure``: its MX and
+        address records were validated."""
         if level not in ("dane", "dane-only"):
-            return addresses, dane.TlsPolicy(level, why)
-        if not (secure and secure_addresses):
+            return dane.TlsPolicy(level, why)
+        if not secure:
             if level == "dane-only":
                 raise _Unusable(f"{host}: TLS policy dane-only ({why}): its MX or address "
                                 "records are not DNSSEC-validated")
-            return addresses, dane.TlsPolicy("may", f"{why}; {host}: not DNSSEC-validated")
+            return dane.TlsPolicy("may", f"{why}; {host}: not DNSSEC-validated")
         name = f"_{self.port}._tcp.{host}"
         try:
             answer = await self._tlsa(name)
@@ -404,13 +471,12 @@ class MXRouter:
             raise _Unusable(f"{host}: TLSA lookup for {name} failed ({_error(e)}), TLS "
                             f"policy {level} ({why}): not sent")
         if answer.secure and answer.records:
-            return addresses, dane.TlsPolicy(
-                "dane", f"{why}; DNSSEC-validated TLSA for {host}",
-                dane.usable(answer.records), (host,))
+            return dane.TlsPolicy("dane", f"{why}; DNSSEC-validated TLSA for {host}",
+                                  dane.usable(answer.records), (host,))
         if level == "dane-only":
             raise _Unusable(f"{host}: TLS policy dane-only ({why}): no DNSSEC-validated "
                             f"TLSA records at {name}")
-        return addresses, dane.TlsPolicy("may", f"{why}; no TLSA records for {host}")
+        return dane.TlsPolicy("may", f"{why}; no TLSA records for {host}")
 
     async def _tlsa(self, name: str) -> Answer:
         """The TLSA records at ``name``, through CNAMEs (RFC 7672 2.2.2); secure only if

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay import dsnparams
+from mailrelay import dsnparams, requiretls
 from mailrelay.errors import StorageError
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
@@ -75,6 +75,7 @@ class SubmissionServer(Chunking, CommandStream):
         self.policy = None  # the connection's policy.sender.SenderChecks, once greeted
         self._sender: str | None = None  # None: no transaction open
         self._smtputf8 = False  # the transaction's MAIL had SMTPUTF8 (RFC 6531)
+        self._requiretls = False  # and REQUIRETLS (RFC 8689)
         self._recipients: list[str] = []
         self._dsn_mail: dict[str, str] = {}  # RET, ENVID of the transaction
         self._dsn_rcpts: dict[str, dict[str, str]] = {}  # NOTIFY, ORCPT by recipient
@@ -360,6 +361,8 @@ class SubmissionServer(Chunking, CommandStream):
         lines = [f"{self.factory.hostname} Hello {self.client_ip}"]
         lines += [f"SIZE {self.factory.max_message_size}", "PIPELINING", "8BITMIME",
                   "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "SMTPUTF8"]  # DSN: dsnparams.py
+        if self.tls:
+            lines.append(requiretls.KEYWORD)
         if self._can_starttls():
             lines.append("STARTTLS")
         if self._auth_allowed():
@@ -524,12 +527,14 @@ class SubmissionServer(Chunking, CommandStream):
         if syntax is not None:
             raise syntax
         dsn_mail, params = dsnparams.take_mail(params)
+        required, params = requiretls.take_mail(params, self.tls)
         self._mail_params(params)
         # The sender checks (status, null sender, scope, verification): policy/sender.py.
         await self._ask("mailFrom", avatar, sender)
         self._sender, self._recipients = sender, []
         self._dsn_mail, self._dsn_rcpts = dsn_mail, {}
         self._smtputf8 = "SMTPUTF8" in params
+        self._requiretls = required
         self._session_clock(running=False)
         self._reply(250, "2.1.0", "Ok")
 
@@ -618,6 +623,7 @@ class SubmissionServer(Chunking, CommandStream):
             dsn=self._dsn_rcpts,
             **self._dsn_mail,  # ret, envid
             smtputf8=self._smtputf8,
+            requiretls=self._requiretls,
             # audit BCC, footer, the account's bounce domain...
             **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
