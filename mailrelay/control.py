@@ -10,11 +10,9 @@ nobody listens, ``ask`` raises RelayNotRunning and the caller acts on the spool 
 
 from __future__ import annotations
 
-from twisted.internet import endpoints, error, protocol
+from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
-
-from mailrelay.listener import ListenerService
 
 log = Logger()
 
@@ -87,17 +85,26 @@ class _Factory(protocol.Factory):
         return QueueResponder(self._queue)
 
 
-def control_service(path: str, queue, reactor) -> ListenerService:
+def control_service(path: str, queue, reactor):
     """Listens on ``path`` while the relay runs; ``queue`` (an IQueueControl) answers. A
     stale socket left by a relay that died is replaced (the lock file beside it tells a
     live relay from a dead one); a second relay on the same data_dir does not start."""
-    endpoint = f"unix:{endpoints.quoteStringArgument(path)}:mode=600:lockfile=1"
+    # Imported here: twisted's endpoints bring OpenSSL, which most mailrelay-admin
+    # commands (every one imports this module) never need.
+    from twisted.internet.endpoints import quoteStringArgument
+
+    from mailrelay.listener import ListenerService
+
+    endpoint = f"unix:{quoteStringArgument(path)}:mode=600:lockfile=1"
+
     return ListenerService("control", endpoint, _Factory(queue), reactor)
 
 
 async def ask(reactor, path: str, command: type[amp.Command], **arguments) -> dict:
     """Send one command to the relay listening on ``path``; its answer. RelayNotRunning
     when there is no socket or nobody listens on it."""
+    from twisted.internet import endpoints
+
     endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=10)
     try:
         channel = await endpoints.connectProtocol(endpoint, amp.AMP())

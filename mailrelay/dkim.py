@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from dkim import rfc822_parse
 
 from mailrelay.files import read_with_stat
 
@@ -123,6 +122,8 @@ def parse(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
         head, body = message, b""
     else:
         head, body = message[:end.start(1)], message[end.end(1):]
+    from dkim import rfc822_parse  # dkimpy and its DNS library: not for every CLI command
+
     headers = [(n, v) for n, v in rfc822_parse(head)[0]]
     if body.count(b"\n") != body.count(b"\r\n"):  # a bare LF somewhere
         body = _LINE_END.sub(b"\r\n", body)

@@ -17,14 +17,6 @@ from twisted.internet.task import Clock
 from mailrelay.admin.cli import CommandError
 from mailrelay.config import ConfigError
 from mailrelay.features.paths import feature_paths
-from mailrelay.service import (
-    StartupError,
-    check_spool_directory,
-    make_footer,
-    read_key_file,
-    store_error,
-)
-from mailrelay.tls import TLSSetupError, server_options
 
 
 def register(subparsers) -> None:
@@ -32,7 +24,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# mailrelay.service and mailrelay.tls (OpenSSL, the listeners) are imported where a step
+# needs them: every mailrelay-admin command loads this module to register "check".
+
+
 def run(args, context) -> int:
+    from mailrelay.service import StartupError, check_spool_directory
+    from mailrelay.tls import TLSSetupError
+
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
@@ -54,12 +53,16 @@ class _Problem(Exception):
 
 def _tuning(config) -> None:
     from mailrelay import tuning
+    from mailrelay.service import StartupError
 
     if problem := tuning.startup_problem():
         raise StartupError(problem)
 
 
 def _tls(config) -> None:
+    from mailrelay.service import StartupError
+    from mailrelay.tls import server_options
+
     t = config.tls
     if not t.generate or (os.path.exists(t.certificate) and os.path.exists(t.key)):
         try:
@@ -95,6 +98,7 @@ def _feature_stores(config) -> None:
     mailrelay (features/db.py)."""
     from mailrelay.features.stats import StatsStore
     from mailrelay.features.suppressions import SuppressionStore
+    from mailrelay.service import store_error
 
     paths = feature_paths(config)
     for kind, key, path in ((SuppressionStore, "suppressions_db", paths.suppressions_db),
@@ -108,11 +112,15 @@ def _feature_stores(config) -> None:
 
 
 def _key_file(section: str, path: str) -> None:
+    from mailrelay.service import read_key_file
+
     if os.path.exists(path):  # else the relay makes it on first start
         read_key_file(section, path)
 
 
 def _tracking(config) -> None:
+    from mailrelay.service import make_footer
+
     if config.tracking.enabled:
         make_footer(config)
         _key_file("tracking", feature_paths(config).token_key)
@@ -120,6 +128,7 @@ def _tracking(config) -> None:
 
 def _bounces(config) -> None:
     from mailrelay.bounces.store import ReturnPathStore
+    from mailrelay.service import StartupError
 
     _key_file("bounces", config.bounces.key_file)
     path = config.bounces.db
