@@ -11,10 +11,12 @@ nobody listens, ``ask`` raises RelayNotRunning and the caller acts on the spool 
 from __future__ import annotations
 
 from twisted.internet import endpoints, error, protocol
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
 from mailrelay.listener import ListenerService
+from mailrelay.reply import Reply
 
 log = Logger()
 
@@ -57,12 +59,36 @@ class Flush(amp.Command):
     errors = _ERRORS
 
 
-class QueueResponder(amp.AMP):
-    """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl)."""
+class LimitState(amp.Command):
+    """A user's rate-limit state, for ``mailrelay-admin explain``: the units counted in
+    the last hour and minute (-1: this limiter does not say) and the reply its next MAIL
+    FROM would get from the rate limit ("" when it passes). The question is asked the way
+    a session asks it (a reservation, given back at once), so nothing is counted."""
 
-    def __init__(self, queue) -> None:
+    arguments = [(b"user", amp.Unicode()), (b"rate_limit", amp.Integer(optional=True))]
+    response = [(b"used_hour", amp.Integer()), (b"used_minute", amp.Integer()),
+                (b"refusal", amp.Unicode())]
+
+
+class QueueResponder(amp.AMP):
+    """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl), LimitState with
+    ``rates`` (the IRateLimiter of the sessions)."""
+
+    def __init__(self, queue, rates=None) -> None:
         super().__init__()
         self._queue = queue
+        self._rates = rates
+
+    @LimitState.responder
+    def limit_state(self, user: str, rate_limit: int | None = None):
+        rates = self._rates
+        usage = getattr(rates, "usage", None)  # the in-process limiter counts here
+        used = usage(user) if usage is not None else (-1, -1)
+        d = maybeDeferred(rates.transaction, user, rate_limit)
+        d.addCallback(lambda reservation: maybeDeferred(reservation.release))
+        d.addCallbacks(lambda _: "", _refusal_line)
+        return d.addCallback(lambda refusal: {"used_hour": used[0], "used_minute": used[1],
+                                              "refusal": refusal})
 
     @Retry.responder
     def retry(self, queue_id: str):
@@ -77,22 +103,28 @@ class QueueResponder(amp.AMP):
         return self._queue.flush().addCallback(lambda count: {"count": count})
 
 
+def _refusal_line(failure) -> str:
+    failure.trap(Reply)
+    return f"{failure.value.code} {failure.value.line()}"
+
+
 class _Factory(protocol.Factory):
     noisy = False  # no "Starting factory" line per mailrelay-admin call
 
-    def __init__(self, queue) -> None:
+    def __init__(self, queue, rates) -> None:
         self._queue = queue
+        self._rates = rates
 
     def buildProtocol(self, addr) -> QueueResponder:
-        return QueueResponder(self._queue)
+        return QueueResponder(self._queue, self._rates)
 
 
-def control_service(path: str, queue, reactor) -> ListenerService:
+def control_service(path: str, queue, reactor, rates=None) -> ListenerService:
     """Listens on ``path`` while the relay runs; ``queue`` (an IQueueControl) answers. A
     stale socket left by a relay that died is replaced (the lock file beside it tells a
     live relay from a dead one); a second relay on the same data_dir does not start."""
     endpoint = f"unix:{endpoints.quoteStringArgument(path)}:mode=600:lockfile=1"
-    return ListenerService("control", endpoint, _Factory(queue), reactor)
+    return ListenerService("control", endpoint, _Factory(queue, rates), reactor)
 
 
 async def ask(reactor, path: str, command: type[amp.Command], **arguments) -> dict:
