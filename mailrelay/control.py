@@ -63,32 +63,44 @@ class LimitState(amp.Command):
     """A user's rate-limit state, for ``mailrelay-admin explain``: the units counted in
     the last hour and minute (-1: this limiter does not say) and the reply its next MAIL
     FROM would get from the rate limit ("" when it passes). The question is asked the way
-    a session asks it (a reservation, given back at once), so nothing is counted."""
+    a session asks it (a reservation, given back at once), so nothing is counted. With
+    ``ip``, also what AUTH from that address would meet (the failed-login defence): the
+    refusal ("" for none) or the seconds the password check would wait."""
 
-    arguments = [(b"user", amp.Unicode()), (b"rate_limit", amp.Integer(optional=True))]
+    arguments = [(b"user", amp.Unicode()), (b"rate_limit", amp.Integer(optional=True)),
+                 (b"ip", amp.Unicode(optional=True))]
     response = [(b"used_hour", amp.Integer()), (b"used_minute", amp.Integer()),
-                (b"refusal", amp.Unicode())]
+                (b"refusal", amp.Unicode()), (b"login_refusal", amp.Unicode()),
+                (b"login_wait", amp.Float())]
 
 
 class QueueResponder(amp.AMP):
     """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl), LimitState with
-    ``rates`` (the IRateLimiter of the sessions)."""
+    ``rates`` and ``logins`` (the IRateLimiter and ILoginGuard of the sessions)."""
 
-    def __init__(self, queue, rates=None) -> None:
+    def __init__(self, queue, rates=None, logins=None) -> None:
         super().__init__()
         self._queue = queue
         self._rates = rates
+        self._logins = logins
 
     @LimitState.responder
-    def limit_state(self, user: str, rate_limit: int | None = None):
+    async def limit_state(self, user: str, rate_limit: int | None = None,
+                          ip: str | None = None):  # fmt: skip
         rates = self._rates
         usage = getattr(rates, "usage", None)  # the in-process limiter counts here
         used = usage(user) if usage is not None else (-1, -1)
         d = maybeDeferred(rates.transaction, user, rate_limit)
         d.addCallback(lambda reservation: maybeDeferred(reservation.release))
-        d.addCallbacks(lambda _: "", _refusal_line)
-        return d.addCallback(lambda refusal: {"used_hour": used[0], "used_minute": used[1],
-                                              "refusal": refusal})
+        refusal = await d.addCallbacks(lambda _: "", _refusal_line)
+        login_refusal, wait = "", 0.0
+        if ip:
+            try:
+                wait = float(await maybeDeferred(self._logins.check, ip) or 0)
+            except Reply as e:
+                login_refusal = f"{e.code} {e.line()}"
+        return {"used_hour": used[0], "used_minute": used[1], "refusal": refusal,
+                "login_refusal": login_refusal, "login_wait": wait}
 
     @Retry.responder
     def retry(self, queue_id: str):
@@ -111,20 +123,21 @@ def _refusal_line(failure) -> str:
 class _Factory(protocol.Factory):
     noisy = False  # no "Starting factory" line per mailrelay-admin call
 
-    def __init__(self, queue, rates) -> None:
+    def __init__(self, queue, rates, logins) -> None:
         self._queue = queue
         self._rates = rates
+        self._logins = logins
 
     def buildProtocol(self, addr) -> QueueResponder:
-        return QueueResponder(self._queue, self._rates)
+        return QueueResponder(self._queue, self._rates, self._logins)
 
 
-def control_service(path: str, queue, reactor, rates=None) -> ListenerService:
+def control_service(path: str, queue, reactor, rates=None, logins=None) -> ListenerService:
     """Listens on ``path`` while the relay runs; ``queue`` (an IQueueControl) answers. A
     stale socket left by a relay that died is replaced (the lock file beside it tells a
     live relay from a dead one); a second relay on the same data_dir does not start."""
     endpoint = f"unix:{endpoints.quoteStringArgument(path)}:mode=600:lockfile=1"
-    return ListenerService("control", endpoint, _Factory(queue, rates), reactor)
+    return ListenerService("control", endpoint, _Factory(queue, rates, logins), reactor)
 
 
 async def ask(reactor, path: str, command: type[amp.Command], **arguments) -> dict:

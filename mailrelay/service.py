@@ -176,8 +176,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
                         reactor).setServiceParent(top)
 
     control = QueueControl(spool, reactor, delivery)
-    control_service(config.server.control_socket, control, reactor,
-                    rates).setServiceParent(top)
+    control_service(config.server.control_socket, control, reactor, rates,
+                    logins).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins,
                        metrics=metrics_page).setServiceParent(top)

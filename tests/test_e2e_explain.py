@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import smtplib
 
 import pytest
 from harness import Relay
@@ -21,6 +22,7 @@ MAX_RECIPIENTS = 3
 def relay(tmp_path_factory):
     r = Relay(tmp_path_factory.mktemp("explain"), config=(
         "[delivery]\nenabled = no\n\n"
+        "[policy]\nlogin_delay_after = 2\nlogin_block_after = 2\n\n"
         f"[limits]\nmax_message_size = {MAX_SIZE}\nmax_recipients = {MAX_RECIPIENTS}\n"))
     r.admin("account", "set", "default", "--domains", DOMAINS)
     r.add_user("doe.test", PASSWORD)
@@ -41,9 +43,19 @@ def explain(relay, user, sender, *options):
     return doc
 
 
-def session(relay, user, sender, from_header=None, recipients=1, size=None) -> list[str]:
-    """The reply lines of one submission, up to the first refusal."""
-    client = relay.smtp()
+def connect(relay, ip: str = "127.0.0.1"):
+    client = smtplib.SMTP("127.0.0.1", relay.smtp_port, local_hostname="client.test",
+                          timeout=30, source_address=(ip, 0))
+    client.ehlo()
+    client.starttls(context=relay.tls_context())
+    client.ehlo()
+    return client
+
+
+def session(relay, user, sender, from_header=None, recipients=1, size=None,
+            ip="127.0.0.1") -> list[str]:
+    """The reply lines of one submission from ``ip``, up to the first refusal."""
+    client = connect(relay, ip)
     lines = []
 
     def step(code, text):
@@ -150,3 +162,21 @@ def test_explain_reports_the_rate_limit_of_the_running_relay(relay):
     assert said[-1].startswith("451 4.7.1")
     # Asking counted nothing: the relay still holds one message against the limit.
     assert explain(relay, "limited.test", "a@limited.test")["limits"]["used_hour"] == 1
+
+
+def test_explain_reports_an_address_blocked_after_failed_logins(relay):
+    relay.start() if relay.process is None else None
+    blocked = "127.0.0.3"
+    for _ in range(2):  # login_block_after = 2
+        client = connect(relay, blocked)
+        token = base64.b64encode(b"\0doe.test\0wrong password").decode()
+        assert client.docmd("AUTH", "PLAIN " + token)[0] == 535
+        client.close()
+    doc = explain(relay, "doe.test", "a@doe.test", "--ip", blocked)
+    assert not doc["accepted"]
+    assert doc["steps"][-1]["rule"] == f"client address {blocked} blocked after failed logins"
+    said = [s["reply"] for s in doc["steps"]]
+    assert said == session(relay, "doe.test", "a@doe.test", ip=blocked)
+    assert said == ["421 4.7.0 too many failed logins from your address, try again later"]
+    # Another address of the same user is not blocked.
+    assert explain(relay, "doe.test", "a@doe.test", "--ip", "127.0.0.4")["accepted"]

@@ -326,7 +326,8 @@ class ApiTests(unittest.TestCase):
                            ({"username": "webapp"}, 400),
                            ({"username": "webapp", "sender": "a@shop.test", "size": -1}, 400),
                            ({"username": "webapp", "sender": "a@shop.test", "size": True}, 400),
-                           ({"username": "webapp", "sender": "a@shop.test", "x": 1}, 400)):
+                           ({"username": "webapp", "sender": "a@shop.test", "x": 1}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "ip": "1.2"}, 400)):
             yield self.api("POST", "/explain", body, expect=code)
 
     # ---- suppressions

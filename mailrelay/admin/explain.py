@@ -9,7 +9,13 @@ import argparse
 from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.manage.explain import NOT_RUNNING, Settings, explain, relay_limits
+from mailrelay.manage.explain import (
+    NOT_RUNNING,
+    Settings,
+    client_address,
+    explain,
+    relay_limits,
+)
 from mailrelay.manage.users import UserManager
 
 REFUSED = 3
@@ -25,12 +31,21 @@ def _count(text: str) -> int:
     return value
 
 
+def _address(text: str) -> str:
+    try:
+        return client_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("explain", help="what the relay would answer a user, and why")
     p.add_argument("username")
     p.add_argument("--sender", required=True, metavar="ADDR", help="the MAIL FROM address")
     p.add_argument("--from-header", metavar="ADDR",
                    help="the From: header address (default: the sender)")
+    p.add_argument("--ip", type=_address,
+                   help="the client's address: is it blocked after failed logins?")
     p.add_argument("--recipients", type=_count, default=1, metavar="N",
                    help="how many RCPT TO (default 1)")
     p.add_argument("--size", type=_count, metavar="N", help="MAIL FROM's SIZE= in bytes")
@@ -51,7 +66,8 @@ def run(args: argparse.Namespace, context: Context) -> int:
         return await explain(
             user, account, settings, args.sender, args.from_header, args.recipients,
             args.size,
-            lambda u: relay_limits(reactor, config.server.control_socket, u),
+            lambda u: relay_limits(reactor, config.server.control_socket, u, args.ip),
+            args.ip,
         )
 
     result = directory.manage(context, work)

@@ -7,13 +7,15 @@ the session's own limits (smtp/server.py: SIZE, the number of recipients). Only 
 named beside each reply is worked out here, to say *why*. A password is not checked: the
 explanation starts from a successful AUTH.
 
-Limit state (the user's rate-limit window) lives in the running relay: ``limit_state``
-asks it over the control socket (control.py), and when no relay answers the explanation
-says so instead of guessing.
+Limit state (the user's rate-limit window; with a client address, the failed-login
+defence's block or delay for it) lives in the running relay: ``limit_state`` asks it over
+the control socket (control.py), and when no relay answers the explanation says so
+instead of guessing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -80,6 +82,14 @@ class Settings:
                    config.admin.enabled and config.admin.verify_senders)
 
 
+def client_address(text: str) -> str:
+    """An IPv4 or IPv6 address as the relay writes it; ValueError names a bad one."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address")
+
+
 def _line(reply: Reply) -> str:
     return f"{reply.code} {reply.status} {reply.text}"
 
@@ -113,18 +123,20 @@ def _rate(user: SmtpUser) -> str:
     return "the default" if user.rate_limit is None else f"{user.rate_limit} per hour"
 
 
-async def relay_limits(reactor, control_socket: str, user: SmtpUser) -> dict[str, Any] | None:
-    """The running relay's rate-limit state for ``user`` (control.LimitState); None when
-    no relay answers on ``control_socket``."""
+async def relay_limits(reactor, control_socket: str, user: SmtpUser,
+                       ip: str | None = None) -> dict[str, Any] | None:  # fmt: skip
+    """The running relay's rate-limit state for ``user`` (control.LimitState), and its
+    failed-login defence's for ``ip`` when given; None when no relay answers on
+    ``control_socket``."""
     from mailrelay.control import LimitState, RelayNotRunning, ask
 
     try:
         answer = await ask(reactor, control_socket, LimitState, user=user.username,
-                           rate_limit=user.rate_limit)
+                           rate_limit=user.rate_limit, **({"ip": ip} if ip else {}))
     except RelayNotRunning:
         return None
-    return {"used_hour": answer["used_hour"], "used_minute": answer["used_minute"],
-            "refusal": answer["refusal"]}
+    return {key: answer[key] for key in ("used_hour", "used_minute", "refusal",
+                                         "login_refusal", "login_wait")}
 
 
 def _held(user: SmtpUser) -> str:
@@ -141,6 +153,7 @@ async def explain(
     recipients: int = 1,
     size: int | None = None,
     limit_state: Callable[[SmtpUser], Awaitable[dict[str, Any] | None]] | None = None,
+    ip: str | None = None,
 ) -> Explanation:
     """The steps of one submission by ``user`` (found with ``account``) from ``sender``:
     AUTH, MAIL FROM (with SIZE=``size``), ``recipients`` RCPT TO, DATA and the From:
@@ -154,12 +167,20 @@ async def explain(
     limits = await limit_state(user) if limit_state is not None else None
     if limits is not None:
         out = Explanation(user.username, sender, steps, limits)
-    steps.append(Step("AUTH", "235 2.7.0 Authentication successful",
-                      f"user {user.username} (account {user.account}, status {user.status}); "
-                      "the password is not checked here"))
     checks = SenderChecks(None, settings.verify_senders)
     mail = f"SIZE={size}" if size is not None else ""
     try:
+        login = f"user {user.username} (account {user.account}, status {user.status})"
+        if ip and limits is not None:
+            if limits["login_refusal"]:
+                code, status, text = limits["login_refusal"].split(" ", 2)
+                raise _Refused(Reply(int(code), status, text),
+                               f"client address {ip} blocked after failed logins", "AUTH")
+            if limits["login_wait"]:
+                login += (f"; the password is checked after {limits['login_wait']:g} s "
+                          f"(earlier failed logins from {ip})")
+        steps.append(Step("AUTH", "235 2.7.0 Authentication successful",
+                          f"{login}; the password is not checked here"))
         if size is not None:
             try:
                 check_size(str(size), settings.max_message_size)

@@ -72,8 +72,9 @@ def explain(form: dict[str, str]) -> dict[str, Any]:
     """The explain form: empty optional fields are left out (their defaults apply)."""
     doc: dict[str, Any] = {"username": form.get("username", ""),
                            "sender": form.get("sender", "")}  # fmt: skip
-    if form.get("from_header", "").strip():
-        doc["from_header"] = form["from_header"].strip()
+    for name in ("from_header", "ip"):
+        if form.get(name, "").strip():
+            doc[name] = form[name].strip()
     for name in ("recipients", "size"):
         value = form.get(name, "").strip()
         if value:

@@ -109,6 +109,7 @@ SCHEMAS: dict[str, Any] = {
     "ExplainRequest": obj(
         {"username": STR, "sender": {**STR, "description": "the MAIL FROM address"},
          "from_header": {**STR, "description": "the From: header address (default: sender)"},
+         "ip": {**STR, "description": "the client's address: blocked after failed logins?"},
          "recipients": {**_EXPLAIN_COUNT, "description": "how many RCPT TO (default 1)"},
          "size": {**_EXPLAIN_COUNT, "description": "MAIL FROM's SIZE= in bytes"}},
         ["username", "sender"], closed=True,
@@ -122,7 +123,8 @@ SCHEMAS: dict[str, Any] = {
          "limits": {"description": "the running relay's rate-limit state, or the text "
                                    "'relay not running: limit state unknown'",
                     "oneOf": [STR, obj({"used_hour": INT, "used_minute": INT,
-                                        "refusal": STR},
+                                        "refusal": STR, "login_refusal": STR,
+                                        "login_wait": NUM},
                                        ["used_hour", "used_minute", "refusal"])]}},
         ["user", "sender", "accepted", "steps", "limits"],
     ),  # fmt: skip

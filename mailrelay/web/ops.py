@@ -599,8 +599,8 @@ async def stats(
 # -- explain: what the relay would answer a user (manage/explain.py)
 
 MAX_EXPLAIN_COUNT = 10**12  # recipients, size: past any configured limit
-_EXPLAIN_FIELDS = {"username": str, "sender": str, "from_header": str, "recipients": int,
-                   "size": int}
+_EXPLAIN_FIELDS = {"username": str, "sender": str, "from_header": str, "ip": str,
+                   "recipients": int, "size": int}
 
 
 async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
@@ -619,11 +619,17 @@ async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
             raise HttpError(400, f"{key}: {value!r} is not of the right type")
         if kind is int and not 0 <= value <= MAX_EXPLAIN_COUNT:
             raise HttpError(400, f"{key}: from 0 to {MAX_EXPLAIN_COUNT}")
+    ip = None
+    if doc.get("ip"):
+        try:
+            ip = manage_explain.client_address(doc["ip"])
+        except ValueError as e:
+            raise HttpError(400, str(e))
     user, account = await find_user(s, doc["username"])
     control_socket = s.config.server.control_socket
     result = await manage_explain.explain(
         user, account, manage_explain.Settings.of(s.config), doc["sender"],
         doc.get("from_header"), doc.get("recipients", 1), doc.get("size"),
-        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u),
+        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u, ip), ip,
     )
     return result.to_json()

@@ -54,6 +54,8 @@ class ExplainPages(Pages):
                                 required=True),
                      text_input("from_header", "From: header", v("from_header", ""),
                                 hint="empty: the envelope sender"),
+                     text_input("ip", "Client address", v("ip", ""),
+                                hint="empty: not asked"),
                      text_input("recipients", "Recipients", v("recipients", "1"),
                                 kind="number"),
                      text_input("size", "Size (bytes)", v("size", ""), kind="number",
