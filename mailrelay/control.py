@@ -90,15 +90,19 @@ class QueueResponder(amp.AMP):
         rates = self._rates
         usage = getattr(rates, "usage", None)  # the in-process limiter counts here
         used = usage(user) if usage is not None else (-1, -1)
-        d = maybeDeferred(rates.transaction, user, rate_limit)
-        d.addCallback(lambda reservation: maybeDeferred(reservation.release))
-        refusal = await d.addCallbacks(lambda _: "", _refusal_line)
-        login_refusal, wait = "", 0.0
+        refusal = login_refusal = ""
+        try:
+            reservation = await maybeDeferred(rates.transaction, user, rate_limit)
+        except Reply as e:
+            refusal = _line(e)
+        else:
+            await maybeDeferred(reservation.release)
+        wait = 0.0
         if ip:
             try:
                 wait = float(await maybeDeferred(self._logins.check, ip) or 0)
             except Reply as e:
-                login_refusal = f"{e.code} {e.line()}"
+                login_refusal = _line(e)
         return {"used_hour": used[0], "used_minute": used[1], "refusal": refusal,
                 "login_refusal": login_refusal, "login_wait": wait}
 
@@ -115,9 +119,8 @@ class QueueResponder(amp.AMP):
         return self._queue.flush().addCallback(lambda count: {"count": count})
 
 
-def _refusal_line(failure) -> str:
-    failure.trap(Reply)
-    return f"{failure.value.code} {failure.value.line()}"
+def _line(reply: Reply) -> str:
+    return f"{reply.code} {reply.line()}"
 
 
 class _Factory(protocol.Factory):
