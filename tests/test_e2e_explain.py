@@ -137,8 +137,14 @@ def test_explain_unknown_user_is_a_mistake(relay):
     assert "unknown user 'nobody.test'" in result.stderr
 
 
+def running(relay) -> None:
+    """The relay started (the first tests ask explain while it is not)."""
+    if relay.process is None:
+        relay.start()
+
+
 def test_explain_agrees_with_a_real_session(relay):
-    relay.start()
+    running(relay)
     disagree = []
     for name, user, sender, case in CATALOGUE:
         doc = explain(relay, user, sender, *_options(case))
@@ -151,7 +157,7 @@ def test_explain_agrees_with_a_real_session(relay):
 
 
 def test_explain_reports_the_rate_limit_of_the_running_relay(relay):
-    relay.start() if relay.process is None else None
+    running(relay)
     assert session(relay, "limited.test", "a@limited.test")[-1].startswith("250 2.0.0")
     doc = explain(relay, "limited.test", "a@limited.test")
     assert doc["limits"]["used_hour"] == 1
@@ -165,7 +171,7 @@ def test_explain_reports_the_rate_limit_of_the_running_relay(relay):
 
 
 def test_explain_reports_an_address_blocked_after_failed_logins(relay):
-    relay.start() if relay.process is None else None
+    running(relay)
     blocked = "127.0.0.3"
     for _ in range(2):  # login_block_after = 2
         client = connect(relay, blocked)
