@@ -327,7 +327,9 @@ class ApiTests(unittest.TestCase):
                            ({"username": "webapp", "sender": "a@shop.test", "size": -1}, 400),
                            ({"username": "webapp", "sender": "a@shop.test", "size": True}, 400),
                            ({"username": "webapp", "sender": "a@shop.test", "x": 1}, 400),
-                           ({"username": "webapp", "sender": "a@shop.test", "ip": "1.2"}, 400)):
+                           ({"username": "webapp", "sender": "a@shop.test", "ip": "1.2"}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "recipients": 0},
+                            400)):
             yield self.api("POST", "/explain", body, expect=code)
 
     # ---- suppressions

@@ -21,14 +21,18 @@ from mailrelay.manage.users import UserManager
 REFUSED = 3
 
 
-def _count(text: str) -> int:
+def _count(text: str, least: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
     return value
+
+
+def _recipients(text: str) -> int:
+    return _count(text, 1)
 
 
 def _address(text: str) -> str:
@@ -46,7 +50,7 @@ def register(subparsers) -> None:
                    help="the From: header address (default: the sender)")
     p.add_argument("--ip", type=_address,
                    help="the client's address: is it blocked after failed logins?")
-    p.add_argument("--recipients", type=_count, default=1, metavar="N",
+    p.add_argument("--recipients", type=_recipients, default=1, metavar="N",
                    help="how many RCPT TO (default 1)")
     p.add_argument("--size", type=_count, metavar="N", help="MAIL FROM's SIZE= in bytes")
     p.add_argument("--json", action="store_true", help="print the JSON document")

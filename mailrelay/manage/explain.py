@@ -51,7 +51,7 @@ class Step:
         return self.code >= 400
 
 
-@dataclass(frozen=True)
+@dataclass
 class Explanation:
     user: str
     sender: str
@@ -92,6 +92,12 @@ def client_address(text: str) -> str:
 
 def _line(reply: Reply) -> str:
     return f"{reply.code} {reply.status} {reply.text}"
+
+
+def _reply_of(line: str) -> Reply:
+    """A reply line the running relay sent back, as the Reply it was."""
+    code, status, text = line.split(" ", 2)
+    return Reply(int(code), status, text)
 
 
 def covering_entry(user: SmtpUser, account: Account | None, address: str) -> str:
@@ -156,25 +162,22 @@ async def explain(
     ip: str | None = None,
 ) -> Explanation:
     """The steps of one submission by ``user`` (found with ``account``) from ``sender``:
-    AUTH, MAIL FROM (with SIZE=``size``), ``recipients`` RCPT TO, DATA and the From:
-    header (``from_header``; none given: the envelope sender, as most clients write it).
-    The steps stop at the first refusal, as a client would."""
+    AUTH, MAIL FROM (with SIZE=``size``), ``recipients`` (at least 1) RCPT TO, DATA and
+    the From: header (``from_header``; none given: the envelope sender, as most clients
+    write it). The steps stop at the first refusal, as a client would."""
     if user is None:
         raise UnknownUser("unknown user")
-    out = Explanation(user.username, sender)
+    limits = await limit_state(user) if limit_state is not None else None
+    out = Explanation(user.username, sender, limits=limits)
     steps = out.steps
     avatar = Submitter.for_user(user, account)
-    limits = await limit_state(user) if limit_state is not None else None
-    if limits is not None:
-        out = Explanation(user.username, sender, steps, limits)
     checks = SenderChecks(None, settings.verify_senders)
     mail = f"SIZE={size}" if size is not None else ""
     try:
         login = f"user {user.username} (account {user.account}, status {user.status})"
         if ip and limits is not None:
             if limits["login_refusal"]:
-                code, status, text = limits["login_refusal"].split(" ", 2)
-                raise _Refused(Reply(int(code), status, text),
+                raise _Refused(_reply_of(limits["login_refusal"]),
                                f"client address {ip} blocked after failed logins", "AUTH")
             if limits["login_wait"]:
                 login += (f"; the password is checked after {limits['login_wait']:g} s "
@@ -192,8 +195,7 @@ async def explain(
         except Reply as refusal:
             raise _Refused(refusal, _refusal_rule(user, account, sender, refusal))
         if limits is not None and limits["refusal"]:  # the running relay's own reply
-            code, status, text = limits["refusal"].split(" ", 2)
-            raise _Refused(Reply(int(code), status, text),
+            raise _Refused(_reply_of(limits["refusal"]),
                            f"rate limit of user {user.username} ({_rate(user)}): "
                            f"{limits['used_hour']} counted this hour")
         steps.append(Step(f"MAIL FROM:<{sender}> {mail}".strip(), "250 2.1.0 Ok",

@@ -617,8 +617,9 @@ async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
         kind = _EXPLAIN_FIELDS[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise HttpError(400, f"{key}: {value!r} is not of the right type")
-        if kind is int and not 0 <= value <= MAX_EXPLAIN_COUNT:
-            raise HttpError(400, f"{key}: from 0 to {MAX_EXPLAIN_COUNT}")
+        least = 1 if key == "recipients" else 0
+        if kind is int and not least <= value <= MAX_EXPLAIN_COUNT:
+            raise HttpError(400, f"{key}: from {least} to {MAX_EXPLAIN_COUNT}")
     ip = None
     if doc.get("ip"):
         try:
