@@ -11,8 +11,11 @@ nobody listens, ``ask`` raises RelayNotRunning and the caller acts on the spool 
 from __future__ import annotations
 
 from twisted.internet import error, protocol
+from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
 from twisted.protocols import amp
+
+from mailrelay.reply import Reply
 
 log = Logger()
 
@@ -55,12 +58,52 @@ class Flush(amp.Command):
     errors = _ERRORS
 
 
-class QueueResponder(amp.AMP):
-    """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl)."""
+class LimitState(amp.Command):
+    """A user's rate-limit state, for ``mailrelay-admin explain``: the units counted in
+    the last hour and minute (-1: this limiter does not say) and the reply its next MAIL
+    FROM would get from the rate limit ("" when it passes). The question is asked the way
+    a session asks it (a reservation, given back at once), so nothing is counted. With
+    ``ip``, also what AUTH from that address would meet (the failed-login defence): the
+    refusal ("" for none) or the seconds the password check would wait."""
 
-    def __init__(self, queue) -> None:
+    arguments = [(b"user", amp.Unicode()), (b"rate_limit", amp.Integer(optional=True)),
+                 (b"ip", amp.Unicode(optional=True))]
+    response = [(b"used_hour", amp.Integer()), (b"used_minute", amp.Integer()),
+                (b"refusal", amp.Unicode()), (b"login_refusal", amp.Unicode()),
+                (b"login_wait", amp.Float())]
+
+
+class QueueResponder(amp.AMP):
+    """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl), LimitState with
+    ``rates`` and ``logins`` (the IRateLimiter and ILoginGuard of the sessions)."""
+
+    def __init__(self, queue, rates=None, logins=None) -> None:
         super().__init__()
         self._queue = queue
+        self._rates = rates
+        self._logins = logins
+
+    @LimitState.responder
+    async def limit_state(self, user: str, rate_limit: int | None = None,
+                          ip: str | None = None):  # fmt: skip
+        rates = self._rates
+        usage = getattr(rates, "usage", None)  # the in-process limiter counts here
+        used = usage(user) if usage is not None else (-1, -1)
+        refusal = login_refusal = ""
+        try:
+            reservation = await maybeDeferred(rates.transaction, user, rate_limit)
+        except Reply as e:
+            refusal = _line(e)
+        else:
+            await maybeDeferred(reservation.release)
+        wait = 0.0
+        if ip:
+            try:
+                wait = float(await maybeDeferred(self._logins.check, ip) or 0)
+            except Reply as e:
+                login_refusal = _line(e)
+        return {"used_hour": used[0], "used_minute": used[1], "refusal": refusal,
+                "login_refusal": login_refusal, "login_wait": wait}
 
     @Retry.responder
     def retry(self, queue_id: str):
@@ -75,17 +118,23 @@ class QueueResponder(amp.AMP):
         return self._queue.flush().addCallback(lambda count: {"count": count})
 
 
+def _line(reply: Reply) -> str:
+    return f"{reply.code} {reply.line()}"
+
+
 class _Factory(protocol.Factory):
     noisy = False  # no "Starting factory" line per mailrelay-admin call
 
-    def __init__(self, queue) -> None:
+    def __init__(self, queue, rates, logins) -> None:
         self._queue = queue
+        self._rates = rates
+        self._logins = logins
 
     def buildProtocol(self, addr) -> QueueResponder:
-        return QueueResponder(self._queue)
+        return QueueResponder(self._queue, self._rates, self._logins)
 
 
-def control_service(path: str, queue, reactor):
+def control_service(path: str, queue, reactor, rates=None, logins=None):
     """Listens on ``path`` while the relay runs; ``queue`` (an IQueueControl) answers. A
     stale socket left by a relay that died is replaced (the lock file beside it tells a
     live relay from a dead one); a second relay on the same data_dir does not start."""
@@ -96,8 +145,7 @@ def control_service(path: str, queue, reactor):
     from mailrelay.listener import ListenerService
 
     endpoint = f"unix:{quoteStringArgument(path)}:mode=600:lockfile=1"
-
-    return ListenerService("control", endpoint, _Factory(queue), reactor)
+    return ListenerService("control", endpoint, _Factory(queue, rates, logins), reactor)
 
 
 async def ask(reactor, path: str, command: type[amp.Command], **arguments) -> dict:

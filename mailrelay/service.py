@@ -137,6 +137,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
         LeaseRenewal(policy.connections, reactor).setServiceParent(top)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
+    rates = policy.rates  # mailrelay-admin explain asks them over the control socket
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -175,7 +176,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
                         reactor).setServiceParent(top)
 
     control = QueueControl(spool, reactor, delivery)
-    control_service(config.server.control_socket, control, reactor).setServiceParent(top)
+    control_service(config.server.control_socket, control, reactor, rates,
+                    logins).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins,
                        metrics=metrics_page).setServiceParent(top)

@@ -309,6 +309,29 @@ class ApiTests(unittest.TestCase):
         code, _, _ = yield self.panel.call("POST", "/api/v1/ip-auth", {})
         self.assertEqual(code, 405)
 
+    # ---- explain
+
+    @defer.inlineCallbacks
+    def test_explain(self):
+        _, _, doc = yield self.api("POST", "/explain", {
+            "username": "webapp", "sender": "a@shop.test", "from_header": "b@doe.test",
+            "recipients": 2}, key="ro", expect=200)  # changes nothing: a read-only key may ask
+        self.assertFalse(doc["accepted"])
+        self.assertEqual([s["reply"] for s in doc["steps"]][1:], [
+            "250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.1.5 Ok", "354 End data with <CR><LF>.<CR><LF>",
+            "550 5.7.1 From: header address b@doe.test not allowed for user webapp"])
+        self.assertEqual(doc["steps"][1]["rule"], "scope entry *@shop.test of user webapp")
+        self.assertEqual(doc["limits"], "relay not running: limit state unknown")
+        for body, code in (({"username": "nobody", "sender": "a@b.test"}, 404),
+                           ({"username": "webapp"}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "size": -1}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "size": True}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "x": 1}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "ip": "1.2"}, 400),
+                           ({"username": "webapp", "sender": "a@shop.test", "recipients": 0},
+                            400)):
+            yield self.api("POST", "/explain", body, expect=code)
+
     # ---- suppressions
 
     @defer.inlineCallbacks
@@ -495,6 +518,7 @@ class ApiTests(unittest.TestCase):
             ("GET", "/domains", None, 200), ("GET", "/domains/doe.test/check", None, 200),
             ("DELETE", "/dkim/doe.test/e2", None, 204),
             ("DELETE", "/dkim/doe.test/e1", None, 204),
+            ("POST", "/explain", {"username": "t", "sender": "a@doe.test"}, 200),
             ("DELETE", "/users/t", None, 204),
         ]  # fmt: skip
         for method, path, doc, code in calls:

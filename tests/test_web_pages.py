@@ -158,6 +158,43 @@ class EscapingTests(LoggedIn):
         self.shown(body, f"unknown user {HOSTILE_NAME!r}")
 
 
+class ExplainPageTests(LoggedIn):
+    """The explain form: the steps as the API gives them, a refusal shown above the form
+    with what was typed, and a POST without the session's CSRF token refused."""
+
+    shown = EscapingTests.shown
+
+    @defer.inlineCallbacks
+    def test_explain_form(self):
+        code, body = yield self.web.request("GET", "/explain?username=webapp")
+        self.assertEqual(code, 200)
+        self.shown(body, "Explain", values=("webapp", "/explain"))
+        code, body = yield self.web.request("POST", "/explain", {
+            "username": "webapp", "sender": "a@shop.test", "from_header": "",
+            "recipients": "1", "size": ""})  # fmt: skip
+        self.assertEqual(code, 200, body)
+        self.shown(body, "webapp sending from <a@shop.test>: would be accepted.",
+                   "250 2.1.0 Ok", "scope entry *@shop.test of user webapp",
+                   "relay not running: limit state unknown")
+        code, body = yield self.web.request("POST", "/explain", {
+            "username": "webapp", "sender": HOSTILE_NOTE, "recipients": "1"})
+        self.assertEqual(code, 200, body)
+        self.shown(body, "would be refused", "550 5.7.1 Sender address",
+                   values=(HOSTILE_NOTE,))
+        code, body = yield self.web.request("POST", "/explain", {
+            "username": HOSTILE_NAME, "sender": "a@shop.test", "recipients": "x"})
+        self.assertEqual(code, 400, body)
+        self.shown(body, "recipients must be a whole number", values=(HOSTILE_NAME,))
+        code, body = yield self.web.request("POST", "/explain", {
+            "username": HOSTILE_NAME, "sender": "a@shop.test"})
+        self.assertEqual(code, 404, body)
+        self.shown(body, f"unknown user {HOSTILE_NAME!r}")
+        self.web.csrf = "forged"
+        code, _ = yield self.web.request("POST", "/explain", {
+            "username": "webapp", "sender": "a@shop.test"})
+        self.assertEqual(code, 403)
+
+
 class LoginThrottleTests(unittest.TestCase):
     """The panel's LoginGuard runs on a Clock of the test's: its waits and blocks pass only
     when the test advances it."""

@@ -541,11 +541,7 @@ class SubmissionServer(Chunking, CommandStream):
     def _mail_params(self, params: dict[str, str | None]) -> None:
         for name, value in params.items():
             if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    raise Reply(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self.factory.max_message_size:
-                    raise Reply(552, "5.3.4", "Message size exceeds fixed limit of "
-                                f"{self.factory.max_message_size} bytes")
+                check_size(value, self.factory.max_message_size)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
@@ -566,8 +562,7 @@ class SubmissionServer(Chunking, CommandStream):
             self._junk_command()  # else repeating one RCPT would hold a transaction open
             self._reply(250, "2.1.5", "Ok")  # a duplicate: delivered once
             return
-        if len(self._recipients) >= self.factory.max_recipients:
-            raise Reply(452, "4.5.3", "Too many recipients")
+        check_recipient_count(len(self._recipients), self.factory.max_recipients)
         await self._ask("rcptTo", self.login.avatar, recipient, len(self._recipients))
         self._recipients.append(recipient)
         if dsn_rcpt:
@@ -757,6 +752,22 @@ class SubmissionServer(Chunking, CommandStream):
         if self._data_deadline is not None and self._data_deadline.active():
             self._data_deadline.cancel()
         self._data_deadline = None
+
+
+def check_size(value: str | None, max_size: int) -> None:
+    """MAIL's SIZE parameter (RFC 1870): Reply 501 when malformed, 552 over ``max_size``.
+    A function of its own: manage/explain.py asks it the session's question."""
+    if value is None or not value.isdigit() or len(value) > 20:
+        raise Reply(501, "5.5.4", "Bad SIZE parameter")
+    if int(value) > max_size:
+        raise Reply(552, "5.3.4", f"Message size exceeds fixed limit of {max_size} bytes")
+
+
+def check_recipient_count(count: int, max_recipients: int) -> None:
+    """Reply 452 for a new recipient when ``count`` are already accepted (RFC 5321 4.5.3.1.8:
+    the client sends the rest in another transaction)."""
+    if count >= max_recipients:
+        raise Reply(452, "4.5.3", "Too many recipients")
 
 
 def _client_ip(peer) -> str:

@@ -22,6 +22,7 @@ log = Logger()
 
 PREFIX = "/api/v1"
 _READS = ("GET", "HEAD")
+_ASKS = ("/explain",)  # POSTs that change nothing: a read-only key may make them
 
 
 def error_response(request, error: HttpError) -> Response:
@@ -73,20 +74,22 @@ class Api:
         r("GET", "/domains", self.list_domains)
         r("GET", "/domains/{domain}/check", self.check_domain)
         r("GET", "/stats", self.stats, ("user", "account", "since", "period"))
+        r("POST", "/explain", self.explain)
 
     async def dispatch(self, request, path: str) -> Response:
         method = request.method.decode("ascii", "replace").upper()
         route, params = self.router.route(method, path)
         call = Call(request, params)
         if route.handler != self.openapi:
-            call.principal = self._authenticate(call, method)
+            call.principal = self._authenticate(call, method not in _READS
+                                                and path not in _ASKS)
         unknown = sorted(set(call.query) - set(route.query))
         if unknown:
             raise HttpError(400, f"unknown query parameter(s) {', '.join(unknown)}"
                             + (f" (known: {', '.join(route.query)})" if route.query else ""))
         return await route.handler(call)
 
-    def _authenticate(self, call: Call, method: str):
+    def _authenticate(self, call: Call, changes: bool):
         header = call.header("authorization") or ""
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
@@ -97,7 +100,7 @@ class Api:
             key = self.s.access.current().key_for(secret.strip())
         if key is None:
             raise HttpError(401, "unknown or revoked API key")
-        if method not in _READS and key.access is not Access.READ_WRITE:
+        if changes and key.access is not Access.READ_WRITE:
             raise HttpError(403, f"API key {key.name!r} is read-only")
         return key
 
@@ -213,6 +216,10 @@ class Api:
         return json_response(await ops.stats(
             self.s, call.arg("user"), call.arg("account"), call.arg("since"), call.arg("period")
         ))  # fmt: skip
+
+    async def explain(self, call: Call) -> Response:
+        return json_response(await ops.explain(self.s, call.json()),
+                             **{"cache-control": "no-store"})
 
 
 def _level(call: Call) -> tuple[Any, Any]:

@@ -66,3 +66,20 @@ def dkim_key(form: dict[str, str]) -> dict[str, Any]:
         except ValueError:
             raise HttpError(400, "bits must be a whole number")
     return doc
+
+
+def explain(form: dict[str, str]) -> dict[str, Any]:
+    """The explain form: empty optional fields are left out (their defaults apply)."""
+    doc: dict[str, Any] = {"username": form.get("username", ""),
+                           "sender": form.get("sender", "")}  # fmt: skip
+    for name in ("from_header", "ip"):
+        if form.get(name, "").strip():
+            doc[name] = form[name].strip()
+    for name in ("recipients", "size"):
+        value = form.get(name, "").strip()
+        if value:
+            try:
+                doc[name] = int(value)
+            except ValueError:
+                raise HttpError(400, f"{name} must be a whole number")
+    return doc

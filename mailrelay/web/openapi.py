@@ -103,7 +103,32 @@ _TXT = obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": S
 _STATUS = {"type": "string", "enum": ["ok", "missing", "wrong", "unknown"]}
 _PUBLISHED = {"type": "string", "enum": ["ok", "missing", "different", "unknown"]}
 
+_EXPLAIN_COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}
+
 SCHEMAS: dict[str, Any] = {
+    "ExplainRequest": obj(
+        {"username": STR, "sender": {**STR, "description": "the MAIL FROM address"},
+         "from_header": {**STR, "description": "the From: header address (default: sender)"},
+         "ip": {**STR, "description": "the client's address: blocked after failed logins?"},
+         "recipients": {**_EXPLAIN_COUNT, "minimum": 1,
+                        "description": "how many RCPT TO (default 1)"},
+         "size": {**_EXPLAIN_COUNT, "description": "MAIL FROM's SIZE= in bytes"}},
+        ["username", "sender"], closed=True,
+    ),
+    "Explanation": obj(
+        {"user": STR, "sender": STR,
+         "accepted": {**BOOL, "description": "no step would be refused"},
+         "steps": array(obj({"step": STR, "reply": {**STR, "description": "the reply line"},
+                             "rule": {**STR, "description": "what decided it"}},
+                            ["step", "reply", "rule"])),
+         "limits": {"description": "the running relay's rate-limit state, or the text "
+                                   "'relay not running: limit state unknown'",
+                    "oneOf": [STR, obj({"used_hour": INT, "used_minute": INT,
+                                        "refusal": STR, "login_refusal": STR,
+                                        "login_wait": NUM},
+                                       ["used_hour", "used_minute", "refusal"])]}},
+        ["user", "sender", "accepted", "steps", "limits"],
+    ),  # fmt: skip
     "Error": obj({"error": STR, "status": INT, "reason": STR, "allow": array(STR)},
                  ["error", "status"]),  # fmt: skip
     "User": _USER,
@@ -406,6 +431,12 @@ def openapi_document() -> dict[str, Any]:
                        "missing, wrong or unknown with the record to publish (mailrelay-admin "
                        "domain check --json)", {"200": _json(ref("DomainCheck"), "the report")},
                        404, 503),
+        },
+        "/explain": {
+            "post": _op("what the relay would answer the user at each step of a submission "
+                        "and which rule decided; changes nothing (read-only keys may ask)",
+                        {"200": _json(ref("Explanation"), "the steps")}, 404, 415, 503,
+                        requestBody=_body("ExplainRequest")),
         },
         "/stats": {
             "get": _op("statistics per user or account and period",

@@ -31,6 +31,7 @@ from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 from mailrelay.interfaces import ReadOnly
 from mailrelay.manage import dkim as manage_dkim
+from mailrelay.manage import explain as manage_explain
 from mailrelay.manage import stats as manage_stats
 from mailrelay.manage.queue import QueueReader
 from mailrelay.manage.stores import LDAP_MANAGED, threaded
@@ -593,3 +594,43 @@ async def stats(
             for p in rows
         ]  # fmt: skip
     return out
+
+
+# -- explain: what the relay would answer a user (manage/explain.py)
+
+MAX_EXPLAIN_COUNT = 10**12  # recipients, size: past any configured limit
+_EXPLAIN_FIELDS = {"username": str, "sender": str, "from_header": str, "ip": str,
+                   "recipients": int, "size": int}
+
+
+async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    """The steps of one submission (manage.explain.Explanation.to_json); the running
+    relay's rate-limit state asked over its control socket, as mailrelay-admin does."""
+    unknown = sorted(set(doc) - set(_EXPLAIN_FIELDS))
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)} (known: "
+                        f"{', '.join(_EXPLAIN_FIELDS)})")  # fmt: skip
+    for key in ("username", "sender"):
+        if key not in doc:
+            raise HttpError(400, f"{key} is required")
+    for key, value in doc.items():
+        kind = _EXPLAIN_FIELDS[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise HttpError(400, f"{key}: {value!r} is not of the right type")
+        least = 1 if key == "recipients" else 0
+        if kind is int and not least <= value <= MAX_EXPLAIN_COUNT:
+            raise HttpError(400, f"{key}: from {least} to {MAX_EXPLAIN_COUNT}")
+    ip = None
+    if doc.get("ip"):
+        try:
+            ip = manage_explain.client_address(doc["ip"])
+        except ValueError as e:
+            raise HttpError(400, str(e))
+    user, account = await find_user(s, doc["username"])
+    control_socket = s.config.server.control_socket
+    result = await manage_explain.explain(
+        user, account, manage_explain.Settings.of(s.config), doc["sender"],
+        doc.get("from_header"), doc.get("recipients", 1), doc.get("size"),
+        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u, ip), ip,
+    )
+    return result.to_json()

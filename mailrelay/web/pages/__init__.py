@@ -4,8 +4,9 @@ Every page but the login form, the static stylesheet and the public confirmation
 needs an admin session; every POST carries the session's CSRF token. A refused change is
 shown above the form with what was typed, and changes nothing.
 
-One module per topic (login, users, accounts, queue, suppressions, DKIM, domains, stats),
-each adding its routes to the router here; this module only lets a request in or not.
+One module per topic (login, users, accounts, queue, suppressions, DKIM, domains, stats,
+explain), each adding its routes to the router here; this module only lets a request in or
+not.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mailrelay.web.pages.accounts import AccountPages
 from mailrelay.web.pages.base import html_response, redirect
 from mailrelay.web.pages.dkim import DkimPages
 from mailrelay.web.pages.domains import DomainPages
+from mailrelay.web.pages.explain import ExplainPages
 from mailrelay.web.pages.login import LoginPages
 from mailrelay.web.pages.queue import QueuePages
 from mailrelay.web.pages.stats import StatsPages
@@ -51,7 +53,7 @@ class Panel:
         r("GET", "/static/panel.css", self.css)
         LoginPages(services, sessions, logins).register(r)
         for pages in (UserPages, StatsPages, AccountPages, QueuePages, SuppressionPages,
-                      DkimPages, DomainPages):
+                      DkimPages, DomainPages, ExplainPages):
             pages(services).register(r)
         r("GET", "/verify/{token}", self.verify_pages.show)
         r("POST", "/verify/{token}", self.verify_pages.confirm)
