@@ -111,8 +111,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     directory = open_directory(config, reactor=reactor)
     check_directory(directory)
+    logins = open_logins(config, directory, reactor, top)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
-                         ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth)
+                         ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth,
+                         logins=logins)
 
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top)
@@ -293,6 +295,21 @@ def open_feature_stores(config: Config):
         except (sqlite3.Error, OSError) as e:
             raise store_error(key, path, e)
     return tuple(stores)
+
+
+def open_logins(config: Config, directory, reactor, parent):
+    """The last-login recorder (auth/lifecycle.py), a child service of ``parent``."""
+    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore
+
+    path = config.directory.logins_db
+    try:
+        store = LoginStore(path)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[directory] logins_db {path}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+    recorder = LoginRecorder(store, reactor)
+    recorder.setServiceParent(parent)
+    return recorder
 
 
 def store_error(key: str, path: str, error: Exception) -> StartupError:
