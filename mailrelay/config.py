@@ -250,6 +250,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "login_max_delay": (duration, 16.0),
         "login_user_alert_after": (integer(1), 20),
         "notify_interval": (duration, 600.0),
+        "dormant_after": (duration, 0.0),  # 0: users are never disabled for not logging in
     },
     "directory": {
         "backend": (choice("file", "ldap"), "file"),

@@ -134,6 +134,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
     metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
     policy, notifier = make_policy(config, spool, reactor, metrics)
+    if config.policy.dormant_after > 0:
+        from mailrelay.manage.dormancy import DormancyJob
+
+        DormancyJob(directory, config.directory.file, logins, config.policy.dormant_after,
+                    partial(submit_notice, spool, reactor), config.server.postmaster,
+                    config.server.hostname, reactor).setServiceParent(top)
     if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
         from mailrelay.cluster.redis_counters import LeaseRenewal
 
@@ -431,10 +437,19 @@ def check_directory(directory) -> None:
                  reason=str(e))
 
 
+def submit_notice(spool, reactor, sender: str, recipients: list[str], data: bytes):
+    """Queue a message the relay writes itself (a notification); fires with its queue id."""
+    from mailrelay.model import Envelope
+
+    envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
+                        account=None, client_ip=None, helo=None, tls=False,
+                        received_at=reactor.seconds(), priority=2)
+    return spool.submit(envelope, data)
+
+
 def make_policy(config: Config, spool, reactor, metrics=None):
     """The shared submission policy (limits, brute-force defence, sender notifications);
     ``metrics``: the IMetrics counting its refusals and the notifications queued."""
-    from mailrelay.model import Envelope
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
     from mailrelay.policy.ratelimit import RateLimiter
@@ -443,10 +458,7 @@ def make_policy(config: Config, spool, reactor, metrics=None):
     limits, p = config.limits, config.policy
 
     def submit(sender: str, recipients: list[str], data: bytes):
-        envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
-                            account=None, client_ip=None, helo=None, tls=False,
-                            received_at=reactor.seconds(), priority=2)
-        d = spool.submit(envelope, data)
+        d = submit_notice(spool, reactor, sender, recipients, data)
         if metrics is not None:
             d.addCallback(lambda queue_id: metrics.notification("sender") or queue_id)
         return d

@@ -1,5 +1,5 @@
 """End to end through the real twistd process: a user's expiry, its allow-list of source
-networks, and its last login as `user show --json` reports it."""
+networks, its last login as `user show --json` reports it, and a dormant user disabled."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ PASSWORD = "correct horse battery"
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory):
+    # Every user here goes dormant after 8 s without a login: a blocked user still logs in
+    # (its mail is refused), which is all the other tests look at.
     r = Relay(tmp_path_factory.mktemp("relay"),
-              config="[delivery]\nenabled = no\n[directory]\nlogin_cache_ttl = 0\n")
+              config="[delivery]\nenabled = no\n[directory]\nlogin_cache_ttl = 0\n"
+                     "[policy]\ndormant_after = 8s\n")
     r.admin("account", "set", "default", "--domains", "doe.test;old.test")
+    r.admin("account", "add", "quiet", "--domains", "quiet.test", "--notify", "ops@quiet.test")
+    r.add_user("quiet.test", PASSWORD, "--account", "quiet")
     r.add_user("doe.test", PASSWORD, "--allow-from", "127.0.0.2")
     r.add_user("old.test", PASSWORD, "--expires", "2020-01-31")
     r.start()
@@ -71,3 +76,20 @@ def test_last_login_shown(relay):
     assert show(relay, "doe.test")["last_login"] > 0
     listed = relay.admin("user", "list").stdout
     assert "from 127.0.0.2" in listed
+
+
+def test_dormant_user_disabled_once_with_a_notice(relay):
+    wait_for(lambda: show(relay, "quiet.test")["status"] == "blocked", timeout=60,
+             interval=0.5, what="quiet.test disabled")
+    wait_for(lambda: "user quiet.test disabled (status blocked): no login for" in relay.log(),
+             what="the log line")
+    notices = [p.read_bytes() for p in relay.spool_files()
+               if json.loads(p.read_bytes().partition(b"\n")[0])["recipients"]
+               == ["ops@quiet.test"]]
+    assert len(notices) == 1
+    assert b"Subject: SMTP login quiet.test disabled" in notices[0]
+    assert b"last login: never" in notices[0]
+    # Set back to allowed, it has a new dormant_after to log in; meanwhile no second notice.
+    relay.admin("user", "set", "quiet.test", "--status", "allowed")
+    assert login_from(relay, "127.0.0.2", "quiet.test")[0] == 235
+    assert relay.log().count("user quiet.test disabled") == 1
