@@ -30,6 +30,7 @@ log = Logger()
 
 EXPIRED = "expired"
 NOT_ALLOWED = "not from an allowed network"
+NOWHERE = "0.0.0.0/32"  # an allow-list no client matches (no connection comes from 0.0.0.0)
 
 
 def parse_networks(text: str) -> tuple[str, ...]:
