@@ -26,7 +26,7 @@ from mailrelay.auth.lifecycle import (
 from mailrelay.auth.passwords import hash_password
 from mailrelay.directory.changes import parse_expiry, user_changes
 from mailrelay.directory.filedir import DirectoryFileError, FileDirectory, UserStore
-from mailrelay.model import SmtpUser
+from mailrelay.model import SmtpUser, Status
 
 
 def test_parse_networks_normalizes_and_refuses_host_bits():
@@ -125,3 +125,73 @@ class PortalTests(TestCase):
             yield self.login("b.org", "127.0.0.2")
         with pytest.raises(UnauthorizedLogin, match=EXPIRED):
             yield self.portal.login(ClientAddress("127.0.0.9"), None, ISubmitter)
+
+
+class DormancyTests(TestCase):
+    """The dormancy job over a real users file and login store; time from a Clock."""
+
+    def setUp(self) -> None:
+        self.path = temp_users_file(self)
+        store = UserStore(self.path)
+        with store.change():
+            store.update_account("default", domains=frozenset({"doe.com", "b.org"}),
+                                 notify="ops@doe.com")
+            store.add_user(SmtpUser("doe.com"), hash_password(PASSWORD))
+            store.add_user(SmtpUser("b.org"), hash_password(PASSWORD))
+        self.stamp = store.user("doe.com").updated
+        self.clock = Clock()
+        self.clock.advance(self.stamp)
+        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
+        self.addCleanup(self.directory.hashing.stop)
+        self.logins = LoginRecorder(
+            LoginStore(os.path.join(os.path.dirname(self.path), "logins.sqlite")),
+            reactor, clock=self.clock)
+        self.addCleanup(self.logins.store.close)
+        self.sent: list = []
+        self.job = self.make_job(self.directory)
+
+    def make_job(self, directory):
+        from mailrelay.manage.dormancy import DormancyJob
+
+        return DormancyJob(directory, self.path, self.logins, 100.0,
+                           lambda *message: self.sent.append(message), "postmaster@relay.test",
+                           "relay.test", reactor, clock=self.clock)
+
+    @defer.inlineCallbacks
+    def test_only_the_user_without_a_recent_login_is_disabled_once(self):
+        self.clock.advance(60)
+        self.logins.record("doe.com", "127.0.0.2")  # b.org never logs in
+        self.clock.advance(50)
+        yield self.job.check()
+        self.clock.advance(1)  # the directory looks at the file again
+        users = {u.username: u.status for u in (yield self.directory.listUsers())}
+        assert users == {"b.org": Status.BLOCKED, "doe.com": Status.ALLOWED}
+        assert len(self.sent) == 1
+        sender, recipients, message = self.sent[0]
+        assert (sender, recipients) == ("", ["ops@doe.com"])
+        assert b"SMTP login b.org disabled" in message and b"last login: never" in message
+        yield self.job.check()
+        assert len(self.sent) == 1
+
+    @defer.inlineCallbacks
+    def test_a_read_only_directory_is_only_told_about(self):
+        from twisted.logger import capturedLogs
+
+        from mailrelay.manage.stores import DirectoryUsers
+
+        class ReadOnlyDirectory:  # the file directory as LDAP would be: not writable
+            writable = False
+
+            def __getattr__(_, name):
+                return getattr(self.directory, name)
+
+        job = self.make_job(ReadOnlyDirectory())
+        assert isinstance(job._store, DirectoryUsers)
+        self.clock.advance(200)
+        with capturedLogs() as events:
+            yield job.check()
+            yield job.check()
+        told = [e for e in events if "is dormant" in e.get("log_format", "")]
+        assert len(told) == 2  # one per user, not one per look
+        assert self.sent == []
+        assert all(u.status is Status.ALLOWED for u in (yield self.directory.listUsers()))

@@ -37,10 +37,12 @@ def _utc(t: float) -> str:
 class DormancyJob(Service):
     """Looks every ``interval`` (a tenth of ``dormant_after``, at most an hour) at the users
     of ``directory`` and the last logins of ``recorder`` (a LoginRecorder), and disables the
-    dormant ones. ``submit(sender, recipients, bytes)`` queues a notice."""
+    dormant ones. ``submit(sender, recipients, bytes)`` queues a notice; ``clock`` gives the
+    time (default: ``reactor``, whose thread pool reads and writes the files)."""
 
     def __init__(self, directory, users_file: str, recorder, dormant_after: float,
-                 submit: Callable, postmaster: str, hostname: str, reactor) -> None:
+                 submit: Callable, postmaster: str, hostname: str, reactor,
+                 clock=None) -> None:
         self.directory = directory
         self.recorder = recorder
         self.dormant_after = dormant_after
@@ -48,6 +50,7 @@ class DormancyJob(Service):
         self.postmaster = postmaster
         self.hostname = hostname
         self.reactor = reactor
+        self.clock = clock or reactor  # the time and the timer; reactor runs the threads
         self.interval = min(MAX_CHECK_INTERVAL, max(1.0, dormant_after / 10))
         self._store = user_store(directory, users_file, threaded(reactor))
         self._told: set[str] = set()  # read-only directory: dormant users already logged
@@ -56,7 +59,7 @@ class DormancyJob(Service):
     def startService(self) -> None:
         super().startService()
         self._loop = task.LoopingCall(self.check)
-        self._loop.clock = self.reactor
+        self._loop.clock = self.clock
         self._loop.start(self.interval, now=False).addErrback(
             lambda f: log.failure("dormant-user check stopped", f))
 
@@ -72,7 +75,7 @@ class DormancyJob(Service):
             yield self.recorder.flush()  # logins of the last seconds count too
             logins = yield threaded(self.reactor)(self.recorder.store.all)
             users = yield self.directory.listUsers()
-            now = self.reactor.seconds()
+            now = self.clock.seconds()
             for user in users:
                 last = logins.get(user.username)
                 if user.status is not Status.BLOCKED and self._dormant(user, last, now):
@@ -93,7 +96,7 @@ class DormancyJob(Service):
                          "read-only here: disable it there", user=printable(user.username),
                          last=_utc(last[0]) if last else "never")
             return
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
 
         def block(current: SmtpUser) -> dict:
             # Changed or gone quiet since the look: decide again on what is there now.
@@ -123,7 +126,7 @@ class DormancyJob(Service):
         msg["From"] = formataddr(("Mail relay", self.postmaster))
         msg["To"] = account.notify
         msg["Subject"] = f"SMTP login {name} disabled: not used for a long time"
-        msg["Date"] = formatdate(self.reactor.seconds(), usegmt=True)
+        msg["Date"] = formatdate(self.clock.seconds(), usegmt=True)
         msg["Message-ID"] = make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
         when = f"{_utc(last[0])} from {last[1]}" if last else "never"
