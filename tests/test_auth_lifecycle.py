@@ -79,6 +79,16 @@ def test_the_login_store_keeps_the_latest(tmp_path):
     store.close()
 
 
+def directory_and_logins(case, path: str, clock) -> tuple[FileDirectory, LoginRecorder]:
+    """The file directory at ``path`` and a login recorder beside it, closed after ``case``."""
+    directory = FileDirectory(path, reactor=reactor, clock=clock)
+    case.addCleanup(directory.hashing.stop)
+    logins = LoginRecorder(LoginStore(os.path.join(os.path.dirname(path), "logins.sqlite")),
+                           reactor, clock=clock)
+    case.addCleanup(logins.store.close)
+    return directory, logins
+
+
 class PortalTests(TestCase):
     def setUp(self) -> None:
         self.path = temp_users_file(self)
@@ -89,12 +99,7 @@ class PortalTests(TestCase):
                            hash_password(PASSWORD))
             store.add_user(SmtpUser("b.org", expires=1.0), hash_password(PASSWORD))
         self.clock = Clock()
-        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
-        self.addCleanup(self.directory.hashing.stop)
-        self.logins = LoginRecorder(
-            LoginStore(os.path.join(os.path.dirname(self.path), "logins.sqlite")),
-            reactor, clock=self.clock)
-        self.addCleanup(self.logins.store.close)
+        self.directory, self.logins = directory_and_logins(self, self.path, self.clock)
         self.portal = make_portal(self.directory, cache_ttl=60, clock=self.clock,
                                   ip_auth=IpAuthTable.parse("127.0.0.9 = b.org"),
                                   logins=self.logins)
@@ -141,12 +146,7 @@ class DormancyTests(TestCase):
         self.stamp = store.user("doe.com").updated
         self.clock = Clock()
         self.clock.advance(self.stamp)
-        self.directory = FileDirectory(self.path, reactor=reactor, clock=self.clock)
-        self.addCleanup(self.directory.hashing.stop)
-        self.logins = LoginRecorder(
-            LoginStore(os.path.join(os.path.dirname(self.path), "logins.sqlite")),
-            reactor, clock=self.clock)
-        self.addCleanup(self.logins.store.close)
+        self.directory, self.logins = directory_and_logins(self, self.path, self.clock)
         self.sent: list = []
         self.job = self.make_job(self.directory)
 
