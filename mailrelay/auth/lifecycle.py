@@ -14,6 +14,7 @@ off the reactor thread; ``mailrelay-admin user list/show``, the API and the pane
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -95,8 +96,6 @@ class LoginStore(SqliteStore):
 
 def open_login_store(path: str) -> LoginStore | None:
     """The store at ``path`` for a reader (the admin tool): None when there is none yet."""
-    import os
-
     return LoginStore(path) if os.path.exists(path) else None
 
 

@@ -52,6 +52,10 @@ class SubmissionRealm:
     logs in as the directory's user of that name when there is one, so its status and
     limits apply; otherwise as a user-level user made up for the occasion: account
     "default", default limits, scope exactly that address.
+
+    Whatever the method, a user past its ``expires`` or outside its ``allow_from`` is
+    refused (UnauthorizedLogin with the reason: auth/lifecycle.py), and each login granted
+    is told to ``logins`` (a LoginRecorder), when given, for the user's last login.
     """
 
     def __init__(self, directory, logins=None) -> None:
