@@ -56,6 +56,9 @@ def test_allow_from_admits_its_network_and_refuses_others_like_a_wrong_password(
     assert code == 535 and b"5.7.8" in text
     wait_for(lambda: "authentication failed for doe.test from 127.0.0.3 (not from an allowed "
              "network)" in relay.log(), what="the refusal in the log")
+    # A failure of that address for the password-guessing defence, not of the user's own.
+    assert "login failed: ip=127.0.0.3 user=doe.test failures=1" in relay.log()
+    assert "ip=127.0.0.2 user=doe.test failures" not in relay.log()
     assert show(relay, "doe.test")["allow_from"] == "127.0.0.2/32"
 
 
