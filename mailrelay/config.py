@@ -250,11 +250,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "login_max_delay": (duration, 16.0),
         "login_user_alert_after": (integer(1), 20),
         "notify_interval": (duration, 600.0),
+        "dormant_after": (duration, 0.0),  # 0: users are never disabled for not logging in
     },
     "directory": {
         "backend": (choice("file", "ldap"), "file"),
         "file": (text, None),  # default: <data_dir>/users.json
         "login_cache_ttl": (duration, 60.0),
+        "logins_db": (text, None),  # default: <data_dir>/logins.sqlite (last logins)
     },
     "ldap": {
         "uris": (word_list, ["ldap://127.0.0.1:389"]),
@@ -606,6 +608,7 @@ def _ldap_attributes(source: str, raw) -> dict[str, str]:
 # place: derived here, once, by _derive; every other module reads the setting itself.
 DATA_FILES = (
     ("directory", "file", "users.json"),
+    ("directory", "logins_db", "logins.sqlite"),
     ("spool", "directory", "spool"),
     ("tls", "certificate", "tls/cert.pem"),
     ("tls", "key", "tls/key.pem"),

@@ -61,6 +61,10 @@ class SmtpUser:
     # Sender scope entries (domains, addresses) added through the control panel and not yet
     # confirmed (mailrelay/verification.py); every other entry counts as verified.
     unverified: frozenset[str] = frozenset()
+    # Credential lifecycle (auth/lifecycle.py): after ``expires`` (unix time) and from
+    # outside ``allow_from`` (networks, normal form; empty: anywhere) logins are refused.
+    expires: float | None = None
+    allow_from: tuple[str, ...] = ()
 
     @property
     def kind(self) -> Kind:

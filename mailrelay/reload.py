@@ -35,7 +35,8 @@ from mailrelay.sdnotify import notify
 log = Logger()
 
 RELOADED = ("limits", "policy", "tls")  # sections applied in place, with [routes]
-RESTART_ONLY = {("limits", "rate_counts")}  # counted units cannot change under reservations
+RESTART_ONLY = {("limits", "rate_counts"),  # counted units cannot change under reservations
+                ("policy", "dormant_after")}  # the dormancy job is made at start-up
 
 
 @dataclasses.dataclass

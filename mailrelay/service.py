@@ -111,8 +111,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     directory = open_directory(config, reactor=reactor)
     check_directory(directory)
+    logins = open_logins(config, directory, reactor, top)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
-                         ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth)
+                         ip_auth=config.policy.ip_auth, address_auth=config.policy.address_auth,
+                         logins=logins)
 
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top)
@@ -132,6 +134,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
     metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
     policy, notifier = make_policy(config, spool, reactor, metrics)
+    if config.policy.dormant_after > 0:
+        from mailrelay.manage.dormancy import DormancyJob
+
+        DormancyJob(directory, config.directory.file, logins, config.policy.dormant_after,
+                    partial(submit_notice, spool, reactor), config.server.postmaster,
+                    config.server.hostname, reactor).setServiceParent(top)
     if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
         from mailrelay.cluster.redis_counters import LeaseRenewal
 
@@ -321,6 +329,21 @@ def open_feature_stores(config: Config):
     return tuple(stores)
 
 
+def open_logins(config: Config, directory, reactor, parent):
+    """The last-login recorder (auth/lifecycle.py), a child service of ``parent``."""
+    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore
+
+    path = config.directory.logins_db
+    try:
+        store = LoginStore(path)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[directory] logins_db {path}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+    recorder = LoginRecorder(store, reactor)
+    recorder.setServiceParent(parent)
+    return recorder
+
+
 def store_error(key: str, path: str, error: Exception) -> StartupError:
     return StartupError(f"[features] {key} {path}: {getattr(error, 'strerror', None) or error}")
 
@@ -440,10 +463,19 @@ def check_directory(directory) -> None:
                  reason=str(e))
 
 
+def submit_notice(spool, reactor, sender: str, recipients: list[str], data: bytes):
+    """Queue a message the relay writes itself (a notification); fires with its queue id."""
+    from mailrelay.model import Envelope
+
+    envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
+                        account=None, client_ip=None, helo=None, tls=False,
+                        received_at=reactor.seconds(), priority=2)
+    return spool.submit(envelope, data)
+
+
 def make_policy(config: Config, spool, reactor, metrics=None):
     """The shared submission policy (limits, brute-force defence, sender notifications);
     ``metrics``: the IMetrics counting its refusals and the notifications queued."""
-    from mailrelay.model import Envelope
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
     from mailrelay.policy.ratelimit import RateLimiter
@@ -452,10 +484,7 @@ def make_policy(config: Config, spool, reactor, metrics=None):
     limits, p = config.limits, config.policy
 
     def submit(sender: str, recipients: list[str], data: bytes):
-        envelope = Envelope(id="", sender=sender, recipients=list(recipients), user=None,
-                            account=None, client_ip=None, helo=None, tls=False,
-                            received_at=reactor.seconds(), priority=2)
-        d = spool.submit(envelope, data)
+        d = submit_notice(spool, reactor, sender, recipients, data)
         if metrics is not None:
             d.addCallback(lambda queue_id: metrics.notification("sender") or queue_id)
         return d

@@ -191,13 +191,16 @@ def test_list_and_show(populated):
     assert users[2]["kind"] == "address" and users[2]["sender_scope"] == "john@doe.com"
 
     table = populated.ok("user", "list").out.splitlines()
-    assert table[0].split() == ["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "NOTE"]
+    assert table[0].split() == [
+        "USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "LAST", "LOGIN", "NOTE"
+    ]
     assert table[2].split() == [
         "doe.com",
         "domain",
         "default",
         "allowed",
         "doe.com",
+        "never",
         "office",
         "clients",
     ]
@@ -231,7 +234,8 @@ def test_add_with_every_option(populated):
         "--status", "sandboxed", "--rate-limit", "500", "--priority", "1",
         "--max-connections", "5", "--archive", "--audit-bcc", "audit@doe.com",
         "--bounce-notify", "bounces@doe.com", "--unsubscribe-footer", "--open-tracking",
-        "--click-tracking",
+        "--click-tracking", "--expires", "2027-01-31T18:00+01:00",
+        "--allow-from", "2001:db8::/32;203.0.113.0/24",
     )  # fmt: skip
     user = json.loads(populated.ok("user", "show", "app2", "--json").out)
     assert user | {"updated": 0} == {
@@ -253,6 +257,10 @@ def test_add_with_every_option(populated):
         "open_tracking": True,
         "click_tracking": True,
         "updated": 0,
+        "expires": "2027-01-31T17:00:00Z",
+        "allow_from": "2001:db8::/32;203.0.113.0/24",
+        "last_login": None,
+        "last_login_ip": None,
     }
 
 

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from dataclasses import replace
 
 import ldap3
 from twisted.cred.error import UnauthorizedLogin
@@ -15,6 +16,8 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
+from mailrelay.auth.lifecycle import EXPIRED, NOT_ALLOWED, refusal
+from mailrelay.directory.changes import parse_expiry
 from mailrelay.directory.ldap_client import Entry
 from mailrelay.directory.ldap_mapping import (
     account_from_entry,
@@ -307,6 +310,15 @@ class CacheTests(SlapdTestCase):
         self.assertEqual((yield directory.getUser("changing")).scope.domains, {"b.test"})
 
     @defer.inlineCallbacks
+    def test_expiry_and_allowed_networks(self):
+        self.add_user("limited", slappasswd("limited-secret", "{SSHA}"),
+                      mailrelayExpires="20270201000000Z",
+                      mailrelayAllowFrom=["203.0.113.0/24", "2001:DB8::/32", "10.0.0.1/8"])
+        user = yield self.directory().authenticate("limited", "limited-secret")
+        self.assertEqual(user.expires, parse_expiry("2027-01-31"))
+        self.assertEqual(user.allow_from, ("2001:db8::/32", "203.0.113.0/24"))  # 10.0.0.1/8: bad
+
+    @defer.inlineCallbacks
     def test_cached_login_needs_the_same_password(self):
         directory = self.directory()
         yield directory.authenticate("doe.test", EXAMPLE_PASSWORDS["doe.test"])
@@ -564,6 +576,14 @@ class MappingTests(unittest.TestCase):
             "uid=x," + USERS_DN,
             {k.lower(): [v.encode() for v in vs] for k, vs in attributes.items()},
         )
+
+    def test_bad_expiry_and_networks_refuse_logins(self) -> None:
+        with capturedLogs() as events:
+            user = user_from_entry(self.entry(uid=["x"], mailrelayExpires=["next year"],
+                                              mailrelayAllowFrom=["nowhere"]), attribute_names())
+        self.assertEqual(refusal(user, "203.0.113.1", now=0.0), EXPIRED)
+        self.assertEqual(refusal(replace(user, expires=None), "203.0.113.1"), NOT_ALLOWED)
+        self.assertEqual(len(events), 3)  # each bad value, and the empty list it leaves
 
     def test_bad_values_fall_back_safely(self) -> None:
         names = attribute_names()

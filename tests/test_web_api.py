@@ -195,6 +195,32 @@ class ApiTests(unittest.TestCase):
         yield self.api("PATCH", "/users/App2", {"note": "x"}, expect=404)
 
     @defer.inlineCallbacks
+    def test_expiry_allow_list_and_last_login(self):
+        from mailrelay.auth.lifecycle import LoginStore
+
+        store = LoginStore(self.panel.config.directory.logins_db)  # as the relay writes it
+        self.addCleanup(store.close)
+        store.add({"doe.test": (1700000000.0, "127.0.0.2")})
+        _, _, users = yield self.api("GET", "/users", expect=200)
+        doe = next(u for u in users if u["username"] == "doe.test")
+        self.assertEqual((doe["last_login"], doe["last_login_ip"]), (1700000000.0, "127.0.0.2"))
+        self.assertIsNone(next(u for u in users if u["username"] == "webapp")["last_login"])
+        _, _, changed = yield self.api("PATCH", "/users/doe.test", {
+            "expires": "2027-01-31", "allow_from": "203.0.113.0/24;2001:DB8::/32"},
+            expect=200)  # fmt: skip
+        self.assertEqual((changed["user"]["expires"], changed["user"]["allow_from"]),
+                         ("2027-02-01T00:00:00Z", "2001:db8::/32;203.0.113.0/24"))
+        _, _, shown = yield self.api("GET", "/users/doe.test", expect=200)
+        self.assertEqual(shown["last_login_ip"], "127.0.0.2")
+        before = self.user_file()
+        yield self.api("PATCH", "/users/doe.test", {"allow_from": "203.0.113.7/24"}, expect=400)
+        yield self.api("PATCH", "/users/doe.test", {"expires": "soon"}, expect=400)
+        self.assertEqual(self.user_file(), before)
+        _, _, changed = yield self.api("PATCH", "/users/doe.test",
+                                       {"expires": None, "allow_from": ""}, expect=200)
+        self.assertEqual((changed["user"]["expires"], changed["user"]["allow_from"]), (None, ""))
+
+    @defer.inlineCallbacks
     def test_domain_and_address_users(self):
         _, _, created = yield self.api("POST", "/users", {"username": "Shop.Test"}, expect=201)
         self.assertEqual((created["user"]["username"], created["user"]["kind"]),

@@ -316,3 +316,30 @@ class AccountPageTests(LoggedIn):
         self.assertEqual(code, 303, body)
         _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/shop")
         self.assertIsNone(doc["bounce_domain"])
+
+class LifecycleTests(LoggedIn):
+    @defer.inlineCallbacks
+    def test_last_login_shown_and_expiry_and_networks_edited(self):
+        from mailrelay.auth.lifecycle import LoginStore
+
+        store = LoginStore(self.panel.config.directory.logins_db)  # as the relay writes it
+        self.addCleanup(store.close)
+        store.add({"doe.test": (1700000000.0, "127.0.0.2")})
+        code, body = yield self.web.request("GET", "/users")
+        self.assertEqual(code, 200)
+        self.assertIn("2023-11-14 22:13 from 127.0.0.2", Seen(body).text())
+        code, body = yield self.web.request("GET", "/users/doe.test")
+        self.assertIn("last login 2023-11-14 22:13 from 127.0.0.2", Seen(body).text())
+        code, body = yield self.web.request("POST", "/users/doe.test", {
+            "account": "default", "status": "allowed", "priority": "3", "note": "office",
+            "bounce_notify": "sender", "expires": "2027-01-31",
+            "allow_from": "203.0.113.0/24"})  # fmt: skip
+        self.assertEqual(code, 303, body)
+        code, _, doc = yield self.panel.call("GET", "/api/v1/users/doe.test")
+        self.assertEqual((doc["expires"], doc["allow_from"]),
+                         ("2027-02-01T00:00:00Z", "203.0.113.0/24"))
+        code, body = yield self.web.request("POST", "/users/doe.test", {
+            "account": "default", "status": "allowed", "priority": "3",
+            "bounce_notify": "sender", "expires": "", "allow_from": "203.0.113.9/24"})
+        self.assertEqual(code, 400, body)
+        self.assertIn("did you mean 203.0.113.0/24?", Seen(body).text())

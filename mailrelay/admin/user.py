@@ -10,6 +10,7 @@ from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin import _password as passwords
 from mailrelay.admin.cli import CommandError, Context
+from mailrelay.auth.lifecycle import open_login_store
 from mailrelay.auth.passwords import needs_rehash
 from mailrelay.directory.changes import USER_SETTINGS, user_changes
 from mailrelay.directory.filedir import DEFAULT_ACCOUNT
@@ -51,6 +52,12 @@ def _add_user_options(parser: argparse.ArgumentParser) -> None:
     o("--unsubscribe-footer", action=argparse.BooleanOptionalAction, help="add a footer")
     o("--open-tracking", action=argparse.BooleanOptionalAction, help="track opens")
     o("--click-tracking", action=argparse.BooleanOptionalAction, help="track clicks")
+    o("--expires", metavar="DATE", help="no login after this day (2027-01-31, UTC) or time")
+    o("--no-expires", dest="expires", action="store_const", const="", help="never expires")
+    o("--allow-from", metavar="NETWORKS",
+      help='log in only from these networks, "203.0.113.0/24;2001:db8::/32"')
+    o("--no-allow-from", dest="allow_from", action="store_const", const="",
+      help="log in from anywhere")
 
 
 def register(subparsers) -> None:
@@ -169,10 +176,27 @@ def delete(args: argparse.Namespace, context: Context) -> int:
 # ---- reading ----
 
 
+def _last_logins(context: Context) -> dict[str, tuple[float, str]]:
+    """The last logins the relay recorded ([directory] logins_db); none before its first."""
+    store = open_login_store(context.config.directory.logins_db)
+    if store is None:
+        return {}
+    try:
+        return store.all()
+    finally:
+        store.close()
+
+
+def _last_text(last: tuple[float, str] | None) -> str:
+    return f"{output.when(last[0])} UTC from {last[1]}" if last else "never"
+
+
 def list_(args: argparse.Namespace, context: Context) -> int:
     users, accounts = directory.manage(context, lambda m: m.users(args.account))
+    logins = _last_logins(context)
     if args.json:
-        output.print_json([user_json(u, accounts.get(u.account)) for u in users])
+        output.print_json([user_json(u, accounts.get(u.account), logins.get(u.username))
+                           for u in users])
         return 0
     rows = [
         [
@@ -181,11 +205,12 @@ def list_(args: argparse.Namespace, context: Context) -> int:
             u.account,
             str(u.status),
             str(u.effective_scope(accounts.get(u.account))) or "(nothing)",
+            _last_text(logins.get(u.username)),
             u.note,
         ]
         for u in users
     ]
-    header = ["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "NOTE"]
+    header = ["USERNAME", "KIND", "ACCOUNT", "STATUS", "SENDERS", "LAST LOGIN", "NOTE"]
     output.print_list(header, rows, "no users")
     return 0
 
@@ -211,8 +236,9 @@ def show(args: argparse.Namespace, context: Context) -> int:
             if needs_rehash(password_hash)
             else "set (argon2id)"
         )
+    last = _last_logins(context).get(user.username)
     if args.json:
-        output.print_json(user_json(user, account))
+        output.print_json(user_json(user, account, last))
         return 0
     updated = output.when(user.updated) + " UTC" if user.updated else "-"
     fields = [
@@ -237,6 +263,9 @@ def show(args: argparse.Namespace, context: Context) -> int:
         ("open tracking", _yes(user.open_tracking)),
         ("click tracking", _yes(user.click_tracking)),
         ("updated", updated),
+        ("expires", output.when(user.expires) + " UTC" if user.expires is not None else "never"),
+        ("allow from", ";".join(user.allow_from) or "anywhere"),
+        ("last login", _last_text(last)),
     ]
     if password is not None:
         fields.append(("password", password))

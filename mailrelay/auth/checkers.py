@@ -74,6 +74,7 @@ class PasswordChecker:
     def requestAvatarId(self, credentials):
         username = _text(credentials.username)
         password = _text(credentials.password)
+        client_ip = getattr(credentials, "client_ip", "")
         name = canonical_username(username)
         mac = self._mac(name, password)
         cached = self._cache.get(name)
@@ -85,12 +86,12 @@ class PasswordChecker:
             elif hmac.compare_digest(cached_mac, mac):
                 user = yield self._directory.getUser(name)
                 if user is not None and user.updated == stamp:
-                    return LoginId(user.username, "password", user=user)
+                    return LoginId(user.username, "password", client_ip, user=user)
                 self._cache.pop(name, None)
         user = yield self._directory.authenticate(username, password)
         if self._ttl > 0:
             self._remember(name, mac, user.updated)
-        return LoginId(user.username, "password", user=user)
+        return LoginId(user.username, "password", client_ip, user=user)
 
     def _remember(self, name: str, mac: bytes, stamp: float) -> None:
         self._cache.pop(name, None)  # re-insert at the end: the dict is oldest-first
@@ -139,15 +140,16 @@ def make_portal(
     clock=None,
     ip_auth: IpAuthTable | None = None,
     address_auth: AddressAuth | None = None,
+    logins=None,
 ) -> Portal:
     """The portal the SMTP session logs in through: the submission realm over
     ``directory`` (an IDirectory) and the checkers: passwords (``cache_ttl`` is
     ``[directory] login_cache_ttl``; 0 turns the login cache off), and, when given and not
     empty, IP authentication (``[policy] ip_auth``) and address authentication (``[policy]
-    address_auth``)."""
+    address_auth``); ``logins`` (a LoginRecorder) is told of every login."""
     checkers: list = [PasswordChecker(directory, cache_ttl, clock)]
     if ip_auth:
         checkers.append(NetworkChecker(ip_auth))
     if address_auth:
         checkers.append(SenderAddressChecker(address_auth))
-    return Portal(SubmissionRealm(directory), checkers)
+    return Portal(SubmissionRealm(directory, logins), checkers)

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.auth.avatar import ISubmitter, Submitter
+from mailrelay.auth.lifecycle import refusal
 from mailrelay.auth.passwords import LOGIN_FAILED
 from mailrelay.model import SmtpUser
 from mailrelay.text import printable
@@ -51,10 +52,15 @@ class SubmissionRealm:
     logs in as the directory's user of that name when there is one, so its status and
     limits apply; otherwise as a user-level user made up for the occasion: account
     "default", default limits, scope exactly that address.
+
+    Whatever the method, a user past its ``expires`` or outside its ``allow_from`` is
+    refused (UnauthorizedLogin with the reason: auth/lifecycle.py), and each login granted
+    is told to ``logins`` (a LoginRecorder), when given, for the user's last login.
     """
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, logins=None) -> None:
         self._directory = directory
+        self._logins = logins  # a LoginRecorder (auth/lifecycle.py), or None
 
     @defer.inlineCallbacks
     def requestAvatar(self, avatarId, mind, *interfaces):
@@ -62,6 +68,7 @@ class SubmissionRealm:
             raise NotImplementedError(f"{self.__class__.__name__} only provides ISubmitter")
         method = getattr(avatarId, "method", "password")
         user = getattr(avatarId, "user", None)
+        made_up = False
         if user is None:
             user = yield self._directory.getUser(avatarId)
         if user is None:
@@ -76,7 +83,15 @@ class SubmissionRealm:
                 raise UnauthorizedLogin("IP authentication: no such user")
             if method != "address":  # deleted between the password check and now
                 raise UnauthorizedLogin(LOGIN_FAILED)
-            user = SmtpUser(str(avatarId))
+            user, made_up = SmtpUser(str(avatarId)), True
+        why = refusal(user, avatarId.client_ip) if hasattr(avatarId, "client_ip") else None
+        if why is not None:
+            # A password login's failure is logged by the session, with this reason.
+            if method != "password":
+                log.info("{method} login of {user} from {client_ip} refused: {why}",
+                         method=method, user=printable(user.username),
+                         client_ip=avatarId.client_ip, why=why)
+            raise UnauthorizedLogin(why)
         account = yield self._directory.getAccount(user.account)
         avatar = Submitter.for_user(user, account, method)
         if method == "address" and not avatar.may_send_as(avatarId):
@@ -87,4 +102,6 @@ class SubmissionRealm:
                 account=user.account,
             )
             raise UnauthorizedLogin("address authentication: domain not authorized")
+        if self._logins is not None and not made_up:
+            self._logins.record(user.username, getattr(avatarId, "client_ip", ""))
         return ISubmitter, avatar, _logout

@@ -7,9 +7,12 @@ as a whole (scope within the account, priority range, ...).
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from mailrelay.auth.ipauth import IpAuthError
+from mailrelay.auth.lifecycle import parse_networks
 from mailrelay.directory.filedir import DirectoryFileError
 from mailrelay.model import SmtpUser, Status
 from mailrelay.scope import Scope, parse_addresses
@@ -30,6 +33,8 @@ USER_SETTINGS: dict[str, tuple[type, ...]] = {
     "unsubscribe_footer": (bool,),
     "open_tracking": (bool,),
     "click_tracking": (bool,),
+    "expires": (str, type(None)),  # a date (valid through that day, UTC) or a time; null: never
+    "allow_from": (str,),  # networks, "203.0.113.0/24;2001:db8::/32"; "": anywhere
 }
 
 
@@ -40,6 +45,28 @@ def _check_type(name: str, value: Any) -> None:
         names = {str: "text", int: "a whole number", bool: "true or false", type(None): "null"}
         expected = " or ".join(names[t] for t in types)
         raise DirectoryFileError(f"{name} must be {expected}, not {value!r}")
+
+
+def parse_expiry(text: str | None) -> float | None:
+    """``2027-01-31`` (the user may log in through that day, UTC), ``2027-01-31T12:00``
+    (UTC unless an offset is given), or None/empty for never: the unix time it expires."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    try:
+        if len(text) == 10:
+            day = datetime.date.fromisoformat(text)
+            return datetime.datetime.combine(
+                day + datetime.timedelta(days=1), datetime.time(), datetime.UTC
+            ).timestamp()
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise DirectoryFileError(
+            f"expires {text!r} is not a date (2027-01-31) or a time (2027-01-31T18:00Z)"
+        )
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
 
 
 def user_changes(settings: Mapping[str, Any], current: SmtpUser) -> dict[str, Any]:
@@ -74,6 +101,13 @@ def user_changes(settings: Mapping[str, Any], current: SmtpUser) -> dict[str, An
             changes[name] = settings[name]
     if "audit_bcc" in settings:
         changes["audit_bcc"] = tuple(sorted(parse_addresses(settings["audit_bcc"])))
+    if "expires" in settings:
+        changes["expires"] = parse_expiry(settings["expires"])
+    if "allow_from" in settings:
+        try:
+            changes["allow_from"] = parse_networks(settings["allow_from"])
+        except IpAuthError as e:
+            raise DirectoryFileError(f"allow_from: {e}")
     if "bounce_notify" in settings:
         value = settings["bounce_notify"].strip()
         changes["bounce_notify"] = value.lower() if value.lower() in ("off", "sender") else value

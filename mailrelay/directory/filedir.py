@@ -39,6 +39,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.auth.hashing import HashingPool
+from mailrelay.auth.ipauth import IpAuthError
+from mailrelay.auth.lifecycle import parse_networks
 from mailrelay.auth.passwords import (
     DUMMY_HASH,
     LOGIN_FAILED,
@@ -125,6 +127,8 @@ def user_to_json(user: SmtpUser) -> dict[str, Any]:
         "open_tracking": user.open_tracking,
         "click_tracking": user.click_tracking,
         "updated": user.updated,
+        "expires": user.expires,
+        "allow_from": ";".join(user.allow_from),
     }
 
 
@@ -171,6 +175,13 @@ def _parse_entries(text: str) -> frozenset[str]:
     )
 
 
+def _allow_from(text: str) -> tuple[str, ...]:
+    try:
+        return parse_networks(text)
+    except IpAuthError as e:
+        raise DirectoryFileError(f"allow_from: {e}")
+
+
 def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
     if not isinstance(entry, dict):
         raise DirectoryFileError("must be an object")
@@ -205,6 +216,8 @@ def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
         click_tracking=_field(entry, "click_tracking", (bool,), False),
         updated=float(_field(entry, "updated", (int, float), 0.0)),
         unverified=_parse_entries(_field(entry, "unverified", (str,), "")),
+        expires=_field(entry, "expires", (int, float, type(None)), None),
+        allow_from=_allow_from(_field(entry, "allow_from", (str,), "")),
     )
     return user, password_hash
 

@@ -13,6 +13,8 @@ import time
 
 from twisted.logger import Logger
 
+from mailrelay.auth.ipauth import IpAuthError
+from mailrelay.auth.lifecycle import NOWHERE, parse_networks
 from mailrelay.directory.ldap_client import Entry
 from mailrelay.model import Account, SmtpUser, Status, canonical_username
 from mailrelay.scope import Scope, ScopeError, is_address, parse_addresses, parse_domains
@@ -38,6 +40,8 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
     "openTracking": "mailrelayOpenTracking",
     "clickTracking": "mailrelayClickTracking",
     "updated": "modifyTimestamp",
+    "expires": "mailrelayExpires",
+    "allowFrom": "mailrelayAllowFrom",
     "accountName": "cn",
     "accountDomains": "mailrelayAccountDomain",
     "accountNotify": "mailrelayNotifyAddress",
@@ -123,6 +127,8 @@ def user_from_entry(
         open_tracking=fields.boolean(names["openTracking"]),
         click_tracking=fields.boolean(names["clickTracking"]),
         updated=fields.timestamp(names["updated"]),
+        expires=fields.expiry(names["expires"]),
+        allow_from=fields.networks(names["allowFrom"]),
     )
 
 
@@ -231,6 +237,32 @@ class _Fields:
             return text
         self._bad(attribute, value, "not off, sender or an address; sender applies")
         return "sender"
+
+    def networks(self, attribute: str) -> tuple[str, ...]:
+        """The user's allowed networks. A bad value is left out, but a list left empty so
+        would let the user in from anywhere: then it may log in from nowhere."""
+        out: set[str] = set()
+        values = self.entry.values(attribute)
+        for value in values:
+            try:
+                out |= set(parse_networks(value))
+            except IpAuthError as e:
+                self._bad(attribute, value, str(e))
+        if values and not out:
+            self._bad(attribute, ";".join(values), "no valid network; the user cannot log in")
+            return (NOWHERE,)
+        return tuple(sorted(out))
+
+    def expiry(self, attribute: str) -> float | None:
+        value = self.entry.first(attribute)
+        if value is None:
+            return None
+        when = self.timestamp(attribute)
+        if not when:
+            self._bad(attribute, value, "not a GeneralizedTime (20270201000000Z); the user "
+                      "counts as expired")
+            return 0.0
+        return when
 
     def timestamp(self, attribute: str) -> float:
         """Unix time of a GeneralizedTime in UTC (modifyTimestamp); 0.0 when absent."""

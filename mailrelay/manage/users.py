@@ -26,13 +26,19 @@ from mailrelay.manage.stores import LDAP_MANAGED, Caller
 from mailrelay.model import Account, SmtpUser
 
 
-def user_json(user: SmtpUser, account: Account | None) -> dict[str, Any]:
-    """``user show --json``."""
+def user_json(user: SmtpUser, account: Account | None,
+              last_login: tuple[float, str] | None = None) -> dict[str, Any]:
+    """``user show --json``; ``last_login``: (unix time, address), from the login store."""
+    expires = user.expires
     return {
         "username": user.username,
         "kind": str(user.kind),
         "sender_scope": str(user.effective_scope(account)),
         **user_to_json(user),
+        "expires": None if expires is None else
+        datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "last_login": last_login[0] if last_login else None,
+        "last_login_ip": last_login[1] if last_login else None,
     }
 
 

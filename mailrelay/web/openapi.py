@@ -53,6 +53,10 @@ _SETTING_SCHEMAS = {
     "unsubscribe_footer": BOOL,
     "open_tracking": BOOL,
     "click_tracking": BOOL,
+    "expires": {**NULL_STR, "description": "no login after this day (2027-01-31, UTC) or "
+                "time (2027-01-31T18:00Z); null or empty: never"},
+    "allow_from": {**STR, "description": 'log in only from "203.0.113.0/24;2001:db8::/32"; '
+                   '"": anywhere'},
 }
 assert set(_SETTING_SCHEMAS) == set(USER_SETTINGS)
 
@@ -63,6 +67,8 @@ _USER = obj(
         "sender_scope": {**STR, "description": "the senders this login may use"},
         **{k: v for k, v in _SETTING_SCHEMAS.items()},
         "updated": {**NUM, "description": "unix time of the last change"},
+        "last_login": {**NULL_NUM, "description": "unix time of the last login; null: none"},
+        "last_login_ip": NULL_STR,
         "unverified": {**array(STR), "description": "senders waiting for confirmation"},
     },
     ["username", "kind", "account", "status", "sender_scope", "unverified"],

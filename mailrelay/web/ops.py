@@ -62,6 +62,7 @@ class Services:
     dkim: Any = None  # IDkimKeys (manage.dkim.DkimKeys, key generation in a thread)
     resolver: Any = None  # where DKIM records are looked up (None: they are not)
     config: Any = None  # the relay's Config: [dkim] relay_domain, what domain check reads
+    last_logins: Any = None  # auth.lifecycle.LoginStore, or None: no login recorded here
 
     @property
     def users(self) -> UserManager | None:
@@ -96,8 +97,16 @@ def writer(s: Services) -> UserManager:
 # ---- users ----
 
 
-def user_doc(user: SmtpUser, account: Account | None) -> dict[str, Any]:
-    return user_json(user, account) | {"unverified": sorted(user.unverified)}
+def user_doc(user: SmtpUser, account: Account | None,
+             last_login: tuple[float, str] | None = None) -> dict[str, Any]:
+    return user_json(user, account, last_login) | {"unverified": sorted(user.unverified)}
+
+
+async def last_logins(s: Services) -> dict[str, tuple[float, str]]:
+    """Every user's last login, read in a thread (the relay writes them in batches)."""
+    if s.last_logins is None:
+        return {}
+    return await threaded(s.reactor)(s.last_logins.all)
 
 
 async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
@@ -105,7 +114,16 @@ async def list_users(s: Services, account: str | None = None) -> list[dict[str, 
     if account is not None and account not in accounts:
         raise HttpError(404, f"unknown account {account!r}")
     users = await s.manager.store.listUsers(account)
-    return [user_doc(u, accounts.get(u.account)) for u in users]
+    logins = await last_logins(s)
+    return [user_doc(u, accounts.get(u.account), logins.get(u.username)) for u in users]
+
+
+async def user_with_login(s: Services, user: SmtpUser, account: Account | None
+                          ) -> dict[str, Any]:  # fmt: skip
+    if s.last_logins is None:
+        return user_doc(user, account)
+    last = await threaded(s.reactor)(s.last_logins.get, user.username)
+    return user_doc(user, account, last)
 
 
 async def find_user(s: Services, username: str) -> tuple[SmtpUser, Account | None]:
@@ -116,7 +134,7 @@ async def find_user(s: Services, username: str) -> tuple[SmtpUser, Account | Non
 
 
 async def get_user(s: Services, username: str) -> dict[str, Any]:
-    return user_doc(*await find_user(s, username))
+    return await user_with_login(s, *await find_user(s, username))
 
 
 async def add_user(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +172,7 @@ async def edit_user(s: Services, username: str, doc: dict[str, Any]) -> dict[str
     log.info("control panel: changed user {user}", user=user.username)
     account = await s.manager.store.getAccount(user.account)
     return {
-        "user": user_doc(user, account),
+        "user": await user_with_login(s, user, account),
         "verification": await start_verification(s, user, user.unverified - before.unverified),
     }
 

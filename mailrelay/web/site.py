@@ -8,6 +8,7 @@ and /metrics when ``[metrics]`` is served here (mailrelay/metrics/web.py).
 
 from __future__ import annotations
 
+import sqlite3
 from types import SimpleNamespace
 
 from twisted.application.service import MultiService
@@ -150,7 +151,23 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         resolver=make_resolver(getattr(getattr(config, "delivery", None), "dns_servers", []),
                                reactor),  # fmt: skip
         config=config,
+        last_logins=open_last_logins(config),
     )
+
+
+def open_last_logins(config):
+    """The relay's record of last logins, for reading (None when it cannot be opened: the
+    users are shown without it)."""
+    from mailrelay.auth.lifecycle import LoginStore
+
+    path = getattr(getattr(config, "directory", None), "logins_db", None)
+    if not path:
+        return None
+    try:
+        return LoginStore(path)
+    except (sqlite3.Error, OSError) as e:
+        log.warn("last logins unavailable ({path}): {error}", path=path, error=str(e))
+        return None
 
 
 def open_access(config, clock) -> AccessFile:

@@ -55,6 +55,7 @@ class UserPages(Pages):
                 u["priority"],
                 "default" if u["rate_limit"] is None else f'{u["rate_limit"]}/h',
                 when(u["updated"]),
+                _last_login(u),
                 link(user_path(u["username"], "/stats"), "statistics"),
             ])  # fmt: skip
         body: list[Node] = []
@@ -63,7 +64,7 @@ class UserPages(Pages):
         else:
             body.append(tags.p(link("/users/new", "Add an SMTP user")))
         body.append(table(["Status", "Username", "Note", "Senders", "Priority", "Rate limit",
-                           "Last updated", ""], rows, "users")
+                           "Last updated", "Last login", ""], rows, "users")
                     if rows else tags.p("No SMTP users yet."))  # fmt: skip
         return self.render(call, "SMTP users", body, "/users")
 
@@ -92,6 +93,10 @@ class UserPages(Pages):
             text_input("audit_bcc", "Audit BCC", v("audit_bcc", ""), "x@a.com;y@b.com"),
             text_input("bounce_notify", "Bounce notifications", v("bounce_notify", "sender"),
                        "off, sender, or an address"),
+            text_input("expires", "Expires", v("expires") or "",
+                       "no login after this day (2027-01-31, UTC); empty: never"),
+            text_input("allow_from", "Log in only from", v("allow_from", ""),
+                       "networks: 203.0.113.0/24;2001:db8::/32; empty: anywhere"),
         ]  # fmt: skip
         toggles = [checkbox(name, label, bool(v(name))) for name, label in forms.TOGGLES]
         return [tags.div(parts, class_="grid"), tags.h2("Features"),
@@ -141,7 +146,7 @@ class UserPages(Pages):
     async def user_form(self, call: Call, values: dict | None = None, message: str = "",
                         status: int = 200) -> Response:  # fmt: skip
         user, account = await ops.find_user(self.s, call.params["username"])
-        doc = ops.user_doc(user, account)
+        doc = await ops.user_with_login(self.s, user, account)
         csrf = call.principal.csrf
         path = user_path(user.username)
         readonly = self.s.users is None
@@ -172,7 +177,8 @@ class UserPages(Pages):
         body = [
             error(message),
             tags.p(f'{doc["kind"]} user · account {doc["account"]} · last updated '
-                   f'{when(doc["updated"])} · ', link(path + "/stats", "statistics"),
+                   f'{when(doc["updated"])} · last login {_last_login(doc)} · ',
+                   link(path + "/stats", "statistics"),
                    class_="muted"),
             settings,
             tags.h2("Senders"),
@@ -251,8 +257,14 @@ def _verification_block(items: list[dict[str, Any]]) -> Node:
             tags.ul([tags.li(verification_text(v)) for v in items])]  # fmt: skip
 
 
+def _last_login(doc: dict[str, Any]) -> str:
+    if doc.get("last_login") is None:
+        return "never"
+    return f'{when(doc["last_login"])} from {doc["last_login_ip"]}'
+
+
 def _user_summary(doc: dict[str, Any]) -> Node:
     keys = ["status", "note", "sender_scope", "priority", "rate_limit", "max_connections",
             "archive", "audit_bcc", "bounce_notify", "unsubscribe_footer", "open_tracking",
-            "click_tracking"]  # fmt: skip
+            "click_tracking", "expires", "allow_from"]  # fmt: skip
     return table(["Setting", "Value"], [[k, text(doc[k])] for k in keys])
