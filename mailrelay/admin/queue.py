@@ -8,6 +8,7 @@ itself and say so. import takes over the spool of a node that died (spool/transf
 
 from __future__ import annotations
 
+import sys
 import time
 
 from mailrelay import control, dsnparams
@@ -135,9 +136,21 @@ OFFLINE = "mailrelay is not running: done in the spool, in force when it starts"
 def _ask(context: Context, command, **arguments) -> dict | None:
     """The running relay's answer to ``command`` over its control socket; None when no
     relay runs (the caller then acts on the spool itself)."""
+    answers = _ask_each(context, command, [arguments])
+    return None if answers is None else answers[0]
+
+
+def _ask_each(context: Context, command, each: list[dict]) -> list[dict] | None:
+    """``command`` with each of the arguments in turn (one run of the reactor: it does not
+    start twice); None when no relay runs."""
     path = context.config.server.control_socket
+
+    async def ask(reactor) -> list[dict]:
+        return [await control.ask(reactor, path, command, **arguments) for arguments in each]
+
+    arguments = each[0] if each else {}
     try:
-        return run(lambda reactor: control.ask(reactor, path, command, **arguments))
+        return run(ask)
     except control.RelayNotRunning:
         return None
     except KeyError:
@@ -203,11 +216,11 @@ def import_(args, context: Context) -> int:
     # otherwise it lists them when it starts.
     told = not args.dry_run and bool(done.queued)
     try:
-        for queue_id in done.queued if told else ():
-            if _ask(context, control.Retry, queue_id=queue_id) is None:
-                told = False
-                break
-    except CommandError:  # delivery off or restarting: it lists them when it starts
+        if told and _ask_each(context, control.Retry,
+                              [{"queue_id": i} for i in done.queued]) is None:
+            told = False
+    except CommandError as e:  # delivery off or restarting: it lists them when it starts
+        print(f"the relay was not told: {e}", file=sys.stderr)
         told = False
     if args.json:
         output.print_json({**done.to_json(), "dry_run": args.dry_run, "relay_told": told})
