@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from mailrelay.scope import ScopeError, is_address, is_domain, to_ascii_domain
+from mailrelay.spool.queueid import is_node_id
 
 DEFAULT_DATA_DIR = "/var/lib/mailrelay"
 
@@ -202,6 +203,13 @@ def redis_url_parts(url: str) -> dict:
     return args
 
 
+def _node_id(value: str) -> str:
+    value = value.strip()
+    if value and not is_node_id(value):
+        raise ValueError(f"{value!r} is not a node id (4 characters of 0-9 and a-v)")
+    return value
+
+
 def _redis_url(value: str) -> str:
     value = value.strip()
     if value:
@@ -217,6 +225,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "data_dir": (text, DEFAULT_DATA_DIR),
         "postmaster": (text, None),  # default: postmaster@hostname
         "log_format": (choice("text", "json"), "text"),  # the log's lines (mailrelay/logtext.py)
+        "node_id": (_node_id, ""),  # ends this node's queue ids; default: <data_dir>/node_id
     },
     "tls": {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start

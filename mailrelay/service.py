@@ -84,6 +84,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.features.policy import FeaturePolicy
     from mailrelay.manage.queue import QueueControl
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
+    from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
     from mailrelay.web.site import make_admin_service
@@ -97,6 +98,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
         raise StartupError(f"[server] data_dir {config.server.data_dir}: {e.strerror}")
     check_spool_directory(config)
     try:
+        node = node_id(config.server.data_dir, config.server.node_id)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"[server] node_id: {e}")
+    try:
         tls_options = server_options(
             config.tls.certificate, config.tls.key, config.tls.generate,
             config.server.hostname, config.tls.key_type, config.tls.ciphers,
@@ -106,7 +111,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     top = StopInOrder()
     spool = Spool(config.spool.directory, reactor=reactor,
-                  min_free_bytes=config.spool.min_free_space)
+                  min_free_bytes=config.spool.min_free_space, node=node)
     spool.setServiceParent(top)
 
     directory = open_directory(config, reactor=reactor)
@@ -263,6 +268,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     runner) and its DeliveryManager."""
     from mailrelay.metrics import NO_METRICS
     from mailrelay.metrics.forward import DeltaMetrics
+    from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
 
     top = StopInOrder()
@@ -271,7 +277,8 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
         metrics = DeltaMetrics(reactor)
         metrics.setServiceParent(top)  # added first: stops last, with everything counted
     spool = Spool(config.spool.directory, reactor=reactor,
-                  min_free_bytes=config.spool.min_free_space, owner=False)
+                  min_free_bytes=config.spool.min_free_space, owner=False,
+                  node=node_id(config.server.data_dir, config.server.node_id))
     spool.setServiceParent(top)
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)

@@ -1,12 +1,14 @@
-"""mailrelay-admin queue list|show|retry|delete|flush: look at and act on the delivery queue.
+"""mailrelay-admin queue list|show|retry|delete|flush|import: look at and act on the delivery
+queue.
 
 list and show read the spool (manage.queue). retry, flush and delete ask the running relay
 over its control socket, as the panel does; with no relay running they act on the spool
-itself and say so.
+itself and say so. import takes over the spool of a node that died (spool/transfer.py).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from mailrelay import control, dsnparams
@@ -14,12 +16,13 @@ from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.manage import queue
+from mailrelay.spool import transfer
 from mailrelay.spool.spool import Spool
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("queue", help="the delivery queue: list, show, retry, "
-                                                 "delete, flush")
+                                                 "delete, flush, import")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = sub.add_parser("list", help="queued and held messages")
@@ -41,6 +44,12 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("flush", help="try every deferred message now")
     p.set_defaults(func=flush)
+
+    p = sub.add_parser("import", help="take over the queue of a node that died")
+    p.add_argument("dir", metavar="DIR", help="its data_dir, or its spool directory")
+    p.add_argument("--dry-run", action="store_true", help="say what would move; move nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=import_)
 
 
 def _spool(context: Context) -> Spool:
@@ -127,9 +136,21 @@ OFFLINE = "mailrelay is not running: done in the spool, in force when it starts"
 def _ask(context: Context, command, **arguments) -> dict | None:
     """The running relay's answer to ``command`` over its control socket; None when no
     relay runs (the caller then acts on the spool itself)."""
+    answers = _ask_each(context, command, [arguments])
+    return None if answers is None else answers[0]
+
+
+def _ask_each(context: Context, command, each: list[dict]) -> list[dict] | None:
+    """``command`` with each of the arguments in turn (one run of the reactor: it does not
+    start twice); None when no relay runs."""
     path = context.config.server.control_socket
+
+    async def ask(reactor) -> list[dict]:
+        return [await control.ask(reactor, path, command, **arguments) for arguments in each]
+
+    arguments = each[0] if each else {}
     try:
-        return run(lambda reactor: control.ask(reactor, path, command, **arguments))
+        return run(ask)
     except control.RelayNotRunning:
         return None
     except KeyError:
@@ -180,4 +201,40 @@ def flush(args, context: Context) -> int:
         print(f"{count} deferred messages due now ({OFFLINE})")
     else:
         print(f"{answer['count']} deferred messages due now")
+    return 0
+
+
+def import_(args, context: Context) -> int:
+    spool = _spool(context)
+    try:
+        source = Spool(transfer.spool_directory(args.dir))
+        with transfer.lock(source.directory):
+            done = transfer.import_spool(source, spool, dry_run=args.dry_run)
+    except (ValueError, transfer.SpoolInUse) as e:
+        raise CommandError(str(e))
+    # The running relay learns of them now (a retry of an id it does not know queues it);
+    # otherwise it lists them when it starts.
+    told = not args.dry_run and bool(done.queued)
+    try:
+        if told and _ask_each(context, control.Retry,
+                              [{"queue_id": i} for i in done.queued]) is None:
+            told = False
+    except CommandError as e:  # delivery off or restarting: it lists them when it starts
+        print(f"the relay was not told: {e}", file=sys.stderr)
+        told = False
+    if args.json:
+        output.print_json({**done.to_json(), "dry_run": args.dry_run, "relay_told": told})
+        return 0
+    verb = "would import" if args.dry_run else "imported"
+    print(f"{verb} {len(done.queued)} queued and {len(done.held)} held messages from "
+          f"{source.directory}")
+    if done.present:
+        print(f"{len(done.present)} already in this spool, left in {source.directory}: "
+              + " ".join(done.present))
+    if done.uncommitted:
+        print(f"{done.uncommitted} messages in its tmp/ were never acknowledged (their "
+              "clients send them again): not imported")
+    if done.queued and not args.dry_run:
+        print("the relay delivers them now" if told else "delivered when the relay's "
+              "delivery next starts (it is not running now)")
     return 0

@@ -10,6 +10,7 @@ reactor's shared pool never delays a `250`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -39,6 +40,7 @@ log = Logger()
 # json.dumps with options builds an encoder on every call: one for every envelope.
 _ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"))
 PLACES = ("queue", "hold")  # where committed messages live
+LOCK_FILE = "lock"  # held shared while a process uses the spool (transfer.py takes it whole)
 DEFAULT_MIN_FREE_BYTES = 100 * 2**20
 FREE_SPACE_AGE = 1.0  # seconds a free space reading stands for
 MAX_HEADERS = 64 * 1024  # bytes of a message's header section that readers take
@@ -80,26 +82,28 @@ class Spool(Service):
 
     ``owner``: the relay owns the spool and cleans up after a crash when it opens it; the
     delivery process (``owner=False``) shares it and only starts its threads, and its
-    queue ids come from a lane of their own.
+    queue ids come from a lane of their own. ``node`` (spool/node.py) ends every queue id
+    made here.
     """
 
     name = "spool"
 
     def __init__(self, directory: str, reactor=None,
                  min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, threads: int = 4,
-                 owner: bool = True) -> None:
+                 owner: bool = True, node: str = "") -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.directory = directory
         self.min_free_bytes = min_free_bytes
         self.owner = owner
         self._reactor = reactor
-        self._ids = QueueIds(reactor.seconds, lane=0 if owner else 1)
+        self._ids = QueueIds(reactor.seconds, lane=0 if owner else 1, node=node)
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="spool")
         self._sync = GroupSync(reactor, self._pool)
         self.spares = Spares(self._dir("spare"), max_bytes=SPILL_BYTES)
         self._subscribers: list[Callable[[Envelope], None]] = []
         self._free: tuple[float, int] | None = None  # (when, free_bytes()) for create()
+        self._lock: int | None = None  # the lock file, while open
 
     # -- lifecycle
 
@@ -111,6 +115,7 @@ class Spool(Service):
         """
         for place in ("tmp", "queue", "hold", "state", "spare"):
             os.makedirs(self._dir(place), mode=0o700, exist_ok=True)
+        self._take_lock()
         if not self.owner:
             self._pool.start()
             return
@@ -132,7 +137,26 @@ class Spool(Service):
 
     def close(self) -> Deferred:
         """Wait for the durable changes in flight, then stop the threads."""
-        return self._sync.drain().addCallback(lambda _: self._pool.stop())
+        def stop(_) -> None:
+            self._pool.stop()
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
+
+        return self._sync.drain().addCallback(stop)
+
+    def _take_lock(self) -> None:
+        """Shared with the other process of this node; it tells `queue import` on another
+        node that this spool is in use (a lock that dies with the process, even kill -9)."""
+        fd = os.open(os.path.join(self.directory, LOCK_FILE),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"{self.directory} is being imported by another node "
+                               "(mailrelay-admin queue import)", full=False) from None
+        self._lock = fd
 
     def startService(self) -> None:
         self.open()

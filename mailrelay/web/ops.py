@@ -10,7 +10,6 @@ HttpError with the status that fits: 400 bad input, 404 unknown, 405 read-only (
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ from mailrelay.manage.suppressions import suppression_json
 from mailrelay.manage.users import Forgotten, UserManager, account_json, user_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
+from mailrelay.spool.queueid import is_queue_id
 from mailrelay.web.routing import HttpError
 
 log = Logger()
@@ -413,11 +413,8 @@ async def delete_suppression(s: Services, address: str, user=None, account=None)
 # ---- queue ----
 
 
-_QUEUE_ID = re.compile(r"[1-9][0-9a-f]{17}")
-
-
 def _queue_id(queue_id: str) -> str:
-    if not _QUEUE_ID.fullmatch(queue_id):
+    if not is_queue_id(queue_id):
         raise HttpError(404, f"no message {queue_id!r} in the queue")
     return queue_id
 
