@@ -51,7 +51,6 @@ def test_killed_node_imported_by_another_delivers_each_message_once(tmp_path):
         stop.set()
         sender.join(timeout=30)
         assert not sink.messages()  # all deferred so far
-        sink.rules({})  # the sink accepts from now on
 
         def imported():  # A's delivery process stops by itself once A is gone
             result = b.admin("queue", "import", str(a.data), "--json", check=False)
@@ -59,6 +58,8 @@ def test_killed_node_imported_by_another_delivers_each_message_once(tmp_path):
             return result.returncode == 0 and json.loads(result.stdout)
 
         done = wait_for(imported, timeout=40, what="queue import of A's spool")
+        # Only now: A's delivery process, still alive a moment after A, must not deliver.
+        sink.rules({})
         assert len(done["queued"]) >= len(acked)
         assert done["relay_told"] is True
         got = sink.wait(len(acked))
