@@ -3,7 +3,8 @@
 The token is the queue id, the recipient's place in the envelope and an HMAC-SHA256 tag
 over them and the bounce domain, made with ``[bounces] key_file``: base32 in lower case
 (remote servers may change the case of a local part; base32 reads the same either way),
-37 characters, so the local part (39 octets) is within RFC 5321's 64. Without the key no
+42 characters for a queue id with a node part (37 for an older id without one), so the
+local part (44 octets) is within RFC 5321's 64. Without the key no
 address can be made that the bounce listener would take: a forged or altered token, or
 one made for another bounce domain, is refused at RCPT. What the token points to (the
 user, the account, the client's envelope sender, the recipients) is recorded by delivery
@@ -19,14 +20,20 @@ from dataclasses import dataclass
 
 from mailrelay.model import Envelope
 from mailrelay.signing import Signer
+from mailrelay.spool.queueid import is_node_id
 
 PREFIX = "b+"
 TAG_BYTES = 10  # 80 bits: a guess is checked online, one RCPT at a time
-_VERSION = b"\x01"
-_QUEUE_ID_BYTES = 9  # 18 hex digits (spool/queueid.py)
+_QUEUE_ID_BYTES = 9  # the 18 hex digits of a queue id (spool/queueid.py)
+_NODE_BYTES = 3  # the 4 base32hex digits of its node part (20 bits)
 _INDEX_BYTES = 3  # the recipient's place in the envelope (max_recipients is at most 100000)
-_PAYLOAD = 1 + _QUEUE_ID_BYTES + _INDEX_BYTES
-_LOCAL = len(PREFIX) + len(base64.b32encode(bytes(TAG_BYTES + _PAYLOAD)).rstrip(b"="))
+# Version byte -> whether the id has a node part: 1, ids made before node ids; 2, with one.
+_VERSIONS = {b"\x01": 0, b"\x02": _NODE_BYTES}
+_PAYLOADS = {1 + _QUEUE_ID_BYTES + node + _INDEX_BYTES: version
+             for version, node in _VERSIONS.items()}
+_LOCALS = {len(PREFIX) + len(base64.b32encode(bytes(TAG_BYTES + n)).rstrip(b"="))
+           for n in _PAYLOADS}
+_BASE32HEX = "0123456789abcdefghijklmnopqrstuv"
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,19 @@ class Verp:
         domain = envelope.return_path
         if not (domain and envelope.sender and envelope.user and envelope.account):
             return None
+        hex_part, node = envelope.id[:2 * _QUEUE_ID_BYTES], envelope.id[2 * _QUEUE_ID_BYTES:]
         try:
-            queue_id = bytes.fromhex(envelope.id)
+            queue_id = bytes.fromhex(hex_part)
             index = envelope.recipients.index(recipient)
         except ValueError:
             return None
         if len(queue_id) != _QUEUE_ID_BYTES or index >= 256 ** _INDEX_BYTES:
             return None
-        payload = _VERSION + queue_id + index.to_bytes(_INDEX_BYTES, "big")
+        if node and not is_node_id(node):
+            return None
+        version = b"\x02" + queue_id + int(node, 32).to_bytes(_NODE_BYTES, "big") if node \
+            else b"\x01" + queue_id
+        payload = version + index.to_bytes(_INDEX_BYTES, "big")
         return f"{PREFIX}{_b32(self._tag(domain, payload) + payload)}@{domain}"
 
     def open(self, address: str) -> Token | None:
@@ -66,7 +78,7 @@ class Verp:
         form, another key, another domain, altered)."""
         local, at, domain = address.rpartition("@")
         local, domain = local.lower(), domain.lower().rstrip(".")
-        if not at or len(local) != _LOCAL or not local.startswith(PREFIX):
+        if not at or len(local) not in _LOCALS or not local.startswith(PREFIX):
             return None
         try:
             data = _unb32(local[len(PREFIX):])
@@ -76,10 +88,19 @@ class Verp:
         tag, payload = data[:TAG_BYTES], data[TAG_BYTES:]
         if not hmac.compare_digest(tag, self._tag(domain, payload)):
             return None
-        if payload[:1] != _VERSION:
+        node_bytes = _VERSIONS.get(payload[:1])
+        if node_bytes is None or _PAYLOADS.get(len(payload)) != payload[:1]:
             return None
-        return Token(domain, payload[1:1 + _QUEUE_ID_BYTES].hex(),
-                     int.from_bytes(payload[1 + _QUEUE_ID_BYTES:], "big"))
+        queue_id = payload[1:1 + _QUEUE_ID_BYTES].hex()
+        rest = payload[1 + _QUEUE_ID_BYTES:]
+        if node_bytes:
+            queue_id += _node_text(int.from_bytes(rest[:node_bytes], "big"))
+        return Token(domain, queue_id, int.from_bytes(rest[node_bytes:], "big"))
+
+
+def _node_text(number: int) -> str:
+    """A node id's 4 base32hex digits (spool/queueid.py) from its number."""
+    return "".join(_BASE32HEX[number >> shift & 31] for shift in (15, 10, 5, 0))
 
 
 def _b32(data: bytes) -> str:
