@@ -18,12 +18,11 @@ import os
 import re
 import time
 
-from twisted.application.service import Service
-from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from mailrelay.auth.ipauth import IpAuthError, parse_network
 from mailrelay.features.db import SqliteStore
+from mailrelay.flushing import BatchWriter
 from mailrelay.model import SmtpUser
 from mailrelay.net import parse_ip
 
@@ -99,52 +98,28 @@ def open_login_store(path: str) -> LoginStore | None:
     return LoginStore(path) if os.path.exists(path) else None
 
 
-class LoginRecorder(Service):
+class LoginRecorder(BatchWriter):
     """Remembers logins in memory (the latest per user) and writes them to ``store`` in a
     thread every ``interval`` seconds; ``clock`` drives the timer."""
 
+    what = "last logins"
+
     def __init__(self, store: LoginStore, reactor, clock=None, interval: float = 5.0) -> None:
+        super().__init__(reactor, clock, interval)
         self.store = store
-        self._reactor = reactor
-        self._clock = clock or reactor
-        self.interval = interval
         self._pending: dict[str, tuple[float, str]] = {}
-        self._writing: defer.Deferred | None = None
-        self._loop: task.LoopingCall | None = None
 
     def record(self, username: str, client_ip: str) -> None:
         self._pending[username] = (self._clock.seconds(), client_ip)
 
-    def flush(self) -> defer.Deferred:
-        if self._writing is not None:
-            return self._writing.addCallback(lambda _: self.flush())
+    def _take(self):
         if not self._pending:
-            return defer.succeed(None)
+            return None
         pending, self._pending = self._pending, {}
-        d = threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                      self.store.add, pending)
+        return pending
 
-        def failed(failure):
-            log.failure("last logins not written, kept for the next attempt", failure)
-            self._pending = pending | self._pending
+    def _write(self, batch) -> None:
+        self.store.add(batch)
 
-        def done(_):
-            self._writing = None
-
-        d.addErrback(failed).addBoth(done)
-        self._writing = d
-        return d
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self.flush)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("last-login timer stopped", f)
-        )
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return self.flush()
+    def _put_back(self, batch) -> None:
+        self._pending = batch | self._pending

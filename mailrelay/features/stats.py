@@ -14,11 +14,10 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from twisted.application.service import Service
-from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from mailrelay.features.db import SqliteStore
+from mailrelay.flushing import BatchWriter
 
 log = Logger()
 
@@ -190,10 +189,12 @@ def _where(account, user, since) -> tuple[str, list]:
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-class StatsRecorder(Service):
+class StatsRecorder(BatchWriter):
     """Counts in memory, written to ``store`` in a thread every ``interval`` seconds or
     when ``max_pending`` records are waiting. ``clock`` drives the timer (a task.Clock in
     tests); ``reactor`` runs the thread pool."""
+
+    what = "statistics"
 
     def __init__(
         self,
@@ -204,17 +205,12 @@ class StatsRecorder(Service):
         max_pending: int = 1000,
         threadpool=None,
     ) -> None:
+        super().__init__(reactor, clock, interval, threadpool)
         self.store = store
-        self._reactor = reactor
-        self._clock = clock or reactor
-        self._threadpool = threadpool
-        self.interval = interval
         self.max_pending = max_pending
         self._counts: Counter[Key] = Counter()
         self._tracked: list[Tracked] = []
         self._pending = 0
-        self._writing: defer.Deferred | None = None
-        self._loop: task.LoopingCall | None = None
 
     def record(
         self, event: Event, account: str, user: str, n: int = 1, when: float | None = None
@@ -243,39 +239,17 @@ class StatsRecorder(Service):
         if self._pending >= self.max_pending and self._writing is None:
             self.flush()
 
-    def flush(self) -> defer.Deferred:
-        """Write what is pending; fires when written (after any write under way)."""
-        if self._writing is not None:
-            return self._writing.addCallback(lambda _: self.flush())
+    def _take(self):
         if not self._counts and not self._tracked:
-            return defer.succeed(None)
-        counts, tracked = self._counts, self._tracked
+            return None
+        batch = (self._counts, self._tracked)
         self._counts, self._tracked, self._pending = Counter(), [], 0
-        pool = self._threadpool or self._reactor.getThreadPool()
-        d = threads.deferToThreadPool(self._reactor, pool, self.store.add, counts, tracked)
+        return batch
 
-        def failed(failure):
-            log.failure("statistics not written, kept for the next attempt", failure)
-            self._counts.update(counts)
-            self._tracked[:0] = tracked
+    def _write(self, batch) -> None:
+        self.store.add(*batch)
 
-        def done(_):
-            self._writing = None
-
-        d.addErrback(failed).addBoth(done)
-        self._writing = d
-        return d
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self.flush)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("statistics timer stopped", f)
-        )
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return self.flush()
+    def _put_back(self, batch) -> None:
+        counts, tracked = batch
+        self._counts.update(counts)
+        self._tracked[:0] = tracked
