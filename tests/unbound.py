@@ -21,10 +21,6 @@ UNBOUND = "/usr/sbin/unbound"
 START_TIMEOUT = 20.0  # seconds
 
 
-def available() -> bool:
-    return shutil.which("unbound") is not None or Path(UNBOUND).exists()
-
-
 def _free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 (unbound listens on both)."""
     for _ in range(50):
