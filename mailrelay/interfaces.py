@@ -441,3 +441,13 @@ class IListenerMetrics(Interface):
 
     def login(method: str, result: str) -> None:
         """A login by one of its sessions (IMetrics.login)."""
+
+
+class IEventSink(Interface):
+    """Where the relay reports what happened to a message or a login (mailrelay/events.py
+    names the kinds); the webhooks deliver them to the accounts' endpoints."""
+
+    def emit(kind: str, account: str | None, user: str | None, data: dict) -> None:
+        """Record one event of ``kind`` for ``account``/``user`` (None: not known) with its
+        JSON-able ``data`` (queue id, recipient, remote reply, ...). Called in the reactor
+        thread; never blocks and never raises: an event that cannot be kept is logged."""
