@@ -18,9 +18,11 @@ cd "$(dirname "$0")"
 # swaks needs libnet-ssleay-perl for TLS (only recommended, and recommends are left out).
 # Postfix is a client in tests/test_e2e_dsn.py, as a private instance (bench/postfix.py);
 # "No configuration" leaves the system instance without a main.cf, never started.
+# redis-server and postgresql serve the cluster tests as private instances on loopback
+# (tests/redis_server.py, tests/pg_server.py); policy-rc.d keeps the system ones stopped.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 ensure_debs slapd ldap-utils swaks libnet-ssleay-perl openssl chromium chromium-driver \
-    opendkim-tools iproute2 haproxy postfix unbound redis-server
+    opendkim-tools iproute2 haproxy postfix unbound redis-server postgresql
 ensure_venv
 "$VENV/bin/pip" install -q --disable-pip-version-check '.[test]'
 # Run the checkout's code (not the installed copy); twistd finds the plugin on PYTHONPATH.

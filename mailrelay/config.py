@@ -181,6 +181,20 @@ def _address_auth(value: str):
     return AddressAuth.parse(value)
 
 
+def _postgres_dsn(value: str) -> str:
+    """A libpq connection string (URI or key=value), checked for syntax only."""
+    if not value:
+        return ""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(value)
+    except ProgrammingError as e:
+        raise ValueError(f"{value!r} is not a PostgreSQL connection string: {e}") from None
+    return value
+
+
 def redis_url_parts(url: str) -> dict:
     """``unix:/run/redis/redis.sock`` (or a bare path), ``redis://[:password@]host[:port][/db]``
     as keyword arguments of txredisapi's pools. Raises ValueError."""
@@ -398,6 +412,10 @@ SCHEMA["cluster"] = {
     "node_id": (text, ""),  # names this node's connection leases; default hostname-pid
     "lease_time": (duration, 30.0),  # a dead node's connections stop counting after this
     "prefix": (text, "mailrelay:"),  # of every key, so several relay groups share a Redis
+    # The stores shared by the nodes (mailrelay/postgres/): a libpq URI or key=value string.
+    "postgres": (_postgres_dsn, ""),  # postgresql://USER@HOST[:PORT]/DB; empty: local files
+    "postgres_password": (text, ""),  # unless the DSN, PGPASSWORD or ~/.pgpass has one
+    "postgres_connections": (integer(1, 100), 4),  # per node and process, at most
 }
 
 SCHEMA["metrics"] = {

@@ -1,6 +1,7 @@
 """Test setup shared by every test: the repository root is importable, and under
 ``CI=true`` nothing is skipped: a test that cannot run is a feature that fails."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ def missing_tools() -> list[str]:
         ("unbound", "/usr/sbin/unbound"),  # the validating resolver of tests/test_dane.py
         ("redis-server", "/usr/bin/redis-server"),
     ) if not os.path.exists(path)]
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):  # tests/pg_server.py
+        missing.append("postgresql (/usr/lib/postgresql/N/bin)")
     missing += [name for name in ("swaks", "openssl", "ldapadd") if not shutil.which(name)]
     # DKIM's independent verifier, run in a namespace of its own (tests/dkim_verify.py).
     missing += [f"{name} ({package})" for name, package in (

@@ -1,0 +1,4 @@
+"""The PostgreSQL store several nodes share (``[cluster] postgres``): the same management
+stores as the local files (users and accounts, suppressions, statistics, admin logins and
+API keys, DKIM keys), in one database. db.py is the connection pool, the schema migrations
+and the notifications that tell every node of a change."""
