@@ -43,7 +43,8 @@ class GoneNotices:
         msg = EmailMessage(policy=SMTP)
         msg["From"] = formataddr(("Mail relay", self.postmaster))
         msg["To"] = to
-        msg["Subject"] = f"Webhook endpoint disabled: {endpoint.url} answered 410 Gone"
+        # The URL is left to the body: a long Subject folds badly in some readers.
+        msg["Subject"] = f"Webhook endpoint {endpoint.id} disabled: it answered 410 Gone"
         msg["Date"] = formatdate(self.clock.seconds(), usegmt=True)
         msg["Message-ID"] = make_msgid(domain=self.hostname)
         msg["Auto-Submitted"] = "auto-generated"
