@@ -330,6 +330,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
                   min_free_bytes=config.spool.min_free_space, owner=False,
                   node=node_id(config.server.data_dir, config.server.node_id))
     spool.setServiceParent(top)
+    top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics)

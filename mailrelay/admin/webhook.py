@@ -130,11 +130,15 @@ def _missing(args) -> CommandError:
     return CommandError(f"no webhook endpoint {args.endpoint}{where}")
 
 
-def delete(args, context: Context) -> int:
+def _change(args, context: Context, change) -> int:
     with _opened(context) as hooks:
-        if not _now(hooks.remove(args.endpoint, args.account)):
+        if not _now(change(hooks)(args.endpoint, args.account)):
             raise _missing(args)
     return 0
+
+
+def delete(args, context: Context) -> int:
+    return _change(args, context, lambda hooks: hooks.remove)
 
 
 def rotate(args, context: Context) -> int:
@@ -153,10 +157,7 @@ def rotate(args, context: Context) -> int:
 
 
 def enable(args, context: Context) -> int:
-    with _opened(context) as hooks:
-        if not _now(hooks.enable(args.endpoint, args.account)):
-            raise _missing(args)
-    return 0
+    return _change(args, context, lambda hooks: hooks.enable)
 
 
 def failed(args, context: Context) -> int:
