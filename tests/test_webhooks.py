@@ -7,9 +7,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
+from harness import env
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -20,7 +23,7 @@ from mailrelay.manage.stores import threaded
 from mailrelay.webhooks import signing
 from mailrelay.webhooks.sender import GONE, PERMANENT, RETRY, SENT, WebhookSender, classify
 from mailrelay.webhooks.sink import WebhookSink
-from mailrelay.webhooks.store import FAILED, PENDING, WebhookStore
+from mailrelay.webhooks.store import FAILED, PENDING, Event, WebhookStore
 from mailrelay.webhooks.targetcheck import refused
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -145,8 +148,8 @@ class SenderTests(unittest.TestCase):
         self.addCleanup(s.stopService)
         return s
 
-    def event(self, path: str):
-        url = f"http://127.0.0.1:{self.port.getHost().port}{path}"
+    def event(self, path: str, host: str = "127.0.0.1"):
+        url = f"http://{host}:{self.port.getHost().port}{path}"
         endpoint = self.store.add_endpoint("acme", url, [], [], reactor.seconds())
         sink = WebhookSink(self.store, reactor)
         sink.emit(EventKind.DELIVERED, "acme", "u@acme.test", {"queue_id": "q"})
@@ -208,3 +211,31 @@ class SenderTests(unittest.TestCase):
         yield self.settle(lambda: self.store.failed())
         assert self.receiver.requests == []
         assert "private or local address" in self.store.failed()[0].last_error
+
+    @defer.inlineCallbacks
+    def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(self):
+        self.event("/flaky", host="localhost")  # a name: taken when added, checked later
+        self.sender(allowed=())
+        yield self.settle(lambda: self.store.failed())
+        assert self.receiver.requests == []
+        assert "localhost is 127.0.0.1" in self.store.failed()[0].last_error
+
+
+def test_two_processes_append_to_one_outbox(store, tmp_path):
+    """The relay and its delivery process each write events to the same file."""
+    store.add_endpoint("acme", "https://a.example/", [], [], 1.0)
+    script = tmp_path / "writer.py"
+    script.write_text(
+        "import sys\n"
+        "from mailrelay.webhooks.store import Event, WebhookStore\n"
+        "store = WebhookStore(sys.argv[1])\n"
+        "for n in range(50):\n"
+        "    store.append([Event(f'evt_child{n}_{i}', 'acme', 'u', 'message.delivered',"
+        " b'{}', 1.0) for i in range(4)])\n")
+    child = subprocess.Popen([sys.executable, str(script), store.path], env=env())
+    for n in range(50):
+        store.append([Event(f"evt_parent{n}_{i}", "acme", "u", "message.delivered", b"{}", 1.0)
+                      for i in range(4)])
+    assert child.wait(timeout=60) == 0
+    ids = {d.event_id for d, _ in store.due(1e12, 1000)}
+    assert len(ids) == 400
