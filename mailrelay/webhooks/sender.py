@@ -55,18 +55,24 @@ def classify(status: int | None) -> str:
 
 
 class _Snippet(protocol.Protocol):
-    """Reads the start of an answer's body and drops the rest."""
+    """Reads the start of an answer's body and drops the rest; ``done`` fires with it
+    (cancelled: the connection is closed)."""
 
-    def __init__(self, done: defer.Deferred) -> None:
-        self.done = done
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred(self._abort)
         self.data = b""
+
+    def _abort(self, _) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if len(self.data) < MAX_SNIPPET:
             self.data += data[:MAX_SNIPPET - len(self.data)]
 
     def connectionLost(self, reason=None) -> None:
-        self.done.callback(self.data)
+        if not self.done.called:
+            self.done.callback(self.data)
 
 
 class WebhookSender(Service):
@@ -185,9 +191,9 @@ class WebhookSender(Service):
                                FileBodyProducer(BytesIO(delivery.body)))
 
         def answered(response):
-            done: defer.Deferred = defer.Deferred()
-            response.deliverBody(_Snippet(done))
-            return done.addCallback(lambda snippet: (response.code, snippet))
+            snippet = _Snippet()
+            response.deliverBody(snippet)
+            return snippet.done.addCallback(lambda data: (response.code, data))
 
         return d.addCallback(answered)
 
