@@ -451,3 +451,35 @@ class IEventSink(Interface):
         """Record one event of ``kind`` for ``account``/``user`` (None: not known) with its
         JSON-able ``data`` (queue id, recipient, remote reply, ...). Called in the reactor
         thread; never blocks and never raises: an event that cannot be kept is logged."""
+
+
+class IWebhooks(Interface):
+    """The accounts' webhook endpoints and their failed events, as mailrelay-admin, the
+    API and the panel manage them (manage/webhooks.py over webhooks/store.py). Every call
+    takes the account it is limited to (None: every account); each returns a Deferred."""
+
+    def list(account: str | None = None):
+        """The endpoints (webhooks.store.Endpoint), oldest first."""
+
+    def get(endpoint_id: int, account: str | None = None):
+        """One endpoint, or None."""
+
+    def add(account: str, url: str, users: list[str], kinds: list[str]):
+        """A new endpoint with a new secret; ValueError for a URL or kind refused."""
+
+    def remove(endpoint_id: int, account: str | None = None):
+        """True when it was there; its pending and failed events go with it."""
+
+    def rotateSecret(endpoint_id: int, account: str | None = None):
+        """The endpoint with a new secret (the old one signs too for ``secret_overlap``),
+        or None."""
+
+    def enable(endpoint_id: int, account: str | None = None):
+        """Send to it again (after a 410 disabled it); True when it was there."""
+
+    def failed(account: str | None = None, limit: int = 500):
+        """Failed events (webhooks.store.Delivery), newest first."""
+
+    def retry(delivery_id: int, account: str | None = None):
+        """Send a failed event again now: "retried", "unknown" or "disabled" (its endpoint
+        is)."""

@@ -61,6 +61,14 @@ class Api:
         r("GET", "/suppressions", self.list_suppressions, ("user", "account", "global"))
         r("POST", "/suppressions", self.add_suppression)
         r("DELETE", "/suppressions/{address}", self.delete_suppression, ("user", "account"))
+        r("GET", "/webhooks", self.list_webhooks, ("account",))
+        r("POST", "/webhooks", self.add_webhook)
+        r("GET", "/webhooks/failed", self.failed_webhooks, ("account",))
+        r("POST", "/webhooks/failed/{event}/retry", self.retry_webhook)
+        r("GET", "/webhooks/{endpoint}", self.get_webhook)
+        r("DELETE", "/webhooks/{endpoint}", self.delete_webhook)
+        r("POST", "/webhooks/{endpoint}/rotate-secret", self.rotate_webhook_secret)
+        r("POST", "/webhooks/{endpoint}/enable", self.enable_webhook)
         r("GET", "/queue", self.list_queue, ("limit",))
         r("GET", "/queue/{queue_id}", self.show_queued)
         r("POST", "/queue/{queue_id}/retry", self.retry_queued)
@@ -170,6 +178,34 @@ class Api:
     async def delete_suppression(self, call: Call) -> Response:
         await ops.delete_suppression(self.s, call.params["address"], *_level(call))
         return Response(204)
+
+    async def list_webhooks(self, call: Call) -> Response:
+        return json_response(await ops.list_webhooks(self.s, call.arg("account")))
+
+    async def add_webhook(self, call: Call) -> Response:
+        doc = await ops.add_webhook(self.s, call.json())
+        return json_response(doc, 201, **{"cache-control": "no-store",
+                                          "location": f"{PREFIX}/webhooks/{doc['id']}"})
+
+    async def get_webhook(self, call: Call) -> Response:
+        return json_response(await ops.get_webhook(self.s, call.params["endpoint"]))
+
+    async def delete_webhook(self, call: Call) -> Response:
+        await ops.delete_webhook(self.s, call.params["endpoint"])
+        return Response(204)
+
+    async def rotate_webhook_secret(self, call: Call) -> Response:
+        doc = await ops.rotate_webhook_secret(self.s, call.params["endpoint"])
+        return json_response(doc, **{"cache-control": "no-store"})
+
+    async def enable_webhook(self, call: Call) -> Response:
+        return json_response(await ops.enable_webhook(self.s, call.params["endpoint"]))
+
+    async def failed_webhooks(self, call: Call) -> Response:
+        return json_response(await ops.failed_webhooks(self.s, call.arg("account")))
+
+    async def retry_webhook(self, call: Call) -> Response:
+        return json_response(await ops.retry_webhook(self.s, call.params["event"]), 202)
 
     async def list_queue(self, call: Call) -> Response:
         return json_response(await ops.list_queue(self.s, _int(call, "limit", 500, 1, 10000)))

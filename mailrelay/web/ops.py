@@ -36,6 +36,7 @@ from mailrelay.manage.queue import QueueReader
 from mailrelay.manage.stores import LDAP_MANAGED, threaded
 from mailrelay.manage.suppressions import suppression_json
 from mailrelay.manage.users import Forgotten, UserManager, account_json, user_json
+from mailrelay.manage.webhooks import endpoint_json, failed_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
 from mailrelay.spool.queueid import is_queue_id
@@ -63,6 +64,7 @@ class Services:
     resolver: Any = None  # where DKIM records are looked up (None: they are not)
     config: Any = None  # the relay's Config: [dkim] relay_domain, what domain check reads
     last_logins: Any = None  # auth.lifecycle.LoginStore, or None: no login recorded here
+    webhooks: Any = None  # IWebhooks (manage.webhooks), or None: webhooks are off
 
     @property
     def users(self) -> UserManager | None:
@@ -408,6 +410,100 @@ async def delete_suppression(s: Services, address: str, user=None, account=None)
     removed = await s.suppressions.remove(address, *level)
     if not removed:
         raise HttpError(404, f"{address} is not on that list")
+
+
+# ---- webhooks ----
+
+
+def _webhooks(s: Services):
+    if s.webhooks is None:
+        raise HttpError(503, "webhooks are off in this relay ([webhooks] enabled = no)")
+    return s.webhooks
+
+
+def _number(text: str | int, what: str) -> int:
+    if isinstance(text, int) or (isinstance(text, str) and text.isdigit() and len(text) < 19):
+        return int(text)
+    raise HttpError(404, f"no {what} {text!r}")
+
+
+async def _known_account(s: Services, account: str | None) -> str | None:
+    if account and await s.manager.store.getAccount(account) is None:
+        raise HttpError(404, f"unknown account {account!r}")
+    return account or None
+
+
+async def list_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+    hooks = _webhooks(s)
+    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account))]
+
+
+async def get_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"))
+    if found is None:
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return endpoint_json(found)
+
+
+def _texts(doc: dict[str, Any], key: str) -> list[str]:
+    value = doc.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise HttpError(400, f"{key} must be a list of names")
+    return value
+
+
+async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    """The new endpoint with its secret (shown here and by rotate-secret only)."""
+    hooks = _webhooks(s)
+    unknown = sorted(set(doc) - {"account", "url", "users", "events"})
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)}")
+    account, url = doc.get("account"), doc.get("url")
+    if not isinstance(account, str) or not account or not isinstance(url, str):
+        raise HttpError(400, "account and url are required")
+    await _known_account(s, account)
+    try:
+        endpoint = await hooks.add(account, url, _texts(doc, "users"), _texts(doc, "events"))
+    except ValueError as e:
+        raise HttpError(400, str(e))
+    log.info("control panel: webhook endpoint {id} for {account}: {url}", id=endpoint.id,
+             account=account, url=endpoint.url)
+    return endpoint_json(endpoint, secrets=True)
+
+
+async def delete_webhook(s: Services, endpoint_id: str) -> None:
+    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint")):
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    log.info("control panel: deleted webhook endpoint {id}", id=endpoint_id)
+
+
+async def rotate_webhook_secret(s: Services, endpoint_id: str) -> dict[str, Any]:
+    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"))
+    if found is None:
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return endpoint_json(found, secrets=True)
+
+
+async def enable_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+    number = _number(endpoint_id, "webhook endpoint")
+    if not await _webhooks(s).enable(number):
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return await get_webhook(s, endpoint_id)
+
+
+async def failed_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+    hooks = _webhooks(s)
+    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account))]
+
+
+async def retry_webhook(s: Services, event: str) -> dict[str, Any]:
+    outcome = await _webhooks(s).retry(_number(event, "failed event"))
+    if outcome == "unknown":
+        raise HttpError(404, f"no failed event {event}")
+    if outcome == "disabled":
+        raise HttpError(409, f"the endpoint of event {event} is disabled: enable it first")
+    log.info("control panel: webhook event {id} to send again", id=event)
+    return {"id": int(event), "retry": "scheduled now"}
 
 
 # ---- queue ----

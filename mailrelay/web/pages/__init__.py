@@ -4,9 +4,9 @@ Every page but the login form, the static stylesheet and the public confirmation
 needs an admin session; every POST carries the session's CSRF token. A refused change is
 shown above the form with what was typed, and changes nothing.
 
-One module per topic (login, users, accounts, queue, suppressions, DKIM, domains, stats,
-explain), each adding its routes to the router here; this module only lets a request in or
-not.
+One module per topic (login, users, accounts, queue, suppressions, DKIM, domains,
+webhooks, stats, explain), each adding its routes to the router here; this module only
+lets a request in or not.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mailrelay.web.pages.queue import QueuePages
 from mailrelay.web.pages.stats import StatsPages
 from mailrelay.web.pages.suppressions import SuppressionPages
 from mailrelay.web.pages.users import UserPages
+from mailrelay.web.pages.webhooks import WebhookPages
 from mailrelay.web.routing import Call, HttpError, Response, Router, reason
 from mailrelay.web.sessions import COOKIE, Sessions
 from mailrelay.web.templates import link, page
@@ -53,7 +54,7 @@ class Panel:
         r("GET", "/static/panel.css", self.css)
         LoginPages(services, sessions, logins).register(r)
         for pages in (UserPages, StatsPages, AccountPages, QueuePages, SuppressionPages,
-                      DkimPages, DomainPages, ExplainPages):
+                      DkimPages, DomainPages, WebhookPages, ExplainPages):
             pages(services).register(r)
         r("GET", "/verify/{token}", self.verify_pages.show)
         r("POST", "/verify/{token}", self.verify_pages.confirm)
