@@ -123,8 +123,9 @@ class ISuppressionLists(Interface):
     def list(account: str | None = None, user: str | None = None):
         """Fires with one list's features.suppressions.Suppression rows, by address."""
 
-    def all():
-        """Fires with every row: the global list, then each account's."""
+    def all(account: str | None = None):
+        """Fires with every row: the global list, then each account's; with ``account``,
+        only that account's rows (account-wide and per user, never the global list)."""
 
     def ofUser(user: str):
         """Fires with the rows stored for the user named ``user`` in any account (also
