@@ -27,6 +27,7 @@ from mailrelay.auth.passwords import hash_password
 from mailrelay.manage.access import Access, AccessStore, access_path
 from mailrelay.model import Envelope
 from mailrelay.web import tenancy
+from mailrelay.web.routing import json_response
 
 LIMITED_PASSWORD = "alpha-admin-password"
 FORM = "application/x-www-form-urlencoded"
@@ -237,6 +238,21 @@ class AccountLimitedAdmins(unittest.TestCase):
         documented = {(m, t) for m, t in OPERATIONS}
         routed = {(r.method, r.template) for r in self.root.api.router.routes}
         self.assertEqual(routed, documented)
+
+    @defer.inlineCallbacks
+    def test_a_route_without_a_rule_is_refused_to_limited_admins(self):
+        async def handler(call):
+            return json_response({"seen": True})
+
+        self.root.api.router.add("GET", "/undeclared", handler)
+        self.root.panel.router.add("GET", "/undeclared", handler)
+        code, text = yield self.api("GET", "/undeclared")
+        self.assertEqual(code, 403, text)
+        self.assertIn("declares no account rule", text)
+        code, text = yield self.page("GET", "/undeclared")
+        self.assertEqual(code, 403, text)
+        code, _, doc = yield self.panel.call("GET", "/api/v1/undeclared")  # every account
+        self.assertEqual((code, doc), (200, {"seen": True}))
 
     @defer.inlineCallbacks
     def test_every_route_across_the_boundary(self):
