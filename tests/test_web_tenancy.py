@@ -169,6 +169,8 @@ class AccountLimitedAdmins(unittest.TestCase):
                 name, value = yield dkim.txtRecord(key)
                 self.panel.dns.zone[name] = [f"TXT {value}"]
         yield dkim.add("beta.test", "beta", "s-b", "ed25519", 0)
+        # A key of no account (as the relay domain's) on a domain of alpha's.
+        yield dkim.add("alpha3.test", None, "relay", "ed25519", 0, "retiring")
         ids: dict = {"A": {}, "B": {}}
         for side, name, account, user in (
             ("A", "queue_id", "alpha", "app-a"), ("A", "delete_api", "alpha", "app-a"),
@@ -294,6 +296,8 @@ class AccountLimitedAdmins(unittest.TestCase):
             (self.api, "DELETE", "/suppressions/supp-g@example.org", None, None, 403),
             (self.api, "PATCH", "/users/app-a", None, {"account": "beta"}, 404),
             (self.api, "POST", "/dkim", None, {"domain": "relay.test"}, 404),
+            (self.api, "POST", "/dkim/alpha3.test/relay/retire", None, None, 404),
+            (self.page, "POST", "/dkim/alpha3.test/relay/delete", None, None, 404),
             (self.page, "GET", "/users", {"account": "beta"}, None, 404),
             (self.page, "POST", "/users/app-a", None, {"account": "beta", "priority": "3"},
              404),

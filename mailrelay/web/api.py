@@ -78,11 +78,10 @@ class Api:
         r("GET", "/dkim", self.list_dkim, account=t.LISTED)
         r("POST", "/dkim", self.add_dkim, account=t.domain(t.body("domain")))
         r("GET", "/dkim/{domain}", self.show_dkim, account=t.domain(domain))
-        r("DELETE", "/dkim/{domain}/{selector}", self.delete_dkim, account=t.domain(domain))
+        r("DELETE", "/dkim/{domain}/{selector}", self.delete_dkim, account=t.DKIM_KEY)
         r("POST", "/dkim/{domain}/{selector}/activate", self.activate_dkim,
-          account=t.domain(domain))
-        r("POST", "/dkim/{domain}/{selector}/retire", self.retire_dkim,
-          account=t.domain(domain))
+          account=t.DKIM_KEY)
+        r("POST", "/dkim/{domain}/{selector}/retire", self.retire_dkim, account=t.DKIM_KEY)
         r("GET", "/domains", self.list_domains, account=t.LISTED)
         r("GET", "/domains/{domain}/check", self.check_domain, account=t.domain(domain))
         r("GET", "/stats", self.stats, ("user", "account", "since", "period"),

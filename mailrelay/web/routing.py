@@ -162,10 +162,6 @@ class Router:
             raise HttpError(405, f"{method} is not allowed here", allow=sorted(set(allowed)))
         raise HttpError(404, "no such resource")
 
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        route, params = self.route(method, path)
-        return route.handler, params
-
 
 def run_handler(
     request,

@@ -140,18 +140,24 @@ def queued(field: Field) -> Rule:
     return rule
 
 
-def domain(field: Field) -> Rule:
+def domain(field: Field, selector: Field | None = None) -> Rule:
     """The accounts a sending domain is authorized for and those its DKIM keys sign for
-    (the relay domain's keys sign for every account: no account owns them)."""
+    (the relay domain's keys sign for every account: no account owns them). With
+    ``selector``, the account of that one key, when there is one."""
     async def rule(s, call: Call) -> Verdict:
         name = field(call) or ""
+        unknown = f"unknown domain {name!r}"
         try:
             name = manage_dkim.domain_name(name)
         except manage_dkim.DkimError:
-            return Owned(frozenset(), f"unknown domain {name!r}")
+            return Owned(frozenset(), unknown)
+        keys = await s.dkim.ofDomain(name)
+        chosen = selector(call) if selector is not None else None
+        key = next((k for k in keys if k.selector == (chosen or "").lower()), None)
+        if key is not None:
+            return Owned(frozenset({key.account} if key.account else ()), unknown)
         accounts = {a.name for a, _ in await s.manager.accounts() if name in a.domains}
-        accounts |= {k.account for k in await s.dkim.ofDomain(name) if k.account}
-        return Owned(frozenset(accounts), f"unknown domain {name!r}")
+        return Owned(frozenset(accounts | {k.account for k in keys if k.account}), unknown)
 
     return rule
 
@@ -193,5 +199,6 @@ def every(*rules: Rule) -> Rule:
     return rule
 
 
+DKIM_KEY = domain(path("domain"), path("selector"))  # /dkim/{domain}/{selector}/...
 NEW_USER = account(body("account"), DEFAULT_ACCOUNT)  # a new user's account: given or default
 CHANGED_USER = every(user(path("username")), account(body("account")))

@@ -60,9 +60,10 @@ class DkimPages(Pages):
         add("GET", "/dkim", self.keys, account=t.LISTED)
         add("POST", "/dkim", self.add_key, account=t.domain(t.body("domain")))
         add("GET", "/dkim/{domain}", self.domain, account=domain)
-        add("POST", "/dkim/{domain}/{selector}/delete", self.delete_key, account=domain)
-        add("POST", "/dkim/{domain}/{selector}/activate", self.activate_key, account=domain)
-        add("POST", "/dkim/{domain}/{selector}/retire", self.retire_key, account=domain)
+        add("POST", "/dkim/{domain}/{selector}/delete", self.delete_key, account=t.DKIM_KEY)
+        add("POST", "/dkim/{domain}/{selector}/activate", self.activate_key,
+            account=t.DKIM_KEY)
+        add("POST", "/dkim/{domain}/{selector}/retire", self.retire_key, account=t.DKIM_KEY)
 
     async def keys(self, call: Call, message: str = "", status: int = 200) -> Response:
         csrf = call.principal.csrf
