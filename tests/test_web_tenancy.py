@@ -332,6 +332,14 @@ class AccountLimitedAdmins(unittest.TestCase):
                 for foreign in FOREIGN:
                     self.assertNotIn(foreign, text, what)
             tried.add((surface, route.method, route.template))
+        # The panel's lists show alpha's objects (and, above, nothing of the others').
+        for page, mine in (("/users", "app-a"), ("/accounts", "alpha"),
+                           ("/queue", self.ids["A"]["queue_id"]),
+                           ("/suppressions", "supp-a@example.org"), ("/dkim", "alpha.test"),
+                           ("/domains", "alpha2.test"), ("/stats", "app-a")):  # fmt: skip
+            code, text = yield self.page("GET", page)
+            self.assertEqual(code, 200, text)
+            self.assertIn(mine, text, page)
         code, _ = yield self.page("POST", "/logout")
         self.assertEqual((code, logout is not None), (303, True))
 
