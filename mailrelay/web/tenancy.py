@@ -35,14 +35,14 @@ from mailrelay.spool.queueid import is_queue_id
 from mailrelay.web.routing import Call, HttpError, Route
 
 
-class Scope(enum.Enum):
+class Extent(enum.Enum):
     PUBLIC = "public"
     SESSION = "session"
     LISTED = "listed"
     RELAY_WIDE = "relay-wide"
 
 
-PUBLIC, SESSION, LISTED, RELAY_WIDE = Scope
+PUBLIC, SESSION, LISTED, RELAY_WIDE = Extent
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ class Owned:
     unknown: str
 
 
-Verdict = Owned | Scope
-Rule = Scope | Callable[[Any, Call], Awaitable[Verdict]]
+Verdict = Owned | Extent
+Rule = Extent | Callable[[Any, Call], Awaitable[Verdict]]
 Field = Callable[[Call], "str | None"]
 
 RELAY_WIDE_REFUSAL = "account {account!r} only: this is relay-wide, for an admin of every account"
@@ -74,7 +74,7 @@ async def enforce(services, route: Route, call: Call) -> None:
         return
     if route.account is None:
         raise HttpError(403, UNDECLARED.format(account=limit))
-    verdict = route.account if isinstance(route.account, Scope) else \
+    verdict = route.account if isinstance(route.account, Extent) else \
         await route.account(services, call)  # fmt: skip
     if verdict is RELAY_WIDE:
         raise HttpError(403, RELAY_WIDE_REFUSAL.format(account=limit))
@@ -162,7 +162,7 @@ def domain(field: Field, selector: Field | None = None) -> Rule:
     return rule
 
 
-def level(user_field: Field, account_field: Field, unnamed: Scope = RELAY_WIDE) -> Rule:
+def level(user_field: Field, account_field: Field, unnamed: Extent = RELAY_WIDE) -> Rule:
     """A suppression list or statistics: a user's, an account's (both must be the
     caller's when both are named), or, when neither is named, ``unnamed``: the global list
     (RELAY_WIDE) or every account's (LISTED: filtered)."""
@@ -190,7 +190,7 @@ def every(*rules: Rule) -> Rule:
     async def rule(s, call: Call) -> Verdict:
         limit = call.account
         for each in rules:
-            verdict = each if isinstance(each, Scope) else await each(s, call)
+            verdict = each if isinstance(each, Extent) else await each(s, call)
             if verdict is RELAY_WIDE or (isinstance(verdict, Owned)
                                          and limit not in verdict.accounts):
                 return verdict
