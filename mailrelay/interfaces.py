@@ -123,8 +123,9 @@ class ISuppressionLists(Interface):
     def list(account: str | None = None, user: str | None = None):
         """Fires with one list's features.suppressions.Suppression rows, by address."""
 
-    def all():
-        """Fires with every row: the global list, then each account's."""
+    def all(account: str | None = None):
+        """Fires with every row: the global list, then each account's; with ``account``,
+        only that account's rows (account-wide and per user, never the global list)."""
 
     def ofUser(user: str):
         """Fires with the rows stored for the user named ``user`` in any account (also
@@ -184,8 +185,9 @@ class IAccessStore(Interface):
     def listKeys():
         """Fires with the ApiKeys, sorted by name (never the keys themselves)."""
 
-    def addKey(name: str, access):
-        """Make a key; fires with the key itself, which is not stored (only its hash)."""
+    def addKey(name: str, access, account=None):
+        """Make a key (limited to ``account`` when given); fires with the key itself, which
+        is not stored (only its hash)."""
 
     def deleteKey(name: str):
         """Fires with the ApiKey revoked."""
@@ -193,8 +195,9 @@ class IAccessStore(Interface):
     def listAdmins():
         """Fires with the Admins, sorted by name."""
 
-    def setAdmin(name: str, password_hash: str, new: bool):
-        """Add an admin (``new``) or change an admin's password; fires with the Admin."""
+    def setAdmin(name: str, password_hash: str, new: bool, account=None):
+        """Add an admin (``new``, limited to ``account`` when given) or change an admin's
+        password (its account stays); fires with the Admin."""
 
     def deleteAdmin(name: str):
         """Fires with the Admin deleted."""

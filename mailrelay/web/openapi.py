@@ -522,9 +522,10 @@ def openapi_document() -> dict[str, Any]:
         for code, text in {
             400: "bad input; nothing was changed",
             401: "no API key, or an unknown one",
-            403: "the API key is read-only",
+            403: "the API key is read-only, or limited to one account and this is relay-wide",
             404: "no such user, account, sender, address, message, DKIM key, sending domain, "
-                 "webhook endpoint or failed event",
+                 "webhook endpoint or failed event (or, for a key limited to one account, "
+                 "another account's)",
             405: "users and accounts are read-only here (LDAP directory)",
             409: "conflicts with what exists (name taken, still in use, already listed, a "
                  "DKIM key in another state or its record not yet in DNS, a webhook endpoint "
@@ -543,7 +544,9 @@ def openapi_document() -> dict[str, Any]:
             "sending "
             "domains' DNS records and statistics of a "
             "mailrelay. Authenticate with 'Authorization: Bearer <key>' (mailrelay-admin "
-            "apikey add NAME --read-only|--read-write). Errors are {\"error\": \"...\"}.",
+            "apikey add NAME --read-only|--read-write [--account ACCOUNT]). A key made with "
+            "--account sees and changes only that account's objects: another account's are "
+            "404, relay-wide resources 403. Errors are {\"error\": \"...\"}.",
         },
         "servers": [{"url": "/api/v1"}],
         "security": [{"apiKey": []}],

@@ -111,11 +111,13 @@ async def last_logins(s: Services) -> dict[str, tuple[float, str]]:
     return await threaded(s.reactor)(s.last_logins.all)
 
 
-async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
-    accounts = {a.name: a for a in await s.manager.store.listAccounts()}
+async def list_users(s: Services, account: str | None = None, within: str | None = None
+                     ) -> list[dict[str, Any]]:  # fmt: skip
+    """``within``: the one account the caller may see (tenancy.py), None: all."""
+    account = account or within
+    users, accounts = await s.manager.users(account)
     if account is not None and account not in accounts:
         raise HttpError(404, f"unknown account {account!r}")
-    users = await s.manager.store.listUsers(account)
     logins = await last_logins(s)
     return [user_doc(u, accounts.get(u.account), logins.get(u.username)) for u in users]
 
@@ -274,8 +276,8 @@ async def confirm(s: Services, username: str, sender: str) -> bool:
 # ---- accounts ----
 
 
-async def list_accounts(s: Services) -> list[dict[str, Any]]:
-    return [account_json(a, users) for a, users in await s.manager.accounts()]
+async def list_accounts(s: Services, within: str | None = None) -> list[dict[str, Any]]:
+    return [account_json(a, users) for a, users in await s.manager.accounts(within)]
 
 
 async def get_account(s: Services, name: str) -> dict[str, Any]:
@@ -373,9 +375,10 @@ async def suppression_level(
     return None, None
 
 
-async def list_suppressions(s: Services, user=None, account=None, everything=True):
+async def list_suppressions(s: Services, user=None, account=None, everything=True,
+                            within: str | None = None):  # fmt: skip
     if everything and not user and not account:
-        entries = await s.suppressions.all()
+        entries = await s.suppressions.all(within)
     else:
         level = await suppression_level(s, user, account)
         entries = await s.suppressions.list(*level)
@@ -515,8 +518,9 @@ def _queue_id(queue_id: str) -> str:
     return queue_id
 
 
-async def list_queue(s: Services, limit: int = 500) -> dict[str, Any]:
-    messages, total = await s.queue.list(limit)
+async def list_queue(s: Services, limit: int = 500, within: str | None = None
+                     ) -> dict[str, Any]:  # fmt: skip
+    messages, total = await s.queue.list(limit, within)
     return {"total": total, "messages": messages}
 
 
@@ -566,9 +570,9 @@ def dkim_refusals() -> Iterator[None]:
         raise HttpError(503, f"the DKIM key directory cannot be changed now: {e.strerror}")
 
 
-async def list_dkim(s: Services) -> list[dict[str, Any]]:
+async def list_dkim(s: Services, within: str | None = None) -> list[dict[str, Any]]:
     with dkim_refusals():
-        return await manage_dkim.listed(s.dkim, s.resolver)
+        return await manage_dkim.listed(s.dkim, s.resolver, within)
 
 
 async def show_dkim(s: Services, domain: str) -> list[dict[str, Any]]:
@@ -642,15 +646,17 @@ async def delete_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]
 # ---- sending domains ----
 
 
-async def sending_domains(s: Services) -> list[str]:
+async def sending_domains(s: Services, within: str | None = None) -> list[str]:
     """The domains the relay sends for: every account's authorized domains, the domains
-    with DKIM keys and the relay domain."""
+    with DKIM keys and the relay domain (``within``: only that account's domains and
+    those its keys sign, not the relay domain)."""
     with refusals():
-        accounts = await s.manager.store.listAccounts()
+        accounts = [a for a, _ in await s.manager.accounts(within)]
     with dkim_refusals():
-        keys = await s.dkim.list()
+        keys = await manage_dkim.owned(s.dkim, within)
     found = {d for a in accounts for d in a.domains} | {k.domain for k in keys}
-    return sorted(found | ({_relay_domain(s)} - {""}))
+    relay = {_relay_domain(s)} - {""} if within is None else set()
+    return sorted(found | relay)
 
 
 async def check_domain(s: Services, domain: str) -> dict[str, Any]:
