@@ -12,7 +12,7 @@ import os
 import sqlite3
 from functools import partial
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -115,6 +115,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     spool.setServiceParent(top)
 
     directory = open_directory(config, reactor=reactor)
+    if IService.providedBy(directory):  # the database's: it listens for changes
+        directory.setServiceParent(top)
     check_directory(directory)
     logins = open_logins(config, directory, reactor, top)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,

@@ -1,0 +1,268 @@
+"""Users and accounts in PostgreSQL, against a real server: the file store's changes and
+refusals, word for word; two stores changing at once without losing a change; and each
+node's in-memory directory following the notifications (and reloading everything when
+told nothing precise)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import pg_server
+import pytest
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailrelay.auth.passwords import hash_password
+from mailrelay.directory.changes import user_changes
+from mailrelay.directory.filedir import DirectoryFileError, UserStore, read_file
+from mailrelay.interfaces import IDirectory, IUserStore
+from mailrelay.manage.stores import FileUserStore, NothingToChange, at_once, threaded
+from mailrelay.model import Account, SmtpUser, Status
+from mailrelay.postgres.db import Database
+from mailrelay.postgres.users import PgDirectory, PgUsers, PgUserStore, import_data
+from mailrelay.scope import ScopeError
+
+pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
+
+HASH = hash_password("pass-word-1")
+
+
+def _user(name: str, **settings) -> SmtpUser:
+    settings.setdefault("account", "acme")
+    return SmtpUser(name, **user_changes(settings, SmtpUser(name)))
+
+
+def _db(dsn: str) -> Database:
+    db = Database(dsn)
+    db.open()
+    return db
+
+
+def _result(d: defer.Deferred):
+    """The result of an at_once Deferred (fired already), or its exception raised."""
+    out: list = []
+    d.addBoth(out.append)
+    if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+class StoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.db = _db(pg_server.shared_server().create_database())
+        self.addCleanup(self.db.close)
+        self.users = PgUsers(self.db)
+        self.store = PgUserStore(self.users, at_once)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        self.file = FileUserStore(os.path.join(tmp, "users.json"), at_once)
+        for store in (self.store, self.file):
+            _result(store.addAccount(Account("acme", frozenset({"acme.example"}))))
+
+    def test_is_an_IUserStore(self) -> None:
+        self.assertTrue(verifyObject(IUserStore, self.store))
+
+    def test_changes_are_kept_and_read_back(self) -> None:
+        added = _result(self.store.addUser(_user("news@acme.example", note="n"), HASH))
+        self.assertGreater(added.updated, 0)
+        before, after = _result(self.store.updateUser(
+            "NEWS@acme.example", lambda u: user_changes({"status": "blocked"}, u)))
+        self.assertEqual((before.status, after.status), (Status.ALLOWED, Status.BLOCKED))
+        other = hash_password("another-pass")
+        _result(self.store.setPassword("news@acme.example", other))
+        self.assertEqual(_result(self.store.passwordHash("news@acme.example")), other)
+        again = PgUserStore(PgUsers(self.db), at_once)  # a fresh reader: what is stored
+        user = _result(again.getUser("news@acme.example"))
+        self.assertEqual((user.note, user.status), ("n", Status.BLOCKED))
+        self.assertEqual([a.name for a in _result(again.listAccounts())], ["acme", "default"])
+        self.assertEqual([u.username for u in _result(again.listUsers("acme"))],
+                         ["news@acme.example"])
+        _result(self.store.updateAccount("acme", lambda a: {"notify": "ops@acme.example"}))
+        self.assertEqual(_result(again.getAccount("acme")).notify, "ops@acme.example")
+        _result(self.store.deleteUser("news@acme.example"))
+        self.assertIsNone(_result(again.getUser("news@acme.example")))
+        _result(self.store.deleteAccount("acme"))
+        self.assertEqual([a.name for a in _result(again.listAccounts())], ["default"])
+
+    def test_refusals_are_the_file_stores_word_for_word_and_change_nothing(self) -> None:
+        def bad_scope(current):
+            return user_changes({"domains": "not a domain!"}, current)
+
+        attempts = [
+            lambda s: s.addUser(_user("acme.example"), HASH),
+            lambda s: s.addUser(_user("ACME.example"), HASH),  # taken, in another case
+            lambda s: s.addUser(_user("x@other.example"), HASH),  # outside the account
+            lambda s: s.addUser(_user("nobody.example", account="nowhere"), HASH),
+            lambda s: s.updateUser("nobody.example", lambda u: {"note": "x"}),
+            lambda s: s.updateUser("acme.example", lambda u: {}),
+            lambda s: s.updateUser("acme.example", bad_scope),
+            lambda s: s.updateUser("acme.example", lambda u: {"priority": 9}),
+            lambda s: s.deleteAccount("default"),
+            lambda s: s.deleteAccount("acme"),  # still has a user
+            lambda s: s.addAccount(Account("acme")),
+            lambda s: s.addAccount(Account("bad name!")),
+            lambda s: s.updateAccount("acme", lambda a: {"domains": frozenset()}),
+        ]
+        results = {}
+        for name, store in (("pg", self.store), ("file", self.file)):
+            outcomes = []
+            for attempt in attempts:
+                try:
+                    outcomes.append(("ok", type(_result(attempt(store))).__name__))
+                except (DirectoryFileError, ScopeError, NothingToChange) as e:
+                    outcomes.append((type(e).__name__, str(e)))
+            results[name] = outcomes
+        self.assertEqual(results["pg"], results["file"])
+        self.assertEqual(results["pg"][0], ("ok", "SmtpUser"))
+        self.assertTrue(all(kind != "ok" for kind, _ in results["pg"][1:]), results["pg"])
+        self.assertEqual([u.username for u in _result(self.store.listUsers())], ["acme.example"])
+
+    def test_two_stores_changing_at_once_lose_nothing(self) -> None:
+        _result(self.store.addUser(_user("acme.example"), HASH))
+        errors: list[Exception] = []
+
+        def node(tag: str) -> None:
+            db = _db(self.db.dsn)
+            try:
+                store = PgUserStore(PgUsers(db), at_once)
+                for i in range(10):
+                    _result(store.addUser(_user(f"{tag}{i}@acme.example"), HASH))
+                    # A read-modify-write of one shared user: the lock makes each one see
+                    # the other's notes.
+                    _result(store.updateUser("acme.example", lambda u, i=i: {
+                        "note": (u.note + f" {tag}{i}").strip()}))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            finally:
+                db.close()
+
+        nodes = [threading.Thread(target=node, args=(tag,)) for tag in "ab"]
+        for t in nodes:
+            t.start()
+        for t in nodes:
+            t.join(60)
+        self.assertEqual(errors, [])
+        users = _result(self.store.listUsers())
+        self.assertEqual(len(users), 21)
+        notes = _result(self.store.getUser("acme.example")).note.split()
+        self.assertEqual(sorted(notes), sorted(f"{t}{i}" for t in "ab" for i in range(10)))
+
+    def test_import_adds_what_is_missing_once_and_keeps_what_is_there(self) -> None:
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "users.json")
+        with UserStore(path).change() as s:
+            s.add_account(Account("acme", frozenset({"acme.example"}), note="from the file"))
+            s.add_account(Account("beta", frozenset({"beta.example"})))
+            s.add_user(_user("beta.example", account="beta"), HASH)
+            s.add_user(_user("acme.example", note="from the file"), HASH)
+        _result(self.store.addUser(_user("acme.example", note="in the database"), HASH))
+        data = read_file(path)[0]
+        counts = import_data(self.users, data)
+        self.assertEqual(counts, {"accounts": 1, "users": 1, "accounts_kept": 1,
+                                  "users_kept": 1})
+        self.assertEqual(import_data(self.users, data),
+                         {"accounts": 0, "users": 0, "accounts_kept": 2, "users_kept": 2})
+        self.assertEqual(_result(self.store.getUser("acme.example")).note, "in the database")
+        self.assertEqual(_result(self.store.getAccount("acme")).note, "")
+        beta = _result(self.store.getUser("beta.example"))
+        self.assertEqual((beta.account, beta.updated), ("beta", data.users["beta.example"].updated))
+        self.assertEqual(_result(self.store.passwordHash("beta.example")), HASH)
+
+
+class DirectoryTests(unittest.TestCase):
+    """A node's PgDirectory, running on the reactor, while another node's store changes
+    the database."""
+
+    def setUp(self) -> None:
+        dsn = pg_server.shared_server().create_database()
+        self.db = _db(dsn)
+        self.addCleanup(self.db.close)
+        self.other = _db(dsn)  # "node A": a pool of its own
+        self.addCleanup(self.other.close)
+        self.writer = PgUserStore(PgUsers(self.other), at_once)
+        _result(self.writer.addAccount(Account("acme", frozenset({"acme.example"}))))
+        _result(self.writer.addUser(_user("acme.example"), HASH))
+        self.directory = PgDirectory(PgUsers(self.db), reactor, poll=3600, hashing_threads=1)
+        self.directory.startService()
+        self.addCleanup(self.directory.stopService)
+
+    def wait_listening(self) -> defer.Deferred:
+        return self.until(self.directory.listener.listening.is_set, 10)
+
+    @defer.inlineCallbacks
+    def until(self, predicate, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            found = yield defer.maybeDeferred(predicate)
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout}s")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    def test_is_an_IDirectory(self) -> None:
+        self.assertTrue(verifyObject(IDirectory, self.directory))
+
+    @defer.inlineCallbacks
+    def test_the_cache_follows_each_change_within_a_second(self):
+        yield self.wait_listening()
+        user = yield self.directory.authenticate("acme.example", "pass-word-1")
+        self.assertEqual(user.username, "acme.example")
+
+        def seen(check):
+            return lambda: self.directory.getUser("acme.example").addCallback(check)
+
+        _result(self.writer.updateUser("acme.example", lambda u: {"status": Status.BLOCKED}))
+        yield self.until(seen(lambda u: u.status is Status.BLOCKED), 1.0)
+        _result(self.writer.setPassword("acme.example", hash_password("new-pass-2")))
+        yield self.until(lambda: self.directory.authenticate("acme.example", "new-pass-2")
+                         .addErrback(lambda f: f.trap(UnauthorizedLogin) and None), 1.0)
+        _result(self.writer.addUser(_user("new@acme.example"), HASH))
+        yield self.until(seen(lambda u: True), 0)  # still there
+        yield self.until(lambda: self.directory.getUser("new@acme.example"), 1.0)
+        _result(self.writer.updateAccount("acme", lambda a: {"note": "changed"}))
+        yield self.until(lambda: self.directory.getAccount("acme").addCallback(
+            lambda a: a.note == "changed"), 1.0)
+        _result(self.writer.deleteUser("new@acme.example"))
+        yield self.until(lambda: self.directory.getUser("new@acme.example").addCallback(
+            lambda u: u is None), 1.0)
+
+    @defer.inlineCallbacks
+    def test_a_change_made_through_the_nodes_own_store_is_seen_when_it_returns(self):
+        store = self.directory.user_store(threaded(reactor))
+        yield store.updateUser("acme.example", lambda u: {"note": "at once"})
+        user = yield self.directory.getUser("acme.example")
+        self.assertEqual(user.note, "at once")
+
+    @defer.inlineCallbacks
+    def test_an_empty_or_missing_payload_reloads_everything(self):
+        yield self.wait_listening()
+        # Changes written behind the store's back: no notification names them.
+        with self.other.transaction() as conn:
+            conn.execute("UPDATE mailrelay_users SET doc = jsonb_set(doc, '{note}', "
+                         "'\"quietly\"')")
+        yield self.directory._received("mailrelay_users", None)  # the listener was away
+        user = yield self.directory.getUser("acme.example")
+        self.assertEqual(user.note, "quietly")
+        with self.other.transaction() as conn:
+            conn.execute("DELETE FROM mailrelay_users")
+            conn.execute("SELECT pg_notify('mailrelay_users', '')")
+        yield self.until(lambda: self.directory.getUser("acme.example").addCallback(
+            lambda u: u is None), 1.0)
+
+    @defer.inlineCallbacks
+    def test_the_poll_catches_a_change_no_notification_announced(self):
+        with self.other.transaction() as conn:
+            conn.execute("UPDATE mailrelay_users SET doc = jsonb_set(doc, '{note}', "
+                         "'\"polled\"')")
+            conn.execute("UPDATE mailrelay_users_state SET generation = generation + 1")
+        yield self.directory._check()
+        user = yield self.directory.getUser("acme.example")
+        self.assertEqual(user.note, "polled")
