@@ -207,7 +207,7 @@ def make_verp(config: Config):
     from mailrelay.bounces.store import ReturnPathStore
     from mailrelay.bounces.verp import Verp
 
-    verp = Verp(read_key_file("bounces", config.bounces.key_file))
+    verp = Verp(read_key_file("bounces", config.bounces.key_file, config))
     try:
         return verp, ReturnPathStore(config.bounces.db)
     except (sqlite3.Error, OSError) as e:
@@ -357,10 +357,24 @@ def store_error(key: str, path: str, error: Exception) -> StartupError:
     return StartupError(f"[features] {key} {path}: {getattr(error, 'strerror', None) or error}")
 
 
-def read_key_file(section: str, path: str) -> bytes:
-    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable."""
+def read_key_file(section: str, path: str, config: Config | None = None) -> bytes:
+    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable.
+    With ``config``'s ``[cluster] postgres`` set, the key all nodes share, kept in the
+    database (postgres/secrets.py; the file seeds it if no node made it yet)."""
     from mailrelay.signing import load_or_create_key
 
+    if config is not None and getattr(config.cluster, "postgres", ""):
+        from mailrelay.postgres.db import UNAVAILABLE, of_config
+        from mailrelay.postgres.secrets import SharedSecrets
+
+        try:
+            return SharedSecrets(of_config(config)).key(section, path)
+        except UNAVAILABLE as e:
+            raise StartupError(f"[{section}] key_file: the shared key cannot be read from "
+                               f"[cluster] postgres: {str(e).strip()}")
+        except (OSError, ValueError) as e:
+            raise StartupError(f"[{section}] key_file {path}: "
+                               f"{getattr(e, 'strerror', None) or e}")
     try:
         return load_or_create_key(path)
     except (OSError, ValueError) as e:
@@ -401,8 +415,8 @@ def make_personalizer(config: Config, key_file: str):
     from mailrelay.features.tokens import TokenSigner
 
     footer = make_footer(config)
-    links = Links(TokenSigner(read_key_file("tracking", key_file)), config.tracking.base_url,
-                  config.tracking.unsubscribe_mailto or None)  # fmt: skip
+    signer = TokenSigner(read_key_file("tracking", key_file, config))
+    links = Links(signer, config.tracking.base_url, config.tracking.unsubscribe_mailto or None)
     return Personalizer(links, footer)
 
 

@@ -25,8 +25,10 @@ from mailrelay.interfaces import IDirectory, IUserStore
 from mailrelay.manage.stores import FileUserStore, NothingToChange, at_once, threaded
 from mailrelay.model import Account, SmtpUser, Status
 from mailrelay.postgres.db import Database
+from mailrelay.postgres.secrets import SharedSecrets
 from mailrelay.postgres.users import PgDirectory, PgUsers, PgUserStore, import_data
 from mailrelay.scope import ScopeError
+from mailrelay.signing import load_or_create_key
 
 pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 
@@ -266,3 +268,43 @@ class DirectoryTests(unittest.TestCase):
         yield self.directory._check()
         user = yield self.directory.getUser("acme.example")
         self.assertEqual(user.note, "polled")
+
+
+class SecretTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dsn = pg_server.shared_server().create_database()
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+
+    def test_nodes_starting_together_get_one_key_and_a_later_file_does_not_change_it(self):
+        keys: list[bytes] = []
+
+        def node(i: int) -> None:
+            db = _db(self.dsn)
+            try:
+                keys.append(SharedSecrets(db).key("bounces", os.path.join(self.tmp, f"n{i}")))
+            finally:
+                db.close()
+
+        nodes = [threading.Thread(target=node, args=(i,)) for i in range(4)]
+        for t in nodes:
+            t.start()
+        for t in nodes:
+            t.join(30)
+        self.assertEqual(len(keys), 4)
+        self.assertEqual(len(set(keys)), 1)
+        self.assertEqual(len(keys[0]), 32)
+        other = os.path.join(self.tmp, "other.key")
+        load_or_create_key(other)
+        db = _db(self.dsn)
+        self.addCleanup(db.close)
+        self.assertEqual(SharedSecrets(db).key("bounces", other), keys[0])
+        self.assertNotEqual(SharedSecrets(db).key("tracking"), keys[0])
+
+    def test_the_first_node_brings_the_key_of_its_file(self):
+        path = os.path.join(self.tmp, "panel.key")
+        local = load_or_create_key(path)
+        db = _db(self.dsn)
+        self.addCleanup(db.close)
+        self.assertEqual(SharedSecrets(db).key("admin", path), local)
+        self.assertEqual(SharedSecrets(db).key("admin", ""), local)

@@ -198,7 +198,7 @@ def make_verifier(config, spool, reactor):
 
     delivery = getattr(config, "delivery", None)
     return Verifier(
-        VerificationTokens(read_key_file("admin", verification_key_file(config))),
+        VerificationTokens(read_key_file("admin", verification_key_file(config), config)),
         spool,
         make_resolver(getattr(delivery, "dns_servers", []), reactor),
         public_url(settings, config.server.hostname),
