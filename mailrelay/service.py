@@ -340,11 +340,13 @@ def open_feature_stores(config: Config):
 
 def open_logins(config: Config, directory, reactor, parent):
     """The last-login recorder (auth/lifecycle.py), a child service of ``parent``."""
-    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore
+    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore, shared_login_store
 
     path = config.directory.logins_db
     try:
-        store = LoginStore(path)
+        store = shared_login_store(config) or LoginStore(path)
+    except ConnectionError as e:  # the database's
+        raise StartupError(f"the last logins: {e}")
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[directory] logins_db {path}: "
                            f"{getattr(e, 'strerror', None) or e}")

@@ -25,6 +25,7 @@ from mailrelay.interfaces import IDirectory, IUserStore
 from mailrelay.manage.stores import FileUserStore, NothingToChange, at_once, threaded
 from mailrelay.model import Account, SmtpUser, Status
 from mailrelay.postgres.db import Database
+from mailrelay.postgres.logins import PgLoginStore
 from mailrelay.postgres.secrets import SharedSecrets
 from mailrelay.postgres.users import PgDirectory, PgUsers, PgUserStore, import_data
 from mailrelay.scope import ScopeError
@@ -308,3 +309,27 @@ class SecretTests(unittest.TestCase):
         self.addCleanup(db.close)
         self.assertEqual(SharedSecrets(db).key("admin", path), local)
         self.assertEqual(SharedSecrets(db).key("admin", ""), local)
+
+
+class LoginTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dsn = pg_server.shared_server().create_database()
+        self.a, self.b = _db(self.dsn), _db(self.dsn)
+        self.addCleanup(self.a.close)
+        self.addCleanup(self.b.close)
+
+    def test_each_users_latest_login_from_any_node(self):
+        node_a, node_b = PgLoginStore(self.a), PgLoginStore(self.b)
+        node_a.add({"x.example": (100.0, "192.0.2.1"), "y.example": (50.0, "192.0.2.1")})
+        node_b.add({"x.example": (90.0, "192.0.2.2"), "y.example": (60.0, "192.0.2.2")})
+        self.assertEqual(node_a.all(), {"x.example": (100.0, "192.0.2.1"),
+                                        "y.example": (60.0, "192.0.2.2")})
+        self.assertEqual(node_b.get("y.example"), (60.0, "192.0.2.2"))
+        self.assertIsNone(node_b.get("z.example"))
+
+    def test_one_node_a_round_claims_a_job(self):
+        node_a, node_b = PgLoginStore(self.a), PgLoginStore(self.b)
+        self.assertTrue(node_a.claim("dormancy", 1000.0, 60.0))
+        self.assertFalse(node_b.claim("dormancy", 1000.5, 60.0))
+        self.assertFalse(node_a.claim("dormancy", 1030.0, 60.0))
+        self.assertTrue(node_b.claim("dormancy", 1059.0, 60.0))  # a little early counts

@@ -158,13 +158,13 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
 def open_last_logins(config):
     """The relay's record of last logins, for reading (None when it cannot be opened: the
     users are shown without it)."""
-    from mailrelay.auth.lifecycle import LoginStore
+    from mailrelay.auth.lifecycle import LoginStore, shared_login_store
 
     path = getattr(getattr(config, "directory", None), "logins_db", None)
     if not path:
         return None
     try:
-        return LoginStore(path)
+        return shared_login_store(config) or LoginStore(path)
     except (sqlite3.Error, OSError) as e:
         log.warn("last logins unavailable ({path}): {error}", path=path, error=str(e))
         return None
