@@ -5,6 +5,8 @@ told nothing precise)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from mailrelay.admin import cli
 from mailrelay.auth.passwords import hash_password
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import DirectoryFileError, UserStore, read_file
@@ -333,3 +336,37 @@ class LoginTests(unittest.TestCase):
         self.assertFalse(node_b.claim("dormancy", 1000.5, 60.0))
         self.assertFalse(node_a.claim("dormancy", 1030.0, 60.0))
         self.assertTrue(node_b.claim("dormancy", 1059.0, 60.0))  # a little early counts
+
+
+class ImportCommandTests(unittest.TestCase):
+    def test_import_users_reports_what_it_added_and_adds_nothing_twice(self):
+        dsn = pg_server.shared_server().create_database()
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "users.json")
+        with UserStore(path).change() as s:
+            s.add_account(Account("acme", frozenset({"acme.example"})))
+            s.add_user(_user("acme.example"), HASH)
+            s.add_user(_user("news@acme.example"), HASH)
+        ini = os.path.join(tmp, "mailrelay.ini")
+        with open(ini, "w") as f:
+            f.write(f"[server]\ndata_dir = {tmp}/data\n\n[directory]\nfile = {path}\n\n"
+                    f"[cluster]\npostgres = {dsn}\n")
+
+        def run(*args: str) -> tuple[int, str]:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = cli.main(["-c", ini, *args])
+            return code, out.getvalue()
+
+        self.assertEqual(run("cluster", "import-users"),
+                         (0, f"imported 1 account(s) and 2 user(s) from {path}\n"))
+        self.assertEqual(run("cluster", "import-users", path), (0, (
+            f"imported 0 account(s) and 0 user(s) from {path}\nalready in the database, "
+            "left as they are there: 1 account(s), 2 user(s)\n")))
+        code, listed = run("user", "list")
+        self.assertEqual(code, 0)
+        self.assertIn("news@acme.example", listed)
+        db = _db(dsn)
+        self.addCleanup(db.close)
+        self.assertEqual(_result(PgUserStore(PgUsers(db)).passwordHash("acme.example")), HASH)
