@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from mailrelay.admin import cli
 from mailrelay.auth.passwords import hash_password
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import DirectoryFileError, UserStore, read_file
-from mailrelay.interfaces import IDirectory, IUserStore
+from mailrelay.interfaces import DirectoryUnavailable, IDirectory, IUserStore
 from mailrelay.manage.stores import FileUserStore, NothingToChange, at_once, threaded
 from mailrelay.model import Account, SmtpUser, Status
 from mailrelay.postgres.db import Database
@@ -57,6 +58,19 @@ def _result(d: defer.Deferred):
     if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
         out[0].raiseException()
     return out[0]
+
+
+@defer.inlineCallbacks
+def until(predicate, timeout: float):
+    """Wait, the reactor running, until ``predicate()`` (or its Deferred) is true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = yield defer.maybeDeferred(predicate)
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        yield task.deferLater(reactor, 0.01, lambda: None)
 
 
 class StoreTests(unittest.TestCase):
@@ -200,18 +214,10 @@ class DirectoryTests(unittest.TestCase):
         self.addCleanup(self.directory.stopService)
 
     def wait_listening(self) -> defer.Deferred:
-        return self.until(self.directory.listener.listening.is_set, 10)
+        return until(self.directory.listener.listening.is_set, 10)
 
-    @defer.inlineCallbacks
-    def until(self, predicate, timeout: float):
-        deadline = time.monotonic() + timeout
-        while True:
-            found = yield defer.maybeDeferred(predicate)
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s")
-            yield task.deferLater(reactor, 0.01, lambda: None)
+    def until(self, predicate, timeout: float) -> defer.Deferred:
+        return until(predicate, timeout)
 
     def test_is_an_IDirectory(self) -> None:
         self.assertTrue(verifyObject(IDirectory, self.directory))
@@ -370,3 +376,44 @@ class ImportCommandTests(unittest.TestCase):
         db = _db(dsn)
         self.addCleanup(db.close)
         self.assertEqual(_result(PgUserStore(PgUsers(db)).passwordHash("acme.example")), HASH)
+
+
+class DatabaseAwayTests(unittest.TestCase):
+    """PostgreSQL stops: the users in memory keep serving logins, a change fails saying
+    why; it comes back: the directory catches up with what changed meanwhile."""
+
+    @defer.inlineCallbacks
+    def test_logins_go_on_changes_fail_and_the_directory_catches_up(self):
+        server = pg_server.PostgresServer()
+        server.start()
+        self.addCleanup(server.stop)
+        db = Database(server.dsn(), timeout=1)
+        db.open()
+        self.addCleanup(db.close)
+        store = PgUserStore(PgUsers(db), at_once)
+        _result(store.addAccount(Account("acme", frozenset({"acme.example"}))))
+        _result(store.addUser(_user("acme.example"), HASH))
+        directory = PgDirectory(PgUsers(db), reactor, poll=3600, hashing_threads=1)
+        directory.listener.retry = 0.2
+        directory.startService()
+        self.addCleanup(directory.stopService)
+        yield until(directory.listener.listening.is_set, 10)
+
+        server.process.send_signal(signal.SIGINT)  # fast shutdown
+        server.process.wait(20)
+        server.process = None
+        yield until(lambda: not directory.listener.listening.is_set(), 10)
+        user = yield directory.authenticate("acme.example", "pass-word-1")
+        self.assertEqual(user.username, "acme.example")
+        with self.assertRaises(DirectoryUnavailable) as caught:
+            _result(directory.user_store(at_once).updateUser("acme.example",
+                                                             lambda u: {"note": "x"}))
+        self.assertIn("PostgreSQL", str(caught.exception))
+
+        server.start_again()
+        # Made as the listener reconnects: the reload after its return, or the change's
+        # notification if it is back already, brings it.
+        _result(store.setPassword("acme.example", hash_password("after-the-outage")))
+        yield until(lambda: directory.authenticate(
+            "acme.example", "after-the-outage").addErrback(
+                lambda f: f.trap(UnauthorizedLogin) and None), 20)
