@@ -22,9 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 from twisted.application.service import MultiService
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task, threads
@@ -98,34 +98,27 @@ class PgUsers(PgStore):
 
     def read_some(self, conn: psycopg.Connection, users: list[str], accounts: list[str]
                   ) -> tuple[dict[str, tuple[SmtpUser, str] | None], dict[str, Account | None]]:
-        """The named entries as they are now (None: gone), parsed as the file's are."""
-        docs = dict(conn.execute("SELECT name, doc FROM mailrelay_accounts WHERE name = "
-                                 "ANY(%s)", (accounts,)).fetchall())
+        """The named entries as they are now (None: gone), checked as the file's are (the
+        users against the accounts as they are now)."""
+        docs = dict(conn.execute("SELECT name, doc FROM mailrelay_accounts").fetchall())
         rows = {name: doc | {"password_hash": password_hash} for name, password_hash, doc
                 in conn.execute("SELECT username, password_hash, doc FROM mailrelay_users "
                                 "WHERE username = ANY(%s)", (users,))}
-        data = data_from_json({"accounts": docs, "users": {}})
-        found_accounts: dict[str, Account | None] = {
-            name: data.accounts.get(name) for name in accounts}
-        # Each user is checked against the accounts as they are in the database now.
-        all_accounts = self.read_accounts(conn) if rows else {}
-        found_users: dict[str, tuple[SmtpUser, str] | None] = dict.fromkeys(users)
-        for name, doc in rows.items():
-            one = data_from_json({"accounts": all_accounts, "users": {name: doc}})
-            found_users[name] = (one.users[name], one.hashes[name])
-        return found_users, found_accounts
+        try:
+            data = data_from_json({"accounts": docs, "users": rows})
+        except DirectoryFileError as e:
+            raise DirectoryFileError(f"{WHERE}: {e}")
+        found_users = {name: (data.users[name], data.hashes[name]) if name in data.users
+                       else None for name in users}
+        return found_users, {name: data.accounts.get(name) for name in accounts}
 
-    def read_accounts(self, conn: psycopg.Connection) -> dict[str, Any]:
-        return dict(conn.execute("SELECT name, doc FROM mailrelay_accounts").fetchall())
-
-    def write(self, conn: psycopg.Connection, before: UserData, after: UserData,
-              stored_accounts: set[str]) -> tuple[list[str], list[str]]:  # fmt: skip
-        """Write the entries of ``after`` that differ from ``before``; their names."""
+    def write(self, conn: psycopg.Connection, before: UserData,
+              after: UserData) -> tuple[list[str], list[str]]:  # fmt: skip
+        """Write the entries of ``after`` that differ from ``before``; their names. (The
+        default account, always there, has a row once it differs from an empty one.)"""
         old, new = data_to_json(before), data_to_json(after)
         accounts = sorted(name for name in old["accounts"].keys() | new["accounts"].keys()
-                          if old["accounts"].get(name) != new["accounts"].get(name)
-                          or (name in new["accounts"] and name not in stored_accounts
-                              and name != DEFAULT_ACCOUNT))
+                          if old["accounts"].get(name) != new["accounts"].get(name))
         users = sorted(name for name in old["users"].keys() | new["users"].keys()
                        if old["users"].get(name) != new["users"].get(name))
         for name in accounts:
@@ -135,7 +128,7 @@ class PgUsers(PgStore):
             else:
                 conn.execute("INSERT INTO mailrelay_accounts (name, doc) VALUES (%s, %s) "
                              "ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc",
-                             (name, psycopg.types.json.Jsonb(doc)))
+                             (name, Jsonb(doc)))
         for name in users:
             doc = new["users"].get(name)
             if doc is None:
@@ -148,7 +141,7 @@ class PgUsers(PgStore):
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (username) DO UPDATE SET "
                 "account = EXCLUDED.account, password_hash = EXCLUDED.password_hash, "
                 "doc = EXCLUDED.doc",
-                (name, doc["account"], password_hash, psycopg.types.json.Jsonb(doc)))
+                (name, doc["account"], password_hash, Jsonb(doc)))
         if users or accounts:
             generation = conn.execute("UPDATE mailrelay_users_state SET generation = "
                                       "generation + 1 RETURNING generation").fetchone()[0]
@@ -188,8 +181,7 @@ class PgUserData(UserStore):
                 self.data = UserData(dict(before.accounts), dict(before.users),
                                      dict(before.hashes))
                 yield self
-                self.changed = self.users_db.write(conn, before, self.data,
-                                                   self.stored_accounts)
+                self.changed = self.users_db.write(conn, before, self.data)
         except UNAVAILABLE as e:
             raise _unavailable(e)
 
@@ -301,9 +293,12 @@ class PgDirectory(MultiService):
             return self._in_thread(read).addCallback(apply)
 
         def failed(failure):
-            failure.trap(*UNAVAILABLE, DirectoryFileError)
-            log.warn("Users not re-read from PostgreSQL ({error}); keeping those in memory",
-                     error=str(failure.value).strip())
+            if failure.check(*UNAVAILABLE, DirectoryFileError):
+                log.warn("Users not re-read from PostgreSQL ({error}); keeping those in "
+                         "memory", error=str(failure.value).strip())
+            else:
+                log.failure("Users not re-read from PostgreSQL; keeping those in memory",
+                            failure)
 
         return self._lock.run(run).addErrback(failed)
 
@@ -328,8 +323,6 @@ class PgDirectory(MultiService):
             for name, account in found_accounts.items():
                 if account is not None:
                     data.accounts[name] = account
-                elif name == DEFAULT_ACCOUNT:
-                    data.accounts[name] = Account(DEFAULT_ACCOUNT)
                 else:
                     data.accounts.pop(name, None)
             for name, entry in found_users.items():
@@ -355,8 +348,11 @@ class PgDirectory(MultiService):
                 return self.reload_all()
             return None
 
-        return self._in_thread(read).addCallbacks(
-            compare, lambda f: f.trap(*UNAVAILABLE))
+        def failed(failure):  # the listener logs the database's absence
+            if not failure.check(*UNAVAILABLE):
+                log.failure("Cannot compare the users' change counter", failure)
+
+        return self._in_thread(read).addCallbacks(compare, failed)
 
     # -- IDirectory --
 
