@@ -23,6 +23,8 @@ from zope.interface.verify import verifyObject
 
 from mailrelay.admin import cli
 from mailrelay.auth.passwords import hash_password
+from mailrelay.config import load_config
+from mailrelay.directory import shared_users
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import DirectoryFileError, UserStore, read_file
 from mailrelay.interfaces import DirectoryUnavailable, IDirectory, IUserStore
@@ -417,3 +419,19 @@ class DatabaseAwayTests(unittest.TestCase):
         yield until(lambda: directory.authenticate(
             "acme.example", "after-the-outage").addErrback(
                 lambda f: f.trap(UnauthorizedLogin) and None), 20)
+
+
+class SelectionTests(unittest.TestCase):
+    def config(self, directory: str):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        ini = os.path.join(tmp, "mailrelay.ini")
+        with open(ini, "w") as f:
+            f.write(f"[server]\ndata_dir = {tmp}/data\n\n[directory]\n{directory}\n\n"
+                    "[ldap]\nbase_dn = dc=example,dc=com\n\n"
+                    f"[cluster]\npostgres = {pg_server.shared_server().create_database()}\n")
+        return load_config(ini)
+
+    def test_the_database_holds_the_users_unless_ldap_does(self):
+        self.assertIsInstance(shared_users(self.config("backend = file")), PgUsers)
+        self.assertIsNone(shared_users(self.config("backend = ldap")))
