@@ -407,7 +407,7 @@ class IMetrics(Interface):
 
     def policyRefusal(reason: str) -> None:
         """A limit refused a step: connections, user_connections, login_blocked,
-        login_delayed, rate_limit, messages_per_connection."""
+        login_delayed, rate_limit, messages_per_connection, quota."""
 
     def notification(kind: str) -> None:
         """A notice was queued: bounce, delay (DSNs) or sender (sender notifications)."""

@@ -284,7 +284,8 @@ async def get_account(s: Services, name: str) -> dict[str, Any]:
 
 
 _ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str,
-                   "bounce_domain": (str, type(None))}
+                   "bounce_domain": (str, type(None)), "quota_day": (int, type(None)),
+                   "quota_month": (int, type(None))}
 
 
 def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
@@ -294,8 +295,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
                         f"{', '.join(_ACCOUNT_FIELDS)})")  # fmt: skip
     changes: dict[str, Any] = {}
     for key, value in doc.items():
-        if not isinstance(value, _ACCOUNT_FIELDS[key]):
-            raise HttpError(400, f"{key} must be text, not {value!r}")
+        if not isinstance(value, _ACCOUNT_FIELDS[key]) or isinstance(value, bool):
+            kind = "a whole number or null" if key.startswith("quota") else "text"
+            raise HttpError(400, f"{key} must be {kind}, not {value!r}")
     with refusals():
         if "domains" in doc:
             changes["domains"] = parse_domains(doc["domains"])
@@ -305,6 +307,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
         changes["note"] = doc["note"]
     if "bounce_domain" in doc:
         changes["bounce_domain"] = (doc["bounce_domain"] or "").strip().lower() or None
+    for key in ("quota_day", "quota_month"):
+        if key in doc:
+            changes[key] = doc[key] or None  # 0: no quota, as null
     return changes
 
 
