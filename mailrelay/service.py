@@ -152,6 +152,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         LeaseRenewal(policy.connections, reactor).setServiceParent(top)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     rates = policy.rates  # mailrelay-admin explain asks them over the control socket
+    quotas = policy.quotas
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -191,7 +192,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
 
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
-                    logins).setServiceParent(top)
+                    logins, quotas).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins,
                        metrics=metrics_page).setServiceParent(top)

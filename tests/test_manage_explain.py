@@ -96,7 +96,7 @@ class ExplainTests(unittest.TestCase):
                                                  "boss@far.test not allowed for user acme.test")
 
     def test_rate_limit_refusal_is_the_relays_reply(self):
-        async def limits(user):
+        async def limits(user, account):
             return {"used_hour": 5, "used_minute": 0,
                     "refusal": "451 4.7.1 rate limit of 5 messages per hour exceeded, try "
                                "again in 60 seconds"}

@@ -391,6 +391,17 @@ class RedisQuotaCounter:
 
         return d.addCallbacks(answered, self.counters.fallback, errbackArgs=(locally,))
 
+    def usage(self, user, account) -> defer.Deferred:
+        """Fires with the quotas' Usage in Redis (read only)."""
+        quotas = self.quotas(user, account)
+        if not quotas:
+            return defer.succeed([])
+        d = self.counters.run(scripts.QUOTA_USAGE, [self.key(q) for q in quotas],
+                              [q.period[0] for q in quotas])
+        return d.addCallback(lambda answer: [
+            Usage(q, answer[3 * i + 1], _text(answer[3 * i]), answer[3 * i + 2])
+            for i, q in enumerate(quotas)])
+
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

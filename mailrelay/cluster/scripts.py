@@ -252,7 +252,7 @@ end
 
 # KEYS: the quotas' hashes; ARGV: member, lease ms, then per key its period (d or m) and
 # limit. All or none: {1, (period id, used) per key}, or {0, index of the quota used up,
-# used, period id, 1 if this refusal is the first report of it being full}.
+# used, period id, 1 if this refusal is the first report of its messages filling it}.
 QUOTA_RESERVE = _NOW + _QUOTA + """
 local lease = tonumber(ARGV[2])
 local result = {1}
@@ -261,7 +261,9 @@ for i = 1, #KEYS do
   local used, warned, held = state(KEYS[i], period[1])
   if used + held >= tonumber(ARGV[2 * i + 2]) then
     local first = 0
-    if warned < 100 then redis.call('HSET', KEYS[i], 'w', 100); first = 1 end
+    if warned < 100 and used >= tonumber(ARGV[2 * i + 2]) then
+      redis.call('HSET', KEYS[i], 'w', 100); first = 1
+    end
     redis.call('PEXPIREAT', KEYS[i], period[2] + lease)
     return {0, i, used, period[1], first}
   end
@@ -297,6 +299,25 @@ for i = 1, #KEYS do
   result[#result + 1] = used
   result[#result + 1] = reached
   result[#result + 1] = period[1]
+end
+return result
+"""
+
+# KEYS: the quotas' hashes; ARGV: per key its period. Read only (mailrelay-admin
+# explain): per key {period id, used, open places}.
+QUOTA_USAGE = _NOW + _QUOTA.split("local function state", 1)[0] + """
+local result = {}
+for i = 1, #KEYS do
+  local pid = periods[ARGV[i]][1]
+  local h = redis.call('HGETALL', KEYS[i])
+  local f, held = {}, 0
+  for j = 1, #h, 2 do
+    f[h[j]] = h[j + 1]
+    if string.sub(h[j], 1, 2) == 'o:' and tonumber(h[j + 1]) > now_ms then held = held + 1 end
+  end
+  result[#result + 1] = pid
+  result[#result + 1] = f['p'] == pid and tonumber(f['u'] or 0) or 0
+  result[#result + 1] = held
 end
 return result
 """

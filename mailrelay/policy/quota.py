@@ -123,16 +123,33 @@ class Crossing:
 
 @dataclass(frozen=True)
 class Usage:
-    """A quota's state for ``mailrelay-admin explain``."""
+    """A quota's state: ``used`` messages counted in the period ``pid``, ``held`` places
+    of open transactions."""
 
     quota: Quota
     used: int
     pid: str
+    held: int = 0
+
+    @property
+    def full(self) -> bool:
+        """The next MAIL is refused: what is counted and held leaves no place."""
+        return self.used + self.held >= self.quota.limit
 
     def to_json(self) -> dict:
         q = self.quota
         return {"subject": q.subject, "name": q.name, "period": q.period, "limit": q.limit,
-                "used": self.used, "resets": utc_text(period_end(q.period, self.pid))}
+                "used": self.used, "held": self.held,
+                "resets": utc_text(period_end(q.period, self.pid))}
+
+
+def first_full(usage: list[Usage]) -> QuotaExceeded | None:
+    """The refusal the next MAIL gets from these quotas (None: it passes), as the counters
+    decide it; for ``mailrelay-admin explain``, which changes nothing."""
+    for u in usage:
+        if u.full:
+            return QuotaExceeded(u.quota, u.used, u.pid, False)
+    return None
 
 
 class QuotaExceeded(Reply):
@@ -192,24 +209,31 @@ class QuotaCounter:
         """At MAIL: one place in each of the message's quotas, all or none. Raises
         QuotaExceeded (``451 4.7.1``) when one is used up."""
         quotas = self.quotas(user, account)
-        now = self.clock.seconds()
-        for quota in quotas:
-            count = self._count(quota, now)
-            if count.used + self._open.get(quota.key, 0) >= quota.limit:
-                first = count.warned < 100
+        usage = self._usage(quotas)
+        for u in usage:
+            if u.full:
+                count = self._counts[u.quota.key]
+                # Full of counted messages (not of open places) and never reported so.
+                first = count.warned < 100 and count.used >= u.quota.limit
                 if first:
                     count.warned = 100
-                    self._changed(quota.key, count)
-                raise refusal_logged(quota, count.used, count.pid, first)
-        usage = [Usage(q, self._count(q, now).used, self._count(q, now).pid) for q in quotas]
+                    self._changed(u.quota.key, count)
+                raise refusal_logged(u.quota, count.used, count.pid, first)
         for quota in quotas:
             self._open[quota.key] = self._open.get(quota.key, 0) + 1
         return QuotaReservation(self, quotas, usage)
 
     def usage(self, user: SmtpUser, account: Account | None) -> list[Usage]:
+        """The state of the quotas a message of ``user`` counts against (changes nothing)."""
+        return self._usage(self.quotas(user, account))
+
+    def _usage(self, quotas: list[Quota]) -> list[Usage]:
         now = self.clock.seconds()
-        return [Usage(q, self._count(q, now).used, self._count(q, now).pid)
-                for q in self.quotas(user, account)]
+        out = []
+        for q in quotas:
+            count = self._count(q, now)
+            out.append(Usage(q, count.used, count.pid, self._open.get(q.key, 0)))
+        return out
 
     def _commit(self, quotas: Iterable[Quota]) -> list[Crossing]:
         now = self.clock.seconds()

@@ -651,6 +651,6 @@ async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     result = await manage_explain.explain(
         user, account, manage_explain.Settings.of(s.config), doc["sender"],
         doc.get("from_header"), doc.get("recipients", 1), doc.get("size"),
-        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u, ip), ip,
+        lambda u, a: manage_explain.relay_limits(s.reactor, control_socket, u, ip, a), ip,
     )
     return result.to_json()
