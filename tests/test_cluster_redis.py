@@ -142,32 +142,33 @@ class SharedCounters(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_quota_holds_exactly_across_two_nodes_and_each_warning_comes_once(self):
         nodes = [RedisQuotaCounter(self.node()) for _ in range(2)]
-        user = SmtpUser("App", quota_day=10)
-        attempts = [nodes[i % 2].reserve(user, None) for i in range(30)]
+        user = SmtpUser("App", quota_day=20)
+        attempts = [nodes[i % 2].reserve(user, None) for i in range(50)]
         results = yield defer.DeferredList(attempts, consumeErrors=True)
         taken = [r for ok, r in results if ok]
         refused = [r.value for ok, r in results if not ok]
-        self.assertEqual(len(taken), 10)
+        self.assertEqual(len(taken), 20)
         self.assertEqual({(r.code, r.status) for r in refused}, {(451, "4.7.1")})
         self.assertTrue(all(isinstance(r, QuotaExceeded) for r in refused))
         # Open places count: refused before a single message was counted, so none of these
-        # refusals is the 100 % (that comes with the 10th message).
+        # refusals is the 100 % (that comes with the 20th message).
         self.assertEqual([r for r in refused if r.crossing], [])
         crossings = []
         for reservation in taken:  # committed on alternating nodes, one at a time
             crossings.append((yield reservation.commit()))
         reached = {n + 1: [(c.percent, c.used) for c in found]
                    for n, found in enumerate(crossings) if found}
-        self.assertEqual(reached, {8: [(80, 8)], 9: [(90, 9)], 10: [(100, 10)]})
+        # Each threshold once, by whichever node counted the message that reached it.
+        self.assertEqual(reached, {16: [(80, 16)], 18: [(90, 18)], 20: [(100, 20)]})
         reply = yield self.assertFailure(nodes[1].reserve(user, None), QuotaExceeded)
         today = period_id("day", reactor.seconds())
-        self.assertEqual(str(reply), "451 4.7.1 daily quota of 10 messages of user App "
+        self.assertEqual(str(reply), "451 4.7.1 daily quota of 20 messages of user App "
                          "reached, it resets at " + f"{today} 00:00 UTC".replace(
                              today, period_id("day", period_end("day", today))))
         self.assertIsNone(reply.crossing)  # the 100 % was reported by the commit
         # One key, expiring with the day (plus the places' lease), set by the same script.
         key = f"{self.prefix}quota:user:app:d"
-        self.assertEqual(self.server.command("HGET", key, "u"), "10")
+        self.assertEqual(self.server.command("HGET", key, "u"), "20")
         ttl = int(self.server.command("PTTL", key)) / 1000
         until_midnight = period_end("day", today) - reactor.seconds()
         self.assertLessEqual(ttl, until_midnight + 3600 + 5)
