@@ -57,7 +57,7 @@ def test_warnings_at_80_90_100_percent_then_451_and_the_count_survives_a_restart
         code, text = send(client, n)
         assert code == 250, text
         if n in (8, 9, 10):  # queued once the notification is durable, shortly after
-            wait_for(lambda: len(warnings(relay)) >= n - 7, timeout=10,
+            wait_for(lambda n=n: len(warnings(relay)) >= n - 7, timeout=10,
                      what=f"the warning of message {n}")
         seen[n] = len(warnings(relay))
     assert seen == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 0, 8: 1, 9: 2, 10: 3}
