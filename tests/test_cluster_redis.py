@@ -342,6 +342,26 @@ class SharedCounters(unittest.TestCase):
             ticket.close()
 
     @defer.inlineCallbacks
+    def test_quotas_without_redis_refuse_or_count_each_nodes_share(self):
+        refusing = RedisQuotaCounter(self.node())
+        local = RedisQuotaCounter(self.node(down="local", nodes=2))
+        user = SmtpUser("u", quota_day=4)
+        yield (yield refusing.reserve(user, None)).commit()
+        self.server.stop()
+        reply = yield self.refusal(refusing.reserve(user, None))
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        for _ in range(2):
+            reservation = yield local.reserve(user, None)
+            yield reservation.commit()
+        reply = yield self.assertFailure(local.reserve(user, None), QuotaExceeded)
+        self.assertIn("daily quota of 2 messages of user u reached", str(reply))
+        self.server.start()
+        reservation = yield self._until(lambda: local.reserve(user, None))
+        # Redis's count again (this one started afresh), not the node's own 2
+        self.assertEqual(reservation.usage[0].used, 0)
+        yield reservation.release()
+
+    @defer.inlineCallbacks
     def _until(self, attempt):
         """``attempt()`` again until Redis answers it (bounded: 10 s)."""
         for _ in range(100):
