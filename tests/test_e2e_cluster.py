@@ -13,6 +13,7 @@ import smtplib
 
 import pytest
 from harness import Relay, message, wait_for
+from test_e2e_quota import queued_warnings
 
 from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 
@@ -41,6 +42,9 @@ def cluster(tmp_path_factory):
         first.add_user("rate@doe.test", PASSWORD, "--rate-limit", "100")
         first.add_user("conn@doe.test", PASSWORD, "--max-connections", "2")
         first.add_user("local@doe.test", PASSWORD, "--rate-limit", "6")
+        first.admin("account", "add", "acme", "--domains", "acme.test", "--notify",
+                    "it@acme.test")
+        first.add_user("quota@acme.test", PASSWORD, "--account", "acme", "--quota-day", "10")
         for node in nodes:
             node.start()
         yield redis, nodes
@@ -91,6 +95,23 @@ def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(
     assert set(codes) == {250, 451}
     assert sum(len(node.spool_files()) for node in nodes) == 100
     assert all(node.spool_files() for node in nodes)  # every node took part
+
+
+def test_a_quota_holds_across_the_nodes_and_each_warning_is_sent_once(cluster):
+    _, nodes = cluster
+    clients = [login(node, "quota@acme.test") for node in nodes]
+    codes = [send(clients[i % 3], "quota@acme.test") for i in range(15)]
+    for client in clients:
+        client.quit()
+    assert codes == [250] * 10 + [451] * 5
+
+    def warnings():
+        return sorted(w for node in nodes for w in queued_warnings(node, "it@acme.test"))
+
+    wait_for(lambda: len(warnings()) >= 3, timeout=10, what="three quota warnings")
+    assert warnings() == ["Daily quota of 10 messages of user quota@acme.test at 80%",
+                          "Daily quota of 10 messages of user quota@acme.test at 90%",
+                          "Daily quota of 10 messages of user quota@acme.test reached"]
 
 
 def test_guessing_spread_over_the_nodes_is_blocked_at_the_global_threshold(cluster):

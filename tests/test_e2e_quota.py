@@ -27,17 +27,18 @@ def relay(tmp_path_factory):
     r.stop()
 
 
-def warnings(relay) -> list[str]:
-    """The Subject of every message queued to the notification address, oldest first."""
+def queued_warnings(relay, to: str = NOTIFY) -> list[str]:
+    """The Subject of every message queued to ``to``, oldest first."""
     found = []
     for path in relay.spool_files("queue"):
         try:
             head, _, body = path.read_bytes().partition(b"\n")
         except OSError:
             continue
-        if json.loads(head)["recipients"] == [NOTIFY]:
+        if json.loads(head)["recipients"] == [to]:
             found.append((path.name, email.message_from_bytes(body)["Subject"]))
     return [subject for _, subject in sorted(found)]  # queue ids sort by time
+
 
 
 def send(client, n: int) -> tuple[int, bytes]:
@@ -57,11 +58,11 @@ def test_warnings_at_80_90_100_percent_then_451_and_the_count_survives_a_restart
         code, text = send(client, n)
         assert code == 250, text
         if n in (8, 9, 10):  # queued once the notification is durable, shortly after
-            wait_for(lambda n=n: len(warnings(relay)) >= n - 7, timeout=10,
+            wait_for(lambda n=n: len(queued_warnings(relay)) >= n - 7, timeout=10,
                      what=f"the warning of message {n}")
-        seen[n] = len(warnings(relay))
+        seen[n] = len(queued_warnings(relay))
     assert seen == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 0, 8: 1, 9: 2, 10: 3}
-    assert warnings(relay) == ["Daily quota of 10 messages of user acme.test at 80%",
+    assert queued_warnings(relay) == ["Daily quota of 10 messages of user acme.test at 80%",
                                "Daily quota of 10 messages of user acme.test at 90%",
                                "Daily quota of 10 messages of user acme.test reached"]
     tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
@@ -88,4 +89,4 @@ def test_warnings_at_80_90_100_percent_then_451_and_the_count_survives_a_restart
     client = relay.smtp(login=("acme.test", PASSWORD))
     assert send(client, 11) == refusal
     client.quit()
-    assert len(warnings(relay)) == 3  # nothing reported twice
+    assert len(queued_warnings(relay)) == 3  # nothing reported twice
