@@ -85,12 +85,18 @@ def send(client: smtplib.SMTP, sender: str) -> int:
         return e.smtp_code
 
 
-def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
-    _, nodes = cluster
-    clients = [login(node, "rate@doe.test") for node in nodes]
-    codes = [send(clients[i % 3], "rate@doe.test") for i in range(300)]
+def round_robin(nodes: list[Relay], user: str, count: int) -> list[int]:
+    """``count`` messages of ``user`` through the nodes in turn; their MAIL reply codes."""
+    clients = [login(node, user) for node in nodes]
+    codes = [send(clients[i % len(nodes)], user) for i in range(count)]
     for client in clients:
         client.quit()
+    return codes
+
+
+def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
+    _, nodes = cluster
+    codes = round_robin(nodes, "rate@doe.test", 300)
     assert codes.count(250) == 100
     assert set(codes) == {250, 451}
     assert sum(len(node.spool_files()) for node in nodes) == 100
@@ -99,11 +105,7 @@ def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(
 
 def test_a_quota_holds_across_the_nodes_and_each_warning_is_sent_once(cluster):
     _, nodes = cluster
-    clients = [login(node, "quota@acme.test") for node in nodes]
-    codes = [send(clients[i % 3], "quota@acme.test") for i in range(15)]
-    for client in clients:
-        client.quit()
-    assert codes == [250] * 10 + [451] * 5
+    assert round_robin(nodes, "quota@acme.test", 15) == [250] * 10 + [451] * 5
 
     def warnings():
         return sorted(w for node in nodes for w in queued_warnings(node, "it@acme.test"))
