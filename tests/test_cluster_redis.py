@@ -427,14 +427,16 @@ def test_both_kinds_of_limiters_fill_the_same_seams():
     from twisted.internet.task import Clock
     from zope.interface.verify import verifyObject
 
-    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter
+    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IQuotaCounter, IRateLimiter
     from mailrelay.policy.bruteforce import LoginGuard
     from mailrelay.policy.connections import ConnectionLimits
+    from mailrelay.policy.quota import QuotaCounter
     from mailrelay.policy.ratelimit import RateLimiter
 
     counters = RedisCounters(None, Clock())  # the pool is not touched until a check
     for iface, local, shared in (
             (IRateLimiter, RateLimiter(Clock()), RedisRateLimiter(counters)),
             (IConnectionLimits, ConnectionLimits(), RedisConnectionLimits(counters)),
-            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters))):
+            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters)),
+            (IQuotaCounter, QuotaCounter(Clock()), RedisQuotaCounter(counters))):
         assert verifyObject(iface, local) and verifyObject(iface, shared)

@@ -12,10 +12,11 @@ import pytest
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.auth.avatar import Submitter
 from mailrelay.events import EventKind
-from mailrelay.interfaces import IEventSink
+from mailrelay.interfaces import IEventSink, IQuotaCounter, IQuotaReservation
 from mailrelay.model import Account, SmtpUser
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.policy.connections import ConnectionLimits
@@ -162,6 +163,12 @@ def test_an_account_quota_is_shared_by_its_users_and_open_transactions_count():
     assert relay.send(a, sa).startswith("451 4.7.1 daily quota of 3 messages of account")
     # 2 of 3 is under 80 %; the 3rd reaches 80, 90 and 100 % at once: one mail
     assert relay.subjects() == ["Daily quota of 3 messages of account acme reached"]
+
+
+def test_the_counter_and_its_reservations_fill_their_seams():
+    counter = QuotaCounter(clock_at(), per_day=5)
+    assert verifyObject(IQuotaCounter, counter)
+    assert verifyObject(IQuotaReservation, counter.reserve(SmtpUser("app"), None))
 
 
 def test_the_configured_default_applies_and_0_switches_a_users_quota_off():

@@ -39,7 +39,14 @@ from zope.interface import implementer
 
 from mailrelay.cluster import scripts
 from mailrelay.config import redis_url_parts
-from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter, IReservation
+from mailrelay.interfaces import (
+    IConnectionLimits,
+    ILoginGuard,
+    IQuotaCounter,
+    IQuotaReservation,
+    IRateLimiter,
+    IReservation,
+)
 from mailrelay.net import client_key
 from mailrelay.policy.bruteforce import BLOCKED, LoginGuard
 from mailrelay.policy.connections import ConnectionLimits
@@ -341,6 +348,7 @@ class _ShareOfQuotas(QuotaCounter):
                 for q in quotas_of(user, account, per_day, per_month)]
 
 
+@implementer(IQuotaCounter)
 class RedisQuotaCounter:
     """policy.quota.QuotaCounter's quotas counted in Redis: one script call at MAIL (the
     places, all or none), one at the commit (the count and the thresholds crossed, each
@@ -407,6 +415,7 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@implementer(IQuotaReservation)
 class RedisQuotaReservation:
     def __init__(self, counter: RedisQuotaCounter, quotas: list[Quota], member: str,
                  usage: list[Usage]) -> None:

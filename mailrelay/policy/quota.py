@@ -32,9 +32,11 @@ from typing import Literal
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.features.db import SqliteStore
 from mailrelay.flushing import BatchWriter
+from mailrelay.interfaces import IQuotaCounter, IQuotaReservation
 from mailrelay.model import Account, SmtpUser
 from mailrelay.reply import Reply
 
@@ -178,6 +180,7 @@ class _Count:
         self.pid, self.used, self.warned = pid, used, warned
 
 
+@implementer(IQuotaCounter)
 class QuotaCounter:
     """Every quota of one relay, in the reactor thread (exact, synchronous).
 
@@ -261,6 +264,7 @@ class QuotaCounter:
             self.store.changed(key, count.pid, count.used, count.warned)
 
 
+@implementer(IQuotaReservation)
 class QuotaReservation:
     """One transaction's places in its quotas; ``usage``: the counts before it."""
 
