@@ -482,12 +482,16 @@ def submit_notice(spool, reactor, sender: str, recipients: list[str], data: byte
     return spool.submit(envelope, data)
 
 
+def quota_path(config: Config) -> str:
+    return os.path.join(config.server.data_dir, "quota.sqlite")
+
+
 def quota_store(config: Config, reactor, parent):
     """The quota counts kept in data_dir/quota.sqlite across restarts, written in batches
     by a service under ``parent``."""
     from mailrelay.policy.quota import QuotaStore, QuotaWriter
 
-    path = os.path.join(config.server.data_dir, "quota.sqlite")
+    path = quota_path(config)
     try:
         writer = QuotaWriter(QuotaStore(path), reactor)
     except (sqlite3.Error, OSError) as e:
