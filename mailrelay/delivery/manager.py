@@ -64,7 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import dsnparams
+from mailrelay import dsnparams, events
 from mailrelay.delivery import dsn, outcome
 from mailrelay.delivery.client import Courier, Job, Outcome, Result
 from mailrelay.delivery.destinations import Destination, Destinations, Routes
@@ -72,6 +72,8 @@ from mailrelay.delivery.loader import Loader
 from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
+from mailrelay.events import NO_EVENTS, EventKind
+from mailrelay.features.hooks import HARD_BOUNCE
 from mailrelay.interfaces import IQueueControl
 from mailrelay.metrics import NO_METRICS
 from mailrelay.model import Envelope
@@ -120,8 +122,8 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, dkim=None, return_paths=None, clock=None,
-                 rng: random.Random | None = None) -> None:
+                 features=None, dkim=None, return_paths=None, events=NO_EVENTS,
+                 clock=None, rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
         self.reactor = reactor
@@ -140,6 +142,7 @@ class DeliveryManager:
         self.dkim = dkim  # delivery.dkimsign.DkimSigning: signs what is sent, last
         # bounces.store.ReturnPaths: VERP senders at an account's bounce domain
         self.return_paths = return_paths
+        self.events = events  # IEventSink: what came of each recipient of a user's message
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -499,7 +502,9 @@ class DeliveryManager:
             if step is None:
                 return  # stopped before anything was tried: nothing to record
             for result, status in step.logged:
-                self._log(attempt, result, status)
+                self._log(attempt, result, status, step.state.attempts)
+            for rcpt in attempt.suppressed:
+                self._emit(attempt, EventKind.SUPPRESSED, {"recipient": rcpt})
             state = attempt.state = step.state
             if step.failed and not await self._notify(attempt, step.failed, "failed", now):
                 # keep them until a bounce can be queued
@@ -569,20 +574,39 @@ class DeliveryManager:
             self.enqueue(new_id)
         return True
 
-    def _log(self, attempt: _Attempt, result: Result, status: str) -> None:
+    def _log(self, attempt: _Attempt, result: Result, status: str, number: int) -> None:
+        """One recipient's result of attempt ``number``: logged, reported, counted."""
         log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} "
                  "tls={tls}{policy}",
                  queue_id=attempt.queue_id, recipient=result.recipient,
                  remote=result.remote or "-", status=status, code=result.code,
                  text=result.text, tls="yes" if result.tls else "no",
                  policy=f" tls_policy={result.policy}" if result.policy else "")
+        data = {"recipient": result.recipient,
+                "reply": events.remote_reply(result.code, result.text),
+                "remote": result.remote, "attempt": number, "tls": result.tls,
+                "source": "delivery"}
+        if status in ("bounced", "expired"):
+            data["bounce"] = "hard" if data["reply"]["status"] in HARD_BOUNCE else "soft"
+            data["expired"] = status == "expired"
+        self._emit(attempt, _EVENTS[status], data)
         if self.on_result is not None:
             try:
                 self.on_result(attempt.queue_id, attempt.envelope, result, status)
             except Exception:
                 log.failure("on_result failed for {queue_id}", queue_id=attempt.queue_id)
 
+    def _emit(self, attempt: _Attempt, kind: EventKind, data: dict) -> None:
+        """An event about a user's message (its fields and ``data``'s known ones)."""
+        envelope = attempt.envelope
+        if envelope.user is None:  # the relay's own: DSNs, notices, reports
+            return
+        self.events.emit(kind, envelope.account, envelope.user,
+                         events.known(events.of_message(envelope), data))
 
+
+_EVENTS = {"sent": EventKind.DELIVERED, "deferred": EventKind.DEFERRED,
+           "bounced": EventKind.BOUNCED, "expired": EventKind.BOUNCED}
 
 _KIND = {"failed": "bounce", "delayed": "delay notification", "relayed": "success notice"}
 
