@@ -27,8 +27,8 @@ not known is left out.
 Per kind (besides the fields above where known):
 
 - ``message.processed``: accepted and durable (after the ``250``'s fsync): queue_id,
-  sender, recipients, ``size`` (octets), auth_method, client_ip, ``tls``, ``sandboxed``
-  (kept and never delivered).
+  sender, recipients, ``size`` (octets, as the client sent it), auth_method, client_ip,
+  ``tls``, ``sandboxed`` (kept and never delivered).
 - ``message.rejected``: a reply of ``4xx``/``5xx`` to a logged-in client's ``MAIL``,
   ``RCPT``, ``DATA`` or ``BDAT`` (the end of the data included): ``stage`` (the
   command), reply, auth_method, client_ip, sender (the one given or in use), recipient

@@ -502,9 +502,8 @@ class DeliveryManager:
             if step is None:
                 return  # stopped before anything was tried: nothing to record
             for result, status in step.logged:
-                self._log(attempt, result, status, step.state.attempts)
-            for rcpt in attempt.suppressed:
-                self._emit(attempt, EventKind.SUPPRESSED, {"recipient": rcpt})
+                self._log(attempt, result, status)
+            self._report_events(attempt, step)
             state = attempt.state = step.state
             if step.failed and not await self._notify(attempt, step.failed, "failed", now):
                 # keep them until a bounce can be queued
@@ -574,27 +573,36 @@ class DeliveryManager:
             self.enqueue(new_id)
         return True
 
-    def _log(self, attempt: _Attempt, result: Result, status: str, number: int) -> None:
-        """One recipient's result of attempt ``number``: logged, reported, counted."""
+    def _log(self, attempt: _Attempt, result: Result, status: str) -> None:
         log.info("{queue_id} to=<{recipient}> via {remote} {status}: {code} {text} "
                  "tls={tls}{policy}",
                  queue_id=attempt.queue_id, recipient=result.recipient,
                  remote=result.remote or "-", status=status, code=result.code,
                  text=result.text, tls="yes" if result.tls else "no",
                  policy=f" tls_policy={result.policy}" if result.policy else "")
-        data = {"recipient": result.recipient,
-                "reply": events.remote_reply(result.code, result.text),
-                "remote": result.remote, "attempt": number, "tls": result.tls,
-                "source": "delivery"}
-        if status in ("bounced", "expired"):
-            data["bounce"] = "hard" if data["reply"]["status"] in HARD_BOUNCE else "soft"
-            data["expired"] = status == "expired"
-        self._emit(attempt, _EVENTS[status], data)
         if self.on_result is not None:
             try:
                 self.on_result(attempt.queue_id, attempt.envelope, result, status)
             except Exception:
                 log.failure("on_result failed for {queue_id}", queue_id=attempt.queue_id)
+
+    def _report_events(self, attempt: _Attempt, step: outcome.Next) -> None:
+        """What the attempt made of each recipient, as events; a recipient that expires
+        now is reported bounced alone (its last reply is in the bounce's)."""
+        expired = {r.recipient for r, status in step.logged if status == "expired"}
+        for result, status in step.logged:
+            if status == "deferred" and result.recipient in expired:
+                continue
+            data = {"recipient": result.recipient,
+                    "reply": events.remote_reply(result.code, result.text),
+                    "remote": result.remote, "attempt": step.state.attempts,
+                    "tls": result.tls, "source": "delivery"}
+            if status in ("bounced", "expired"):
+                hard = data["reply"]["status"] in HARD_BOUNCE
+                data.update(bounce="hard" if hard else "soft", expired=status == "expired")
+            self._emit(attempt, _EVENTS[status], data)
+        for rcpt in attempt.suppressed:
+            self._emit(attempt, EventKind.SUPPRESSED, {"recipient": rcpt})
 
     def _emit(self, attempt: _Attempt, kind: EventKind, data: dict) -> None:
         """An event about a user's message (its fields and ``data``'s known ones)."""
