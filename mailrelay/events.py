@@ -20,6 +20,8 @@ not known is left out.
   relay's to the client for ``message.rejected``, the next hop's (or the one a DSN
   reports) for delivery events. ``status`` is the enhanced status code (``x.0.0`` when the
   server gave none), ``text`` the rest of the reply.
+- ``remote_reply``: in delivery events, the same reply of the next hop as one line, as
+  it came (``550 5.1.1 <bob@example.net>: Recipient address rejected``).
 - ``remote``: the next hop, ``mx.example.net[192.0.2.1]``, when one answered.
 - ``source``: where a delivery event was learnt: ``delivery`` (the next hop's reply) or
   ``dsn`` (a report that came back later to the account's bounce domain).
@@ -35,9 +37,10 @@ Per kind (besides the fields above where known):
   (at ``RCPT``), recipients (at ``DATA``/``BDAT``: those accepted). Only for a session
   logged in (the account is known): a refused or failed login (``AUTH``) and commands
   before one report nothing, as anyone can send those under any name.
-- ``message.delivered``, ``message.deferred``: queue_id, sender, recipient, reply, remote,
-  ``attempt`` (1 for the first), ``tls`` (to the next hop), source, auth_method,
-  client_ip.
+- ``message.delivered``, ``message.deferred``: queue_id, sender, recipient, reply,
+  remote_reply, remote, ``attempt`` (1 for the first), ``tls`` (to the next hop),
+  source, auth_method, client_ip (those of a DSN, source ``dsn``, have no attempt, tls,
+  auth_method or client_ip).
 - ``message.bounced``: the same, and ``bounce``: ``hard`` (the address cannot receive
   mail: features/hooks.py HARD_BOUNCE, the recipient is suppressed) or ``soft``;
   ``expired``: true when the message's lifetime ran out while deferred (reply 4.4.7).
@@ -95,15 +98,15 @@ def reply(code: int, status: str | None, text: str) -> dict:
     return {"code": code, "status": status, "text": text}
 
 
-def remote_reply(code: int | None, text: str) -> dict:
-    """The ``reply`` field of a reply as delivery keeps it: the text after the code, which
-    starts with the enhanced status when the server gave one (``5.1.1 user unknown``)."""
+def next_hop_reply(code: int | None, text: str) -> dict:
+    """The ``reply`` and ``remote_reply`` fields of a next hop's reply as delivery keeps
+    it: the text after the code, which starts with the enhanced status when the server
+    gave one (``5.1.1 user unknown``)."""
     from mailrelay.delivery.dsn import status_of
 
     status = status_of(code, text)
-    if text.startswith(status + " ") or text == status:
-        text = text[len(status):].lstrip()
-    return reply(code, status, text)
+    rest = text[len(status):].lstrip() if text.split(" ", 1)[0] == status else text
+    return {"reply": reply(code, status, rest), "remote_reply": f"{code} {text}".strip()}
 
 
 def of_message(envelope) -> dict:

@@ -20,7 +20,6 @@ from twisted.python.components import Componentized
 from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
 from mailrelay.events import NO_EVENTS
-from mailrelay.interfaces import IEventSink
 from mailrelay.listener import ListenerService
 from mailrelay.proxyproto import wrapper_for as proxy_wrapper
 from mailrelay.reload import Live
@@ -115,7 +114,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, node=node)
     spool.setServiceParent(top)
-    events = make_events(config, reactor, top)  # stops after all that reports to it
+    events = make_events(config, reactor, top)  # stops after delivery and the listeners
 
     directory = open_directory(config, reactor=reactor)
     check_directory(directory)
@@ -176,10 +175,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
             policy=policy,
             verify_senders=config.admin.enabled and config.admin.verify_senders,
             envelope_fields=user_fields,
-            events=events,
         )
         factories.append(factory)
         factory.metrics = metrics.listener(listener.name)
+        factory.events = events
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
@@ -201,6 +200,12 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
     top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
+
+
+def make_events(config: Config, reactor, parent):
+    """This process's IEventSink (mailrelay/events.py), the relay's and the delivery
+    process's alike: NO_EVENTS, as long as no webhooks deliver the events."""
+    return NO_EVENTS
 
 
 def make_verp(config: Config):
@@ -233,12 +238,6 @@ def bounce_listener(config: Config, verp, paths, features, spool, tls_options, r
     return ListenerService("bounces", b.endpoint, factory, reactor)
 
 
-
-
-def make_events(config: Config, reactor, parent) -> IEventSink:
-    """The IEventSink of this process (mailrelay/events.py): what the relay and the
-    delivery process report. NO_EVENTS: no webhooks to deliver them yet."""
-    return NO_EVENTS
 
 
 def make_metrics(config: Config, spool, delivery, directory, reactor, parent):
@@ -291,10 +290,10 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
                   min_free_bytes=config.spool.min_free_space, owner=False,
                   node=node_id(config.server.data_dir, config.server.node_id))
     spool.setServiceParent(top)
-    events = make_events(config, reactor, top)
+    top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
-    manager = make_delivery(config, spool, reactor, features, metrics, events)
+    manager = make_delivery(config, spool, reactor, features, metrics, top.events)
     DeliveryService(manager).setServiceParent(top)
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself

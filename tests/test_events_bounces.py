@@ -82,11 +82,15 @@ class BounceEventTests(TempPaths, unittest.TestCase):
         self.assertEqual(self.events, [
             ("message.bounced", "acme", "news@doe.test", {
                 **about, **remote, "recipient": RECIPIENTS[0], "bounce": "hard",
+                "remote_reply": "550 5.1.1 <gone@example.net>: Recipient address rejected: "
+                                "User unknown in virtual mailbox table",
                 "reply": {"code": 550, "status": "5.1.1", "text": "<gone@example.net>: "
                           "Recipient address rejected: User unknown in virtual mailbox "
                           "table"}}),
             ("message.deferred", "acme", "news@doe.test", {
                 **about, **remote, "recipient": RECIPIENTS[1],
+                "remote_reply": "450 4.2.2 <slow@example.net>: Recipient address rejected: "
+                                "User unknown in virtual mailbox table",
                 "reply": {"code": 450, "status": "4.2.2", "text": "<slow@example.net>: "
                           "Recipient address rejected: User unknown in virtual mailbox "
                           "table"}}),

@@ -48,7 +48,8 @@ class SubmissionEventTests(LoopbackCase):
     @defer.inlineCallbacks
     def test_processed_once_the_message_is_kept(self):
         events = EventList()
-        port = self.listen("implicit", events=events)
+        port = self.listen("implicit")
+        self.factories[-1].events = events  # as service.py gives it
         code, text = yield deferToThread(submit, port, ["r1@example.net", "r2@example.net"])
         self.assertEqual(code, 250, text)
         queue_id = text.rsplit(" ", 1)[1]
@@ -66,7 +67,8 @@ class SubmissionEventTests(LoopbackCase):
     @defer.inlineCallbacks
     def test_rejected_with_the_reply_at_each_stage(self):
         events = EventList()
-        port = self.listen("implicit", max_recipients=1, events=events)
+        port = self.listen("implicit", max_recipients=1)
+        self.factories[-1].events = events
         codes = yield deferToThread(refusals, port)
         self.assertEqual(codes, [250, 530, 535, 235, 550, 250, 250, 452, 354, 550, 250, 250,
                                  550, 221])

@@ -152,7 +152,7 @@ def _block(report: Report, recipient: str) -> RecipientReport:
 
 def _reported(block: RecipientReport) -> dict:
     """The delivery fields of what a DSN says of a recipient (source ``dsn``)."""
-    return {"reply": events.remote_reply(block.code, _reply_text(block)),
+    return {**events.next_hop_reply(block.code, _reply_text(block)),
             "remote": block.remote, "source": "dsn"}
 
 

@@ -594,7 +594,7 @@ class DeliveryManager:
             if status == "deferred" and result.recipient in expired:
                 continue
             data = {"recipient": result.recipient,
-                    "reply": events.remote_reply(result.code, result.text),
+                    **events.next_hop_reply(result.code, result.text),
                     "remote": result.remote, "attempt": step.state.attempts,
                     "tls": result.tls, "source": "delivery"}
             if status in ("bounced", "expired"):

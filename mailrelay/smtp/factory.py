@@ -8,7 +8,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailrelay.events import NO_EVENTS
-from mailrelay.interfaces import IEventSink, ISpool, ISubmissionPolicy
+from mailrelay.interfaces import ISpool, ISubmissionPolicy
 from mailrelay.metrics import NO_LISTENER_METRICS
 from mailrelay.model import Account, SmtpUser
 from mailrelay.policy.sender import SenderPolicy
@@ -31,7 +31,6 @@ class SubmissionFactory(ServerFactory):
     default the client's recipients alone. Times are seconds (``idle_timeout`` between commands,
     ``data_timeout`` for a DATA phase, ``session_timeout`` for the time a connection spends
     outside transactions in total; 0 turns the last off); ``reactor`` gives the clock.
-    ``events`` (an IEventSink) hears of each message accepted and each one refused.
     """
 
     protocol = SubmissionServer
@@ -39,6 +38,7 @@ class SubmissionFactory(ServerFactory):
     # on PORT" line names the listener.
     noisy = False
     metrics = NO_LISTENER_METRICS  # the listener's IListenerMetrics (service.py sets it)
+    events = NO_EVENTS  # the relay's IEventSink (service.py sets it)
 
     def __init__(
         self,
@@ -58,7 +58,6 @@ class SubmissionFactory(ServerFactory):
         session_timeout: float = 3600.0,
         verify_senders: bool = False,
         envelope_fields: Callable[[SmtpUser, list[str], Account | None], dict] | None = None,
-        events=NO_EVENTS,
     ) -> None:
         if tls_mode not in TLS_MODES:
             raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {tls_mode!r}")
@@ -68,8 +67,6 @@ class SubmissionFactory(ServerFactory):
             raise TypeError(f"{spool!r} does not provide ISpool")
         if policy is not None and not ISubmissionPolicy.providedBy(policy):
             raise TypeError(f"{policy!r} does not provide ISubmissionPolicy")
-        if not IEventSink.providedBy(events):
-            raise TypeError(f"{events!r} does not provide IEventSink")
         if reactor is None:
             from twisted.internet import reactor
         self.portal = portal
@@ -87,7 +84,6 @@ class SubmissionFactory(ServerFactory):
         self.reactor = reactor
         self.policy = SenderPolicy(policy, verify_senders)
         self.envelope_fields = envelope_fields or _recipients_only
-        self.events = events
 
     def buildProtocol(self, addr) -> SubmissionServer:
         return self.protocol(self)

@@ -760,12 +760,12 @@ class SubmissionServer(Chunking, CommandStream):
             tls=self.tls,
             sandboxed=envelope.sandboxed,
         )
-        if self.policy is not None:
-            self._notify(self.policy.accepted, avatar, envelope)
         self.factory.events.emit(EventKind.PROCESSED, envelope.account, envelope.user, {
             **events.of_message(envelope), "queue_id": queue_id,
             "recipients": list(envelope.recipients), "size": reader.size, "tls": self.tls,
             "sandboxed": envelope.sandboxed})
+        if self.policy is not None:
+            self._notify(self.policy.accepted, avatar, envelope)
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
     async def _conform(self, incoming) -> None:
