@@ -148,6 +148,7 @@ class Envelope:
     # VERP envelope sender there (bounces/verp.py); ``sender`` stays the client's.
     return_path: str | None = None
     requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
+    auth_method: str | None = None  # how ``user`` logged in: "password", "ip" or "address"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -126,7 +126,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
                          logins=logins)
 
     suppressions, stats = open_feature_stores(config)
-    features = make_features(config, suppressions, stats, reactor, top)
+    features = make_features(config, suppressions, stats, reactor, top, events=events)
     if not config.tracking.enabled:
         reactor.callWhenRunning(warn_features_off, directory)
 
@@ -142,13 +142,13 @@ def make_service(config: Config, reactor=None) -> MultiService:
         spool.subscribe(delivery.enqueue)
     metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
-    policy, notifier = make_policy(config, spool, reactor, metrics, top)
+    policy, notifier = make_policy(config, spool, reactor, metrics, top, events)
     if config.policy.dormant_after > 0:
         from mailrelay.manage.dormancy import DormancyJob
 
         DormancyJob(directory, config.directory.file, logins, config.policy.dormant_after,
                     partial(submit_notice, spool, reactor), config.server.postmaster,
-                    config.server.hostname, reactor).setServiceParent(top)
+                    config.server.hostname, reactor, events=events).setServiceParent(top)
     if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
         from mailrelay.cluster.redis_counters import LeaseRenewal
 
@@ -191,8 +191,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     verp, paths = make_verp(config)
     Pruner(paths, config.bounces.retention, reactor).setServiceParent(top)
     if config.bounces.endpoint:
-        bounce_listener(config, verp, paths, features, spool, tls_options,
-                        reactor).setServiceParent(top)
+        bounce_listener(config, verp, paths, features, spool, tls_options, reactor,
+                        events).setServiceParent(top)
 
     webhook_sender(config, events, directory, spool, reactor, top)
     control = QueueControl(spool, reactor, delivery)
@@ -211,7 +211,6 @@ def make_events(config: Config, reactor, parent):
     webhook outbox's writer (webhooks/sink.py), a child service of ``parent``; NO_EVENTS
     when ``[webhooks] enabled = no``. Call it before what emits joins ``parent``, so that
     the last events are written after that has stopped."""
-    from mailrelay.events import NO_EVENTS
 
     w = config.webhooks
     if w is None or not w.enabled:
@@ -267,14 +266,15 @@ def make_verp(config: Config):
                            f"{getattr(e, 'strerror', None) or e}")
 
 
-def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor):
+def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor,
+                    events=NO_EVENTS):
     """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
     from mailrelay.bounces.feed import BounceFeed
     from mailrelay.bounces.listener import BounceFactory
 
     b = config.bounces
     feed = BounceFeed(reactor, features, spool, paths, config.server.hostname,
-                      config.server.postmaster)
+                      config.server.postmaster, events=events)
     factory = BounceFactory(verp, feed, config.server.hostname, tls_options=tls_options,
                             max_size=b.max_message_size,
                             idle_timeout=config.limits.idle_timeout,
@@ -337,7 +337,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
-    manager = make_delivery(config, spool, reactor, features, metrics)
+    manager = make_delivery(config, spool, reactor, features, metrics, top.events)
     DeliveryService(manager).setServiceParent(top)
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
@@ -437,12 +437,13 @@ def read_key_file(section: str, path: str, config: Config | None = None) -> byte
 
 
 def make_features(config: Config, suppressions, stats_store, reactor, parent,
-                  serve: bool = True) -> object:
+                  serve: bool = True, events=NO_EVENTS) -> object:
     """The per-user features (features.hooks.MessageFeatures) from ``[features]`` and
     ``[tracking]``; their services (the statistics writer and, with ``serve``, archive
     pruning and the tracking listener: the relay's, not the delivery process's) join
     ``parent``. Call it before delivery joins ``parent``, so that the statistics are
-    written after delivery has stopped."""
+    written after delivery has stopped. ``events``: where the tracking listener reports
+    opens, clicks and unsubscriptions."""
     from mailrelay.features.archive import Archive, ArchivePruner
     from mailrelay.features.hooks import MessageFeatures
     from mailrelay.features.paths import feature_paths
@@ -458,8 +459,8 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent,
     if config.tracking.enabled:
         personalizer = make_personalizer(config, paths.token_key)
         if serve:
-            _tracking_listener(config, personalizer, suppressions, recorder,
-                               reactor).setServiceParent(parent)
+            _tracking_listener(config, personalizer, suppressions, recorder, reactor,
+                               events).setServiceParent(parent)
     return MessageFeatures(reactor, suppressions, recorder, personalizer, archive)
 
 
@@ -499,10 +500,12 @@ def make_footer(config: Config):
         raise StartupError(f"[features] {e}")
 
 
-def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor):
+def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor,
+                       events):
     from mailrelay.features.web import TrackingRoot, make_site
 
-    root = TrackingRoot(personalizer.links.signer, suppressions, recorder, reactor)
+    root = TrackingRoot(personalizer.links.signer, suppressions, recorder, reactor,
+                        events=events)
     return ListenerService("tracking", config.tracking.endpoint, make_site(root), reactor)
 
 
@@ -645,9 +648,10 @@ class _Stopping(Service):
         return self._stop()
 
 
-def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
+def make_delivery(config: Config, spool, reactor, features=None, metrics=None,
+                  events=NO_EVENTS):
     """The DeliveryManager from ``[delivery]``; ``metrics``: the IMetrics of its attempts
-    and DSNs."""
+    and DSNs; ``events``: the IEventSink of what came of each recipient."""
     from mailrelay.bounces.store import ReturnPaths
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
@@ -675,6 +679,7 @@ def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
         dkim=_dkim(config, reactor),
         return_paths=ReturnPaths(*make_verp(config), reactor),
         on_result=on_result,
+        events=events,
     )
     if metrics is not None:
         manager.metrics = metrics
