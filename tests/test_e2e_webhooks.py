@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import Peer, Relay, free_port, message, wait_for
+from harness import Peer, Relay, Sink, free_port, message, wait_for
 from standardwebhooks.webhooks import Webhook
 
 PASSWORD = "correct horse battery"
@@ -197,3 +197,40 @@ def test_event_being_sent_survives_kill_9_and_is_sent_after_restart(tmp_path, re
         wait_for(lambda: "(message.processed) sent to" in relay.log(), what="the event sent")
     finally:
         relay.stop()
+
+
+def test_a_session_and_the_delivery_process_report_to_the_endpoint(tmp_path, receiver):
+    """The whole chain: a refused MAIL and an accepted message in the relay, their delivery
+    in the delivery process, each event signed and sent with its message's fields."""
+    sink = Sink(tmp_path / "sink")
+    r = Relay(tmp_path / "relay", config=(
+        f"[delivery]\nallow_local_mx = yes\nmx_tls = none\n\n"
+        f"[routes]\nexample.test = 127.0.0.1:{sink.port}\n\n"
+        "[webhooks]\nallow_private = 127.0.0.0/8\npoll_interval = 0.2s\n"))
+    r.admin("account", "add", "acme", "--domains", "a.test")
+    r.add_user("a.test", PASSWORD, "--account", "acme")
+    r.start()
+    try:
+        hook = endpoint(r, receiver.url("/chain"), "a.test")
+        with r.smtp(login=("a.test", PASSWORD)) as c:
+            assert c.mail("x@other.test")[0] == 550
+            c.mail("app@a.test")
+            c.rcpt("ok@example.test")
+            code, reply = c.data(message("app@a.test", "ok@example.test"))
+        assert code == 250
+        queue_id = reply.decode().rsplit(" ", 1)[-1]
+        got = {e["type"]: e for e in verified(hook["secrets"][0],
+                                              receiver.wait("/chain", 3))}
+        assert sorted(got) == ["message.delivered", "message.processed", "message.rejected"]
+        rejected = got["message.rejected"]["data"]
+        assert (rejected["reply"]["code"], rejected["sender"]) == (550, "x@other.test")
+        for kind in ("message.processed", "message.delivered"):
+            data = got[kind]["data"]
+            assert (data["account"], data["user"], data["queue_id"]) == ("acme", "a.test",
+                                                                         queue_id)
+        delivered = got["message.delivered"]["data"]
+        assert delivered["recipient"] == "ok@example.test"
+        assert delivered["remote_reply"].startswith("250")
+    finally:
+        r.stop()
+        sink.stop()
