@@ -18,10 +18,20 @@ T = TypeVar("T")
 def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
     """``work(store)``'s result, the access file read (or locked, changed and saved) in
     this thread; refusals and file troubles become a CommandError."""
-    store = FileAccessStore(access_path(context.config), at_once)
+    from mailrelay.postgres.db import UNAVAILABLE, of_config  # psycopg: only here
+
     try:
+        db = of_config(context.config)
+        if db is not None:  # [cluster] postgres
+            from mailrelay.postgres.access import PgAccessStore
+
+            store = PgAccessStore(db, at_once)
+        else:
+            store = FileAccessStore(access_path(context.config), at_once)
         return run(lambda reactor: work(store))
     except AccessError as e:
         raise CommandError(str(e))
     except OSError as e:
-        raise CommandError(f"{e.filename or store.path}: {e.strerror}")
+        raise CommandError(f"{e.filename or access_path(context.config)}: {e.strerror}")
+    except UNAVAILABLE as e:
+        raise CommandError(f"[cluster] postgres: {e}")

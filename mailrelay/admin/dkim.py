@@ -24,7 +24,15 @@ from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.manage.dkim import DkimError, DkimKeys, domain_name, key_owner, listed, shown
+from mailrelay.manage.dkim import (
+    DkimError,
+    DkimKeys,
+    domain_name,
+    key_owner,
+    keys_of_config,
+    listed,
+    shown,
+)
 from mailrelay.manage.dkim import activate as manage_activate
 from mailrelay.manage.stores import at_once
 
@@ -77,8 +85,7 @@ def register(subparsers) -> None:
 
 
 def _keys(context: Context) -> DkimKeys:
-    d = context.config.dkim
-    return DkimKeys(d.directory, at_once, retire_after=d.retire_after)
+    return keys_of_config(context.config, at_once)
 
 
 def _result(d):
