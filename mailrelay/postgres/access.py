@@ -74,9 +74,12 @@ class AccessTables(PgStore):
         differ are written when it ends without an error."""
         with self.db.transaction() as conn:
             conn.execute("LOCK TABLE admin_logins, api_keys IN SHARE ROW EXCLUSIVE MODE")
-            before = self._entries(conn)
+            rows = self._entries(conn)
             store = AccessStore("")
-            store.data = _from_json(before)
+            store.data = _from_json(rows)
+            # Compared as this code writes them: a row the block left alone is not written
+            # again, and keeps the fields a newer node wrote that this one does not know.
+            before = _to_json(_from_json(rows))
             yield store
             after = _to_json(store.data)
             changed = False

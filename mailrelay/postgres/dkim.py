@@ -86,7 +86,8 @@ class PgDkimKeys(DkimKeys, PgStore):
     def _keys(self) -> list[DkimKey]:
         with self._conn() as conn:
             rows = conn.execute("SELECT doc FROM dkim_keys").fetchall()
-        return [DkimKey.from_json(doc) for (doc,) in rows]
+        keys = [DkimKey.from_json(doc) for (doc,) in rows]
+        return sorted(keys, key=lambda k: (k.domain, k.selector))  # as the index is kept
 
     def _save(self, keys: list[DkimKey]) -> None:
         wanted = {(k.domain, k.selector): k.to_json() for k in keys}

@@ -1,0 +1,77 @@
+"""Admin logins and API keys in PostgreSQL (postgres/access.py) against a real server: the
+access file's cases (test_manage.AccessStoreCases), the panel's view of another node's
+change arriving by notification, and fields this code does not know kept as they are."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pg_server
+import pytest
+from test_manage import AccessStoreCases
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailrelay.manage.access import Access
+from mailrelay.manage.stores import at_once
+from mailrelay.postgres.access import PgAccessStore, PgAccessView
+from mailrelay.postgres.db import Database
+
+pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
+
+
+def open_db(case: unittest.TestCase, dsn: str) -> Database:
+    """A pool of its own, as each node (and each mailrelay-admin) has."""
+    db = Database(dsn)
+    db.open()
+    case.addCleanup(db.close)
+    return db
+
+
+class PgAccessStoreTests(AccessStoreCases, unittest.TestCase):
+    """The store mailrelay-admin uses on one node, the panel's view on another."""
+
+    def setUp(self):
+        self.dsn = pg_server.shared_server().create_database()
+        self.db = open_db(self, self.dsn)
+        self.store = PgAccessStore(self.db, at_once)
+
+    def stored(self) -> str:
+        with self.db.transaction() as conn:
+            rows = conn.execute("SELECT name, doc::text FROM admin_logins UNION ALL "
+                                "SELECT name || ' ' || hash, doc::text FROM api_keys").fetchall()
+        return json.dumps(rows)
+
+    def view(self) -> PgAccessView:
+        view = PgAccessView(open_db(self, self.dsn), reactor)
+        view.startService()
+        self.addCleanup(view.stopService)
+        return view
+
+    @defer.inlineCallbacks
+    def seen(self, view, test):
+        """Within a second of the change: the notification, then a read in a thread."""
+        deadline = time.monotonic() + 1.0
+        while not test(view.current()):
+            self.assertLess(time.monotonic(), deadline, "the change did not reach the view")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    def test_a_field_this_relay_does_not_know_is_kept(self):
+        """A newer node's field in an entry (e.g. a limit it adds) survives a change this
+        node makes to another entry."""
+        self.successResultOf(self.store.addKey("old", Access.READ_ONLY))
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE api_keys SET doc = doc || '{\"later\": \"kept\"}'")
+        self.successResultOf(self.store.addKey("new", Access.READ_WRITE))
+        self.successResultOf(self.store.deleteKey("new"))
+        with self.db.transaction() as conn:
+            doc = conn.execute("SELECT doc FROM api_keys WHERE name = 'old'").fetchone()[0]
+        self.assertEqual(doc["later"], "kept")
+        self.assertEqual(doc["access"], "read-only")
+
+    def test_a_refused_change_writes_nothing(self):
+        self.successResultOf(self.store.addKey("deploy", Access.READ_ONLY))
+        self.failureResultOf(self.store.addKey("bad name", Access.READ_ONLY))
+        self.assertEqual([k.name for k in self.successResultOf(self.store.listKeys())],
+                         ["deploy"])  # fmt: skip
