@@ -603,9 +603,13 @@ def _dkim(config: Config, reactor):
         return None
     from mailrelay.delivery.dkimsign import DkimSigning
     from mailrelay.dkim import Signer
-    from mailrelay.postgres.db import of_config
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
 
-    db = of_config(config)
+    try:
+        db = of_config(config)
+    except UNAVAILABLE as e:  # the keys cannot be read: mail waits in the queue
+        raise StartupError(f"[dkim] the keys cannot be read from [cluster] postgres: "
+                           f"{str(e).strip()}")
     if db is not None:
         from mailrelay.postgres.dkim import PgSigner
 

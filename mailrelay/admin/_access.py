@@ -19,6 +19,7 @@ def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
     """``work(store)``'s result, the access file read (or locked, changed and saved) in
     this thread; refusals and file troubles become a CommandError."""
     from mailrelay.postgres.db import UNAVAILABLE, of_config  # psycopg: only here
+    from mailrelay.postgres.unavailable import Unavailable
 
     try:
         db = of_config(context.config)
@@ -29,9 +30,9 @@ def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
         else:
             store = FileAccessStore(access_path(context.config), at_once)
         return run(lambda reactor: work(store))
-    except AccessError as e:
+    except (AccessError, Unavailable) as e:
         raise CommandError(str(e))
     except OSError as e:
         raise CommandError(f"{e.filename or access_path(context.config)}: {e.strerror}")
-    except UNAVAILABLE as e:
-        raise CommandError(f"[cluster] postgres: {e}")
+    except UNAVAILABLE as e:  # at connecting
+        raise CommandError(str(Unavailable(e)))

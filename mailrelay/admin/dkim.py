@@ -85,7 +85,13 @@ def register(subparsers) -> None:
 
 
 def _keys(context: Context) -> DkimKeys:
-    return keys_of_config(context.config, at_once)
+    from mailrelay.postgres.db import UNAVAILABLE
+    from mailrelay.postgres.unavailable import Unavailable
+
+    try:
+        return keys_of_config(context.config, at_once)
+    except UNAVAILABLE as e:  # [cluster] postgres, at connecting
+        raise CommandError(str(Unavailable(e)))
 
 
 def _result(d):

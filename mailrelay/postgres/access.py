@@ -33,6 +33,7 @@ from mailrelay.manage.access import (
     _to_json,
 )
 from mailrelay.postgres.db import Database, Listener, PgStore, notify
+from mailrelay.postgres.unavailable import guarded
 
 log = Logger()
 T = TypeVar("T")
@@ -108,7 +109,7 @@ class PgAccessStore(FileAccessStore):
     """IAccessStore over the tables (mailrelay-admin's, through ``call``)."""
 
     def __init__(self, db: Database, call: Callable[..., defer.Deferred]) -> None:
-        super().__init__("PostgreSQL", call)
+        super().__init__("PostgreSQL", guarded(call))
         self.tables = AccessTables(db)
 
     def _read(self, f: Callable[[AccessData], T]) -> defer.Deferred[T]:

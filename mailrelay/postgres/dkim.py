@@ -30,6 +30,7 @@ from psycopg.types.json import Jsonb
 from mailrelay.dkim import DkimKey, Signer
 from mailrelay.manage.dkim import DkimKeys, UnknownKey
 from mailrelay.postgres.db import Database, Listener, PgStore, notify
+from mailrelay.postgres.unavailable import guarded
 
 CHANNEL = "mailrelay_dkim"
 
@@ -57,7 +58,7 @@ class PgDkimKeys(DkimKeys, PgStore):
 
     def __init__(self, db: Database, call, clock=time,
                  retire_after: float = 7 * 86400.0) -> None:  # fmt: skip
-        DkimKeys.__init__(self, "", call, clock, retire_after)
+        DkimKeys.__init__(self, "", guarded(call), clock, retire_after)
         PgStore.__init__(self, db)
         self._tx = threading.local()  # the transaction of the change this thread makes
 
