@@ -113,6 +113,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, node=node)
     spool.setServiceParent(top)
+    events = make_events(config, reactor, top)  # stops after delivery and the listeners
 
     directory = open_directory(config, reactor=reactor)
     check_directory(directory)
@@ -176,6 +177,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         )
         factories.append(factory)
         factory.metrics = metrics.listener(listener.name)
+        factory.events = events
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
@@ -188,6 +190,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         bounce_listener(config, verp, paths, features, spool, tls_options,
                         reactor).setServiceParent(top)
 
+    webhook_sender(config, events, directory, spool, reactor, top)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins).setServiceParent(top)
@@ -197,6 +200,53 @@ def make_service(config: Config, reactor=None) -> MultiService:
     # What a reload (SIGHUP, mailrelay/reload.py) changes in place.
     top.live = Live(config, factories, policy.policy, portal, tls_options, delivery)
     return top
+
+
+def make_events(config: Config, reactor, parent):
+    """This process's IEventSink (the relay's and the delivery process's alike): the
+    webhook outbox's writer (webhooks/sink.py), a child service of ``parent``; NO_EVENTS
+    when ``[webhooks] enabled = no``. Call it before what emits joins ``parent``, so that
+    the last events are written after that has stopped."""
+    from mailrelay.events import NO_EVENTS
+
+    w = config.webhooks
+    if w is None or not w.enabled:
+        return NO_EVENTS
+    from mailrelay.webhooks.sink import WebhookSink
+
+    sink = WebhookSink(open_webhooks(config), reactor, interval=w.flush_interval)
+    sink.setServiceParent(parent)
+    return sink
+
+
+def open_webhooks(config: Config):
+    """The webhook endpoints and outbox (webhooks/store.py); StartupError if unusable."""
+    from mailrelay.webhooks.store import WebhookStore
+
+    try:
+        return WebhookStore(config.webhooks.db)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[webhooks] db {config.webhooks.db}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+
+
+def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:
+    """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
+    without webhooks. A 410 is told to the account by mail through ``spool``."""
+    store = getattr(events, "store", None)
+    if store is None:
+        return
+    from mailrelay.manage.stores import threaded
+    from mailrelay.webhooks.notice import GoneNotices
+    from mailrelay.webhooks.sender import WebhookSender
+
+    w = config.webhooks
+    gone = GoneNotices(directory, partial(submit_notice, spool, reactor),
+                       config.server.postmaster, config.server.hostname, reactor)
+    WebhookSender(store, threaded(reactor), reactor, allowed=w.allow_private,
+                  retry_delays=w.retry_delays, timeout=w.timeout,
+                  poll_interval=w.poll_interval, concurrency=w.concurrency,
+                  failed_retention=w.failed_retention, gone=gone).setServiceParent(parent)
 
 
 def make_verp(config: Config):
@@ -280,6 +330,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
                   min_free_bytes=config.spool.min_free_space, owner=False,
                   node=node_id(config.server.data_dir, config.server.node_id))
     spool.setServiceParent(top)
+    top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics)

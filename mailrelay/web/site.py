@@ -151,7 +151,19 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
                                reactor),  # fmt: skip
         config=config,
         last_logins=open_last_logins(config),
+        webhooks=open_webhooks(config, call),
     )
+
+
+def open_webhooks(config, call):
+    """The IWebhooks the panel manages (None when ``[webhooks]`` is off)."""
+    w = getattr(config, "webhooks", None)
+    if w is None or not w.enabled:
+        return None
+    from mailrelay.manage.webhooks import Webhooks
+    from mailrelay.service import open_webhooks as open_store
+
+    return Webhooks(open_store(config), call, w.allow_private, w.secret_overlap)
 
 
 def open_last_logins(config):
