@@ -20,6 +20,7 @@ from test_manage import AccessStoreCases
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from mailrelay.auth.passwords import hash_password
 from mailrelay.manage.access import Access
 from mailrelay.manage.stores import at_once
 from mailrelay.postgres.access import PgAccessStore, PgAccessView
@@ -76,6 +77,23 @@ class PgAccessStoreTests(AccessStoreCases, unittest.TestCase):
             doc = conn.execute("SELECT doc FROM api_keys WHERE name = 'old'").fetchone()[0]
         self.assertEqual(doc["later"], "kept")
         self.assertEqual(doc["access"], "read-only")
+
+    @defer.inlineCallbacks
+    def test_an_account_limit_reaches_the_other_nodes(self):
+        """The access file's fields, whatever they are, are the rows' (here an admin's
+        and a key's account)."""
+        view = self.view()
+        secret = yield self.store.addKey("acme-deploy", Access.READ_WRITE, "acme")
+        yield self.store.setAdmin("acme-ops", hash_password("pass-word-1"), True, "acme")
+        yield self.seen(view, lambda data: "acme-ops" in data.admins)
+        self.assertEqual(view.current().key_for(secret).account, "acme")
+        self.assertEqual(view.current().admins["acme-ops"].account, "acme")
+        # A new password keeps the limit, and changes the sessions' fingerprint.
+        before = view.current().admins["acme-ops"].fingerprint
+        yield self.store.setAdmin("acme-ops", hash_password("pass-word-2"), False)
+        yield self.seen(view, lambda data: data.admins["acme-ops"].fingerprint != before)
+        self.assertEqual(view.current().admins["acme-ops"].account, "acme")
+        self.assertEqual([k.account for k in (yield self.store.listKeys())], ["acme"])
 
     def test_a_refused_change_writes_nothing(self):
         self.successResultOf(self.store.addKey("deploy", Access.READ_ONLY))
