@@ -12,7 +12,7 @@ import os
 import sqlite3
 from functools import partial
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -116,6 +116,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     events = make_events(config, reactor, top)  # stops after delivery and the listeners
 
     directory = open_directory(config, reactor=reactor)
+    if IService.providedBy(directory):  # the database's: it listens for changes
+        directory.setServiceParent(top)
     check_directory(directory)
     logins = open_logins(config, directory, reactor, top)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
@@ -255,7 +257,7 @@ def make_verp(config: Config):
     from mailrelay.bounces.store import ReturnPathStore
     from mailrelay.bounces.verp import Verp
 
-    verp = Verp(read_key_file("bounces", config.bounces.key_file))
+    verp = Verp(read_key_file("bounces", config.bounces.key_file, config))
     try:
         return verp, ReturnPathStore(config.bounces.db)
     except (sqlite3.Error, OSError) as e:
@@ -392,11 +394,13 @@ def open_feature_stores(config: Config):
 
 def open_logins(config: Config, directory, reactor, parent):
     """The last-login recorder (auth/lifecycle.py), a child service of ``parent``."""
-    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore
+    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore, shared_login_store
 
     path = config.directory.logins_db
     try:
-        store = LoginStore(path)
+        store = shared_login_store(config) or LoginStore(path)
+    except ConnectionError as e:  # the database's
+        raise StartupError(f"the last logins: {e}")
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[directory] logins_db {path}: "
                            f"{getattr(e, 'strerror', None) or e}")
@@ -409,10 +413,24 @@ def store_error(key: str, path: str, error: Exception) -> StartupError:
     return StartupError(f"[features] {key} {path}: {getattr(error, 'strerror', None) or error}")
 
 
-def read_key_file(section: str, path: str) -> bytes:
-    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable."""
+def read_key_file(section: str, path: str, config: Config | None = None) -> bytes:
+    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable.
+    With ``config``'s ``[cluster] postgres`` set, the key all nodes share, kept in the
+    database (postgres/secrets.py; the file seeds it if no node made it yet)."""
     from mailrelay.signing import load_or_create_key
 
+    if config is not None and getattr(config.cluster, "postgres", ""):
+        from mailrelay.postgres.db import UNAVAILABLE, of_config
+        from mailrelay.postgres.secrets import SharedSecrets
+
+        try:
+            return SharedSecrets(of_config(config)).key(section, path)
+        except UNAVAILABLE as e:
+            raise StartupError(f"[{section}] key_file: the shared key cannot be read from "
+                               f"[cluster] postgres: {str(e).strip()}")
+        except (OSError, ValueError) as e:
+            raise StartupError(f"[{section}] key_file {path}: "
+                               f"{getattr(e, 'strerror', None) or e}")
     try:
         return load_or_create_key(path)
     except (OSError, ValueError) as e:
@@ -453,8 +471,8 @@ def make_personalizer(config: Config, key_file: str):
     from mailrelay.features.tokens import TokenSigner
 
     footer = make_footer(config)
-    links = Links(TokenSigner(read_key_file("tracking", key_file)), config.tracking.base_url,
-                  config.tracking.unsubscribe_mailto or None)  # fmt: skip
+    signer = TokenSigner(read_key_file("tracking", key_file, config))
+    links = Links(signer, config.tracking.base_url, config.tracking.unsubscribe_mailto or None)
     return Personalizer(links, footer)
 
 

@@ -169,13 +169,13 @@ def open_webhooks(config, call):
 def open_last_logins(config):
     """The relay's record of last logins, for reading (None when it cannot be opened: the
     users are shown without it)."""
-    from mailrelay.auth.lifecycle import LoginStore
+    from mailrelay.auth.lifecycle import LoginStore, shared_login_store
 
     path = getattr(getattr(config, "directory", None), "logins_db", None)
     if not path:
         return None
     try:
-        return LoginStore(path)
+        return shared_login_store(config) or LoginStore(path)
     except (sqlite3.Error, OSError) as e:
         log.warn("last logins unavailable ({path}): {error}", path=path, error=str(e))
         return None
@@ -217,7 +217,7 @@ def make_verifier(config, spool, reactor):
 
     delivery = getattr(config, "delivery", None)
     return Verifier(
-        VerificationTokens(read_key_file("admin", verification_key_file(config))),
+        VerificationTokens(read_key_file("admin", verification_key_file(config), config)),
         spool,
         make_resolver(getattr(delivery, "dns_servers", []), reactor),
         public_url(settings, config.server.hostname),
