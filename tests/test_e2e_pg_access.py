@@ -1,5 +1,5 @@
 """Two twistd nodes sharing one PostgreSQL (tests/pg_server.py) for their admin logins, API
-keys and DKIM keys (and one user file): what mailrelay-admin makes on node A is in force on
+keys and DKIM keys (and their users): what mailrelay-admin makes on node A is in force on
 node B within a second. An API key made on A opens B's API, and closes it once deleted on
 A; an admin made on A logs in to B's panel; a DKIM key added on A, then a rotation
 activated on A, sign the mail B delivers, checked by dkimpy against the records served by
@@ -34,13 +34,11 @@ def nodes(tmp_path_factory):
     sink = Sink(tmp / "sink")
     (tmp / "dns").mkdir()
     zone = Zone(tmp / "dns")
-    users = tmp / "users.json"
     relays = []
     try:
         for name in ("a", "b"):
             port = free_port()
             relay = Relay(tmp / name, config=(
-                f"[directory]\nfile = {users}\n\n"
                 f"[delivery]\nport = {sink.port}\nallow_local_mx = yes\nretry_first = 1s\n"
                 f"retry_max = 2s\nmx_tls = none\ndns_servers = 127.0.0.1:{zone.port}\n\n"
                 f"[routes]\nexample.test = 127.0.0.1:{sink.port}\n\n"
