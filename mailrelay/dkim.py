@@ -13,7 +13,8 @@ which signs any account's mail that no key of its own signs. ``dns_status`` and
 ``dns_checked`` are the result (ok, missing, different, unknown) and time of the relay's
 last scheduled look-up of the key's record (manage/dkimcheck.py). mailrelay-admin and the
 relay write both (manage/dkim.py); the delivery process reads them (Signer) and sees a
-change within a few seconds.
+change within a few seconds. With ``[cluster] postgres`` the same entries and keys are
+rows of the database instead (postgres/dkim.py: PgSigner reads them when told of a change).
 
 Signing: relaxed/relaxed, SHA-256, no ``l=``; From, To, Subject, Date, Message-ID,
 MIME-Version and Content-Type are oversigned (each listed once more than it occurs, so

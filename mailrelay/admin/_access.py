@@ -1,5 +1,5 @@
-"""What the apikey and admin commands share: the access file (manage.access), its errors
-as one line."""
+"""What the apikey and admin commands share: the access file (manage.access), or with
+``[cluster] postgres`` the database's tables (postgres/access.py), its errors as one line."""
 
 from __future__ import annotations
 

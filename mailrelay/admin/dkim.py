@@ -10,7 +10,8 @@ or the relay itself on its scheduled check) only once its record is seen in DNS;
 it replaces is retiring (published, not signing) until ``retire`` removes it. ``list`` and
 ``show`` look each record up in DNS (``[delivery] dns_servers``, or the system's;
 ``--no-dns`` skips that) and show the relay's last scheduled look-up. The private key
-stays in its file; nothing here prints it.
+stays in its file (or its row, with ``[cluster] postgres``: postgres/dkim.py); nothing
+here prints it.
 """
 
 from __future__ import annotations
