@@ -185,10 +185,14 @@ def open_access(config, clock):
     """What the panel reads its admins and keys from: the tables of ``[cluster] postgres``
     (postgres/access.py, a service: it listens for changes) or the access file (re-read
     when it changes); StartupError when what is there now cannot be used."""
-    from mailrelay.postgres.db import of_config
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
     from mailrelay.service import StartupError
 
-    db = of_config(config)
+    try:
+        db = of_config(config)
+    except UNAVAILABLE as e:
+        raise StartupError(f"[cluster] postgres: the admin access cannot be read: "
+                           f"{str(e).strip()}")
     try:
         if db is not None:
             from mailrelay.postgres.access import PgAccessView
