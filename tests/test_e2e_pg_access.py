@@ -31,11 +31,12 @@ def nodes(tmp_path_factory):
     assert pg_server.installed(), pg_server.NOT_INSTALLED
     tmp = tmp_path_factory.mktemp("pg-access")
     dsn = pg_server.shared_server().create_database()
-    sink = Sink(tmp / "sink")
     (tmp / "dns").mkdir()
     zone = Zone(tmp / "dns")
+    sink = None
     relays = []
     try:
+        sink = Sink(tmp / "sink")
         for name in ("a", "b"):
             port = free_port()
             relay = Relay(tmp / name, config=(
@@ -57,8 +58,9 @@ def nodes(tmp_path_factory):
     finally:
         for relay in relays:
             relay.stop()
+        if sink is not None:
+            sink.stop()
         zone.stop()
-        sink.stop()
 
 
 def api(relay: Relay, key: str, path: str = "/users") -> int:
