@@ -19,6 +19,7 @@ from twisted.python.components import Componentized
 
 from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
+from mailrelay.events import NO_EVENTS
 from mailrelay.listener import ListenerService
 from mailrelay.proxyproto import wrapper_for as proxy_wrapper
 from mailrelay.reload import Live
@@ -141,7 +142,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         spool.subscribe(delivery.enqueue)
     metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
-    policy, notifier = make_policy(config, spool, reactor, metrics)
+    policy, notifier = make_policy(config, spool, reactor, metrics, top)
     if config.policy.dormant_after > 0:
         from mailrelay.manage.dormancy import DormancyJob
 
@@ -154,6 +155,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         LeaseRenewal(policy.connections, reactor).setServiceParent(top)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     rates = policy.rates  # mailrelay-admin explain asks them over the control socket
+    quotas = policy.quotas
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -195,7 +197,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     webhook_sender(config, events, directory, spool, reactor, top)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
-                    logins).setServiceParent(top)
+                    logins, quotas).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins,
                        metrics=metrics_page).setServiceParent(top)
@@ -552,11 +554,35 @@ def submit_notice(spool, reactor, sender: str, recipients: list[str], data: byte
     return spool.submit(envelope, data)
 
 
-def make_policy(config: Config, spool, reactor, metrics=None):
-    """The shared submission policy (limits, brute-force defence, sender notifications);
-    ``metrics``: the IMetrics counting its refusals and the notifications queued."""
+def quota_path(config: Config) -> str:
+    return os.path.join(config.server.data_dir, "quota.sqlite")
+
+
+def quota_store(config: Config, reactor, parent):
+    """The quota counts kept in data_dir/quota.sqlite across restarts, written in batches
+    by a service under ``parent``."""
+    from mailrelay.policy.quota import QuotaStore, QuotaWriter
+
+    path = quota_path(config)
+    try:
+        writer = QuotaWriter(QuotaStore(path), reactor)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[server] data_dir: quota counts {path}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+    if parent is not None:
+        writer.setServiceParent(parent)
+    return writer
+
+
+def make_policy(config: Config, spool, reactor, metrics=None, parent=None, events=NO_EVENTS):
+    """The shared submission policy (limits, quotas, brute-force defence, sender and quota
+    notifications); ``metrics``: the IMetrics counting its refusals and the notifications
+    queued; ``parent``: the service the quota counts' writer runs under; ``events``: the
+    IEventSink of the quota warnings."""
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
+    from mailrelay.policy.quota import QuotaCounter
+    from mailrelay.policy.quotawarn import QuotaWarner
     from mailrelay.policy.ratelimit import RateLimiter
     from mailrelay.policy.submission import SubmissionPolicy
 
@@ -570,10 +596,13 @@ def make_policy(config: Config, spool, reactor, metrics=None):
 
     notifier = SenderNotifier(reactor, submit, config.server.postmaster,
                               config.server.hostname, interval=p.notify_interval)
+    warner = QuotaWarner(reactor, submit, config.server.postmaster, config.server.hostname,
+                         events)
     if config.cluster.redis:  # shared by several nodes
         from mailrelay.cluster.redis_counters import shared_limiters
 
-        policy = SubmissionPolicy(*shared_limiters(config, reactor), notifier)
+        *shared, quotas = shared_limiters(config, reactor)
+        policy = SubmissionPolicy(*shared, notifier, quotas, warner)
     else:
         policy = SubmissionPolicy(
             ConnectionLimits(
@@ -587,6 +616,9 @@ def make_policy(config: Config, spool, reactor, metrics=None):
                         per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
             login_guard(config, reactor),
             notifier,
+            QuotaCounter(reactor, limits.quota_per_day, limits.quota_per_month,
+                         quota_store(config, reactor, parent)),
+            warner,
         )
     if metrics is not None:
         policy.metrics = metrics

@@ -168,8 +168,8 @@ class FileStoreTests(unittest.TestCase):
                          [("acme", []), ("beta", ["beta.example"]), ("default", [])])  # fmt: skip
         self.assertEqual(account_json(*listed[1]), {
             "name": "beta", "domains": "beta.example;beta.test", "notify": None,
-            "note": "the beta one", "bounce_domain": None,
-            "users": ["beta.example"]})  # fmt: skip
+            "note": "the beta one", "bounce_domain": None, "quota_day": None,
+            "quota_month": None, "users": ["beta.example"]})  # fmt: skip
         user, found = yield defer.ensureDeferred(self.users.get("beta.example"))
         doc = user_json(user, found)
         self.assertEqual((doc["username"], doc["kind"], doc["account"]),

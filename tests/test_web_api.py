@@ -291,11 +291,12 @@ class ApiTests(unittest.TestCase):
         _, _, accounts = yield self.api("GET", "/accounts", expect=200)
         self.assertEqual([a["name"] for a in accounts], ["acme", "default"])
         _, headers, account = yield self.api("POST", "/accounts", {
-            "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test"},
-            expect=201)  # fmt: skip
+            "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test",
+            "quota_month": 5000}, expect=201)  # fmt: skip
         self.assertEqual(account, {"name": "beta", "domains": "b2.test;beta.test",
                                    "notify": "ops@beta.test", "note": "", "users": [],
-                                   "bounce_domain": None})
+                                   "bounce_domain": None, "quota_day": None,
+                                   "quota_month": 5000})
         yield self.api("POST", "/accounts", {"name": "beta"}, expect=409)
         yield self.api("POST", "/accounts", {"name": "bad name"}, expect=400)
         yield self.api("POST", "/accounts", {"name": "c", "domains": "x,y"}, expect=400)

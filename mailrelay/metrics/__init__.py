@@ -31,7 +31,7 @@ NOTIFICATIONS = ("bounce", "delay", "sender")
 LOGIN_METHODS = ("password", "ip", "address")
 LOGIN_RESULTS = ("success", "failure", "refused", "error")
 POLICY_REASONS = ("connections", "user_connections", "login_blocked", "login_delayed",
-                  "rate_limit", "messages_per_connection")
+                  "rate_limit", "messages_per_connection", "quota")
 
 # Histogram buckets (seconds, upper bounds; +Inf is added).
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -288,7 +288,8 @@ async def get_account(s: Services, name: str) -> dict[str, Any]:
 
 
 _ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str,
-                   "bounce_domain": (str, type(None))}
+                   "bounce_domain": (str, type(None)), "quota_day": (int, type(None)),
+                   "quota_month": (int, type(None))}
 
 
 def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
@@ -298,8 +299,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
                         f"{', '.join(_ACCOUNT_FIELDS)})")  # fmt: skip
     changes: dict[str, Any] = {}
     for key, value in doc.items():
-        if not isinstance(value, _ACCOUNT_FIELDS[key]):
-            raise HttpError(400, f"{key} must be text, not {value!r}")
+        if not isinstance(value, _ACCOUNT_FIELDS[key]) or isinstance(value, bool):
+            kind = "a whole number or null" if key.startswith("quota") else "text"
+            raise HttpError(400, f"{key} must be {kind}, not {value!r}")
     with refusals():
         if "domains" in doc:
             changes["domains"] = parse_domains(doc["domains"])
@@ -309,6 +311,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
         changes["note"] = doc["note"]
     if "bounce_domain" in doc:
         changes["bounce_domain"] = (doc["bounce_domain"] or "").strip().lower() or None
+    for key in ("quota_day", "quota_month"):
+        if key in doc:
+            changes[key] = doc[key] or None  # 0: no quota, as null
     return changes
 
 
@@ -748,6 +753,6 @@ async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     result = await manage_explain.explain(
         user, account, manage_explain.Settings.of(s.config), doc["sender"],
         doc.get("from_header"), doc.get("recipients", 1), doc.get("size"),
-        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u, ip), ip,
+        lambda u, a: manage_explain.relay_limits(s.reactor, control_socket, u, ip, a), ip,
     )
     return result.to_json()
