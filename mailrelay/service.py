@@ -338,6 +338,9 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     suppressions, stats = open_feature_stores(config)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics, top.events)
+    listener = getattr(getattr(manager.dkim, "signer", None), "listener", None)
+    if listener is not None:  # the shared keys' changes (postgres/dkim.py)
+        listener.setServiceParent(top)
     DeliveryService(manager).setServiceParent(top)
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
@@ -700,12 +703,23 @@ def _count_result(config: Config, metrics, clock, then, queue_id: str, envelope,
 
 
 def _dkim(config: Config, reactor):
-    """DKIM signing at delivery; None when ``[dkim] sign = no``."""
+    """DKIM signing at delivery; None when ``[dkim] sign = no``. The keys of
+    ``[cluster] postgres`` when set, else those of the key directory."""
     if not config.dkim.sign:
         return None
     from mailrelay.delivery.dkimsign import DkimSigning
     from mailrelay.dkim import Signer
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
 
+    try:
+        db = of_config(config)
+    except UNAVAILABLE as e:  # the keys cannot be read: mail waits in the queue
+        raise StartupError(f"[dkim] the keys cannot be read from [cluster] postgres: "
+                           f"{str(e).strip()}")
+    if db is not None:
+        from mailrelay.postgres.dkim import PgSigner
+
+        return DkimSigning(PgSigner(db, reactor, config.dkim.relay_domain), reactor)
     return DkimSigning(Signer(config.dkim.directory, relay_domain=config.dkim.relay_domain),
                        reactor)
 
@@ -713,12 +727,12 @@ def _dkim(config: Config, reactor):
 def dkim_checker(config: Config, reactor):
     """The relay's scheduled look-up of the DKIM records (manage/dkimcheck.py)."""
     from mailrelay.delivery.router import make_resolver
-    from mailrelay.manage.dkim import DkimKeys
+    from mailrelay.manage.dkim import keys_of_config
     from mailrelay.manage.dkimcheck import DkimChecker
     from mailrelay.manage.stores import threaded
 
     d = config.dkim
-    return DkimChecker(DkimKeys(d.directory, threaded(reactor), retire_after=d.retire_after),
+    return DkimChecker(keys_of_config(config, threaded(reactor)),
                        make_resolver(config.delivery.dns_servers, reactor), d.check_interval,
                        d.retire_after, reactor)
 
