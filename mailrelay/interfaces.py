@@ -483,6 +483,9 @@ class IWebhooks(Interface):
     def failed(account: str | None = None, limit: int = 500):
         """Failed events (webhooks.store.Delivery), newest first."""
 
+    def failedEvent(delivery_id: int, account: str | None = None):
+        """One failed event (webhooks.store.Delivery), or None."""
+
     def retry(delivery_id: int, account: str | None = None):
         """Send a failed event again now: "retried", "unknown" or "disabled" (its endpoint
         is)."""

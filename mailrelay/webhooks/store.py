@@ -239,6 +239,12 @@ class WebhookStore(SqliteStore):
                           "ORDER BY id DESC LIMIT ?", [FAILED, *args, limit])
         return [_delivery(r) for r in rows]
 
+    def failed_event(self, delivery_id: int, account: str | None = None) -> Delivery | None:
+        where, args = _scope(account)
+        rows = self.fetch(f"SELECT {_DELIVERY} FROM outbox WHERE id = ? AND state = ?{where}",
+                          [delivery_id, FAILED, *args])  # fmt: skip
+        return _delivery(rows[0]) if rows else None
+
     def pending_count(self, account: str | None = None) -> int:
         where, args = _scope(account)
         return self.fetch(f"SELECT count(*) FROM outbox WHERE state = ?{where}",
