@@ -214,20 +214,35 @@ def make_events(config: Config, reactor, parent):
         return NO_EVENTS
     from mailrelay.webhooks.sink import WebhookSink
 
-    sink = WebhookSink(open_webhooks(config), reactor, interval=w.flush_interval)
+    store = open_webhooks(config)
+    if hasattr(store, "listener"):  # endpoints shared in PostgreSQL: told of changes
+        store.listener(reactor).setServiceParent(parent)
+    sink = WebhookSink(store, reactor, interval=w.flush_interval)
     sink.setServiceParent(parent)
     return sink
 
 
 def open_webhooks(config: Config):
-    """The webhook endpoints and outbox (webhooks/store.py); StartupError if unusable."""
+    """The webhook endpoints and outbox: the outbox is always this node's SQLite file
+    (webhooks/store.py); the endpoints are in it too, or in PostgreSQL with ``[cluster]
+    postgres`` (webhooks/pgstore.py). StartupError if unusable."""
+    import psycopg
+
+    from mailrelay.postgres import db as pg
     from mailrelay.webhooks.store import WebhookStore
 
     try:
-        return WebhookStore(config.webhooks.db)
+        shared = pg.of_config(config)
+        if shared is None:
+            return WebhookStore(config.webhooks.db)
+        from mailrelay.webhooks.pgstore import SharedWebhookStore, endpoints_of
+
+        return SharedWebhookStore(config.webhooks.db, endpoints_of(shared))
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[webhooks] db {config.webhooks.db}: "
                            f"{getattr(e, 'strerror', None) or e}")
+    except (*pg.UNAVAILABLE, psycopg.Error) as e:
+        raise StartupError(f"[cluster] postgres: webhook endpoints: {str(e).strip()}")
 
 
 def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:

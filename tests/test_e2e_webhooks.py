@@ -1,7 +1,8 @@
 """Webhooks end to end through the real twistd: a loopback receiver (its own process)
 that answers 500 then 200, 410, or too slowly; every request's signature verified with
 the standardwebhooks package; failed events sent again with mailrelay-admin and the API;
-an event being sent when twistd is killed with kill -9 sent again after the restart."""
+an event being sent when twistd is killed with kill -9 sent again after the restart; two
+nodes sharing their endpoints in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import urllib.error
 import urllib.request
 
+import pg_server
 import pytest
 from harness import Peer, Relay, free_port, message, wait_for
 from standardwebhooks.webhooks import Webhook
@@ -111,9 +113,13 @@ def admin_json(relay, *args: str):
     return json.loads(relay.admin(*args, "--json").stdout)
 
 
-def api(relay, method: str, path: str):
+def api(relay, method: str, path: str, doc: dict | None = None):
+    headers = {"authorization": f"Bearer {relay.api_key}"}
+    if doc is not None:
+        headers["content-type"] = "application/json"
     request = urllib.request.Request(relay.panel_url + "/api/v1" + path, method=method,
-                                     headers={"authorization": f"Bearer {relay.api_key}"})
+                                     headers=headers,
+                                     data=None if doc is None else json.dumps(doc).encode())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -197,3 +203,40 @@ def test_event_being_sent_survives_kill_9_and_is_sent_after_restart(tmp_path, re
         wait_for(lambda: "(message.processed) sent to" in relay.log(), what="the event sent")
     finally:
         relay.stop()
+
+
+@pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
+def test_endpoint_added_on_one_node_receives_the_events_of_another(tmp_path, receiver):
+    """Two twistd nodes sharing one PostgreSQL ([cluster] postgres): an endpoint added
+    through node A's API receives, signed, the event of a message node B accepted."""
+    dsn = pg_server.shared_server().create_database()
+    nodes = []
+    for name in ("a", "b"):
+        port = free_port()
+        node = Relay(tmp_path / name, config=(
+            FAST + f"\n[cluster]\npostgres = {dsn}\nnode_id = {name}\n\n"
+            f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
+        node.panel_url = f"http://127.0.0.1:{port}"
+        node.admin("account", "add", "acme", "--domains", "n.test")
+        node.add_user("n.test", PASSWORD, "--account", "acme")
+        node.api_key = node.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
+        nodes.append(node)
+    a, b = nodes
+    try:
+        for node in nodes:
+            node.start()
+            wait_for(lambda n=node: _listening(int(n.panel_url.rpartition(":")[2])),
+                     what="the control panel")
+        status, hook = api(a, "POST", "/webhooks", {"account": "acme",
+                                                   "url": receiver.url("/shared")})
+        assert status == 201, hook
+        assert [e["id"] for e in api(b, "GET", "/webhooks")[1]] == [hook["id"]]
+        queue_id = submit(b, "n.test")
+        (payload,) = verified(hook["secrets"][0], receiver.wait("/shared", 1))
+        assert (payload["type"], payload["data"]["queue_id"]) == ("message.processed",
+                                                                  queue_id)
+        wait_for(lambda: "(message.processed) sent to" in b.log(), what="b sent it")
+        assert "(message.processed) sent to" not in a.log()  # b's outbox, b's sender
+    finally:
+        for node in nodes:
+            node.stop()
