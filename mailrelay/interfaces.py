@@ -423,6 +423,10 @@ class IMetrics(Interface):
     def directory(seconds: float, ok: bool) -> None:
         """One call to the LDAP directory, how long it took and whether it answered."""
 
+    def webhook(outcome: str) -> None:
+        """One webhook request's outcome: sent (2xx), retried (to be tried again) or
+        failed (given up: a 4xx, a 410, the last retry)."""
+
 
 class IListenerMetrics(Interface):
     """The counters of one SMTP listener, as its sessions call them."""

@@ -190,7 +190,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         bounce_listener(config, verp, paths, features, spool, tls_options,
                         reactor).setServiceParent(top)
 
-    webhook_sender(config, events, directory, spool, reactor, top)
+    webhook_sender(config, events, directory, spool, reactor, top, metrics)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins).setServiceParent(top)
@@ -245,12 +245,19 @@ def open_webhooks(config: Config):
         raise StartupError(f"[cluster] postgres: webhook endpoints: {str(e).strip()}")
 
 
-def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:
+def webhook_sender(config: Config, events, directory, spool, reactor, parent,
+                   metrics=None) -> None:  # fmt: skip
     """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
-    without webhooks. A 410 is told to the account by mail through ``spool``."""
+    without webhooks. A 410 is told to the account by mail through ``spool``; ``metrics``
+    counts the requests and shows the outbox's backlog."""
+    from mailrelay.metrics import NO_METRICS
+
     store = getattr(events, "store", None)
     if store is None:
         return
+    metrics = metrics or NO_METRICS
+    if metrics is not NO_METRICS:
+        metrics.outbox = store
     from mailrelay.manage.stores import threaded
     from mailrelay.webhooks.notice import GoneNotices
     from mailrelay.webhooks.sender import WebhookSender
@@ -261,7 +268,8 @@ def webhook_sender(config: Config, events, directory, spool, reactor, parent) ->
     WebhookSender(store, threaded(reactor), reactor, allowed=w.allow_private,
                   retry_delays=w.retry_delays, timeout=w.timeout,
                   poll_interval=w.poll_interval, concurrency=w.concurrency,
-                  failed_retention=w.failed_retention, gone=gone).setServiceParent(parent)
+                  failed_retention=w.failed_retention, gone=gone,
+                  metrics=metrics).setServiceParent(parent)
 
 
 def make_verp(config: Config):

@@ -1,8 +1,8 @@
 """Webhooks end to end through the real twistd: a loopback receiver (its own process)
 that answers 500 then 200, 410, or too slowly; every request's signature verified with
 the standardwebhooks package; failed events sent again with mailrelay-admin and the API;
-an event being sent when twistd is killed with kill -9 sent again after the restart; two
-nodes sharing their endpoints in PostgreSQL."""
+an event being sent when twistd is killed with kill -9 sent again after the restart; the
+requests counted in /metrics; two nodes sharing their endpoints in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pg_server
 import pytest
 from harness import Peer, Relay, free_port, message, wait_for
 from standardwebhooks.webhooks import Webhook
+from test_e2e_metrics import scrape, value
 
 PASSWORD = "correct horse battery"
 FAST = ("[delivery]\nenabled = no\n\n[webhooks]\nallow_private = 127.0.0.0/8\n"
@@ -62,7 +63,7 @@ def verified(secret: str, requests: list[dict]) -> list[dict]:
 def receiver(tmp_path_factory):
     r = Receiver(tmp_path_factory.mktemp("receiver"))
     r.rules({"/flaky": [500, 200], "/gone": [410, 200], "/slow": ["slow", "slow", 200],
-             "/hang": ["slow", 200]})
+             "/hang": ["slow", 200], "/counted": [500, 200], "/refused": [400]})
     yield r
     r.stop()
 
@@ -74,9 +75,9 @@ def relay(tmp_path_factory, receiver):
         FAST + "retry_delays = 1s\ntimeout = 1s\n\n"
         f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
     r.panel_url = f"http://127.0.0.1:{port}"
-    r.admin("account", "add", "acme", "--domains", "a.test;b.test;c.test",
+    r.admin("account", "add", "acme", "--domains", "a.test;b.test;c.test;d.test",
             "--notify", "ops@acme.test")
-    for domain in ("a.test", "b.test", "c.test"):
+    for domain in ("a.test", "b.test", "c.test", "d.test"):
         r.add_user(domain, PASSWORD, "--account", "acme")
     r.api_key = r.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
     r.start()
@@ -125,6 +126,29 @@ def api(relay, method: str, path: str, doc: dict | None = None):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_requests_counted_in_metrics(relay, receiver):
+    """/metrics, read with prometheus-client's parser: a 500 then a 200 are one retried
+    and one sent, a 400 one failed; nothing left in the outbox."""
+    before = scrape(relay.panel_url + "/metrics", token=None)
+    endpoint(relay, receiver.url("/counted"), "d.test")
+    refused = endpoint(relay, receiver.url("/refused"), "d.test")
+    submit(relay, "d.test")
+    receiver.wait("/counted", 2)
+    receiver.wait("/refused", 1)
+
+    def counted():
+        now = scrape(relay.panel_url + "/metrics", token=None)
+        seen = {o: value(now, "mailrelay_webhook_deliveries_total", outcome=o) -
+                value(before, "mailrelay_webhook_deliveries_total", outcome=o)
+                for o in ("sent", "retried", "failed")}  # fmt: skip
+        return seen == {"sent": 1, "retried": 1, "failed": 1} and now
+
+    now = wait_for(counted, what="the requests counted")
+    assert ("mailrelay_webhook_outbox_pending", ()) in now
+    assert value(now, "mailrelay_webhook_outbox_pending") == 0
+    relay.admin("webhook", "del", str(refused["id"]))  # its failed event goes with it
 
 
 def test_500_then_200_delivers_the_event_once_signed(relay, receiver):

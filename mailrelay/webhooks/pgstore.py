@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from twisted.logger import Logger
 
@@ -118,34 +120,40 @@ class PgEndpoints(PgStore):
                            [endpoint_id, *args]).fetchone()  # fmt: skip
         return None if row is None else _endpoint(row)
 
-    def _changed(self, conn, endpoint_id: int) -> None:
-        notify(conn, CHANNEL, str(endpoint_id))
-        self.changed()
+    @contextmanager
+    def _change(self) -> Iterator:
+        """A transaction whose changes every process is told of: the others by NOTIFY at
+        its commit, this one's copy dropped after it (a copy read meanwhile is not kept)."""
+        try:
+            with self.db.transaction() as conn:
+                yield conn
+        finally:
+            self.changed()
 
     def add_endpoint(self, account: str, url: str, users: list[str], kinds: list[str],
                      now: float) -> Endpoint:  # fmt: skip
         secrets = json.dumps([[signing.new_secret(), None]])
-        with self.db.transaction() as conn:
+        with self._change() as conn:
             row = conn.execute(
                 f"INSERT INTO webhook_endpoints (account, url, users, kinds, secrets, created) "
                 f"VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_ENDPOINT}",
                 (account, url, " ".join(u.lower() for u in users), " ".join(kinds), secrets,
                  now)).fetchone()  # fmt: skip
-            self._changed(conn, row[0])
+            notify(conn, CHANNEL, str(row[0]))
         return _endpoint(row)
 
     def remove_endpoint(self, endpoint_id: int, account: str | None = None) -> bool:
         where, args = _scope(account)
-        with self.db.transaction() as conn:
+        with self._change() as conn:
             gone = conn.execute(f"DELETE FROM webhook_endpoints WHERE id = %s{where}",
                                 [endpoint_id, *args]).rowcount  # fmt: skip
             if gone:
-                self._changed(conn, endpoint_id)
+                notify(conn, CHANNEL, str(endpoint_id))
         return bool(gone)
 
     def rotate_secret(self, endpoint_id: int, account: str | None, now: float,
                       overlap: float) -> Endpoint | None:  # fmt: skip
-        with self.db.transaction() as conn:
+        with self._change() as conn:
             where, args = _scope(account)
             row = conn.execute(f"SELECT secrets FROM webhook_endpoints WHERE id = %s{where} "
                                "FOR UPDATE", [endpoint_id, *args]).fetchone()  # fmt: skip
@@ -154,19 +162,19 @@ class PgEndpoints(PgStore):
             secrets = rotated(json.loads(row[0]), now, overlap)
             conn.execute("UPDATE webhook_endpoints SET secrets = %s WHERE id = %s",
                          (json.dumps(secrets), endpoint_id))
-            self._changed(conn, endpoint_id)
+            notify(conn, CHANNEL, str(endpoint_id))
             return self._one(conn, endpoint_id, None)
 
     def set_enabled(self, endpoint_id: int, account: str | None, enabled: bool,
                     reason: str = "") -> bool:  # fmt: skip
         where, args = _scope(account)
-        with self.db.transaction() as conn:
+        with self._change() as conn:
             changed = conn.execute(
                 f"UPDATE webhook_endpoints SET enabled = %s, disabled_reason = %s "
                 f"WHERE id = %s{where}",
                 [enabled, "" if enabled else reason, endpoint_id, *args]).rowcount
             if changed:
-                self._changed(conn, endpoint_id)
+                notify(conn, CHANNEL, str(endpoint_id))
         return bool(changed)
 
 
