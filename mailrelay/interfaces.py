@@ -455,6 +455,10 @@ class IMetrics(Interface):
     def directory(seconds: float, ok: bool) -> None:
         """One call to the LDAP directory, how long it took and whether it answered."""
 
+    def webhook(outcome: str) -> None:
+        """One webhook request's outcome: sent (2xx), retried (to be tried again) or
+        failed (given up: a 4xx, a 410, the last retry)."""
+
 
 class IListenerMetrics(Interface):
     """The counters of one SMTP listener, as its sessions call them."""
@@ -514,6 +518,9 @@ class IWebhooks(Interface):
 
     def failed(account: str | None = None, limit: int = 500):
         """Failed events (webhooks.store.Delivery), newest first."""
+
+    def failedEvent(delivery_id: int, account: str | None = None):
+        """One failed event (webhooks.store.Delivery), or None."""
 
     def retry(delivery_id: int, account: str | None = None):
         """Send a failed event again now: "retried", "unknown" or "disabled" (its endpoint

@@ -194,7 +194,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         bounce_listener(config, verp, paths, features, spool, tls_options, reactor,
                         events).setServiceParent(top)
 
-    webhook_sender(config, events, directory, spool, reactor, top)
+    webhook_sender(config, events, directory, spool, reactor, top, metrics)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins, quotas).setServiceParent(top)
@@ -217,28 +217,50 @@ def make_events(config: Config, reactor, parent):
         return NO_EVENTS
     from mailrelay.webhooks.sink import WebhookSink
 
-    sink = WebhookSink(open_webhooks(config), reactor, interval=w.flush_interval)
+    store = open_webhooks(config)
+    if hasattr(store, "listener"):  # endpoints shared in PostgreSQL: told of changes
+        store.listener(reactor).setServiceParent(parent)
+    sink = WebhookSink(store, reactor, interval=w.flush_interval)
     sink.setServiceParent(parent)
     return sink
 
 
 def open_webhooks(config: Config):
-    """The webhook endpoints and outbox (webhooks/store.py); StartupError if unusable."""
+    """The webhook endpoints and outbox: the outbox is always this node's SQLite file
+    (webhooks/store.py); the endpoints are in it too, or in PostgreSQL with ``[cluster]
+    postgres`` (webhooks/pgstore.py). StartupError if unusable."""
+    import psycopg
+
+    from mailrelay.postgres import db as pg
     from mailrelay.webhooks.store import WebhookStore
 
     try:
-        return WebhookStore(config.webhooks.db)
+        shared = pg.of_config(config)
+        if shared is None:
+            return WebhookStore(config.webhooks.db)
+        from mailrelay.webhooks.pgstore import SharedWebhookStore, endpoints_of
+
+        return SharedWebhookStore(config.webhooks.db, endpoints_of(shared))
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[webhooks] db {config.webhooks.db}: "
                            f"{getattr(e, 'strerror', None) or e}")
+    except (*pg.UNAVAILABLE, psycopg.Error) as e:
+        raise StartupError(f"[cluster] postgres: webhook endpoints: {str(e).strip()}")
 
 
-def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:
+def webhook_sender(config: Config, events, directory, spool, reactor, parent,
+                   metrics=None) -> None:  # fmt: skip
     """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
-    without webhooks. A 410 is told to the account by mail through ``spool``."""
+    without webhooks. A 410 is told to the account by mail through ``spool``; ``metrics``
+    counts the requests and shows the outbox's backlog."""
+    from mailrelay.metrics import NO_METRICS
+
     store = getattr(events, "store", None)
     if store is None:
         return
+    metrics = metrics or NO_METRICS
+    if metrics is not NO_METRICS:
+        metrics.outbox = store
     from mailrelay.manage.stores import threaded
     from mailrelay.webhooks.notice import GoneNotices
     from mailrelay.webhooks.sender import WebhookSender
@@ -249,7 +271,8 @@ def webhook_sender(config: Config, events, directory, spool, reactor, parent) ->
     WebhookSender(store, threaded(reactor), reactor, allowed=w.allow_private,
                   retry_delays=w.retry_delays, timeout=w.timeout,
                   poll_interval=w.poll_interval, concurrency=w.concurrency,
-                  failed_retention=w.failed_retention, gone=gone).setServiceParent(parent)
+                  failed_retention=w.failed_retention, gone=gone,
+                  metrics=metrics).setServiceParent(parent)
 
 
 def make_verp(config: Config):

@@ -30,6 +30,7 @@ DESTINATIONS = ("mx", "smarthost", "route")
 NOTIFICATIONS = ("bounce", "delay", "sender")
 LOGIN_METHODS = ("password", "ip", "address")
 LOGIN_RESULTS = ("success", "failure", "refused", "error")
+WEBHOOK_OUTCOMES = ("sent", "retried", "failed")
 POLICY_REASONS = ("connections", "user_connections", "login_blocked", "login_delayed",
                   "rate_limit", "messages_per_connection", "quota")
 
@@ -109,6 +110,9 @@ class NoMetrics:
         pass
 
     def directory(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def webhook(self, outcome: str) -> None:
         pass
 
     def absorb(self, record: str) -> None:

@@ -441,13 +441,18 @@ async def _known_account(s: Services, account: str | None) -> str | None:
     return account or None
 
 
-async def list_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+async def list_webhooks(s: Services, account: str | None = None, within: str | None = None
+                        ) -> list[dict[str, Any]]:  # fmt: skip
+    """``within``: the one account the caller may see (tenancy.py), None: all; so for the
+    other calls below, which then find only that account's objects."""
     hooks = _webhooks(s)
-    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account))]
+    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account or
+                                                                            within))]
 
 
-async def get_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
-    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"))
+async def get_webhook(s: Services, endpoint_id: str, within: str | None = None
+                      ) -> dict[str, Any]:  # fmt: skip
+    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"), within)
     if found is None:
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     return endpoint_json(found)
@@ -460,13 +465,17 @@ def _texts(doc: dict[str, Any], key: str) -> list[str]:
     return value
 
 
-async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
-    """The new endpoint with its secret (shown here and by rotate-secret only)."""
+async def add_webhook(s: Services, doc: dict[str, Any], within: str | None = None
+                      ) -> dict[str, Any]:  # fmt: skip
+    """The new endpoint with its secret (shown here and by rotate-secret only); of the
+    caller's account when it is limited to one and names none."""
     hooks = _webhooks(s)
     unknown = sorted(set(doc) - {"account", "url", "users", "events"})
     if unknown:
         raise HttpError(400, f"unknown field(s) {', '.join(unknown)}")
-    account, url = doc.get("account"), doc.get("url")
+    account, url = doc.get("account") or within, doc.get("url")
+    if within is not None and account != within:
+        raise HttpError(404, f"unknown account {account!r}")
     if not isinstance(account, str) or not account or not isinstance(url, str):
         raise HttpError(400, "account and url are required")
     await _known_account(s, account)
@@ -479,33 +488,37 @@ async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     return endpoint_json(endpoint, secrets=True)
 
 
-async def delete_webhook(s: Services, endpoint_id: str) -> None:
-    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint")):
+async def delete_webhook(s: Services, endpoint_id: str, within: str | None = None) -> None:
+    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint"), within):
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     log.info("control panel: deleted webhook endpoint {id}", id=endpoint_id)
 
 
-async def rotate_webhook_secret(s: Services, endpoint_id: str) -> dict[str, Any]:
-    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"))
+async def rotate_webhook_secret(s: Services, endpoint_id: str, within: str | None = None
+                                ) -> dict[str, Any]:  # fmt: skip
+    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"), within)
     if found is None:
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     return endpoint_json(found, secrets=True)
 
 
-async def enable_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+async def enable_webhook(s: Services, endpoint_id: str, within: str | None = None
+                         ) -> dict[str, Any]:  # fmt: skip
     number = _number(endpoint_id, "webhook endpoint")
-    if not await _webhooks(s).enable(number):
+    if not await _webhooks(s).enable(number, within):
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
-    return await get_webhook(s, endpoint_id)
+    return await get_webhook(s, endpoint_id, within)
 
 
-async def failed_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+async def failed_webhooks(s: Services, account: str | None = None, within: str | None = None
+                          ) -> list[dict[str, Any]]:  # fmt: skip
     hooks = _webhooks(s)
-    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account))]
+    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account or
+                                                                            within))]
 
 
-async def retry_webhook(s: Services, event: str) -> dict[str, Any]:
-    outcome = await _webhooks(s).retry(_number(event, "failed event"))
+async def retry_webhook(s: Services, event: str, within: str | None = None) -> dict[str, Any]:
+    outcome = await _webhooks(s).retry(_number(event, "failed event"), within)
     if outcome == "unknown":
         raise HttpError(404, f"no failed event {event}")
     if outcome == "disabled":
