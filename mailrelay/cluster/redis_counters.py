@@ -28,15 +28,16 @@ import os
 import socket
 
 import txredisapi
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.cluster import scripts
-from mailrelay.config import redis_url_parts
+from mailrelay.config import ConfigError, redis_url_parts
 from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter, IReservation
 from mailrelay.net import client_key
 from mailrelay.policy.bruteforce import BLOCKED, LoginGuard
@@ -44,6 +45,7 @@ from mailrelay.policy.connections import ConnectionLimits
 from mailrelay.policy.ratelimit import RateLimiter, Unit
 from mailrelay.reply import Reply
 from mailrelay.text import printable
+from mailrelay.tls import TLSSetupError, _reason, client_options
 
 log = Logger()
 # The limiters' events under the in-process limiters' names, so that a log reader
@@ -131,6 +133,8 @@ class RedisCounters:
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
             reason = f"no answer within {self.timeout:g} s"
+            if last := getattr(self.pool._factory, "failure", ""):
+                reason += f"; {last}"
         elif failure.check(txredisapi.ConnectionError, ConnectionError):  # and its timeouts
             reason = failure.getErrorMessage() or failure.type.__name__
         else:
@@ -596,17 +600,75 @@ class LeaseRenewal(Service):
         return self.limits.counters.pool.disconnect()
 
 
-def open_pool(url: str, password: str = "", timeout: float = 1.0):
-    """A lazy txredisapi connection (one, pipelined) that reconnects within a second."""
+class _Connection(txredisapi.RedisProtocol):
+    """One connection to Redis, usable once its AUTH and SELECT are answered.
+
+    One that fails before (lost, or AUTH refused) is tried again within a second, its
+    reason kept for RedisCounters' log line: txredisapi's own would give up for good, so a
+    Redis restarting during AUTH, or a password corrected on Redis's side, would leave
+    the node refusing until it restarts."""
+
+    def connectionMade(self) -> None:
+        self._prepare()
+
+    @defer.inlineCallbacks
+    def _prepare(self):
+        try:
+            if self.password is not None:
+                answer = yield self.auth(self.password, self.username)
+                if isinstance(answer, Exception):
+                    raise answer
+            if self.dbid is not None:
+                answer = yield self.select(self.dbid)
+                if isinstance(answer, Exception):
+                    raise answer
+        except Exception as e:
+            self.factory.failure = f"{type(e).__name__}: {e}"
+            self.transport.loseConnection()
+            return
+        self.factory.failure = ""
+        self.connected, self._ready = 1, True
+        waiting, self._waiting_for_connect = self._waiting_for_connect, []
+        for d in waiting:
+            d.callback(self)  # into the pool
+
+
+@implementer(IHandshakeListener)
+class _TlsConnection(_Connection):
+    """Over TLS: speaks (AUTH first) only once the handshake succeeded, and keeps the
+    reason of one that failed ("certificate verify failed")."""
+
+    def connectionMade(self) -> None:
+        pass  # the handshake is under way
+
+    def handshakeCompleted(self) -> None:
+        self._prepare()
+
+    def connectionLost(self, why) -> None:
+        if not self._ready and isinstance(why.value, SSL.Error):
+            self.factory.failure = f"TLS: {_reason(why.value)}"
+        super().connectionLost(why)
+
+
+def open_pool(url: str, password: str = "", timeout: float = 1.0, ca_file: str = "",
+              certificate: str = "", key: str = ""):
+    """A lazy txredisapi connection (one, pipelined) that reconnects within a second. A
+    ``rediss://`` URL connects over TLS, the server's certificate verified against
+    ``ca_file`` (the system's roots when empty) and its name against the URL's host;
+    ``certificate`` and ``key``: a client certificate. Raises TLSSetupError for a file
+    that cannot be read."""
     args = redis_url_parts(url)
     if password and "password" not in args:
         args["password"] = password
+    if args.pop("tls", False):
+        args["ssl_context_factory"] = client_options(args["host"], ca_file, certificate, key)
     common = dict(poolsize=1, reconnect=True, connectTimeout=timeout,
                   replyTimeout=None, convertNumbers=True)
     if "path" in args:
         pool = txredisapi.lazyUnixConnectionPool(**args, **common)
     else:
         pool = txredisapi.lazyConnectionPool(**args, **common)
+    pool._factory.protocol = _TlsConnection if "ssl_context_factory" in args else _Connection
     pool._factory.maxDelay = 1  # back within a second of Redis returning
     return pool
 
@@ -615,7 +677,13 @@ def shared_limiters(config, reactor):
     """``(connections, rates, logins)`` counted in the Redis of ``[cluster]``, with the
     limits of ``[limits]`` and ``[policy]``."""
     c, limits, p = config.cluster, config.limits, config.policy
-    counters = RedisCounters(open_pool(c.redis, c.redis_password, c.redis_timeout), reactor,
+    try:
+        pool = open_pool(c.redis, c.redis_password, c.redis_timeout, c.redis_ca_file,
+                         c.redis_certificate, c.redis_key)
+    except TLSSetupError as e:
+        key = "redis_ca_file" if "CA" in str(e) else "redis_certificate"
+        raise ConfigError(config.source, "cluster", key, str(e))
+    counters = RedisCounters(pool, reactor,
                              prefix=c.prefix, timeout=c.redis_timeout, down=c.redis_down,
                              nodes=c.nodes, node_id=c.node_id)
     log.info("limits shared through Redis at {url} as node {node}",
