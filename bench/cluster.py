@@ -20,7 +20,8 @@ from bench import procs
 from bench.figures import Measure, Value, median
 
 REDIS_SERVER = "/usr/bin/redis-server"
-ROWS = ("cluster.local", "cluster.redis", "cluster.cpu", "cluster.redis_cpu")
+ROWS = ("cluster.local", "cluster.redis", "cluster.cpu", "cluster.redis_cpu",
+        "cluster.calls", "cluster.redis_usec")
 
 
 def available() -> bool:
@@ -59,6 +60,20 @@ class RedisProcess:
     def cpu(self) -> float:
         return procs.tree_cpu(self.proc.pid) if self.proc else 0.0
 
+    def command(self, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-s", self.socket, *args], capture_output=True,
+                              text=True, timeout=10).stdout
+
+    def commandstats(self) -> dict[str, tuple[int, int]]:
+        """``INFO commandstats``: command -> (calls, microseconds inside Redis)."""
+        stats = {}
+        for line in self.command("INFO", "commandstats").splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, fields = line.partition(":")
+                values = dict(f.split("=") for f in fields.split(","))
+                stats[name[8:]] = (int(values["calls"]), int(values["usec"]))
+        return stats
+
     def stop(self) -> None:
         if self.proc is not None:
             procs.terminate(self.proc, 10)
@@ -86,10 +101,19 @@ def run_round(server, redis: RedisProcess, sink, sizes, base, say) -> dict[str, 
             server.start()
             server.delivers = False
             before = redis.cpu()
+            redis.command("CONFIG", "RESETSTAT")
             out[name] = Measure(server, sink, sizes, base, say).accept("plain", 20, 10)
             ok = out[name].details.get("ok") or 0
             if shared and ok:
                 out["cluster.redis_cpu"] = Value(1e3 * (redis.cpu() - before) / ok)
+                # The commands the node sent per message, and their time inside Redis
+                # (the scripts' own work, without the reading, parsing and replying).
+                stats = redis.commandstats()
+                calls = {k: c / ok for k, (c, _) in stats.items() if k not in ("info",
+                                                                               "config|resetstat")}
+                out["cluster.calls"] = Value(sum(calls.values()), "", calls)
+                out["cluster.redis_usec"] = Value(
+                    sum(u for k, (_, u) in stats.items() if k in calls) / ok)
         except Exception as e:
             say(f"{name}: {type(e).__name__}: {e}")
             out[name] = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
@@ -123,4 +147,11 @@ def report(rounds: list[dict[str, Value]]) -> str:
                      f"({cpu.details['local']:.3f} -> {cpu.details['redis']:.3f} ms)")
     if (rc := merged.get("cluster.redis_cpu")) and rc.value is not None:
         lines.append(f"  redis-server CPU per message: {1e3 * rc.value:.0f} us")
+    if (calls := merged.get("cluster.calls")) and calls.value is not None:
+        lines.append(f"  Redis commands per message: {calls.value:.2f} (" + ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(calls.details.items())
+            if isinstance(v, float) and v >= 0.005) + ")")
+    if (usec := merged.get("cluster.redis_usec")) and usec.value is not None:
+        lines.append(f"  of which inside Redis's commands (commandstats): {usec.value:.0f} us "
+                     "per message")
     return "\n".join(lines)
