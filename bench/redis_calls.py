@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU of this process per shared-counter call (mailrelay/cluster/), against a private
 redis-server on a unix socket: one call waited for at a time, and 20 at once (as 20
-sessions do). The rows: a bare PING (txredisapi's floor), the rate script alone, a
+sessions do). The rows: a bare PING (the client's floor), the rate script alone, a
 transaction (MAIL), a transaction and its commit (a message), a connection's leases
 (open, login, close).
 
@@ -22,11 +22,11 @@ from twisted.internet import defer, reactor  # noqa: E402
 
 from bench.cluster import RedisProcess  # noqa: E402
 from mailrelay.cluster import scripts  # noqa: E402
+from mailrelay.cluster.connection import connect  # noqa: E402
 from mailrelay.cluster.redis_counters import (  # noqa: E402
     RedisConnectionLimits,
     RedisCounters,
     RedisRateLimiter,
-    open_pool,
 )
 
 
@@ -37,7 +37,7 @@ def cpu() -> float:
 
 @defer.inlineCallbacks
 def measure(socket_path: str, calls: int):
-    pool = open_pool(f"unix:{socket_path}")
+    pool = connect(f"unix:{socket_path}", reactor)
     counters = RedisCounters(pool, reactor, prefix="bench:")
     rates = RedisRateLimiter(counters, per_hour=10**9)
     limits = RedisConnectionLimits(counters, max_per_ip=10**6, max_per_user=10**6)
@@ -53,7 +53,7 @@ def measure(socket_path: str, calls: int):
         yield limits.bind_user(ticket, f"u{i % 20}")
         ticket.close()
 
-    rows = [("PING", lambda i: pool.ping()),
+    rows = [("PING", lambda i: pool.call("PING")),
             ("rate script", lambda i: counters.run(
                 scripts.RATE_RESERVE, ["bench:a", "bench:b"], [60, 1, 0, 0])),
             ("transaction (MAIL)", lambda i: rates.transaction(f"u{i % 20}")),

@@ -183,8 +183,8 @@ def _address_auth(value: str):
 
 def redis_url_parts(url: str) -> dict:
     """``unix:/run/redis/redis.sock`` (or a bare path), ``redis://[:password@]host[:port][/db]``
-    or ``rediss://...`` (TLS: ``tls`` is then True) as keyword arguments of txredisapi's
-    pools. Raises ValueError."""
+    or ``rediss://...`` as a dict: ``path``, or ``host``, ``port``, ``tls`` (rediss://) and
+    those of ``password``, ``username``, ``dbid`` the URL has. Raises ValueError."""
     if url.startswith("/") or url.startswith("unix:"):
         path = url.removeprefix("unix:")
         if not path.startswith("/"):
@@ -193,9 +193,8 @@ def redis_url_parts(url: str) -> dict:
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ValueError(f"{url!r} is not unix:/PATH, redis://HOST:PORT or rediss://HOST:PORT")
-    args = {"host": parts.hostname, "port": parts.port or 6379}
-    if parts.scheme == "rediss":
-        args["tls"] = True
+    args = {"host": parts.hostname, "port": parts.port or 6379,
+            "tls": parts.scheme == "rediss"}
     if parts.password:
         args["password"] = unquote(parts.password)
     if parts.username:

@@ -13,12 +13,12 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
+from mailrelay.cluster.connection import connect
 from mailrelay.cluster.redis_counters import (
     RedisConnectionLimits,
     RedisCounters,
     RedisLoginGuard,
     RedisRateLimiter,
-    open_pool,
 )
 from mailrelay.reply import Reply
 from tests.redis_server import NOT_INSTALLED, RedisServer, installed
@@ -49,7 +49,7 @@ class SharedCounters(unittest.TestCase):
 
     def node(self, down: str = "refuse", nodes: int = 2, name: str = "") -> RedisCounters:
         """One node's connection to the shared Redis (closed after the test)."""
-        pool = open_pool(self.server.url, timeout=0.5)
+        pool = connect(self.server.url, reactor, timeout=0.5)
         self.addCleanup(pool.disconnect)
         return RedisCounters(pool, reactor, prefix=self.prefix, timeout=0.5, down=down,
                              nodes=nodes, node_id=name or f"n{id(pool)}")
@@ -284,7 +284,7 @@ class OverTcp(unittest.TestCase):
         self.addCleanup(server.stop)
         for url, password in ((f"redis://:s3cret%3A%2F%40@127.0.0.1:{server.port}/2", ""),
                               (f"redis://127.0.0.1:{server.port}", "s3cret:/@")):
-            pool = open_pool(url, password, timeout=2)
+            pool = connect(url, reactor, password, timeout=2)
             self.addCleanup(pool.disconnect)
             rates = RedisRateLimiter(RedisCounters(pool, reactor, prefix="tcp:"), per_hour=1)
             yield rates.transaction(url)
@@ -329,7 +329,7 @@ class OverTls(unittest.TestCase):
 
     def limiter(self, url: str, down: str = "refuse", password: str = "pw:tls",
                 **tls) -> RedisRateLimiter:
-        pool = open_pool(url, password, timeout=1, **tls)
+        pool = connect(url, reactor, password, timeout=1, **tls)
         self.addCleanup(pool.disconnect)
         return RedisRateLimiter(RedisCounters(pool, reactor, prefix="tls:", timeout=1,
                                               down=down, nodes=2), per_hour=2)

@@ -27,17 +27,16 @@ import itertools
 import os
 import socket
 
-import txredisapi
-from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.cluster import scripts
-from mailrelay.config import ConfigError, redis_url_parts
+from mailrelay.cluster.connection import RedisClient, RedisError, connect
+from mailrelay.config import ConfigError
 from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter, IReservation
 from mailrelay.net import client_key
 from mailrelay.policy.bruteforce import BLOCKED, LoginGuard
@@ -45,7 +44,7 @@ from mailrelay.policy.connections import ConnectionLimits
 from mailrelay.policy.ratelimit import RateLimiter, Unit
 from mailrelay.reply import Reply
 from mailrelay.text import printable
-from mailrelay.tls import TLSSetupError, _reason, client_options
+from mailrelay.tls import TLSSetupError
 
 log = Logger()
 # The limiters' events under the in-process limiters' names, so that a log reader
@@ -70,27 +69,27 @@ def share(limit: int | None, nodes: int) -> int | None:
 _HASHES: dict[str, str] = {}  # script -> its SHA-1, for EVALSHA
 
 
-def _unknown_script(failure, connection, script: str, keys: list, args: list):
+def _unknown_script(failure, client: RedisClient, script: str, keys: list, args: list):
     """A Redis that does not know the script yet (its first use, or after a restart) gets
     it in full once; EVALSHA finds it from then on."""
-    if "NOSCRIPT" not in failure.getErrorMessage():
+    if not failure.check(RedisError) or "NOSCRIPT" not in failure.getErrorMessage():
         return failure
-    return connection.execute_command("EVAL", script, len(keys), *keys, *args)
+    return client.call("EVAL", script, len(keys), *keys, *args)
 
 
 class RedisCounters:
     """The connection to Redis and what to do without it, shared by the limiters here.
 
-    ``pool`` is a txredisapi connection handler (one connection: commands are pipelined
-    on it in the order they were sent, which a lease's drop after its renewal needs).
+    ``client`` is the connection.RedisClient (one connection: commands are pipelined on
+    it in the order they were sent, which a lease's drop after its renewal needs).
     """
 
-    def __init__(self, pool, clock: IReactorTime, prefix: str = "mailrelay:",
+    def __init__(self, client: RedisClient, clock: IReactorTime, prefix: str = "mailrelay:",
                  timeout: float = 1.0, down: str = "refuse", nodes: int = 1,
                  node_id: str = "") -> None:
         if down not in ("refuse", "local"):
             raise ValueError(f"down must be 'refuse' or 'local', not {down!r}")
-        self.pool = pool
+        self.client = client
         self.clock = clock
         self.prefix = prefix
         self.timeout = timeout
@@ -105,20 +104,13 @@ class RedisCounters:
 
     def run(self, script: str, keys: list[str], args: list) -> defer.Deferred:
         """One script call; errbacks with RedisDown when Redis cannot answer now."""
-        connection = next((c for c in self.pool._factory.pool if c.connected), None)
-        if connection is None:
-            if not self.up:
-                return defer.fail(RedisDown("not connected"))  # no wait for the timeout
-            d = self.pool.eval(script, keys, args)  # waits for the first connection
-        else:
-            # Straight to the connection, by the script's hash: a third less CPU a call
-            # than through the pool's handler, which looks for a connection and hashes
-            # the script each time.
-            sha = _HASHES.get(script) or _HASHES.setdefault(
-                script, hashlib.sha1(script.encode()).hexdigest())
-            d = connection.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-            d.addErrback(_unknown_script, connection, script, keys, args)
-        d.addTimeout(self.timeout, self.clock)
+        if self.client.connection is None and not self.up:
+            return defer.fail(RedisDown("not connected"))  # no wait for the timeout
+        # By the script's hash: Redis keeps the scripts it has seen.
+        sha = _HASHES.get(script) or _HASHES.setdefault(
+            script, hashlib.sha1(script.encode()).hexdigest())
+        d = self.client.call("EVALSHA", sha, len(keys), *keys, *args)
+        d.addErrback(_unknown_script, self.client, script, keys, args)
         d.addCallbacks(self._answered, self._failed)
         return d
 
@@ -133,9 +125,9 @@ class RedisCounters:
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
             reason = f"no answer within {self.timeout:g} s"
-            if last := getattr(self.pool._factory, "failure", ""):
-                reason += f"; {last}"
-        elif failure.check(txredisapi.ConnectionError, ConnectionError):  # and its timeouts
+            if self.client.failure:
+                reason += f"; {self.client.failure}"
+        elif failure.check(ConnectionError):
             reason = failure.getErrorMessage() or failure.type.__name__
         else:
             return failure  # a script error: a bug, logged where it is caught
@@ -597,80 +589,7 @@ class LeaseRenewal(Service):
         if self._loop.running:
             self._loop.stop()
         self.limits.counters.closing = True
-        return self.limits.counters.pool.disconnect()
-
-
-class _Connection(txredisapi.RedisProtocol):
-    """One connection to Redis, usable once its AUTH and SELECT are answered.
-
-    One that fails before (lost, or AUTH refused) is tried again within a second, its
-    reason kept for RedisCounters' log line: txredisapi's own would give up for good, so a
-    Redis restarting during AUTH, or a password corrected on Redis's side, would leave
-    the node refusing until it restarts."""
-
-    def connectionMade(self) -> None:
-        self._prepare()
-
-    @defer.inlineCallbacks
-    def _prepare(self):
-        try:
-            if self.password is not None:
-                answer = yield self.auth(self.password, self.username)
-                if isinstance(answer, Exception):
-                    raise answer
-            if self.dbid is not None:
-                answer = yield self.select(self.dbid)
-                if isinstance(answer, Exception):
-                    raise answer
-        except Exception as e:
-            self.factory.failure = f"{type(e).__name__}: {e}"
-            self.transport.loseConnection()
-            return
-        self.factory.failure = ""
-        self.connected, self._ready = 1, True
-        waiting, self._waiting_for_connect = self._waiting_for_connect, []
-        for d in waiting:
-            d.callback(self)  # into the pool
-
-
-@implementer(IHandshakeListener)
-class _TlsConnection(_Connection):
-    """Over TLS: speaks (AUTH first) only once the handshake succeeded, and keeps the
-    reason of one that failed ("certificate verify failed")."""
-
-    def connectionMade(self) -> None:
-        pass  # the handshake is under way
-
-    def handshakeCompleted(self) -> None:
-        self._prepare()
-
-    def connectionLost(self, why) -> None:
-        if not self._ready and isinstance(why.value, SSL.Error):
-            self.factory.failure = f"TLS: {_reason(why.value)}"
-        super().connectionLost(why)
-
-
-def open_pool(url: str, password: str = "", timeout: float = 1.0, ca_file: str = "",
-              certificate: str = "", key: str = ""):
-    """A lazy txredisapi connection (one, pipelined) that reconnects within a second. A
-    ``rediss://`` URL connects over TLS, the server's certificate verified against
-    ``ca_file`` (the system's roots when empty) and its name against the URL's host;
-    ``certificate`` and ``key``: a client certificate. Raises TLSSetupError for a file
-    that cannot be read."""
-    args = redis_url_parts(url)
-    if password and "password" not in args:
-        args["password"] = password
-    if args.pop("tls", False):
-        args["ssl_context_factory"] = client_options(args["host"], ca_file, certificate, key)
-    common = dict(poolsize=1, reconnect=True, connectTimeout=timeout,
-                  replyTimeout=None, convertNumbers=True)
-    if "path" in args:
-        pool = txredisapi.lazyUnixConnectionPool(**args, **common)
-    else:
-        pool = txredisapi.lazyConnectionPool(**args, **common)
-    pool._factory.protocol = _TlsConnection if "ssl_context_factory" in args else _Connection
-    pool._factory.maxDelay = 1  # back within a second of Redis returning
-    return pool
+        return self.limits.counters.client.disconnect()
 
 
 def shared_limiters(config, reactor):
@@ -678,12 +597,12 @@ def shared_limiters(config, reactor):
     limits of ``[limits]`` and ``[policy]``."""
     c, limits, p = config.cluster, config.limits, config.policy
     try:
-        pool = open_pool(c.redis, c.redis_password, c.redis_timeout, c.redis_ca_file,
+        client = connect(c.redis, reactor, c.redis_password, c.redis_timeout, c.redis_ca_file,
                          c.redis_certificate, c.redis_key)
     except TLSSetupError as e:
         key = "redis_ca_file" if "CA" in str(e) else "redis_certificate"
         raise ConfigError(config.source, "cluster", key, str(e))
-    counters = RedisCounters(pool, reactor,
+    counters = RedisCounters(client, reactor,
                              prefix=c.prefix, timeout=c.redis_timeout, down=c.redis_down,
                              nodes=c.nodes, node_id=c.node_id)
     log.info("limits shared through Redis at {url} as node {node}",
