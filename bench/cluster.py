@@ -106,14 +106,17 @@ def run_round(server, redis: RedisProcess, sink, sizes, base, say) -> dict[str, 
             ok = out[name].details.get("ok") or 0
             if shared and ok:
                 out["cluster.redis_cpu"] = Value(1e3 * (redis.cpu() - before) / ok)
-                # The commands the node sent per message, and their time inside Redis
-                # (the scripts' own work, without the reading, parsing and replying).
-                stats = redis.commandstats()
-                calls = {k: c / ok for k, (c, _) in stats.items() if k not in ("info",
-                                                                               "config|resetstat")}
-                out["cluster.calls"] = Value(sum(calls.values()), "", calls)
+                # The node's calls per message (EVALSHA, EVAL: a script's own commands
+                # are counted too, inside it) and the scripts' time inside Redis, each
+                # command's share of it in the details.
+                stats = {k: v for k, v in redis.commandstats().items()
+                         if k not in ("info", "config|resetstat")}
+                calls = {k: c / ok for k, (c, _) in stats.items()}
+                out["cluster.calls"] = Value(sum(c for k, c in calls.items()
+                                                 if k in ("eval", "evalsha")), "", calls)
                 out["cluster.redis_usec"] = Value(
-                    sum(u for k, (_, u) in stats.items() if k in calls) / ok)
+                    sum(u for k, (_, u) in stats.items() if k in ("eval", "evalsha")) / ok,
+                    "", {k: u / ok for k, (_, u) in stats.items()})
         except Exception as e:
             say(f"{name}: {type(e).__name__}: {e}")
             out[name] = Value(None, f"n/a ({type(e).__name__}: {str(e)[:80]})")
@@ -148,10 +151,15 @@ def report(rounds: list[dict[str, Value]]) -> str:
     if (rc := merged.get("cluster.redis_cpu")) and rc.value is not None:
         lines.append(f"  redis-server CPU per message: {1e3 * rc.value:.0f} us")
     if (calls := merged.get("cluster.calls")) and calls.value is not None:
-        lines.append(f"  Redis commands per message: {calls.value:.2f} (" + ", ".join(
-            f"{k} {v:.2f}" for k, v in sorted(calls.details.items())
-            if isinstance(v, float) and v >= 0.005) + ")")
+        lines.append(f"  script calls per message: {calls.value:.2f}; Redis commands in them: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.details.items())
+                                 if isinstance(v, float) and v >= 0.005
+                                 and k not in ("eval", "evalsha")))
     if (usec := merged.get("cluster.redis_usec")) and usec.value is not None:
-        lines.append(f"  of which inside Redis's commands (commandstats): {usec.value:.0f} us "
-                     "per message")
+        lines.append(f"  the scripts' time inside Redis (commandstats): {usec.value:.0f} us per "
+                     "message; of it " + ", ".join(
+                         f"{k} {v:.1f}" for k, v in sorted(usec.details.items(),
+                                                            key=lambda kv: -kv[1]
+                                                            if isinstance(kv[1], float) else 0)
+                         if isinstance(v, float) and v >= 0.5 and k not in ("eval", "evalsha")))
     return "\n".join(lines)

@@ -74,7 +74,7 @@ class SharedCounters(unittest.TestCase):
         yield defer.gatherResults([defer.maybeDeferred(r.commit) for r in taken])
         # Committed units stay counted; the key expires by itself (set in the same script).
         yield self.refusal(nodes[0].transaction("doe@example.test"))
-        ttl = int(self.server.command("PTTL", f"{self.prefix}rate:doe@example.test:h"))
+        ttl = int(self.server.command("PTTL", f"{self.prefix}rate:doe@example.test:hour"))
         self.assertGreater(ttl, 3600_000)
         self.assertLessEqual(ttl, 3661_000)
 
@@ -102,6 +102,30 @@ class SharedCounters(unittest.TestCase):
         yield a.transaction("other", per_hour=1, per_minute=0)
         reply = yield self.refusal(a.transaction("other", per_hour=1, per_minute=0))
         self.assertIn("1 messages per hour", str(reply))
+
+    @defer.inlineCallbacks
+    def test_units_that_left_the_window_stop_counting_and_are_deleted(self):
+        """A minute's window as the scripts left it after earlier checks (slots of a
+        second, their total in ``t``, the oldest slot in ``o``): what left the window no
+        longer counts and is deleted, the unit added joins the total, whether the last
+        check was 100 s ago (slot by slot) or 20 minutes ago (the whole hash read once)."""
+        for user, unchecked in (("recent", 100), ("idle", 1200)):
+            now = int(self.server.command("TIME").split()[0])
+            key = f"{self.prefix}rate:{user}:minute"
+            gone, kept = now - 90, now - 5  # a slot that left the window, one that did not
+            self.server.command("HSET", key, str(now - unchecked), "4", str(gone), "2",
+                                str(kept), "1", "t", "7", "o", str(now - unchecked))
+            rates = RedisRateLimiter(self.node(), per_hour=0, per_minute=3)
+            yield rates.transaction(user)
+            yield rates.transaction(user)
+            reply = yield self.refusal(rates.transaction(user))
+            self.assertIn("3 messages per minute", str(reply))
+            flat = self.server.command("HGETALL", key).split()
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            self.assertNotIn(str(gone), fields)
+            self.assertNotIn(str(now - unchecked), fields)
+            self.assertEqual(fields["t"], "3")
+            self.assertEqual(sum(int(v) for k, v in fields.items() if k not in "to"), 3)
 
     @defer.inlineCallbacks
     def test_counting_recipients_refuses_the_rcpt_that_goes_over(self):
@@ -291,9 +315,9 @@ class OverTcp(unittest.TestCase):
             reply = yield self.assertFailure(rates.transaction(url), Reply)
             self.assertEqual(reply.status, "4.7.1")
         # The user names here are the URLs: the first one's counts are in database 2.
-        self.assertIn(f"{server.port}/2:h", server.command("-n", "2", "KEYS", "tcp:*"))
-        self.assertNotIn("/2:h", server.command("KEYS", "tcp:*"))
-        self.assertIn(f"127.0.0.1:{server.port}:h", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"{server.port}/2:hour", server.command("-n", "2", "KEYS", "tcp:*"))
+        self.assertNotIn("/2:hour", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"127.0.0.1:{server.port}:hour", server.command("KEYS", "tcp:*"))
 
 
 class OverTls(unittest.TestCase):
@@ -343,7 +367,7 @@ class OverTls(unittest.TestCase):
         yield rates.transaction("doe")
         reply = yield self.assertFailure(rates.transaction("doe"), Reply)
         self.assertEqual(reply.status, "4.7.1")
-        self.assertEqual(server.command("HVALS", "tls:rate:doe:h"), "2")
+        self.assertEqual(server.command("HGET", "tls:rate:doe:hour", "t"), "2")
         # A plain connection to the TLS port gets nowhere.
         plain = self.limiter(f"redis://127.0.0.1:{server.tls_port}")
         reply = yield self.assertFailure(plain.transaction("doe"), Reply)
@@ -366,7 +390,7 @@ class OverTls(unittest.TestCase):
                 break
             except Reply:
                 yield task.deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(server.command("HVALS", "tls:rate:doe:h"), "1")
+        self.assertEqual(server.command("HGET", "tls:rate:doe:hour", "t"), "1")
 
     @defer.inlineCallbacks
     def test_a_server_the_ca_file_does_not_vouch_for_is_refused(self):
@@ -409,7 +433,7 @@ class OverTls(unittest.TestCase):
         cert, key = self.ca.issue("node1.test")
         rates = self.limiter(url, ca_file=ca, certificate=str(cert), key=str(key))
         yield rates.transaction("u")
-        self.assertEqual(server.command("HVALS", "tls:rate:u:h"), "1")
+        self.assertEqual(server.command("HGET", "tls:rate:u:hour", "t"), "1")
 
 
 def test_the_config_refuses_what_the_client_cannot_reach(tmp_path):

@@ -186,7 +186,7 @@ def test_a_node_reaches_redis_over_tls_and_refuses_one_it_cannot_verify(tmp_path
         client = login(nodes[0], "tls@doe.test")
         assert [send(client, "tls@doe.test") for _ in range(2)] == [250, 451]
         client.quit()
-        assert redis.command("HVALS", "mailrelay:rate:tls@doe.test:h") == "1"
+        assert redis.command("HGET", "mailrelay:rate:tls@doe.test:hour", "t") == "1"
         with pytest.raises(smtplib.SMTPConnectError) as greeting:
             smtplib.SMTP("127.0.0.1", nodes[1].smtp_port, timeout=30)
         assert greeting.value.smtp_code == 421 and b"4.3.0" in greeting.value.smtp_error

@@ -186,7 +186,7 @@ class RedisRateLimiter:
         return reservation.add(n).addCallback(lambda _: reservation)
 
     def _keys(self, user: str) -> list[str]:
-        return [self.counters.key("rate", user, "h"), self.counters.key("rate", user, "m")]
+        return [self.counters.key("rate", user, "hour"), self.counters.key("rate", user, "minute")]
 
     def _refuse(self, user: str, n: int, limits: tuple, answer: list) -> Reply:
         _, window, retry = answer
