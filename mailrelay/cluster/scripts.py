@@ -55,12 +55,14 @@ end
 local function slot(i)
   return string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
 end
+-- A new slot sets the key's expiry: one window and one slot from now covers it (and
+-- every slot before it), so the other units of the slot need not.
 local function count(i, k, n)
-  local width = spans[i] / tonumber(ARGV[1])
-  redis.call('HINCRBY', KEYS[i], k, n)
-  redis.call('HINCRBY', KEYS[i], 't', n)
-  redis.call('HSETNX', KEYS[i], 'o', k)
-  redis.call('PEXPIRE', KEYS[i], math.ceil((spans[i] + width) / 1000) + 1000)
+  if redis.call('HINCRBY', KEYS[i], k, n) == n then
+    local width = spans[i] / tonumber(ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], math.ceil((spans[i] + width) / 1000) + 1000)
+  end
+  if redis.call('HINCRBY', KEYS[i], 't', n) == n then redis.call('HSETNX', KEYS[i], 'o', k) end
 end
 """
 
