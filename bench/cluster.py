@@ -1,6 +1,6 @@
 """The cost of shared counters: one mailrelay node counting its limits in a private
 redis-server (``[cluster] redis``) against the same node counting them in process, in the
-same run, alternating (local, Redis, local, Redis, ...).
+same run, in turn (local, Redis; then Redis, local; ...).
 
 Both count: rate limits per user (a limit far above the load, so nothing is refused) and
 connections per address and per user, so every message makes its script calls (MAIL
@@ -11,8 +11,10 @@ authentication, c=20, 10 messages a connection, delivery off (nothing but accept
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import time
 
@@ -32,10 +34,13 @@ class RedisProcess:
     """A private redis-server on a unix socket in ``directory``, nothing saved, stopped by
     its PID."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, tls: tuple[str, str] | None = None,
+                 tls_port: int = 0) -> None:
+        """``tls``: a certificate and key for a loopback ``tls_port`` as well."""
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
         self.socket = os.path.join(directory, "redis.sock")
+        self.tls, self.tls_port = tls, tls_port
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20) -> None:
@@ -43,6 +48,10 @@ class RedisProcess:
         with open(conf, "w") as f:
             f.write(f"port 0\nunixsocket {self.socket}\nunixsocketperm 700\nsave \"\"\n"
                     f"appendonly no\ndir {self.dir}\nlogfile {self.dir}/redis.log\n")
+            if self.tls:
+                f.write(f"bind 127.0.0.1\ntls-port {self.tls_port}\n"
+                        f"tls-cert-file {self.tls[0]}\ntls-key-file {self.tls[1]}\n"
+                        f"tls-ca-cert-file {self.tls[0]}\ntls-auth-clients no\n")
         self.proc = subprocess.Popen([shutil.which("redis-server") or REDIS_SERVER, conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=procs.die_with_this_process())
@@ -90,11 +99,17 @@ def limits_on(shared: str | None) -> dict[str, dict[str, str]]:
     return sections
 
 
+_rounds = itertools.count()
+
+
 def run_round(server, redis: RedisProcess, sink, sizes, base, say) -> dict[str, Value]:
-    """One round: the node on local counters, then on Redis; their accept rates, the
-    node's CPU per message with each, and redis-server's CPU per message."""
+    """One round: the node on local counters and on Redis, in turn (local first in odd
+    rounds, Redis first in even ones, so neither is always the one run while the other
+    work on the machine changes); their accept rates, the node's CPU per message with
+    each, and redis-server's CPU per message."""
     out: dict[str, Value] = {}
-    for name, shared in (("cluster.local", None), ("cluster.redis", redis.socket)):
+    both = [("cluster.local", None), ("cluster.redis", redis.socket)]
+    for name, shared in both if next(_rounds) % 2 == 0 else both[::-1]:
         server.extra_sections = limits_on(shared)
         server.configure(delivery=False)
         try:
@@ -136,11 +151,16 @@ def report(rounds: list[dict[str, Value]]) -> str:
     if not local or not shared or local.value is None or shared.value is None:
         return "shared counters: n/a " + str([(k, v.note) for k, v in merged.items()])
     ratio = shared.value / local.value
+    own = [r["cluster.redis"].value / r["cluster.local"].value for r in rounds
+           if r.get("cluster.local") and r.get("cluster.redis") and r["cluster.local"].value
+           and r["cluster.redis"].value is not None]
     lines = [
         "shared counters (accept, plain, c=20, 10 msg/conn, delivery off; medians of "
         f"{len(rounds)} round(s)):",
         f"  local counters {local.value:,.0f}/s, Redis {shared.value:,.0f}/s: "
         f"{ratio:.2f}x ({'within' if ratio >= 0.9 else 'NOT within'} 10%)",
+        f"  median of the rounds' own ratios (each round runs both in turn): "
+        f"{statistics.median(own) if own else 0:.2f}x",
         "  every round, local -> Redis: " + ", ".join(
             f"{r['cluster.local'].value or 0:,.0f} -> {r['cluster.redis'].value or 0:,.0f}"
             for r in rounds if "cluster.local" in r and "cluster.redis" in r),
