@@ -6,13 +6,16 @@ Only what the counters need, made cheap because a message pays for it: the comma
 one reactor turn leave in one write, sent at once when the socket takes it (no wait for
 the reactor's next poll, no epoll change per command); replies are parsed from the
 bytes in one pass; one timer watches every call in flight instead of one timer per call.
-txredisapi, used before, spent about twice this client's CPU per script call
-(bench/README.md, "Shared counters in Redis").
+txredisapi, used before, spent four times this client's CPU per script call with 20 in
+flight, twice with one (bench/README.md, "Shared counters: a connection to Redis of its
+own").
 
-The connection is made and made again by a ClientService, within a second of Redis
-answering. AUTH (and SELECT) come first on each; a connection whose TLS handshake or
-AUTH fails is dropped and tried again, its reason kept (``failure``) for the log line of
-RedisCounters, so a password corrected on Redis's side needs no restart.
+The connection is made and made again by a ClientService, RETRY after it was lost.
+AUTH (and SELECT) come first on each; a connection whose TLS handshake or AUTH fails is
+dropped and tried again, its reason kept (``failure``) for the log line of
+RedisCounters, so a password corrected on Redis's side needs no restart. A call Redis
+has not answered within ``timeout`` is cancelled and the connection dropped: a Redis
+that hangs (stopped, swapping) is left for a new connection rather than waited on.
 """
 
 from __future__ import annotations
