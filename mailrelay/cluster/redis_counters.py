@@ -600,7 +600,8 @@ def shared_limiters(config, reactor):
         client = connect(c.redis, reactor, c.redis_password, c.redis_timeout, c.redis_ca_file,
                          c.redis_certificate, c.redis_key)
     except TLSSetupError as e:
-        key = "redis_ca_file" if "CA" in str(e) else "redis_certificate"
+        ca = c.redis_ca_file and str(e).startswith(f"{c.redis_ca_file}:")
+        key = "redis_ca_file" if ca else "redis_certificate"
         raise ConfigError(config.source, "cluster", key, str(e))
     counters = RedisCounters(client, reactor,
                              prefix=c.prefix, timeout=c.redis_timeout, down=c.redis_down,
