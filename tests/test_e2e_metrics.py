@@ -95,6 +95,9 @@ def test_metrics_after_a_scripted_scenario(tmp_path, sink, dns):
             and sum(v for (n, _), v in s.items() if n == "mailrelay_delivery_attempts_total") == 5
             and value(s, "mailrelay_smtp_sessions_open", listener="smtps", tls="yes") == 0
             and value(s, "mailrelay_smtp_sessions_open", listener="smtp", tls="yes") == 0
+            # the queue's gauges come from the delivery process once a second
+            and value(s, "mailrelay_queue_messages", state="ready") == 0
+            and value(s, "mailrelay_queue_messages", state="held") == 1
             and s, timeout=30, what="the deliveries counted")
     finally:
         relay.stop()
