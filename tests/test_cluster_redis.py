@@ -51,10 +51,11 @@ class SharedCounters(unittest.TestCase):
         self.prefix = f"t{next(_prefixes)}:"
 
     def node(self, down: str = "refuse", nodes: int = 2, name: str = "") -> RedisCounters:
-        """One node's connection to the shared Redis (closed after the test)."""
-        pool = connect(self.server.url, reactor, timeout=0.5)
+        """One node's connection to the shared Redis (closed after the test). Its timeout
+        leaves room for a busy machine: these tests stop Redis, they never let it hang."""
+        pool = connect(self.server.url, reactor, timeout=2)
         self.addCleanup(pool.disconnect)
-        return RedisCounters(pool, reactor, prefix=self.prefix, timeout=0.5, down=down,
+        return RedisCounters(pool, reactor, prefix=self.prefix, timeout=2, down=down,
                              nodes=nodes, node_id=name or f"n{id(pool)}")
 
     def refusal(self, d: defer.Deferred) -> defer.Deferred:
