@@ -110,6 +110,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     except (TLSSetupError, OSError) as e:
         raise StartupError(str(e))
 
+    open_postgres(config)  # unreachable: one line now, not a store's error later
+
     top = StopInOrder()
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, node=node)
@@ -340,6 +342,30 @@ def metrics_served(config: Config) -> bool:
     return m.enabled and (m.endpoint != "admin" or config.admin.enabled)
 
 
+def open_postgres(config: Config):
+    """The pool of ``[cluster] postgres`` (None without it); StartupError naming the key
+    and libpq's reason when the database does not take a connection, or when a newer
+    mailrelay wrote one of its stores (checked read-only, before any store migrates)."""
+    if config.cluster is None or not config.cluster.postgres:
+        return None
+    import importlib
+
+    from mailrelay.postgres import STORE_MODULES
+    from mailrelay.postgres.db import UNAVAILABLE, newer_schemas, of_config
+
+    for name in STORE_MODULES:  # their schema versions (postgres.db.KNOWN)
+        importlib.import_module(name)
+    try:
+        db = of_config(config)
+        newer = newer_schemas(db)
+    except UNAVAILABLE as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise StartupError(f"[cluster] postgres: {why}")
+    if newer:
+        raise StartupError("[cluster] postgres: " + "; ".join(newer))
+    return db
+
+
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
     """The delivery process's services (the shared spool, the feature stores, the queue
     runner) and its DeliveryManager."""
@@ -348,6 +374,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
 
+    open_postgres(config)
     top = StopInOrder()
     metrics = NO_METRICS
     if metrics_served(config):

@@ -35,7 +35,8 @@ def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
-                 _feature_stores, _quotas, _tracking, _admin, _bounces, _webhooks):  # fmt: skip
+                 _postgres, _feature_stores, _quotas, _tracking, _admin, _bounces,
+                 _webhooks):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -69,6 +70,13 @@ def _tls(config) -> None:
             server_options(t.certificate, t.key, False, config.server.hostname, t.key_type)
         except OSError as e:
             raise StartupError(str(e))
+
+
+def _postgres(config) -> None:
+    """Reachable, and no store's schema newer than this code's; nothing is migrated."""
+    from mailrelay.service import open_postgres
+
+    open_postgres(config)
 
 
 def _directory(config) -> None:
