@@ -11,6 +11,8 @@ from functools import lru_cache
 
 from mailrelay.scope import Scope
 
+QUOTA_ACTIONS = ("refuse", "hold")  # SmtpUser.quota_action
+
 
 class Status(enum.StrEnum):
     ALLOWED = "allowed"
@@ -59,6 +61,9 @@ class SmtpUser:
     # quota_per_month; 0: no quota.
     quota_day: int | None = None
     quota_month: int | None = None
+    # What a message over a quota gets: "refuse" (451 4.7.1 at MAIL) or "hold" (accepted
+    # into the spool's hold/, released when the quota resets: policy/quotahold.py).
+    quota_action: str = "refuse"
     archive: bool = False
     audit_bcc: tuple[str, ...] = ()
     bounce_notify: str = "sender"  # "off", "sender", or an address
@@ -149,6 +154,11 @@ class Envelope:
     return_path: str | None = None
     requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
     auth_method: str | None = None  # how ``user`` logged in: "password", "ip" or "address"
+    # Over a quota of a user whose quota_action is "hold": kept in hold/ until ``held_until``
+    # (unix time, the quota's reset), then released (policy/quotahold.py); ``held_quota``
+    # names the quota (``daily quota of 500 messages of user app``).
+    held_until: float | None = None
+    held_quota: str = ""
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -52,6 +52,9 @@ _SETTING_SCHEMAS = {
                   "configured default ([limits] quota_per_day); 0: none"},
     "quota_month": {**NULL_INT, "minimum": 0, "description": "messages per UTC month; null: "
                     "the configured default ([limits] quota_per_month); 0: none"},
+    "quota_action": {"type": "string", "enum": ["refuse", "hold"], "description":
+                     "over a quota: refuse (451 4.7.1 at MAIL) or hold (accepted, held in the "
+                     "spool until the quota resets)"},
     "archive": BOOL,
     "audit_bcc": {**STR, "description": 'copies of every message to "x@a.com;y@b.com"'},
     "bounce_notify": {**STR, "description": "off, sender or an address"},
