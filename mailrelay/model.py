@@ -6,12 +6,18 @@ Plain frozen dataclasses, shared by every layer; no I/O here.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mailrelay.scope import Scope
 
 QUOTA_ACTIONS = ("refuse", "hold")  # SmtpUser.quota_action
+
+
+def utc_text(t: float) -> str:
+    """``2026-12-07 00:00 UTC``: when a quota resets, as the relay says it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 class Status(enum.StrEnum):
@@ -159,6 +165,15 @@ class Envelope:
     # names the quota (``daily quota of 500 messages of user app``).
     held_until: float | None = None
     held_quota: str = ""
+
+    @property
+    def quota_held(self) -> bool:
+        """Held over a quota, to be released (a sandboxed user's mail never is)."""
+        return self.held_until is not None and not self.sandboxed
+
+    def held_text(self) -> str:
+        """``held: daily quota of 5 messages of user app reached, released at ...``."""
+        return f"held: {self.held_quota} reached, released at {utc_text(self.held_until or 0)}"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
