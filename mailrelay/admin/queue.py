@@ -4,7 +4,8 @@ the delivery queue.
 list and show read the spool (manage.queue). retry, flush and delete ask the running relay
 over its control socket, as the panel does; with no relay running they act on the spool
 itself and say so. release (of mail held over a quota) needs the running relay: it counts
-the message in the user's quota. import takes over the spool of a node that died (spool/transfer.py).
+the message in the user's quota. import takes over the spool of a node that died
+(spool/transfer.py).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def show(args, context: Context) -> int:
         return 0
     envelope = doc["envelope"]
     fields = [("id", args.id), ("state", queue.state_text(doc)),
-              ("held for", doc["held_quota"] and f"{doc['held_quota']} reached"), ("priority", doc["priority"]),
+              ("held for", doc["held_quota"] and f"{doc['held_quota']} reached"),
+              ("priority", doc["priority"]),
               ("user", doc["user"]), ("account", doc["account"]),
               ("sender", doc["sender"] or "<>"), ("bounce to", envelope.get("bounce_to")),
               ("client", envelope.get("client_ip")), ("helo", envelope.get("helo")),
