@@ -640,7 +640,9 @@ class SubmissionServer(Chunking, CommandStream):
         user = self.login.avatar.user
         now = self.factory.reactor.seconds()
         # Over a quota of a user whose mail is then held: kept in hold/ until it resets.
-        held = self.policy.holding() if self.policy is not None else None
+        # (A policy written before holding() existed holds nothing.)
+        holding = getattr(self.policy, "holding", None)
+        held = holding() if holding is not None else None
         envelope = Envelope(
             id="",
             sender=self._sender,
