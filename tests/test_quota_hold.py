@@ -7,6 +7,7 @@ the calendar; sandboxed users' mail is never released."""
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import smtplib
 
 from test_smtp_support import ACCOUNT, PASSWORD, USERS, LoopbackCase, message, tls_files
@@ -65,13 +66,18 @@ class HoldCase(LoopbackCase):
         self.clock.advance(START)
         self.events = Events()
         self.counter = QuotaCounter(self.clock)
-        self.warner = QuotaWarner(self.clock, lambda *a: succeed("q"), "postmaster@relay.test",
+        self.mails: list[bytes] = []
+        self.warner = QuotaWarner(self.clock, self.submit, "postmaster@relay.test",
                                   "relay.test", self.events)
         self.announced: list[str] = []
         self.spool.subscribe(lambda envelope: self.announced.append(envelope.id))
         self.holds = QuotaRelease(self.spool, self.counter, Users(), self.warner, self.clock,
                                   blocking)
         self.addCleanup(lambda: self.holds.running and self.holds.stopService())
+
+    def submit(self, sender, recipients, data):
+        self.mails.append(data)
+        return succeed("q")
 
     def hold(self, user: str = "held.test", until: float = MIDNIGHT,
              sandboxed: bool = False) -> defer.Deferred:
@@ -162,6 +168,7 @@ class SessionTests(HoldCase):
 
     @defer.inlineCallbacks
     def test_the_message_over_quota_is_accepted_held_and_delivered_at_the_reset(self):
+        self.realm.account = dataclasses.replace(ACCOUNT, notify="it@doe.test")
         port = self.listen_with_quotas()
         replies = []
         for _ in range(3):
@@ -177,6 +184,8 @@ class SessionTests(HoldCase):
         envelope = self.spool.envelope(held[0])
         self.assertEqual((envelope.held_until, envelope.sandboxed), (MIDNIGHT, False))
         self.assertEqual(self.events.kinds[-1], EventKind.QUOTA_EXCEEDED)  # at the 2nd
+        self.assertIn(b"Further messages are accepted and held until the quota resets at",
+                      self.mails[-1])
         self.assertEqual(self.used(), 2)  # the held message counts nowhere yet
 
         self.holds.startService()

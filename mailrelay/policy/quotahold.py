@@ -179,4 +179,4 @@ class QuotaRelease(Service):
 
     def _warn(self, account, user, crossings) -> None:
         if crossings and self.warner is not None:
-            self.warner.warn(account, user.username, crossings)
+            self.warner.warn(account, user.username, crossings, user.quota_action == "hold")

@@ -60,7 +60,8 @@ class SubmissionPolicy:
     def warn(self, avatar, crossings) -> None:
         """Report the quota thresholds a message (or a refusal) crossed."""
         if crossings and self.warner is not None:
-            self.warner.warn(avatar.account, avatar.user.username, crossings)
+            self.warner.warn(avatar.account, avatar.user.username, crossings,
+                             avatar.user.quota_action == "hold")
 
     def connect(self, client_ip: str):
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
