@@ -218,6 +218,23 @@ class SharedCounters(unittest.TestCase):
         self.assertEqual((first.crossing.percent, first.crossing.used), (100, 3))
         self.assertIsNone(second.crossing)
 
+    @defer.inlineCallbacks
+    def test_a_released_held_message_counts_past_a_full_quota_and_keeps_open_places(self):
+        """An admin's release of mail held over quota (policy/quotahold.py) counts it
+        whatever the quota says, and leaves the other nodes' open places alone."""
+        a, b = RedisQuotaCounter(self.node()), RedisQuotaCounter(self.node())
+        user = SmtpUser("u", quota_day=2)
+        yield (yield a.reserve(user, None)).commit()
+        open_place = yield b.reserve(user, None)  # the second place, a transaction open
+        yield self.assertFailure(a.reserve(user, None), QuotaExceeded)
+        [crossing] = yield a.count(user, None)
+        self.assertEqual((crossing.percent, crossing.used), (100, 2))
+        [usage] = yield a.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (2, 1))
+        yield open_place.commit()
+        [usage] = yield a.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (3, 0))
+
     # ---- connections ----
 
     @defer.inlineCallbacks

@@ -211,3 +211,16 @@ class SessionTests(HoldCase):
                          (451, "4.7.1 daily quota of 1 messages of user refused@held.test "
                                "reached, it resets at 2026-12-07 00:00 UTC"))
         self.assertEqual((len(self.files("queue")), self.files("hold")), (1, []))
+
+
+def test_an_admins_count_past_the_quota_leaves_open_transactions_their_places():
+    clock = Clock()
+    clock.advance(START)
+    counter = QuotaCounter(clock)
+    user = SmtpUser("u", quota_day=1)
+    open_place = counter.reserve(user, None)
+    [crossing] = counter.count(user, None)
+    assert (crossing.percent, crossing.used) == (100, 1)
+    assert [(u.used, u.held) for u in counter.usage(user, None)] == [(1, 1)]
+    open_place.commit()
+    assert [(u.used, u.held) for u in counter.usage(user, None)] == [(2, 0)]
