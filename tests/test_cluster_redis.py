@@ -235,6 +235,32 @@ class SharedCounters(unittest.TestCase):
         [usage] = yield a.usage(user, None)
         self.assertEqual((usage.used, usage.held), (3, 0))
 
+    @defer.inlineCallbacks
+    def test_a_user_whose_mail_over_quota_is_held_passes_mail_with_redis_quotas(self):
+        from mailrelay.auth.avatar import Submitter
+        from mailrelay.policy.bruteforce import LoginGuard
+        from mailrelay.policy.connections import ConnectionLimits
+        from mailrelay.policy.ratelimit import RateLimiter
+        from mailrelay.policy.submission import SubmissionPolicy
+
+        counter = RedisQuotaCounter(self.node())
+        policy = SubmissionPolicy(ConnectionLimits(), RateLimiter(reactor, per_hour=0),
+                                  LoginGuard(reactor), None, counter)
+        user = SmtpUser("u", quota_day=1, quota_action="hold")
+        avatar = Submitter.for_user(user, None, "password")
+        session = policy.connect("192.0.2.1")
+        held = []
+        for _ in range(2):
+            yield session.mailFrom(avatar, "a@u.test")  # neither refused
+            held.append(session.holding())
+            yield session.accepted(avatar, None)
+        self.assertIsNone(held[0])
+        self.assertIsInstance(held[1], QuotaExceeded)
+        self.assertEqual(held[1].quota.describe(), "daily quota of 1 messages of user u")
+        [usage] = yield counter.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (1, 0))  # the held one counts nowhere
+        session.disconnect()
+
     # ---- connections ----
 
     @defer.inlineCallbacks
