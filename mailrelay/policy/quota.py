@@ -164,7 +164,9 @@ class QuotaExceeded(Reply):
 
 
 def refusal_logged(quota: Quota, used: int, pid: str, first: bool) -> QuotaExceeded:
-    log.info("quota: {subject} {name} at {used} of {limit} messages per {period}, refused",
+    # "full", not "refused": a user whose mail over quota is held is not refused (the
+    # session logs what it does instead: policy/submission.py).
+    log.info("quota: {subject} {name} at {used} of {limit} messages per {period}, full",
              subject=quota.subject, name=quota.name, used=used, limit=quota.limit,
              period=quota.period)
     return QuotaExceeded(quota, used, pid, first)
