@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from mailrelay import dsnparams, events, requiretls
 from mailrelay.errors import StorageError
 from mailrelay.events import EventKind
-from mailrelay.model import Envelope
+from mailrelay.model import Envelope, utc_text
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
 from mailrelay.scope import ascii_form
@@ -754,7 +754,7 @@ class SubmissionServer(Chunking, CommandStream):
         log.info(
             "accepted {queue_id}: session={session} user={user} auth={auth} "
             "client_ip={client_ip} sender={sender} recipients={recipients} size={size} "
-            "tls={tls} sandboxed={sandboxed} held_until={held_until}",
+            "tls={tls} sandboxed={sandboxed}{held}",
             queue_id=queue_id,
             session=self.session_id,
             user=envelope.user,
@@ -765,7 +765,7 @@ class SubmissionServer(Chunking, CommandStream):
             size=reader.size,
             tls=self.tls,
             sandboxed=envelope.sandboxed,
-            held_until=envelope.held_until,
+            held=f" held_until={utc_text(envelope.held_until)}" if envelope.quota_held else "",
         )
         self.factory.events.emit(EventKind.PROCESSED, envelope.account, envelope.user, {
             **events.of_message(envelope), "queue_id": queue_id,
