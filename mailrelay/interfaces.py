@@ -2,9 +2,9 @@
 
 Each interface has one job and can be swapped (file or LDAP directory; MX or smarthost
 routing) without touching the code on the other side. The management stores (IUserStore,
-ISuppressionLists, IAccessStore, IQueueControl, IDkimKeys) are what mailrelay-admin and the
-control panel both work through (mailrelay/manage/); their methods return Deferreds, so a
-store that is not a local file fits behind them.
+ISuppressionLists, IAccessStore, IQueueControl, IHeldMail, IDkimKeys) are what
+mailrelay-admin and the control panel both work through (mailrelay/manage/); their methods
+return Deferreds, so a store that is not a local file fits behind them.
 """
 
 from __future__ import annotations
@@ -247,10 +247,16 @@ class IQueueControl(Interface):
         """Stop delivering the message and remove it; fires with the place it was in
         ("queue" or "hold"), errbacks with KeyError when it is unknown."""
 
+
+class IHeldMail(Interface):
+    """Releasing mail held over a quota (policy/quotahold.py in the relay; the relay's
+    control socket and the panel reach it through manage.queue.QueueControl). Returns
+    Deferreds."""
+
     def release(queue_id: str | None):
-        """Deliver a message held over its user's quota (policy/quotahold.py) now, counted
-        in the current period whatever its quota says; None: every such message. Fires
-        with the ids released; errbacks with KeyError when the message is not in hold/,
+        """Deliver a message held over its user's quota now, counted in the current
+        period whatever its quota says; None: every such message. Fires with the ids
+        released; errbacks with KeyError when the message is not in hold/,
         control.NotQuotaHeld when it is held for another reason (a sandboxed user's)."""
 
 

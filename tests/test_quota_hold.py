@@ -16,10 +16,12 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mailrelay.control import NotQuotaHeld
 from mailrelay.events import EventKind
-from mailrelay.interfaces import IEventSink
+from mailrelay.interfaces import IEventSink, IHeldMail
+from mailrelay.manage.queue import QueueControl
 from mailrelay.model import Envelope, SmtpUser
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.policy.connections import ConnectionLimits
@@ -118,6 +120,11 @@ class ReleaseTests(HoldCase):
         self.clock.advance(0)
         self.assertEqual((self.announced, self.files("hold")), ([queue_id], []))
         self.assertEqual(self.used(), 1)
+
+    def test_the_release_and_the_queue_control_fill_their_seam(self):
+        self.assertTrue(verifyObject(IHeldMail, self.holds))
+        self.assertTrue(verifyObject(IHeldMail, QueueControl(self.spool, self.clock, None,
+                                                             self.holds)))
 
     @defer.inlineCallbacks
     def test_sandboxed_mail_is_never_released(self):

@@ -17,7 +17,7 @@ from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from mailrelay.control import DeliveryNotRunning, DeliveryOff
-from mailrelay.interfaces import IQueueControl
+from mailrelay.interfaces import IHeldMail, IQueueControl
 from mailrelay.model import Envelope, utc_text
 from mailrelay.spool.spool import Snapshot, Spool
 from mailrelay.spool.state import DeliveryState, RecipientState
@@ -142,7 +142,7 @@ class QueueReader:
         return self.call(document, self.spool, queue_id, self.clock.seconds())
 
 
-@implementer(IQueueControl)
+@implementer(IQueueControl, IHeldMail)
 class QueueControl:
     """The running relay's retry, flush, delete and release, for the panel and the control
     socket.

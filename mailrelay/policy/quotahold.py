@@ -25,8 +25,10 @@ from __future__ import annotations
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailrelay.control import NotQuotaHeld
+from mailrelay.interfaces import IHeldMail
 from mailrelay.model import Envelope, utc_text
 from mailrelay.policy.quota import QuotaExceeded, period_end, period_id
 
@@ -46,6 +48,7 @@ def quota_held(spool) -> list[Envelope]:
     return out
 
 
+@implementer(IHeldMail)
 class QuotaRelease(Service):
     """Releases the relay's messages held over a quota (see the module's docstring).
 
