@@ -78,3 +78,15 @@ def test_a_message_over_quota_is_held_and_an_admin_release_delivers_it_once(rela
     assert again.returncode == 1 and "no message" in again.stderr
     assert sorted(subjects(sink)) == ["message 1", "message 2", "message 3"]  # once
     assert "quota: released " + held[0] in relay.log()
+
+    # The release counted message 3 in today's quota: what follows is held too, and
+    # --all-quota sends every message held over a quota.
+    with relay.smtp(login=("doe.test", PASSWORD)) as client:
+        assert all(", held: daily quota" in send(client, n)[1] for n in (4, 5))
+    assert len(relay.spool_files("hold")) == 2
+    released = relay.admin("queue", "release", "--all-quota")
+    assert released.stdout.endswith("2 held messages released\n")
+    sink.wait(5)
+    wait_for(lambda: not relay.spool_files("queue") and not relay.spool_files("hold"),
+             what="the released messages delivered")
+    assert sorted(subjects(sink)) == [f"message {n}" for n in range(1, 6)]
