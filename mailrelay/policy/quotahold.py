@@ -134,8 +134,13 @@ class QuotaRelease(Service):
             envelopes = [envelope]
         released = []
         for envelope in envelopes:
-            if await self._release(envelope, force=True):
-                released.append(envelope.id)
+            try:
+                if await self._release(envelope, force=True):
+                    released.append(envelope.id)
+            except KeyError:
+                if queue_id is not None:
+                    raise
+                # Of all of them, one deleted (or released) meanwhile: the others go on.
         return released
 
     async def _release(self, envelope: Envelope, force: bool) -> bool:
