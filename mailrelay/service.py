@@ -84,6 +84,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.features.envelope import user_fields
     from mailrelay.features.policy import FeaturePolicy
     from mailrelay.manage.queue import QueueControl
+    from mailrelay.manage.stores import threaded
+    from mailrelay.policy.quotahold import QuotaRelease
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
@@ -158,6 +160,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     rates = policy.rates  # mailrelay-admin explain asks them over the control socket
     quotas = policy.quotas
+    warner = policy.warner
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -197,7 +200,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
                         events).setServiceParent(top)
 
     webhook_sender(config, events, directory, spool, reactor, top, metrics)
-    control = QueueControl(spool, reactor, delivery)
+    # Mail held over a quota: released when the quota resets, or by an admin.
+    holds = QuotaRelease(spool, quotas, directory, warner, reactor, threaded(reactor))
+    holds.setServiceParent(top)
+    control = QueueControl(spool, reactor, delivery, holds)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins, quotas).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
