@@ -3,6 +3,7 @@
 
     python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa] [--dkim]
     python3 bench/run.py --cluster [--quick | --smoke] [--rounds 3]
+    python3 bench/run.py --webhooks --quotas [--quick | --smoke] [--rounds 3]
 
 Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
 private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
@@ -10,7 +11,8 @@ load against each in turn (mailrelay, Postfix, mailrelay, Postfix, ...), and pri
 medians over the rounds with the ratio mailrelay/Postfix. Every run is bounded; only the
 processes started here are stopped, by PID (Postfix by ``postfix -c DIR stop``).
 ``--cluster`` measures only mailrelay, on local counters against shared ones in a private
-redis-server (bench/cluster.py).
+redis-server (bench/cluster.py). ``--webhooks`` and ``--quotas`` measure mailrelay with
+each feature against the same mailrelay without it and Postfix (bench/features.py).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import cluster, figures, opendkim, postfix, procs, relay  # noqa: E402
+from bench import cluster, features, figures, opendkim, postfix, procs, relay  # noqa: E402
 from bench.certs import KEY_TYPES, make_certificate  # noqa: E402
 from bench.figures import FULL, QUICK, SMOKE, Figure, Measure, Value, median  # noqa: E402
+from bench.hooksink import HookSinkProcess  # noqa: E402
 from bench.load import LoadSpec, run_load  # noqa: E402
 from bench.sink import SinkProcess  # noqa: E402
 
@@ -253,6 +256,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cluster", action="store_true",
                    help="only the shared counters row: mailrelay on local counters against "
                         "mailrelay counting in Redis")
+    p.add_argument("--webhooks", action="store_true",
+                   help="only the webhooks rows: mailrelay sending message.processed and "
+                        "message.delivered to a loopback receiver, against mailrelay "
+                        "without and Postfix")
+    p.add_argument("--quotas", action="store_true",
+                   help="only the quota rows: day and month quotas never reached, counted "
+                        "in process (and in Redis if installed), against mailrelay "
+                        "without and Postfix")
     p.add_argument("--only", choices=["mailrelay", "postfix"], help="measure one server")
     p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
     p.add_argument("--json", help="also write all results to this JSON file")
@@ -274,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     if args.cluster:
         return run_cluster(args, sizes, rounds)
+    if args.webhooks or args.quotas:
+        return run_features(args, argv, sizes, rounds)
 
     if not (postfix.available() and opendkim.available()) and not args.smoke \
             and not args.no_install and args.only != "mailrelay":
@@ -408,6 +421,81 @@ def run_cluster(args, sizes, rounds: int) -> int:
     finally:
         mr.stop()
         redis.stop()
+        sink.stop()
+        if args.keep:
+            say(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run_features(args, argv, sizes, rounds: int) -> int:
+    """mailrelay with webhooks and/or quotas against mailrelay without them and Postfix,
+    rows taking turns (bench/features.py)."""
+    say(f"load average before: {load_average()}")
+    load_before, started = load_average(), time.time()
+    base = tempfile.mkdtemp(prefix="mailrelay-bench-")
+    os.chmod(base, 0o755)  # Postfix's unprivileged processes must reach their directories
+    cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
+    os.chmod(os.path.join(base, "tls"), 0o755)
+    sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
+    hooks = HookSinkProcess(lifetime=300 if args.smoke else 3600) if args.webhooks else None
+    redis = (cluster.RedisProcess(os.path.join(base, "redis"))
+             if args.quotas and cluster.available() else None)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
+                                 profile_dir=args.profile and os.path.abspath(args.profile))
+    pf = None
+    try:
+        if redis is not None:
+            redis.start()
+        users = {figures.USER[0]: figures.USER[1], figures.IP_SENDER: "bench-secret-3"}
+        mr.configure()
+        mr.add_users(users)
+        if postfix.available() and os.geteuid() == 0 and args.only != "mailrelay":
+            pf = postfix.PostfixInstance(os.path.join(base, "postfix"), cert, key, sink.port,
+                                         max_sessions=200)
+            pf.configure()
+            # Not the IP sender: a sender in Postfix's login map must be logged in.
+            pf.add_users({figures.USER[0].split("@")[0]: figures.USER[1]})
+        rows = features.rows(mr, pf, hooks, args.quotas, redis, base)
+        per_round: list[dict[str, dict]] = []
+        for r in range(rounds):
+            turn = rows[r % len(rows):] + rows[:r % len(rows)]
+            got: dict[str, dict] = {}
+            for row in turn:
+                say(f"round {r + 1}/{rounds}: {row.label}")
+                got[row.label] = features.run_row(row, sink, sizes, base, say, hooks)
+            per_round.append(got)
+        command = "python3 bench/run.py " + " ".join(argv if argv is not None
+                                                      else sys.argv[1:])
+        what = " and ".join(k for k in ("webhooks", "quotas") if getattr(args, k))
+        print(f"mailrelay with and without {what} against Postfix, "
+              f"{time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+              f"machine: {machine()}; load average before {load_before}, after "
+              f"{load_average()}; took {(time.time() - started) / 60:.1f} min\n"
+              f"command: {command.strip()}\n"
+              f"accept: plain, IP auth, c=20, 1 msg/conn, {sizes.accept_c20:,} messages; end "
+              f"to end: the same, {sizes.e2e:,} messages, until the sink has them; CPU: all "
+              f"the server's processes over both runs (and until the webhook receiver has "
+              f"every event), per message\n"
+              + features.report([row.label for row in rows], per_round, "mailrelay"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "rounds": [
+                    {label: {k: vars(v) if isinstance(v, Value) else v for k, v in res.items()}
+                     for label, res in one.items()} for one in per_round]}, f, indent=1)
+        lost = [1 for one in per_round for res in one.values()
+                if (h := res.get("hooks")) and h.value != h.details["want"]]
+        return 1 if lost else 0
+    finally:
+        mr.stop()
+        if pf is not None:
+            pf.stop()
+        if redis is not None:
+            redis.stop()
+        if hooks is not None:
+            hooks.stop()
         sink.stop()
         if args.keep:
             say(f"kept {base}")
