@@ -140,9 +140,9 @@ class SenderTests(unittest.TestCase):
         self.addCleanup(self.port.stopListening)
         self.gone = []
 
-    def sender(self, allowed=LOOPBACK, timeout=5.0):
+    def sender(self, allowed=LOOPBACK, timeout=5.0, poll_interval=0.05):
         s = WebhookSender(self.store, threaded(reactor), reactor, allowed=allowed,
-                          retry_delays=(0.2,), timeout=timeout, poll_interval=0.05,
+                          retry_delays=(0.2,), timeout=timeout, poll_interval=poll_interval,
                           gone=lambda account, e: self.gone.append((account, e.id)))
         s.startService()
         self.addCleanup(s.stopService)
@@ -167,6 +167,20 @@ class SenderTests(unittest.TestCase):
     def verified(self, endpoint) -> list[dict]:
         webhook = Webhook(endpoint.secrets[0][0])
         return [webhook.verify(r["body"], r["headers"]) for r in self.receiver.requests]
+
+    @defer.inlineCallbacks
+    def test_a_backlog_past_concurrency_goes_out_without_waiting_for_the_next_look(self):
+        # 35 events, 10 requests at a time, the next tick in an hour: each batch
+        # answered makes room for the next at once.
+        url = f"http://127.0.0.1:{self.port.getHost().port}/ok"
+        self.store.add_endpoint("acme", url, [], [], reactor.seconds())
+        sink = WebhookSink(self.store, reactor)
+        for i in range(35):
+            sink.emit(EventKind.DELIVERED, "acme", "u@acme.test", {"queue_id": f"q{i}"})
+        sink._write(sink._take())
+        self.sender(poll_interval=3600)
+        yield self.settle(lambda: not self.store.pending_count())
+        assert len(self.receiver.requests) == 35
 
     @defer.inlineCallbacks
     def test_500_then_200_sent_once_after_a_retry(self):

@@ -2,9 +2,11 @@
 process's.
 
 Every ``poll_interval`` it takes what is due (at most ``concurrency`` requests at a time)
-and POSTs each body, signed (signing.py), through an Agent whose connections reach only
-allowed addresses (targetcheck.py); ``timeout`` bounds a request from connecting to the
-end of the answer. The answer decides:
+and, while a look finds more than it has room for, looks again as soon as half its
+requests are answered instead of waiting for the next tick (a backlog is not held to
+``concurrency`` events a ``poll_interval``); it POSTs each body, signed (signing.py),
+through an Agent whose connections reach only allowed addresses (targetcheck.py);
+``timeout`` bounds a request from connecting to the end of the answer. The answer decides:
 
 - 2xx: sent (the row goes);
 - 5xx, 408, 429, a timeout, a connection that fails: tried again after the next of
@@ -104,6 +106,7 @@ class WebhookSender(Service):
             reactor, CheckedEndpoints(reactor, tuple(allowed), timeout), pool)
         self._busy: dict[int, defer.Deferred] = {}
         self._polling: defer.Deferred | None = None
+        self._more = False  # the last look filled its room: more may be due now
         self._loop: task.LoopingCall | None = None
         self._prune: task.LoopingCall | None = None
 
@@ -136,7 +139,7 @@ class WebhookSender(Service):
         if room <= 0:
             return None
         d = self.call(self.store.due, self.reactor.seconds(), room, set(self._busy))
-        d.addCallback(self._start)
+        d.addCallback(self._start, room)
         d.addErrback(lambda f: log.failure("cannot read the webhook outbox", f))
 
         def done(_):
@@ -146,7 +149,8 @@ class WebhookSender(Service):
         self._polling = d
         return d
 
-    def _start(self, due: list[tuple[Delivery, Endpoint]]) -> None:
+    def _start(self, due: list[tuple[Delivery, Endpoint]], room: int) -> None:
+        self._more = len(due) >= room
         for delivery, endpoint in due:
             if not self.running:
                 return
@@ -154,7 +158,13 @@ class WebhookSender(Service):
             self._busy[delivery.id] = d
             d.addErrback(lambda f: f.trap(defer.CancelledError))
             d.addErrback(lambda f: log.failure("webhook delivery failed", f))
-            d.addBoth(lambda _, i=delivery.id: self._busy.pop(i, None) and None)
+            d.addBoth(self._answered, delivery.id)
+
+    def _answered(self, _, delivery_id: int) -> None:
+        self._busy.pop(delivery_id, None)
+        # Half the room free again and more due: look now rather than at the next tick.
+        if self._more and len(self._busy) <= self.concurrency // 2:
+            self.poll()
 
     async def send(self, delivery: Delivery, endpoint: Endpoint) -> str:
         """One attempt and its outcome recorded; the outcome (classify's)."""
