@@ -59,3 +59,25 @@ def test_bench_smoke(tmp_path) -> None:
     assert signed["details"]["verified"], signed
     assert mailrelay["dkim.e2e.off"]["details"]["signed"] == 0
     assert mailrelay["dkim.cpu"]["value"] is not None, mailrelay["dkim.cpu"]
+
+
+# The feature rows: mailrelay without and with webhooks and quotas (in Redis too when
+# redis-server is installed), every event of every message at the bench's receiver.
+@pytest.mark.timeout(240)
+def test_bench_smoke_feature_rows(tmp_path) -> None:
+    results_file = tmp_path / "features.json"
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "run.py"), "--smoke", "--webhooks",
+         "--quotas", "--only", "mailrelay", "--json", str(results_file)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=210)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (rows,) = json.loads(results_file.read_text())["rounds"]
+    assert {"mailrelay", "mailrelay + webhooks", "mailrelay + quotas"} <= set(rows)
+    for label, row in rows.items():
+        assert row["accept"]["value"] and row["e2e"]["value"], (label, done.stderr[-4000:])
+        assert row["cpu"]["value"] > 0, label
+    hooks = rows["mailrelay + webhooks"]["hooks"]
+    assert hooks["value"] == hooks["details"]["want"] > 0, hooks
+    assert set(hooks["details"]["types"]) == {"message.processed", "message.delivered"}
+    assert rows["mailrelay"]["hooks"]["value"] == 0  # no endpoint, no request
+    assert "receiver got" in done.stdout and "(all)" in done.stdout
