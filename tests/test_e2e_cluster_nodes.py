@@ -1,19 +1,21 @@
 """What docs/cluster.md promises an operator who adds and removes nodes, with real parts:
 three twistd nodes behind HAProxy (round robin, send-proxy-v2, a health check, a runtime
 API socket) sharing one redis-server and one PostgreSQL, reached through a libpq
-multi-host string whose first host is down (as when the primary is gone and the standby
-took over). A user made with mailrelay-admin logs in through the balancer; a node taken
-out with ``disable server`` lets the session in progress finish its message while new
-connections go to the others; SIGTERM then closes the session still open on it without
-acknowledging its message (which the client sends again through the balancer, to another
-node) and keeps what it had acknowledged in its queue; a fourth node with the same
-configuration, enabled in HAProxy, takes connections and counts in the same Redis rate
-limit."""
+multi-host string with ``target_session_attrs=read-write`` whose first host is down and
+second a hot standby of the third (as after a failover). A user made with mailrelay-admin
+logs in through the balancer; a node taken out with ``disable server`` lets the session
+in progress finish its message while new connections go to the others; SIGTERM then
+closes the session still open on it without acknowledging its message (which the client
+sends again through the balancer, to another node) and keeps what it had acknowledged in
+its queue; a fourth node with the same configuration, enabled in HAProxy, takes
+connections and counts in the same Redis rate limit."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
+import subprocess
 import time
 
 import pg_server
@@ -32,12 +34,14 @@ def cluster(tmp_path_factory):
     assert installed(), NOT_INSTALLED
     assert pg_server.installed(), pg_server.NOT_INSTALLED
     tmp = tmp_path_factory.mktemp("nodes")
-    dsn = pg_server.shared_server().create_database()
-    # The first host: a port nothing listens on; the second: the real server.
+    primary = pg_server.shared_server()
+    dsn = primary.create_database()
+    standby = standby_of(primary)
+    # Tried in order: a port nothing listens on, a standby (read-only), the primary.
     user_host, _, rest = dsn.removeprefix("postgresql://").partition("/")
     user, _, host = user_host.partition("@")
-    multi = (f"postgresql://{user}@127.0.0.1:{free_port()},{host}/{rest}"
-             "?target_session_attrs=read-write")
+    multi = (f"postgresql://{user}@127.0.0.1:{free_port()},127.0.0.1:{standby.port},"
+             f"{host}/{rest}?target_session_attrs=read-write")
     redis = RedisServer(tmp / "redis")
     redis.start()
     behind = [free_port() for _ in range(4)]
@@ -69,6 +73,20 @@ def cluster(tmp_path_factory):
         for node in nodes:
             node.stop()
         redis.stop()
+        standby.stop()
+
+
+def standby_of(primary: pg_server.PostgresServer) -> pg_server.PostgresServer:
+    """A hot standby streaming from ``primary`` (pg_basebackup -R), running."""
+    standby = pg_server.PostgresServer()
+    as_user = standby._as_user()  # root runs the server as another user
+    os.chown(standby.dir, as_user.get("user", os.geteuid()), as_user.get("group", os.getegid()))
+    subprocess.run([f"{pg_server.bindir()}/pg_basebackup", "-D", str(standby.data), "-R",
+                    "-h", "127.0.0.1", "-p", str(primary.port), "-U", "mailrelay",
+                    "--checkpoint=fast", "--no-sync"], check=True, capture_output=True, timeout=120,
+                   **standby._as_user())
+    standby.start_again()
+    return standby
 
 
 def session(balancer: Balancer, node: Relay, user: str = "ann@doe.test") -> smtplib.SMTP:
@@ -104,9 +122,11 @@ def queued(nodes: list[Relay], subject: str) -> list[int]:
             if subject.encode() in path.read_bytes()]
 
 
-def test_a_multi_host_postgres_string_skips_a_host_that_is_down(cluster):
-    """Every node (and mailrelay-admin) reached the database through the second host of
-    ``[cluster] postgres``; a user made now logs in through the balancer on each node."""
+def test_a_multi_host_postgres_string_skips_a_host_down_and_a_standby(cluster):
+    """Every node (and mailrelay-admin) reached the primary, the third host of
+    ``[cluster] postgres`` (without ``target_session_attrs`` they stop at the standby:
+    "cannot execute CREATE TABLE in a read-only transaction"); a user made now logs in
+    through the balancer on each node."""
     balancer, nodes = cluster
     nodes[1].add_user("new@doe.test", PASSWORD)
     seen = set()
