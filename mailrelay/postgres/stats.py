@@ -252,9 +252,10 @@ class JournaledStatsRecorder(StatsRecorder):
 
     def startService(self) -> None:
         self._unsent[:0] = unsent = self.journal.unsent(self._clock.seconds())
-        if unsent:
-            log.info("statistics: {n} batch(es) from the journal to write", n=len(unsent))
         super().startService()
+        if unsent:  # now, not one interval later
+            log.info("statistics: {n} batch(es) from the journal to write", n=len(unsent))
+            self._clock.callLater(0, self.flush)
 
     def record(self, event: Event, account: str, user: str, n: int = 1,
                when: float | None = None) -> None:  # fmt: skip
