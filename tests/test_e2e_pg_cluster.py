@@ -1,6 +1,7 @@
 """Three twistd nodes sharing one PostgreSQL (tests/pg_server.py) behind HAProxy with
 send-proxy-v2, delivering to a recording SMTP server: a suppression added through node A's
-API stops delivery from node B within a second; mail sent round-robin through the balancer
+API stops delivery from node B within a second; a bounce of node B's mail that reaches
+node C's bounce listener is applied; mail sent round-robin through the balancer
 is counted once, and the statistics summed over the nodes equal what was sent, also after
 a node (relay and delivery process) is killed with kill -9 with its counts unwritten."""
 
@@ -17,6 +18,7 @@ import urllib.request
 
 import pg_server
 import pytest
+from bounce_samples import postfix_dsn
 from harness import Relay, Sink, free_port, message, stop_process, wait_for
 from test_e2e_proxy import HAPROXY, _listening
 
@@ -54,6 +56,7 @@ def cluster(tmp_path_factory):
                      if i == 1 else "")
             # Node 3 writes its statistics only when it stops: killed, it has them all pending.
             flush = "3600s" if i == 3 else "1s"
+            bounces = free_port()
             nodes.append(Relay(tmp / f"node{i}", listeners=(
                 f"[listener:smtp]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
                 "tls = starttls\nproxy_protocol = yes\nproxy_from = 127.0.0.1/32\n"), config=(
@@ -61,10 +64,13 @@ def cluster(tmp_path_factory):
                 "[delivery]\nretry_first = 1s\nretry_max = 2s\nmx_tls = none\n\n"
                 f"[routes]\nx.test = 127.0.0.1:{sink.port}\n\n"
                 f"[features]\nstats_flush_interval = {flush}\n\n"
+                f"[bounces]\nendpoint = tcp:{bounces}:interface=127.0.0.1\n"
+                f"key_file = {tmp / 'bounce.key'}\n\n"  # one VERP key for the nodes
                 f"[cluster]\npostgres = {dsn}\nnode_id = node{i}\n\n{panel}")))
-            nodes[-1].smtp_port = port
+            nodes[-1].smtp_port, nodes[-1].bounce_port = port, bounces
         first = nodes[0]
         first.domain_login("doe.test", PASSWORD)
+        first.admin("account", "set", "default", "--bounce-domain", "bounces.doe.test")
         first.api_key = first.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
         first.api_url = f"http://127.0.0.1:{api_port}/api/v1"
         for node in nodes:
@@ -192,3 +198,20 @@ def test_round_robin_mail_is_counted_once_and_summed_over_nodes_across_a_kill(cl
     totals = stats(nodes[0])
     assert {k: totals[k] for k in wanted} == wanted
     assert len(subjects(sink)) == delivered_before + 30
+
+
+def test_a_bounce_of_one_nodes_mail_reaching_anothers_listener_is_applied(cluster):
+    nodes, sink, fronts = cluster
+    send(fronts["b"], ["gone@x.test"], "to bounce")  # sent by node B...
+    verp = wait_for(lambda: [e["sender"] for e, _ in sink.messages()
+                             if "gone@x.test" in e["recipients"]], what="the VERP copy")[0]
+    assert verp.startswith("b+") and verp.endswith("@bounces.doe.test")
+    with smtplib.SMTP("127.0.0.1", nodes[2].bounce_port, timeout=30) as client:  # ...to C
+        client.ehlo("mx.example.net")
+        assert client.mail("")[0] == 250 and client.rcpt(verp)[0] == 250
+        code, text = client.data(postfix_dsn(verp, "gone@x.test"))
+        assert code == 250, text
+    wait_for(lambda: "bounced by" in nodes[2].log(), what="node C applying the bounce")
+    listed = json.loads(nodes[0].admin("suppression", "list", "--user", "doe.test",
+                                       "--json").stdout)
+    assert {e["address"]: e["reason"] for e in listed}.get("gone@x.test") == "hard-bounce"

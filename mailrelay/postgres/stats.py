@@ -251,7 +251,9 @@ class JournaledStatsRecorder(StatsRecorder):
         self._unsent: list[Batch] = []
 
     def startService(self) -> None:
-        self._unsent[:0] = unsent = self.journal.unsent(self._clock.seconds())
+        unsent = [b for b in self.journal.unsent(self._clock.seconds())
+                  if b.id != self._batch.id]  # not what this run counted already
+        self._unsent[:0] = unsent
         super().startService()
         if unsent:  # now, not one interval later
             log.info("statistics: {n} batch(es) from the journal to write", n=len(unsent))
