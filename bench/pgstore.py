@@ -78,6 +78,8 @@ def run_round(server, redis, pg: PostgresProcess, sink, sizes, base, say) -> dic
         for figure, delivery in (("accept", False), ("e2e", True)):
             key = f"pg.{variant}.{figure}"
             server.configure(delivery=delivery)
+            if variant != "files":  # the users come from the database (once, then kept)
+                server.admin("cluster", "import-users")
             try:
                 server.start()
                 server.delivers = delivery

@@ -146,6 +146,14 @@ def _networks(value: str) -> tuple:
     return tuple(parse_network(v) for v in word_list(value))
 
 
+def _durations(value: str) -> tuple[float, ...]:
+    """``5s, 5m, 30m``: durations separated by commas or spaces, at least one."""
+    found = tuple(duration(v) for v in word_list(value))
+    if not found:
+        raise ValueError("give at least one duration (examples: 5s, 5m, 30m)")
+    return found
+
+
 def _domain(value: str) -> str:
     """A domain name, lower case, in ASCII (IDNA); empty stays empty."""
     from mailrelay.scope import ScopeError, to_ascii_domain
@@ -426,6 +434,20 @@ SCHEMA["metrics"] = {
     "token": (text, ""),  # a bearer token scrapes must send; empty: none asked
 }
 
+SCHEMA["webhooks"] = {
+    # Events POSTed to the accounts' endpoints (mailrelay/webhooks/), kept in an outbox.
+    "enabled": (boolean, True),
+    "db": (text, ""),  # default: <data_dir>/webhooks.sqlite (endpoints and outbox)
+    "allow_private": (_networks, ()),  # private/loopback targets allowed, e.g. 127.0.0.0/8
+    "retry_delays": (_durations, (5.0, 300.0, 1800.0, 7200.0, 18000.0)),
+    "timeout": (duration, 10.0),  # one request, from connecting to the end of the answer
+    "concurrency": (integer(1, 1000), 10),
+    "poll_interval": (duration, 1.0),  # how often the outbox is looked at
+    "flush_interval": (duration, 0.1),  # events are written to the outbox this often
+    "secret_overlap": (duration, 86400.0),  # rotate-secret: the old secret signs this long
+    "failed_retention": (duration, 30 * 86400.0),
+}
+
 LISTENER_KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "endpoint": (text, None),
     "tls": (choice("starttls", "implicit", "none"), "starttls"),
@@ -476,6 +498,7 @@ class Config:
     bounces: SimpleNamespace
     metrics: SimpleNamespace
     cluster: SimpleNamespace | None = None
+    webhooks: SimpleNamespace | None = None
 
 
 EMBEDDED = "<embedded defaults>"  # Config.source without a file
@@ -648,6 +671,7 @@ DATA_FILES = (
     ("dkim", "directory", "dkim"),
     ("bounces", "key_file", "bounce.key"),
     ("bounces", "db", "bounces.sqlite"),
+    ("webhooks", "db", "webhooks.sqlite"),
     ("delivery", "mta_sts_cache", "mta-sts"),
     ("delivery", "tls_report_dir", "tls-rpt"),
 )

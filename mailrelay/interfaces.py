@@ -123,8 +123,9 @@ class ISuppressionLists(Interface):
     def list(account: str | None = None, user: str | None = None):
         """Fires with one list's features.suppressions.Suppression rows, by address."""
 
-    def all():
-        """Fires with every row: the global list, then each account's."""
+    def all(account: str | None = None):
+        """Fires with every row: the global list, then each account's; with ``account``,
+        only that account's rows (account-wide and per user, never the global list)."""
 
     def ofUser(user: str):
         """Fires with the rows stored for the user named ``user`` in any account (also
@@ -184,8 +185,9 @@ class IAccessStore(Interface):
     def listKeys():
         """Fires with the ApiKeys, sorted by name (never the keys themselves)."""
 
-    def addKey(name: str, access):
-        """Make a key; fires with the key itself, which is not stored (only its hash)."""
+    def addKey(name: str, access, account=None):
+        """Make a key (limited to ``account`` when given); fires with the key itself, which
+        is not stored (only its hash)."""
 
     def deleteKey(name: str):
         """Fires with the ApiKey revoked."""
@@ -193,8 +195,9 @@ class IAccessStore(Interface):
     def listAdmins():
         """Fires with the Admins, sorted by name."""
 
-    def setAdmin(name: str, password_hash: str, new: bool):
-        """Add an admin (``new``) or change an admin's password; fires with the Admin."""
+    def setAdmin(name: str, password_hash: str, new: bool, account=None):
+        """Add an admin (``new``, limited to ``account`` when given) or change an admin's
+        password (its account stays); fires with the Admin."""
 
     def deleteAdmin(name: str):
         """Fires with the Admin deleted."""
@@ -451,3 +454,35 @@ class IEventSink(Interface):
         """Record one event of ``kind`` for ``account``/``user`` (None: not known) with its
         JSON-able ``data`` (queue id, recipient, remote reply, ...). Called in the reactor
         thread; never blocks and never raises: an event that cannot be kept is logged."""
+
+
+class IWebhooks(Interface):
+    """The accounts' webhook endpoints and their failed events, as mailrelay-admin, the
+    API and the panel manage them (manage/webhooks.py over webhooks/store.py). Every call
+    takes the account it is limited to (None: every account); each returns a Deferred."""
+
+    def list(account: str | None = None):
+        """The endpoints (webhooks.store.Endpoint), oldest first."""
+
+    def get(endpoint_id: int, account: str | None = None):
+        """One endpoint, or None."""
+
+    def add(account: str, url: str, users: list[str], kinds: list[str]):
+        """A new endpoint with a new secret; ValueError for a URL or kind refused."""
+
+    def remove(endpoint_id: int, account: str | None = None):
+        """True when it was there; its pending and failed events go with it."""
+
+    def rotateSecret(endpoint_id: int, account: str | None = None):
+        """The endpoint with a new secret (the old one signs too for ``secret_overlap``),
+        or None."""
+
+    def enable(endpoint_id: int, account: str | None = None):
+        """Send to it again (after a 410 disabled it); True when it was there."""
+
+    def failed(account: str | None = None, limit: int = 500):
+        """Failed events (webhooks.store.Delivery), newest first."""
+
+    def retry(delivery_id: int, account: str | None = None):
+        """Send a failed event again now: "retried", "unknown" or "disabled" (its endpoint
+        is)."""

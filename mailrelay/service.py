@@ -12,7 +12,7 @@ import os
 import sqlite3
 from functools import partial
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -113,8 +113,11 @@ def make_service(config: Config, reactor=None) -> MultiService:
     spool = Spool(config.spool.directory, reactor=reactor,
                   min_free_bytes=config.spool.min_free_space, node=node)
     spool.setServiceParent(top)
+    events = make_events(config, reactor, top)  # stops after delivery and the listeners
 
     directory = open_directory(config, reactor=reactor)
+    if IService.providedBy(directory):  # the database's: it listens for changes
+        directory.setServiceParent(top)
     check_directory(directory)
     logins = open_logins(config, directory, reactor, top)
     portal = make_portal(directory, config.directory.login_cache_ttl, clock=reactor,
@@ -176,6 +179,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         )
         factories.append(factory)
         factory.metrics = metrics.listener(listener.name)
+        factory.events = events
         wrapped = wrap_listener_factory(factory, listener.tls, tls_options, listener.endpoint)
         ListenerService(f"listener:{listener.name}", listener.endpoint, wrapped, reactor,
                         outer=proxy_wrapper(listener, reactor)).setServiceParent(top)
@@ -188,6 +192,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
         bounce_listener(config, verp, paths, features, spool, tls_options,
                         reactor).setServiceParent(top)
 
+    webhook_sender(config, events, directory, spool, reactor, top)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins).setServiceParent(top)
@@ -199,13 +204,60 @@ def make_service(config: Config, reactor=None) -> MultiService:
     return top
 
 
+def make_events(config: Config, reactor, parent):
+    """This process's IEventSink (the relay's and the delivery process's alike): the
+    webhook outbox's writer (webhooks/sink.py), a child service of ``parent``; NO_EVENTS
+    when ``[webhooks] enabled = no``. Call it before what emits joins ``parent``, so that
+    the last events are written after that has stopped."""
+    from mailrelay.events import NO_EVENTS
+
+    w = config.webhooks
+    if w is None or not w.enabled:
+        return NO_EVENTS
+    from mailrelay.webhooks.sink import WebhookSink
+
+    sink = WebhookSink(open_webhooks(config), reactor, interval=w.flush_interval)
+    sink.setServiceParent(parent)
+    return sink
+
+
+def open_webhooks(config: Config):
+    """The webhook endpoints and outbox (webhooks/store.py); StartupError if unusable."""
+    from mailrelay.webhooks.store import WebhookStore
+
+    try:
+        return WebhookStore(config.webhooks.db)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[webhooks] db {config.webhooks.db}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+
+
+def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:
+    """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
+    without webhooks. A 410 is told to the account by mail through ``spool``."""
+    store = getattr(events, "store", None)
+    if store is None:
+        return
+    from mailrelay.manage.stores import threaded
+    from mailrelay.webhooks.notice import GoneNotices
+    from mailrelay.webhooks.sender import WebhookSender
+
+    w = config.webhooks
+    gone = GoneNotices(directory, partial(submit_notice, spool, reactor),
+                       config.server.postmaster, config.server.hostname, reactor)
+    WebhookSender(store, threaded(reactor), reactor, allowed=w.allow_private,
+                  retry_delays=w.retry_delays, timeout=w.timeout,
+                  poll_interval=w.poll_interval, concurrency=w.concurrency,
+                  failed_retention=w.failed_retention, gone=gone).setServiceParent(parent)
+
+
 def make_verp(config: Config):
     """The VERP addresses (bounces/verp.py, their key made on first start) and the store of
     what they name (bounces/store.py)."""
     from mailrelay.bounces.store import ReturnPathStore
     from mailrelay.bounces.verp import Verp
 
-    verp = Verp(read_key_file("bounces", config.bounces.key_file))
+    verp = Verp(read_key_file("bounces", config.bounces.key_file, config))
     if postgres(config) is not None:
         from mailrelay.postgres.returnpaths import PgReturnPathStore
 
@@ -284,6 +336,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
                   min_free_bytes=config.spool.min_free_space, owner=False,
                   node=node_id(config.server.data_dir, config.server.node_id))
     spool.setServiceParent(top)
+    top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
     if postgres(config) is not None:  # asked per message: answered from memory
         from mailrelay.postgres.suppressions import cached
@@ -378,11 +431,13 @@ def pg_store(config: Config, kind):
 
 def open_logins(config: Config, directory, reactor, parent):
     """The last-login recorder (auth/lifecycle.py), a child service of ``parent``."""
-    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore
+    from mailrelay.auth.lifecycle import LoginRecorder, LoginStore, shared_login_store
 
     path = config.directory.logins_db
     try:
-        store = LoginStore(path)
+        store = shared_login_store(config) or LoginStore(path)
+    except ConnectionError as e:  # the database's
+        raise StartupError(f"the last logins: {e}")
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[directory] logins_db {path}: "
                            f"{getattr(e, 'strerror', None) or e}")
@@ -395,10 +450,24 @@ def store_error(key: str, path: str, error: Exception) -> StartupError:
     return StartupError(f"[features] {key} {path}: {getattr(error, 'strerror', None) or error}")
 
 
-def read_key_file(section: str, path: str) -> bytes:
-    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable."""
+def read_key_file(section: str, path: str, config: Config | None = None) -> bytes:
+    """The signing key ``[section] key_file`` (made on first use); StartupError if unusable.
+    With ``config``'s ``[cluster] postgres`` set, the key all nodes share, kept in the
+    database (postgres/secrets.py; the file seeds it if no node made it yet)."""
     from mailrelay.signing import load_or_create_key
 
+    if config is not None and getattr(config.cluster, "postgres", ""):
+        from mailrelay.postgres.db import UNAVAILABLE, of_config
+        from mailrelay.postgres.secrets import SharedSecrets
+
+        try:
+            return SharedSecrets(of_config(config)).key(section, path)
+        except UNAVAILABLE as e:
+            raise StartupError(f"[{section}] key_file: the shared key cannot be read from "
+                               f"[cluster] postgres: {str(e).strip()}")
+        except (OSError, ValueError) as e:
+            raise StartupError(f"[{section}] key_file {path}: "
+                               f"{getattr(e, 'strerror', None) or e}")
     try:
         return load_or_create_key(path)
     except (OSError, ValueError) as e:
@@ -449,8 +518,8 @@ def make_personalizer(config: Config, key_file: str):
     from mailrelay.features.tokens import TokenSigner
 
     footer = make_footer(config)
-    links = Links(TokenSigner(read_key_file("tracking", key_file)), config.tracking.base_url,
-                  config.tracking.unsubscribe_mailto or None)  # fmt: skip
+    signer = TokenSigner(read_key_file("tracking", key_file, config))
+    links = Links(signer, config.tracking.base_url, config.tracking.unsubscribe_mailto or None)
     return Personalizer(links, footer)
 
 

@@ -1,18 +1,22 @@
 """Three twistd nodes sharing one redis-server (tests/redis_server.py) and one user file,
-each with its own data_dir, as behind a load balancer: a rate limit holds exactly for mail
-sent round-robin through them; password guessing spread over them is blocked at the
-global threshold; a user's connections are counted over all of them and a killed node's
-stop counting once their leases lapse; with Redis killed, the nodes set to refuse answer
-451 4.3.0 (421 4.3.0 instead of a greeting) and the node set to local counts its share,
-and all are back to shared counting when Redis returns."""
+each with its own data_dir, behind HAProxy (round robin, send-proxy-v2, to a listener of
+each node with proxy_protocol): a rate limit holds exactly for mail sent round-robin
+through the balancer; password guessing spread over the nodes through it is blocked at
+the global threshold, per client address as the PROXY header names it; a user's
+connections are counted over all of them and a killed node's stop counting once their
+leases lapse; with Redis killed, the nodes set to refuse answer 451 4.3.0 (421 4.3.0
+instead of a greeting) and the node set to local counts its share, and all are back to
+shared counting when Redis returns."""
 
 from __future__ import annotations
 
 import base64
+import shutil
 import smtplib
 
 import pytest
-from harness import Relay, message, wait_for
+from balancer import Balancer
+from harness import Relay, free_port, message, wait_for
 
 from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 
@@ -27,10 +31,13 @@ def cluster(tmp_path_factory):
     redis = RedisServer(tmp / "redis")
     redis.start()
     users = tmp / "users.json"
-    nodes = []
+    nodes, behind = [], [free_port() for _ in range(3)]
+    balancer = Balancer.round_robin(tmp / "haproxy", behind)
     try:
         for i, down in enumerate(("refuse", "refuse", "local"), 1):
             nodes.append(Relay(tmp / f"node{i}", config=(
+                f"[listener:lb]\nendpoint = tcp:{behind[i - 1]}:interface=127.0.0.1\n"
+                "tls = starttls\nproxy_protocol = yes\nproxy_from = 127.0.0.1/32\n\n"
                 "[delivery]\nenabled = no\n\n"
                 f"[directory]\nfile = {users}\n\n"
                 "[policy]\nlogin_delay_after = 6\nlogin_block_after = 6\n\n"
@@ -41,17 +48,25 @@ def cluster(tmp_path_factory):
         first.add_user("rate@doe.test", PASSWORD, "--rate-limit", "100")
         first.add_user("conn@doe.test", PASSWORD, "--max-connections", "2")
         first.add_user("local@doe.test", PASSWORD, "--rate-limit", "6")
-        for node in nodes:
+        nodes[0].start()
+        for node in nodes[1:]:  # one certificate for the service, as behind a balancer
+            shutil.copytree(nodes[0].data / "tls", node.data / "tls")
             node.start()
+        balancer.start()
+        for node in nodes:
+            node.balancer = balancer.port
         yield redis, nodes
     finally:
+        balancer.stop()
         for node in nodes:
             node.stop()
         redis.stop()
 
 
-def login(node: Relay, user: str, source: str = "127.0.0.1") -> smtplib.SMTP:
-    client = smtplib.SMTP("127.0.0.1", node.smtp_port, local_hostname="client.test",
+def login(node: Relay, user: str, source: str = "127.0.0.1",
+          port: int | None = None) -> smtplib.SMTP:  # fmt: skip
+    """A logged-in session on ``node``, or through the balancer on ``port``."""
+    client = smtplib.SMTP("127.0.0.1", port or node.smtp_port, local_hostname="client.test",
                           timeout=30, source_address=(source, 0))
     client.ehlo()
     client.starttls(context=node.tls_context())
@@ -60,9 +75,9 @@ def login(node: Relay, user: str, source: str = "127.0.0.1") -> smtplib.SMTP:
     return client
 
 
-def auth_plain(node: Relay, user: str, password: str, source: str) -> int:
-    """One AUTH PLAIN on a new connection; its reply code."""
-    client = smtplib.SMTP("127.0.0.1", node.smtp_port, local_hostname="client.test",
+def auth_plain(node: Relay, user: str, password: str, source: str, port: int) -> int:
+    """One AUTH PLAIN on a new connection to ``port``; its reply code."""
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
                           timeout=30, source_address=(source, 0))
     client.starttls(context=node.tls_context())
     client.ehlo()
@@ -83,7 +98,8 @@ def send(client: smtplib.SMTP, sender: str) -> int:
 
 def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
     _, nodes = cluster
-    clients = [login(node, "rate@doe.test") for node in nodes]
+    # Three connections through the balancer: one to each node, in turn.
+    clients = [login(nodes[0], "rate@doe.test", port=nodes[0].balancer) for _ in nodes]
     codes = [send(clients[i % 3], "rate@doe.test") for i in range(300)]
     for client in clients:
         client.quit()
@@ -95,8 +111,13 @@ def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(
 
 def test_guessing_spread_over_the_nodes_is_blocked_at_the_global_threshold(cluster):
     _, nodes = cluster
-    for i in range(6):  # one attempt per connection (three failures close one)
-        assert auth_plain(nodes[i % 3], "rate@doe.test", "wrong", "127.0.0.7") == 535
+    for _ in range(6):  # one attempt per connection (three failures close one), each
+        # through the balancer to the next node, which knows the client from the header
+        assert auth_plain(nodes[0], "rate@doe.test", "wrong", "127.0.0.7",
+                          nodes[0].balancer) == 535
+    # Every node saw some of the attempts, each from the client's own address.
+    assert all("authentication failed for rate@doe.test from 127.0.0.7" in node.log()
+               for node in nodes)
     for node in nodes:  # blocked everywhere, whatever the password
         with pytest.raises((smtplib.SMTPAuthenticationError,
                             smtplib.SMTPServerDisconnected)) as refused:

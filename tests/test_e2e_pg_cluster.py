@@ -9,40 +9,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import smtplib
-import subprocess
 import time
 import urllib.request
 
 import pg_server
 import pytest
+from balancer import Balancer
 from bounce_samples import postfix_dsn
-from harness import Relay, Sink, free_port, message, stop_process, wait_for
-from test_e2e_proxy import HAPROXY, _listening
-
-from tests.test_e2e_proxy import NOT_INSTALLED as NO_HAPROXY
+from harness import Relay, Sink, free_port, message, wait_for
 
 PASSWORD = "correct horse battery"
 CLIENT = "127.0.0.5"  # IP-authenticated as doe.test: the nodes see it through the PROXY header
 
 
-def balancer_config(fronts: dict[int, list[int]]) -> str:
-    """Each front port balances round-robin over its relay ports, with send-proxy-v2."""
-    text = ("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
-            "    timeout server 60s\n")
-    for front, ports in fronts.items():
-        text += (f"frontend f{front}\n    bind 127.0.0.1:{front}\n    default_backend b{front}\n"
-                 f"backend b{front}\n    balance roundrobin\n")
-        text += "".join(f"    server n{port} 127.0.0.1:{port} send-proxy-v2\n" for port in ports)
-    return text
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     assert pg_server.installed(), pg_server.NOT_INSTALLED
-    assert shutil.which("haproxy") or os.path.exists(HAPROXY), NO_HAPROXY
     tmp = tmp_path_factory.mktemp("pgcluster")
     dsn = pg_server.shared_server().create_database()
     sink = Sink(tmp / "sink")
@@ -64,8 +48,7 @@ def cluster(tmp_path_factory):
                 "[delivery]\nretry_first = 1s\nretry_max = 2s\nmx_tls = none\n\n"
                 f"[routes]\nx.test = 127.0.0.1:{sink.port}\n\n"
                 f"[features]\nstats_flush_interval = {flush}\n\n"
-                f"[bounces]\nendpoint = tcp:{bounces}:interface=127.0.0.1\n"
-                f"key_file = {tmp / 'bounce.key'}\n\n"  # one VERP key for the nodes
+                f"[bounces]\nendpoint = tcp:{bounces}:interface=127.0.0.1\n\n"
                 f"[cluster]\npostgres = {dsn}\nnode_id = node{i}\n\n{panel}")))
             nodes[-1].smtp_port, nodes[-1].bounce_port = port, bounces
         first = nodes[0]
@@ -76,20 +59,17 @@ def cluster(tmp_path_factory):
         for node in nodes:
             node.start()
         ports = [node.smtp_port for node in nodes]
-        fronts = {free_port(): ports, free_port(): ports[1:2]}  # all, round-robin; node B
-        cfg = tmp / "haproxy.cfg"
-        cfg.write_text(balancer_config(fronts))
-        with open(tmp / "haproxy.err", "ab") as err:
-            balancer = subprocess.Popen([shutil.which("haproxy") or HAPROXY, "-f", str(cfg),
-                                         "-db"], stdout=err, stderr=err)
-        for front in fronts:
-            wait_for(lambda f=front: _listening(f, balancer), what=f"haproxy on port {front}")
+        # One front balances round-robin over the three, one reaches node B only.
+        fronts = {free_port(): (ports, "send-proxy-v2"), free_port(): (ports[1:2],
+                                                                      "send-proxy-v2")}
+        balancer = Balancer(tmp / "haproxy", fronts)
+        balancer.start()
         wait_for(lambda: _answers(api_port), what="node A's API")
         everywhere, node_b = fronts
         yield nodes, sink, {"all": everywhere, "b": node_b}
     finally:
         if balancer is not None:
-            stop_process(balancer)
+            balancer.stop()
         for node in nodes:
             node.stop()
         sink.stop()

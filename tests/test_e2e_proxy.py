@@ -9,33 +9,18 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
-import shutil
 import smtplib
 import socket
-import subprocess
 
 import pytest
-from harness import Relay, free_port, message, stop_process, wait_for
+from balancer import Balancer
+from harness import Relay, free_port, message, wait_for
 
 PASSWORD = "correct horse battery"
-HAPROXY = "/usr/sbin/haproxy"
-NOT_INSTALLED = "Debian's haproxy is not installed (./test.sh installs it)"
-
-
-def haproxy_config(fronts: dict[int, tuple[int, str]]) -> str:
-    """HAProxy in TCP mode: each front port forwards to (relay port, send-proxy option)."""
-    text = ("defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
-            "    timeout server 60s\n")
-    for front, (port, option) in fronts.items():
-        text += (f"frontend f{front}\n    bind 127.0.0.1:{front}\n    default_backend b{front}\n"
-                 f"backend b{front}\n    server relay 127.0.0.1:{port} {option}\n")
-    return text
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    assert shutil.which("haproxy") or os.path.exists(HAPROXY), NOT_INSTALLED
     tmp = tmp_path_factory.mktemp("proxy")
     edge, edges = free_port(), free_port()
     behind = "proxy_protocol = yes\nproxy_from = 127.0.0.1/32, ::1\n"
@@ -46,35 +31,16 @@ def setup(tmp_path_factory):
         f"{behind}"))
     relay.domain_login("doe.test", PASSWORD)
     relay.start()
-    fronts = {free_port(): (edge, "send-proxy-v2 check inter 200ms"),
-              free_port(): (edge, "send-proxy"), free_port(): (edges, "send-proxy-v2")}
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(haproxy_config(fronts))
-    with open(tmp / "haproxy.err", "ab") as err:
-        balancer = subprocess.Popen([shutil.which("haproxy") or HAPROXY, "-f", str(cfg), "-db"],
-                                    stdout=err, stderr=err)
+    fronts = {free_port(): ([edge], "send-proxy-v2 check inter 200ms"),
+              free_port(): ([edge], "send-proxy"), free_port(): ([edges], "send-proxy-v2")}
+    balancer = Balancer(tmp / "haproxy", fronts)
     try:
-        for front in fronts:
-            wait_for(lambda f=front: _listening(f, balancer), what=f"haproxy on port {front}")
+        balancer.start()
         v2, v1, tls = fronts
         yield relay, {"edge": edge, "v2": v2, "v1": v1, "tls": tls}
     finally:
-        stop_process(balancer)
+        balancer.stop()
         relay.stop()
-
-
-def _listening(port: int, balancer: subprocess.Popen) -> bool:
-    if balancer.poll() is not None:
-        raise RuntimeError(f"haproxy exited {balancer.returncode}")
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.9", 0))
-        probe.connect(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def send(relay: Relay, client: smtplib.SMTP, login: bool = True) -> tuple[dict, bytes]:

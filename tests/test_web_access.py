@@ -100,3 +100,45 @@ def test_daemon_view_reloads_and_survives_a_broken_file(tmp_path):
         f.write("{broken")
     clock.advance(1)
     assert view.current().key_for(key).name == "k"  # the last good version stays
+
+
+def test_account_limited_admins_and_keys(tmp_path):
+    config = make_config(tmp_path)
+    assert admin(config, "account", "add", "acme", "--domains", "acme.test").returncode == 0
+    result = admin(config, "apikey", "add", "acme-deploy", "--read-write", "--account", "acme")
+    assert result.returncode == 0, result.stderr
+    assert "limited to account acme" in result.stdout.splitlines()[0]
+    key = result.stdout.splitlines()[1]
+    result = admin(config, "admin", "add", "acme-ops", "--account", "acme")
+    assert result.returncode == 0, result.stderr
+    assert "limited to account acme" in result.stdout
+    assert admin(config, "admin", "add", "root").returncode == 0
+
+    # An account that does not exist, or is not a name, makes nothing.
+    result = admin(config, "apikey", "add", "typo", "--read-only", "--account", "acmee")
+    assert (result.returncode, result.stderr.strip()) == (
+        1, "mailrelay-admin: unknown account 'acmee' (see mailrelay-admin account list)")
+    assert admin(config, "admin", "add", "x", "--account", "bad name").returncode == 1
+    assert "--account" in admin(config, "apikey", "add", "--help").stdout
+    assert "--account" in admin(config, "admin", "add", "--help").stdout
+
+    listed = json.loads(admin(config, "apikey", "list", "--json").stdout)
+    assert [(k["name"], k["account"]) for k in listed] == [("acme-deploy", "acme")]
+    assert "acme" in admin(config, "apikey", "list").stdout
+    table = admin(config, "admin", "list").stdout.splitlines()
+    assert any(line.split() == ["acme-ops", "acme"] for line in table)
+    assert any(line.split() == ["root", "(all)"] for line in table)
+
+    store = AccessStore(str(tmp_path / "data" / "admin.json"))
+    store.load()
+    assert store.data.key_for(key).account == "acme"
+    assert store.data.admins["acme-ops"].account == "acme"
+    assert store.data.admins["root"].account is None
+    # A new password keeps the account; the session fingerprint changes with either.
+    before = store.data.admins["acme-ops"].fingerprint
+    assert admin(config, "admin", "passwd", "acme-ops", "--password-stdin",
+                 input="long enough\n").returncode == 0  # fmt: skip
+    store.load()
+    assert store.data.admins["acme-ops"].account == "acme"
+    assert store.data.admins["acme-ops"].fingerprint != before
+    assert "typo" not in store.data.api_keys and "x" not in store.data.admins

@@ -15,6 +15,18 @@ from mailrelay.manage.stores import at_once
 T = TypeVar("T")
 
 
+def known_account(context: Context, name: str | None) -> None:
+    """Refuse to limit an admin or a key to an account the user file does not have (a
+    typo would make a login that sees nothing). LDAP's accounts are not asked: the
+    reactor runs once per process, and the access file is changed after this."""
+    from mailrelay.admin import _directory as directory
+
+    if name is None or directory.is_ldap(context):
+        return
+    if directory.manage(context, lambda users: users.store.getAccount(name)) is None:
+        raise CommandError(f"unknown account {name!r} (see mailrelay-admin account list)")
+
+
 def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
     """``work(store)``'s result, the access file read (or locked, changed and saved) in
     this thread; refusals and file troubles become a CommandError."""

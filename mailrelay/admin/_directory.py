@@ -13,6 +13,7 @@ from twisted.internet import defer
 
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
+from mailrelay.directory import shared_users
 from mailrelay.directory.filedir import DirectoryFileError
 from mailrelay.features.paths import feature_paths
 from mailrelay.interfaces import DirectoryUnavailable, ReadOnly
@@ -44,8 +45,8 @@ def admin_errors(path: str = "the user file") -> Iterator[None]:
 
 
 def manager(context: Context) -> UserManager:
-    """Users and accounts of the configured directory: the user file (read and changed in
-    this thread), or LDAP (read-only)."""
+    """Users and accounts of the configured directory: the user file or the database of
+    ``[cluster] postgres`` (read and changed in this thread), or LDAP (read-only)."""
     config = context.config
     if is_ldap(context):
         from twisted.internet import reactor
@@ -53,6 +54,10 @@ def manager(context: Context) -> UserManager:
         from mailrelay.directory import open_directory
 
         store = DirectoryUsers(open_directory(config, reactor))
+    elif (shared := shared_users(config)) is not None:
+        from mailrelay.postgres.users import PgUserStore
+
+        store = PgUserStore(shared, at_once)
     else:
         store = FileUserStore(config.directory.file, at_once)
     files = feature_paths(config)

@@ -1,4 +1,9 @@
-"""mailrelay-admin admin add|passwd|del|list: people who may log in to the web admin page."""
+"""mailrelay-admin admin add|passwd|del|list: people who may log in to the web admin page.
+
+``admin add NAME --account ACCOUNT`` makes a login limited to one account: it sees and
+changes only that account's users, suppressions, queue entries, statistics and DKIM keys
+(web/tenancy.py); without ``--account`` the admin manages the whole relay. The account
+is kept by ``passwd``; to change it, delete the admin and add it again."""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from mailrelay.admin import _output as output
 from mailrelay.admin import _password as passwords
 from mailrelay.admin.cli import Context
 from mailrelay.auth.passwords import hash_password
+
+ACCOUNT_HELP = ("limit it to this account: it sees and changes only that account's users, "
+                "suppressions, queue entries, statistics and DKIM keys (default: the whole "
+                "relay)")
 
 
 def register(subparsers) -> None:
@@ -22,6 +31,8 @@ def register(subparsers) -> None:
         p.add_argument("name")
         passwords.add_option(p)
         p.set_defaults(func=func)
+        if action == "add":
+            p.add_argument("--account", metavar="ACCOUNT", help=ACCOUNT_HELP)
     p = sub.add_parser("del", help="delete an admin")
     p.add_argument("name")
     p.set_defaults(func=delete)
@@ -30,10 +41,14 @@ def register(subparsers) -> None:
 
 
 def _set(args: argparse.Namespace, context: Context, new: bool) -> int:
+    account = getattr(args, "account", None)
+    access.known_account(context, account)
     password, generated = passwords.new_password(args)
     password_hash = hash_password(password)
-    access.access(context, lambda store: store.setAdmin(args.name, password_hash, new))
-    print(f"{'added' if new else 'changed the password of'} admin {args.name}")
+    access.access(context, lambda store: store.setAdmin(args.name, password_hash, new,
+                                                        account))  # fmt: skip
+    limited = f" (limited to account {account})" if account else ""
+    print(f"{'added' if new else 'changed the password of'} admin {args.name}{limited}")
     if generated:
         passwords.show(args.name, password)
     return 0
@@ -55,5 +70,6 @@ def delete(args: argparse.Namespace, context: Context) -> int:
 
 def list_(args: argparse.Namespace, context: Context) -> int:
     admins = access.access(context, lambda store: store.listAdmins())
-    output.print_list(["NAME"], [[a.name] for a in admins], "no admins")
+    output.print_list(["NAME", "ACCOUNT"], [[a.name, a.account or "(all)"] for a in admins],
+                      "no admins")  # fmt: skip
     return 0

@@ -1,7 +1,8 @@
 """mailrelay-admin apikey add|list|del: API keys for the management API (/api/v1).
 
 A key is printed once, when it is made; only its SHA-256 is stored. Read-only keys may
-only read; writes get 403.
+only read; writes get 403. ``--account ACCOUNT`` limits a key to one account
+(web/tenancy.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 from mailrelay.admin import _access as access
 from mailrelay.admin import _output as output
+from mailrelay.admin.admins import ACCOUNT_HELP
 from mailrelay.admin.cli import Context
 from mailrelay.manage.access import Access
 
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
                       const=Access.READ_ONLY, help="may only read (GET)")
     mode.add_argument("--read-write", dest="access", action="store_const",
                       const=Access.READ_WRITE, help="may read and change")
+    p.add_argument("--account", metavar="ACCOUNT", help=ACCOUNT_HELP)
     p.set_defaults(func=add)
 
     p = sub.add_parser("list", help="list keys (never the keys themselves)")
@@ -38,8 +41,11 @@ def register(subparsers) -> None:
 
 
 def add(args: argparse.Namespace, context: Context) -> int:
-    secret = access.access(context, lambda store: store.addKey(args.name, args.access))
-    print(f"added API key {args.name} ({args.access}):")
+    access.known_account(context, args.account)
+    secret = access.access(context, lambda store: store.addKey(args.name, args.access,
+                                                               args.account))  # fmt: skip
+    limited = f", limited to account {args.account}" if args.account else ""
+    print(f"added API key {args.name} ({args.access}{limited}):")
     print(secret)
     print("(shown only this once: only a hash of it is stored; send it as "
           "'Authorization: Bearer KEY')", file=sys.stderr)
@@ -50,11 +56,12 @@ def list_(args: argparse.Namespace, context: Context) -> int:
     keys = access.access(context, lambda store: store.listKeys())
     if args.json:
         output.print_json(
-            [{"name": k.name, "access": str(k.access), "created": k.created} for k in keys]
-        )
+            [{"name": k.name, "access": str(k.access), "account": k.account,
+              "created": k.created} for k in keys]
+        )  # fmt: skip
         return 0
-    rows = [[k.name, str(k.access), output.when(k.created)] for k in keys]
-    output.print_list(["NAME", "ACCESS", "CREATED (UTC)"], rows, "no API keys")
+    rows = [[k.name, str(k.access), k.account or "(all)", output.when(k.created)] for k in keys]
+    output.print_list(["NAME", "ACCESS", "ACCOUNT", "CREATED (UTC)"], rows, "no API keys")
     return 0
 
 

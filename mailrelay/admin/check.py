@@ -35,7 +35,7 @@ def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
-                 _feature_stores, _tracking, _admin, _bounces):  # fmt: skip
+                 _feature_stores, _tracking, _admin, _bounces, _webhooks):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -139,6 +139,18 @@ def _bounces(config) -> None:
             ReturnPathStore.check_file(path)
         except sqlite3.Error as e:
             raise StartupError(f"[bounces] db {path}: {e}")
+
+
+def _webhooks(config) -> None:
+    from mailrelay.service import StartupError
+    from mailrelay.webhooks.store import WebhookStore
+
+    path = config.webhooks.db
+    if config.webhooks.enabled and os.path.exists(path):
+        try:
+            WebhookStore.check_file(path)
+        except sqlite3.Error as e:
+            raise StartupError(f"[webhooks] db {path}: {e}")
 
 
 def _admin(config) -> None:

@@ -177,8 +177,9 @@ def delete(args: argparse.Namespace, context: Context) -> int:
 
 
 def _last_logins(context: Context) -> dict[str, tuple[float, str]]:
-    """The last logins the relay recorded ([directory] logins_db); none before its first."""
-    store = open_login_store(context.config.directory.logins_db)
+    """The last logins the relay recorded ([directory] logins_db, or every node's in
+    [cluster] postgres); none before its first."""
+    store = open_login_store(context.config.directory.logins_db, context.config)
     if store is None:
         return {}
     try:

@@ -10,6 +10,8 @@ Last logins are not written to the users file (the admin tool rewrites it, and a
 per login would be heavy and racy): the relay keeps them in a small SQLite file under
 ``data_dir`` (``[directory] logins_db``, default ``logins.sqlite``), written in batches
 off the reactor thread; ``mailrelay-admin user list/show``, the API and the panel read it.
+With ``[cluster] postgres`` set they are kept in the database instead (postgres/logins.py),
+every node's.
 """
 
 from __future__ import annotations
@@ -93,9 +95,27 @@ class LoginStore(SqliteStore):
         return (rows[0][0], rows[0][1]) if rows else None
 
 
-def open_login_store(path: str) -> LoginStore | None:
-    """The store at ``path`` for a reader (the admin tool): None when there is none yet."""
+def open_login_store(path: str, config=None):
+    """The store at ``path`` for a reader (the admin tool): None when there is none yet;
+    with ``config``'s ``[cluster] postgres`` set, the database's (postgres/logins.py)."""
+    shared = shared_login_store(config)
+    if shared is not None:
+        return shared
     return LoginStore(path) if os.path.exists(path) else None
+
+
+def shared_login_store(config):
+    """The last logins of every node, in ``[cluster] postgres``; None: this node's file.
+    Raises ConnectionError (an OSError) when the database cannot be reached."""
+    if config is None or not getattr(getattr(config, "cluster", None), "postgres", ""):
+        return None
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
+    from mailrelay.postgres.logins import PgLoginStore
+
+    try:
+        return PgLoginStore(of_config(config))
+    except UNAVAILABLE as e:
+        raise ConnectionError(f"[cluster] postgres: {str(e).strip()}")
 
 
 class LoginRecorder(BatchWriter):

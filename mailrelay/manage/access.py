@@ -4,11 +4,16 @@
 ``mailrelay-admin admin``, read by the daemon (reloaded when it changes)::
 
     {
-      "admins": {"alice": {"created": 1762000000.0, "password_hash": "$argon2id$..."}},
+      "admins": {"alice": {"created": 1762000000.0, "password_hash": "$argon2id$..."},
+                 "acme-ops": {"account": "acme", "created": 1762000000.0,
+                              "password_hash": "$argon2id$..."}},
       "api_keys": {"deploy": {"access": "read-write", "created": 1762000000.0,
                               "hash": "sha256:9f86d0..."}},
       "version": 1
     }
+
+An admin or a key with an ``account`` is limited to that account (web/tenancy.py says
+what that lets it see and change); without one it manages the whole relay.
 
 mailrelay-admin changes it through FileAccessStore (IAccessStore); the daemon reads it
 through AccessFile, which re-reads it when it changes.
@@ -62,6 +67,7 @@ class ApiKey:
     access: Access
     hash: str  # "sha256:<hex>" of the key
     created: float
+    account: str | None = None  # the one account it may manage; None: the whole relay
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,14 @@ class Admin:
     name: str
     password_hash: str
     created: float
+    account: str | None = None  # the one account it may manage; None: the whole relay
 
     @property
     def fingerprint(self) -> str:
-        """Changes whenever the password does (a new hash has a new salt): what a panel
-        session keeps to notice it, rather than the hash itself."""
-        return hashlib.sha256(self.password_hash.encode()).hexdigest()
+        """Changes whenever the password or the account does (a new hash has a new salt):
+        what a panel session keeps to notice it, rather than the hash itself."""
+        limit = "" if self.account is None else self.account
+        return hashlib.sha256(f"{self.password_hash}\0{limit}".encode()).hexdigest()
 
 
 @dataclass
@@ -106,6 +114,18 @@ def check_name(name: str, what: str) -> None:
         )
 
 
+def check_account_name(account: str | None) -> None:
+    """An account an admin or a key is limited to: a name as accounts have."""
+    if account is not None:
+        from mailrelay.directory.filedir import DirectoryFileError, check_account
+        from mailrelay.model import Account
+
+        try:
+            check_account(Account(account))
+        except DirectoryFileError as e:
+            raise AccessError(str(e))
+
+
 def access_path(config) -> str:
     """``[admin] access_file`` (by default ``<data_dir>/admin.json``, see config.DATA_FILES)."""
     return config.admin.access_file
@@ -121,12 +141,14 @@ def _from_json(doc: Any) -> AccessData:
     try:
         for name, entry in doc.get("api_keys", {}).items():
             data.api_keys[name] = ApiKey(
-                name, Access(entry["access"]), str(entry["hash"]), float(entry["created"])
+                name, Access(entry["access"]), str(entry["hash"]), float(entry["created"]),
+                _account(entry),
             )
         for name, entry in doc.get("admins", {}).items():
             if not is_password_hash(entry["password_hash"]):
                 raise AccessError(f"admin {name!r}: password_hash is not an argon2 hash")
-            data.admins[name] = Admin(name, entry["password_hash"], float(entry["created"]))
+            data.admins[name] = Admin(name, entry["password_hash"], float(entry["created"]),
+                                      _account(entry))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         if isinstance(e, AccessError):
             raise
@@ -134,14 +156,26 @@ def _from_json(doc: Any) -> AccessData:
     return data
 
 
+def _account(entry: dict[str, Any]) -> str | None:
+    account = entry.get("account")
+    if account is not None and not isinstance(account, str):
+        raise AccessError(f"account {account!r} is not a name")
+    return account
+
+
+def _limit(account: str | None) -> dict[str, str]:
+    return {} if account is None else {"account": account}
+
+
 def _to_json(data: AccessData) -> dict[str, Any]:
     return {
         "admins": {
-            a.name: {"created": a.created, "password_hash": a.password_hash}
+            a.name: {"created": a.created, "password_hash": a.password_hash, **_limit(a.account)}
             for a in data.admins.values()
         },
         "api_keys": {
-            k.name: {"access": str(k.access), "created": k.created, "hash": k.hash}
+            k.name: {"access": str(k.access), "created": k.created, "hash": k.hash,
+                     **_limit(k.account)}
             for k in data.api_keys.values()
         },
         "version": FORMAT_VERSION,
@@ -186,13 +220,16 @@ class AccessStore:
             yield self
             write_access(self.path, self.data)
 
-    def add_key(self, name: str, access: Access) -> str:
-        """Store a new key; returns the key itself, which is never stored."""
+    def add_key(self, name: str, access: Access, account: str | None = None) -> str:
+        """Store a new key (limited to ``account`` when given); returns the key itself,
+        which is never stored."""
         check_name(name, "API key")
+        check_account_name(account)
         if name in self.data.api_keys:
             raise AccessError(f"API key {name!r} already exists")
         secret = new_key()
-        self.data.api_keys[name] = ApiKey(name, Access(access), key_hash(secret), time.time())
+        self.data.api_keys[name] = ApiKey(name, Access(access), key_hash(secret), time.time(),
+                                          account)  # fmt: skip
         return secret
 
     def delete_key(self, name: str) -> ApiKey:
@@ -201,16 +238,22 @@ class AccessStore:
         except KeyError:
             raise AccessError(f"unknown API key {name!r} (see mailrelay-admin apikey list)")
 
-    def set_admin(self, name: str, password_hash: str, new: bool) -> Admin:
-        """Add an admin (``new``) or change an existing admin's password."""
+    def set_admin(self, name: str, password_hash: str, new: bool,
+                  account: str | None = None) -> Admin:  # fmt: skip
+        """Add an admin (``new``, limited to ``account`` when given) or change an existing
+        admin's password (its account stays)."""
         check_name(name, "admin")
+        check_account_name(account)
         current = self.data.admins.get(name)
         if new and current is not None:
             raise AccessError(f"admin {name!r} already exists")
         if not new and current is None:
             raise AccessError(f"unknown admin {name!r} (see mailrelay-admin admin list)")
-        created = current.created if current is not None else time.time()
-        admin = Admin(name, password_hash, created)
+        if current is not None:
+            created, account = current.created, current.account
+        else:
+            created = time.time()
+        admin = Admin(name, password_hash, created, account)
         self.data.admins[name] = admin
         return admin
 
@@ -243,8 +286,9 @@ class FileAccessStore:
     def listKeys(self) -> defer.Deferred[list[ApiKey]]:
         return self._read(lambda data: sorted(data.api_keys.values(), key=lambda k: k.name))
 
-    def addKey(self, name: str, access: Access) -> defer.Deferred[str]:
-        return self._change(lambda store: store.add_key(name, access))
+    def addKey(self, name: str, access: Access, account: str | None = None
+               ) -> defer.Deferred[str]:  # fmt: skip
+        return self._change(lambda store: store.add_key(name, access, account))
 
     def deleteKey(self, name: str) -> defer.Deferred[ApiKey]:
         return self._change(lambda store: store.delete_key(name))
@@ -252,8 +296,9 @@ class FileAccessStore:
     def listAdmins(self) -> defer.Deferred[list[Admin]]:
         return self._read(lambda data: [data.admins[name] for name in sorted(data.admins)])
 
-    def setAdmin(self, name: str, password_hash: str, new: bool) -> defer.Deferred[Admin]:
-        return self._change(lambda store: store.set_admin(name, password_hash, new))
+    def setAdmin(self, name: str, password_hash: str, new: bool,
+                 account: str | None = None) -> defer.Deferred[Admin]:  # fmt: skip
+        return self._change(lambda store: store.set_admin(name, password_hash, new, account))
 
     def deleteAdmin(self, name: str) -> defer.Deferred[Admin]:
         return self._change(lambda store: store.delete_admin(name))

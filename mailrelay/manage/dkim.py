@@ -96,10 +96,18 @@ async def _documents(store, keys: list[DkimKey], resolver, with_record: bool
     return docs
 
 
-async def listed(store, resolver=None) -> list[dict[str, Any]]:
-    """``dkim list --json``: every key, without its record; with ``resolver``, whether
-    each record is ``published``."""
-    return await _documents(store, await store.list(), resolver, with_record=False)
+async def listed(store, resolver=None, account: str | None = None) -> list[dict[str, Any]]:
+    """``dkim list --json``: every key (only ``account``'s when given: not the relay
+    domain's either), without its record; with ``resolver``, whether each record is
+    ``published``."""
+    keys = await owned(store, account)
+    return await _documents(store, keys, resolver, with_record=False)
+
+
+async def owned(store, account: str | None = None) -> list[DkimKey]:
+    """Every key, or only those signing ``account``'s mail."""
+    keys = await store.list()
+    return keys if account is None else [k for k in keys if k.account == account]
 
 
 async def shown(store, domain: str, resolver=None) -> list[dict[str, Any]]:

@@ -6,6 +6,11 @@ A user that never logged in counts from its last change, and so does one changed
 last login: an administrator who sets a disabled user back to ``allowed`` gives it a new
 ``dormant_after`` to log in. Only the users file can be changed so; with LDAP the relay
 logs each dormant user once and leaves it to the directory's administrator.
+
+With ``[cluster] postgres`` the users and last logins are every node's, so one node a
+round looks (the one that claims the round in the database: postgres/logins.py); and
+the disabling itself re-reads the user under the users' lock, so two nodes never both
+disable one user or both send its notice.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ class DormancyJob(Service):
     def check(self):
         """One look; a failure is logged and the next look tries again."""
         try:
+            claim = getattr(self.recorder.store, "claim", None)  # shared: one node a round
+            if claim is not None and not (yield threaded(self.reactor)(
+                    claim, "dormancy", self.clock.seconds(), self.interval)):
+                return
             yield self.recorder.flush()  # logins of the last seconds count too
             logins = yield threaded(self.reactor)(self.recorder.store.all)
             users = yield self.directory.listUsers()

@@ -66,16 +66,22 @@ def entry(spool: Spool, queue_id: str, state: DeliveryState | None,
     }, snap
 
 
-def entries(spool: Spool, now: float, limit: int | None = None) -> tuple[list[dict], int]:
+def entries(spool: Spool, now: float, limit: int | None = None,
+            account: str | None = None) -> tuple[list[dict], int]:  # fmt: skip
     """The first ``limit`` entries, queued (in delivery order) then held, and how many
-    messages there are."""
+    messages there are; with ``account``, only that account's messages (each envelope is
+    read to know it)."""
     try:
         states = spool.all_states()
     except FileNotFoundError:
         states = {}
     found = ids(spool, "queue") + ids(spool, "hold")
-    shown = (entry(spool, i, states.get(i), now) for i in found[:limit])
-    return [e[0] for e in shown if e is not None], len(found)
+    if account is None:
+        shown = (entry(spool, i, states.get(i), now) for i in found[:limit])
+        return [e[0] for e in shown if e is not None], len(found)
+    mine = [e[0] for e in (entry(spool, i, states.get(i), now) for i in found)
+            if e is not None and e[0]["account"] == account]
+    return mine[:limit], len(mine)
 
 
 def recipients(envelope: Envelope, state: DeliveryState | None) -> list[dict]:
@@ -108,9 +114,11 @@ class QueueReader:
         self.clock = clock
         self.call = call
 
-    def list(self, limit: int = 500) -> defer.Deferred[tuple[list[dict], int]]:
-        """Fires with (entries, total): the first ``limit`` in delivery order, then held."""
-        return self.call(entries, self.spool, self.clock.seconds(), limit)
+    def list(self, limit: int = 500, account: str | None = None
+             ) -> defer.Deferred[tuple[list[dict], int]]:  # fmt: skip
+        """Fires with (entries, total): the first ``limit`` in delivery order, then held
+        (only ``account``'s messages when given)."""
+        return self.call(entries, self.spool, self.clock.seconds(), limit, account)
 
     def show(self, queue_id: str) -> defer.Deferred[dict[str, Any] | None]:
         """Fires with the message's document (as ``queue show --json``), or None."""

@@ -62,26 +62,31 @@ class FileUserStore:
         self.call = call
         self.directory = directory
 
+    def _open(self) -> UserStore:
+        return UserStore(self.path)
+
     def _read(self, f: Callable[[UserStore], T]) -> defer.Deferred[T]:
         def read() -> T:
-            store = UserStore(self.path)
+            store = self._open()
             store.load()
             return f(store)
 
         return self.call(read)
 
     def _change(self, f: Callable[[UserStore], T]) -> defer.Deferred[T]:
+        store = self._open()
+
         def locked() -> T:
-            store = UserStore(self.path)
             with store.change():
                 return f(store)
 
-        def refresh(result):
-            if self.directory is not None:
-                self.directory.refresh()
-            return result
+        return self.call(locked).addBoth(self._changed, store)
 
-        return self.call(locked).addBoth(refresh)
+    def _changed(self, result, store: UserStore):
+        """After a change (``result``: its result or Failure): the directory re-reads."""
+        if self.directory is not None:
+            self.directory.refresh()
+        return result
 
     # -- reading --
 
@@ -198,8 +203,10 @@ class DirectoryUsers:
 
 
 def user_store(directory, path: str, call: Caller) -> FileUserStore | DirectoryUsers:
-    """The IUserStore over ``directory`` (an IDirectory): the user file at ``path`` when the
-    directory is writable, else read-only."""
+    """The IUserStore over ``directory`` (an IDirectory): its own store if it has one (the
+    database's), the user file at ``path`` when the directory is writable, else read-only."""
+    if hasattr(directory, "user_store"):
+        return directory.user_store(call)
     if getattr(directory, "writable", False):
         return FileUserStore(path, call, directory)
     return DirectoryUsers(directory)

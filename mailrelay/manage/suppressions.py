@@ -27,7 +27,10 @@ class SuppressionLists:
     def list(self, account: str | None = None, user: str | None = None):
         return self.call(self.store.list, account, user)
 
-    def all(self):
+    def all(self, account: str | None = None):
+        """Every entry; with ``account``, only that account's (never the global list)."""
+        if account is not None:
+            return self.list(account)
         return self.call(self.store.all)
 
     def ofUser(self, user: str):

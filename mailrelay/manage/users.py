@@ -181,10 +181,10 @@ class UserManager:
         users = await self.store.listUsers(account)
         return users, {a.name: a for a in await self.store.listAccounts()}
 
-    async def accounts(self) -> list[tuple[Account, list[SmtpUser]]]:
-        """Every account with its users."""
-        accounts = await self.store.listAccounts()
-        users = await self.store.listUsers()
+    async def accounts(self, only: str | None = None) -> list[tuple[Account, list[SmtpUser]]]:
+        """Every account with its users (``only``: just that one, if it exists)."""
+        accounts = [a for a in await self.store.listAccounts() if only in (None, a.name)]
+        users = await self.store.listUsers(only)
         return [(a, [u for u in users if u.account == a.name]) for a in accounts]
 
     async def account(self, name: str) -> tuple[Account, list[SmtpUser]] | None:

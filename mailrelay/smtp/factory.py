@@ -7,6 +7,7 @@ from collections.abc import Callable
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailrelay.events import NO_EVENTS
 from mailrelay.interfaces import ISpool, ISubmissionPolicy
 from mailrelay.metrics import NO_LISTENER_METRICS
 from mailrelay.model import Account, SmtpUser
@@ -37,6 +38,7 @@ class SubmissionFactory(ServerFactory):
     # on PORT" line names the listener.
     noisy = False
     metrics = NO_LISTENER_METRICS  # the listener's IListenerMetrics (service.py sets it)
+    events = NO_EVENTS  # the relay's IEventSink (service.py sets it)
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from mailrelay import dsnparams, requiretls
 from mailrelay.errors import StorageError
+from mailrelay.events import EventKind
 from mailrelay.model import Envelope
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
@@ -724,6 +725,8 @@ class SubmissionServer(Chunking, CommandStream):
             tls=self.tls,
             sandboxed=envelope.sandboxed,
         )
+        self.factory.events.emit(EventKind.PROCESSED, envelope.account, envelope.user, {
+            "queue_id": queue_id, "auth_method": avatar.method, "recipients": envelope.recipients})
         if self.policy is not None:
             self._notify(self.policy.accepted, avatar, envelope)
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")

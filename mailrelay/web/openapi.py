@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mailrelay.directory.changes import USER_SETTINGS
+from mailrelay.events import EventKind
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
 
@@ -109,6 +110,8 @@ _TXT = obj({"name": STR, "type": {"type": "string", "enum": ["TXT"]}, "value": S
 _STATUS = {"type": "string", "enum": ["ok", "missing", "wrong", "unknown"]}
 _PUBLISHED = {"type": "string", "enum": ["ok", "missing", "different", "unknown"]}
 
+_KIND = {"type": "string", "enum": [k.value for k in EventKind]}
+
 _EXPLAIN_COUNT = {"type": "integer", "minimum": 0, "maximum": 10**12}
 
 SCHEMAS: dict[str, Any] = {
@@ -181,6 +184,29 @@ SCHEMAS: dict[str, Any] = {
          "reason": {"type": "string", "enum": [r.value for r in Reason]}},
         ["address"], closed=True,
     ),  # fmt: skip
+    "Webhook": obj(
+        {"id": INT, "account": STR, "url": STR,
+         "users": {**array(STR), "description": "only these SMTP users' events (empty: all)"},
+         "events": {**array(_KIND), "description": "only these kinds (empty: all)"},
+         "enabled": {**BOOL, "description": "false after a 410 Gone, until enabled"},
+         "disabled_reason": STR, "created": NUM,
+         "secrets": {**array(STR), "description": "whsec_... secrets signing now, newest "
+                     "first (only when added or rotated)"}},
+        ["id", "account", "url", "users", "events", "enabled", "created"],
+    ),
+    "WebhookNew": obj(
+        {"account": STR, "url": {**STR, "description": "http(s) URL events are POSTed to"},
+         "users": array(STR), "events": array(_KIND)},
+        ["account", "url"], closed=True,
+    ),
+    "WebhookFailed": obj(
+        {"id": INT, "event_id": STR, "endpoint": INT, "account": STR, "type": _KIND,
+         "created": NUM, "attempts": INT, "last_attempt": NUM, "last_status": NULL_INT,
+         "last_error": STR, "payload": {"type": "object", "description": "the body sent"}},
+        ["id", "event_id", "endpoint", "account", "type", "created", "attempts",
+         "last_error", "payload"],
+    ),
+    "WebhookRetry": obj({"id": INT, "retry": STR}, ["id"]),
     "QueueList": obj({"total": INT, "messages": array(ref("QueueItem"))}, ["total", "messages"]),
     "QueueItem": obj(_QUEUE_ITEM, ["id", "state", "sender", "recipients"]),
     "QueueDetail": obj(
@@ -297,6 +323,7 @@ def _op(summary: str, ok: dict[str, Any], *errors: int, **more: Any) -> dict[str
 USER = _path_param("username", "a domain, an address or a name")
 ACCOUNT = _path_param("name", "account name")
 QUEUE_ID = _path_param("queue_id", "18 characters: priority digit, then hex")
+WEBHOOK = _path_param("endpoint", "a webhook endpoint's id")
 NO_CONTENT = {"204": {"description": "done"}}
 DKIM_KEY = [_path_param("domain", "the key's domain"),
             _path_param("selector", "the key's selector")]
@@ -376,6 +403,40 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_path_param("address", "the suppressed address")],
             "delete": _op("remove an address from a list (none given: the global list)",
                           NO_CONTENT, 400, 403, 404, 503, parameters=LEVEL),
+        },
+        "/webhooks": {
+            "get": _op("webhook endpoints", {"200": _json(array(ref("Webhook")), "endpoints")},
+                       404, 503, parameters=[_query("account", STR, "only this account's")]),
+            "post": _op("add an endpoint; its secret is in this response",
+                        {"201": _json(ref("Webhook"), "added")}, 400, 403, 404, 415, 503,
+                        requestBody=_body("WebhookNew")),
+        },
+        "/webhooks/failed": {
+            "get": _op("events that could not be sent, newest first",
+                       {"200": _json(array(ref("WebhookFailed")), "failed events")}, 404,
+                       503, parameters=[_query("account", STR, "only this account's")]),
+        },
+        "/webhooks/failed/{event}/retry": {
+            "parameters": [_path_param("event", "a failed event's id")],
+            "post": _op("send a failed event again now (409: its endpoint is disabled)",
+                        {"202": _json(ref("WebhookRetry"), "scheduled")}, 403, 404, 409,
+                        503),
+        },
+        "/webhooks/{endpoint}": {
+            "parameters": [WEBHOOK],
+            "get": _op("one endpoint", {"200": _json(ref("Webhook"), "the endpoint")}, 404,
+                       503),
+            "delete": _op("delete an endpoint and its events", NO_CONTENT, 403, 404, 503),
+        },
+        "/webhooks/{endpoint}/rotate-secret": {
+            "parameters": [WEBHOOK],
+            "post": _op("a new secret; the old one signs too for [webhooks] secret_overlap",
+                        {"200": _json(ref("Webhook"), "with its secrets")}, 403, 404, 503),
+        },
+        "/webhooks/{endpoint}/enable": {
+            "parameters": [WEBHOOK],
+            "post": _op("send to a disabled endpoint again",
+                        {"200": _json(ref("Webhook"), "enabled")}, 403, 404, 503),
         },
         "/queue": {
             "get": _op("queued and held messages, in delivery order",
@@ -461,14 +522,17 @@ def openapi_document() -> dict[str, Any]:
         for code, text in {
             400: "bad input; nothing was changed",
             401: "no API key, or an unknown one",
-            403: "the API key is read-only",
-            404: "no such user, account, sender, address, message, DKIM key or sending domain",
+            403: "the API key is read-only, or limited to one account and this is relay-wide",
+            404: "no such user, account, sender, address, message, DKIM key, sending domain, "
+                 "webhook endpoint or failed event (or, for a key limited to one account, "
+                 "another account's)",
             405: "users and accounts are read-only here (LDAP directory)",
             409: "conflicts with what exists (name taken, still in use, already listed, a "
-                 "DKIM key in another state or its record not yet in DNS)",
+                 "DKIM key in another state or its record not yet in DNS, a webhook endpoint "
+                 "disabled)",
             415: "the body is not application/json",
             503: "the directory, the spool, DNS or the delivery process cannot answer now; "
-                 "try again",
+                 "try again (webhooks: [webhooks] enabled = no)",
         }.items()
     }
     return {
@@ -476,10 +540,13 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "mailrelay management API",
             "version": "1",
-            "description": "SMTP users, accounts, suppressions, queue, DKIM keys, sending "
+            "description": "SMTP users, accounts, suppressions, queue, DKIM keys, webhooks, "
+            "sending "
             "domains' DNS records and statistics of a "
             "mailrelay. Authenticate with 'Authorization: Bearer <key>' (mailrelay-admin "
-            "apikey add NAME --read-only|--read-write). Errors are {\"error\": \"...\"}.",
+            "apikey add NAME --read-only|--read-write [--account ACCOUNT]). A key made with "
+            "--account sees and changes only that account's objects: another account's are "
+            "404, relay-wide resources 403. Errors are {\"error\": \"...\"}.",
         },
         "servers": [{"url": "/api/v1"}],
         "security": [{"apiKey": []}],

@@ -36,6 +36,7 @@ from mailrelay.manage.queue import QueueReader
 from mailrelay.manage.stores import LDAP_MANAGED, threaded
 from mailrelay.manage.suppressions import suppression_json
 from mailrelay.manage.users import Forgotten, UserManager, account_json, user_json
+from mailrelay.manage.webhooks import endpoint_json, failed_json
 from mailrelay.model import Account, SmtpUser
 from mailrelay.scope import ScopeError, is_address, parse_domains
 from mailrelay.spool.queueid import is_queue_id
@@ -63,6 +64,7 @@ class Services:
     resolver: Any = None  # where DKIM records are looked up (None: they are not)
     config: Any = None  # the relay's Config: [dkim] relay_domain, what domain check reads
     last_logins: Any = None  # auth.lifecycle.LoginStore, or None: no login recorded here
+    webhooks: Any = None  # IWebhooks (manage.webhooks), or None: webhooks are off
 
     @property
     def users(self) -> UserManager | None:
@@ -109,11 +111,13 @@ async def last_logins(s: Services) -> dict[str, tuple[float, str]]:
     return await threaded(s.reactor)(s.last_logins.all)
 
 
-async def list_users(s: Services, account: str | None = None) -> list[dict[str, Any]]:
-    accounts = {a.name: a for a in await s.manager.store.listAccounts()}
+async def list_users(s: Services, account: str | None = None, within: str | None = None
+                     ) -> list[dict[str, Any]]:  # fmt: skip
+    """``within``: the one account the caller may see (tenancy.py), None: all."""
+    account = account or within
+    users, accounts = await s.manager.users(account)
     if account is not None and account not in accounts:
         raise HttpError(404, f"unknown account {account!r}")
-    users = await s.manager.store.listUsers(account)
     logins = await last_logins(s)
     return [user_doc(u, accounts.get(u.account), logins.get(u.username)) for u in users]
 
@@ -272,8 +276,8 @@ async def confirm(s: Services, username: str, sender: str) -> bool:
 # ---- accounts ----
 
 
-async def list_accounts(s: Services) -> list[dict[str, Any]]:
-    return [account_json(a, users) for a, users in await s.manager.accounts()]
+async def list_accounts(s: Services, within: str | None = None) -> list[dict[str, Any]]:
+    return [account_json(a, users) for a, users in await s.manager.accounts(within)]
 
 
 async def get_account(s: Services, name: str) -> dict[str, Any]:
@@ -371,9 +375,10 @@ async def suppression_level(
     return None, None
 
 
-async def list_suppressions(s: Services, user=None, account=None, everything=True):
+async def list_suppressions(s: Services, user=None, account=None, everything=True,
+                            within: str | None = None):  # fmt: skip
     if everything and not user and not account:
-        entries = await s.suppressions.all()
+        entries = await s.suppressions.all(within)
     else:
         level = await suppression_level(s, user, account)
         entries = await s.suppressions.list(*level)
@@ -410,6 +415,100 @@ async def delete_suppression(s: Services, address: str, user=None, account=None)
         raise HttpError(404, f"{address} is not on that list")
 
 
+# ---- webhooks ----
+
+
+def _webhooks(s: Services):
+    if s.webhooks is None:
+        raise HttpError(503, "webhooks are off in this relay ([webhooks] enabled = no)")
+    return s.webhooks
+
+
+def _number(text: str | int, what: str) -> int:
+    if isinstance(text, int) or (isinstance(text, str) and text.isdigit() and len(text) < 19):
+        return int(text)
+    raise HttpError(404, f"no {what} {text!r}")
+
+
+async def _known_account(s: Services, account: str | None) -> str | None:
+    if account and await s.manager.store.getAccount(account) is None:
+        raise HttpError(404, f"unknown account {account!r}")
+    return account or None
+
+
+async def list_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+    hooks = _webhooks(s)
+    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account))]
+
+
+async def get_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"))
+    if found is None:
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return endpoint_json(found)
+
+
+def _texts(doc: dict[str, Any], key: str) -> list[str]:
+    value = doc.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise HttpError(400, f"{key} must be a list of names")
+    return value
+
+
+async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
+    """The new endpoint with its secret (shown here and by rotate-secret only)."""
+    hooks = _webhooks(s)
+    unknown = sorted(set(doc) - {"account", "url", "users", "events"})
+    if unknown:
+        raise HttpError(400, f"unknown field(s) {', '.join(unknown)}")
+    account, url = doc.get("account"), doc.get("url")
+    if not isinstance(account, str) or not account or not isinstance(url, str):
+        raise HttpError(400, "account and url are required")
+    await _known_account(s, account)
+    try:
+        endpoint = await hooks.add(account, url, _texts(doc, "users"), _texts(doc, "events"))
+    except ValueError as e:
+        raise HttpError(400, str(e))
+    log.info("control panel: webhook endpoint {id} for {account}: {url}", id=endpoint.id,
+             account=account, url=endpoint.url)
+    return endpoint_json(endpoint, secrets=True)
+
+
+async def delete_webhook(s: Services, endpoint_id: str) -> None:
+    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint")):
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    log.info("control panel: deleted webhook endpoint {id}", id=endpoint_id)
+
+
+async def rotate_webhook_secret(s: Services, endpoint_id: str) -> dict[str, Any]:
+    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"))
+    if found is None:
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return endpoint_json(found, secrets=True)
+
+
+async def enable_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+    number = _number(endpoint_id, "webhook endpoint")
+    if not await _webhooks(s).enable(number):
+        raise HttpError(404, f"no webhook endpoint {endpoint_id}")
+    return await get_webhook(s, endpoint_id)
+
+
+async def failed_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+    hooks = _webhooks(s)
+    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account))]
+
+
+async def retry_webhook(s: Services, event: str) -> dict[str, Any]:
+    outcome = await _webhooks(s).retry(_number(event, "failed event"))
+    if outcome == "unknown":
+        raise HttpError(404, f"no failed event {event}")
+    if outcome == "disabled":
+        raise HttpError(409, f"the endpoint of event {event} is disabled: enable it first")
+    log.info("control panel: webhook event {id} to send again", id=event)
+    return {"id": int(event), "retry": "scheduled now"}
+
+
 # ---- queue ----
 
 
@@ -419,8 +518,9 @@ def _queue_id(queue_id: str) -> str:
     return queue_id
 
 
-async def list_queue(s: Services, limit: int = 500) -> dict[str, Any]:
-    messages, total = await s.queue.list(limit)
+async def list_queue(s: Services, limit: int = 500, within: str | None = None
+                     ) -> dict[str, Any]:  # fmt: skip
+    messages, total = await s.queue.list(limit, within)
     return {"total": total, "messages": messages}
 
 
@@ -470,9 +570,9 @@ def dkim_refusals() -> Iterator[None]:
         raise HttpError(503, f"the DKIM key directory cannot be changed now: {e.strerror}")
 
 
-async def list_dkim(s: Services) -> list[dict[str, Any]]:
+async def list_dkim(s: Services, within: str | None = None) -> list[dict[str, Any]]:
     with dkim_refusals():
-        return await manage_dkim.listed(s.dkim, s.resolver)
+        return await manage_dkim.listed(s.dkim, s.resolver, within)
 
 
 async def show_dkim(s: Services, domain: str) -> list[dict[str, Any]]:
@@ -546,15 +646,17 @@ async def delete_dkim(s: Services, domain: str, selector: str) -> dict[str, Any]
 # ---- sending domains ----
 
 
-async def sending_domains(s: Services) -> list[str]:
+async def sending_domains(s: Services, within: str | None = None) -> list[str]:
     """The domains the relay sends for: every account's authorized domains, the domains
-    with DKIM keys and the relay domain."""
+    with DKIM keys and the relay domain (``within``: only that account's domains and
+    those its keys sign, not the relay domain)."""
     with refusals():
-        accounts = await s.manager.store.listAccounts()
+        accounts = [a for a, _ in await s.manager.accounts(within)]
     with dkim_refusals():
-        keys = await s.dkim.list()
+        keys = await manage_dkim.owned(s.dkim, within)
     found = {d for a in accounts for d in a.domains} | {k.domain for k in keys}
-    return sorted(found | ({_relay_domain(s)} - {""}))
+    relay = {_relay_domain(s)} - {""} if within is None else set()
+    return sorted(found | relay)
 
 
 async def check_domain(s: Services, domain: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """A small router over twisted.web: ``METHOD /path/{param}`` -> ``async def handler(call)``.
 
 The API and the web page each have a table of routes; a handler gets a Call (the request,
-its path parameters, query and body) and returns a Response. Handlers run as coroutines
-(Deferreds underneath), so a slow directory or SQLite query never blocks the reactor.
+its path parameters, query and body) and returns a Response. Each route also says how the
+account of its object is found (``account=``, see tenancy.py), checked before it runs.
+Handlers run as coroutines (Deferreds underneath), so a slow directory or SQLite query
+never blocks the reactor.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ class Call:
     def method(self) -> str:
         return request_method(self.request)
 
+    @property
+    def account(self) -> str | None:
+        """The one account the caller may manage (an admin or API key limited with
+        ``--account``); None: every account."""
+        return getattr(self.principal, "account", None)
+
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
         return values[-1] if values else default
@@ -84,6 +92,16 @@ class Call:
         if not isinstance(value, dict):
             raise HttpError(400, "the body must be a JSON object")
         return value
+
+    def fields(self) -> dict[str, Any]:
+        """The body's fields, JSON or a form; {} for a JSON body the handler will refuse."""
+        ctype = (self.header("content-type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return self.form()
+        try:
+            return self.json()
+        except HttpError:
+            return {}
 
     def form(self) -> dict[str, str]:
         """An application/x-www-form-urlencoded body, last value of each field."""
@@ -111,6 +129,8 @@ class Route:
     pattern: re.Pattern
     handler: Handler
     query: tuple[str, ...] = ()  # the query parameters it takes
+    account: Any = None  # how its object's account is found (tenancy.py); None: undeclared
+    template: str = ""  # the path as added, "/users/{username}"
 
 
 class Router:
@@ -119,10 +139,14 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def add(self, method: str, path: str, handler: Handler, query: tuple[str, ...] = ()) -> None:
+    def add(self, method: str, path: str, handler: Handler, query: tuple[str, ...] = (),
+            account: Any = None) -> None:  # fmt: skip
+        """``account``: the route's tenancy rule; a route without one is refused to every
+        account-limited admin (and fails tests/test_web_tenancy.py)."""
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", re.escape(path).replace(r"\{", "{")
                        .replace(r"\}", "}"))
-        self.routes.append(Route(method, re.compile(regex + "$"), handler, query))
+        self.routes.append(Route(method, re.compile(regex + "$"), handler, query, account,
+                                 path))  # fmt: skip
 
     def route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route and its path parameters; HttpError 404 or 405 (with the allowed ones)."""
@@ -137,10 +161,6 @@ class Router:
         if allowed:
             raise HttpError(405, f"{method} is not allowed here", allow=sorted(set(allowed)))
         raise HttpError(404, "no such resource")
-
-    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        route, params = self.route(method, path)
-        return route.handler, params
 
 
 def run_handler(

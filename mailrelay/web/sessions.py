@@ -30,6 +30,7 @@ class Session:
     expires: float
     admin: str | None = None  # None until logged in (the login form's session)
     credential: str = ""  # the admin's fingerprint at login (see Admin.fingerprint)
+    account: str | None = None  # the one account the admin may manage; None: all
     flash: list[str] = field(default_factory=list)  # messages for the next page
 
 
@@ -64,7 +65,8 @@ class Sessions:
                 return None
         return session
 
-    def start(self, admin: str | None = None, credential: str = "") -> Session:
+    def start(self, admin: str | None = None, credential: str = "",
+              account: str | None = None) -> Session:  # fmt: skip
         """A new session (a new id: logging in never keeps the login form's id)."""
         now = self.clock.seconds()
         for sid in [s.id for s in self._sessions.values() if s.expires <= now]:
@@ -72,7 +74,7 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             self._sessions.popitem(last=False)
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32),
-                          now + self.lifetime, admin, credential)  # fmt: skip
+                          now + self.lifetime, admin, credential, account=account)  # fmt: skip
         self._sessions[session.id] = session
         return session
 

@@ -152,19 +152,31 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
                                reactor),  # fmt: skip
         config=config,
         last_logins=open_last_logins(config),
+        webhooks=open_webhooks(config, call),
     )
+
+
+def open_webhooks(config, call):
+    """The IWebhooks the panel manages (None when ``[webhooks]`` is off)."""
+    w = getattr(config, "webhooks", None)
+    if w is None or not w.enabled:
+        return None
+    from mailrelay.manage.webhooks import Webhooks
+    from mailrelay.service import open_webhooks as open_store
+
+    return Webhooks(open_store(config), call, w.allow_private, w.secret_overlap)
 
 
 def open_last_logins(config):
     """The relay's record of last logins, for reading (None when it cannot be opened: the
     users are shown without it)."""
-    from mailrelay.auth.lifecycle import LoginStore
+    from mailrelay.auth.lifecycle import LoginStore, shared_login_store
 
     path = getattr(getattr(config, "directory", None), "logins_db", None)
     if not path:
         return None
     try:
-        return LoginStore(path)
+        return shared_login_store(config) or LoginStore(path)
     except (sqlite3.Error, OSError) as e:
         log.warn("last logins unavailable ({path}): {error}", path=path, error=str(e))
         return None
@@ -198,7 +210,7 @@ def make_verifier(config, spool, reactor):
 
     delivery = getattr(config, "delivery", None)
     return Verifier(
-        VerificationTokens(read_key_file("admin", verification_key_file(config))),
+        VerificationTokens(read_key_file("admin", verification_key_file(config), config)),
         spool,
         make_resolver(getattr(delivery, "dns_servers", []), reactor),
         public_url(settings, config.server.hostname),

@@ -17,7 +17,7 @@ from twisted.web.template import Tag, flatten, tags
 
 NAV = [("/users", "SMTP users"), ("/accounts", "Accounts"), ("/queue", "Queue"),
        ("/suppressions", "Suppressions"), ("/dkim", "DKIM"), ("/domains", "Domains"),
-       ("/stats", "Statistics"), ("/explain", "Explain")]  # fmt: skip
+       ("/webhooks", "Webhooks"), ("/stats", "Statistics"), ("/explain", "Explain")]  # fmt: skip
 DOCTYPE = b"<!DOCTYPE html>\n"
 
 Node = Any  # what the flattener takes: a Tag, a str, or a list of them

@@ -1,12 +1,14 @@
 """The web admin page: server-rendered HTML over the same operations as the API (ops.py).
 
 Every page but the login form, the static stylesheet and the public confirmation links
-needs an admin session; every POST carries the session's CSRF token. A refused change is
+needs an admin session; every POST carries the session's CSRF token. Each route says how
+its object's account is found (``account=``, tenancy.py), so an admin limited to one
+account is refused everything else before the page's code runs. A refused change is
 shown above the form with what was typed, and changes nothing.
 
-One module per topic (login, users, accounts, queue, suppressions, DKIM, domains, stats,
-explain), each adding its routes to the router here; this module only lets a request in or
-not.
+One module per topic (login, users, accounts, queue, suppressions, DKIM, domains,
+webhooks, stats, explain), each adding its routes to the router here; this module only
+lets a request in or not.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from twisted.web.template import tags
 
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.web import ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.accounts import AccountPages
 from mailrelay.web.pages.base import html_response, redirect
 from mailrelay.web.pages.dkim import DkimPages
@@ -27,11 +30,10 @@ from mailrelay.web.pages.queue import QueuePages
 from mailrelay.web.pages.stats import StatsPages
 from mailrelay.web.pages.suppressions import SuppressionPages
 from mailrelay.web.pages.users import UserPages
+from mailrelay.web.pages.webhooks import WebhookPages
 from mailrelay.web.routing import Call, HttpError, Response, Router, reason
 from mailrelay.web.sessions import COOKIE, Sessions
 from mailrelay.web.templates import link, page
-
-PUBLIC = ("/login", "/static/panel.css")
 
 
 def _css() -> bytes:
@@ -49,21 +51,21 @@ class Panel:
         self._css = _css()
         self.router = Router()
         r = self.router.add
-        r("GET", "/", self.home)
-        r("GET", "/static/panel.css", self.css)
+        r("GET", "/", self.home, account=t.SESSION)
+        r("GET", "/static/panel.css", self.css, account=t.PUBLIC)
         LoginPages(services, sessions, logins).register(r)
         for pages in (UserPages, StatsPages, AccountPages, QueuePages, SuppressionPages,
-                      DkimPages, DomainPages, ExplainPages):
+                      DkimPages, DomainPages, WebhookPages, ExplainPages):
             pages(services).register(r)
-        r("GET", "/verify/{token}", self.verify_pages.show)
-        r("POST", "/verify/{token}", self.verify_pages.confirm)
+        r("GET", "/verify/{token}", self.verify_pages.show, account=t.PUBLIC)
+        r("POST", "/verify/{token}", self.verify_pages.confirm, account=t.PUBLIC)
 
     async def dispatch(self, request, path: str) -> Response:
         method = request.method.decode("ascii", "replace").upper()
-        handler, params = self.router.match(method, path)
+        route, params = self.router.route(method, path)
         call = Call(request, params)
-        if path in PUBLIC or path.startswith("/verify/"):
-            return await handler(call)
+        if t.is_public(route):
+            return await route.handler(call)
         session = self.sessions.get(request.getCookie(COOKIE.encode()))
         if session is None or session.admin is None:
             if method == "GET":
@@ -72,7 +74,8 @@ class Panel:
         if method == "POST" and not self.sessions.csrf_ok(session, call.form().get("csrf")):
             raise HttpError(403, "the form was too old or not from this page: reload and retry")
         call.principal = session
-        return await handler(call)
+        await t.enforce(self.s, route, call)
+        return await route.handler(call)
 
     def error_page(self, request, error: HttpError) -> Response:
         session = self.sessions.get(request.getCookie(COOKIE.encode()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from twisted.web.template import tags
 
 from mailrelay.web import forms, ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages, account_path, user_path
 from mailrelay.web.routing import Call, HttpError, Response
 from mailrelay.web.templates import Node, csrf_field, error, link, post_button, table, text_input
@@ -13,17 +14,18 @@ from mailrelay.web.templates import Node, csrf_field, error, link, post_button, 
 
 class AccountPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/accounts", self.accounts)
-        add("POST", "/accounts", self.add_account)
-        add("GET", "/accounts/{name}", self.account_form)
-        add("POST", "/accounts/{name}", self.save_account)
-        add("POST", "/accounts/{name}/delete", self.delete_account)
+        add("GET", "/accounts", self.accounts, account=t.LISTED)
+        add("POST", "/accounts", self.add_account, account=t.RELAY_WIDE)
+        add("GET", "/accounts/{name}", self.account_form, account=t.account(t.path("name")))
+        add("POST", "/accounts/{name}", self.save_account, account=t.RELAY_WIDE)
+        add("POST", "/accounts/{name}/delete", self.delete_account, account=t.RELAY_WIDE)
 
     async def accounts(self, call: Call, message: str = "", status: int = 200) -> Response:
+        accounts = await ops.list_accounts(self.s, call.account)
         rows = [[link(account_path(a["name"]), a["name"]),
                  tags.span(a["domains"] or "-", class_="mono"), a["notify"] or "-",
                  tags.span(a["bounce_domain"] or "-", class_="mono"), a["note"],
-                 len(a["users"])] for a in await ops.list_accounts(self.s)]  # fmt: skip
+                 len(a["users"])] for a in accounts]  # fmt: skip
         body: list[Node] = [error(message),
                             table(["Account", "Domains", "Notify", "Bounce domain", "Note",
                                    "Users"], rows)]

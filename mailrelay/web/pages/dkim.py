@@ -10,6 +10,7 @@ from urllib.parse import quote
 from twisted.web.template import tags
 
 from mailrelay.web import forms, ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.routing import Call, HttpError, Response
 from mailrelay.web.templates import (
@@ -55,19 +56,21 @@ def actions(key: dict, csrf: str) -> Node:
 
 class DkimPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/dkim", self.keys)
-        add("POST", "/dkim", self.add_key)
-        add("GET", "/dkim/{domain}", self.domain)
-        add("POST", "/dkim/{domain}/{selector}/delete", self.delete_key)
-        add("POST", "/dkim/{domain}/{selector}/activate", self.activate_key)
-        add("POST", "/dkim/{domain}/{selector}/retire", self.retire_key)
+        domain = t.domain(t.path("domain"))
+        add("GET", "/dkim", self.keys, account=t.LISTED)
+        add("POST", "/dkim", self.add_key, account=t.domain(t.body("domain")))
+        add("GET", "/dkim/{domain}", self.domain, account=domain)
+        add("POST", "/dkim/{domain}/{selector}/delete", self.delete_key, account=t.DKIM_KEY)
+        add("POST", "/dkim/{domain}/{selector}/activate", self.activate_key,
+            account=t.DKIM_KEY)
+        add("POST", "/dkim/{domain}/{selector}/retire", self.retire_key, account=t.DKIM_KEY)
 
     async def keys(self, call: Call, message: str = "", status: int = 200) -> Response:
         csrf = call.principal.csrf
         rows = [[link(dkim_path(k["domain"]), k["domain"]), k["selector"], k["type"],
                  pill(k["state"]), pill(k.get("published", "-")), last_check(k),
                  k["account"] or "(relay domain)", when(k["created"]), actions(k, csrf)]
-                for k in await ops.list_dkim(self.s)]  # fmt: skip
+                for k in await ops.list_dkim(self.s, call.account)]  # fmt: skip
         body: list[Node] = [
             error(message),
             table(["Domain", "Selector", "Type", "State", "In DNS now", "Relay's last check",

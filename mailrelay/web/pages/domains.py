@@ -10,6 +10,7 @@ from twisted.web.template import tags
 
 from mailrelay.manage.domaincheck import record_line, return_path_rows
 from mailrelay.web import ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.pages.dkim import dkim_path, pill
 from mailrelay.web.routing import Call, Response
@@ -22,11 +23,11 @@ def domain_path(domain: str) -> str:
 
 class DomainPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/domains", self.domains)
-        add("GET", "/domains/{domain}", self.check)
+        add("GET", "/domains", self.domains, account=t.LISTED)
+        add("GET", "/domains/{domain}", self.check, account=t.domain(t.path("domain")))
 
     async def domains(self, call: Call) -> Response:
-        names = await ops.sending_domains(self.s)
+        names = await ops.sending_domains(self.s, call.account)
         body: list[Node] = [
             tags.p("The accounts' authorized domains, those with DKIM keys and the relay "
                    "domain. Each one's page looks its SPF, DKIM and DMARC records up in DNS."),

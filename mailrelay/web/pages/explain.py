@@ -7,6 +7,7 @@ from __future__ import annotations
 from twisted.web.template import tags
 
 from mailrelay.web import forms, ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.routing import Call, HttpError, Response
 from mailrelay.web.templates import Node, csrf_field, error, table, text_input
@@ -14,8 +15,8 @@ from mailrelay.web.templates import Node, csrf_field, error, table, text_input
 
 class ExplainPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/explain", self.form)
-        add("POST", "/explain", self.explain)
+        add("GET", "/explain", self.form, account=t.SESSION)
+        add("POST", "/explain", self.explain, account=t.user(t.body("username")))
 
     async def form(self, call: Call) -> Response:
         return self._page(call, {"username": call.arg("username") or ""})

@@ -18,6 +18,7 @@ from mailrelay.auth.passwords import DUMMY_HASH, verify_password
 from mailrelay.policy.bruteforce import LoginGuard
 from mailrelay.reply import Reply
 from mailrelay.web import ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages, html_response, redirect
 from mailrelay.web.routing import Call, Response
 from mailrelay.web.sessions import COOKIE, Session, Sessions
@@ -37,9 +38,9 @@ class LoginPages(Pages):
         self.logins = logins
 
     def register(self, add) -> None:
-        add("GET", "/login", self.login_form)
-        add("POST", "/login", self.login)
-        add("POST", "/logout", self.logout)
+        add("GET", "/login", self.login_form, account=t.PUBLIC)
+        add("POST", "/login", self.login, account=t.PUBLIC)
+        add("POST", "/logout", self.logout, account=t.SESSION)
 
     def _login_page(self, session: Session, message: str = "", status: int = 200) -> Response:
         form = tags.form(
@@ -89,7 +90,7 @@ class LoginPages(Pages):
             return self._login_page(session, WRONG, 401)
         self.logins.succeeded(client, name)
         self.sessions.end(session)
-        session = self.sessions.start(admin.name, admin.fingerprint)
+        session = self.sessions.start(admin.name, admin.fingerprint, admin.account)
         log.info("control panel: {name} logged in from {client}", name=name, client=client)
         return redirect("/users", [self.sessions.cookie(session)])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from twisted.web.template import tags
 
 from mailrelay.web import ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.routing import Call, Response
 from mailrelay.web.templates import link, post_button, table, when
@@ -13,13 +14,14 @@ from mailrelay.web.templates import link, post_button, table, when
 
 class QueuePages(Pages):
     def register(self, add) -> None:
-        add("GET", "/queue", self.queue)
-        add("GET", "/queue/{queue_id}", self.queued)
-        add("POST", "/queue/{queue_id}/retry", self.retry)
-        add("POST", "/queue/{queue_id}/delete", self.delete_queued)
+        message = t.queued(t.path("queue_id"))
+        add("GET", "/queue", self.queue, account=t.LISTED)
+        add("GET", "/queue/{queue_id}", self.queued, account=message)
+        add("POST", "/queue/{queue_id}/retry", self.retry, account=message)
+        add("POST", "/queue/{queue_id}/delete", self.delete_queued, account=message)
 
     async def queue(self, call: Call) -> Response:
-        result = await ops.list_queue(self.s)
+        result = await ops.list_queue(self.s, within=call.account)
         csrf = call.principal.csrf
         rows = []
         for m in result["messages"]:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from twisted.web.template import tags
 
 from mailrelay.web import ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.chart import chart
 from mailrelay.web.pages.base import Pages, user_path
 from mailrelay.web.routing import Call, HttpError, Response
@@ -18,13 +19,14 @@ EVENTS = ("accepted", "delivered", "bounced", "deferred", "rejected", "opens", "
 
 class StatsPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/stats", self.stats)
-        add("GET", "/users/{username}/stats", self.user_stats)
+        add("GET", "/stats", self.stats, account=t.LISTED)
+        add("GET", "/users/{username}/stats", self.user_stats,
+            account=t.user(t.path("username")))
 
     async def stats(self, call: Call) -> Response:
         since = self.s.reactor.seconds() - 30 * 86400
         rows = []
-        for u in await ops.list_users(self.s):
+        for u in await ops.list_users(self.s, within=call.account):
             totals = (await ops.stats(self.s, u["username"], None, iso(since)))["totals"]
             rows.append([link(user_path(u["username"], "/stats"), u["username"]),
                          *(totals[k] for k in EVENTS)])  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 from twisted.web.template import tags
 
 from mailrelay.web import forms, ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
 from mailrelay.web.routing import Call, HttpError, Response
 from mailrelay.web.templates import Node, csrf_field, error, post_button, table, text_input, when
@@ -13,12 +14,13 @@ from mailrelay.web.templates import Node, csrf_field, error, post_button, table,
 
 class SuppressionPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/suppressions", self.suppressions)
-        add("POST", "/suppressions", self.add_suppression)
-        add("POST", "/suppressions/delete", self.delete_suppression)
+        named = t.level(t.body("user"), t.body("account"))  # neither: the global list
+        add("GET", "/suppressions", self.suppressions, account=t.LISTED)
+        add("POST", "/suppressions", self.add_suppression, account=named)
+        add("POST", "/suppressions/delete", self.delete_suppression, account=named)
 
     async def suppressions(self, call: Call, message: str = "", status: int = 200) -> Response:
-        entries = await ops.list_suppressions(self.s)
+        entries = await ops.list_suppressions(self.s, within=call.account)
         csrf = call.principal.csrf
         rows = [[e["address"], e["account"] or "(global)", e["user"] or "(all users)",
                  e["reason"], when(e["created"]),

@@ -10,6 +10,7 @@ from twisted.web.template import tags
 
 from mailrelay.model import Kind, Status, kind_of
 from mailrelay.web import forms, ops
+from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages, redirect, user_path
 from mailrelay.web.routing import Call, HttpError, Response
 from mailrelay.web.templates import (
@@ -31,17 +32,19 @@ REFUSALS = (400, 409)  # shown above the form with what was typed
 
 class UserPages(Pages):
     def register(self, add) -> None:
-        add("GET", "/users", self.users)
-        add("GET", "/users/new", self.new_user_form)
-        add("POST", "/users/new", self.add_user)
-        add("GET", "/users/{username}", self.user_form)
-        add("POST", "/users/{username}", self.save_user)
-        add("POST", "/users/{username}/password", self.reset_password)
-        add("POST", "/users/{username}/delete", self.delete_user)
-        add("POST", "/users/{username}/senders/{sender}/verify", self.verify_sender)
+        user = t.user(t.path("username"))
+        add("GET", "/users", self.users, account=t.account(t.query("account")))
+        add("GET", "/users/new", self.new_user_form, account=t.SESSION)
+        add("POST", "/users/new", self.add_user, account=t.NEW_USER)
+        add("GET", "/users/{username}", self.user_form, account=user)
+        add("POST", "/users/{username}", self.save_user, account=t.CHANGED_USER)
+        add("POST", "/users/{username}/password", self.reset_password, account=user)
+        add("POST", "/users/{username}/delete", self.delete_user, account=user)
+        add("POST", "/users/{username}/senders/{sender}/verify", self.verify_sender,
+            account=user)
 
     async def users(self, call: Call) -> Response:
-        users = await ops.list_users(self.s, call.arg("account") or None)
+        users = await ops.list_users(self.s, call.arg("account") or None, call.account)
         rows = []
         for u in users:
             pending = tags.span(f'({len(u["unverified"])} unverified)', class_="pending") \
@@ -102,8 +105,9 @@ class UserPages(Pages):
         return [tags.div(parts, class_="grid"), tags.h2("Features"),
                 tags.div(toggles, class_="grid")]  # fmt: skip
 
-    async def _account_names(self) -> list[str]:
-        return [a.name for a in await self.s.directory.listAccounts()]
+    async def _account_names(self, call: Call) -> list[str]:
+        """The accounts a user may be put in: the caller's only, when it has one."""
+        return [a.name for a, _ in await self.s.manager.accounts(call.account)]
 
     async def new_user_form(self, call: Call, values: dict | None = None, message: str = "",
                             status: int = 200) -> Response:  # fmt: skip
@@ -113,7 +117,7 @@ class UserPages(Pages):
             error(message),
             tags.form(
                 csrf_field(call.principal.csrf),
-                self._user_fields(values or {}, kind, await self._account_names(), True),
+                self._user_fields(values or {}, kind, await self._account_names(call), True),
                 tags.div(tags.button("Add user", type="submit", id="add"), class_="actions"),
                 method="post", action="/users/new", class_="card"),
             tags.p("A password is generated and shown once. Senders added here must be "
@@ -155,7 +159,8 @@ class UserPages(Pages):
         else:
             settings = tags.form(
                 csrf_field(csrf),
-                self._user_fields(values or doc, user.kind, await self._account_names(), False),
+                self._user_fields(values or doc, user.kind, await self._account_names(call),
+                                 False),
                 tags.div(tags.button("Save", type="submit", id="save"), class_="actions"),
                 method="post", action=path, class_="card")  # fmt: skip
         rows = []

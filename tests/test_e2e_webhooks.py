@@ -1,0 +1,199 @@
+"""Webhooks end to end through the real twistd: a loopback receiver (its own process)
+that answers 500 then 200, 410, or too slowly; every request's signature verified with
+the standardwebhooks package; failed events sent again with mailrelay-admin and the API;
+an event being sent when twistd is killed with kill -9 sent again after the restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from harness import Peer, Relay, free_port, message, wait_for
+from standardwebhooks.webhooks import Webhook
+
+PASSWORD = "correct horse battery"
+FAST = ("[delivery]\nenabled = no\n\n[webhooks]\nallow_private = 127.0.0.0/8\n"
+        "poll_interval = 0.2s\n")
+
+
+class Receiver(Peer):
+    """tests/webhook_receiver.py: per-path answers, every request recorded."""
+
+    def __init__(self, directory) -> None:
+        super().__init__(directory, "webhook_receiver.py", "--record-dir",
+                         str(self._dirs(directory)), "--rules", str(self.rules_path))
+
+    def _dirs(self, directory):
+        self.records = directory / "requests"
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.rules_path = directory / "rules.json"
+        self.rules({})
+        return self.records
+
+    def rules(self, rules: dict) -> None:
+        tmp = self.rules_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rules))
+        os.replace(tmp, self.rules_path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests(self, path: str) -> list[dict]:
+        found = sorted(self.records.glob("*.json"), key=lambda p: int(p.stem))
+        return [r for r in (json.loads(p.read_text()) for p in found) if r["path"] == path]
+
+    def wait(self, path: str, count: int, timeout: float = 30.0) -> list[dict]:
+        return wait_for(lambda: len(r := self.requests(path)) >= count and r, timeout=timeout,
+                        interval=0.1, what=f"{count} requests at {path}")
+
+
+def verified(secret: str, requests: list[dict]) -> list[dict]:
+    """The payloads, each request's signature checked by standardwebhooks."""
+    return [Webhook(secret).verify(r["body"], r["headers"]) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory):
+    r = Receiver(tmp_path_factory.mktemp("receiver"))
+    r.rules({"/flaky": [500, 200], "/gone": [410, 200], "/slow": ["slow", "slow", 200],
+             "/hang": ["slow", 200]})
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, receiver):
+    port = free_port()
+    r = Relay(tmp_path_factory.mktemp("relay"), config=(
+        FAST + "retry_delays = 1s\ntimeout = 1s\n\n"
+        f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
+    r.panel_url = f"http://127.0.0.1:{port}"
+    r.admin("account", "add", "acme", "--domains", "a.test;b.test;c.test",
+            "--notify", "ops@acme.test")
+    for domain in ("a.test", "b.test", "c.test"):
+        r.add_user(domain, PASSWORD, "--account", "acme")
+    r.api_key = r.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
+    r.start()
+    wait_for(lambda: _listening(port), what="the control panel")
+    yield r
+    r.stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def endpoint(relay, url: str, user: str) -> dict:
+    return json.loads(relay.admin("webhook", "add", "acme", url, "--user", user,
+                                  "--json").stdout)
+
+
+def submit(relay, login: str) -> str:
+    """One message accepted for ``login``; its queue id."""
+    with relay.smtp(login=(login, PASSWORD)) as client:
+        sender = f"app@{login}"
+        client.mail(sender)
+        client.rcpt("someone@example.net")
+        code, reply = client.data(message(sender, "someone@example.net"))
+    assert code == 250, reply
+    return reply.decode().rpartition(" ")[2]
+
+
+def admin_json(relay, *args: str):
+    return json.loads(relay.admin(*args, "--json").stdout)
+
+
+def api(relay, method: str, path: str):
+    request = urllib.request.Request(relay.panel_url + "/api/v1" + path, method=method,
+                                     headers={"authorization": f"Bearer {relay.api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_500_then_200_delivers_the_event_once_signed(relay, receiver):
+    hook = endpoint(relay, receiver.url("/flaky"), "a.test")
+    queue_id = submit(relay, "a.test")
+    first, second = verified(hook["secrets"][0], receiver.wait("/flaky", 2))
+    assert first == second  # the same event, the same webhook-id
+    assert second["type"] == "message.processed" and second["id"].startswith("evt_")
+    assert second["data"]["queue_id"] == queue_id
+    assert (second["data"]["account"], second["data"]["user"],
+            second["data"]["auth_method"]) == ("acme", "a.test", "password")
+    wait_for(lambda: f"webhook {second['id']} (message.processed) sent to" in relay.log(),
+             what="the event sent")
+    assert admin_json(relay, "webhook", "failed") == []
+    assert len(receiver.requests("/flaky")) == 2
+
+
+def test_410_disables_the_endpoint_and_tells_the_account(relay, receiver):
+    hook = endpoint(relay, receiver.url("/gone"), "b.test")
+    submit(relay, "b.test")
+
+    def disabled():
+        (listed,) = [e for e in admin_json(relay, "webhook", "list") if e["id"] == hook["id"]]
+        return not listed["enabled"] and listed
+
+    assert "410" in wait_for(disabled, what="the endpoint disabled")["disabled_reason"]
+    notices = wait_for(lambda: [p.read_bytes() for p in relay.spool_files()
+                                if b"ops@acme.test" in p.read_bytes().partition(b"\n")[0]],
+                       what="the notice to the account")
+    assert (f"Subject: Webhook endpoint {hook['id']} disabled: it answered 410 Gone".encode()
+            in notices[0])
+    assert receiver.url("/gone").encode() in notices[0]
+    (failed,) = [f for f in admin_json(relay, "webhook", "failed")
+                 if f["endpoint"] == hook["id"]]
+    assert failed["last_status"] == 410
+    # Back: enabled and sent again by hand, it now answers 200.
+    relay.admin("webhook", "enable", str(hook["id"]))
+    relay.admin("webhook", "retry", "--endpoint", str(hook["id"]))
+    payloads = verified(hook["secrets"][0], receiver.wait("/gone", 2))
+    assert payloads[0] == payloads[1]
+    wait_for(lambda: not [f for f in admin_json(relay, "webhook", "failed")
+                          if f["endpoint"] == hook["id"]], what="no failed event left")
+
+
+def test_slow_endpoint_times_out_is_retried_and_sent_again_through_the_api(relay, receiver):
+    hook = endpoint(relay, receiver.url("/slow"), "c.test")
+    submit(relay, "c.test")
+    receiver.wait("/slow", 2)  # timed out, tried again after retry_delays, timed out
+
+    def failed():
+        status, doc = api(relay, "GET", "/webhooks/failed?account=acme")
+        assert status == 200
+        return [f for f in doc if f["endpoint"] == hook["id"]]
+
+    (event,) = wait_for(failed, what="the event failed")
+    assert event["attempts"] == 2 and "timed out after 1s" in event["last_error"]
+    assert api(relay, "POST", f"/webhooks/failed/{event['id']}/retry")[0] == 202
+    payloads = verified(hook["secrets"][0], receiver.wait("/slow", 3))
+    assert payloads[0] == payloads[2] and payloads[0]["id"] == event["event_id"]
+    wait_for(lambda: not failed(), what="no failed event left")
+
+
+def test_event_being_sent_survives_kill_9_and_is_sent_after_restart(tmp_path, receiver):
+    relay = Relay(tmp_path / "killed", config=FAST + "timeout = 60s\n")
+    relay.admin("account", "add", "acme", "--domains", "k.test")
+    relay.add_user("k.test", PASSWORD, "--account", "acme")
+    hook = endpoint(relay, receiver.url("/hang"), "k.test")
+    relay.start()
+    try:
+        queue_id = submit(relay, "k.test")
+        receiver.wait("/hang", 1)  # its answer never comes: the request is under way
+        relay.kill9()
+        relay.start()
+        first, second = verified(hook["secrets"][0], receiver.wait("/hang", 2))
+        assert first == second and second["data"]["queue_id"] == queue_id
+        wait_for(lambda: "(message.processed) sent to" in relay.log(), what="the event sent")
+    finally:
+        relay.stop()
