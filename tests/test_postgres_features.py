@@ -16,9 +16,13 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
 from twisted.trial import unittest
 
+from mailrelay.bounces.store import ReturnPaths
+from mailrelay.bounces.verp import Token, Verp
 from mailrelay.features.stats import HOUR, Event
 from mailrelay.features.suppressions import Reason
+from mailrelay.model import Envelope
 from mailrelay.postgres.db import Database
+from mailrelay.postgres.returnpaths import PgReturnPathStore
 from mailrelay.postgres.stats import JournaledStatsRecorder, PgStatsStore, StatsJournal
 from mailrelay.postgres.suppressions import PgSuppressionStore, SuppressionCache
 
@@ -213,3 +217,25 @@ class JournalTests(unittest.TestCase):
         again.startService()
         yield again.stopService()
         self.assertEqual(self.accepted(), 1)
+
+
+class ReturnPathTests(unittest.TestCase):
+    async def test_the_records_of_a_burst_go_in_one_transaction_and_any_node_finds_them(self):
+        dsn = pg_server.shared_server().create_database()
+        store = PgReturnPathStore(node_pool(dsn, self))
+        calls: list[int] = []
+        many = store.record_many
+        store.record_many = lambda batch: calls.append(len(batch)) or many(batch)
+        paths = ReturnPaths(Verp(bytes(32)), store, global_reactor)
+        envelopes = [Envelope(id=f"{i:018x}ab", sender="news@doe.test",
+                              recipients=[f"r{i}@x.test"], user="news@doe.test",
+                              account="acme", client_ip=None, helo=None, tls=True,
+                              received_at=0.0, return_path="bounces.doe.test")
+                     for i in range(20)]
+        await defer.gatherResults([paths.record(e) for e in envelopes])
+        self.assertEqual(sum(calls), 20)
+        self.assertLess(len(calls), 20)  # the first at once, those that waited together
+        other = PgReturnPathStore(node_pool(dsn, self))  # another node's bounce listener
+        found = other.resolve(Token("bounces.doe.test", envelopes[7].id, 0))
+        self.assertEqual((found.account, found.user, found.recipient),
+                         ("acme", "news@doe.test", "r7@x.test"))

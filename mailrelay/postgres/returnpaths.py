@@ -32,12 +32,17 @@ class PgReturnPathStore(PgStore):
 
     def record(self, envelope: Envelope, when: float | None = None) -> None:
         """The message's return paths are in use (kept as first recorded)."""
-        with self.db.transaction() as conn:
-            conn.execute("INSERT INTO return_paths VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                         "ON CONFLICT DO NOTHING",
-                         (envelope.id, envelope.account, envelope.user, envelope.sender,
-                          envelope.bounce_to, Jsonb(list(envelope.recipients)),
-                          when or time.time()))  # fmt: skip
+        self.record_many([(envelope, when)])
+
+    def record_many(self, calls: list[tuple[Envelope, float | None]]) -> list[None]:
+        """``record`` for several messages in one transaction."""
+        with self.db.transaction() as conn, conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO return_paths VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                [(e.id, e.account, e.user, e.sender, e.bounce_to, Jsonb(list(e.recipients)),
+                  when or time.time()) for e, when in calls])  # fmt: skip
+        return [None] * len(calls)
 
     def resolve(self, token: Token) -> ReturnPath | None:
         with self.db.transaction() as conn:
