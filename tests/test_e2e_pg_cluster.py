@@ -195,3 +195,16 @@ def test_a_bounce_of_one_nodes_mail_reaching_anothers_listener_is_applied(cluste
     listed = json.loads(nodes[0].admin("suppression", "list", "--user", "doe.test",
                                        "--json").stdout)
     assert {e["address"]: e["reason"] for e in listed}.get("gone@x.test") == "hard-bounce"
+
+
+def test_a_user_deleted_on_one_node_takes_its_shared_list_along_and_keeps_its_counts(cluster):
+    nodes, _, _ = cluster
+    a, b = nodes[0], nodes[1]
+    a.add_user("leaving@doe.test", PASSWORD)
+    a.admin("suppression", "add", "x@x.test", "--user", "leaving@doe.test")
+    listed = b.admin("suppression", "list", "--user", "leaving@doe.test", "--json").stdout
+    assert [e["address"] for e in json.loads(listed)] == ["x@x.test"]  # node B sees it
+    out = b.admin("user", "del", "leaving@doe.test").stdout  # deleted through node B
+    assert "1 suppressed address(es) removed" in out
+    remaining = a.admin("suppression", "list", "--account", "default", "--json").stdout
+    assert "x@x.test" not in remaining

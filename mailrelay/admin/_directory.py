@@ -68,10 +68,10 @@ def manager(context: Context) -> UserManager:
         from mailrelay.features.archive import Archive
         from mailrelay.manage.users import forget_user
 
-        shared = stores(context)
-        forget = partial(forget_user, *shared, archive=Archive(files.archive_dir))
+        kept = stores(context)  # suppressions, statistics
+        forget = partial(forget_user, *kept, archive=Archive(files.archive_dir))
         return UserManager(store, at_once, forget, SimpleNamespace(seconds=time.time),
-                           forget_account=partial(forget_account, *shared))
+                           forget_account=partial(forget_account, *kept))
     return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db,
                                                        files.archive_dir),
                        SimpleNamespace(seconds=time.time),
