@@ -269,6 +269,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "rate_per_hour": (integer(0), 200000),
         "rate_per_minute": (integer(0), 0),
         "rate_counts": (choice("messages", "recipients"), "messages"),
+        "quota_per_day": (integer(0), 0),
+        "quota_per_month": (integer(0), 0),
     },
     "policy": {
         "ip_auth": (_ip_auth, None),

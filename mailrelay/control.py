@@ -10,6 +10,8 @@ nobody listens, ``ask`` raises RelayNotRunning and the caller acts on the spool 
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet import error, protocol
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
@@ -64,28 +66,35 @@ class LimitState(amp.Command):
     FROM would get from the rate limit ("" when it passes). The question is asked the way
     a session asks it (a reservation, given back at once), so nothing is counted. With
     ``ip``, also what AUTH from that address would meet (the failed-login defence): the
-    refusal ("" for none) or the seconds the password check would wait."""
+    refusal ("" for none) or the seconds the password check would wait. With ``quotas``
+    (JSON: the user's account and the quota settings of the user and of the account), the
+    quotas' state (``quota``, JSON) and the refusal the next MAIL would get from them, read
+    without changing them (a refusal there may be the one that reports a quota full)."""
 
     arguments = [(b"user", amp.Unicode()), (b"rate_limit", amp.Integer(optional=True)),
-                 (b"ip", amp.Unicode(optional=True))]
+                 (b"ip", amp.Unicode(optional=True)),
+                 (b"quotas", amp.Unicode(optional=True))]
     response = [(b"used_hour", amp.Integer()), (b"used_minute", amp.Integer()),
                 (b"refusal", amp.Unicode()), (b"login_refusal", amp.Unicode()),
-                (b"login_wait", amp.Float())]
+                (b"login_wait", amp.Float()), (b"quota", amp.Unicode()),
+                (b"quota_refusal", amp.Unicode())]
 
 
 class QueueResponder(amp.AMP):
     """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl), LimitState with
-    ``rates`` and ``logins`` (the IRateLimiter and ILoginGuard of the sessions)."""
+    ``rates``, ``logins`` and ``quotas`` (the IRateLimiter, ILoginGuard and quota counter
+    of the sessions)."""
 
-    def __init__(self, queue, rates=None, logins=None) -> None:
+    def __init__(self, queue, rates=None, logins=None, quotas=None) -> None:
         super().__init__()
         self._queue = queue
         self._rates = rates
         self._logins = logins
+        self._quotas = quotas
 
     @LimitState.responder
     async def limit_state(self, user: str, rate_limit: int | None = None,
-                          ip: str | None = None):  # fmt: skip
+                          ip: str | None = None, quotas: str | None = None):  # fmt: skip
         rates = self._rates
         usage = getattr(rates, "usage", None)  # the in-process limiter counts here
         used = usage(user) if usage is not None else (-1, -1)
@@ -102,8 +111,17 @@ class QueueResponder(amp.AMP):
                 wait = float(await maybeDeferred(self._logins.check, ip) or 0)
             except Reply as e:
                 login_refusal = _line(e)
+        quota, quota_refusal = [], ""
+        if quotas and self._quotas is not None:
+            from mailrelay.policy.quota import first_full
+
+            usage = await maybeDeferred(self._quotas.usage, *quota_subjects(user, quotas))
+            quota = [u.to_json() for u in usage]
+            full = first_full(usage)
+            quota_refusal = _line(full) if full is not None else ""
         return {"used_hour": used[0], "used_minute": used[1], "refusal": refusal,
-                "login_refusal": login_refusal, "login_wait": wait}
+                "login_refusal": login_refusal, "login_wait": wait,
+                "quota": json.dumps(quota), "quota_refusal": quota_refusal}
 
     @Retry.responder
     def retry(self, queue_id: str):
@@ -122,19 +140,32 @@ def _line(reply: Reply) -> str:
     return f"{reply.code} {reply.line()}"
 
 
+def quota_subjects(user: str, quotas: str):
+    """LimitState's ``quotas`` JSON -> the (SmtpUser, Account) a counter reads quotas of."""
+    from mailrelay.model import Account, SmtpUser
+
+    doc = json.loads(quotas)
+    account = doc.get("account")
+    return (SmtpUser(user, account=account or "default", quota_day=doc.get("quota_day"),
+                     quota_month=doc.get("quota_month")),
+            Account(account, quota_day=doc.get("account_quota_day"),
+                    quota_month=doc.get("account_quota_month")) if account else None)
+
+
 class _Factory(protocol.Factory):
     noisy = False  # no "Starting factory" line per mailrelay-admin call
 
-    def __init__(self, queue, rates, logins) -> None:
+    def __init__(self, queue, rates, logins, quotas) -> None:
         self._queue = queue
         self._rates = rates
         self._logins = logins
+        self._quotas = quotas
 
     def buildProtocol(self, addr) -> QueueResponder:
-        return QueueResponder(self._queue, self._rates, self._logins)
+        return QueueResponder(self._queue, self._rates, self._logins, self._quotas)
 
 
-def control_service(path: str, queue, reactor, rates=None, logins=None):
+def control_service(path: str, queue, reactor, rates=None, logins=None, quotas=None):
     """Listens on ``path`` while the relay runs; ``queue`` (an IQueueControl) answers. A
     stale socket left by a relay that died is replaced (the lock file beside it tells a
     live relay from a dead one); a second relay on the same data_dir does not start."""
@@ -145,7 +176,8 @@ def control_service(path: str, queue, reactor, rates=None, logins=None):
     from mailrelay.listener import ListenerService
 
     endpoint = f"unix:{quoteStringArgument(path)}:mode=600:lockfile=1"
-    return ListenerService("control", endpoint, _Factory(queue, rates, logins), reactor)
+    return ListenerService("control", endpoint, _Factory(queue, rates, logins, quotas),
+                           reactor)
 
 
 async def ask(reactor, path: str, command: type[amp.Command], **arguments) -> dict:

@@ -13,7 +13,8 @@ which signs any account's mail that no key of its own signs. ``dns_status`` and
 ``dns_checked`` are the result (ok, missing, different, unknown) and time of the relay's
 last scheduled look-up of the key's record (manage/dkimcheck.py). mailrelay-admin and the
 relay write both (manage/dkim.py); the delivery process reads them (Signer) and sees a
-change within a few seconds.
+change within a few seconds. With ``[cluster] postgres`` the same entries and keys are
+rows of the database instead (postgres/dkim.py: PgSigner reads them when told of a change).
 
 Signing: relaxed/relaxed, SHA-256, no ``l=``; From, To, Subject, Date, Message-ID,
 MIME-Version and Content-Type are oversigned (each listed once more than it occurs, so
@@ -67,8 +68,12 @@ class DkimKey:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, entry: dict) -> DkimKey:
+        return cls(**{k: v for k, v in entry.items() if k in _FIELDS})
 
-_FIELDS = frozenset(DkimKey.__dataclass_fields__)  # an index with fields added later reads
+
+_FIELDS = frozenset(DkimKey.__dataclass_fields__)  # an entry with fields added later reads
 
 
 def read_index(directory: str) -> tuple[list[DkimKey], object] | None:
@@ -77,8 +82,7 @@ def read_index(directory: str) -> tuple[list[DkimKey], object] | None:
     if got is None:
         return None
     data, stat = got
-    return [DkimKey(**{k: v for k, v in entry.items() if k in _FIELDS})
-            for entry in json.loads(data)], stat
+    return [DkimKey.from_json(entry) for entry in json.loads(data)], stat
 
 
 def public_key_text(private) -> str:
@@ -240,17 +244,26 @@ class Signer:
         stat = got and got[1]
         if stat == self._stat:
             return
+
+        def pem(key: DkimKey) -> bytes:
+            with open(os.path.join(self.directory, key.file_name), "rb") as f:
+                return f.read()
+
+        self._use(got[0] if got else [], pem)
+        self._stat = stat
+
+    def _use(self, found: list[DkimKey], pem) -> None:
+        """Sign with the active keys of ``found`` from now on, each read with ``pem(key)``."""
         keys: dict[str, list[tuple[DkimKey, object]]] = {}
-        for key in (got[0] if got else []):
+        for key in found:
             # A key of no account signs only as the configured relay domain's.
             if key.state != "active" or key.account is None and key.domain != self.relay_domain:
                 continue
-            with open(os.path.join(self.directory, key.file_name), "rb") as f:
-                private = serialization.load_pem_private_key(f.read(), None)
+            private = serialization.load_pem_private_key(pem(key), None)
             keys.setdefault(key.domain, []).append((key, private))
         for entries in keys.values():  # RSA first: the signature every verifier knows
             entries.sort(key=lambda e: (TYPES.index(e[0].type), -e[0].created))
-        self._keys, self._stat = keys, stat
+        self._keys = keys
         self._accounts = frozenset(k.account for e in keys.values() for k, _ in e)
 
     def signs_for(self, account: str | None) -> bool:

@@ -362,6 +362,38 @@ class IReservation(Interface):
         """The transaction was aborted: give the units back (safe to call again)."""
 
 
+class IQuotaCounter(Interface):
+    """The daily and monthly quotas of users and accounts (policy/quota.py in process;
+    cluster/redis_counters.py shared by several nodes). The defaults are read from its
+    attributes at each check."""
+
+    per_day = Attribute("The users' default quota per UTC day (0 or None: none)")
+    per_month = Attribute("The users' default quota per UTC month (0 or None: none)")
+
+    def reserve(user, account):
+        """At MAIL FROM: returns (or fires with) an IQuotaReservation holding a place in
+        each quota of a message of ``user`` (an SmtpUser) of ``account``. Raises (or
+        errbacks with) policy.quota.QuotaExceeded ``451 4.7.1`` when one is used up,
+        reply.Reply ``451 4.3.0`` when the shared counters cannot answer."""
+
+    def usage(user, account):
+        """Returns (or fires with) the policy.quota.Usage of each of those quotas, changing
+        nothing (mailrelay-admin explain)."""
+
+
+class IQuotaReservation(Interface):
+    """One transaction's places in its quotas; each method may return a Deferred."""
+
+    usage = Attribute("The quotas' policy.quota.Usage when the places were taken")
+
+    def commit():
+        """The message is spooled: it counts once. Returns (or fires with) the
+        policy.quota.Crossing of each warning threshold it reached."""
+
+    def release():
+        """The transaction was aborted: give the places back (safe to call again)."""
+
+
 class IConnectionLimits(Interface):
     """Connections in total, per client address and per user, messages per connection."""
 
@@ -410,7 +442,7 @@ class IMetrics(Interface):
 
     def policyRefusal(reason: str) -> None:
         """A limit refused a step: connections, user_connections, login_blocked,
-        login_delayed, rate_limit, messages_per_connection."""
+        login_delayed, rate_limit, messages_per_connection, quota."""
 
     def notification(kind: str) -> None:
         """A notice was queued: bounce, delay (DSNs) or sender (sender notifications)."""
@@ -422,6 +454,10 @@ class IMetrics(Interface):
 
     def directory(seconds: float, ok: bool) -> None:
         """One call to the LDAP directory, how long it took and whether it answered."""
+
+    def webhook(outcome: str) -> None:
+        """One webhook request's outcome: sent (2xx), retried (to be tried again) or
+        failed (given up: a 4xx, a 410, the last retry)."""
 
 
 class IListenerMetrics(Interface):
@@ -482,6 +518,9 @@ class IWebhooks(Interface):
 
     def failed(account: str | None = None, limit: int = 500):
         """Failed events (webhooks.store.Delivery), newest first."""
+
+    def failedEvent(delivery_id: int, account: str | None = None):
+        """One failed event (webhooks.store.Delivery), or None."""
 
     def retry(delivery_id: int, account: str | None = None):
         """Send a failed event again now: "retried", "unknown" or "disabled" (its endpoint

@@ -35,6 +35,10 @@ class Account:
     # The return-path domain (bounces.example.com): delivered mail carries a VERP envelope
     # sender there, so that later bounces come back to the relay (mailrelay/bounces/).
     bounce_domain: str | None = None
+    # Messages the account's users may send together per UTC day and month (None: no
+    # quota); mailrelay/policy/quota.py.
+    quota_day: int | None = None
+    quota_month: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class SmtpUser:
     rate_limit: int | None = None  # messages per hour; None: the configured default
     priority: int = 3  # 1 (highest) .. 5
     max_connections: int | None = None  # None: the configured default
+    # Messages per UTC day and month (policy/quota.py); None: [limits] quota_per_day /
+    # quota_per_month; 0: no quota.
+    quota_day: int | None = None
+    quota_month: int | None = None
     archive: bool = False
     audit_bcc: tuple[str, ...] = ()
     bounce_notify: str = "sender"  # "off", "sender", or an address
@@ -140,6 +148,7 @@ class Envelope:
     # VERP envelope sender there (bounces/verp.py); ``sender`` stays the client's.
     return_path: str | None = None
     requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
+    auth_method: str | None = None  # how ``user`` logged in: "password", "ip" or "address"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

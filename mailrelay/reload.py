@@ -135,6 +135,9 @@ def _apply(live: Live, limits: SimpleNamespace, p: SimpleNamespace, tls) -> None
     connections.ipv6_prefix = p.ipv6_prefix
     rates = live.policy.rates
     rates.per_hour, rates.per_minute = limits.rate_per_hour, limits.rate_per_minute or None
+    quotas = getattr(live.policy, "quotas", None)
+    if quotas is not None:
+        quotas.per_day, quotas.per_month = limits.quota_per_day, limits.quota_per_month
     live.policy.logins.configure(
         window=p.login_window, delay_after=p.login_delay_after,
         block_after=p.login_block_after, block_time=p.login_block_time,

@@ -19,6 +19,7 @@ from twisted.python.components import Componentized
 
 from mailrelay import tuning
 from mailrelay.config import EMBEDDED, Config
+from mailrelay.events import NO_EVENTS
 from mailrelay.listener import ListenerService
 from mailrelay.proxyproto import wrapper_for as proxy_wrapper
 from mailrelay.reload import Live
@@ -125,7 +126,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
                          logins=logins)
 
     suppressions, stats = open_feature_stores(config)
-    features = make_features(config, suppressions, stats, reactor, top)
+    features = make_features(config, suppressions, stats, reactor, top, events=events)
     if not config.tracking.enabled:
         reactor.callWhenRunning(warn_features_off, directory)
 
@@ -141,19 +142,20 @@ def make_service(config: Config, reactor=None) -> MultiService:
         spool.subscribe(delivery.enqueue)
     metrics, metrics_page = make_metrics(config, spool, delivery, directory, reactor, top)
 
-    policy, notifier = make_policy(config, spool, reactor, metrics)
+    policy, notifier = make_policy(config, spool, reactor, metrics, top, events)
     if config.policy.dormant_after > 0:
         from mailrelay.manage.dormancy import DormancyJob
 
         DormancyJob(directory, config.directory.file, logins, config.policy.dormant_after,
                     partial(submit_notice, spool, reactor), config.server.postmaster,
-                    config.server.hostname, reactor).setServiceParent(top)
+                    config.server.hostname, reactor, events=events).setServiceParent(top)
     if config.cluster.redis:  # this node's heartbeat: its connection leases stay alive
         from mailrelay.cluster.redis_counters import LeaseRenewal
 
         LeaseRenewal(policy.connections, reactor).setServiceParent(top)
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     rates = policy.rates  # mailrelay-admin explain asks them over the control socket
+    quotas = policy.quotas
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -189,13 +191,13 @@ def make_service(config: Config, reactor=None) -> MultiService:
     verp, paths = make_verp(config)
     Pruner(paths, config.bounces.retention, reactor).setServiceParent(top)
     if config.bounces.endpoint:
-        bounce_listener(config, verp, paths, features, spool, tls_options,
-                        reactor).setServiceParent(top)
+        bounce_listener(config, verp, paths, features, spool, tls_options, reactor,
+                        events).setServiceParent(top)
 
-    webhook_sender(config, events, directory, spool, reactor, top)
+    webhook_sender(config, events, directory, spool, reactor, top, metrics)
     control = QueueControl(spool, reactor, delivery)
     control_service(config.server.control_socket, control, reactor, rates,
-                    logins).setServiceParent(top)
+                    logins, quotas).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
                        control=control, reactor=reactor, logins=logins,
                        metrics=metrics_page).setServiceParent(top)
@@ -209,35 +211,56 @@ def make_events(config: Config, reactor, parent):
     webhook outbox's writer (webhooks/sink.py), a child service of ``parent``; NO_EVENTS
     when ``[webhooks] enabled = no``. Call it before what emits joins ``parent``, so that
     the last events are written after that has stopped."""
-    from mailrelay.events import NO_EVENTS
 
     w = config.webhooks
     if w is None or not w.enabled:
         return NO_EVENTS
     from mailrelay.webhooks.sink import WebhookSink
 
-    sink = WebhookSink(open_webhooks(config), reactor, interval=w.flush_interval)
+    store = open_webhooks(config)
+    if hasattr(store, "listener"):  # endpoints shared in PostgreSQL: told of changes
+        store.listener(reactor).setServiceParent(parent)
+    sink = WebhookSink(store, reactor, interval=w.flush_interval)
     sink.setServiceParent(parent)
     return sink
 
 
 def open_webhooks(config: Config):
-    """The webhook endpoints and outbox (webhooks/store.py); StartupError if unusable."""
+    """The webhook endpoints and outbox: the outbox is always this node's SQLite file
+    (webhooks/store.py); the endpoints are in it too, or in PostgreSQL with ``[cluster]
+    postgres`` (webhooks/pgstore.py). StartupError if unusable."""
+    import psycopg
+
+    from mailrelay.postgres import db as pg
     from mailrelay.webhooks.store import WebhookStore
 
     try:
-        return WebhookStore(config.webhooks.db)
+        shared = pg.of_config(config)
+        if shared is None:
+            return WebhookStore(config.webhooks.db)
+        from mailrelay.webhooks.pgstore import SharedWebhookStore, endpoints_of
+
+        return SharedWebhookStore(config.webhooks.db, endpoints_of(shared))
     except (sqlite3.Error, OSError) as e:
         raise StartupError(f"[webhooks] db {config.webhooks.db}: "
                            f"{getattr(e, 'strerror', None) or e}")
+    except (*pg.UNAVAILABLE, psycopg.Error) as e:
+        raise StartupError(f"[cluster] postgres: webhook endpoints: {str(e).strip()}")
 
 
-def webhook_sender(config: Config, events, directory, spool, reactor, parent) -> None:
+def webhook_sender(config: Config, events, directory, spool, reactor, parent,
+                   metrics=None) -> None:  # fmt: skip
     """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
-    without webhooks. A 410 is told to the account by mail through ``spool``."""
+    without webhooks. A 410 is told to the account by mail through ``spool``; ``metrics``
+    counts the requests and shows the outbox's backlog."""
+    from mailrelay.metrics import NO_METRICS
+
     store = getattr(events, "store", None)
     if store is None:
         return
+    metrics = metrics or NO_METRICS
+    if metrics is not NO_METRICS:
+        metrics.outbox = store
     from mailrelay.manage.stores import threaded
     from mailrelay.webhooks.notice import GoneNotices
     from mailrelay.webhooks.sender import WebhookSender
@@ -248,7 +271,8 @@ def webhook_sender(config: Config, events, directory, spool, reactor, parent) ->
     WebhookSender(store, threaded(reactor), reactor, allowed=w.allow_private,
                   retry_delays=w.retry_delays, timeout=w.timeout,
                   poll_interval=w.poll_interval, concurrency=w.concurrency,
-                  failed_retention=w.failed_retention, gone=gone).setServiceParent(parent)
+                  failed_retention=w.failed_retention, gone=gone,
+                  metrics=metrics).setServiceParent(parent)
 
 
 def make_verp(config: Config):
@@ -269,14 +293,15 @@ def make_verp(config: Config):
                            f"{getattr(e, 'strerror', None) or e}")
 
 
-def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor):
+def bounce_listener(config: Config, verp, paths, features, spool, tls_options, reactor,
+                    events=NO_EVENTS):
     """The inbound listener of the bounce domains (``[bounces] endpoint``)."""
     from mailrelay.bounces.feed import BounceFeed
     from mailrelay.bounces.listener import BounceFactory
 
     b = config.bounces
     feed = BounceFeed(reactor, features, spool, paths, config.server.hostname,
-                      config.server.postmaster)
+                      config.server.postmaster, events=events)
     factory = BounceFactory(verp, feed, config.server.hostname, tls_options=tls_options,
                             max_size=b.max_message_size,
                             idle_timeout=config.limits.idle_timeout,
@@ -343,7 +368,10 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
 
         suppressions = cached(suppressions, reactor, top)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
-    manager = make_delivery(config, spool, reactor, features, metrics)
+    manager = make_delivery(config, spool, reactor, features, metrics, top.events)
+    listener = getattr(getattr(manager.dkim, "signer", None), "listener", None)
+    if listener is not None:  # the shared keys' changes (postgres/dkim.py)
+        listener.setServiceParent(top)
     DeliveryService(manager).setServiceParent(top)
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
@@ -475,12 +503,13 @@ def read_key_file(section: str, path: str, config: Config | None = None) -> byte
 
 
 def make_features(config: Config, suppressions, stats_store, reactor, parent,
-                  serve: bool = True) -> object:
+                  serve: bool = True, events=NO_EVENTS) -> object:
     """The per-user features (features.hooks.MessageFeatures) from ``[features]`` and
     ``[tracking]``; their services (the statistics writer and, with ``serve``, archive
     pruning and the tracking listener: the relay's, not the delivery process's) join
     ``parent``. Call it before delivery joins ``parent``, so that the statistics are
-    written after delivery has stopped."""
+    written after delivery has stopped. ``events``: where the tracking listener reports
+    opens, clicks and unsubscriptions."""
     from mailrelay.features.archive import Archive, ArchivePruner
     from mailrelay.features.hooks import MessageFeatures
     from mailrelay.features.paths import feature_paths
@@ -506,8 +535,8 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent,
     if config.tracking.enabled:
         personalizer = make_personalizer(config, paths.token_key)
         if serve:
-            _tracking_listener(config, personalizer, suppressions, recorder,
-                               reactor).setServiceParent(parent)
+            _tracking_listener(config, personalizer, suppressions, recorder, reactor,
+                               events).setServiceParent(parent)
     return MessageFeatures(reactor, suppressions, recorder, personalizer, archive)
 
 
@@ -547,10 +576,12 @@ def make_footer(config: Config):
         raise StartupError(f"[features] {e}")
 
 
-def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor):
+def _tracking_listener(config: Config, personalizer, suppressions, recorder, reactor,
+                       events):
     from mailrelay.features.web import TrackingRoot, make_site
 
-    root = TrackingRoot(personalizer.links.signer, suppressions, recorder, reactor)
+    root = TrackingRoot(personalizer.links.signer, suppressions, recorder, reactor,
+                        events=events)
     return ListenerService("tracking", config.tracking.endpoint, make_site(root), reactor)
 
 
@@ -599,11 +630,35 @@ def submit_notice(spool, reactor, sender: str, recipients: list[str], data: byte
     return spool.submit(envelope, data)
 
 
-def make_policy(config: Config, spool, reactor, metrics=None):
-    """The shared submission policy (limits, brute-force defence, sender notifications);
-    ``metrics``: the IMetrics counting its refusals and the notifications queued."""
+def quota_path(config: Config) -> str:
+    return os.path.join(config.server.data_dir, "quota.sqlite")
+
+
+def quota_store(config: Config, reactor, parent):
+    """The quota counts kept in data_dir/quota.sqlite across restarts, written in batches
+    by a service under ``parent``."""
+    from mailrelay.policy.quota import QuotaStore, QuotaWriter
+
+    path = quota_path(config)
+    try:
+        writer = QuotaWriter(QuotaStore(path), reactor)
+    except (sqlite3.Error, OSError) as e:
+        raise StartupError(f"[server] data_dir: quota counts {path}: "
+                           f"{getattr(e, 'strerror', None) or e}")
+    if parent is not None:
+        writer.setServiceParent(parent)
+    return writer
+
+
+def make_policy(config: Config, spool, reactor, metrics=None, parent=None, events=NO_EVENTS):
+    """The shared submission policy (limits, quotas, brute-force defence, sender and quota
+    notifications); ``metrics``: the IMetrics counting its refusals and the notifications
+    queued; ``parent``: the service the quota counts' writer runs under; ``events``: the
+    IEventSink of the quota warnings."""
     from mailrelay.policy.connections import ConnectionLimits
     from mailrelay.policy.notify import SenderNotifier
+    from mailrelay.policy.quota import QuotaCounter
+    from mailrelay.policy.quotawarn import QuotaWarner
     from mailrelay.policy.ratelimit import RateLimiter
     from mailrelay.policy.submission import SubmissionPolicy
 
@@ -617,10 +672,13 @@ def make_policy(config: Config, spool, reactor, metrics=None):
 
     notifier = SenderNotifier(reactor, submit, config.server.postmaster,
                               config.server.hostname, interval=p.notify_interval)
+    warner = QuotaWarner(reactor, submit, config.server.postmaster, config.server.hostname,
+                         events)
     if config.cluster.redis:  # shared by several nodes
         from mailrelay.cluster.redis_counters import shared_limiters
 
-        policy = SubmissionPolicy(*shared_limiters(config, reactor), notifier)
+        *shared, quotas = shared_limiters(config, reactor)
+        policy = SubmissionPolicy(*shared, notifier, quotas, warner)
     else:
         policy = SubmissionPolicy(
             ConnectionLimits(
@@ -634,6 +692,9 @@ def make_policy(config: Config, spool, reactor, metrics=None):
                         per_minute=limits.rate_per_minute or None, unit=limits.rate_counts),
             login_guard(config, reactor),
             notifier,
+            QuotaCounter(reactor, limits.quota_per_day, limits.quota_per_month,
+                         quota_store(config, reactor, parent)),
+            warner,
         )
     if metrics is not None:
         policy.metrics = metrics
@@ -663,9 +724,10 @@ class _Stopping(Service):
         return self._stop()
 
 
-def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
+def make_delivery(config: Config, spool, reactor, features=None, metrics=None,
+                  events=NO_EVENTS):
     """The DeliveryManager from ``[delivery]``; ``metrics``: the IMetrics of its attempts
-    and DSNs."""
+    and DSNs; ``events``: the IEventSink of what came of each recipient."""
     from mailrelay.bounces.store import ReturnPaths
     from mailrelay.delivery.manager import DeliveryManager
     from mailrelay.delivery.router import router_from_config
@@ -693,6 +755,7 @@ def make_delivery(config: Config, spool, reactor, features=None, metrics=None):
         dkim=_dkim(config, reactor),
         return_paths=ReturnPaths(*make_verp(config), reactor),
         on_result=on_result,
+        events=events,
     )
     if metrics is not None:
         manager.metrics = metrics
@@ -713,12 +776,23 @@ def _count_result(config: Config, metrics, clock, then, queue_id: str, envelope,
 
 
 def _dkim(config: Config, reactor):
-    """DKIM signing at delivery; None when ``[dkim] sign = no``."""
+    """DKIM signing at delivery; None when ``[dkim] sign = no``. The keys of
+    ``[cluster] postgres`` when set, else those of the key directory."""
     if not config.dkim.sign:
         return None
     from mailrelay.delivery.dkimsign import DkimSigning
     from mailrelay.dkim import Signer
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
 
+    try:
+        db = of_config(config)
+    except UNAVAILABLE as e:  # the keys cannot be read: mail waits in the queue
+        raise StartupError(f"[dkim] the keys cannot be read from [cluster] postgres: "
+                           f"{str(e).strip()}")
+    if db is not None:
+        from mailrelay.postgres.dkim import PgSigner
+
+        return DkimSigning(PgSigner(db, reactor, config.dkim.relay_domain), reactor)
     return DkimSigning(Signer(config.dkim.directory, relay_domain=config.dkim.relay_domain),
                        reactor)
 
@@ -726,12 +800,12 @@ def _dkim(config: Config, reactor):
 def dkim_checker(config: Config, reactor):
     """The relay's scheduled look-up of the DKIM records (manage/dkimcheck.py)."""
     from mailrelay.delivery.router import make_resolver
-    from mailrelay.manage.dkim import DkimKeys
+    from mailrelay.manage.dkim import keys_of_config
     from mailrelay.manage.dkimcheck import DkimChecker
     from mailrelay.manage.stores import threaded
 
     d = config.dkim
-    return DkimChecker(DkimKeys(d.directory, threaded(reactor), retire_after=d.retire_after),
+    return DkimChecker(keys_of_config(config, threaded(reactor)),
                        make_resolver(config.delivery.dns_servers, reactor), d.check_interval,
                        d.retire_after, reactor)
 

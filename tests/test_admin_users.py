@@ -232,7 +232,8 @@ def test_add_with_every_option(populated):
         "user", "add", "app2",
         "--domains", "B.org", "--addresses", "x@doe.com;y@b.org", "--note", "newsletter",
         "--status", "sandboxed", "--rate-limit", "500", "--priority", "1",
-        "--max-connections", "5", "--archive", "--audit-bcc", "audit@doe.com",
+        "--max-connections", "5", "--quota-day", "100", "--quota-month", "0",
+        "--archive", "--audit-bcc", "audit@doe.com",
         "--bounce-notify", "bounces@doe.com", "--unsubscribe-footer", "--open-tracking",
         "--click-tracking", "--expires", "2027-01-31T18:00+01:00",
         "--allow-from", "2001:db8::/32;203.0.113.0/24",
@@ -250,6 +251,8 @@ def test_add_with_every_option(populated):
         "rate_limit": 500,
         "priority": 1,
         "max_connections": 5,
+        "quota_day": 100,
+        "quota_month": 0,
         "archive": True,
         "audit_bcc": "audit@doe.com",
         "bounce_notify": "bounces@doe.com",
@@ -350,7 +353,8 @@ def test_account_lifecycle(populated):
     populated.ok("account", "add", "sales", "--domains", "sales.com", "--notify", "ops@sales.com")
     result = populated("account", "add", "sales")
     assert result.status == 1 and "account 'sales' already exists" in result.err
-    populated.ok("account", "set", "sales", "--add-domain", "sales.org", "--note", "team")
+    populated.ok("account", "set", "sales", "--add-domain", "sales.org", "--note", "team",
+                 "--quota-day", "1000")
     populated.ok("user", "add", "sales.org", "--account", "sales")
     accounts = json.loads(populated.ok("account", "list", "--json").out)
     assert accounts == [
@@ -360,6 +364,8 @@ def test_account_lifecycle(populated):
             "notify": None,
             "note": "",
             "bounce_domain": None,
+            "quota_day": None,
+            "quota_month": None,
             "users": ["app", "doe.com", "john@doe.com"],
         },
         {
@@ -368,6 +374,8 @@ def test_account_lifecycle(populated):
             "notify": "ops@sales.com",
             "note": "team",
             "bounce_domain": None,
+            "quota_day": 1000,
+            "quota_month": None,
             "users": ["sales.org"],
         },
     ]
@@ -376,6 +384,7 @@ def test_account_lifecycle(populated):
     assert table[2].split() == ["sales", "1", "sales.com;sales.org", "ops@sales.com", "team"]
     shown = populated.ok("account", "show", "sales").out
     assert "domains:  sales.com;sales.org\n" in shown and "  sales.org\n" in shown
+    assert "quota:    1000 per day, none per month\n" in shown
     assert json.loads(populated.ok("account", "show", "sales", "--json").out) == accounts[1]
 
     result = populated("account", "set", "sales", "--domains", "sales.com")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from event_list import EventList
 from test_auth import PASSWORD, temp_users_file
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
@@ -26,6 +27,7 @@ from mailrelay.auth.lifecycle import (
 from mailrelay.auth.passwords import hash_password
 from mailrelay.directory.changes import parse_expiry, user_changes
 from mailrelay.directory.filedir import DirectoryFileError, FileDirectory, UserStore
+from mailrelay.events import rfc3339
 from mailrelay.model import SmtpUser, Status
 
 
@@ -148,6 +150,7 @@ class DormancyTests(TestCase):
         self.clock.advance(self.stamp)
         self.directory, self.logins = directory_and_logins(self, self.path, self.clock)
         self.sent: list = []
+        self.events = EventList()
         self.job = self.make_job(self.directory)
 
     def make_job(self, directory):
@@ -155,7 +158,7 @@ class DormancyTests(TestCase):
 
         return DormancyJob(directory, self.path, self.logins, 100.0,
                            lambda *message: self.sent.append(message), "postmaster@relay.test",
-                           "relay.test", reactor, clock=self.clock)
+                           "relay.test", reactor, clock=self.clock, events=self.events)
 
     @defer.inlineCallbacks
     def test_only_the_user_without_a_recent_login_is_disabled_once(self):
@@ -172,6 +175,21 @@ class DormancyTests(TestCase):
         assert b"SMTP login b.org disabled" in message and b"last login: never" in message
         yield self.job.check()
         assert len(self.sent) == 1
+
+    @defer.inlineCallbacks
+    def test_each_user_disabled_is_reported_once(self):
+        self.clock.advance(10)
+        self.logins.record("doe.com", "127.0.0.2")  # and b.org never logs in
+        self.clock.advance(150)
+        yield self.job.check()
+        yield self.job.check()
+        assert self.events == [
+            ("credential.disabled", "default", "b.org",
+             {"reason": "dormant", "last_login": None, "last_login_ip": None}),
+            ("credential.disabled", "default", "doe.com",
+             {"reason": "dormant", "last_login": rfc3339(self.stamp + 10),
+              "last_login_ip": "127.0.0.2"}),
+        ]
 
     @defer.inlineCallbacks
     def test_a_read_only_directory_is_only_told_about(self):
@@ -193,5 +211,6 @@ class DormancyTests(TestCase):
             yield job.check()
         told = [e for e in events if "is dormant" in e.get("log_format", "")]
         assert len(told) == 2  # one per user, not one per look
+        assert self.events == []  # nobody disabled
         assert self.sent == []
         assert all(u.status is Status.ALLOWED for u in (yield self.directory.listUsers()))

@@ -17,9 +17,12 @@ from mailrelay.cluster.redis_counters import (
     RedisConnectionLimits,
     RedisCounters,
     RedisLoginGuard,
+    RedisQuotaCounter,
     RedisRateLimiter,
     open_pool,
 )
+from mailrelay.model import Account, SmtpUser
+from mailrelay.policy.quota import QuotaExceeded, period_end, period_id
 from mailrelay.reply import Reply
 from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 
@@ -133,6 +136,87 @@ class SharedCounters(unittest.TestCase):
         self.assertEqual((yield guard.check("192.0.2.9")), 1.0)
         yield guard.failed("192.0.2.9", "doe")
         yield self.refusal(guard.check("192.0.2.9"))
+
+    # ---- quotas ----
+
+    @defer.inlineCallbacks
+    def test_a_quota_holds_exactly_across_two_nodes_and_each_warning_comes_once(self):
+        nodes = [RedisQuotaCounter(self.node()) for _ in range(2)]
+        user = SmtpUser("App", quota_day=20)
+        attempts = [nodes[i % 2].reserve(user, None) for i in range(50)]
+        results = yield defer.DeferredList(attempts, consumeErrors=True)
+        taken = [r for ok, r in results if ok]
+        refused = [r.value for ok, r in results if not ok]
+        self.assertEqual(len(taken), 20)
+        self.assertEqual({(r.code, r.status) for r in refused}, {(451, "4.7.1")})
+        self.assertTrue(all(isinstance(r, QuotaExceeded) for r in refused))
+        # Open places count: refused before a single message was counted, so none of these
+        # refusals is the 100 % (that comes with the 20th message).
+        self.assertEqual([r for r in refused if r.crossing], [])
+        crossings = []
+        for reservation in taken:  # committed on alternating nodes, one at a time
+            crossings.append((yield reservation.commit()))
+        reached = {n + 1: [(c.percent, c.used) for c in found]
+                   for n, found in enumerate(crossings) if found}
+        # Each threshold once, by whichever node counted the message that reached it.
+        self.assertEqual(reached, {16: [(80, 16)], 18: [(90, 18)], 20: [(100, 20)]})
+        reply = yield self.assertFailure(nodes[1].reserve(user, None), QuotaExceeded)
+        today = period_id("day", reactor.seconds())
+        self.assertEqual(str(reply), "451 4.7.1 daily quota of 20 messages of user App "
+                         "reached, it resets at " + f"{today} 00:00 UTC".replace(
+                             today, period_id("day", period_end("day", today))))
+        self.assertIsNone(reply.crossing)  # the 100 % was reported by the commit
+        # One key, expiring with the day (plus the places' lease), set by the same script.
+        key = f"{self.prefix}quota:user:app:d"
+        self.assertEqual(self.server.command("HGET", key, "u"), "20")
+        ttl = int(self.server.command("PTTL", key)) / 1000
+        until_midnight = period_end("day", today) - reactor.seconds()
+        self.assertLessEqual(ttl, until_midnight + 3600 + 5)
+        self.assertGreater(ttl, until_midnight + 3600 - 60)
+
+    @defer.inlineCallbacks
+    def test_an_account_quota_and_a_monthly_one_are_counted_in_the_same_call(self):
+        a, b = RedisQuotaCounter(self.node()), RedisQuotaCounter(self.node(), per_month=50)
+        acme = Account("acme", quota_day=2)
+        one = yield a.reserve(SmtpUser("one", account="acme"), acme)
+        two = yield b.reserve(SmtpUser("two", account="acme"), acme)
+        reply = yield self.assertFailure(a.reserve(SmtpUser("one", account="acme"), acme),
+                                         QuotaExceeded)
+        self.assertIn("daily quota of 2 messages of account acme reached", str(reply))
+        yield two.release()  # an aborted transaction gives its place back, on every node
+        two = yield b.reserve(SmtpUser("two", account="acme"), acme)
+        self.assertEqual([(u.quota.period, u.quota.subject, u.used) for u in two.usage],
+                         [("month", "user", 0), ("day", "account", 0)])
+        self.assertEqual((yield one.commit()), [])
+        [full] = yield two.commit()
+        self.assertEqual((full.quota.subject, full.percent, full.used), ("account", 100, 2))
+        self.assertEqual(self.server.command("HGET", f"{self.prefix}quota:user:two:m", "u"),
+                         "1")
+
+    @defer.inlineCallbacks
+    def test_a_new_period_starts_from_zero_and_warns_again(self):
+        """Redis's clock cannot be moved: the hash is made to say yesterday instead."""
+        node = RedisQuotaCounter(self.node())
+        user = SmtpUser("u", quota_day=1)
+        yield (yield node.reserve(user, None)).commit()
+        yield self.assertFailure(node.reserve(user, None), QuotaExceeded)
+        self.server.command("HSET", f"{self.prefix}quota:user:u:d", "p", "2000-01-01")
+        reservation = yield node.reserve(user, None)
+        self.assertEqual(reservation.usage[0].used, 0)
+        [crossing] = yield reservation.commit()
+        self.assertEqual((crossing.percent, crossing.pid),
+                         (100, period_id("day", reactor.seconds())))
+
+    @defer.inlineCallbacks
+    def test_a_lowered_quota_is_reported_full_by_the_first_refusal_only(self):
+        a, b = RedisQuotaCounter(self.node()), RedisQuotaCounter(self.node())
+        for _ in range(3):
+            yield (yield a.reserve(SmtpUser("u", quota_month=100), None)).commit()
+        lowered = SmtpUser("u", quota_month=2)
+        first = yield self.assertFailure(a.reserve(lowered, None), QuotaExceeded)
+        second = yield self.assertFailure(b.reserve(lowered, None), QuotaExceeded)
+        self.assertEqual((first.crossing.percent, first.crossing.used), (100, 3))
+        self.assertIsNone(second.crossing)
 
     # ---- connections ----
 
@@ -258,6 +342,26 @@ class SharedCounters(unittest.TestCase):
             ticket.close()
 
     @defer.inlineCallbacks
+    def test_quotas_without_redis_refuse_or_count_each_nodes_share(self):
+        refusing = RedisQuotaCounter(self.node())
+        local = RedisQuotaCounter(self.node(down="local", nodes=2))
+        user = SmtpUser("u", quota_day=4)
+        yield (yield refusing.reserve(user, None)).commit()
+        self.server.stop()
+        reply = yield self.refusal(refusing.reserve(user, None))
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        for _ in range(2):
+            reservation = yield local.reserve(user, None)
+            yield reservation.commit()
+        reply = yield self.assertFailure(local.reserve(user, None), QuotaExceeded)
+        self.assertIn("daily quota of 2 messages of user u reached", str(reply))
+        self.server.start()
+        reservation = yield self._until(lambda: local.reserve(user, None))
+        # Redis's count again (this one started afresh), not the node's own 2
+        self.assertEqual(reservation.usage[0].used, 0)
+        yield reservation.release()
+
+    @defer.inlineCallbacks
     def _until(self, attempt):
         """``attempt()`` again until Redis answers it (bounded: 10 s)."""
         for _ in range(100):
@@ -323,14 +427,16 @@ def test_both_kinds_of_limiters_fill_the_same_seams():
     from twisted.internet.task import Clock
     from zope.interface.verify import verifyObject
 
-    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter
+    from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IQuotaCounter, IRateLimiter
     from mailrelay.policy.bruteforce import LoginGuard
     from mailrelay.policy.connections import ConnectionLimits
+    from mailrelay.policy.quota import QuotaCounter
     from mailrelay.policy.ratelimit import RateLimiter
 
     counters = RedisCounters(None, Clock())  # the pool is not touched until a check
     for iface, local, shared in (
             (IRateLimiter, RateLimiter(Clock()), RedisRateLimiter(counters)),
             (IConnectionLimits, ConnectionLimits(), RedisConnectionLimits(counters)),
-            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters))):
+            (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters)),
+            (IQuotaCounter, QuotaCounter(Clock()), RedisQuotaCounter(counters))):
         assert verifyObject(iface, local) and verifyObject(iface, shared)

@@ -306,8 +306,9 @@ def _newer_database(name: str):
     ("[admin]\nenabled = no\n", _broken_file("stats.sqlite", "not a database " * 100)),
     (_PANEL + "key_file = {tmp}\n", None),
     ("[admin]\nenabled = no\n", _newer_database("suppressions.sqlite")),
+    ("[admin]\nenabled = no\n", _broken_file("quota.sqlite", "not a database " * 100)),
 ], ids=["login-delay-after-block", "admin-endpoint", "access-file", "stats-db",
-        "key-file", "newer-schema"])  # fmt: skip
+        "key-file", "newer-schema", "quota-db"])  # fmt: skip
 def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings, make):
     import subprocess
     import sys

@@ -63,7 +63,8 @@ def test_save_writes_readable_sorted_json_with_mode_0600(tmp_path):
     assert text == json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     assert doc["version"] == 1
     assert doc["accounts"] == {"default": {"domains": "b.org;doe.com", "notify": None, "note": "",
-                                           "bounce_domain": None}}
+                                           "bounce_domain": None, "quota_day": None,
+                                           "quota_month": None}}
     assert sorted(doc["users"]) == ["app", "doe.com", "john@doe.com"]
     app = doc["users"]["app"]
     assert app["domains"] == "b.org" and app["addresses"] == "x@doe.com"

@@ -15,7 +15,6 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from mailrelay.delivery.router import make_resolver
-from mailrelay.dkim import read_index
 from mailrelay.manage.dkim import DkimKeys
 from mailrelay.manage.dkimcheck import DkimChecker
 from mailrelay.manage.stores import at_once
@@ -27,7 +26,7 @@ class DkimCheckTests(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="mailrelay-dkim-check-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.keys = DkimKeys(self.dir, at_once)
+        self.keys = self.make_keys()
         self.dns = listen_dns()
         self.addCleanup(self.dns.stop)
         self.clock = task.Clock()
@@ -43,13 +42,17 @@ class DkimCheckTests(unittest.TestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
 
+    def make_keys(self):
+        """The store checked (PostgreSQL's in test_postgres_dkim.py)."""
+        return DkimKeys(self.dir, at_once)
+
     def publish(self, selector: str) -> None:
-        (key,) = [k for k in read_index(self.dir)[0] if k.selector == selector]
+        (key,) = [k for k in value(self.keys.list()) if k.selector == selector]
         name, text = value(self.keys.txtRecord(key))
         self.dns.zone[name] = [f"TXT {text}"]
 
     def state(self) -> dict[str, tuple[str, str | None]]:
-        return {k.selector: (k.state, k.dns_status) for k in read_index(self.dir)[0]}
+        return {k.selector: (k.state, k.dns_status) for k in value(self.keys.list())}
 
     @defer.inlineCallbacks
     def test_a_pending_key_signs_once_seen_and_a_retiring_one_is_reported_once(self):
@@ -58,7 +61,7 @@ class DkimCheckTests(unittest.TestCase):
         self.publish("s1")
         yield defer.ensureDeferred(self.checker.check())
         self.assertEqual(self.state(), {"s1": ("active", "ok"), "s2": ("pending", "missing")})
-        checked = {k.dns_checked for k in read_index(self.dir)[0]}
+        checked = {k.dns_checked for k in value(self.keys.list())}
         self.assertEqual(checked, {self.clock.seconds()})
         self.assertEqual(self.lines, [])
 

@@ -17,6 +17,7 @@ import smtplib
 import pytest
 from balancer import Balancer
 from harness import Relay, free_port, message, wait_for
+from test_e2e_quota import queued_warnings
 
 from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 
@@ -48,6 +49,9 @@ def cluster(tmp_path_factory):
         first.add_user("rate@doe.test", PASSWORD, "--rate-limit", "100")
         first.add_user("conn@doe.test", PASSWORD, "--max-connections", "2")
         first.add_user("local@doe.test", PASSWORD, "--rate-limit", "6")
+        first.admin("account", "add", "acme", "--domains", "acme.test", "--notify",
+                    "it@acme.test")
+        first.add_user("quota@acme.test", PASSWORD, "--account", "acme", "--quota-day", "10")
         nodes[0].start()
         for node in nodes[1:]:  # one certificate for the service, as behind a balancer
             shutil.copytree(nodes[0].data / "tls", node.data / "tls")
@@ -96,17 +100,36 @@ def send(client: smtplib.SMTP, sender: str) -> int:
         return e.smtp_code
 
 
-def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
-    _, nodes = cluster
-    # Three connections through the balancer: one to each node, in turn.
-    clients = [login(nodes[0], "rate@doe.test", port=nodes[0].balancer) for _ in nodes]
-    codes = [send(clients[i % 3], "rate@doe.test") for i in range(300)]
+def round_robin(nodes: list[Relay], user: str, count: int) -> list[int]:
+    """``count`` messages of ``user`` over three connections through the balancer (one to
+    each node, in turn); their MAIL reply codes."""
+    clients = [login(nodes[0], user, port=nodes[0].balancer) for _ in nodes]
+    codes = [send(clients[i % len(nodes)], user) for i in range(count)]
     for client in clients:
         client.quit()
+    return codes
+
+
+def test_a_rate_limit_holds_exactly_for_mail_sent_round_robin_through_the_nodes(cluster):
+    _, nodes = cluster
+    codes = round_robin(nodes, "rate@doe.test", 300)
     assert codes.count(250) == 100
     assert set(codes) == {250, 451}
     assert sum(len(node.spool_files()) for node in nodes) == 100
     assert all(node.spool_files() for node in nodes)  # every node took part
+
+
+def test_a_quota_holds_across_the_nodes_and_each_warning_is_sent_once(cluster):
+    _, nodes = cluster
+    assert round_robin(nodes, "quota@acme.test", 15) == [250] * 10 + [451] * 5
+
+    def warnings():
+        return sorted(w for node in nodes for w in queued_warnings(node, "it@acme.test"))
+
+    wait_for(lambda: len(warnings()) >= 3, timeout=10, what="three quota warnings")
+    assert warnings() == ["Daily quota of 10 messages of user quota@acme.test at 80%",
+                          "Daily quota of 10 messages of user quota@acme.test at 90%",
+                          "Daily quota of 10 messages of user quota@acme.test reached"]
 
 
 def test_guessing_spread_over_the_nodes_is_blocked_at_the_global_threshold(cluster):

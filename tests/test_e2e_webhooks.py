@@ -1,7 +1,8 @@
 """Webhooks end to end through the real twistd: a loopback receiver (its own process)
 that answers 500 then 200, 410, or too slowly; every request's signature verified with
 the standardwebhooks package; failed events sent again with mailrelay-admin and the API;
-an event being sent when twistd is killed with kill -9 sent again after the restart."""
+an event being sent when twistd is killed with kill -9 sent again after the restart; the
+requests counted in /metrics; two nodes sharing their endpoints in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import socket
 import urllib.error
 import urllib.request
 
+import pg_server
 import pytest
-from harness import Peer, Relay, free_port, message, wait_for
+from harness import Peer, Relay, Sink, free_port, message, wait_for
 from standardwebhooks.webhooks import Webhook
+from test_e2e_metrics import scrape, value
 
 PASSWORD = "correct horse battery"
 FAST = ("[delivery]\nenabled = no\n\n[webhooks]\nallow_private = 127.0.0.0/8\n"
@@ -60,7 +63,7 @@ def verified(secret: str, requests: list[dict]) -> list[dict]:
 def receiver(tmp_path_factory):
     r = Receiver(tmp_path_factory.mktemp("receiver"))
     r.rules({"/flaky": [500, 200], "/gone": [410, 200], "/slow": ["slow", "slow", 200],
-             "/hang": ["slow", 200]})
+             "/hang": ["slow", 200], "/counted": [500, 200], "/refused": [400]})
     yield r
     r.stop()
 
@@ -72,9 +75,9 @@ def relay(tmp_path_factory, receiver):
         FAST + "retry_delays = 1s\ntimeout = 1s\n\n"
         f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
     r.panel_url = f"http://127.0.0.1:{port}"
-    r.admin("account", "add", "acme", "--domains", "a.test;b.test;c.test",
+    r.admin("account", "add", "acme", "--domains", "a.test;b.test;c.test;d.test",
             "--notify", "ops@acme.test")
-    for domain in ("a.test", "b.test", "c.test"):
+    for domain in ("a.test", "b.test", "c.test", "d.test"):
         r.add_user(domain, PASSWORD, "--account", "acme")
     r.api_key = r.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
     r.start()
@@ -111,14 +114,41 @@ def admin_json(relay, *args: str):
     return json.loads(relay.admin(*args, "--json").stdout)
 
 
-def api(relay, method: str, path: str):
+def api(relay, method: str, path: str, doc: dict | None = None):
+    headers = {"authorization": f"Bearer {relay.api_key}"}
+    if doc is not None:
+        headers["content-type"] = "application/json"
     request = urllib.request.Request(relay.panel_url + "/api/v1" + path, method=method,
-                                     headers={"authorization": f"Bearer {relay.api_key}"})
+                                     headers=headers,
+                                     data=None if doc is None else json.dumps(doc).encode())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_requests_counted_in_metrics(relay, receiver):
+    """/metrics, read with prometheus-client's parser: a 500 then a 200 are one retried
+    and one sent, a 400 one failed; nothing left in the outbox."""
+    before = scrape(relay.panel_url + "/metrics", token=None)
+    endpoint(relay, receiver.url("/counted"), "d.test")
+    refused = endpoint(relay, receiver.url("/refused"), "d.test")
+    submit(relay, "d.test")
+    receiver.wait("/counted", 2)
+    receiver.wait("/refused", 1)
+
+    def counted():
+        now = scrape(relay.panel_url + "/metrics", token=None)
+        seen = {o: value(now, "mailrelay_webhook_deliveries_total", outcome=o) -
+                value(before, "mailrelay_webhook_deliveries_total", outcome=o)
+                for o in ("sent", "retried", "failed")}  # fmt: skip
+        return seen == {"sent": 1, "retried": 1, "failed": 1} and now
+
+    now = wait_for(counted, what="the requests counted")
+    assert ("mailrelay_webhook_outbox_pending", ()) in now
+    assert value(now, "mailrelay_webhook_outbox_pending") == 0
+    relay.admin("webhook", "del", str(refused["id"]))  # its failed event goes with it
 
 
 def test_500_then_200_delivers_the_event_once_signed(relay, receiver):
@@ -197,3 +227,77 @@ def test_event_being_sent_survives_kill_9_and_is_sent_after_restart(tmp_path, re
         wait_for(lambda: "(message.processed) sent to" in relay.log(), what="the event sent")
     finally:
         relay.stop()
+
+
+def test_a_session_and_the_delivery_process_report_to_the_endpoint(tmp_path, receiver):
+    """The whole chain: a refused MAIL and an accepted message in the relay, their delivery
+    in the delivery process, each event signed and sent with its message's fields."""
+    sink = Sink(tmp_path / "sink")
+    r = Relay(tmp_path / "relay", config=(
+        f"[delivery]\nallow_local_mx = yes\nmx_tls = none\n\n"
+        f"[routes]\nexample.test = 127.0.0.1:{sink.port}\n\n"
+        "[webhooks]\nallow_private = 127.0.0.0/8\npoll_interval = 0.2s\n"))
+    r.admin("account", "add", "acme", "--domains", "a.test")
+    r.add_user("a.test", PASSWORD, "--account", "acme")
+    r.start()
+    try:
+        hook = endpoint(r, receiver.url("/chain"), "a.test")
+        with r.smtp(login=("a.test", PASSWORD)) as c:
+            assert c.mail("x@other.test")[0] == 550
+            c.mail("app@a.test")
+            c.rcpt("ok@example.test")
+            code, reply = c.data(message("app@a.test", "ok@example.test"))
+        assert code == 250
+        queue_id = reply.decode().rsplit(" ", 1)[-1]
+        got = {e["type"]: e for e in verified(hook["secrets"][0],
+                                              receiver.wait("/chain", 3))}
+        assert sorted(got) == ["message.delivered", "message.processed", "message.rejected"]
+        rejected = got["message.rejected"]["data"]
+        assert (rejected["reply"]["code"], rejected["sender"]) == (550, "x@other.test")
+        for kind in ("message.processed", "message.delivered"):
+            data = got[kind]["data"]
+            assert (data["account"], data["user"], data["queue_id"]) == ("acme", "a.test",
+                                                                         queue_id)
+        delivered = got["message.delivered"]["data"]
+        assert delivered["recipient"] == "ok@example.test"
+        assert delivered["remote_reply"].startswith("250")
+    finally:
+        r.stop()
+        sink.stop()
+
+
+@pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
+def test_endpoint_added_on_one_node_receives_the_events_of_another(tmp_path, receiver):
+    """Two twistd nodes sharing one PostgreSQL ([cluster] postgres): an endpoint added
+    through node A's API receives, signed, the event of a message node B accepted."""
+    dsn = pg_server.shared_server().create_database()
+    nodes = []
+    for name in ("a", "b"):
+        port = free_port()
+        node = Relay(tmp_path / name, config=(
+            FAST + f"\n[cluster]\npostgres = {dsn}\nnode_id = {name}\n\n"
+            f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
+        node.panel_url = f"http://127.0.0.1:{port}"
+        node.admin("account", "add", "acme", "--domains", "n.test")
+        node.add_user("n.test", PASSWORD, "--account", "acme")
+        node.api_key = node.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
+        nodes.append(node)
+    a, b = nodes
+    try:
+        for node in nodes:
+            node.start()
+            wait_for(lambda n=node: _listening(int(n.panel_url.rpartition(":")[2])),
+                     what="the control panel")
+        status, hook = api(a, "POST", "/webhooks", {"account": "acme",
+                                                   "url": receiver.url("/shared")})
+        assert status == 201, hook
+        assert [e["id"] for e in api(b, "GET", "/webhooks")[1]] == [hook["id"]]
+        queue_id = submit(b, "n.test")
+        (payload,) = verified(hook["secrets"][0], receiver.wait("/shared", 1))
+        assert (payload["type"], payload["data"]["queue_id"]) == ("message.processed",
+                                                                  queue_id)
+        wait_for(lambda: "(message.processed) sent to" in b.log(), what="b sent it")
+        assert "(message.processed) sent to" not in a.log()  # b's outbox, b's sender
+    finally:
+        for node in nodes:
+            node.stop()

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from io import BytesIO
 
+from event_list import EventList
 from twisted.internet import defer, endpoints, reactor
 from twisted.trial import unittest
 from twisted.web.client import Agent, FileBodyProducer, readBody
@@ -32,7 +33,9 @@ class TrackingWebTests(unittest.TestCase):
         self.stats = StatsRecorder(self.stats_store, reactor)
         self.addCleanup(self.suppressions.close)
         self.addCleanup(self.stats_store.close)
-        root = TrackingRoot(self.signer, self.suppressions, self.stats, reactor)
+        self.events = EventList()
+        root = TrackingRoot(self.signer, self.suppressions, self.stats, reactor,
+                            events=self.events)
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
         self.port = yield endpoint.listen(make_site(root))
         self.addCleanup(self.port.stopListening)
@@ -151,6 +154,24 @@ class TrackingWebTests(unittest.TestCase):
         self.assertEqual(response.code, 200)
         totals = yield self.totals()
         self.assertEqual(totals["unsubscribes"], 1)
+
+    @defer.inlineCallbacks
+    def test_opens_clicks_and_unsubscribes_are_reported(self):
+        target = "https://shop.example/sale"
+        for method, url, body in ((b"GET", self.links.open_url(R), None),
+                                  (b"GET", self.links.click_url(R, target), None),
+                                  (b"GET", self.links.unsubscribe_url(R), None),  # the form
+                                  (b"POST", self.links.unsubscribe_url(R), ONE_CLICK),
+                                  (b"POST", self.links.unsubscribe_url(R), ONE_CLICK),
+                                  (b"GET", self.links.open_url(R) + "x", None)):  # forged
+            yield self.request(method, url, body, b"application/x-www-form-urlencoded")
+        about = {"queue_id": R.queue_id, "recipient": "alice@example.org"}
+        self.assertEqual(self.events, [
+            ("message.opened", "acme", "news@acme.example", about),
+            ("message.clicked", "acme", "news@acme.example", {**about, "url": target}),
+            # Once: the second POST finds the recipient unsubscribed already.
+            ("message.unsubscribed", "acme", "news@acme.example", about),
+        ])
 
     @defer.inlineCallbacks
     def test_access_log_hides_tokens(self):

@@ -624,6 +624,18 @@ class MappingTests(unittest.TestCase):
         self.assertIsNone(account.bounce_domain)
         self.assertEqual(len(events), 1)
 
+    def test_quotas_of_users_and_accounts(self) -> None:
+        names = attribute_names()
+        user = user_from_entry(self.entry(uid=["app"], mailrelayQuotaDay=["500"],
+                                          mailrelayQuotaMonth=["0"]), names)
+        self.assertEqual((user.quota_day, user.quota_month), (500, 0))
+        with capturedLogs() as events:
+            user = user_from_entry(self.entry(uid=["app"], mailrelayQuotaDay=["-1"]), names)
+        self.assertEqual((user.quota_day, user.quota_month, len(events)), (None, None, 1))
+        account = account_from_entry(self.entry(cn=["acme"], mailrelayQuotaMonth=["9000"]),
+                                     names)
+        self.assertEqual((account.quota_day, account.quota_month), (None, 9000))
+
     def test_entry_without_username_cannot_log_in(self) -> None:
         with capturedLogs():
             self.assertIsNone(user_from_entry(self.entry(mail=["a@b.test"]), attribute_names()))

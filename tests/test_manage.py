@@ -168,8 +168,8 @@ class FileStoreTests(unittest.TestCase):
                          [("acme", []), ("beta", ["beta.example"]), ("default", [])])  # fmt: skip
         self.assertEqual(account_json(*listed[1]), {
             "name": "beta", "domains": "beta.example;beta.test", "notify": None,
-            "note": "the beta one", "bounce_domain": None,
-            "users": ["beta.example"]})  # fmt: skip
+            "note": "the beta one", "bounce_domain": None, "quota_day": None,
+            "quota_month": None, "users": ["beta.example"]})  # fmt: skip
         user, found = yield defer.ensureDeferred(self.users.get("beta.example"))
         doc = user_json(user, found)
         self.assertEqual((doc["username"], doc["kind"], doc["account"]),
@@ -291,7 +291,39 @@ class SuppressionListsTests(unittest.TestCase):
         self.assertEqual((yield self.lists.list("acme", "acme.example")), [])
 
 
-class AccessStoreTests(unittest.SynchronousTestCase):
+class AccessStoreCases:
+    """What every IAccessStore does (the access file here, PostgreSQL in
+    test_postgres_access.py): ``store`` changed through it, ``stored()`` all it keeps as
+    text, ``view()`` the daemon's cached view and ``seen(view, test)`` a Deferred that
+    fires once the view passes ``test`` (a change made elsewhere reaching it)."""
+
+    store: object
+
+    @defer.inlineCallbacks
+    def test_keys_and_admins(self):
+        self.assertTrue(verifyObject(IAccessStore, self.store))
+        secret = yield self.store.addKey("deploy", Access.READ_WRITE)
+        self.assertNotIn(secret, self.stored())
+        daemon = self.view()
+        self.assertEqual(daemon.current().key_for(secret).name, "deploy")
+        yield self.assertFailure(self.store.addKey("deploy", Access.READ_ONLY), AccessError)
+        password_hash = hash_password("pass-word-1")
+        yield self.store.setAdmin("alice", password_hash, True)
+        self.assertNotIn("pass-word-1", self.stored())
+        yield self.assertFailure(self.store.setAdmin("bob", hash_password("x"), False),
+                                 AccessError)  # fmt: skip
+        self.assertEqual([k.name for k in (yield self.store.listKeys())], ["deploy"])
+        self.assertEqual([a.name for a in (yield self.store.listAdmins())], ["alice"])
+        yield self.seen(daemon, lambda data: "alice" in data.admins)
+        self.assertEqual(daemon.current().admins["alice"].password_hash, password_hash)
+        yield self.store.deleteKey("deploy")
+        yield self.assertFailure(self.store.deleteAdmin("bob"), AccessError)
+        yield self.seen(daemon, lambda data: data.key_for(secret) is None)
+        yield self.store.deleteAdmin("alice")
+        yield self.seen(daemon, lambda data: not data.admins)
+
+
+class AccessStoreTests(AccessStoreCases, unittest.TestCase):
     """API keys and admin logins through IAccessStore over the access file; the daemon's
     AccessFile sees each change."""
 
@@ -300,23 +332,16 @@ class AccessStoreTests(unittest.SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.dir)
         self.path = os.path.join(self.dir, "admin.json")
         self.store = FileAccessStore(self.path, at_once)
+        self.clock = Clock()
 
-    def test_keys_and_admins(self):
-        self.assertTrue(verifyObject(IAccessStore, self.store))
-        secret = self.successResultOf(self.store.addKey("deploy", Access.READ_WRITE))
-        self.assertNotIn(secret, _text(self.path))
+    def stored(self) -> str:
         self.assertEqual(oct(os.stat(self.path).st_mode & 0o777), "0o600")
-        clock = Clock()
-        daemon = AccessFile(self.path, clock)
-        self.assertEqual(daemon.current().key_for(secret).name, "deploy")
-        self.failureResultOf(self.store.addKey("deploy", Access.READ_ONLY), AccessError)
-        self.successResultOf(self.store.setAdmin("alice", hash_password("pass-word-1"), True))
-        self.failureResultOf(self.store.setAdmin("bob", hash_password("x"), False), AccessError)
-        self.assertEqual([k.name for k in self.successResultOf(self.store.listKeys())],
-                         ["deploy"])  # fmt: skip
-        self.assertEqual([a.name for a in self.successResultOf(self.store.listAdmins())],
-                         ["alice"])  # fmt: skip
-        self.successResultOf(self.store.deleteKey("deploy"))
-        self.failureResultOf(self.store.deleteAdmin("bob"), AccessError)
-        clock.advance(1)
-        self.assertIsNone(daemon.current().key_for(secret))
+        return _text(self.path)
+
+    def view(self) -> AccessFile:
+        return AccessFile(self.path, self.clock)
+
+    def seen(self, view, test) -> defer.Deferred:
+        self.clock.advance(1)  # re-read at most once a second
+        self.assertTrue(test(view.current()))
+        return defer.succeed(None)

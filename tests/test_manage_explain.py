@@ -96,7 +96,7 @@ class ExplainTests(unittest.TestCase):
                                                  "boss@far.test not allowed for user acme.test")
 
     def test_rate_limit_refusal_is_the_relays_reply(self):
-        async def limits(user):
+        async def limits(user, account):
             return {"used_hour": 5, "used_minute": 0,
                     "refusal": "451 4.7.1 rate limit of 5 messages per hour exceeded, try "
                                "again in 60 seconds"}
@@ -109,6 +109,29 @@ class ExplainTests(unittest.TestCase):
         self.assertEqual(result.steps[-1].rule,
                          "rate limit of user acme.test (5 per hour): 5 counted this hour")
         self.assertEqual(result.to_json()["limits"]["used_hour"], 5)
+
+    def test_quotas_are_shown_and_a_full_one_refuses_with_the_relays_reply(self):
+        quota = {"subject": "account", "name": "acme", "period": "month", "limit": 100,
+                 "used": 60, "held": 1, "resets": "2027-01-01 00:00 UTC"}
+        state = {"used_hour": 0, "used_minute": 0, "refusal": "", "quota": [quota],
+                 "quota_refusal": ""}
+
+        async def limits(user, account):
+            return state
+
+        user = SmtpUser("acme.test", account="acme")
+        result = self.explain(user, "a@acme.test", limit_state=limits)
+        self.assertTrue(result.accepted)
+        self.assertIn("monthly quota of account acme: 60 of 100 (1 open), resets at "
+                      "2027-01-01 00:00 UTC", result.steps[1].rule)
+        quota["used"] = 99
+        state["quota_refusal"] = ("451 4.7.1 monthly quota of 100 messages of account acme "
+                                  "reached, it resets at 2027-01-01 00:00 UTC")
+        result = self.explain(user, "a@acme.test", limit_state=limits)
+        self.assertFalse(result.accepted)
+        self.assertEqual(result.steps[-1].reply, state["quota_refusal"])
+        self.assertEqual(result.steps[-1].rule, "monthly quota of account acme: 99 of 100 "
+                                                "(1 open), resets at 2027-01-01 00:00 UTC")
 
     def test_unknown_user(self):
         d = defer.ensureDeferred(explain(None, None, SETTINGS, "a@acme.test"))

@@ -22,6 +22,7 @@ from mailrelay.metrics.forward import DeltaMetrics
 from mailrelay.metrics.prom import PrometheusMetrics
 from mailrelay.spool.queueid import QueueIds
 from mailrelay.spool.spool import Spool
+from mailrelay.webhooks.store import Event, WebhookStore
 
 
 def samples(metrics: PrometheusMetrics) -> dict[tuple[str, tuple], float]:
@@ -130,6 +131,7 @@ def exposed_names(tmp_path) -> set[str]:
     relay.absorb(json.dumps(DeltaMetrics(Clock()).record()))
     relay.directory(0.01, True)
     relay.listener("smtp").refused(550, "5.7.1")
+    relay.outbox = WebhookStore(str(tmp_path / "webhooks.sqlite"))
     return {name for name, _ in samples(relay)}
 
 
@@ -177,3 +179,23 @@ def test_config_metrics_section(tmp_path):
                    "token = t0ken\n")
     m = load_config(str(ini)).metrics
     assert (m.endpoint, m.token) == ("tcp:9125", "t0ken")
+
+
+def test_webhook_requests_and_the_outbox_backlog(tmp_path):
+    relay = PrometheusMetrics()
+    for outcome in ("sent", "sent", "retried", "failed", "bogus"):
+        relay.webhook(outcome)
+    s = samples(relay)
+    assert [s[("mailrelay_webhook_deliveries_total", (("outcome", o),))]
+            for o in ("sent", "retried", "failed", "other")] == [2, 1, 1, 1]
+    assert not any(name == "mailrelay_webhook_outbox_pending" for name, _ in s)
+    relay.outbox = store = WebhookStore(str(tmp_path / "webhooks.sqlite"))
+    assert samples(relay)[("mailrelay_webhook_outbox_pending", ())] == 0
+    store.add_endpoint("acme", "https://hooks.example.com/", [], [], 1.0)
+    store.append([Event(f"evt_{i}", "acme", None, "message.delivered", b"{}", 1.0)
+                  for i in range(3)])
+    assert samples(relay)[("mailrelay_webhook_outbox_pending", ())] == 3
+    ((delivery, _), *_) = store.due(2.0, 10)
+    store.sent(delivery.id)
+    assert samples(relay)[("mailrelay_webhook_outbox_pending", ())] == 2
+    store.close()

@@ -146,3 +146,21 @@ class ListenerTests(unittest.TestCase):
         server.start_again()  # ...and comes back on the same port
         self.received_until(got, 1, timeout=20)
         self.assertEqual(got, [("users", None)])
+
+
+class RestartTests(unittest.TestCase):
+    def test_the_first_call_after_the_database_restarted_is_served(self) -> None:
+        server = pg_server.PostgresServer()
+        server.start()
+        self.addCleanup(server.stop)
+        db = Database(server.dsn())
+        db.open()
+        self.addCleanup(db.close)
+        with db.transaction() as conn:  # the pool's connection, now idle
+            self.assertEqual(conn.execute("SELECT 1").fetchone(), (1,))
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(20)
+        server.process = None
+        server.start_again()
+        with db.transaction() as conn:  # not the dead connection: a new one
+            self.assertEqual(conn.execute("SELECT 2").fetchone(), (2,))

@@ -291,11 +291,12 @@ class ApiTests(unittest.TestCase):
         _, _, accounts = yield self.api("GET", "/accounts", expect=200)
         self.assertEqual([a["name"] for a in accounts], ["acme", "default"])
         _, headers, account = yield self.api("POST", "/accounts", {
-            "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test"},
-            expect=201)  # fmt: skip
+            "name": "beta", "domains": "beta.test;b2.test", "notify": "ops@beta.test",
+            "quota_month": 5000}, expect=201)  # fmt: skip
         self.assertEqual(account, {"name": "beta", "domains": "b2.test;beta.test",
                                    "notify": "ops@beta.test", "note": "", "users": [],
-                                   "bounce_domain": None})
+                                   "bounce_domain": None, "quota_day": None,
+                                   "quota_month": 5000})
         yield self.api("POST", "/accounts", {"name": "beta"}, expect=409)
         yield self.api("POST", "/accounts", {"name": "bad name"}, expect=400)
         yield self.api("POST", "/accounts", {"name": "c", "domains": "x,y"}, expect=400)
@@ -593,3 +594,36 @@ class LdapApiTests(unittest.TestCase):
             self.assertEqual(code, 405, (method, path, body))
             self.assertIn("LDAP", body["error"])
             check_response(method, "/api/v1" + path, code, body)
+
+
+class PostgresAwayApiTests(unittest.TestCase):
+    """A store in PostgreSQL that cannot be reached: 503 saying so, not 500."""
+
+    @defer.inlineCallbacks
+    def test_users_listed_while_the_last_logins_cannot_be_read(self):
+        import signal
+
+        import pg_server
+
+        from mailrelay.postgres.db import Database
+        from mailrelay.postgres.logins import PgLoginStore
+
+        server = pg_server.PostgresServer()
+        server.start()
+        self.addCleanup(server.stop)
+        db = Database(server.dsn(), timeout=1)
+        db.open()
+        self.addCleanup(db.close)
+        tmp = tempfile.mkdtemp(prefix="mailrelay-web-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        panel = yield Panel.start(tmp)
+        self.addCleanup(panel.stop)
+        panel.services.last_logins = PgLoginStore(db)
+        code, _, _ = yield panel.call("GET", "/api/v1/users", None, "rw")
+        self.assertEqual(code, 200)
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(20)
+        server.process = None
+        code, _, body = yield panel.call("GET", "/api/v1/users", None, "rw")
+        self.assertEqual(code, 503, body)
+        self.assertIn("PostgreSQL cannot answer now", body["error"])

@@ -317,6 +317,25 @@ class AccountPageTests(LoggedIn):
         _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/shop")
         self.assertIsNone(doc["bounce_domain"])
 
+    @defer.inlineCallbacks
+    def test_an_accounts_quotas_are_set_on_its_page(self):
+        yield self.web.request("GET", "/accounts")
+        code, body = yield self.web.request("POST", "/accounts", {
+            "name": "bulk", "domains": "bulk.test", "quota_day": "500", "quota_month": ""})
+        self.assertEqual(code, 303, body)
+        _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/bulk")
+        self.assertEqual((doc["quota_day"], doc["quota_month"]), (500, None))
+        code, body = yield self.web.request("GET", "/accounts/bulk")
+        self.assertIn("500", Seen(body).values)  # the form holds it
+        code, body = yield self.web.request("POST", "/accounts/bulk", {
+            "domains": "bulk.test", "quota_day": "many"})
+        self.assertEqual(code, 400, body)
+        code, body = yield self.web.request("POST", "/accounts/bulk", {
+            "domains": "bulk.test", "quota_day": "", "quota_month": "9000"})
+        self.assertEqual(code, 303, body)
+        _, _, doc = yield self.panel.call("GET", "/api/v1/accounts/bulk")
+        self.assertEqual((doc["quota_day"], doc["quota_month"]), (None, 9000))
+
 class LifecycleTests(LoggedIn):
     @defer.inlineCallbacks
     def test_last_login_shown_and_expiry_and_networks_edited(self):

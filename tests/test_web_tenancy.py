@@ -20,14 +20,17 @@ from urllib.parse import quote, urlencode
 from panel import Panel
 from test_web_api import OPERATIONS
 from test_web_pages import WebSession
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mailrelay.auth.passwords import hash_password
+from mailrelay.events import EventKind
 from mailrelay.manage.access import Access, AccessStore, access_path
 from mailrelay.model import Envelope
 from mailrelay.web import tenancy
 from mailrelay.web.routing import json_response
+from mailrelay.webhooks.sink import WebhookSink
+from mailrelay.webhooks.store import FAILED
 
 LIMITED_PASSWORD = "alpha-admin-password"
 FORM = "application/x-www-form-urlencoded"
@@ -43,10 +46,26 @@ SIDES = {
 }  # fmt: skip
 # Text that must never appear in what alpha's admin is shown: the other accounts' objects.
 FOREIGN = ("app-b", "beta", "webapp", "doe.test", "acme", "supp-b@", "supp-g@")
+HOOK = "https://hooks.{}.example/{}"
 # Where alpha is allowed but the handler itself cannot do it in this relay (no delivery
 # process runs: a retry is refused with 409, as for any admin).
 NOT_HERE = {("api", "POST", "/queue/{queue_id}/retry"): 409,
             ("panel", "POST", "/queue/{queue_id}/retry"): 409}
+
+
+def failed_events(services, events: list[tuple[str, str]]) -> dict[str, list[int]]:
+    """One event per (account, user), failed for good at each of its account's endpoints:
+    the failed rows' ids by account."""
+    store = services.webhooks.store
+    sink = WebhookSink(store, reactor)
+    for account, user in events:
+        sink.emit(EventKind.BOUNCED, account, user, {"bounce": "hard"})
+    sink._write(sink._take())
+    ids: dict[str, list[int]] = {}
+    for delivery, _ in store.due(1e12, 100):
+        store.attempted(delivery.id, FAILED, 1.0, 400, "HTTP 400: no")
+        ids.setdefault(delivery.account, []).append(delivery.id)
+    return ids
 
 
 def sample(surface: str, method: str, template: str, side: str, ids: dict) -> tuple:
@@ -104,8 +123,20 @@ def sample(surface: str, method: str, template: str, side: str, ids: dict) -> tu
         params["selector"] = {"activate": "new-a", "retire": "old-a"}.get(
             action, "del-a" if action in ("delete", "{selector}") else "s-a")
         params["selector"] = ("" if api else "p") + params["selector"]
-    if template.startswith("/webhooks/"):  # relay-wide for now: refused before any lookup
-        params.update(endpoint="1", event="1")
+    elif key == ("POST", "/webhooks"):
+        body = {"account": acct, "url": f"https://hooks.{acct}.example/new"}
+        if not api:
+            body |= {"users": "", "events": ""}
+    elif key in (("GET", "/webhooks"), ("GET", "/webhooks/failed")) and not a and api:
+        query = {"account": acct}
+    if template.startswith("/webhooks/"):
+        # Alpha's endpoints to delete are of their own; each surface retries an event.
+        gone = key in (("DELETE", "/webhooks/{endpoint}"), ("POST", "/webhooks/delete"))
+        endpoint = s["gone_api" if api else "gone_panel"] if a and gone else s["endpoint"]
+        event = s["event_api" if api else "event_panel"] if a else s["event"]
+        params.update(endpoint=str(endpoint), event=str(event))
+        if not api:
+            body = {"id": str(event if template == "/webhooks/retry" else endpoint)}
     for name in ("username", "queue_id", "domain", "selector", "name", "sender", "address",
                  "token"):
         if "{" + name + "}" in template:
@@ -180,11 +211,33 @@ class AccountLimitedAdmins(unittest.TestCase):
         ):  # fmt: skip
             ids[side][name] = yield self.queue(account, user)
         yield self.queue("default", "webapp")
+        yield self.webhooks(ids)
         access = AccessStore(access_path(self.panel.config))
         with access.change():
             self.panel.keys["alpha"] = access.add_key("alpha-rw", Access.READ_WRITE, "alpha")
             access.set_admin("alpha-admin", hash_password(LIMITED_PASSWORD), True, "alpha")
         return ids
+
+    @defer.inlineCallbacks
+    def webhooks(self, ids: dict):
+        """An endpoint of each account, with failed events (of alpha's, one retried
+        through the API, one on the panel, one left), and two more of alpha's to delete."""
+        for side, name in (("A", "endpoint"), ("B", "endpoint")):
+            ids[side][name] = yield self.endpoint(side, name)
+        failed = failed_events(self.panel.services, [("alpha", "app-a")] * 3 +
+                               [("beta", "app-b")])  # fmt: skip
+        ids["A"]["event_api"], ids["A"]["event_panel"], _ = failed["alpha"]  # one stays
+        (ids["B"]["event"],) = failed["beta"]
+        for name in ("gone_api", "gone_panel"):
+            ids["A"][name] = yield self.endpoint("A", name)
+
+    @defer.inlineCallbacks
+    def endpoint(self, side: str, name: str):
+        account = SIDES[side]["account"]
+        code, _, doc = yield self.panel.call("POST", "/api/v1/webhooks", {
+            "account": account, "url": HOOK.format(account, name)})  # fmt: skip
+        self.assertEqual(code, 201, doc)
+        return doc["id"]
 
     def queue(self, account: str, user: str) -> str:
         envelope = Envelope(id="", sender=f"x@{account}.test", recipients=["r@example.org"],
@@ -228,10 +281,12 @@ class AccountLimitedAdmins(unittest.TestCase):
         code, _, queued = yield self.panel.call("GET", f"/api/v1/queue/{self.ids['B']['queue_id']}")
         code, _, keys = yield self.panel.call("GET", "/api/v1/dkim/beta.test")
         code, _, supp = yield self.panel.call("GET", "/api/v1/suppressions?account=beta")
+        code, _, failed = yield self.panel.call("GET", "/api/v1/webhooks/failed?account=beta")
+        hooks = repr(self.panel.services.webhooks.store.endpoints("beta"))  # with secrets
         for doc in [*users, account]:
             doc.pop("last_login", None)
-        return json.dumps([users, account, queued["id"], keys, supp, self.panel.spool.queued()],
-                          sort_keys=True)
+        return json.dumps([users, account, queued["id"], keys, supp, self.panel.spool.queued(),
+                           failed, hooks], sort_keys=True)
 
     # ---- the tests
 
@@ -338,7 +393,8 @@ class AccountLimitedAdmins(unittest.TestCase):
         for page, mine in (("/users", "app-a"), ("/accounts", "alpha"),
                            ("/queue", self.ids["A"]["queue_id"]),
                            ("/suppressions", "supp-a@example.org"), ("/dkim", "alpha.test"),
-                           ("/domains", "alpha2.test"), ("/stats", "app-a")):  # fmt: skip
+                           ("/domains", "alpha2.test"), ("/stats", "app-a"),
+                           ("/webhooks", HOOK.format("alpha", "endpoint"))):  # fmt: skip
             code, text = yield self.page("GET", page)
             self.assertEqual(code, 200, text)
             self.assertIn(mine, text, page)
@@ -365,3 +421,9 @@ class AccountLimitedAdmins(unittest.TestCase):
         self.assertEqual([acc["name"] for acc in json.loads(text)], ["alpha"])
         self.assertIn(a["username"], text)
         self.assertNotIn(b["username"], text)
+        code, text = yield self.api("GET", "/webhooks")
+        self.assertEqual({e["account"] for e in json.loads(text)}, {"alpha"})
+        code, text = yield self.api("POST", "/webhooks", None, {"url": HOOK.format("a", "x")})
+        self.assertEqual((code, json.loads(text)["account"]), (201, "alpha"))
+        code, text = yield self.api("GET", "/webhooks/failed")
+        self.assertEqual({e["account"] for e in json.loads(text)}, {"alpha"})

@@ -1,5 +1,5 @@
-"""What the apikey and admin commands share: the access file (manage.access), its errors
-as one line."""
+"""What the apikey and admin commands share: the access file (manage.access), or with
+``[cluster] postgres`` the database's tables (postgres/access.py), its errors as one line."""
 
 from __future__ import annotations
 
@@ -30,10 +30,21 @@ def known_account(context: Context, name: str | None) -> None:
 def access(context: Context, work: Callable[[IAccessStore], Awaitable[T]]) -> T:
     """``work(store)``'s result, the access file read (or locked, changed and saved) in
     this thread; refusals and file troubles become a CommandError."""
-    store = FileAccessStore(access_path(context.config), at_once)
+    from mailrelay.postgres.db import UNAVAILABLE, of_config  # psycopg: only here
+    from mailrelay.postgres.unavailable import Unavailable
+
     try:
+        db = of_config(context.config)
+        if db is not None:  # [cluster] postgres
+            from mailrelay.postgres.access import PgAccessStore
+
+            store = PgAccessStore(db, at_once)
+        else:
+            store = FileAccessStore(access_path(context.config), at_once)
         return run(lambda reactor: work(store))
-    except AccessError as e:
+    except (AccessError, Unavailable) as e:
         raise CommandError(str(e))
     except OSError as e:
-        raise CommandError(f"{e.filename or store.path}: {e.strerror}")
+        raise CommandError(f"{e.filename or access_path(context.config)}: {e.strerror}")
+    except UNAVAILABLE as e:  # at connecting
+        raise CommandError(str(Unavailable(e)))

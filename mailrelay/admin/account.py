@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--notify", help="where domain sender notifications go")
     p.add_argument("--note", default="", help="a description")
     p.add_argument("--bounce-domain", help="return-path domain for VERP (bounces.DOMAIN)")
+    _quota_options(p)
     p.set_defaults(func=add)
 
     p = sub.add_parser("set", help="change an account")
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
     bounce.add_argument("--bounce-domain", help="return-path domain for VERP (bounces.DOMAIN)")
     bounce.add_argument("--no-bounce-domain", action="store_true",
                         help="deliver with the client's envelope sender again")
+    _quota_options(p)
     p.set_defaults(func=set_)
 
     p = sub.add_parser("del", help="delete an account that has no users")
@@ -60,11 +62,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=show)
 
 
+def _quota(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
+def _quota_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quota-day", type=_quota, metavar="N",
+                   help="messages the account's users may send together per UTC day (0: "
+                        "none); warnings to --notify at 80, 90 and 100%%, then 451 4.7.1")
+    p.add_argument("--quota-month", type=_quota, metavar="N",
+                   help="messages per UTC month, the same way (0: none)")
+
+
 def add(args: argparse.Namespace, context: Context) -> int:
     async def add(users: UserManager) -> Account:
         return await users.add_account(
             Account(args.name, parse_domains(args.domains), args.notify or None, args.note,
-                    _bounce_domain(args.bounce_domain))
+                    _bounce_domain(args.bounce_domain), args.quota_day or None,
+                    args.quota_month or None)
         )
 
     account = directory.manage(context, add, directory.changing(context))
@@ -99,6 +120,9 @@ def set_(args: argparse.Namespace, context: Context) -> int:
             changes["bounce_domain"] = _bounce_domain(args.bounce_domain)
         if args.no_bounce_domain:
             changes["bounce_domain"] = None
+        for key in ("quota_day", "quota_month"):
+            if getattr(args, key) is not None:
+                changes[key] = getattr(args, key) or None
         if not changes:
             raise CommandError("nothing to change (see mailrelay-admin account set --help)")
         return changes
@@ -153,6 +177,8 @@ def show(args: argparse.Namespace, context: Context) -> int:
     print(f"{'notify:':10}{account.notify or '-'}")
     print(f"{'note:':10}{account.note or '-'}")
     print(f"{'bounces:':10}{account.bounce_domain or '-'}")
+    print(f"{'quota:':10}{account.quota_day or 'none'} per day, "
+          f"{account.quota_month or 'none'} per month")
     print(f"{'users:':10}{len(users)}")
     for user in users:
         print(f"  {user.username}")

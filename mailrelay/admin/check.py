@@ -35,7 +35,7 @@ def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
-                 _feature_stores, _tracking, _admin, _bounces, _webhooks):  # fmt: skip
+                 _feature_stores, _quotas, _tracking, _admin, _bounces, _webhooks):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -111,6 +111,19 @@ def _feature_stores(config) -> None:
             kind.check_file(path)
         except sqlite3.Error as e:
             raise store_error(key, path, e)
+
+
+def _quotas(config) -> None:
+    """Read-only, as _feature_stores: the quota counts of data_dir (policy/quota.py)."""
+    from mailrelay.policy.quota import QuotaStore
+    from mailrelay.service import StartupError, quota_path
+
+    path = quota_path(config)
+    if os.path.exists(path):
+        try:
+            QuotaStore.check_file(path)
+        except sqlite3.Error as e:
+            raise StartupError(f"[server] data_dir: quota counts {path}: {e}")
 
 
 def _key_file(section: str, path: str) -> None:

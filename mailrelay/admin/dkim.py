@@ -10,7 +10,8 @@ or the relay itself on its scheduled check) only once its record is seen in DNS;
 it replaces is retiring (published, not signing) until ``retire`` removes it. ``list`` and
 ``show`` look each record up in DNS (``[delivery] dns_servers``, or the system's;
 ``--no-dns`` skips that) and show the relay's last scheduled look-up. The private key
-stays in its file; nothing here prints it.
+stays in its file (or its row, with ``[cluster] postgres``: postgres/dkim.py); nothing
+here prints it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from mailrelay.admin import _directory as directory
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.manage.dkim import DkimError, DkimKeys, domain_name, key_owner, listed, shown
+from mailrelay.manage.dkim import (
+    DkimError,
+    DkimKeys,
+    domain_name,
+    key_owner,
+    keys_of_config,
+    listed,
+    shown,
+)
 from mailrelay.manage.dkim import activate as manage_activate
 from mailrelay.manage.stores import at_once
 
@@ -77,8 +86,13 @@ def register(subparsers) -> None:
 
 
 def _keys(context: Context) -> DkimKeys:
-    d = context.config.dkim
-    return DkimKeys(d.directory, at_once, retire_after=d.retire_after)
+    from mailrelay.postgres.db import UNAVAILABLE
+    from mailrelay.postgres.unavailable import Unavailable
+
+    try:
+        return keys_of_config(context.config, at_once)
+    except UNAVAILABLE as e:  # [cluster] postgres, at connecting
+        raise CommandError(str(Unavailable(e)))
 
 
 def _result(d):

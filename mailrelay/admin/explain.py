@@ -14,6 +14,7 @@ from mailrelay.manage.explain import (
     Settings,
     client_address,
     explain,
+    quota_text,
     relay_limits,
 )
 from mailrelay.manage.users import UserManager
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
         return await explain(
             user, account, settings, args.sender, args.from_header, args.recipients,
             args.size,
-            lambda u: relay_limits(reactor, config.server.control_socket, u, args.ip),
+            lambda u, a: relay_limits(reactor, config.server.control_socket, u, args.ip, a),
             args.ip,
         )
 
@@ -87,4 +88,6 @@ def run(args: argparse.Namespace, context: Context) -> int:
         else:
             print(f"rate limit: {result.limits['used_hour']} counted this hour, "
                   f"{result.limits['used_minute']} this minute")
+            for quota in result.limits.get("quota", []):
+                print(quota_text(quota))
     return 0 if result.accepted else REFUSED

@@ -35,6 +35,9 @@ def _limit(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'")
 
 
+_LIMITS = ("rate_limit", "max_connections", "quota_day", "quota_month")
+
+
 def _add_user_options(parser: argparse.ArgumentParser) -> None:
     """Options of add and set; None means "not given" (set keeps the current value)."""
     o = parser.add_argument
@@ -46,6 +49,11 @@ def _add_user_options(parser: argparse.ArgumentParser) -> None:
     o("--rate-limit", type=_limit, default=..., metavar="N", help="messages per hour, or default")
     o("--priority", type=int, help="1 (highest) to 5; default 3")
     o("--max-connections", type=_limit, default=..., metavar="N", help="N, or default")
+    o("--quota-day", type=_limit, default=..., metavar="N",
+      help="messages per UTC day (0: none), or default ([limits] quota_per_day); warnings "
+           "to the account's --notify address at 80, 90 and 100%%, then 451 4.7.1")
+    o("--quota-month", type=_limit, default=..., metavar="N",
+      help="messages per UTC month (0: none), or default ([limits] quota_per_month)")
     o("--archive", action=argparse.BooleanOptionalAction, help="keep an archive copy")
     o("--audit-bcc", metavar="ADDRESSES", help='copies of every message to "x@a.com;y@b.com"')
     o("--bounce-notify", metavar="WHERE", help="off, sender (default) or an address")
@@ -105,7 +113,7 @@ def _changes(args: argparse.Namespace, current: SmtpUser) -> dict[str, Any]:
     given = {
         name: value
         for name, value in settings.items()
-        if value is not ... and (value is not None or name in ("rate_limit", "max_connections"))
+        if value is not ... and (value is not None or name in _LIMITS)
     }
     return user_changes(given, current)
 
@@ -216,6 +224,10 @@ def list_(args: argparse.Namespace, context: Context) -> int:
     return 0
 
 
+def _quota(value: int | None) -> str:
+    return "default" if value is None else str(value) if value else "none"
+
+
 def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -252,6 +264,8 @@ def show(args: argparse.Namespace, context: Context) -> int:
         ("authorized addresses", user.scope.addresses_text() or "-"),
         ("note", user.note or "-"),
         ("rate limit", "default" if user.rate_limit is None else f"{user.rate_limit}/hour"),
+        ("quota per day", _quota(user.quota_day)),
+        ("quota per month", _quota(user.quota_month)),
         ("priority", str(user.priority)),
         (
             "max connections",

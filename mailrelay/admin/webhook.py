@@ -21,7 +21,6 @@ from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
 from mailrelay.manage.stores import at_once
 from mailrelay.manage.webhooks import KINDS, Webhooks, endpoint_json, failed_json
-from mailrelay.webhooks.store import WebhookStore
 
 
 def register(subparsers) -> None:
@@ -74,8 +73,13 @@ def _account(parser) -> None:
 
 @contextlib.contextmanager
 def _opened(context: Context) -> Iterator[Webhooks]:
+    from mailrelay.service import StartupError, open_webhooks
+
     w = context.config.webhooks
-    store = WebhookStore(w.db)
+    try:
+        store = open_webhooks(context.config)
+    except StartupError as e:
+        raise CommandError(str(e))
     try:
         yield Webhooks(store, at_once, w.allow_private, w.secret_overlap)
     finally:

@@ -8,6 +8,9 @@
   on the user's suppression list (reason ``complaint``);
 - anything else (an auto-reply, a success DSN, a bounce in free text): logged, dropped.
 
+Each of the first three is reported too (mailrelay/events.py): ``message.bounced``,
+``message.deferred`` (``source``: ``dsn``) and ``message.complained``.
+
 The recipient is the one the VERP token names (authenticated, and looked up in the
 return-path store), not whatever the report says: a report can only act on the address
 the relay really sent to. The notification is the relay's own DSN (delivery/dsn.py), from
@@ -27,10 +30,12 @@ import re
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from mailrelay import events
 from mailrelay.bounces.parse import RecipientReport, Report, parse
 from mailrelay.bounces.store import ReturnPath, ReturnPathStore
 from mailrelay.bounces.verp import PREFIX, Token
 from mailrelay.delivery import dsn
+from mailrelay.events import NO_EVENTS, EventKind
 from mailrelay.features.hooks import HARD_BOUNCE
 from mailrelay.features.stats import Event
 from mailrelay.features.suppressions import Reason
@@ -44,13 +49,14 @@ log = Logger()
 
 class BounceFeed:
     def __init__(self, reactor, features, spool, store: ReturnPathStore, hostname: str,
-                 postmaster: str) -> None:
+                 postmaster: str, events=NO_EVENTS) -> None:
         self.reactor = reactor
         self.features = features  # features.hooks.MessageFeatures: its stores
         self.spool = spool
         self.store = store
         self.hostname = hostname
         self.postmaster = postmaster
+        self.events = events  # IEventSink
 
     def _thread(self, f, *args) -> defer.Deferred:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -72,6 +78,8 @@ class BounceFeed:
         if report.kind == "complaint":
             self.features.stats.record(Event.COMPLAINTS, path.account, path.user)
             await self._suppress(path, Reason.COMPLAINT)
+            self._emit(EventKind.COMPLAINED, path,
+                       {"feedback_type": report.feedback_type or None})
             log.info("{queue_id}: complaint ({type}) from <{recipient}> for {user}: "
                      "suppressed", type=printable(report.feedback_type or ""), **what)
             return
@@ -83,6 +91,7 @@ class BounceFeed:
         block = _block(report, path.recipient)
         if report.kind == "delayed":
             self.features.stats.record(Event.DEFERRED, path.account, path.user)
+            self._emit(EventKind.DEFERRED, path, _reported(block))
             log.info("{queue_id}: delayed at {remote} for <{recipient}> ({user}): {status}",
                      remote=printable(block.remote or "-"), status=block.status, **what)
             return
@@ -95,6 +104,14 @@ class BounceFeed:
                  status=block.status, diagnostic=printable(block.diagnostic, 500),
                  suppressed="; suppressed" if hard else "", **what)
         await self._notify(path, block, report.headers)
+        # Last, once every effect is durable: a failure before it gets the report again.
+        self._emit(EventKind.BOUNCED, path, {**_reported(block),
+                                             "bounce": "hard" if hard else "soft"})
+
+    def _emit(self, kind: EventKind, path: ReturnPath, data: dict) -> None:
+        self.events.emit(kind, path.account, path.user, events.known(
+            {"queue_id": path.queue_id, "sender": path.sender, "recipient": path.recipient},
+            data))
 
     async def _suppress(self, path: ReturnPath, reason: Reason) -> None:
         await self._thread(self.features.suppressions.add, path.recipient, path.account,
@@ -131,6 +148,12 @@ def _block(report: Report, recipient: str) -> RecipientReport:
         if (block.recipient or "").lower() == recipient.lower():
             return block
     return wanted[0]
+
+
+def _reported(block: RecipientReport) -> dict:
+    """The delivery fields of what a DSN says of a recipient (source ``dsn``)."""
+    return {**events.next_hop_reply(block.code, _reply_text(block)),
+            "remote": block.remote, "source": "dsn"}
 
 
 def _reply_text(block: RecipientReport) -> str:

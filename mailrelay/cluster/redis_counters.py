@@ -12,7 +12,9 @@ exactly however the clients are spread over the nodes:
   ``lease_time`` after its node last renewed it (every ``lease_time / 3``), so the places of
   a node that died are free again within ``lease_time``; the total per node and the
   messages per connection stay in process (they are one node's by nature);
-- failed logins per address and per username, and the address blocks.
+- failed logins per address and per username, and the address blocks;
+- quotas (messages per UTC day and month, per user and per account): a hash per quota
+  holding its period, its count, the warnings reported and the open transactions' places.
 
 When Redis does not answer (``timeout``, or no connection), ``[cluster] redis_down``
 decides: ``refuse`` (the default) answers ``451 4.3.0`` (``421 4.3.0`` instead of a
@@ -37,10 +39,25 @@ from zope.interface import implementer
 
 from mailrelay.cluster import scripts
 from mailrelay.config import redis_url_parts
-from mailrelay.interfaces import IConnectionLimits, ILoginGuard, IRateLimiter, IReservation
+from mailrelay.interfaces import (
+    IConnectionLimits,
+    ILoginGuard,
+    IQuotaCounter,
+    IQuotaReservation,
+    IRateLimiter,
+    IReservation,
+)
 from mailrelay.net import client_key
 from mailrelay.policy.bruteforce import BLOCKED, LoginGuard
 from mailrelay.policy.connections import ConnectionLimits
+from mailrelay.policy.quota import (
+    Crossing,
+    Quota,
+    QuotaCounter,
+    Usage,
+    quotas_of,
+    refusal_logged,
+)
 from mailrelay.policy.ratelimit import RateLimiter, Unit
 from mailrelay.reply import Reply
 from mailrelay.text import printable
@@ -311,6 +328,135 @@ class RedisReservation:
         d = limiter.counters.run(scripts.RATE_GIVE_BACK, limiter._keys(self.user), args)
         # Units not given back stay counted until their slot leaves the window: a refused
         # message may cost its sender one unit for an hour, never more than was reserved.
+        return d.addErrback(lambda f: f.trap(RedisDown) and None)
+
+
+# ---- quotas ----
+
+
+class _ShareOfQuotas(QuotaCounter):
+    """A node's own count while Redis is down (local mode): each quota divided by nodes."""
+
+    def __init__(self, clock: IReactorTime, nodes: int) -> None:
+        super().__init__(clock)
+        self.nodes = nodes
+        self.per = (0, 0)
+
+    def quotas(self, user, account) -> list[Quota]:
+        per_day, per_month = self.per
+        return [Quota(q.subject, q.name, q.period, share(q.limit, self.nodes) or 0)
+                for q in quotas_of(user, account, per_day, per_month)]
+
+
+@implementer(IQuotaCounter)
+class RedisQuotaCounter:
+    """policy.quota.QuotaCounter's quotas counted in Redis: one script call at MAIL (the
+    places, all or none), one at the commit (the count and the thresholds crossed, each
+    reported by exactly one node), one when a transaction is aborted.
+
+    A place is held for ``hold`` seconds at most: the places of a node that died are free
+    again after that (a transaction open longer may then go one message over)."""
+
+    def __init__(self, counters: RedisCounters, per_day: int | None = 0,
+                 per_month: int | None = 0, hold: float = 3600.0) -> None:
+        self.counters = counters
+        self.clock = counters.clock
+        self.per_day = per_day
+        self.per_month = per_month
+        self.hold_ms = int(hold * 1000)
+        self.local = _ShareOfQuotas(counters.clock, counters.nodes)
+        self._seq = itertools.count(1)
+
+    def quotas(self, user, account) -> list[Quota]:
+        return quotas_of(user, account, self.per_day, self.per_month)
+
+    def key(self, quota: Quota) -> str:
+        return self.counters.key("quota", quota.subject, quota.name.lower(), quota.period[0])
+
+    def args(self, quotas: list[Quota]) -> list:
+        return list(itertools.chain.from_iterable((q.period[0], q.limit) for q in quotas))
+
+    def reserve(self, user, account) -> defer.Deferred:
+        """Fires with a RedisQuotaReservation; errbacks with QuotaExceeded (451 4.7.1)."""
+        quotas = self.quotas(user, account)
+        if not quotas:
+            return defer.succeed(RedisQuotaReservation(self, [], "", []))
+        member = f"{self.counters.node_id}:{next(self._seq)}"
+        d = self.counters.run(scripts.QUOTA_RESERVE, [self.key(q) for q in quotas],
+                              [member, self.hold_ms, *self.args(quotas)])
+
+        def answered(answer: list):
+            if not answer[0]:
+                _, i, used, pid, first = answer
+                raise refusal_logged(quotas[i - 1], used, _text(pid), bool(first))
+            usage = [Usage(q, answer[2 + 2 * i], _text(answer[1 + 2 * i]))
+                     for i, q in enumerate(quotas)]
+            return RedisQuotaReservation(self, quotas, member, usage)
+
+        def locally():
+            self.local.per = (self.per_day, self.per_month)
+            return self.local.reserve(user, account)
+
+        return d.addCallbacks(answered, self.counters.fallback, errbackArgs=(locally,))
+
+    def usage(self, user, account) -> defer.Deferred:
+        """Fires with the quotas' Usage in Redis (read only)."""
+        quotas = self.quotas(user, account)
+        if not quotas:
+            return defer.succeed([])
+        d = self.counters.run(scripts.QUOTA_USAGE, [self.key(q) for q in quotas],
+                              [q.period[0] for q in quotas])
+        return d.addCallback(lambda answer: [
+            Usage(q, answer[3 * i + 1], _text(answer[3 * i]), answer[3 * i + 2])
+            for i, q in enumerate(quotas)])
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@implementer(IQuotaReservation)
+class RedisQuotaReservation:
+    def __init__(self, counter: RedisQuotaCounter, quotas: list[Quota], member: str,
+                 usage: list[Usage]) -> None:
+        self.usage = usage
+        self._counter = counter
+        self._quotas = quotas
+        self._member = member
+        self._state = "open"
+
+    def commit(self) -> defer.Deferred:
+        """Fires with the Crossings of this message (each reported by one node only)."""
+        if self._state != "open" or not self._quotas:
+            self._state = "committed"
+            return defer.succeed([])
+        self._state = "committed"
+        c = self._counter
+        d = c.counters.run(scripts.QUOTA_COMMIT, [c.key(q) for q in self._quotas],
+                           [self._member, c.hold_ms, *c.args(self._quotas)])
+
+        def counted(answer: list) -> list[Crossing]:
+            return [Crossing(q, answer[3 * i + 1], answer[3 * i], _text(answer[3 * i + 2]))
+                    for i, q in enumerate(self._quotas) if answer[3 * i + 1]]
+
+        def lost(failure):
+            failure.trap(RedisDown)
+            log.error("Redis unreachable: a message of {quota} was not counted",
+                      quota=self._quotas[0].describe())
+            return []
+
+        return d.addCallbacks(counted, lost)
+
+    def release(self):
+        if self._state != "open":
+            return None
+        self._state = "released"
+        if not self._quotas:
+            return None
+        c = self._counter
+        d = c.counters.run(scripts.QUOTA_RELEASE, [c.key(q) for q in self._quotas],
+                           [self._member])
+        # A place not given back lapses after ``hold``.
         return d.addErrback(lambda f: f.trap(RedisDown) and None)
 
 
@@ -612,8 +758,8 @@ def open_pool(url: str, password: str = "", timeout: float = 1.0):
 
 
 def shared_limiters(config, reactor):
-    """``(connections, rates, logins)`` counted in the Redis of ``[cluster]``, with the
-    limits of ``[limits]`` and ``[policy]``."""
+    """``(connections, rates, logins, quotas)`` counted in the Redis of ``[cluster]``,
+    with the limits of ``[limits]`` and ``[policy]``."""
     c, limits, p = config.cluster, config.limits, config.policy
     counters = RedisCounters(open_pool(c.redis, c.redis_password, c.redis_timeout), reactor,
                              prefix=c.prefix, timeout=c.redis_timeout, down=c.redis_down,
@@ -631,4 +777,6 @@ def shared_limiters(config, reactor):
                              max_delay=p.login_max_delay,
                              user_alert_after=p.login_user_alert_after,
                              ipv6_prefix=p.ipv6_prefix)
-    return connections, rates, logins
+    quotas = RedisQuotaCounter(counters, per_day=limits.quota_per_day,
+                               per_month=limits.quota_per_month)
+    return connections, rates, logins, quotas

@@ -194,3 +194,136 @@ forgive(KEYS[1], ARGV[1])
 forgive(KEYS[2], ARGV[2])
 return 1
 """
+
+# Quotas: one hash per (user or account, day or month) holding the calendar period it
+# counts (p: 2026-12-06 or 2026-12, in UTC by Redis's clock), the messages counted in it
+# (u), the highest warning threshold reported (w), and the open transactions' places
+# (o:<node>:<n> = the time in ms their lease ends). A hash whose p is past starts again
+# from 0 (its open places kept), so nothing carries over into a new period. The expiry is
+# set here too: the end of the period plus the lease.
+_QUOTA = """
+local sec = tonumber(t[1])
+local days = math.floor(sec / 86400)
+local function civil(n)
+  local z = n + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((m + 9) % 12) + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local y, m, d = civil(days)
+local periods = {
+  d = {string.format('%04d-%02d-%02d', y, m, d), (days + 1) * 86400000},
+  m = {string.format('%04d-%02d', y, m),
+       days_from_civil(m == 12 and y + 1 or y, m == 12 and 1 or m + 1, 1) * 86400000},
+}
+local function state(key, pid)
+  local h = redis.call('HGETALL', key)
+  local f, held, stale = {}, 0, {}
+  for i = 1, #h, 2 do
+    f[h[i]] = h[i + 1]
+    if string.sub(h[i], 1, 2) == 'o:' then
+      if tonumber(h[i + 1]) <= now_ms then stale[#stale + 1] = h[i] else held = held + 1 end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if f['p'] ~= pid then
+    redis.call('HSET', key, 'p', pid, 'u', 0, 'w', 0)
+    return 0, 0, held
+  end
+  return tonumber(f['u'] or 0), tonumber(f['w'] or 0), held
+end
+"""
+
+# KEYS: the quotas' hashes; ARGV: member, lease ms, then per key its period (d or m) and
+# limit. All or none: {1, (period id, used) per key}, or {0, index of the quota used up,
+# used, period id, 1 if this refusal is the first report of its messages filling it}.
+QUOTA_RESERVE = _NOW + _QUOTA + """
+local lease = tonumber(ARGV[2])
+local result = {1}
+for i = 1, #KEYS do
+  local period = periods[ARGV[2 * i + 1]]
+  local used, warned, held = state(KEYS[i], period[1])
+  if used + held >= tonumber(ARGV[2 * i + 2]) then
+    local first = 0
+    if warned < 100 and used >= tonumber(ARGV[2 * i + 2]) then
+      redis.call('HSET', KEYS[i], 'w', 100); first = 1
+    end
+    redis.call('PEXPIREAT', KEYS[i], period[2] + lease)
+    return {0, i, used, period[1], first}
+  end
+  result[#result + 1] = period[1]
+  result[#result + 1] = used
+end
+for i = 1, #KEYS do
+  redis.call('HSET', KEYS[i], 'o:' .. ARGV[1], now_ms + lease)
+  redis.call('PEXPIREAT', KEYS[i], periods[ARGV[2 * i + 1]][2] + lease)
+end
+return result
+"""
+
+# KEYS: the quotas' hashes; ARGV: member, lease ms, then per key its period and limit.
+# The message counts (in the period of now) and its places are given up; per key
+# {used, threshold newly reached (80, 90, 100) or 0, period id}.
+QUOTA_COMMIT = _NOW + _QUOTA + """
+local lease = tonumber(ARGV[2])
+local result = {}
+for i = 1, #KEYS do
+  local period = periods[ARGV[2 * i + 1]]
+  local limit = tonumber(ARGV[2 * i + 2])
+  local used, warned = state(KEYS[i], period[1])
+  redis.call('HDEL', KEYS[i], 'o:' .. ARGV[1])
+  used = used + 1
+  local reached = 0
+  for _, percent in ipairs({80, 90, 100}) do
+    if used * 100 >= limit * percent and percent > warned then reached = percent end
+  end
+  redis.call('HSET', KEYS[i], 'u', used)
+  if reached > 0 then redis.call('HSET', KEYS[i], 'w', reached) end
+  redis.call('PEXPIREAT', KEYS[i], period[2] + lease)
+  result[#result + 1] = used
+  result[#result + 1] = reached
+  result[#result + 1] = period[1]
+end
+return result
+"""
+
+# KEYS: the quotas' hashes; ARGV: per key its period. Read only (mailrelay-admin
+# explain): per key {period id, used, open places}.
+QUOTA_USAGE = _NOW + _QUOTA.split("local function state", 1)[0] + """
+local result = {}
+for i = 1, #KEYS do
+  local pid = periods[ARGV[i]][1]
+  local h = redis.call('HGETALL', KEYS[i])
+  local f, held = {}, 0
+  for j = 1, #h, 2 do
+    f[h[j]] = h[j + 1]
+    if string.sub(h[j], 1, 2) == 'o:' and tonumber(h[j + 1]) > now_ms then held = held + 1 end
+  end
+  result[#result + 1] = pid
+  result[#result + 1] = f['p'] == pid and tonumber(f['u'] or 0) or 0
+  result[#result + 1] = held
+end
+return result
+"""
+
+# KEYS: the quotas' hashes; ARGV: member. An aborted transaction gives its places back.
+QUOTA_RELEASE = """
+for i = 1, #KEYS do redis.call('HDEL', KEYS[i], 'o:' .. ARGV[1]) end
+return 1
+"""

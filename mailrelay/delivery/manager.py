@@ -64,7 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailrelay import dsnparams
+from mailrelay import dsnparams, events
 from mailrelay.delivery import dsn, outcome
 from mailrelay.delivery.client import Courier, Job, Outcome, Result
 from mailrelay.delivery.destinations import Destination, Destinations, Routes
@@ -72,6 +72,8 @@ from mailrelay.delivery.loader import Loader
 from mailrelay.delivery.outcome import RetryPolicy
 from mailrelay.delivery.schedule import Schedule
 from mailrelay.errors import StorageError
+from mailrelay.events import NO_EVENTS, EventKind
+from mailrelay.features.hooks import HARD_BOUNCE
 from mailrelay.interfaces import IQueueControl
 from mailrelay.metrics import NO_METRICS
 from mailrelay.model import Envelope
@@ -120,8 +122,8 @@ class DeliveryManager:
                  connection_cache_time: float = 0.0,
                  route_ttl: float = 60.0, stop_timeout: float = 10.0,
                  on_result: Callable[[str, Envelope, Result, str], None] | None = None,
-                 features=None, dkim=None, return_paths=None, clock=None,
-                 rng: random.Random | None = None) -> None:
+                 features=None, dkim=None, return_paths=None, events=NO_EVENTS,
+                 clock=None, rng: random.Random | None = None) -> None:
         self.spool = spool
         self.router = router
         self.reactor = reactor
@@ -140,6 +142,7 @@ class DeliveryManager:
         self.dkim = dkim  # delivery.dkimsign.DkimSigning: signs what is sent, last
         # bounces.store.ReturnPaths: VERP senders at an account's bounce domain
         self.return_paths = return_paths
+        self.events = events  # IEventSink: what came of each recipient of a user's message
         self._rng = rng or random.Random()
         self.schedule = Schedule(self.clock, self._pump)
         self._active: dict[str, _Attempt] = {}
@@ -500,6 +503,7 @@ class DeliveryManager:
                 return  # stopped before anything was tried: nothing to record
             for result, status in step.logged:
                 self._log(attempt, result, status)
+            self._report_events(attempt, step)
             state = attempt.state = step.state
             if step.failed and not await self._notify(attempt, step.failed, "failed", now):
                 # keep them until a bounce can be queued
@@ -582,7 +586,35 @@ class DeliveryManager:
             except Exception:
                 log.failure("on_result failed for {queue_id}", queue_id=attempt.queue_id)
 
+    def _report_events(self, attempt: _Attempt, step: outcome.Next) -> None:
+        """What the attempt made of each recipient, as events; a recipient that expires
+        now is reported bounced alone (its last reply is in the bounce's)."""
+        expired = {r.recipient for r, status in step.logged if status == "expired"}
+        for result, status in step.logged:
+            if status == "deferred" and result.recipient in expired:
+                continue
+            data = {"recipient": result.recipient,
+                    **events.next_hop_reply(result.code, result.text),
+                    "remote": result.remote, "attempt": step.state.attempts,
+                    "tls": result.tls, "source": "delivery"}
+            if status in ("bounced", "expired"):
+                hard = data["reply"]["status"] in HARD_BOUNCE
+                data.update(bounce="hard" if hard else "soft", expired=status == "expired")
+            self._emit(attempt, _EVENTS[status], data)
+        for rcpt in attempt.suppressed:
+            self._emit(attempt, EventKind.SUPPRESSED, {"recipient": rcpt})
 
+    def _emit(self, attempt: _Attempt, kind: EventKind, data: dict) -> None:
+        """An event about a user's message (its fields and ``data``'s known ones)."""
+        envelope = attempt.envelope
+        if envelope.user is None:  # the relay's own: DSNs, notices, reports
+            return
+        self.events.emit(kind, envelope.account, envelope.user,
+                         events.known(events.of_message(envelope), data))
+
+
+_EVENTS = {"sent": EventKind.DELIVERED, "deferred": EventKind.DEFERRED,
+           "bounced": EventKind.BOUNCED, "expired": EventKind.BOUNCED}
 
 _KIND = {"failed": "bounce", "delayed": "delay notification", "relayed": "success notice"}
 

@@ -27,6 +27,8 @@ USER_SETTINGS: dict[str, tuple[type, ...]] = {
     "rate_limit": (int, type(None)),
     "priority": (int,),
     "max_connections": (int, type(None)),
+    "quota_day": (int, type(None)),  # messages per UTC day; 0: none
+    "quota_month": (int, type(None)),  # messages per UTC month; 0: none
     "archive": (bool,),
     "audit_bcc": (str,),
     "bounce_notify": (str,),
@@ -94,7 +96,8 @@ def user_changes(settings: Mapping[str, Any], current: SmtpUser) -> dict[str, An
             raise DirectoryFileError(
                 f"status {settings['status']!r} is not one of allowed, blocked, sandboxed"
             )
-    plain = ("note", "priority", "rate_limit", "max_connections", "archive",
+    plain = ("note", "priority", "rate_limit", "max_connections", "quota_day", "quota_month",
+             "archive",
              "unsubscribe_footer", "open_tracking", "click_tracking")  # fmt: skip
     for name in plain:
         if name in settings:

@@ -106,6 +106,8 @@ def account_to_json(account: Account) -> dict[str, Any]:
         "notify": account.notify,
         "note": account.note,
         "bounce_domain": account.bounce_domain,
+        "quota_day": account.quota_day,
+        "quota_month": account.quota_month,
     }
 
 
@@ -120,6 +122,8 @@ def user_to_json(user: SmtpUser) -> dict[str, Any]:
         "rate_limit": user.rate_limit,
         "priority": user.priority,
         "max_connections": user.max_connections,
+        "quota_day": user.quota_day,
+        "quota_month": user.quota_month,
         "archive": user.archive,
         "audit_bcc": ";".join(user.audit_bcc),
         "bounce_notify": user.bounce_notify,
@@ -146,7 +150,7 @@ def _field(entry: Mapping, key: str, types: tuple[type, ...], default: Any) -> A
 def _account_from_json(name: str, entry: Any) -> Account:
     if not isinstance(entry, dict):
         raise DirectoryFileError("must be an object")
-    unknown = set(entry) - {"domains", "notify", "note", "bounce_domain"}
+    unknown = set(entry) - set(account_to_json(Account("x")))
     if unknown:
         raise DirectoryFileError(f"unknown field(s) {', '.join(sorted(unknown))}")
     return Account(
@@ -155,7 +159,16 @@ def _account_from_json(name: str, entry: Any) -> Account:
         notify=_field(entry, "notify", (str, type(None)), None) or None,
         note=_field(entry, "note", (str,), ""),
         bounce_domain=_field(entry, "bounce_domain", (str, type(None)), None) or None,
+        quota_day=_quota(entry, "quota_day"),
+        quota_month=_quota(entry, "quota_month"),
     )
+
+
+def _quota(entry: Mapping, key: str) -> int | None:
+    value = _field(entry, key, (int, type(None)), None)
+    if value is not None and value < 0:
+        raise DirectoryFileError(f"{key} {value} is below 0")
+    return value
 
 
 _USER_FIELDS = set(user_to_json(SmtpUser("x"))) | {"password_hash", "unverified"}
@@ -208,6 +221,8 @@ def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
         rate_limit=_field(entry, "rate_limit", (int, type(None)), None),
         priority=_field(entry, "priority", (int,), 3),
         max_connections=_field(entry, "max_connections", (int, type(None)), None),
+        quota_day=_quota(entry, "quota_day"),
+        quota_month=_quota(entry, "quota_month"),
         archive=_field(entry, "archive", (bool,), False),
         audit_bcc=tuple(sorted(parse_addresses(bcc))),
         bounce_notify=_field(entry, "bounce_notify", (str,), "sender"),
@@ -280,6 +295,16 @@ def check_account(account: Account) -> None:
         raise DirectoryFileError(f"notify {account.notify!r} is not a valid email address")
     if account.bounce_domain is not None:
         check_bounce_domain(account)
+    check_quotas(account, f"account {account.name!r}")
+
+
+def check_quotas(entry: Account | SmtpUser, where: str) -> None:
+    for period in ("day", "month"):
+        value = getattr(entry, f"quota_{period}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise DirectoryFileError(f"{where}: quota per {period} {value!r} is not a whole "
+                                     "number of 0 or more")
 
 
 def check_bounce_domain(account: Account) -> None:
@@ -351,6 +376,7 @@ def check_user(user: SmtpUser, accounts: Mapping[str, Account]) -> None:
         raise DirectoryFileError(f"{where}: rate limit {user.rate_limit} is below 0")
     if user.max_connections is not None and user.max_connections < 1:
         raise DirectoryFileError(f"{where}: max connections {user.max_connections} is below 1")
+    check_quotas(user, where)
     if user.bounce_notify not in ("off", "sender") and not is_address(user.bounce_notify):
         raise DirectoryFileError(
             f"{where}: bounce notify {user.bounce_notify!r} is not off, sender or an address"

@@ -42,15 +42,19 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
     "updated": "modifyTimestamp",
     "expires": "mailrelayExpires",
     "allowFrom": "mailrelayAllowFrom",
+    "quotaDay": "mailrelayQuotaDay",
+    "quotaMonth": "mailrelayQuotaMonth",
     "accountName": "cn",
     "accountDomains": "mailrelayAccountDomain",
     "accountNotify": "mailrelayNotifyAddress",
     "accountNote": "description",
     "accountBounceDomain": "mailrelayBounceDomain",
+    "accountQuotaDay": "mailrelayQuotaDay",
+    "accountQuotaMonth": "mailrelayQuotaMonth",
 }
 _USER_KEYS = [k for k in DEFAULT_ATTRIBUTES if not k.startswith("account") or k == "account"]
 _ACCOUNT_KEYS = ["accountName", "accountDomains", "accountNotify", "accountNote",
-                 "accountBounceDomain", "updated"]
+                 "accountBounceDomain", "accountQuotaDay", "accountQuotaMonth", "updated"]
 # An attribute description: a name (with options) or a numeric OID.
 _ATTRIBUTE_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)(?:;[A-Za-z0-9-]+)*$")
 _TIMESTAMP_RE = re.compile(r"^(\d{14})(?:[.,]\d+)?Z$")
@@ -120,6 +124,8 @@ def user_from_entry(
         rate_limit=fields.integer(names["rateLimit"], 0),
         priority=fields.integer(names["priority"], 1, 5) or 3,
         max_connections=fields.integer(names["maxConnections"], 1),
+        quota_day=fields.integer(names["quotaDay"], 0),
+        quota_month=fields.integer(names["quotaMonth"], 0),
         archive=fields.boolean(names["archive"]),
         audit_bcc=tuple(sorted(fields.addresses(names["auditBcc"]))),
         bounce_notify=fields.bounce_notify(),
@@ -156,6 +162,8 @@ def account_from_entry(entry: Entry, names: dict[str, str]) -> Account | None:
         notify=min(notify) if notify else None,
         note=entry.first(names["accountNote"]) or "",
         bounce_domain=bounce_domain,
+        quota_day=fields.integer(names["accountQuotaDay"], 0),
+        quota_month=fields.integer(names["accountQuotaMonth"], 0),
     )
 
 

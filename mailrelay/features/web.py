@@ -5,7 +5,9 @@ and redirects (302) to the URL signed inside the token, and nowhere else; ``GET 
 shows a confirmation form and ``POST /u/TOKEN`` with ``List-Unsubscribe=One-Click``
 (RFC 8058; the form sends the same) adds the recipient to the user's suppression list. A
 token that does not verify, or of the wrong kind, gets 404: nothing is recorded. GETs never
-unsubscribe, because mail scanners follow links.
+unsubscribe, because mail scanners follow links. What is recorded is reported too
+(mailrelay/events.py): ``message.opened``, ``message.clicked``, ``message.unsubscribed``
+(a recipient already unsubscribed is not reported again).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from mailrelay.events import NO_EVENTS, EventKind
 from mailrelay.features.stats import Event, StatsRecorder
 from mailrelay.features.suppressions import Reason, SuppressionStore
 from mailrelay.features.tokens import Kind, Token, TokenError, TokenSigner
@@ -53,11 +56,13 @@ class TrackingRoot(resource.Resource):
         stats: StatsRecorder,
         reactor,
         threadpool=None,
+        events=NO_EVENTS,
     ) -> None:
         super().__init__()
-        self.putChild(b"o", _Open(signer, stats))
-        self.putChild(b"c", _Click(signer, stats))
-        self.putChild(b"u", _Unsubscribe(signer, stats, suppressions, reactor, threadpool))
+        self.putChild(b"o", _Open(signer, stats, events))
+        self.putChild(b"c", _Click(signer, stats, events))
+        self.putChild(b"u", _Unsubscribe(signer, stats, events, suppressions, reactor,
+                                         threadpool))
 
     def getChild(self, path, request):
         return self  # anything else: rendered as 404 below
@@ -70,10 +75,11 @@ class _TokenResource(resource.Resource):
     isLeaf = True
     kind: Kind
 
-    def __init__(self, signer: TokenSigner, stats: StatsRecorder) -> None:
+    def __init__(self, signer: TokenSigner, stats: StatsRecorder, events) -> None:
         super().__init__()
         self.signer = signer
         self.stats = stats
+        self.events = events  # IEventSink
 
     def token(self, request) -> Token | None:
         _private(request)
@@ -86,6 +92,14 @@ class _TokenResource(resource.Resource):
 
     def track(self, event: Event, token: Token, url: str | None = None) -> None:
         self.stats.track(event, token.account, token.user, token.queue_id, token.recipient, url=url)
+        data = {"queue_id": token.queue_id, "recipient": token.recipient}
+        if url is not None:
+            data["url"] = url
+        self.events.emit(_KINDS[event], token.account, token.user, data)
+
+
+_KINDS = {Event.OPENS: EventKind.OPENED, Event.CLICKS: EventKind.CLICKED,
+          Event.UNSUBSCRIBES: EventKind.UNSUBSCRIBED}
 
 
 class _Open(_TokenResource):
@@ -116,8 +130,8 @@ class _Click(_TokenResource):
 class _Unsubscribe(_TokenResource):
     kind = Kind.UNSUBSCRIBE
 
-    def __init__(self, signer, stats, suppressions, reactor, threadpool) -> None:
-        super().__init__(signer, stats)
+    def __init__(self, signer, stats, events, suppressions, reactor, threadpool) -> None:
+        super().__init__(signer, stats, events)
         self.suppressions = suppressions
         self.reactor = reactor
         self.threadpool = threadpool

@@ -4,7 +4,9 @@ its JSON document (``dkim list --json``) and the TXT record to publish.
 A change is made under the index's lock: the key file is written first (mode 0600), then
 the index, both atomically (files.save_file), so the delivery process never finds an
 index entry without its key. Blocking calls run through ``call`` (manage.stores.threaded
-in the daemon, at_once in mailrelay-admin).
+in the daemon, at_once in mailrelay-admin). The storage is the few methods under "the key
+directory" below; postgres/dkim.py keeps the same keys in PostgreSQL (``keys_of_config``
+chooses).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -179,6 +183,15 @@ class DkimKeys:
     def _index(self) -> str:
         return os.path.join(self.directory, INDEX)
 
+    # -- the key directory --
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Changes take turns: read, change and save under one lock."""
+        self._make_directory()
+        with locked(self._index):
+            yield
+
     def _keys(self) -> list[DkimKey]:
         got = read_index(self.directory)
         return got[0] if got else []
@@ -186,6 +199,20 @@ class DkimKeys:
     def _save(self, keys: list[DkimKey]) -> None:
         keys = sorted(keys, key=lambda k: (k.domain, k.selector))
         save_file(self._index, json.dumps([k.to_json() for k in keys], indent=1).encode())
+
+    def _store_private(self, key: DkimKey, pem: bytes) -> None:
+        """Keep a new key's private key (before ``_save`` lists the key)."""
+        save_file(os.path.join(self.directory, key.file_name), pem, mode=0o600)
+
+    def _drop_private(self, key: DkimKey) -> None:
+        """Forget a key's private key (after ``_save`` no longer lists the key)."""
+        unlink_quietly(os.path.join(self.directory, key.file_name))
+
+    def _private_pem(self, key: DkimKey) -> bytes:
+        with open(os.path.join(self.directory, key.file_name), "rb") as f:
+            return f.read()
+
+    # -- the keys --
 
     def list(self):
         return self.call(lambda: sorted(self._keys(), key=lambda k: (k.domain, k.selector)))
@@ -209,8 +236,7 @@ class DkimKeys:
                     + ("e" if kind == "ed25519" else "")).lower()  # fmt: skip
         if not SELECTOR.fullmatch(selector):
             raise DkimError(f"selector {selector!r}: letters, digits and '-' (one DNS label)")
-        self._make_directory()
-        with locked(self._index):
+        with self._locked():
             keys = self._keys()
             if any(k.domain == domain and k.selector == selector for k in keys):
                 raise KeyConflict(f"{domain} already has a key with selector {selector!r}")
@@ -226,7 +252,7 @@ class DkimKeys:
             pem = private.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
-            save_file(os.path.join(self.directory, key.file_name), pem, mode=0o600)
+            self._store_private(key, pem)
             self._save([*keys, key])
         return key
 
@@ -244,13 +270,13 @@ class DkimKeys:
         return self.call(self._remove, domain_name(domain), selector.lower())
 
     def _remove(self, domain: str, selector: str) -> DkimKey:
-        with locked(self._index):
+        with self._locked():
             keys = self._keys()
             found = [k for k in keys if k.domain == domain and k.selector == selector]
             if not found:
                 raise UnknownKey(f"{domain} has no key with selector {selector!r}")
             self._save([k for k in keys if k not in found])  # unused first, then gone
-            unlink_quietly(os.path.join(self.directory, found[0].file_name))
+            self._drop_private(found[0])
         return found[0]
 
     def promote(self, domain: str, selector: str):
@@ -259,7 +285,7 @@ class DkimKeys:
     def _promote(self, domain: str, selector: str) -> tuple[DkimKey, list[DkimKey]]:
         """The pending key becomes active; the active keys of its type, retiring."""
         now = self.clock.time()
-        with locked(self._index):
+        with self._locked():
             keys = self._keys()
             found = [k for k in keys if k.domain == domain and k.selector == selector
                      and k.state == "pending"]  # fmt: skip
@@ -289,10 +315,14 @@ class DkimKeys:
 
     def _record_checks(self, results: dict[tuple[str, str], str], when: float) -> list[DkimKey]:
         """Keep each key's look-up result (``(domain, selector) -> published``): the keys
-        as they are now (one deleted meanwhile is left out), with their last result."""
-        with locked(self._index):
+        as they are now (one deleted meanwhile is left out), with their last result. A
+        result older than the one kept is dropped: of several relays checking the same
+        keys, the latest look-up stands whatever the order they save in."""
+        with self._locked():
             keys = [replace(k, dns_status=results[(k.domain, k.selector)], dns_checked=when)
-                    if (k.domain, k.selector) in results else k for k in self._keys()]
+                    if (k.domain, k.selector) in results
+                    and (k.dns_checked is None or k.dns_checked <= when) else k
+                    for k in self._keys()]
             self._save(keys)
         return [k for k in keys if (k.domain, k.selector) in results]
 
@@ -300,7 +330,20 @@ class DkimKeys:
         return self.call(self._record, key)
 
     def _record(self, key: DkimKey) -> tuple[str, str]:
-        with open(os.path.join(self.directory, key.file_name), "rb") as f:
-            private = serialization.load_pem_private_key(f.read(), None)
+        private = serialization.load_pem_private_key(self._private_pem(key), None)
         return (f"{key.selector}._domainkey.{key.domain}",
                 f"v=DKIM1; k={key.type}; p={public_key_text(private)}")
+
+
+def keys_of_config(config, call: Caller):
+    """The relay's IDkimKeys: in PostgreSQL under ``[cluster] postgres``, else the key
+    directory ``[dkim] directory``."""
+    d = config.dkim
+    from mailrelay.postgres.db import of_config
+
+    db = of_config(config)
+    if db is not None:
+        from mailrelay.postgres.dkim import PgDkimKeys
+
+        return PgDkimKeys(db, call, retire_after=d.retire_after)
+    return DkimKeys(d.directory, call, retire_after=d.retire_after)

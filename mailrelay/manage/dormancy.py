@@ -1,6 +1,7 @@
 """Dormant users: with ``[policy] dormant_after`` set, a user that has not logged in for
-that long is disabled (status ``blocked``: its mail is refused), once, with a log line and
-a notice to its account's notification address.
+that long is disabled (status ``blocked``: its mail is refused), once, with a log line,
+a notice to its account's notification address and a ``credential.disabled`` event
+(mailrelay/events.py; ``reason``: ``dormant``).
 
 A user that never logged in counts from its last change, and so does one changed since its
 last login: an administrator who sets a disabled user back to ``allowed`` gives it a new
@@ -26,6 +27,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from mailrelay.directory.filedir import UnknownEntry
+from mailrelay.events import NO_EVENTS, EventKind, rfc3339
 from mailrelay.manage.stores import NothingToChange, threaded, user_store
 from mailrelay.model import Account, SmtpUser, Status
 from mailrelay.text import printable
@@ -43,11 +45,12 @@ class DormancyJob(Service):
     """Looks every ``interval`` (a tenth of ``dormant_after``, at most an hour) at the users
     of ``directory`` and the last logins of ``recorder`` (a LoginRecorder), and disables the
     dormant ones. ``submit(sender, recipients, bytes)`` queues a notice; ``clock`` gives the
-    time (default: ``reactor``, whose thread pool reads and writes the files)."""
+    time (default: ``reactor``, whose thread pool reads and writes the files); ``events``
+    (an IEventSink) hears of each user disabled."""
 
     def __init__(self, directory, users_file: str, recorder, dormant_after: float,
                  submit: Callable, postmaster: str, hostname: str, reactor,
-                 clock=None) -> None:
+                 clock=None, events=NO_EVENTS) -> None:
         self.directory = directory
         self.recorder = recorder
         self.dormant_after = dormant_after
@@ -56,6 +59,7 @@ class DormancyJob(Service):
         self.hostname = hostname
         self.reactor = reactor
         self.clock = clock or reactor  # the time and the timer; reactor runs the threads
+        self.events = events
         self.interval = min(MAX_CHECK_INTERVAL, max(1.0, dormant_after / 10))
         self._store = user_store(directory, users_file, threaded(reactor))
         self._told: set[str] = set()  # read-only directory: dormant users already logged
@@ -121,6 +125,9 @@ class DormancyJob(Service):
                  "(last login: {last})", user=printable(user.username),
                  days=round(self.dormant_after / 86400, 3),
                  last=f"{_utc(last[0])} from {last[1]}" if last else "never")
+        self.events.emit(EventKind.CREDENTIAL_DISABLED, user.account, user.username, {
+            "reason": "dormant", "last_login": rfc3339(last[0]) if last else None,
+            "last_login_ip": last[1] if last else None})
         account = yield self.directory.getAccount(user.account)
         if account is not None and account.notify:
             message = self.compose(account, user, last)

@@ -7,8 +7,9 @@ the session's own limits (smtp/server.py: SIZE, the number of recipients). Only 
 named beside each reply is worked out here, to say *why*. A password is not checked: the
 explanation starts from a successful AUTH.
 
-Limit state (the user's rate-limit window; with a client address, the failed-login
-defence's block or delay for it) lives in the running relay: ``limit_state`` asks it over
+Limit state (the user's rate-limit window, the daily and monthly quotas of the user and
+its account; with a client address, the failed-login defence's block or delay for it)
+lives in the running relay: ``limit_state`` asks it over
 the control socket (control.py), and when no relay answers the explanation says so
 instead of guessing.
 """
@@ -16,6 +17,7 @@ instead of guessing.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -129,20 +131,35 @@ def _rate(user: SmtpUser) -> str:
     return "the default" if user.rate_limit is None else f"{user.rate_limit} per hour"
 
 
-async def relay_limits(reactor, control_socket: str, user: SmtpUser,
-                       ip: str | None = None) -> dict[str, Any] | None:  # fmt: skip
-    """The running relay's rate-limit state for ``user`` (control.LimitState), and its
-    failed-login defence's for ``ip`` when given; None when no relay answers on
-    ``control_socket``."""
+async def relay_limits(reactor, control_socket: str, user: SmtpUser, ip: str | None = None,
+                       account: Account | None = None) -> dict[str, Any] | None:
+    """The running relay's rate-limit and quota state for ``user`` of ``account``
+    (control.LimitState), and its failed-login defence's for ``ip`` when given; None when
+    no relay answers on ``control_socket``."""
     from mailrelay.control import LimitState, RelayNotRunning, ask
 
+    quotas = {"account": user.account, "quota_day": user.quota_day,
+              "quota_month": user.quota_month,
+              "account_quota_day": account.quota_day if account is not None else None,
+              "account_quota_month": account.quota_month if account is not None else None}
     try:
         answer = await ask(reactor, control_socket, LimitState, user=user.username,
-                           rate_limit=user.rate_limit, **({"ip": ip} if ip else {}))
+                           rate_limit=user.rate_limit, quotas=json.dumps(quotas),
+                           **({"ip": ip} if ip else {}))
     except RelayNotRunning:
         return None
-    return {key: answer[key] for key in ("used_hour", "used_minute", "refusal",
-                                         "login_refusal", "login_wait")}
+    out = {key: answer[key] for key in ("used_hour", "used_minute", "refusal",
+                                        "login_refusal", "login_wait", "quota_refusal")}
+    out["quota"] = json.loads(answer["quota"])
+    return out
+
+
+def quota_text(quota: dict[str, Any]) -> str:
+    """``daily quota of user app: 7 of 10 (1 open), resets at 2026-12-07 00:00 UTC``."""
+    kind = "daily" if quota["period"] == "day" else "monthly"
+    held = f" ({quota['held']} open)" if quota["held"] else ""
+    return (f"{kind} quota of {quota['subject']} {quota['name']}: {quota['used']} of "
+            f"{quota['limit']}{held}, resets at {quota['resets']}")
 
 
 def _held(user: SmtpUser) -> str:
@@ -158,7 +175,8 @@ async def explain(
     from_header: str | None = None,
     recipients: int = 1,
     size: int | None = None,
-    limit_state: Callable[[SmtpUser], Awaitable[dict[str, Any] | None]] | None = None,
+    limit_state: Callable[[SmtpUser, Account | None],
+                          Awaitable[dict[str, Any] | None]] | None = None,
     ip: str | None = None,
 ) -> Explanation:
     """The steps of one submission by ``user`` (found with ``account``) from ``sender``:
@@ -167,7 +185,7 @@ async def explain(
     write it). The steps stop at the first refusal, as a client would."""
     if user is None:
         raise UnknownUser("unknown user")
-    limits = await limit_state(user) if limit_state is not None else None
+    limits = await limit_state(user, account) if limit_state is not None else None
     out = Explanation(user.username, sender, limits=limits)
     steps = out.steps
     avatar = Submitter.for_user(user, account)
@@ -194,12 +212,17 @@ async def explain(
             checks.mailFrom(avatar, sender)
         except Reply as refusal:
             raise _Refused(refusal, _refusal_rule(user, account, sender, refusal))
+        quotas = limits.get("quota", []) if limits is not None else []
+        if limits is not None and limits.get("quota_refusal"):  # the session asks them first
+            full = next(q for q in quotas if q["used"] + q["held"] >= q["limit"])
+            raise _Refused(_reply_of(limits["quota_refusal"]), quota_text(full))
         if limits is not None and limits["refusal"]:  # the running relay's own reply
             raise _Refused(_reply_of(limits["refusal"]),
                            f"rate limit of user {user.username} ({_rate(user)}): "
                            f"{limits['used_hour']} counted this hour")
         steps.append(Step(f"MAIL FROM:<{sender}> {mail}".strip(), "250 2.1.0 Ok",
-                          covering_entry(user, account, sender)))
+                          "; ".join([covering_entry(user, account, sender),
+                                     *map(quota_text, quotas)])))
         for n in range(recipients):
             try:
                 check_recipient_count(n, settings.max_recipients)

@@ -104,5 +104,8 @@ class Webhooks:
     def failed(self, account=None, limit=500):
         return self.call(self.store.failed, account, limit)
 
+    def failedEvent(self, delivery_id, account=None):
+        return self.call(self.store.failed_event, delivery_id, account)
+
     def retry(self, delivery_id, account=None):
         return self.call(self.store.retry, delivery_id, account, self._now())

@@ -30,8 +30,9 @@ DESTINATIONS = ("mx", "smarthost", "route")
 NOTIFICATIONS = ("bounce", "delay", "sender")
 LOGIN_METHODS = ("password", "ip", "address")
 LOGIN_RESULTS = ("success", "failure", "refused", "error")
+WEBHOOK_OUTCOMES = ("sent", "retried", "failed")
 POLICY_REASONS = ("connections", "user_connections", "login_blocked", "login_delayed",
-                  "rate_limit", "messages_per_connection")
+                  "rate_limit", "messages_per_connection", "quota")
 
 # Histogram buckets (seconds, upper bounds; +Inf is added).
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -109,6 +110,9 @@ class NoMetrics:
         pass
 
     def directory(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def webhook(self, outcome: str) -> None:
         pass
 
     def absorb(self, record: str) -> None:

@@ -35,6 +35,7 @@ from mailrelay.metrics import (
     NOTIFICATIONS,
     OUTCOMES,
     POLICY_REASONS,
+    WEBHOOK_OUTCOMES,
     Buckets,
     bounded,
 )
@@ -109,6 +110,8 @@ class PrometheusMetrics:
                          for d in (*DESTINATIONS, _OTHER)}
         self.notifications = dict.fromkeys((*NOTIFICATIONS, _OTHER), 0)
         self.latency = Buckets(DELIVERY_BUCKETS)
+        self.webhooks = dict.fromkeys((*WEBHOOK_OUTCOMES, _OTHER), 0)
+        self.outbox = None  # the webhook outbox (webhooks/store.py) whose backlog is shown
         self.reported_at: float | None = None
         self._spool = spool
         self.process = delivery
@@ -147,6 +150,9 @@ class PrometheusMetrics:
     def directory(self, seconds: float, ok: bool) -> None:
         self.directory_calls["ok" if ok else "error"] += 1
         self.directory_seconds.observe(seconds)
+
+    def webhook(self, outcome: str) -> None:
+        self.webhooks[bounded(outcome, WEBHOOK_OUTCOMES)] += 1
 
     def refusal(self, code: int, status: str | None) -> None:
         key = (str(code), status or "")
@@ -237,6 +243,11 @@ class _Collector:
         yield _counter("mailrelay_notifications_queued", "Bounces and delay DSNs (from the "
                        "delivery process) and sender notifications queued", ["kind"],
                        {(k,): n for k, n in m.notifications.items()})
+        yield _counter("mailrelay_webhook_deliveries", "Webhook requests by outcome: sent "
+                       "(2xx), retried (to be tried again), failed (given up)", ["outcome"],
+                       {(k,): n for k, n in m.webhooks.items()})
+        if m.outbox is not None:
+            yield from self._outbox(m)
         if m.process is not None:
             yield from self._process(m)
         if m._spool is not None:
@@ -277,6 +288,15 @@ class _Collector:
                                     "Seconds since the delivery process last reported (it "
                                     "does once a second)",
                                     value=max(0.0, m.clock() - m.reported_at))
+
+    def _outbox(self, m: PrometheusMetrics):
+        try:  # a count over an index of the outbox's SQLite file
+            pending = m.outbox.pending_count()
+        except Exception:
+            log.failure("cannot count the webhook outbox")
+            return
+        yield GaugeMetricFamily("mailrelay_webhook_outbox_pending", "Webhook events waiting "
+                                "to be sent (due now or to be tried again)", value=pending)
 
     def _queue(self, m: PrometheusMetrics):
         queue, now = m.queue(), m.clock()

@@ -1,5 +1,5 @@
 """The submission policy the session calls: connection limits, failed-login defence, rate
-limits and sender notifications composed behind ISubmissionPolicy / ISessionPolicy.
+limits, quotas and notifications composed behind ISubmissionPolicy / ISessionPolicy.
 
 With the in-process limiters everything here is synchronous and runs in the reactor
 thread, so the counters are exact however many sessions interleave. The limiters shared by
@@ -11,13 +11,17 @@ each login slowed down) is counted in ``metrics`` by its reason.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
 from mailrelay.metrics import NO_METRICS
 from mailrelay.policy.notify import SenderNotifier
+from mailrelay.policy.quota import QuotaExceeded
 from mailrelay.reply import Reply
+
+log = Logger()
 
 
 def _then(result, step):
@@ -31,6 +35,8 @@ def _then(result, step):
 class SubmissionPolicy:
     """One per daemon, shared by every listener: ``connections`` (IConnectionLimits),
     ``rates`` (IRateLimiter), ``logins`` (ILoginGuard). ``notifier`` None: none.
+    ``quotas`` (a policy.quota.QuotaCounter or cluster's RedisQuotaCounter) and ``warner``
+    (a quotawarn.QuotaWarner): None, no quotas, no warnings.
     ``metrics``: the IMetrics that counts the refusals."""
 
     metrics = NO_METRICS
@@ -41,11 +47,20 @@ class SubmissionPolicy:
         rates,
         logins,
         notifier: SenderNotifier | None = None,
+        quotas=None,
+        warner=None,
     ) -> None:
         self.connections = connections
         self.rates = rates
         self.logins = logins
         self.notifier = notifier
+        self.quotas = quotas
+        self.warner = warner
+
+    def warn(self, avatar, crossings) -> None:
+        """Report the quota thresholds a message (or a refusal) crossed."""
+        if crossings and self.warner is not None:
+            self.warner.warn(avatar.account, avatar.user.username, crossings)
 
     def connect(self, client_ip: str):
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
@@ -71,7 +86,9 @@ class SubmissionPolicy:
         return failure
 
     def _refused(self, reason: str, refusal: Reply) -> None:
-        self.metrics.policyRefusal("rate_limit" if refusal.status == "4.7.1" else reason)
+        if refusal.status == "4.7.1" and not isinstance(refusal, QuotaExceeded):
+            reason = "rate_limit"
+        self.metrics.policyRefusal(reason)
 
 
 @implementer(ISessionPolicy)
@@ -83,6 +100,7 @@ class SessionPolicy:
         self.client_ip = client_ip
         self.ticket = ticket
         self.reservation = None  # the open transaction's IReservation
+        self.quota = None  # its places in the quotas
 
     def authAttempt(self, username: str):
         """Raises Reply(421, "4.7.0") for a blocked address; else the seconds to wait."""
@@ -115,14 +133,55 @@ class SessionPolicy:
 
     def mailFrom(self, avatar, sender: str):
         """Raises Reply(451, "4.7.0") past the messages per connection, Reply(451,
-        "4.7.1") over the user's rate limit."""
+        "4.7.1") over a quota or the user's rate limit."""
         self.reset()  # a session that forgot reset() must not leak a reservation
         self.policy.counted("messages_per_connection", self.policy.connections.count_message,
                             self.ticket)
         user = avatar.user
-        return _then(self.policy.counted("rate_limit", self.policy.rates.transaction,
-                                         user.username, user.rate_limit),
-                     self._reserved)
+
+        def rated(_):
+            try:
+                result = _then(self.policy.counted("rate_limit", self.policy.rates.transaction,
+                                                   user.username, user.rate_limit),
+                               self._reserved)
+            except BaseException:
+                self._release_quota()
+                raise
+            if isinstance(result, Deferred):
+                result.addErrback(self._release_quota)
+            return result
+
+        return _then(self._reserve_quota(avatar), rated)
+
+    def _reserve_quota(self, avatar):
+        quotas = self.policy.quotas
+        if quotas is None:
+            return None
+        try:
+            result = self.policy.counted("quota", quotas.reserve, avatar.user, avatar.account)
+        except QuotaExceeded as refusal:
+            self.policy.warn(avatar, [refusal.crossing] if refusal.crossing else [])
+            raise
+        if isinstance(result, Deferred):
+            result.addErrback(self._quota_refused, avatar)
+        return _then(result, self._quota_reserved)
+
+    def _quota_refused(self, failure: Failure, avatar) -> Failure:
+        if failure.check(QuotaExceeded) and failure.value.crossing:
+            self.policy.warn(avatar, [failure.value.crossing])
+        return failure
+
+    def _quota_reserved(self, reservation) -> None:
+        if self.ticket.closed:
+            reservation.release()
+        else:
+            self.quota = reservation
+
+    def _release_quota(self, failure: Failure | None = None):
+        quota, self.quota = self.quota, None
+        if quota is not None:
+            quota.release()
+        return failure
 
     def _reserved(self, reservation) -> None:
         if self.ticket.closed:  # the connection went while the counters answered
@@ -146,12 +205,19 @@ class SessionPolicy:
         """Nothing left to check: the units were reserved at MAIL and RCPT."""
 
     def accepted(self, avatar, envelope):
+        quota, self.quota = self.quota, None
+        if quota is not None:  # the message counts once, now that it is spooled
+            d = _then(quota.commit(), lambda crossings: self.policy.warn(avatar, crossings))
+            if isinstance(d, Deferred):
+                d.addErrback(lambda f: log.failure("quota not counted for {user}", f,
+                                                   user=avatar.user.username))
         reservation, self.reservation = self.reservation, None
         if reservation is not None:
             return reservation.commit()
         return None
 
     def reset(self):
+        self._release_quota()
         reservation, self.reservation = self.reservation, None
         if reservation is not None:
             return reservation.release()

@@ -20,6 +20,7 @@ back, so caches reload instead of missing a change.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,11 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 log = Logger()
+# The pool's own warnings (each failed reconnection) go to the standard library's logging,
+# which would print them to mailrelay-admin's stderr before its one-line error; what the
+# relay must know of an unreachable database it says itself.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+logging.getLogger("psycopg.pool").propagate = False
 
 # Errors that say the database cannot be reached now (the caller answers 4xx or retries),
 # as opposed to a bug in a query.
@@ -63,8 +69,11 @@ class Database:
                  timeout: float = 5.0) -> None:  # fmt: skip
         self.dsn = dsn
         self.password = password
+        # check: a connection is tried (an empty query) before it is lent, so the first
+        # call after the database restarted gets a new connection instead of an error.
         self.pool = ConnectionPool(dsn, min_size=1, max_size=max(1, size), open=False,
                                    timeout=timeout, kwargs=connect_kwargs(password),
+                                   check=ConnectionPool.check_connection,
                                    name="mailrelay")  # fmt: skip
 
     def open(self, wait: float = 10.0) -> None:

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailrelay import dsnparams, requiretls
+from mailrelay import dsnparams, events, requiretls
 from mailrelay.errors import StorageError
 from mailrelay.events import EventKind
 from mailrelay.model import Envelope
@@ -53,6 +53,7 @@ MAX_COMMAND = 2048  # octets of a command line (RFC 5321 says 512; MAIL paramete
 MAX_AUTH_FAILURES = 3  # per connection; then 421 (the policy counts across connections)
 MAX_ERRORS = 20  # syntax and sequence errors (50x) per connection
 MAX_JUNK = 100  # NOOP, RSET, VRFY, HELP, HELO/EHLO between two accepted messages
+_STAGES = frozenset({b"MAIL", b"RCPT", b"DATA", b"BDAT"})  # whose refusals are events
 
 _sessions = itertools.count(1)
 
@@ -82,6 +83,9 @@ class SubmissionServer(Chunking, CommandStream):
         self._dsn_rcpts: dict[str, dict[str, str]] = {}  # NOTIFY, ORCPT by recipient
         self._incoming = None
         self._envelope: Envelope | None = None
+        # The transaction command being answered (stage, sender, recipients...): what a
+        # refusal of it reports (message.rejected); None once it is answered.
+        self._step: dict | None = None
         self._data_deadline = None
         # The session clock: seconds spent outside transactions, and since when (None
         # while a transaction is open); the timer fires when session_timeout is spent.
@@ -233,6 +237,7 @@ class SubmissionServer(Chunking, CommandStream):
     # -- commands
 
     def lineReceived(self, line: bytes) -> None:
+        self._step = None
         if self.login.exchange is not None:  # a 334 was sent: this is the response
             self._run(self._sasl_response, line)
             return
@@ -244,6 +249,11 @@ class SubmissionServer(Chunking, CommandStream):
             self._send(Reply(500, "5.5.2", "Empty command"))
             return
         verb, arg = parts[0], (parts[1] if len(parts) > 1 else b"")
+        if verb.upper() in _STAGES:
+            # The recipients' list is replaced, never emptied, when a transaction ends: a
+            # refusal that ends it still reports those it had.
+            self._step = {"stage": verb.upper().decode(), "sender": self._sender,
+                          "recipients": self._recipients}
         if len(line) > (MAX_AUTH_LINE if verb.upper() == b"AUTH" else MAX_COMMAND):
             self._send(Reply(500, "5.5.2", "Line too long"))
             return
@@ -307,6 +317,7 @@ class SubmissionServer(Chunking, CommandStream):
     # -- replies
 
     def _reply(self, code: int, status: str | None, text: str) -> None:
+        """Every reply goes out here, every refusal counted, logged and reported."""
         line = f"{code} {status} {text}" if status else f"{code} {text}"
         self.write(printable(line, 512).encode("ascii", "backslashreplace") + b"\r\n")
         if code >= 400:
@@ -320,6 +331,27 @@ class SubmissionServer(Chunking, CommandStream):
                 client_ip=self.client_ip,
                 user=self.login.username,
             )
+            self._rejected(code, status, text)
+        if code != 354:  # DATA goes on: its end is answered too
+            self._step = None
+
+    def _rejected(self, code: int, status: str | None, text: str) -> None:
+        """message.rejected for the refusal of a logged-in client's transaction command
+        (once: a 421 that follows it is not another)."""
+        step, avatar = self._step, self.login.avatar
+        if step is None or avatar is None:
+            return
+        stage = step["stage"]
+        data = {"stage": stage, "reply": events.reply(code, status, text),
+                "auth_method": avatar.method, "client_ip": self.client_ip}
+        if step["sender"] is not None:
+            data["sender"] = step["sender"]
+        if "recipient" in step:
+            data["recipient"] = step["recipient"]
+        if stage in ("DATA", "BDAT"):
+            data["recipients"] = list(step["recipients"])
+        self.factory.events.emit(EventKind.REJECTED, avatar.user.account,
+                                 avatar.user.username, data)
 
     def _multiline(self, code: int, lines: list[str]) -> None:
         lines = [f"{code}-{x}" for x in lines[:-1]] + [f"{code} {lines[-1]}"]
@@ -515,6 +547,7 @@ class SubmissionServer(Chunking, CommandStream):
             sender, params, syntax = None, {}, error
         else:
             syntax = None
+            self._step["sender"] = sender
         login = self.login
         if login.avatar is None and not login.ip_tried:
             await login.by_ip()
@@ -556,6 +589,7 @@ class SubmissionServer(Chunking, CommandStream):
         if self._sender is None:
             raise Reply(503, "5.5.1", "Need MAIL command")
         recipient, params = parse_rcpt(arg, self._smtputf8)
+        self._step["recipient"] = recipient
         dsn_rcpt, params = dsnparams.take_rcpt(params)
         if params:
             raise Reply(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
@@ -620,6 +654,7 @@ class SubmissionServer(Chunking, CommandStream):
             **self._dsn_mail,  # ret, envid
             smtputf8=self._smtputf8,
             requiretls=self._requiretls,
+            auth_method=self.login.avatar.method,
             # audit BCC, footer, the account's bounce domain...
             **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
@@ -726,7 +761,9 @@ class SubmissionServer(Chunking, CommandStream):
             sandboxed=envelope.sandboxed,
         )
         self.factory.events.emit(EventKind.PROCESSED, envelope.account, envelope.user, {
-            "queue_id": queue_id, "auth_method": avatar.method, "recipients": envelope.recipients})
+            **events.of_message(envelope), "queue_id": queue_id,
+            "recipients": list(envelope.recipients), "size": reader.size, "tls": self.tls,
+            "sandboxed": envelope.sandboxed})
         if self.policy is not None:
             self._notify(self.policy.accepted, avatar, envelope)
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")

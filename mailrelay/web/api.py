@@ -71,17 +71,19 @@ class Api:
           account=t.level(t.body("user"), t.body("account")))
         r("DELETE", "/suppressions/{address}", self.delete_suppression, ("user", "account"),
           account=t.level(t.query("user"), t.query("account")))
-        # Webhooks are the relay's admins' alone until their endpoints declare accounts.
-        for method, route, handler in (
-                ("GET", "/webhooks", self.list_webhooks), ("POST", "/webhooks", self.add_webhook),
-                ("GET", "/webhooks/failed", self.failed_webhooks),
-                ("POST", "/webhooks/failed/{event}/retry", self.retry_webhook),
-                ("GET", "/webhooks/{endpoint}", self.get_webhook),
-                ("DELETE", "/webhooks/{endpoint}", self.delete_webhook),
-                ("POST", "/webhooks/{endpoint}/rotate-secret", self.rotate_webhook_secret),
-                ("POST", "/webhooks/{endpoint}/enable", self.enable_webhook)):
-            r(method, route, handler, ("account",) if route in ("/webhooks", "/webhooks/failed")
-              and method == "GET" else (), account=t.RELAY_WIDE)
+        endpoint = t.webhook(t.path("endpoint"))
+        r("GET", "/webhooks", self.list_webhooks, ("account",),
+          account=t.account(t.query("account")))
+        r("POST", "/webhooks", self.add_webhook, account=t.account(t.body("account")))
+        r("GET", "/webhooks/failed", self.failed_webhooks, ("account",),
+          account=t.account(t.query("account")))
+        r("POST", "/webhooks/failed/{event}/retry", self.retry_webhook,
+          account=t.failed_event(t.path("event")))
+        r("GET", "/webhooks/{endpoint}", self.get_webhook, account=endpoint)
+        r("DELETE", "/webhooks/{endpoint}", self.delete_webhook, account=endpoint)
+        r("POST", "/webhooks/{endpoint}/rotate-secret", self.rotate_webhook_secret,
+          account=endpoint)
+        r("POST", "/webhooks/{endpoint}/enable", self.enable_webhook, account=endpoint)
         r("GET", "/queue", self.list_queue, ("limit",), account=t.LISTED)
         r("GET", "/queue/{queue_id}", self.show_queued, account=t.queued(queue_id))
         r("POST", "/queue/{queue_id}/retry", self.retry_queued, account=t.queued(queue_id))
@@ -197,32 +199,37 @@ class Api:
         return Response(204)
 
     async def list_webhooks(self, call: Call) -> Response:
-        return json_response(await ops.list_webhooks(self.s, call.arg("account")))
+        return json_response(await ops.list_webhooks(self.s, call.arg("account"),
+                                                     call.account))
 
     async def add_webhook(self, call: Call) -> Response:
-        doc = await ops.add_webhook(self.s, call.json())
+        doc = await ops.add_webhook(self.s, call.json(), call.account)
         return json_response(doc, 201, **{"cache-control": "no-store",
                                           "location": f"{PREFIX}/webhooks/{doc['id']}"})
 
     async def get_webhook(self, call: Call) -> Response:
-        return json_response(await ops.get_webhook(self.s, call.params["endpoint"]))
+        return json_response(await ops.get_webhook(self.s, call.params["endpoint"],
+                                                   call.account))
 
     async def delete_webhook(self, call: Call) -> Response:
-        await ops.delete_webhook(self.s, call.params["endpoint"])
+        await ops.delete_webhook(self.s, call.params["endpoint"], call.account)
         return Response(204)
 
     async def rotate_webhook_secret(self, call: Call) -> Response:
-        doc = await ops.rotate_webhook_secret(self.s, call.params["endpoint"])
+        doc = await ops.rotate_webhook_secret(self.s, call.params["endpoint"], call.account)
         return json_response(doc, **{"cache-control": "no-store"})
 
     async def enable_webhook(self, call: Call) -> Response:
-        return json_response(await ops.enable_webhook(self.s, call.params["endpoint"]))
+        return json_response(await ops.enable_webhook(self.s, call.params["endpoint"],
+                                                      call.account))
 
     async def failed_webhooks(self, call: Call) -> Response:
-        return json_response(await ops.failed_webhooks(self.s, call.arg("account")))
+        return json_response(await ops.failed_webhooks(self.s, call.arg("account"),
+                                                       call.account))
 
     async def retry_webhook(self, call: Call) -> Response:
-        return json_response(await ops.retry_webhook(self.s, call.params["event"]), 202)
+        return json_response(await ops.retry_webhook(self.s, call.params["event"],
+                                                     call.account), 202)
 
     async def list_queue(self, call: Call) -> Response:
         return json_response(await ops.list_queue(self.s, _int(call, "limit", 500, 1, 10000),

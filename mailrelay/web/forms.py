@@ -26,24 +26,34 @@ def user_settings(form: dict[str, str], kind: Kind) -> dict[str, Any]:
     for name in texts:
         if name in form:
             out[name] = form[name]
-    for name, optional in (("priority", False), ("rate_limit", True), ("max_connections", True)):
+    for name, optional in (("priority", False), ("rate_limit", True), ("max_connections", True),
+                           ("quota_day", True), ("quota_month", True)):  # fmt: skip
         text = form.get(name, "").strip()
         if not text and optional:
             out[name] = None
         elif text or not optional:
-            try:
-                out[name] = int(text)
-            except ValueError:
-                raise HttpError(400, f"{name.replace('_', ' ')} must be a whole number")
+            out[name] = _whole(name, text)
     for name, _ in TOGGLES:
         out[name] = form.get(name) == "on"
     return out
 
 
-def account(form: dict[str, str], new: bool) -> dict[str, str]:
-    """An account's fields (and its name when ``new``), empty when not sent."""
+def _whole(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise HttpError(400, f"{name.replace('_', ' ')} must be a whole number")
+
+
+def account(form: dict[str, str], new: bool) -> dict[str, Any]:
+    """An account's fields (and its name when ``new``), empty when not sent; its quotas
+    as numbers (empty: none)."""
     names = ("name", *ACCOUNT_FIELDS) if new else ACCOUNT_FIELDS
-    return {k: form.get(k, "") for k in names}
+    doc: dict[str, Any] = {k: form.get(k, "") for k in names}
+    for name in ("quota_day", "quota_month"):
+        text = form.get(name, "").strip()
+        doc[name] = _whole(name, text) if text else None
+    return doc
 
 
 def suppression(form: dict[str, str]) -> dict[str, Any]:

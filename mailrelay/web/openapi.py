@@ -48,6 +48,10 @@ _SETTING_SCHEMAS = {
     "rate_limit": {**NULL_INT, "description": "messages per hour; null: the configured default"},
     "priority": {"type": "integer", "minimum": 1, "maximum": 5},
     "max_connections": {**NULL_INT, "description": "null: the configured default"},
+    "quota_day": {**NULL_INT, "minimum": 0, "description": "messages per UTC day; null: the "
+                  "configured default ([limits] quota_per_day); 0: none"},
+    "quota_month": {**NULL_INT, "minimum": 0, "description": "messages per UTC month; null: "
+                    "the configured default ([limits] quota_per_month); 0: none"},
     "archive": BOOL,
     "audit_bcc": {**STR, "description": 'copies of every message to "x@a.com;y@b.com"'},
     "bounce_notify": {**STR, "description": "off, sender or an address"},
@@ -60,6 +64,10 @@ _SETTING_SCHEMAS = {
                    '"": anywhere'},
 }
 assert set(_SETTING_SCHEMAS) == set(USER_SETTINGS)
+# Messages the account's users send together; null (or 0): no quota.
+_ACCOUNT_QUOTAS = {f"quota_{p}": {**NULL_INT, "minimum": 0,
+                                  "description": f"messages per UTC {p}; null or 0: none"}
+                   for p in ("day", "month")}
 
 _USER = obj(
     {
@@ -160,13 +168,14 @@ SCHEMAS: dict[str, Any] = {
         ["sender", "kind", "verified"],
     ),  # fmt: skip
     "Account": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
-                    "bounce_domain": _BOUNCE_DOMAIN, "users": array(STR)},
+                    "bounce_domain": _BOUNCE_DOMAIN, **_ACCOUNT_QUOTAS, "users": array(STR)},
                    ["name", "domains", "users"]),  # fmt: skip
     "AccountNew": obj({"name": STR, "domains": STR, "notify": NULL_STR, "note": STR,
-                       "bounce_domain": _BOUNCE_DOMAIN}, ["name"], closed=True),  # fmt: skip
+                       "bounce_domain": _BOUNCE_DOMAIN, **_ACCOUNT_QUOTAS}, ["name"],
+                      closed=True),  # fmt: skip
     "AccountChange": {
         **obj({"domains": STR, "notify": NULL_STR, "note": STR,
-               "bounce_domain": _BOUNCE_DOMAIN}, closed=True),
+               "bounce_domain": _BOUNCE_DOMAIN, **_ACCOUNT_QUOTAS}, closed=True),
         "minProperties": 1,
     },
     "IpAuth": obj(

@@ -288,7 +288,8 @@ async def get_account(s: Services, name: str) -> dict[str, Any]:
 
 
 _ACCOUNT_FIELDS = {"domains": str, "notify": (str, type(None)), "note": str,
-                   "bounce_domain": (str, type(None))}
+                   "bounce_domain": (str, type(None)), "quota_day": (int, type(None)),
+                   "quota_month": (int, type(None))}
 
 
 def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
@@ -298,8 +299,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
                         f"{', '.join(_ACCOUNT_FIELDS)})")  # fmt: skip
     changes: dict[str, Any] = {}
     for key, value in doc.items():
-        if not isinstance(value, _ACCOUNT_FIELDS[key]):
-            raise HttpError(400, f"{key} must be text, not {value!r}")
+        if not isinstance(value, _ACCOUNT_FIELDS[key]) or isinstance(value, bool):
+            kind = "a whole number or null" if key.startswith("quota") else "text"
+            raise HttpError(400, f"{key} must be {kind}, not {value!r}")
     with refusals():
         if "domains" in doc:
             changes["domains"] = parse_domains(doc["domains"])
@@ -309,6 +311,9 @@ def _account_changes(doc: dict[str, Any]) -> dict[str, Any]:
         changes["note"] = doc["note"]
     if "bounce_domain" in doc:
         changes["bounce_domain"] = (doc["bounce_domain"] or "").strip().lower() or None
+    for key in ("quota_day", "quota_month"):
+        if key in doc:
+            changes[key] = doc[key] or None  # 0: no quota, as null
     return changes
 
 
@@ -436,13 +441,18 @@ async def _known_account(s: Services, account: str | None) -> str | None:
     return account or None
 
 
-async def list_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+async def list_webhooks(s: Services, account: str | None = None, within: str | None = None
+                        ) -> list[dict[str, Any]]:  # fmt: skip
+    """``within``: the one account the caller may see (tenancy.py), None: all; so for the
+    other calls below, which then find only that account's objects."""
     hooks = _webhooks(s)
-    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account))]
+    return [endpoint_json(e) for e in await hooks.list(await _known_account(s, account or
+                                                                            within))]
 
 
-async def get_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
-    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"))
+async def get_webhook(s: Services, endpoint_id: str, within: str | None = None
+                      ) -> dict[str, Any]:  # fmt: skip
+    found = await _webhooks(s).get(_number(endpoint_id, "webhook endpoint"), within)
     if found is None:
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     return endpoint_json(found)
@@ -455,13 +465,17 @@ def _texts(doc: dict[str, Any], key: str) -> list[str]:
     return value
 
 
-async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
-    """The new endpoint with its secret (shown here and by rotate-secret only)."""
+async def add_webhook(s: Services, doc: dict[str, Any], within: str | None = None
+                      ) -> dict[str, Any]:  # fmt: skip
+    """The new endpoint with its secret (shown here and by rotate-secret only); of the
+    caller's account when it is limited to one and names none."""
     hooks = _webhooks(s)
     unknown = sorted(set(doc) - {"account", "url", "users", "events"})
     if unknown:
         raise HttpError(400, f"unknown field(s) {', '.join(unknown)}")
-    account, url = doc.get("account"), doc.get("url")
+    account, url = doc.get("account") or within, doc.get("url")
+    if within is not None and account != within:
+        raise HttpError(404, f"unknown account {account!r}")
     if not isinstance(account, str) or not account or not isinstance(url, str):
         raise HttpError(400, "account and url are required")
     await _known_account(s, account)
@@ -474,33 +488,37 @@ async def add_webhook(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     return endpoint_json(endpoint, secrets=True)
 
 
-async def delete_webhook(s: Services, endpoint_id: str) -> None:
-    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint")):
+async def delete_webhook(s: Services, endpoint_id: str, within: str | None = None) -> None:
+    if not await _webhooks(s).remove(_number(endpoint_id, "webhook endpoint"), within):
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     log.info("control panel: deleted webhook endpoint {id}", id=endpoint_id)
 
 
-async def rotate_webhook_secret(s: Services, endpoint_id: str) -> dict[str, Any]:
-    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"))
+async def rotate_webhook_secret(s: Services, endpoint_id: str, within: str | None = None
+                                ) -> dict[str, Any]:  # fmt: skip
+    found = await _webhooks(s).rotateSecret(_number(endpoint_id, "webhook endpoint"), within)
     if found is None:
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
     return endpoint_json(found, secrets=True)
 
 
-async def enable_webhook(s: Services, endpoint_id: str) -> dict[str, Any]:
+async def enable_webhook(s: Services, endpoint_id: str, within: str | None = None
+                         ) -> dict[str, Any]:  # fmt: skip
     number = _number(endpoint_id, "webhook endpoint")
-    if not await _webhooks(s).enable(number):
+    if not await _webhooks(s).enable(number, within):
         raise HttpError(404, f"no webhook endpoint {endpoint_id}")
-    return await get_webhook(s, endpoint_id)
+    return await get_webhook(s, endpoint_id, within)
 
 
-async def failed_webhooks(s: Services, account: str | None = None) -> list[dict[str, Any]]:
+async def failed_webhooks(s: Services, account: str | None = None, within: str | None = None
+                          ) -> list[dict[str, Any]]:  # fmt: skip
     hooks = _webhooks(s)
-    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account))]
+    return [failed_json(d) for d in await hooks.failed(await _known_account(s, account or
+                                                                            within))]
 
 
-async def retry_webhook(s: Services, event: str) -> dict[str, Any]:
-    outcome = await _webhooks(s).retry(_number(event, "failed event"))
+async def retry_webhook(s: Services, event: str, within: str | None = None) -> dict[str, Any]:
+    outcome = await _webhooks(s).retry(_number(event, "failed event"), within)
     if outcome == "unknown":
         raise HttpError(404, f"no failed event {event}")
     if outcome == "disabled":
@@ -748,6 +766,6 @@ async def explain(s: Services, doc: dict[str, Any]) -> dict[str, Any]:
     result = await manage_explain.explain(
         user, account, manage_explain.Settings.of(s.config), doc["sender"],
         doc.get("from_header"), doc.get("recipients", 1), doc.get("size"),
-        lambda u: manage_explain.relay_limits(s.reactor, control_socket, u, ip), ip,
+        lambda u, a: manage_explain.relay_limits(s.reactor, control_socket, u, ip, a), ip,
     )
     return result.to_json()

@@ -197,6 +197,12 @@ def run_handler(
                 request,
                 HttpError(503, f"the directory cannot answer now: {failure.getErrorMessage()}"),
             )
+        from mailrelay.postgres.db import UNAVAILABLE
+        from mailrelay.postgres.unavailable import Unavailable
+
+        if failure.check(Unavailable, *UNAVAILABLE):  # [cluster] postgres is away
+            why = failure.getErrorMessage().strip().splitlines()[0:1] or ["unreachable"]
+            return on_error(request, HttpError(503, f"PostgreSQL cannot answer now: {why[0]}"))
         log.failure("control panel request {method} {uri} failed", failure,
                     method=request.method, uri=request.uri)
         return on_error(request, HttpError(500, "internal error (see the relay's log)"))

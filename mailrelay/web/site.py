@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from types import SimpleNamespace
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
@@ -21,7 +21,7 @@ from mailrelay.config import SCHEMA
 from mailrelay.features.archive import Archive
 from mailrelay.listener import ListenerService
 from mailrelay.manage.access import AccessError, AccessFile, access_path
-from mailrelay.manage.dkim import DkimKeys
+from mailrelay.manage.dkim import keys_of_config
 from mailrelay.manage.queue import QueueControl, QueueReader
 from mailrelay.manage.stores import threaded, user_store
 from mailrelay.manage.suppressions import SuppressionLists
@@ -146,8 +146,7 @@ def make_services(config, directory, spool, suppressions, stats, reactor, contro
         ip_auth=getattr(policy, "ip_auth", None) or IpAuthTable(),
         address_auth=getattr(policy, "address_auth", None) or AddressAuth(),
         reactor=reactor,
-        dkim=DkimKeys(config.dkim.directory, call,  # RSA generation in the thread pool
-                      retire_after=config.dkim.retire_after),
+        dkim=keys_of_config(config, call),  # RSA generation in the thread pool
         resolver=make_resolver(getattr(getattr(config, "delivery", None), "dns_servers", []),
                                reactor),  # fmt: skip
         config=config,
@@ -182,15 +181,27 @@ def open_last_logins(config):
         return None
 
 
-def open_access(config, clock) -> AccessFile:
-    """The access file the panel reads (re-read when it changes); StartupError when the
-    file there now cannot be used."""
+def open_access(config, clock):
+    """What the panel reads its admins and keys from: the tables of ``[cluster] postgres``
+    (postgres/access.py, a service: it listens for changes) or the access file (re-read
+    when it changes); StartupError when what is there now cannot be used."""
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
     from mailrelay.service import StartupError
 
     try:
+        db = of_config(config)
+    except UNAVAILABLE as e:
+        raise StartupError(f"[cluster] postgres: the admin access cannot be read: "
+                           f"{str(e).strip()}")
+    try:
+        if db is not None:
+            from mailrelay.postgres.access import PgAccessView
+
+            return PgAccessView(db, clock)
         return AccessFile(access_path(config), clock)
     except AccessError as e:
-        raise StartupError(f"[admin] access_file {e}")
+        where = "[cluster] postgres: admin access" if db is not None else "[admin] access_file"
+        raise StartupError(f"{where} {e}")
 
 
 def verification_key_file(config) -> str:
@@ -244,6 +255,8 @@ def make_admin_service(config, directory, spool, suppressions, stats, tls_option
         from mailrelay.service import login_guard
 
         logins = login_guard(config, reactor)
+    if IService.providedBy(services.access):  # listens for changes made on other nodes
+        services.access.setServiceParent(top)
     site = make_admin_site(services, settings.tls, settings.session_lifetime, logins, metrics)
     factory = TLSMemoryBIOFactory(tls_options, False, site) if settings.tls else site
     ListenerService("admin", settings.endpoint, factory, reactor).setServiceParent(top)

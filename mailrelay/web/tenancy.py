@@ -162,6 +162,39 @@ def domain(field: Field, selector: Field | None = None) -> Rule:
     return rule
 
 
+def _number(text: str) -> int | None:
+    """An object id as the handlers take it (web/ops.py), else None."""
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+def webhook(field: Field) -> Rule:
+    """The account of the webhook endpoint named by its id."""
+    async def rule(s, call: Call) -> Verdict:
+        text = field(call) or ""
+        number = _number(text)
+        found = None if s.webhooks is None or number is None else \
+            await s.webhooks.get(number)  # fmt: skip
+        return Owned(frozenset({found.account} if found else ()),
+                     f"no webhook endpoint {text}")  # fmt: skip
+
+    return rule
+
+
+def failed_event(field: Field) -> Rule:
+    """A failed webhook event goes by its endpoint's account (an event whose endpoint is
+    gone is no one's)."""
+    async def rule(s, call: Call) -> Verdict:
+        text = field(call) or ""
+        number = _number(text)
+        event = None if s.webhooks is None or number is None else \
+            await s.webhooks.failedEvent(number)  # fmt: skip
+        endpoint = None if event is None else await s.webhooks.get(event.endpoint)
+        return Owned(frozenset({endpoint.account} if endpoint else ()),
+                     f"no failed event {text}")  # fmt: skip
+
+    return rule
+
+
 def level(user_field: Field, account_field: Field, unnamed: Extent = RELAY_WIDE) -> Rule:
     """A suppression list or statistics: a user's, an account's (both must be the
     caller's when both are named), or, when neither is named, ``unnamed``: the global list

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from mailrelay.metrics import NO_METRICS
 from mailrelay.webhooks import signing
 from mailrelay.webhooks.store import FAILED, PENDING, Delivery, Endpoint, WebhookStore
 from mailrelay.webhooks.targetcheck import CheckedEndpoints, TargetRefused
@@ -77,7 +78,8 @@ class _Snippet(protocol.Protocol):
 
 class WebhookSender(Service):
     """``call`` runs the store's blocking methods (a thread); ``gone(account, endpoint)``
-    tells an account its endpoint answered 410 and is disabled."""
+    tells an account its endpoint answered 410 and is disabled; ``metrics`` (IMetrics)
+    counts each request's outcome."""
 
     name = "webhooks"
 
@@ -86,7 +88,7 @@ class WebhookSender(Service):
                  poll_interval: float = 1.0, concurrency: int = 10,
                  failed_retention: float = 30 * 86400.0,
                  gone: Callable[[str, Endpoint], object] | None = None,
-                 agent=None) -> None:  # fmt: skip
+                 agent=None, metrics=NO_METRICS) -> None:  # fmt: skip
         self.store = store
         self.call = call
         self.reactor = reactor
@@ -96,6 +98,7 @@ class WebhookSender(Service):
         self.concurrency = concurrency
         self.failed_retention = failed_retention
         self.gone = gone
+        self.metrics = metrics  # IMetrics: each outcome counted
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = agent or Agent.usingEndpointFactory(
             reactor, CheckedEndpoints(reactor, tuple(allowed), timeout), pool)
@@ -203,16 +206,19 @@ class WebhookSender(Service):
         where = dict(id=delivery.event_id, kind=delivery.kind, url=endpoint.url)
         if outcome == SENT:
             await self.call(self.store.sent, delivery.id)
+            self.metrics.webhook("sent")
             log.info("webhook {id} ({kind}) sent to {url}: {status}", status=status, **where)
             return outcome
         if outcome == RETRY and delivery.attempts < len(self.retry_delays):
             delay = self.retry_delays[delivery.attempts]
             await self.call(self.store.attempted, delivery.id, PENDING, now + delay, status,
                             error)
+            self.metrics.webhook("retried")
             log.info("webhook {id} ({kind}) to {url}: {error}; again in {delay:g}s",
                      error=error, delay=delay, **where)
             return outcome
         await self.call(self.store.attempted, delivery.id, FAILED, now, status, error)
+        self.metrics.webhook("failed")
         log.warn("webhook {id} ({kind}) to {url} failed: {error}", error=error, **where)
         if outcome == GONE:
             reason = f"answered 410 Gone ({error})"

@@ -86,6 +86,22 @@ def _delivery(row: tuple) -> Delivery:
     return Delivery(row[0], row[1], row[2], row[3], row[4], bytes(row[5]), *row[6:])
 
 
+def rotated(secrets, now: float, overlap: float) -> list[list]:
+    """An endpoint's secrets after a rotation: a new one first; the ones still active stay
+    valid ``overlap`` seconds more (requests are signed with each meanwhile), expired ones
+    go."""
+    kept = [[s, now + overlap if e is None else min(e, now + overlap)]
+            for s, e in secrets if e is None or e > now]  # fmt: skip
+    return [[signing.new_secret(), None], *([s, e] for s, e in kept if overlap > 0)]
+
+
+def by_account(endpoints: list[Endpoint]) -> dict[str, list[Endpoint]]:
+    found: dict[str, list[Endpoint]] = {}
+    for e in endpoints:
+        found.setdefault(e.account, []).append(e)
+    return found
+
+
 def _scope(account: str | None, column: str = "account") -> tuple[str, list[Any]]:
     return ("", []) if account is None else (f" AND {column} = ?", [account])
 
@@ -163,15 +179,12 @@ class WebhookStore(SqliteStore):
 
     def rotate_secret(self, endpoint_id: int, account: str | None, now: float,
                       overlap: float) -> Endpoint | None:  # fmt: skip
-        """A new secret, first; the ones still active stay valid ``overlap`` seconds more
-        (requests are signed with each meanwhile), expired ones go."""
+        """See ``rotated``."""
         with self.transaction() as db:
             found = self._one(db, endpoint_id, account)
             if found is None:
                 return None
-            kept = [[s, now + overlap if e is None else min(e, now + overlap)]
-                    for s, e in found.secrets if e is None or e > now]  # fmt: skip
-            secrets = [[signing.new_secret(), None], *([s, e] for s, e in kept if overlap > 0)]
+            secrets = rotated(found.secrets, now, overlap)
             db.execute("UPDATE endpoints SET secrets = ? WHERE id = ?",
                        (json.dumps(secrets), endpoint_id))
             return self._one(db, endpoint_id, None)
@@ -185,28 +198,32 @@ class WebhookStore(SqliteStore):
                 f"UPDATE endpoints SET enabled = ?, disabled_reason = ? WHERE id = ?{where}",
                 [int(enabled), "" if enabled else reason, endpoint_id, *args]).rowcount
             if changed and not enabled:
-                db.execute("UPDATE outbox SET state = ?, last_error = ? WHERE endpoint = ? "
-                           "AND state = ?", (FAILED, f"endpoint disabled: {reason}",
-                                             endpoint_id, PENDING))  # fmt: skip
+                self._fail_pending(db, [endpoint_id], reason)
             return bool(changed)
+
+    @staticmethod
+    def _fail_pending(db, endpoint_ids: list[int], reason: str) -> None:
+        db.executemany("UPDATE outbox SET state = ?, last_error = ? WHERE endpoint = ? AND "
+                       "state = ?", [(FAILED, f"endpoint disabled: {reason}", i, PENDING)
+                                     for i in endpoint_ids])  # fmt: skip
 
     # ---- the outbox
 
     def append(self, events: list[Event]) -> int:
         """One pending row per event and enabled endpoint that wants it; how many."""
         with self.transaction() as db:
-            endpoints = [_endpoint(r) for r in db.execute(
-                f"SELECT {_ENDPOINT} FROM endpoints WHERE enabled = 1")]
-            by_account: dict[str, list[Endpoint]] = {}
-            for e in endpoints:
-                by_account.setdefault(e.account, []).append(e)
+            accounts = by_account(self._enabled(db))
             rows = [(event.id, e.id, event.account, event.kind, event.body, event.created,
                      event.created)
-                    for event in events for e in by_account.get(event.account, ())
+                    for event in events for e in accounts.get(event.account, ())
                     if e.wants(event.user, event.kind)]  # fmt: skip
             db.executemany("INSERT INTO outbox (event_id, endpoint, account, kind, body, "
                            "created, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             return len(rows)
+
+    def _enabled(self, db) -> list[Endpoint]:
+        return [_endpoint(r) for r in db.execute(
+            f"SELECT {_ENDPOINT} FROM endpoints WHERE enabled = 1")]
 
     def due(self, now: float, limit: int, busy: set[int] = frozenset()) -> list[
             tuple[Delivery, Endpoint]]:  # fmt: skip
@@ -238,6 +255,12 @@ class WebhookStore(SqliteStore):
         rows = self.fetch(f"SELECT {_DELIVERY} FROM outbox WHERE state = ?{where} "
                           "ORDER BY id DESC LIMIT ?", [FAILED, *args, limit])
         return [_delivery(r) for r in rows]
+
+    def failed_event(self, delivery_id: int, account: str | None = None) -> Delivery | None:
+        where, args = _scope(account)
+        rows = self.fetch(f"SELECT {_DELIVERY} FROM outbox WHERE id = ? AND state = ?{where}",
+                          [delivery_id, FAILED, *args])  # fmt: skip
+        return _delivery(rows[0]) if rows else None
 
     def pending_count(self, account: str | None = None) -> int:
         where, args = _scope(account)

@@ -39,6 +39,7 @@ class AccountPages(Pages):
                              text_input("notify", "Notification address"),
                              text_input("bounce_domain", "Bounce domain",
                                         hint="bounces.a.com"),
+                             *_quota_inputs({}),
                              text_input("note", "Note"), class_="grid"),
                     tags.div(tags.button("Add account", type="submit", id="add-account"),
                              class_="actions"),
@@ -73,6 +74,7 @@ class AccountPages(Pages):
                         text_input("notify", "Notification address", doc["notify"] or ""),
                         text_input("bounce_domain", "Bounce domain", doc["bounce_domain"] or "",
                                    "bounces.a.com"),
+                        *_quota_inputs(doc),
                         text_input("note", "Note", doc["note"]), class_="grid"),
                     tags.div(tags.button("Save", type="submit"), class_="actions"),
                     method="post", action=path, class_="card"),
@@ -99,3 +101,10 @@ class AccountPages(Pages):
                 raise
             return await self.account_form(call, e.message, e.status)
         return self.done(call, "/accounts", f"Deleted account {name}.")
+
+
+def _quota_inputs(doc: dict) -> list[Node]:
+    """The account's quotas: messages its users send together; empty: none."""
+    return [text_input(f"quota_{p}", f"Quota per {p}", doc.get(f"quota_{p}") or "",
+                       f"messages per UTC {p}, all its users; empty: none", kind="number")
+            for p in ("day", "month")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from twisted.web.template import tags
 
+from mailrelay.manage.explain import quota_text
 from mailrelay.web import forms, ops
 from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages
@@ -38,8 +39,9 @@ class ExplainPages(Pages):
             verdict = "accepted" if doc["accepted"] else "refused"
             limits = doc["limits"]
             if isinstance(limits, dict):
-                limits = (f"rate limit: {limits['used_hour']} counted this hour, "
-                          f"{limits['used_minute']} this minute")
+                limits = "; ".join([f"rate limit: {limits['used_hour']} counted this hour, "
+                                    f"{limits['used_minute']} this minute",
+                                    *map(quota_text, limits.get("quota", []))])
             body += [
                 tags.p(f"{doc['user']} sending from <{doc['sender']}>: would be {verdict}.",
                        class_="verdict"),

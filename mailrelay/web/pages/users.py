@@ -93,6 +93,10 @@ class UserPages(Pages):
                        "messages per hour; empty: the default", kind="number"),
             text_input("max_connections", "Max connections", v("max_connections"),
                        "empty: the default", kind="number"),
+            text_input("quota_day", "Quota per day", v("quota_day"),
+                       "messages per UTC day; empty: the default; 0: none", kind="number"),
+            text_input("quota_month", "Quota per month", v("quota_month"),
+                       "messages per UTC month; empty: the default; 0: none", kind="number"),
             text_input("audit_bcc", "Audit BCC", v("audit_bcc", ""), "x@a.com;y@b.com"),
             text_input("bounce_notify", "Bounce notifications", v("bounce_notify", "sender"),
                        "off, sender, or an address"),
@@ -270,6 +274,7 @@ def _last_login(doc: dict[str, Any]) -> str:
 
 def _user_summary(doc: dict[str, Any]) -> Node:
     keys = ["status", "note", "sender_scope", "priority", "rate_limit", "max_connections",
-            "archive", "audit_bcc", "bounce_notify", "unsubscribe_footer", "open_tracking",
-            "click_tracking", "expires", "allow_from"]  # fmt: skip
+            "quota_day", "quota_month", "archive", "audit_bcc", "bounce_notify",
+            "unsubscribe_footer", "open_tracking", "click_tracking", "expires",
+            "allow_from"]  # fmt: skip
     return table(["Setting", "Value"], [[k, text(doc[k])] for k in keys])

@@ -22,17 +22,17 @@ def _names(text: str) -> list[str]:
 
 class WebhookPages(Pages):
     def register(self, add) -> None:
-        # The relay's admins' alone until endpoints declare their accounts (tenancy.py).
-        for method, route, handler in (
-                ("GET", PAGE, self.webhooks), ("POST", PAGE, self.add_webhook),
-                ("POST", "/webhooks/delete", self.delete_webhook),
-                ("POST", "/webhooks/rotate", self.rotate_secret),
-                ("POST", "/webhooks/enable", self.enable), ("POST", "/webhooks/retry", self.retry)):
-            add(method, route, handler, account=t.RELAY_WIDE)
+        endpoint, event = t.webhook(t.body("id")), t.failed_event(t.body("id"))
+        add("GET", PAGE, self.webhooks, account=t.LISTED)
+        add("POST", PAGE, self.add_webhook, account=t.account(t.body("account")))
+        add("POST", "/webhooks/delete", self.delete_webhook, account=endpoint)
+        add("POST", "/webhooks/rotate", self.rotate_secret, account=endpoint)
+        add("POST", "/webhooks/enable", self.enable, account=endpoint)
+        add("POST", "/webhooks/retry", self.retry, account=event)
 
     async def webhooks(self, call: Call, message: str = "", status: int = 200) -> Response:
-        endpoints = await ops.list_webhooks(self.s)
-        failed = await ops.failed_webhooks(self.s)
+        endpoints = await ops.list_webhooks(self.s, None, call.account)
+        failed = await ops.failed_webhooks(self.s, None, call.account)
         csrf = call.principal.csrf
 
         def button(action: str, label: str, value: int, css: str = "") -> Node:
@@ -55,7 +55,7 @@ class WebhookPages(Pages):
             tags.h2("Add an endpoint"),
             tags.form(
                 csrf_field(csrf),
-                tags.div(text_input("account", "Account", required=True),
+                tags.div(text_input("account", "Account", call.account or "", required=True),
                          text_input("url", "URL", required=True, hint="https://..."),
                          text_input("users", "Only these SMTP users", hint="empty: all"),
                          text_input("events", "Only these events",
@@ -83,7 +83,7 @@ class WebhookPages(Pages):
         doc = {"account": form.get("account", "").strip(), "url": form.get("url", ""),
                "users": _names(form.get("users", "")), "events": _names(form.get("events", ""))}
         try:
-            added = await ops.add_webhook(self.s, doc)
+            added = await ops.add_webhook(self.s, doc, call.account)
         except HttpError as e:
             if e.status not in (400, 404):
                 raise
@@ -93,19 +93,20 @@ class WebhookPages(Pages):
 
     async def delete_webhook(self, call: Call) -> Response:
         number = call.form().get("id", "")
-        await ops.delete_webhook(self.s, number)
+        await ops.delete_webhook(self.s, number, call.account)
         return self.done(call, PAGE, f"Deleted endpoint {number}.")
 
     async def rotate_secret(self, call: Call) -> Response:
-        doc = await ops.rotate_webhook_secret(self.s, call.form().get("id", ""))
+        doc = await ops.rotate_webhook_secret(self.s, call.form().get("id", ""),
+                                              call.account)
         return self.done(call, PAGE, f"New secret of endpoint {doc['id']} (shown only now): "
                          f"{doc['secrets'][0]}; the old one signs too for a while.")
 
     async def enable(self, call: Call) -> Response:
-        doc = await ops.enable_webhook(self.s, call.form().get("id", ""))
+        doc = await ops.enable_webhook(self.s, call.form().get("id", ""), call.account)
         return self.done(call, PAGE, f"Endpoint {doc['id']} enabled.")
 
     async def retry(self, call: Call) -> Response:
         number = call.form().get("id", "")
-        refused = await self._refused(call, ops.retry_webhook(self.s, number))
+        refused = await self._refused(call, ops.retry_webhook(self.s, number, call.account))
         return refused or self.done(call, PAGE, f"Event {number} will be sent again.")
