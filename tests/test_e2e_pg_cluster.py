@@ -146,9 +146,12 @@ def delivery_process(node: Relay) -> int:
 def test_round_robin_mail_is_counted_once_and_summed_over_nodes_across_a_kill(cluster):
     nodes, sink, fronts = cluster
     delivered_before = len(sink.messages())
-    # What the nodes counted so far, once written (node 3 has sent nothing yet).
-    before = wait_for(lambda: (now := stats(nodes[0]))["delivered"] == delivered_before and now,
-                      interval=0.5, what="the earlier deliveries counted")
+    # What the nodes counted so far, once written: the same in two reads a flush apart
+    # (nodes 1 and 2 write every second; node 3 has sent nothing yet).
+    reads: list[dict] = []
+    before = wait_for(lambda: reads.append(stats(nodes[0])) or len(reads) > 1
+                      and reads[-1] == reads[-2] and reads[-1], interval=1.5,
+                      what="the earlier counts written")
     ids = [send(fronts["all"], ["someone@x.test"], f"rr{n}") for n in range(30)]
     logs = [node.log() for node in nodes]
     assert all(any(i in log for i in ids) for log in logs)  # every node took part
