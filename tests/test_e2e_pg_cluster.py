@@ -122,6 +122,8 @@ def stats(node: Relay) -> dict[str, int]:
 def test_a_suppression_added_through_node_as_api_stops_delivery_on_node_b_within_a_second(
         cluster):
     nodes, sink, fronts = cluster
+    # Node B's delivery process answers from its copy of the lists in memory.
+    wait_for(lambda: "suppression lists loaded" in nodes[1].log(), what="node B's copy")
     send(fronts["b"], ["target@x.test"], "before")
     wait_for(lambda: "before" in subjects(sink, "target@x.test"), what="delivery via node B")
     assert api(nodes[0], "POST", "/suppressions", {"address": "Target@x.test",

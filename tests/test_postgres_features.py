@@ -12,6 +12,7 @@ import tempfile
 
 import pg_server
 import pytest
+from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
 from twisted.trial import unittest
@@ -24,7 +25,7 @@ from mailrelay.model import Envelope
 from mailrelay.postgres.db import Database
 from mailrelay.postgres.returnpaths import PgReturnPathStore
 from mailrelay.postgres.stats import JournaledStatsRecorder, PgStatsStore, StatsJournal
-from mailrelay.postgres.suppressions import PgSuppressionStore, SuppressionCache
+from mailrelay.postgres.suppressions import PgSuppressionStore, SuppressionCache, cached
 
 pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 
@@ -54,13 +55,14 @@ class SuppressionCacheTests(unittest.TestCase):
     def setUp(self) -> None:
         dsn = pg_server.shared_server().create_database()
         self.a = PgSuppressionStore(node_pool(dsn, self))  # node A: the API, the CLI
-        self.b = SuppressionCache(PgSuppressionStore(node_pool(dsn, self)), global_reactor)
+        self.delivery = MultiService()  # node B's delivery process
+        self.b = cached(PgSuppressionStore(node_pool(dsn, self)), global_reactor,
+                        self.delivery)  # fmt: skip
         self.a.add("old@example.org", "acme", "news")  # there before node B starts
 
     async def started(self) -> SuppressionCache:
-        self.b.listener.startService()
-        self.addCleanup(self.b.listener.stopService)
-        self.b.start()
+        self.delivery.startService()
+        self.addCleanup(self.delivery.stopService)
         await until(lambda: self.b.loaded)
         return self.b
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterable
 
+from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.logger import Logger
 
@@ -148,10 +149,11 @@ class SuppressionCache:
         return getattr(self.store, name)
 
     def start(self) -> None:
-        """Wait (in a thread) for the listener to listen, then load."""
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self.listener.listening.wait, 60)
-        d.addCallback(lambda listening: self._load() if listening else None)
+        """Load once the listener listens (checked every 50 ms while it runs)."""
+        if self.listener.listening.is_set():
+            self._load()
+        elif self.listener.running:
+            self.reactor.callLater(0.05, self.start)
 
     def _received(self, channel: str, payload: str | None) -> None:
         if payload is None:  # notifications were lost: anything may have changed
@@ -215,9 +217,24 @@ def _entry(account: str, user: str, address: str) -> tuple[str, str, str]:
     return sys.intern(account), sys.intern(user), address
 
 
+class _Loading(Service):
+    """Starts the cache's listener, then its first load."""
+
+    def __init__(self, cache: SuppressionCache) -> None:
+        self.cache = cache
+
+    def startService(self) -> None:
+        super().startService()
+        self.cache.listener.startService()
+        self.cache.start()
+
+    def stopService(self):
+        super().stopService()
+        return self.cache.listener.stopService()
+
+
 def cached(store: PgSuppressionStore, reactor, parent) -> SuppressionCache:
-    """``store`` behind a cache whose listener joins ``parent`` (a delivery process)."""
+    """``store`` behind a cache whose listener runs with ``parent`` (a delivery process)."""
     cache = SuppressionCache(store, reactor)
-    cache.listener.setServiceParent(parent)
-    reactor.callWhenRunning(cache.start)
+    _Loading(cache).setServiceParent(parent)
     return cache
