@@ -205,17 +205,18 @@ def _postgres_dsn(value: str) -> str:
 
 def redis_url_parts(url: str) -> dict:
     """``unix:/run/redis/redis.sock`` (or a bare path), ``redis://[:password@]host[:port][/db]``
-    as keyword arguments of txredisapi's pools. Raises ValueError."""
+    or ``rediss://...`` as a dict: ``path``, or ``host``, ``port``, ``tls`` (rediss://) and
+    those of ``password``, ``username``, ``dbid`` the URL has. Raises ValueError."""
     if url.startswith("/") or url.startswith("unix:"):
         path = url.removeprefix("unix:")
         if not path.startswith("/"):
             raise ValueError(f"{url!r}: a unix socket needs an absolute path")
         return {"path": path}
     parts = urlsplit(url)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"{url!r} is not unix:/PATH or redis://HOST:PORT (rediss:// is not "
-                         "supported: reach a remote Redis over a TLS tunnel)")
-    args = {"host": parts.hostname, "port": parts.port or 6379}
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"{url!r} is not unix:/PATH, redis://HOST:PORT or rediss://HOST:PORT")
+    args = {"host": parts.hostname, "port": parts.port or 6379,
+            "tls": parts.scheme == "rediss"}
     if parts.password:
         args["password"] = unquote(parts.password)
     if parts.username:
@@ -414,8 +415,11 @@ SCHEMA["bounces"] = {
 
 SCHEMA["cluster"] = {
     # Limits shared by several relays (mailrelay/cluster/): counted in one Redis.
-    "redis": (_redis_url, ""),  # unix:/PATH or redis://[:PASSWORD@]HOST[:PORT][/DB]; empty: off
+    "redis": (_redis_url, ""),  # unix:/PATH or redis[s]://[:PASSWORD@]HOST[:PORT][/DB]; empty: off
     "redis_password": (text, ""),  # AUTH, unless the URL has one
+    "redis_ca_file": (text, ""),  # rediss://: PEM trust roots; empty: the system's
+    "redis_certificate": (text, ""),  # rediss://: a client certificate (PEM), if Redis asks
+    "redis_key": (text, ""),  # and its key
     "redis_timeout": (duration, 1.0),  # a check not answered within this: Redis is down
     "redis_down": (choice("refuse", "local"), "refuse"),
     "nodes": (integer(1, 1000), 1),  # redis_down = local: each node keeps limit / nodes

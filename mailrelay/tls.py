@@ -232,3 +232,38 @@ def server_options(
         enableSessionTickets=True,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
     )
+
+
+def client_options(host: str, ca_file: str = "", certificate: str = "", key: str = ""):
+    """Options for a verified TLS client connection (to Redis, mailrelay/cluster/): the
+    server's chain checked against the PEM certificates of ``ca_file`` (the system's trust
+    roots when empty) and its name against ``host``, a DNS name or an IP address, by
+    service-identity (Twisted's client TLS); ``certificate`` and ``key`` (PEM), when given,
+    are presented to a server that asks for a client certificate. Raises TLSSetupError
+    naming a file that cannot be read."""
+    trust = ssl.platformTrust()
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                roots = x509.load_pem_x509_certificates(f.read())
+        except (OSError, ValueError) as e:
+            raise TLSSetupError(f"{ca_file}: cannot read CA certificates: {e}")
+        trust = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in roots])
+    client = None
+    if certificate or key:
+        if not (certificate and key):
+            raise TLSSetupError("a client certificate needs both the certificate and its key")
+        pem = b""
+        for path, what in ((certificate, "certificate"), (key, "private key")):
+            try:
+                with open(path, "rb") as f:
+                    pem += f.read() + b"\n"
+            except OSError as e:
+                raise TLSSetupError(f"{path}: cannot read {what}: {e}")
+        try:
+            client = ssl.PrivateCertificate.loadPEM(pem)
+        except Exception as e:  # pyOpenSSL's errors, a key that does not match
+            raise TLSSetupError(f"{certificate}, {key}: cannot use them as a client "
+                                f"certificate: {e}")
+    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)

@@ -113,7 +113,8 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server, its data kept (``start_again`` brings it back)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # fast shutdown: clients are let go
             try:
@@ -122,6 +123,9 @@ class PostgresServer:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.process = None
+
+    def stop(self) -> None:
+        self.halt()
         if self._tmp is not None:
             shutil.rmtree(self._tmp.name, ignore_errors=True)
             self._tmp = None

@@ -1,6 +1,7 @@
 """A private redis-server for the tests (Debian's package; never the system service):
-a unix socket in a temporary directory, optionally a loopback TCP port with a password,
-nothing saved to disk. Started and stopped by PID."""
+a unix socket in a temporary directory, optionally a loopback TCP port with a password
+and a loopback TLS port (Debian builds redis-server with TLS), nothing saved to disk.
+Started and stopped by PID."""
 
 from __future__ import annotations
 
@@ -19,12 +20,19 @@ def installed() -> bool:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int = 0, password: str = "") -> None:
+    def __init__(self, directory: Path, port: int = 0, password: str = "",
+                 tls_port: int = 0, tls: tuple[Path, Path, Path] | None = None,
+                 client_certificates: bool = False) -> None:
+        """``tls``: the server's certificate, its key and the CA it trusts for client
+        certificates, which it asks for with ``client_certificates``."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket = str(self.dir / "redis.sock")
         self.port = port
         self.password = password
+        self.tls_port = tls_port
+        self.tls = tls
+        self.client_certificates = client_certificates
         self.process: subprocess.Popen | None = None
 
     @property
@@ -37,6 +45,11 @@ class RedisServer:
                  "protected-mode no", "daemonize no", f"logfile {self.dir / 'redis.log'}"]
         if self.password:
             lines.append(f"requirepass {self.password}")
+        if self.tls_port and self.tls:
+            cert, key, ca = self.tls
+            lines += [f"tls-port {self.tls_port}", f"tls-cert-file {cert}",
+                      f"tls-key-file {key}", f"tls-ca-cert-file {ca}",
+                      f"tls-auth-clients {'yes' if self.client_certificates else 'no'}"]
         conf = self.dir / "redis.conf"
         conf.write_text("\n".join(lines) + "\n")
         self.process = subprocess.Popen([shutil.which("redis-server") or REDIS_SERVER,

@@ -13,13 +13,13 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
+from mailrelay.cluster.connection import connect
 from mailrelay.cluster.redis_counters import (
     RedisConnectionLimits,
     RedisCounters,
     RedisLoginGuard,
     RedisQuotaCounter,
     RedisRateLimiter,
-    open_pool,
 )
 from mailrelay.model import Account, SmtpUser
 from mailrelay.policy.quota import QuotaExceeded, period_end, period_id
@@ -52,7 +52,7 @@ class SharedCounters(unittest.TestCase):
 
     def node(self, down: str = "refuse", nodes: int = 2, name: str = "") -> RedisCounters:
         """One node's connection to the shared Redis (closed after the test)."""
-        pool = open_pool(self.server.url, timeout=0.5)
+        pool = connect(self.server.url, reactor, timeout=0.5)
         self.addCleanup(pool.disconnect)
         return RedisCounters(pool, reactor, prefix=self.prefix, timeout=0.5, down=down,
                              nodes=nodes, node_id=name or f"n{id(pool)}")
@@ -77,7 +77,7 @@ class SharedCounters(unittest.TestCase):
         yield defer.gatherResults([defer.maybeDeferred(r.commit) for r in taken])
         # Committed units stay counted; the key expires by itself (set in the same script).
         yield self.refusal(nodes[0].transaction("doe@example.test"))
-        ttl = int(self.server.command("PTTL", f"{self.prefix}rate:doe@example.test:h"))
+        ttl = int(self.server.command("PTTL", f"{self.prefix}rate:doe@example.test:hour"))
         self.assertGreater(ttl, 3600_000)
         self.assertLessEqual(ttl, 3661_000)
 
@@ -105,6 +105,30 @@ class SharedCounters(unittest.TestCase):
         yield a.transaction("other", per_hour=1, per_minute=0)
         reply = yield self.refusal(a.transaction("other", per_hour=1, per_minute=0))
         self.assertIn("1 messages per hour", str(reply))
+
+    @defer.inlineCallbacks
+    def test_units_that_left_the_window_stop_counting_and_are_deleted(self):
+        """A minute's window as the scripts left it after earlier checks (slots of a
+        second, their total in ``t``, the oldest slot in ``o``): what left the window no
+        longer counts and is deleted, the unit added joins the total, whether the last
+        check was 100 s ago (slot by slot) or 20 minutes ago (the whole hash read once)."""
+        for user, unchecked in (("recent", 100), ("idle", 1200)):
+            now = int(self.server.command("TIME").split()[0])
+            key = f"{self.prefix}rate:{user}:minute"
+            gone, kept = now - 90, now - 5  # a slot that left the window, one that did not
+            self.server.command("HSET", key, str(now - unchecked), "4", str(gone), "2",
+                                str(kept), "1", "t", "7", "o", str(now - unchecked))
+            rates = RedisRateLimiter(self.node(), per_hour=0, per_minute=3)
+            yield rates.transaction(user)
+            yield rates.transaction(user)
+            reply = yield self.refusal(rates.transaction(user))
+            self.assertIn("3 messages per minute", str(reply))
+            flat = self.server.command("HGETALL", key).split()
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            self.assertNotIn(str(gone), fields)
+            self.assertNotIn(str(now - unchecked), fields)
+            self.assertEqual(fields["t"], "3")
+            self.assertEqual(sum(int(v) for k, v in fields.items() if k not in "to"), 3)
 
     @defer.inlineCallbacks
     def test_counting_recipients_refuses_the_rcpt_that_goes_over(self):
@@ -388,22 +412,138 @@ class OverTcp(unittest.TestCase):
         self.addCleanup(server.stop)
         for url, password in ((f"redis://:s3cret%3A%2F%40@127.0.0.1:{server.port}/2", ""),
                               (f"redis://127.0.0.1:{server.port}", "s3cret:/@")):
-            pool = open_pool(url, password, timeout=2)
+            pool = connect(url, reactor, password, timeout=2)
             self.addCleanup(pool.disconnect)
             rates = RedisRateLimiter(RedisCounters(pool, reactor, prefix="tcp:"), per_hour=1)
             yield rates.transaction(url)
             reply = yield self.assertFailure(rates.transaction(url), Reply)
             self.assertEqual(reply.status, "4.7.1")
         # The user names here are the URLs: the first one's counts are in database 2.
-        self.assertIn(f"{server.port}/2:h", server.command("-n", "2", "KEYS", "tcp:*"))
-        self.assertNotIn("/2:h", server.command("KEYS", "tcp:*"))
-        self.assertIn(f"127.0.0.1:{server.port}:h", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"{server.port}/2:hour", server.command("-n", "2", "KEYS", "tcp:*"))
+        self.assertNotIn("/2:hour", server.command("KEYS", "tcp:*"))
+        self.assertIn(f"127.0.0.1:{server.port}:hour", server.command("KEYS", "tcp:*"))
+
+
+class OverTls(unittest.TestCase):
+    """Redis over loopback TLS (``rediss://``, redis-server's ``tls-port``), with
+    certificates made here: AUTH inside TLS; a server whose certificate the CA file does
+    not vouch for, or that does not name the URL's host, is never used, and the
+    configured failure mode answers instead; a client certificate when Redis asks."""
+
+    def setUp(self) -> None:
+        if not installed():
+            raise unittest.SkipTest(NOT_INSTALLED)
+        from harness import free_port
+
+        from tests.certs import TestCA
+
+        tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
+        self.addCleanup(tmp.cleanup)
+        self.dir = Path(tmp.name)
+        self.ca = TestCA(self.dir / "ca")
+        self.other_ca = TestCA(self.dir / "other", name="someone else's CA")
+        self.cert, self.key = self.ca.issue("redis.test")
+        self.free_port = free_port
+
+    def server(self, client_certificates: bool = False,
+               cert: tuple[Path, Path] | None = None) -> RedisServer:
+        server = RedisServer(self.dir / f"redis{client_certificates}", password="pw:tls",
+                             tls_port=self.free_port(),
+                             tls=(*(cert or (self.cert, self.key)), self.ca.cert_path),
+                             client_certificates=client_certificates)
+        server.start()
+        self.addCleanup(server.stop)
+        return server
+
+    def limiter(self, url: str, down: str = "refuse", password: str = "pw:tls",
+                **tls) -> RedisRateLimiter:
+        pool = connect(url, reactor, password, timeout=1, **tls)
+        self.addCleanup(pool.disconnect)
+        return RedisRateLimiter(RedisCounters(pool, reactor, prefix="tls:", timeout=1,
+                                              down=down, nodes=2), per_hour=2)
+
+    @defer.inlineCallbacks
+    def test_auth_and_the_counters_over_tls(self):
+        server = self.server()
+        rates = self.limiter(f"rediss://127.0.0.1:{server.tls_port}",
+                             ca_file=str(self.ca.cert_path))
+        yield rates.transaction("doe")
+        yield rates.transaction("doe")
+        reply = yield self.assertFailure(rates.transaction("doe"), Reply)
+        self.assertEqual(reply.status, "4.7.1")
+        self.assertEqual(server.command("HGET", "tls:rate:doe:hour", "t"), "2")
+        # A plain connection to the TLS port gets nowhere.
+        plain = self.limiter(f"redis://127.0.0.1:{server.tls_port}")
+        reply = yield self.assertFailure(plain.transaction("doe"), Reply)
+        self.assertEqual(reply.status, "4.3.0")
+
+    @defer.inlineCallbacks
+    def test_a_refused_auth_is_tried_again_until_redis_takes_it(self):
+        server = self.server()
+        rates = self.limiter(f"rediss://127.0.0.1:{server.tls_port}", password="new:pw",
+                             ca_file=str(self.ca.cert_path))
+        with capturedLogs() as events:
+            yield self.assertFailure(rates.transaction("doe"), Reply)
+        self.assertIn("WRONGPASS", " ".join(e["log_format"].format(**e) for e in events
+                                            if e.get("log_format")))
+        server.command("CONFIG", "SET", "requirepass", "new:pw")
+        server.password = "new:pw"
+        for _ in range(50):  # bounded: 5 s; the node reconnects within a second
+            try:
+                yield rates.transaction("doe")
+                break
+            except Reply:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(server.command("HGET", "tls:rate:doe:hour", "t"), "1")
+
+    @defer.inlineCallbacks
+    def test_a_server_the_ca_file_does_not_vouch_for_is_refused(self):
+        server = self.server()
+        url = f"rediss://127.0.0.1:{server.tls_port}"
+        wrong = str(self.other_ca.cert_path)
+        with capturedLogs() as events:
+            reply = yield self.assertFailure(self.limiter(url, ca_file=wrong).transaction("u"),
+                                             Reply)
+        self.assertEqual((reply.code, reply.status), (451, "4.3.0"))
+        text = " ".join(e["log_format"].format(**e) for e in events if "log_format" in e
+                        and e["log_format"])
+        self.assertIn("Redis unreachable", text)
+        self.assertIn("certificate verify failed", text)
+        # redis_down = local: the node's share of the limit (2 / 2 nodes) instead.
+        local = self.limiter(url, down="local", ca_file=wrong)
+        yield local.transaction("u")
+        reply = yield self.assertFailure(local.transaction("u"), Reply)
+        self.assertIn("rate limit of 1 messages per hour", str(reply))
+        # The system's trust roots do not vouch for a private CA either.
+        yield self.assertFailure(self.limiter(url).transaction("u"), Reply)
+        self.assertEqual(server.command("KEYS", "tls:*"), "")
+
+    @defer.inlineCallbacks
+    def test_a_certificate_for_another_name_is_refused(self):
+        server = self.server(cert=self.ca.issue("elsewhere.test", ips=()))
+        ca = str(self.ca.cert_path)
+        reply = yield self.assertFailure(
+            self.limiter(f"rediss://127.0.0.1:{server.tls_port}", ca_file=ca)
+            .transaction("u"), Reply)
+        self.assertEqual(reply.status, "4.3.0")
+        self.assertEqual(server.command("KEYS", "tls:*"), "")
+
+    @defer.inlineCallbacks
+    def test_a_client_certificate_when_redis_asks_for_one(self):
+        server = self.server(client_certificates=True)
+        url, ca = f"rediss://127.0.0.1:{server.tls_port}", str(self.ca.cert_path)
+        reply = yield self.assertFailure(self.limiter(url, ca_file=ca).transaction("u"), Reply)
+        self.assertEqual(reply.status, "4.3.0")
+        cert, key = self.ca.issue("node1.test")
+        rates = self.limiter(url, ca_file=ca, certificate=str(cert), key=str(key))
+        yield rates.transaction("u")
+        self.assertEqual(server.command("HGET", "tls:rate:u:hour", "t"), "1")
 
 
 def test_the_config_refuses_what_the_client_cannot_reach(tmp_path):
     from mailrelay.config import ConfigError, load_config
 
-    for value, why in (("rediss://10.0.0.5", "rediss:// is not supported"),
+    for value, why in (("http://10.0.0.5", "is not unix:/PATH, redis://HOST:PORT or rediss"),
                        ("unix:run/redis.sock", "needs an absolute path"),
                        ("redis://host:port", "port")):
         path = tmp_path / "mailrelay.ini"
@@ -440,3 +580,20 @@ def test_both_kinds_of_limiters_fill_the_same_seams():
             (ILoginGuard, LoginGuard(Clock()), RedisLoginGuard(counters)),
             (IQuotaCounter, QuotaCounter(Clock()), RedisQuotaCounter(counters))):
         assert verifyObject(iface, local) and verifyObject(iface, shared)
+
+
+def test_an_unreadable_ca_file_stops_the_start_naming_it(tmp_path):
+    from mailrelay.cluster.redis_counters import shared_limiters
+    from mailrelay.config import ConfigError, load_config
+
+    path = tmp_path / "mailrelay.ini"
+    for option, why in (("redis_ca_file", "cannot read CA certificates"),
+                        ("redis_certificate", "needs both the certificate and its key")):
+        path.write_text(f"[server]\ndata_dir = {tmp_path}\n\n[cluster]\n"
+                        f"redis = rediss://127.0.0.1:6380\n{option} = {tmp_path}/missing.pem\n")
+        try:
+            shared_limiters(load_config(str(path)), reactor)
+        except ConfigError as e:
+            assert f"[cluster] {option}: " in str(e) and why in str(e), str(e)
+        else:
+            raise AssertionError(f"a missing {option} accepted")

@@ -200,3 +200,42 @@ def test_redis_killed_refuses_or_counts_the_share_and_recovers(cluster):
     assert "each limit counted on this node alone, at 1/3 of it" in nodes[2].log()
     open_client.quit()
     local_client.quit()
+
+
+def test_a_node_reaches_redis_over_tls_and_refuses_one_it_cannot_verify(tmp_path):
+    """``rediss://`` with AUTH inside TLS: the limit is counted in that Redis; a node
+    whose CA file does not vouch for Redis's certificate refuses (421 4.3.0 instead of
+    the greeting) and says why."""
+    from harness import free_port
+
+    from tests.certs import TestCA
+
+    ca, other = TestCA(tmp_path / "ca"), TestCA(tmp_path / "other", name="another CA")
+    cert, key = ca.issue("redis.test")
+    redis = RedisServer(tmp_path / "redis", password="tls:pw", tls_port=free_port(),
+                        tls=(cert, key, ca.cert_path))
+    redis.start()
+    users = tmp_path / "users.json"
+    nodes = [Relay(tmp_path / f"node{i}", config=(
+        "[delivery]\nenabled = no\n\n"
+        f"[directory]\nfile = {users}\n\n"
+        f"[cluster]\nredis = rediss://127.0.0.1:{redis.tls_port}/0\n"
+        f"redis_password = tls:pw\nredis_ca_file = {ca_file}\nredis_timeout = 0.5s\n"))
+        for i, ca_file in enumerate((ca.cert_path, other.cert_path))]
+    try:
+        nodes[0].admin("account", "set", "default", "--domains", "doe.test")
+        nodes[0].add_user("tls@doe.test", PASSWORD, "--rate-limit", "1")
+        for node in nodes:
+            node.start()
+        client = login(nodes[0], "tls@doe.test")
+        assert [send(client, "tls@doe.test") for _ in range(2)] == [250, 451]
+        client.quit()
+        assert redis.command("HGET", "mailrelay:rate:tls@doe.test:hour", "t") == "1"
+        with pytest.raises(smtplib.SMTPConnectError) as greeting:
+            smtplib.SMTP("127.0.0.1", nodes[1].smtp_port, timeout=30)
+        assert greeting.value.smtp_code == 421 and b"4.3.0" in greeting.value.smtp_error
+        assert "TLS: certificate verify failed" in nodes[1].log()
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()

@@ -278,11 +278,13 @@ def test_endpoint_added_on_one_node_receives_the_events_of_another(tmp_path, rec
             FAST + f"\n[cluster]\npostgres = {dsn}\nnode_id = {name}\n\n"
             f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
         node.panel_url = f"http://127.0.0.1:{port}"
-        node.admin("account", "add", "acme", "--domains", "n.test")
-        node.add_user("n.test", PASSWORD, "--account", "acme")
-        node.api_key = node.admin("apikey", "add", "e2e", "--read-write").stdout.splitlines()[1]
         nodes.append(node)
     a, b = nodes
+    # Users, accounts and API keys are in the database too: made once, on a.
+    a.admin("account", "add", "acme", "--domains", "n.test")
+    a.add_user("n.test", PASSWORD, "--account", "acme")
+    a.api_key = b.api_key = a.admin("apikey", "add", "e2e",
+                                    "--read-write").stdout.splitlines()[1]
     try:
         for node in nodes:
             node.start()

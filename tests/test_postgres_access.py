@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -124,8 +123,7 @@ class DatabaseAwayTests(unittest.TestCase):
         view = PgAccessView(self.pool(), reactor)
         view.startService()
         self.addCleanup(view.stopService)
-        self.server.process.send_signal(signal.SIGINT)  # down (its data kept)
-        self.server.process.wait(20)
+        self.server.halt()  # down (its data kept)
 
         failure = yield self.assertFailure(store.addKey("other", Access.READ_ONLY), OSError)
         self.assertTrue(str(failure).startswith(

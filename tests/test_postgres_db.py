@@ -4,7 +4,6 @@ listener telling its caches to reload after the database was away."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from pathlib import Path
@@ -139,10 +138,8 @@ class ListenerTests(unittest.TestCase):
         listener.startService()
         self.addCleanup(listener._stop.set)
         wait_for(listener.listening.is_set)
-        server.process.send_signal(signal.SIGINT)  # the database goes away (fast shutdown)...
-        server.process.wait(20)
+        server.halt()  # the database goes away (fast shutdown)...
         wait_for(lambda: not listener.listening.is_set())
-        server.process = None
         server.start_again()  # ...and comes back on the same port
         self.received_until(got, 1, timeout=20)
         self.assertEqual(got, [("users", None)])
@@ -158,9 +155,7 @@ class RestartTests(unittest.TestCase):
         self.addCleanup(db.close)
         with db.transaction() as conn:  # the pool's connection, now idle
             self.assertEqual(conn.execute("SELECT 1").fetchone(), (1,))
-        server.process.send_signal(signal.SIGINT)
-        server.process.wait(20)
-        server.process = None
+        server.halt()
         server.start_again()
         with db.transaction() as conn:  # not the dead connection: a new one
             self.assertEqual(conn.execute("SELECT 2").fetchone(), (2,))

@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -401,9 +400,7 @@ class DatabaseAwayTests(unittest.TestCase):
         self.addCleanup(directory.stopService)
         yield until(directory.listener.listening.is_set, 10)
 
-        server.process.send_signal(signal.SIGINT)  # fast shutdown
-        server.process.wait(20)
-        server.process = None
+        server.halt()  # fast shutdown
         yield until(lambda: not directory.listener.listening.is_set(), 10)
         user = yield directory.authenticate("acme.example", "pass-word-1")
         self.assertEqual(user.username, "acme.example")
@@ -414,8 +411,11 @@ class DatabaseAwayTests(unittest.TestCase):
 
         server.start_again()
         # Made as the listener reconnects: the reload after its return, or the change's
-        # notification if it is back already, brings it.
-        _result(store.setPassword("acme.example", hash_password("after-the-outage")))
+        # notification if it is back already, brings it. The pool reconnects in its own
+        # time (its back-off after the failed attempts): the change is tried until then.
+        new_hash = hash_password("after-the-outage")
+        yield until(lambda: store.setPassword("acme.example", new_hash).addErrback(
+            lambda f: f.trap(DirectoryUnavailable) and None), 20)
         yield until(lambda: directory.authenticate(
             "acme.example", "after-the-outage").addErrback(
                 lambda f: f.trap(UnauthorizedLogin) and None), 20)

@@ -86,14 +86,31 @@ def test_nothing_is_read_while_a_command_waits():
     stream, transport, writes = connect()
     stream.dataReceived(b"WAIT\r\nNOOP\r\n")
     assert stream.lines == [b"WAIT"]
-    assert transport.producerState == "paused"  # the NOOP is held
+    # The NOOP read with it waits in memory; the transport reads on until more comes.
+    assert transport.producerState == "producing"
     stream.dataReceived(b"MORE\r\n")
+    assert transport.producerState == "paused"
     assert stream.lines == [b"WAIT"] and stream.pending == len(b"NOOP\r\nMORE\r\n")
     stream.pending_commands[0].callback(b"250 waited")
     assert stream.lines == [b"WAIT", b"NOOP", b"MORE"]
     assert transport.producerState == "producing"
     assert stream.events == ["finished"]
-    assert writes == [b"250 waited\r\n", b"ok NOOP\r\nok MORE\r\n"]
+    # The waited command's reply leaves with those of the commands behind it.
+    assert writes == [b"250 waited\r\nok NOOP\r\nok MORE\r\n"]
+
+
+def test_a_pipelined_group_behind_a_wait_costs_no_pause_and_one_write():
+    """What a pipelined MAIL, RCPT, DATA does when MAIL asks Redis: no pause and resume
+    of the transport, and the three replies in one write (one segment, RFC 2920)."""
+    stream, transport, writes = connect()
+    paused = []
+    transport.pauseProducing = lambda: paused.append("pause")
+    stream.dataReceived(b"WAIT\r\nRCPT\r\nDATA\r\n")
+    stream.pending_commands[0].callback(b"250 mail")
+    assert paused == []
+    assert writes == [b"250 mail\r\nok RCPT\r\n354 go\r\n"]
+    stream.dataReceived(b"body\r\n.\r\n")
+    assert writes[1:] == [b"250 6\r\n"]
 
 
 def test_a_client_that_waits_costs_no_pause():

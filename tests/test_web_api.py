@@ -601,7 +601,6 @@ class PostgresAwayApiTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_users_listed_while_the_last_logins_cannot_be_read(self):
-        import signal
 
         import pg_server
 
@@ -621,9 +620,7 @@ class PostgresAwayApiTests(unittest.TestCase):
         panel.services.last_logins = PgLoginStore(db)
         code, _, _ = yield panel.call("GET", "/api/v1/users", None, "rw")
         self.assertEqual(code, 200)
-        server.process.send_signal(signal.SIGINT)
-        server.process.wait(20)
-        server.process = None
+        server.halt()
         code, _, body = yield panel.call("GET", "/api/v1/users", None, "rw")
         self.assertEqual(code, 503, body)
         self.assertIn("PostgreSQL cannot answer now", body["error"])

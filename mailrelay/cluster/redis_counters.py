@@ -29,7 +29,6 @@ import itertools
 import os
 import socket
 
-import txredisapi
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -38,7 +37,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailrelay.cluster import scripts
-from mailrelay.config import redis_url_parts
+from mailrelay.cluster.connection import RedisClient, RedisError, connect
+from mailrelay.config import ConfigError
 from mailrelay.interfaces import (
     IConnectionLimits,
     ILoginGuard,
@@ -61,6 +61,7 @@ from mailrelay.policy.quota import (
 from mailrelay.policy.ratelimit import RateLimiter, Unit
 from mailrelay.reply import Reply
 from mailrelay.text import printable
+from mailrelay.tls import TLSSetupError
 
 log = Logger()
 # The limiters' events under the in-process limiters' names, so that a log reader
@@ -85,27 +86,27 @@ def share(limit: int | None, nodes: int) -> int | None:
 _HASHES: dict[str, str] = {}  # script -> its SHA-1, for EVALSHA
 
 
-def _unknown_script(failure, connection, script: str, keys: list, args: list):
+def _unknown_script(failure, client: RedisClient, script: str, keys: list, args: list):
     """A Redis that does not know the script yet (its first use, or after a restart) gets
     it in full once; EVALSHA finds it from then on."""
-    if "NOSCRIPT" not in failure.getErrorMessage():
+    if not failure.check(RedisError) or "NOSCRIPT" not in failure.getErrorMessage():
         return failure
-    return connection.execute_command("EVAL", script, len(keys), *keys, *args)
+    return client.call("EVAL", script, len(keys), *keys, *args)
 
 
 class RedisCounters:
     """The connection to Redis and what to do without it, shared by the limiters here.
 
-    ``pool`` is a txredisapi connection handler (one connection: commands are pipelined
-    on it in the order they were sent, which a lease's drop after its renewal needs).
+    ``client`` is the connection.RedisClient (one connection: commands are pipelined on
+    it in the order they were sent, which a lease's drop after its renewal needs).
     """
 
-    def __init__(self, pool, clock: IReactorTime, prefix: str = "mailrelay:",
+    def __init__(self, client: RedisClient, clock: IReactorTime, prefix: str = "mailrelay:",
                  timeout: float = 1.0, down: str = "refuse", nodes: int = 1,
                  node_id: str = "") -> None:
         if down not in ("refuse", "local"):
             raise ValueError(f"down must be 'refuse' or 'local', not {down!r}")
-        self.pool = pool
+        self.client = client
         self.clock = clock
         self.prefix = prefix
         self.timeout = timeout
@@ -120,20 +121,13 @@ class RedisCounters:
 
     def run(self, script: str, keys: list[str], args: list) -> defer.Deferred:
         """One script call; errbacks with RedisDown when Redis cannot answer now."""
-        connection = next((c for c in self.pool._factory.pool if c.connected), None)
-        if connection is None:
-            if not self.up:
-                return defer.fail(RedisDown("not connected"))  # no wait for the timeout
-            d = self.pool.eval(script, keys, args)  # waits for the first connection
-        else:
-            # Straight to the connection, by the script's hash: a third less CPU a call
-            # than through the pool's handler, which looks for a connection and hashes
-            # the script each time.
-            sha = _HASHES.get(script) or _HASHES.setdefault(
-                script, hashlib.sha1(script.encode()).hexdigest())
-            d = connection.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-            d.addErrback(_unknown_script, connection, script, keys, args)
-        d.addTimeout(self.timeout, self.clock)
+        if self.client.connection is None and not self.up:
+            return defer.fail(RedisDown("not connected"))  # no wait for the timeout
+        # By the script's hash: Redis keeps the scripts it has seen.
+        sha = _HASHES.get(script) or _HASHES.setdefault(
+            script, hashlib.sha1(script.encode()).hexdigest())
+        d = self.client.call("EVALSHA", sha, len(keys), *keys, *args)
+        d.addErrback(_unknown_script, self.client, script, keys, args)
         d.addCallbacks(self._answered, self._failed)
         return d
 
@@ -148,7 +142,9 @@ class RedisCounters:
             return failure
         if failure.check(defer.TimeoutError, defer.CancelledError):
             reason = f"no answer within {self.timeout:g} s"
-        elif failure.check(txredisapi.ConnectionError, ConnectionError):  # and its timeouts
+            if self.client.failure:
+                reason += f"; {self.client.failure}"
+        elif failure.check(ConnectionError):
             reason = failure.getErrorMessage() or failure.type.__name__
         else:
             return failure  # a script error: a bug, logged where it is caught
@@ -207,7 +203,7 @@ class RedisRateLimiter:
         return reservation.add(n).addCallback(lambda _: reservation)
 
     def _keys(self, user: str) -> list[str]:
-        return [self.counters.key("rate", user, "h"), self.counters.key("rate", user, "m")]
+        return [self.counters.key("rate", user, "hour"), self.counters.key("rate", user, "minute")]
 
     def _refuse(self, user: str, n: int, limits: tuple, answer: list) -> Reply:
         _, window, retry = answer
@@ -739,29 +735,21 @@ class LeaseRenewal(Service):
         if self._loop.running:
             self._loop.stop()
         self.limits.counters.closing = True
-        return self.limits.counters.pool.disconnect()
-
-
-def open_pool(url: str, password: str = "", timeout: float = 1.0):
-    """A lazy txredisapi connection (one, pipelined) that reconnects within a second."""
-    args = redis_url_parts(url)
-    if password and "password" not in args:
-        args["password"] = password
-    common = dict(poolsize=1, reconnect=True, connectTimeout=timeout,
-                  replyTimeout=None, convertNumbers=True)
-    if "path" in args:
-        pool = txredisapi.lazyUnixConnectionPool(**args, **common)
-    else:
-        pool = txredisapi.lazyConnectionPool(**args, **common)
-    pool._factory.maxDelay = 1  # back within a second of Redis returning
-    return pool
+        return self.limits.counters.client.disconnect()
 
 
 def shared_limiters(config, reactor):
     """``(connections, rates, logins, quotas)`` counted in the Redis of ``[cluster]``,
     with the limits of ``[limits]`` and ``[policy]``."""
     c, limits, p = config.cluster, config.limits, config.policy
-    counters = RedisCounters(open_pool(c.redis, c.redis_password, c.redis_timeout), reactor,
+    try:
+        client = connect(c.redis, reactor, c.redis_password, c.redis_timeout, c.redis_ca_file,
+                         c.redis_certificate, c.redis_key)
+    except TLSSetupError as e:
+        ca = c.redis_ca_file and str(e).startswith(f"{c.redis_ca_file}:")
+        key = "redis_ca_file" if ca else "redis_certificate"
+        raise ConfigError(config.source, "cluster", key, str(e))
+    counters = RedisCounters(client, reactor,
                              prefix=c.prefix, timeout=c.redis_timeout, down=c.redis_down,
                              nodes=c.nodes, node_id=c.node_id)
     log.info("limits shared through Redis at {url} as node {node}",

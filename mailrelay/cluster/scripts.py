@@ -16,27 +16,53 @@ local now_ms = math.floor(now_us / 1000)
 
 # A rate window is a hash of fixed slots: field k counts the units reserved between k*width
 # and (k+1)*width; they leave the window ``span`` after the slot ends (never too early).
+# Field t is the sum of the slots, field o the oldest slot that may still be there: slots
+# leave in order, so a check reads only those that left since the last check, never the
+# whole window (a user sending all the time fills all 60 slots of the minute: reading
+# them all cost Redis 0.7 us a slot, a check 4 times as much).
 _LIVE = """
-local function live(key, span, width)
-  local h = redis.call('HGETALL', key)
-  local total, slots, dead = 0, {}, {}
-  for i = 1, #h, 2 do
-    local k, c = tonumber(h[i]), tonumber(h[i + 1])
-    if (k + 1) * width + span <= now_us or c <= 0 then
-      dead[#dead + 1] = h[i]
-    else
-      total = total + c
-      slots[#slots + 1] = {k, c}
+local spans = {3600000000, 60000000}
+local function live(i, width)
+  local key, span = KEYS[i], spans[i]
+  local meta = redis.call('HMGET', key, 't', 'o')
+  local total = tonumber(meta[1])
+  if not total then return 0 end
+  local first = math.floor((now_us - span) / width)  -- the oldest slot in the window
+  local oldest = tonumber(meta[2]) or first
+  if oldest >= first then return total end
+  local gone, dropped = {}, 0
+  if first - oldest > 2 * tonumber(ARGV[1]) then  -- long unchecked: read them all once
+    local h = redis.call('HGETALL', key)
+    for j = 1, #h, 2 do
+      local k = tonumber(h[j])
+      if k and k < first then
+        gone[#gone + 1] = h[j]
+        dropped = dropped + tonumber(h[j + 1])
+      end
+    end
+  else
+    for k = oldest, first - 1 do
+      local f = string.format('%d', k)
+      local c = redis.call('HGET', key, f)
+      if c then gone[#gone + 1] = f; dropped = dropped + tonumber(c) end
     end
   end
-  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-  return total, slots
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  total = total - dropped
+  redis.call('HSET', key, 't', total, 'o', first)
+  return total
 end
-local spans = {3600000000, 60000000}
+local function slot(i)
+  return string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
+end
+-- A new slot sets the key's expiry: one window and one slot from now covers it (and
+-- every slot before it), so the other units of the slot need not.
 local function count(i, k, n)
-  local width = spans[i] / tonumber(ARGV[1])
-  redis.call('HINCRBY', KEYS[i], k, n)
-  redis.call('PEXPIRE', KEYS[i], math.ceil((spans[i] + width) / 1000) + 1000)
+  if redis.call('HINCRBY', KEYS[i], k, n) == n then
+    local width = spans[i] / tonumber(ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], math.ceil((spans[i] + width) / 1000) + 1000)
+  end
+  if redis.call('HINCRBY', KEYS[i], 't', n) == n then redis.call('HSETNX', KEYS[i], 'o', k) end
 end
 """
 
@@ -51,8 +77,13 @@ local worst, wait = 0, -1
 for i = 1, 2 do
   if limits[i] > 0 then
     local width = spans[i] / tonumber(ARGV[1])
-    local total, slots = live(KEYS[i], spans[i], width)
-    if total + n > limits[i] then
+    local total = live(i, width)
+    if total + n > limits[i] then  -- when the oldest units leave, enough room
+      local h, slots = redis.call('HGETALL', KEYS[i]), {}
+      for j = 1, #h, 2 do
+        local k = tonumber(h[j])
+        if k then slots[#slots + 1] = {k, tonumber(h[j + 1])} end
+      end
       table.sort(slots, function(a, b) return a[1] < b[1] end)
       local need, freed, w = total + n - limits[i], 0, spans[i]
       for _, s in ipairs(slots) do
@@ -68,7 +99,7 @@ local result = {1}
 for i = 1, 2 do
   local k = ''
   if limits[i] > 0 then
-    k = string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1]))))
+    k = slot(i)
     count(i, k, n)
   end
   result[#result + 1] = k
@@ -84,19 +115,19 @@ RATE_GIVE_BACK = _NOW + _LIVE + """
 for j = 4, #ARGV, 3 do
   local n = tonumber(ARGV[j + 2])
   for i = 1, 2 do
-    local c = ARGV[j + i - 1] ~= '' and redis.call('HGET', KEYS[i], ARGV[j + i - 1])
+    local k = ARGV[j + i - 1]
+    local c = k ~= '' and redis.call('HGET', KEYS[i], k)
     if c then
-      local left = tonumber(c) - math.min(tonumber(c), n)
-      if left > 0 then redis.call('HSET', KEYS[i], ARGV[j + i - 1], left)
-      else redis.call('HDEL', KEYS[i], ARGV[j + i - 1]) end
+      local back = math.min(tonumber(c), n)
+      if tonumber(c) > back then redis.call('HSET', KEYS[i], k, tonumber(c) - back)
+      else redis.call('HDEL', KEYS[i], k) end
+      redis.call('HINCRBY', KEYS[i], 't', -back)
     end
   end
 end
 for i = 1, 2 do
   local n = tonumber(ARGV[i + 1])
-  if n > 0 then
-    count(i, string.format('%d', math.floor(now_us / (spans[i] / tonumber(ARGV[1])))), n)
-  end
+  if n > 0 then count(i, slot(i), n) end
 end
 return 1
 """

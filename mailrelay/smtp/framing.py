@@ -4,9 +4,10 @@ time.
 Twisted's line receivers let a bare LF or an over-long line bend the framing; here
 commands end at CRLF only, and a line that has none after ``max_line`` octets is refused
 (``lineTooLong``). While a command waits on a Deferred (``wait``: the portal, the policy,
-the spool) nothing further is read: input that arrives meanwhile is held, the transport
-paused, and more than ``max_pending`` octets of it is a flood (``inputFlooded``). So
-pipelined commands run strictly in order, and message data can never run as commands.
+the spool) nothing further is run: the commands already read behind it wait in memory,
+input that arrives meanwhile is held too and pauses the transport, and more than
+``max_pending`` octets of it is a flood (``inputFlooded``). So pipelined commands run
+strictly in order, and message data can never run as commands.
 
 In DATA (``readMessage``) the bytes go to a data.DataReader a chunk at a time, with no
 copy when nothing is held before them; its end, or a refusal it finds on the way, is
@@ -15,7 +16,9 @@ by a chunking.Chunk, which ends after its count of octets.
 
 Replies (``write``) written while input is being read are held and leave together once
 that input is done: the replies to a pipelined group go in one write, one TLS record, one
-segment (RFC 2920), and a reply to a lone command leaves at once.
+segment (RFC 2920), and a reply to a lone command leaves at once. The reply of a command
+that was waited for (a MAIL asking Redis) leaves with those of the commands pipelined
+behind it, run as soon as it is answered.
 """
 
 from __future__ import annotations
@@ -95,9 +98,10 @@ class CommandStream(Protocol, TimeoutMixin):
                 self.resetTimeout()
                 self.lineReceived(line)
         finally:
+            # Commands read behind one that waits stay in _inbuf without pausing the
+            # transport (two epoll_ctl calls per pipelined MAIL that asks Redis): a
+            # client that sends more before its replies is paused in dataReceived.
             self._processing = False
-            if self._waiting is not None and self._inbuf:
-                self._hold_input()
             self.flush()
 
     def readMessage(self, reader: DataReader) -> None:
@@ -135,9 +139,11 @@ class CommandStream(Protocol, TimeoutMixin):
     def _resume(self, _) -> None:
         self._waiting = None
         if self._closing:
+            self.flush()
             return
         self.commandFinished()
         if self._closing:
+            self.flush()
             return
         if self._paused:
             self._paused = False
@@ -152,8 +158,8 @@ class CommandStream(Protocol, TimeoutMixin):
         if self._lost:
             return
         self._outbuf.append(data)
-        if not self._processing:
-            self.flush()
+        if not self._processing and self._waiting is None:
+            self.flush()  # else at the end of _process, run once the wait is over
 
     def flush(self) -> None:
         """Write the replies held while reading: the replies to pipelined commands leave
