@@ -4,7 +4,7 @@
 The relay listens there (mode 0600: only its own user may act on the queue) and answers
 with an IQueueControl: its delivery process, which the same commands reach over the
 socket pair the two share (delivery/process.py). ``mailrelay-admin queue retry|flush|
-delete`` and the control panel thus ask delivery the same questions the same way. When
+delete|release`` and the control panel thus ask delivery the same questions the same way. When
 nobody listens, ``ask`` raises RelayNotRunning and the caller acts on the spool itself.
 """
 
@@ -30,6 +30,10 @@ class DeliveryNotRunning(Exception):
     """The delivery process is between a crash and its restart: ask again shortly."""
 
 
+class NotQuotaHeld(Exception):
+    """The message is in hold/ for another reason than a quota: its user is sandboxed."""
+
+
 class RelayNotRunning(Exception):
     """No relay answers on the control socket."""
 
@@ -51,6 +55,15 @@ class Delete(amp.Command):
     arguments = [(b"queue_id", amp.Unicode())]
     response = [(b"place", amp.Unicode())]
     errors = {KeyError: b"UNKNOWN_MESSAGE", **_ERRORS}
+
+
+class Release(amp.Command):
+    """Deliver a message held over its quota now (no queue_id: every such message); the
+    ids released."""
+
+    arguments = [(b"queue_id", amp.Unicode(optional=True))]
+    response = [(b"released", amp.ListOf(amp.Unicode()))]
+    errors = {KeyError: b"UNKNOWN_MESSAGE", NotQuotaHeld: b"NOT_QUOTA_HELD"}
 
 
 class Flush(amp.Command):
@@ -81,7 +94,7 @@ class LimitState(amp.Command):
 
 
 class QueueResponder(amp.AMP):
-    """Answers Retry, Delete and Flush with ``queue`` (an IQueueControl), LimitState with
+    """Answers Retry, Delete, Release and Flush with ``queue`` (an IQueueControl), LimitState with
     ``rates``, ``logins`` and ``quotas`` (the IRateLimiter, ILoginGuard and quota counter
     of the sessions)."""
 
@@ -130,6 +143,10 @@ class QueueResponder(amp.AMP):
     @Delete.responder
     def delete(self, queue_id: str):
         return self._queue.delete(queue_id).addCallback(lambda place: {"place": place})
+
+    @Release.responder
+    def release(self, queue_id: str | None = None):
+        return self._queue.release(queue_id).addCallback(lambda ids: {"released": ids})
 
     @Flush.responder
     def flush(self):

@@ -2,9 +2,9 @@
 
 Each interface has one job and can be swapped (file or LDAP directory; MX or smarthost
 routing) without touching the code on the other side. The management stores (IUserStore,
-ISuppressionLists, IAccessStore, IQueueControl, IDkimKeys) are what mailrelay-admin and the
-control panel both work through (mailrelay/manage/); their methods return Deferreds, so a
-store that is not a local file fits behind them.
+ISuppressionLists, IAccessStore, IQueueControl, IHeldMail, IDkimKeys) are what
+mailrelay-admin and the control panel both work through (mailrelay/manage/); their methods
+return Deferreds, so a store that is not a local file fits behind them.
 """
 
 from __future__ import annotations
@@ -248,6 +248,18 @@ class IQueueControl(Interface):
         ("queue" or "hold"), errbacks with KeyError when it is unknown."""
 
 
+class IHeldMail(Interface):
+    """Releasing mail held over a quota (policy/quotahold.py in the relay; the relay's
+    control socket and the panel reach it through manage.queue.QueueControl). Returns
+    Deferreds."""
+
+    def release(queue_id: str | None):
+        """Deliver a message held over its user's quota now, counted in the current
+        period whatever its quota says; None: every such message. Fires with the ids
+        released; errbacks with KeyError when the message is not in hold/,
+        control.NotQuotaHeld when it is held for another reason (a sandboxed user's)."""
+
+
 class IRouter(Interface):
     """Chooses where mail for a recipient domain goes (MX lookup, smarthost, per-domain route)."""
 
@@ -306,6 +318,11 @@ class ISessionPolicy(Interface):
 
     def rcptTo(avatar, recipient: str, count: int):
         """One more RCPT after the session's checks; ``count`` recipients already accepted."""
+
+    def holding():
+        """The open transaction's message goes over a quota of a user whose quota_action
+        is hold: the policy.quota.QuotaExceeded it would have been refused with (the
+        session keeps the message in hold/ and says so in its 250); None otherwise."""
 
     def data(avatar, envelope):
         """The message arrived complete and passed the session's checks, just before it
@@ -375,6 +392,11 @@ class IQuotaCounter(Interface):
         each quota of a message of ``user`` (an SmtpUser) of ``account``. Raises (or
         errbacks with) policy.quota.QuotaExceeded ``451 4.7.1`` when one is used up,
         reply.Reply ``451 4.3.0`` when the shared counters cannot answer."""
+
+    def count(user, account):
+        """One message of ``user`` counted in each of its quotas whatever they say (an
+        admin releases a message held over a quota). Returns (or fires with) the
+        policy.quota.Crossing list of the thresholds it crossed."""
 
     def usage(user, account):
         """Returns (or fires with) the policy.quota.Usage of each of those quotas, changing

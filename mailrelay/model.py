@@ -6,10 +6,18 @@ Plain frozen dataclasses, shared by every layer; no I/O here.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mailrelay.scope import Scope
+
+QUOTA_ACTIONS = ("refuse", "hold")  # SmtpUser.quota_action
+
+
+def utc_text(t: float) -> str:
+    """``2026-12-07 00:00 UTC``: when a quota resets, as the relay says it."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 class Status(enum.StrEnum):
@@ -59,6 +67,9 @@ class SmtpUser:
     # quota_per_month; 0: no quota.
     quota_day: int | None = None
     quota_month: int | None = None
+    # What a message over a quota gets: "refuse" (451 4.7.1 at MAIL) or "hold" (accepted
+    # into the spool's hold/, released when the quota resets: policy/quotahold.py).
+    quota_action: str = "refuse"
     archive: bool = False
     audit_bcc: tuple[str, ...] = ()
     bounce_notify: str = "sender"  # "off", "sender", or an address
@@ -149,6 +160,20 @@ class Envelope:
     return_path: str | None = None
     requiretls: bool = False  # the client's MAIL had REQUIRETLS (RFC 8689; requiretls.py)
     auth_method: str | None = None  # how ``user`` logged in: "password", "ip" or "address"
+    # Over a quota of a user whose quota_action is "hold": kept in hold/ until ``held_until``
+    # (unix time, the quota's reset), then released (policy/quotahold.py); ``held_quota``
+    # names the quota (``daily quota of 500 messages of user app``).
+    held_until: float | None = None
+    held_quota: str = ""
+
+    @property
+    def quota_held(self) -> bool:
+        """Held over a quota, to be released (a sandboxed user's mail never is)."""
+        return self.held_until is not None and not self.sandboxed
+
+    def held_text(self) -> str:
+        """``held: daily quota of 5 messages of user app reached, released at ...``."""
+        return f"held: {self.held_quota} reached, released at {utc_text(self.held_until or 0)}"
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

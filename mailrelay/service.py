@@ -84,6 +84,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.features.envelope import user_fields
     from mailrelay.features.policy import FeaturePolicy
     from mailrelay.manage.queue import QueueControl
+    from mailrelay.manage.stores import threaded
+    from mailrelay.policy.quotahold import QuotaRelease
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
@@ -109,6 +111,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
         )
     except (TLSSetupError, OSError) as e:
         raise StartupError(str(e))
+
+    open_postgres(config)  # unreachable: one line now, not a store's error later
 
     top = StopInOrder()
     spool = Spool(config.spool.directory, reactor=reactor,
@@ -156,6 +160,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     logins = policy.logins  # the panel's login counts its failures with SMTP AUTH's
     rates = policy.rates  # mailrelay-admin explain asks them over the control socket
     quotas = policy.quotas
+    warner = policy.warner
     top.addService(_Stopping(notifier.stop))
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
@@ -195,7 +200,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
                         events).setServiceParent(top)
 
     webhook_sender(config, events, directory, spool, reactor, top, metrics)
-    control = QueueControl(spool, reactor, delivery)
+    # Mail held over a quota: released when the quota resets, or by an admin.
+    holds = QuotaRelease(spool, quotas, directory, warner, reactor, threaded(reactor))
+    holds.setServiceParent(top)
+    control = QueueControl(spool, reactor, delivery, holds)
     control_service(config.server.control_socket, control, reactor, rates,
                     logins, quotas).setServiceParent(top)
     make_admin_service(config, directory, spool, suppressions, stats, tls_options=tls_options,
@@ -282,6 +290,10 @@ def make_verp(config: Config):
     from mailrelay.bounces.verp import Verp
 
     verp = Verp(read_key_file("bounces", config.bounces.key_file, config))
+    if postgres(config) is not None:
+        from mailrelay.postgres.returnpaths import PgReturnPathStore
+
+        return verp, pg_store(config, PgReturnPathStore)
     try:
         return verp, ReturnPathStore(config.bounces.db)
     except (sqlite3.Error, OSError) as e:
@@ -340,6 +352,30 @@ def metrics_served(config: Config) -> bool:
     return m.enabled and (m.endpoint != "admin" or config.admin.enabled)
 
 
+def open_postgres(config: Config):
+    """The pool of ``[cluster] postgres`` (None without it); StartupError naming the key
+    and libpq's reason when the database does not take a connection, or when a newer
+    mailrelay wrote one of its stores (checked read-only, before any store migrates)."""
+    if config.cluster is None or not config.cluster.postgres:
+        return None
+    import importlib
+
+    from mailrelay.postgres import STORE_MODULES
+    from mailrelay.postgres.db import UNAVAILABLE, newer_schemas, of_config
+
+    for name in STORE_MODULES:  # their schema versions (postgres.db.KNOWN)
+        importlib.import_module(name)
+    try:
+        db = of_config(config)
+        newer = newer_schemas(db)
+    except UNAVAILABLE as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise StartupError(f"[cluster] postgres: {why}")
+    if newer:
+        raise StartupError("[cluster] postgres: " + "; ".join(newer))
+    return db
+
+
 def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]:
     """The delivery process's services (the shared spool, the feature stores, the queue
     runner) and its DeliveryManager."""
@@ -348,6 +384,7 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
 
+    open_postgres(config)
     top = StopInOrder()
     metrics = NO_METRICS
     if metrics_served(config):
@@ -359,6 +396,10 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     spool.setServiceParent(top)
     top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
+    if postgres(config) is not None:  # asked per message: answered from memory
+        from mailrelay.postgres.suppressions import cached
+
+        suppressions = cached(suppressions, reactor, top)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics, top.events)
     listener = getattr(getattr(manager.dkim, "signer", None), "listener", None)
@@ -401,7 +442,13 @@ def check_spool_directory(config: Config) -> None:
 
 
 def open_feature_stores(config: Config):
-    """The suppression list and statistics (SQLite), shared by delivery and the panel."""
+    """The suppression list and statistics, shared by delivery and the panel: SQLite files,
+    or PostgreSQL with ``[cluster] postgres`` (shared by the nodes)."""
+    if postgres(config) is not None:
+        from mailrelay.postgres.stats import PgStatsStore
+        from mailrelay.postgres.suppressions import PgSuppressionStore
+
+        return pg_store(config, PgSuppressionStore), pg_store(config, PgStatsStore)
     from mailrelay.features.paths import feature_paths
     from mailrelay.features.stats import StatsStore
     from mailrelay.features.suppressions import SuppressionStore
@@ -415,6 +462,32 @@ def open_feature_stores(config: Config):
         except (sqlite3.Error, OSError) as e:
             raise store_error(key, path, e)
     return tuple(stores)
+
+
+def postgres(config: Config):
+    """The process's PostgreSQL pool (postgres/db.py), None without ``[cluster] postgres``;
+    StartupError when it cannot be reached or its schema is from a newer mailrelay."""
+    if not (config.cluster and config.cluster.postgres):
+        return None
+    import psycopg
+
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
+
+    try:
+        return of_config(config)
+    except (*UNAVAILABLE, psycopg.Error) as e:
+        raise StartupError(f"[cluster] postgres: {str(e).strip() or type(e).__name__}")
+
+
+def pg_store(config: Config, kind):
+    """``kind`` (a postgres.db.PgStore) on the process's pool, its schema migrated;
+    StartupError when that fails."""
+    import psycopg
+
+    try:
+        return kind(postgres(config))
+    except psycopg.Error as e:
+        raise StartupError(f"[cluster] postgres: {kind.COMPONENT}: {str(e).strip()}")
 
 
 def open_logins(config: Config, directory, reactor, parent):
@@ -476,7 +549,17 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent,
     from mailrelay.features.stats import StatsRecorder
 
     f, paths = config.features, feature_paths(config)
-    recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
+    if postgres(config) is not None:  # several nodes: batches with ids, journaled
+        from mailrelay.postgres.stats import JournaledStatsRecorder, StatsJournal
+        from mailrelay.spool.node import node_id
+
+        process = "relay" if serve else "delivery"
+        node = node_id(config.server.data_dir, config.server.node_id)
+        journal = StatsJournal(os.path.join(config.server.data_dir, "stats-journal", process))
+        recorder = JournaledStatsRecorder(stats_store, reactor, journal, f"{node}/{process}",
+                                          interval=f.stats_flush_interval)
+    else:
+        recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
     recorder.setServiceParent(parent)
     archive = Archive(paths.archive_dir, f.archive_retention / 86400)
     if serve:

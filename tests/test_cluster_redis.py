@@ -243,6 +243,49 @@ class SharedCounters(unittest.TestCase):
         self.assertEqual((first.crossing.percent, first.crossing.used), (100, 3))
         self.assertIsNone(second.crossing)
 
+    @defer.inlineCallbacks
+    def test_a_released_held_message_counts_past_a_full_quota_and_keeps_open_places(self):
+        """An admin's release of mail held over quota (policy/quotahold.py) counts it
+        whatever the quota says, and leaves the other nodes' open places alone."""
+        a, b = RedisQuotaCounter(self.node()), RedisQuotaCounter(self.node())
+        user = SmtpUser("u", quota_day=2)
+        yield (yield a.reserve(user, None)).commit()
+        open_place = yield b.reserve(user, None)  # the second place, a transaction open
+        yield self.assertFailure(a.reserve(user, None), QuotaExceeded)
+        [crossing] = yield a.count(user, None)
+        self.assertEqual((crossing.percent, crossing.used), (100, 2))
+        [usage] = yield a.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (2, 1))
+        yield open_place.commit()
+        [usage] = yield a.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (3, 0))
+
+    @defer.inlineCallbacks
+    def test_a_user_whose_mail_over_quota_is_held_passes_mail_with_redis_quotas(self):
+        from mailrelay.auth.avatar import Submitter
+        from mailrelay.policy.bruteforce import LoginGuard
+        from mailrelay.policy.connections import ConnectionLimits
+        from mailrelay.policy.ratelimit import RateLimiter
+        from mailrelay.policy.submission import SubmissionPolicy
+
+        counter = RedisQuotaCounter(self.node())
+        policy = SubmissionPolicy(ConnectionLimits(), RateLimiter(reactor, per_hour=0),
+                                  LoginGuard(reactor), None, counter)
+        user = SmtpUser("u", quota_day=1, quota_action="hold")
+        avatar = Submitter.for_user(user, None, "password")
+        session = policy.connect("192.0.2.1")
+        held = []
+        for _ in range(2):
+            yield session.mailFrom(avatar, "a@u.test")  # neither refused
+            held.append(session.holding())
+            yield session.accepted(avatar, None)
+        self.assertIsNone(held[0])
+        self.assertIsInstance(held[1], QuotaExceeded)
+        self.assertEqual(held[1].quota.describe(), "daily quota of 1 messages of user u")
+        [usage] = yield counter.usage(user, None)
+        self.assertEqual((usage.used, usage.held), (1, 0))  # the held one counts nowhere
+        session.disconnect()
+
     # ---- connections ----
 
     @defer.inlineCallbacks

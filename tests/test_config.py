@@ -299,6 +299,19 @@ def _newer_database(name: str):
     return make
 
 
+def _newer_postgres():
+    """``[cluster] postgres`` naming a database a newer mailrelay wrote its users into."""
+    import pg_server
+    import psycopg
+
+    dsn = pg_server.shared_server().create_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE mailrelay_schema (component TEXT PRIMARY KEY, "
+                     "version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO mailrelay_schema VALUES ('users', 99)")
+    return f"[admin]\nenabled = no\n[cluster]\npostgres = {dsn}\n"
+
+
 @pytest.mark.parametrize("settings, make", [
     ("[admin]\nenabled = no\n[policy]\nlogin_delay_after = 20\nlogin_block_after = 10\n", None),
     ("[admin]\nendpoint = bogus:8080\n", None),
@@ -307,8 +320,13 @@ def _newer_database(name: str):
     (_PANEL + "key_file = {tmp}\n", None),
     ("[admin]\nenabled = no\n", _newer_database("suppressions.sqlite")),
     ("[admin]\nenabled = no\n", _broken_file("quota.sqlite", "not a database " * 100)),
+    # Nothing listens on port 1 of the loopback.
+    ("[admin]\nenabled = no\n[cluster]\npostgres = postgresql://mailrelay@127.0.0.1:1/x\n",
+     None),
+    (_newer_postgres, None),
 ], ids=["login-delay-after-block", "admin-endpoint", "access-file", "stats-db",
-        "key-file", "newer-schema", "quota-db"])  # fmt: skip
+        "key-file", "newer-schema", "quota-db", "postgres-unreachable",
+        "postgres-newer-schema"])  # fmt: skip
 def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings, make):
     import subprocess
     import sys
@@ -316,6 +334,8 @@ def test_check_refuses_what_twistd_refuses_with_the_same_line(tmp_path, settings
     from harness import env, run_twistd
 
     data = tmp_path / "data"
+    if callable(settings):
+        settings = settings()
     text = (f"[server]\nhostname = relay.test\ndata_dir = {data}\n{_LISTEN}"
             + settings.format(tmp=tmp_path))  # fmt: skip
     if make is not None:

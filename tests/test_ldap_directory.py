@@ -636,6 +636,15 @@ class MappingTests(unittest.TestCase):
                                      names)
         self.assertEqual((account.quota_day, account.quota_month), (None, 9000))
 
+    def test_quota_action_refuses_unless_it_says_hold(self) -> None:
+        names = attribute_names()
+        held = user_from_entry(self.entry(uid=["app"], mailrelayQuotaAction=["HOLD"]), names)
+        self.assertEqual(held.quota_action, "hold")
+        self.assertEqual(user_from_entry(self.entry(uid=["app"]), names).quota_action, "refuse")
+        with capturedLogs() as events:
+            user = user_from_entry(self.entry(uid=["app"], mailrelayQuotaAction=["keep"]), names)
+        self.assertEqual((user.quota_action, len(events)), ("refuse", 1))
+
     def test_entry_without_username_cannot_log_in(self) -> None:
         with capturedLogs():
             self.assertIsNone(user_from_entry(self.entry(mail=["a@b.test"]), attribute_names()))

@@ -133,6 +133,23 @@ class ExplainTests(unittest.TestCase):
         self.assertEqual(result.steps[-1].rule, "monthly quota of account acme: 99 of 100 "
                                                 "(1 open), resets at 2027-01-01 00:00 UTC")
 
+    def test_a_user_whose_mail_over_quota_is_held_gets_250_saying_held(self):
+        quota = {"subject": "user", "name": "acme.test", "period": "day", "limit": 10,
+                 "used": 10, "held": 0, "resets": "2026-12-07 00:00 UTC"}
+
+        async def limits(user, account):
+            return {"used_hour": 0, "used_minute": 0, "refusal": "", "quota": [quota],
+                    "quota_refusal": "451 4.7.1 daily quota of 10 messages of user acme.test "
+                                     "reached, it resets at 2026-12-07 00:00 UTC"}
+
+        user = SmtpUser("acme.test", account="acme", quota_action="hold")
+        result = self.explain(user, "a@acme.test", limit_state=limits)
+        self.assertTrue(result.accepted)
+        self.assertEqual(result.steps[-1].reply,
+                         "250 2.0.0 Ok: queued as <queue id>, held: daily quota of 10 "
+                         "messages of user acme.test reached, released at 2026-12-07 00:00 UTC")
+        self.assertIn("held until the quota resets", result.steps[-1].rule)
+
     def test_unknown_user(self):
         d = defer.ensureDeferred(explain(None, None, SETTINGS, "a@acme.test"))
         self.failureResultOf(d, UnknownUser)

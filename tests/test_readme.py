@@ -62,8 +62,8 @@ def test_the_readme_first_try_with_swaks_is_held(tmp_path):
                 assert result.returncode == 0, result.stdout + result.stderr
                 outputs.append(result.stdout)
         queued_as = re.search(r"<~\s+250 2\.0\.0 .*queued as (\w+)", outputs[2]).group(1)
-        assert re.search(rf"^{queued_as}\s+held\s+doe\.com\s+me@doe\.com\s+you@example\.net",
-                         outputs[3], re.M), outputs[3]
+        assert re.search(rf"^{queued_as}\s+held: sandbox\s+doe\.com\s+me@doe\.com\s+"
+                         r"you@example\.net", outputs[3], re.M), outputs[3]
         assert [p.name for p in relay.spool_files("hold")] == [queued_as]
     finally:
         relay.stop()

@@ -707,6 +707,9 @@ class SessionPolicy:
     def data(self, avatar, envelope):
         return self._call("data", envelope.id)
 
+    def holding(self):  # a question, not a step: not recorded
+        return None
+
     def accepted(self, avatar, envelope):
         return self._call("accepted", envelope.id)
 

@@ -36,7 +36,7 @@ HOST = "relay.test"
 ACCOUNT = Account(
     "default",
     frozenset({"doe.test", "shop.test", "other.test", "blocked.test", "sandbox.test",
-               "xn--bcher-kva.test"}),
+               "xn--bcher-kva.test", "held.test"}),
 )
 USERS = {
     u.username: u
@@ -49,6 +49,7 @@ USERS = {
         SmtpUser("sandbox.test", status=Status.SANDBOXED),
         SmtpUser("ldapdown.test"),  # the directory fails for this one
         SmtpUser("xn--bcher-kva.test"),  # bücher.test, domain-level
+        SmtpUser("held.test", quota_day=2, quota_action="hold"),  # over quota: held
     ]
 }
 

@@ -413,11 +413,13 @@ class ApiTests(unittest.TestCase):
 
     # ---- queue
 
-    def queue_message(self, held=False):
+    def queue_message(self, held=False, held_until=None):
         envelope = Envelope(id="", sender="john@doe.test", recipients=["a@example.org",
                             "b@example.org"], user="doe.test", account="default",
                             client_ip="127.0.0.1", helo="client.test", tls=True,
-                            received_at=self.panel.spool._reactor.seconds(), sandboxed=held)
+                            received_at=self.panel.spool._reactor.seconds(), sandboxed=held,
+                            held_until=held_until,
+                            held_quota="daily quota of 1 messages of user doe.test")
         message = self.panel.spool.create(envelope)
         message.write(b"Subject: hello\r\nFrom: <john@doe.test>\r\n\r\nbody\r\n")
         return message.commit()
@@ -494,6 +496,49 @@ class ApiTests(unittest.TestCase):
         yield self.api("DELETE", f"/queue/{queue_id}", expect=204)  # done on the files
         self.assertEqual(self.panel.spool.queued(), [])
 
+    @defer.inlineCallbacks
+    def test_queue_release_of_mail_held_over_quota(self):
+        from twisted.internet import reactor
+        from twisted.internet.task import Clock
+
+        now = reactor.seconds()
+
+        from mailrelay.manage.queue import QueueControl
+        from mailrelay.manage.stores import threaded
+        from mailrelay.model import SmtpUser
+        from mailrelay.policy.quota import QuotaCounter
+        from mailrelay.policy.quotahold import QuotaRelease
+
+        spool = self.panel.spool
+        counter = QuotaCounter(Clock(), per_day=1)
+        holds = QuotaRelease(spool, counter, self.panel.directory, None, Clock(),
+                             threaded(reactor))
+        self.panel.services.control = QueueControl(spool, reactor, None, holds)
+        announced = []
+        spool.subscribe(lambda envelope: announced.append(envelope.id))
+        over = yield self.queue_message(held_until=now + 3600)
+        sandboxed = yield self.queue_message(held=True, held_until=now + 3600)
+        queued = yield self.queue_message()
+        announced.clear()
+        _, _, listing = yield self.api("GET", "/queue", expect=200)
+        self.assertEqual({m["id"]: (m["state"], m["held"], m["held_quota"])
+                          for m in listing["messages"]},
+                         {queued: ("queued", None, None),
+                          over: ("held", "quota", "daily quota of 1 messages of user doe.test"),
+                          sandboxed: ("held", "sandbox", None)})  # fmt: skip
+        _, _, doc = yield self.api("POST", f"/queue/{sandboxed}/release", expect=409)
+        self.assertIn("sandboxed", str(doc))
+        yield self.api("POST", f"/queue/{queued}/release", expect=404)
+        yield self.api("POST", "/queue/not-an-id/release", expect=404)
+        _, _, doc = yield self.api("POST", f"/queue/{over}/release", expect=200)
+        self.assertEqual(doc, {"id": over, "released": True})
+        self.assertEqual(announced, [over])  # delivery hears of it once
+        self.assertEqual(sorted(spool.queued()), sorted([queued, over]))
+        self.assertEqual(spool.held(), [sandboxed])
+        used = counter.usage(SmtpUser("doe.test"), None)[0].used
+        self.assertEqual(used, 1)  # counted in the current period
+        yield self.api("POST", f"/queue/{over}/release", expect=404)
+
     # ---- statistics
 
     @defer.inlineCallbacks
@@ -536,6 +581,7 @@ class ApiTests(unittest.TestCase):
             ("DELETE", "/suppressions/a@b.test", None, 204), ("GET", "/queue", None, 200),
             ("GET", f"/queue/{queue_id}", None, 200),
             ("POST", f"/queue/{queue_id}/retry", None, 409),
+            ("POST", f"/queue/{queue_id}/release", None, 404),  # queued, not held
             ("DELETE", f"/queue/{queue_id}", None, 204), ("GET", "/stats", None, 200),
             ("POST", "/webhooks", {"account": "acme", "url": "https://hooks.example.com/"}, 201),
             ("GET", "/webhooks", None, 200), ("GET", "/webhooks/1", None, 200),

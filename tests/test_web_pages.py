@@ -362,3 +362,36 @@ class LifecycleTests(LoggedIn):
             "bounce_notify": "sender", "expires": "", "allow_from": "203.0.113.9/24"})
         self.assertEqual(code, 400, body)
         self.assertIn("did you mean 203.0.113.0/24?", Seen(body).text())
+
+
+class QueuePageTests(LoggedIn):
+
+    @defer.inlineCallbacks
+    def test_a_message_held_over_quota_is_shown_so_and_released_by_its_button(self):
+        from mailrelay.manage.queue import QueueControl
+        from mailrelay.manage.stores import threaded
+        from mailrelay.model import Envelope
+        from mailrelay.policy.quotahold import QuotaRelease
+
+        spool = self.panel.spool
+        holds = QuotaRelease(spool, None, self.panel.directory, None, reactor, threaded(reactor))
+        self.panel.services.control = QueueControl(spool, reactor, None, holds)
+        ids = []
+        for sandboxed in (False, True):
+            envelope = Envelope("", "a@doe.test", ["r@example.org"], "doe.test", "default",
+                                "127.0.0.1", "client.test", True, reactor.seconds(),
+                                sandboxed=sandboxed, held_until=1796601600.0,  # 2026-12-07
+                                held_quota="daily quota of 1 messages of user doe.test")
+            ids.append((yield spool.submit(envelope, b"Subject: x\r\n\r\nbody\r\n")))
+        over, sandboxed = ids
+        code, body = yield self.web.request("GET", "/queue")
+        text = Seen(body).text()
+        self.assertIn("held: quota until 2026-12-07 00:00 UTC", text)
+        self.assertIn("held: sandbox", text)
+        self.assertIn(f"/queue/{over}/release".encode(), body)
+        self.assertNotIn(f"/queue/{sandboxed}/release".encode(), body)  # never released
+        code, body = yield self.web.request("POST", f"/queue/{over}/release", {})
+        self.assertEqual(code, 303, body)
+        self.assertEqual((spool.queued(), spool.held()), ([over], [sandboxed]))
+        code, body = yield self.web.request("POST", f"/queue/{sandboxed}/release", {})
+        self.assertEqual(code, 409, body)

@@ -26,7 +26,10 @@ from twisted.trial import unittest
 from mailrelay.auth.passwords import hash_password
 from mailrelay.events import EventKind
 from mailrelay.manage.access import Access, AccessStore, access_path
+from mailrelay.manage.queue import QueueControl
+from mailrelay.manage.stores import threaded
 from mailrelay.model import Envelope
+from mailrelay.policy.quotahold import QuotaRelease
 from mailrelay.web import tenancy
 from mailrelay.web.routing import json_response
 from mailrelay.webhooks.sink import WebhookSink
@@ -109,6 +112,8 @@ def sample(surface: str, method: str, template: str, side: str, ids: dict) -> tu
         body = {"address": "pdel-a@example.org" if a else s["address"], "account": acct}
     elif key in (("DELETE", "/queue/{queue_id}"), ("POST", "/queue/{queue_id}/delete")):
         params["queue_id"] = s["delete_api" if api else "delete_panel"] if a else s["queue_id"]
+    elif key == ("POST", "/queue/{queue_id}/release"):  # alpha's held over quota
+        params["queue_id"] = s["release_api" if api else "release_panel"] if a else s["queue_id"]
     elif key == ("POST", "/dkim"):
         body = {"domain": "alpha3.test" if a else dom, "type": "ed25519",
                 "selector": ("mk-a" if api else "pmk-a") if a else "mk-b"}
@@ -160,6 +165,10 @@ class AccountLimitedAdmins(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp, True)
         self.panel = yield Panel.start(tmp)
         self.addCleanup(self.panel.stop)
+        # The relay's release of mail held over quota (no quotas counted here).
+        spool = self.panel.spool
+        holds = QuotaRelease(spool, None, self.panel.directory, None, reactor, threaded(reactor))
+        self.panel.services.control = QueueControl(spool, reactor, None, holds)
         self.root = self.panel.port.factory.resource
         self.ids = yield self.seed()
         self.web = WebSession(self.panel)
@@ -208,8 +217,9 @@ class AccountLimitedAdmins(unittest.TestCase):
         for side, name, account, user in (
             ("A", "queue_id", "alpha", "app-a"), ("A", "delete_api", "alpha", "app-a"),
             ("A", "delete_panel", "alpha", "app-a"), ("B", "queue_id", "beta", "app-b"),
+            ("A", "release_api", "alpha", "app-a"), ("A", "release_panel", "alpha", "app-a"),
         ):  # fmt: skip
-            ids[side][name] = yield self.queue(account, user)
+            ids[side][name] = yield self.queue(account, user, held=name.startswith("release"))
         yield self.queue("default", "webapp")
         yield self.webhooks(ids)
         access = AccessStore(access_path(self.panel.config))
@@ -239,10 +249,12 @@ class AccountLimitedAdmins(unittest.TestCase):
         self.assertEqual(code, 201, doc)
         return doc["id"]
 
-    def queue(self, account: str, user: str) -> str:
+    def queue(self, account: str, user: str, held: bool = False) -> str:
         envelope = Envelope(id="", sender=f"x@{account}.test", recipients=["r@example.org"],
                             user=user, account=account, client_ip="127.0.0.1",
-                            helo="client.test", tls=True, received_at=time.time())
+                            helo="client.test", tls=True, received_at=time.time(),
+                            held_until=time.time() + 3600 if held else None,
+                            held_quota=f"daily quota of 1 messages of user {user}")
         message = self.panel.spool.create(envelope)
         message.write(b"Subject: hello\r\n\r\nbody\r\n")
         return message.commit()

@@ -35,7 +35,8 @@ def run(args, context) -> int:
     config = context.config  # a ConfigError is printed by the entry point (exit 2)
     problems = []
     for step in (_tuning, _tls, _directory, _data_dir, check_spool_directory,
-                 _feature_stores, _quotas, _tracking, _admin, _bounces, _webhooks):  # fmt: skip
+                 _postgres, _feature_stores, _quotas, _tracking, _admin, _bounces,
+                 _webhooks):  # fmt: skip
         try:
             step(config)
         except (ConfigError, StartupError, TLSSetupError, _Problem) as e:
@@ -71,6 +72,13 @@ def _tls(config) -> None:
             raise StartupError(str(e))
 
 
+def _postgres(config) -> None:
+    """Reachable, and no store's schema newer than this code's; nothing is migrated."""
+    from mailrelay.service import open_postgres
+
+    open_postgres(config)
+
+
 def _directory(config) -> None:
     if config.directory.backend == "ldap":
         return  # checked by binding, which the relay does at startup (a running server)
@@ -100,6 +108,8 @@ def _feature_stores(config) -> None:
     from mailrelay.features.suppressions import SuppressionStore
     from mailrelay.service import store_error
 
+    if config.cluster and config.cluster.postgres:
+        return  # kept in PostgreSQL, not in these files
     paths = feature_paths(config)
     for kind, key, path in ((SuppressionStore, "suppressions_db", paths.suppressions_db),
                             (StatsStore, "stats_db", paths.stats_db)):  # fmt: skip
@@ -145,7 +155,7 @@ def _bounces(config) -> None:
 
     _key_file("bounces", config.bounces.key_file)
     path = config.bounces.db
-    if os.path.exists(path):
+    if os.path.exists(path) and not (config.cluster and config.cluster.postgres):
         try:
             ReturnPathStore.check_file(path)
         except sqlite3.Error as e:

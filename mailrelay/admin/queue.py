@@ -1,9 +1,11 @@
-"""mailrelay-admin queue list|show|retry|delete|flush|import: look at and act on the delivery
-queue.
+"""mailrelay-admin queue list|show|retry|delete|release|flush|import: look at and act on
+the delivery queue.
 
 list and show read the spool (manage.queue). retry, flush and delete ask the running relay
 over its control socket, as the panel does; with no relay running they act on the spool
-itself and say so. import takes over the spool of a node that died (spool/transfer.py).
+itself and say so. release (of mail held over a quota) needs the running relay: it counts
+the message in the user's quota. import takes over the spool of a node that died
+(spool/transfer.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mailrelay.spool.spool import Spool
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("queue", help="the delivery queue: list, show, retry, "
-                                                 "delete, flush, import")
+                                                 "delete, release, flush, import")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = sub.add_parser("list", help="queued and held messages")
@@ -41,6 +43,14 @@ def register(subparsers) -> None:
     p = sub.add_parser("delete", help="remove a message without delivering it")
     p.add_argument("id", metavar="ID")
     p.set_defaults(func=delete)
+
+    p = sub.add_parser("release", help="deliver a message held over its user's quota now "
+                                       "(it counts in the current period, even past the "
+                                       "quota); sandboxed users' mail is never released")
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.add_argument("--all-quota", action="store_true",
+                   help="every message held over a quota")
+    p.set_defaults(func=release)
 
     p = sub.add_parser("flush", help="try every deferred message now")
     p.set_defaults(func=flush)
@@ -80,7 +90,7 @@ def list_(args, context: Context) -> int:
             when = "now"
         else:
             when = "in " + _span(e["next_attempt"] - now)
-        rows.append([e["id"], e["state"], e["user"] or "-", e["sender"] or "<>", rcpts,
+        rows.append([e["id"], queue.state_text(e), e["user"] or "-", e["sender"] or "<>", rcpts,
                      str(e["size"]), _span(e["age"]), str(e["attempts"]), when,
                      e["last_error"][:60]])
     output.print_list(["ID", "STATE", "USER", "SENDER", "RECIPIENTS", "SIZE", "AGE",
@@ -106,7 +116,9 @@ def show(args, context: Context) -> int:
         output.print_json(doc)
         return 0
     envelope = doc["envelope"]
-    fields = [("id", args.id), ("state", doc["state"]), ("priority", doc["priority"]),
+    fields = [("id", args.id), ("state", queue.state_text(doc)),
+              ("held for", doc["held_quota"] and f"{doc['held_quota']} reached"),
+              ("priority", doc["priority"]),
               ("user", doc["user"]), ("account", doc["account"]),
               ("sender", doc["sender"] or "<>"), ("bounce to", envelope.get("bounce_to")),
               ("client", envelope.get("client_ip")), ("helo", envelope.get("helo")),
@@ -155,6 +167,8 @@ def _ask_each(context: Context, command, each: list[dict]) -> list[dict] | None:
         return None
     except KeyError:
         raise CommandError(f"message {arguments.get('queue_id')} left the queue meanwhile")
+    except control.NotQuotaHeld as e:
+        raise CommandError(str(e))
     except control.DeliveryOff:
         raise CommandError("delivery is off in the running relay ([delivery] enabled = no)")
     except control.DeliveryNotRunning:
@@ -169,7 +183,10 @@ def retry(args, context: Context) -> int:
         return flush(args, context)
     spool = _spool(context)
     if _find(spool, args.id) == "hold":
-        raise CommandError(f"{args.id} is held (its user is sandboxed): it is never delivered")
+        raise CommandError(
+            f"{args.id} is held: " + ("over its quota; deliver it now with mailrelay-admin "
+                                      "queue release" if spool.held_envelope(args.id).quota_held
+                                      else "its user is sandboxed: it is never delivered"))
     answer = _ask(context, control.Retry, queue_id=args.id)
     queued = queue.offline_retry(spool, args.id) if answer is None else answer["queued"]
     if not queued:
@@ -191,6 +208,31 @@ def delete(args, context: Context) -> int:
     else:
         print(f"{args.id}: deleted from {place} (a delivery already under way may still "
               "finish)")
+    return 0
+
+
+def release(args, context: Context) -> int:
+    if (args.id is None) == (not args.all_quota):
+        raise CommandError("give a message ID or --all-quota")
+    if args.id is not None:
+        spool = _spool(context)
+        if _find(spool, args.id) != "hold":
+            raise CommandError(f"{args.id} is not held: it is in the queue")
+        if not spool.held_envelope(args.id).quota_held:
+            raise CommandError(f"{args.id} is held because its user is sandboxed: it is "
+                               "never delivered")
+    answer = _ask(context, control.Release, queue_id=args.id)
+    if answer is None:
+        raise CommandError("mailrelay is not running: a held message is released by the "
+                           "running relay (it counts in the user's quota); the relay "
+                           "releases those whose quota has reset when it starts")
+    released = answer["released"]
+    if args.id is not None and not released:
+        raise CommandError(f"{args.id} is being released already")
+    for queue_id in released:
+        print(f"{queue_id}: released to the queue")
+    if args.id is None:
+        print(f"{len(released)} held messages released")
     return 0
 
 

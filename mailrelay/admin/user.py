@@ -16,7 +16,7 @@ from mailrelay.directory.changes import USER_SETTINGS, user_changes
 from mailrelay.directory.filedir import DEFAULT_ACCOUNT
 from mailrelay.manage.stores import NothingToChange
 from mailrelay.manage.users import Forgotten, UserManager, user_json
-from mailrelay.model import Kind, SmtpUser, Status
+from mailrelay.model import QUOTA_ACTIONS, Kind, SmtpUser, Status
 
 _KIND_TEXT = {
     Kind.DOMAIN: "domain-level: may send from any address at its domain",
@@ -54,6 +54,9 @@ def _add_user_options(parser: argparse.ArgumentParser) -> None:
            "to the account's --notify address at 80, 90 and 100%%, then 451 4.7.1")
     o("--quota-month", type=_limit, default=..., metavar="N",
       help="messages per UTC month (0: none), or default ([limits] quota_per_month)")
+    o("--quota-action", choices=QUOTA_ACTIONS,
+      help="over a quota: refuse (default: 451 4.7.1 at MAIL) or hold (accepted, kept in "
+           "the spool's hold/ and released when the quota resets)")
     o("--archive", action=argparse.BooleanOptionalAction, help="keep an archive copy")
     o("--audit-bcc", metavar="ADDRESSES", help='copies of every message to "x@a.com;y@b.com"')
     o("--bounce-notify", metavar="WHERE", help="off, sender (default) or an address")
@@ -266,6 +269,7 @@ def show(args: argparse.Namespace, context: Context) -> int:
         ("rate limit", "default" if user.rate_limit is None else f"{user.rate_limit}/hour"),
         ("quota per day", _quota(user.quota_day)),
         ("quota per month", _quota(user.quota_month)),
+        ("over quota", user.quota_action),
         ("priority", str(user.priority)),
         (
             "max connections",

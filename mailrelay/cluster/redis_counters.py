@@ -395,6 +395,14 @@ class RedisQuotaCounter:
 
         return d.addCallbacks(answered, self.counters.fallback, errbackArgs=(locally,))
 
+    def count(self, user, account) -> defer.Deferred:
+        """One message counted whatever the quotas say (an admin's release of a held
+        message: policy/quotahold.py); fires with the Crossings. The commit script counts
+        and gives up a place this member never took, which costs nothing."""
+        quotas = self.quotas(user, account)
+        member = f"{self.counters.node_id}:{next(self._seq)}"
+        return RedisQuotaReservation(self, quotas, member, []).commit()
+
     def usage(self, user, account) -> defer.Deferred:
         """Fires with the quotas' Usage in Redis (read only)."""
         quotas = self.quotas(user, account)

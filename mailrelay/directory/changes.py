@@ -13,7 +13,7 @@ from typing import Any
 
 from mailrelay.auth.ipauth import IpAuthError
 from mailrelay.auth.lifecycle import parse_networks
-from mailrelay.directory.filedir import DirectoryFileError
+from mailrelay.directory.filedir import DirectoryFileError, quota_action
 from mailrelay.model import SmtpUser, Status
 from mailrelay.scope import Scope, parse_addresses
 
@@ -29,6 +29,7 @@ USER_SETTINGS: dict[str, tuple[type, ...]] = {
     "max_connections": (int, type(None)),
     "quota_day": (int, type(None)),  # messages per UTC day; 0: none
     "quota_month": (int, type(None)),  # messages per UTC month; 0: none
+    "quota_action": (str,),  # over a quota: "refuse" (451) or "hold" (held until it resets)
     "archive": (bool,),
     "audit_bcc": (str,),
     "bounce_notify": (str,),
@@ -102,6 +103,8 @@ def user_changes(settings: Mapping[str, Any], current: SmtpUser) -> dict[str, An
     for name in plain:
         if name in settings:
             changes[name] = settings[name]
+    if "quota_action" in settings:
+        changes["quota_action"] = quota_action(settings["quota_action"])
     if "audit_bcc" in settings:
         changes["audit_bcc"] = tuple(sorted(parse_addresses(settings["audit_bcc"])))
     if "expires" in settings:

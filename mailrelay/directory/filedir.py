@@ -49,7 +49,7 @@ from mailrelay.auth.passwords import (
 )
 from mailrelay.files import StatKey, locked, read_with_stat, save_file, stat_key
 from mailrelay.interfaces import IDirectory
-from mailrelay.model import Account, Kind, SmtpUser, Status, canonical_username
+from mailrelay.model import QUOTA_ACTIONS, Account, Kind, SmtpUser, Status, canonical_username
 from mailrelay.scope import (
     Scope,
     ScopeError,
@@ -124,6 +124,7 @@ def user_to_json(user: SmtpUser) -> dict[str, Any]:
         "max_connections": user.max_connections,
         "quota_day": user.quota_day,
         "quota_month": user.quota_month,
+        "quota_action": user.quota_action,
         "archive": user.archive,
         "audit_bcc": ";".join(user.audit_bcc),
         "bounce_notify": user.bounce_notify,
@@ -162,6 +163,13 @@ def _account_from_json(name: str, entry: Any) -> Account:
         quota_day=_quota(entry, "quota_day"),
         quota_month=_quota(entry, "quota_month"),
     )
+
+
+def quota_action(value: str) -> str:
+    """``refuse`` or ``hold`` (model.QUOTA_ACTIONS); DirectoryFileError otherwise."""
+    if value not in QUOTA_ACTIONS:
+        raise DirectoryFileError(f"quota_action {value!r} is not one of refuse, hold")
+    return value
 
 
 def _quota(entry: Mapping, key: str) -> int | None:
@@ -223,6 +231,7 @@ def _user_from_json(username: str, entry: Any) -> tuple[SmtpUser, str]:
         max_connections=_field(entry, "max_connections", (int, type(None)), None),
         quota_day=_quota(entry, "quota_day"),
         quota_month=_quota(entry, "quota_month"),
+        quota_action=quota_action(_field(entry, "quota_action", (str,), "refuse")),
         archive=_field(entry, "archive", (bool,), False),
         audit_bcc=tuple(sorted(parse_addresses(bcc))),
         bounce_notify=_field(entry, "bounce_notify", (str,), "sender"),

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from mailrelay.auth.ipauth import IpAuthError
 from mailrelay.auth.lifecycle import NOWHERE, parse_networks
 from mailrelay.directory.ldap_client import Entry
-from mailrelay.model import Account, SmtpUser, Status, canonical_username
+from mailrelay.model import QUOTA_ACTIONS, Account, SmtpUser, Status, canonical_username
 from mailrelay.scope import Scope, ScopeError, is_address, parse_addresses, parse_domains
 
 log = Logger()
@@ -44,6 +44,7 @@ DEFAULT_ATTRIBUTES: dict[str, str] = {
     "allowFrom": "mailrelayAllowFrom",
     "quotaDay": "mailrelayQuotaDay",
     "quotaMonth": "mailrelayQuotaMonth",
+    "quotaAction": "mailrelayQuotaAction",
     "accountName": "cn",
     "accountDomains": "mailrelayAccountDomain",
     "accountNotify": "mailrelayNotifyAddress",
@@ -126,6 +127,7 @@ def user_from_entry(
         max_connections=fields.integer(names["maxConnections"], 1),
         quota_day=fields.integer(names["quotaDay"], 0),
         quota_month=fields.integer(names["quotaMonth"], 0),
+        quota_action=fields.quota_action(),
         archive=fields.boolean(names["archive"]),
         audit_bcc=tuple(sorted(fields.addresses(names["auditBcc"]))),
         bounce_notify=fields.bounce_notify(),
@@ -225,6 +227,16 @@ class _Fields:
             self._bad(attribute, value, f"not a whole number {limits}; the default applies")
             return None
         return number
+
+    def quota_action(self) -> str:
+        attribute = self.names["quotaAction"]
+        value = self.entry.first(attribute)
+        if value is None:
+            return "refuse"
+        if value.strip().lower() in QUOTA_ACTIONS:
+            return value.strip().lower()
+        self._bad(attribute, value, "not refuse or hold; refuse applies")
+        return "refuse"
 
     def boolean(self, attribute: str) -> bool:
         value = self.entry.first(attribute)

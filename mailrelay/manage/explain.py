@@ -213,9 +213,15 @@ async def explain(
         except Reply as refusal:
             raise _Refused(refusal, _refusal_rule(user, account, sender, refusal))
         quotas = limits.get("quota", []) if limits is not None else []
+        held = ""  # over a quota with quota_action hold: what the 250 adds
         if limits is not None and limits.get("quota_refusal"):  # the session asks them first
             full = next(q for q in quotas if q["used"] + q["held"] >= q["limit"])
-            raise _Refused(_reply_of(limits["quota_refusal"]), quota_text(full))
+            if user.quota_action != "hold":
+                raise _Refused(_reply_of(limits["quota_refusal"]), quota_text(full))
+            # "451 4.7.1 daily quota of ... reached, it resets at <when>"
+            what, _, when = _reply_of(limits["quota_refusal"]).text.partition(
+                " reached, it resets at ")
+            held = f", held: {what} reached, released at {when}"
         if limits is not None and limits["refusal"]:  # the running relay's own reply
             raise _Refused(_reply_of(limits["refusal"]),
                            f"rate limit of user {user.username} ({_rate(user)}): "
@@ -238,9 +244,11 @@ async def explain(
         except Reply as refusal:
             raise _Refused(refusal, _refusal_rule(user, account, header, refusal, True),
                            "end of data")
-        steps.append(Step("end of data", "250 2.0.0 Ok: queued as <queue id>",
-                          _held(user) or f"From: {header}: "
-                          + covering_entry(user, account, header)))
+        steps.append(Step("end of data", f"250 2.0.0 Ok: queued as <queue id>{held}",
+                          _held(user) or (held and f"quota_action hold of user "
+                                          f"{user.username}: accepted and held until the "
+                                          "quota resets, then delivered")
+                          or f"From: {header}: " + covering_entry(user, account, header)))
     except _Refused as refused:
         step = refused.step or f"MAIL FROM:<{sender}> {mail}".strip()
         steps.append(Step(step, _line(refused.reply), refused.rule))

@@ -17,8 +17,8 @@ from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from mailrelay.control import DeliveryNotRunning, DeliveryOff
-from mailrelay.interfaces import IQueueControl
-from mailrelay.model import Envelope
+from mailrelay.interfaces import IHeldMail, IQueueControl
+from mailrelay.model import Envelope, utc_text
 from mailrelay.spool.spool import Snapshot, Spool
 from mailrelay.spool.state import DeliveryState, RecipientState
 
@@ -48,9 +48,16 @@ def entry(spool: Spool, queue_id: str, state: DeliveryState | None,
         next_attempt = now
     else:
         next_attempt = state.next_attempt
+    held = None
+    if place == "hold":
+        held = "quota" if envelope.quota_held else "sandbox"
     return {
         "id": queue_id,
         "state": "held" if place == "hold" else "queued",
+        # Why it is held: "sandbox" (never delivered) or "quota" (until held_until).
+        "held": held,
+        "held_until": envelope.held_until if held == "quota" else None,
+        "held_quota": envelope.held_quota if held == "quota" else None,
         "priority": envelope.priority,
         "user": envelope.user,
         "account": envelope.account,
@@ -82,6 +89,16 @@ def entries(spool: Spool, now: float, limit: int | None = None,
     mine = [e[0] for e in (entry(spool, i, states.get(i), now) for i in found)
             if e is not None and e[0]["account"] == account]
     return mine[:limit], len(mine)
+
+
+def state_text(entry: dict[str, Any]) -> str:
+    """``queued``, ``held: sandbox`` (never delivered) or ``held: quota until 2026-12-07
+    00:00 UTC`` (released then: policy/quotahold.py)."""
+    if entry["held"] == "quota":
+        return f"held: quota until {utc_text(entry['held_until'])}"
+    if entry["held"] == "sandbox":
+        return "held: sandbox"
+    return entry["state"]
 
 
 def recipients(envelope: Envelope, state: DeliveryState | None) -> list[dict]:
@@ -125,9 +142,10 @@ class QueueReader:
         return self.call(document, self.spool, queue_id, self.clock.seconds())
 
 
-@implementer(IQueueControl)
+@implementer(IQueueControl, IHeldMail)
 class QueueControl:
-    """The running relay's retry, flush and delete, for the panel and the control socket.
+    """The running relay's retry, flush, delete and release, for the panel and the control
+    socket.
 
     ``delivery`` (the DeliveryProcess, or None when ``[delivery] enabled = no``) does them.
     Without delivery, retry and flush fail with DeliveryOff and a delete removes the
@@ -135,10 +153,11 @@ class QueueControl:
     queue without them).
     """
 
-    def __init__(self, spool: Spool, reactor, delivery=None) -> None:
+    def __init__(self, spool: Spool, reactor, delivery=None, holds=None) -> None:
         self.spool = spool
         self.reactor = reactor
         self.delivery = delivery
+        self.holds = holds  # policy.quotahold.QuotaRelease: releases mail held over quota
 
     @property
     def can_retry(self) -> bool:
@@ -163,6 +182,13 @@ class QueueControl:
             return self._delete_files(queue_id)
 
         return self.delivery.delete(queue_id).addErrback(restarting)
+
+    def release(self, queue_id: str | None = None) -> defer.Deferred:
+        """Deliver a message held over its quota now (None: all of them), counted in the
+        current period; fires with the ids released (policy/quotahold.py)."""
+        if self.holds is None:
+            return defer.fail(KeyError(queue_id))
+        return self.holds.release(queue_id)
 
     def _delete_files(self, queue_id: str) -> defer.Deferred:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),

@@ -302,7 +302,7 @@ class _Collector:
         queue, now = m.queue(), m.clock()
         size = GaugeMetricFamily("mailrelay_queue_messages", "Messages in the spool by "
                                  "state: ready (never tried), deferred (tried, waiting for a "
-                                 "retry), held (sandboxed)", labels=["state"])
+                                 "retry), held (sandboxed, or over a quota)", labels=["state"])
         oldest = GaugeMetricFamily("mailrelay_queue_oldest_seconds", "Age of the oldest "
                                    "message by state (0: none)", labels=["state"])
         for state in QUEUE_STATES:

@@ -37,7 +37,7 @@ from zope.interface import implementer
 from mailrelay.features.db import SqliteStore
 from mailrelay.flushing import BatchWriter
 from mailrelay.interfaces import IQuotaCounter, IQuotaReservation
-from mailrelay.model import Account, SmtpUser
+from mailrelay.model import Account, SmtpUser, utc_text
 from mailrelay.reply import Reply
 
 log = Logger()
@@ -60,10 +60,6 @@ def period_end(period: Period, pid: str) -> float:
     y, m = (int(x) for x in pid.split("-"))
     y, m = (y + 1, 1) if m == 12 else (y, m + 1)
     return calendar.timegm((y, m, 1, 0, 0, 0))
-
-
-def utc_text(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 @dataclass(frozen=True)
@@ -163,11 +159,14 @@ class QuotaExceeded(Reply):
         super().__init__(451, "4.7.1", f"{quota.describe()} reached, it resets at "
                                        f"{utc_text(resets)}")
         self.quota = quota
+        self.resets = resets
         self.crossing = Crossing(quota, 100, used, pid) if first else None
 
 
 def refusal_logged(quota: Quota, used: int, pid: str, first: bool) -> QuotaExceeded:
-    log.info("quota: {subject} {name} at {used} of {limit} messages per {period}, refused",
+    # "full", not "refused": a user whose mail over quota is held is not refused (the
+    # session logs what it does instead: policy/submission.py).
+    log.info("quota: {subject} {name} at {used} of {limit} messages per {period}, full",
              subject=quota.subject, name=quota.name, used=used, limit=quota.limit,
              period=quota.period)
     return QuotaExceeded(quota, used, pid, first)
@@ -225,6 +224,14 @@ class QuotaCounter:
         for quota in quotas:
             self._open[quota.key] = self._open.get(quota.key, 0) + 1
         return QuotaReservation(self, quotas, usage)
+
+    def count(self, user: SmtpUser, account: Account | None) -> list[Crossing]:
+        """One message counted whatever the quotas say: a held message an admin released
+        (quotahold.py). Returns the thresholds it crossed."""
+        quotas = self.quotas(user, account)
+        for quota in quotas:  # _commit closes a place: this message takes one first
+            self._open[quota.key] = self._open.get(quota.key, 0) + 1
+        return self._commit(quotas)
 
     def usage(self, user: SmtpUser, account: Account | None) -> list[Usage]:
         """The state of the quotas a message of ``user`` counts against (changes nothing)."""

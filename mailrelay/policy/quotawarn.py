@@ -41,16 +41,19 @@ class QuotaWarner:
         self.hostname = hostname
         self.events = events
 
-    def warn(self, account: Account | None, username: str, crossings: list[Crossing]) -> None:
-        """Report each crossing; never raises (a failure is logged)."""
+    def warn(self, account: Account | None, username: str, crossings: list[Crossing],
+             hold: bool = False) -> None:
+        """Report each crossing; never raises (a failure is logged). ``hold``: the user's
+        mail over quota is held, not refused (its ``quota_action``): the mail says so."""
         for crossing in crossings:
             try:
-                self._warn(account, username, crossing)
+                self._warn(account, username, crossing, hold)
             except Exception:
                 log.failure("cannot report the quota crossing {what}",
                             what=crossing.quota.describe())
 
-    def _warn(self, account: Account | None, username: str, crossing: Crossing) -> None:
+    def _warn(self, account: Account | None, username: str, crossing: Crossing,
+              hold: bool = False) -> None:
         q = crossing.quota
         log.warn("quota: {subject} {name} reached {percent}% ({used} of {limit} messages per "
                  "{period})", subject=q.subject, name=printable(q.name),
@@ -61,11 +64,12 @@ class QuotaWarner:
                           "used": crossing.used, "quota": q.subject})
         if account is None or not account.notify:
             return
-        d = maybeDeferred(self.submit, "", [account.notify], self.compose(account, crossing))
+        d = maybeDeferred(self.submit, "", [account.notify],
+                          self.compose(account, crossing, hold))
         d.addErrback(lambda f: log.failure("cannot queue the quota warning to {to}", f,
                                            to=account.notify))
 
-    def compose(self, account: Account, crossing: Crossing) -> bytes:
+    def compose(self, account: Account, crossing: Crossing, hold: bool = False) -> bytes:
         q = crossing.quota
         msg = EmailMessage(policy=SMTP)
         msg["From"] = formataddr(("Mail relay", self.postmaster))
@@ -83,11 +87,16 @@ class QuotaWarner:
             f"{crossing.used} of {q.limit} ({crossing.percent}%).",
             "",
         ]
-        if full:
+        if full and hold:
+            lines += ["Further messages are accepted and held until the quota resets at",
+                      f"{utc_text(crossing.resets)}; they are delivered then, counted in the",
+                      "new period."]
+        elif full:
             lines += ["Further messages are refused (451 4.7.1) until the quota resets at",
                       f"{utc_text(crossing.resets)}; clients keep them and retry."]
         else:
             lines += [f"The quota resets at {utc_text(crossing.resets)}. When it is used up,",
+                      "further messages are held until then." if hold else
                       "further messages are refused (451 4.7.1) until then."]
         msg.set_content("\n".join(lines) + "\n")
         return msg.as_bytes()

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from mailrelay.interfaces import ISessionPolicy, ISubmissionPolicy
 from mailrelay.metrics import NO_METRICS
 from mailrelay.policy.notify import SenderNotifier
-from mailrelay.policy.quota import QuotaExceeded
+from mailrelay.policy.quota import QuotaExceeded, utc_text
 from mailrelay.reply import Reply
 
 log = Logger()
@@ -60,7 +60,8 @@ class SubmissionPolicy:
     def warn(self, avatar, crossings) -> None:
         """Report the quota thresholds a message (or a refusal) crossed."""
         if crossings and self.warner is not None:
-            self.warner.warn(avatar.account, avatar.user.username, crossings)
+            self.warner.warn(avatar.account, avatar.user.username, crossings,
+                             avatar.user.quota_action == "hold")
 
     def connect(self, client_ip: str):
         """Raises Reply(421, "4.7.0") over the total or per-address connection limit."""
@@ -101,6 +102,7 @@ class SessionPolicy:
         self.ticket = ticket
         self.reservation = None  # the open transaction's IReservation
         self.quota = None  # its places in the quotas
+        self.held = None  # the QuotaExceeded its message is held for (quota_action hold)
 
     def authAttempt(self, username: str):
         """Raises Reply(421, "4.7.0") for a blocked address; else the seconds to wait."""
@@ -157,25 +159,50 @@ class SessionPolicy:
         quotas = self.policy.quotas
         if quotas is None:
             return None
+        # A user whose mail over quota is held is not refused: no refusal is counted.
+        hold = avatar.user.quota_action == "hold"
         try:
-            result = self.policy.counted("quota", quotas.reserve, avatar.user, avatar.account)
+            if hold:
+                result = quotas.reserve(avatar.user, avatar.account)
+            else:
+                result = self.policy.counted("quota", quotas.reserve, avatar.user,
+                                             avatar.account)
         except QuotaExceeded as refusal:
             self.policy.warn(avatar, [refusal.crossing] if refusal.crossing else [])
-            raise
+            if not hold:
+                raise
+            return self._hold(avatar, refusal)
         if isinstance(result, Deferred):
-            result.addErrback(self._quota_refused, avatar)
+            result.addErrback(self._quota_refused, avatar, hold)
         return _then(result, self._quota_reserved)
 
-    def _quota_refused(self, failure: Failure, avatar) -> Failure:
-        if failure.check(QuotaExceeded) and failure.value.crossing:
-            self.policy.warn(avatar, [failure.value.crossing])
+    def _quota_refused(self, failure: Failure, avatar, hold: bool):
+        if failure.check(QuotaExceeded):
+            if failure.value.crossing:
+                self.policy.warn(avatar, [failure.value.crossing])
+            if hold:
+                return self._hold(avatar, failure.value)
         return failure
 
+    def _hold(self, avatar, refusal: QuotaExceeded) -> None:
+        """The message goes on, to be held until the quota resets; it counts only when it
+        is released (policy/quotahold.py), in the period it is released in."""
+        log.info("quota: {user} is over its {quota}: its message is held until {until}",
+                 user=avatar.user.username, quota=refusal.quota.describe(),
+                 until=utc_text(refusal.resets))
+        self.held = refusal
+        return None
+
     def _quota_reserved(self, reservation) -> None:
+        if reservation is None:  # held: no place taken
+            return
         if self.ticket.closed:
             reservation.release()
         else:
             self.quota = reservation
+
+    def holding(self):
+        return self.held
 
     def _release_quota(self, failure: Failure | None = None):
         quota, self.quota = self.quota, None
@@ -205,6 +232,7 @@ class SessionPolicy:
         """Nothing left to check: the units were reserved at MAIL and RCPT."""
 
     def accepted(self, avatar, envelope):
+        self.held = None
         quota, self.quota = self.quota, None
         if quota is not None:  # the message counts once, now that it is spooled
             d = _then(quota.commit(), lambda crossings: self.policy.warn(avatar, crossings))
@@ -217,6 +245,7 @@ class SessionPolicy:
         return None
 
     def reset(self):
+        self.held = None
         self._release_quota()
         reservation, self.reservation = self.reservation, None
         if reservation is not None:

@@ -46,6 +46,14 @@ UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
 _SCHEMA_LOCK = 0x6D61696C72656C  # pg_advisory_xact_lock key of the migrations ("mailrel")
 
 
+class Unreachable(psycopg.OperationalError):
+    """The database did not take a connection: libpq's reason, on one line."""
+
+    def __init__(self, error: Exception) -> None:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        super().__init__("cannot connect: " + ("; ".join(lines) or type(error).__name__))
+
+
 class NewerSchema(psycopg.DatabaseError):
     """A database written by a newer mailrelay: a component's version is past this code's."""
 
@@ -180,6 +188,9 @@ class Listener(Service):
         self.listening.clear()
 
 
+KNOWN: dict[str, int] = {}  # component -> the last schema version this code knows
+
+
 class PgStore:
     """A store kept in PostgreSQL: ``COMPONENT`` names its tables' schema and
     ``MIGRATIONS`` lists it (version -> SQL), applied when the store is made. Its methods
@@ -188,9 +199,24 @@ class PgStore:
     COMPONENT = ""
     MIGRATIONS: Mapping[int, str] = {}
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.COMPONENT:
+            KNOWN[cls.COMPONENT] = max(cls.MIGRATIONS, default=0)
+
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate(self.COMPONENT, self.MIGRATIONS)
+
+
+def newer_schemas(db: Database) -> list[str]:
+    """What in the database a newer mailrelay wrote (``KNOWN`` holds the versions of the
+    stores imported), read without changing anything: for ``mailrelay-admin check``."""
+    with db.transaction() as conn:
+        if conn.execute("SELECT to_regclass('mailrelay_schema')").fetchone()[0] is None:
+            return []
+        rows = conn.execute("SELECT component, version FROM mailrelay_schema").fetchall()
+    return [str(NewerSchema(c, v, KNOWN[c])) for c, v in rows if c in KNOWN and v > KNOWN[c]]
 
 
 _pools: dict[tuple[str, str], Database] = {}
@@ -199,11 +225,15 @@ _pools_lock = threading.Lock()
 
 def database(dsn: str, password: str = "", size: int = 4, wait: float = 10.0) -> Database:
     """This process's pool for ``dsn``, opened at first use: the stores of one process
-    share it, so ``[cluster] postgres_connections`` bounds them all. Raises PoolTimeout
-    (with the connection error) if the database cannot be reached within ``wait``."""
+    share it, so ``[cluster] postgres_connections`` bounds them all. Raises Unreachable
+    (libpq's reason) or PoolTimeout if the database cannot be reached within ``wait``."""
     with _pools_lock:
         db = _pools.get((dsn, password))
         if db is None:
+            try:  # one connection first: the pool's own error would not say why
+                psycopg.connect(dsn, **connect_kwargs(password)).close()
+            except psycopg.Error as e:
+                raise Unreachable(e) from None
             db = Database(dsn, password, size)
             db.open(wait)
             _pools[(dsn, password)] = db

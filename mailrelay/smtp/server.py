@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from mailrelay import dsnparams, events, requiretls
 from mailrelay.errors import StorageError
 from mailrelay.events import EventKind
-from mailrelay.model import Envelope
+from mailrelay.model import Envelope, utc_text
 from mailrelay.net import plain_ip
 from mailrelay.reply import Reply
 from mailrelay.scope import ascii_form
@@ -639,6 +639,10 @@ class SubmissionServer(Chunking, CommandStream):
         its Received header; the reader its data goes through. data_timeout starts."""
         user = self.login.avatar.user
         now = self.factory.reactor.seconds()
+        # Over a quota of a user whose mail is then held: kept in hold/ until it resets.
+        # (A policy written before holding() existed holds nothing.)
+        holding = getattr(self.policy, "holding", None)
+        held = holding() if holding is not None else None
         envelope = Envelope(
             id="",
             sender=self._sender,
@@ -655,6 +659,8 @@ class SubmissionServer(Chunking, CommandStream):
             smtputf8=self._smtputf8,
             requiretls=self._requiretls,
             auth_method=self.login.avatar.method,
+            held_until=held.resets if held is not None else None,
+            held_quota=held.quota.describe() if held is not None else "",
             # audit BCC, footer, the account's bounce domain...
             **self.factory.envelope_fields(user, self._recipients, self.login.avatar.account),
         )
@@ -748,7 +754,7 @@ class SubmissionServer(Chunking, CommandStream):
         log.info(
             "accepted {queue_id}: session={session} user={user} auth={auth} "
             "client_ip={client_ip} sender={sender} recipients={recipients} size={size} "
-            "tls={tls} sandboxed={sandboxed}",
+            "tls={tls} sandboxed={sandboxed}{held}",
             queue_id=queue_id,
             session=self.session_id,
             user=envelope.user,
@@ -759,6 +765,7 @@ class SubmissionServer(Chunking, CommandStream):
             size=reader.size,
             tls=self.tls,
             sandboxed=envelope.sandboxed,
+            held=f" held_until={utc_text(envelope.held_until)}" if envelope.quota_held else "",
         )
         self.factory.events.emit(EventKind.PROCESSED, envelope.account, envelope.user, {
             **events.of_message(envelope), "queue_id": queue_id,
@@ -766,7 +773,8 @@ class SubmissionServer(Chunking, CommandStream):
             "sandboxed": envelope.sandboxed})
         if self.policy is not None:
             self._notify(self.policy.accepted, avatar, envelope)
-        self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        held = f", {envelope.held_text()}" if envelope.quota_held else ""
+        self._reply(250, "2.0.0", f"Ok: queued as {queue_id}{held}")
 
     async def _conform(self, incoming) -> None:
         """Re-encode what has lines over 998 octets (longlines.py), in a thread: the

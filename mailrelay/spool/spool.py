@@ -182,6 +182,11 @@ class Spool(Service):
         once it is durable and before the client hears 250: delivery's new-mail signal."""
         self._subscribers.append(callback)
 
+    def announce(self, envelope: Envelope) -> None:
+        """Tell the subscribers of a message that entered queue/ other than by a commit:
+        a held message released (release())."""
+        self._committed(envelope)
+
     def _committed(self, envelope: Envelope) -> None:
         for callback in self._subscribers:
             try:
@@ -204,10 +209,12 @@ class Spool(Service):
         elif not is_queue_id(envelope.id) or self.locate(envelope.id) is not None:
             raise ValueError(f"not a new queue id: {envelope.id!r}")
         tmp_path = os.path.join(self._dir("tmp"), envelope.id)
-        place = "hold" if envelope.sandboxed else "queue"
+        # Held: a sandboxed user's mail (never delivered), or mail over a quota
+        # (released when it resets: policy/quotahold.py).
+        held = envelope.sandboxed or envelope.held_until is not None
         line = _ENVELOPE_JSON.encode(envelope.to_json()).encode() + b"\n"
-        final_path = os.path.join(self._dir(place), envelope.id)
-        notify = None if envelope.sandboxed else self._committed
+        final_path = os.path.join(self._dir("hold" if held else "queue"), envelope.id)
+        notify = None if held else self._committed
         return IncomingMessage(envelope, line, tmp_path, final_path, self._sync,
                                self.spares, notify)
 
@@ -237,8 +244,19 @@ class Spool(Service):
         return self._list("queue")
 
     def held(self) -> list[str]:
-        """Ids in hold/ (sandboxed users' mail, never delivered), oldest first."""
+        """Ids in hold/ (sandboxed users' mail, never delivered, and mail held over a
+        quota), oldest first."""
         return self._list("hold")
+
+    def held_envelope(self, queue_id: str) -> Envelope:
+        """The envelope of a message in hold/; KeyError when it is not there."""
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            with open(os.path.join(self._dir("hold"), queue_id), "rb") as f:
+                return Envelope.from_json(json.loads(f.readline()))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
 
     def tried(self) -> set[str]:
         """Ids with a delivery state (tried at least once, or partly sent). No file is
@@ -347,6 +365,21 @@ class Spool(Service):
         # Not logged: delivery logs each recipient's outcome; twistd writes debug lines
         # too, and this one came once per message.
         return self._sync.submit(apply, waits=False)
+
+    def release(self, queue_id: str) -> None:
+        """Blocking (the relay runs it in a thread): move a held message from hold/ into
+        queue/, durably; then announce() it to delivery. KeyError when it is not in hold/.
+        A rename: the message is in one place or the other whenever the relay stops."""
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        try:
+            os.rename(os.path.join(self._dir("hold"), queue_id),
+                      os.path.join(self._dir("queue"), queue_id))
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        fsync_dir(self._dir("queue"))
+        fsync_dir(self._dir("hold"))
+        log.info("released {queue_id} from hold to the queue", queue_id=queue_id)
 
     def delete(self, queue_id: str) -> str:
         """Blocking, for mailrelay-admin: remove a message from queue/ or hold/ with its

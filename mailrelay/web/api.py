@@ -87,6 +87,8 @@ class Api:
         r("GET", "/queue", self.list_queue, ("limit",), account=t.LISTED)
         r("GET", "/queue/{queue_id}", self.show_queued, account=t.queued(queue_id))
         r("POST", "/queue/{queue_id}/retry", self.retry_queued, account=t.queued(queue_id))
+        r("POST", "/queue/{queue_id}/release", self.release_queued,
+          account=t.queued(queue_id))
         r("DELETE", "/queue/{queue_id}", self.delete_queued, account=t.queued(queue_id))
         r("GET", "/dkim", self.list_dkim, account=t.LISTED)
         r("POST", "/dkim", self.add_dkim, account=t.domain(t.body("domain")))
@@ -240,6 +242,9 @@ class Api:
 
     async def retry_queued(self, call: Call) -> Response:
         return json_response(await ops.retry_queued(self.s, call.params["queue_id"]), 202)
+
+    async def release_queued(self, call: Call) -> Response:
+        return json_response(await ops.release_queued(self.s, call.params["queue_id"]))
 
     async def delete_queued(self, call: Call) -> Response:
         await ops.delete_queued(self.s, call.params["queue_id"])

@@ -20,7 +20,8 @@ ACCOUNT_FIELDS = ("domains", "notify", "bounce_domain", "note")
 def user_settings(form: dict[str, str], kind: Kind) -> dict[str, Any]:
     """The user settings an add or edit form sends, typed as the API takes them."""
     out: dict[str, Any] = {}
-    texts = ["account", "note", "status", "audit_bcc", "bounce_notify", "expires", "allow_from"]
+    texts = ["account", "note", "status", "quota_action", "audit_bcc", "bounce_notify", "expires",
+             "allow_from"]
     if kind is Kind.NAMED:
         texts += ["domains", "addresses"]
     for name in texts:

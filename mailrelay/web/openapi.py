@@ -52,6 +52,9 @@ _SETTING_SCHEMAS = {
                   "configured default ([limits] quota_per_day); 0: none"},
     "quota_month": {**NULL_INT, "minimum": 0, "description": "messages per UTC month; null: "
                     "the configured default ([limits] quota_per_month); 0: none"},
+    "quota_action": {"type": "string", "enum": ["refuse", "hold"], "description":
+                     "over a quota: refuse (451 4.7.1 at MAIL) or hold (accepted, held in the "
+                     "spool until the quota resets)"},
     "archive": BOOL,
     "audit_bcc": {**STR, "description": 'copies of every message to "x@a.com;y@b.com"'},
     "bounce_notify": {**STR, "description": "off, sender or an address"},
@@ -109,6 +112,11 @@ _QUEUE_ITEM = {
     "user": NULL_STR, "account": NULL_STR, "recipients": array(STR), "pending": array(STR),
     "size": INT, "received_at": NUM, "age": NUM, "priority": INT, "attempts": INT,
     "next_attempt": {**NULL_NUM, "description": "null: never (held)"}, "last_error": STR,
+    "held": {**NULL_STR, "enum": ["sandbox", "quota", None],
+             "description": "why a held message is held: its user is sandboxed (never "
+                            "delivered) or it went over a quota (released at held_until)"},
+    "held_until": {**NULL_NUM, "description": "quota: when it is released"},
+    "held_quota": {**NULL_STR, "description": "quota: which quota it went over"},
 }  # fmt: skip
 
 _COUNTS = {e.value: INT for e in Event}
@@ -225,6 +233,7 @@ SCHEMAS: dict[str, Any] = {
         ["id", "state", "sender", "recipients", "envelope", "recipient_status", "headers"],
     ),  # fmt: skip
     "Retry": obj({"id": STR, "retry": STR}, ["id"]),
+    "Release": obj({"id": STR, "released": BOOL}, ["id", "released"]),
     "DkimKey": obj(
         {"domain": STR, "selector": STR, "type": {"type": "string", "enum": ["rsa", "ed25519"]},
          "state": {"type": "string", "enum": ["pending", "active", "retiring"]},
@@ -458,6 +467,14 @@ def openapi_document() -> dict[str, Any]:
             "get": _op("one message: envelope, recipients' status, headers",
                        {"200": _json(ref("QueueDetail"), "the message")}, 404),
             "delete": _op("delete a message (no bounce is sent)", NO_CONTENT, 403, 404),
+        },
+        "/queue/{queue_id}/release": {
+            "parameters": [QUEUE_ID],
+            "post": _op("deliver a message held over its user's quota now (quota_action "
+                        "hold); it counts in the current period, even past the quota. A "
+                        "sandboxed user's held message is never released (409)",
+                        {"200": _json(ref("Release"), "released to the queue")}, 403, 404,
+                        409),
         },
         "/queue/{queue_id}/retry": {
             "parameters": [QUEUE_ID],

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from mailrelay.auth.passwords import generate_password
-from mailrelay.control import DeliveryNotRunning, DeliveryOff
+from mailrelay.control import DeliveryNotRunning, DeliveryOff, NotQuotaHeld
 from mailrelay.directory.changes import user_changes
 from mailrelay.directory.filedir import (
     DirectoryFileError,
@@ -561,6 +561,21 @@ async def retry_queued(s: Services, queue_id: str) -> dict[str, Any]:
         raise HttpError(404, f"no message {queue_id!r} waiting in the queue")
     log.info("control panel: retry {queue_id} now", queue_id=queue_id)
     return {"id": queue_id, "retry": "scheduled now"}
+
+
+async def release_queued(s: Services, queue_id: str) -> dict[str, Any]:
+    """Deliver a message held over its user's quota now, counted in the current period
+    (policy/quotahold.py); 404 when it is not held, 409 when it is a sandboxed user's."""
+    try:
+        released = await s.control.release(_queue_id(queue_id))
+    except KeyError:
+        raise HttpError(404, f"no message {queue_id!r} held in the queue")
+    except NotQuotaHeld as e:
+        raise HttpError(409, str(e))
+    if not released:
+        raise HttpError(409, f"{queue_id} is being released already")
+    log.info("control panel: released {queue_id}", queue_id=queue_id)
+    return {"id": queue_id, "released": True}
 
 
 async def delete_queued(s: Services, queue_id: str) -> None:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from twisted.web.template import tags
 
-from mailrelay.model import Kind, Status, kind_of
+from mailrelay.model import QUOTA_ACTIONS, Kind, Status, kind_of
 from mailrelay.web import forms, ops
 from mailrelay.web import tenancy as t
 from mailrelay.web.pages.base import Pages, redirect, user_path
@@ -97,6 +97,7 @@ class UserPages(Pages):
                        "messages per UTC day; empty: the default; 0: none", kind="number"),
             text_input("quota_month", "Quota per month", v("quota_month"),
                        "messages per UTC month; empty: the default; 0: none", kind="number"),
+            select("quota_action", "Over quota", list(QUOTA_ACTIONS), v("quota_action", "refuse")),
             text_input("audit_bcc", "Audit BCC", v("audit_bcc", ""), "x@a.com;y@b.com"),
             text_input("bounce_notify", "Bounce notifications", v("bounce_notify", "sender"),
                        "off, sender, or an address"),
@@ -274,7 +275,7 @@ def _last_login(doc: dict[str, Any]) -> str:
 
 def _user_summary(doc: dict[str, Any]) -> Node:
     keys = ["status", "note", "sender_scope", "priority", "rate_limit", "max_connections",
-            "quota_day", "quota_month", "archive", "audit_bcc", "bounce_notify",
+            "quota_day", "quota_month", "quota_action", "archive", "audit_bcc", "bounce_notify",
             "unsubscribe_footer", "open_tracking", "click_tracking", "expires",
             "allow_from"]  # fmt: skip
     return table(["Setting", "Value"], [[k, text(doc[k])] for k in keys])
