@@ -152,6 +152,37 @@ class Sentinel:
         self.process = None
 
 
+def failover_set(directory: Path, master: str, password: str = "",
+                 sentinel_password: str = "") -> tuple[RedisServer, RedisServer, Sentinel]:
+    """A primary (``password``), its replica, synced, and a sentinel (its own
+    ``sentinel_password``) that knows them, on loopback ports; the caller stops them
+    (``stop_all``)."""
+    from tests.harness import free_port
+
+    directory = Path(directory)
+    primary = RedisServer(directory / "primary", port=free_port(), password=password)
+    replica = RedisServer(directory / "replica", port=free_port(), password=password,
+                          replicaof=("127.0.0.1", primary.port))
+    sentinel = Sentinel(directory / "sentinel", free_port(), master,
+                        ("127.0.0.1", primary.port), password=sentinel_password, auth=password)
+    started: list = []
+    try:
+        for server in (primary, replica, sentinel):
+            server.start()
+            started.append(server)
+        replica.wait_for_sync()
+        sentinel.wait_for_replicas(1)
+    except BaseException:
+        stop_all(started)
+        raise
+    return primary, replica, sentinel
+
+
+def stop_all(servers) -> None:
+    for server in servers:
+        server.stop()
+
+
 def _run(conf: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([shutil.which("redis-server") or REDIS_SERVER, str(conf), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

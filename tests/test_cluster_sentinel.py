@@ -20,37 +20,11 @@ from mailrelay.cluster.connection import connect
 from mailrelay.cluster.redis_counters import RedisCounters, RedisRateLimiter
 from mailrelay.reply import Reply
 from tests.harness import free_port
-from tests.redis_server import NOT_INSTALLED, RedisServer, Sentinel, installed
+from tests.redis_server import NOT_INSTALLED, failover_set, installed, stop_all
 
 MASTER = "relay"
 PASSWORD = "redis-secret"  # the primary's and the replica's
 SENTINEL_PASSWORD = "sentinel-secret"
-
-
-def sentinel_setup(tmp: Path) -> tuple[RedisServer, RedisServer, Sentinel]:
-    """A primary, its replica and a sentinel with a password of its own, all started;
-    the caller stops them (``stop_all``)."""
-    primary = RedisServer(tmp / "primary", port=free_port(), password=PASSWORD)
-    replica = RedisServer(tmp / "replica", port=free_port(), password=PASSWORD,
-                          replicaof=("127.0.0.1", primary.port))
-    sentinel = Sentinel(tmp / "sentinel", free_port(), MASTER, ("127.0.0.1", primary.port),
-                        password=SENTINEL_PASSWORD, auth=PASSWORD)
-    started = []
-    try:
-        for server in (primary, replica, sentinel):
-            server.start()
-            started.append(server)
-        replica.wait_for_sync()
-        sentinel.wait_for_replicas(1)
-    except BaseException:
-        stop_all(started)
-        raise
-    return primary, replica, sentinel
-
-
-def stop_all(servers) -> None:
-    for server in servers:
-        server.stop()
 
 
 class ThroughSentinel(unittest.TestCase):
@@ -59,7 +33,8 @@ class ThroughSentinel(unittest.TestCase):
             raise unittest.SkipTest(NOT_INSTALLED)
         tmp = tempfile.TemporaryDirectory(prefix="mailrelay-sentinel-")
         self.addCleanup(tmp.cleanup)
-        self.primary, self.replica, self.sentinel = sentinel_setup(Path(tmp.name))
+        self.primary, self.replica, self.sentinel = failover_set(
+            Path(tmp.name), MASTER, PASSWORD, SENTINEL_PASSWORD)
         self.addCleanup(stop_all, (self.sentinel, self.replica, self.primary))
         # A dead sentinel first: the next one is asked.
         self.url = (f"sentinel://:{PASSWORD}@127.0.0.1:{free_port()},"
@@ -187,3 +162,34 @@ class ThroughSentinel(unittest.TestCase):
             answer = yield self.send(RedisRateLimiter(counters, per_hour=5))
         self.assertEqual((answer.code, answer.status), (451, "4.3.0"))
         self.assertIn("Redis: READONLY", [e.get("reason", "") for e in events][-1])
+
+
+def test_the_config_refuses_a_sentinel_url_it_cannot_use(tmp_path):
+    from mailrelay.config import ConfigError, load_config
+
+    path = tmp_path / "mailrelay.ini"
+    for value, why in (("sentinel://10.0.0.5:26379,10.0.0.6:26379", "master's name is missing"),
+                       ("sentinel://10.0.0.5:26379/", "master's name is missing"),
+                       ("sentinel://:26379/relay", "a sentinel without a host"),
+                       ("sentinel://10.0.0.5:26379,/relay", "a sentinel without a host"),
+                       ("sentinel://10.0.0.5:port/relay", "'port' is not a port"),
+                       ("sentinel://10.0.0.5:70000/relay", "'70000' is not a port"),
+                       ("sentinel://10.0.0.5/relay/zero", "'zero' is not a database number"),
+                       ("sentinels://10.0.0.5:26379/relay", "without TLS only"),
+                       ("rediss+sentinel://10.0.0.5/relay", "without TLS only")):
+        path.write_text(f"[cluster]\nredis = {value}\n")
+        try:
+            load_config(str(path))
+        except ConfigError as e:
+            assert "[cluster] redis" in str(e) and why in str(e), str(e)
+        else:
+            raise AssertionError(f"{value} accepted")
+    path.write_text("[cluster]\nredis = sentinel://:pw@10.0.0.5,[fd00::6]:26380/relay/2\n"
+                    "redis_sentinel_password = other\n")
+    config = load_config(str(path))
+    assert config.cluster.redis_sentinel_password == "other"
+    from mailrelay.config import redis_url_parts
+
+    assert redis_url_parts(config.cluster.redis) == {
+        "sentinels": [("10.0.0.5", 26379), ("fd00::6", 26380)], "master": "relay",
+        "password": "pw", "dbid": 2}
