@@ -22,7 +22,7 @@ from mailrelay.cluster.connection import connect
 from mailrelay.cluster.redis_counters import RedisCounters, RedisRateLimiter
 from mailrelay.reply import Reply
 from tests.harness import free_port
-from tests.redis_server import NOT_INSTALLED, failover_set, installed, stop_all
+from tests.redis_server import NOT_INSTALLED, Sentinel, failover_set, installed, stop_all
 
 MASTER = "relay"
 PASSWORD = "redis-secret"  # the primary's and the replica's
@@ -153,6 +153,22 @@ class ThroughSentinel(unittest.TestCase):
             answer = yield self.send(RedisRateLimiter(counters, per_hour=5))
             self.assertEqual(answer.status, "4.3.0")
             self.assertIn("Sentinel:", counters.client.failure)
+
+    @defer.inlineCallbacks
+    def test_an_address_that_is_a_replica_is_never_used(self):
+        # A sentinel whose "master" is the replica: as a stale answer from Sentinel.
+        stale = Sentinel(self.sentinel.dir.parent / "stale", free_port(), "stale",
+                         ("127.0.0.1", self.replica.port), auth=PASSWORD)
+        stale.start()
+        self.addCleanup(stale.stop)
+        counters = self.node(f"sentinel://:{PASSWORD}@127.0.0.1:{stale.port}/stale", "")
+        answer = yield self.send(RedisRateLimiter(counters, per_hour=5))
+        self.assertEqual((answer.code, answer.status), (451, "4.3.0"))
+        # Not even for a read: a replica's counts may be behind the primary's.
+        yield self.assertFailure(counters.client.call("PING"), defer.TimeoutError,
+                                 defer.CancelledError)
+        self.assertIn(f"127.0.0.1:{self.replica.port} is a slave, not the primary",
+                      counters.client.failure)
 
     @defer.inlineCallbacks
     def test_a_replicas_readonly_reply_is_redis_down_not_a_script_error(self):
