@@ -15,7 +15,13 @@ AUTH (and SELECT) come first on each; a connection whose TLS handshake or AUTH f
 dropped and tried again, its reason kept (``failure``) for the log line of
 RedisCounters, so a password corrected on Redis's side needs no restart. A call Redis
 has not answered within ``timeout`` is cancelled and the connection dropped: a Redis
-that hangs (stopped, swapping) is left for a new connection rather than waited on.
+that hangs (stopped, swapping) is left for a new connection rather than waited on. So
+is one that answers ``-READONLY``, ``-LOADING`` or ``-MASTERDOWN`` (a primary demoted to
+a replica, or one still loading its data): that call fails as a lost connection.
+
+With ``sentinel://`` the connection is made to the primary the sentinels name
+(sentinel.py), and ``ROLE`` must answer master after AUTH and SELECT; the calls then go
+exactly as on any other connection.
 """
 
 from __future__ import annotations
@@ -203,8 +209,8 @@ class RespProtocol(Protocol):
     def _primary(self, role: list) -> None:
         if not role or role[0] != "master":
             peer = self.transport.getPeer()
-            raise RedisError(f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')} "
-                             f"is a {role[0] if role else '?'}, not the primary")
+            raise RedisError(f"{peer.host}:{peer.port} is a {role[0] if role else '?'}, "
+                             "not the primary")
 
     def _refused(self, failure) -> None:
         if not failure.check(RedisConnectionLost) or not self.client.failure:
