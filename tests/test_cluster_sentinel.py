@@ -9,7 +9,9 @@ instead of failing as a script error; with no sentinel answering, Redis is down.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import tempfile
 from pathlib import Path
 
@@ -138,6 +140,27 @@ class ThroughSentinel(unittest.TestCase):
         answers = yield self.sends(rates, 4)
         self.assertEqual(answers[:3], [None] * 3)
         self.assertEqual(answers[3].status, "4.7.1")
+
+    @defer.inlineCallbacks
+    def test_the_switch_of_primary_moves_an_idle_node_at_once(self):
+        # The old primary hangs (SIGSTOP): the node's connection to it stays up, idle,
+        # until Sentinel announces the new primary.
+        rates = RedisRateLimiter(self.node(), per_hour=5)
+        self.assertIsNone((yield self.send(rates)))
+        yield self.replicated()
+        client = rates.counters.client
+        os.kill(self.primary.process.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, self.primary.process.pid, signal.SIGCONT)
+        for _ in range(300):  # bounded: about 30 s
+            connection = client.connection
+            if connection is not None and connection.transport.getPeer().port == \
+                    self.replica.port:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail("the node stayed with the old primary")
+        self.assertEqual(self.sentinel.primary_port(), self.replica.port)
+        self.assertIsNone((yield self.send(rates)))  # the first call after: on the new one
 
     @defer.inlineCallbacks
     def test_no_sentinel_answering_is_redis_down(self):

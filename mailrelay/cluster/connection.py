@@ -236,6 +236,7 @@ class RedisClient:
                  username: str | None = None, dbid: int | None = None,
                  timeout: float = 1.0, primary_only: bool = False) -> None:
         self.clock = clock
+        self.endpoint = endpoint
         self.primary_only = primary_only  # ROLE must answer master (Sentinel's address)
         self.timeout = timeout
         self.password, self.username, self.dbid = password, username, dbid
@@ -292,7 +293,10 @@ class RedisClient:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        return self._service.stopService()
+        stopped = [self._service.stopService()]
+        if hasattr(self.endpoint, "stop"):  # Sentinel's: its subscription too
+            stopped.append(self.endpoint.stop())
+        return defer.gatherResults(stopped)
 
 
 def connect(url: str, clock, password: str = "", timeout: float = 1.0, ca_file: str = "",
@@ -312,6 +316,7 @@ def connect(url: str, clock, password: str = "", timeout: float = 1.0, ca_file: 
         client = RedisClient(endpoint, clock, args.get("password") or password or None,
                              args.get("username"), args.get("dbid"), timeout, primary_only=True)
         endpoint.client = client  # why no primary was found, for the log
+        endpoint.watch()
         return client
     if "path" in args:
         endpoint = UNIXClientEndpoint(clock, args["path"], timeout=timeout)
