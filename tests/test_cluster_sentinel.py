@@ -4,8 +4,10 @@ sentinel watching them. The counters work on the primary the sentinel names; whe
 primary is killed and the sentinel promotes the replica, the node refuses with 451 4.3.0
 meanwhile (never a wrong "allowed") and counts on the new primary within a bounded
 wait, the limit holding exactly for what was replicated; a manual failover (the old
-primary demoted, not dead) is followed too; a replica's -READONLY drops the connection
-instead of failing as a script error; with no sentinel answering, Redis is down."""
+primary demoted, not dead) is followed too, and so is Sentinel's +switch-master by an
+idle node; an address that answers ROLE as a replica is never used; a replica's
+-READONLY drops the connection instead of failing as a script error; with no sentinel
+answering, Redis is down. Bad sentinel URLs are refused by the config."""
 
 from __future__ import annotations
 
