@@ -1,12 +1,14 @@
 """The relay stops under open sessions (smtp/goodbye.py): the real session over loopback,
 the real spool. An idle session gets 421 4.3.2 at once; a message whose data is coming
 may end within the grace (250, kept, then 421); one that does not gets the 421 at the
-grace's end and nothing of it is kept."""
+grace's end and nothing of it is kept; a commit under way at the grace's end is answered
+250 before the 421 (a 421 alone would have the client send a kept message again)."""
 
 from __future__ import annotations
 
 from test_smtp_support import LineClient, LoopbackCase, message, plain
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from mailrelay.smtp.goodbye import SessionDrain
@@ -77,6 +79,33 @@ class GoodbyeTests(LoopbackCase):
         yield self.sessions_ended()
         self.assertEqual(self.files("tmp"), [])
         self.assertEqual(self.files("queue"), [])
+
+    @defer.inlineCallbacks
+    def test_a_commit_under_way_at_the_grace_end_is_answered_250_before_the_421(self):
+        create = self.spool.create
+
+        def slow_disk(envelope):  # the spool's commit, after a slow fsync's time
+            incoming = create(envelope)
+            commit = incoming.commit
+            incoming.commit = lambda: deferLater(reactor, 0.5, commit)
+            return incoming
+
+        self.spool.create = slow_disk
+        port = self.listen("none", plaintext_auth=True)
+        c = yield deferToThread(in_data, port)
+        c.send(b".\r\n")
+        session = self.factories[0].sessions[0]
+        for _ in range(500):
+            if session._committing:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(session._committing)
+        yield self.drain(0.1).stopService()  # fires once the commit is answered
+        accepted, goodbye = yield deferToThread(lambda: (c.reply(), c.reply()))
+        self.assertEqual(accepted[0], 250, accepted)
+        self.assertEqual(goodbye, GOODBYE)
+        c.close()
+        self.assertEqual(len(self.files("queue")), 1)
 
     @defer.inlineCallbacks
     def test_a_stop_without_sessions_is_at_once(self):

@@ -217,8 +217,8 @@ class SubmissionServer(Chunking, CommandStream):
             self._incoming is not None)
 
     def _goodbye(self) -> bool:
-        """The 421 of a stopping relay, once, if the session is stopping and not busy (or
-        its grace is over); True if the session is closed."""
+        """If the relay stops, its 421 and the close (callers see that no command is in
+        progress, or that the grace is over); True if the session is closed."""
         if self._closing:
             return True
         if not self._stopping:
