@@ -791,9 +791,9 @@ class SubmissionServer(Chunking, CommandStream):
                 raise reader.error
             if reader.long_lines:
                 await self._conform(incoming)
+                self._check_said_goodbye()
             await self._ask("data", avatar, envelope)
-            if self._said_goodbye:  # the grace ended first: the client sends it again
-                raise Reply(421, "4.3.2", "Service shutting down")
+            self._check_said_goodbye()
             committing = self.factory.reactor.seconds()
             self._committing = True
             try:
@@ -838,6 +838,12 @@ class SubmissionServer(Chunking, CommandStream):
             self._notify(self.policy.accepted, avatar, envelope)
         held = f", {envelope.held_text()}" if envelope.quota_held else ""
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}{held}")
+
+    def _check_said_goodbye(self) -> None:
+        """Before a commit: the shutdown grace ended first, its 421 sent, so the client
+        sends the message again and none is kept."""
+        if self._said_goodbye:
+            raise Reply(421, "4.3.2", "Service shutting down")  # answered already
 
     async def _conform(self, incoming) -> None:
         """Re-encode what has lines over 998 octets (longlines.py), in a thread: the
