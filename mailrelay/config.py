@@ -299,6 +299,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "postmaster": (text, None),  # default: postmaster@hostname
         "log_format": (choice("text", "json"), "text"),  # the log's lines (mailrelay/logtext.py)
         "node_id": (_node_id, ""),  # ends this node's queue ids; default: <data_dir>/node_id
+        # On stop: how long sessions may finish the command in progress (smtp/goodbye.py).
+        "shutdown_grace": (duration, 10.0),
     },
     "tls": {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start

@@ -87,6 +87,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.manage.stores import threaded
     from mailrelay.policy.quotahold import QuotaRelease
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
+    from mailrelay.smtp.goodbye import SessionDrain
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
@@ -165,6 +166,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
     factories = []
+    # Joins before the listeners, so stops after them: the sessions' 421 (smtp/goodbye.py).
+    SessionDrain(factories, config.server.shutdown_grace, reactor).setServiceParent(top)
     for listener in config.listeners:
         factory = SubmissionFactory(
             portal=portal,

@@ -4,10 +4,11 @@ API socket) sharing one redis-server and one PostgreSQL, reached through a libpq
 multi-host string with ``target_session_attrs=read-write`` whose first host is down and
 second a hot standby of the third (as after a failover). A user made with mailrelay-admin
 logs in through the balancer; a node taken out with ``disable server`` lets the session
-in progress finish its message while new connections go to the others; SIGTERM then
-closes the session still open on it without acknowledging its message (which the client
-sends again through the balancer, to another node) and keeps what it had acknowledged in
-its queue; a fourth node with the same configuration, enabled in HAProxy, takes
+in progress finish its message while new connections go to the others; on SIGTERM a
+session that ends its message within ``[server] shutdown_grace`` gets its 250 (the message
+stays in the node's queue) and then ``421 4.3.2``, and one that does not gets the 421 at
+the grace's end with nothing kept (its client sends it again through the balancer, to
+another node); a fourth node with the same configuration, enabled in HAProxy, takes
 connections and counts in the same Redis rate limit."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 import smtplib
 import subprocess
+import threading
 import time
 
 import pg_server
@@ -27,6 +29,8 @@ from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 
 PASSWORD = "correct horse battery"
 RATE = 6  # the fourth node's test user: messages an hour over all the nodes
+GRACE = 2  # [server] shutdown_grace of the nodes, in seconds
+GOODBYE = b"4.3.2 "  # and the 421's enhanced status code
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +62,9 @@ def cluster(tmp_path_factory):
                 "[policy]\nlogin_delay_after = 1000\nlogin_block_after = 1000\n\n"
                 f"[cluster]\nredis = {redis.url}\npostgres = {multi}\n"
                 f"node_id = node{i}\nnodes = 4\n")))
+            config = nodes[-1].config_path
+            config.write_text(config.read_text().replace(
+                "[server]\n", f"[server]\nshutdown_grace = {GRACE}s\n"))
         first = nodes[0]
         first.admin("account", "set", "default", "--domains", "doe.test")
         first.add_user("ann@doe.test", PASSWORD)
@@ -141,12 +148,23 @@ def test_a_multi_host_postgres_string_skips_a_host_down_and_a_standby(cluster):
 def test_b_taking_a_node_out(cluster):
     balancer, nodes = cluster
     backend = f"b{balancer.port}"
-    # A session on some node, known by the queue id of its first message.
+    # A session on some node, known by the queue id of its first message, and a second
+    # one on the same node.
     client = session(balancer, nodes[0])
     code, out_id = send(client, "before disable")
     assert code == 250
     out = next(i for i, n in enumerate(nodes) if node_of(n) == out_id)
     assert queued(nodes, "before disable") == [out]
+    stalled = None
+    for attempt in range(3):  # round robin over three nodes
+        other = session(balancer, nodes[0])
+        code, node = send(other, f"second session {attempt}")
+        assert code == 250
+        if node == out_id:
+            stalled = other
+            break
+        other.close()
+    assert stalled is not None
 
     # Drained in HAProxy: new connections go to the other nodes, the open session goes on.
     assert balancer.runtime(f"disable server {backend}/relay{out}").strip() == ""
@@ -156,21 +174,35 @@ def test_b_taking_a_node_out(cluster):
             assert code == 250 and node != out_id
     assert send(client, "after disable") == (250, out_id)
 
-    # SIGTERM in the middle of a message: the session closes, nothing acknowledged.
-    assert client.mail("ann@doe.test")[0] == 250
-    assert client.rcpt("bob@example.net")[0] == 250
-    assert client.docmd("DATA")[0] == 354
-    client.send(message("ann@doe.test", "bob@example.net", "cut off"))
-    nodes[out].stop()  # twistd re-raises SIGTERM once it has shut down
-    assert "Server Shut Down." in nodes[out].log()
-    with pytest.raises(smtplib.SMTPServerDisconnected):
-        client.send(b".\r\n")
-        client.getreply()
+    # SIGTERM with both sessions in the middle of a message.
+    for c, subject in ((client, "ended in the grace"), (stalled, "cut off")):
+        assert c.mail("ann@doe.test")[0] == 250
+        assert c.rcpt("bob@example.net")[0] == 250
+        assert c.docmd("DATA")[0] == 354
+        c.send(message("ann@doe.test", "bob@example.net", subject))
+    # twistd re-raises SIGTERM once it has shut down: stop() waits for that.
+    stopping = threading.Thread(target=nodes[out].stop)
+    stopping.start()
+    wait_for(lambda: "2 open sessions" in nodes[out].log(), what="the node stopping")
+    # One ends its message within the grace: 250, kept, then the 421.
+    client.send(b".\r\n")
+    code, text = client.getreply()
+    assert code == 250 and text.decode().endswith(out_id), text
+    code, text = client.getreply()
+    assert code == 421 and text.startswith(GOODBYE), text
     client.close()
+    # The other does not: the 421 at the grace's end, and its message is in no spool.
+    code, text = stalled.getreply()
+    assert code == 421 and text.startswith(GOODBYE), text
+    stalled.close()
+    stopping.join(timeout=30)
+    assert not stopping.is_alive()
+    assert "Server Shut Down." in nodes[out].log()
     assert queued(nodes, "cut off") == []
     # What it acknowledged stays in its queue (for `queue import`, or its restart).
     assert queued(nodes, "before disable") == [out]
     assert queued(nodes, "after disable") == [out]
+    assert queued(nodes, "ended in the grace") == [out]
     # The client sends it again, through the balancer, to another node.
     with session(balancer, nodes[0]) as again:
         code, node = send(again, "cut off")
