@@ -4,6 +4,7 @@
     python3 bench/run.py [--quick | --smoke] [--rounds 3] [--key-type ecdsa|rsa] [--dkim]
     python3 bench/run.py --cluster [--quick | --smoke] [--rounds 3]
     python3 bench/run.py --webhooks --quotas [--quick | --smoke] [--rounds 3]
+    python3 bench/run.py --postgres [--quick | --smoke] [--rounds 3]
 
 Installs Postfix if missing (bench/setup.sh, not in --smoke), starts a timing sink, a
 private Postfix instance and mailrelay on loopback ports chosen at run time, runs the same
@@ -264,6 +265,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only the quota rows: day and month quotas never reached, counted "
                         "in process (and in Redis if installed), against mailrelay "
                         "without and Postfix")
+    p.add_argument("--postgres", action="store_true",
+                   help="only the shared stores row: mailrelay on local files against "
+                        "mailrelay with Redis and PostgreSQL")
     p.add_argument("--only", choices=["mailrelay", "postfix"], help="measure one server")
     p.add_argument("--no-install", action="store_true", help="never run bench/setup.sh")
     p.add_argument("--json", help="also write all results to this JSON file")
@@ -287,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_cluster(args, sizes, rounds)
     if args.webhooks or args.quotas:
         return run_features(args, argv, sizes, rounds)
+    if args.postgres:
+        from bench import pgstore
+
+        return run_pgstore(pgstore, args, sizes, rounds)
 
     if not (postfix.available() and opendkim.available()) and not args.smoke \
             and not args.no_install and args.only != "mailrelay":
@@ -496,6 +504,46 @@ def run_features(args, argv, sizes, rounds: int) -> int:
             redis.stop()
         if hooks is not None:
             hooks.stop()
+        sink.stop()
+        if args.keep:
+            say(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def run_pgstore(pgstore, args, sizes, rounds: int) -> int:
+    """mailrelay on local files against mailrelay with Redis and PostgreSQL."""
+    if not pgstore.available():
+        say("redis-server or postgresql is not installed (apt install redis-server postgresql)")
+        return 1
+    say(f"load average before: {load_average()}")
+    load_before, started = load_average(), time.time()
+    base = tempfile.mkdtemp(prefix="mailrelay-bench-")
+    cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
+    sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
+    redis = cluster.RedisProcess(os.path.join(base, "redis"))
+    pg = pgstore.PostgresProcess()
+    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
+                                 profile_dir=args.profile and os.path.abspath(args.profile))
+    try:
+        redis.start()
+        pg.start()
+        mr.configure(delivery=False)
+        mr.add_users({figures.USER[0]: figures.USER[1], figures.IP_SENDER: "bench-secret-3"})
+        per_round = []
+        for r in range(1, rounds + 1):
+            say(f"round {r}/{rounds}: shared stores")
+            per_round.append(pgstore.run_round(mr, redis, pg, sink, sizes, base, say))
+        print(f"mailrelay, local files vs Redis and PostgreSQL, "
+              f"{time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+              f"machine: {machine()}; load average before {load_before}, after "
+              f"{load_average()}; took {(time.time() - started) / 60:.1f} min\n"
+              + pgstore.report(per_round))
+        return 0
+    finally:
+        mr.stop()
+        pg.stop()
+        redis.stop()
         sink.stop()
         if args.keep:
             say(f"kept {base}")

@@ -205,16 +205,22 @@ def _postgres_dsn(value: str) -> str:
 
 def redis_url_parts(url: str) -> dict:
     """``unix:/run/redis/redis.sock`` (or a bare path), ``redis://[:password@]host[:port][/db]``
-    or ``rediss://...`` as a dict: ``path``, or ``host``, ``port``, ``tls`` (rediss://) and
-    those of ``password``, ``username``, ``dbid`` the URL has. Raises ValueError."""
+    or ``rediss://...`` as a dict: ``path``, or ``host``, ``port``, ``tls`` (rediss://), or
+    ``sentinels`` and ``master`` (sentinel://...), and those of ``password``, ``username``,
+    ``dbid`` the URL has. Raises ValueError."""
     if url.startswith("/") or url.startswith("unix:"):
         path = url.removeprefix("unix:")
         if not path.startswith("/"):
             raise ValueError(f"{url!r}: a unix socket needs an absolute path")
         return {"path": path}
+    if url.startswith("sentinel://"):
+        return _sentinel_url_parts(url)
+    if "sentinel" in url.partition("://")[0]:
+        raise ValueError(f"{url!r}: Sentinel is asked without TLS only (sentinel://)")
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(f"{url!r} is not unix:/PATH, redis://HOST:PORT or rediss://HOST:PORT")
+        raise ValueError(f"{url!r} is not unix:/PATH, redis://HOST:PORT or rediss://HOST:PORT "
+                         "(or sentinel://HOST:PORT,HOST:PORT/NAME)")
     args = {"host": parts.hostname, "port": parts.port or 6379,
             "tls": parts.scheme == "rediss"}
     if parts.password:
@@ -224,6 +230,50 @@ def redis_url_parts(url: str) -> dict:
     if parts.path.strip("/"):
         args["dbid"] = int(parts.path.strip("/"))
     return args
+
+
+def _sentinel_url_parts(url: str) -> dict:
+    """``sentinel://[:password@]host:port,host:port/name[/db]``: ``sentinels`` (host, port)
+    asked in turn for the primary of ``master``; the password is the primary's, as in
+    redis://. No TLS: a primary is named by its address, which a certificate rarely
+    carries."""
+    rest = url.removeprefix("sentinel://")
+    hosts, _, path = rest.partition("/")
+    userinfo, _, hosts = hosts.rpartition("@")
+    args: dict = {}
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        if user:
+            args["username"] = unquote(user)
+        if password:
+            args["password"] = unquote(password)
+    sentinels = []
+    for item in hosts.split(","):
+        host, port = _host_port(url, item.strip(), 26379)
+        sentinels.append((host, port))
+    name, _, db = path.partition("/")
+    if not name:
+        raise ValueError(f"{url!r}: the master's name is missing (sentinel://HOST:PORT/NAME)")
+    if db.strip("/"):
+        if not db.strip("/").isdigit():
+            raise ValueError(f"{url!r}: {db!r} is not a database number")
+        args["dbid"] = int(db.strip("/"))
+    return {"sentinels": sentinels, "master": unquote(name), **args}
+
+
+def _host_port(url: str, item: str, default: int) -> tuple[str, int]:
+    if item.startswith("["):  # [IPv6]:port
+        host, _, port = item[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise ValueError(f"{url!r}: a sentinel without a host (sentinel://HOST:PORT,...)")
+    if not port:
+        return host, default
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{url!r}: {port!r} is not a port")
+    return host, int(port)
 
 
 def _node_id(value: str) -> str:
@@ -249,6 +299,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "postmaster": (text, None),  # default: postmaster@hostname
         "log_format": (choice("text", "json"), "text"),  # the log's lines (mailrelay/logtext.py)
         "node_id": (_node_id, ""),  # ends this node's queue ids; default: <data_dir>/node_id
+        # On stop: how long sessions may finish the command in progress (smtp/goodbye.py).
+        "shutdown_grace": (duration, 10.0),
     },
     "tls": {
         "certificate": (text, None),  # default: <data_dir>/tls/cert.pem, made on first start
@@ -415,8 +467,11 @@ SCHEMA["bounces"] = {
 
 SCHEMA["cluster"] = {
     # Limits shared by several relays (mailrelay/cluster/): counted in one Redis.
-    "redis": (_redis_url, ""),  # unix:/PATH or redis[s]://[:PASSWORD@]HOST[:PORT][/DB]; empty: off
+    # unix:/PATH, redis[s]://[:PASSWORD@]HOST[:PORT][/DB] or
+    # sentinel://[:PASSWORD@]HOST:PORT,HOST:PORT/NAME[/DB]; empty: off
+    "redis": (_redis_url, ""),
     "redis_password": (text, ""),  # AUTH, unless the URL has one
+    "redis_sentinel_password": (text, ""),  # sentinel://: the sentinels' own AUTH
     "redis_ca_file": (text, ""),  # rediss://: PEM trust roots; empty: the system's
     "redis_certificate": (text, ""),  # rediss://: a client certificate (PEM), if Redis asks
     "redis_key": (text, ""),  # and its key

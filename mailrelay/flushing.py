@@ -4,7 +4,9 @@ The statistics (features/stats.py) and the last logins (auth/lifecycle.py) are w
 this way: every ``interval`` seconds, and when the service stops; one write at a time, and
 a batch that fails is put back for the next one, so nothing is lost to a busy database.
 A subclass says what is pending (``_take``), how it is written (``_write``, in a thread)
-and how a failed batch goes back (``_put_back``).
+and how a failed batch goes back (``_put_back``). A database that stays away fails every
+attempt: the first failure is logged (with its traceback), the rest are counted and
+reported in one line when a batch is written again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class BatchWriter(Service):
         self.interval = interval
         self._writing: defer.Deferred | None = None
         self._loop: task.LoopingCall | None = None
+        self._failures = 0  # attempts failed in a row
 
     def _take(self) -> Any:
         """What is pending, now no longer held here; None when nothing is."""
@@ -51,15 +54,23 @@ class BatchWriter(Service):
         pool = self._threadpool or self._reactor.getThreadPool()
         d = threads.deferToThreadPool(self._reactor, pool, self._write, batch)
 
+        def written(_):
+            if self._failures:
+                log.info("{what} written again after {count} failed attempt(s)",
+                         what=self.what, count=self._failures)
+                self._failures = 0
+
         def failed(failure):
-            log.failure("{what} not written, kept for the next attempt", failure,
-                        what=self.what)
+            if not self._failures:
+                log.failure("{what} not written, kept for the next attempt (further "
+                            "failures are counted, not logged)", failure, what=self.what)
+            self._failures += 1
             self._put_back(batch)
 
         def done(_):
             self._writing = None
 
-        d.addErrback(failed).addBoth(done)
+        d.addCallbacks(written, failed).addBoth(done)
         self._writing = d
         return d
 

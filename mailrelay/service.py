@@ -87,6 +87,7 @@ def make_service(config: Config, reactor=None) -> MultiService:
     from mailrelay.manage.stores import threaded
     from mailrelay.policy.quotahold import QuotaRelease
     from mailrelay.smtp.factory import SubmissionFactory, wrap_listener_factory
+    from mailrelay.smtp.goodbye import SessionDrain
     from mailrelay.spool.node import node_id
     from mailrelay.spool.spool import Spool
     from mailrelay.tls import TLSSetupError, server_options
@@ -165,6 +166,8 @@ def make_service(config: Config, reactor=None) -> MultiService:
     policy = FeaturePolicy(policy, features, spool)
     limits = config.limits
     factories = []
+    # Joins before the listeners, so stops after them: the sessions' 421 (smtp/goodbye.py).
+    SessionDrain(factories, config.server.shutdown_grace, reactor).setServiceParent(top)
     for listener in config.listeners:
         factory = SubmissionFactory(
             portal=portal,
@@ -290,6 +293,10 @@ def make_verp(config: Config):
     from mailrelay.bounces.verp import Verp
 
     verp = Verp(read_key_file("bounces", config.bounces.key_file, config))
+    if postgres(config) is not None:
+        from mailrelay.postgres.returnpaths import PgReturnPathStore
+
+        return verp, pg_store(config, PgReturnPathStore)
     try:
         return verp, ReturnPathStore(config.bounces.db)
     except (sqlite3.Error, OSError) as e:
@@ -392,6 +399,10 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     spool.setServiceParent(top)
     top.events = make_events(config, reactor, top)  # delivery's IEventSink: stops after it
     suppressions, stats = open_feature_stores(config)
+    if postgres(config) is not None:  # asked per message: answered from memory
+        from mailrelay.postgres.suppressions import cached
+
+        suppressions = cached(suppressions, reactor, top)
     features = make_features(config, suppressions, stats, reactor, top, serve=False)
     manager = make_delivery(config, spool, reactor, features, metrics, top.events)
     listener = getattr(getattr(manager.dkim, "signer", None), "listener", None)
@@ -434,7 +445,13 @@ def check_spool_directory(config: Config) -> None:
 
 
 def open_feature_stores(config: Config):
-    """The suppression list and statistics (SQLite), shared by delivery and the panel."""
+    """The suppression list and statistics, shared by delivery and the panel: SQLite files,
+    or PostgreSQL with ``[cluster] postgres`` (shared by the nodes)."""
+    if postgres(config) is not None:
+        from mailrelay.postgres.stats import PgStatsStore
+        from mailrelay.postgres.suppressions import PgSuppressionStore
+
+        return pg_store(config, PgSuppressionStore), pg_store(config, PgStatsStore)
     from mailrelay.features.paths import feature_paths
     from mailrelay.features.stats import StatsStore
     from mailrelay.features.suppressions import SuppressionStore
@@ -448,6 +465,32 @@ def open_feature_stores(config: Config):
         except (sqlite3.Error, OSError) as e:
             raise store_error(key, path, e)
     return tuple(stores)
+
+
+def postgres(config: Config):
+    """The process's PostgreSQL pool (postgres/db.py), None without ``[cluster] postgres``;
+    StartupError when it cannot be reached or its schema is from a newer mailrelay."""
+    if not (config.cluster and config.cluster.postgres):
+        return None
+    import psycopg
+
+    from mailrelay.postgres.db import UNAVAILABLE, of_config
+
+    try:
+        return of_config(config)
+    except (*UNAVAILABLE, psycopg.Error) as e:
+        raise StartupError(f"[cluster] postgres: {str(e).strip() or type(e).__name__}")
+
+
+def pg_store(config: Config, kind):
+    """``kind`` (a postgres.db.PgStore) on the process's pool, its schema migrated;
+    StartupError when that fails."""
+    import psycopg
+
+    try:
+        return kind(postgres(config))
+    except psycopg.Error as e:
+        raise StartupError(f"[cluster] postgres: {kind.COMPONENT}: {str(e).strip()}")
 
 
 def open_logins(config: Config, directory, reactor, parent):
@@ -509,7 +552,17 @@ def make_features(config: Config, suppressions, stats_store, reactor, parent,
     from mailrelay.features.stats import StatsRecorder
 
     f, paths = config.features, feature_paths(config)
-    recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
+    if postgres(config) is not None:  # several nodes: batches with ids, journaled
+        from mailrelay.postgres.stats import JournaledStatsRecorder, StatsJournal
+        from mailrelay.spool.node import node_id
+
+        process = "relay" if serve else "delivery"
+        node = node_id(config.server.data_dir, config.server.node_id)
+        journal = StatsJournal(os.path.join(config.server.data_dir, "stats-journal", process))
+        recorder = JournaledStatsRecorder(stats_store, reactor, journal, f"{node}/{process}",
+                                          interval=f.stats_flush_interval)
+    else:
+        recorder = StatsRecorder(stats_store, reactor, interval=f.stats_flush_interval)
     recorder.setServiceParent(parent)
     archive = Archive(paths.archive_dir, f.archive_retention / 86400)
     if serve:

@@ -71,8 +71,27 @@ def test_no_return_path_for_the_null_sender_or_the_relays_own_mail():
     assert verp.address(envelope(), "nobody@example.net") is None  # not a recipient
 
 
-def test_the_store_resolves_a_token_to_what_was_sent(tmp_path):
-    store = ReturnPathStore(str(tmp_path / "bounces.sqlite"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def return_paths(request, tmp_path):
+    """The node's SQLite file, or the nodes' PostgreSQL (tests/pg_server.py)."""
+    if request.param == "sqlite":
+        store = ReturnPathStore(str(tmp_path / "bounces.sqlite"))
+        yield store
+        store.close()
+        return
+    import pg_server
+
+    from mailrelay.postgres.db import Database
+    from mailrelay.postgres.returnpaths import PgReturnPathStore
+
+    db = Database(pg_server.shared_server().create_database())
+    db.open()
+    yield PgReturnPathStore(db)
+    db.close()
+
+
+def test_the_store_resolves_a_token_to_what_was_sent(return_paths):
+    store = return_paths
     env = envelope(recipients=["bob@example.net", "carol@example.net"], bounce_to="")
     store.record(env, when=1000.0)
     store.record(envelope(sender="other@doe.com"), when=2000.0)  # kept as first recorded

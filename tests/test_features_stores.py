@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import tempfile
 
+import pg_server
 import pytest
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -15,16 +16,45 @@ from mailrelay.features.archive import DAY, Archive
 from mailrelay.features.db import NewerSchema
 from mailrelay.features.stats import HOUR, Event, StatsRecorder, StatsStore
 from mailrelay.features.suppressions import Reason, SuppressionStore
+from mailrelay.postgres.db import Database
+from mailrelay.postgres.stats import PgStatsStore
+from mailrelay.postgres.suppressions import PgSuppressionStore
 
 T0 = 1_795_000_000.0  # a fixed moment, on an hour boundary below
 T0 -= T0 % DAY
 
 
-@pytest.fixture
-def suppressions(tmp_path):
-    store = SuppressionStore(str(tmp_path / "suppressions.sqlite"))
-    yield store
-    store.close()
+def shared_database() -> Database:
+    """A fresh database of the tests' PostgreSQL (tests/pg_server.py): the nodes' store."""
+    db = Database(pg_server.shared_server().create_database())
+    db.open()
+    return db
+
+
+def opened(kind: str, tmp_path, local, shared):
+    """The SQLite store in ``tmp_path`` or its PostgreSQL twin: the same answers."""
+    if kind == "sqlite":
+        return local(str(tmp_path / "store.sqlite")), None
+    db = shared_database()
+    return shared(db), db
+
+
+def both_stores(local, shared):
+    """A fixture of the SQLite store and, in a second run, its PostgreSQL twin."""
+
+    @pytest.fixture(params=["sqlite", "postgres"])
+    def fixture(request, tmp_path):
+        store, db = opened(request.param, tmp_path, local, shared)
+        yield store
+        store.close()
+        if db is not None:
+            db.close()
+
+    return fixture
+
+
+suppressions = both_stores(SuppressionStore, PgSuppressionStore)
+stats_store = both_stores(StatsStore, PgStatsStore)
 
 
 def test_suppression_levels(suppressions):
@@ -93,8 +123,8 @@ def test_shared_between_processes_views(tmp_path):
     admin.close()
 
 
-def test_stats_query(tmp_path):
-    store = StatsStore(str(tmp_path / "stats.sqlite"))
+def test_stats_query(stats_store):
+    store = stats_store
     h0 = int(T0 // HOUR)
     store.add(
         {
@@ -123,7 +153,6 @@ def test_stats_query(tmp_path):
         (T0, "news", {"accepted": 4}),
         (T0 + HOUR, "news", {"accepted": 2}),
     ]
-    store.close()
 
 
 class StatsRecorderTests(unittest.TestCase):

@@ -226,7 +226,8 @@ def test_archive_pruned_at_start_then_daily(tmp_path):
 # ---- coalesced lookups ----
 
 
-def test_calls_made_while_one_runs_share_the_next_thread_hop():
+def held_pool():
+    """A thread pool whose hops the test fires: (hops, their jobs, in_thread)."""
     hops: list[defer.Deferred] = []
     jobs = []
 
@@ -235,6 +236,12 @@ def test_calls_made_while_one_runs_share_the_next_thread_hop():
         hops.append(d)
         jobs.append(g)
         return d
+
+    return hops, jobs, in_thread
+
+
+def test_calls_made_while_one_runs_share_the_next_thread_hop():
+    hops, jobs, in_thread = held_pool()
 
     def lookup(x):
         if x == "bad":
@@ -258,3 +265,31 @@ def test_calls_made_while_one_runs_share_the_next_thread_hop():
     assert len(hops) == 3
     hops[2].errback(RuntimeError("pool stopped"))
     assert [f.type for f in failures] == [RuntimeError]
+
+
+def test_coalescing_many_makes_one_call_per_burst_and_fails_it_whole():
+    hops, jobs, in_thread = held_pool()
+
+    def write(batch):  # one transaction for every waiting call
+        if ("bad",) in batch:
+            raise ValueError("refused")
+        return [x.upper() for (x,) in batch]
+
+    call = Coalescing(write, in_thread, many=True)
+    results = []
+    call("a").addCallback(results.append)
+    call("b").addCallback(results.append)
+    call("c").addCallback(results.append)
+    hops[0].callback(jobs[0]())
+    hops[1].callback(jobs[1]())
+    assert results == ["A", "B", "C"] and len(hops) == 2
+    def note(d):
+        d.addCallbacks(results.append, lambda f: results.append(f.type))
+
+    note(call("d"))
+    note(call("bad"))
+    note(call("e"))
+    hops[2].callback(jobs[2]())  # "d" alone
+    assert results[-1] == "D"
+    hops[3].callback(jobs[3]())  # "bad" and "e" together: both fail
+    assert results[-2:] == [ValueError, ValueError]

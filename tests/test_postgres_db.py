@@ -159,3 +159,18 @@ class RestartTests(unittest.TestCase):
         server.start_again()
         with db.transaction() as conn:  # not the dead connection: a new one
             self.assertEqual(conn.execute("SELECT 2").fetchone(), (2,))
+
+
+def test_every_store_is_known_to_the_startup_check():
+    """A store missing from STORE_MODULES would escape the newer-schema check at startup."""
+    import re
+
+    from mailrelay.postgres import STORE_MODULES
+
+    root = Path(__file__).resolve().parent.parent
+    defining = {
+        ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in (root / "mailrelay").rglob("*.py")
+        if re.search(r'^\s+COMPONENT = "\w+"', path.read_text(), re.M)
+    }
+    assert defining == set(STORE_MODULES)

@@ -61,6 +61,17 @@ def manager(context: Context) -> UserManager:
     else:
         store = FileUserStore(config.directory.file, at_once)
     files = feature_paths(config)
+    if config.cluster and config.cluster.postgres:  # the shared stores
+        from functools import partial
+
+        from mailrelay.admin._features import stores
+        from mailrelay.features.archive import Archive
+        from mailrelay.manage.users import forget_user
+
+        kept = stores(context)  # suppressions, statistics
+        forget = partial(forget_user, *kept, archive=Archive(files.archive_dir))
+        return UserManager(store, at_once, forget, SimpleNamespace(seconds=time.time),
+                           forget_account=partial(forget_account, *kept))
     return UserManager(store, at_once, forget_in_files(files.suppressions_db, files.stats_db,
                                                        files.archive_dir),
                        SimpleNamespace(seconds=time.time),

@@ -12,6 +12,17 @@ def paths(context: Context) -> FeaturePaths:
     return feature_paths(context.config)
 
 
+def stores(context: Context) -> tuple:
+    """The suppression and statistics stores the relay uses (service.open_feature_stores):
+    the files, or PostgreSQL with ``[cluster] postgres``."""
+    from mailrelay.service import StartupError, open_feature_stores
+
+    try:
+        return open_feature_stores(context.config)
+    except StartupError as e:
+        raise CommandError(str(e))
+
+
 class UnknownUser(CommandError):
     """The directory answered: there is no such user."""
 

@@ -108,6 +108,8 @@ def _feature_stores(config) -> None:
     from mailrelay.features.suppressions import SuppressionStore
     from mailrelay.service import store_error
 
+    if config.cluster and config.cluster.postgres:
+        return  # kept in PostgreSQL, not in these files
     paths = feature_paths(config)
     for kind, key, path in ((SuppressionStore, "suppressions_db", paths.suppressions_db),
                             (StatsStore, "stats_db", paths.stats_db)):  # fmt: skip
@@ -153,7 +155,7 @@ def _bounces(config) -> None:
 
     _key_file("bounces", config.bounces.key_file)
     path = config.bounces.db
-    if os.path.exists(path):
+    if os.path.exists(path) and not (config.cluster and config.cluster.postgres):
         try:
             ReturnPathStore.check_file(path)
         except sqlite3.Error as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mailrelay.admin import _features as features
 from mailrelay.admin import _output as output
 from mailrelay.admin.cli import Context
-from mailrelay.features.stats import Event, StatsStore
+from mailrelay.features.stats import Event
 
 
 def register(subparsers) -> None:
@@ -24,9 +24,10 @@ def run(args, context: Context) -> int:
         user, users_account = features.user_account(context, args.user)
         account = account or users_account
     since = features.since(args.since) if args.since else None
-    store = StatsStore(features.paths(context).stats_db)
+    suppressions, store = features.stores(context)
     totals = store.query(account, user, since)
     periods = store.query(account, user, since, period=args.by) if args.by else []
+    suppressions.close()
     store.close()
     if args.json:
         out = {"account": account, "user": user, "since": since, "totals": totals}

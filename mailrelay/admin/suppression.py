@@ -23,7 +23,7 @@ from mailrelay.admin import _features as features
 from mailrelay.admin import _output as output
 from mailrelay.admin._reactor import run
 from mailrelay.admin.cli import CommandError, Context
-from mailrelay.features.suppressions import Reason, SuppressionStore
+from mailrelay.features.suppressions import Reason
 from mailrelay.manage.stores import at_once
 from mailrelay.manage.suppressions import SuppressionLists, suppression_json
 from mailrelay.model import canonical_username
@@ -97,7 +97,8 @@ def _lists(args, context: Context,
 @contextlib.contextmanager
 def _opened(context: Context) -> Iterator[SuppressionLists]:
     """The lists, answering at once (no reactor: the SQLite file is read here)."""
-    store = SuppressionStore(features.paths(context).suppressions_db)
+    store, stats = features.stores(context)
+    stats.close()
     try:
         yield SuppressionLists(store, at_once)
     finally:

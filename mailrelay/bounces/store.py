@@ -9,7 +9,8 @@ than ``[bounces] retention`` (30 days) are removed at startup and daily: a repor
 older mail is taken, logged and dropped.
 
 ``ReturnPaths`` is delivery's side: the VERP sender of each recipient (verp.py) and the
-record, written in the thread pool (one INSERT per attempt, for such messages only).
+record, written in the thread pool (one INSERT per attempt, for such messages only; in
+PostgreSQL, the messages of a burst in one transaction).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from mailrelay.bounces.verp import Token, Verp
+from mailrelay.features.batch import Coalescing
 from mailrelay.features.db import SqliteStore
 from mailrelay.model import Envelope
 
@@ -92,13 +94,21 @@ class ReturnPaths:
         self.verp = verp
         self.store = store
         self.reactor = reactor
+        # A store that can (PostgreSQL: a transaction costs a round trip and a commit)
+        # records the messages of a burst together.
+        self._many = (Coalescing(store.record_many, self._thread, many=True)
+                      if hasattr(store, "record_many") else None)
+
+    def _thread(self, f, *args) -> defer.Deferred:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def address(self, envelope: Envelope, recipient: str) -> str | None:
         return self.verp.address(envelope, recipient)
 
     def record(self, envelope: Envelope) -> defer.Deferred:
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                         self.store.record, envelope, self.reactor.seconds())
+        if self._many is not None:
+            return self._many(envelope, self.reactor.seconds())
+        return self._thread(self.store.record, envelope, self.reactor.seconds())
 
 
 class Pruner(Service):

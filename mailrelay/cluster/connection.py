@@ -15,7 +15,13 @@ AUTH (and SELECT) come first on each; a connection whose TLS handshake or AUTH f
 dropped and tried again, its reason kept (``failure``) for the log line of
 RedisCounters, so a password corrected on Redis's side needs no restart. A call Redis
 has not answered within ``timeout`` is cancelled and the connection dropped: a Redis
-that hangs (stopped, swapping) is left for a new connection rather than waited on.
+that hangs (stopped, swapping) is left for a new connection rather than waited on. So
+is one that answers ``-READONLY``, ``-LOADING`` or ``-MASTERDOWN`` (a primary demoted to
+a replica, or one still loading its data): that call fails as a lost connection.
+
+With ``sentinel://`` the connection is made to the primary the sentinels name
+(sentinel.py), and ``ROLE`` must answer master after AUTH and SELECT; the calls then go
+exactly as on any other connection.
 """
 
 from __future__ import annotations
@@ -135,7 +141,7 @@ class RespProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
-        pos, pending = 0, self._pending
+        pos, pending, gone = 0, self._pending, None
         try:
             while pos < len(buf):
                 value, pos = parse(buf, pos)
@@ -143,6 +149,8 @@ class RespProtocol(Protocol):
                     raise ValueError("a reply to no command")
                 d, _ = pending.popleft()
                 if isinstance(value, RedisError):
+                    if str(value).startswith(NOT_PRIMARY):  # a replica now, or loading
+                        gone = value = RedisConnectionLost(f"Redis: {value}")
                     d.errback(value)
                 else:
                     d.callback(value)  # ignored when the call timed out (cancelled)
@@ -153,6 +161,9 @@ class RespProtocol(Protocol):
             self.transport.abortConnection()
             return
         self._buf = buf[pos:]
+        if gone is not None:  # a new connection, to the primary the address names now
+            self.client.failure = str(gone)
+            self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
         self.lost = True
@@ -191,7 +202,15 @@ class RespProtocol(Protocol):
             d.addCallback(lambda _: self.call(*auth))
         if client.dbid is not None:
             d.addCallback(lambda _: self.call("SELECT", client.dbid))
+        if client.primary_only:  # an address from Sentinel may be stale: a replica now
+            d.addCallback(lambda _: self.call("ROLE")).addCallback(self._primary)
         d.addCallbacks(lambda _: client.ready(self), self._refused)
+
+    def _primary(self, role: list) -> None:
+        if not role or role[0] != "master":
+            peer = self.transport.getPeer()
+            raise RedisError(f"{peer.host}:{peer.port} is a {role[0] if role else '?'}, "
+                             "not the primary")
 
     def _refused(self, failure) -> None:
         if not failure.check(RedisConnectionLost) or not self.client.failure:
@@ -199,6 +218,9 @@ class RespProtocol(Protocol):
         self.transport.loseConnection()  # made again after RETRY
 
 
+# Error replies of a Redis that cannot take the counters' writes now: the connection is
+# dropped and made again (through Sentinel: to the primary it names then).
+NOT_PRIMARY = ("READONLY", "LOADING", "MASTERDOWN")
 RETRY = 0.5  # seconds between a connection lost (or refused) and the next attempt
 
 
@@ -212,8 +234,10 @@ class RedisClient:
 
     def __init__(self, endpoint, clock, password: str | None = None,
                  username: str | None = None, dbid: int | None = None,
-                 timeout: float = 1.0) -> None:
+                 timeout: float = 1.0, primary_only: bool = False) -> None:
         self.clock = clock
+        self.endpoint = endpoint
+        self.primary_only = primary_only  # ROLE must answer master (Sentinel's address)
         self.timeout = timeout
         self.password, self.username, self.dbid = password, username, dbid
         self.connection: RespProtocol | None = None
@@ -269,16 +293,31 @@ class RedisClient:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        return self._service.stopService()
+        stopped = [self._service.stopService()]
+        if hasattr(self.endpoint, "stop"):  # Sentinel's: its subscription too
+            stopped.append(self.endpoint.stop())
+        return defer.gatherResults(stopped)
 
 
 def connect(url: str, clock, password: str = "", timeout: float = 1.0, ca_file: str = "",
-            certificate: str = "", key: str = "") -> RedisClient:
+            certificate: str = "", key: str = "", sentinel_password: str = "") -> RedisClient:
     """A RedisClient for ``[cluster] redis``: a unix socket, TCP, or TLS (``rediss://``,
     the server's certificate verified against ``ca_file``, the system's roots when
     empty, and its name against the URL's host; ``certificate`` and ``key``: a client
-    certificate). Raises TLSSetupError for a file that cannot be read."""
+    certificate), or the primary the sentinels of ``sentinel://`` name (sentinel.py;
+    ``sentinel_password``: their AUTH). Raises TLSSetupError for a file that cannot be
+    read."""
     args = redis_url_parts(url)
+    if "sentinels" in args:
+        from mailrelay.cluster.sentinel import SentinelEndpoint
+
+        endpoint = SentinelEndpoint(clock, args["sentinels"], args["master"],
+                                    sentinel_password or None, timeout)
+        client = RedisClient(endpoint, clock, args.get("password") or password or None,
+                             args.get("username"), args.get("dbid"), timeout, primary_only=True)
+        endpoint.client = client  # why no primary was found, for the log
+        endpoint.watch()
+        return client
     if "path" in args:
         endpoint = UNIXClientEndpoint(clock, args["path"], timeout=timeout)
     else:

@@ -752,7 +752,7 @@ def shared_limiters(config, reactor):
     c, limits, p = config.cluster, config.limits, config.policy
     try:
         client = connect(c.redis, reactor, c.redis_password, c.redis_timeout, c.redis_ca_file,
-                         c.redis_certificate, c.redis_key)
+                         c.redis_certificate, c.redis_key, c.redis_sentinel_password)
     except TLSSetupError as e:
         ca = c.redis_ca_file and str(e).startswith(f"{c.redis_ca_file}:")
         key = "redis_ca_file" if ca else "redis_certificate"

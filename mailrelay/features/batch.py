@@ -15,11 +15,16 @@ from twisted.python.failure import Failure
 
 
 class Coalescing:
-    """``in_thread(g)`` runs ``g()`` in a thread and returns a Deferred of its result."""
+    """``in_thread(g)`` runs ``g()`` in a thread and returns a Deferred of its result.
+    With ``many``, ``f`` takes the list of the waiting calls' argument tuples and returns
+    their results in order: one call (one transaction) for the whole burst; if it
+    raises, every call of the burst fails."""
 
-    def __init__(self, f: Callable, in_thread: Callable[[Callable], defer.Deferred]) -> None:
+    def __init__(self, f: Callable, in_thread: Callable[[Callable], defer.Deferred],
+                 many: bool = False) -> None:  # fmt: skip
         self._f = f
         self._in_thread = in_thread
+        self._many = many
         self._queued: list[tuple[tuple, defer.Deferred]] = []
         self._busy = False
 
@@ -37,6 +42,11 @@ class Coalescing:
             return
 
         def run() -> list[tuple[bool, object]]:
+            if self._many:
+                try:
+                    return [(True, r) for r in self._f([args for args, _ in batch])]
+                except Exception:
+                    return [(False, Failure())] * len(batch)
             results: list[tuple[bool, object]] = []
             for args, _ in batch:
                 try:

@@ -120,7 +120,11 @@ class MessageFeatures:
         cannot be read: treat that as a temporary failure, never as "not suppressed"."""
         if envelope.user is None or envelope.account is None:  # the relay's own bounces
             return defer.succeed((list(recipients), []))
-        d = self._suppressed(envelope.account, envelope.user, recipients)
+        if getattr(self.suppressions, "loaded", False):  # in memory (postgres/suppressions.py)
+            d = defer.succeed(self.suppressions.suppressed(envelope.account, envelope.user,
+                                                           recipients))
+        else:
+            d = self._suppressed(envelope.account, envelope.user, recipients)
 
         def split(suppressed: set[str]) -> tuple[list[str], list[str]]:
             for rcpt in recipients:

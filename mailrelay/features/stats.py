@@ -114,23 +114,17 @@ class StatsStore(SqliteStore):
     ) -> dict[str, int] | list[Period]:
         """Totals per event (``period`` None: every event present, 0 when none), or rows
         per ``"hour"`` or ``"day"`` and account and user, oldest first."""
-        where, params = _where(account, user, since)
+        where, params = where_clause(account, user, since)
         if period is None:
             rows = self.fetch(f"SELECT event, SUM(n) FROM counters {where} GROUP BY event", params)
-            totals = {e.value: 0 for e in Event}
-            totals.update({e: int(n) for e, n in rows})
-            return totals
+            return totals_of(rows)
         size = {"hour": 1, "day": 24}[period]
         rows = self.fetch(
             f"SELECT hour / {size} AS p, account, user, event, SUM(n) FROM counters {where}"
             " GROUP BY p, account, user, event ORDER BY p, account, user",
             params,
         )
-        out: dict[tuple[int, str, str], Period] = {}
-        for p, acc, usr, event, n in rows:
-            row = out.setdefault((p, acc, usr), Period(p * size * HOUR, acc, usr, {}))
-            row.counts[event] = int(n)
-        return list(out.values())
+        return periods_of(rows, size)
 
     def retire_user(self, user: str, label: str) -> int:
         """Move the counters and tracking rows of the user named ``user`` (in any account)
@@ -175,16 +169,32 @@ class StatsStore(SqliteStore):
         return [Tracked(t, a, u, q, r, Event(e), url) for t, a, u, q, r, e, url in rows]
 
 
-def _where(account, user, since) -> tuple[str, list]:
+def totals_of(rows) -> dict[str, int]:
+    """(event, sum) rows: every event, 0 when none."""
+    totals = {e.value: 0 for e in Event}
+    totals.update({e: int(n) for e, n in rows})
+    return totals
+
+
+def periods_of(rows, size: int) -> list[Period]:
+    """(period number, account, user, event, sum) rows, ordered: one Period each."""
+    out: dict[tuple[int, str, str], Period] = {}
+    for p, acc, usr, event, n in rows:
+        row = out.setdefault((p, acc, usr), Period(p * size * HOUR, acc, usr, {}))
+        row.counts[event] = int(n)
+    return list(out.values())
+
+
+def where_clause(account, user, since, mark: str = "?", user_column: str = "user"
+           ) -> tuple[str, list]:  # fmt: skip
+    """The WHERE clause of a query (``mark``: the driver's placeholder)."""
     clauses, params = [], []
-    if account is not None:
-        clauses.append("account = ?")
-        params.append(account)
-    if user is not None:
-        clauses.append("user = ?")
-        params.append(user)
+    for column, value in (("account", account), (user_column, user)):
+        if value is not None:
+            clauses.append(f"{column} = {mark}")
+            params.append(value)
     if since is not None:
-        clauses.append("hour >= ?")
+        clauses.append(f"hour >= {mark}")
         params.append(int(since // HOUR))
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 

@@ -11,5 +11,8 @@ STORE_MODULES = (
     "mailrelay.postgres.secrets",
     "mailrelay.postgres.access",
     "mailrelay.postgres.dkim",
+    "mailrelay.postgres.suppressions",
+    "mailrelay.postgres.stats",
+    "mailrelay.postgres.returnpaths",
     "mailrelay.webhooks.pgstore",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -31,6 +32,8 @@ class SubmissionFactory(ServerFactory):
     default the client's recipients alone. Times are seconds (``idle_timeout`` between commands,
     ``data_timeout`` for a DATA phase, ``session_timeout`` for the time a connection spends
     outside transactions in total; 0 turns the last off); ``reactor`` gives the clock.
+    ``open_sessions`` are the live sessions (a session leaves once its connection is gone
+    and a commit it had in flight is done): what smtp/goodbye.py says goodbye to on stop.
     """
 
     protocol = SubmissionServer
@@ -84,6 +87,24 @@ class SubmissionFactory(ServerFactory):
         self.reactor = reactor
         self.policy = SenderPolicy(policy, verify_senders)
         self.envelope_fields = envelope_fields or _recipients_only
+        self.open_sessions: set[SubmissionServer] = set()
+        self._emptied: list[Deferred] = []
+
+    def session_ended(self, session: SubmissionServer) -> None:
+        self.open_sessions.discard(session)
+        if not self.open_sessions:
+            waiting, self._emptied = self._emptied, []
+            for d in waiting:
+                d.callback(None)
+
+    def emptied(self) -> Deferred:
+        """Fires once no session of this listener is left."""
+        d = Deferred()
+        if self.open_sessions:
+            self._emptied.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def buildProtocol(self, addr) -> SubmissionServer:
         return self.protocol(self)

@@ -154,8 +154,9 @@ class CommandStream(Protocol, TimeoutMixin):
     # -- output
 
     def write(self, data: bytes) -> None:
-        """A reply: sent at once, or with the others once the input read so far is done."""
-        if self._lost:
+        """A reply: sent at once, or with the others once the input read so far is done.
+        Nothing is written after close(): its last reply (a 421) stays the last."""
+        if self._closing:
             return
         self._outbuf.append(data)
         if not self._processing and self._waiting is None:
@@ -169,7 +170,7 @@ class CommandStream(Protocol, TimeoutMixin):
         self._outbuf.clear()
 
     def close(self) -> None:
-        """Send what is held and close; read nothing more."""
+        """Send what is held and close; read and write nothing more."""
         self._closing = True
         self._inbuf.clear()
         self.flush()

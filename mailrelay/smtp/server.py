@@ -15,6 +15,12 @@ use is the policy's to say (policy/sender.py); so are the limits (policy/submiss
 Time limits: ``idle_timeout`` between commands, ``data_timeout`` for a whole DATA phase
 (or all BDAT chunks of a message), and ``session_timeout`` for the time a connection
 spends outside transactions in total (a message in progress is never cut off by it).
+
+When the relay stops (``shut_down``, from smtp/goodbye.py), a session idle between
+commands gets ``421 4.3.2`` at once (RFC 5321 3.8); one with a command in progress
+(message data being read, a lookup, a commit) finishes it and gets the 421 after its
+reply, or when the grace ends, unless a commit is in flight then: its 250 goes out first,
+since a 421 instead would have the client send again a message that was kept.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import base64
 import inspect
 import itertools
 
-from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -95,6 +101,9 @@ class SubmissionServer(Chunking, CommandStream):
         self.messages = 0
         self._errors = 0
         self._junk = 0
+        self._stopping = False  # the relay stops: 421 once no command is in progress
+        self._said_goodbye = False  # and that 421 was sent
+        self._committing = False  # a message's commit is in flight: its 250 is to come
 
     @property
     def avatar(self):
@@ -110,6 +119,7 @@ class SubmissionServer(Chunking, CommandStream):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
+        self.factory.open_sessions.add(self)
         self.client_ip = self.login.client_ip = _client_ip(self.transport.getPeer())
         self.tls = ISSLTransport.providedBy(self.transport)
         self.factory.metrics.opened(self.tls)
@@ -178,6 +188,45 @@ class SubmissionServer(Chunking, CommandStream):
         if self.policy is not None:
             self._notify(self.policy.disconnect)
             self.policy = self.login.policy = None
+        self.factory.session_ended(self)
+
+    # -- the relay stops
+
+    def shut_down(self, grace_over: bool = False) -> Deferred | None:
+        """Say goodbye (421 4.3.2) now if no command is in progress, else once it is done;
+        ``grace_over``: now, unless a commit is in flight. Returns a Deferred that fires
+        once such a commit is answered (its 250, then the 421), else None."""
+        self._stopping = True
+        if self._committing:
+            answered = Deferred()
+
+            def replied(result):
+                answered.callback(None)
+                return result
+
+            self._waiting.addBoth(replied)
+            return answered
+        if grace_over or not self._busy():
+            self._goodbye()
+        return None
+
+    def _busy(self) -> bool:
+        """A command is in progress: waited for, or message data being read (DATA, or a
+        BDAT message before its LAST chunk)."""
+        return self._waiting is not None or self._reader is not None or (
+            self._incoming is not None)
+
+    def _goodbye(self) -> bool:
+        """If the relay stops, its 421 and the close (callers see that no command is in
+        progress, or that the grace is over); True if the session is closed."""
+        if self._closing:
+            return True
+        if not self._stopping:
+            return False
+        self._said_goodbye = True
+        self._send(Reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down, "
+                         "try again later"))
+        return True
 
     def timeoutConnection(self) -> None:
         if self._waiting is not None:  # the client waits for us: its idle time starts after
@@ -230,7 +279,10 @@ class SubmissionServer(Chunking, CommandStream):
                              "exceeded"))
 
     def commandFinished(self) -> None:
-        # A command that was waited for (a login, a MAIL) is done: the session may be spent.
+        # A command that was waited for (a login, a MAIL) is done: the relay may be
+        # stopping, or the session spent.
+        if not self._busy() and self._goodbye():
+            return
         if self._session_spent():
             self._session_expired()
 
@@ -238,6 +290,8 @@ class SubmissionServer(Chunking, CommandStream):
 
     def lineReceived(self, line: bytes) -> None:
         self._step = None
+        if not self._busy() and self._goodbye():  # the relay stops: no new command
+            return
         if self.login.exchange is not None:  # a 334 was sent: this is the response
             self._run(self._sasl_response, line)
             return
@@ -265,6 +319,8 @@ class SubmissionServer(Chunking, CommandStream):
             self._send(Reply(503, "5.5.1", "Only BDAT, RSET, NOOP or QUIT may follow BDAT"))
             return
         self._run(handler, arg)
+        if not self._busy():  # a RSET between BDAT chunks ends the message it waited for
+            self._goodbye()
 
     def _handler(self, verb: bytes):
         """Only smtp_* methods are commands; a verb that is not ASCII letters is unknown."""
@@ -302,6 +358,8 @@ class SubmissionServer(Chunking, CommandStream):
             self.wait(d)
 
     def _command_failed(self, failure: Failure) -> None:
+        if self._said_goodbye and failure.check(Reply):
+            return  # its 421 answered the command already
         if failure.check(Reply):
             self._send(failure.value)
         else:
@@ -733,8 +791,11 @@ class SubmissionServer(Chunking, CommandStream):
                 raise reader.error
             if reader.long_lines:
                 await self._conform(incoming)
+                self._check_said_goodbye()
             await self._ask("data", avatar, envelope)
+            self._check_said_goodbye()
             committing = self.factory.reactor.seconds()
+            self._committing = True
             try:
                 queue_id = await incoming.commit()
             except StorageError as e:
@@ -743,6 +804,8 @@ class SubmissionServer(Chunking, CommandStream):
                 log.failure("session {session}: commit of {queue_id} failed",
                             session=self.session_id, queue_id=incoming.id)
                 raise _local_error()
+            finally:
+                self._committing = False
         except BaseException:
             incoming.abort()
             self._end_transaction(accepted=False)
@@ -775,6 +838,12 @@ class SubmissionServer(Chunking, CommandStream):
             self._notify(self.policy.accepted, avatar, envelope)
         held = f", {envelope.held_text()}" if envelope.quota_held else ""
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}{held}")
+
+    def _check_said_goodbye(self) -> None:
+        """Before a commit: the shutdown grace ended first, its 421 sent, so the client
+        sends the message again and none is kept."""
+        if self._said_goodbye:
+            raise Reply(421, "4.3.2", "Service shutting down")  # answered already
 
     async def _conform(self, incoming) -> None:
         """Re-encode what has lines over 998 octets (longlines.py), in a thread: the
