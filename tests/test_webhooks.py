@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import pytest
 from harness import env
@@ -126,6 +127,20 @@ def test_allowed_networks_let_loopback_through():
     assert refused(ipaddress.ip_address("10.0.0.1"), LOOPBACK)
 
 
+class CountingStore(WebhookStore):
+    """The outbox, its transactions counted (one per commit)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.commits: list[None] = []
+
+    @contextmanager
+    def transaction(self):
+        with super().transaction() as db:
+            yield db
+        self.commits.append(None)
+
+
 class SenderTests(unittest.TestCase):
     """The sender against a real twisted.web receiver on 127.0.0.1."""
 
@@ -135,14 +150,16 @@ class SenderTests(unittest.TestCase):
         self.store = WebhookStore(f"{directory}/webhooks.sqlite")
         self.addCleanup(self.store.close)
         self.receiver = Receiver({"/flaky": [500, 200], "/gone": [410], "/bad": [400],
-                                  "/slow": ["slow"]})
+                                  "/slow": ["slow"], "/keep": [200, "drop", 200]})
         self.port = self.receiver.listen()
         self.addCleanup(self.port.stopListening)
         self.gone = []
 
-    def sender(self, allowed=LOOPBACK, timeout=5.0, poll_interval=0.05):
+    def sender(self, allowed=LOOPBACK, timeout=5.0, poll_interval=0.05, retry_delays=(0.2,),
+               concurrency=10):  # fmt: skip
         s = WebhookSender(self.store, threaded(reactor), reactor, allowed=allowed,
-                          retry_delays=(0.2,), timeout=timeout, poll_interval=poll_interval,
+                          retry_delays=retry_delays, timeout=timeout,
+                          poll_interval=poll_interval, concurrency=concurrency,
                           gone=lambda account, e: self.gone.append((account, e.id)))
         s.startService()
         self.addCleanup(s.stopService)
@@ -151,10 +168,14 @@ class SenderTests(unittest.TestCase):
     def event(self, path: str, host: str = "127.0.0.1"):
         url = f"http://{host}:{self.port.getHost().port}{path}"
         endpoint = self.store.add_endpoint("acme", url, [], [], reactor.seconds())
-        sink = WebhookSink(self.store, reactor)
-        sink.emit(EventKind.DELIVERED, "acme", "u@acme.test", {"queue_id": "q"})
-        sink._write(sink._take())
+        self.emit()
         return endpoint
+
+    def emit(self, count: int = 1) -> None:
+        sink = WebhookSink(self.store, reactor)
+        for i in range(count):
+            sink.emit(EventKind.DELIVERED, "acme", "u@acme.test", {"queue_id": f"q{i}"})
+        sink._write(sink._take())
 
     @defer.inlineCallbacks
     def settle(self, done, timeout: float = 10.0):
@@ -181,6 +202,47 @@ class SenderTests(unittest.TestCase):
         self.sender(poll_interval=3600)
         yield self.settle(lambda: not self.store.pending_count())
         assert len(self.receiver.requests) == 35
+
+    @defer.inlineCallbacks
+    def test_events_to_one_endpoint_share_kept_connections(self):
+        # 20 events, 2 requests at a time: 2 TCP connections, not one per request.
+        endpoint = self.event("/ok")
+        self.emit(19)
+        self.sender(concurrency=2)
+        yield self.settle(lambda: not self.store.pending_count())
+        assert len(self.verified(endpoint)) == 20
+        assert len({r["peer"] for r in self.receiver.requests}) <= 2
+
+    @defer.inlineCallbacks
+    def test_a_kept_connection_closed_by_the_endpoint_is_sent_again_at_once(self):
+        # The endpoint closes the kept connection as the second event comes: the event
+        # goes again on a new connection now, not after the retry delay (an hour).
+        endpoint = self.event("/keep")
+        self.sender(retry_delays=(3600.0,))
+        yield self.settle(lambda: not self.store.pending_count())
+        self.emit()
+        yield self.settle(lambda: not self.store.pending_count())
+        first, dropped, again = self.receiver.requests
+        assert dropped["peer"] == first["peer"] != again["peer"]
+        docs = self.verified(endpoint)  # each one signed
+        assert docs[1]["id"] == docs[2]["id"] != docs[0]["id"]  # the same webhook-id
+        assert again["headers"]["webhook-id"] == dropped["headers"]["webhook-id"]
+        assert self.store.failed() == []
+
+    @defer.inlineCallbacks
+    def test_answers_that_come_together_are_recorded_in_one_transaction(self):
+        # 40 events, 10 requests at a time: the answers that come while one transaction
+        # is written go in the next one, not one transaction each.
+        self.store.close()
+        self.store = CountingStore(self.store.path)
+        self.addCleanup(self.store.close)
+        endpoint = self.event("/ok")
+        self.emit(39)
+        commits = self.store.commits[:]
+        self.sender(poll_interval=3600)
+        yield self.settle(lambda: not self.store.pending_count())
+        assert len(self.verified(endpoint)) == 40
+        assert len(self.store.commits) - len(commits) < 40
 
     @defer.inlineCallbacks
     def test_500_then_200_sent_once_after_a_retry(self):

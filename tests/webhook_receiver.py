@@ -2,8 +2,11 @@
 
 Each path answers from its own list of answers, one per request, the last one repeated:
 ``{"/flaky": [500, 200], "/gone": [410], "/slow": ["slow", 200]}`` ("slow": the answer is
-held ``SLOW`` seconds, past the relay's timeout, then 200). A path without a list
-answers 200. Every request is recorded with its headers and exact body (the test verifies
+held ``SLOW`` seconds, past the relay's timeout, then 200; "drop": the connection is
+closed without an answer; "late": 200 after ``LATE`` seconds, the record then marked
+``"answered": true``; as by a server whose keep-alive ran out just as the request
+came). A path without a list answers 200. ``peer`` is the client's port: one per TCP
+connection. Every request is recorded with its headers and exact body (the test verifies
 the signatures with the standardwebhooks package).
 
 In-process (trial tests)::
@@ -16,7 +19,7 @@ As a subprocess (end-to-end tests)::
     python tests/webhook_receiver.py --port-file F --record-dir D --rules R.json
 
 R.json is re-read on every request; each request is written to D/<n>.json as
-``{"path", "headers", "body", "answer"}``.
+``{"path", "headers", "body", "answer", "peer"}``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from twisted.internet import reactor
 from twisted.web import resource, server
 
 SLOW = 30.0
+LATE = 1.0
 
 
 class Receiver(resource.Resource):
@@ -61,20 +65,35 @@ class Receiver(resource.Resource):
         answers = self._answers(path)
         answer = answers[min(n, len(answers)) - 1]
         record = {"path": path, "answer": answer, "body": request.content.read().decode(),
+                  "peer": request.getClientAddress().port,
                   "headers": {k.decode().lower(): v[-1].decode()
                               for k, v in request.requestHeaders.getAllRawHeaders()}}
         self.requests.append(record)
-        if self.record_dir:
-            name = os.path.join(self.record_dir, f"{len(self.requests)}.json")
-            with open(name + ".tmp", "w") as f:
-                json.dump(record, f)
-            os.replace(name + ".tmp", name)
+        self._save(len(self.requests), record)
+        if answer == "drop":
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if answer == "late":
+            reactor.callLater(LATE, self._late, request, len(self.requests), record)
+            return server.NOT_DONE_YET
         if answer == "slow":
             call = reactor.callLater(SLOW, self._finish, request, 200)
             request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
             return server.NOT_DONE_YET
         request.setResponseCode(answer)
         return f"answer {answer}\n".encode()
+
+    def _save(self, n: int, record: dict) -> None:
+        if self.record_dir:
+            name = os.path.join(self.record_dir, f"{n}.json")
+            with open(name + ".tmp", "w") as f:
+                json.dump(record, f)
+            os.replace(name + ".tmp", name)
+
+    def _late(self, request, n: int, record: dict) -> None:
+        self._finish(request, 200)
+        record["answered"] = True
+        self._save(n, record)
 
     def _finish(self, request, code: int) -> None:
         request.setResponseCode(code)

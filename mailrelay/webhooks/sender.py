@@ -5,7 +5,8 @@ Every ``poll_interval`` it takes what is due (at most ``concurrency`` requests a
 and, while a look finds more than it has room for, looks again as soon as half its
 requests are answered instead of waiting for the next tick (a backlog is not held to
 ``concurrency`` events a ``poll_interval``); it POSTs each body, signed (signing.py),
-through an Agent whose connections reach only allowed addresses (targetcheck.py);
+through an Agent whose connections reach only allowed addresses (targetcheck.py) and are
+kept open between requests (keepalive.py);
 ``timeout`` bounds a request from connecting to the end of the answer. The answer decides:
 
 - 2xx: sent (the row goes);
@@ -31,11 +32,13 @@ from twisted.application.service import Service
 from twisted.internet import defer, protocol, task
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 
+from mailrelay.features.batch import Coalescing
 from mailrelay.metrics import NO_METRICS
 from mailrelay.webhooks import signing
+from mailrelay.webhooks.keepalive import KeepAlivePool, KeptConnectionLost
 from mailrelay.webhooks.store import FAILED, PENDING, Delivery, Endpoint, WebhookStore
 from mailrelay.webhooks.targetcheck import CheckedEndpoints, TargetRefused
 
@@ -101,9 +104,13 @@ class WebhookSender(Service):
         self.failed_retention = failed_retention
         self.gone = gone
         self.metrics = metrics  # IMetrics: each outcome counted
-        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.pool = KeepAlivePool(reactor, per_host=concurrency)
         self.agent = agent or Agent.usingEndpointFactory(
-            reactor, CheckedEndpoints(reactor, tuple(allowed), timeout), pool)
+            reactor, CheckedEndpoints(reactor, tuple(allowed), timeout), self.pool)
+        # Answers are recorded together: one transaction for those that come while one
+        # is written (features/batch.py). A row goes only once its 2xx is written, and
+        # stays busy (not sent again) until its outcome is.
+        self._record_outcome = Coalescing(store.record, lambda g: self.call(g), many=True)
         self._busy: dict[int, defer.Deferred] = {}
         self._polling: defer.Deferred | None = None
         self._more = False  # the last look filled its room: more may be due now
@@ -129,6 +136,7 @@ class WebhookSender(Service):
         for d in list(self._busy.values()):  # still pending in the file: sent after restart
             d.cancel()
         waiting = [d for d in [self._polling] if d is not None]
+        waiting.append(self.pool.closeCachedConnections())
         return defer.DeferredList(waiting, consumeErrors=True)
 
     def poll(self) -> defer.Deferred | None:
@@ -193,6 +201,18 @@ class WebhookSender(Service):
         return await self._record(delivery, endpoint, classify(status), status, error)
 
     def _post(self, delivery: Delivery, endpoint: Endpoint) -> defer.Deferred:
+        """The request; sent again at once, on a new connection, if a kept connection
+        was closed by the endpoint under it (keepalive.py)."""
+
+        def again(failure):
+            failure.trap(KeptConnectionLost)
+            log.debug("webhook {id} to {url}: {why}; sent again on a new connection",
+                      id=delivery.event_id, url=endpoint.url, why=failure.value)
+            return self._request(delivery, endpoint)
+
+        return self._request(delivery, endpoint).addErrback(again)
+
+    def _request(self, delivery: Delivery, endpoint: Endpoint) -> defer.Deferred:
         now = int(self.reactor.seconds())
         secrets = endpoint.active_secrets(now)
         headers = Headers({b"content-type": [b"application/json"],
@@ -215,19 +235,18 @@ class WebhookSender(Service):
         now = self.reactor.seconds()
         where = dict(id=delivery.event_id, kind=delivery.kind, url=endpoint.url)
         if outcome == SENT:
-            await self.call(self.store.sent, delivery.id)
+            await self._record_outcome(delivery.id, None, now, status, error)
             self.metrics.webhook("sent")
             log.info("webhook {id} ({kind}) sent to {url}: {status}", status=status, **where)
             return outcome
         if outcome == RETRY and delivery.attempts < len(self.retry_delays):
             delay = self.retry_delays[delivery.attempts]
-            await self.call(self.store.attempted, delivery.id, PENDING, now + delay, status,
-                            error)
+            await self._record_outcome(delivery.id, PENDING, now + delay, status, error)
             self.metrics.webhook("retried")
             log.info("webhook {id} ({kind}) to {url}: {error}; again in {delay:g}s",
                      error=error, delay=delay, **where)
             return outcome
-        await self.call(self.store.attempted, delivery.id, FAILED, now, status, error)
+        await self._record_outcome(delivery.id, FAILED, now, status, error)
         self.metrics.webhook("failed")
         log.warn("webhook {id} ({kind}) to {url} failed: {error}", error=error, **where)
         if outcome == GONE:

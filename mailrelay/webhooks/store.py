@@ -240,15 +240,25 @@ class WebhookStore(SqliteStore):
         return [(d, e) for d, e in out if d.id not in busy][:limit]
 
     def sent(self, delivery_id: int) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM outbox WHERE id = ?", (delivery_id,))
+        self.record([(delivery_id, None, 0.0, None, "")])
 
     def attempted(self, delivery_id: int, state: str, next_attempt: float,
                   status: int | None, error: str) -> None:  # fmt: skip
+        self.record([(delivery_id, state, next_attempt, status, error)])
+
+    def record(self, outcomes: list[tuple]) -> list[None]:
+        """Several answers in one transaction, each ``(delivery_id, state, next_attempt,
+        status, error)`` as for ``attempted``, or ``(delivery_id, None, ...)``: sent."""
         with self.transaction() as db:
-            db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, "
-                       "next_attempt = ?, last_status = ?, last_error = ? WHERE id = ?",
-                       (state, next_attempt, status, error[:500], delivery_id))
+            for delivery_id, state, next_attempt, status, error in outcomes:
+                if state is None:
+                    db.execute("DELETE FROM outbox WHERE id = ?", (delivery_id,))
+                else:
+                    db.execute("UPDATE outbox SET state = ?, attempts = attempts + 1, "
+                               "next_attempt = ?, last_status = ?, last_error = ? "
+                               "WHERE id = ?",
+                               (state, next_attempt, status, error[:500], delivery_id))
+        return [None] * len(outcomes)
 
     def failed(self, account: str | None = None, limit: int = 500) -> list[Delivery]:
         where, args = _scope(account)
