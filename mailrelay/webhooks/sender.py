@@ -18,9 +18,11 @@ kept open between requests (keepalive.py);
   at once.
 
 Failed rows wait in the failed-events view (mailrelay-admin webhook failed, the API, the
-panel) until sent again by hand or pruned after ``failed_retention``. A row being sent
-when the relay stops (or dies) is still pending and is sent again: an endpoint may see an
-event twice, with the same ``webhook-id``.
+panel) until sent again by hand or pruned after ``failed_retention``. Answers are
+recorded together: those that come while one transaction is written go in the next
+(features/batch.py), and a row goes only once its 2xx is written. A row being sent when
+the relay stops (or dies), or answered 2xx but not yet recorded, is still pending and is
+sent again: an endpoint may see an event twice, with the same ``webhook-id``.
 """
 
 from __future__ import annotations
