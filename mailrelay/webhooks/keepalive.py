@@ -2,8 +2,8 @@
 
 Each request over a new connection costs a TCP handshake and teardown, more than the
 request itself; the sender's Agent keeps up to ``concurrency`` idle connections per
-endpoint for ``IDLE_TIMEOUT`` seconds, less than common servers' keep-alive (nginx 75 s,
-Apache 5 s upwards: a server closing first is handled below). The target check
+endpoint for ``IDLE_TIMEOUT`` seconds (nginx keeps an idle connection 75 s by default,
+Apache 5 s: a server that closes first is handled below). The target check
 (targetcheck.py) is made when a connection is opened, so a kept connection goes to an
 address that was checked.
 
