@@ -122,13 +122,9 @@ class HookSinkProcess:
         return tree_cpu(self.proc.pid) if self.proc.poll() is None else 0.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
+        from bench.procs import terminate
+
+        terminate(self.proc, 10)
 
 
 if __name__ == "__main__":

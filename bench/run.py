@@ -278,6 +278,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def keep_or_remove(base: str, keep: bool, say) -> None:
+    """The run's temporary directory: kept with ``--keep`` (said where), else removed."""
+    if keep:
+        say(f"kept {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like an error, so that the servers started here are stopped.
@@ -392,10 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:
                 say(f"stopping {server.name}: {e}")
         sink.stop()
-        if args.keep:
-            say(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        keep_or_remove(base, args.keep, say)
 
 
 def run_cluster(args, sizes, rounds: int) -> int:
@@ -430,10 +435,7 @@ def run_cluster(args, sizes, rounds: int) -> int:
         mr.stop()
         redis.stop()
         sink.stop()
-        if args.keep:
-            say(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        keep_or_remove(base, args.keep, say)
 
 
 def run_features(args, argv, sizes, rounds: int) -> int:
@@ -505,10 +507,7 @@ def run_features(args, argv, sizes, rounds: int) -> int:
         if hooks is not None:
             hooks.stop()
         sink.stop()
-        if args.keep:
-            say(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        keep_or_remove(base, args.keep, say)
 
 
 def run_pgstore(pgstore, args, sizes, rounds: int) -> int:
@@ -545,10 +544,7 @@ def run_pgstore(pgstore, args, sizes, rounds: int) -> int:
         pg.stop()
         redis.stop()
         sink.stop()
-        if args.keep:
-            say(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        keep_or_remove(base, args.keep, say)
 
 
 def run_server_round(server, sink, sizes, base, figs) -> dict[str, Value]:

@@ -277,10 +277,6 @@ class SinkProcess:
         return count
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait(10)
+        from bench.procs import terminate
+
+        terminate(self.proc, 10)
