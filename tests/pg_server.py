@@ -145,3 +145,17 @@ def shared_server() -> PostgresServer:
         atexit.register(server.stop)
         _shared = server
     return _shared
+
+
+def private(case, timeout: float = 1.0):
+    """A server of ``case``'s own (a test that takes the database away) and an open pool on
+    it, both stopped when the test ends: ``(server, db)``."""
+    from mailrelay.postgres.db import Database
+
+    server = PostgresServer()
+    server.start()
+    case.addCleanup(server.stop)
+    db = Database(server.dsn(), timeout=timeout)
+    db.open()
+    case.addCleanup(db.close)
+    return server, db

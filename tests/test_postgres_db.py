@@ -147,12 +147,7 @@ class ListenerTests(unittest.TestCase):
 
 class RestartTests(unittest.TestCase):
     def test_the_first_call_after_the_database_restarted_is_served(self) -> None:
-        server = pg_server.PostgresServer()
-        server.start()
-        self.addCleanup(server.stop)
-        db = Database(server.dsn())
-        db.open()
-        self.addCleanup(db.close)
+        server, db = pg_server.private(self, timeout=5)
         with db.transaction() as conn:  # the pool's connection, now idle
             self.assertEqual(conn.execute("SELECT 1").fetchone(), (1,))
         server.halt()

@@ -385,12 +385,7 @@ class DatabaseAwayTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_logins_go_on_changes_fail_and_the_directory_catches_up(self):
-        server = pg_server.PostgresServer()
-        server.start()
-        self.addCleanup(server.stop)
-        db = Database(server.dsn(), timeout=1)
-        db.open()
-        self.addCleanup(db.close)
+        server, db = pg_server.private(self)
         store = PgUserStore(PgUsers(db), at_once)
         _result(store.addAccount(Account("acme", frozenset({"acme.example"}))))
         _result(store.addUser(_user("acme.example"), HASH))

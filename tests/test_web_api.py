@@ -647,18 +647,11 @@ class PostgresAwayApiTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_users_listed_while_the_last_logins_cannot_be_read(self):
-
         import pg_server
 
-        from mailrelay.postgres.db import Database
         from mailrelay.postgres.logins import PgLoginStore
 
-        server = pg_server.PostgresServer()
-        server.start()
-        self.addCleanup(server.stop)
-        db = Database(server.dsn(), timeout=1)
-        db.open()
-        self.addCleanup(db.close)
+        server, db = pg_server.private(self)
         tmp = tempfile.mkdtemp(prefix="mailrelay-web-")
         self.addCleanup(shutil.rmtree, tmp, True)
         panel = yield Panel.start(tmp)
