@@ -82,12 +82,17 @@ class KeepAlivePool(HTTPConnectionPool):
         self._renew: set = set()  # endpoints whose next connection must be new
 
     def getConnection(self, key, endpoint) -> defer.Deferred:
+        fresh = _Fresh(endpoint, self._fresh)
         if key in self._renew:
+            # The endpoint closed a kept connection: the others it kept may be closed as
+            # well. Closing every kept connection (a rare event, public API only) makes
+            # this one new.
             self._renew.discard(key)
-            return self._newConnection(key, _Fresh(endpoint, self._fresh)).addCallback(
-                self._wrap, key)
-        return super().getConnection(key, _Fresh(endpoint, self._fresh)).addCallback(
-            self._wrap, key)
+            d = self.closeCachedConnections()
+            d.addCallback(lambda _: super(KeepAlivePool, self).getConnection(key, fresh))
+        else:
+            d = super().getConnection(key, fresh)
+        return d.addCallback(self._wrap, key)
 
     def _wrap(self, protocol, key):
         if protocol in self._fresh:  # its first request: a failure is the request's own
