@@ -6,7 +6,7 @@
 # first pass after a Twisted upgrade names the optimisation that broke; the second pass
 # shows the stock paths still serve.
 # The second pass is narrowed to the modules that run those sites (STOCK_TESTS): real
-# listeners (prompt_writes), the delivery client (client_setattr), log lines (log_text),
+# listeners and the Redis connection (prompt_writes), the delivery client (client_setattr), log lines (log_text),
 # password hashing (mmap_threshold), and the end-to-end tests that carry a session, a
 # delivery and a log line through twistd. Running everything twice no longer fits CI's 15
 # minutes on 2 cores. Tests of an optimisation itself are marked tuned(NAME) and left out
@@ -37,7 +37,8 @@ STOCK_TESTS=(tests/test_listener.py tests/test_proxyproto.py tests/test_tls.py
     tests/test_smtp_tls.py tests/test_smtp_submission.py tests/test_delivery_client.py
     tests/test_delivery_verp.py tests/test_logtext.py tests/test_auth.py tests/test_tuning.py
     tests/test_e2e_submission.py tests/test_e2e_delivery.py tests/test_e2e_log.py
-    tests/test_e2e_tls.py tests/test_e2e_proxy.py tests/test_e2e_memory.py)
+    tests/test_e2e_tls.py tests/test_e2e_proxy.py tests/test_e2e_memory.py
+    tests/test_cluster_connection.py)
 if [ "$#" -gt 0 ]; then STOCK_TESTS=("$@"); fi
 MAILRELAY_STOCK=all "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" -q "${STOCK_TESTS[@]}" \
     || status=$?

@@ -40,7 +40,8 @@ class Optimisation:
 OPTIMISATIONS = (
     Optimisation(
         "prompt_writes",
-        "mailrelay/listener.py: PromptWrites and its port, connection and TLS bypass",
+        "mailrelay/listener.py: PromptWrites and its port, connection and TLS bypass; "
+        "mailrelay/cluster/connection.py: a Redis connection's writes",
         "twisted.internet._newtls.startTLS; a connection's dataBuffer, _tempDataLen, "
         "_writeDisconnected, producerPaused; subclasses of tcp.Port and tcp.Server",
         "an SMTP reply leaves when it is made, not a reactor loop turn later: two "

@@ -36,10 +36,12 @@ from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wra
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from mailrelay import tuning
 from mailrelay.config import redis_url_parts
 from mailrelay.tls import _reason, client_options
 
 log = Logger()
+PROMPT = tuning.on("prompt_writes")  # MAILRELAY_STOCK turns it off, as for the listeners
 
 
 class RedisError(Exception):
@@ -127,11 +129,13 @@ class RespProtocol(Protocol):
         transport = self.transport
         if self.lost or not data:
             return
-        if (isinstance(transport, FileDescriptor) and transport.connected
+        if (PROMPT and isinstance(transport, FileDescriptor) and transport.connected
                 and not transport.disconnecting and not transport.dataBuffer
-                and not transport._tempDataLen):
-            # At once, as the listeners send their replies: no epoll change and no wait
-            # for the next poll. What the socket does not take goes the usual way.
+                and getattr(transport, "_tempDataLen", 1) == 0):
+            # At once, as the listeners send their replies (tuning.py, prompt_writes: the
+            # same private parts of Twisted's transports, the same switch): no epoll
+            # change and no wait for the next poll. What the socket does not take goes
+            # the usual way.
             sent = transport.writeSomeData(data)
             if isinstance(sent, int) and sent > 0:  # an error: the reactor meets it again
                 data = data[sent:]
