@@ -168,7 +168,7 @@ class _ServerConnection(SSL.Connection):
         except SSL.Error as e:
             peer = _client(self.tls_protocol)
             log.info("TLS handshake with {peer} failed: {reason}",
-                     peer=peer, reason=_reason(e))
+                     peer=peer, reason=ssl_reason(e))
             raise
 
 
@@ -189,7 +189,7 @@ def _select_protocol(connection: SSL.Connection, offered: list[bytes]):
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def _reason(error: SSL.Error) -> str:
+def ssl_reason(error: SSL.Error) -> str:
     """OpenSSL's reason ("no shared cipher", "tlsv1 alert unknown ca", ...), or the
     socket-level one ("Unexpected EOF")."""
     if isinstance(error, SSL.SysCallError):

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from mailrelay import tuning
 from mailrelay.config import redis_url_parts
-from mailrelay.tls import _reason, client_options
+from mailrelay.tls import client_options, ssl_reason
 
 log = Logger()
 PROMPT = tuning.on("prompt_writes")  # MAILRELAY_STOCK turns it off, as for the listeners
@@ -172,7 +172,7 @@ class RespProtocol(Protocol):
     def connectionLost(self, reason) -> None:
         self.lost = True
         if isinstance(reason.value, SSL.Error):
-            self.client.failure = f"TLS: {_reason(reason.value)}"
+            self.client.failure = f"TLS: {ssl_reason(reason.value)}"
         if self._flushing is not None and self._flushing.active():
             self._flushing.cancel()
         self._flushing = None
