@@ -412,13 +412,26 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
     if getattr(top.events, "store", None) is not None:  # the webhook sender: stops first
-        from mailrelay.directory import open_directory
-
-        directory = open_directory(config, reactor=reactor)  # the 410 notices' addresses
-        if IService.providedBy(directory):  # the database's: it listens for changes
-            directory.setServiceParent(top)
-        webhook_sender(config, top.events, directory, spool, reactor, top, metrics)
+        webhook_sender(config, top.events, notice_directory(config, reactor, top), spool,
+                       reactor, top, metrics)
     return top, manager
+
+
+def notice_directory(config: Config, reactor, parent):
+    """The delivery process's directory, where the webhook 410 notices find the accounts'
+    notification addresses; None (logged) when it cannot be opened, e.g. a user file
+    broken since the relay started: delivery and sending go on without those notices."""
+    from mailrelay.config import ConfigError
+    from mailrelay.directory import open_directory
+
+    try:
+        directory = open_directory(config, reactor=reactor)
+    except ConfigError as e:
+        log.error("webhook 410 notices cannot be mailed: {why}", why=str(e))
+        return None
+    if IService.providedBy(directory):  # the database's: it listens for changes
+        directory.setServiceParent(parent)
+    return directory
 
 
 def tls_reports(config: Config, spool, reactor, manager, parent) -> None:
