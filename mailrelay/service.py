@@ -202,7 +202,10 @@ def make_service(config: Config, reactor=None) -> MultiService:
         bounce_listener(config, verp, paths, features, spool, tls_options, reactor,
                         events).setServiceParent(top)
 
-    webhook_sender(config, events, directory, spool, reactor, top, metrics)
+    if getattr(events, "store", None) is not None and hasattr(metrics, "outbox"):
+        metrics.outbox = events.store  # its backlog, read from the file
+    if delivery is None:  # no delivery process to send the outbox: the relay sends it
+        webhook_sender(config, events, directory, spool, reactor, top, metrics)
     # Mail held over a quota: released when the quota resets, or by an admin.
     holds = QuotaRelease(spool, quotas, directory, warner, reactor, threaded(reactor))
     holds.setServiceParent(top)
@@ -260,18 +263,15 @@ def open_webhooks(config: Config):
 
 
 def webhook_sender(config: Config, events, directory, spool, reactor, parent,
-                   metrics=None) -> None:  # fmt: skip
-    """The relay's sender of the outbox ``events`` writes (webhooks/sender.py); none
-    without webhooks. A 410 is told to the account by mail through ``spool``; ``metrics``
-    counts the requests and shows the outbox's backlog."""
-    from mailrelay.metrics import NO_METRICS
-
+                   metrics) -> None:  # fmt: skip
+    """The sender of the outbox ``events`` writes (webhooks/sender.py), a child of
+    ``parent``; none without webhooks. The delivery process runs it, so that its requests
+    take none of the CPU of the relay's SMTP sessions; the relay only with ``[delivery]
+    enabled = no``. A 410 is told to the account by mail through ``spool`` (its
+    notification address from ``directory``); ``metrics`` counts the requests."""
     store = getattr(events, "store", None)
     if store is None:
         return
-    metrics = metrics or NO_METRICS
-    if metrics is not NO_METRICS:
-        metrics.outbox = store
     from mailrelay.manage.stores import threaded
     from mailrelay.webhooks.notice import GoneNotices
     from mailrelay.webhooks.sender import WebhookSender
@@ -411,7 +411,27 @@ def make_delivery_worker(config: Config, reactor) -> tuple[MultiService, object]
     DeliveryService(manager).setServiceParent(top)
     tls_reports(config, spool, reactor, manager, top)
     spool.subscribe(manager.enqueue)  # the DSNs and notices it writes itself
+    if getattr(top.events, "store", None) is not None:  # the webhook sender: stops first
+        webhook_sender(config, top.events, notice_directory(config, reactor, top), spool,
+                       reactor, top, metrics)
     return top, manager
+
+
+def notice_directory(config: Config, reactor, parent):
+    """The delivery process's directory, where the webhook 410 notices find the accounts'
+    notification addresses; None (logged) when it cannot be opened, e.g. a user file
+    broken since the relay started: delivery and sending go on without those notices."""
+    from mailrelay.config import ConfigError
+    from mailrelay.directory import open_directory
+
+    try:
+        directory = open_directory(config, reactor=reactor)
+    except ConfigError as e:
+        log.error("webhook 410 notices cannot be mailed: {why}", why=str(e))
+        return None
+    if IService.providedBy(directory):  # the database's: it listens for changes
+        directory.setServiceParent(parent)
+    return directory
 
 
 def tls_reports(config: Config, spool, reactor, manager, parent) -> None:

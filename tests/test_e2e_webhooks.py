@@ -3,12 +3,16 @@ that answers 500 then 200, 410, or too slowly; every request's signature verifie
 the standardwebhooks package; failed events sent again with mailrelay-admin and the API;
 an event being sent when twistd is killed with kill -9 sent again after the restart, also
 one answered 2xx whose outcome was not yet written; the
-requests counted in /metrics; two nodes sharing their endpoints in PostgreSQL."""
+requests counted in /metrics; the sending done by the delivery process (killed under a
+request, restarted by the relay, sending it again; its 410 notice mailed, its requests
+counted in the relay's /metrics); two nodes sharing their endpoints in PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import sqlite3
 import time
@@ -310,6 +314,59 @@ def test_a_session_and_the_delivery_process_report_to_the_endpoint(tmp_path, rec
     finally:
         r.stop()
         sink.stop()
+
+
+def delivery_pids(relay) -> list[int]:
+    return [int(p) for p in re.findall(r"delivery process (\d+) started", relay.log())]
+
+
+def test_the_delivery_process_sends_and_a_restarted_one_goes_on(tmp_path):
+    """The relay's SMTP sessions do not pay for the requests: the delivery process sends.
+    Killed with kill -9 under a request, it is restarted by the relay and the new one
+    sends that event again from the outbox; its 410 notice is mailed out, and its
+    requests are counted in the relay's /metrics."""
+    receiver = Receiver(tmp_path / "receiver")
+    receiver.rules({"/hang": ["slow", 200], "/gone": [410]})
+    sink = Sink(tmp_path / "sink")
+    port = free_port()
+    relay = Relay(tmp_path / "relay", config=(
+        "[delivery]\nallow_local_mx = yes\nmx_tls = none\n\n"
+        f"[routes]\nexample.test = 127.0.0.1:{sink.port}\n\n"
+        "[webhooks]\nallow_private = 127.0.0.0/8\npoll_interval = 0.2s\ntimeout = 60s\n\n"
+        f"[admin]\nendpoint = tcp:{port}:interface=127.0.0.1\n"))
+    relay.admin("account", "add", "acme", "--domains", "a.test;b.test",
+                "--notify", "ops@example.test")
+    for domain in ("a.test", "b.test"):
+        relay.add_user(domain, PASSWORD, "--account", "acme")
+    hook, gone = (json.loads(relay.admin(
+        "webhook", "add", "acme", receiver.url(path), "--user", user,
+        "--event", "message.processed", "--json").stdout)
+        for path, user in (("/hang", "a.test"), ("/gone", "b.test")))
+    relay.start()
+    try:
+        (first_pid,) = wait_for(lambda: delivery_pids(relay), what="the delivery process")
+        queue_id = submit(relay, "a.test")
+        receiver.wait("/hang", 1)  # its answer never comes: the request is under way
+        os.kill(first_pid, signal.SIGKILL)
+        wait_for(lambda: len(delivery_pids(relay)) == 2, what="the process restarted")
+        first, second = verified(hook["secrets"][0], receiver.wait("/hang", 2))
+        assert first == second and second["data"]["queue_id"] == queue_id
+        wait_for(lambda: "(message.processed) sent to" in relay.log(), what="the event sent")
+
+        submit(relay, "b.test")
+        subject = f"Webhook endpoint {gone['id']} disabled: it answered 410 Gone".encode()
+        wait_for(lambda: [m for e, m in sink.messages() if subject in m],
+                 what="the notice delivered")
+        samples = wait_for(lambda: (s := scrape(f"http://127.0.0.1:{port}/metrics",
+                                                token=None))
+                           and value(s, "mailrelay_webhook_deliveries_total",
+                                     outcome="failed") == 1 and s,
+                           what="the 410 counted")
+        assert value(samples, "mailrelay_webhook_deliveries_total", outcome="sent") == 1
+    finally:
+        relay.stop()
+        sink.stop()
+        receiver.stop()
 
 
 @pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)

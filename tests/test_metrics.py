@@ -68,6 +68,22 @@ def test_delivery_process_records_add_up_in_the_relay():
     assert s[("mailrelay_delivery_seconds_sum", ())] == 0.3 + 7200.0 + 1e9
 
 
+def test_delivery_process_webhook_requests_add_up_in_the_relay():
+    """The sender runs in the delivery process: its requests reach the relay's counter."""
+    clock = Clock()
+    process, relay = DeltaMetrics(clock), PrometheusMetrics(clock=clock.seconds)
+    for outcome in ("sent", "sent", "retried", "<weird>"):
+        process.webhook(outcome)
+    relay.absorb(json.dumps(process.record()))
+    process.webhook("failed")
+    relay.absorb(json.dumps(process.record()))
+    relay.webhook("sent")  # the relay's own, with [delivery] enabled = no
+    s = samples(relay)
+    assert {dict(k[1])["outcome"]: v for k, v in s.items()
+            if k[0] == "mailrelay_webhook_deliveries_total"} == {
+        "sent": 3, "retried": 1, "failed": 1, "other": 1}
+
+
 def test_listener_counts_and_bounded_labels():
     relay = PrometheusMetrics()
     smtp = relay.listener("smtp")

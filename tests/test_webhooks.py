@@ -315,3 +315,35 @@ def test_two_processes_append_to_one_outbox(store, tmp_path):
     assert child.wait(timeout=60) == 0
     ids = {d.event_id for d, _ in store.due(1e12, 1000)}
     assert len(ids) == 400
+
+
+def test_delivery_process_sends_even_when_its_user_file_is_broken(tmp_path):
+    """The delivery process runs the sender; a user file broken since the relay started
+    (the relay keeps its last good copy) must not stop a restarted delivery process: the
+    sender runs, its 410 notices only are not mailed."""
+    from twisted.application.service import MultiService
+
+    from mailrelay.config import load_config
+    from mailrelay.metrics import NO_METRICS
+    from mailrelay.service import notice_directory, webhook_sender
+    from mailrelay.spool.spool import Spool
+    from mailrelay.webhooks.notice import GoneNotices
+    from mailrelay.webhooks.store import Endpoint
+
+    (tmp_path / "users").write_text("{ not json")
+    path = tmp_path / "mailrelay.ini"
+    path.write_text(f"[server]\ndata_dir = {tmp_path / 'data'}\n"
+                    f"[directory]\nfile = {tmp_path / 'users'}\n")
+    config = load_config(str(path))
+    parent = MultiService()
+    directory = notice_directory(config, reactor, parent)
+    assert directory is None
+    spool = Spool(str(tmp_path / "spool"), reactor=reactor, owner=False)
+    events = WebhookSink(WebhookStore(str(tmp_path / "webhooks.sqlite")), reactor)
+    webhook_sender(config, events, directory, spool, reactor, parent, NO_METRICS)
+    assert isinstance(parent.getServiceNamed("webhooks"), WebhookSender)
+    submitted = []
+    gone = GoneNotices(None, lambda *a: submitted.append(a), "postmaster@x.test", "x.test",
+                       reactor)
+    endpoint = Endpoint(1, "acme", "https://hooks.x.test/", (), (), (), True, "", 0.0)
+    assert defer.ensureDeferred(gone("acme", endpoint)).called and submitted == []

@@ -21,6 +21,7 @@ from mailrelay.metrics import (
     OUTCOMES,
     RECORD_KEY,
     REPORT_INTERVAL,
+    WEBHOOK_OUTCOMES,
     Buckets,
     NoMetrics,
     bounded,
@@ -30,7 +31,8 @@ log = Logger()
 
 
 class DeltaMetrics(NoMetrics, Service):
-    """IMetrics of the delivery process: delivery attempts, DSNs queued, delivery latency."""
+    """IMetrics of the delivery process: delivery attempts, DSNs queued, delivery latency,
+    webhook requests (its sender's, webhooks/sender.py)."""
 
     name = "metrics"
 
@@ -43,6 +45,7 @@ class DeltaMetrics(NoMetrics, Service):
     def _reset(self) -> None:
         self._attempts: dict[tuple[str, str], int] = {}
         self._notifications: dict[str, int] = {}
+        self._webhooks: dict[str, int] = {}
         self._latency = Buckets(DELIVERY_BUCKETS)
 
     def delivery(self, outcome: str, destination: str, latency: float | None) -> None:
@@ -55,11 +58,16 @@ class DeltaMetrics(NoMetrics, Service):
         kind = bounded(kind, NOTIFICATIONS)
         self._notifications[kind] = self._notifications.get(kind, 0) + 1
 
+    def webhook(self, outcome: str) -> None:
+        outcome = bounded(outcome, WEBHOOK_OUTCOMES)
+        self._webhooks[outcome] = self._webhooks.get(outcome, 0) + 1
+
     def record(self) -> dict:
         """What was counted since the last record (and forget it)."""
         record = {
             "attempts": [[o, d, n] for (o, d), n in self._attempts.items()],
             "notifications": [[k, n] for k, n in self._notifications.items()],
+            "webhooks": [[k, n] for k, n in self._webhooks.items()],
             "latency": {"buckets": self._latency.counts, "sum": self._latency.sum},
         }
         self._reset()

@@ -175,6 +175,8 @@ class PrometheusMetrics:
                         for o, d, n in record.get("attempts", ())]
             notices = [(bounded(k, NOTIFICATIONS), int(n))
                        for k, n in record.get("notifications", ())]
+            webhooks = [(bounded(k, WEBHOOK_OUTCOMES), int(n))
+                        for k, n in record.get("webhooks", ())]
             latency = record.get("latency")
             if latency is not None:
                 latency = ([int(n) for n in latency["buckets"]], float(latency["sum"]))
@@ -188,6 +190,8 @@ class PrometheusMetrics:
             self.attempts[outcome, destination] += n
         for kind, n in notices:
             self.notifications[kind] += n
+        for outcome, n in webhooks:
+            self.webhooks[outcome] += n
         if latency is not None:
             self.latency.add(*latency)
 

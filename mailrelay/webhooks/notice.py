@@ -16,7 +16,7 @@ log = Logger()
 
 
 class GoneNotices:
-    """``directory``: where the account's notification address is found;
+    """``directory``: where the account's notification address is found (None: nowhere);
     ``submit(sender, recipients, bytes)`` queues the message."""
 
     def __init__(self, directory, submit, postmaster: str, hostname: str, clock) -> None:
@@ -27,6 +27,10 @@ class GoneNotices:
         self.clock = clock
 
     async def __call__(self, account_name: str, endpoint: Endpoint) -> None:
+        if self.directory is None:  # could not be opened (logged then)
+            log.warn("webhook endpoint {id} of {account} disabled: no notice mailed, the "
+                     "directory is not open", id=endpoint.id, account=account_name)
+            return
         try:
             account = await self.directory.getAccount(account_name)
             if account is None or not account.notify:

@@ -1,5 +1,7 @@
-"""Sends the outbox (store.py) to the endpoints: the relay's service, not the delivery
-process's.
+"""Sends the outbox (store.py) to the endpoints: a service of the delivery process
+(service.make_delivery_worker), not of the relay, so that its requests take none of the
+CPU that SMTP sessions need; the relay restarts that process, and the new one goes on
+from the outbox.
 
 Every ``poll_interval`` it takes what is due (at most ``concurrency`` requests at a time)
 and, while a look finds more than it has room for, looks again as soon as half its
@@ -21,8 +23,9 @@ Failed rows wait in the failed-events view (mailrelay-admin webhook failed, the 
 panel) until sent again by hand or pruned after ``failed_retention``. Answers are
 recorded together: those that come while one transaction is written go in the next
 (features/batch.py), and a row goes only once its 2xx is written. A row being sent when
-the relay stops (or dies), or answered 2xx but not yet recorded, is still pending and is
-sent again: an endpoint may see an event twice, with the same ``webhook-id``.
+the delivery process stops (or dies), or answered 2xx but not yet recorded, is still
+pending and is sent again: an endpoint may see an event twice, with the same
+``webhook-id``.
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ class WebhookSender(Service):
         except TargetRefused as e:
             return await self._record(delivery, endpoint, PERMANENT, None, str(e.osError or e))
         except Exception as e:
-            if not expired and not self.running:  # the relay stops: sent after restart
+            if not expired and not self.running:  # the process stops: sent after restart
                 raise defer.CancelledError()
             if expired:
                 error = f"timed out after {self.timeout:g}s"

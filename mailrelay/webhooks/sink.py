@@ -3,9 +3,10 @@ appended to the outbox (store.py) in batches, in a thread, one row per endpoint 
 event's account that wants it (its users, its kinds).
 
 The relay and its delivery process each have one, writing to the same file; only the
-relay sends (sender.py). A batch is written every ``interval`` seconds (``[webhooks]
-flush_interval``, 0.1 s by default) and when the process stops: a ``kill -9`` loses the
-events of the last interval at most, and what is in the file survives it (WAL). Events
+delivery process sends (sender.py). A batch is written every ``interval`` seconds
+(``[webhooks] flush_interval``, 0.1 s by default) and when the process stops: a ``kill
+-9`` loses the events of the last interval at most, and what is in the file survives it
+(WAL). Events
 without an account (a refusal before any login) have no endpoint and are dropped here.
 
 The body, as every endpoint gets it::
