@@ -54,12 +54,21 @@ def world(tmp_path):
     ca = TestCA(tmp_path / "ca")
     certs = {name: ca.issue(f"mx.{name}.test", chain=True) for name in ("good", "evil")}
     certs["wrong"] = ca.issue("mx.other.test", chain=True)  # valid, for another name
-    sinks = {}
-    for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
-        tls = ["--tls-cert", str(certs[name][0]), "--tls-key", str(certs[name][1])] \
-            if name in certs else []
-        port = ["--port", str(sinks["good"].port)] if sinks else ["--requiretls"]
-        sinks[name] = Sink(tmp_path / name, "--interface", f"127.0.0.{n}", *port, *tls)
+    for attempt in range(5):  # the first sink's port, free on 127.0.0.1, may be taken on
+        sinks = {}            # another loopback address by something else: pick again
+        try:
+            for n, name in enumerate(["good", "wrong", "strip", "evil"], start=1):
+                tls = ["--tls-cert", str(certs[name][0]), "--tls-key",
+                       str(certs[name][1])] if name in certs else []
+                port = ["--port", str(sinks["good"].port)] if sinks else ["--requiretls"]
+                sinks[name] = Sink(tmp_path / f"{name}-{attempt}", "--interface",
+                                   f"127.0.0.{n}", *port, *tls)
+            break
+        except RuntimeError as e:
+            for sink in sinks.values():
+                sink.stop()
+            if "Address already in use" not in str(e) or attempt == 4:
+                raise
     root = tmp_path / "https"
     for name, text in POLICIES.items():
         path = root / f"mta-sts.{name}.test" / WELL_KNOWN
