@@ -21,7 +21,7 @@ from tests.redis_server import NOT_INSTALLED, RedisServer, installed
 class Connection(unittest.TestCase):
     def setUp(self) -> None:
         if not installed():
-            raise unittest.SkipTest(NOT_INSTALLED)
+            raise AssertionError(NOT_INSTALLED)
         tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
         self.addCleanup(tmp.cleanup)
         self.server = RedisServer(Path(tmp.name))

@@ -35,7 +35,7 @@ class SharedCounters(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         if not installed():
-            raise unittest.SkipTest(NOT_INSTALLED)
+            raise AssertionError(NOT_INSTALLED)
         cls.tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
         cls.server = RedisServer(Path(cls.tmp.name))
         cls.server.start()
@@ -446,7 +446,7 @@ class OverTcp(unittest.TestCase):
     @defer.inlineCallbacks
     def test_auth_over_tcp(self):
         if not installed():
-            raise unittest.SkipTest(NOT_INSTALLED)
+            raise AssertionError(NOT_INSTALLED)
         from harness import free_port
 
         tmp = tempfile.TemporaryDirectory(prefix="mailrelay-redis-")
@@ -476,7 +476,7 @@ class OverTls(unittest.TestCase):
 
     def setUp(self) -> None:
         if not installed():
-            raise unittest.SkipTest(NOT_INSTALLED)
+            raise AssertionError(NOT_INSTALLED)
         from harness import free_port
 
         from tests.certs import TestCA

@@ -369,7 +369,6 @@ def test_the_delivery_process_sends_and_a_restarted_one_goes_on(tmp_path):
         receiver.stop()
 
 
-@pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 def test_endpoint_added_on_one_node_receives_the_events_of_another(tmp_path, receiver):
     """Two twistd nodes sharing one PostgreSQL ([cluster] postgres): an endpoint added
     through node A's API receives, signed, the event of a message node B accepted."""

@@ -13,7 +13,6 @@ import tempfile
 import time
 
 import pg_server
-import pytest
 from harness import env
 from test_manage import AccessStoreCases
 from twisted.internet import defer, reactor, task
@@ -24,8 +23,6 @@ from mailrelay.manage.access import Access
 from mailrelay.manage.stores import at_once
 from mailrelay.postgres.access import PgAccessStore, PgAccessView
 from mailrelay.postgres.db import Database
-
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 
 
 def open_db(case: unittest.TestCase, dsn: str) -> Database:

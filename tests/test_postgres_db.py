@@ -18,8 +18,6 @@ from twisted.trial import unittest
 
 from mailrelay.postgres.db import Database, Listener, NewerSchema, notify
 
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
-
 V1 = "CREATE TABLE things (name TEXT PRIMARY KEY)"
 V2 = "ALTER TABLE things ADD COLUMN size INTEGER NOT NULL DEFAULT 0"
 

@@ -24,8 +24,6 @@ from mailrelay.manage.stores import at_once
 from mailrelay.postgres.db import Database
 from mailrelay.postgres.dkim import PgDkimKeys, PgSigner
 
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
-
 MSG = (b"From: a@good.test\r\nTo: b@example.test\r\nSubject: hi\r\n"
        b"Date: Sun, 06 Dec 2026 08:00:00 +0000\r\nMessage-ID: <1@good.test>\r\n\r\nhello\r\n")
 

@@ -11,7 +11,6 @@ import shutil
 import tempfile
 
 import pg_server
-import pytest
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet import reactor as global_reactor
@@ -26,8 +25,6 @@ from mailrelay.postgres.db import Database
 from mailrelay.postgres.returnpaths import PgReturnPathStore
 from mailrelay.postgres.stats import JournaledStatsRecorder, PgStatsStore, StatsJournal
 from mailrelay.postgres.suppressions import PgSuppressionStore, SuppressionCache, cached
-
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 
 T0 = 1_795_000_000.0 - 1_795_000_000.0 % HOUR
 H0 = int(T0 // HOUR)

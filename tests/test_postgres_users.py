@@ -14,7 +14,6 @@ import threading
 import time
 
 import pg_server
-import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -35,8 +34,6 @@ from mailrelay.postgres.secrets import SharedSecrets
 from mailrelay.postgres.users import PgDirectory, PgUsers, PgUserStore, import_data
 from mailrelay.scope import ScopeError
 from mailrelay.signing import load_or_create_key
-
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
 
 HASH = hash_password("pass-word-1")
 

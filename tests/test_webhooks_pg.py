@@ -20,8 +20,6 @@ from mailrelay.webhooks.pgstore import PgEndpoints, SharedWebhookStore
 from mailrelay.webhooks.sink import WebhookSink
 from mailrelay.webhooks.store import FAILED, PENDING
 
-pytestmark = pytest.mark.skipif(not pg_server.installed(), reason=pg_server.NOT_INSTALLED)
-
 URL = "https://hooks.example.com/{}"
 IN_FORCE = 1.0  # seconds: what the nodes promise
 
