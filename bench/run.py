@@ -296,13 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         say("note: fewer than 3 rounds; the issue asks for at least 3")
     raise_fd_limit()
     if args.cluster:
-        return run_cluster(args, sizes, rounds)
+        return run_shared(args, sizes, rounds)
     if args.webhooks or args.quotas:
         return run_features(args, argv, sizes, rounds)
     if args.postgres:
         from bench import pgstore
 
-        return run_pgstore(pgstore, args, sizes, rounds)
+        return run_shared(args, sizes, rounds, pgstore)
 
     if not (postfix.available() and opendkim.available()) and not args.smoke \
             and not args.no_install and args.only != "mailrelay":
@@ -403,10 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         keep_or_remove(base, args.keep, say)
 
 
-def run_cluster(args, sizes, rounds: int) -> int:
-    """mailrelay on local counters against mailrelay on a private redis-server."""
-    if not cluster.available():
-        say("redis-server is not installed (apt install redis-server)")
+def run_shared(args, sizes, rounds: int, pgstore=None) -> int:
+    """mailrelay on local counters against mailrelay on a private redis-server; with
+    ``pgstore`` (bench/pgstore.py), local files against Redis and PostgreSQL."""
+    rows = pgstore or cluster
+    if not rows.available():
+        say("redis-server" + (" or postgresql" if pgstore else "") + " is not installed "
+            "(apt install redis-server" + (" postgresql)" if pgstore else ")"))
         return 1
     say(f"load average before: {load_average()}")
     load_before, started = load_average(), time.time()
@@ -414,25 +417,32 @@ def run_cluster(args, sizes, rounds: int) -> int:
     cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
     sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
     redis = cluster.RedisProcess(os.path.join(base, "redis"))
+    pg = pgstore.PostgresProcess() if pgstore else None
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
                                  profile_dir=args.profile and os.path.abspath(args.profile))
     try:
         redis.start()
+        if pg is not None:
+            pg.start()
         mr.configure(delivery=False)
         mr.add_users({figures.USER[0]: figures.USER[1], figures.IP_SENDER: "bench-secret-3"})
         per_round = []
         for r in range(1, rounds + 1):
-            say(f"round {r}/{rounds}: shared counters")
-            per_round.append(cluster.run_round(mr, redis, sink, sizes, base, say))
-        print(f"mailrelay, local counters vs Redis, {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+            say(f"round {r}/{rounds}: shared {'stores' if pgstore else 'counters'}")
+            per_round.append(pgstore.run_round(mr, redis, pg, sink, sizes, base, say) if pgstore
+                             else cluster.run_round(mr, redis, sink, sizes, base, say))
+        what = "local files vs Redis and PostgreSQL" if pgstore else "local counters vs Redis"
+        print(f"mailrelay, {what}, {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
               f"machine: {machine()}; load average before {load_before}, after "
               f"{load_average()}; took {(time.time() - started) / 60:.1f} min\n"
-              + cluster.report(per_round))
+              + rows.report(per_round))
         return 0
     finally:
         mr.stop()
+        if pg is not None:
+            pg.stop()
         redis.stop()
         sink.stop()
         keep_or_remove(base, args.keep, say)
@@ -506,43 +516,6 @@ def run_features(args, argv, sizes, rounds: int) -> int:
             redis.stop()
         if hooks is not None:
             hooks.stop()
-        sink.stop()
-        keep_or_remove(base, args.keep, say)
-
-
-def run_pgstore(pgstore, args, sizes, rounds: int) -> int:
-    """mailrelay on local files against mailrelay with Redis and PostgreSQL."""
-    if not pgstore.available():
-        say("redis-server or postgresql is not installed (apt install redis-server postgresql)")
-        return 1
-    say(f"load average before: {load_average()}")
-    load_before, started = load_average(), time.time()
-    base = tempfile.mkdtemp(prefix="mailrelay-bench-")
-    cert, key = make_certificate(os.path.join(base, "tls"), args.key_type)
-    sink = SinkProcess(lifetime=300 if args.smoke else 3600, cert=cert, key=key)
-    redis = cluster.RedisProcess(os.path.join(base, "redis"))
-    pg = pgstore.PostgresProcess()
-    mr = relay.MailRelayInstance(os.path.join(base, "mailrelay"), cert, key, sink.port,
-                                 profile_dir=args.profile and os.path.abspath(args.profile))
-    try:
-        redis.start()
-        pg.start()
-        mr.configure(delivery=False)
-        mr.add_users({figures.USER[0]: figures.USER[1], figures.IP_SENDER: "bench-secret-3"})
-        per_round = []
-        for r in range(1, rounds + 1):
-            say(f"round {r}/{rounds}: shared stores")
-            per_round.append(pgstore.run_round(mr, redis, pg, sink, sizes, base, say))
-        print(f"mailrelay, local files vs Redis and PostgreSQL, "
-              f"{time.strftime('%Y-%m-%d %H:%M %Z')}\n"
-              f"machine: {machine()}; load average before {load_before}, after "
-              f"{load_average()}; took {(time.time() - started) / 60:.1f} min\n"
-              + pgstore.report(per_round))
-        return 0
-    finally:
-        mr.stop()
-        pg.stop()
-        redis.stop()
         sink.stop()
         keep_or_remove(base, args.keep, say)
 
